@@ -1,0 +1,12 @@
+"""Packaging for tfquant: the graph-rewriting quantizer, its learners and model helpers."""
+from setuptools import find_packages, setup
+
+setup(
+    name="tfquant",
+    version="0.1.0",
+    description="Uniform low-bit quantization of TensorFlow graphs by graph rewriting",
+    packages=find_packages(include=["tfquant", "tfquant.*", "learners", "learners.*", "nets", "nets.*"]),
+    python_requires=">=3.9",
+    install_requires=["tensorflow>=2.15", "numpy", "absl-py", "tensorboard"],
+    extras_require={"test": ["pytest", "hypothesis"]},
+)
