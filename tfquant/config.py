@@ -1,0 +1,161 @@
+"""QuantConfig: the validated quantization policy (bits per layer, buckets, activation ranges)."""
+import dataclasses
+import re
+from typing import Optional, Sequence, Tuple
+
+FLOAT_BITS = 32
+VALID_BITS_TEXT = "an integer from 1 to 16, or 32 for float"
+BUCKET_TYPES = ("channel", "split")
+ACT_RANGES = ("ema", "batch")
+
+
+def check_bits(field, value):
+    """Raise ValueError unless `value` is a valid bit width (1..16, or 32 for float).
+
+    Args:
+      field: the name of the setting, used in the message.
+      value: the bit width given.
+    Returns:
+      the bit width as an int.
+    """
+    # bool is an int subclass; `True` bits is a typo, never a bit width.
+    if isinstance(value, bool) or not isinstance(value, int) or not (1 <= value <= 16 or value == FLOAT_BITS):
+        raise ValueError("%s=%r is not a valid bit width; expected %s" % (field, value, VALID_BITS_TEXT))
+    return int(value)
+
+
+def _normalise_overrides(field, overrides):
+    """Turn a mapping or a sequence of (pattern, bits) pairs into a tuple of (compiled regex, bits)."""
+    if overrides is None:
+        return ()
+    items = overrides.items() if hasattr(overrides, "items") else overrides
+    result = []
+    try:
+        pairs = list(items)
+    except TypeError:
+        raise ValueError("%s=%r is not valid; expected an ordered mapping or a list of (regex, bits) pairs"
+                         % (field, overrides))
+    for pair in pairs:
+        if isinstance(pair, str) or not hasattr(pair, "__len__") or len(pair) != 2:
+            raise ValueError("%s entry %r is not valid; expected a (regex, bits) pair" % (field, pair))
+        pattern, bits = pair
+        if not isinstance(pattern, str):
+            raise ValueError("%s entry %r is not valid; expected the regex to be a string" % (field, pair))
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise ValueError("%s regex %r is not valid (%s); expected a Python regular expression"
+                             % (field, pattern, exc))
+        result.append((compiled, check_bits("%s[%r]" % (field, pattern), bits)))
+    return tuple(result)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how; every field is checked when the config is constructed.
+
+    Attributes:
+      weight_bits: default bits for the weights of Conv2D / MatMul / BatchMatMulV2 /
+        DepthwiseConv2dNative ops (32 leaves them float).
+      activation_bits: default bits for the outputs of activation ops (32 leaves them float).
+      use_buckets: give each bucket of a weight its own range (alpha, beta); otherwise one per layer.
+      bucket_type: 'channel' (one bucket per output channel) or 'split' (fixed-size pieces of the
+        row-major flattened weight).
+      bucket_size: elements per bucket for 'split'.
+      quantize_all_layers: False keeps the first and the last matmul-like op (in data-flow order from
+        the input) in float unless an override or `layer_bits` names their bits.
+      layer_bits: explicit weight bits per matmul-like layer, in data-flow order; its length must equal
+        the number of layers found. Takes precedence over everything else for weights.
+      weight_overrides: ordered (regex, bits) pairs (or an ordered mapping) matched in full against a
+        layer's weight variable name; the first match wins. Beats the first/last rule.
+      activation_overrides: the same for activation op names.
+      act_range: 'ema' (batch min/max in training, moving averages of them at evaluation) or 'batch'
+        (min/max of the current batch everywhere, PocketFlow's behaviour).
+      act_ema_decay: decay of the activation-range moving averages, in (0, 1).
+    """
+
+    weight_bits: int = 4
+    activation_bits: int = 32
+    use_buckets: bool = False
+    bucket_type: str = "channel"
+    bucket_size: int = 256
+    quantize_all_layers: bool = False
+    layer_bits: Optional[Sequence[int]] = None
+    weight_overrides: Tuple = ()
+    activation_overrides: Tuple = ()
+    act_range: str = "ema"
+    act_ema_decay: float = 0.99
+
+    def __post_init__(self):
+        check_bits("weight_bits", self.weight_bits)
+        check_bits("activation_bits", self.activation_bits)
+        for field in ("use_buckets", "quantize_all_layers"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError("%s=%r is not valid; expected True or False" % (field, getattr(self, field)))
+        if self.bucket_type not in BUCKET_TYPES:
+            raise ValueError("bucket_type=%r is not valid; expected one of %s"
+                             % (self.bucket_type, ", ".join(repr(t) for t in BUCKET_TYPES)))
+        if isinstance(self.bucket_size, bool) or not isinstance(self.bucket_size, int) or self.bucket_size < 1:
+            raise ValueError("bucket_size=%r is not valid; expected a positive integer" % (self.bucket_size,))
+        if self.act_range not in ACT_RANGES:
+            raise ValueError("act_range=%r is not valid; expected one of %s"
+                             % (self.act_range, ", ".join(repr(r) for r in ACT_RANGES)))
+        decay = self.act_ema_decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
+            raise ValueError("act_ema_decay=%r is not valid; expected a number strictly between 0 and 1"
+                             % (decay,))
+        if self.layer_bits is not None:
+            if isinstance(self.layer_bits, (str, bytes)) or not hasattr(self.layer_bits, "__iter__"):
+                raise ValueError("layer_bits=%r is not valid; expected a list of bit widths, one per layer"
+                                 % (self.layer_bits,))
+            bits = tuple(check_bits("layer_bits[%d]" % i, b) for i, b in enumerate(self.layer_bits))
+            object.__setattr__(self, "layer_bits", bits)
+        object.__setattr__(self, "weight_overrides",
+                           _normalise_overrides("weight_overrides", self.weight_overrides))
+        object.__setattr__(self, "activation_overrides",
+                           _normalise_overrides("activation_overrides", self.activation_overrides))
+
+    @property
+    def weight_bucket_type(self):
+        """The bucket type weights use: None without buckets, else `bucket_type`."""
+        return self.bucket_type if self.use_buckets else None
+
+    def to_dict(self):
+        """A JSON-able description of the config (regexes as their pattern strings)."""
+        result = dataclasses.asdict(self)
+        for field in ("weight_overrides", "activation_overrides"):
+            result[field] = [[regex.pattern, bits] for regex, bits in getattr(self, field)]
+        if self.layer_bits is not None:
+            result["layer_bits"] = list(self.layer_bits)
+        return result
+
+
+def parse_overrides(field, text_items):
+    """Parse ['regex=bits', ...] strings (as given on a command line) into (regex, bits) pairs.
+
+    Args:
+      field: the setting's name, used in error messages.
+      text_items: iterable of strings of the form 'regex=bits'; the last '=' separates them.
+    Returns:
+      a list of (pattern, bits) pairs in the given order.
+    """
+    pairs = []
+    for item in text_items:
+        pattern, sep, bits_text = item.rpartition("=")
+        if not sep or not pattern:
+            raise ValueError("%s entry %r is not valid; expected 'regex=bits'" % (field, item))
+        try:
+            bits = int(bits_text)
+        except ValueError:
+            raise ValueError("%s entry %r is not valid; expected the bits after '=' to be %s"
+                             % (field, item, VALID_BITS_TEXT))
+        pairs.append((pattern, bits))
+    return pairs
+
+
+def match_override(overrides, name):
+    """Return (bits, pattern) of the first override whose regex matches `name` in full, or (None, None)."""
+    for regex, bits in overrides:
+        if regex.fullmatch(name):
+            return bits, regex.pattern
+    return None, None

@@ -1,0 +1,204 @@
+"""The quantization math: range groups (buckets), scale -> round (straight-through) -> inverse scale.
+
+For one range group of a tensor x and k bits:
+    alpha = max(x) - min(x) + 1e-10,  beta = min(x)            (both under stop_gradient)
+    sc = (x - beta) / alpha;  x_hat = round((2^k - 1) * sc) / (2^k - 1);  Q(x) = alpha * x_hat + beta
+Round is created under a Round -> Identity gradient override, so dQ/dx = 1.
+
+The graph evaluates the same formula with per-group constants folded so each element costs one
+subtract, multiply, round, multiply and add:
+    codes = round((x - beta) * ((2^k - 1) / alpha));  Q(x) = codes * (alpha * float32(1/(2^k - 1))) + beta
+"""
+import dataclasses
+from typing import Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from tfquant.config import FLOAT_BITS, check_bits
+
+RANGE_EPS = 1e-10
+LAYOUTS = ("none", "channel", "split")
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupLayout:
+    """How a weight is cut into range groups, each with its own alpha and beta.
+
+    kind: 'none' (one group), 'channel' (one group per coordinate of `channel_axes`, numbered in
+    row-major order over those axes) or 'split' (consecutive pieces of `bucket_size` elements of the
+    row-major flattened tensor; the last piece may be shorter).
+    """
+
+    kind: str = "none"
+    channel_axes: Tuple[int, ...] = ()
+    bucket_size: Optional[int] = None
+
+    def __post_init__(self):
+        if self.kind not in LAYOUTS:
+            raise ValueError("layout kind %r is not valid; expected one of %s" % (self.kind, LAYOUTS))
+        if self.kind == "channel" and not self.channel_axes:
+            raise ValueError("a 'channel' layout needs channel_axes")
+        if self.kind == "split" and (not isinstance(self.bucket_size, int) or self.bucket_size < 1):
+            raise ValueError("a 'split' layout needs a positive bucket_size, got %r" % (self.bucket_size,))
+
+    def num_groups(self, shape):
+        """Number of range groups for a tensor of static `shape`."""
+        shape = [int(d) for d in shape]
+        if self.kind == "channel":
+            return int(np.prod([shape[a] for a in self.channel_axes], dtype=np.int64))
+        if self.kind == "split":
+            size = int(np.prod(shape, dtype=np.int64))
+            return -(-size // self.bucket_size)
+        return 1
+
+    def to_dict(self):
+        """JSON-able form."""
+        return {"kind": self.kind, "channel_axes": list(self.channel_axes), "bucket_size": self.bucket_size}
+
+
+def _levels(bits):
+    return float(2 ** bits - 1)
+
+
+def dequantize_scale(alpha, bits):
+    """alpha / (2^k - 1) computed as alpha * float32(1 / (2^k - 1)).
+
+    Written in the form TensorFlow's grappler arithmetic optimizer produces itself, so the graph runs
+    these exact float32 operations whatever the session's rewrite options; an exported model
+    reproduces them bit for bit as codes * scale + beta.
+    """
+    return alpha * np.float32(1.0 / _levels(bits))
+
+
+def _round_ste(x):
+    """round(x) whose gradient is the identity (straight-through estimator)."""
+    with x.graph.gradient_override_map({"Round": "Identity"}):
+        return tf.round(x)
+
+
+def _codes_from_range(x, bits, alpha, beta, clip):
+    """round((2^k-1) * (x - beta) / alpha), as float, with the straight-through gradient."""
+    # One multiply per element: (2^k-1)/alpha is a per-group value.
+    scaled = (x - beta) * (_levels(bits) / alpha)
+    if clip:
+        # Needed only when the range does not come from x itself (moving-average activation ranges).
+        scaled = tf.clip_by_value(scaled, 0.0, _levels(bits))
+    return _round_ste(scaled)
+
+
+def _dequantize(codes, bits, alpha, beta):
+    return codes * dequantize_scale(alpha, bits) + beta
+
+
+def fake_quantize(x, bits, minimum, maximum, clip=False):
+    """Quantize x with a given range [minimum, maximum] (broadcastable to x), straight-through.
+
+    Args:
+      x: float tensor.
+      bits: 1..16.
+      minimum, maximum: range tensors; gradients do not flow into them.
+      clip: clamp x into the range first (for ranges not computed from x).
+    Returns:
+      Q(x), same shape and dtype as x.
+    """
+    beta = tf.stop_gradient(minimum)
+    alpha = tf.stop_gradient(maximum - minimum + RANGE_EPS)
+    codes = _codes_from_range(x, bits, alpha, beta, clip)
+    return _dequantize(codes, bits, alpha, beta)
+
+
+def _grouped(x, layout):
+    """View x as groups for reduction: returns (view, reduce_axes, restore_fn)."""
+    shape = x.shape.as_list()
+    if layout.kind == "none":
+        return x, None, lambda y: y
+    if layout.kind == "channel":
+        rank = len(shape)
+        axes = [a for a in range(rank) if a not in {c % rank for c in layout.channel_axes}]
+        return x, axes, lambda y: y
+    size = int(np.prod(shape, dtype=np.int64))
+    bucket = layout.bucket_size
+    pieces = -(-size // bucket)
+    pad = pieces * bucket - size
+    flat = tf.reshape(x, [-1])
+    if pad:
+        # Padding with the last element (it belongs to the last piece) cannot change that piece's range.
+        flat = tf.concat([flat, tf.fill([pad], flat[-1])], axis=0)
+    view = tf.reshape(flat, [pieces, bucket])
+
+    def restore(y):
+        y = tf.reshape(y, [-1])
+        if pad:
+            y = y[:size]
+        return tf.reshape(y, shape)
+
+    return view, [1], restore
+
+
+def _group_range(view, reduce_axes):
+    keep = reduce_axes is not None
+    return (tf.reduce_min(view, axis=reduce_axes, keepdims=keep),
+            tf.reduce_max(view, axis=reduce_axes, keepdims=keep))
+
+
+def quantize_weight(x, bits, layout=GroupLayout()):
+    """Quantize a weight tensor of static shape in range groups described by `layout`.
+
+    Args:
+      x: float tensor with a fully defined shape.
+      bits: 1..16 (32 returns x unchanged).
+      layout: a GroupLayout.
+    Returns:
+      Q(x) with x's shape.
+    """
+    if check_bits("bits", bits) == FLOAT_BITS:
+        return x
+    view, reduce_axes, restore = _grouped(x, layout)
+    lo, hi = _group_range(view, reduce_axes)
+    return restore(fake_quantize(view, bits, lo, hi))
+
+
+def weight_codes(x, bits, layout=GroupLayout()):
+    """The integer codes and per-group alpha/beta that `quantize_weight` uses.
+
+    Args:
+      x: float tensor with a fully defined shape.
+      bits: 1..16.
+      layout: a GroupLayout.
+    Returns:
+      (codes int32 with x's shape, alpha float [groups], beta float [groups]), groups numbered as in
+      GroupLayout; float32 codes * (alpha * float32(1 / (2^k - 1))) + beta reproduces
+      quantize_weight(x) bit for bit.
+    """
+    if check_bits("bits", bits) == FLOAT_BITS:
+        raise ValueError("bits=32 has no integer codes; expected an integer from 1 to 16")
+    view, reduce_axes, restore = _grouped(x, layout)
+    lo, hi = _group_range(view, reduce_axes)
+    alpha = hi - lo + RANGE_EPS
+    codes = _codes_from_range(view, bits, alpha, lo, clip=False)
+    return tf.cast(restore(codes), tf.int32), tf.reshape(alpha, [-1]), tf.reshape(lo, [-1])
+
+
+def uniform_quantize(x, bits, bucket_type=None, bucket_size=256):
+    """Quantize x uniformly to `bits` bits in weight-style range groups.
+
+    Args:
+      x: float tensor with a fully defined shape.
+      bits: 1..16, or 32 to return x unchanged.
+      bucket_type: None (one range for the whole tensor), 'channel' (one range per index of the last
+        axis) or 'split' (consecutive pieces of `bucket_size` elements of the flattened tensor).
+      bucket_size: elements per piece for 'split'.
+    Returns:
+      a tensor of x's shape.
+    """
+    x = tf.convert_to_tensor(x)
+    if bucket_type is None:
+        layout = GroupLayout()
+    elif bucket_type == "channel":
+        layout = GroupLayout("channel", channel_axes=(x.shape.rank - 1,))
+    elif bucket_type == "split":
+        layout = GroupLayout("split", bucket_size=bucket_size)
+    else:
+        raise ValueError("bucket_type=%r is not valid; expected None, 'channel' or 'split'" % (bucket_type,))
+    return quantize_weight(x, bits, layout)
