@@ -1,0 +1,377 @@
+"""The tfquant packed model file (suggested extension `.tfq`): quantized codes bit-packed, plus float tensors.
+
+Layout (all integers little-endian):
+
+  offset 0   magic        8 bytes  b"TFQPACK\\x00"
+  offset 8   version      uint16   FORMAT_VERSION
+  offset 10  flags        uint16   0 (reserved)
+  offset 12  index_len    uint32   length of the compressed index
+  offset 16  payload_len  uint64   length of the payload region
+  offset 24  index        index_len bytes: zlib-compressed UTF-8 JSON (see below)
+             zero padding to the next multiple of 8 bytes
+             payload      payload_len bytes
+             sha256       32 bytes: SHA-256 of every byte before it
+
+The index is {"t": [entry, ...], "m": metadata}.  Each entry has "n" (name), "s" (shape) and "o"
+(byte offset of its data from the start of the payload).  A quantized entry adds "q" (bits),
+"l" (layout), "a" (channel axes, layout 'channel') and "b" (bucket size, layout 'split'); its data
+is the packed codes (see tfquant.export.packing for the bit order), zero padding to a multiple of
+4 bytes, then alpha and then beta as float32, one per group.  A plain entry adds "d" (NumPy dtype
+string: "<f4", "<i4" or "<i8") and its data is the raw array in C order.  Data lengths are implied
+by the entry, so the index stays small; the reader checks every range against payload_len.
+"""
+import hashlib
+import json
+import os
+import secrets
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+from tfquant.export import packing
+
+MAGIC = b"TFQPACK\x00"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sHHIQ")
+_DIGEST_SIZE = hashlib.sha256().digest_size
+_PLAIN_DTYPES = {"<f4": np.float32, "<i4": np.int32, "<i8": np.int64}
+
+
+class PackedFileError(ValueError):
+    """A packed model file is missing, truncated, corrupted or not a tfquant packed model."""
+
+
+def _align(offset, alignment):
+    return -(-offset // alignment) * alignment
+
+
+@dataclass(eq=False)
+class QuantizedTensor:
+    """A k-bit quantized tensor: integer codes plus one float32 alpha and beta per range group.
+
+    On construction codes become a uint16 array of `shape`, alpha/beta 1-D float32 arrays, and
+    channel_axes a tuple of non-negative increasing axes (None unless layout is 'channel');
+    bucket_size is None unless layout is 'split'.
+    """
+    name: str
+    shape: Tuple[int, ...]
+    bits: int
+    layout: str
+    channel_axes: Optional[Tuple[int, ...]]
+    bucket_size: Optional[int]
+    codes: np.ndarray
+    alpha: np.ndarray
+    beta: np.ndarray
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"tensor name must be a non-empty string, got {self.name!r}")
+        self.shape = packing._check_shape(self.shape)
+        self.bits = packing.check_bits(self.bits)
+        packing._check_layout(self.layout)
+        self.channel_axes = (packing.normalize_channel_axes(self.shape, self.channel_axes)
+                             if self.layout == "channel" else None)
+        self.bucket_size = packing._check_bucket(self.bucket_size) if self.layout == "split" else None
+        try:
+            codes = packing.as_codes(self.codes, self.bits)
+        except ValueError as e:
+            raise ValueError(f"tensor {self.name!r}: {e}") from None
+        if codes.size != self.size:
+            raise ValueError(f"tensor {self.name!r}: {codes.size} codes for shape {self.shape}")
+        self.codes = codes.reshape(self.shape)
+        groups = self.num_groups
+        self.alpha = np.asarray(self.alpha, dtype=np.float32).reshape(-1)
+        self.beta = np.asarray(self.beta, dtype=np.float32).reshape(-1)
+        if self.alpha.size != groups or self.beta.size != groups:
+            raise ValueError(f"tensor {self.name!r}: layout {self.layout!r} has {groups} groups; got "
+                             f"{self.alpha.size} alpha and {self.beta.size} beta values")
+
+    @property
+    def size(self):
+        """Number of elements."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def num_groups(self):
+        """Number of range groups."""
+        return packing.num_groups(self.shape, self.layout, self.channel_axes, self.bucket_size)
+
+    def dequantize(self):
+        """Float32 values of this tensor, computed exactly as packing.dequantize specifies.
+
+        Returns:
+          a float32 array of `shape`.
+        """
+        return packing.dequantize(self.codes, self.bits, self.alpha, self.beta, self.shape,
+                                  self.layout, self.channel_axes, self.bucket_size)
+
+
+@dataclass(eq=False)
+class FloatTensor:
+    """An unquantized tensor stored raw: float32 (any float input is cast to float32), int32 or int64."""
+    name: str
+    array: np.ndarray
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"tensor name must be a non-empty string, got {self.name!r}")
+        array = np.asarray(self.array)
+        if array.dtype.kind == "f":
+            array = array.astype(np.float32, copy=False)
+        elif array.dtype not in (np.int32, np.int64):
+            raise ValueError(f"tensor {self.name!r}: dtype {array.dtype} not storable; "
+                             "use float32, int32 or int64")
+        self.array = array
+
+
+def accounted_bits(tensors):
+    """Information content the size bound is measured against.
+
+    Args:
+      tensors: QuantizedTensor and FloatTensor objects.
+    Returns:
+      sum over quantized tensors of n*k + 64*groups plus, over plain tensors, n times the bit width
+      of the stored dtype (32 for float32, so 32*n as the size bound states).
+    """
+    total = 0
+    for t in tensors:
+        if isinstance(t, QuantizedTensor):
+            total += t.size * t.bits + 64 * t.num_groups
+        elif isinstance(t, FloatTensor):
+            total += t.array.size * t.array.dtype.itemsize * 8
+        else:
+            raise TypeError(f"expected QuantizedTensor or FloatTensor, got {type(t).__name__}")
+    return total
+
+
+def _quantized_span(entry_size, bits, groups):
+    """(bytes of codes, offset of alpha from the data start, total data bytes) of a quantized entry."""
+    code_bytes = packing.packed_size(entry_size, bits)
+    alpha_at = _align(code_bytes, 4)
+    return code_bytes, alpha_at, alpha_at + 8 * groups
+
+
+def _plan(tensors):
+    """Index entries with payload offsets, and the payload length."""
+    entries, seen, offset = [], set(), 0
+    for t in tensors:
+        if not isinstance(t, (QuantizedTensor, FloatTensor)):
+            raise TypeError(f"expected QuantizedTensor or FloatTensor, got {type(t).__name__}")
+        if t.name in seen:
+            raise ValueError(f"duplicate tensor name {t.name!r}")
+        seen.add(t.name)
+        if isinstance(t, QuantizedTensor):
+            offset = _align(offset, 4)
+            entry = {"n": t.name, "s": list(t.shape), "o": offset, "q": t.bits, "l": t.layout}
+            if t.layout == "channel":
+                entry["a"] = list(t.channel_axes)
+            elif t.layout == "split":
+                entry["b"] = t.bucket_size
+            offset += _quantized_span(t.size, t.bits, t.num_groups)[2]
+        else:
+            dtype = t.array.dtype.newbyteorder("<").str
+            offset = _align(offset, t.array.dtype.itemsize)
+            entry = {"n": t.name, "s": list(t.array.shape), "o": offset, "d": dtype}
+            offset += t.array.nbytes
+        entries.append(entry)
+    return entries, offset
+
+
+def _tensor_chunks(t, entry):
+    """Yield (payload offset, bytes) pieces of one tensor's data."""
+    if isinstance(t, QuantizedTensor):
+        # Codes are re-validated here because the dataclass is mutable after construction.
+        try:
+            codes = packing.pack_codes(t.codes, t.bits)
+        except ValueError as e:
+            raise ValueError(f"tensor {t.name!r}: {e}") from None
+        code_bytes, alpha_at, _ = _quantized_span(t.size, t.bits, t.num_groups)
+        if len(codes) != code_bytes:
+            raise ValueError(f"tensor {t.name!r}: number of codes changed after construction")
+        alpha = np.asarray(t.alpha, dtype="<f4").reshape(-1)
+        beta = np.asarray(t.beta, dtype="<f4").reshape(-1)
+        if alpha.size != t.num_groups or beta.size != t.num_groups:
+            raise ValueError(f"tensor {t.name!r}: alpha/beta length changed after construction")
+        yield entry["o"], codes
+        yield entry["o"] + alpha_at, alpha.tobytes() + beta.tobytes()
+    else:
+        array = np.asarray(t.array, dtype=entry["d"])
+        if list(array.shape) != entry["s"]:
+            raise ValueError(f"tensor {t.name!r}: shape changed after construction")
+        yield entry["o"], array.tobytes()
+
+
+def write_packed_model(path, tensors, metadata):
+    """Write tensors and metadata to a packed model file, atomically.
+
+    The data goes to a temporary file in the same directory, which replaces `path` only once
+    complete; on any failure the temporary file is removed and an existing `path` is untouched.
+
+    Args:
+      path: destination file path (str or os.PathLike).
+      tensors: QuantizedTensor and FloatTensor objects with distinct names, stored in this order.
+      metadata: a JSON-serialisable dict stored in the index (tuples come back as lists).
+    Returns:
+      the number of bytes written.
+    """
+    path = os.fspath(path)
+    tensors = list(tensors)
+    if not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+    entries, payload_len = _plan(tensors)
+    try:
+        index_json = json.dumps({"t": entries, "m": metadata}, separators=(",", ":"),
+                                ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"metadata is not JSON-serialisable: {e}") from None
+    index = zlib.compress(index_json.encode("utf-8"), 9)
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(index), payload_len)
+    payload_start = _align(_HEADER.size + len(index), 8)
+    prefix = header + index + bytes(payload_start - _HEADER.size - len(index))
+
+    directory, base = os.path.split(path)
+    tmp_path = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # os.open with 0o666 lets the umask decide permissions, as for any ordinary output file.
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            digest = hashlib.sha256()
+
+            def emit(data):
+                digest.update(data)
+                f.write(data)
+
+            emit(prefix)
+            written = 0
+            for t, entry in zip(tensors, entries):
+                for offset, chunk in _tensor_chunks(t, entry):
+                    if offset < written:
+                        raise AssertionError("payload plan overlaps")  # writer bug, not user error
+                    emit(bytes(offset - written))
+                    emit(chunk)
+                    written = offset + len(chunk)
+            if written != payload_len:
+                raise AssertionError(f"payload plan said {payload_len} bytes, wrote {written}")
+            f.write(digest.digest())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_path)
+        except FileNotFoundError:
+            pass
+        raise
+    return payload_start + payload_len + _DIGEST_SIZE
+
+
+def _entry_field(entry, key, kind, where):
+    value = entry.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"{where}: field {key!r} missing or malformed ({value!r})")
+    return value
+
+
+def _read_entry(entry, number, payload, payload_len):
+    """Build one tensor from its index entry and the payload buffer."""
+    where = f"index entry {number}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} is not an object")
+    name = _entry_field(entry, "n", str, where)
+    where = f"index entry {number} ({name!r})"
+    shape = _entry_field(entry, "s", list, where)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ValueError(f"{where}: bad shape {shape!r}")
+    offset = _entry_field(entry, "o", int, where)
+    size = int(np.prod(shape, dtype=np.int64))
+    if "q" in entry:
+        bits = _entry_field(entry, "q", int, where)
+        layout = _entry_field(entry, "l", str, where)
+        axes = entry.get("a")
+        bucket = entry.get("b")
+        try:
+            groups = packing.num_groups(shape, layout, axes, bucket)
+            packing.check_bits(bits)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}: {e}") from None
+        code_bytes, alpha_at, span = _quantized_span(size, bits, groups)
+        if offset < 0 or offset + span > payload_len:
+            raise ValueError(f"{where}: data [{offset}, {offset + span}) outside the "
+                             f"{payload_len}-byte payload")
+        codes = packing.unpack_codes(payload[offset:offset + code_bytes], bits, size)
+        scales = np.frombuffer(payload, dtype="<f4", count=2 * groups, offset=offset + alpha_at)
+        return QuantizedTensor(name, tuple(shape), bits, layout, axes, bucket, codes,
+                               scales[:groups].astype(np.float32), scales[groups:].astype(np.float32))
+    dtype = entry.get("d")
+    if dtype not in _PLAIN_DTYPES:
+        raise ValueError(f"{where}: unsupported dtype {dtype!r}")
+    nbytes = size * np.dtype(dtype).itemsize
+    if offset < 0 or offset + nbytes > payload_len:
+        raise ValueError(f"{where}: data [{offset}, {offset + nbytes}) outside the "
+                         f"{payload_len}-byte payload")
+    array = np.frombuffer(payload, dtype=dtype, count=size, offset=offset)
+    return FloatTensor(name, array.astype(_PLAIN_DTYPES[dtype]).reshape(shape))
+
+
+def read_packed_model(path):
+    """Read and verify a packed model file.
+
+    Args:
+      path: file path (str or os.PathLike).
+    Returns:
+      (tensors, metadata): the QuantizedTensor / FloatTensor objects in file order (fresh,
+      writable arrays; quantized codes as uint16 arrays of the tensor shape) and the metadata dict.
+    Raises:
+      PackedFileError: the file is missing or unreadable, has the wrong magic or an unsupported
+        version, is truncated, fails the checksum or has an inconsistent index.  The message is
+        one line naming the path.
+    """
+    path = os.fspath(path)
+
+    def fail(message):
+        return PackedFileError(f"{path}: {message}")
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise fail(f"cannot read packed model ({e.strerror or e})") from None
+    if not data:
+        raise fail(f"not a tfquant packed model: the file is empty, expected magic {MAGIC!r}")
+    if data[:len(MAGIC)] != MAGIC:
+        raise fail(f"not a tfquant packed model: bad magic {data[:len(MAGIC)]!r}, expected {MAGIC!r}")
+    if len(data) < _HEADER.size + _DIGEST_SIZE:
+        raise fail(f"truncated: {len(data)} bytes, shorter than the "
+                   f"{_HEADER.size + _DIGEST_SIZE}-byte minimum")
+    _, version, _, index_len, payload_len = _HEADER.unpack_from(data)
+    if version != FORMAT_VERSION:
+        raise fail(f"unsupported format version {version}; this reader supports version "
+                   f"{FORMAT_VERSION} (file from another tfquant release, or corrupted)")
+    payload_start = _align(_HEADER.size + index_len, 8)
+    expected_len = payload_start + payload_len + _DIGEST_SIZE
+    if len(data) < expected_len:
+        raise fail(f"truncated: file is {len(data)} bytes, header declares {expected_len}")
+    if len(data) > expected_len:
+        raise fail(f"file is {len(data)} bytes, header declares {expected_len} "
+                   "(trailing data or corrupted header)")
+    body_end = expected_len - _DIGEST_SIZE
+    found = hashlib.sha256(memoryview(data)[:body_end]).hexdigest()
+    stored = data[body_end:].hex()
+    if found != stored:
+        raise fail(f"checksum mismatch (file corrupted or truncated); expected sha256 "
+                   f"{stored[:12]}..., found {found[:12]}...")
+    try:
+        index = json.loads(zlib.decompress(data[_HEADER.size:_HEADER.size + index_len]).decode("utf-8"))
+        if not isinstance(index, dict) or not isinstance(index.get("t"), list) \
+                or not isinstance(index.get("m"), dict):
+            raise ValueError("index lacks the tensor list or metadata")
+        payload = memoryview(data)[payload_start:body_end]
+        tensors = [_read_entry(entry, i, payload, payload_len) for i, entry in enumerate(index["t"])]
+        if len({t.name for t in tensors}) != len(tensors):
+            raise ValueError("duplicate tensor names")
+    except (ValueError, TypeError, zlib.error) as e:
+        raise fail(f"corrupt index: {' '.join(str(e).split())}") from None
+    return tensors, index["m"]
