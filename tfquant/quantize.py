@@ -58,7 +58,8 @@ def _quantize_weights(graph, candidates, config):
     for candidate in candidates:
         op = candidate.op
         layer = LayerReport(name=op.name, op_type=op.type, kind="weight", status=SKIPPED,
-                            reason=candidate.skip_reason, weight_variable=candidate.variable_name)
+                            reason=candidate.skip_reason, weight_variable=candidate.variable_name,
+                            input_index=candidate.input_index)
         layers.append(layer)
         if candidate.input_index is None:
             continue

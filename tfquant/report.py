@@ -27,6 +27,7 @@ class LayerReport:
     reason: str = ""
     bits: int = FLOAT_BITS
     weight_variable: str = ""
+    input_index: Optional[int] = None
     shape: Optional[List[int]] = None
     num_params: int = 0
     bucket_type: Optional[str] = None

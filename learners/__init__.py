@@ -1,0 +1,1 @@
+"""Learners: algorithms that drive any ModelHelper (full precision, uniform quantization)."""

@@ -1,0 +1,164 @@
+"""One function builds a model graph for a mode (train or eval), float or quantized."""
+import dataclasses
+import math
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import tensorflow as tf
+
+import tfquant
+from learners.errors import UserError
+
+tf1 = tf.compat.v1
+
+
+@dataclasses.dataclass
+class ModelGraph:
+    """Everything a learner runs in one tf.Graph."""
+
+    graph: tf.Graph
+    is_train: bool
+    loss: tf.Tensor
+    accuracy: tf.Tensor
+    batch_count: tf.Tensor  # examples in the current batch (the last eval batch may be short)
+    model_variables: List[tf.Variable]  # what a float checkpoint holds: weights, biases, batch norm
+    saver: Any
+    init_op: tf.Operation
+    report: Optional[tfquant.QuantReport] = None
+    train_op: Optional[tf.Operation] = None
+    global_step: Optional[tf.Tensor] = None
+    lrn_rate: Optional[tf.Tensor] = None
+    nb_iters: int = 0
+    summary_op: Optional[tf.Tensor] = None
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def cosine_lrn_rate(lrn_rate_init, nb_iters):
+    """A function global_step -> (cosine-decayed learning rate, nb_iters), for fine-tuning."""
+    def setup(global_step):
+        progress = tf.minimum(tf.cast(global_step, tf.float32) / float(max(nb_iters, 1)), 1.0)
+        return lrn_rate_init * 0.5 * (1.0 + tf.cos(math.pi * progress)), nb_iters
+    return setup
+
+
+def _quant_summaries(graph, report):
+    """Per-layer bits and relative L2 error ||Q(w) - w|| / ||w|| of each quantized weight."""
+    summaries = []
+    for layer in report.weight_layers:
+        if layer.input_index is None:
+            continue
+        tag = layer.weight_variable.replace(":", "_")
+        summaries.append(tf1.summary.scalar("quant_bits/" + tag, tf.constant(float(layer.bits))))
+        if not layer.quantized:
+            continue
+        op = graph.get_operation_by_name(layer.name)
+        quantized = op.inputs[layer.input_index]
+        variable = [v for v in tf1.global_variables() if v.op.name == layer.weight_variable][0]
+        error = tf.norm(quantized - variable.read_value()) / (tf.norm(variable.read_value()) + 1e-12)
+        summaries.append(tf1.summary.scalar("quant_error/" + tag, error))
+    for layer in report.activation_layers:
+        summaries.append(tf1.summary.scalar("quant_bits/" + layer.name, tf.constant(float(layer.bits))))
+    return summaries
+
+
+def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=0.9, seed=0):
+    """Build the train or eval graph of `helper`'s model, rewritten by tfquant when quant_config is set.
+
+    Args:
+      helper: a ModelHelper.
+      is_train: training graph (dataset_train, optimizer, summaries) or evaluation graph.
+      quant_config: a tfquant.QuantConfig, or None for the float model.
+      lrn_rate_fn: global_step -> (learning rate, nb_iters); the helper's schedule when None.
+      momentum: optimizer momentum.
+      seed: graph-level random seed.
+    Returns:
+      a ModelGraph.
+    """
+    graph = tf.Graph()
+    with graph.as_default():
+        tf1.set_random_seed(seed)
+        if is_train:
+            images, labels = helper.build_dataset_train()
+            logits = helper.forward_train(images)
+        else:
+            images, labels = helper.build_dataset_eval()
+            logits = helper.forward_eval(images)
+        model_variables = list(tf1.global_variables())
+        report = None
+        if quant_config is not None:
+            # After the forward pass, before loss gradients: training differentiates the quantized pass.
+            report = tfquant.quantize_graph(graph, quant_config, is_training=is_train)
+        loss, metrics = helper.calc_loss(labels, logits, tf1.trainable_variables())
+        model = ModelGraph(graph=graph, is_train=is_train, loss=loss, accuracy=metrics["accuracy"],
+                           batch_count=tf.shape(labels)[0], model_variables=model_variables, saver=None,
+                           init_op=None, report=report)
+        if is_train:
+            model.global_step = tf1.train.get_or_create_global_step()
+            setup = lrn_rate_fn or helper.setup_lrn_rate
+            model.lrn_rate, model.nb_iters = setup(model.global_step)
+            optimizer = tf1.train.MomentumOptimizer(model.lrn_rate, momentum)
+            with tf.control_dependencies(tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)):
+                model.train_op = optimizer.minimize(loss, global_step=model.global_step)
+            summaries = [tf1.summary.scalar("loss", loss), tf1.summary.scalar("accuracy", metrics["accuracy"]),
+                         tf1.summary.scalar("lrn_rate", model.lrn_rate)]
+            if report is not None:
+                summaries.extend(_quant_summaries(graph, report))
+            model.summary_op = tf1.summary.merge(summaries)
+        model.saver = tf1.train.Saver(max_to_keep=3)
+        model.init_op = tf1.global_variables_initializer()
+    return model
+
+
+def new_session(graph):
+    """A session using both cores."""
+    config = tf1.ConfigProto(intra_op_parallelism_threads=0, inter_op_parallelism_threads=2)
+    return tf1.Session(graph=graph, config=config)
+
+
+def restore_variables(sess, variables, checkpoint_path):
+    """Restore `variables` from a checkpoint, refusing one from another model with a clear line.
+
+    Args:
+      sess: session of the variables' graph.
+      variables: the variables to restore (by name).
+      checkpoint_path: a checkpoint prefix.
+    """
+    try:
+        reader = tf.train.load_checkpoint(checkpoint_path)
+    except (tf.errors.NotFoundError, tf.errors.DataLossError, ValueError) as exc:
+        raise UserError("checkpoint %s cannot be read (%s); expected a TensorFlow checkpoint"
+                        % (checkpoint_path, str(exc).splitlines()[0]))
+    shapes = reader.get_variable_to_shape_map()
+    for variable in variables:
+        name = variable.op.name
+        if name not in shapes:
+            raise UserError("checkpoint %s has no variable %s; expected a checkpoint of this model"
+                            % (checkpoint_path, name))
+        want = variable.shape.as_list()
+        if list(shapes[name]) != want:
+            raise UserError("checkpoint %s: variable %s has shape %s, the model expects %s"
+                            % (checkpoint_path, name, list(shapes[name]), want))
+    tf1.train.Saver(var_list=variables).restore(sess, checkpoint_path)
+
+
+def evaluate(sess, model):
+    """Run the evaluation dataset once; returns (accuracy, loss, number of examples)."""
+    correct = total_loss = 0.0
+    count = 0
+    while True:
+        try:
+            accuracy, loss, n = sess.run([model.accuracy, model.loss, model.batch_count])
+        except tf.errors.OutOfRangeError:
+            break
+        correct += float(accuracy) * n
+        total_loss += float(loss) * n
+        count += int(n)
+    if count == 0:
+        raise UserError("the evaluation dataset is empty; expected at least one test example")
+    return correct / count, total_loss / count, count
+
+
+def weight_values(sess, model):
+    """Float values of the model variables by name (for tests and export)."""
+    values = sess.run(model.model_variables)
+    return {v.op.name: np.asarray(x) for v, x in zip(model.model_variables, values)}

@@ -1,0 +1,54 @@
+"""Entry point shared by the run scripts: parse flags, pick the learner, turn user errors into one line."""
+import sys
+
+from absl import app, flags
+
+from learners import flags as learner_flags
+from learners.errors import UserError
+from learners.full_precision import FullPrecLearner
+from learners.uniform_quant import UniformQuantLearner
+from nets.errors import DataError
+
+FLAGS = flags.FLAGS
+
+
+def _parse_flags(argv):
+    """absl parsing with one clear line (and exit status 2) for an unknown or malformed flag."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as exc:
+        sys.stderr.write("error: %s\n" % str(exc).splitlines()[0])
+        sys.exit(2)
+
+
+def _main(make_helper):
+    def main(argv):
+        if len(argv) > 1:
+            raise UserError("unexpected argument %r; expected only --flag=value options" % argv[1])
+        learner_flags.validate_flags()
+        helper = make_helper(FLAGS)
+        if FLAGS.learner == "full-prec":
+            learner = FullPrecLearner(helper, FLAGS)
+        else:
+            learner = UniformQuantLearner(helper, FLAGS, learner_flags.quant_config())
+        if FLAGS.exec_mode == "train":
+            learner.train()
+        else:
+            accuracy, loss, count = learner.evaluate()
+            print("%s eval: accuracy %.4f | loss %.4f | %d test images" % (learner.name, accuracy, loss, count))
+
+    def guarded(argv):
+        try:
+            main(argv)
+        except (UserError, DataError) as exc:
+            if FLAGS.debug:
+                raise
+            sys.stderr.write("error: %s\n" % exc)
+            sys.exit(2)
+    return guarded
+
+
+def run(make_helper):
+    """Run the job: make_helper(FLAGS) builds the ModelHelper from the parsed flags."""
+    learner_flags.define_flags()
+    app.run(_main(make_helper), flags_parser=_parse_flags)

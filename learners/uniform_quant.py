@@ -1,0 +1,131 @@
+"""UniformQuantLearner: fine-tune a float model with tfquant's quantized forward pass, then save and report."""
+import json
+import math
+import os
+
+import tensorflow as tf
+
+import tfquant
+from learners import full_precision, graphs, training
+from learners.errors import UserError
+
+tf1 = tf.compat.v1
+REPORT_NAME = "quant_report.json"
+RESULTS_NAME = "results.json"
+
+
+def _write_json_atomically(path, data):
+    temporary = path + ".tmp"
+    with open(temporary, "w") as handle:
+        handle.write(data if isinstance(data, str) else json.dumps(data, indent=2))
+    os.replace(temporary, path)
+
+
+class UniformQuantLearner:
+    """Restores the float checkpoint, rewrites train and eval graphs with tfquant and fine-tunes."""
+
+    name = "uniform"
+
+    def __init__(self, helper, settings, quant_config):
+        """helper: a ModelHelper; settings: parsed flags; quant_config: a tfquant.QuantConfig."""
+        self.helper = helper
+        self.settings = settings
+        self.config = quant_config
+        self.float_learner = full_precision.FullPrecLearner(helper, settings)
+
+    @property
+    def save_path(self):
+        return self.settings.uql_save_quant_model_path
+
+    @property
+    def output_dir(self):
+        return os.path.dirname(os.path.abspath(self.save_path))
+
+    def _float_checkpoint(self):
+        checkpoint = training.latest_checkpoint(self.settings.save_path)
+        if checkpoint is None:
+            training.log("uniform: no float checkpoint in %s; training one with the full-precision learner first"
+                         % os.path.dirname(os.path.abspath(self.settings.save_path)))
+            checkpoint = self.float_learner.train()
+        return checkpoint
+
+    def train(self):
+        """Fine-tune, evaluate, save the checkpoint, report and results; returns the results dict."""
+        s = self.settings
+        float_checkpoint = self._float_checkpoint()
+        float_accuracy, _, _ = self.float_learner.evaluate(float_checkpoint)
+        training.log("uniform: float model %s: test accuracy %.4f" % (float_checkpoint, float_accuracy))
+        nb_iters = max(1, int(math.ceil(s.uql_quant_epochs * self.helper.n_train / s.batch_size)))
+        model = graphs.build_graph(self.helper, True, quant_config=self.config,
+                                   lrn_rate_fn=graphs.cosine_lrn_rate(s.uql_lrn_rate_init, nb_iters),
+                                   momentum=s.momentum, seed=s.seed)
+        report = model.report
+        os.makedirs(self.output_dir, exist_ok=True)
+        report_path = os.path.join(self.output_dir, REPORT_NAME)
+        _write_json_atomically(report_path, report.to_json())
+        training.log(report.format_table())
+        with graphs.new_session(model.graph) as sess:
+            sess.run(model.init_op)
+            latest = training.latest_checkpoint(self.save_path)
+            if latest:
+                graphs.restore_variables(sess, list(model.graph.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES)),
+                                         latest)
+                training.log("uniform: resuming from %s at step %d of %d"
+                             % (latest, sess.run(model.global_step), nb_iters))
+            else:
+                graphs.restore_variables(sess, model.model_variables, float_checkpoint)
+            writer = tf1.summary.FileWriter(os.path.join(s.log_dir, self.name, "train"), model.graph)
+            checkpoint = training.run_training(sess, model, self.save_path, writer, s.summ_step, s.save_step,
+                                               s.batch_size, self.name)
+            writer.close()
+        quant_accuracy, _, count = full_precision.evaluate_checkpoint(
+            self.helper, checkpoint, os.path.join(s.log_dir, self.name, "eval"), self.config)
+        results = {
+            "model": self.helper.model_name, "dataset": self.helper.dataset_name,
+            "float_checkpoint": float_checkpoint, "float_accuracy": float_accuracy,
+            "quant_checkpoint": checkpoint, "quant_accuracy": quant_accuracy, "test_examples": count,
+            "report": report_path, "log_dir": os.path.abspath(s.log_dir),
+            "float_storage_bits": report.float_storage_bits, "quant_storage_bits": report.total_storage_bits,
+            "compression_ratio": report.compression_ratio,
+        }
+        _write_json_atomically(os.path.join(self.output_dir, RESULTS_NAME), results)
+        for line in summary_lines(results):
+            training.log(line)
+        return results
+
+    def evaluate(self, checkpoint=None):
+        """Accuracy of the latest quantized checkpoint, rebuilt with the config saved in its report."""
+        checkpoint = checkpoint or training.latest_checkpoint(self.save_path)
+        if checkpoint is None:
+            raise UserError("no quantized checkpoint found in %s; expected one written by --learner uniform"
+                            % self.output_dir)
+        config = load_report_config(os.path.join(os.path.dirname(checkpoint), REPORT_NAME))
+        return full_precision.evaluate_checkpoint(
+            self.helper, checkpoint, os.path.join(self.settings.log_dir, self.name, "eval"), config)
+
+
+def load_report_config(report_path):
+    """The QuantConfig recorded in a report JSON; UserError when missing or malformed."""
+    try:
+        with open(report_path) as handle:
+            report = tfquant.QuantReport.from_json(handle.read())
+        return tfquant.QuantConfig(**report.config)
+    except OSError as exc:
+        raise UserError("quantization report %s cannot be read (%s); expected the %s written by training"
+                        % (report_path, exc.strerror, REPORT_NAME))
+    except (ValueError, TypeError) as exc:
+        raise UserError("quantization report %s: %s" % (report_path, exc))
+
+
+def summary_lines(results):
+    """The final lines a uniform run prints."""
+    return [
+        "float accuracy:     %.4f  (%s)" % (results["float_accuracy"], results["float_checkpoint"]),
+        "quantized accuracy: %.4f  on %d test images (%s)" % (results["quant_accuracy"], results["test_examples"],
+                                                             results["quant_checkpoint"]),
+        "model size: float %d bits (%.1f KiB), quantized %d bits (%.1f KiB), ratio %.2fx"
+        % (results["float_storage_bits"], results["float_storage_bits"] / 8192.0, results["quant_storage_bits"],
+           results["quant_storage_bits"] / 8192.0, results["compression_ratio"]),
+        "report: %s" % results["report"],
+        "TensorBoard: tensorboard --logdir %s" % results["log_dir"],
+    ]

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Sourced by run_local.sh and run_tests.sh: makes .venv in the checkout with tfquant installed, once.
+# Usage: source tools/setup_env.sh [test]   ("test" also installs the test dependencies)
+set -euo pipefail
+TFQ_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TFQ_VENV="$TFQ_ROOT/.venv"
+TFQ_PYTHON="$TFQ_VENV/bin/python"
+extra="${1:-}"
+spec="."
+[ "$extra" = "test" ] && spec=".[test]"
+# Re-install only when setup.py (the dependency list) changes or a new extra is asked for.
+stamp="$TFQ_VENV/.tfquant-setup-${extra:-main}"
+want="$(sha256sum "$TFQ_ROOT/setup.py" | cut -d' ' -f1)"
+if [ ! -x "$TFQ_PYTHON" ] || [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "tfquant: setting up $TFQ_VENV (first use; installs TensorFlow, a few minutes)" >&2
+  if ! command -v python3 >/dev/null 2>&1; then
+    echo "tfquant: python3 not found; expected Python 3.9 or newer on PATH" >&2
+    exit 1
+  fi
+  [ -x "$TFQ_PYTHON" ] || python3 -m venv "$TFQ_VENV"
+  "$TFQ_PYTHON" -m pip install --quiet --upgrade pip >&2
+  (cd "$TFQ_ROOT" && "$TFQ_PYTHON" -m pip install --quiet -e "$spec") >&2
+  echo "$want" > "$stamp"
+fi
+
+FMNIST_DIR=/usr/share/datasets/fashion-mnist
+if [ ! -f "$FMNIST_DIR/t10k-labels-idx1-ubyte.gz" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "tfquant: installing Fashion-MNIST (Debian package dataset-fashion-mnist)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; } >&2 \
+      || echo "tfquant: could not install dataset-fashion-mnist; Fashion-MNIST runs need --data_dir_local" >&2
+  else
+    echo "tfquant: Fashion-MNIST not found in $FMNIST_DIR; run 'sudo apt-get install dataset-fashion-mnist'" \
+         "or pass --data_dir_local with the four IDX .gz files" >&2
+  fi
+fi
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
