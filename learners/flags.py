@@ -16,7 +16,11 @@ def define_flags():
         return
     flags.DEFINE_enum("learner", "full-prec", list(LEARNERS), "learner: full-prec or uniform")
     flags.DEFINE_enum("exec_mode", "train", ["train", "eval"], "train, or eval the latest checkpoint")
-    flags.DEFINE_string("log_dir", "./logs", "TensorBoard event files go under this directory")
+    if "log_dir" in FLAGS:
+        # absl.logging defines --log_dir too; PocketFlow's meaning (TensorBoard events) takes it over.
+        FLAGS.set_default("log_dir", "./logs")
+    else:
+        flags.DEFINE_string("log_dir", "./logs", "TensorBoard event files go under this directory")
     flags.DEFINE_string("save_path", "./models/model.ckpt", "float model checkpoint path prefix")
     flags.DEFINE_integer("batch_size", 128, "training batch size")
     flags.DEFINE_integer("batch_size_eval", 100, "evaluation batch size")

@@ -30,6 +30,7 @@ class ModelGraph:
     lrn_rate: Optional[tf.Tensor] = None
     nb_iters: int = 0
     summary_op: Optional[tf.Tensor] = None
+    eval_init_op: Optional[tf.Operation] = None  # starts a pass over the evaluation set
     extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -82,6 +83,7 @@ def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=
             logits = helper.forward_train(images)
         else:
             images, labels = helper.build_dataset_eval()
+            eval_init_op = helper.eval_init_op
             logits = helper.forward_eval(images)
         model_variables = list(tf1.global_variables())
         report = None
@@ -91,7 +93,7 @@ def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=
         loss, metrics = helper.calc_loss(labels, logits, tf1.trainable_variables())
         model = ModelGraph(graph=graph, is_train=is_train, loss=loss, accuracy=metrics["accuracy"],
                            batch_count=tf.shape(labels)[0], model_variables=model_variables, saver=None,
-                           init_op=None, report=report)
+                           init_op=None, report=report, eval_init_op=None if is_train else eval_init_op)
         if is_train:
             model.global_step = tf1.train.get_or_create_global_step()
             setup = lrn_rate_fn or helper.setup_lrn_rate
@@ -145,6 +147,7 @@ def evaluate(sess, model):
     """Run the evaluation dataset once; returns (accuracy, loss, number of examples)."""
     correct = total_loss = 0.0
     count = 0
+    sess.run(model.eval_init_op)
     while True:
         try:
             accuracy, loss, n = sess.run([model.accuracy, model.loss, model.batch_count])

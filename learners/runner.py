@@ -1,6 +1,7 @@
 """Entry point shared by the run scripts: parse flags, pick the learner, turn user errors into one line."""
 import sys
 
+import tensorflow as tf
 from absl import app, flags
 
 from learners import flags as learner_flags
@@ -50,5 +51,7 @@ def _main(make_helper):
 
 def run(make_helper):
     """Run the job: make_helper(FLAGS) builds the ModelHelper from the parsed flags."""
+    # Saver's "Restoring parameters" INFO lines would interleave with the progress lines.
+    tf.get_logger().setLevel("WARNING")
     learner_flags.define_flags()
     app.run(_main(make_helper), flags_parser=_parse_flags)

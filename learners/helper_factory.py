@@ -1,0 +1,34 @@
+"""Build a ModelHelper from parsed flags; the run scripts name which one."""
+import importlib
+
+from learners.errors import UserError
+from nets.errors import DataError
+
+MODELS = ("resnet_at_cifar10", "resnet_at_fmnist", "convnet_at_fmnist")
+
+
+def helper_kwargs(settings, with_resnet_size):
+    """The ModelHelper constructor arguments the flags give."""
+    kwargs = dict(data_dir=settings.data_dir_local, batch_size=settings.batch_size,
+                  batch_size_eval=settings.batch_size_eval, lrn_rate_init=settings.lrn_rate_init,
+                  momentum=settings.momentum, loss_w_dcy=settings.loss_w_dcy, nb_epochs_rat=settings.nb_epochs_rat,
+                  train_subset=settings.train_subset, eval_subset=settings.eval_subset, seed=settings.seed)
+    if with_resnet_size:
+        kwargs["resnet_size"] = settings.resnet_size
+    return kwargs
+
+
+def make_helper_for(model):
+    """A function settings -> ModelHelper of nets.<model>; data problems become one-line errors."""
+    if model not in MODELS:
+        raise ValueError("model %r is not known; expected one of %s" % (model, ", ".join(MODELS)))
+
+    def make(settings):
+        module = importlib.import_module("nets." + model)
+        try:
+            return module.ModelHelper(**helper_kwargs(settings, model.startswith("resnet")))
+        except DataError:
+            raise
+        except ValueError as exc:
+            raise UserError(str(exc))
+    return make
