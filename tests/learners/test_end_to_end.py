@@ -1,0 +1,148 @@
+"""Short end-to-end runs of both learners through the run scripts: checkpoints, report, events, eval."""
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+QUICK = ["--train_subset=256", "--eval_subset=200", "--batch_size=32", "--batch_size_eval=64",
+         "--nb_epochs_rat=0.02", "--uql_quant_epochs=0.5", "--summ_step=2", "--resnet_size=20"]
+
+
+def run_script(script, args, cwd):
+    """Run nets/<script> in `cwd`; returns the CompletedProcess (stdout and stderr as text)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "nets", script)] + args, cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def event_tags(directory):
+    """{tag: [values]} of scalar summaries, and whether a graph was written, from event files."""
+    tags, has_graph = {}, False
+    for path in glob.glob(os.path.join(directory, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            has_graph = has_graph or bool(event.graph_def)
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(value.simple_value)
+    return tags, has_graph
+
+
+@pytest.fixture(scope="module")
+def uniform_run(tmp_path_factory):
+    """One uniform run (which first trains a float model), shared by the tests below."""
+    cwd = tmp_path_factory.mktemp("uniform")
+    result = run_script("resnet_at_fmnist_run.py", ["--learner=uniform", "--uql_activation_bits=8",
+                                                    "--uql_use_buckets", "--uql_weight_overrides=.*stage3.*=2"]
+                        + QUICK, str(cwd))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd, result
+
+
+def test_uniform_trains_float_first_and_reports(uniform_run):
+    cwd, result = uniform_run
+    out = result.stdout
+    assert "no float checkpoint" in out and "training one with the full-precision learner first" in out
+    float_acc = float(re.search(r"float accuracy:\s+([0-9.]+)", out).group(1))
+    quant_acc = float(re.search(r"quantized accuracy:\s+([0-9.]+)\s+on 200 test images", out).group(1))
+    results = json.load(open(cwd / "models_uql" / "results.json"))
+    assert results["float_accuracy"] == pytest.approx(float_acc, abs=1e-4)
+    assert results["quant_accuracy"] == pytest.approx(quant_acc, abs=1e-4)
+    assert results["test_examples"] == 200
+    # Progress lines: iteration/total, loss, accuracy, learning rate, speed, time remaining.
+    assert re.search(r"uniform iter 2/\d+ \| loss [0-9.]+ \| acc [0-9.]+ \| lr [0-9.]+ \| \d+ img/s \| "
+                     r"remaining \dm\d\ds", out)
+
+
+def test_report_json_contents(uniform_run):
+    cwd, _ = uniform_run
+    report = json.load(open(cwd / "models_uql" / "quant_report.json"))
+    weights = [layer for layer in report["layers"] if layer["kind"] == "weight"]
+    assert len(weights) == 22  # ResNet-20: 19 convs + 2 projection shortcuts + fc
+    assert weights[0]["status"] == "skipped" and weights[0]["reason"].startswith("first layer kept float")
+    assert weights[-1]["status"] == "skipped" and weights[-1]["reason"].startswith("last layer kept float")
+    for layer in weights[1:-1]:
+        assert layer["status"] == "quantized" and layer["bucket_type"] == "channel"
+        assert layer["bits"] == (2 if "stage3" in layer["weight_variable"] else 4)
+        assert layer["num_groups"] == layer["shape"][3]
+        assert layer["weight_storage_bits"] == layer["num_params"] * layer["bits"]
+        assert layer["bucket_storage_bits"] == 64 * layer["shape"][3]
+    acts = [layer for layer in report["layers"] if layer["kind"] == "activation"]
+    assert len(acts) == 19 and all(a["status"] == "quantized" and a["bits"] == 8 for a in acts)
+    assert report["summary"]["total_storage_bits"] == sum(
+        layer["weight_storage_bits"] + layer["bucket_storage_bits"] for layer in weights) + sum(
+        32 * int(np.prod(v["shape"])) for v in report["other_variables"])
+
+
+def test_checkpoints_hold_float_weights_and_activation_ranges(uniform_run):
+    cwd, _ = uniform_run
+    float_ckpt = tf.train.latest_checkpoint(str(cwd / "models"))
+    quant_ckpt = tf.train.latest_checkpoint(str(cwd / "models_uql"))
+    float_reader, quant_reader = tf.train.load_checkpoint(float_ckpt), tf.train.load_checkpoint(quant_ckpt)
+    shapes = quant_reader.get_variable_to_shape_map()
+    assert shapes["model/stage1/block0/conv1/weights"] == [3, 3, 16, 16]
+    assert shapes["model/fc/weights"] == [64, 10]
+    # 2 stages-worth of 3 blocks... every one of the 19 activations has a saved moving-average range.
+    mins = [n for n in shapes if n.endswith("act_quant/ema_min")]
+    assert len(mins) == 19
+    for name in mins:
+        lo, hi = quant_reader.get_tensor(name), quant_reader.get_tensor(name.replace("ema_min", "ema_max"))
+        assert np.isfinite(lo) and np.isfinite(hi) and hi > lo >= 0  # ReLU outputs
+        assert quant_reader.get_tensor(name.replace("ema_min", "ema_steps")) == \
+            quant_reader.get_tensor("global_step")
+    # Fine-tuning changed the float shadow weights (and they are still floats, not codes).
+    before = float_reader.get_tensor("model/stage2/block1/conv1/weights")
+    after = quant_reader.get_tensor("model/stage2/block1/conv1/weights")
+    assert after.dtype == np.float32 and not np.array_equal(before, after)
+    assert len(np.unique(after)) > 100
+
+
+def test_tensorboard_events(uniform_run):
+    cwd, _ = uniform_run
+    tags, has_graph = event_tags(str(cwd / "logs" / "uniform" / "train"))
+    assert has_graph
+    for tag in ("loss", "accuracy", "lrn_rate"):
+        assert tag in tags and all(np.isfinite(tags[tag]))
+    assert tags["quant_bits/model/stage3/block1/conv1/weights"][0] == 2.0
+    assert tags["quant_bits/model/conv0/weights"][0] == 32.0
+    errors = tags["quant_error/model/stage3/block1/conv1/weights"]
+    assert all(0.0 < e < 1.0 for e in errors)
+    # 2-bit layers lose more than 4-bit ones.
+    assert np.mean(errors) > np.mean(tags["quant_error/model/stage2/block1/conv1/weights"])
+    float_tags, float_graph = event_tags(str(cwd / "logs" / "full-prec" / "train"))
+    assert float_graph and "loss" in float_tags and not any(t.startswith("quant_") for t in float_tags)
+    eval_tags, _ = event_tags(str(cwd / "logs" / "uniform" / "eval"))
+    results = json.load(open(cwd / "models_uql" / "results.json"))
+    assert eval_tags["eval/accuracy"][-1] == pytest.approx(results["quant_accuracy"], abs=1e-6)
+
+
+def test_eval_mode_reproduces_training_accuracy(uniform_run):
+    cwd, _ = uniform_run
+    results = json.load(open(cwd / "models_uql" / "results.json"))
+    # Different quantization flags on purpose: eval rebuilds the model from the saved report's config.
+    result = run_script("resnet_at_fmnist_run.py", ["--learner=uniform", "--exec_mode=eval",
+                                                    "--uql_weight_bits=8"] + QUICK, str(cwd))
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = float(re.search(r"uniform eval: accuracy ([0-9.]+)", result.stdout).group(1))
+    assert accuracy == pytest.approx(results["quant_accuracy"], abs=1e-4)
+    result = run_script("resnet_at_fmnist_run.py", ["--learner=full-prec", "--exec_mode=eval"] + QUICK, str(cwd))
+    accuracy = float(re.search(r"full-prec eval: accuracy ([0-9.]+)", result.stdout).group(1))
+    assert accuracy == pytest.approx(results["float_accuracy"], abs=1e-4)
+
+
+def test_full_prec_checkpoint_contents(tmp_path):
+    result = run_script("convnet_at_fmnist_run.py", ["--learner=full-prec", "--save_step=3"] + QUICK, str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = tf.train.latest_checkpoint(str(tmp_path / "models"))
+    reader = tf.train.load_checkpoint(checkpoint)
+    shapes = reader.get_variable_to_shape_map()
+    step = int(reader.get_tensor("global_step"))
+    assert checkpoint.endswith("-%d" % step) and step >= 1
+    assert shapes["model/conv1/weights"] == [5, 5, 1, 32] and shapes["model/fc3/weights"] == [7 * 7 * 64, 1024]
+    assert not any("act_quant" in name for name in shapes)
+    assert re.search(r"full-prec iter %d/%d" % (step, step), result.stdout)
