@@ -1,1 +1,21 @@
 """Learners: algorithms that drive any ModelHelper (full precision, uniform quantization)."""
+import os
+
+
+def import_tensorflow_quietly():
+    """Import TensorFlow with its C++ start-up chatter (CUDA probing on a CPU machine) kept off stderr.
+
+    Run scripts promise one clear line for a user error; TensorFlow's import otherwise prints four.
+    Errors raised by the import itself still reach stderr: it is restored before they propagate.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+        tensorflow.compat.v1  # pylint: disable=pointless-statement  (forces its lazy loading now)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

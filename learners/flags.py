@@ -100,15 +100,15 @@ def quant_config():
             try:
                 layer_bits = [int(b) for b in FLAGS.uql_layer_bits]
             except ValueError:
-                raise ValueError("uql_layer_bits=%s is not valid; expected a comma-separated list of integers"
+                raise ValueError("--uql_layer_bits=%s is not valid; expected a comma-separated list of integers"
                                  % ",".join(FLAGS.uql_layer_bits))
         return tfquant.QuantConfig(
             weight_bits=FLAGS.uql_weight_bits, activation_bits=FLAGS.uql_activation_bits,
             use_buckets=FLAGS.uql_use_buckets, bucket_type=FLAGS.uql_bucket_type,
             bucket_size=FLAGS.uql_bucket_size, quantize_all_layers=FLAGS.uql_quantize_all_layers,
             layer_bits=layer_bits,
-            weight_overrides=tfquant.parse_overrides("uql_weight_overrides", FLAGS.uql_weight_overrides),
-            activation_overrides=tfquant.parse_overrides("uql_activation_overrides",
+            weight_overrides=tfquant.parse_overrides("--uql_weight_overrides", FLAGS.uql_weight_overrides),
+            activation_overrides=tfquant.parse_overrides("--uql_activation_overrides",
                                                          FLAGS.uql_activation_overrides),
             act_range=FLAGS.uql_act_range, act_ema_decay=FLAGS.uql_ema_decay)
     except ValueError as exc:

@@ -1,14 +1,18 @@
 """Entry point shared by the run scripts: parse flags, pick the learner, turn user errors into one line."""
 import sys
 
-import tensorflow as tf
-from absl import app, flags
+import learners
 
-from learners import flags as learner_flags
-from learners.errors import UserError
-from learners.full_precision import FullPrecLearner
-from learners.uniform_quant import UniformQuantLearner
-from nets.errors import DataError
+learners.import_tensorflow_quietly()
+
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from learners import flags as learner_flags  # noqa: E402
+from learners.errors import UserError  # noqa: E402
+from learners.full_precision import FullPrecLearner  # noqa: E402
+from learners.uniform_quant import UniformQuantLearner  # noqa: E402
+from nets.errors import DataError  # noqa: E402
 
 FLAGS = flags.FLAGS
 

@@ -1,0 +1,1 @@
+"""Readers and tf.data input pipelines for Fashion-MNIST and CIFAR-10."""

@@ -1,0 +1,134 @@
+"""tf.data input pipelines over in-memory NumPy arrays, with batched preprocessing.
+
+Preprocessing functions take a whole batch (uint8 [B,H,W,C] images, int64 [B] labels)
+and return (float32 images, int32/int64 labels). Mapping once per batch instead of once
+per example is several times faster on a 2-core CPU.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+# Per-channel statistics of the CIFAR-10 training set (pixels scaled to [0,1]).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# Statistics of the Fashion-MNIST training set (pixels scaled to [0,1]).
+FMNIST_MEAN = 0.2860
+FMNIST_STD = 0.3530
+
+
+def make_train_dataset(images, labels, batch_size, preprocess_fn, seed=None):
+    """Builds an endless, reshuffled-every-epoch training dataset.
+
+    Args:
+      images: uint8 NumPy array [N,H,W] or [N,H,W,C].
+      labels: integer NumPy array [N].
+      batch_size: examples per batch; the last partial batch of each epoch is dropped.
+      preprocess_fn: function (uint8 image batch, label batch) -> (float images, labels).
+      seed: optional shuffle seed, for reproducible order.
+    Returns:
+      tf.data.Dataset of (images, labels) batches.
+    """
+    images, labels = _as_nhwc(images), np.asarray(labels, dtype=np.int64)
+    if len(images) < batch_size:
+        raise ValueError('training set has %d examples, fewer than one batch of %d'
+                         % (len(images), batch_size))
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(preprocess_fn, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def make_eval_dataset(images, labels, batch_size, preprocess_fn):
+    """Builds a single in-order pass over all examples (last partial batch kept).
+
+    Args:
+      images: uint8 NumPy array [N,H,W] or [N,H,W,C].
+      labels: integer NumPy array [N].
+      batch_size: examples per batch.
+      preprocess_fn: function (uint8 image batch, label batch) -> (float images, labels).
+    Returns:
+      tf.data.Dataset of (images, labels) batches.
+    """
+    images, labels = _as_nhwc(images), np.asarray(labels, dtype=np.int64)
+    ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
+    ds = ds.map(preprocess_fn, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def nb_eval_batches(nb_examples, batch_size):
+    """Number of batches make_eval_dataset yields for nb_examples examples."""
+    return -(-nb_examples // batch_size)
+
+
+def _as_nhwc(images):
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError('expected uint8 images, got %s' % images.dtype)
+    return images[..., None] if images.ndim == 3 else images
+
+
+def normalize(images, mean, std):
+    """Scales uint8 pixels to [0,1] then standardises per channel.
+
+    Args:
+      images: uint8 tensor [..., C].
+      mean: scalar or per-channel sequence.
+      std: scalar or per-channel sequence.
+    Returns:
+      float32 tensor of the same shape.
+    """
+    x = tf.cast(images, tf.float32) / 255.0
+    return (x - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def random_flip_batch(images, seed=None):
+    """Mirrors each image of an NHWC batch left-right with probability 1/2."""
+    flip = tf.random.uniform([tf.shape(images)[0]], seed=seed) < 0.5
+    return tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
+
+
+def random_crop_batch(images, pad, seed=None):
+    """Zero-pads an NHWC batch by pad pixels per side and crops each image at a random offset.
+
+    Args:
+      images: tensor [B,H,W,C] with static H and W.
+      pad: padding per side; crop offsets are uniform in 0..2*pad.
+      seed: optional op seed.
+    Returns:
+      tensor [B,H,W,C].
+    """
+    height, width = int(images.shape[1]), int(images.shape[2])
+    batch = tf.shape(images)[0]
+    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+    offsets = tf.random.uniform([batch, 2], 0, 2 * pad + 1, dtype=tf.int32, seed=seed)
+    # Per-example crops as two batched gathers: rows first, then columns.
+    rows = offsets[:, 0:1] + tf.range(height)[None, :]
+    cols = offsets[:, 1:2] + tf.range(width)[None, :]
+    cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
+    return tf.gather(cropped, cols, axis=2, batch_dims=1)
+
+
+def cifar10_train_preprocess(images, labels):
+    """CIFAR-10 training preprocessing: pad 4 + random 32x32 crop, random flip, normalise."""
+    x = random_flip_batch(random_crop_batch(images, 4))
+    return normalize(x, CIFAR10_MEAN, CIFAR10_STD), labels
+
+
+def cifar10_eval_preprocess(images, labels):
+    """CIFAR-10 evaluation preprocessing: per-channel normalisation only."""
+    return normalize(images, CIFAR10_MEAN, CIFAR10_STD), labels
+
+
+def fmnist_train_preprocess(images, labels):
+    """Fashion-MNIST training preprocessing: random flip, normalise.
+
+    No pad-and-crop: the default budget is only a few epochs, where stronger augmentation
+    slows convergence more than it helps generalisation.
+    """
+    return normalize(random_flip_batch(images), FMNIST_MEAN, FMNIST_STD), labels
+
+
+def fmnist_eval_preprocess(images, labels):
+    """Fashion-MNIST evaluation preprocessing: normalisation only."""
+    return normalize(images, FMNIST_MEAN, FMNIST_STD), labels

@@ -1,0 +1,250 @@
+"""Model helpers in PocketFlow's style: one object per (network, data set) pair.
+
+A learner builds its training graph and its evaluation graph in separate tf.Graphs by
+calling the same helper; all model variables live under the MODEL_SCOPE variable scope
+so a checkpoint written from one graph restores into the other.
+"""
+
+import abc
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from nets.data import pipeline
+
+tf1 = tf.compat.v1
+
+MODEL_SCOPE = 'model'
+
+
+class AbstractModelHelper(abc.ABC):
+    """Interface a learner uses to build datasets, networks, losses and learning rates."""
+
+    @abc.abstractmethod
+    def build_dataset_train(self):
+        """Returns (images, labels) tensors of an endless shuffled training stream."""
+
+    @abc.abstractmethod
+    def build_dataset_eval(self):
+        """Returns (images, labels) tensors of one in-order pass over the evaluation set."""
+
+    @abc.abstractmethod
+    def forward_train(self, inputs):
+        """Builds the network in training mode; returns logits."""
+
+    @abc.abstractmethod
+    def forward_eval(self, inputs):
+        """Builds the network in inference mode; returns logits."""
+
+    @abc.abstractmethod
+    def calc_loss(self, labels, logits, trainable_vars):
+        """Returns (loss tensor, dict of metric tensors including 'loss' and 'accuracy')."""
+
+    @abc.abstractmethod
+    def setup_lrn_rate(self, global_step):
+        """Returns (learning-rate tensor, total number of training iterations)."""
+
+    @property
+    @abc.abstractmethod
+    def model_name(self):
+        """Short name of the network, e.g. 'resnet_20'."""
+
+    @property
+    @abc.abstractmethod
+    def dataset_name(self):
+        """Short name of the data set, e.g. 'cifar_10'."""
+
+
+class ClassifierModelHelper(AbstractModelHelper):
+    """Shared implementation for image classifiers trained from in-memory arrays.
+
+    Subclasses set the class attributes below and implement _forward(inputs, is_training)
+    and _load_data() (returning the dict layout of nets.data.fmnist.load_fmnist).
+    """
+
+    nb_classes = 10
+    base_epochs = None          # epochs of the model's standard budget (nb_epochs_rat = 1)
+    lrn_rate_schedule = 'cosine'  # 'cosine' (with warm-up) or 'step' (x0.1 at 50% and 75%)
+    warmup_ratio = 0.02         # fraction of iterations with linearly rising learning rate
+    train_preprocess = None
+    eval_preprocess = None
+
+    def __init__(self, batch_size, batch_size_eval, lrn_rate_init, momentum, loss_w_dcy,
+                 nb_epochs_rat, train_subset, eval_subset, seed):
+        """Loads and validates the data set; no graph is touched.
+
+        Args:
+          batch_size: training batch size.
+          batch_size_eval: evaluation batch size.
+          lrn_rate_init: peak learning rate.
+          momentum: momentum coefficient a learner should use with this schedule.
+          loss_w_dcy: weight-decay coefficient; loss adds loss_w_dcy/2 * sum of squared weights.
+          nb_epochs_rat: multiplier applied to base_epochs to get the training budget.
+          train_subset: if set, use only the first train_subset training examples.
+          eval_subset: if set, use only the first eval_subset evaluation examples.
+          seed: optional shuffle seed.
+        """
+        for name, value in (('batch_size', batch_size), ('batch_size_eval', batch_size_eval)):
+            if int(value) <= 0:
+                raise ValueError('%s must be a positive integer, got %r' % (name, value))
+        if nb_epochs_rat <= 0:
+            raise ValueError('nb_epochs_rat must be positive, got %r' % (nb_epochs_rat,))
+        self.batch_size = int(batch_size)
+        self.batch_size_eval = int(batch_size_eval)
+        self.lrn_rate_init = float(lrn_rate_init)
+        self.momentum = float(momentum)
+        self.loss_w_dcy = float(loss_w_dcy)
+        self.nb_epochs_rat = float(nb_epochs_rat)
+        self.seed = seed
+        data = self._load_data()
+        self._train_images, self._train_labels = _subset(
+            data['train_images'], data['train_labels'], train_subset, 'train_subset')
+        self._eval_images, self._eval_labels = _subset(
+            data['test_images'], data['test_labels'], eval_subset, 'eval_subset')
+        if self.n_train < self.batch_size:
+            raise ValueError('only %d training examples, fewer than one batch of %d'
+                             % (self.n_train, self.batch_size))
+        self.eval_init_op = None
+
+    @abc.abstractmethod
+    def _load_data(self):
+        """Returns the data dict (train/test images and labels as NumPy arrays)."""
+
+    @abc.abstractmethod
+    def _forward(self, inputs, is_training):
+        """Builds the network (inside MODEL_SCOPE); returns logits."""
+
+    @property
+    def n_train(self):
+        """Number of training examples in use."""
+        return len(self._train_labels)
+
+    @property
+    def n_eval(self):
+        """Number of evaluation examples in use."""
+        return len(self._eval_labels)
+
+    @property
+    def nb_eval_batches(self):
+        """Number of batches in one evaluation pass (the last may be partial)."""
+        return pipeline.nb_eval_batches(self.n_eval, self.batch_size_eval)
+
+    @property
+    def nb_iters_per_epoch(self):
+        """Training iterations per epoch (partial batches are dropped)."""
+        return self.n_train // self.batch_size
+
+    def build_dataset_train(self):
+        """Returns (images, labels) tensors from a one-shot iterator over an endless stream.
+
+        Returns:
+          images float32 [batch_size,H,W,C], labels int64 [batch_size].
+        """
+        ds = pipeline.make_train_dataset(self._train_images, self._train_labels, self.batch_size,
+                                         type(self).train_preprocess, seed=self.seed)
+        return tf1.data.make_one_shot_iterator(ds).get_next()
+
+    def build_dataset_eval(self):
+        """Returns (images, labels) tensors for one in-order pass over the evaluation set.
+
+        The iterator is initializable: run self.eval_init_op (set by this call) before each
+        pass, then fetch nb_eval_batches times or until tf.errors.OutOfRangeError.
+        Returns:
+          images float32 [<=batch_size_eval,H,W,C], labels int64 [<=batch_size_eval].
+        """
+        ds = pipeline.make_eval_dataset(self._eval_images, self._eval_labels, self.batch_size_eval,
+                                        type(self).eval_preprocess)
+        iterator = tf1.data.make_initializable_iterator(ds)
+        self.eval_init_op = iterator.initializer
+        return iterator.get_next()
+
+    def forward_train(self, inputs):
+        """Builds the network in training mode under MODEL_SCOPE; returns logits."""
+        with tf1.variable_scope(MODEL_SCOPE, reuse=tf1.AUTO_REUSE):
+            return self._forward(inputs, is_training=True)
+
+    def forward_eval(self, inputs):
+        """Builds the network in inference mode under MODEL_SCOPE; returns logits."""
+        with tf1.variable_scope(MODEL_SCOPE, reuse=tf1.AUTO_REUSE):
+            return self._forward(inputs, is_training=False)
+
+    def calc_loss(self, labels, logits, trainable_vars):
+        """Cross-entropy plus weight decay, and metrics.
+
+        The decay term is loss_w_dcy * sum(tf.nn.l2_loss(w)) = loss_w_dcy/2 * sum(w**2), over
+        trainable variables whose names end in 'weights' (PocketFlow's convention).
+        Args:
+          labels: int [N] class ids.
+          logits: float [N, nb_classes].
+          trainable_vars: variables to consider for weight decay.
+        Returns:
+          (loss scalar, {'loss': loss, 'accuracy': accuracy, 'cross_entropy': ce}).
+        """
+        labels = tf.cast(labels, tf.int64)
+        ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=labels, logits=logits))
+        decayed = [v for v in trainable_vars if v.op.name.endswith('weights')]
+        loss = ce
+        if decayed and self.loss_w_dcy:
+            loss = ce + self.loss_w_dcy * tf.add_n([tf.nn.l2_loss(v) for v in decayed])
+        correct = tf.equal(tf.argmax(logits, axis=1), labels)
+        accuracy = tf.reduce_mean(tf.cast(correct, tf.float32))
+        return loss, {'loss': loss, 'accuracy': accuracy, 'cross_entropy': ce}
+
+    def nb_iters_train(self):
+        """Iterations of the budget: ceil(nb_epochs_rat * base_epochs * n_train / batch_size)."""
+        return max(1, int(math.ceil(self.nb_epochs_rat * self.base_epochs * self.n_train
+                                    / self.batch_size)))
+
+    def setup_lrn_rate(self, global_step):
+        """Learning-rate schedule over the training budget.
+
+        'cosine': linear warm-up over warmup_ratio of the iterations, then cosine decay to 0.
+        'step': constant, multiplied by 0.1 at 50% and again at 75% of the iterations.
+        Args:
+          global_step: integer step tensor.
+        Returns:
+          (float32 learning-rate tensor, nb_iters int).
+        """
+        nb_iters = self.nb_iters_train()
+        return lrn_rate_for_step(global_step, nb_iters, self.lrn_rate_init,
+                                 self.lrn_rate_schedule, self.warmup_ratio), nb_iters
+
+
+def lrn_rate_for_step(global_step, nb_iters, lrn_rate_init, schedule='cosine', warmup_ratio=0.0):
+    """Learning rate at global_step for a budget of nb_iters iterations.
+
+    Args:
+      global_step: integer step tensor.
+      nb_iters: total iterations.
+      lrn_rate_init: peak learning rate.
+      schedule: 'cosine' or 'step'.
+      warmup_ratio: fraction of iterations of linear warm-up (cosine only).
+    Returns:
+      float32 scalar tensor.
+    """
+    step = tf.cast(global_step, tf.float32)
+    if schedule == 'step':
+        bounds = [int(nb_iters * 0.5), int(nb_iters * 0.75)]
+        values = [lrn_rate_init, lrn_rate_init * 0.1, lrn_rate_init * 0.01]
+        return tf.cast(tf1.train.piecewise_constant(tf.cast(global_step, tf.int64), bounds, values),
+                       tf.float32)
+    if schedule != 'cosine':
+        raise ValueError("schedule %r is not supported; allowed: 'cosine', 'step'" % (schedule,))
+    warmup = float(max(1, int(nb_iters * warmup_ratio))) if warmup_ratio > 0 else 0.0
+    decay_len = max(1.0, nb_iters - warmup)
+    progress = tf.clip_by_value((step - warmup) / decay_len, 0.0, 1.0)
+    cosine = 0.5 * lrn_rate_init * (1.0 + tf.cos(math.pi * progress))
+    if not warmup:
+        return cosine
+    return tf.where(step < warmup, lrn_rate_init * (step + 1.0) / warmup, cosine)
+
+
+def _subset(images, labels, limit, name):
+    if limit is None:
+        return images, labels
+    limit = int(limit)
+    if limit <= 0:
+        raise ValueError('%s must be a positive integer, got %d' % (name, limit))
+    return images[:limit], np.asarray(labels[:limit])

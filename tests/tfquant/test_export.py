@@ -1,0 +1,328 @@
+"""Export: packed .tfq file bit-exact against the quantized graph, frozen inference graph, TFLite."""
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfquant
+from tests.conftest import new_session
+from tfquant.export import model_export, packed_file, tflite_export
+
+tf1 = tf.compat.v1
+IMAGE_SHAPE = [12, 12, 1]
+NUM_CLASSES = 4
+
+
+def _conv(x, name, out_ch, use_bias):
+    with tf1.variable_scope(name):
+        w = tf1.get_variable("weights", [3, 3, int(x.shape[-1]), out_ch],
+                             initializer=tf1.glorot_uniform_initializer())
+        y = tf.nn.conv2d(x, w, strides=1, padding="SAME")
+        if use_bias:
+            y = tf.nn.bias_add(y, tf1.get_variable("biases", [out_ch], initializer=tf1.zeros_initializer()))
+    return y
+
+
+def _dense(x, name, units):
+    with tf1.variable_scope(name):
+        w = tf1.get_variable("weights", [int(x.shape[-1]), units], initializer=tf1.glorot_uniform_initializer())
+        b = tf1.get_variable("biases", [units], initializer=tf1.zeros_initializer())
+        return tf.nn.bias_add(tf.matmul(x, w), b)
+
+
+def _batch_norm(x, name, is_training):
+    ch = int(x.shape[-1])
+    with tf1.variable_scope(name):
+        beta = tf1.get_variable("beta", [ch], initializer=tf1.zeros_initializer())
+        gamma = tf1.get_variable("gamma", [ch], initializer=tf1.ones_initializer())
+        mean = tf1.get_variable("moving_mean", [ch], initializer=tf1.zeros_initializer(), trainable=False)
+        var = tf1.get_variable("moving_variance", [ch], initializer=tf1.ones_initializer(), trainable=False)
+        if not is_training:
+            return tf1.nn.fused_batch_norm(x, gamma, beta, mean=mean, variance=var, is_training=False)[0]
+        y, batch_mean, batch_var = tf1.nn.fused_batch_norm(x, gamma, beta, is_training=True)
+        tf1.add_to_collection(tf1.GraphKeys.UPDATE_OPS, tf1.assign_sub(mean, (mean - batch_mean) * 0.1))
+        tf1.add_to_collection(tf1.GraphKeys.UPDATE_OPS, tf1.assign_sub(var, (var - batch_var) * 0.1))
+        return y
+
+
+def forward(images, is_training=False):
+    """conv-bn-relu, pool, conv(+bias)-relu, fc-relu, fc: every kind of stored variable."""
+    x = tf.nn.relu(_batch_norm(_conv(images, "conv1", 8, False), "bn1", is_training))
+    x = tf.nn.max_pool2d(x, 2, 2, "SAME")
+    x = tf.nn.relu(_conv(x, "conv2", 16, True))
+    x = tf.reshape(x, [-1, 6 * 6 * 16])
+    x = tf.nn.relu(_dense(x, "fc1", 32))
+    return _dense(x, "fc2", NUM_CLASSES)
+
+
+def _synthetic_data(rng, count):
+    """Noisy copies of one fixed template per class, so a few training steps learn the task."""
+    templates = np.random.default_rng(7).normal(size=[NUM_CLASSES] + IMAGE_SHAPE).astype(np.float32)
+    labels = rng.integers(0, NUM_CLASSES, size=count)
+    images = templates[labels] + 0.8 * rng.normal(size=[count] + IMAGE_SHAPE).astype(np.float32)
+    return images.astype(np.float32), labels
+
+
+def _save_quantized(directory, config, rng, train_steps=0):
+    """Build the training graph, quantize it, train a few steps; returns (checkpoint, report path)."""
+    graph = tf.Graph()
+    with graph.as_default():
+        tf1.set_random_seed(3)
+        images = tf1.placeholder(tf.float32, [None] + IMAGE_SHAPE)
+        labels = tf1.placeholder(tf.int64, [None])
+        logits = forward(images, is_training=True)
+        report = tfquant.quantize_graph(graph, config, is_training=True)
+        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+        with tf.control_dependencies(tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)):
+            train_op = tf1.train.AdamOptimizer(0.01).minimize(loss)
+        saver = tf1.train.Saver()
+        with new_session(graph) as sess:
+            sess.run(tf1.global_variables_initializer())
+            for _ in range(train_steps):
+                x, y = _synthetic_data(rng, 64)
+                sess.run(train_op, {images: x, labels: y})
+            if not train_steps:
+                # One forward pass records the activation ranges as training would.
+                x, _ = _synthetic_data(rng, 16)
+                sess.run(logits, {images: x})
+            checkpoint = saver.save(sess, os.path.join(directory, "model.ckpt"), global_step=train_steps)
+    report_path = os.path.join(directory, "quant_report.json")
+    with open(report_path, "w") as handle:
+        handle.write(report.to_json())
+    return checkpoint, report_path
+
+
+def _quantized_eval(checkpoint, config, images):
+    """(logits, {weight variable: the quantized weight the graph feeds its op}) of the eval graph."""
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf1.placeholder(tf.float32, [None] + IMAGE_SHAPE)
+        logits = forward(x, is_training=False)
+        report = tfquant.quantize_graph(graph, config, is_training=False)
+        quantized = {layer.weight_variable: graph.get_operation_by_name(layer.name).inputs[layer.input_index]
+                     for layer in report.weight_layers if layer.quantized}
+        saver = tf1.train.Saver()
+        with new_session(graph) as sess:
+            saver.restore(sess, checkpoint)
+            return sess.run([logits, quantized], {x: images})
+
+
+LAYOUTS = [dict(use_buckets=False), dict(use_buckets=True, bucket_type="channel"),
+           dict(use_buckets=True, bucket_type="split", bucket_size=40)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["none", "channel", "split"])
+@pytest.mark.parametrize("bits", [(1, 2, 3, 4), (5, 6, 7, 8)], ids=["1-4", "5-8"])
+def test_packed_weights_bit_exact(tmp_path, rng, layout, bits):
+    config = tfquant.QuantConfig(layer_bits=bits, **layout)
+    checkpoint, report_path = _save_quantized(str(tmp_path), config, rng)
+    out = tmp_path / "model.tfq"
+    stats = model_export.pack_checkpoint(checkpoint, report_path, out)
+    assert stats["file_bytes"] == out.stat().st_size
+    assert stats["within_bound"] and stats["file_bytes"] <= stats["bound_bytes"]
+    assert stats["accounted_bits"] == stats["total_storage_bits"]
+    assert stats["quantized_tensors"] == 4
+
+    weights, metadata = model_export.load_packed_weights(out)
+    assert metadata["config"]["layer_bits"] == list(bits)
+    _, graph_weights = _quantized_eval(checkpoint, config, np.zeros([1] + IMAGE_SHAPE, np.float32))
+    assert len(graph_weights) == 4
+    for name, expected in graph_weights.items():
+        assert weights[name].dtype == np.float32
+        assert np.array_equal(weights[name].view(np.uint32), expected.view(np.uint32)), name
+    reader = tf.train.load_checkpoint(checkpoint)
+    report = tfquant.QuantReport.from_json(open(report_path).read())
+    assert {r.name for r in report.other_variables} <= set(weights)
+    for record in report.other_variables:
+        assert np.array_equal(weights[record.name], reader.get_tensor(record.name))
+
+
+def _rewrite_checkpoint(src, dst, change):
+    """Copy checkpoint `src` to prefix `dst` with change(dict of values) applied."""
+    reader = tf.train.load_checkpoint(src)
+    values = {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+    change(values)
+    graph = tf.Graph()
+    with graph.as_default():
+        variables = [tf1.Variable(value, name=name) for name, value in values.items()]
+        with new_session(graph) as sess:
+            sess.run(tf1.global_variables_initializer())
+            tf1.train.Saver(variables).save(sess, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("small"))
+    config = tfquant.QuantConfig(weight_bits=4, use_buckets=True, bucket_type="channel")
+    checkpoint, report_path = _save_quantized(directory, config, np.random.default_rng(1))
+    return checkpoint, report_path, config
+
+
+def test_checkpoint_missing_variable(tmp_path, small_checkpoint):
+    checkpoint, report_path, _ = small_checkpoint
+    broken = _rewrite_checkpoint(checkpoint, str(tmp_path / "broken.ckpt"),
+                                 lambda values: values.pop("conv2/weights"))
+    out = tmp_path / "model.tfq"
+    with pytest.raises(model_export.ExportError) as info:
+        model_export.pack_checkpoint(broken, report_path, out)
+    message = str(info.value)
+    assert "\n" not in message and "conv2/weights" in message and "[3, 3, 8, 16]" in message
+    assert not out.exists() and not any(n.endswith(".tmp") for n in os.listdir(tmp_path))
+
+
+def test_checkpoint_other_shape(tmp_path, small_checkpoint):
+    checkpoint, report_path, _ = small_checkpoint
+
+    def reshape(values):
+        values["bn1/moving_mean"] = np.zeros([5], np.float32)
+    broken = _rewrite_checkpoint(checkpoint, str(tmp_path / "broken.ckpt"), reshape)
+    out = tmp_path / "model.tfq"
+    with pytest.raises(model_export.ExportError) as info:
+        model_export.pack_checkpoint(broken, report_path, out)
+    message = str(info.value)
+    assert "\n" not in message and "bn1/moving_mean" in message and "[5]" in message and "[8]" in message
+    assert not out.exists() and not any(n.endswith(".tmp") for n in os.listdir(tmp_path))
+
+
+def test_corrupted_packed_file_detected(tmp_path, small_checkpoint):
+    checkpoint, report_path, _ = small_checkpoint
+    out = tmp_path / "model.tfq"
+    model_export.pack_checkpoint(checkpoint, report_path, out)
+    data = out.read_bytes()
+    truncated = tmp_path / "truncated.tfq"
+    truncated.write_bytes(data[:len(data) // 2])
+    flipped = tmp_path / "flipped.tfq"
+    flipped.write_bytes(data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 1]) + data[len(data) // 2 + 1:])
+    for path, words in ((truncated, "truncated"), (flipped, "checksum")):
+        with pytest.raises(packed_file.PackedFileError, match=words):
+            model_export.load_packed_weights(path)
+
+
+def _weight_inputs(graph_def):
+    """(op name, weight input tensor) of every Conv2D/MatMul of an imported frozen graph."""
+    graph = tf.Graph()
+    with graph.as_default():
+        tf1.import_graph_def(graph_def, name="")
+    result = []
+    for op in graph.get_operations():
+        if op.type in ("Conv2D", "MatMul"):
+            result.append((op, op.inputs[1]))
+    return result
+
+
+def _ancestor_types(tensor):
+    seen, stack, types = set(), [tensor.op], set()
+    while stack:
+        op = stack.pop()
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        types.add(op.type)
+        stack.extend(t.op for t in op.inputs)
+    return types
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A model quantized to 8/4/4/8 weight bits and 8-bit activations, trained on synthetic data."""
+    directory = str(tmp_path_factory.mktemp("trained"))
+    rng = np.random.default_rng(5)
+    config = tfquant.QuantConfig(layer_bits=[8, 4, 4, 8], activation_bits=8, use_buckets=True,
+                                 bucket_type="channel")
+    checkpoint, report_path = _save_quantized(directory, config, rng, train_steps=120)
+    packed = os.path.join(directory, "model.tfq")
+    model_export.pack_checkpoint(checkpoint, report_path, packed)
+    weights, metadata = model_export.load_packed_weights(packed)
+    assert metadata["unrecorded_activation_ranges"] == []
+    test_images, test_labels = _synthetic_data(np.random.default_rng(11), 300)
+    return dict(directory=directory, checkpoint=checkpoint, report=report_path, config=config,
+                weights=weights, metadata=metadata, images=test_images, labels=test_labels,
+                train_images=_synthetic_data(np.random.default_rng(12), 200)[0])
+
+
+def test_frozen_graph_matches_quantized_graph(trained):
+    graph_def = model_export.freeze_inference_graph(forward, trained["weights"], trained["metadata"]["config"],
+                                                    [None] + IMAGE_SHAPE)
+    for op, weight in _weight_inputs(graph_def):
+        types = _ancestor_types(weight)
+        assert "Round" not in types and "Placeholder" not in types, (op.name, types)
+        assert types <= {"Const", "Identity"}, (op.name, types)
+    assert any(node.op == "Round" for node in graph_def.node)  # activations stay quantized
+    frozen = model_export.run_graph_def(graph_def, trained["images"])
+    expected, _ = _quantized_eval(trained["checkpoint"], trained["config"], trained["images"])
+    np.testing.assert_allclose(frozen, expected, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(frozen.argmax(1), expected.argmax(1))
+    assert np.mean(expected.argmax(1) == trained["labels"]) > 0.9
+
+
+def test_freeze_rejects_mismatched_weights(trained):
+    weights = dict(trained["weights"])
+    weights["fc1/biases"] = np.zeros([3], np.float32)
+    with pytest.raises(model_export.ExportError, match=r"fc1/biases.*\[3\].*\[32\]"):
+        model_export.freeze_inference_graph(forward, weights, trained["metadata"]["config"], [None] + IMAGE_SHAPE)
+    weights = dict(trained["weights"], **{"extra/weights": np.zeros([2], np.float32)})
+    with pytest.raises(model_export.ExportError, match="extra/weights"):
+        model_export.freeze_inference_graph(forward, weights, trained["metadata"]["config"], [None] + IMAGE_SHAPE)
+
+
+def test_tflite_float_keeps_activation_quantization(trained):
+    graph_def = model_export.freeze_inference_graph(forward, trained["weights"], trained["metadata"]["config"],
+                                                    [None] + IMAGE_SHAPE)
+    reference = model_export.run_graph_def(graph_def, trained["images"])
+    logits = tflite_export.run_tflite(tflite_export.convert_float(graph_def), trained["images"])
+    # Another op order may move an activation across a rounding boundary, so compare predictions.
+    assert np.mean(logits.argmax(1) == reference.argmax(1)) >= 0.98
+    assert np.median(np.abs(logits - reference)) < 1e-4
+
+
+def test_tflite_float_and_int8(trained, tmp_path):
+    graph_def = model_export.freeze_inference_graph(forward, trained["weights"], trained["metadata"]["config"],
+                                                    [None] + IMAGE_SHAPE, quantize_activations=False)
+    reference = model_export.run_graph_def(graph_def, trained["images"])
+    float_model = tflite_export.convert_float(graph_def)
+    np.testing.assert_allclose(tflite_export.run_tflite(float_model, trained["images"]), reference,
+                               rtol=1e-4, atol=1e-4)
+    int8_model = tflite_export.convert_int8(graph_def, trained["train_images"], report=trained["report"])
+    path = tmp_path / "model_int8.tflite"
+    path.write_bytes(int8_model)
+    interpreter = tflite_export.make_interpreter(str(path))
+    assert interpreter.get_input_details()[0]["dtype"] == np.int8
+    assert interpreter.get_output_details()[0]["dtype"] == np.int8
+    int8_logits = tflite_export.run_tflite(str(path), trained["images"])
+    agreement = np.mean(int8_logits.argmax(1) == reference.argmax(1))
+    assert agreement >= 0.9, agreement
+    latency = tflite_export.measure_latency({"float": float_model, "int8": int8_model},
+                                            trained["images"][:10], repeats=1, warmup=2)
+    assert set(latency) == {"float", "int8"} and all(v["count"] == 10 for v in latency.values())
+
+
+def test_int8_refused_for_16_bit_layer(tmp_path, trained):
+    report = json.load(open(trained["report"]))
+    layer = [entry for entry in report["layers"] if entry["weight_variable"] == "conv2/weights"][0]
+    layer["bits"] = 16
+    with pytest.raises(ValueError, match=r"conv2/weights uses 16 bits"):
+        tflite_export.convert_int8(b"", trained["train_images"], report=report)
+
+
+def _run_cli(capsys, *argv):
+    from tfquant.export import __main__ as cli
+    status = cli.main(list(argv))
+    return status, capsys.readouterr().err
+
+
+def test_cli_bad_input_one_line(tmp_path, capsys, small_checkpoint):
+    out = tmp_path / "out"
+    status, err = _run_cli(capsys, "--checkpoint_dir", str(tmp_path / "missing"), "--model", "resnet_at_fmnist",
+                           "--output_dir", str(out))
+    assert status == 2 and err.count("\n") == 1 and err.startswith("error: ") and "missing" in err
+    assert not out.exists()
+    status, err = _run_cli(capsys, "--checkpoint_dir", str(tmp_path), "--model", "convnet_at_fmnist",
+                           "--output_dir", str(out))
+    assert status == 2 and err.startswith("error: ") and "quant_report.json" in err and not out.exists()
+    with pytest.raises(SystemExit) as info:
+        _run_cli(capsys, "--checkpoint_dir", str(tmp_path), "--model", "nope", "--output_dir", str(out))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")

@@ -1,0 +1,274 @@
+"""Command line: export a quantized checkpoint to a packed .tfq file, a frozen graph and TFLite models.
+
+  python -m tfquant.export --checkpoint_dir DIR --model resnet_at_fmnist --output_dir OUT \\
+      [--resnet_size 20] [--data_dir_local D] [--tflite] [--int8] [--eval_subset N]
+
+DIR holds quant_report.json and model.ckpt-N (as written by --learner uniform).  OUT receives
+model.tfq, inference.pb, model_float.tflite and model_int8.tflite (with --tflite / --int8) and
+export.json; everything is built in a staging directory first, so a failure leaves OUT as it was.
+"""
+import argparse
+import importlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import tfquant  # noqa: E402
+from tfquant.export import model_export, packed_file, tflite_export  # noqa: E402
+
+tf1 = tf.compat.v1
+REPORT_NAME = "quant_report.json"
+# model name -> (helper module, takes resnet_size, input shape)
+MODELS = {
+    "resnet_at_fmnist": ("nets.resnet_at_fmnist", True, [None, 28, 28, 1]),
+    "convnet_at_fmnist": ("nets.convnet_at_fmnist", False, [None, 28, 28, 1]),
+    "resnet_at_cifar10": ("nets.resnet_at_cifar10", True, [None, 32, 32, 3]),
+}
+CALIBRATION_IMAGES = 200
+LATENCY_IMAGES = 100
+
+
+class CommandError(Exception):
+    """A bad argument or input; printed as one 'error:' line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, as for every other bad input, instead of argparse's usage block.
+        sys.stderr.write("error: %s\n" % message)
+        sys.exit(2)
+
+
+def _parse_args(argv):
+    parser = _Parser(prog="python -m tfquant.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint_dir", required=True, help="directory with quant_report.json and model.ckpt-N")
+    parser.add_argument("--model", required=True, choices=sorted(MODELS))
+    parser.add_argument("--resnet_size", type=int, default=20, help="ResNet depth (resnet models)")
+    parser.add_argument("--data_dir_local", default=None, help="data set directory (default: standard location)")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--tflite", action="store_true", help="also write model_float.tflite")
+    parser.add_argument("--int8", action="store_true", help="also write model_int8.tflite (implies --tflite)")
+    parser.add_argument("--eval_subset", type=int, default=None, help="evaluate on the first N test images only")
+    parser.add_argument("--latency_images", type=int, default=LATENCY_IMAGES,
+                        help="test images per model for the latency measurement")
+    return parser.parse_args(argv)
+
+
+def _make_helper(args):
+    """(helper, data available, why not); forward_eval works without data."""
+    module_name, has_size, _ = MODELS[args.model]
+    cls = importlib.import_module(module_name).ModelHelper
+    kwargs = dict(data_dir=args.data_dir_local, batch_size=100, batch_size_eval=500,
+                  eval_subset=args.eval_subset, seed=0)
+    if has_size:
+        kwargs["resnet_size"] = args.resnet_size
+    try:
+        return cls(**kwargs), True, ""
+    except ValueError as exc:  # nets' DataError is a ValueError, as is a bad resnet_size
+        if has_size and "resnet_size" in str(exc):
+            raise CommandError("--resnet_size=%d is not valid: %s" % (args.resnet_size, exc))
+        reason = " ".join(str(exc).split())
+    # The constructor loads the data set; the forward pass only needs the architecture fields.
+    helper = cls.__new__(cls)
+    helper.data_dir = args.data_dir_local
+    if has_size:
+        helper.resnet_size = args.resnet_size
+    return helper, False, reason
+
+
+def _dataset_arrays(build, limit=None, init_attr=None):
+    """Run a helper's dataset tensors into NumPy arrays (images, labels)."""
+    graph = tf.Graph()
+    with graph.as_default():
+        images, labels = build()
+        init = getattr(build.__self__, init_attr) if init_attr else None
+    chunks_x, chunks_y, count = [], [], 0
+    with tf1.Session(graph=graph) as sess:
+        if init is not None:
+            sess.run(init)
+        while limit is None or count < limit:
+            try:
+                x, y = sess.run([images, labels])
+            except tf.errors.OutOfRangeError:
+                break
+            chunks_x.append(x)
+            chunks_y.append(y)
+            count += len(y)
+    if not chunks_x:
+        raise CommandError("the data set yielded no images")
+    x, y = np.concatenate(chunks_x), np.concatenate(chunks_y)
+    return (x[:limit], y[:limit]) if limit else (x, y)
+
+
+def _quantized_checkpoint_logits(helper, checkpoint, config, images, batch_size=500):
+    """Logits of the quantized evaluation graph restored from the checkpoint (the reference)."""
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf1.placeholder(tf.float32, [None] + list(images.shape[1:]))
+        logits = helper.forward_eval(x)
+        tfquant.quantize_graph(graph, config, is_training=False)
+        saver = tf1.train.Saver()
+    outputs = []
+    with tf1.Session(graph=graph) as sess:
+        saver.restore(sess, checkpoint)
+        for start in range(0, len(images), batch_size):
+            outputs.append(sess.run(logits, {x: images[start:start + batch_size]}))
+    return np.concatenate(outputs)
+
+
+def _accuracy(logits, labels):
+    return float(np.mean(np.argmax(logits, axis=1) == labels))
+
+
+def _export(args, staging):
+    checkpoint_dir = args.checkpoint_dir
+    if not os.path.isdir(checkpoint_dir):
+        raise CommandError("--checkpoint_dir=%s is not a directory" % checkpoint_dir)
+    report_path = os.path.join(checkpoint_dir, REPORT_NAME)
+    if not os.path.isfile(report_path):
+        raise CommandError("--checkpoint_dir=%s has no %s; expected the directory of a --learner uniform "
+                           "run" % (checkpoint_dir, REPORT_NAME))
+    report = model_export.load_report(report_path)
+    checkpoint = model_export.resolve_checkpoint(checkpoint_dir)
+    int8 = args.int8
+    tflite = args.tflite or int8
+    if int8:
+        tflite_export.check_int8_compatible(report)
+    helper, have_data, why = _make_helper(args)
+    if int8 and not have_data:
+        raise CommandError("--int8 needs training images for calibration, but the data set cannot be "
+                           "loaded: %s" % why)
+    config = tfquant.QuantConfig(**report.config)
+    input_shape = list(MODELS[args.model][2])
+    result = {"model": args.model, "checkpoint": os.path.abspath(checkpoint), "report": report_path,
+              "config": report.config, "files": {}}
+    if MODELS[args.model][1]:
+        result["resnet_size"] = args.resnet_size
+    preprocess = getattr(type(helper), "eval_preprocess", None)
+    result["input"] = {"name": model_export.INPUT_NAME, "shape": input_shape, "dtype": "float32",
+                       "preprocessing": getattr(preprocess, "__name__", "unknown"),
+                       "output": model_export.OUTPUT_NAME}
+
+    def add_file(key, name):
+        result["files"][key] = {"name": name, "bytes": os.path.getsize(os.path.join(staging, name))}
+
+    stats = model_export.pack_checkpoint(checkpoint, report, os.path.join(staging, "model.tfq"),
+                                         metadata={"model": args.model, "input_shape": input_shape})
+    stats.pop("path")
+    result["packed"] = stats
+    add_file("packed", "model.tfq")
+    if not stats["within_bound"]:
+        raise CommandError("packed file is %d bytes, above the bound of %.0f bytes"
+                           % (stats["file_bytes"], stats["bound_bytes"]))
+    weights, metadata = model_export.load_packed_weights(os.path.join(staging, "model.tfq"))
+    if metadata["unrecorded_activation_ranges"]:
+        result["warnings"] = ["activation ranges never recorded in training (the exported graph uses "
+                              "their stored initial range [0, 0]): " + ", ".join(metadata["unrecorded_activation_ranges"])]
+    try:
+        graph_def = model_export.freeze_inference_graph(helper.forward_eval, weights, report.config, input_shape)
+    except model_export.ExportError as exc:
+        raise CommandError("%s (does --model%s match the checkpoint?)"
+                           % (exc, "/--resnet_size" if MODELS[args.model][1] else ""))
+    with open(os.path.join(staging, "inference.pb"), "wb") as handle:
+        handle.write(graph_def.SerializeToString())
+    add_file("frozen_graph", "inference.pb")
+
+    test_images = test_labels = None
+    if have_data:
+        test_images, test_labels = _dataset_arrays(helper.build_dataset_eval, init_attr="eval_init_op")
+        reference = _quantized_checkpoint_logits(helper, checkpoint, config, test_images)
+        frozen = model_export.run_graph_def(graph_def, test_images)
+        result["test_images"] = int(len(test_labels))
+        result["accuracy"] = {"quantized_checkpoint": _accuracy(reference, test_labels),
+                              "frozen_graph": _accuracy(frozen, test_labels)}
+        result["frozen_vs_checkpoint"] = {
+            "argmax_agreement": float(np.mean(frozen.argmax(1) == reference.argmax(1))),
+            "max_abs_logit_diff": float(np.max(np.abs(frozen - reference)))}
+    else:
+        result["data_unavailable"] = why
+
+    models = {}
+    if tflite:
+        # The float model keeps tfquant's activation quantization, so it predicts as the checkpoint does.
+        models["float"] = tflite_export.convert_float(graph_def, input_shape)
+        with open(os.path.join(staging, "model_float.tflite"), "wb") as handle:
+            handle.write(models["float"])
+        add_file("tflite_float", "model_float.tflite")
+    if int8:
+        float_activations = model_export.freeze_inference_graph(
+            helper.forward_eval, weights, report.config, input_shape, quantize_activations=False)
+        calibration, _ = _dataset_arrays(helper.build_dataset_train, limit=CALIBRATION_IMAGES)
+        models["int8"] = tflite_export.convert_int8(float_activations, calibration, report, input_shape,
+                                                    num_calibration=CALIBRATION_IMAGES)
+        with open(os.path.join(staging, "model_int8.tflite"), "wb") as handle:
+            handle.write(models["int8"])
+        add_file("tflite_int8", "model_int8.tflite")
+        result["int8"] = {"input_output_type": "int8", "calibration_images": int(len(calibration)),
+                          "activation_ranges": "converter calibration (tfquant activation ops left out)"}
+    if models and test_images is not None:
+        result["tflite_vs_frozen_argmax_agreement"] = {}
+        for label, model in models.items():
+            logits = tflite_export.run_tflite(model, test_images)
+            result["accuracy"]["tflite_" + label] = _accuracy(logits, test_labels)
+            result["tflite_vs_frozen_argmax_agreement"][label] = float(np.mean(logits.argmax(1)
+                                                                               == frozen.argmax(1)))
+        if len(models) == 2 and args.latency_images > 0:
+            latency = tflite_export.measure_latency(models, test_images[:args.latency_images])
+            result["latency"] = latency
+            result["latency"]["float_over_int8_median"] = (latency["float"]["median_ms"]
+                                                           / latency["int8"]["median_ms"])
+    with open(os.path.join(staging, "export.json"), "w") as handle:
+        json.dump(result, handle, indent=2)
+    return result
+
+
+def main(argv=None):
+    """Run the export; returns the exit status (0, or 2 after one 'error:' line on stderr)."""
+    args = _parse_args(argv)
+    output_dir = os.path.abspath(args.output_dir)
+    created = not os.path.exists(output_dir)
+    staging = None
+    try:
+        if not created and not os.path.isdir(output_dir):
+            raise CommandError("--output_dir=%s exists and is not a directory" % args.output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".export-", dir=output_dir)
+        start = time.time()
+        result = _export(args, staging)
+        for name in os.listdir(staging):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    except (CommandError, model_export.ExportError, packed_file.PackedFileError, ValueError, OSError,
+            tf.errors.OpError) as exc:
+        sys.stderr.write("error: %s\n" % " ".join(str(exc).split()))
+        if created:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        return 2
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    print("wrote %s in %.0f s" % (", ".join(sorted(f["name"] for f in result["files"].values())),
+                                  time.time() - start))
+    packed = result["packed"]
+    print("packed model: %d bytes (bound %.0f, float32 model %.0f bytes, %.2fx smaller)"
+          % (packed["file_bytes"], packed["bound_bytes"], packed["float_storage_bits"] / 8.0,
+             packed["compression_ratio"]))
+    for label, value in result.get("accuracy", {}).items():
+        print("accuracy %-22s %.4f" % (label, value))
+    if "latency" in result:
+        print("latency per image: float %.3f ms, int8 %.3f ms (median; float/int8 %.2f)"
+              % (result["latency"]["float"]["median_ms"], result["latency"]["int8"]["median_ms"],
+                 result["latency"]["float_over_int8_median"]))
+    print("details: %s" % os.path.join(output_dir, "export.json"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""TFLite export of a frozen inference graph: a float model and a full-integer int8 model.
+
+Converter: TF 2.21 still ships `tf.compat.v1.lite.TFLiteConverter`, whose `from_session` takes the
+imported frozen GraphDef directly.  Interpreter: `ai_edge_litert.interpreter.Interpreter` when that
+package is installed, else `tf.lite.Interpreter` (deprecated in favour of LiteRT but still working
+in TF 2.21; its deprecation warning is silenced here).
+
+int8 model choices:
+  * Input and output tensors are int8 (`inference_input_type = inference_output_type = tf.int8`),
+    so the model is integer end to end; `run_tflite` quantizes float images with the input
+    tensor's (scale, zero_point) and dequantizes int8 logits with the output's.
+  * Activation ranges come from the converter's own calibration on a representative dataset drawn
+    from the training set, so the graph to convert should carry float activations (freeze it with
+    quantize_activations=False).  tfquant's fake-quantization ops (Round, clip, moving-average
+    conditionals) are not something the converter can fold into int8 tensors, and calibration
+    yields the per-tensor scales the int8 kernels need.
+  * Weights are requantized by the converter to int8 (per output channel for convolutions); the
+    graph's weights are already on a grid of at most 2^8 levels per group, so only layers kept in
+    float lose precision there.  A layer quantized to more than 8 bits is refused.
+"""
+import time
+import warnings
+
+import numpy as np
+import tensorflow as tf
+
+from tfquant.config import FLOAT_BITS
+from tfquant.export import model_export
+
+tf1 = tf.compat.v1
+INT8_MAX_BITS = 8
+
+
+def check_int8_compatible(report):
+    """Raise ValueError naming the first quantized layer with more than 8 bits.
+
+    Args:
+      report: QuantReport (or its dict / JSON path).
+    """
+    report = model_export.load_report(report)
+    for layer in report.quantized_layers:
+        if INT8_MAX_BITS < layer.bits < FLOAT_BITS:
+            name = layer.weight_variable or layer.name
+            raise ValueError("int8 TFLite export needs every quantized layer at <= 8 bits; %s layer %s "
+                             "uses %d bits" % (layer.kind, name, layer.bits))
+
+
+def _converter(graph_def, input_shape):
+    """A TF1 converter over the imported frozen graph, with the batch dimension fixed to 1."""
+    graph = tf.Graph()
+    with graph.as_default():
+        tf1.import_graph_def(graph_def, name="")
+    sess = tf1.Session(graph=graph)
+    images = graph.get_tensor_by_name(model_export.INPUT_NAME + ":0")
+    logits = graph.get_tensor_by_name(model_export.OUTPUT_NAME + ":0")
+    shape = list(input_shape) if input_shape is not None else images.shape.as_list()
+    images.set_shape([1] + [int(d) for d in shape[1:]])
+    converter = tf1.lite.TFLiteConverter.from_session(sess, [images], [logits])
+    return converter, sess
+
+
+def convert_float(graph_def, input_shape=None):
+    """Float32 TFLite model of a frozen inference graph.
+
+    Args:
+      graph_def: GraphDef with 'input' and 'logits' (model_export.freeze_inference_graph).
+      input_shape: [None, H, W, C]; taken from the 'input' placeholder when None.
+    Returns:
+      the .tflite flatbuffer as bytes.
+    """
+    converter, sess = _converter(graph_def, input_shape)
+    try:
+        return converter.convert()
+    finally:
+        sess.close()
+
+
+def convert_int8(graph_def, representative_images, report=None, input_shape=None,
+                 num_calibration=200):
+    """Full-integer int8 TFLite model (int8 weights, activations, input and output).
+
+    Args:
+      graph_def: GraphDef with 'input' and 'logits', activations float (see module docstring).
+      representative_images: float32 [N, H, W, C] training images, preprocessed as the model's
+        input; the first num_calibration are used for calibration.
+      report: QuantReport (or dict / JSON path); refused when a quantized layer has > 8 bits.
+      input_shape: [None, H, W, C]; taken from the 'input' placeholder when None.
+      num_calibration: number of calibration images.
+    Returns:
+      the .tflite flatbuffer as bytes.
+    Raises:
+      ValueError: a quantized layer uses more than 8 bits, or no calibration image was given.
+    """
+    if report is not None:
+        check_int8_compatible(report)
+    images = np.asarray(representative_images, dtype=np.float32)
+    if images.ndim < 2 or len(images) == 0:
+        raise ValueError("int8 conversion needs representative images [N, H, W, C] with N >= 1, got "
+                         "shape %s" % (images.shape,))
+    images = images[:num_calibration]
+
+    def representative_dataset():
+        for image in images:
+            yield [image[None]]
+
+    converter, sess = _converter(graph_def, input_shape)
+    try:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative_dataset
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+        return converter.convert()
+    finally:
+        sess.close()
+
+
+def make_interpreter(model, num_threads=None):
+    """A LiteRT / TFLite interpreter for a model file path or flatbuffer bytes.
+
+    Args:
+      model: path of a .tflite file, or its bytes.
+      num_threads: interpreter threads (None: the runtime's default).
+    Returns:
+      an Interpreter (tensors not yet allocated).
+    """
+    kwargs = {"num_threads": num_threads}
+    if isinstance(model, (bytes, bytearray)):
+        kwargs["model_content"] = bytes(model)
+    else:
+        kwargs["model_path"] = str(model)
+    try:
+        from ai_edge_litert.interpreter import Interpreter  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        Interpreter = None
+    if Interpreter is not None:
+        return Interpreter(**kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tf.lite.Interpreter(**kwargs)
+
+
+def _quantize_input(images, detail):
+    if detail["dtype"] == np.float32:
+        return images.astype(np.float32)
+    scale, zero_point = detail["quantization"]
+    info = np.iinfo(detail["dtype"])
+    codes = np.round(images / scale) + zero_point
+    return np.clip(codes, info.min, info.max).astype(detail["dtype"])
+
+
+def _dequantize_output(values, detail):
+    if detail["dtype"] == np.float32:
+        return values.astype(np.float32)
+    scale, zero_point = detail["quantization"]
+    return ((values.astype(np.float32) - zero_point) * scale).astype(np.float32)
+
+
+def output_scale(model):
+    """The output tensor's quantization scale (0.0 for a float output).
+
+    Args:
+      model: .tflite path or bytes.
+    Returns:
+      float scale of one int8 step of the logits.
+    """
+    interpreter = make_interpreter(model)
+    return float(interpreter.get_output_details()[0]["quantization"][0])
+
+
+def run_tflite(model, images, batch_size=64, num_threads=None):
+    """Float logits of a TFLite model (float or int8) on images.
+
+    Args:
+      model: .tflite path or bytes.
+      images: float32 [N, H, W, C], preprocessed as the frozen graph's input.
+      batch_size: images per invoke.
+      num_threads: interpreter threads.
+    Returns:
+      float32 logits [N, classes] (int8 outputs dequantized).
+    """
+    images = np.asarray(images, dtype=np.float32)
+    interpreter = make_interpreter(model, num_threads)
+    index_in = interpreter.get_input_details()[0]["index"]
+    outputs, current = [], None
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        if current != len(chunk):
+            interpreter.resize_tensor_input(index_in, [len(chunk)] + list(chunk.shape[1:]))
+            interpreter.allocate_tensors()
+            current = len(chunk)
+        in_detail = interpreter.get_input_details()[0]
+        out_detail = interpreter.get_output_details()[0]
+        interpreter.set_tensor(in_detail["index"], _quantize_input(chunk, in_detail))
+        interpreter.invoke()
+        outputs.append(_dequantize_output(interpreter.get_tensor(out_detail["index"]), out_detail))
+    return np.concatenate(outputs, axis=0)
+
+
+def _single_image_runner(model, num_threads):
+    interpreter = make_interpreter(model, num_threads)
+    interpreter.allocate_tensors()
+    in_detail = interpreter.get_input_details()[0]
+    out_index = interpreter.get_output_details()[0]["index"]
+
+    def run(image):
+        interpreter.set_tensor(in_detail["index"], _quantize_input(image[None], in_detail))
+        interpreter.invoke()
+        return interpreter.get_tensor(out_index)
+    return run
+
+
+def measure_latency(models, images, repeats=3, warmup=5, num_threads=1):
+    """Per-image latency of several TFLite models, measured alternately in one run.
+
+    Each image is run through every model in turn (batch 1), so drifts of machine load hit all
+    models alike; the median per model is robust to outliers.
+
+    Args:
+      models: dict label -> .tflite path or bytes.
+      images: float32 [N, H, W, C].
+      repeats: passes over the images.
+      warmup: untimed images per model first.
+      num_threads: interpreter threads (1 gives the steadiest numbers on a shared machine).
+    Returns:
+      dict label -> {'median_ms', 'mean_ms', 'count'}.
+    """
+    images = np.asarray(images, dtype=np.float32)
+    if len(images) == 0:
+        raise ValueError("latency measurement needs at least one image")
+    runners = {label: _single_image_runner(model, num_threads) for label, model in models.items()}
+    for run in runners.values():
+        for image in images[:warmup]:
+            run(image)
+    times = {label: [] for label in runners}
+    labels = list(runners)
+    for _ in range(repeats):
+        for number, image in enumerate(images):
+            # Rotating who goes first keeps cache warmth from favouring one model.
+            shift = number % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                start = time.perf_counter()
+                runners[label](image)
+                times[label].append(time.perf_counter() - start)
+    return {label: {"median_ms": 1e3 * float(np.median(t)), "mean_ms": 1e3 * float(np.mean(t)),
+                    "count": len(t)} for label, t in times.items()}
