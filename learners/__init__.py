@@ -9,6 +9,9 @@ def import_tensorflow_quietly():
     Errors raised by the import itself still reach stderr: it is restored before they propagate.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # oneDNN kernels roughly halve conv backprop time on this class of CPU (see nets/__init__.py);
+    # TensorFlow reads the variable only at import.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:

@@ -23,10 +23,10 @@ def define_flags():
         flags.DEFINE_string("log_dir", "./logs", "TensorBoard event files go under this directory")
     flags.DEFINE_string("save_path", "./models/model.ckpt", "float model checkpoint path prefix")
     flags.DEFINE_integer("batch_size", 128, "training batch size")
-    flags.DEFINE_integer("batch_size_eval", 100, "evaluation batch size")
-    flags.DEFINE_float("lrn_rate_init", 0.1, "initial learning rate of float training")
+    flags.DEFINE_integer("batch_size_eval", 500, "evaluation batch size")
+    flags.DEFINE_float("lrn_rate_init", None, "initial learning rate of float training (default: the model's)")
     flags.DEFINE_float("momentum", 0.9, "momentum of the optimizer")
-    flags.DEFINE_float("loss_w_dcy", 2e-4, "weight decay factor")
+    flags.DEFINE_float("loss_w_dcy", None, "weight decay factor (default: the model's)")
     flags.DEFINE_float("nb_epochs_rat", 1.0, "fraction of the model's standard number of epochs")
     flags.DEFINE_integer("summ_step", 100, "log progress and write summaries every this many iterations")
     flags.DEFINE_integer("save_step", 10000, "save a checkpoint every this many iterations")
@@ -79,10 +79,10 @@ def validate_flags():
     for name in ("train_subset", "eval_subset"):
         _positive(name)
     for name in ("lrn_rate_init", "uql_lrn_rate_init", "nb_epochs_rat", "uql_quant_epochs"):
-        if not getattr(FLAGS, name) > 0:
+        if getattr(FLAGS, name) is not None and not getattr(FLAGS, name) > 0:
             raise UserError("--%s=%s is not valid; expected a positive number" % (name, getattr(FLAGS, name)))
     for name in ("momentum", "loss_w_dcy"):
-        if getattr(FLAGS, name) < 0:
+        if getattr(FLAGS, name) is not None and getattr(FLAGS, name) < 0:
             raise UserError("--%s=%s is not valid; expected a number >= 0" % (name, getattr(FLAGS, name)))
     if FLAGS.data_dir_local is not None and not os.path.isdir(FLAGS.data_dir_local):
         raise UserError("--data_dir_local=%s is not valid; expected an existing directory" % FLAGS.data_dir_local)

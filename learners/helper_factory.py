@@ -15,7 +15,8 @@ def helper_kwargs(settings, with_resnet_size):
                   train_subset=settings.train_subset, eval_subset=settings.eval_subset, seed=settings.seed)
     if with_resnet_size:
         kwargs["resnet_size"] = settings.resnet_size
-    return kwargs
+    # Unset flags leave the model's own defaults (the ConvNet and ResNets differ in rate and decay).
+    return {name: value for name, value in kwargs.items() if value is not None or name == "data_dir"}
 
 
 def make_helper_for(model):
@@ -24,6 +25,9 @@ def make_helper_for(model):
         raise ValueError("model %r is not known; expected one of %s" % (model, ", ".join(MODELS)))
 
     def make(settings):
+        if model == "resnet_at_cifar10" and settings.data_dir_local is None:
+            raise UserError("--data_dir_local is not set; expected the directory of CIFAR-10's binary release "
+                            "(data_batch_1.bin ... data_batch_5.bin, test_batch.bin)")
         module = importlib.import_module("nets." + model)
         try:
             return module.ModelHelper(**helper_kwargs(settings, model.startswith("resnet")))

@@ -22,8 +22,12 @@ class AbstractModelHelper(abc.ABC):
     """Interface a learner uses to build datasets, networks, losses and learning rates."""
 
     @abc.abstractmethod
-    def build_dataset_train(self):
-        """Returns (images, labels) tensors of an endless shuffled training stream."""
+    def build_dataset_train(self, skip_batches=0):
+        """Returns (images, labels) tensors of an endless shuffled training stream.
+
+        skip_batches: start that many batches into the stream (a resumed run sees the batches an
+        uninterrupted one would).
+        """
 
     @abc.abstractmethod
     def build_dataset_eval(self):
@@ -135,14 +139,18 @@ class ClassifierModelHelper(AbstractModelHelper):
         """Training iterations per epoch (partial batches are dropped)."""
         return self.n_train // self.batch_size
 
-    def build_dataset_train(self):
+    def build_dataset_train(self, skip_batches=0):
         """Returns (images, labels) tensors from a one-shot iterator over an endless stream.
 
+        Args:
+          skip_batches: start that many batches into the (seeded) stream, e.g. the global step of a
+            resumed run; cheap, the skip happens before any preprocessing.
         Returns:
           images float32 [batch_size,H,W,C], labels int64 [batch_size].
         """
         ds = pipeline.make_train_dataset(self._train_images, self._train_labels, self.batch_size,
-                                         type(self).train_preprocess, seed=self.seed)
+                                         type(self).train_preprocess, seed=self.seed,
+                                         skip_batches=skip_batches)
         return tf1.data.make_one_shot_iterator(ds).get_next()
 
     def build_dataset_eval(self):

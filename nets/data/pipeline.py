@@ -5,6 +5,8 @@ and return (float32 images, int32/int64 labels). Mapping once per batch instead 
 per example is several times faster on a 2-core CPU.
 """
 
+import inspect
+
 import numpy as np
 import tensorflow as tf
 
@@ -16,15 +18,20 @@ FMNIST_MEAN = 0.2860
 FMNIST_STD = 0.3530
 
 
-def make_train_dataset(images, labels, batch_size, preprocess_fn, seed=None):
+def make_train_dataset(images, labels, batch_size, preprocess_fn, seed=None, skip_batches=0):
     """Builds an endless, reshuffled-every-epoch training dataset.
 
+    With a seed the stream is a pure function of (seed, batch position): the shuffle is seeded and a
+    preprocess_fn taking a `stateless_seed` keyword gets a distinct [2] seed per batch position, so a
+    run resumed at batch k (skip_batches=k) sees exactly the batches an uninterrupted run would.
     Args:
       images: uint8 NumPy array [N,H,W] or [N,H,W,C].
       labels: integer NumPy array [N].
       batch_size: examples per batch; the last partial batch of each epoch is dropped.
       preprocess_fn: function (uint8 image batch, label batch) -> (float images, labels).
       seed: optional shuffle seed, for reproducible order.
+      skip_batches: start this many batches into the stream; skipped on the shuffled indices, before
+        any image is gathered or preprocessed, so resuming far into a run stays cheap.
     Returns:
       tf.data.Dataset of (images, labels) batches.
     """
@@ -32,10 +39,24 @@ def make_train_dataset(images, labels, batch_size, preprocess_fn, seed=None):
     if len(images) < batch_size:
         raise ValueError('training set has %d examples, fewer than one batch of %d'
                          % (len(images), batch_size))
-    ds = tf.data.Dataset.from_tensor_slices((images, labels))
-    ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.map(preprocess_fn, num_parallel_calls=tf.data.AUTOTUNE)
+    if skip_batches < 0:
+        raise ValueError('skip_batches must be >= 0, got %r' % (skip_batches,))
+    count = len(images)
+    order = tf.data.Dataset.range(count).shuffle(count, seed=seed, reshuffle_each_iteration=True).repeat()
+    order = order.batch(batch_size, drop_remainder=True).enumerate()
+    if skip_batches:
+        order = order.skip(skip_batches)
+    all_images, all_labels = tf.constant(images), tf.constant(labels)
+    # Stateful random ops in a parallel map draw in scheduling order and restart on resume.
+    per_batch_seed = seed is not None and 'stateless_seed' in inspect.signature(preprocess_fn).parameters
+
+    def load(position, indices):
+        batch = (tf.gather(all_images, indices), tf.gather(all_labels, indices))
+        if per_batch_seed:
+            return preprocess_fn(*batch, stateless_seed=tf.stack([tf.constant(seed, tf.int64), position]))
+        return preprocess_fn(*batch)
+
+    ds = order.map(load, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -82,26 +103,37 @@ def normalize(images, mean, std):
     return (x - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
-def random_flip_batch(images, seed=None):
-    """Mirrors each image of an NHWC batch left-right with probability 1/2."""
-    flip = tf.random.uniform([tf.shape(images)[0]], seed=seed) < 0.5
+def random_flip_batch(images, seed=None, stateless_seed=None):
+    """Mirrors each image of an NHWC batch left-right with probability 1/2.
+
+    stateless_seed: optional [2] int tensor; when given the draw depends on it alone (seed is ignored).
+    """
+    shape = [tf.shape(images)[0]]
+    if stateless_seed is not None:
+        flip = tf.random.stateless_uniform(shape, stateless_seed) < 0.5
+    else:
+        flip = tf.random.uniform(shape, seed=seed) < 0.5
     return tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
 
 
-def random_crop_batch(images, pad, seed=None):
+def random_crop_batch(images, pad, seed=None, stateless_seed=None):
     """Zero-pads an NHWC batch by pad pixels per side and crops each image at a random offset.
 
     Args:
       images: tensor [B,H,W,C] with static H and W.
       pad: padding per side; crop offsets are uniform in 0..2*pad.
       seed: optional op seed.
+      stateless_seed: optional [2] int tensor; when given the offsets depend on it alone.
     Returns:
       tensor [B,H,W,C].
     """
     height, width = int(images.shape[1]), int(images.shape[2])
     batch = tf.shape(images)[0]
     padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-    offsets = tf.random.uniform([batch, 2], 0, 2 * pad + 1, dtype=tf.int32, seed=seed)
+    if stateless_seed is not None:
+        offsets = tf.random.stateless_uniform([batch, 2], stateless_seed, 0, 2 * pad + 1, dtype=tf.int32)
+    else:
+        offsets = tf.random.uniform([batch, 2], 0, 2 * pad + 1, dtype=tf.int32, seed=seed)
     # Per-example crops as two batched gathers: rows first, then columns.
     rows = offsets[:, 0:1] + tf.range(height)[None, :]
     cols = offsets[:, 1:2] + tf.range(width)[None, :]
@@ -109,9 +141,15 @@ def random_crop_batch(images, pad, seed=None):
     return tf.gather(cropped, cols, axis=2, batch_dims=1)
 
 
-def cifar10_train_preprocess(images, labels):
-    """CIFAR-10 training preprocessing: pad 4 + random 32x32 crop, random flip, normalise."""
-    x = random_flip_batch(random_crop_batch(images, 4))
+def cifar10_train_preprocess(images, labels, stateless_seed=None):
+    """CIFAR-10 training preprocessing: pad 4 + random 32x32 crop, random flip, normalise.
+
+    stateless_seed: optional [2] int tensor making the augmentation a function of it alone.
+    """
+    crop_seed = flip_seed = None
+    if stateless_seed is not None:
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(stateless_seed, 2))
+    x = random_flip_batch(random_crop_batch(images, 4, stateless_seed=crop_seed), stateless_seed=flip_seed)
     return normalize(x, CIFAR10_MEAN, CIFAR10_STD), labels
 
 
@@ -120,13 +158,14 @@ def cifar10_eval_preprocess(images, labels):
     return normalize(images, CIFAR10_MEAN, CIFAR10_STD), labels
 
 
-def fmnist_train_preprocess(images, labels):
+def fmnist_train_preprocess(images, labels, stateless_seed=None):
     """Fashion-MNIST training preprocessing: random flip, normalise.
 
     No pad-and-crop: the default budget is only a few epochs, where stronger augmentation
     slows convergence more than it helps generalisation.
+    stateless_seed: optional [2] int tensor making the flips a function of it alone.
     """
-    return normalize(random_flip_batch(images), FMNIST_MEAN, FMNIST_STD), labels
+    return normalize(random_flip_batch(images, stateless_seed=stateless_seed), FMNIST_MEAN, FMNIST_STD), labels
 
 
 def fmnist_eval_preprocess(images, labels):
