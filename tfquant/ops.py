@@ -57,6 +57,16 @@ class GroupLayout:
         return {"kind": self.kind, "channel_axes": list(self.channel_axes), "bucket_size": self.bucket_size}
 
 
+def _range_width(minimum, maximum):
+    """alpha = (maximum - minimum) + 1e-10.
+
+    The maximum() with 0 changes no value (maximum >= minimum) but stops grappler's arithmetic
+    optimizer from reassociating the sum into (maximum + 1e-10) - minimum, which loses the 1e-10 to
+    rounding and divides by zero for a constant group.
+    """
+    return tf.maximum(maximum - minimum, 0.0) + RANGE_EPS
+
+
 def _levels(bits):
     return float(2 ** bits - 1)
 
@@ -102,10 +112,14 @@ def fake_quantize(x, bits, minimum, maximum, clip=False):
     Returns:
       Q(x), same shape and dtype as x.
     """
-    beta = tf.stop_gradient(minimum)
-    alpha = tf.stop_gradient(maximum - minimum + RANGE_EPS)
-    codes = _codes_from_range(x, bits, alpha, beta, clip)
-    return _dequantize(codes, bits, alpha, beta)
+    return quantize_in_range(x, bits, tf.stop_gradient(minimum), tf.stop_gradient(maximum), clip)
+
+
+def quantize_in_range(x, bits, minimum, maximum, clip=False):
+    """fake_quantize for a range that carries no gradient already (e.g. reduced from stop_gradient(x))."""
+    alpha = _range_width(minimum, maximum)
+    codes = _codes_from_range(x, bits, alpha, minimum, clip)
+    return _dequantize(codes, bits, alpha, minimum)
 
 
 def _grouped(x, layout):
@@ -137,9 +151,11 @@ def _grouped(x, layout):
 
 
 def _group_range(view, reduce_axes):
+    """Per-group (min, max) without gradient: reduced from stop_gradient(view), one shared axes tensor."""
     keep = reduce_axes is not None
-    return (tf.reduce_min(view, axis=reduce_axes, keepdims=keep),
-            tf.reduce_max(view, axis=reduce_axes, keepdims=keep))
+    axes = tf.constant(reduce_axes if keep else list(range(view.shape.rank)), tf.int32)
+    frozen = tf.stop_gradient(view)
+    return tf.reduce_min(frozen, axis=axes, keepdims=keep), tf.reduce_max(frozen, axis=axes, keepdims=keep)
 
 
 def quantize_weight(x, bits, layout=GroupLayout()):
@@ -156,7 +172,7 @@ def quantize_weight(x, bits, layout=GroupLayout()):
         return x
     view, reduce_axes, restore = _grouped(x, layout)
     lo, hi = _group_range(view, reduce_axes)
-    return restore(fake_quantize(view, bits, lo, hi))
+    return restore(quantize_in_range(view, bits, lo, hi))
 
 
 def weight_codes(x, bits, layout=GroupLayout()):
@@ -175,7 +191,7 @@ def weight_codes(x, bits, layout=GroupLayout()):
         raise ValueError("bits=32 has no integer codes; expected an integer from 1 to 16")
     view, reduce_axes, restore = _grouped(x, layout)
     lo, hi = _group_range(view, reduce_axes)
-    alpha = hi - lo + RANGE_EPS
+    alpha = _range_width(lo, hi)
     codes = _codes_from_range(view, bits, alpha, lo, clip=False)
     return tf.cast(restore(codes), tf.int32), tf.reshape(alpha, [-1]), tf.reshape(lo, [-1])
 

@@ -36,16 +36,20 @@ class ActivationRange:
 
     def update(self, batch_min, batch_max, decay):
         """Ops that fold one batch's range into the moving averages (the first batch is copied)."""
-        seen = self.ema_steps.read_value() > 0
-        new_min = tf.where(seen, decay * self.ema_min.read_value() + (1.0 - decay) * batch_min, batch_min)
-        new_max = tf.where(seen, decay * self.ema_max.read_value() + (1.0 - decay) * batch_max, batch_max)
-        return [self.ema_min.assign(new_min), self.ema_max.assign(new_max), self.ema_steps.assign_add(1)]
+        # weight = decay once a range has been seen, 0 for the first batch: ema + weight * (old - batch).
+        # value() reuses each variable's read op; every assign depends on it, so it reads the old value.
+        weight = decay * tf.cast(self.ema_steps.value() > 0, tf.float32)
+        new_min = batch_min + weight * (self.ema_min.value() - batch_min)
+        new_max = batch_max + weight * (self.ema_max.value() - batch_max)
+        return [self.ema_min.assign(new_min, read_value=False), self.ema_max.assign(new_max, read_value=False),
+                self.ema_steps.assign_add(1, read_value=False)]
 
-    def eval_range(self, batch_range_fn):
+    def eval_range(self, batch_min, batch_max):
         """The moving-average range, or the batch's own when no range has been recorded yet."""
-        return tf.cond(self.ema_steps.read_value() > 0,
-                       lambda: (self.ema_min.read_value(), self.ema_max.read_value()),
-                       batch_range_fn)
+        seen = self.ema_steps.value() > 0
+        # tf.where on scalars rather than tf.cond: no branch functions to build, and the batch
+        # reductions it may compute are cheap next to the convolutions.
+        return tf.where(seen, self.ema_min.value(), batch_min), tf.where(seen, self.ema_max.value(), batch_max)
 
 
 def quantize_activation(x, bits, act_range, is_training, decay, scope_name):
@@ -61,17 +65,16 @@ def quantize_activation(x, bits, act_range, is_training, decay, scope_name):
     Returns:
       (quantized tensor, ActivationRange or None when act_range is 'batch').
     """
-    def batch_range():
-        return tf.reduce_min(x), tf.reduce_max(x)
-
+    # Ranges take no gradient: reduce a stop_gradient view, with one axes tensor for both reductions.
+    axes = tf.range(tf.rank(x)) if x.shape.rank is None else tf.constant(list(range(x.shape.rank)), tf.int32)
+    frozen = tf.stop_gradient(x)
+    batch_min, batch_max = tf.reduce_min(frozen, axis=axes), tf.reduce_max(frozen, axis=axes)
     if act_range == "batch":
-        lo, hi = batch_range()
-        return ops.fake_quantize(x, bits, lo, hi), None
+        return ops.quantize_in_range(x, bits, batch_min, batch_max), None
     tracker = ActivationRange(scope_name)
     if is_training:
-        lo, hi = batch_range()
         # The update runs whenever the quantized output is computed, so no caller can forget it.
-        with tf.control_dependencies(tracker.update(lo, hi, decay)):
-            return ops.fake_quantize(x, bits, lo, hi), tracker
-    lo, hi = tracker.eval_range(batch_range)
-    return ops.fake_quantize(x, bits, lo, hi, clip=True), tracker
+        with tf.control_dependencies(tracker.update(batch_min, batch_max, decay)):
+            return ops.quantize_in_range(x, bits, batch_min, batch_max), tracker
+    lo, hi = tracker.eval_range(batch_min, batch_max)
+    return ops.quantize_in_range(x, bits, lo, hi, clip=True), tracker
