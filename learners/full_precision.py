@@ -23,15 +23,22 @@ class FullPrecLearner:
     def save_path(self):
         return self.settings.save_path
 
-    def train(self):
-        """Train to the end of the schedule (resuming from the latest checkpoint if any); returns it."""
+    def train(self, resume_from=None):
+        """Train to the end of the schedule, resuming from the latest readable checkpoint if any.
+
+        Args:
+          resume_from: (checkpoint, global step) already chosen by training.find_checkpoint, or None
+            to look in --save_path's directory.
+        Returns:
+          the final checkpoint path.
+        """
         s = self.settings
-        model = graphs.build_graph(self.helper, True, momentum=s.momentum, seed=s.seed)
+        latest, step = resume_from or training.find_checkpoint(s.save_path, self.name)
+        model = graphs.build_graph(self.helper, True, momentum=s.momentum, seed=s.seed, skip_batches=step)
         with graphs.new_session(model.graph) as sess:
             sess.run(model.init_op)
-            latest = training.latest_checkpoint(s.save_path)
             if latest:
-                model.saver.restore(sess, latest)
+                graphs.restore_variables(sess, model.graph.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES), latest)
                 step = int(sess.run(model.global_step))
                 if step >= model.nb_iters:
                     training.log("full-prec: found a finished float checkpoint %s (step %d); not retraining"
@@ -39,24 +46,39 @@ class FullPrecLearner:
                     return latest
                 training.log("full-prec: resuming from %s at step %d of %d" % (latest, step, model.nb_iters))
             writer = tf1.summary.FileWriter(os.path.join(s.log_dir, self.name, "train"), model.graph)
-            path = training.run_training(sess, model, s.save_path, writer, s.summ_step, s.save_step,
-                                         s.batch_size, self.name)
-            writer.close()
+            try:
+                path = training.run_training(sess, model, s.save_path, writer, s.summ_step, s.save_step,
+                                             s.batch_size, self.name, last_good=latest)
+            finally:
+                writer.close()
         training.log("full-prec: saved %s" % path)
         return path
 
     def evaluate(self, checkpoint=None):
         """Accuracy of a float checkpoint (default: the latest) on the whole test set."""
-        checkpoint = checkpoint or training.latest_checkpoint(self.save_path)
+        checkpoint = checkpoint or training.find_checkpoint(self.save_path, self.name)[0]
         if checkpoint is None:
             raise UserError("no float checkpoint found in %s; expected one written by --learner full-prec"
                             % os.path.dirname(os.path.abspath(self.save_path)))
         return evaluate_checkpoint(self.helper, checkpoint, os.path.join(self.settings.log_dir, self.name, "eval"))
 
 
-def evaluate_checkpoint(helper, checkpoint, log_dir, quant_config=None):
-    """(accuracy, loss, examples) of `checkpoint` on the whole test set, written to TensorBoard too."""
+def evaluate_checkpoint(helper, checkpoint, log_dir, quant_config=None, check_report=None):
+    """(accuracy, loss, examples) of `checkpoint` on the whole test set, written to TensorBoard too.
+
+    Args:
+      helper: a ModelHelper.
+      checkpoint: checkpoint prefix.
+      log_dir: TensorBoard directory of the eval summaries.
+      quant_config: a tfquant.QuantConfig for a quantized checkpoint, None for a float one.
+      check_report: optional function called with the rebuilt graph's QuantReport before restoring;
+        raises UserError when the checkpoint's saved report belongs to another model.
+    Returns:
+      (accuracy, loss, number of examples).
+    """
     model = graphs.build_graph(helper, False, quant_config=quant_config)
+    if check_report is not None:
+        check_report(model.report)
     with graphs.new_session(model.graph) as sess:
         sess.run(model.init_op)
         variables = model.model_variables

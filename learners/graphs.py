@@ -31,6 +31,8 @@ class ModelGraph:
     nb_iters: int = 0
     summary_op: Optional[tf.Tensor] = None
     eval_init_op: Optional[tf.Operation] = None  # starts a pass over the evaluation set
+    finite_flags: Optional[tf.Tensor] = None  # bool [n]: variable i of checked_variable_names is all finite
+    checked_variable_names: List[str] = dataclasses.field(default_factory=list)
     extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -62,7 +64,16 @@ def _quant_summaries(graph, report):
     return summaries
 
 
-def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=0.9, seed=0):
+def finite_check(graph):
+    """(bool vector, variable names sorted): is each float global variable free of NaN and Inf."""
+    variables = sorted((v for v in graph.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES)
+                        if v.dtype.base_dtype.is_floating), key=lambda v: v.op.name)
+    with tf1.name_scope("finite_check"):
+        flags = tf.stack([tf.reduce_all(tf.math.is_finite(v.read_value())) for v in variables])
+    return flags, [v.op.name for v in variables]
+
+
+def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=0.9, seed=0, skip_batches=0):
     """Build the train or eval graph of `helper`'s model, rewritten by tfquant when quant_config is set.
 
     Args:
@@ -72,6 +83,8 @@ def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=
       lrn_rate_fn: global_step -> (learning rate, nb_iters); the helper's schedule when None.
       momentum: optimizer momentum.
       seed: graph-level random seed.
+      skip_batches: training graphs start this many batches into the data stream (the step a resumed
+        run restarts from), so it sees the batches an uninterrupted run would.
     Returns:
       a ModelGraph.
     """
@@ -79,7 +92,10 @@ def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=
     with graph.as_default():
         tf1.set_random_seed(seed)
         if is_train:
-            images, labels = helper.build_dataset_train()
+            if skip_batches:
+                images, labels = helper.build_dataset_train(skip_batches=skip_batches)
+            else:
+                images, labels = helper.build_dataset_train()
             logits = helper.forward_train(images)
         else:
             images, labels = helper.build_dataset_eval()
@@ -106,6 +122,7 @@ def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=
             if report is not None:
                 summaries.extend(_quant_summaries(graph, report))
             model.summary_op = tf1.summary.merge(summaries)
+            model.finite_flags, model.checked_variable_names = finite_check(graph)
         model.saver = tf1.train.Saver(max_to_keep=3)
         model.init_op = tf1.global_variables_initializer()
     return model

@@ -42,12 +42,17 @@ class UniformQuantLearner:
         return os.path.dirname(os.path.abspath(self.save_path))
 
     def _float_checkpoint(self):
-        checkpoint = training.latest_checkpoint(self.settings.save_path)
+        """A finished float checkpoint: the latest one, after training or finishing it when needed."""
+        checkpoint, step = training.find_checkpoint(self.settings.save_path, self.float_learner.name)
         if checkpoint is None:
             training.log("uniform: no float checkpoint in %s; training one with the full-precision learner first"
                          % os.path.dirname(os.path.abspath(self.settings.save_path)))
-            checkpoint = self.float_learner.train()
-        return checkpoint
+            return self.float_learner.train(resume_from=(None, 0))
+        nb_iters_train = getattr(self.helper, "nb_iters_train", None)
+        if nb_iters_train is not None and step >= nb_iters_train():
+            return checkpoint
+        # A float run killed part-way: finish it (the full-precision learner says it resumes) first.
+        return self.float_learner.train(resume_from=(checkpoint, step))
 
     def train(self):
         """Fine-tune, evaluate, save the checkpoint, report and results; returns the results dict."""
@@ -56,9 +61,10 @@ class UniformQuantLearner:
         float_accuracy, _, _ = self.float_learner.evaluate(float_checkpoint)
         training.log("uniform: float model %s: test accuracy %.4f" % (float_checkpoint, float_accuracy))
         nb_iters = max(1, int(math.ceil(s.uql_quant_epochs * self.helper.n_train / s.batch_size)))
+        latest, step = training.find_checkpoint(self.save_path, self.name)
         model = graphs.build_graph(self.helper, True, quant_config=self.config,
                                    lrn_rate_fn=graphs.cosine_lrn_rate(s.uql_lrn_rate_init, nb_iters),
-                                   momentum=s.momentum, seed=s.seed)
+                                   momentum=s.momentum, seed=s.seed, skip_batches=step)
         report = model.report
         os.makedirs(self.output_dir, exist_ok=True)
         report_path = os.path.join(self.output_dir, REPORT_NAME)
@@ -66,7 +72,6 @@ class UniformQuantLearner:
         training.log(report.format_table())
         with graphs.new_session(model.graph) as sess:
             sess.run(model.init_op)
-            latest = training.latest_checkpoint(self.save_path)
             if latest:
                 graphs.restore_variables(sess, list(model.graph.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES)),
                                          latest)
@@ -75,9 +80,11 @@ class UniformQuantLearner:
             else:
                 graphs.restore_variables(sess, model.model_variables, float_checkpoint)
             writer = tf1.summary.FileWriter(os.path.join(s.log_dir, self.name, "train"), model.graph)
-            checkpoint = training.run_training(sess, model, self.save_path, writer, s.summ_step, s.save_step,
-                                               s.batch_size, self.name)
-            writer.close()
+            try:
+                checkpoint = training.run_training(sess, model, self.save_path, writer, s.summ_step, s.save_step,
+                                                   s.batch_size, self.name, last_good=latest)
+            finally:
+                writer.close()
         quant_accuracy, _, count = full_precision.evaluate_checkpoint(
             self.helper, checkpoint, os.path.join(s.log_dir, self.name, "eval"), self.config)
         results = {
@@ -95,26 +102,54 @@ class UniformQuantLearner:
 
     def evaluate(self, checkpoint=None):
         """Accuracy of the latest quantized checkpoint, rebuilt with the config saved in its report."""
-        checkpoint = checkpoint or training.latest_checkpoint(self.save_path)
+        checkpoint = checkpoint or training.find_checkpoint(self.save_path, self.name)[0]
         if checkpoint is None:
             raise UserError("no quantized checkpoint found in %s; expected one written by --learner uniform"
                             % self.output_dir)
-        config = load_report_config(os.path.join(os.path.dirname(checkpoint), REPORT_NAME))
+        report_path = os.path.join(os.path.dirname(checkpoint), REPORT_NAME)
+        saved, config = load_report(report_path)
         return full_precision.evaluate_checkpoint(
-            self.helper, checkpoint, os.path.join(self.settings.log_dir, self.name, "eval"), config)
+            self.helper, checkpoint, os.path.join(self.settings.log_dir, self.name, "eval"), config,
+            check_report=lambda rebuilt: check_report_matches(saved, rebuilt, report_path))
 
 
-def load_report_config(report_path):
-    """The QuantConfig recorded in a report JSON; UserError when missing or malformed."""
+def load_report(report_path):
+    """(QuantReport, QuantConfig) recorded in a report JSON; UserError when missing or malformed."""
     try:
         with open(report_path) as handle:
             report = tfquant.QuantReport.from_json(handle.read())
-        return tfquant.QuantConfig(**report.config)
+        return report, tfquant.QuantConfig(**report.config)
     except OSError as exc:
         raise UserError("quantization report %s cannot be read (%s); expected the %s written by training"
                         % (report_path, exc.strerror, REPORT_NAME))
     except (ValueError, TypeError) as exc:
         raise UserError("quantization report %s: %s" % (report_path, exc))
+
+
+def check_report_matches(saved, rebuilt, report_path):
+    """Refuse a saved report whose weight layers (variable names, shapes) differ from the rebuilt model's.
+
+    Args:
+      saved: the QuantReport read from report_path.
+      rebuilt: the QuantReport of the graph rebuilt for this model.
+      report_path: shown in the message.
+    Raises:
+      UserError naming the first difference.
+    """
+    def layers(report):
+        return [(layer.weight_variable, layer.shape) for layer in report.weight_layers]
+
+    ours, theirs = layers(rebuilt), layers(saved)
+    for index, (want, got) in enumerate(zip(ours, theirs)):
+        if want != got:
+            raise UserError("quantization report %s is from another model: weight layer %d is %s with shape %s in "
+                            "the report, %s with shape %s in this model; expected the report written with this "
+                            "checkpoint" % (report_path, index, got[0], got[1], want[0], want[1]))
+    if len(ours) != len(theirs):
+        extra = (theirs if len(theirs) > len(ours) else ours)[min(len(ours), len(theirs))][0]
+        raise UserError("quantization report %s is from another model: it lists %d weight layers, this model has "
+                        "%d (first unmatched: %s); expected the report written with this checkpoint"
+                        % (report_path, len(theirs), len(ours), extra))
 
 
 def summary_lines(results):

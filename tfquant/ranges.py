@@ -41,8 +41,11 @@ class ActivationRange:
         weight = decay * tf.cast(self.ema_steps.value() > 0, tf.float32)
         new_min = batch_min + weight * (self.ema_min.value() - batch_min)
         new_max = batch_max + weight * (self.ema_max.value() - batch_max)
+        # The counter's increment must wait for its read, or the first batch could see it as seen.
+        with tf.control_dependencies([weight]):
+            count = self.ema_steps.assign_add(1, read_value=False)
         return [self.ema_min.assign(new_min, read_value=False), self.ema_max.assign(new_max, read_value=False),
-                self.ema_steps.assign_add(1, read_value=False)]
+                count]
 
     def eval_range(self, batch_min, batch_max):
         """The moving-average range, or the batch's own when no range has been recorded yet."""
