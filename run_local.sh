@@ -7,6 +7,6 @@ if [ $# -lt 1 ] || [ ! -f "$1" ]; then
   echo "run_local.sh: expected a run script as first argument (e.g. nets/resnet_at_fmnist_run.py), got '${1:-}'" >&2
   exit 2
 fi
-source "$here/tools/setup_env.sh"
+source "$here/tools/setup_env.sh" main
 script="$1"; shift
 exec "$TFQ_PYTHON" "$script" "$@"

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from nets import resnet
 from nets.data import pipeline
 
 tf1 = tf.compat.v1
@@ -256,3 +257,26 @@ def _subset(images, labels, limit, name):
     if limit <= 0:
         raise ValueError('%s must be a positive integer, got %d' % (name, limit))
     return images[:limit], np.asarray(labels[:limit])
+
+
+class ResNetModelHelper(ClassifierModelHelper):
+    """A CIFAR-style ResNet of depth resnet_size on any data set; subclasses give the data."""
+
+    def __init__(self, data_dir, resnet_size, batch_size, batch_size_eval, lrn_rate_init, momentum,
+                 loss_w_dcy, nb_epochs_rat, train_subset, eval_subset, seed):
+        """Validates resnet_size, then loads the data set from data_dir (see ClassifierModelHelper)."""
+        if resnet_size not in resnet.ALLOWED_SIZES:
+            raise ValueError('resnet_size %r is not supported; allowed values: %s'
+                             % (resnet_size, ', '.join(str(s) for s in resnet.ALLOWED_SIZES)))
+        self.data_dir = data_dir
+        self.resnet_size = resnet_size
+        super().__init__(batch_size, batch_size_eval, lrn_rate_init, momentum, loss_w_dcy,
+                         nb_epochs_rat, train_subset, eval_subset, seed)
+
+    def _forward(self, inputs, is_training):
+        return resnet.forward_resnet(inputs, is_training, self.resnet_size, self.nb_classes)
+
+    @property
+    def model_name(self):
+        """'resnet_<depth>'."""
+        return 'resnet_%d' % self.resnet_size

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Sourced by run_local.sh and run_tests.sh: makes .venv in the checkout with tfquant installed, once.
-# Usage: source tools/setup_env.sh [test]   ("test" also installs the test dependencies)
+# Usage: source tools/setup_env.sh main|test   ("test" also installs the test dependencies; the argument
+# is required because a sourced script otherwise sees its caller's arguments)
 set -euo pipefail
 TFQ_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TFQ_VENV="$TFQ_ROOT/.venv"
 TFQ_PYTHON="$TFQ_VENV/bin/python"
-extra="${1:-}"
-spec="."
-[ "$extra" = "test" ] && spec=".[test]"
+case "${1:-}" in
+  main) spec="." ;;
+  test) spec=".[test]" ;;
+  *) echo "tools/setup_env.sh: expected 'main' or 'test' as its argument, got '${1:-}'" >&2; exit 2 ;;
+esac
 # Re-install only when setup.py (the dependency list) changes or a new extra is asked for.
-stamp="$TFQ_VENV/.tfquant-setup-${extra:-main}"
+stamp="$TFQ_VENV/.tfquant-setup-$1"
 want="$(sha256sum "$TFQ_ROOT/setup.py" | cut -d' ' -f1)"
 if [ ! -x "$TFQ_PYTHON" ] || [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "tfquant: setting up $TFQ_VENV (first use; installs TensorFlow, a few minutes)" >&2
