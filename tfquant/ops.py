@@ -87,6 +87,26 @@ def _round_ste(x):
         return tf.round(x)
 
 
+@tf.RegisterGradient("TfquantStraightThrough")
+def _straight_through_grad(op, grad_quantized, grad_source):  # pylint: disable=unused-argument
+    """Gradient of straight_through: the quantized output's gradient goes to the float input unchanged."""
+    del op
+    if grad_source is None:
+        return [None, grad_quantized]
+    return [None, grad_quantized + grad_source]
+
+
+def straight_through(source, quantized):
+    """`quantized` in the forward pass; in the backward pass its gradient flows to `source` as is.
+
+    The quantization chain is computed from stop_gradient(source), so backpropagation costs no pass over
+    the tensor at all: dQ/dx = 1, the same as differentiating through Round -> Identity and the scalar
+    rescalings around it, without their elementwise gradient ops or the memory they keep alive.
+    """
+    with source.graph.gradient_override_map({"IdentityN": "TfquantStraightThrough"}):
+        return tf.raw_ops.IdentityN(input=[quantized, source])[0]
+
+
 def _codes_from_range(x, bits, alpha, beta, clip):
     """round((2^k-1) * (x - beta) / alpha), as float, with the straight-through gradient."""
     # One multiply per element: (2^k-1)/alpha is a per-group value.
@@ -110,13 +130,15 @@ def fake_quantize(x, bits, minimum, maximum, clip=False):
       minimum, maximum: range tensors; gradients do not flow into them.
       clip: clamp x into the range first (for ranges not computed from x).
     Returns:
-      Q(x), same shape and dtype as x.
+      Q(x), same shape and dtype as x; dQ/dx = 1.
     """
-    return quantize_in_range(x, bits, tf.stop_gradient(minimum), tf.stop_gradient(maximum), clip)
+    quantized = quantize_in_range(tf.stop_gradient(x), bits, tf.stop_gradient(minimum),
+                                  tf.stop_gradient(maximum), clip)
+    return straight_through(x, quantized)
 
 
 def quantize_in_range(x, bits, minimum, maximum, clip=False):
-    """fake_quantize for a range that carries no gradient already (e.g. reduced from stop_gradient(x))."""
+    """Q(x) for a range [minimum, maximum], with no gradient handling (callers add straight_through)."""
     alpha = _range_width(minimum, maximum)
     codes = _codes_from_range(x, bits, alpha, minimum, clip)
     return _dequantize(codes, bits, alpha, minimum)
@@ -151,11 +173,10 @@ def _grouped(x, layout):
 
 
 def _group_range(view, reduce_axes):
-    """Per-group (min, max) without gradient: reduced from stop_gradient(view), one shared axes tensor."""
+    """Per-group (min, max) of `view`, with one axes tensor shared by both reductions."""
     keep = reduce_axes is not None
     axes = tf.constant(reduce_axes if keep else list(range(view.shape.rank)), tf.int32)
-    frozen = tf.stop_gradient(view)
-    return tf.reduce_min(frozen, axis=axes, keepdims=keep), tf.reduce_max(frozen, axis=axes, keepdims=keep)
+    return tf.reduce_min(view, axis=axes, keepdims=keep), tf.reduce_max(view, axis=axes, keepdims=keep)
 
 
 def quantize_weight(x, bits, layout=GroupLayout()):
@@ -170,9 +191,9 @@ def quantize_weight(x, bits, layout=GroupLayout()):
     """
     if check_bits("bits", bits) == FLOAT_BITS:
         return x
-    view, reduce_axes, restore = _grouped(x, layout)
+    view, reduce_axes, restore = _grouped(tf.stop_gradient(x), layout)
     lo, hi = _group_range(view, reduce_axes)
-    return restore(quantize_in_range(view, bits, lo, hi))
+    return straight_through(x, restore(quantize_in_range(view, bits, lo, hi)))
 
 
 def weight_codes(x, bits, layout=GroupLayout()):
@@ -189,7 +210,7 @@ def weight_codes(x, bits, layout=GroupLayout()):
     """
     if check_bits("bits", bits) == FLOAT_BITS:
         raise ValueError("bits=32 has no integer codes; expected an integer from 1 to 16")
-    view, reduce_axes, restore = _grouped(x, layout)
+    view, reduce_axes, restore = _grouped(tf.stop_gradient(x), layout)
     lo, hi = _group_range(view, reduce_axes)
     alpha = _range_width(lo, hi)
     codes = _codes_from_range(view, bits, alpha, lo, clip=False)

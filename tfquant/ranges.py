@@ -73,11 +73,12 @@ def quantize_activation(x, bits, act_range, is_training, decay, scope_name):
     frozen = tf.stop_gradient(x)
     batch_min, batch_max = tf.reduce_min(frozen, axis=axes), tf.reduce_max(frozen, axis=axes)
     if act_range == "batch":
-        return ops.quantize_in_range(x, bits, batch_min, batch_max), None
+        return ops.straight_through(x, ops.quantize_in_range(frozen, bits, batch_min, batch_max)), None
     tracker = ActivationRange(scope_name)
     if is_training:
         # The update runs whenever the quantized output is computed, so no caller can forget it.
         with tf.control_dependencies(tracker.update(batch_min, batch_max, decay)):
-            return ops.quantize_in_range(x, bits, batch_min, batch_max), tracker
+            quantized = ops.quantize_in_range(frozen, bits, batch_min, batch_max)
+        return ops.straight_through(x, quantized), tracker
     lo, hi = tracker.eval_range(batch_min, batch_max)
-    return ops.quantize_in_range(x, bits, lo, hi, clip=True), tracker
+    return ops.straight_through(x, ops.quantize_in_range(frozen, bits, lo, hi, clip=True)), tracker
