@@ -45,12 +45,8 @@ class FullPrecLearner:
                                  % (latest, step))
                     return latest
                 training.log("full-prec: resuming from %s at step %d of %d" % (latest, step, model.nb_iters))
-            writer = tf1.summary.FileWriter(os.path.join(s.log_dir, self.name, "train"), model.graph)
-            try:
-                path = training.run_training(sess, model, s.save_path, writer, s.summ_step, s.save_step,
-                                             s.batch_size, self.name, last_good=latest)
-            finally:
-                writer.close()
+            path = training.train_with_summaries(sess, model, s.save_path, os.path.join(s.log_dir, self.name, "train"),
+                                                 s, self.name, last_good=latest)
         training.log("full-prec: saved %s" % path)
         return path
 

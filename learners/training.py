@@ -182,3 +182,20 @@ def run_training(sess, model, save_path, writer, summ_step, save_step, batch_siz
     writer.flush()
     _check_finite(sess, model, step, last_good)
     return model.saver.save(sess, save_path, global_step=step, write_meta_graph=False)
+
+
+def train_with_summaries(sess, model, save_path, log_dir, settings, name, last_good=None):
+    """run_training with a TensorBoard writer on `log_dir` (graph included), closed whatever happens.
+
+    Args:
+      settings: the parsed flags (summ_step, save_step, batch_size).
+      Others as for run_training.
+    Returns:
+      the path of the final checkpoint.
+    """
+    writer = tf1.summary.FileWriter(log_dir, model.graph)
+    try:
+        return run_training(sess, model, save_path, writer, settings.summ_step, settings.save_step,
+                            settings.batch_size, name, last_good=last_good)
+    finally:
+        writer.close()

@@ -79,12 +79,9 @@ class UniformQuantLearner:
                              % (latest, sess.run(model.global_step), nb_iters))
             else:
                 graphs.restore_variables(sess, model.model_variables, float_checkpoint)
-            writer = tf1.summary.FileWriter(os.path.join(s.log_dir, self.name, "train"), model.graph)
-            try:
-                checkpoint = training.run_training(sess, model, self.save_path, writer, s.summ_step, s.save_step,
-                                                   s.batch_size, self.name, last_good=latest)
-            finally:
-                writer.close()
+            checkpoint = training.train_with_summaries(sess, model, self.save_path,
+                                                       os.path.join(s.log_dir, self.name, "train"), s, self.name,
+                                                       last_good=latest)
         quant_accuracy, _, count = full_precision.evaluate_checkpoint(
             self.helper, checkpoint, os.path.join(s.log_dir, self.name, "eval"), self.config)
         results = {

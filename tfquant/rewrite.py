@@ -3,7 +3,6 @@
 Consumers are never rebuilt: their attributes (strides, padding, dilations, data_format, ...) and names
 stay exactly as the model built them; only the tensor they read changes.
 """
-import tensorflow as tf
 
 from tfquant import match
 

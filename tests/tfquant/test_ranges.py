@@ -1,6 +1,5 @@
 """Activation ranges: batch min/max in training, moving averages saved and used at evaluation."""
 import numpy as np
-import pytest
 import tensorflow as tf
 
 import tfquant
