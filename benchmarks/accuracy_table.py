@@ -56,6 +56,21 @@ def run_row(work_dir, name, row_flags, budget):
     return results
 
 
+def target_lines(float_accuracy, rows):
+    """The issue's targets, checked against the measured rows."""
+    by_name = {row["name"]: row["accuracy"] for row in rows}
+    baseline = by_name["W4A4 PocketFlow behaviour (baseline)"]
+    checks = [
+        ("W4A4 within 0.5 points of float", float_accuracy - by_name["W4A4"] <= 0.005,
+         "%+.2f" % (100 * (by_name["W4A4"] - float_accuracy))),
+        ("W2 channel within 2 points of float", float_accuracy - by_name["W2A8 channel"] <= 0.02,
+         "%+.2f" % (100 * (by_name["W2A8 channel"] - float_accuracy))),
+        ("tfquant W4A4 at or above the PocketFlow-behaviour row", by_name["W4A4"] >= baseline,
+         "%.2f vs %.2f" % (100 * by_name["W4A4"], 100 * baseline)),
+    ]
+    return ["- Target: %s: %s (%s)." % (what, "met" if ok else "**not met**", value) for what, ok, value in checks]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny run to keep the script working (tests)")
@@ -86,11 +101,13 @@ def main(argv=None):
             "## Accuracy table (ResNet-20, Fashion-MNIST, all 10,000 test images)", "",
             "Command: `%s`" % common.command_line(), ""] + common.machine_lines(info) + [
             "- Float recipe: 3 epochs (1,407 iterations, batch 128), Momentum 0.9, cosine learning rate from 0.1 with "
-            "2%% warm-up, weight decay 2e-4, seed 0 (`--nb_epochs_rat=1.0`).",
+            "2% warm-up, weight decay 2e-4, seed 0 (`--nb_epochs_rat=1.0`); trained by the first row unless "
+            "`<work_dir>/float` already holds it.",
             "- Every row: %s fine-tuning from that one checkpoint: %s." % (
                 "the same", " ".join(budget["finetune"] + budget["common"])),
             "- First and last layers float (default); the compression ratio counts every stored bit.", "",
-            common.markdown_table(("row", "test accuracy %", "vs float", "model compression"), table), ""])
+            common.markdown_table(("row", "test accuracy %", "vs float", "model compression"), table), ""]
+            + target_lines(float_accuracy, rows))
         common.write_section("accuracy_table", body)
     for row in rows:
         print("%-40s %.4f  (%.0f s)" % (row["name"], row["accuracy"], row["seconds"]))
