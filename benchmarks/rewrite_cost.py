@@ -149,7 +149,7 @@ def breakdown_lines(data, rows, batch_row):
         % (100 * data["tf_share"], 100 * data["tfquant_own_share"]),
         "- The rewrite adds %d ops for %d quantized layers (weights + activations), %.0f per layer: "
         "%.0f per quantized weight and %.0f per quantized activation ('ema' range: three scalar resource "
-        "variables with their initialisers and reads, the first-batch `tf.where` pair and the update "
+        "variables with their initialisers and reads, the first-batch weighting and the update "
         "assigns, besides the quantization itself). Most added op types: %s."
         % (added, quantized, added / quantized, data["ops_per_weight"], data["ops_per_activation"], top),
         "- So the cost is linear in the ops created, and TensorFlow's per-op construction cost on this "
@@ -162,8 +162,8 @@ def breakdown_lines(data, rows, batch_row):
             "- With `act_range='batch'` (no range variables, no update) the ResNet-%d rewrite adds %d ops and "
             "takes %.3f s CPU (%.3f s wall), against %.3f s CPU for 'ema': the range variables and their "
             "update are more than half of the cost. For 'ema' ranges, one [min, max] variable instead of "
-            "three scalars, seeded by a one-off assign instead of the ema_steps counter and the `tf.where` "
-            "pair, would close most of that gap."
+            "three scalars, seeded by a one-off assign instead of the ema_steps counter and its "
+            "weighting, would save about a third of it."
             % (batch_row["resnet_size"], batch_row["ops_after"] - batch_row["ops_before"],
                batch_row["median_cpu_s"], batch_row["median_s"], largest["median_cpu_s"]))
         if batch_row["median_cpu_s"] >= TIME_TARGET_S:
