@@ -108,6 +108,15 @@ def write_json(path, payload):
 
 # ----------------------------------------------------------------------------- BENCHMARKS.md
 
+def load_full_run(path):
+    """The JSON a full run wrote (for --render_json); a --quick run's JSON is refused."""
+    with open(path) as handle:
+        payload = json.load(handle)
+    if payload["quick"]:
+        raise SystemExit("%s is from a --quick run; only full runs go into BENCHMARKS.md" % path)
+    return payload
+
+
 def write_section(name, body, path=BENCHMARKS_MD):
     """Replace the text between <!-- BEGIN name --> and <!-- END name --> in `path` with `body`.
 

@@ -163,11 +163,8 @@ def render(args, summary, ratios, info, load_before, common, command):
 
 
 def rerender(path, markdown):
-    with open(path) as handle:
-        payload = json.load(handle)
-    if payload["quick"]:
-        raise SystemExit("%s is from a --quick run; only full runs go into BENCHMARKS.md" % path)
     from benchmarks import common
+    payload = common.load_full_run(path)
     args = argparse.Namespace(**payload["args"])
     common.write_section(SECTION, render(args, payload["modes"], payload["ratios"], payload["machine"],
                                          payload["load_before"], common, payload["command"]),

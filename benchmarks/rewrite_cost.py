@@ -14,7 +14,6 @@ import argparse
 import collections
 import cProfile
 import gc
-import json
 import os
 import pstats
 import sys
@@ -177,10 +176,7 @@ def breakdown_lines(data, rows, batch_row):
 
 
 def rerender(path, markdown):
-    with open(path) as handle:
-        payload = json.load(handle)
-    if payload["quick"]:
-        raise SystemExit("%s is from a --quick run; only full runs go into BENCHMARKS.md" % path)
+    payload = common.load_full_run(path)
     args = argparse.Namespace(**payload["args"])
     common.write_section(SECTION, render(args, payload["sizes"], payload["linear"], payload["machine"],
                                          payload["load_before"], payload["profile"],

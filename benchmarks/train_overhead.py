@@ -10,7 +10,6 @@ modes alike. Reported: the median step time per mode and its ratio to float's me
 """
 import argparse
 import collections
-import json
 import os
 import re
 import sys
@@ -301,10 +300,7 @@ def findings(results, checks, profiles):
 
 
 def rerender(path, markdown, note=None):
-    with open(path) as handle:
-        payload = json.load(handle)
-    if payload["quick"]:
-        raise SystemExit("%s is from a --quick run; only full runs go into BENCHMARKS.md" % path)
+    payload = common.load_full_run(path)
     args = argparse.Namespace(**payload["args"])
     results = collections.OrderedDict((name, payload["modes"][name]) for name in all_modes()
                                       if name in payload["modes"])
