@@ -3,7 +3,6 @@ import dataclasses
 import math
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import tensorflow as tf
 
 import tfquant
@@ -176,9 +175,3 @@ def evaluate(sess, model):
     if count == 0:
         raise UserError("the evaluation dataset is empty; expected at least one test example")
     return correct / count, total_loss / count, count
-
-
-def weight_values(sess, model):
-    """Float values of the model variables by name (for tests and export)."""
-    values = sess.run(model.model_variables)
-    return {v.op.name: np.asarray(x) for v, x in zip(model.model_variables, values)}

@@ -33,11 +33,6 @@ def _format_seconds(seconds):
     return "%dm%02ds" % (seconds // 60, seconds % 60)
 
 
-def latest_checkpoint(save_path):
-    """Latest checkpoint prefix in save_path's directory, or None."""
-    return tf.train.latest_checkpoint(os.path.dirname(os.path.abspath(save_path)))
-
-
 def _step_of(prefix):
     match = re.search(r"-(\d+)$", prefix)
     return int(match.group(1)) if match else -1

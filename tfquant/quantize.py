@@ -104,8 +104,8 @@ def _quantize_weights(graph, candidates, config):
 
 
 def _quantize_activations(activations, config, is_training):
-    """Rewrite every activation op; returns its LayerReports, range variables and unused overrides."""
-    layers, range_vars, used = [], [], set()
+    """Rewrite every activation op; returns its LayerReports and unused overrides."""
+    layers, used = [], set()
     for op in activations:
         layer = LayerReport(name=op.name, op_type=op.type, kind="activation", status=SKIPPED)
         layers.append(layer)
@@ -134,9 +134,8 @@ def _quantize_activations(activations, config, is_training):
         layer.num_groups = 1
         if tracker is not None:
             layer.range_variables = [v.op.name for v in tracker.variables]
-            range_vars.extend(tracker.variables)
     unused = [regex.pattern for regex, _ in config.activation_overrides if regex.pattern not in used]
-    return layers, range_vars, unused
+    return layers, unused
 
 
 def _other_variables(graph, weight_variables):
@@ -172,7 +171,7 @@ def quantize_graph(graph, config, is_training=True):
     activations = match.find_activations(graph, depths)
     with graph.as_default():
         weight_layers, weight_vars, unused_weight = _quantize_weights(graph, candidates, config)
-        act_layers, _, unused_act = _quantize_activations(activations, config, is_training)
+        act_layers, unused_act = _quantize_activations(activations, config, is_training)
         graph.add_to_collection(REWRITTEN_COLLECTION, "train" if is_training else "eval")
     notes = []
     if not candidates and not activations:
