@@ -1,0 +1,209 @@
+"""Reading files that may come from elsewhere: regular files only, bounded sizes, strict JSON.
+
+Every reader in tfquant, learners and nets goes through these helpers, so a FIFO cannot block a
+reader, a device or a huge file cannot exhaust memory, and a crafted JSON document cannot recurse
+without limit or hide a second value under a duplicate key. Each helper raises the caller's own
+error class (PackedFileError, ReportError, DataError, ...) with one line naming the path.
+"""
+import json
+import os
+import stat
+import tempfile
+import zlib
+
+# Default ceiling for small metadata files (reports, results, run settings, state files).
+SMALL_FILE_LIMIT = 16 * 1024 * 1024
+JSON_MAX_DEPTH = 64
+_INFLATE_CHUNK = 1 << 16
+
+
+def _first_line(exc):
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return " ".join(str(text).split())
+
+
+def regular_file_size(path, error_cls, what="file"):
+    """Size in bytes of `path`, which must be an existing regular file (not a FIFO, device or directory).
+
+    Args:
+      path: str or os.PathLike.
+      error_cls: exception class raised on failure, with one message line naming the path.
+      what: what the file is, for the message ("packed model", "quantization report", ...).
+    Returns:
+      the size from os.stat (symbolic links are followed).
+    """
+    path = os.fspath(path)
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise error_cls("%s %s cannot be read (%s); expected an existing regular file"
+                        % (what, path, _first_line(exc))) from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode)
+                else "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
+                else "a socket" if stat.S_ISSOCK(info.st_mode) else "not a regular file")
+        raise error_cls("%s %s is %s; expected a regular file" % (what, path, kind))
+    return info.st_size
+
+
+def open_regular(path, error_cls, what="file"):
+    """(binary file object, size) of a regular file; opened without blocking on FIFOs swapped in late."""
+    path = os.fspath(path)
+    regular_file_size(path, error_cls, what)
+    try:
+        # O_NONBLOCK keeps open() from waiting on a FIFO put in place between stat and open.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise error_cls("%s %s cannot be opened (%s)" % (what, path, _first_line(exc))) from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise error_cls("%s %s is not a regular file; expected a regular file" % (what, path))
+    return os.fdopen(fd, "rb"), info.st_size
+
+
+def read_bounded(path, error_cls, what="file", limit=SMALL_FILE_LIMIT):
+    """All bytes of a regular file no larger than `limit` bytes."""
+    handle, size = open_regular(path, error_cls, what)
+    with handle:
+        if size > limit:
+            raise error_cls("%s %s is %d bytes; expected at most %d" % (what, os.fspath(path), size, limit))
+        try:
+            data = handle.read(limit + 1)
+        except OSError as exc:
+            raise error_cls("%s %s cannot be read (%s)" % (what, os.fspath(path), _first_line(exc))) from None
+    if len(data) > limit:
+        raise error_cls("%s %s grew past %d bytes while being read" % (what, os.fspath(path), limit))
+    return data
+
+
+def read_text(path, error_cls, what="file", limit=SMALL_FILE_LIMIT):
+    """A bounded regular file decoded as UTF-8."""
+    data = read_bounded(path, error_cls, what, limit)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error_cls("%s %s is not UTF-8 text (byte %d); expected a text file"
+                        % (what, os.fspath(path), exc.start)) from None
+
+
+def inflate_bounded(data, limit, error_cls, where, wbits=zlib.MAX_WBITS):
+    """zlib/gzip-decompress `data` in chunks, refusing more than `limit` output bytes or trailing junk.
+
+    Args:
+      data: compressed bytes.
+      limit: largest acceptable decompressed size.
+      error_cls: exception class for failures.
+      where: names the source in messages.
+      wbits: zlib wbits (MAX_WBITS: zlib stream; 16 + MAX_WBITS: gzip member).
+    Returns:
+      the decompressed bytes.
+    """
+    inflater = zlib.decompressobj(wbits)
+    pieces, total = [], 0
+    view = memoryview(data)
+    try:
+        while True:
+            piece = inflater.decompress(view, min(_INFLATE_CHUNK, limit + 1 - total))
+            total += len(piece)
+            pieces.append(piece)
+            if total > limit:
+                raise error_cls("%s: decompresses to more than %d bytes; expected at most %d" % (where, limit, limit))
+            view = inflater.unconsumed_tail
+            if inflater.eof or not view:
+                break
+    except zlib.error as exc:
+        raise error_cls("%s: cannot be decompressed (%s)" % (where, _first_line(exc))) from None
+    if not inflater.eof:
+        raise error_cls("%s: compressed data is truncated" % where)
+    if inflater.unused_data:
+        raise error_cls("%s: %d bytes of trailing data after the compressed stream"
+                        % (where, len(inflater.unused_data)))
+    return b"".join(pieces)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs):
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey("duplicate key %r" % key)
+        result[key] = value
+    return result
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not valid JSON; expected finite numbers" % name)
+
+
+def _depth(text):
+    """Deepest nesting of [ and { outside strings (checked before json recursion can overflow)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def loads_json(text, error_cls, where, max_depth=JSON_MAX_DEPTH):
+    """Parse JSON strictly: nesting at most max_depth, no duplicate keys, no NaN/Infinity literals."""
+    if _depth(text) > max_depth:
+        raise error_cls("%s: JSON nested deeper than %d levels" % (where, max_depth))
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise error_cls("%s: not valid JSON (%s)" % (where, " ".join(str(exc).split()))) from None
+
+
+def load_json_file(path, error_cls, what="JSON file", limit=SMALL_FILE_LIMIT, max_depth=JSON_MAX_DEPTH):
+    """A regular, bounded, UTF-8, strictly parsed JSON file."""
+    text = read_text(path, error_cls, what, limit)
+    return loads_json(text, error_cls, "%s %s" % (what, os.fspath(path)), max_depth)
+
+
+def write_atomically(path, data):
+    """Write bytes or text to `path` through a unique temporary file in the same directory, flushed to disk.
+
+    Two writers never share a temporary file; readers see the old file or the new one, never a part.
+    OSError propagates (the caller names the path in its own error).
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a directory; the rename itself is done
