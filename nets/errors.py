@@ -2,4 +2,12 @@
 
 
 class DataError(ValueError):
-    """A data set on disk is missing or malformed; the message is one line naming the path."""
+    """A data set on disk is missing, unreadable or malformed; the message is one line naming the path.
+
+    Attributes:
+      path: the file or directory at fault (None when a caller did not give it).
+    """
+
+    def __init__(self, message, path=None):
+        super().__init__(message)
+        self.path = path
