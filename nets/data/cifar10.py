@@ -138,6 +138,12 @@ def decode_records(records, labels_checked=True):
     return tf.transpose(planes, [0, 2, 3, 1]), labels
 
 
+def record_dataset(paths, count):
+    """The first `count` raw 3073-byte records of the files `paths`, in order, streamed from disk."""
+    ds = tf.data.FixedLengthRecordDataset(paths, RECORD_BYTES, buffer_size=_READ_BUFFER_BYTES)
+    return ds.take(count)
+
+
 class Cifar10Files:
     """Checked CIFAR-10 files, read by tf.data as the pipelines run (see the module docstring)."""
 
@@ -153,10 +159,6 @@ class Cifar10Files:
         return Cifar10Files(self.train_paths, pipeline.limit_count(self.n_train, train_subset),
                             self.test_paths, pipeline.limit_count(self.n_eval, eval_subset), self.labels_checked)
 
-    def _records(self, paths, count):
-        ds = tf.data.FixedLengthRecordDataset(paths, RECORD_BYTES, buffer_size=_READ_BUFFER_BYTES)
-        return ds.take(count)
-
     def train_dataset(self, batch_size, preprocess_fn, seed=None, skip_batches=0):
         """Endless training batches, a pure function of (seed, batch position); see make_train_dataset."""
         pipeline.check_train_args(self.n_train, batch_size, skip_batches)
@@ -168,7 +170,7 @@ class Cifar10Files:
         def epoch_records(epoch):
             epoch_seed = tf.random.stateless_uniform([], tf.stack([tf.constant(seed, tf.int64), epoch]),
                                                      minval=None, maxval=None, dtype=tf.int64)
-            return self._records(self.train_paths, self.n_train).shuffle(
+            return record_dataset(self.train_paths, self.n_train).shuffle(
                 buffer_records, seed=epoch_seed, reshuffle_each_iteration=False)
 
         stream = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch_records)
@@ -187,7 +189,7 @@ class Cifar10Files:
 
     def eval_dataset(self, batch_size, preprocess_fn):
         """One in-order pass over the test records (last partial batch kept)."""
-        ds = self._records(self.test_paths, self.n_eval).batch(batch_size)
+        ds = record_dataset(self.test_paths, self.n_eval).batch(batch_size)
         ds = ds.map(lambda records: preprocess_fn(*decode_records(records, self.labels_checked)),
                     num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE)
