@@ -11,3 +11,8 @@ class DataError(ValueError):
     def __init__(self, message, path=None):
         super().__init__(message)
         self.path = path
+
+    @classmethod
+    def for_path(cls, path):
+        """A one-argument factory (message -> DataError carrying path), the error_cls tfquant.files expects."""
+        return lambda message: cls(message, path=path)

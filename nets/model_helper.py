@@ -61,7 +61,7 @@ class AbstractModelHelper(abc.ABC):
 
 
 class ClassifierModelHelper(AbstractModelHelper):
-    """Shared implementation for image classifiers trained from in-memory arrays.
+    """Shared implementation for image classifiers; the data comes from a source _load_data() returns.
 
     Subclasses set the class attributes below and implement _forward(inputs, is_training)
     and _load_data() (returning a data source: n_train, n_eval, limited(), train_dataset(),

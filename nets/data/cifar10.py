@@ -41,11 +41,6 @@ _SCAN_CHUNK_RECORDS = 4096
 _WHAT = 'CIFAR-10 file'
 
 
-def _error_for(path):
-    """A DataError factory for tfquant.files helpers, so the error carries the path."""
-    return lambda message: DataError(message, path=path)
-
-
 def _fail(path, what):
     raise DataError('%s %s: %s' % (_WHAT, path, what), path=path)
 
@@ -60,7 +55,7 @@ def _check_dir(data_dir):
 def _record_count(path):
     if not os.path.lexists(path):
         _fail(path, 'expected this file to exist, but it is missing')
-    size = files.regular_file_size(path, _error_for(path), _WHAT)
+    size = files.regular_file_size(path, DataError.for_path(path), _WHAT)
     if size == 0 or size % RECORD_BYTES:
         _fail(path, 'expected a positive multiple of %d bytes (%d for the official %d-record '
               'file), found %d bytes' % (RECORD_BYTES, RECORD_BYTES * RECORDS_PER_FILE,
@@ -70,7 +65,7 @@ def _record_count(path):
 
 def _check_labels(path, first, count):
     """Reads records first..first+count-1 of path in bounded chunks; fails on a label outside 0..9."""
-    handle, _ = files.open_regular(path, _error_for(path), _WHAT)
+    handle, _ = files.open_regular(path, DataError.for_path(path), _WHAT)
     with handle:
         handle.seek(first * RECORD_BYTES)
         chunk = bytearray(min(count, _SCAN_CHUNK_RECORDS) * RECORD_BYTES)

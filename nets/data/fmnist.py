@@ -38,11 +38,6 @@ _FILES = (
 _WHAT = 'Fashion-MNIST file'
 
 
-def _error_for(path):
-    """A DataError factory for tfquant.files helpers, so the error carries the path."""
-    return lambda message: DataError(message, path=path)
-
-
 def _fail(path, what):
     raise DataError('%s %s: %s' % (_WHAT, path, what), path=path)
 
@@ -54,7 +49,7 @@ class _IdxFile:
         self.path, self.kind = path, kind
         # A valid file is at most the payload cap stored uncompressed plus gzip framing.
         limit = MAX_PAYLOAD_BYTES + MAX_PAYLOAD_BYTES // 1000 + 4096
-        self.compressed = files.read_bounded(path, _error_for(path), _WHAT, limit)
+        self.compressed = files.read_bounded(path, DataError.for_path(path), _WHAT, limit)
         ndim = 3 if kind == 'images' else 1
         self.header_len = 4 + 4 * ndim
         header = self._inflate_header()
@@ -93,8 +88,8 @@ class _IdxFile:
 
     def read(self):
         """Inflates the payload (never more than the header promises); returns uint8 images or int64 labels."""
-        raw = files.inflate_bounded(self.compressed, self.header_len + self.payload_len, _error_for(self.path),
-                                    '%s %s' % (_WHAT, self.path), wbits=_GZIP_WBITS)
+        raw = files.inflate_bounded(self.compressed, self.header_len + self.payload_len,
+                                    DataError.for_path(self.path), '%s %s' % (_WHAT, self.path), wbits=_GZIP_WBITS)
         self.compressed = None
         found = len(raw) - self.header_len
         if found != self.payload_len:
