@@ -172,14 +172,8 @@ class Cifar10Files:
         if offset:
             stream = stream.skip(offset)
         stream = stream.batch(batch_size, drop_remainder=True).enumerate(start=skip_batches)
-        with_seed = pipeline.takes_stateless_seed(preprocess_fn, seed)
-
-        def load(position, records):
-            batch = decode_records(records, self.labels_checked)
-            if with_seed:
-                return preprocess_fn(*batch, stateless_seed=pipeline.batch_seed(seed, position))
-            return preprocess_fn(*batch)
-
+        load = pipeline.positioned_loader(lambda records: decode_records(records, self.labels_checked),
+                                          preprocess_fn, seed)
         return stream.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
     def eval_dataset(self, batch_size, preprocess_fn):

@@ -45,15 +45,7 @@ def make_train_dataset(images, labels, batch_size, preprocess_fn, seed=None, ski
     order = order.batch(batch_size, drop_remainder=True).enumerate()
     if skip_batches:
         order = order.skip(skip_batches)
-    gather = _array_gather(images, labels)
-    with_seed = takes_stateless_seed(preprocess_fn, seed)
-
-    def load(position, indices):
-        batch = gather(indices)
-        if with_seed:
-            return preprocess_fn(*batch, stateless_seed=batch_seed(seed, position))
-        return preprocess_fn(*batch)
-
+    load = positioned_loader(_array_gather(images, labels), preprocess_fn, seed)
     ds = order.map(load, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -76,15 +68,27 @@ def make_eval_dataset(images, labels, batch_size, preprocess_fn):
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def batch_seed(seed, position):
-    """The [2] int64 stateless seed of the batch at `position` (a tensor) of a stream seeded with `seed`."""
-    return tf.stack([tf.constant(seed, tf.int64), tf.cast(position, tf.int64)])
+def positioned_loader(fetch, preprocess_fn, seed):
+    """A map function (batch position, batch key) -> preprocessed batch for an enumerated stream.
 
-
-def takes_stateless_seed(preprocess_fn, seed):
-    """Whether batches get per-position stateless seeds: a seeded stream and a preprocess_fn accepting them."""
+    Args:
+      fetch: batch key (e.g. indices or raw records) -> (uint8 images, int64 labels) tensors.
+      preprocess_fn: function (uint8 image batch, label batch) -> (float images, labels).
+      seed: the stream's seed, or None.
+    Returns:
+      the function; with a seed and a preprocess_fn taking `stateless_seed`, the augmentation of a
+      batch depends on (seed, position) alone.
+    """
     # Stateful random ops in a parallel map draw in scheduling order and restart on resume.
-    return seed is not None and 'stateless_seed' in inspect.signature(preprocess_fn).parameters
+    with_seed = seed is not None and 'stateless_seed' in inspect.signature(preprocess_fn).parameters
+
+    def load(position, key):
+        batch = fetch(key)
+        if with_seed:
+            stateless_seed = tf.stack([tf.constant(seed, tf.int64), tf.cast(position, tf.int64)])
+            return preprocess_fn(*batch, stateless_seed=stateless_seed)
+        return preprocess_fn(*batch)
+    return load
 
 
 def _array_gather(images, labels):
