@@ -22,7 +22,7 @@ class ModelHelper(ClassifierModelHelper):
                          nb_epochs_rat, train_subset, eval_subset, seed)
 
     def _load_data(self):
-        return fmnist.load_fmnist(self.data_dir)
+        return pipeline.ArrayData(**fmnist.load_fmnist(self.data_dir))
 
     def _forward(self, inputs, is_training):
         return convnet.forward_convnet(inputs, is_training, self.nb_classes)

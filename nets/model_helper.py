@@ -8,7 +8,6 @@ so a checkpoint written from one graph restores into the other.
 import abc
 import math
 
-import numpy as np
 import tensorflow as tf
 
 from nets import resnet
@@ -62,10 +61,12 @@ class AbstractModelHelper(abc.ABC):
 
 
 class ClassifierModelHelper(AbstractModelHelper):
-    """Shared implementation for image classifiers trained from in-memory arrays.
+    """Shared implementation for image classifiers; the data comes from a source _load_data() returns.
 
     Subclasses set the class attributes below and implement _forward(inputs, is_training)
-    and _load_data() (returning the dict layout of nets.data.fmnist.load_fmnist).
+    and _load_data() (returning a data source: n_train, n_eval, limited(), train_dataset(),
+    eval_dataset(), as pipeline.ArrayData and cifar10.Cifar10Files provide). No source puts the
+    data into the graph.
     """
 
     nb_classes = 10
@@ -102,11 +103,10 @@ class ClassifierModelHelper(AbstractModelHelper):
         self.loss_w_dcy = float(loss_w_dcy)
         self.nb_epochs_rat = float(nb_epochs_rat)
         self.seed = seed
-        data = self._load_data()
-        self._train_images, self._train_labels = _subset(
-            data['train_images'], data['train_labels'], train_subset, 'train_subset')
-        self._eval_images, self._eval_labels = _subset(
-            data['test_images'], data['test_labels'], eval_subset, 'eval_subset')
+        for name, limit in (('train_subset', train_subset), ('eval_subset', eval_subset)):
+            if limit is not None and int(limit) <= 0:
+                raise ValueError('%s must be a positive integer, got %d' % (name, int(limit)))
+        self._data = self._load_data().limited(train_subset, eval_subset)
         if self.n_train < self.batch_size:
             raise ValueError('only %d training examples, fewer than one batch of %d'
                              % (self.n_train, self.batch_size))
@@ -114,7 +114,7 @@ class ClassifierModelHelper(AbstractModelHelper):
 
     @abc.abstractmethod
     def _load_data(self):
-        """Returns the data dict (train/test images and labels as NumPy arrays)."""
+        """Checks the data set and returns its source: a pipeline.ArrayData or a cifar10.Cifar10Files."""
 
     @abc.abstractmethod
     def _forward(self, inputs, is_training):
@@ -123,12 +123,12 @@ class ClassifierModelHelper(AbstractModelHelper):
     @property
     def n_train(self):
         """Number of training examples in use."""
-        return len(self._train_labels)
+        return self._data.n_train
 
     @property
     def n_eval(self):
         """Number of evaluation examples in use."""
-        return len(self._eval_labels)
+        return self._data.n_eval
 
     @property
     def nb_eval_batches(self):
@@ -149,9 +149,8 @@ class ClassifierModelHelper(AbstractModelHelper):
         Returns:
           images float32 [batch_size,H,W,C], labels int64 [batch_size].
         """
-        ds = pipeline.make_train_dataset(self._train_images, self._train_labels, self.batch_size,
-                                         type(self).train_preprocess, seed=self.seed,
-                                         skip_batches=skip_batches)
+        ds = self._data.train_dataset(self.batch_size, type(self).train_preprocess, seed=self.seed,
+                                      skip_batches=skip_batches)
         return tf1.data.make_one_shot_iterator(ds).get_next()
 
     def build_dataset_eval(self):
@@ -162,8 +161,7 @@ class ClassifierModelHelper(AbstractModelHelper):
         Returns:
           images float32 [<=batch_size_eval,H,W,C], labels int64 [<=batch_size_eval].
         """
-        ds = pipeline.make_eval_dataset(self._eval_images, self._eval_labels, self.batch_size_eval,
-                                        type(self).eval_preprocess)
+        ds = self._data.eval_dataset(self.batch_size_eval, type(self).eval_preprocess)
         iterator = tf1.data.make_initializable_iterator(ds)
         self.eval_init_op = iterator.initializer
         return iterator.get_next()
@@ -248,15 +246,6 @@ def lrn_rate_for_step(global_step, nb_iters, lrn_rate_init, schedule='cosine', w
     if not warmup:
         return cosine
     return tf.where(step < warmup, lrn_rate_init * (step + 1.0) / warmup, cosine)
-
-
-def _subset(images, labels, limit, name):
-    if limit is None:
-        return images, labels
-    limit = int(limit)
-    if limit <= 0:
-        raise ValueError('%s must be a positive integer, got %d' % (name, limit))
-    return images[:limit], np.asarray(labels[:limit])
 
 
 class ResNetModelHelper(ClassifierModelHelper):

@@ -20,7 +20,7 @@ class ModelHelper(ResNetModelHelper):
                          loss_w_dcy, nb_epochs_rat, train_subset, eval_subset, seed)
 
     def _load_data(self):
-        return fmnist.load_fmnist(self.data_dir)
+        return pipeline.ArrayData(**fmnist.load_fmnist(self.data_dir))
 
     @property
     def dataset_name(self):

@@ -69,7 +69,10 @@ def read_bounded(path, error_cls, what="file", limit=SMALL_FILE_LIMIT):
         if size > limit:
             raise error_cls("%s %s is %d bytes; expected at most %d" % (what, os.fspath(path), size, limit))
         try:
-            data = handle.read(limit + 1)
+            # Asking for `size` (not `limit`) bytes first: read(n) allocates n bytes before reading.
+            data = handle.read(size + 1)
+            if len(data) > size:
+                data += handle.read(limit + 1 - len(data))
         except OSError as exc:
             raise error_cls("%s %s cannot be read (%s)" % (what, os.fspath(path), _first_line(exc))) from None
     if len(data) > limit:

@@ -1,4 +1,4 @@
-"""tf.data input pipelines over in-memory NumPy arrays, with batched preprocessing.
+"""tf.data input pipelines over in-memory NumPy arrays (kept out of the graph), with batched preprocessing.
 
 Preprocessing functions take a whole batch (uint8 [B,H,W,C] images, int64 [B] labels)
 and return (float32 images, int32/int64 labels). Mapping once per batch instead of once
@@ -19,8 +19,11 @@ FMNIST_STD = 0.3530
 
 
 def make_train_dataset(images, labels, batch_size, preprocess_fn, seed=None, skip_batches=0):
-    """Builds an endless, reshuffled-every-epoch training dataset.
+    """Builds an endless, reshuffled-every-epoch training dataset over in-memory arrays.
 
+    The arrays stay in Python memory: the graph holds only the shuffled indices, and each batch is
+    gathered by a tf.numpy_function, so the GraphDef (and the TensorBoard events it is written to)
+    stays small whatever the data set size, and nothing hits the 2 GB protobuf limit.
     With a seed the stream is a pure function of (seed, batch position): the shuffle is seeded and a
     preprocess_fn taking a `stateless_seed` keyword gets a distinct [2] seed per batch position, so a
     run resumed at batch k (skip_batches=k) sees exactly the batches an uninterrupted run would.
@@ -36,32 +39,19 @@ def make_train_dataset(images, labels, batch_size, preprocess_fn, seed=None, ski
       tf.data.Dataset of (images, labels) batches.
     """
     images, labels = _as_nhwc(images), np.asarray(labels, dtype=np.int64)
-    if len(images) < batch_size:
-        raise ValueError('training set has %d examples, fewer than one batch of %d'
-                         % (len(images), batch_size))
-    if skip_batches < 0:
-        raise ValueError('skip_batches must be >= 0, got %r' % (skip_batches,))
+    check_train_args(len(images), batch_size, skip_batches)
     count = len(images)
     order = tf.data.Dataset.range(count).shuffle(count, seed=seed, reshuffle_each_iteration=True).repeat()
     order = order.batch(batch_size, drop_remainder=True).enumerate()
     if skip_batches:
         order = order.skip(skip_batches)
-    all_images, all_labels = tf.constant(images), tf.constant(labels)
-    # Stateful random ops in a parallel map draw in scheduling order and restart on resume.
-    per_batch_seed = seed is not None and 'stateless_seed' in inspect.signature(preprocess_fn).parameters
-
-    def load(position, indices):
-        batch = (tf.gather(all_images, indices), tf.gather(all_labels, indices))
-        if per_batch_seed:
-            return preprocess_fn(*batch, stateless_seed=tf.stack([tf.constant(seed, tf.int64), position]))
-        return preprocess_fn(*batch)
-
+    load = positioned_loader(_array_gather(images, labels), preprocess_fn, seed)
     ds = order.map(load, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def make_eval_dataset(images, labels, batch_size, preprocess_fn):
-    """Builds a single in-order pass over all examples (last partial batch kept).
+    """Builds a single in-order pass over in-memory arrays (last partial batch kept), data outside the graph.
 
     Args:
       images: uint8 NumPy array [N,H,W] or [N,H,W,C].
@@ -72,9 +62,94 @@ def make_eval_dataset(images, labels, batch_size, preprocess_fn):
       tf.data.Dataset of (images, labels) batches.
     """
     images, labels = _as_nhwc(images), np.asarray(labels, dtype=np.int64)
-    ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
-    ds = ds.map(preprocess_fn, num_parallel_calls=tf.data.AUTOTUNE)
+    gather = _array_gather(images, labels)
+    ds = tf.data.Dataset.range(len(images)).batch(batch_size)
+    ds = ds.map(lambda indices: preprocess_fn(*gather(indices)), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def positioned_loader(fetch, preprocess_fn, seed):
+    """A map function (batch position, batch key) -> preprocessed batch for an enumerated stream.
+
+    Args:
+      fetch: batch key (e.g. indices or raw records) -> (uint8 images, int64 labels) tensors.
+      preprocess_fn: function (uint8 image batch, label batch) -> (float images, labels).
+      seed: the stream's seed, or None.
+    Returns:
+      the function; with a seed and a preprocess_fn taking `stateless_seed`, the augmentation of a
+      batch depends on (seed, position) alone.
+    """
+    # Stateful random ops in a parallel map draw in scheduling order and restart on resume.
+    with_seed = seed is not None and 'stateless_seed' in inspect.signature(preprocess_fn).parameters
+
+    def load(position, key):
+        batch = fetch(key)
+        if with_seed:
+            stateless_seed = tf.stack([tf.constant(seed, tf.int64), tf.cast(position, tf.int64)])
+            return preprocess_fn(*batch, stateless_seed=stateless_seed)
+        return preprocess_fn(*batch)
+    return load
+
+
+def _array_gather(images, labels):
+    """indices tensor [B] -> (uint8 images [B,...], int64 labels [B]) read from the NumPy arrays."""
+
+    def take(indices):
+        return images[indices], labels[indices]
+
+    def gather(indices):
+        batch_images, batch_labels = tf.numpy_function(take, [indices], (tf.uint8, tf.int64), stateful=False)
+        batch_images.set_shape(indices.shape.concatenate(images.shape[1:]))
+        batch_labels.set_shape(indices.shape)
+        return batch_images, batch_labels
+    return gather
+
+
+def check_train_args(count, batch_size, skip_batches):
+    """Raises ValueError unless count examples give at least one batch and skip_batches is >= 0."""
+    if count < batch_size:
+        raise ValueError('training set has %d examples, fewer than one batch of %d' % (count, batch_size))
+    if skip_batches < 0:
+        raise ValueError('skip_batches must be >= 0, got %r' % (skip_batches,))
+
+
+def limit_count(count, limit):
+    """count, or limit when it is set and smaller (a data subset: the first `limit` examples)."""
+    return count if limit is None else min(count, int(limit))
+
+
+class ArrayData:
+    """Training and test splits held as NumPy arrays; batches reach tf.data without entering the graph."""
+
+    def __init__(self, train_images, train_labels, test_images, test_labels):
+        """Args: uint8 images [N,H,W] or [N,H,W,C] and integer labels [N] of each split."""
+        self.train_images, self.train_labels = train_images, np.asarray(train_labels)
+        self.test_images, self.test_labels = test_images, np.asarray(test_labels)
+
+    @property
+    def n_train(self):
+        """Number of training examples."""
+        return len(self.train_labels)
+
+    @property
+    def n_eval(self):
+        """Number of test examples."""
+        return len(self.test_labels)
+
+    def limited(self, train_subset=None, eval_subset=None):
+        """The first train_subset training and eval_subset test examples (None: all); views, not copies."""
+        n_train, n_eval = limit_count(self.n_train, train_subset), limit_count(self.n_eval, eval_subset)
+        return ArrayData(self.train_images[:n_train], self.train_labels[:n_train],
+                         self.test_images[:n_eval], self.test_labels[:n_eval])
+
+    def train_dataset(self, batch_size, preprocess_fn, seed=None, skip_batches=0):
+        """make_train_dataset over the training arrays."""
+        return make_train_dataset(self.train_images, self.train_labels, batch_size, preprocess_fn, seed,
+                                  skip_batches)
+
+    def eval_dataset(self, batch_size, preprocess_fn):
+        """make_eval_dataset over the test arrays."""
+        return make_eval_dataset(self.test_images, self.test_labels, batch_size, preprocess_fn)
 
 
 def nb_eval_batches(nb_examples, batch_size):

@@ -4,6 +4,8 @@ import gzip
 import os
 import shutil
 import struct
+import tracemalloc
+import zlib
 
 import numpy as np
 import pytest
@@ -39,6 +41,24 @@ def _assert_one_line_naming(exc_info, path):
     msg = str(exc_info.value)
     assert '\n' not in msg
     assert str(path) in msg
+    assert exc_info.value.path in (str(path), None) or exc_info.value.path == os.path.dirname(str(path))
+
+
+def _gzip_stream(raw, level=9):
+    packer = zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    return packer.compress(raw) + packer.flush()
+
+
+def _peak_bytes_while(fn):
+    """(exception raised by fn, peak bytes traced while it ran)."""
+    tracemalloc.start()
+    try:
+        fn()
+    except DataError as exc:
+        return exc, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    raise AssertionError('no DataError raised')
 
 
 @needs_fmnist
@@ -134,9 +154,10 @@ def test_label_count_mismatch(tmp_path):
     _write_small_set(str(tmp_path))
     victim = tmp_path / 'train-labels-idx1-ubyte.gz'
     _write_idx(str(victim), 2049, (5,), bytes(5))
-    with pytest.raises(DataError) as exc_info:
+    with pytest.raises(DataError, match='expected 6 labels to match the 6 images of .*header says 5') as exc_info:
         fmnist.load_fmnist(str(tmp_path))
     _assert_one_line_naming(exc_info, victim)
+    assert exc_info.value.path == str(victim)
 
 
 def test_label_out_of_range(tmp_path):
@@ -147,3 +168,99 @@ def test_label_out_of_range(tmp_path):
         fmnist.load_fmnist(str(tmp_path))
     _assert_one_line_naming(exc_info, victim)
     assert 'found 12 at index 3' in str(exc_info.value)
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    _write_small_set(str(tmp_path))
+    victim = tmp_path / 'train-labels-idx1-ubyte.gz'
+    victim.unlink()
+    os.mkfifo(str(victim))  # nobody writes to it: opening it for reading would block forever
+    with pytest.raises(DataError, match='is a FIFO; expected a regular file') as exc_info:
+        fmnist.load_fmnist(str(tmp_path))
+    _assert_one_line_naming(exc_info, victim)
+    assert exc_info.value.path == str(victim)
+
+
+def test_directory_in_place_of_a_file(tmp_path):
+    _write_small_set(str(tmp_path))
+    victim = tmp_path / 't10k-images-idx3-ubyte.gz'
+    victim.unlink()
+    victim.mkdir()
+    with pytest.raises(DataError, match='is a directory') as exc_info:
+        fmnist.load_fmnist(str(tmp_path))
+    _assert_one_line_naming(exc_info, victim)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root reads files whatever their mode')
+def test_unreadable_file(tmp_path):
+    _write_small_set(str(tmp_path))
+    victim = tmp_path / 'train-images-idx3-ubyte.gz'
+    victim.chmod(0)
+    with pytest.raises(DataError, match='Permission denied') as exc_info:
+        fmnist.load_fmnist(str(tmp_path))
+    _assert_one_line_naming(exc_info, victim)
+
+
+def test_gzip_bomb_is_refused_after_the_promised_size(tmp_path):
+    _write_small_set(str(tmp_path))
+    victim = tmp_path / 'train-labels-idx1-ubyte.gz'
+    # The header promises 6 labels; the stream goes on with 64 MB of zeros (a 64 KB file).
+    raw = struct.pack('>II', 2049, 6) + bytes(6) + bytes(64 << 20)
+    victim.write_bytes(_gzip_stream(raw))
+    exc, peak = _peak_bytes_while(lambda: fmnist.load_fmnist(str(tmp_path)))
+    assert str(victim) in str(exc) and 'decompresses to more than 14 bytes' in str(exc)
+    assert peak < 4 << 20, peak  # inflated in bounded chunks, never the whole 64 MB
+
+
+def test_payload_longer_than_the_header_promises(tmp_path):
+    _write_small_set(str(tmp_path))
+    victim = tmp_path / 't10k-labels-idx1-ubyte.gz'
+    _write_idx(str(victim), 2049, (4,), bytes(5))
+    with pytest.raises(DataError, match='decompresses to more than 12 bytes') as exc_info:
+        fmnist.load_fmnist(str(tmp_path))
+    _assert_one_line_naming(exc_info, victim)
+
+
+def test_trailing_data_after_the_stream(tmp_path):
+    _write_small_set(str(tmp_path))
+    victim = tmp_path / 't10k-labels-idx1-ubyte.gz'
+    victim.write_bytes(victim.read_bytes() + b'junk')
+    with pytest.raises(DataError, match='4 bytes of trailing data') as exc_info:
+        fmnist.load_fmnist(str(tmp_path))
+    _assert_one_line_naming(exc_info, victim)
+
+
+@pytest.mark.parametrize('name, magic, dims, expected', [
+    # 2^32 - 1 labels in a tiny file: deflate cannot expand a few dozen bytes to 4 GB.
+    ('train-labels-idx1-ubyte.gz', 2049, (2 ** 32 - 1,), 'header promises 4294967295 data bytes'),
+    # 2^32 - 1 images: over the absolute cap whatever the file size.
+    ('train-images-idx3-ubyte.gz', 2051, (2 ** 32 - 1, 28, 28), 'expected at most 1073741824'),
+])
+def test_huge_header_counts_are_refused_before_allocating(tmp_path, name, magic, dims, expected):
+    _write_small_set(str(tmp_path))
+    victim = tmp_path / name
+    _write_idx(str(victim), magic, dims, bytes(100))
+    exc, peak = _peak_bytes_while(lambda: fmnist.load_fmnist(str(tmp_path)))
+    assert str(victim) in str(exc) and expected in str(exc), str(exc)
+    assert peak < 1 << 20, peak
+
+
+def test_label_header_checked_against_images_before_inflating(tmp_path):
+    _write_small_set(str(tmp_path))
+    victim = tmp_path / 'train-labels-idx1-ubyte.gz'
+    # A plausible count for its size (a highly compressible 40 MB of zeros), but not the 6 images' count.
+    _write_idx(str(victim), 2049, (40 << 20,), bytes(40 << 20))
+    exc, peak = _peak_bytes_while(lambda: fmnist.load_fmnist(str(tmp_path)))
+    assert str(victim) in str(exc) and 'expected 6 labels to match the 6 images' in str(exc)
+    assert peak < 2 << 20, peak
+
+
+def test_every_truncation_is_a_data_error(tmp_path):
+    _write_small_set(str(tmp_path))
+    victim = tmp_path / 't10k-labels-idx1-ubyte.gz'
+    blob = victim.read_bytes()
+    for end in range(len(blob)):
+        victim.write_bytes(blob[:end])
+        with pytest.raises(DataError) as exc_info:
+            fmnist.load_fmnist(str(tmp_path))
+        _assert_one_line_naming(exc_info, victim)

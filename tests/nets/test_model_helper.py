@@ -104,6 +104,23 @@ def test_weight_decay_term(fmnist_resnet, session_config):
     assert got == pytest.approx(expected, rel=1e-5)
 
 
+@needs_fmnist
+def test_fmnist_training_graph_holds_no_data(session_config):
+    from nets.resnet_at_fmnist import ModelHelper
+    h = ModelHelper(batch_size=16, seed=0)  # all 60,000 training images (47 MB)
+    with tf.Graph().as_default() as graph:
+        images, labels = h.build_dataset_train(skip_batches=3)
+        logits = h.forward_train(images)
+        h.calc_loss(labels, logits, tf1.trainable_variables())
+        h.build_dataset_eval()
+        size = graph.as_graph_def().ByteSize()
+        with tf1.Session(config=session_config) as sess:
+            batch_labels = sess.run(labels)
+    assert size < 1 << 20, size  # was about 95 MB with the arrays as constants
+    assert batch_labels.shape == (16,) and set(batch_labels.tolist()) <= set(range(10))
+    assert h.n_train == 60000
+
+
 @pytest.mark.parametrize('schedule', ['cosine', 'step'])
 def test_lrn_rate_schedule(schedule, session_config):
     with tf.Graph().as_default():
