@@ -12,11 +12,9 @@ import os
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from benchmarks import common  # noqa: E402
 
-RUN_SCRIPT = os.path.join(common.REPO_ROOT, "nets", "resnet_at_fmnist_run.py")
+RUN_SCRIPT = os.path.join(publish.REPO_ROOT, "nets", "resnet_at_fmnist_run.py")
 # (row name, flags); the baseline row reproduces PocketFlow's behaviour: batch ranges everywhere, no buckets.
 ROWS = [
     ("W8A8", ["--uql_weight_bits=8", "--uql_activation_bits=8"]),
@@ -44,8 +42,8 @@ def run_row(work_dir, name, row_flags, budget):
     argv = [sys.executable, RUN_SCRIPT, "--learner=uniform", "--save_path=%s/float/model.ckpt" % work_dir,
             "--uql_save_quant_model_path=%s/model.ckpt" % out_dir, "--log_dir=%s/logs" % out_dir]
     argv += budget["float"] + budget["finetune"] + budget["common"] + row_flags
-    env = dict(os.environ, PYTHONPATH=common.REPO_ROOT)
-    seconds, result = common.timed(lambda: subprocess.run(argv, cwd=work_dir, env=env, capture_output=True,
+    env = dict(os.environ, PYTHONPATH=publish.REPO_ROOT)
+    seconds, result = stats.timed(lambda: subprocess.run(argv, cwd=work_dir, env=env, capture_output=True,
                                                           text=True))
     if result.returncode != 0:
         raise RuntimeError("row %s failed:\n%s" % (name, result.stderr[-3000:]))
@@ -79,7 +77,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     budget = QUICK if args.quick else FULL
     os.makedirs(args.work_dir, exist_ok=True)
-    info = common.machine_info()
+    info = machine.machine_info()
     rows = []
     # --quick keeps the script working in the test suite: the first row and the baseline are enough.
     for name, flags in (ROWS[:1] + ROWS[-1:] if args.quick else ROWS):
@@ -92,23 +90,23 @@ def main(argv=None):
         raise RuntimeError("rows did not start from the same float checkpoint")
     payload = {"machine": info, "float_accuracy": float_accuracy, "rows": rows,
                "budget": budget, "quick": args.quick}
-    common.write_json(args.output, payload)
+    publish.write_json(args.output, payload)
     if not args.quick:
         table = [("float (starting point)", "%.2f" % (100 * float_accuracy), "-", "1.00x")]
         table += [(row["name"], "%.2f" % (100 * row["accuracy"]),
                    "%+.2f" % (100 * (row["accuracy"] - float_accuracy)), "%.2fx" % row["ratio"]) for row in rows]
         body = "\n".join([
             "## Accuracy table (ResNet-20, Fashion-MNIST, all 10,000 test images)", "",
-            "Command: `%s`" % common.command_line(), ""] + common.machine_lines(info) + [
+            "Command: `%s`" % publish.command_line(), ""] + machine.machine_lines(info) + [
             "- Float recipe: 3 epochs (1,407 iterations, batch 128), Momentum 0.9, cosine learning rate from 0.1 with "
             "2% warm-up, weight decay 2e-4, seed 0 (`--nb_epochs_rat=1.0`); trained by the first row unless "
             "`<work_dir>/float` already holds it.",
             "- Every row: %s fine-tuning from that one checkpoint: %s." % (
                 "the same", " ".join(budget["finetune"] + budget["common"])),
             "- First and last layers float (default); the compression ratio counts every stored bit.", "",
-            common.markdown_table(("row", "test accuracy %", "vs float", "model compression"), table), ""]
+            publish.markdown_table(("row", "test accuracy %", "vs float", "model compression"), table), ""]
             + target_lines(float_accuracy, rows))
-        common.write_section("accuracy_table", body)
+        publish.write_section("accuracy_table", body)
     for row in rows:
         print("%-40s %.4f  (%.0f s)" % (row["name"], row["accuracy"], row["seconds"]))
     print("float: %.4f; total %.0f s" % (float_accuracy, sum(r["seconds"] for r in rows)))

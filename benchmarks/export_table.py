@@ -13,8 +13,6 @@ import os
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from benchmarks import common  # noqa: E402
 
 # (row of the accuracy table, what it stands for here, TFLite too)
@@ -39,8 +37,8 @@ def export_row(work_dir, name, tflite, extra):
     out_dir = os.path.join(work_dir, "export_" + _slug(name))
     argv = [sys.executable, "-m", "tfquant.export", "--checkpoint_dir", os.path.join(work_dir, _slug(name)),
             "--model", "resnet_at_fmnist", "--output_dir", out_dir] + (["--int8"] if tflite else []) + extra
-    result = subprocess.run(argv, cwd=common.REPO_ROOT, capture_output=True, text=True,
-                            env=dict(os.environ, PYTHONPATH=common.REPO_ROOT))
+    result = subprocess.run(argv, cwd=publish.REPO_ROOT, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=publish.REPO_ROOT))
     if result.returncode != 0:
         raise RuntimeError("export of %s failed:\n%s" % (name, result.stderr[-3000:]))
     with open(os.path.join(out_dir, "export.json")) as handle:
@@ -60,9 +58,9 @@ def main(argv=None):
     for name, meaning, tflite in exports:
         data = export_row(args.work_dir, name, tflite, extra)
         rows.append({"name": name, "meaning": meaning, "export": data})
-    payload = {"machine": common.machine_info(), "float_checkpoint_bytes": float_bytes,
+    payload = {"machine": machine.machine_info(), "float_checkpoint_bytes": float_bytes,
                "float_checkpoint": float_prefix, "rows": rows}
-    common.write_json(args.output, payload)
+    publish.write_json(args.output, payload)
     if not args.quick:
         first = rows[0]["export"]
         float_model_bytes = first["packed"]["float_storage_bits"] / 8.0
@@ -83,18 +81,18 @@ def main(argv=None):
         body = "\n".join([
             "## Export sizes and accuracy (ResNet-20, Fashion-MNIST, all 10,000 test images)", "",
             "Command: `%s` (after `benchmarks/accuracy_table.py`, whose checkpoints it exports with "
-            "`python -m tfquant.export`)" % common.command_line(), ""] + common.machine_lines(payload["machine"]) + [
+            "`python -m tfquant.export`)" % publish.command_line(), ""] + machine.machine_lines(payload["machine"]) + [
             "- Accuracy of a packed model = its frozen inference graph (weights decoded from the packed file); "
             "it predicts exactly as the quantized checkpoint (argmax agreement %.4f for W8A8)."
             % first["frozen_vs_checkpoint"]["argmax_agreement"],
             "- int8 TFLite: weights and activations int8, activation ranges calibrated by the converter on %d "
             "training images." % first["int8"]["calibration_images"], "",
-            common.markdown_table(("file", "bytes", "test accuracy %"), table), "",
+            publish.markdown_table(("file", "bytes", "test accuracy %"), table), "",
             "- TFLite latency per image (batch 1, one thread, models alternating image by image, medians): "
             "float %.3f ms, int8 %.3f ms; float/int8 = %.2f." % (
                 latency["float"]["median_ms"], latency["int8"]["median_ms"], latency["float_over_int8_median"]),
             ""])
-        common.write_section("export_table", body)
+        publish.write_section("export_table", body)
     for row in rows:
         data = row["export"]
         print("%-16s packed %8d bytes  accuracy %.4f" % (row["name"], data["files"]["packed"]["bytes"],
