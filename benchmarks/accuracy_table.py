@@ -165,7 +165,8 @@ def target_lines(table):
         checks.append(("W2 channel within 2 points of float", table["W2A8 channel"]["change"] >= -0.02,
                        "%+.2f" % (100 * table["W2A8 channel"]["change"])))
     if "W4A4" in table and BASELINE in table:
-        checks.append(("W4A4 at or above the PocketFlow-behaviour row", table["W4A4"]["mean"] >= table[BASELINE]["mean"],
+        checks.append(("W4A4 at or above the PocketFlow-behaviour row",
+                       table["W4A4"]["mean"] >= table[BASELINE]["mean"],
                        "%.2f vs %.2f" % (100 * table["W4A4"]["mean"], 100 * table[BASELINE]["mean"])))
     return ["- Target: %s: %s (%s)." % (what, "met" if ok else "**not met**", value) for what, ok, value in checks]
 
@@ -173,10 +174,11 @@ def target_lines(table):
 def render(payload, command):
     entries = payload["entries"]
     table = summarize(entries)
-    float_mean, float_std = stats.mean_std(
-        {e["seed"]: e["float_accuracy"] for e in entries}.values())
+    float_by_seed = {e["seed"]: e["float_accuracy"] for e in entries}
+    float_mean, float_std = stats.mean_std(float_by_seed.values())
     budget = payload["budget"]
-    rows = [("float (starting point)", ",".join(str(s) for s in sorted({e["seed"] for e in entries})), _percent(float_mean, float_std), "-", "1.00x")]
+    rows = [("float (starting point)", ",".join(str(s) for s in sorted(float_by_seed)),
+             _percent(float_mean, float_std), "-", "1.00x")]
     rows += [(label, ",".join(str(s) for s in t["seeds"]), _percent(t["mean"], t["std"]),
               "%+.2f" % (100 * t["change"]), "%.2fx" % t["ratio"]) for label, t in table.items()]
     missing = [row.label for row in ROWS if row.label not in table]
@@ -201,7 +203,7 @@ def render(payload, command):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     publish.add_arguments(parser, output_help="results file the run merges into (default %s; none with --quick)"
-                          % os.path.relpath(DEFAULT_RESULTS, publish.REPO_ROOT))
+                          % os.path.relpath(DEFAULT_RESULTS, publish.REPO_ROOT), render_json=False)
     parser.add_argument("--rows", help="comma-separated row labels (default: every row; --quick: %s)"
                         % ", ".join(QUICK_ROWS))
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
@@ -213,9 +215,7 @@ def main(argv=None):
     budget = QUICK if args.quick else FULL
     existing = publish.load_json(output) if output and os.path.exists(output) else None
     merge(existing, [], args.quick, budget, output)  # refuse a mismatched results file before any run
-    load_before = machine.read_load()
-    if not args.quick:
-        publish.check_quiet(load_before, None, args.allow_busy)  # refuse before, not after, a long run
+    load_before = publish.start(args)
     os.makedirs(args.work_dir, exist_ok=True)
     new_entries = []
     for seed in seeds:

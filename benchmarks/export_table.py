@@ -42,13 +42,11 @@ def export_row(work_dir, seed, name, tflite, extra):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    publish.add_arguments(parser)
+    publish.add_arguments(parser, render_json=False)
     parser.add_argument("--work_dir", default="/tmp/tfquant_accuracy_table", help="accuracy_table's --work_dir")
     parser.add_argument("--seed", type=int, default=0, help="which seed's checkpoints to export")
     args = parser.parse_args(argv)
-    load_before = machine.read_load()
-    if not args.quick:
-        publish.check_quiet(load_before, None, args.allow_busy)  # refuse before, not after, a long run
+    load_before = publish.start(args)
     extra = ["--eval_subset=200", "--latency_images=20"] if args.quick else []
     exports = EXPORTS[:1] if args.quick else EXPORTS
     float_bytes, float_prefix = checkpoint_bytes(accuracy_table.float_dir(args.work_dir, args.seed))
@@ -81,7 +79,8 @@ def main(argv=None):
             "Command: `%s` (after `benchmarks.accuracy_table`; exports with `python -m tfquant.export`)"
             % publish.command_line(), ""] + machine.machine_lines(payload["machine"], load_before) + [
             "- A packed model's accuracy is that of its frozen graph (weights decoded from the packed file); argmax "
-            "agreement with the quantized checkpoint %.4f for W8A8." % first["frozen_vs_checkpoint"]["argmax_agreement"],
+            "agreement with the quantized checkpoint %.4f for W8A8."
+            % first["frozen_vs_checkpoint"]["argmax_agreement"],
             "- int8 TFLite: activation ranges calibrated on %d training images." % first["int8"]["calibration_images"],
             "",
             publish.markdown_table(("file", "bytes", "test accuracy %"), table), "",

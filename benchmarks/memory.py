@@ -127,7 +127,8 @@ def render(args, summary, ratios, info, load_before, command):
     for mode in MODES:
         e = summary[mode]
         rows.append(("`%s`" % mode, e["graph_ops"], mib(e["after_import_kb"]), mib(e["after_build_kb"]),
-                     mib(e["peak_kb"]), mib(e["training_increase_kb"]), "%.3f" % (e["peak_kb"] / summary[FLOAT]["peak_kb"]),
+                     mib(e["peak_kb"]), mib(e["training_increase_kb"]),
+                     "%.3f" % (e["peak_kb"] / summary[FLOAT]["peak_kb"]),
                      mib(e["quantized_activation_kb"])))
     lines.append(publish.markdown_table(
         ["mode", "graph ops", "RSS after importing TF (MiB)", "RSS after build + init (MiB)",
@@ -172,8 +173,6 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 10; 2 quick)")
     parser.add_argument("--repeats", type=int, default=None, help="runs per mode (default 2; 1 quick)")
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
-    parser.add_argument("--render_json", help="rewrite the BENCHMARKS.md section from a JSON an earlier full "
-                        "run wrote with --output, without running anything")
     args = parser.parse_args(argv)
     if args.render_json:
         return rerender(args.render_json, args.markdown, args.allow_busy)
@@ -188,9 +187,7 @@ def main(argv=None):
     def log(message):
         print("[memory] " + message, flush=True)
 
-    load_before = machine.read_load()
-    if not quick:
-        publish.check_quiet(load_before, None, args.allow_busy)  # refuse before, not after, a long run
+    load_before = publish.start(args)
     runs = []
     for repeat in range(args.repeats):
         for mode in MODES:

@@ -24,13 +24,24 @@ class BenchmarkError(Exception):
     """A user-caused problem (busy machine, unusable results file): one `error:` line, exit status 2."""
 
 
-def add_arguments(parser, output_help="write the results as JSON here"):
-    """The flags every benchmark shares: --quick, --output, --markdown, --allow_busy."""
+def add_arguments(parser, output_help="write the results as JSON here", render_json=True):
+    """The flags every benchmark shares: --quick, --output, --markdown, --allow_busy and --render_json."""
     parser.add_argument("--quick", action="store_true", help="a smoke run for the tests; never writes BENCHMARKS.md")
     parser.add_argument("--output", help=output_help)
     parser.add_argument("--markdown", default=BENCHMARKS_MD, help="file whose section a full run rewrites")
     parser.add_argument("--allow_busy", action="store_true",
                         help="publish even if the 1-minute load exceeded half the cores (the section says so)")
+    if render_json:
+        parser.add_argument("--render_json", help="rewrite the section from the JSON of an earlier full run "
+                            "(its --output), without running anything")
+
+
+def start(args):
+    """The load average at the start of a run; a full run on a busy machine stops here, before measuring."""
+    load_before = machine.read_load()
+    if not args.quick:
+        check_quiet(load_before, None, args.allow_busy)
+    return load_before
 
 
 def check_quiet(load_before, load_after, allow_busy, core_count=None):

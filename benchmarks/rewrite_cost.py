@@ -132,7 +132,8 @@ def breakdown_lines(data, rows, batch_row):
     quantized = largest["quantized_layers"] or 1
     added = largest["ops_after"] - largest["ops_before"]
     per_op_us = 1e6 * largest["median_cpu_s"] / added
-    top = ", ".join("%s %d" % item for item in sorted(data["added_op_types"].items(), key=lambda kv: -kv[1])[:10])
+    by_count = sorted(data["added_op_types"].items(), key=lambda kv: -kv[1])
+    top = ", ".join("%s %d" % item for item in by_count[:10])
     out = [
         "", "### Where the rewrite time goes (cProfile of one ResNet-%d rewrite)" % data["resnet_size"], "",
         "- %.0f%% of the time is in the TensorFlow calls that construct ops and variables; %.0f%% in "
@@ -164,8 +165,6 @@ def main(argv=None):
     parser.add_argument("--sizes", help="comma-separated ResNet depths (default 20,56,110; quick 20,32)")
     parser.add_argument("--repeats", type=int, default=None, help="fresh graphs per depth (default 3; 1 quick)")
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--render_json", help="rewrite the BENCHMARKS.md section from a JSON an earlier full "
-                        "run wrote with --output, without running anything")
     args = parser.parse_args(argv)
     if args.render_json:
         return rerender(args.render_json, args.markdown, args.allow_busy)
@@ -176,9 +175,7 @@ def main(argv=None):
     def log(message):
         print("[rewrite_cost] " + message, flush=True)
 
-    load_before = machine.read_load()
-    if not quick:
-        publish.check_quiet(load_before, None, args.allow_busy)  # refuse before, not after, a long run
+    load_before = publish.start(args)
     config = graphs.tfquant_config(4, 4, "channel")
     if not quick:
         # One untimed rewrite first: imports and TensorFlow's lazy registrations are not rewrite cost.

@@ -306,8 +306,6 @@ def main(argv=None):
                              "default), always, or never (the quick default)")
     parser.add_argument("--profile_steps", type=int, default=3)
     parser.add_argument("--profile_top", type=int, default=12)
-    parser.add_argument("--render_json", help="rewrite the BENCHMARKS.md section from a JSON an earlier full "
-                        "run wrote with --output, without running anything")
     parser.add_argument("--note", help="with --render_json: a paragraph appended to the section")
     args = parser.parse_args(argv)
     if args.render_json:
@@ -329,9 +327,7 @@ def main(argv=None):
         parser.error("unknown mode(s) %s; expected some of %s" % (", ".join(unknown), ", ".join(modes)))
     if FLOAT not in wanted:
         wanted.insert(0, FLOAT)
-    load_before = machine.read_load()
-    if not quick:
-        publish.check_quiet(load_before, None, args.allow_busy)  # refuse before, not after, a long run
+    load_before = publish.start(args)
     built, graphs_info = collections.OrderedDict(), {}
     for name in [m for m in modes if m in wanted]:
         build_s, graph = stats.timed(lambda: graphs.TrainGraph(args.resnet_size, args.batch_size, modes[name]))

@@ -158,7 +158,8 @@ def test_a_full_run_on_a_busy_machine_stops_before_measuring(tmp_path, monkeypat
         publish.run_main(lambda: rewrite_cost.main(["--markdown", str(markdown), "--output", str(output)]))
     assert stopped.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: the machine is busy (1-minute load average 7.50 at the start")
+    assert len(lines) == 1
+    assert lines[0].startswith("error: the machine is busy (1-minute load average 7.50 at the start")
     assert not markdown.exists() and not output.exists()
 
 
