@@ -1,1 +1,9 @@
-"""Benchmarks of tfquant: training-step overhead, rewrite cost, memory. Each script writes its BENCHMARKS.md section."""
+"""Benchmarks of tfquant, each run as `python -m benchmarks.<name>` from the repository root.
+
+machine (facts, load), stats, publish (results JSON, BENCHMARKS.md sections) and graphs (the timed ResNet
+graphs) serve the scripts: train_overhead, rewrite_cost, memory, accuracy_table, export_table.
+"""
+from learners import import_tensorflow_quietly
+
+# As the run scripts do: no start-up chatter, oneDNN kernels (about 2x faster convolution backprop here).
+import_tensorflow_quietly()

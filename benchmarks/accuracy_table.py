@@ -1,119 +1,241 @@
-"""Accuracy table: ResNet-20 on the full Fashion-MNIST test set, every row fine-tuned from ONE float checkpoint.
+"""Accuracy table: ResNet-20 on all 10,000 Fashion-MNIST test images, every row fine-tuned from the float
+checkpoint of its seed, through the real run script (`python -m nets.resnet_at_fmnist_run --learner uniform`).
 
-Each row is a real run of nets/resnet_at_fmnist_run.py --learner uniform (what users run), with the same
-fine-tuning budget (epochs, learning rate, seed); the float checkpoint is trained once by the first row.
+A row is a label and run-script flags (one line in ROWS; `epochs` overrides the fine-tuning budget).
+Rows and seeds can be run in parts; each part merges into the results file, and the section shows every
+row's mean ± standard deviation over the seeds run so far.
 
-  .venv/bin/python benchmarks/accuracy_table.py              # full: writes its section of BENCHMARKS.md
-  .venv/bin/python benchmarks/accuracy_table.py --quick --output /tmp/acc.json
+  .venv/bin/python -m benchmarks.accuracy_table                          # every row, seed 0
+  .venv/bin/python -m benchmarks.accuracy_table --rows W4A4,"W2A8 channel" --seeds 0,1,2
+  .venv/bin/python -m benchmarks.accuracy_table --quick --output /tmp/acc.json --work_dir /tmp/acc
 """
 import argparse
-import json
+import collections
 import os
 import subprocess
 import sys
+import typing
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import machine, publish, stats
 
-from benchmarks import common  # noqa: E402
+SECTION = "accuracy_table"
+RUN_MODULE = "nets.resnet_at_fmnist_run"
+DEFAULT_RESULTS = os.path.join(publish.RESULTS_DIR, "accuracy_table.json")
 
-RUN_SCRIPT = os.path.join(common.REPO_ROOT, "nets", "resnet_at_fmnist_run.py")
-# (row name, flags); the baseline row reproduces PocketFlow's behaviour: batch ranges everywhere, no buckets.
+
+class Row(typing.NamedTuple):
+    """One table row: its label, the run-script flags that define it, and its own fine-tuning epochs."""
+
+    label: str
+    flags: str
+    epochs: typing.Optional[float] = None
+
+
+BASELINE = "W4A4 PocketFlow behaviour (baseline)"
+# The baseline reproduces PocketFlow's behaviour: batch ranges at evaluation too, no buckets.
 ROWS = [
-    ("W8A8", ["--uql_weight_bits=8", "--uql_activation_bits=8"]),
-    ("W4A4", ["--uql_weight_bits=4", "--uql_activation_bits=4"]),
-    ("W4A32 channel", ["--uql_weight_bits=4", "--uql_activation_bits=32", "--uql_use_buckets",
-                       "--uql_bucket_type=channel"]),
-    ("W2A8 channel", ["--uql_weight_bits=2", "--uql_activation_bits=8", "--uql_use_buckets",
-                      "--uql_bucket_type=channel"]),
-    ("W2A8 split/128", ["--uql_weight_bits=2", "--uql_activation_bits=8", "--uql_use_buckets",
-                        "--uql_bucket_type=split", "--uql_bucket_size=128"]),
-    ("W4A4 PocketFlow behaviour (baseline)", ["--uql_weight_bits=4", "--uql_activation_bits=4",
-                                              "--uql_act_range=batch"]),
+    Row("W8A8", "--uql_weight_bits=8 --uql_activation_bits=8"),
+    Row("W4A4", "--uql_weight_bits=4 --uql_activation_bits=4"),
+    Row("W4A32 channel", "--uql_weight_bits=4 --uql_activation_bits=32 --uql_use_buckets --uql_bucket_type=channel"),
+    Row("W2A8 channel", "--uql_weight_bits=2 --uql_activation_bits=8 --uql_use_buckets --uql_bucket_type=channel"),
+    Row("W2A8 split/128", "--uql_weight_bits=2 --uql_activation_bits=8 --uql_use_buckets --uql_bucket_type=split "
+        "--uql_bucket_size=128"),
+    Row(BASELINE, "--uql_weight_bits=4 --uql_activation_bits=4 --uql_act_range=batch"),
 ]
-FULL = {"float": ["--nb_epochs_rat=1.0"], "finetune": ["--uql_quant_epochs=1.0", "--uql_lrn_rate_init=0.01"],
-        "common": ["--seed=0", "--batch_size=128", "--batch_size_eval=500", "--summ_step=100"]}
-QUICK = {"float": ["--nb_epochs_rat=0.02"], "finetune": ["--uql_quant_epochs=0.25", "--uql_lrn_rate_init=0.01"],
-         "common": ["--seed=0", "--batch_size=32", "--batch_size_eval=100", "--summ_step=4",
-                    "--train_subset=256", "--eval_subset=200"]}
+QUICK_ROWS = ("W8A8", BASELINE)
+FULL = {"float": ["--nb_epochs_rat=1.0"], "epochs": 1.0, "finetune": ["--uql_lrn_rate_init=0.01"],
+        "common": ["--batch_size=128", "--batch_size_eval=500", "--summ_step=100"]}
+QUICK = {"float": ["--nb_epochs_rat=0.02"], "epochs": 0.25, "finetune": ["--uql_lrn_rate_init=0.01"],
+         "common": ["--batch_size=32", "--batch_size_eval=100", "--summ_step=4", "--train_subset=256",
+                    "--eval_subset=200"]}
 
 
-def run_row(work_dir, name, row_flags, budget):
-    """Run one uniform fine-tuning from the shared float checkpoint; returns its results.json."""
-    slug = "".join(c if c.isalnum() else "_" for c in name)
-    out_dir = os.path.join(work_dir, slug)
-    argv = [sys.executable, RUN_SCRIPT, "--learner=uniform", "--save_path=%s/float/model.ckpt" % work_dir,
-            "--uql_save_quant_model_path=%s/model.ckpt" % out_dir, "--log_dir=%s/logs" % out_dir]
-    argv += budget["float"] + budget["finetune"] + budget["common"] + row_flags
-    env = dict(os.environ, PYTHONPATH=common.REPO_ROOT)
-    seconds, result = common.timed(lambda: subprocess.run(argv, cwd=work_dir, env=env, capture_output=True,
-                                                          text=True))
-    if result.returncode != 0:
-        raise RuntimeError("row %s failed:\n%s" % (name, result.stderr[-3000:]))
-    with open(os.path.join(out_dir, "results.json")) as handle:
-        results = json.load(handle)
-    results["seconds"] = seconds
-    results["flags"] = row_flags
-    return results
+def slug(label):
+    """A directory name for a row label."""
+    return "".join(c if c.isalnum() else "_" for c in label)
 
 
-def target_lines(float_accuracy, rows):
-    """The issue's targets, checked against the measured rows."""
-    by_name = {row["name"]: row["accuracy"] for row in rows}
-    baseline = by_name["W4A4 PocketFlow behaviour (baseline)"]
-    checks = [
-        ("W4A4 within 0.5 points of float", float_accuracy - by_name["W4A4"] <= 0.005,
-         "%+.2f" % (100 * (by_name["W4A4"] - float_accuracy))),
-        ("W2 channel within 2 points of float", float_accuracy - by_name["W2A8 channel"] <= 0.02,
-         "%+.2f" % (100 * (by_name["W2A8 channel"] - float_accuracy))),
-        ("tfquant W4A4 at or above the PocketFlow-behaviour row", by_name["W4A4"] >= baseline,
-         "%.2f vs %.2f" % (100 * by_name["W4A4"], 100 * baseline)),
-    ]
+def float_dir(work_dir, seed):
+    return os.path.join(work_dir, "seed%d" % seed, "float")
+
+
+def row_dir(work_dir, label, seed):
+    return os.path.join(work_dir, "seed%d" % seed, slug(label))
+
+
+def select_rows(spec):
+    """ROWS named by a comma-separated list of labels or their slugs (None: every row)."""
+    if spec is None:
+        return list(ROWS)
+    by_name = {}
+    for row in ROWS:
+        by_name[row.label] = by_name[slug(row.label)] = row
+    chosen = []
+    for name in (part.strip() for part in spec.split(",")):
+        if name not in by_name:
+            raise publish.BenchmarkError("--rows=%s is not valid: %r is no row; expected labels among %s"
+                                         % (spec, name, ", ".join(repr(r.label) for r in ROWS)))
+        if by_name[name] not in chosen:
+            chosen.append(by_name[name])
+    return chosen
+
+
+def parse_seeds(spec):
+    """Seeds from a comma-separated list of non-negative integers."""
+    try:
+        seeds = [int(part) for part in spec.split(",")]
+    except ValueError:
+        seeds = None
+    if not seeds or any(seed < 0 for seed in seeds):
+        raise publish.BenchmarkError("--seeds=%s is not valid; expected non-negative integers such as 0,1,2"
+                                     % spec)
+    return sorted(set(seeds))
+
+
+def run_flags(work_dir, row, seed, budget):
+    """The run-script flags of one (row, seed): shared budget, then the row's own flags (which win)."""
+    epochs = budget["epochs"] if row.epochs is None else row.epochs
+    return (["--learner=uniform", "--save_path=%s/model.ckpt" % float_dir(work_dir, seed),
+             "--uql_save_quant_model_path=%s/model.ckpt" % row_dir(work_dir, row.label, seed),
+             "--log_dir=%s/logs" % row_dir(work_dir, row.label, seed), "--seed=%d" % seed,
+             "--uql_quant_epochs=%s" % epochs] + budget["float"] + budget["finetune"] + budget["common"]
+            + row.flags.split())
+
+
+def run_row(work_dir, row, seed, budget):
+    """Run one fine-tuning (training the seed's float checkpoint first if missing); returns its entry."""
+    argv = [sys.executable, "-m", RUN_MODULE] + run_flags(work_dir, row, seed, budget)
+    seconds, done = stats.timed(lambda: subprocess.run(argv, cwd=publish.REPO_ROOT, capture_output=True, text=True))
+    if done.returncode != 0:
+        raise RuntimeError("row %r seed %d failed:\n%s" % (row.label, seed, done.stderr[-3000:]))
+    results = publish.load_json(os.path.join(row_dir(work_dir, row.label, seed), "results.json"))
+    return {"label": row.label, "seed": seed, "flags": row.flags,
+            "epochs": budget["epochs"] if row.epochs is None else row.epochs,
+            "accuracy": results["quant_accuracy"], "float_accuracy": results["float_accuracy"],
+            "ratio": results["compression_ratio"], "test_examples": results["test_examples"], "seconds": seconds}
+
+
+def merge(existing, new_entries, quick, budget, path):
+    """Entries of `existing` (a results payload or None) updated with new_entries, keyed by (label, seed).
+
+    Raises BenchmarkError when `existing` holds results of another kind of run (quick vs full, budget).
+    """
+    if existing is not None and (existing.get("quick") != quick or existing.get("budget") != budget):
+        raise publish.BenchmarkError("--output=%s holds results of a different budget (quick=%s); expected "
+                                     "quick=%s and budget %s: choose another --output"
+                                     % (path, existing.get("quick"), quick, budget))
+    merged = {(e["label"], e["seed"]): e for e in (existing or {}).get("entries", [])}
+    merged.update({(e["label"], e["seed"]): e for e in new_entries})
+    order = {row.label: i for i, row in enumerate(ROWS)}
+    entries = sorted(merged.values(), key=lambda e: (order.get(e["label"], len(order)), e["label"], e["seed"]))
+    for seed in sorted({e["seed"] for e in entries}):
+        floats = {e["float_accuracy"] for e in entries if e["seed"] == seed}
+        if len(floats) > 1:
+            raise publish.BenchmarkError("%s: the rows of seed %d report different float accuracies %s; expected "
+                                         "one float checkpoint per seed" % (path, seed, sorted(floats)))
+    return entries
+
+
+def summarize(entries):
+    """Per row label (in ROWS order): seeds, accuracy mean/std, mean change against float, ratio."""
+    float_by_seed = {e["seed"]: e["float_accuracy"] for e in entries}
+    table = collections.OrderedDict()
+    for label in [row.label for row in ROWS] + sorted({e["label"] for e in entries} - {r.label for r in ROWS}):
+        mine = [e for e in entries if e["label"] == label]
+        if not mine:
+            continue
+        mean, std = stats.mean_std(e["accuracy"] for e in mine)
+        change, _ = stats.mean_std(e["accuracy"] - float_by_seed[e["seed"]] for e in mine)
+        table[label] = {"seeds": [e["seed"] for e in mine], "mean": mean, "std": std, "change": change,
+                        "ratio": mine[0]["ratio"], "epochs": mine[0]["epochs"]}
+    return table
+
+
+def _percent(mean, std):
+    return "%.2f" % (100 * mean) if std is None else "%.2f ± %.2f" % (100 * mean, 100 * std)
+
+
+def target_lines(table):
+    """The issue's targets, on the rows' mean changes against float, for the rows run so far."""
+    checks = []
+    if "W4A4" in table:
+        checks.append(("W4A4 within 0.5 points of float", table["W4A4"]["change"] >= -0.005,
+                       "%+.2f" % (100 * table["W4A4"]["change"])))
+    if "W2A8 channel" in table:
+        checks.append(("W2 channel within 2 points of float", table["W2A8 channel"]["change"] >= -0.02,
+                       "%+.2f" % (100 * table["W2A8 channel"]["change"])))
+    if "W4A4" in table and BASELINE in table:
+        checks.append(("W4A4 at or above the PocketFlow-behaviour row",
+                       table["W4A4"]["mean"] >= table[BASELINE]["mean"],
+                       "%.2f vs %.2f" % (100 * table["W4A4"]["mean"], 100 * table[BASELINE]["mean"])))
     return ["- Target: %s: %s (%s)." % (what, "met" if ok else "**not met**", value) for what, ok, value in checks]
 
 
+def render(payload, command):
+    entries = payload["entries"]
+    table = summarize(entries)
+    float_by_seed = {e["seed"]: e["float_accuracy"] for e in entries}
+    float_mean, float_std = stats.mean_std(float_by_seed.values())
+    budget = payload["budget"]
+    rows = [("float (starting point)", ",".join(str(s) for s in sorted(float_by_seed)),
+             _percent(float_mean, float_std), "-", "1.00x")]
+    rows += [(label, ",".join(str(s) for s in t["seeds"]), _percent(t["mean"], t["std"]),
+              "%+.2f" % (100 * t["change"]), "%.2fx" % t["ratio"]) for label, t in table.items()]
+    missing = [row.label for row in ROWS if row.label not in table]
+    lines = ["## Accuracy table (ResNet-20, Fashion-MNIST, all 10,000 test images)", "",
+             "Command (the last part run): `%s`" % command, ""]
+    lines += machine.machine_lines(payload["machine"], payload["load_before"])
+    lines += ["- Float: %s per seed; each row fine-tunes that seed's checkpoint: --uql_quant_epochs=%s (unless "
+              "the row sets its own) %s. First and last layers float; compression counts every stored bit."
+              % (" ".join(budget["float"]), budget["epochs"], " ".join(budget["finetune"] + budget["common"])),
+              "- Accuracy: mean ± sample standard deviation over the seeds listed; 'vs float' is the mean change "
+              "against each seed's own float model.", "",
+              publish.markdown_table(("row", "seeds", "test accuracy %", "vs float", "model compression"), rows), ""]
+    lines += target_lines(table)
+    busy = sorted({"%s (seed %d)" % (e["label"], e["seed"]) for e in entries if e.get("busy")})
+    if busy:
+        lines.append("- Measured on a busy machine (published with --allow_busy): %s." % ", ".join(busy))
+    if missing:
+        lines.append("- Not run yet: %s." % ", ".join(missing))
+    return "\n".join(lines)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny run to keep the script working (tests)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    publish.add_arguments(parser, output_help="results file the run merges into (default %s; none with --quick)"
+                          % os.path.relpath(DEFAULT_RESULTS, publish.REPO_ROOT), render_json=False)
+    parser.add_argument("--rows", help="comma-separated row labels (default: every row; --quick: %s)"
+                        % ", ".join(QUICK_ROWS))
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
     parser.add_argument("--work_dir", default="/tmp/tfquant_accuracy_table", help="checkpoints and logs")
-    parser.add_argument("--output", help="write the figures as JSON here")
     args = parser.parse_args(argv)
+    rows = select_rows(args.rows if args.rows or not args.quick else ",".join(QUICK_ROWS))
+    seeds = parse_seeds(args.seeds)
+    output = args.output or (None if args.quick else DEFAULT_RESULTS)
     budget = QUICK if args.quick else FULL
+    existing = publish.load_json(output) if output and os.path.exists(output) else None
+    merge(existing, [], args.quick, budget, output)  # refuse a mismatched results file before any run
+    load_before = publish.start(args)
     os.makedirs(args.work_dir, exist_ok=True)
-    info = common.machine_info()
-    rows = []
-    # --quick keeps the script working in the test suite: the first row and the baseline are enough.
-    for name, flags in (ROWS[:1] + ROWS[-1:] if args.quick else ROWS):
-        results = run_row(args.work_dir, name, flags, budget)
-        rows.append({"name": name, "accuracy": results["quant_accuracy"], "ratio": results["compression_ratio"],
-                     "float_accuracy": results["float_accuracy"], "seconds": results["seconds"],
-                     "test_examples": results["test_examples"], "flags": flags})
-    float_accuracy = rows[0]["float_accuracy"]
-    if any(abs(row["float_accuracy"] - float_accuracy) > 1e-9 for row in rows):
-        raise RuntimeError("rows did not start from the same float checkpoint")
-    payload = {"machine": info, "float_accuracy": float_accuracy, "rows": rows,
-               "budget": budget, "quick": args.quick}
-    common.write_json(args.output, payload)
+    new_entries = []
+    for seed in seeds:
+        for row in rows:
+            entry = run_row(args.work_dir, row, seed, budget)
+            new_entries.append(entry)
+            print("seed %d %-40s %.4f (float %.4f, %.0f s)"
+                  % (seed, row.label, entry["accuracy"], entry["float_accuracy"], entry["seconds"]), flush=True)
+    info = machine.machine_info()
+    busy = bool(machine.busy_readings(load_before, info["load_average"], info["cores"]))
+    for entry in new_entries:
+        entry["busy"] = busy
+    payload = {"quick": args.quick, "budget": budget, "machine": info, "load_before": load_before,
+               "entries": merge(existing, new_entries, args.quick, budget, output)}
+    publish.write_json(output, payload)
     if not args.quick:
-        table = [("float (starting point)", "%.2f" % (100 * float_accuracy), "-", "1.00x")]
-        table += [(row["name"], "%.2f" % (100 * row["accuracy"]),
-                   "%+.2f" % (100 * (row["accuracy"] - float_accuracy)), "%.2fx" % row["ratio"]) for row in rows]
-        body = "\n".join([
-            "## Accuracy table (ResNet-20, Fashion-MNIST, all 10,000 test images)", "",
-            "Command: `%s`" % common.command_line(), ""] + common.machine_lines(info) + [
-            "- Float recipe: 3 epochs (1,407 iterations, batch 128), Momentum 0.9, cosine learning rate from 0.1 with "
-            "2% warm-up, weight decay 2e-4, seed 0 (`--nb_epochs_rat=1.0`); trained by the first row unless "
-            "`<work_dir>/float` already holds it.",
-            "- Every row: %s fine-tuning from that one checkpoint: %s." % (
-                "the same", " ".join(budget["finetune"] + budget["common"])),
-            "- First and last layers float (default); the compression ratio counts every stored bit.", "",
-            common.markdown_table(("row", "test accuracy %", "vs float", "model compression"), table), ""]
-            + target_lines(float_accuracy, rows))
-        common.write_section("accuracy_table", body)
-    for row in rows:
-        print("%-40s %.4f  (%.0f s)" % (row["name"], row["accuracy"], row["seconds"]))
-    print("float: %.4f; total %.0f s" % (float_accuracy, sum(r["seconds"] for r in rows)))
-    return 0
+        publish.publish(SECTION, render(payload, publish.command_line()), args.markdown, load_before,
+                        payload["machine"]["load_average"], args.allow_busy)
+    return payload
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    publish.run_main(main)

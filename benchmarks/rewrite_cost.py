@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Time of tfquant.quantize_graph on ResNet training graphs of growing depth (W4A4, channel buckets).
 
 Each repetition builds a fresh graph (forward pass + loss, no gradients yet) and times only the
@@ -7,8 +6,8 @@ ops per second; a roughly constant ops/s means the rewrite cost grows linearly w
 Both wall-clock and process CPU time are recorded: the rewrite is single-threaded Python, so on a
 machine shared with other jobs its CPU time is the steadier figure of its own cost.
 
-  .venv/bin/python benchmarks/rewrite_cost.py            # full run, writes its BENCHMARKS.md section
-  .venv/bin/python benchmarks/rewrite_cost.py --quick --output /tmp/rewrite.json
+  .venv/bin/python -m benchmarks.rewrite_cost            # full run, writes its BENCHMARKS.md section
+  .venv/bin/python -m benchmarks.rewrite_cost --quick --output /tmp/rewrite.json
 """
 import argparse
 import collections
@@ -16,14 +15,10 @@ import cProfile
 import gc
 import os
 import pstats
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks import common  # noqa: E402
-
-import tfquant  # noqa: E402
+import tfquant
+from benchmarks import graphs, machine, publish, stats
 
 SECTION = "rewrite_cost"
 SIZES = (20, 56, 110)
@@ -36,13 +31,13 @@ LINEAR_TOLERANCE = 1.5
 def measure(resnet_size, batch_size, repeats, config, log):
     seconds, cpu_seconds, ops_before, ops_after, layers = [], [], None, None, None
     for _ in range(repeats):
-        graph, ops_before = common.build_loss_graph(resnet_size, batch_size)
+        graph, ops_before = graphs.build_loss_graph(resnet_size, batch_size)
         gc.collect()
         # gc off so a collection of the previous graph's garbage is not billed to the rewrite.
         gc.disable()
         try:
             cpu_start = time.process_time()
-            elapsed, report = common.timed(lambda: tfquant.quantize_graph(graph, config, is_training=True))
+            elapsed, report = stats.timed(lambda: tfquant.quantize_graph(graph, config, is_training=True))
             cpu_seconds.append(time.process_time() - cpu_start)
         finally:
             gc.enable()
@@ -50,7 +45,7 @@ def measure(resnet_size, batch_size, repeats, config, log):
         ops_after = len(graph.get_operations())
         layers = sum(1 for layer in report.layers if layer.quantized)
         del graph, report
-    med, cpu_med = common.median(seconds), common.median(cpu_seconds)
+    med, cpu_med = stats.median(seconds), stats.median(cpu_seconds)
     log("ResNet-%d: %d ops, median %.3f s wall, %.3f s CPU over %d graphs (wall %s)"
         % (resnet_size, ops_before, med, cpu_med, repeats, ", ".join("%.3f" % s for s in seconds)))
     return {"resnet_size": resnet_size, "ops_before": ops_before, "ops_after": ops_after,
@@ -62,20 +57,18 @@ def render(args, rows, linear, info, load_before, profile_data, batch_row, comma
     largest = rows[-1]
     lines = ["## Rewrite cost of `tfquant.quantize_graph`", "",
              "Command: `%s`" % command, ""]
-    lines.extend(common.machine_lines(info, load_before, "wall times are inflated; CPU times much less so"))
+    lines.extend(machine.machine_lines(info, load_before))
     lines.extend([
-        "- Graph: ResNet forward pass (training mode, fused batch norm) + cross-entropy + L2 weight decay, "
-        "batch %d constant input, no gradients or optimizer yet; config W4A4, channel buckets, "
-        "quantize_all_layers=False, 'ema' activation ranges." % args.batch_size,
-        "- Timed: only the `quantize_graph(graph, config)` call (Python garbage collector paused during "
-        "it), median over %d freshly built graphs per depth; wall-clock and process CPU time. The rewrite "
-        "is single-threaded Python, so on a shared machine its CPU time is the steadier figure." % args.repeats,
+        "- Graph: ResNet forward pass (training mode) and loss, batch %d held in the graph, no gradients yet; "
+        "W4A4, channel buckets, first and last layer float, 'ema' activation ranges." % args.batch_size,
+        "- Timed: the `quantize_graph` call alone (garbage collector paused), median over %d fresh graphs "
+        "per depth, wall-clock and process CPU time." % args.repeats,
         ""])
     table = [("ResNet-%d" % r["resnet_size"], r["ops_before"], r["ops_after"], r["ops_after"] - r["ops_before"],
               r["quantized_layers"], "%.3f" % r["median_s"], "%.0f" % r["ops_per_s"],
               "%.3f" % r["median_cpu_s"], "%.0f" % r["ops_per_cpu_s"],
               "%.0f" % (1e6 * r["median_cpu_s"] / (r["ops_after"] - r["ops_before"]))) for r in rows]
-    lines.append(common.markdown_table(
+    lines.append(publish.markdown_table(
         ["network", "ops before", "ops after", "ops added", "layers quantized", "median wall s",
          "ops/s (wall)", "median CPU s", "ops/s (CPU)", "CPU µs per added op"], table))
     lines.extend(["",
@@ -101,7 +94,7 @@ def verdict(row):
 
 def breakdown(resnet_size, batch_size, config):
     """Where one rewrite's time goes (cProfile) and which op types it adds."""
-    graph, _ = common.build_loss_graph(resnet_size, batch_size)
+    graph, _ = graphs.build_loss_graph(resnet_size, batch_size)
     before = collections.Counter(op.type for op in graph.get_operations())
     profiler = cProfile.Profile()
     profiler.enable()
@@ -139,65 +132,42 @@ def breakdown_lines(data, rows, batch_row):
     quantized = largest["quantized_layers"] or 1
     added = largest["ops_after"] - largest["ops_before"]
     per_op_us = 1e6 * largest["median_cpu_s"] / added
-    top = ", ".join("%s %d" % item for item in list(data["added_op_types"].items())[:10])
+    by_count = sorted(data["added_op_types"].items(), key=lambda kv: -kv[1])
+    top = ", ".join("%s %d" % item for item in by_count[:10])
     out = [
         "", "### Where the rewrite time goes (cProfile of one ResNet-%d rewrite)" % data["resnet_size"], "",
-        "- %.0f%% of the profiled time is spent in the TensorFlow calls tfquant makes (op and variable "
-        "construction: op-def checks, constant conversion, `TF_FinishOperation`); tfquant's own Python "
-        "(graph walks, matching, rerouting, report) is %.0f%% (self time in tfquant/*.py)."
-        % (100 * data["tf_share"], 100 * data["tfquant_own_share"]),
-        "- The rewrite adds %d ops for %d quantized layers (weights + activations), %.0f per layer: "
-        "%.0f per quantized weight and %.0f per quantized activation ('ema' range: three scalar resource "
-        "variables with their initialisers and reads, the first-batch weighting and the update "
-        "assigns, besides the quantization itself). Most added op types: %s."
-        % (added, quantized, added / quantized, data["ops_per_weight"], data["ops_per_activation"], top),
-        "- So the cost is linear in the ops created, and TensorFlow's per-op construction cost on this "
-        "machine (about %.0f µs of CPU per added op, see the table) sets its size: < %.0f s for ResNet-%d "
-        "allows about %.0f added ops, %.0f per quantized layer, at that rate."
-        % (per_op_us, TIME_TARGET_S, data["resnet_size"], TIME_TARGET_S / (per_op_us * 1e-6),
-           TIME_TARGET_S / (per_op_us * 1e-6) / quantized)]
+        "- %.0f%% of the time is in the TensorFlow calls that construct ops and variables; %.0f%% in "
+        "tfquant's own Python." % (100 * data["tf_share"], 100 * data["tfquant_own_share"]),
+        "- %d ops added for %d quantized layers: %.0f per weight, %.0f per activation ('ema' ranges carry "
+        "their variables and update). Most added op types: %s."
+        % (added, quantized, data["ops_per_weight"], data["ops_per_activation"], top),
+        "- The cost is linear in the ops created, about %.0f µs of CPU per added op here." % per_op_us]
     if batch_row:
-        out.append(
-            "- With `act_range='batch'` (no range variables, no update) the ResNet-%d rewrite adds %d ops and "
-            "takes %.3f s CPU (%.3f s wall), against %.3f s CPU for 'ema': the range variables and their "
-            "update are more than half of the cost. For 'ema' ranges, one [min, max] variable instead of "
-            "three scalars, seeded by a one-off assign instead of the ema_steps counter and its "
-            "weighting, would save about a third of it."
-            % (batch_row["resnet_size"], batch_row["ops_after"] - batch_row["ops_before"],
-               batch_row["median_cpu_s"], batch_row["median_s"], largest["median_cpu_s"]))
-        if batch_row["median_cpu_s"] >= TIME_TARGET_S:
-            out.append(
-                "- Even that misses the target here, so per-op Python construction cannot get there on this "
-                "machine (part of its per-op cost is contention: CPU time also grows when other jobs share the "
-                "cores' caches). Under 1 s needs a different construction path: building the quantization "
-                "subgraphs as a GraphDef and adding them with one `tf.graph_util.import_graph_def` call (C++ "
-                "op construction, no per-op Python), or a fused custom op — one or two ops per layer.")
+        out.append("- With `act_range='batch'` (no range variables) ResNet-%d adds %d ops and takes %.3f s "
+                   "CPU (%.3f s wall), against %.3f s CPU for 'ema'."
+                   % (batch_row["resnet_size"], batch_row["ops_after"] - batch_row["ops_before"],
+                      batch_row["median_cpu_s"], batch_row["median_s"], largest["median_cpu_s"]))
     return out
 
 
-def rerender(path, markdown):
-    payload = common.load_full_run(path)
+def rerender(path, markdown, allow_busy=False):
+    payload = publish.load_full_run(path)
     args = argparse.Namespace(**payload["args"])
-    common.write_section(SECTION, render(args, payload["sizes"], payload["linear"], payload["machine"],
-                                         payload["load_before"], payload["profile"],
-                                         payload["batch_range_largest"], payload["command"]), markdown)
+    body = render(args, payload["sizes"], payload["linear"], payload["machine"], payload["load_before"],
+                  payload["profile"], payload["batch_range_largest"], payload["command"])
+    publish.publish(SECTION, body, markdown, payload["load_before"], payload["machine"]["load_average"], allow_busy)
     return payload
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run (< 60 s): ResNet-20 and 32, 1 graph each; never touches BENCHMARKS.md")
-    parser.add_argument("--output", help="write the results as JSON here")
-    parser.add_argument("--markdown", default=common.BENCHMARKS_MD, help="file whose section a full run rewrites")
+    publish.add_arguments(parser)
     parser.add_argument("--sizes", help="comma-separated ResNet depths (default 20,56,110; quick 20,32)")
     parser.add_argument("--repeats", type=int, default=None, help="fresh graphs per depth (default 3; 1 quick)")
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--render_json", help="rewrite the BENCHMARKS.md section from a JSON an earlier full "
-                        "run wrote with --output, without running anything")
     args = parser.parse_args(argv)
     if args.render_json:
-        return rerender(args.render_json, args.markdown)
+        return rerender(args.render_json, args.markdown, args.allow_busy)
     quick = args.quick
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else list(QUICK_SIZES if quick else SIZES)
     args.repeats = args.repeats or (1 if quick else 3)
@@ -205,11 +175,11 @@ def main(argv=None):
     def log(message):
         print("[rewrite_cost] " + message, flush=True)
 
-    load_before = common.machine_info()["load_average"]
-    config = common.tfquant_config(4, 4, "channel")
+    load_before = publish.start(args)
+    config = graphs.tfquant_config(4, 4, "channel")
     if not quick:
         # One untimed rewrite first: imports and TensorFlow's lazy registrations are not rewrite cost.
-        warm, _ = common.build_loss_graph(sizes[0], args.batch_size)
+        warm, _ = graphs.build_loss_graph(sizes[0], args.batch_size)
         tfquant.quantize_graph(warm, config)
         del warm
     rows = [measure(size, args.batch_size, args.repeats, config, log) for size in sorted(sizes)]
@@ -227,22 +197,22 @@ def main(argv=None):
         profile_data = breakdown(sorted(sizes)[-1], args.batch_size, config)
         log("profile: %.0f%% in TensorFlow calls, %.0f%% tfquant's own code"
             % (100 * profile_data["tf_share"], 100 * profile_data["tfquant_own_share"]))
-    info = common.machine_info()
+    info = machine.machine_info()
     log("ops/s (CPU) spread %.2f (linear if <= %.1f); largest median %.3f s wall, %.3f s CPU"
         % (spread, LINEAR_TOLERANCE, rows[-1]["median_s"], rows[-1]["median_cpu_s"]))
     payload = {"benchmark": SECTION, "quick": quick, "config": config.to_dict(), "repeats": args.repeats,
                "batch_size": args.batch_size, "sizes": rows, "linear": linear,
                "largest_under_target": rows[-1]["median_s"] < TIME_TARGET_S, "time_target_s": TIME_TARGET_S,
                "machine": info, "load_before": load_before, "profile": profile_data,
-               "batch_range_largest": batch_row, "command": common.command_line(), "args": vars(args)}
-    common.write_json(args.output, payload)
+               "batch_range_largest": batch_row, "command": publish.command_line(), "args": vars(args)}
+    publish.write_json(args.output, payload)
     if not quick:
-        common.write_section(SECTION, render(args, rows, linear, info, load_before, profile_data, batch_row,
-                                             payload["command"]),
-                             args.markdown)
+        publish.publish(SECTION, render(args, rows, linear, info, load_before, profile_data, batch_row,
+                                        payload["command"]), args.markdown, load_before, info["load_average"],
+                        args.allow_busy)
         log("wrote section %s of %s" % (SECTION, args.markdown))
     return payload
 
 
 if __name__ == "__main__":
-    main()
+    publish.run_main(main)

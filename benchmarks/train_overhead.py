@@ -1,24 +1,19 @@
-#!/usr/bin/env python
 """Training-step time of ResNet-20 quantized by tfquant, against float and TensorFlow's fused fake-quant ops.
 
 Every mode's graph and session is built and warmed up first; then the modes are run in interleaved
 rounds (round r: K steps of every mode in turn), so load from other processes and clock drift hit all
 modes alike. Reported: the median step time per mode and its ratio to float's median.
 
-  .venv/bin/python benchmarks/train_overhead.py            # full run, writes its BENCHMARKS.md section
-  .venv/bin/python benchmarks/train_overhead.py --quick --output /tmp/train.json
+  .venv/bin/python -m benchmarks.train_overhead            # full run, writes its BENCHMARKS.md section
+  .venv/bin/python -m benchmarks.train_overhead --quick --output /tmp/train.json
 """
 import argparse
 import collections
-import os
 import re
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import tensorflow as tf
 
-from benchmarks import common  # noqa: E402
-
-import tensorflow as tf  # noqa: E402
+from benchmarks import graphs, machine, publish, stats
 
 SECTION = "train_overhead"
 FLOAT = "float"
@@ -37,7 +32,7 @@ def all_modes():
     modes = collections.OrderedDict([(FLOAT, None)])
     for bits_name, weight_bits, activation_bits in BITS:
         for bucket_name, bucket_type in BUCKETS:
-            modes["%s-%s" % (bits_name, bucket_name)] = common.tfquant_config(
+            modes["%s-%s" % (bits_name, bucket_name)] = graphs.tfquant_config(
                 weight_bits, activation_bits, bucket_type, 256)
     modes[PEER] = ("peer", 4, 4)
     return modes
@@ -53,33 +48,33 @@ def describe(mode):
     return "tfquant %s, %s" % (bits.upper(), buckets)
 
 
-def run_interleaved(graphs, rounds, steps_per_round, log):
+def run_interleaved(built, rounds, steps_per_round, log):
     """Per-step times of every mode, collected in alternating rounds."""
-    times = {name: [] for name in graphs}
-    per_round = {name: [] for name in graphs}
+    times = {name: [] for name in built}
+    per_round = {name: [] for name in built}
     for r in range(rounds):
-        for name, graph in graphs.items():
+        for name, graph in built.items():
             round_times = []
             for _ in range(steps_per_round):
-                seconds, _ = common.timed(graph.step)
+                seconds, _ = stats.timed(graph.step)
                 round_times.append(seconds)
             times[name].extend(round_times)
-            per_round[name].append(common.median(round_times))
+            per_round[name].append(stats.median(round_times))
         log("round %d/%d: %s" % (r + 1, rounds, ", ".join(
-            "%s %.3f" % (name, per_round[name][-1]) for name in graphs)))
+            "%s %.3f" % (name, per_round[name][-1]) for name in built)))
     return times, per_round
 
 
 def summarize(times, per_round):
     """Median per mode, ratio of medians to float, and the median of per-round ratios."""
-    float_median = common.median(times[FLOAT])
+    float_median = stats.median(times[FLOAT])
     result = collections.OrderedDict()
     for name, values in times.items():
-        med = common.median(values)
+        med = stats.median(values)
         round_ratios = [m / f for m, f in zip(per_round[name], per_round[FLOAT])]
         result[name] = {"median_s": med, "ratio": med / float_median, "steps": len(values),
                         "min_s": min(values), "max_s": max(values), "times_s": values,
-                        "median_round_ratio": common.median(round_ratios)}
+                        "median_round_ratio": stats.median(round_ratios)}
     return result
 
 
@@ -125,7 +120,7 @@ def _trace(graph, options, types_by_name, by_type, by_origin, steps):
             by_origin[origin] += micros / 1000.0 / steps
 
 
-def profile_modes(graphs, names, steps, log):
+def profile_modes(built, names, steps, log):
     """Mean per-step op time (ms) by op type, and by origin: model ops vs ops the rewrite inserted.
 
     Traced steps alternate between the modes like the timed ones, so load changes hit all alike.
@@ -133,12 +128,12 @@ def profile_modes(graphs, names, steps, log):
     names = [FLOAT] + [n for n in names if n != FLOAT]
     options = tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE)
     counters = {name: (collections.Counter(), collections.Counter()) for name in names}
-    types = {name: {op.name: op.type for op in graphs[name].graph.get_operations()} for name in names}
+    types = {name: {op.name: op.type for op in built[name].graph.get_operations()} for name in names}
     for name in names:
-        graphs[name].step()  # the first traced run pays for setting tracing up
+        built[name].step()  # the first traced run pays for setting tracing up
     for _ in range(steps):
         for name in names:
-            _trace(graphs[name], options, types[name], counters[name][0], counters[name][1], steps)
+            _trace(built[name], options, types[name], counters[name][0], counters[name][1], steps)
     profiles = collections.OrderedDict()
     for name in names:
         profiles[name] = {"by_type": dict(counters[name][0]), "by_origin": dict(counters[name][1])}
@@ -153,7 +148,7 @@ def profile_table(profiles, name, top):
             for t in types[:top]]
     rows.append(("**all ops**", "%.1f" % sum(base.values()), "%.1f" % sum(quant.values()),
                  "%+.1f" % (sum(quant.values()) - sum(base.values()))))
-    return common.markdown_table(["op type", "float ms/step", "%s ms/step" % name, "difference"], rows)
+    return publish.markdown_table(["op type", "float ms/step", "%s ms/step" % name, "difference"], rows)
 
 
 def origin_line(profiles, name):
@@ -168,21 +163,14 @@ def origin_line(profiles, name):
 def render(args, results, checks, profiles, graphs_info, info, load_before, command):
     lines = ["## Training-step overhead (ResNet-%d, batch %d)" % (args.resnet_size, args.batch_size), "",
              "Command: `%s`" % command, ""]
-    lines.extend(common.machine_lines(info, load_before, "absolute step times are inflated and noisy; the "
-                                      "ratios come from interleaved rounds, which cancels most of that",
-                                      common.INTRA_OP_THREADS))
+    lines.extend(machine.machine_lines(info, load_before, graphs.INTRA_OP_THREADS))
     lines.extend([
-        "- Setup: random 32x32x3 batch held in a tf.constant (no input pipeline), cross-entropy + 2e-4 L2 "
-        "weight decay, Momentum 0.9, one step = `session.run(train_op)`. tfquant modes use "
-        "`quantize_all_layers=False` (first conv and the fc layer stay float) and its default 'ema' "
-        "activation ranges; A32 leaves activations float.",
-        "- Peer: `tf.quantization.fake_quant_with_min_max_vars_per_channel` on the same weights (per-output-"
-        "channel min/max of the weight) and `fake_quant_with_min_max_vars` on every Relu output (batch "
-        "min/max tensors, no moving-average variables), 4 bits, narrow_range=False.",
-        "- Timing: every graph built and warmed up (%d steps) first, then %d interleaved rounds of %d steps "
-        "per mode (%d timed steps per mode). Ratio = median step time / float's median step time; "
-        "'per-round ratio' is the median over rounds of (mode's round median / float's round median) — "
-        "a drift-robust cross-check." % (args.warmup, args.rounds, args.steps, args.rounds * args.steps),
+        "- One step = `session.run(train_op)` on a random batch held in the graph (Momentum 0.9, the "
+        "ModelHelper's loss). tfquant modes keep the first and last layer float, 'ema' activation ranges. "
+        "Peer: TensorFlow's fused fake-quant ops, per-channel weights and batch-range activations, 4 bits.",
+        "- %d warm-up steps, then %d interleaved rounds of %d steps per mode. Ratio = median step / float's "
+        "median step; per-round ratio = median over rounds of the two round medians' ratio."
+        % (args.warmup, args.rounds, args.steps),
         ""])
     rows = []
     for name, entry in results.items():
@@ -191,16 +179,14 @@ def render(args, results, checks, profiles, graphs_info, info, load_before, comm
                      "%.1f" % (1000 * entry["median_s"]), "%.3f" % entry["ratio"],
                      "%.3f (%.2f–%.2f)" % (entry["median_round_ratio"], low, high),
                      "%.0f–%.0f" % (1000 * entry["min_s"], 1000 * entry["max_s"])))
-    lines.append(common.markdown_table(
+    lines.append(publish.markdown_table(
         ["mode", "key", "graph ops", "median ms/step", "ratio to float", "per-round ratio (lowest–highest)",
          "step range ms"], rows))
     lines.extend(["", "### Targets", ""])
     estimates = op_time_estimates(profiles)
     if estimates:
-        lines.extend(["Timed ratios decide 'met'. Where the mode was profiled, the last column gives the "
-                      "op-time estimate 1 + (inserted ops' time / float's op time), which does not depend "
-                      "on how much CPU other jobs took between rounds (limit for the peer comparison: the "
-                      "peer's own estimate).", ""])
+        lines.extend(["Timed ratios decide 'met'; the op-time estimate is 1 + inserted ops' time / float's op "
+                      "time (for the peer comparison, against the peer's own estimate).", ""])
     rows = []
     for what, name, ratio, limit, ok in checks:
         estimate = ""
@@ -208,15 +194,14 @@ def render(args, results, checks, profiles, graphs_info, info, load_before, comm
             bound = estimates[PEER] if (what.endswith("peer's ratio") and PEER in estimates) else limit
             estimate = "%.3f (%s)" % (estimates[name], "within" if estimates[name] <= bound else "over")
         rows.append((what, "`%s`" % name, "%.3f" % ratio, "%.3f" % limit, "yes" if ok else "**no**", estimate))
-    lines.append(common.markdown_table(["target", "mode", "timed ratio", "limit", "met", "op-time estimate"],
+    lines.append(publish.markdown_table(["target", "mode", "timed ratio", "limit", "met", "op-time estimate"],
                                        rows))
     missed = [c for c in checks if not c[4]]
     if profiles:
         lines.extend(["", "### Profile (RunMetadata FULL_TRACE, mean op time per step over %d traced steps)"
                       % args.profile_steps, "",
-                      "Op time is summed over ops, so with 2 threads it can exceed the wall time. 'inserted' "
-                      "means ops under the rewrite's scopes (`*/weight_quant/`, `*/act_quant/`, and the peer's), "
-                      "including the gradient ops TensorFlow derives from them.", ""])
+                      "'inserted' = ops under the rewrites' scopes (`*/weight_quant/`, `*/act_quant/`, the "
+                      "peer's) and their gradient ops.", ""])
         for name in profiles:
             if name == FLOAT:
                 continue
@@ -231,17 +216,12 @@ def render(args, results, checks, profiles, graphs_info, info, load_before, comm
 
 
 ANALYSIS = (
-    "What the profile says and what it would take. tfquant's inserted ops are a handful of elementwise "
-    "passes over each quantized tensor: for an activation Min and Max reductions, then Sub, Mul (by the "
-    "per-range scale), Round, Mul and AddV2 — five full passes over a batch-sized tensor, plus a few "
-    "scalar ops for the moving-average update — and the straight-through backward is two Muls by a "
-    "scalar per tensor (two more passes). TensorFlow's fused FakeQuantWithMinMaxVars does the forward in one pass but its "
-    "gradient op is a second full pass that also masks by the range, so both land near the same total "
-    "(see the op-time estimates). Weight quantization is negligible (weights are tiny next to batch-128 "
-    "activations: W2A32 rows). Getting the quantized activations cheaper than the fused peer needs "
-    "fewer passes: one fused kernel for sub/scale/round/rescale (a custom op, or XLA auto-clustering "
-    "of the chain), or at least folding Sub and the first Mul into one multiply-add. Deciding the 5% "
-    "target by timing needs an unloaded machine: here other jobs moved step times by more than that.")
+    "Where the time goes: an activation's quantization is Min and Max reductions and then Sub, Mul, Round, "
+    "Mul and AddV2 over the tensor, all forward; the backward pass adds no op over the tensor, because the "
+    "straight-through gradient is one IdentityN whose registered gradient passes the quantized output's "
+    "gradient to the float input unchanged. The fused peer makes one forward pass and a second, masking "
+    "pass in its gradient op. Weights cost little next to batch-sized activations (see the A32 rows). "
+    "Fewer passes need the forward chain fused (a custom kernel, or XLA clustering of it).")
 
 
 def op_time_estimates(profiles):
@@ -257,7 +237,7 @@ def round_ratio_spread(entry, float_entry, rounds, steps):
     ratios = []
     for r in range(rounds):
         piece = slice(r * steps, (r + 1) * steps)
-        ratios.append(common.median(entry["times_s"][piece]) / common.median(float_entry["times_s"][piece]))
+        ratios.append(stats.median(entry["times_s"][piece]) / stats.median(float_entry["times_s"][piece]))
     return min(ratios), max(ratios)
 
 
@@ -278,14 +258,9 @@ def findings(results, checks, profiles):
         return "\n".join(out)
     float_total = model_ms(profiles[FLOAT])
     model_changes = [model_ms(d) / float_total - 1 for n, d in profiles.items() if n != FLOAT]
-    out.extend(["", "How much of this is measurement noise: the model's own ops (identical in every graph) took "
-                "from %+.0f%% to %+.0f%% of float's op time across the profiled graphs, and the per-round "
-                "ratios above spread as widely; differences of a few percent between timed ratios are below "
-                "what this run could resolve." % (100 * min(model_changes), 100 * max(model_changes))])
-    out.extend(["", "Per profiled mode: op time of the inserted quantization ops (forward and their gradients) "
-                "relative to float's total op time — the overhead the rewrite itself costs — and the change "
-                "in the model's own ops (convolutions, batch norm, their gradients), which the rewrite does "
-                "not alter and which mostly measures how much CPU other jobs took during those steps:", ""])
+    out.extend(["", "Noise: the model's own ops, identical in every graph, took %+.0f%% to %+.0f%% of float's "
+                "op time across the profiled graphs." % (100 * min(model_changes), 100 * max(model_changes)),
+                "", "Inserted ops' time per profiled mode, against float's op time:", ""])
     for name, profile_data in profiles.items():
         if name == FLOAT:
             continue
@@ -299,8 +274,8 @@ def findings(results, checks, profiles):
     return "\n".join(out)
 
 
-def rerender(path, markdown, note=None):
-    payload = common.load_full_run(path)
+def rerender(path, markdown, note=None, allow_busy=False):
+    payload = publish.load_full_run(path)
     args = argparse.Namespace(**payload["args"])
     results = collections.OrderedDict((name, payload["modes"][name]) for name in all_modes()
                                       if name in payload["modes"])
@@ -312,16 +287,13 @@ def rerender(path, markdown, note=None):
                   payload["command"])
     if note:
         body += "\n\n" + note
-    common.write_section(SECTION, body, markdown)
+    publish.publish(SECTION, body, markdown, payload["load_before"], payload["machine"]["load_average"], allow_busy)
     return payload
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run (< 60 s): 4 modes, batch 8, 1 round; never touches BENCHMARKS.md")
-    parser.add_argument("--output", help="write the results as JSON here")
-    parser.add_argument("--markdown", default=common.BENCHMARKS_MD, help="file whose section a full run rewrites")
+    publish.add_arguments(parser)
     parser.add_argument("--resnet_size", type=int, default=20)
     parser.add_argument("--batch_size", type=int, default=None, help="default 128 (8 with --quick)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 12; 1 quick)")
@@ -334,12 +306,10 @@ def main(argv=None):
                              "default), always, or never (the quick default)")
     parser.add_argument("--profile_steps", type=int, default=3)
     parser.add_argument("--profile_top", type=int, default=12)
-    parser.add_argument("--render_json", help="rewrite the BENCHMARKS.md section from a JSON an earlier full "
-                        "run wrote with --output, without running anything")
     parser.add_argument("--note", help="with --render_json: a paragraph appended to the section")
     args = parser.parse_args(argv)
     if args.render_json:
-        return rerender(args.render_json, args.markdown, args.note)
+        return rerender(args.render_json, args.markdown, args.note, args.allow_busy)
     quick = args.quick
     args.batch_size = args.batch_size or (8 if quick else 128)
     args.rounds = args.rounds or (1 if quick else 12)
@@ -357,28 +327,28 @@ def main(argv=None):
         parser.error("unknown mode(s) %s; expected some of %s" % (", ".join(unknown), ", ".join(modes)))
     if FLOAT not in wanted:
         wanted.insert(0, FLOAT)
-    load_before = common.machine_info()["load_average"]
-    graphs, graphs_info = collections.OrderedDict(), {}
+    load_before = publish.start(args)
+    built, graphs_info = collections.OrderedDict(), {}
     for name in [m for m in modes if m in wanted]:
-        build_s, graph = common.timed(lambda: common.TrainGraph(args.resnet_size, args.batch_size, modes[name]))
+        build_s, graph = stats.timed(lambda: graphs.TrainGraph(args.resnet_size, args.batch_size, modes[name]))
         graph.start()
         for _ in range(args.warmup):
             graph.step()
-        graphs[name] = graph
+        built[name] = graph
         graphs_info[name] = {"ops": len(graph.graph.get_operations()), "build_s": build_s}
         log("built %s (%d ops, %.1f s) and warmed up" % (name, graphs_info[name]["ops"], build_s))
-    times, per_round = run_interleaved(graphs, args.rounds, args.steps, log)
+    times, per_round = run_interleaved(built, args.rounds, args.steps, log)
     results = summarize(times, per_round)
     checks = check_targets(results)
     profiles = {}
     missed_modes = sorted({name for _, name, _, _, ok in checks if not ok})
     if args.profile == "always" or (args.profile == "auto" and missed_modes):
-        to_profile = [m for m in ("w4a4-channel", "w4a4-split256", PEER) if m in graphs]
+        to_profile = [m for m in ("w4a4-channel", "w4a4-split256", PEER) if m in built]
         to_profile += [m for m in missed_modes if m not in to_profile]
-        profiles = profile_modes(graphs, to_profile, args.profile_steps, log)
-    for graph in graphs.values():
+        profiles = profile_modes(built, to_profile, args.profile_steps, log)
+    for graph in built.values():
         graph.close()
-    info = common.machine_info()
+    info = machine.machine_info()
     for name, entry in results.items():
         log("%-16s median %.1f ms  ratio %.3f  per-round ratio %.3f"
             % (name, 1000 * entry["median_s"], entry["ratio"], entry["median_round_ratio"]))
@@ -390,14 +360,15 @@ def main(argv=None):
                "targets": [{"target": w, "mode": n, "ratio": r, "limit": l, "met": ok}
                            for w, n, r, l, ok in checks],
                "profiles": profiles, "machine": info, "load_before": load_before,
-               "command": common.command_line(), "args": vars(args)}
-    common.write_json(args.output, payload)
+               "command": publish.command_line(), "args": vars(args)}
+    publish.write_json(args.output, payload)
     if not quick:
-        common.write_section(SECTION, render(args, results, checks, profiles, graphs_info, info, load_before,
-                                             payload["command"]), args.markdown)
+        publish.publish(SECTION, render(args, results, checks, profiles, graphs_info, info, load_before,
+                                        payload["command"]), args.markdown, load_before, info["load_average"],
+                        args.allow_busy)
         log("wrote section %s of %s" % (SECTION, args.markdown))
     return payload
 
 
 if __name__ == "__main__":
-    main()
+    publish.run_main(main)

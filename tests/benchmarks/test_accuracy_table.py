@@ -1,47 +1,109 @@
-"""benchmarks/accuracy_table.py --quick: rows run through the real run script from one float checkpoint."""
+"""benchmarks.accuracy_table: rows through the real run script from one float checkpoint per seed, rows
+and seeds selectable and merged into one results file; then benchmarks.export_table on its checkpoints."""
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+from benchmarks import accuracy_table, publish
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def entry(label, seed, accuracy, float_accuracy, ratio=4.0):
+    return {"label": label, "seed": seed, "accuracy": accuracy, "float_accuracy": float_accuracy, "ratio": ratio,
+            "flags": "", "epochs": 1.0, "test_examples": 10000, "seconds": 1.0}
+
+
+def test_rows_are_selected_by_label_or_slug_and_unknown_rows_are_refused():
+    chosen = accuracy_table.select_rows("W2A8 channel, W4A4,W2A8_split_128")
+    assert [row.label for row in chosen] == ["W2A8 channel", "W4A4", "W2A8 split/128"]
+    assert accuracy_table.select_rows(None) == accuracy_table.ROWS
+    with pytest.raises(publish.BenchmarkError, match="'W3A3' is no row"):
+        accuracy_table.select_rows("W4A4,W3A3")
+    assert accuracy_table.parse_seeds("2,0,2") == [0, 2]
+    for bad in ("", "1,x", "-1"):
+        with pytest.raises(publish.BenchmarkError, match="--seeds"):
+            accuracy_table.parse_seeds(bad)
+
+
+def test_a_row_is_a_label_and_flags_with_its_own_epochs_and_seed():
+    row = accuracy_table.Row("W4A4 LSQ", "--uql_weight_bits=4 --uql_act_range=lsq --enbl_dst", epochs=3.0)
+    flags = accuracy_table.run_flags("/w", row, 2, accuracy_table.FULL)
+    assert flags[-3:] == ["--uql_weight_bits=4", "--uql_act_range=lsq", "--enbl_dst"]  # the row's flags win
+    assert "--uql_quant_epochs=3.0" in flags and "--seed=2" in flags
+    assert "--save_path=/w/seed2/float/model.ckpt" in flags
+    assert "--uql_save_quant_model_path=/w/seed2/W4A4_LSQ/model.ckpt" in flags
+    default = accuracy_table.run_flags("/w", accuracy_table.ROWS[0], 0, accuracy_table.FULL)
+    assert "--uql_quant_epochs=1.0" in default
+
+
+def test_parts_merge_by_row_and_seed_and_the_table_shows_mean_and_std():
+    first = accuracy_table.merge(None, [entry("W4A4", 0, 0.90, 0.91), entry("W8A8", 0, 0.92, 0.91)], False,
+                                 accuracy_table.FULL, "r.json")
+    payload = {"quick": False, "budget": accuracy_table.FULL, "entries": first}
+    merged = accuracy_table.merge(payload, [entry("W4A4", 1, 0.86, 0.89), entry("W4A4", 0, 0.88, 0.91)], False,
+                                  accuracy_table.FULL, "r.json")
+    assert [(e["label"], e["seed"], e["accuracy"]) for e in merged] == [
+        ("W8A8", 0, 0.92), ("W4A4", 0, 0.88), ("W4A4", 1, 0.86)]  # ROWS order; a rerun replaces its entry
+    table = accuracy_table.summarize(merged)
+    assert table["W4A4"]["seeds"] == [0, 1]
+    assert table["W4A4"]["mean"] == pytest.approx(np.mean([0.88, 0.86]))
+    assert table["W4A4"]["std"] == pytest.approx(np.std([0.88, 0.86], ddof=1))
+    assert table["W4A4"]["change"] == pytest.approx(np.mean([0.88 - 0.91, 0.86 - 0.89]))
+    assert table["W8A8"]["std"] is None
+    text = accuracy_table.render({"entries": merged, "budget": accuracy_table.FULL, "load_before": [0.1, 0, 0],
+                                  "machine": {"cores": 2, "cpu": "c", "tensorflow": "t", "python": "p", "date": "d",
+                                              "load_average": [0.1, 0, 0]}}, "cmd")
+    assert "| W4A4 | 0,1 | 87.00 ± 1.41 | -3.00 | 4.00x |" in text
+    assert "| float (starting point) | 0,1 | 90.00 ± 1.41 | - | 1.00x |" in text
+    assert "Not run yet: W4A32 channel" in text and "busy" not in text
+    with pytest.raises(publish.BenchmarkError, match="different float accuracies"):
+        accuracy_table.merge(payload, [entry("W2A8 channel", 0, 0.9, 0.5)], False, accuracy_table.FULL, "r.json")
+    with pytest.raises(publish.BenchmarkError, match="different budget"):
+        accuracy_table.merge(payload, [], True, accuracy_table.QUICK, "r.json")
+
+
+def test_the_recorded_results_file_is_in_the_current_format():
+    payload = publish.load_json(accuracy_table.DEFAULT_RESULTS)
+    entries = accuracy_table.merge(payload, [], False, accuracy_table.FULL, accuracy_table.DEFAULT_RESULTS)
+    assert {e["label"] for e in entries} == {row.label for row in accuracy_table.ROWS}
+
+
+def run(module, *args):
+    done = subprocess.run([sys.executable, "-m", module] + list(args), cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_accuracy_table_quick(tmp_path):
-    output = tmp_path / "acc.json"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "accuracy_table.py"), "--quick",
-                             "--output", str(output), "--work_dir", str(tmp_path / "work")],
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    data = json.load(open(output))
-    names = [row["name"] for row in data["rows"]]
-    assert names == ["W8A8", "W4A4 PocketFlow behaviour (baseline)"]
-    for row in data["rows"]:
-        assert 0.0 <= row["accuracy"] <= 1.0 and row["test_examples"] == 200
-        assert row["float_accuracy"] == data["float_accuracy"]  # one float checkpoint for every row
+    output, work = tmp_path / "acc.json", tmp_path / "work"
+    run("benchmarks.accuracy_table", "--quick", "--output", str(output), "--work_dir", str(work))
+    data = json.loads(output.read_text())
+    assert [(e["label"], e["seed"]) for e in data["entries"]] == [
+        (label, 0) for label in accuracy_table.QUICK_ROWS]
+    for item in data["entries"]:
+        assert 0.0 <= item["accuracy"] <= 1.0 and item["test_examples"] == 200
+        assert item["float_accuracy"] == data["entries"][0]["float_accuracy"]  # one float checkpoint per seed
         # The row's own results.json agrees with what the table reports.
-        slug = "".join(c if c.isalnum() else "_" for c in row["name"])
-        results = json.load(open(tmp_path / "work" / slug / "results.json"))
-        assert results["quant_accuracy"] == row["accuracy"] and results["compression_ratio"] == row["ratio"]
+        results = json.loads((work / "seed0" / accuracy_table.slug(item["label"]) / "results.json").read_text())
+        assert results["quant_accuracy"] == item["accuracy"] and results["compression_ratio"] == item["ratio"]
     # W8A8 with first/last float: roughly 4x smaller than float32, never less.
-    assert 2.5 < data["rows"][0]["ratio"] < 4.0
+    assert 2.5 < data["entries"][0]["ratio"] < 4.0
     assert not os.path.exists(os.path.join(ROOT, "BENCHMARKS.md.tmp"))
     # The export table runs on the checkpoints the accuracy table left behind.
     export_json = tmp_path / "export.json"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "export_table.py"), "--quick",
-                             "--output", str(export_json), "--work_dir", str(tmp_path / "work")],
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    exported = json.load(open(export_json))
+    run("benchmarks.export_table", "--quick", "--output", str(export_json), "--work_dir", str(work))
+    exported = json.loads(export_json.read_text())
     row = exported["rows"][0]["export"]
     files = row["files"]
     for key, name in (("packed", "model.tfq"), ("tflite_float", "model_float.tflite"),
                       ("tflite_int8", "model_int8.tflite")):
-        path = tmp_path / "work" / "export_W8A8" / name
-        assert files[key]["bytes"] == os.path.getsize(path)
+        assert files[key]["bytes"] == os.path.getsize(work / "seed0" / "export_W8A8" / name)
     # The packed 8-bit model is far smaller than the float checkpoint (which also holds Momentum slots).
     assert files["packed"]["bytes"] < exported["float_checkpoint_bytes"] / 4
     assert row["accuracy"]["frozen_graph"] == row["accuracy"]["quantized_checkpoint"]
-    assert row["accuracy"]["quantized_checkpoint"] == pytest.approx(data["rows"][0]["accuracy"], abs=1e-6)
+    assert row["accuracy"]["quantized_checkpoint"] == pytest.approx(data["entries"][0]["accuracy"], abs=1e-6)

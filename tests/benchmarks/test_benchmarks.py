@@ -1,8 +1,9 @@
-"""Run each benchmark with --quick in a subprocess and check what it reports is complete and consistent.
+"""Run each benchmark with --quick in a subprocess and check what it reports is complete and consistent;
+check the busy-machine rule and the section writer with injected load readings.
 
-Timings are never compared with thresholds: these tests run on loaded CI machines. They check that
-every expected mode is there, every time is a positive finite number, and every ratio is the
-reported time divided by the reported float time.
+Timings are never compared with thresholds: these tests run on loaded machines. They check that every
+expected mode is there, every time is a positive finite number, and every ratio is the reported time
+divided by the reported float time.
 """
 import json
 import math
@@ -12,22 +13,24 @@ import sys
 
 import pytest
 
-from benchmarks import common
+from benchmarks import machine, publish, rewrite_cost, stats
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Generous: the quick modes take well under a minute on an idle 2-core machine, far more when shared.
 TIMEOUT_S = 1200
+QUIET, BUSY = [0.25, 0.5, 0.5], [7.5, 3.0, 2.0]
 
 
-def run_quick(script, tmp_path, *extra):
+def run_quick(module, tmp_path, *extra):
+    """Run `python -m benchmarks.<module> --quick` as the docs say; returns its JSON."""
     output = tmp_path / "result.json"
     markdown = tmp_path / "BENCHMARKS.md"
-    command = [sys.executable, os.path.join(REPO_ROOT, "benchmarks", script), "--quick",
+    command = [sys.executable, "-m", "benchmarks." + module, "--quick",
                "--output", str(output), "--markdown", str(markdown)] + list(extra)
     done = subprocess.run(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-4000:]
-    # --quick must leave every BENCHMARKS.md alone.
+    # --quick must leave every BENCHMARKS.md alone, whatever the load.
     assert not markdown.exists()
     with open(output) as handle:
         return json.load(handle)
@@ -39,7 +42,7 @@ def positive_finite(value):
 
 def test_train_overhead_quick(tmp_path):
     from benchmarks import train_overhead
-    result = run_quick("train_overhead.py", tmp_path)
+    result = run_quick("train_overhead", tmp_path)
     modes = result["modes"]
     assert result["quick"] is True
     assert set(modes) == set(train_overhead.QUICK_MODES)
@@ -48,7 +51,7 @@ def test_train_overhead_quick(tmp_path):
     for name, entry in modes.items():
         assert entry["steps"] == len(entry["times_s"]) == result["rounds"] * result["steps_per_round"]
         assert all(positive_finite(t) for t in entry["times_s"]), name
-        assert entry["median_s"] == pytest.approx(common.median(entry["times_s"]), rel=1e-12)
+        assert entry["median_s"] == pytest.approx(stats.median(entry["times_s"]), rel=1e-12)
         assert entry["ratio"] == pytest.approx(entry["median_s"] / float_median, rel=1e-9), name
         assert positive_finite(entry["median_round_ratio"])
         assert result["graphs"][name]["ops"] > 0
@@ -59,11 +62,11 @@ def test_train_overhead_quick(tmp_path):
     for target in result["targets"]:
         assert target["ratio"] == pytest.approx(modes[target["mode"]]["ratio"], rel=1e-12)
         assert target["met"] == (target["ratio"] <= target["limit"])
+    assert result["command"].startswith(".venv/bin/python -m benchmarks.train_overhead --quick")
 
 
 def test_rewrite_cost_quick(tmp_path):
-    from benchmarks import rewrite_cost
-    result = run_quick("rewrite_cost.py", tmp_path)
+    result = run_quick("rewrite_cost", tmp_path)
     sizes = result["sizes"]
     assert [s["resnet_size"] for s in sizes] == list(rewrite_cost.QUICK_SIZES)
     for row in sizes:
@@ -71,7 +74,7 @@ def test_rewrite_cost_quick(tmp_path):
         assert row["quantized_layers"] > 0
         assert len(row["times_s"]) == len(row["cpu_times_s"]) == result["repeats"]
         assert all(positive_finite(t) for t in row["times_s"] + row["cpu_times_s"])
-        assert row["median_s"] == pytest.approx(common.median(row["times_s"]), rel=1e-12)
+        assert row["median_s"] == pytest.approx(stats.median(row["times_s"]), rel=1e-12)
         assert row["ops_per_s"] == pytest.approx(row["ops_before"] / row["median_s"], rel=1e-9)
         assert row["ops_per_cpu_s"] == pytest.approx(row["ops_before"] / row["median_cpu_s"], rel=1e-9)
     # Deeper networks have more ops, before and after the rewrite.
@@ -82,7 +85,7 @@ def test_rewrite_cost_quick(tmp_path):
 
 def test_memory_quick(tmp_path):
     from benchmarks import memory
-    result = run_quick("memory.py", tmp_path)
+    result = run_quick("memory", tmp_path)
     modes = result["modes"]
     assert set(modes) == set(memory.MODES)
     assert result["ratios"]["peer_peak"] == pytest.approx(
@@ -101,11 +104,11 @@ def test_memory_quick(tmp_path):
 
 def test_write_section_replaces_only_its_own_section(tmp_path):
     path = str(tmp_path / "BENCHMARKS.md")
-    common.write_section("first", "one", path)
-    common.write_section("second", "two", path)
+    publish.write_section("first", "one", path)
+    publish.write_section("second", "two", path)
     with open(path) as handle:
         before = handle.read()
-    common.write_section("first", "uno \\1 $1", path)
+    publish.write_section("first", "uno \\1 $1", path)
     with open(path) as handle:
         after = handle.read()
     assert "<!-- BEGIN first -->\nuno \\1 $1\n<!-- END first -->" in after
@@ -113,3 +116,71 @@ def test_write_section_replaces_only_its_own_section(tmp_path):
     # The other section and the header are untouched, byte for byte.
     assert after.split("<!-- BEGIN second -->")[1] == before.split("<!-- BEGIN second -->")[1]
     assert after.split("<!-- BEGIN first -->")[0] == before.split("<!-- BEGIN first -->")[0]
+
+
+@pytest.mark.parametrize("load_before,load_after,cores,busy", [
+    (QUIET, QUIET, 2, False),
+    ([1.0, 9, 9], [1.0, 9, 9], 2, False),   # exactly half the cores is not busy; 5/15-minute figures ignored
+    ([1.01, 0, 0], QUIET, 2, True),         # busy at the start
+    (QUIET, [1.01, 0, 0], 2, True),         # busy at the end
+    ([3.9, 0, 0], [3.9, 0, 0], 8, False),
+    (None, None, 2, False),                 # no reading on this OS: nothing to refuse on
+])
+def test_busy_rule_uses_the_one_minute_load_against_half_the_cores(load_before, load_after, cores, busy):
+    assert bool(machine.busy_readings(load_before, load_after, cores)) == busy
+    if busy:
+        with pytest.raises(publish.BenchmarkError, match="busy"):
+            publish.check_quiet(load_before, load_after, False, cores)
+    assert publish.check_quiet(load_before, load_after, True, cores) == busy
+
+
+def test_publish_refuses_a_busy_machine_unless_allowed_and_then_marks_the_section(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    publish.write_section("other", "kept", str(path))
+    before = path.read_bytes()
+    info = {"cores": machine.cores(), "cpu": "cpu", "tensorflow": "2", "python": "3", "date": "today",
+            "load_average": [machine.cores() * 0.75, 0, 0]}
+    body = "\n".join(machine.machine_lines(info, QUIET))
+    with pytest.raises(publish.BenchmarkError, match="at the end"):
+        publish.publish("mine", body, str(path), QUIET, info["load_average"], allow_busy=False)
+    assert path.read_bytes() == before
+    publish.publish("mine", body, str(path), QUIET, info["load_average"], allow_busy=True)
+    text = path.read_text()
+    assert "**Measured on a busy machine**" in text and "<!-- BEGIN other -->\nkept\n" in text
+    quiet_lines = machine.machine_lines(dict(info, load_average=QUIET), QUIET)
+    assert not any("busy" in line for line in quiet_lines)
+
+
+def test_a_full_run_on_a_busy_machine_stops_before_measuring(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(machine, "read_load", lambda: BUSY)
+    markdown, output = tmp_path / "BENCHMARKS.md", tmp_path / "out.json"
+    with pytest.raises(SystemExit) as stopped:
+        publish.run_main(lambda: rewrite_cost.main(["--markdown", str(markdown), "--output", str(output)]))
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: the machine is busy (1-minute load average 7.50 at the start")
+    assert not markdown.exists() and not output.exists()
+
+
+def test_busy_at_the_end_keeps_the_results_but_not_the_section(tmp_path, monkeypatch):
+    readings = iter([QUIET] + [BUSY] * 5)
+    monkeypatch.setattr(machine, "read_load", lambda: next(readings))
+    markdown, output = tmp_path / "BENCHMARKS.md", tmp_path / "out.json"
+    argv = ["--markdown", str(markdown), "--output", str(output), "--sizes", "20", "--repeats", "1",
+            "--batch_size", "2"]
+    with pytest.raises(publish.BenchmarkError, match="at the end"):
+        rewrite_cost.main(argv)
+    assert not markdown.exists()
+    saved = json.loads(output.read_text())
+    assert saved["quick"] is False and saved["load_before"] == QUIET and saved["machine"]["load_average"] == BUSY
+    # The saved results publish later only when explicitly allowed, and the section then says so.
+    with pytest.raises(publish.BenchmarkError):
+        rewrite_cost.main(["--render_json", str(output), "--markdown", str(markdown)])
+    rewrite_cost.main(["--render_json", str(output), "--markdown", str(markdown), "--allow_busy"])
+    assert "**Measured on a busy machine** (1-minute load average 7.50 at the end" in markdown.read_text()
+
+
+def test_command_line_is_the_module_form():
+    argv = [os.path.join(REPO_ROOT, "benchmarks", "memory.py"), "--output", "x.json"]
+    assert publish.command_line(argv) == ".venv/bin/python -m benchmarks.memory --output x.json"

@@ -52,3 +52,54 @@ def assert_matches_reference(got, want, x, bits):
     agreement = 0.999 if bits <= 8 else 0.98
     assert np.mean(np.abs(got - want) <= ulps) > agreement, np.abs(got - want).max()
     np.testing.assert_allclose(got, want, rtol=0, atol=step * 1.0001 + ulps)
+
+
+def group_indices(shape, layout="none", channel_axes=(), bucket_size=None):
+    """Row-major flat indices of every range group of a tensor of `shape`, numbered as GroupLayout does.
+
+    'none': one group; 'channel': one group per index over channel_axes (row-major over those axes);
+    'split': consecutive pieces of bucket_size elements of the flattened tensor, the last maybe shorter.
+    """
+    size = int(np.prod(shape, dtype=np.int64))
+    flat_index = np.arange(size).reshape(shape)
+    if layout == "none":
+        return [flat_index.reshape(-1)]
+    if layout == "channel":
+        found = []
+        for index in np.ndindex(*[shape[a] for a in channel_axes]):
+            selector = [slice(None)] * len(shape)
+            for axis, i in zip(channel_axes, index):
+                selector[axis] = i
+            found.append(flat_index[tuple(selector)].reshape(-1))
+        return found
+    if layout == "split":
+        return [np.arange(start, min(start + bucket_size, size)) for start in range(0, size, bucket_size)]
+    raise AssertionError(layout)
+
+
+def grid_codes(values, bits, range_eps=1e-10):
+    """The codes the formula may give each element of one group, computed in float64.
+
+    Float32 evaluation moves t = (x - beta) * (2^k - 1) / alpha by at most a few float32 epsilons
+    relative to 2^k - 1 (each of x - beta, max - min + eps, the reciprocal and the product rounds once),
+    so round(t) is certain except within that slack of a .5 tie, where either neighbour is correct.
+    Returns:
+      (lower, upper, beta, alpha): float64 arrays of the smallest and largest code rounding can produce
+      (equal wherever the code is not in doubt), and the group's beta = min and alpha = max - min + eps.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    beta = values.min()
+    alpha = (values.max() - beta) + range_eps
+    levels = float(2 ** bits - 1)
+    scaled = (values - beta) * levels / alpha
+    slack = 4 * float(np.finfo(np.float32).eps) * levels
+    lower = np.clip(np.floor(scaled + 0.5 - slack), 0, levels)
+    upper = np.clip(np.floor(scaled + 0.5 + slack), 0, levels)
+    return lower, upper, beta, alpha
+
+
+def grid_candidates(values, bits, range_eps=1e-10):
+    """(lower, upper) float64 values beta + code * alpha / (2^k - 1) for the codes of grid_codes."""
+    lower, upper, beta, alpha = grid_codes(values, bits, range_eps)
+    levels = float(2 ** bits - 1)
+    return beta + lower * alpha / levels, beta + upper * alpha / levels
