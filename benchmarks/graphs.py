@@ -5,6 +5,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfquant
+from nets.data.pipeline import ArrayData
 from nets.model_helper import ResNetModelHelper
 from tfquant import rewrite
 
@@ -25,7 +26,7 @@ class RandomBatchHelper(ResNetModelHelper):
 
     def _load_data(self):
         images, labels = self._batch
-        return {"train_images": images, "train_labels": labels, "test_images": images, "test_labels": labels}
+        return ArrayData(images, labels, images, labels)
 
     @property
     def dataset_name(self):
