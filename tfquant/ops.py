@@ -246,6 +246,15 @@ def uniform_quantize(x, bits, bucket_type=None, bucket_size=256):
 MIN_STEP = 1e-8
 
 
+def positive_step(step):
+    """The step size a learned step-size variable stands for: max(|step|, MIN_STEP).
+
+    An optimizer may push a step through zero; its magnitude keeps the grid usable and its gradient
+    alive (a clamp at MIN_STEP alone would leave the layer at zero with no gradient to recover).
+    """
+    return tf.maximum(tf.abs(step), MIN_STEP)
+
+
 def signed_grid(bits):
     """(Q_N, Q_P) of the signed grid -2^(k-1) .. 2^(k-1)-1 that LSQ weights use (k >= 2)."""
     if bits < 2:

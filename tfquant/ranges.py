@@ -127,7 +127,7 @@ def _pact(x, bits, is_training, scope_name, non_negative, decay):
     frozen = tf.stop_gradient(x)
     initial = tf.reduce_max(frozen if non_negative else tf.abs(frozen))
     (alpha,), updates = params.resolve([initial], is_training)
-    alpha = tf.maximum(alpha, ops.MIN_STEP)
+    alpha = ops.positive_step(alpha)
     # minimum(alpha, .) hands ties to alpha, so alpha's gradient is 1 exactly where x >= alpha.
     if non_negative:
         lower = tf.zeros_like(alpha)
@@ -157,7 +157,7 @@ def _lsq(x, bits, is_training, scope_name, non_negative):
         lowest = tf.reduce_min(frozen)
         initial = [2.0 * tf.reduce_mean(tf.abs(frozen - lowest)) / np.sqrt(q_p), lowest]
     values, updates = params.resolve(initial, is_training, grad_scale)
-    step = tf.maximum(values[0], ops.MIN_STEP)
+    step = ops.positive_step(values[0])
     offset = None if non_negative else values[1]
     with tf.control_dependencies(updates):
         return ops.lsq_quantize(x, step, q_n, q_p, offset), params
@@ -187,7 +187,7 @@ def quantize_weight_lsq(weight, bits, layout, scope_name, is_training):
     grad_scale = ops.lsq_gradient_scale(ops.group_elements(shape, layout), q_p)
     (step,), updates = params.resolve([lsq_weight_initial(weight, bits, layout)], is_training, grad_scale)
     with tf.control_dependencies(updates):
-        return ops.lsq_quantize_weight(weight, tf.maximum(step, ops.MIN_STEP), bits, layout), params
+        return ops.lsq_quantize_weight(weight, ops.positive_step(step), bits, layout), params
 
 
 def quantize_activation(x, bits, act_range, is_training, decay, scope_name, op_type="", pact_decay=0.0):

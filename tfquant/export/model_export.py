@@ -174,7 +174,7 @@ def _compute_codes(quantized):
             else:
                 # A checkpoint saved before its first step: training would use the initial step sizes.
                 step = ranges.lsq_weight_initial(x, layer.bits, _layout(layer))
-            step = tf.maximum(step, ops.MIN_STEP)
+            step = ops.positive_step(step)
             fetches.append(ops.lsq_weight_codes(x, step, layer.bits, _layout(layer)))
     config = tf1.ConfigProto(intra_op_parallelism_threads=2, inter_op_parallelism_threads=1)
     with tf1.Session(graph=graph, config=config) as sess:
