@@ -1,4 +1,5 @@
 """absl flags for the run scripts. PocketFlow's names keep their meaning; tfquant adds a few."""
+import math
 import os
 
 from absl import flags
@@ -47,8 +48,18 @@ def define_flags():
                       "first full match wins")
     flags.DEFINE_list("uql_activation_overrides", [], "ordered regex=bits overrides for activation op names")
     flags.DEFINE_list("uql_layer_bits", [], "explicit weight bits per matmul-like layer in data-flow order")
-    flags.DEFINE_enum("uql_act_range", "ema", ["ema", "batch"], "activation range at evaluation: moving "
-                      "average (ema) or the current batch (batch, PocketFlow's behaviour)")
+    flags.DEFINE_enum("uql_act_range", "ema", list(tfquant.config.ACT_RANGES),
+                      "activation ranges: batch min/max with moving averages at evaluation (ema), the current "
+                      "batch everywhere (batch, PocketFlow's behaviour), a learned clip level (pact) or a "
+                      "learned step size (lsq; LSQ+ offset for activations that can be negative)")
+    flags.DEFINE_enum("uql_weight_range", "minmax", list(tfquant.config.WEIGHT_RANGES),
+                      "weight ranges: max - min per range group (minmax, PocketFlow's) or a learned step size "
+                      "per range group on a signed grid (lsq)")
+    flags.DEFINE_float("uql_pact_decay", 2e-4, "L2 decay weight on PACT's clip levels (--uql_act_range pact)")
+    # PocketFlow's distillation flags, with its defaults.
+    flags.DEFINE_boolean("enbl_dst", False, "add a distillation loss from the float model (--learner uniform)")
+    flags.DEFINE_float("loss_w_dst", 4.0, "weight of the distillation loss")
+    flags.DEFINE_float("tempr_dst", 4.0, "temperature of the distillation softmax")
     flags.DEFINE_float("uql_ema_decay", 0.99, "decay of the activation-range moving averages")
     flags.DEFINE_integer("train_subset", None, "use only the first N training images (quick runs, tests)")
     flags.DEFINE_integer("eval_subset", None, "use only the first N test images (quick runs, tests)")
@@ -84,6 +95,14 @@ def validate_flags():
     for name in ("momentum", "loss_w_dcy"):
         if getattr(FLAGS, name) is not None and getattr(FLAGS, name) < 0:
             raise UserError("--%s=%s is not valid; expected a number >= 0" % (name, getattr(FLAGS, name)))
+    for name, low, expected in (("loss_w_dst", 0.0, "a finite number >= 0"),
+                                ("tempr_dst", None, "a finite number > 0")):
+        value = getattr(FLAGS, name)
+        if not math.isfinite(value) or (value < low if low is not None else value <= 0):
+            raise UserError("--%s=%s is not valid; expected %s" % (name, value, expected))
+    if FLAGS.enbl_dst and FLAGS.learner != "uniform":
+        raise UserError("--enbl_dst is not valid with --learner=%s; expected --learner=uniform (the teacher is "
+                        "the float checkpoint)" % FLAGS.learner)
     if FLAGS.data_dir_local is not None and not os.path.isdir(FLAGS.data_dir_local):
         raise UserError("--data_dir_local=%s is not valid; expected an existing directory" % FLAGS.data_dir_local)
     for name in ("save_path", "uql_save_quant_model_path"):
@@ -110,7 +129,8 @@ def quant_config():
             weight_overrides=tfquant.parse_overrides("--uql_weight_overrides", FLAGS.uql_weight_overrides),
             activation_overrides=tfquant.parse_overrides("--uql_activation_overrides",
                                                          FLAGS.uql_activation_overrides),
-            act_range=FLAGS.uql_act_range, act_ema_decay=FLAGS.uql_ema_decay)
+            act_range=FLAGS.uql_act_range, act_ema_decay=FLAGS.uql_ema_decay,
+            pact_decay=FLAGS.uql_pact_decay, weight_range=FLAGS.uql_weight_range)
     except ValueError as exc:
         message = str(exc)
         for field, flag in _CONFIG_FLAG_NAMES:
@@ -125,4 +145,5 @@ _CONFIG_FLAG_NAMES = (
     ("weight_bits", "uql_weight_bits"), ("activation_bits", "uql_activation_bits"),
     ("bucket_size", "uql_bucket_size"), ("layer_bits", "uql_layer_bits"),
     ("weight_overrides", "uql_weight_overrides"), ("activation_overrides", "uql_activation_overrides"),
-    ("act_ema_decay", "uql_ema_decay"))
+    ("act_ema_decay", "uql_ema_decay"), ("pact_decay", "uql_pact_decay"), ("weight_range", "uql_weight_range"),
+    ("act_range", "uql_act_range"))

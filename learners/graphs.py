@@ -9,6 +9,7 @@ import tfquant
 from learners.errors import UserError
 
 tf1 = tf.compat.v1
+TEACHER_SCOPE = "teacher"
 
 
 @dataclasses.dataclass
@@ -60,7 +61,50 @@ def _quant_summaries(graph, report):
         summaries.append(tf1.summary.scalar("quant_error/" + tag, error))
     for layer in report.activation_layers:
         summaries.append(tf1.summary.scalar("quant_bits/" + layer.name, tf.constant(float(layer.bits))))
+    # Learned ranges over training: scalars as they are; per-group step sizes as mean and histogram.
+    for variable in graph.get_collection(tfquant.ranges.LEARNED_COLLECTION):
+        tag = "learned_range/" + variable.op.name
+        value = variable.read_value()
+        if variable.shape.rank == 0:
+            summaries.append(tf1.summary.scalar(tag, value))
+        else:
+            summaries.append(tf1.summary.scalar(tag + "/mean", tf.reduce_mean(value)))
+            summaries.append(tf1.summary.histogram(tag, value))
     return summaries
+
+
+def distillation_loss(student_logits, teacher_logits, weight, temperature):
+    """PocketFlow's distillation loss: weight * T^2 * KL(softmax(teacher/T) || softmax(student/T)).
+
+    Args:
+      student_logits, teacher_logits: float [N, classes].
+      weight: loss_w_dst.
+      temperature: tempr_dst (T > 0); T^2 keeps the gradient scale independent of T.
+    Returns:
+      the scalar loss, the KL averaged over the batch.
+    """
+    teacher_log_probs = tf.nn.log_softmax(teacher_logits / temperature)
+    student_log_probs = tf.nn.log_softmax(student_logits / temperature)
+    kl = tf.reduce_sum(tf.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs), axis=-1)
+    return weight * temperature ** 2 * tf.reduce_mean(kl)
+
+
+def build_teacher(helper, images):
+    """The float model's evaluation forward pass under TEACHER_SCOPE, frozen: never trained, no updates.
+
+    Built after quantize_graph, so its ops are not quantized. Returns (logits without gradient,
+    {float checkpoint variable name: teacher variable}) for restoring it from the float checkpoint.
+    """
+    def frozen_getter(getter, *args, **kwargs):
+        kwargs["trainable"] = False
+        return getter(*args, **kwargs)
+
+    before = {v.op.name for v in tf1.global_variables()}
+    with tf1.variable_scope(TEACHER_SCOPE, custom_getter=frozen_getter):
+        logits = helper.forward_eval(images)
+    prefix = TEACHER_SCOPE + "/"
+    variables = {v.op.name[len(prefix):]: v for v in tf1.global_variables() if v.op.name not in before}
+    return tf.stop_gradient(logits), variables
 
 
 def finite_check(graph):
@@ -72,7 +116,8 @@ def finite_check(graph):
     return flags, [v.op.name for v in variables]
 
 
-def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=0.9, seed=0, skip_batches=0):
+def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=0.9, seed=0, skip_batches=0,
+                distillation=None):
     """Build the train or eval graph of `helper`'s model, rewritten by tfquant when quant_config is set.
 
     Args:
@@ -84,6 +129,8 @@ def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=
       seed: graph-level random seed.
       skip_batches: training graphs start this many batches into the data stream (the step a resumed
         run restarts from), so it sees the batches an uninterrupted run would.
+      distillation: None, or (loss_w_dst, tempr_dst) to add the distillation loss of a frozen float
+        teacher to a training graph (its variables in model.extra['teacher_variables']).
     Returns:
       a ModelGraph.
     """
@@ -106,9 +153,19 @@ def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=
             # After the forward pass, before loss gradients: training differentiates the quantized pass.
             report = tfquant.quantize_graph(graph, quant_config, is_training=is_train)
         loss, metrics = helper.calc_loss(labels, logits, tf1.trainable_variables())
+        regularization = tf1.get_collection(tf1.GraphKeys.REGULARIZATION_LOSSES)
+        if regularization:
+            # PACT's decay on its clip levels (tfquant puts it here).
+            loss = loss + tf.add_n(regularization)
+        extra = {}
+        if is_train and distillation is not None:
+            teacher_logits, extra["teacher_variables"] = build_teacher(helper, images)
+            extra["distillation_loss"] = distillation_loss(logits, teacher_logits, *distillation)
+            loss = loss + extra["distillation_loss"]
         model = ModelGraph(graph=graph, is_train=is_train, loss=loss, accuracy=metrics["accuracy"],
                            batch_count=tf.shape(labels)[0], model_variables=model_variables, saver=None,
-                           init_op=None, report=report, eval_init_op=None if is_train else eval_init_op)
+                           init_op=None, report=report, eval_init_op=None if is_train else eval_init_op,
+                           extra=extra)
         if is_train:
             model.global_step = tf1.train.get_or_create_global_step()
             setup = lrn_rate_fn or helper.setup_lrn_rate
@@ -120,9 +177,14 @@ def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=
                          tf1.summary.scalar("lrn_rate", model.lrn_rate)]
             if report is not None:
                 summaries.extend(_quant_summaries(graph, report))
+            if "distillation_loss" in extra:
+                summaries.append(tf1.summary.scalar("distillation_loss", extra["distillation_loss"]))
             model.summary_op = tf1.summary.merge(summaries)
             model.finite_flags, model.checked_variable_names = finite_check(graph)
-        model.saver = tf1.train.Saver(max_to_keep=3)
+        # The teacher is always restored from the float checkpoint, so checkpoints do not repeat it.
+        teacher = {v.op.name for v in extra.get("teacher_variables", {}).values()}
+        model.saver = tf1.train.Saver([v for v in tf1.global_variables() if v.op.name not in teacher],
+                                      max_to_keep=3)
         model.init_op = tf1.global_variables_initializer()
     return model
 
@@ -138,7 +200,7 @@ def restore_variables(sess, variables, checkpoint_path):
 
     Args:
       sess: session of the variables' graph.
-      variables: the variables to restore (by name).
+      variables: the variables to restore (by name), or a dict {name in the checkpoint: variable}.
       checkpoint_path: a checkpoint prefix.
     """
     try:
@@ -147,8 +209,9 @@ def restore_variables(sess, variables, checkpoint_path):
         raise UserError("checkpoint %s cannot be read (%s); expected a TensorFlow checkpoint"
                         % (checkpoint_path, str(exc).splitlines()[0]))
     shapes = reader.get_variable_to_shape_map()
-    for variable in variables:
-        name = variable.op.name
+    if not isinstance(variables, dict):
+        variables = {variable.op.name: variable for variable in variables}
+    for name, variable in variables.items():
         if name not in shapes:
             raise UserError("checkpoint %s has no variable %s; expected a checkpoint of this model"
                             % (checkpoint_path, name))

@@ -62,9 +62,11 @@ class UniformQuantLearner:
         training.log("uniform: float model %s: test accuracy %.4f" % (float_checkpoint, float_accuracy))
         nb_iters = max(1, int(math.ceil(s.uql_quant_epochs * self.helper.n_train / s.batch_size)))
         latest, step = training.find_checkpoint(self.save_path, self.name)
+        distillation = (s.loss_w_dst, s.tempr_dst) if getattr(s, "enbl_dst", False) else None
         model = graphs.build_graph(self.helper, True, quant_config=self.config,
                                    lrn_rate_fn=graphs.cosine_lrn_rate(s.uql_lrn_rate_init, nb_iters),
-                                   momentum=s.momentum, seed=s.seed, skip_batches=step)
+                                   momentum=s.momentum, seed=s.seed, skip_batches=step, distillation=distillation)
+        teacher = model.extra.get("teacher_variables", {})
         report = model.report
         os.makedirs(self.output_dir, exist_ok=True)
         report_path = os.path.join(self.output_dir, REPORT_NAME)
@@ -72,9 +74,14 @@ class UniformQuantLearner:
         training.log(report.format_table())
         with graphs.new_session(model.graph) as sess:
             sess.run(model.init_op)
+            if teacher:
+                # Frozen float teacher, from the float checkpoint on every start (checkpoints omit it).
+                graphs.restore_variables(sess, teacher, float_checkpoint)
             if latest:
-                graphs.restore_variables(sess, list(model.graph.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES)),
-                                         latest)
+                teacher_names = {v.op.name for v in teacher.values()}
+                student = [v for v in model.graph.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES)
+                           if v.op.name not in teacher_names]
+                graphs.restore_variables(sess, student, latest)
                 training.log("uniform: resuming from %s at step %d of %d"
                              % (latest, sess.run(model.global_step), nb_iters))
             else:

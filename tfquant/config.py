@@ -1,12 +1,15 @@
 """QuantConfig: the validated quantization policy (bits per layer, buckets, activation ranges)."""
 import dataclasses
+import math
 import re
 from typing import Optional, Sequence, Tuple
 
 FLOAT_BITS = 32
 VALID_BITS_TEXT = "an integer from 1 to 16, or 32 for float"
 BUCKET_TYPES = ("channel", "split")
-ACT_RANGES = ("ema", "batch")
+ACT_RANGES = ("ema", "batch", "pact", "lsq")
+WEIGHT_RANGES = ("minmax", "lsq")
+LEARNED_ACT_RANGES = ("pact", "lsq")
 
 
 def check_bits(field, value):
@@ -72,6 +75,12 @@ class QuantConfig:
       act_range: 'ema' (batch min/max in training, moving averages of them at evaluation) or 'batch'
         (min/max of the current batch everywhere, PocketFlow's behaviour).
       act_ema_decay: decay of the activation-range moving averages, in (0, 1).
+        PACT/LSQ ranges are learned: 'pact' trains a clipping level alpha per activation, 'lsq' a step
+        size (plus an offset, LSQ+, for activations that can be negative); see tfquant.ranges.
+      pact_decay: weight of the L2 decay pact_decay * alpha^2 / 2 on every PACT clipping level, >= 0.
+        The default equals the ResNet recipe's weight decay, so alpha shrinks at the rate the weights do.
+      weight_range: 'minmax' (alpha = max - min per range group, PocketFlow's formula) or 'lsq' (a
+        trained step size per range group on a signed grid; needs at least 2 bits).
     """
 
     weight_bits: int = 4
@@ -85,6 +94,8 @@ class QuantConfig:
     activation_overrides: Tuple = ()
     act_range: str = "ema"
     act_ema_decay: float = 0.99
+    pact_decay: float = 2e-4
+    weight_range: str = "minmax"
 
     def __post_init__(self):
         check_bits("weight_bits", self.weight_bits)
@@ -104,6 +115,13 @@ class QuantConfig:
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
             raise ValueError("act_ema_decay=%r is not valid; expected a number strictly between 0 and 1"
                              % (decay,))
+        pact_decay = self.pact_decay
+        if (isinstance(pact_decay, bool) or not isinstance(pact_decay, (int, float))
+                or not math.isfinite(pact_decay) or pact_decay < 0):
+            raise ValueError("pact_decay=%r is not valid; expected a finite number >= 0" % (pact_decay,))
+        if self.weight_range not in WEIGHT_RANGES:
+            raise ValueError("weight_range=%r is not valid; expected one of %s"
+                             % (self.weight_range, ", ".join(repr(r) for r in WEIGHT_RANGES)))
         if self.layer_bits is not None:
             if isinstance(self.layer_bits, (str, bytes)) or not hasattr(self.layer_bits, "__iter__"):
                 raise ValueError("layer_bits=%r is not valid; expected a list of bit widths, one per layer"
@@ -114,6 +132,15 @@ class QuantConfig:
                            _normalise_overrides("weight_overrides", self.weight_overrides))
         object.__setattr__(self, "activation_overrides",
                            _normalise_overrides("activation_overrides", self.activation_overrides))
+        if self.weight_range == "lsq":
+            # LSQ's signed grid -2^(k-1) .. 2^(k-1)-1 has no positive level at 1 bit.
+            sources = [("weight_bits", self.weight_bits)] + [
+                ("layer_bits[%d]" % i, b) for i, b in enumerate(self.layer_bits or ())] + [
+                ("weight_overrides %r" % regex.pattern, b) for regex, b in self.weight_overrides]
+            for field, bits in sources:
+                if bits == 1:
+                    raise ValueError("%s=1 is not valid with weight_range='lsq'; expected 2 to 16 bits, or 32"
+                                     % field)
 
     @property
     def weight_bucket_type(self):

@@ -239,3 +239,136 @@ def uniform_quantize(x, bits, bucket_type=None, bucket_size=256):
     else:
         raise ValueError("bucket_type=%r is not valid; expected None, 'channel' or 'split'" % (bucket_type,))
     return quantize_weight(x, bits, layout)
+
+
+# -- learned step sizes (LSQ, Esser et al. 2020; LSQ+, Bhalgat et al. 2020) ----------------------------
+# Smallest step size a learned range may reach: a step trained to zero or below would divide by zero.
+MIN_STEP = 1e-8
+
+
+def positive_step(step):
+    """The step size a learned step-size variable stands for: max(|step|, MIN_STEP).
+
+    An optimizer may push a step through zero; its magnitude keeps the grid usable and its gradient
+    alive (a clamp at MIN_STEP alone would leave the layer at zero with no gradient to recover).
+    """
+    return tf.maximum(tf.abs(step), MIN_STEP)
+
+
+def signed_grid(bits):
+    """(Q_N, Q_P) of the signed grid -2^(k-1) .. 2^(k-1)-1 that LSQ weights use (k >= 2)."""
+    if bits < 2:
+        raise ValueError("bits=%r is not valid for a signed LSQ grid; expected at least 2 bits" % (bits,))
+    return float(2 ** (bits - 1)), float(2 ** (bits - 1) - 1)
+
+
+def unsigned_grid(bits):
+    """(Q_N, Q_P) = (0, 2^k - 1): the grid of non-negative (or offset) LSQ activations."""
+    return 0.0, _levels(bits)
+
+
+def lsq_gradient_scale(elements, q_p):
+    """LSQ's gradient scale g = 1 / sqrt(N * Q_P) for a step size shared by N elements."""
+    return 1.0 / np.sqrt(float(elements) * float(q_p))
+
+
+def scale_gradient(x, factor):
+    """x unchanged in the forward pass; its gradient multiplied by `factor` in the backward pass."""
+    # The IdentityN of straight_through returns x's exact value, so the forward pass stays bit-exact.
+    return straight_through(x * factor, tf.stop_gradient(x))
+
+
+def lsq_quantize(x, step, q_n, q_p, offset=None):
+    """LSQ fake quantization round(clip((x - offset) / step, -Q_N, Q_P)) * step + offset.
+
+    Clipping before rounding gives exactly the published gradients: to x, 1 inside the grid and 0
+    outside; to step, round(v) - v inside (v = (x - offset) / step), -Q_N below and Q_P above; to the
+    offset (LSQ+), 0 inside and 1 outside. Scale step's and offset's gradients with `scale_gradient`
+    before calling.
+
+    Args:
+      x: float tensor.
+      step: positive step size, broadcastable to x.
+      q_n, q_p: grid bounds, codes run from -q_n to q_p.
+      offset: optional learned offset (LSQ+), broadcastable to x.
+    Returns:
+      the quantized tensor, same shape as x.
+    """
+    shifted = x if offset is None else x - offset
+    quantized = _round_ste(tf.clip_by_value(shifted / step, -q_n, q_p)) * step
+    return quantized if offset is None else quantized + offset
+
+
+def _group_shape(view, reduce_axes):
+    """The shape of one value per range group, broadcastable against the grouped view."""
+    if reduce_axes is None:
+        return []
+    return [1 if axis in reduce_axes else int(dim) for axis, dim in enumerate(view.shape.as_list())]
+
+
+def grouped_mean_abs(x, layout):
+    """<|x|> of every range group of `layout`, flattened in group order (a 'split' layout's short last
+    piece counts its last element once per padding slot)."""
+    view, reduce_axes, _ = _grouped(tf.stop_gradient(x), layout)
+    axes = list(range(view.shape.rank)) if reduce_axes is None else reduce_axes
+    return tf.reshape(tf.reduce_mean(tf.abs(view), axis=axes), [-1])
+
+
+def group_elements(shape, layout):
+    """Elements that share one range group of `layout` in a tensor of `shape` (LSQ's N)."""
+    if layout.kind == "split":
+        return layout.bucket_size
+    size = int(np.prod([int(d) for d in shape], dtype=np.int64))
+    return size // layout.num_groups(shape)
+
+
+def _lsq_packed(view, step, bits):
+    """(unsigned codes as float, alpha, beta) of a grouped weight for a per-group step size, with
+    codes * (alpha * float32(1/(2^k-1))) + beta equal to the signed LSQ grid point of every element."""
+    q_n, q_p = signed_grid(bits)
+    codes = tf.round(tf.clip_by_value(view / step, -q_n, q_p)) + q_n
+    # maximum() changes no value (step >= MIN_STEP) but keeps grappler from folding the two constant
+    # multiplications of step * (2^k-1) * float32(1/(2^k-1)) into one, which would round differently.
+    alpha = tf.maximum(step * _levels(bits), RANGE_EPS)
+    beta = -q_n * dequantize_scale(alpha, bits)
+    return codes, alpha, beta
+
+
+def lsq_weight_codes(x, step, bits, layout=GroupLayout()):
+    """The codes and per-group alpha/beta that `lsq_quantize_weight` dequantizes.
+
+    Args:
+      x: float weight with a fully defined shape.
+      step: float [num_groups] step sizes (already resolved and positive).
+      bits: 2..16.
+      layout: a GroupLayout.
+    Returns:
+      (int32 codes of x's shape in 0..2^k-1, float alpha [num_groups], float beta [num_groups]).
+    """
+    view, reduce_axes, restore = _grouped(tf.stop_gradient(x), layout)
+    step = tf.reshape(tf.stop_gradient(step), _group_shape(view, reduce_axes))
+    codes, alpha, beta = _lsq_packed(view, step, bits)
+    return tf.cast(restore(codes), tf.int32), tf.reshape(alpha, [-1]), tf.reshape(beta, [-1])
+
+
+def lsq_quantize_weight(x, step, bits, layout=GroupLayout()):
+    """A weight quantized on the signed LSQ grid with a learned step size per range group.
+
+    The forward value is codes * (alpha * float32(1/(2^k-1))) + beta, the packed export's formula, so
+    a packed model reloads it bit for bit; the backward pass is LSQ's (see `lsq_quantize`).
+
+    Args:
+      x: float weight with a fully defined shape.
+      step: float [num_groups] step sizes (positive, gradient already scaled by LSQ's g).
+      bits: 2..16.
+      layout: a GroupLayout.
+    Returns:
+      Q(x) with x's shape.
+    """
+    q_n, q_p = signed_grid(bits)
+    view, reduce_axes, restore = _grouped(x, layout)
+    group_step = tf.reshape(step, _group_shape(view, reduce_axes))
+    learned = restore(lsq_quantize(view, group_step, q_n, q_p))
+    codes, alpha, beta = _lsq_packed(tf.stop_gradient(view), tf.stop_gradient(group_step), bits)
+    exact = restore(codes * dequantize_scale(alpha, bits) + beta)
+    return straight_through(learned, exact)

@@ -7,6 +7,8 @@ from tfquant.config import FLOAT_BITS, match_override
 from tfquant.report import QUANTIZED, SKIPPED, LayerReport, QuantReport, VariableRecord, weight_layer_storage
 
 REWRITTEN_COLLECTION = "tfquant_rewritten"
+# Learned weight step sizes live in the scope <weight variable name><WEIGHT_RANGE_SUFFIX>.
+WEIGHT_RANGE_SUFFIX = "_quant"
 
 
 def _weight_bits(candidates, config):
@@ -51,10 +53,11 @@ def _layout(config, candidate):
     return ops.GroupLayout("split", bucket_size=config.bucket_size)
 
 
-def _quantize_weights(graph, candidates, config):
-    """Rewrite every weight candidate; returns its LayerReports and the names of weight variables."""
+def _quantize_weights(graph, candidates, config, is_training):
+    """Rewrite every weight candidate; returns its LayerReports, the names of weight variables and of
+    their learned step sizes (both counted as weight storage), and unused overrides."""
     decisions, unused = _weight_bits(candidates, config)
-    layers, stored, quantized = [], {}, {}
+    layers, stored, quantized, range_variables = [], {}, {}, set()
     for candidate in candidates:
         op = candidate.op
         layer = LayerReport(name=op.name, op_type=op.type, kind="weight", status=SKIPPED,
@@ -97,10 +100,19 @@ def _quantize_weights(graph, candidates, config):
         key = (weight.name, bits, layout)
         if key not in quantized:
             with graph.name_scope(None), graph.name_scope(op.name + "/weight_quant"):
-                quantized[key] = ops.quantize_weight(weight, bits, layout)
-        rewrite.reroute_input(op, candidate.input_index, quantized[key])
+                if config.weight_range == "lsq":
+                    quantized[key] = ranges.quantize_weight_lsq(
+                        weight, bits, layout, candidate.variable_name + WEIGHT_RANGE_SUFFIX, is_training)
+                else:
+                    quantized[key] = (ops.quantize_weight(weight, bits, layout), None)
+        tensor, learned = quantized[key]
+        if learned is not None:
+            # The step sizes are this layer's range storage (alpha, beta per group in the packed file).
+            layer.range_variables = [v.op.name for v in learned.variables]
+            range_variables.update(layer.range_variables)
+        rewrite.reroute_input(op, candidate.input_index, tensor)
         layer.status = QUANTIZED
-    return layers, set(stored), unused
+    return layers, set(stored) | range_variables, unused
 
 
 def _quantize_activations(activations, config, is_training):
@@ -125,9 +137,9 @@ def _quantize_activations(activations, config, is_training):
             continue
         scope = "%s/%s" % (op.name, ranges.RANGE_SCOPE_SUFFIX)
 
-        def build(x, bits=bits, scope=scope):
+        def build(x, bits=bits, scope=scope, op_type=op.type):
             return ranges.quantize_activation(x, bits, config.act_range, is_training,
-                                              config.act_ema_decay, scope)
+                                              config.act_ema_decay, scope, op_type, config.pact_decay)
 
         _, tracker, _ = rewrite.insert_after(output, build, scope)
         layer.status = QUANTIZED
@@ -159,7 +171,10 @@ def quantize_graph(graph, config, is_training=True):
       graph: a tf.Graph built in tf.compat.v1 graph mode.
       config: a QuantConfig.
       is_training: training graphs use batch activation ranges and update their moving averages;
-        evaluation graphs use the moving averages (with config.act_range == 'ema').
+        evaluation graphs use the moving averages (with config.act_range == 'ema'). Learned ranges
+        (config.act_range 'pact'/'lsq', config.weight_range 'lsq') are trainable variables in both;
+        a training graph stores their first-batch initial values. PACT's decay terms are added to
+        GraphKeys.REGULARIZATION_LOSSES: add tf.compat.v1.losses.get_regularization_loss() to the loss.
     Returns:
       a QuantReport of every candidate op.
     """
@@ -170,7 +185,7 @@ def quantize_graph(graph, config, is_training=True):
     candidates = match.find_weight_candidates(graph, depths)
     activations = match.find_activations(graph, depths)
     with graph.as_default():
-        weight_layers, weight_vars, unused_weight = _quantize_weights(graph, candidates, config)
+        weight_layers, weight_vars, unused_weight = _quantize_weights(graph, candidates, config, is_training)
         act_layers, unused_act = _quantize_activations(activations, config, is_training)
         graph.add_to_collection(REWRITTEN_COLLECTION, "train" if is_training else "eval")
     notes = []

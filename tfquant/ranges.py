@@ -1,15 +1,30 @@
-"""Activation ranges: batch min/max in training, tracked by moving averages used at evaluation.
+"""Activation ranges: batch min/max with moving averages, or learned ranges (PACT, LSQ, LSQ+).
 
 Observers (where a range comes from) are kept apart from the quantization math in `ops`.
 The moving averages live in non-trainable variables, so checkpoints save them and an evaluation graph
 built separately restores them by name.
+
+Learned ranges are trainable variables initialised lazily: until a training step has run, the value
+comes from the current tensor (batch max for PACT, 2<|x|>/sqrt(Q_P) for LSQ), and that first step
+stores it; an `init_steps` counter > 0 records that it happened, so a resumed run never re-initialises.
+
+Whether an activation is non-negative is decided by its op type alone (NON_NEGATIVE_OP_TYPES: Relu,
+Relu6, Sigmoid, Softplus, whose outputs are >= 0 for every input). Those get PACT's clip to [0, alpha]
+and LSQ's unsigned grid 0..2^k-1; every other activation (Elu, Selu, Tanh, LeakyRelu, Softsign, ...)
+gets PACT's symmetric clip to [-alpha, alpha], or LSQ+ (the unsigned grid shifted by a learned offset
+beta, initialised at the batch minimum).
 """
+import numpy as np
 import tensorflow as tf
 
 from tfquant import ops
 
 RANGE_COLLECTION = "tfquant_activation_ranges"
 RANGE_SCOPE_SUFFIX = "act_quant"
+LEARNED_COLLECTION = "tfquant_learned_ranges"
+# Integer training-state counters of a range (0 = never saw a training batch); not model parameters.
+COUNTER_NAMES = ("ema_steps", "init_steps")
+NON_NEGATIVE_OP_TYPES = ("Relu", "Relu6", "Sigmoid", "Softplus")
 
 
 def _range_variable(name, dtype, initial):
@@ -55,19 +70,147 @@ class ActivationRange:
         return tf.where(seen, self.ema_min.value(), batch_min), tf.where(seen, self.ema_max.value(), batch_max)
 
 
-def quantize_activation(x, bits, act_range, is_training, decay, scope_name):
+class LearnedParameters:
+    """Trainable range parameters of one quantized tensor with lazy first-batch initialisation."""
+
+    def __init__(self, scope_name, shapes):
+        """scope_name: variable scope; shapes: ordered (name, shape) of the parameters."""
+        with tf.compat.v1.variable_scope(scope_name, reuse=tf.compat.v1.AUTO_REUSE):
+            self.parameters = [tf.compat.v1.get_variable(
+                name, shape=shape, dtype=tf.float32, initializer=tf.compat.v1.zeros_initializer(),
+                trainable=True, use_resource=True,
+                collections=[tf.compat.v1.GraphKeys.GLOBAL_VARIABLES, tf.compat.v1.GraphKeys.TRAINABLE_VARIABLES,
+                             RANGE_COLLECTION, LEARNED_COLLECTION]) for name, shape in shapes]
+            self.init_steps = _range_variable("init_steps", tf.int64, 0)
+
+    @property
+    def variables(self):
+        """The float variables an exported model needs (the counter is training state only)."""
+        return list(self.parameters)
+
+    def resolve(self, initial_values, is_training, grad_scale=1.0):
+        """The parameters' values: learned once initialised, else `initial_values` from this tensor.
+
+        Args:
+          initial_values: one tensor per parameter (no gradient flows into them).
+          is_training: also return the ops storing the values and counting the step.
+          grad_scale: multiplies the parameters' gradients (LSQ's g).
+        Returns:
+          (list of value tensors, list of update ops; empty when not training).
+        """
+        seen = self.init_steps.value() > 0
+        values, updates = [], []
+        for variable, initial in zip(self.parameters, initial_values):
+            current = variable.value()
+            values.append(tf.where(seen, ops.scale_gradient(current, grad_scale), tf.stop_gradient(initial)))
+            if is_training:
+                # Writes back the value this step used: the initial one on the first step, else unchanged.
+                # It runs before the optimizer's update, which depends on this step's forward pass.
+                updates.append(variable.assign(tf.where(seen, current, tf.stop_gradient(initial)),
+                                               read_value=False))
+        if is_training:
+            with tf.control_dependencies([seen]):
+                updates.append(self.init_steps.assign_add(1, read_value=False))
+        return values, updates
+
+
+def _per_example_elements(x):
+    """Elements of one example of x (LSQ's N for an activation step size), static when known."""
+    if x.shape.rank is not None and x.shape[1:].is_fully_defined():
+        return float(max(1, int(np.prod(x.shape[1:].as_list(), dtype=np.int64))))
+    return tf.cast(tf.size(x) // tf.maximum(tf.shape(x)[0], 1), tf.float32)
+
+
+def _pact(x, bits, is_training, scope_name, non_negative, decay):
+    """PACT: clip to [0, alpha] ([-alpha, alpha] for signed activations), quantize with k bits."""
+    params = LearnedParameters(scope_name, [("pact_alpha", [])])
+    frozen = tf.stop_gradient(x)
+    initial = tf.reduce_max(frozen if non_negative else tf.abs(frozen))
+    (alpha,), updates = params.resolve([initial], is_training)
+    alpha = ops.positive_step(alpha)
+    # minimum(alpha, .) hands ties to alpha, so alpha's gradient is 1 exactly where x >= alpha.
+    if non_negative:
+        lower = tf.zeros_like(alpha)
+        clipped = tf.minimum(alpha, tf.nn.relu(x))
+    else:
+        lower = -alpha
+        clipped = tf.maximum(lower, tf.minimum(alpha, x))
+    if is_training and decay > 0:
+        tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.REGULARIZATION_LOSSES,
+                                       decay * tf.nn.l2_loss(params.parameters[0]))
+    with tf.control_dependencies(updates):
+        quantized = ops.quantize_in_range(tf.stop_gradient(clipped), bits, tf.stop_gradient(lower),
+                                          tf.stop_gradient(alpha))
+    return ops.straight_through(clipped, quantized), params
+
+
+def _lsq(x, bits, is_training, scope_name, non_negative):
+    """LSQ (unsigned grid) for non-negative activations, LSQ+ (learned offset) for the others."""
+    q_n, q_p = ops.unsigned_grid(bits)
+    frozen = tf.stop_gradient(x)
+    grad_scale = 1.0 / tf.sqrt(_per_example_elements(x) * q_p)
+    if non_negative:
+        params = LearnedParameters(scope_name, [("lsq_step", [])])
+        initial = [2.0 * tf.reduce_mean(tf.abs(frozen)) / np.sqrt(q_p)]
+    else:
+        params = LearnedParameters(scope_name, [("lsq_step", []), ("lsq_offset", [])])
+        lowest = tf.reduce_min(frozen)
+        initial = [2.0 * tf.reduce_mean(tf.abs(frozen - lowest)) / np.sqrt(q_p), lowest]
+    values, updates = params.resolve(initial, is_training, grad_scale)
+    step = ops.positive_step(values[0])
+    offset = None if non_negative else values[1]
+    with tf.control_dependencies(updates):
+        return ops.lsq_quantize(x, step, q_n, q_p, offset), params
+
+
+def lsq_weight_initial(weight, bits, layout):
+    """LSQ's initial step size 2<|w|>/sqrt(Q_P) of every range group of `layout`, as [num_groups]."""
+    _, q_p = ops.signed_grid(bits)
+    return 2.0 * ops.grouped_mean_abs(weight, layout) / np.sqrt(q_p)
+
+
+def quantize_weight_lsq(weight, bits, layout, scope_name, is_training):
+    """Quantize a weight on the signed LSQ grid with a trained step size per range group.
+
+    Args:
+      weight: float tensor with a fully defined shape.
+      bits: 2..16.
+      layout: the ops.GroupLayout of its range groups (the same groups min/max ranges use).
+      scope_name: variable scope of the step sizes (must be the same in train and eval graphs).
+      is_training: training graphs store the first step's initial step sizes.
+    Returns:
+      (quantized weight, LearnedParameters holding `lsq_step` [num_groups]).
+    """
+    shape = weight.shape.as_list()
+    _, q_p = ops.signed_grid(bits)
+    params = LearnedParameters(scope_name, [("lsq_step", [layout.num_groups(shape)])])
+    grad_scale = ops.lsq_gradient_scale(ops.group_elements(shape, layout), q_p)
+    (step,), updates = params.resolve([lsq_weight_initial(weight, bits, layout)], is_training, grad_scale)
+    with tf.control_dependencies(updates):
+        return ops.lsq_quantize_weight(weight, ops.positive_step(step), bits, layout), params
+
+
+def quantize_activation(x, bits, act_range, is_training, decay, scope_name, op_type="", pact_decay=0.0):
     """Quantize activation x, choosing its range by mode.
 
     Args:
       x: float activation tensor.
       bits: 1..16.
-      act_range: 'ema' or 'batch'.
-      is_training: training graphs use the batch range and update the moving averages.
+      act_range: 'ema', 'batch', 'pact' or 'lsq'.
+      is_training: training graphs use the batch range and update the moving averages (or store the
+        first batch's initial learned range).
       decay: moving-average decay.
       scope_name: variable scope of the range variables (must be the same in train and eval graphs).
+      op_type: type of the op producing x; NON_NEGATIVE_OP_TYPES get unsigned learned ranges.
+      pact_decay: weight of PACT's L2 decay on alpha, added to GraphKeys.REGULARIZATION_LOSSES.
     Returns:
-      (quantized tensor, ActivationRange or None when act_range is 'batch').
+      (quantized tensor, the range's ActivationRange / LearnedParameters, or None for 'batch').
     """
+    non_negative = op_type in NON_NEGATIVE_OP_TYPES
+    if act_range == "pact":
+        return _pact(x, bits, is_training, scope_name, non_negative, pact_decay)
+    if act_range == "lsq":
+        return _lsq(x, bits, is_training, scope_name, non_negative)
     # Ranges take no gradient: reduce a stop_gradient view, with one axes tensor for both reductions.
     axes = tf.range(tf.rank(x)) if x.shape.rank is None else tf.constant(list(range(x.shape.rank)), tf.int32)
     frozen = tf.stop_gradient(x)

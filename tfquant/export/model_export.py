@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfquant
-from tfquant import ranges
+from tfquant import ops, ranges
 from tfquant.config import FLOAT_BITS
 from tfquant.export import packed_file
 from tfquant.ops import GroupLayout
@@ -24,8 +24,9 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 SIZE_SLACK_RATIO = 1.02
 SIZE_SLACK_BYTES = 4096
-# Training-only counter of an activation range; 0 would make the frozen graph ignore the stored range.
-_EMA_STEPS_SUFFIX = "/ema_steps"
+# Training-only counters of a range (ema_steps, init_steps); 0 would make the frozen graph ignore the
+# stored range.
+_COUNTER_SUFFIXES = tuple("/" + name for name in ranges.COUNTER_NAMES)
 
 
 class ExportError(ValueError):
@@ -141,33 +142,56 @@ def _read_checked(reader, checkpoint, name, shape):
     return np.asarray(reader.get_tensor(name), dtype=np.float32)
 
 
+def _learned_steps(reader, checkpoint, layer):
+    """(step sizes or None, initialised) of a weight layer trained with learned (LSQ) step sizes."""
+    if not layer.range_variables:
+        return None
+    name = layer.range_variables[0]
+    step = _read_checked(reader, checkpoint, name, [layer.num_groups])
+    counter = name.rpartition("/")[0] + "/" + ranges.COUNTER_NAMES[1]
+    seen = counter not in reader.get_variable_to_shape_map() or int(reader.get_tensor(counter)) > 0
+    return step, seen
+
+
 def _compute_codes(quantized):
-    """(codes, alpha, beta) of each (layer, value) pair, by tfquant.weight_codes in one graph."""
+    """(codes, alpha, beta) of each (layer, value, learned steps) triple, by the training graph's ops."""
     if not quantized:
         return []
     graph = tf.Graph()
     with graph.as_default():
         feeds, fetches = {}, []
-        for layer, value in quantized:
+        for layer, value, learned in quantized:
             # A placeholder keeps the value out of grappler's constant folding, as in training.
             x = tf1.placeholder(tf.float32, value.shape)
             feeds[x] = value
-            fetches.append(tfquant.weight_codes(x, layer.bits, _layout(layer)))
+            if learned is None:
+                fetches.append(tfquant.weight_codes(x, layer.bits, _layout(layer)))
+                continue
+            step_value, seen = learned
+            if seen:
+                step = tf1.placeholder(tf.float32, step_value.shape)
+                feeds[step] = step_value
+            else:
+                # A checkpoint saved before its first step: training would use the initial step sizes.
+                step = ranges.lsq_weight_initial(x, layer.bits, _layout(layer))
+            step = ops.positive_step(step)
+            fetches.append(ops.lsq_weight_codes(x, step, layer.bits, _layout(layer)))
     config = tf1.ConfigProto(intra_op_parallelism_threads=2, inter_op_parallelism_threads=1)
     with tf1.Session(graph=graph, config=config) as sess:
         return sess.run(fetches, feed_dict=feeds)
 
 
 def _unrecorded_ranges(reader, report):
-    """Activation-range scopes whose moving averages never saw a batch (ema_steps == 0)."""
+    """Activation-range scopes that never saw a training batch (ema_steps or init_steps == 0)."""
     shapes = reader.get_variable_to_shape_map()
     scopes = []
     for layer in report.activation_layers:
         for name in layer.range_variables or ():
             scope = name.rpartition("/")[0]
-            steps = scope + _EMA_STEPS_SUFFIX
-            if steps in shapes and int(reader.get_tensor(steps)) == 0 and scope not in scopes:
-                scopes.append(scope)
+            for suffix in _COUNTER_SUFFIXES:
+                steps = scope + suffix
+                if steps in shapes and int(reader.get_tensor(steps)) == 0 and scope not in scopes:
+                    scopes.append(scope)
     return scopes
 
 
@@ -196,7 +220,8 @@ def pack_checkpoint(checkpoint, report, output_path, metadata=None):
     # Everything is read and checked before anything is written, so an error leaves no file.
     stored = _stored_variables(report)
     values = {name: _read_checked(reader, checkpoint, name, shape) for name, shape, _ in stored}
-    quantized = [(layer, values[name]) for name, _, layer in stored if layer is not None]
+    quantized = [(layer, values[name], _learned_steps(reader, checkpoint, layer))
+                 for name, _, layer in stored if layer is not None]
     codes = iter(_compute_codes(quantized))
     tensors = []
     for name, _, layer in stored:
@@ -288,8 +313,8 @@ def freeze_inference_graph(build_forward, weights, config_dict=None, input_shape
         result too, with the stored moving-average ranges.
       input_shape: [None, H, W, C] of the 'input' placeholder.
       quantize_activations: False leaves activations float even if the config quantizes them
-        (the graph TFLite int8 conversion calibrates itself).  Activation ranges' `ema_steps`
-        counters, which the packed file does not store, are set to 1 so the stored moving-average
+        (the graph TFLite int8 conversion calibrates itself).  Activation ranges' `ema_steps` and
+        `init_steps` counters, which the packed file does not store, are set to 1 so the stored moving-average
         ranges are used (pack_checkpoint lists ranges training never recorded in its metadata).
     Returns:
       a tf.compat.v1.GraphDef.
@@ -315,7 +340,7 @@ def freeze_inference_graph(build_forward, weights, config_dict=None, input_shape
         for variable in tf1.global_variables():
             name = variable.op.name
             shape = variable.shape.as_list()
-            if name.endswith(_EMA_STEPS_SUFFIX) and name not in weights:
+            if name.endswith(_COUNTER_SUFFIXES) and name not in weights:
                 value = np.ones(shape, variable.dtype.as_numpy_dtype)
             elif name not in weights:
                 raise ExportError("the model variable %s (shape %s) is not in the exported weights"
