@@ -32,6 +32,9 @@ class Row(typing.NamedTuple):
 
 
 BASELINE = "W4A4 PocketFlow behaviour (baseline)"
+CH = "--uql_use_buckets --uql_bucket_type=channel"
+LSQ = " --uql_weight_range=lsq --uql_act_range=lsq"
+DST = " --enbl_dst"
 # The baseline reproduces PocketFlow's behaviour: batch ranges at evaluation too, no buckets.
 ROWS = [
     Row("W8A8", "--uql_weight_bits=8 --uql_activation_bits=8"),
@@ -41,6 +44,18 @@ ROWS = [
     Row("W2A8 split/128", "--uql_weight_bits=2 --uql_activation_bits=8 --uql_use_buckets --uql_bucket_type=split "
         "--uql_bucket_size=128"),
     Row(BASELINE, "--uql_weight_bits=4 --uql_activation_bits=4 --uql_act_range=batch"),
+    # Learned ranges (issue 11): channel buckets, first and last layer float unless said otherwise.
+    Row("W4A4 ch min/max", CH + " --uql_weight_bits=4 --uql_activation_bits=4"),
+    Row("W4A4 ch LSQ + dst", CH + " --uql_weight_bits=4 --uql_activation_bits=4" + LSQ + DST),
+    Row("W4A4 all layers LSQ + dst", CH + " --uql_weight_bits=4 --uql_activation_bits=4 --uql_quantize_all_layers"
+        + LSQ + DST),
+    Row("W3A3 ch min/max", CH + " --uql_weight_bits=3 --uql_activation_bits=3"),
+    Row("W3A3 ch LSQ + dst", CH + " --uql_weight_bits=3 --uql_activation_bits=3" + LSQ + DST),
+    Row("W2A2 ch min/max", CH + " --uql_weight_bits=2 --uql_activation_bits=2"),
+    Row("W2A2 ch PACT", CH + " --uql_weight_bits=2 --uql_activation_bits=2 --uql_act_range=pact"),
+    Row("W2A2 ch PACT + dst", CH + " --uql_weight_bits=2 --uql_activation_bits=2 --uql_act_range=pact" + DST),
+    Row("W2A2 ch LSQ", CH + " --uql_weight_bits=2 --uql_activation_bits=2" + LSQ),
+    Row("W2A2 ch LSQ + dst", CH + " --uql_weight_bits=2 --uql_activation_bits=2" + LSQ + DST),
 ]
 QUICK_ROWS = ("W8A8", BASELINE)
 FULL = {"float": ["--nb_epochs_rat=1.0"], "epochs": 1.0, "finetune": ["--uql_lrn_rate_init=0.01"],
