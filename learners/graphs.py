@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Optional
 import tensorflow as tf
 
 import tfquant
+from learners import stopping
 from learners.errors import UserError
 
 tf1 = tf.compat.v1
@@ -122,7 +123,9 @@ def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=
                 summaries.extend(_quant_summaries(graph, report))
             model.summary_op = tf1.summary.merge(summaries)
             model.finite_flags, model.checked_variable_names = finite_check(graph)
-        model.saver = tf1.train.Saver(max_to_keep=3)
+        # Pruning is training.save_checkpoint's (per prefix, across resumed runs): a Saver only knows the
+        # checkpoints it wrote itself. Relative paths keep the state file valid in a copied run directory.
+        model.saver = tf1.train.Saver(max_to_keep=0, save_relative_paths=True)
         model.init_op = tf1.global_variables_initializer()
     return model
 
@@ -165,10 +168,13 @@ def evaluate(sess, model):
     count = 0
     sess.run(model.eval_init_op)
     while True:
+        # Evaluation writes nothing before it ends, so it can stop between any two batches.
+        stopping.check("during evaluation", "saved checkpoints are kept")
         try:
             accuracy, loss, n = sess.run([model.accuracy, model.loss, model.batch_count])
         except tf.errors.OutOfRangeError:
             break
+        stopping.pause_point("evaluation")
         correct += float(accuracy) * n
         total_loss += float(loss) * n
         count += int(n)
