@@ -87,12 +87,13 @@ def save_checkpoint(sess, model, save_path, step, last_good, keep=KEEP_CHECKPOIN
       TrainingDiverged: a variable holds NaN or Inf (nothing is saved).
       UserError: the file system refused the save (full disk, read-only or unwritable directory).
     """
+    save_path = os.path.abspath(save_path)  # what find_checkpoint returns too: one name per checkpoint
     _check_finite(sess, model, step, last_good)
     stopping.pause_point("save")
     checkpoint = "%s-%d" % (save_path, step)
     kept = ("the last good checkpoint %s is kept" % last_good) if last_good else "no checkpoint was saved before"
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(save_path)), exist_ok=True)
+        os.makedirs(os.path.dirname(save_path), exist_ok=True)
         path = model.saver.save(sess, save_path, global_step=step, write_meta_graph=False)
     except (OSError, tf.errors.OpError) as exc:
         checkpoints.discard_partial_save(checkpoint)
@@ -158,11 +159,12 @@ def run_training(sess, model, save_path, writer, summ_step, save_step, batch_siz
             writer.flush()
             raise TrainingDiverged(_diverged_message(step, "loss is %s" % ("nan" if np.isnan(loss) else "inf"),
                                                      last_good))
-        stop = stopping.requested() is not None
-        if step < total and (stop or step % save_step == 0 or time.time() - saved_time >= save_secs):
+        due = step % save_step == 0 or time.time() - saved_time >= save_secs
+        if step < total and (due or stopping.requested() is not None):
             last_good = save_checkpoint(sess, model, save_path, step, last_good)
             saved_time = time.time()
-            if stop:
+            # Also a signal that arrived during this save: the checkpoint just written is at this step.
+            if stopping.requested() is not None:
                 writer.flush()
                 stopping.check("at step %d" % step, "saved %s" % last_good)
     writer.flush()

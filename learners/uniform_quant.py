@@ -6,9 +6,9 @@ import os
 import tensorflow as tf
 
 import tfquant
-from tfquant import checkpoints
 from learners import full_precision, graphs, run_settings, stopping, training
 from learners.errors import UserError
+from tfquant import checkpoints
 
 tf1 = tf.compat.v1
 REPORT_NAME = "quant_report.json"

@@ -87,7 +87,8 @@ def read_state_file(directory):
             continue
         resolved = os.path.normpath(os.path.join(directory, entry))
         if os.path.dirname(resolved) != directory:
-            outside.append(entry)
+            if entry not in outside:
+                outside.append(entry)
             continue
         name = os.path.basename(resolved)
         if name not in names:

@@ -117,7 +117,7 @@ def test_copied_run_directory_never_reads_the_original(shared_run, tmp_path):
     assert len(notes) == 1 and "names 1 path(s) outside its directory" in notes[0], result.stdout
     assert str(original) not in "\n".join(set(result.stdout.splitlines()) - set(notes)) + result.stderr
     accuracy = float(re.search(r"uniform eval: accuracy ([0-9.]+)", result.stdout).group(1))
-    assert accuracy == pytest.approx(json.load(open(copy / "run" / "results.json"))["quant_accuracy"], abs=1e-6)
+    assert accuracy == pytest.approx(json.load(open(copy / "run" / "results.json"))["quant_accuracy"], abs=1e-4)
     # The copy's own checkpoints gone: an error, never the original's.
     for path in glob.glob(str(copy / "run" / "quant.ckpt-*")):
         os.remove(path)
