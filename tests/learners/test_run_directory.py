@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from tests.learners.test_end_to_end import run_script
-from tests.learners.test_reliability import FLOAT, SCRIPT, TOTAL, UNIFORM, _error_line
+from tests.learners.test_reliability import SCRIPT, TOTAL, UNIFORM, _error_line
 
 SHARED = ["--save_path=run/float.ckpt", "--uql_save_quant_model_path=run/quant.ckpt", "--log_dir=run/logs"]
 
