@@ -30,7 +30,8 @@ def define_flags():
     flags.DEFINE_float("loss_w_dcy", None, "weight decay factor (default: the model's)")
     flags.DEFINE_float("nb_epochs_rat", 1.0, "fraction of the model's standard number of epochs")
     flags.DEFINE_integer("summ_step", 100, "log progress and write summaries every this many iterations")
-    flags.DEFINE_integer("save_step", 10000, "save a checkpoint every this many iterations")
+    flags.DEFINE_integer("save_step", None, "save a checkpoint every this many iterations (default: every epoch)")
+    flags.DEFINE_float("save_secs", 600.0, "also save a checkpoint when this many seconds passed since the last")
     flags.DEFINE_integer("resnet_size", 20, "ResNet depth: 20, 32, 44, 56 or 110")
     flags.DEFINE_string("data_dir_local", None, "data directory (default: the dataset's standard location)")
     flags.DEFINE_integer("uql_weight_bits", 4, "weight bits (1..16, 32 = float)")
@@ -83,13 +84,27 @@ def _writable_parent(name, path):
                         % (name, path, probe))
 
 
+def float_flag_names():
+    """Names of every float-valued flag defined (ours and any other module's), sorted."""
+    return sorted(name for name in FLAGS if isinstance(FLAGS[name].parser, flags.FloatParser))
+
+
+def _finite_floats():
+    # absl parses "nan" and "inf" as floats and its bounds checks let NaN through.
+    for name in float_flag_names():
+        value = getattr(FLAGS, name)
+        if value is not None and not math.isfinite(value):
+            raise UserError("--%s=%s is not valid; expected a finite number" % (name, value))
+
+
 def validate_flags():
     """Check value ranges and paths; raises UserError with one line naming the flag."""
+    _finite_floats()
     for name in ("batch_size", "batch_size_eval", "summ_step", "save_step"):
         _positive(name)
     for name in ("train_subset", "eval_subset"):
         _positive(name)
-    for name in ("lrn_rate_init", "uql_lrn_rate_init", "nb_epochs_rat", "uql_quant_epochs"):
+    for name in ("lrn_rate_init", "uql_lrn_rate_init", "nb_epochs_rat", "uql_quant_epochs", "save_secs"):
         if getattr(FLAGS, name) is not None and not getattr(FLAGS, name) > 0:
             raise UserError("--%s=%s is not valid; expected a positive number" % (name, getattr(FLAGS, name)))
     for name in ("momentum", "loss_w_dcy"):

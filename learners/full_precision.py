@@ -1,9 +1,10 @@
 """The full-precision learner: trains the float model and saves checkpoints under --save_path."""
 import os
 
+import numpy as np
 import tensorflow as tf
 
-from learners import graphs, training
+from learners import graphs, run_settings, training
 from learners.errors import UserError
 
 tf1 = tf.compat.v1
@@ -33,7 +34,10 @@ class FullPrecLearner:
           the final checkpoint path.
         """
         s = self.settings
+        current = run_settings.float_settings(self.helper, s)
+        run_settings.refuse_changes(run_settings.changed_settings(s.save_path, current)[0], [s.save_path])
         latest, step = resume_from or training.find_checkpoint(s.save_path, self.name)
+        run_settings.write_record(s.save_path, self.name, current)
         model = graphs.build_graph(self.helper, True, momentum=s.momentum, seed=s.seed, skip_batches=step)
         with graphs.new_session(model.graph) as sess:
             sess.run(model.init_op)
@@ -46,7 +50,8 @@ class FullPrecLearner:
                     return latest
                 training.log("full-prec: resuming from %s at step %d of %d" % (latest, step, model.nb_iters))
             path = training.train_with_summaries(sess, model, s.save_path, os.path.join(s.log_dir, self.name, "train"),
-                                                 s, self.name, last_good=latest)
+                                                 s, self.name, last_good=latest,
+                                                 steps_per_epoch=getattr(self.helper, "nb_iters_per_epoch", None))
         training.log("full-prec: saved %s" % path)
         return path
 
@@ -75,6 +80,8 @@ def evaluate_checkpoint(helper, checkpoint, log_dir, quant_config=None, check_re
     model = graphs.build_graph(helper, False, quant_config=quant_config)
     if check_report is not None:
         check_report(model.report)
+    if model.report is not None:
+        check_activation_ranges(model.report, checkpoint)
     with graphs.new_session(model.graph) as sess:
         sess.run(model.init_op)
         variables = model.model_variables
@@ -89,3 +96,40 @@ def evaluate_checkpoint(helper, checkpoint, log_dir, quant_config=None, check_re
         writer.add_summary(summary, step)
         writer.close()
     return accuracy, loss, count
+
+
+def check_activation_ranges(report, checkpoint):
+    """Refuse a quantized checkpoint whose activation ranges are missing, non-finite or never recorded.
+
+    Args:
+      report: the QuantReport of the graph about to be restored.
+      checkpoint: checkpoint prefix.
+    Raises:
+      UserError naming the first bad range variable.
+    """
+    try:
+        reader = tf.train.load_checkpoint(checkpoint)
+    except (tf.errors.OpError, ValueError) as exc:
+        raise UserError("checkpoint %s cannot be read (%s); expected a TensorFlow checkpoint"
+                        % (checkpoint, " ".join(str(exc).split())[:200])) from None
+    stored = reader.get_variable_to_shape_map()
+    for layer in report.activation_layers:
+        if not layer.quantized or not layer.range_variables:
+            continue
+        values = {}
+        for name in layer.range_variables:
+            if name not in stored:
+                raise UserError("checkpoint %s has no activation range %s of layer %s; expected a checkpoint "
+                                "written by --learner uniform with these settings" % (checkpoint, name, layer.name))
+            values[name.rsplit("/", 1)[-1]] = np.asarray(reader.get_tensor(name))
+        low, high = values.get("ema_min"), values.get("ema_max")
+        if low is None or high is None:
+            continue
+        if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high)) and np.all(low <= high)):
+            raise UserError("checkpoint %s: activation range of layer %s is [%s, %s]; expected finite min <= max"
+                            % (checkpoint, layer.name, low, high))
+        steps_name = layer.range_variables[0].rsplit("/", 1)[0] + "/ema_steps"
+        if steps_name in stored and int(np.asarray(reader.get_tensor(steps_name)).max()) <= 0:
+            raise UserError("checkpoint %s: the activation range of layer %s was never recorded (%s is 0); "
+                            "expected a checkpoint of a finished quantized training" % (checkpoint, layer.name,
+                                                                                       steps_name))

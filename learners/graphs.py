@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Optional
 import tensorflow as tf
 
 import tfquant
+from learners import stopping
 from learners.errors import UserError
 
 tf1 = tf.compat.v1
@@ -181,10 +182,12 @@ def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=
                 summaries.append(tf1.summary.scalar("distillation_loss", extra["distillation_loss"]))
             model.summary_op = tf1.summary.merge(summaries)
             model.finite_flags, model.checked_variable_names = finite_check(graph)
+        # Pruning is training.save_checkpoint's (per prefix, across resumed runs): a Saver only knows the
+        # checkpoints it wrote itself. Relative paths keep the state file valid in a copied run directory.
         # The teacher is always restored from the float checkpoint, so checkpoints do not repeat it.
         teacher = {v.op.name for v in extra.get("teacher_variables", {}).values()}
         model.saver = tf1.train.Saver([v for v in tf1.global_variables() if v.op.name not in teacher],
-                                      max_to_keep=3)
+                                      max_to_keep=0, save_relative_paths=True)
         model.init_op = tf1.global_variables_initializer()
     return model
 
@@ -228,10 +231,13 @@ def evaluate(sess, model):
     count = 0
     sess.run(model.eval_init_op)
     while True:
+        # Evaluation writes nothing before it ends, so it can stop between any two batches.
+        stopping.check("during evaluation", "saved checkpoints are kept")
         try:
             accuracy, loss, n = sess.run([model.accuracy, model.loss, model.batch_count])
         except tf.errors.OutOfRangeError:
             break
+        stopping.pause_point("evaluation")
         correct += float(accuracy) * n
         total_loss += float(loss) * n
         count += int(n)

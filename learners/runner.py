@@ -9,6 +9,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from learners import flags as learner_flags  # noqa: E402
+from learners import stopping  # noqa: E402
 from learners.errors import UserError  # noqa: E402
 from learners.full_precision import FullPrecLearner  # noqa: E402
 from learners.uniform_quant import UniformQuantLearner  # noqa: E402
@@ -31,6 +32,7 @@ def _main(make_helper):
         if len(argv) > 1:
             raise UserError("unexpected argument %r; expected only --flag=value options" % argv[1])
         learner_flags.validate_flags()
+        stopping.install()
         helper = make_helper(FLAGS)
         if FLAGS.learner == "full-prec":
             learner = FullPrecLearner(helper, FLAGS)
@@ -45,10 +47,21 @@ def _main(make_helper):
     def guarded(argv):
         try:
             main(argv)
+        except stopping.Stopped as exc:
+            sys.stderr.write("%s\n" % exc)
+            sys.exit(exc.exit_status)
         except (UserError, DataError) as exc:
             if FLAGS.debug:
                 raise
             sys.stderr.write("error: %s\n" % exc)
+            sys.exit(2)
+        except OSError as exc:
+            # A file the run writes or reads outside the checked paths (full disk, permissions, read-only).
+            if FLAGS.debug:
+                raise
+            where = exc.filename if exc.filename is not None else "a file"
+            sys.stderr.write("error: %s cannot be accessed (%s); expected a readable/writable path with free space\n"
+                             % (where, exc.strerror or exc))
             sys.exit(2)
     return guarded
 

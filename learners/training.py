@@ -1,19 +1,19 @@
 """The training loop shared by the learners: progress lines, TensorBoard summaries, checkpoints, resuming."""
-import glob
 import os
-import re
 import sys
 import time
 
 import numpy as np
 import tensorflow as tf
 
+from learners import stopping
 from learners.errors import UserError
+from tfquant import checkpoints
 
 tf1 = tf.compat.v1
 
-# What reading a damaged checkpoint raises: TF errors, and IndexError for a truncated data file.
-_READ_ERRORS = (tf.errors.OpError, OSError, ValueError, IndexError, RuntimeError)
+KEEP_CHECKPOINTS = 3
+DEFAULT_SAVE_SECS = 600.0
 
 
 class TrainingDiverged(UserError):
@@ -33,78 +33,26 @@ def _format_seconds(seconds):
     return "%dm%02ds" % (seconds // 60, seconds % 60)
 
 
-def _step_of(prefix):
-    match = re.search(r"-(\d+)$", prefix)
-    return int(match.group(1)) if match else -1
-
-
-def checkpoint_candidates(save_path):
-    """Checkpoint prefixes of save_path's directory, newest first.
-
-    The checkpoint state file decides; when it is missing or lists nothing, the index files on disk do,
-    so a damaged state file cannot make a run start from scratch.
-    Args:
-      save_path: the checkpoint path prefix the learner saves under.
-    Returns:
-      a list of prefixes.
-    """
-    directory = os.path.dirname(os.path.abspath(save_path))
-    prefixes = []
-    state = tf.train.get_checkpoint_state(directory)
-    if state is not None:
-        prefixes = [state.model_checkpoint_path] + list(reversed(state.all_model_checkpoint_paths))
-    if not [p for p in prefixes if p]:
-        pattern = os.path.join(directory, glob.escape(os.path.basename(save_path)) + "-*.index")
-        prefixes = sorted((p[:-len(".index")] for p in glob.glob(pattern)), key=_step_of, reverse=True)
-    unique = []
-    for prefix in prefixes:
-        if prefix and prefix not in unique:
-            unique.append(prefix)
-    return unique
-
-
-def _read_step(prefix):
-    """Read every tensor of a checkpoint (so a truncated or corrupt file fails here); returns global_step."""
-    reader = tf.train.load_checkpoint(prefix)
-    step = 0
-    for name in sorted(reader.get_variable_to_shape_map()):
-        value = np.asarray(reader.get_tensor(name))
-        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
-            raise ValueError("variable %s holds non-finite values" % name)
-        if name == "global_step":
-            step = int(value)
-    return step
-
-
 def find_checkpoint(save_path, name):
-    """The newest readable checkpoint under save_path's directory, falling back past damaged ones.
+    """The newest readable checkpoint of the prefix save_path, falling back past damaged ones.
 
+    Only checkpoints named like save_path (BASENAME-N) count, so learners may share a directory; the
+    notes tfquant.checkpoints returns (fallbacks, an ignored state file) are printed here.
     Args:
       save_path: the checkpoint path prefix the learner saves under.
-      name: the learner's name, shown in the fallback lines.
+      name: the learner's name, shown in the note lines.
     Returns:
-      (checkpoint prefix, its global step), or (None, 0) when the directory has no checkpoint at all.
+      (checkpoint prefix, its global step), or (None, 0) when the prefix has no checkpoint at all.
     Raises:
       UserError: checkpoints exist but none can be read (never start over silently).
     """
-    candidates = checkpoint_candidates(save_path)
-    problems = []
-    for position, prefix in enumerate(candidates):
-        try:
-            step = _read_step(prefix)
-        except _READ_ERRORS as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            problems.append("%s (%s)" % (prefix, reason))
-            if position + 1 < len(candidates):
-                log("%s: checkpoint %s cannot be restored (%s); falling back to the previous one %s"
-                    % (name, prefix, reason, candidates[position + 1]))
-            continue
-        return prefix, step
-    if problems:
-        raise UserError("no checkpoint under %s can be restored: %s; expected a readable checkpoint (move the "
-                        "directory away to start from scratch)"
-                        % (os.path.dirname(os.path.abspath(save_path)), "; ".join(problems)))
-    return None, 0
+    try:
+        checkpoint, step, notes = checkpoints.latest_valid_checkpoint(save_path)
+    except checkpoints.CheckpointError as exc:
+        raise UserError(str(exc)) from None
+    for note in notes:
+        log("%s: %s" % (name, note))
+    return checkpoint, step
 
 
 def _check_finite(sess, model, step, last_good):
@@ -124,29 +72,69 @@ def _diverged_message(step, what, last_good):
     return "training diverged at step %d: %s; %s" % (step, what, kept)
 
 
-def run_training(sess, model, save_path, writer, summ_step, save_step, batch_size, name, last_good=None):
+def save_checkpoint(sess, model, save_path, step, last_good, keep=KEEP_CHECKPOINTS):
+    """Save a checkpoint at `step` after checking every variable is finite, then prune to `keep`.
+
+    Args:
+      sess, model: the training session and its ModelGraph.
+      save_path: checkpoint prefix.
+      step: the global step (the checkpoint is save_path-step).
+      last_good: the newest good checkpoint so far (named in errors), or None.
+      keep: how many checkpoints of save_path to keep, counting those of earlier runs.
+    Returns:
+      the saved checkpoint prefix.
+    Raises:
+      TrainingDiverged: a variable holds NaN or Inf (nothing is saved).
+      UserError: the file system refused the save (full disk, read-only or unwritable directory).
+    """
+    save_path = os.path.abspath(save_path)  # what find_checkpoint returns too: one name per checkpoint
+    _check_finite(sess, model, step, last_good)
+    stopping.pause_point("save")
+    checkpoint = "%s-%d" % (save_path, step)
+    kept = ("the last good checkpoint %s is kept" % last_good) if last_good else "no checkpoint was saved before"
+    try:
+        os.makedirs(os.path.dirname(save_path), exist_ok=True)
+        path = model.saver.save(sess, save_path, global_step=step, write_meta_graph=False)
+    except (OSError, tf.errors.OpError) as exc:
+        checkpoints.discard_partial_save(checkpoint)
+        reason = getattr(exc, "strerror", None) or " ".join(str(getattr(exc, "message", exc)).split())[:200]
+        raise UserError("checkpoint %s cannot be saved (%s); expected a writable directory with free space; %s"
+                        % (checkpoint, reason, kept)) from None
+    try:
+        checkpoints.prune_checkpoints(save_path, keep, protect=[path])
+    except OSError as exc:
+        raise UserError("old checkpoint file %s cannot be deleted (%s); expected a writable directory"
+                        % (exc.filename, exc.strerror)) from None
+    return path
+
+
+def run_training(sess, model, save_path, writer, summ_step, save_step, batch_size, name, last_good=None,
+                 save_secs=DEFAULT_SAVE_SECS):
     """Train `model` from its current global step to model.nb_iters.
 
-    Stops with TrainingDiverged at the first step whose loss is NaN or Inf, and never saves a checkpoint
-    holding a non-finite variable, so the last good checkpoint stays the latest.
+    Saves every save_step iterations, and whenever save_secs have passed since the last save, so a killed
+    run loses little; on a stop request (SIGTERM/SIGINT) it saves at the current step and raises
+    stopping.Stopped. Stops with TrainingDiverged at the first step whose loss is NaN or Inf, and never
+    saves a checkpoint holding a non-finite variable, so the last good checkpoint stays the latest.
     Args:
       sess: session with variables initialised or restored.
       model: a training ModelGraph.
-      save_path: checkpoint prefix; saved every save_step iterations and at the end.
+      save_path: checkpoint prefix.
       writer: a summary FileWriter.
       summ_step: iterations between progress lines and summaries.
       save_step: iterations between checkpoints.
       batch_size: for images per second.
       name: shown in progress lines.
       last_good: the checkpoint the variables were restored from, if any (named if training diverges).
+      save_secs: seconds after which a checkpoint is saved whatever save_step says.
     Returns:
       the path of the final checkpoint.
     """
-    os.makedirs(os.path.dirname(os.path.abspath(save_path)), exist_ok=True)
     step = int(sess.run(model.global_step))
     total = model.nb_iters
     if step >= total and last_good:
         return last_good
+    saved_time = time.time()
     window_start, window_steps = time.time(), 0
     while step < total:
         if (step + 1) % summ_step == 0 or step + 1 == total:
@@ -171,26 +159,33 @@ def run_training(sess, model, save_path, writer, summ_step, save_step, batch_siz
             writer.flush()
             raise TrainingDiverged(_diverged_message(step, "loss is %s" % ("nan" if np.isnan(loss) else "inf"),
                                                      last_good))
-        if step % save_step == 0 and step < total:
-            _check_finite(sess, model, step, last_good)
-            last_good = model.saver.save(sess, save_path, global_step=step, write_meta_graph=False)
+        due = step % save_step == 0 or time.time() - saved_time >= save_secs
+        if step < total and (due or stopping.requested() is not None):
+            last_good = save_checkpoint(sess, model, save_path, step, last_good)
+            saved_time = time.time()
+            # Also a signal that arrived during this save: the checkpoint just written is at this step.
+            if stopping.requested() is not None:
+                writer.flush()
+                stopping.check("at step %d" % step, "saved %s" % last_good)
     writer.flush()
-    _check_finite(sess, model, step, last_good)
-    return model.saver.save(sess, save_path, global_step=step, write_meta_graph=False)
+    return save_checkpoint(sess, model, save_path, step, last_good)
 
 
-def train_with_summaries(sess, model, save_path, log_dir, settings, name, last_good=None):
+def train_with_summaries(sess, model, save_path, log_dir, settings, name, last_good=None, steps_per_epoch=None):
     """run_training with a TensorBoard writer on `log_dir` (graph included), closed whatever happens.
 
     Args:
-      settings: the parsed flags (summ_step, save_step, batch_size).
+      settings: the parsed flags (summ_step, save_step, save_secs, batch_size).
+      steps_per_epoch: iterations of one epoch; the checkpoint interval when --save_step is not set.
       Others as for run_training.
     Returns:
       the path of the final checkpoint.
     """
+    save_step = settings.save_step or steps_per_epoch or model.nb_iters
+    save_secs = getattr(settings, "save_secs", None) or DEFAULT_SAVE_SECS
     writer = tf1.summary.FileWriter(log_dir, model.graph)
     try:
-        return run_training(sess, model, save_path, writer, settings.summ_step, settings.save_step,
-                            settings.batch_size, name, last_good=last_good)
+        return run_training(sess, model, save_path, writer, settings.summ_step, max(int(save_step), 1),
+                            settings.batch_size, name, last_good=last_good, save_secs=save_secs)
     finally:
         writer.close()

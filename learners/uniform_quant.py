@@ -6,19 +6,13 @@ import os
 import tensorflow as tf
 
 import tfquant
-from learners import full_precision, graphs, training
+from learners import full_precision, graphs, run_settings, stopping, training
 from learners.errors import UserError
+from tfquant import checkpoints
 
 tf1 = tf.compat.v1
 REPORT_NAME = "quant_report.json"
 RESULTS_NAME = "results.json"
-
-
-def _write_json_atomically(path, data):
-    temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
-        handle.write(data if isinstance(data, str) else json.dumps(data, indent=2))
-    os.replace(temporary, path)
 
 
 class UniformQuantLearner:
@@ -54,23 +48,50 @@ class UniformQuantLearner:
         # A float run killed part-way: finish it (the full-precision learner says it resumes) first.
         return self.float_learner.train(resume_from=(checkpoint, step))
 
+    def _check_settings(self):
+        """Refuse changed settings of either phase; record this run's. Returns the recorded float checkpoint."""
+        s = self.settings
+        float_current = run_settings.float_settings(self.helper, s)
+        quant_current = run_settings.quant_settings(self.helper, s)
+        float_changes = run_settings.changed_settings(s.save_path, float_current)[0]
+        quant_changes, record = run_settings.changed_settings(self.save_path, quant_current)
+        places = [p for p, changes in ((s.save_path, float_changes), (self.save_path, quant_changes)) if changes]
+        run_settings.refuse_changes(float_changes + quant_changes, places)
+        resumable = record is not None and checkpoints.list_checkpoints(self.save_path)[0]
+        started_from = record.get("float_checkpoint") if resumable else None
+        run_settings.write_record(self.save_path, self.name, quant_current, float_checkpoint=started_from)
+        return quant_current, started_from
+
+    def _record_float_checkpoint(self, quant_current, started_from, float_checkpoint, resuming):
+        """Record which float checkpoint fine-tuning starts from; refuse resuming from another one."""
+        # Relative to the quantized directory, so a run directory copied as a whole still matches.
+        relative = os.path.relpath(os.path.abspath(float_checkpoint), self.output_dir)
+        if resuming and started_from is not None and started_from != relative:
+            run_settings.refuse_changes([("float_checkpoint", started_from, relative)], [self.save_path])
+        run_settings.write_record(self.save_path, self.name, quant_current, float_checkpoint=relative)
+
     def train(self):
         """Fine-tune, evaluate, save the checkpoint, report and results; returns the results dict."""
         s = self.settings
+        quant_current, started_from = self._check_settings()
         float_checkpoint = self._float_checkpoint()
+        stopping.pause_point("between_phases")
+        stopping.check("between the float and quantized phases", "float checkpoint %s saved" % float_checkpoint)
         float_accuracy, _, _ = self.float_learner.evaluate(float_checkpoint)
         training.log("uniform: float model %s: test accuracy %.4f" % (float_checkpoint, float_accuracy))
         nb_iters = max(1, int(math.ceil(s.uql_quant_epochs * self.helper.n_train / s.batch_size)))
         latest, step = training.find_checkpoint(self.save_path, self.name)
         distillation = (s.loss_w_dst, s.tempr_dst) if getattr(s, "enbl_dst", False) else None
+        self._record_float_checkpoint(quant_current, started_from, float_checkpoint, latest is not None)
         model = graphs.build_graph(self.helper, True, quant_config=self.config,
                                    lrn_rate_fn=graphs.cosine_lrn_rate(s.uql_lrn_rate_init, nb_iters),
                                    momentum=s.momentum, seed=s.seed, skip_batches=step, distillation=distillation)
         teacher = model.extra.get("teacher_variables", {})
         report = model.report
-        os.makedirs(self.output_dir, exist_ok=True)
         report_path = os.path.join(self.output_dir, REPORT_NAME)
-        _write_json_atomically(report_path, report.to_json())
+        stopping.pause_point("report")
+        run_settings.write_json(report_path, report.to_json(), "quantization report")
+        stopping.check("after writing %s" % report_path, "saved checkpoints are kept")
         training.log(report.format_table())
         with graphs.new_session(model.graph) as sess:
             sess.run(model.init_op)
@@ -86,9 +107,9 @@ class UniformQuantLearner:
                              % (latest, sess.run(model.global_step), nb_iters))
             else:
                 graphs.restore_variables(sess, model.model_variables, float_checkpoint)
-            checkpoint = training.train_with_summaries(sess, model, self.save_path,
-                                                       os.path.join(s.log_dir, self.name, "train"), s, self.name,
-                                                       last_good=latest)
+            checkpoint = training.train_with_summaries(
+                sess, model, self.save_path, os.path.join(s.log_dir, self.name, "train"), s, self.name,
+                last_good=latest, steps_per_epoch=max(1, self.helper.n_train // s.batch_size))
         quant_accuracy, _, count = full_precision.evaluate_checkpoint(
             self.helper, checkpoint, os.path.join(s.log_dir, self.name, "eval"), self.config)
         results = {
@@ -99,7 +120,9 @@ class UniformQuantLearner:
             "float_storage_bits": report.float_storage_bits, "quant_storage_bits": report.total_storage_bits,
             "compression_ratio": report.compression_ratio,
         }
-        _write_json_atomically(os.path.join(self.output_dir, RESULTS_NAME), results)
+        stopping.pause_point("results")
+        stopping.check("before writing the results", "saved checkpoints are kept")
+        run_settings.write_json(os.path.join(self.output_dir, RESULTS_NAME), results, "results file")
         for line in summary_lines(results):
             training.log(line)
         return results
@@ -154,6 +177,33 @@ def check_report_matches(saved, rebuilt, report_path):
         raise UserError("quantization report %s is from another model: it lists %d weight layers, this model has "
                         "%d (first unmatched: %s); expected the report written with this checkpoint"
                         % (report_path, len(theirs), len(ours), extra))
+    _check_layer_decisions(saved, rebuilt, report_path)
+
+
+# What a layer's quantization is: the same names and shapes with other bits or range groups is another model.
+_DECISION_FIELDS = ("kind", "name", "status", "bits", "weight_variable", "shape", "bucket_type", "bucket_size",
+                    "channel_axes", "num_groups", "range_variables")
+
+
+def _check_layer_decisions(saved, rebuilt, report_path):
+    """Refuse a saved report whose per-layer bits, range groups or activation ranges differ from the rebuilt one."""
+    def decisions(report):
+        # Through JSON, so tuples and lists (rebuilt vs read back) compare equal.
+        layers = json.loads(report.to_json())["layers"]
+        return [[(field, layer.get(field)) for field in _DECISION_FIELDS] for layer in layers]
+
+    ours, theirs = decisions(rebuilt), decisions(saved)
+    if len(ours) != len(theirs):
+        raise UserError("quantization report %s does not match this checkpoint's model: it lists %d layers "
+                        "(weights and activations), the model rebuilt from it has %d; expected the report written "
+                        "with this checkpoint" % (report_path, len(theirs), len(ours)))
+    for index, (want, got) in enumerate(zip(ours, theirs)):
+        for (field, want_value), (_, got_value) in zip(want, got):
+            if want_value != got_value:
+                raise UserError("quantization report %s does not match this checkpoint's model: layer %d (%s) has "
+                                "%s %s in the report, %s in the model rebuilt from its settings; expected the report "
+                                "written with this checkpoint" % (report_path, index, dict(got)["name"], field,
+                                                                  got_value, want_value))
 
 
 def summary_lines(results):

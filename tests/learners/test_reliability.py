@@ -5,6 +5,7 @@ Resumed runs are compared with uninterrupted ones for exact equality. That holds
 stream is a pure function of (seed, batch position): the shuffle is seeded, augmentation uses stateless
 per-batch seeds, and the CPU kernels of these small models are deterministic at a fixed thread count.
 """
+import glob
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import tensorflow as tf
 from learners import graphs, training, uniform_quant
 from learners.errors import UserError
 from nets.data import pipeline
+from tfquant import checkpoints
 from tests.learners.test_end_to_end import ROOT, run_script
 
 tf1 = tf.compat.v1
@@ -120,7 +122,7 @@ def test_full_prec_resumes_after_kill(float_reference, tmp_path):
 def test_uniform_resumes_float_phase_then_quant_phase(float_reference, uniform_reference, tmp_path):
     cwd = str(tmp_path)
     float_killed, _ = _run_until_checkpoint(UNIFORM, cwd, "models")
-    assert not os.path.exists(tmp_path / "models_uql")
+    assert not glob.glob(str(tmp_path / "models_uql" / "*.index"))  # only its settings record so far
     quant_killed, out = _run_until_checkpoint(UNIFORM, cwd, "models_uql")
     # The second run finished the float phase it resumed (saying so once), then was killed while quantizing.
     assert re.findall(r"full-prec: resuming from \S+model\.ckpt-(\d+) at step (\d+) of (\d+)", out) == [
@@ -180,18 +182,20 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(float_reference, t
     for step in (10, 15, 20):
         with open(directory / ("model.ckpt-%d.data-00000-of-00001" % step), "r+b") as handle:
             handle.truncate(100)
-    with pytest.raises(UserError, match=r"no checkpoint under \S+ can be restored: \S+model\.ckpt-20 \("):
+    with pytest.raises(UserError, match=r"no checkpoint of \S+model\.ckpt can be restored: \S+model\.ckpt-20 \("):
         training.find_checkpoint(str(directory / "model.ckpt"), "full-prec")
     # A lost state file does not hide the checkpoints on disk either.
     os.remove(directory / "checkpoint")
-    assert training.checkpoint_candidates(str(directory / "model.ckpt"))[0].endswith("model.ckpt-20")
+    assert checkpoints.list_checkpoints(str(directory / "model.ckpt"))[0][0].endswith("model.ckpt-20")
 
 
 # -- divergence -------------------------------------------------------------------------------------------
 
 def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(float_reference, tmp_path):
     cwd = _copy(float_reference, tmp_path / "run")
-    # Resume the finished 20-iteration run into a 40-iteration one with an absurd learning rate.
+    # Resume the finished 20-iteration run into a 40-iteration one with an absurd learning rate; without
+    # its settings record (as written before records existed) the run adopts the checkpoints.
+    os.remove(cwd / "models" / "model.ckpt.settings.json")
     args = [a for a in FLOAT if not a.startswith(("--nb_epochs_rat", "--lrn_rate_init", "--save_step"))]
     result = run_script(SCRIPT, args + ["--nb_epochs_rat=1.66", "--lrn_rate_init=1e30", "--save_step=1"], str(cwd))
     line = _error_line(result)
@@ -259,12 +263,16 @@ def test_non_finite_variable_is_never_saved(tmp_path):
 
 def test_checkpoint_of_another_model_is_refused(float_reference, tmp_path):
     _copy(float_reference / "models", tmp_path / "models")
-    # A ConvNet checkpoint where the ResNet run looks for its float model.
+    # A ConvNet checkpoint where the ResNet run looks for its float model: its settings record says so first.
+    result = run_script("resnet_at_fmnist_run.py", UNIFORM + ["--resnet_size=20"], str(tmp_path))
+    assert "model convnet (recorded) vs resnet_20 (now)" in _error_line(result)
+    # Without the record (a directory from before records existed) the checkpoint itself is refused.
+    os.remove(tmp_path / "models" / "model.ckpt.settings.json")
     result = run_script("resnet_at_fmnist_run.py", UNIFORM + ["--resnet_size=20"], str(tmp_path))
     line = _error_line(result)
     assert re.match(r"error: checkpoint \S+model\.ckpt-20 has no variable model/\S+; expected a checkpoint of this "
                     r"model$", line), line
-    assert not os.path.exists(tmp_path / "models_uql" / "checkpoint")
+    assert not glob.glob(str(tmp_path / "models_uql" / "*.index"))
 
 
 def test_checkpoint_with_a_wrong_shape_is_refused(float_reference, tmp_path):

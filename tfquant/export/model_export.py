@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfquant
-from tfquant import ops, ranges
+from tfquant import checkpoints, ops, ranges
 from tfquant.config import FLOAT_BITS
 from tfquant.export import packed_file
 from tfquant.ops import GroupLayout
@@ -63,27 +63,17 @@ def load_report(report):
 def resolve_checkpoint(checkpoint):
     """The checkpoint prefix for a prefix or a directory (its latest checkpoint).
 
+    Paths in a `checkpoint` state file are never followed outside its directory (tfquant.checkpoints).
     Args:
-      checkpoint: a checkpoint prefix, or a directory holding checkpoints.
+      checkpoint: a checkpoint (DIR/BASENAME-N), a prefix (DIR/BASENAME: its newest checkpoint), or a
+        directory holding the checkpoints of one prefix.
     Returns:
       the checkpoint prefix.
     """
-    checkpoint = os.fspath(checkpoint)
-    if os.path.isdir(checkpoint):
-        latest = tf.train.latest_checkpoint(checkpoint)
-        if latest is None:
-            # Without a 'checkpoint' state file, take the highest-numbered model.ckpt-N.
-            steps = []
-            for name in os.listdir(checkpoint):
-                stem, dot, ext = name.rpartition(".")
-                if dot and ext == "index" and "-" in stem and stem.rpartition("-")[2].isdigit():
-                    steps.append((int(stem.rpartition("-")[2]), stem))
-            if not steps:
-                raise ExportError("checkpoint directory %s holds no checkpoint (no *.index file)"
-                                  % checkpoint)
-            latest = os.path.join(checkpoint, max(steps)[1])
-        return latest
-    return checkpoint
+    try:
+        return checkpoints.resolve(checkpoint)
+    except checkpoints.CheckpointError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def _open_checkpoint(checkpoint):
