@@ -236,15 +236,15 @@ def trained(tmp_path_factory):
     packed = os.path.join(directory, "model.tfq")
     model_export.pack_checkpoint(checkpoint, report_path, packed)
     weights, metadata = model_export.load_packed_weights(packed)
-    assert metadata["unrecorded_activation_ranges"] == []
     test_images, test_labels = _synthetic_data(np.random.default_rng(11), 300)
     return dict(directory=directory, checkpoint=checkpoint, report=report_path, config=config,
+                decisions=tfquant.report.read_report(report_path),
                 weights=weights, metadata=metadata, images=test_images, labels=test_labels,
                 train_images=_synthetic_data(np.random.default_rng(12), 200)[0])
 
 
 def test_frozen_graph_matches_quantized_graph(trained):
-    graph_def = model_export.freeze_inference_graph(forward, trained["weights"], trained["metadata"]["config"],
+    graph_def = model_export.freeze_inference_graph(forward, trained["weights"], trained["decisions"],
                                                     [None] + IMAGE_SHAPE)
     for op, weight in _weight_inputs(graph_def):
         types = _ancestor_types(weight)
@@ -262,14 +262,14 @@ def test_freeze_rejects_mismatched_weights(trained):
     weights = dict(trained["weights"])
     weights["fc1/biases"] = np.zeros([3], np.float32)
     with pytest.raises(model_export.ExportError, match=r"fc1/biases.*\[3\].*\[32\]"):
-        model_export.freeze_inference_graph(forward, weights, trained["metadata"]["config"], [None] + IMAGE_SHAPE)
+        model_export.freeze_inference_graph(forward, weights, trained["decisions"], [None] + IMAGE_SHAPE)
     weights = dict(trained["weights"], **{"extra/weights": np.zeros([2], np.float32)})
     with pytest.raises(model_export.ExportError, match="extra/weights"):
-        model_export.freeze_inference_graph(forward, weights, trained["metadata"]["config"], [None] + IMAGE_SHAPE)
+        model_export.freeze_inference_graph(forward, weights, trained["decisions"], [None] + IMAGE_SHAPE)
 
 
 def test_tflite_float_keeps_activation_quantization(trained):
-    graph_def = model_export.freeze_inference_graph(forward, trained["weights"], trained["metadata"]["config"],
+    graph_def = model_export.freeze_inference_graph(forward, trained["weights"], trained["decisions"],
                                                     [None] + IMAGE_SHAPE)
     reference = model_export.run_graph_def(graph_def, trained["images"])
     logits = tflite_export.run_tflite(tflite_export.convert_float(graph_def), trained["images"])
@@ -279,7 +279,7 @@ def test_tflite_float_keeps_activation_quantization(trained):
 
 
 def test_tflite_float_and_int8(trained, tmp_path):
-    graph_def = model_export.freeze_inference_graph(forward, trained["weights"], trained["metadata"]["config"],
+    graph_def = model_export.freeze_inference_graph(forward, trained["weights"], trained["decisions"],
                                                     [None] + IMAGE_SHAPE, quantize_activations=False)
     reference = model_export.run_graph_def(graph_def, trained["images"])
     float_model = tflite_export.convert_float(graph_def)
@@ -303,6 +303,7 @@ def test_int8_refused_for_16_bit_layer(tmp_path, trained):
     report = json.load(open(trained["report"]))
     layer = [entry for entry in report["layers"] if entry["weight_variable"] == "conv2/weights"][0]
     layer["bits"] = 16
+    layer["weight_storage_bits"] = 16 * layer["num_params"]  # consistent, or the report schema refuses it
     with pytest.raises(ValueError, match=r"conv2/weights uses 16 bits"):
         tflite_export.convert_int8(b"", trained["train_images"], report=report)
 
