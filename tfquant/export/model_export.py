@@ -7,13 +7,14 @@ per-group (alpha, beta) that the training graph used, computed by the very same 
 predicts exactly what the quantized checkpoint predicts.
 """
 import dataclasses
+import glob
 import os
 
 import numpy as np
 import tensorflow as tf
 
 import tfquant
-from tfquant import match, ranges
+from tfquant import files, match, ranges
 from tfquant.config import FLOAT_BITS
 from tfquant.export import packed_file
 from tfquant.ops import GroupLayout
@@ -77,6 +78,14 @@ def resolve_checkpoint(checkpoint):
 
 
 def _open_checkpoint(checkpoint):
+    # TensorFlow would block forever on a FIFO and read a device without end: only regular files pass.
+    files.regular_file_size(checkpoint + ".index", ExportError, "checkpoint index")
+    shards = glob.glob(glob.escape(checkpoint) + ".data-?????-of-?????")
+    if not shards:
+        raise ExportError("checkpoint %s has no data file (%s.data-00000-of-00001); expected a complete checkpoint"
+                          % (checkpoint, checkpoint))
+    for shard in shards:
+        files.regular_file_size(shard, ExportError, "checkpoint data file")
     try:
         return tf.train.load_checkpoint(checkpoint)
     except (tf.errors.OpError, ValueError) as exc:
@@ -183,6 +192,42 @@ def _check_activation_ranges(reader, checkpoint, report):
         raise ExportError("checkpoint %s: the ranges of %d quantized activation(s) were never recorded in training "
                           "(e.g. %s); expected a checkpoint trained for at least one step with these activations "
                           "quantized" % (checkpoint, len(unrecorded), unrecorded[0]))
+
+
+_COMPARED_FIELDS = ("name", "kind", "op_type", "status", "bits", "weight_variable", "input_index", "shape",
+                    "bucket_type", "bucket_size", "channel_axes", "num_groups", "range_variables")
+
+
+def check_report_matches_model(saved, rebuilt, report_path):
+    """Refuse a report that does not describe this model layer for layer.
+
+    Args:
+      saved: the QuantReport read from the run directory.
+      rebuilt: the QuantReport of the model's graph quantized with config_from_report(saved).
+      report_path: named in the message.
+    Raises:
+      ExportError: naming the first layer (or stored variable) whose name, shape, bits, buckets or
+        range groups differ.
+    """
+    def describe(layer):
+        return {field: getattr(layer, field) for field in _COMPARED_FIELDS}
+
+    for number, (ours, theirs) in enumerate(zip(rebuilt.layers, saved.layers)):
+        ours, theirs = describe(ours), describe(theirs)
+        if ours != theirs:
+            field = next(f for f in _COMPARED_FIELDS if ours[f] != theirs[f])
+            raise ExportError("report %s does not match the model: layer %d (%s) has %s=%r in the report, %r in "
+                              "the model; expected the report written with this checkpoint and model"
+                              % (report_path, number, theirs["name"], field, theirs[field], ours[field]))
+    if len(rebuilt.layers) != len(saved.layers):
+        raise ExportError("report %s does not match the model: it lists %d candidate ops, the model has %d"
+                          % (report_path, len(saved.layers), len(rebuilt.layers)))
+    ours = {(r.name, tuple(r.shape)) for r in rebuilt.other_variables}
+    theirs = {(r.name, tuple(r.shape)) for r in saved.other_variables}
+    if ours != theirs:
+        name, shape = sorted(ours ^ theirs)[0]
+        raise ExportError("report %s does not match the model: variable %s with shape %s is only in the %s"
+                          % (report_path, name, list(shape), "model" if (name, shape) in ours else "report"))
 
 
 def _check_weight_layers(report):
