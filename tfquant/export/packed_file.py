@@ -285,6 +285,8 @@ MAX_RANK = 32
 _QUANTIZED_KEYS = {"n", "s", "o", "q", "l", "a", "b"}
 _PLAIN_KEYS = {"n", "s", "o", "d"}
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+# NumPy cannot describe larger arrays, even empty ones (a zero dimension beside huge ones).
+_MAX_ELEMENTS = 2 ** 62
 
 
 def _is_int(value):
@@ -326,8 +328,10 @@ def _check_entry(entry, number, payload_len):
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}")
     shape = _entry_field(entry, "s", list, where)
-    if len(shape) > MAX_RANK or not all(_is_int(d) and d >= 0 for d in shape):
-        raise ValueError(f"{where}: bad shape {shape!r}; expected at most {MAX_RANK} non-negative integers")
+    if len(shape) > MAX_RANK or not all(_is_int(d) and d >= 0 for d in shape) \
+            or math.prod(d for d in shape if d) > _MAX_ELEMENTS:
+        raise ValueError(f"{where}: bad shape {shape!r}; expected at most {MAX_RANK} non-negative integers "
+                         f"whose non-zero product is at most {_MAX_ELEMENTS}")
     shape = tuple(shape)
     offset = _entry_field(entry, "o", int, where)
     # Python integers cannot overflow; the product is compared with the payload before any
