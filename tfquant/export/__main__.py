@@ -169,7 +169,13 @@ def _export(args, staging):
     report = model_export.load_report(report_path)
     config = config_from_report(report)
     _check_checkpoint_files(checkpoint_dir)
-    checkpoint = model_export.resolve_checkpoint(checkpoint_dir)
+    try:
+        checkpoint = model_export.resolve_checkpoint(checkpoint_dir)
+    except (model_export.ExportError, OSError):
+        raise
+    except Exception as exc:  # pylint: disable=broad-except  (protobuf's ParseError is no ValueError)
+        raise CommandError("checkpoint state file %s cannot be read (%s); expected the 'checkpoint' file "
+                           "TensorFlow writes" % (os.path.join(checkpoint_dir, STATE_FILE), _one_line(exc)))
     int8 = args.int8
     tflite = args.tflite or int8
     if int8:

@@ -97,7 +97,7 @@ def _tensor(reader, checkpoint, name):
     """One checkpoint value; a truncated or damaged data file becomes an ExportError."""
     try:
         return reader.get_tensor(name)
-    except (tf.errors.OpError, ValueError) as exc:
+    except (tf.errors.OpError, ValueError, IndexError) as exc:  # a short data file raises IndexError
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError("checkpoint %s: variable %s cannot be read (%s)" % (checkpoint, name, first)) from None
 
@@ -179,7 +179,11 @@ def _check_activation_ranges(reader, checkpoint, report):
     for layer in report.activation_layers:
         if not layer.quantized:
             continue
-        for name in layer.range_variables or ():
+        names = list(layer.range_variables or ())
+        if names:
+            # The update counter is training state, not in the report; it sits in the same scope.
+            names.append(names[0].rpartition("/")[0] + _EMA_STEPS_SUFFIX)
+        for name in names:
             if name not in shapes:
                 raise ExportError("checkpoint %s has no variable %s (the range of activation %s in the report)"
                                   % (checkpoint, name, layer.name))
