@@ -332,7 +332,10 @@ def load_packed_weights(path):
     """
     tensors, metadata = packed_file.read_packed_model(path)
     weights = {}
-    for tensor in tensors:
+    tensors.reverse()
+    while tensors:
+        # Each tensor's codes are released once dequantized, so codes and floats never all coexist.
+        tensor = tensors.pop()
         if isinstance(tensor, packed_file.QuantizedTensor):
             weights[tensor.name] = tensor.dequantize()
         else:
