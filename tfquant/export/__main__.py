@@ -1,7 +1,7 @@
 """Command line: export a quantized checkpoint to a packed .tfq file, a frozen graph and TFLite models.
 
   python -m tfquant.export --checkpoint_dir DIR --model resnet_at_fmnist --output_dir OUT \\
-      [--resnet_size 20] [--data_dir_local D] [--tflite] [--int8] [--eval_subset N]
+      [--resnet_size 20] [--data_dir_local D] [--tflite] [--int8] [--eval_subset N] [--debug]
 
 DIR holds quant_report.json and model.ckpt-N (as written by --learner uniform).  OUT receives
 model.tfq, inference.pb, model_float.tflite and model_int8.tflite (with --tflite / --int8) and
@@ -217,8 +217,8 @@ def _export(args, staging):
     except model_export.ExportError as exc:
         raise CommandError("%s (does --model%s match the checkpoint?)"
                            % (exc, "/--resnet_size" if MODELS[args.model][1] else ""))
-    with open(os.path.join(staging, "inference.pb"), "wb") as handle:
-        handle.write(graph_def.SerializeToString())
+    # Flushed to disk before the staging directory is published, like every file of the export.
+    files.write_atomically(os.path.join(staging, "inference.pb"), graph_def.SerializeToString())
     add_file("frozen_graph", "inference.pb")
 
     test_images = test_labels = None
@@ -239,8 +239,7 @@ def _export(args, staging):
     if tflite:
         # The float model keeps tfquant's activation quantization, so it predicts as the checkpoint does.
         models["float"] = tflite_export.convert_float(graph_def, input_shape)
-        with open(os.path.join(staging, "model_float.tflite"), "wb") as handle:
-            handle.write(models["float"])
+        files.write_atomically(os.path.join(staging, "model_float.tflite"), models["float"])
         add_file("tflite_float", "model_float.tflite")
     if int8:
         float_activations = model_export.freeze_inference_graph(
@@ -248,8 +247,7 @@ def _export(args, staging):
         calibration, _ = _dataset_arrays(helper.build_dataset_train, limit=CALIBRATION_IMAGES)
         models["int8"] = tflite_export.convert_int8(float_activations, calibration, report, input_shape,
                                                     num_calibration=CALIBRATION_IMAGES)
-        with open(os.path.join(staging, "model_int8.tflite"), "wb") as handle:
-            handle.write(models["int8"])
+        files.write_atomically(os.path.join(staging, "model_int8.tflite"), models["int8"])
         add_file("tflite_int8", "model_int8.tflite")
         result["int8"] = {"input_output_type": "int8", "calibration_images": int(len(calibration)),
                           "activation_ranges": "converter calibration (tfquant activation ops left out)"}
@@ -265,10 +263,7 @@ def _export(args, staging):
             result["latency"] = latency
             result["latency"]["float_over_int8_median"] = (latency["float"]["median_ms"]
                                                            / latency["int8"]["median_ms"])
-    with open(os.path.join(staging, "export.json"), "w") as handle:
-        json.dump(result, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
+    files.write_atomically(os.path.join(staging, "export.json"), json.dumps(result, indent=2))
     return result
 
 
