@@ -141,16 +141,16 @@ class UniformQuantLearner:
 
 
 def load_report(report_path):
-    """(QuantReport, QuantConfig) recorded in a report JSON; UserError when missing or malformed."""
+    """(QuantReport, QuantConfig replaying its recorded decisions); UserError when missing or malformed.
+
+    The config takes each layer's bits from the report by exact op name, so no override pattern stored in
+    the file is ever compiled or run (a crafted pattern could otherwise take exponential time).
+    """
     try:
-        with open(report_path) as handle:
-            report = tfquant.QuantReport.from_json(handle.read())
-        return report, tfquant.QuantConfig(**report.config)
-    except OSError as exc:
-        raise UserError("quantization report %s cannot be read (%s); expected the %s written by training"
-                        % (report_path, exc.strerror, REPORT_NAME))
-    except (ValueError, TypeError) as exc:
-        raise UserError("quantization report %s: %s" % (report_path, exc))
+        report = tfquant.report.read_report(report_path)
+        return report, tfquant.report.config_from_report(report)
+    except tfquant.report.ReportError as exc:
+        raise UserError("%s; expected the %s written by training" % (exc, REPORT_NAME))
 
 
 def check_report_matches(saved, rebuilt, report_path):

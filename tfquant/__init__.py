@@ -6,11 +6,30 @@ Public API:
   quantize_graph    rewrite a tf.Graph in place; returns a QuantReport.
   QuantReport       what was quantized, what was skipped and why, and the storage it takes.
 """
-from tfquant.config import QuantConfig, parse_overrides
-from tfquant.ops import GroupLayout, fake_quantize, quantize_weight, uniform_quantize, weight_codes
-from tfquant.quantize import quantize_graph
-from tfquant.report import LayerReport, QuantReport
-from tfquant.rewrite import reroute_input
+import os as _os
+import sys as _sys
+
+if _sys.argv[:1] == ["-m"] and "tensorflow" not in _sys.modules:
+    # `python -m tfquant.export` imports this package before the command's own code runs (argv[0] is
+    # "-m" only while Python locates the module), so this is the one place to keep TensorFlow's C++
+    # start-up lines (CUDA probing on a CPU-only machine) off a command that promises one "error:" line.
+    # TF_CPP_MIN_LOG_LEVEL alone does not reach them: they are logged before absl is initialised.
+    _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _saved_stderr, _null = _os.dup(2), _os.open(_os.devnull, _os.O_WRONLY)
+    _os.dup2(_null, 2)
+    try:
+        import tensorflow as _tensorflow
+        _tensorflow.config.list_physical_devices("GPU")  # the CUDA driver's complaint comes here, once
+    finally:  # an import error still reaches stderr: it propagates after stderr is back
+        _os.dup2(_saved_stderr, 2)
+        _os.close(_saved_stderr)
+        _os.close(_null)
+
+from tfquant.config import QuantConfig, parse_overrides  # noqa: E402
+from tfquant.ops import GroupLayout, fake_quantize, quantize_weight, uniform_quantize, weight_codes  # noqa: E402
+from tfquant.quantize import quantize_graph  # noqa: E402
+from tfquant.report import LayerReport, QuantReport  # noqa: E402
+from tfquant.rewrite import reroute_input  # noqa: E402
 
 __all__ = ["QuantConfig", "parse_overrides", "GroupLayout", "fake_quantize", "quantize_weight",
            "uniform_quantize", "weight_codes", "quantize_graph", "LayerReport", "QuantReport", "reroute_input"]

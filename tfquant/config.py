@@ -2,7 +2,7 @@
 import dataclasses
 import math
 import re
-from typing import Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 FLOAT_BITS = 32
 VALID_BITS_TEXT = "an integer from 1 to 16, or 32 for float"
@@ -10,6 +10,10 @@ BUCKET_TYPES = ("channel", "split")
 ACT_RANGES = ("ema", "batch", "pact", "lsq")
 WEIGHT_RANGES = ("minmax", "lsq")
 LEARNED_ACT_RANGES = ("pact", "lsq")
+# Python's re module has no time limit, and a pattern such as "(.*.*)*Z" can run for minutes on a
+# long name; patterns are therefore only accepted from the user who runs tfquant (never read back
+# from a report), and kept short so a pasted or generated mistake is caught early.
+MAX_PATTERN_LENGTH = 1000
 
 
 def check_bits(field, value):
@@ -44,6 +48,9 @@ def _normalise_overrides(field, overrides):
         pattern, bits = pair
         if not isinstance(pattern, str):
             raise ValueError("%s entry %r is not valid; expected the regex to be a string" % (field, pair))
+        if len(pattern) > MAX_PATTERN_LENGTH:
+            raise ValueError("%s regex %r... is %d characters long; expected at most %d"
+                             % (field, pattern[:40], len(pattern), MAX_PATTERN_LENGTH))
         try:
             compiled = re.compile(pattern)
         except re.error as exc:
@@ -81,6 +88,13 @@ class QuantConfig:
         The default equals the ResNet recipe's weight decay, so alpha shrinks at the rate the weights do.
       weight_range: 'minmax' (alpha = max - min per range group, PocketFlow's formula) or 'lsq' (a
         trained step size per range group on a signed grid; needs at least 2 bits).
+      explicit_bits: {op name: bits} for weight ops and activation ops, compared as plain strings
+        (never as patterns); beats every other rule. It replays the decisions a QuantReport
+        recorded (see tfquant.report.config_from_report) without evaluating the regular
+        expressions of a file. Op names it lists that the graph lacks are noted in the report.
+
+    Regular expressions in overrides are Python's, which are not time-bounded: a pattern with
+    nested repetition can take exponential time on some names. Only pass patterns you trust.
     """
 
     weight_bits: int = 4
@@ -96,6 +110,7 @@ class QuantConfig:
     act_ema_decay: float = 0.99
     pact_decay: float = 2e-4
     weight_range: str = "minmax"
+    explicit_bits: Optional[Mapping[str, int]] = None
 
     def __post_init__(self):
         check_bits("weight_bits", self.weight_bits)
@@ -128,6 +143,18 @@ class QuantConfig:
                                  % (self.layer_bits,))
             bits = tuple(check_bits("layer_bits[%d]" % i, b) for i, b in enumerate(self.layer_bits))
             object.__setattr__(self, "layer_bits", bits)
+        if self.explicit_bits is not None:
+            if not hasattr(self.explicit_bits, "items"):
+                raise ValueError("explicit_bits=%r is not valid; expected a mapping of op names to bit widths"
+                                 % (self.explicit_bits,))
+            explicit = {}
+            for name, bits in self.explicit_bits.items():
+                if not isinstance(name, str) or not name:
+                    raise ValueError("explicit_bits key %r is not valid; expected an op name" % (name,))
+                explicit[name] = check_bits("explicit_bits[%r]" % name, bits)
+            # Stored as pairs so the frozen config stays hashable; looked up through a dict.
+            object.__setattr__(self, "explicit_bits", tuple(explicit.items()))
+        object.__setattr__(self, "_explicit_lookup", dict(self.explicit_bits or ()))
         object.__setattr__(self, "weight_overrides",
                            _normalise_overrides("weight_overrides", self.weight_overrides))
         object.__setattr__(self, "activation_overrides",
@@ -142,6 +169,10 @@ class QuantConfig:
                     raise ValueError("%s=1 is not valid with weight_range='lsq'; expected 2 to 16 bits, or 32"
                                      % field)
 
+    def explicit_bits_of(self, op_name):
+        """Bits `explicit_bits` gives the op named `op_name`, or None when it names no such op."""
+        return self._explicit_lookup.get(op_name)
+
     @property
     def weight_bucket_type(self):
         """The bucket type weights use: None without buckets, else `bucket_type`."""
@@ -154,6 +185,10 @@ class QuantConfig:
             result[field] = [[regex.pattern, bits] for regex, bits in getattr(self, field)]
         if self.layer_bits is not None:
             result["layer_bits"] = list(self.layer_bits)
+        if self.explicit_bits is None:
+            del result["explicit_bits"]  # reports of configs without it keep their old form
+        else:
+            result["explicit_bits"] = dict(self.explicit_bits)
         return result
 
 

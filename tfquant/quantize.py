@@ -23,7 +23,10 @@ def _weight_bits(candidates, config):
     decisions = {}
     for position, candidate in enumerate(eligible):
         reason = ""
-        if config.layer_bits is not None:
+        explicit = config.explicit_bits_of(candidate.op.name)
+        if explicit is not None:
+            bits, source = explicit, "explicit_bits"
+        elif config.layer_bits is not None:
             bits, source = config.layer_bits[position], "layer_bits[%d]" % position
         else:
             bits, pattern = match_override(config.weight_overrides, candidate.variable_name)
@@ -121,12 +124,14 @@ def _quantize_activations(activations, config, is_training):
     for op in activations:
         layer = LayerReport(name=op.name, op_type=op.type, kind="activation", status=SKIPPED)
         layers.append(layer)
-        bits, pattern = match_override(config.activation_overrides, op.name)
-        if bits is not None:
-            used.add(pattern)
-            source = "override %r" % pattern
-        else:
-            bits, source = config.activation_bits, "activation_bits"
+        bits, source = config.explicit_bits_of(op.name), "explicit_bits"
+        if bits is None:
+            bits, pattern = match_override(config.activation_overrides, op.name)
+            if bits is not None:
+                used.add(pattern)
+                source = "override %r" % pattern
+            else:
+                bits, source = config.activation_bits, "activation_bits"
         layer.bits = bits
         output = op.outputs[0]
         if bits == FLOAT_BITS:
@@ -193,5 +198,8 @@ def quantize_graph(graph, config, is_training=True):
         notes.append("no quantizable op found: nothing was quantized")
     notes.extend("weight override %r matched no layer" % p for p in unused_weight)
     notes.extend("activation override %r matched no activation" % p for p in unused_act)
+    present = {c.op.name for c in candidates} | {op.name for op in activations}
+    notes.extend("explicit_bits names %r, which is not a candidate op of this graph" % name
+                 for name, _ in config.explicit_bits or () if name not in present)
     return QuantReport(weight_layers + act_layers, _other_variables(graph, weight_vars), config.to_dict(),
                        is_training, notes)

@@ -296,6 +296,9 @@ def test_report_of_another_model_is_refused_by_eval(uniform_reference, tmp_path)
     weights = [layer for layer in report["layers"] if layer["kind"] == "weight"]
     assert weights[1]["weight_variable"] == "model/conv2/weights" and weights[1]["shape"] == [5, 5, 32, 64]
     weights[1]["shape"] = [3, 3, 32, 64]
+    # Kept self-consistent, or the report schema refuses the file before the model is compared.
+    weights[1]["num_params"] = 3 * 3 * 32 * 64
+    weights[1]["weight_storage_bits"] = weights[1]["num_params"] * weights[1]["bits"]
     with open(path, "w") as handle:
         json.dump(report, handle)
     line = _error_line(run_script(SCRIPT, UNIFORM + ["--exec_mode=eval"], str(cwd)))

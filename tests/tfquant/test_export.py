@@ -236,15 +236,15 @@ def trained(tmp_path_factory):
     packed = os.path.join(directory, "model.tfq")
     model_export.pack_checkpoint(checkpoint, report_path, packed)
     weights, metadata = model_export.load_packed_weights(packed)
-    assert metadata["unrecorded_activation_ranges"] == []
     test_images, test_labels = _synthetic_data(np.random.default_rng(11), 300)
     return dict(directory=directory, checkpoint=checkpoint, report=report_path, config=config,
+                decisions=tfquant.report.read_report(report_path),
                 weights=weights, metadata=metadata, images=test_images, labels=test_labels,
                 train_images=_synthetic_data(np.random.default_rng(12), 200)[0])
 
 
 def test_frozen_graph_matches_quantized_graph(trained):
-    graph_def = model_export.freeze_inference_graph(forward, trained["weights"], trained["metadata"]["config"],
+    graph_def = model_export.freeze_inference_graph(forward, trained["weights"], trained["decisions"],
                                                     [None] + IMAGE_SHAPE)
     for op, weight in _weight_inputs(graph_def):
         types = _ancestor_types(weight)
@@ -262,14 +262,14 @@ def test_freeze_rejects_mismatched_weights(trained):
     weights = dict(trained["weights"])
     weights["fc1/biases"] = np.zeros([3], np.float32)
     with pytest.raises(model_export.ExportError, match=r"fc1/biases.*\[3\].*\[32\]"):
-        model_export.freeze_inference_graph(forward, weights, trained["metadata"]["config"], [None] + IMAGE_SHAPE)
+        model_export.freeze_inference_graph(forward, weights, trained["decisions"], [None] + IMAGE_SHAPE)
     weights = dict(trained["weights"], **{"extra/weights": np.zeros([2], np.float32)})
     with pytest.raises(model_export.ExportError, match="extra/weights"):
-        model_export.freeze_inference_graph(forward, weights, trained["metadata"]["config"], [None] + IMAGE_SHAPE)
+        model_export.freeze_inference_graph(forward, weights, trained["decisions"], [None] + IMAGE_SHAPE)
 
 
 def test_tflite_float_keeps_activation_quantization(trained):
-    graph_def = model_export.freeze_inference_graph(forward, trained["weights"], trained["metadata"]["config"],
+    graph_def = model_export.freeze_inference_graph(forward, trained["weights"], trained["decisions"],
                                                     [None] + IMAGE_SHAPE)
     reference = model_export.run_graph_def(graph_def, trained["images"])
     logits = tflite_export.run_tflite(tflite_export.convert_float(graph_def), trained["images"])
@@ -279,7 +279,7 @@ def test_tflite_float_keeps_activation_quantization(trained):
 
 
 def test_tflite_float_and_int8(trained, tmp_path):
-    graph_def = model_export.freeze_inference_graph(forward, trained["weights"], trained["metadata"]["config"],
+    graph_def = model_export.freeze_inference_graph(forward, trained["weights"], trained["decisions"],
                                                     [None] + IMAGE_SHAPE, quantize_activations=False)
     reference = model_export.run_graph_def(graph_def, trained["images"])
     float_model = tflite_export.convert_float(graph_def)
@@ -303,6 +303,7 @@ def test_int8_refused_for_16_bit_layer(tmp_path, trained):
     report = json.load(open(trained["report"]))
     layer = [entry for entry in report["layers"] if entry["weight_variable"] == "conv2/weights"][0]
     layer["bits"] = 16
+    layer["weight_storage_bits"] = 16 * layer["num_params"]  # consistent, or the report schema refuses it
     with pytest.raises(ValueError, match=r"conv2/weights uses 16 bits"):
         tflite_export.convert_int8(b"", trained["train_images"], report=report)
 
@@ -326,3 +327,205 @@ def test_cli_bad_input_one_line(tmp_path, capsys, small_checkpoint):
         _run_cli(capsys, "--checkpoint_dir", str(tmp_path), "--model", "nope", "--output_dir", str(out))
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+
+
+# ----- the export command on a real run directory ---------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """models_uql of a short ConvNet uniform run with 8-bit activations, through the run script."""
+    import subprocess
+    import sys
+    cwd = tmp_path_factory.mktemp("convnet_run")
+    args = ["--learner=uniform", "--uql_activation_bits=8", "--uql_use_buckets", "--train_subset=256",
+            "--eval_subset=64", "--batch_size=32", "--batch_size_eval=64", "--nb_epochs_rat=0.02",
+            "--uql_quant_epochs=0.25"]
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "nets", "convnet_at_fmnist_run.py")] + args,
+                            cwd=str(cwd), capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "models_uql"
+
+
+def _copy_run(run_dir, destination):
+    import shutil
+    shutil.copytree(run_dir, destination)
+    return destination
+
+
+def _checkpoint_prefix(directory):
+    [index] = [name for name in os.listdir(directory) if name.endswith(".index")]
+    return os.path.join(str(directory), index[:-len(".index")])
+
+
+def _export_args(run, out, *extra):
+    return ["--checkpoint_dir", str(run), "--model", "convnet_at_fmnist", "--output_dir", str(out),
+            "--eval_subset", "64"] + list(extra)
+
+
+def _hidden_entries(directory):
+    return sorted(name for name in os.listdir(directory) if name.startswith("."))
+
+
+def test_cli_export_contents_and_all_or_nothing_replacement(run_dir, tmp_path, capsys):
+    out = tmp_path / "nested" / "export"
+    status, err = _run_cli(capsys, *_export_args(run_dir, out))
+    assert status == 0, err
+    assert sorted(os.listdir(out)) == ["export.json", "inference.pb", "model.tfq"]
+    assert os.stat(out).st_mode & 0o077 == 0o777 & ~_umask() & 0o077  # not mkdtemp's private 0700
+    result = json.load(open(out / "export.json"))
+    assert result["test_images"] == 64
+    assert result["accuracy"]["frozen_graph"] == result["accuracy"]["quantized_checkpoint"]
+    assert result["frozen_vs_checkpoint"]["argmax_agreement"] == 1.0
+    assert result["files"]["packed"]["bytes"] == os.path.getsize(out / "model.tfq")
+    report = tfquant.report.read_report(run_dir / "quant_report.json")
+    weights, _ = model_export.load_packed_weights(out / "model.tfq")
+    reader = tf.train.load_checkpoint(_checkpoint_prefix(run_dir))
+    for layer in report.weight_layers:
+        if not layer.quantized:  # float layers are stored exactly
+            assert np.array_equal(weights[layer.weight_variable], reader.get_tensor(layer.weight_variable))
+    for record in report.other_variables:
+        assert np.array_equal(weights[record.name], reader.get_tensor(record.name)), record.name
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+
+    # A failing export leaves the previous one byte for byte, and nothing else behind.
+    broken = _copy_run(run_dir, tmp_path / "broken")
+    data = json.load(open(broken / "quant_report.json"))
+    data["version"] = True
+    (broken / "quant_report.json").write_text(json.dumps(data))
+    status, err = _run_cli(capsys, *_export_args(broken, out))
+    assert status == 2 and err.count("\n") == 1 and "version=True" in err, err
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert _hidden_entries(out.parent) == [] and _hidden_entries(tmp_path) == []
+
+    # A complete new export replaces the old one as a whole.
+    status, err = _run_cli(capsys, *_export_args(run_dir, out)[:-1], "32")
+    assert status == 0, err
+    assert json.load(open(out / "export.json"))["test_images"] == 32
+    assert _hidden_entries(out.parent) == []
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_cli_removes_stale_staging_and_restores_set_aside_export(tmp_path, capsys):
+    pid = _dead_pid()
+    stale = tmp_path / (".export.export-%d-abc" % pid)
+    stale.mkdir()
+    (stale / "model.tfq").write_bytes(b"partial")
+    set_aside = tmp_path / (".export.old-%d-def" % pid)
+    set_aside.mkdir()
+    (set_aside / "export.json").write_text("{}")
+    live = tmp_path / (".export.export-%d-ghi" % os.getpid())  # a running export's staging stays
+    live.mkdir()
+    status, err = _run_cli(capsys, "--checkpoint_dir", str(tmp_path / "missing"), "--model", "convnet_at_fmnist",
+                           "--output_dir", str(tmp_path / "export"))
+    assert status == 2 and "missing" in err
+    assert not stale.exists() and not set_aside.exists() and live.exists()
+    assert (tmp_path / "export" / "export.json").read_text() == "{}"
+
+
+def test_cli_refuses_output_dir_with_other_files(run_dir, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    status, err = _run_cli(capsys, *_export_args(run_dir, out))
+    assert status == 2 and err.count("\n") == 1 and "notes.txt" in err and "not part of an export" in err
+    assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+
+
+def _truncate_data(run):
+    [data] = [name for name in os.listdir(run) if ".data-" in name]
+    path = os.path.join(str(run), data)
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+
+
+def _zero_ema_steps(run):
+    prefix = _checkpoint_prefix(run)
+
+    def zero(values):
+        for name in values:
+            if name.endswith("/ema_steps"):
+                values[name] = np.zeros_like(values[name])
+    _rewrite_checkpoint(prefix, prefix + "-zeroed", zero)
+    for suffix in (".index", ".data-00000-of-00001"):
+        os.replace(prefix + "-zeroed" + suffix, prefix + suffix)
+    name = os.path.basename(prefix)
+    (run / "checkpoint").write_text('model_checkpoint_path: "%s"\nall_model_checkpoint_paths: "%s"\n' % (name, name))
+
+
+def _edit_report(change):
+    def edit(run):
+        data = json.load(open(run / "quant_report.json"))
+        change(data)
+        (run / "quant_report.json").write_text(json.dumps(data))
+    return edit
+
+
+def _fifo_index(run):
+    prefix = _checkpoint_prefix(run)
+    os.remove(prefix + ".index")
+    os.mkfifo(prefix + ".index")
+
+
+def _garbage_state(run):
+    (run / "checkpoint").write_bytes(b"\xff\xfe not a state file {{{")
+
+
+def _buckets_off(data):
+    data["config"]["use_buckets"] = False  # while its layers still record channel buckets
+
+
+@pytest.mark.parametrize("damage,model,fragment", [
+    (_truncate_data, "convnet_at_fmnist", "cannot be read"),
+    (_zero_ema_steps, "convnet_at_fmnist", "never recorded in training"),
+    (_fifo_index, "convnet_at_fmnist", "is a FIFO; expected a regular file"),
+    (_garbage_state, "convnet_at_fmnist", "checkpoint"),
+    (None, "resnet_at_fmnist", "does not match the model"),
+    (_edit_report(lambda d: d.pop("other_variables")), "convnet_at_fmnist", "lacks field 'other_variables'"),
+    (_edit_report(lambda d: d["layers"][0].__setitem__("shape", "3x3")), "convnet_at_fmnist", "layers[0].shape"),
+    (_edit_report(lambda d: d["layers"].pop()), "convnet_at_fmnist", "does not match the model"),
+    (_edit_report(_buckets_off), "convnet_at_fmnist", "bucket_type"),
+    (_edit_report(lambda d: d["config"].__setitem__("weight_overrides", [["(.*.*)*Z", 2]])),
+     "convnet_at_fmnist", None),
+])
+def test_cli_failures_are_one_line_and_leave_nothing(run_dir, tmp_path, capsys, damage, model, fragment):
+    run = _copy_run(run_dir, tmp_path / "run")
+    if damage is not None:
+        damage(run)
+    out = tmp_path / "export"
+    args = ["--checkpoint_dir", str(run), "--model", model, "--output_dir", str(out), "--eval_subset", "16"]
+    status, err = _run_cli(capsys, *args)
+    if fragment is None:  # a pattern in the report is data: never compiled, so no hang, and the export works
+        assert status == 0, err
+        return
+    assert status == 2 and err.count("\n") == 1 and err.startswith("error: ") and fragment in err, err
+    assert not out.exists() and _hidden_entries(tmp_path) == []
+
+
+def test_cli_stderr_is_exactly_the_error_line(run_dir, tmp_path):
+    """Through `python -m`, TensorFlow's start-up lines do not reach stderr."""
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    result = subprocess.run([sys.executable, "-m", "tfquant.export", "--checkpoint_dir", str(run_dir),
+                             "--model", "convnet_at_fmnist", "--output_dir", str(run_dir)],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --output_dir=") and result.stderr.count("\n") == 1, result.stderr

@@ -1,28 +1,32 @@
 """Command line: export a quantized checkpoint to a packed .tfq file, a frozen graph and TFLite models.
 
   python -m tfquant.export --checkpoint_dir DIR --model resnet_at_fmnist --output_dir OUT \\
-      [--resnet_size 20] [--data_dir_local D] [--tflite] [--int8] [--eval_subset N]
+      [--resnet_size 20] [--data_dir_local D] [--tflite] [--int8] [--eval_subset N] [--debug]
 
 DIR holds quant_report.json and model.ckpt-N (as written by --learner uniform).  OUT receives
 model.tfq, inference.pb, model_float.tflite and model_int8.tflite (with --tflite / --int8) and
-export.json; everything is built in a staging directory first, so a failure leaves OUT as it was.
+export.json.  Everything is built in a sibling staging directory and moved into place with one
+rename once complete: a failure leaves OUT as it was (or absent), and a previous export in OUT is
+replaced only by a complete new one.
 """
 import argparse
 import importlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
+import traceback
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+import tensorflow as tf
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import tfquant  # noqa: E402
-from tfquant.export import model_export, packed_file, tflite_export  # noqa: E402
+import tfquant
+from tfquant import files
+from tfquant.export import model_export, packed_file, tflite_export
+from tfquant.report import ReportError, config_from_report
 
 tf1 = tf.compat.v1
 REPORT_NAME = "quant_report.json"
@@ -34,6 +38,9 @@ MODELS = {
 }
 CALIBRATION_IMAGES = 200
 LATENCY_IMAGES = 100
+# What a previous export may hold; an --output_dir with anything else is refused, never replaced.
+EXPORT_FILES = ("model.tfq", "inference.pb", "model_float.tflite", "model_int8.tflite", "export.json")
+STATE_FILE = "checkpoint"
 
 
 class CommandError(Exception):
@@ -59,7 +66,14 @@ def _parse_args(argv):
     parser.add_argument("--eval_subset", type=int, default=None, help="evaluate on the first N test images only")
     parser.add_argument("--latency_images", type=int, default=LATENCY_IMAGES,
                         help="test images per model for the latency measurement")
-    return parser.parse_args(argv)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    args = parser.parse_args(argv)
+    for name in ("resnet_size", "eval_subset", "latency_images"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name != "latency_images" else 0):
+            parser.error("--%s=%d is not valid; expected a %s integer"
+                         % (name, value, "non-negative" if name == "latency_images" else "positive"))
+    return args
 
 
 def _make_helper(args):
@@ -128,16 +142,40 @@ def _accuracy(logits, labels):
     return float(np.mean(np.argmax(logits, axis=1) == labels))
 
 
+def _check_checkpoint_files(checkpoint_dir):
+    """Refuse a state file that is not a regular file: TensorFlow would block forever on a FIFO."""
+    state = os.path.join(checkpoint_dir, STATE_FILE)
+    if os.path.lexists(state):
+        files.regular_file_size(state, CommandError, "checkpoint state file")
+
+
+def _rebuilt_report(helper, config, input_shape):
+    """The report quantize_graph gives this model under `config` (no session, no variables read)."""
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf1.placeholder(tf.float32, input_shape)
+        helper.forward_eval(images)
+        return tfquant.quantize_graph(graph, config, is_training=False)
+
+
 def _export(args, staging):
     checkpoint_dir = args.checkpoint_dir
     if not os.path.isdir(checkpoint_dir):
         raise CommandError("--checkpoint_dir=%s is not a directory" % checkpoint_dir)
     report_path = os.path.join(checkpoint_dir, REPORT_NAME)
-    if not os.path.isfile(report_path):
+    if not os.path.lexists(report_path):
         raise CommandError("--checkpoint_dir=%s has no %s; expected the directory of a --learner uniform "
                            "run" % (checkpoint_dir, REPORT_NAME))
     report = model_export.load_report(report_path)
-    checkpoint = model_export.resolve_checkpoint(checkpoint_dir)
+    config = config_from_report(report)
+    _check_checkpoint_files(checkpoint_dir)
+    try:
+        checkpoint = model_export.resolve_checkpoint(checkpoint_dir)
+    except (model_export.ExportError, OSError):
+        raise
+    except Exception as exc:  # pylint: disable=broad-except  (protobuf's ParseError is no ValueError)
+        raise CommandError("checkpoint state file %s cannot be read (%s); expected the 'checkpoint' file "
+                           "TensorFlow writes" % (os.path.join(checkpoint_dir, STATE_FILE), _one_line(exc)))
     int8 = args.int8
     tflite = args.tflite or int8
     if int8:
@@ -146,8 +184,13 @@ def _export(args, staging):
     if int8 and not have_data:
         raise CommandError("--int8 needs training images for calibration, but the data set cannot be "
                            "loaded: %s" % why)
-    config = tfquant.QuantConfig(**report.config)
     input_shape = list(MODELS[args.model][2])
+    try:
+        rebuilt = _rebuilt_report(helper, config, input_shape)
+    except ValueError as exc:
+        raise CommandError("%s (does --model%s match the checkpoint?)"
+                           % (" ".join(str(exc).split()), "/--resnet_size" if MODELS[args.model][1] else ""))
+    model_export.check_report_matches_model(report, rebuilt, report_path)
     result = {"model": args.model, "checkpoint": os.path.abspath(checkpoint), "report": report_path,
               "config": report.config, "files": {}}
     if MODELS[args.model][1]:
@@ -168,17 +211,14 @@ def _export(args, staging):
     if not stats["within_bound"]:
         raise CommandError("packed file is %d bytes, above the bound of %.0f bytes"
                            % (stats["file_bytes"], stats["bound_bytes"]))
-    weights, metadata = model_export.load_packed_weights(os.path.join(staging, "model.tfq"))
-    if metadata["unrecorded_activation_ranges"]:
-        result["warnings"] = ["activation ranges never recorded in training (the exported graph uses "
-                              "their stored initial range [0, 0]): " + ", ".join(metadata["unrecorded_activation_ranges"])]
+    weights, _ = model_export.load_packed_weights(os.path.join(staging, "model.tfq"))
     try:
-        graph_def = model_export.freeze_inference_graph(helper.forward_eval, weights, report.config, input_shape)
+        graph_def = model_export.freeze_inference_graph(helper.forward_eval, weights, report, input_shape)
     except model_export.ExportError as exc:
         raise CommandError("%s (does --model%s match the checkpoint?)"
                            % (exc, "/--resnet_size" if MODELS[args.model][1] else ""))
-    with open(os.path.join(staging, "inference.pb"), "wb") as handle:
-        handle.write(graph_def.SerializeToString())
+    # Flushed to disk before the staging directory is published, like every file of the export.
+    files.write_atomically(os.path.join(staging, "inference.pb"), graph_def.SerializeToString())
     add_file("frozen_graph", "inference.pb")
 
     test_images = test_labels = None
@@ -199,17 +239,15 @@ def _export(args, staging):
     if tflite:
         # The float model keeps tfquant's activation quantization, so it predicts as the checkpoint does.
         models["float"] = tflite_export.convert_float(graph_def, input_shape)
-        with open(os.path.join(staging, "model_float.tflite"), "wb") as handle:
-            handle.write(models["float"])
+        files.write_atomically(os.path.join(staging, "model_float.tflite"), models["float"])
         add_file("tflite_float", "model_float.tflite")
     if int8:
         float_activations = model_export.freeze_inference_graph(
-            helper.forward_eval, weights, report.config, input_shape, quantize_activations=False)
+            helper.forward_eval, weights, report, input_shape, quantize_activations=False)
         calibration, _ = _dataset_arrays(helper.build_dataset_train, limit=CALIBRATION_IMAGES)
         models["int8"] = tflite_export.convert_int8(float_activations, calibration, report, input_shape,
                                                     num_calibration=CALIBRATION_IMAGES)
-        with open(os.path.join(staging, "model_int8.tflite"), "wb") as handle:
-            handle.write(models["int8"])
+        files.write_atomically(os.path.join(staging, "model_int8.tflite"), models["int8"])
         add_file("tflite_int8", "model_int8.tflite")
         result["int8"] = {"input_output_type": "int8", "calibration_images": int(len(calibration)),
                           "activation_ranges": "converter calibration (tfquant activation ops left out)"}
@@ -225,31 +263,113 @@ def _export(args, staging):
             result["latency"] = latency
             result["latency"]["float_over_int8_median"] = (latency["float"]["median_ms"]
                                                            / latency["int8"]["median_ms"])
-    with open(os.path.join(staging, "export.json"), "w") as handle:
-        json.dump(result, handle, indent=2)
+    files.write_atomically(os.path.join(staging, "export.json"), json.dumps(result, indent=2))
     return result
+
+
+def _existing_ancestor(path):
+    """The nearest existing directory at or above `path` (staging goes there: same file system)."""
+    while not os.path.isdir(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(output_dir, root):
+    """Remove staging directories of killed exports of `output_dir`; restore a previous export set aside."""
+    base = os.path.basename(output_dir)
+    pattern = re.compile(r"^\.%s\.(export|old)-(\d+)-" % re.escape(base))
+    for name in sorted(os.listdir(root)):
+        found = pattern.match(name)
+        if not found or _process_alive(int(found.group(2))):
+            continue
+        path = os.path.join(root, name)
+        if found.group(1) == "old" and root == os.path.dirname(output_dir) and not os.path.lexists(output_dir):
+            os.rename(path, output_dir)  # killed between setting the old export aside and moving the new one in
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_output_dir(output_dir, given):
+    """Refuse an --output_dir that holds anything but a previous export (it would be replaced)."""
+    if not os.path.lexists(output_dir):
+        return
+    if not os.path.isdir(output_dir) or os.path.islink(output_dir):
+        raise CommandError("--output_dir=%s exists and is not a directory; expected a new directory or a "
+                           "previous export" % given)
+    foreign = sorted(set(os.listdir(output_dir)) - set(EXPORT_FILES))
+    if foreign:
+        raise CommandError("--output_dir=%s holds %s, which is not part of an export; expected a new or empty "
+                           "directory or a previous export (it is replaced as a whole)" % (given, foreign[0]))
+
+
+def _publish(staging, output_dir):
+    """Move the complete staging directory to `output_dir`, replacing a previous export only then."""
+    os.makedirs(os.path.dirname(output_dir), exist_ok=True)
+    if not os.path.lexists(output_dir):
+        os.rename(staging, output_dir)
+        return
+    old = tempfile.mkdtemp(prefix=".%s.old-%d-" % (os.path.basename(output_dir), os.getpid()),
+                           dir=os.path.dirname(output_dir))
+    os.rmdir(old)  # only the unique name is wanted; rename needs a free target
+    os.rename(output_dir, old)
+    try:
+        os.rename(staging, output_dir)
+    except BaseException:
+        os.rename(old, output_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _one_line(exc):
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, tf.errors.OpError):
+        text = " ".join((exc.message or text).split())
+    return text
+
+
+# Everything a damaged or foreign input can raise; TypeError/KeyError/IndexError stay in the list as a
+# safety net for inputs no check anticipated (--debug shows their traceback).
+USER_ERRORS = (CommandError, model_export.ExportError, packed_file.PackedFileError, ReportError, ValueError, OSError,
+               tf.errors.OpError, TypeError, KeyError, IndexError)
 
 
 def main(argv=None):
     """Run the export; returns the exit status (0, or 2 after one 'error:' line on stderr)."""
     args = _parse_args(argv)
+    # TensorFlow's deprecation notices for the TF1 freezing API are not the user's concern.
+    tf.get_logger().setLevel("ERROR")
     output_dir = os.path.abspath(args.output_dir)
-    created = not os.path.exists(output_dir)
     staging = None
     try:
-        if not created and not os.path.isdir(output_dir):
-            raise CommandError("--output_dir=%s exists and is not a directory" % args.output_dir)
-        os.makedirs(output_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".export-", dir=output_dir)
+        _check_output_dir(output_dir, args.output_dir)
+        root = _existing_ancestor(os.path.dirname(output_dir))
+        _clean_stale(output_dir, root)
+        staging = tempfile.mkdtemp(prefix=".%s.export-%d-" % (os.path.basename(output_dir), os.getpid()),
+                                   dir=root)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the export's mode
         start = time.time()
         result = _export(args, staging)
-        for name in os.listdir(staging):
-            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
-    except (CommandError, model_export.ExportError, packed_file.PackedFileError, ValueError, OSError,
-            tf.errors.OpError) as exc:
-        sys.stderr.write("error: %s\n" % " ".join(str(exc).split()))
-        if created:
-            shutil.rmtree(output_dir, ignore_errors=True)
+        _publish(staging, output_dir)
+        staging = None
+    except USER_ERRORS as exc:
+        if args.debug:
+            traceback.print_exc()
+        sys.stderr.write("error: %s\n" % _one_line(exc))
         return 2
     finally:
         if staging is not None:

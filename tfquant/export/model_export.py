@@ -6,17 +6,19 @@ per-group (alpha, beta) that the training graph used, computed by the very same 
 (`load_packed_weights`) gives the quantized weights bit for bit, so a frozen graph built from them
 predicts exactly what the quantized checkpoint predicts.
 """
+import dataclasses
+import glob
 import os
 
 import numpy as np
 import tensorflow as tf
 
 import tfquant
-from tfquant import checkpoints, ops, ranges
+from tfquant import checkpoints, files, match, ops, ranges
 from tfquant.config import FLOAT_BITS
 from tfquant.export import packed_file
 from tfquant.ops import GroupLayout
-from tfquant.report import QuantReport
+from tfquant.report import QuantReport, config_from_report, read_report
 
 tf1 = tf.compat.v1
 
@@ -40,24 +42,14 @@ def load_report(report):
       report: QuantReport, dict or path.
     Returns:
       a QuantReport.
+    Raises:
+      ReportError: the file is not a regular readable file or the report does not fit its schema.
     """
     if isinstance(report, QuantReport):
         return report
     if isinstance(report, dict):
-        try:
-            return QuantReport.from_dict(report)
-        except ValueError as exc:
-            raise ExportError("report: %s" % exc) from None
-    path = os.fspath(report)
-    try:
-        with open(path) as handle:
-            text = handle.read()
-    except OSError as exc:
-        raise ExportError("report %s cannot be read (%s)" % (path, exc.strerror or exc)) from None
-    try:
-        return QuantReport.from_json(text)
-    except ValueError as exc:
-        raise ExportError("report %s: %s" % (path, " ".join(str(exc).split()))) from None
+        return QuantReport.from_dict(report)
+    return read_report(report)
 
 
 def resolve_checkpoint(checkpoint):
@@ -77,11 +69,28 @@ def resolve_checkpoint(checkpoint):
 
 
 def _open_checkpoint(checkpoint):
+    # TensorFlow would block forever on a FIFO and read a device without end: only regular files pass.
+    files.regular_file_size(checkpoint + ".index", ExportError, "checkpoint index")
+    shards = glob.glob(glob.escape(checkpoint) + ".data-?????-of-?????")
+    if not shards:
+        raise ExportError("checkpoint %s has no data file (%s.data-00000-of-00001); expected a complete checkpoint"
+                          % (checkpoint, checkpoint))
+    for shard in shards:
+        files.regular_file_size(shard, ExportError, "checkpoint data file")
     try:
         return tf.train.load_checkpoint(checkpoint)
     except (tf.errors.OpError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError("checkpoint %s cannot be read (%s)" % (checkpoint, first)) from None
+
+
+def _tensor(reader, checkpoint, name):
+    """One checkpoint value; a truncated or damaged data file becomes an ExportError."""
+    try:
+        return reader.get_tensor(name)
+    except (tf.errors.OpError, ValueError, IndexError) as exc:  # a short data file raises IndexError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError("checkpoint %s: variable %s cannot be read (%s)" % (checkpoint, name, first)) from None
 
 
 def _layout(layer):
@@ -129,7 +138,7 @@ def _read_checked(reader, checkpoint, name, shape):
     if not dtype.is_floating:
         raise ExportError("variable %s in checkpoint %s has dtype %s; expected a float variable"
                           % (name, checkpoint, dtype.name))
-    return np.asarray(reader.get_tensor(name), dtype=np.float32)
+    return np.asarray(_tensor(reader, checkpoint, name), dtype=np.float32)
 
 
 def _learned_steps(reader, checkpoint, layer):
@@ -171,18 +180,89 @@ def _compute_codes(quantized):
         return sess.run(fetches, feed_dict=feeds)
 
 
-def _unrecorded_ranges(reader, report):
-    """Activation-range scopes that never saw a training batch (ema_steps or init_steps == 0)."""
+def _check_activation_ranges(reader, checkpoint, report):
+    """Every quantized activation's range variables are in the checkpoint as scalars, and were recorded.
+
+    Raises:
+      ExportError: a range variable is missing or not a scalar, or training never updated a moving
+        average (its ema_steps counter is 0), which would freeze the range at its initial [0, 0].
+    """
     shapes = reader.get_variable_to_shape_map()
-    scopes = []
+    unrecorded = []
     for layer in report.activation_layers:
-        for name in layer.range_variables or ():
-            scope = name.rpartition("/")[0]
-            for suffix in _COUNTER_SUFFIXES:
-                steps = scope + suffix
-                if steps in shapes and int(reader.get_tensor(steps)) == 0 and scope not in scopes:
-                    scopes.append(scope)
-    return scopes
+        if not layer.quantized:
+            continue
+        names = list(layer.range_variables or ())
+        if names:
+            # The update counter is training state, not in the report; it sits in the same scope
+            # (ema_steps for moving-average ranges, init_steps for learned ones).
+            scope = names[0].rpartition("/")[0]
+            counters = [scope + suffix for suffix in _COUNTER_SUFFIXES if scope + suffix in shapes]
+            names.append(counters[0] if counters else scope + _EMA_STEPS_SUFFIX)
+        for name in names:
+            if name not in shapes:
+                raise ExportError("checkpoint %s has no variable %s (the range of activation %s in the report)"
+                                  % (checkpoint, name, layer.name))
+            if list(shapes[name]):
+                raise ExportError("variable %s has shape %s in checkpoint %s; expected a scalar activation range"
+                                  % (name, list(shapes[name]), checkpoint))
+            if name.endswith(_COUNTER_SUFFIXES) and int(_tensor(reader, checkpoint, name)) <= 0:
+                unrecorded.append(layer.name)
+    if unrecorded:
+        raise ExportError("checkpoint %s: the ranges of %d quantized activation(s) were never recorded in training "
+                          "(e.g. %s); expected a checkpoint trained for at least one step with these activations "
+                          "quantized" % (checkpoint, len(unrecorded), unrecorded[0]))
+
+
+_COMPARED_FIELDS = ("name", "kind", "op_type", "status", "bits", "weight_variable", "input_index", "shape",
+                    "bucket_type", "bucket_size", "channel_axes", "num_groups", "range_variables")
+
+
+def check_report_matches_model(saved, rebuilt, report_path):
+    """Refuse a report that does not describe this model layer for layer.
+
+    Args:
+      saved: the QuantReport read from the run directory.
+      rebuilt: the QuantReport of the model's graph quantized with config_from_report(saved).
+      report_path: named in the message.
+    Raises:
+      ExportError: naming the first layer (or stored variable) whose name, shape, bits, buckets or
+        range groups differ.
+    """
+    def describe(layer):
+        return {field: getattr(layer, field) for field in _COMPARED_FIELDS}
+
+    for number, (ours, theirs) in enumerate(zip(rebuilt.layers, saved.layers)):
+        ours, theirs = describe(ours), describe(theirs)
+        if ours != theirs:
+            field = next(f for f in _COMPARED_FIELDS if ours[f] != theirs[f])
+            raise ExportError("report %s does not match the model: layer %d (%s) has %s=%r in the report, %r in "
+                              "the model; expected the report written with this checkpoint and model"
+                              % (report_path, number, theirs["name"], field, theirs[field], ours[field]))
+    if len(rebuilt.layers) != len(saved.layers):
+        raise ExportError("report %s does not match the model: it lists %d candidate ops, the model has %d"
+                          % (report_path, len(saved.layers), len(rebuilt.layers)))
+    ours = {(r.name, tuple(r.shape)) for r in rebuilt.other_variables}
+    theirs = {(r.name, tuple(r.shape)) for r in saved.other_variables}
+    if ours != theirs:
+        name, shape = sorted(ours ^ theirs)[0]
+        raise ExportError("report %s does not match the model: variable %s with shape %s is only in the %s"
+                          % (report_path, name, list(shape), "model" if (name, shape) in ours else "report"))
+
+
+def _check_weight_layers(report):
+    """Bits and buckets of every quantized weight layer agree with the report's own settings."""
+    config = report.config
+    bucket_type = config.get("bucket_type") if config.get("use_buckets") else None
+    for layer in report.weight_layers:
+        if not layer.quantized:
+            continue
+        if layer.bucket_type != bucket_type or (
+                bucket_type == "split" and layer.bucket_size != config.get("bucket_size")):
+            raise ExportError("report layer %s has buckets %s/%s but the report's config says %s/%s; expected "
+                              "the report written with the checkpoint" % (
+                                  layer.name, layer.bucket_type, layer.bucket_size, bucket_type,
+                                  config.get("bucket_size")))
 
 
 def pack_checkpoint(checkpoint, report, output_path, metadata=None):
@@ -199,7 +279,9 @@ def pack_checkpoint(checkpoint, report, output_path, metadata=None):
       float_storage_bits, quantized_tensors, float_tensors, compression_ratio (float32 size of the
       model over file_bytes).
     Raises:
-      ExportError: the checkpoint misses a variable of the report or holds it with another shape.
+      ExportError: the checkpoint misses a variable of the report, holds it with another shape, or never
+        recorded the range of a quantized activation.
+      ReportError: the report is malformed.
     """
     report = load_report(report)
     checkpoint = resolve_checkpoint(checkpoint)
@@ -208,6 +290,8 @@ def pack_checkpoint(checkpoint, report, output_path, metadata=None):
         raise ExportError("metadata must be a dict, got %s" % type(metadata).__name__)
 
     # Everything is read and checked before anything is written, so an error leaves no file.
+    _check_weight_layers(report)
+    _check_activation_ranges(reader, checkpoint, report)
     stored = _stored_variables(report)
     values = {name: _read_checked(reader, checkpoint, name, shape) for name, shape, _ in stored}
     quantized = [(layer, values[name], _learned_steps(reader, checkpoint, layer))
@@ -233,7 +317,6 @@ def pack_checkpoint(checkpoint, report, output_path, metadata=None):
         "config": report.config,
         "total_storage_bits": total_bits,
         "float_storage_bits": report.float_storage_bits,
-        "unrecorded_activation_ranges": _unrecorded_ranges(reader, report),
     }
     if metadata is not None:
         info["user"] = metadata
@@ -266,7 +349,10 @@ def load_packed_weights(path):
     """
     tensors, metadata = packed_file.read_packed_model(path)
     weights = {}
-    for tensor in tensors:
+    tensors.reverse()
+    while tensors:
+        # Each tensor's codes are released once dequantized, so codes and floats never all coexist.
+        tensor = tensors.pop()
         if isinstance(tensor, packed_file.QuantizedTensor):
             weights[tensor.name] = tensor.dequantize()
         else:
@@ -274,23 +360,47 @@ def load_packed_weights(path):
     return weights, metadata
 
 
-def quantizes_activations(config_dict):
-    """True when a report config quantizes any activation (bits < 32 by default or by override)."""
-    if config_dict.get("activation_bits", FLOAT_BITS) != FLOAT_BITS:
-        return True
-    return any(bits != FLOAT_BITS for _, bits in config_dict.get("activation_overrides") or ())
+def activation_config(decisions):
+    """The QuantConfig whose activation decisions a frozen graph replays.
+
+    Args:
+      decisions: a QuantReport (its recorded per-activation bits, no pattern from it is run), a
+        QuantConfig, a dict of QuantConfig arguments given by the caller, or None (no activation
+        quantization).
+    Returns:
+      a QuantConfig that leaves every weight float, or None when no activation is quantized.
+    """
+    if decisions is None:
+        return None
+    if isinstance(decisions, QuantReport):
+        config = config_from_report(decisions)
+    elif isinstance(decisions, tfquant.QuantConfig):
+        config = decisions
+    else:
+        try:
+            config = tfquant.QuantConfig(**decisions)
+        except (TypeError, ValueError) as exc:
+            raise ExportError("config is not valid: %s" % " ".join(str(exc).split())) from None
+    activation_bits = [bits for _, bits in config.activation_overrides] + [config.activation_bits]
+    activation_bits += [bits for _, bits in config.explicit_bits or ()]
+    if all(bits == FLOAT_BITS for bits in activation_bits):
+        return None
+    # Weights are already dequantized in the frozen graph; only activations are rewritten.
+    explicit = None if config.explicit_bits is None else dict(config.explicit_bits)
+    return dataclasses.replace(config, weight_bits=FLOAT_BITS, layer_bits=None, weight_overrides=(),
+                               explicit_bits=explicit)
 
 
-def _activation_only_config(config_dict):
-    config = dict(config_dict)
-    config.update(weight_bits=FLOAT_BITS, layer_bits=None, weight_overrides=())
-    try:
-        return tfquant.QuantConfig(**config)
-    except (TypeError, ValueError) as exc:
-        raise ExportError("report config is not valid: %s" % " ".join(str(exc).split())) from None
+def _without_weight_decisions(config, graph):
+    """`config` with explicit bits for the graph's weight ops removed, so weights stay float."""
+    if config.explicit_bits is None:
+        return config
+    weight_ops = {candidate.op.name for candidate in match.find_weight_candidates(graph)}
+    return dataclasses.replace(config, explicit_bits={name: bits for name, bits in config.explicit_bits
+                                                      if name not in weight_ops})
 
 
-def freeze_inference_graph(build_forward, weights, config_dict=None, input_shape=None,
+def freeze_inference_graph(build_forward, weights, decisions=None, input_shape=None,
                            quantize_activations=True):
     """A self-contained inference GraphDef: weights as constants, input 'input', output 'logits'.
 
@@ -299,8 +409,9 @@ def freeze_inference_graph(build_forward, weights, config_dict=None, input_shape
         variables with tf.compat.v1.get_variable) in the current graph.
       weights: dict variable name -> array (load_packed_weights output); quantized weights are
         already dequantized, so the result holds no weight quantization op.
-      config_dict: the report's config; when it quantizes activations they are quantized in the
-        result too, with the stored moving-average ranges.
+      decisions: the QuantReport (or a QuantConfig / dict of config arguments, see
+        activation_config); activations it quantizes are quantized in the result too, with the
+        stored moving-average ranges.
       input_shape: [None, H, W, C] of the 'input' placeholder.
       quantize_activations: False leaves activations float even if the config quantizes them
         (the graph TFLite int8 conversion calibrates itself).  Activation ranges' `ema_steps` and
@@ -313,13 +424,13 @@ def freeze_inference_graph(build_forward, weights, config_dict=None, input_shape
     """
     if input_shape is None:
         raise ExportError("input_shape is required, e.g. [None, 28, 28, 1]")
-    config_dict = config_dict or {}
+    act_config = activation_config(decisions) if quantize_activations else None
     graph = tf.Graph()
     with graph.as_default():
         images = tf1.placeholder(tf.float32, list(input_shape), name=INPUT_NAME)
         logits = build_forward(images)
-        if quantize_activations and quantizes_activations(config_dict):
-            tfquant.quantize_graph(graph, _activation_only_config(config_dict), is_training=False)
+        if act_config is not None:
+            tfquant.quantize_graph(graph, _without_weight_decisions(act_config, graph), is_training=False)
         with graph.name_scope(None):
             output = tf.identity(logits, name=OUTPUT_NAME)
         if output.op.name != OUTPUT_NAME or images.op.name != INPUT_NAME:

@@ -16,11 +16,14 @@ Range-group layouts (one float32 alpha and beta per group):
   'split'   the C-order flattened tensor cut into consecutive buckets of `bucket_size` elements,
             element i belonging to group i // bucket_size.
 """
+import math
+
 import numpy as np
 
 MIN_BITS = 1
 MAX_BITS = 16
 LAYOUTS = ("none", "channel", "split")
+_UNPACK_CHUNK = 1 << 16
 
 
 def check_bits(bits):
@@ -136,10 +139,17 @@ def unpack_codes(data, bits, count):
         return buf.view("<u2").astype(np.uint16)
     if bits == 8:
         return buf.astype(np.uint16)
-    planes = np.unpackbits(buf, count=count * bits, bitorder="little").reshape(count, bits)
     out = np.zeros(count, dtype=np.uint16)
-    for b in range(bits):
-        out |= planes[:, b].astype(np.uint16) << b
+    # Bit planes are unpacked a chunk at a time: unpacking all at once costs `bits` bytes per code,
+    # several times the float32 weights the codes become.  The chunk is a multiple of 8 codes, so
+    # every chunk starts on a byte boundary.
+    for start in range(0, count, _UNPACK_CHUNK):
+        stop = min(count, start + _UNPACK_CHUNK)
+        piece = buf[start * bits // 8:(stop * bits + 7) // 8]
+        planes = np.unpackbits(piece, count=(stop - start) * bits, bitorder="little").reshape(-1, bits)
+        target = out[start:stop]
+        for b in range(bits):
+            target |= planes[:, b].astype(np.uint16) << np.uint16(b)
     return out
 
 
@@ -214,8 +224,8 @@ def num_groups(shape, layout, channel_axes=None, bucket_size=None):
         return 1
     if layout == "channel":
         axes = normalize_channel_axes(shape, channel_axes)
-        return int(np.prod([shape[a] for a in axes], dtype=np.int64))
-    n = int(np.prod(shape, dtype=np.int64))
+        return math.prod(shape[a] for a in axes)
+    n = math.prod(shape)
     return -(-n // _check_bucket(bucket_size))
 
 
@@ -232,7 +242,7 @@ def group_index(shape, layout, channel_axes=None, bucket_size=None):
     """
     shape = _check_shape(shape)
     _check_layout(layout)
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(shape)
     if layout == "none":
         return np.zeros(n, dtype=np.int64)
     if layout == "split":
@@ -267,7 +277,7 @@ def dequantize(codes, bits, alpha, beta, shape, layout, channel_axes=None, bucke
     bits = check_bits(bits)
     shape = _check_shape(shape)
     flat = as_codes(codes, bits)
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(shape)
     if flat.size != n:
         raise ValueError(f"{flat.size} codes given for shape {shape} ({n} elements)")
     groups = num_groups(shape, layout, channel_axes, bucket_size)
@@ -276,9 +286,29 @@ def dequantize(codes, bits, alpha, beta, shape, layout, channel_axes=None, bucke
     if alpha.size != groups or beta.size != groups:
         raise ValueError(f"layout {layout!r} of shape {shape} has {groups} groups; got "
                          f"{alpha.size} alpha and {beta.size} beta values")
-    index = group_index(shape, layout, channel_axes, bucket_size)
     # dtype=float32 on each ufunc pins the computation to float32 whatever NumPy's promotion
-    # rules would pick; separate ufunc calls keep the three roundings separate (no FMA).
+    # rules would pick; separate ufunc calls keep the two roundings separate (no FMA).  The
+    # per-group scale and offset are broadcast over a view of the output, so memory stays the
+    # output plus the codes (no per-element group index or temporary).
     scale = np.multiply(alpha, np.float32(1.0 / ((1 << bits) - 1)), dtype=np.float32)
-    scaled = np.multiply(flat.astype(np.float32), scale[index], dtype=np.float32)
-    return np.add(scaled, beta[index], dtype=np.float32).reshape(shape)
+    out = flat.astype(np.float32)
+    if layout == "channel":
+        axes = normalize_channel_axes(shape, channel_axes)
+        groups_shape = [shape[d] if d in axes else 1 for d in range(len(shape))]
+        _scale_and_shift(out.reshape(shape), scale.reshape(groups_shape), beta.reshape(groups_shape))
+    elif layout == "split":
+        bucket_size = _check_bucket(bucket_size)
+        full = n // bucket_size
+        _scale_and_shift(out[:full * bucket_size].reshape(full, bucket_size), scale[:full, None],
+                         beta[:full, None])
+        if full < groups:
+            _scale_and_shift(out[full * bucket_size:], scale[full], beta[full])
+    else:
+        _scale_and_shift(out, scale[0], beta[0])
+    return out.reshape(shape)
+
+
+def _scale_and_shift(values, scale, offset):
+    """values = values * scale + offset in place, float32, with the two roundings kept separate."""
+    np.multiply(values, scale, out=values, dtype=np.float32)
+    np.add(values, offset, out=values, dtype=np.float32)
