@@ -153,6 +153,9 @@ def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=
         if quant_config is not None:
             # After the forward pass, before loss gradients: training differentiates the quantized pass.
             report = tfquant.quantize_graph(graph, quant_config, is_training=is_train)
+            # Saved with every quantized checkpoint: eval and export check a report against it.
+            tf1.Variable(tfquant.report.decisions_json(report), trainable=False,
+                         name=tfquant.report.DECISIONS_VARIABLE)
         loss, metrics = helper.calc_loss(labels, logits, tf1.trainable_variables())
         regularization = tf1.get_collection(tf1.GraphKeys.REGULARIZATION_LOSSES)
         if regularization:

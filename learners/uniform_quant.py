@@ -135,6 +135,7 @@ class UniformQuantLearner:
                             % self.output_dir)
         report_path = os.path.join(os.path.dirname(checkpoint), REPORT_NAME)
         saved, config = load_report(report_path)
+        check_report_against_checkpoint(saved, checkpoint, report_path)
         return full_precision.evaluate_checkpoint(
             self.helper, checkpoint, os.path.join(self.settings.log_dir, self.name, "eval"), config,
             check_report=lambda rebuilt: check_report_matches(saved, rebuilt, report_path))
@@ -151,6 +152,21 @@ def load_report(report_path):
         return report, tfquant.report.config_from_report(report)
     except tfquant.report.ReportError as exc:
         raise UserError("%s; expected the %s written by training" % (exc, REPORT_NAME))
+
+
+def check_report_against_checkpoint(saved, checkpoint, report_path):
+    """Refuse a report whose per-layer decisions differ from those the checkpoint was trained with."""
+    try:
+        recorded = tf.train.load_checkpoint(checkpoint).get_tensor(tfquant.report.DECISIONS_VARIABLE)
+    except (tf.errors.OpError, ValueError) as exc:
+        raise UserError("checkpoint %s holds no record of its quantization decisions (%s); expected a checkpoint "
+                        "written by --learner uniform" % (checkpoint, str(exc).splitlines()[0] if str(exc) else
+                                                          type(exc).__name__))
+    recorded = recorded.decode("utf-8", "replace") if isinstance(recorded, bytes) else str(recorded)
+    difference = tfquant.report.decisions_difference(recorded, saved)
+    if difference:
+        raise UserError("quantization report %s does not match this checkpoint's model: %s; expected the report "
+                        "written with checkpoint %s" % (report_path, difference, checkpoint))
 
 
 def check_report_matches(saved, rebuilt, report_path):

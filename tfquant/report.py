@@ -286,6 +286,42 @@ def config_from_report(report):
         raise ReportError("quantization report config is not valid: %s" % " ".join(str(exc).split())) from None
 
 
+# A quantized checkpoint carries its own decisions (a string variable the learners add beside the model), so
+# a report can be checked against the checkpoint it claims to describe: the float shadow weights alone cannot
+# say whether they were trained at 4 or 2 bits.
+DECISIONS_VARIABLE = "tfquant/decisions"
+DECISION_FIELDS = ("kind", "name", "status", "bits", "weight_variable", "shape", "bucket_type", "bucket_size",
+                   "channel_axes", "num_groups", "range_variables")
+
+
+def decisions_json(report):
+    """The per-layer decisions of a report (DECISION_FIELDS of every layer, in order) as compact JSON."""
+    layers = json.loads(report.to_json())["layers"]  # through JSON, so tuples and lists compare equal
+    return json.dumps([[layer.get(field) for field in DECISION_FIELDS] for layer in layers], separators=(",", ":"))
+
+
+def decisions_difference(recorded_json, report):
+    """None when `report` makes the decisions recorded in `recorded_json` (decisions_json output), else one phrase
+    naming the first difference, e.g. "layer 3 (model/conv2/Conv2D) has bits 2 in the report, 4 in the checkpoint".
+    """
+    try:
+        recorded = json.loads(recorded_json)
+    except ValueError:
+        return "the checkpoint's record of its decisions is not valid JSON"
+    current = json.loads(decisions_json(report))
+    if not isinstance(recorded, list) or len(recorded) != len(current):
+        return "the report lists %d layers, the checkpoint was trained with %s" % (
+            len(current), "%d" % len(recorded) if isinstance(recorded, list) else "an unreadable record")
+    for index, (theirs, ours) in enumerate(zip(recorded, current)):
+        if not isinstance(theirs, list) or len(theirs) != len(DECISION_FIELDS):
+            return "layer %d of the checkpoint's record is malformed" % index
+        for field, recorded_value, value in zip(DECISION_FIELDS, theirs, ours):
+            if recorded_value != value:
+                return "layer %d (%s) has %s %s in the report, %s in the checkpoint" % (
+                    index, ours[DECISION_FIELDS.index("name")], field, value, recorded_value)
+    return None
+
+
 # ----- schema -------------------------------------------------------------------------------------
 
 class _SchemaError(ValueError):

@@ -132,8 +132,9 @@ def test_eval_refuses_a_report_whose_bits_differ(shared_run, tmp_path):
     report = json.load(open(path))
     weights = [layer for layer in report["layers"] if layer["kind"] == "weight" and layer["status"] == "quantized"]
     weights[0]["bits"] = 2  # same names and shapes; another model
+    weights[0]["weight_storage_bits"] = 2 * weights[0]["num_params"]  # a self-consistent report of that model
     with open(path, "w") as handle:
         json.dump(report, handle)
     line = _error_line(run_script(SCRIPT, UNIFORM + SHARED + ["--exec_mode=eval"], str(cwd)))
     assert re.search(r"quantization report \S+ does not match this checkpoint's model: layer \d+ \(%s\) has bits 2 "
-                     r"in the report, 4 in the model rebuilt" % re.escape(weights[0]["name"]), line), line
+                     r"in the report, 4 in the checkpoint" % re.escape(weights[0]["name"]), line), line

@@ -495,7 +495,7 @@ def _buckets_off(data):
     (_truncate_data, "convnet_at_fmnist", "cannot be read"),
     (_zero_ema_steps, "convnet_at_fmnist", "never recorded in training"),
     (_fifo_index, "convnet_at_fmnist", "is a FIFO; expected a regular file"),
-    (_garbage_state, "convnet_at_fmnist", "checkpoint"),
+    (_garbage_state, "convnet_at_fmnist", None),  # the state file is advisory: checkpoints on disk decide
     (None, "resnet_at_fmnist", "does not match the model"),
     (_edit_report(lambda d: d.pop("other_variables")), "convnet_at_fmnist", "lacks field 'other_variables'"),
     (_edit_report(lambda d: d["layers"][0].__setitem__("shape", "3x3")), "convnet_at_fmnist", "layers[0].shape"),
@@ -511,7 +511,8 @@ def test_cli_failures_are_one_line_and_leave_nothing(run_dir, tmp_path, capsys, 
     out = tmp_path / "export"
     args = ["--checkpoint_dir", str(run), "--model", model, "--output_dir", str(out), "--eval_subset", "16"]
     status, err = _run_cli(capsys, *args)
-    if fragment is None:  # a pattern in the report is data: never compiled, so no hang, and the export works
+    if fragment is None:  # damage that must not matter: a pattern in the report is never compiled, and a
+        # garbage state file is only a note (the checkpoint files in the directory are found and used)
         assert status == 0, err
         return
     assert status == 2 and err.count("\n") == 1 and err.startswith("error: ") and fragment in err, err

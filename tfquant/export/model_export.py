@@ -18,7 +18,7 @@ from tfquant import checkpoints, files, match, ops, ranges
 from tfquant.config import FLOAT_BITS
 from tfquant.export import packed_file
 from tfquant.ops import GroupLayout
-from tfquant.report import QuantReport, config_from_report, read_report
+from tfquant.report import DECISIONS_VARIABLE, decisions_difference, QuantReport, config_from_report, read_report
 
 tf1 = tf.compat.v1
 
@@ -180,6 +180,18 @@ def _compute_codes(quantized):
         return sess.run(fetches, feed_dict=feeds)
 
 
+def _check_decisions(reader, checkpoint, report):
+    """A checkpoint that records its quantization decisions must have been trained with the report's."""
+    if DECISIONS_VARIABLE not in reader.get_variable_to_shape_map():
+        return  # written by a graph tfquant's learners did not build; the layer checks still apply
+    recorded = _tensor(reader, checkpoint, DECISIONS_VARIABLE)
+    recorded = recorded.decode("utf-8", "replace") if isinstance(recorded, bytes) else str(recorded)
+    difference = decisions_difference(recorded, report)
+    if difference:
+        raise ExportError("report does not match checkpoint %s: %s; expected the report written with this checkpoint"
+                          % (checkpoint, difference))
+
+
 def _check_activation_ranges(reader, checkpoint, report):
     """Every quantized activation's range variables are in the checkpoint as scalars, and were recorded.
 
@@ -291,6 +303,7 @@ def pack_checkpoint(checkpoint, report, output_path, metadata=None):
 
     # Everything is read and checked before anything is written, so an error leaves no file.
     _check_weight_layers(report)
+    _check_decisions(reader, checkpoint, report)
     _check_activation_ranges(reader, checkpoint, report)
     stored = _stored_variables(report)
     values = {name: _read_checked(reader, checkpoint, name, shape) for name, shape, _ in stored}
