@@ -250,6 +250,10 @@ class QuantReport:
 
 def _allocation_lines(allocation):
     """Table lines of an automatic bit allocation: per budget the achieved mean, then each layer's choice."""
+    def number(value, form):
+        # The entry may come from a file: show odd values as they are rather than fail on them.
+        return form % value if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
     if not allocation:
         return []
     lines = []
@@ -257,13 +261,17 @@ def _allocation_lines(allocation):
         entry = allocation.get(kind)
         if not isinstance(entry, dict):
             continue
-        lines.append("auto bits (%s): budget %s mean bits (%d storage bits), achieved %.3f (%d); search %.1f s"
-                     % (kind, entry.get("equivalent_bits"), entry.get("budget_bits", 0), entry.get("mean_bits", 0.0),
-                        entry.get("used_bits", 0), allocation.get("search_seconds", 0.0)))
-        for layer in entry.get("layers", []):
-            sensitivities = " ".join("%s:%.4g" % item for item in layer.get("sensitivity", {}).items())
-            lines.append("  %s  bits %s  sensitivity by bits %s" % (layer.get("name"), layer.get("bits"),
-                                                                  sensitivities))
+        lines.append("auto bits (%s): budget %s mean bits (%s storage bits), achieved %s (%s); search %s s"
+                     % (kind, entry.get("equivalent_bits"), entry.get("budget_bits"),
+                        number(entry.get("mean_bits"), "%.3f"), entry.get("used_bits"),
+                        number(allocation.get("search_seconds"), "%.1f")))
+        for layer in entry.get("layers", []) if isinstance(entry.get("layers"), list) else []:
+            if not isinstance(layer, dict):
+                continue
+            sensitivity = layer.get("sensitivity")
+            shown = " ".join("%s:%s" % (bits, number(value, "%.4g"))
+                             for bits, value in (sensitivity.items() if isinstance(sensitivity, dict) else []))
+            lines.append("  %s  bits %s  sensitivity by bits %s" % (layer.get("name"), layer.get("bits"), shown))
     return lines
 
 

@@ -80,3 +80,24 @@ def test_infeasible_and_malformed_inputs():
     with pytest.raises(AllocationError, match="cells"):
         allocation.solve([AllocationItem("x", 1, {1: 1.0, 16: 0.0}), AllocationItem("y", 2, {1: 0.0})], 16,
                          max_table_cells=10)
+
+
+def test_report_carries_the_allocation():
+    import json
+
+    import tfquant
+    from tfquant.report import QuantReport, ReportError
+    entry = {"weight": {"equivalent_bits": 3, "budget_bits": 30, "used_bits": 28, "mean_bits": 2.8,
+                        "layers": [{"name": "conv2/weights", "bits": 2, "sensitivity": {"2": 0.25, "3": 0.125}}]},
+             "search_seconds": 1.25}
+    report = QuantReport([], [], tfquant.QuantConfig().to_dict(), True, allocation=entry)
+    back = QuantReport.from_json(report.to_json())
+    assert back.allocation == entry
+    table = back.format_table().splitlines()
+    assert table[-2:] == ["auto bits (weight): budget 3 mean bits (30 storage bits), achieved 2.800 (28); search 1.2 s",
+                          "  conv2/weights  bits 2  sensitivity by bits 2:0.25 3:0.125"]
+    assert "allocation" not in json.loads(QuantReport([], [], tfquant.QuantConfig().to_dict(), True).to_json())
+    data = json.loads(report.to_json())
+    data["allocation"] = [1]
+    with pytest.raises(ReportError, match="allocation=\\[1\\] is not valid; expected an object"):
+        QuantReport.from_dict(data)
