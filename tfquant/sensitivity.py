@@ -125,21 +125,24 @@ def measure(sess, loss, batches, targets, bit_widths):
     for target in targets:  # every op is built before the first run, so the graph is not grown mid-way
         for bits in bit_widths[target.kind]:
             quantizers.get(target, target.tensors[0].shape.as_list(), bits)
-    base = [float(sess.run(loss, feed)) for feed in batches]
-    result = {}
-    for target in targets:
-        increases = {bits: 0.0 for bits in bit_widths[target.kind]}
-        weight_value = sess.run(target.tensors[0]) if target.kind == WEIGHT else None
-        for feed, base_loss in zip(batches, base):
-            value = weight_value if weight_value is not None else sess.run(target.tensors[0], feed)
-            for bits in increases:
+    weight_values = dict(zip([t.name for t in targets if t.kind == WEIGHT],
+                             sess.run([t.tensors[0] for t in targets if t.kind == WEIGHT])))
+    activations = [t for t in targets if t.kind == ACTIVATION]
+    totals = {t.name: {bits: 0.0 for bits in bit_widths[t.kind]} for t in targets}
+    for feed in batches:
+        # One run gives the float loss and every activation's value on this batch.
+        base_loss, *activation_values = sess.run([loss] + [t.tensors[0] for t in activations], feed)
+        values = dict(weight_values, **{t.name: v for t, v in zip(activations, activation_values)})
+        for target in targets:
+            value = values[target.name]
+            for bits in totals[target.name]:
                 placeholder, quantized = quantizers.get(target, value.shape, bits)
                 replaced = sess.run(quantized, {placeholder: value})
                 fed = dict(feed)
                 fed.update({tensor: replaced for tensor in target.tensors})
-                increases[bits] += float(sess.run(loss, fed)) - base_loss
-        result[target.name] = {bits: total / len(batches) for bits, total in increases.items()}
-    return result
+                totals[target.name][bits] += float(sess.run(loss, fed)) - float(base_loss)
+    return {name: {bits: total / len(batches) for bits, total in by_bits.items()}
+            for name, by_bits in totals.items()}
 
 
 def non_increasing(sensitivities):
