@@ -24,7 +24,6 @@ from benchmarks import accuracy_table, machine, publish, stats
 from tfquant import allocation
 
 SECTION = "bit_allocation"
-RUN_MODULE = "nets.resnet_at_fmnist_run"
 DEFAULT_RESULTS = os.path.join(publish.RESULTS_DIR, "bit_allocation.json")
 N_TRAIN = 60000
 
@@ -106,11 +105,9 @@ def run_row(work_dir, budget, method, seed, plan, extra=None):
     """Fine-tune one row from the seed's float checkpoint; returns its entry."""
     label = "%s %s" % (budget.label, method)
     out_dir = accuracy_table.row_dir(work_dir, label, seed)
-    argv = ([sys.executable, "-m", RUN_MODULE, "--learner=uniform",
-             "--save_path=%s/model.ckpt" % accuracy_table.float_dir(work_dir, seed),
-             "--uql_save_quant_model_path=%s/model.ckpt" % out_dir, "--log_dir=%s/logs" % out_dir,
-             "--seed=%d" % seed, "--uql_quant_epochs=%s" % plan["epochs"]] + plan["float"] + plan["finetune"]
-            + plan["common"] + row_flags(budget, method.split()[0], extra))
+    # The accuracy table's layout and shared flags; a row's flags hold no spaces (op names are escaped regexes).
+    row = accuracy_table.Row(label, " ".join(row_flags(budget, method.split()[0], extra)))
+    argv = [sys.executable, "-m", accuracy_table.RUN_MODULE] + accuracy_table.run_flags(work_dir, row, seed, plan)
     seconds, done = stats.timed(lambda: subprocess.run(argv, cwd=publish.REPO_ROOT, capture_output=True, text=True))
     if done.returncode != 0:
         raise RuntimeError("row %r seed %d failed:\n%s" % (label, seed, done.stderr[-3000:]))
