@@ -40,9 +40,7 @@ class Budget(typing.NamedTuple):
 BUDGETS = [Budget("W2 A4", 2, activation_bits=4), Budget("W3 A4", 3, activation_bits=4),
            Budget("W2 A2.5", 2, activation_budget=2.5), Budget("W3 A2.5", 3, activation_budget=2.5)]
 FULL = dict(accuracy_table.FULL, randoms=5, budgets=[b.label for b in BUDGETS])
-# Quick: one budget, one random row, sensitivities on one batch (the flag only matters to the auto row).
-QUICK = dict(accuracy_table.QUICK, randoms=1, budgets=["W3 A2.5"],
-             common=accuracy_table.QUICK["common"] + ["--uql_sensitivity_batches=1"])
+QUICK = dict(accuracy_table.QUICK, randoms=1, budgets=["W3 A2.5"])
 IMG_PER_S = re.compile(r"^uniform iter \d+/\d+ .*\| (\d+) img/s")
 
 

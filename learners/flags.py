@@ -73,7 +73,7 @@ def define_flags():
                        "activation size (--uql_auto_bits; off unless given)")
     flags.DEFINE_integer("uql_a_bit_min", 2, "narrowest activation width --uql_auto_bits may choose")
     flags.DEFINE_integer("uql_a_bit_max", 8, "widest activation width --uql_auto_bits may choose")
-    flags.DEFINE_integer("uql_sensitivity_batches", 2, "training batches the sensitivities are measured on "
+    flags.DEFINE_integer("uql_sensitivity_batches", 1, "training batches the sensitivities are measured on "
                          "(--uql_auto_bits)")
     flags.DEFINE_boolean("uql_enbl_rl_agent", False, "PocketFlow's RL agent; not available (use --uql_auto_bits)")
     flags.DEFINE_integer("train_subset", None, "use only the first N training images (quick runs, tests)")

@@ -79,7 +79,7 @@ RUN = ["--learner=uniform", "--train_subset=128", "--eval_subset=64", "--batch_s
 
 
 def _settings(tmp_path):
-    return types.SimpleNamespace(seed=3, uql_sensitivity_batches=2, uql_equivalent_bits=3.0, uql_w_bit_min=2,
+    return types.SimpleNamespace(seed=3, uql_sensitivity_batches=1, uql_equivalent_bits=3.0, uql_w_bit_min=2,
                                  uql_w_bit_max=8, uql_a_equivalent_bits=4.0, uql_a_bit_min=2, uql_a_bit_max=8,
                                  uql_save_quant_model_path=str(tmp_path / "models_uql" / "model.ckpt"),
                                  log_dir=str(tmp_path / "logs"))
