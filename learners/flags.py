@@ -62,6 +62,20 @@ def define_flags():
     flags.DEFINE_float("loss_w_dst", 4.0, "weight of the distillation loss")
     flags.DEFINE_float("tempr_dst", 4.0, "temperature of the distillation softmax")
     flags.DEFINE_float("uql_ema_decay", 0.99, "decay of the activation-range moving averages")
+    # Automatic bit allocation (issue 12); PocketFlow's budget names keep their meaning.
+    flags.DEFINE_boolean("uql_auto_bits", False, "choose weight (and with --uql_a_equivalent_bits, activation) bits "
+                         "per layer: least measured sensitivity within the budget, solved exactly")
+    flags.DEFINE_float("uql_equivalent_bits", 4.0, "weight budget: sum(bits * |W|) <= this * sum(|W|) over the "
+                       "quantized layers (--uql_auto_bits)")
+    flags.DEFINE_integer("uql_w_bit_min", 2, "narrowest weight width --uql_auto_bits may choose")
+    flags.DEFINE_integer("uql_w_bit_max", 8, "widest weight width --uql_auto_bits may choose")
+    flags.DEFINE_float("uql_a_equivalent_bits", None, "activation budget: mean activation bits weighted by "
+                       "activation size (--uql_auto_bits; off unless given)")
+    flags.DEFINE_integer("uql_a_bit_min", 2, "narrowest activation width --uql_auto_bits may choose")
+    flags.DEFINE_integer("uql_a_bit_max", 8, "widest activation width --uql_auto_bits may choose")
+    flags.DEFINE_integer("uql_sensitivity_batches", 1, "training batches the sensitivities are measured on "
+                         "(--uql_auto_bits)")
+    flags.DEFINE_boolean("uql_enbl_rl_agent", False, "PocketFlow's RL agent; not available (use --uql_auto_bits)")
     flags.DEFINE_integer("train_subset", None, "use only the first N training images (quick runs, tests)")
     flags.DEFINE_integer("eval_subset", None, "use only the first N test images (quick runs, tests)")
     flags.DEFINE_integer("seed", 0, "random seed of initialisation and data order")
@@ -123,7 +137,51 @@ def validate_flags():
     for name in ("save_path", "uql_save_quant_model_path"):
         _writable_parent(name, getattr(FLAGS, name))
     _writable_parent("log_dir", os.path.join(FLAGS.log_dir, "x"))
+    _check_auto_bits()
     quant_config()  # bit widths, overrides and bucket settings are checked by tfquant itself
+
+
+def _check_bit_range(kind, low_name, high_name, budget_name):
+    low, high, budget = getattr(FLAGS, low_name), getattr(FLAGS, high_name), getattr(FLAGS, budget_name)
+    for name, value in ((low_name, low), (high_name, high)):
+        if not 1 <= value <= 16:
+            raise UserError("--%s=%s is not valid; expected an integer from 1 to 16" % (name, value))
+    if low > high:
+        raise UserError("--%s=%s is above --%s=%s; expected min <= max" % (low_name, low, high_name, high))
+    if budget < low:
+        raise UserError("--%s=%s is below --%s=%s: no %s allocation fits; expected a budget of at least %s"
+                        % (budget_name, budget, low_name, low, kind, low))
+    if budget > high:
+        raise UserError("--%s=%s is above --%s=%s: every layer would simply take the widest width; expected a "
+                        "budget of at most %s" % (budget_name, budget, high_name, high, high))
+
+
+def _check_auto_bits():
+    """The bit-allocation flags: PocketFlow's RL agent is refused, budgets must fit their bit ranges."""
+    if FLAGS.uql_enbl_rl_agent:
+        raise UserError("--uql_enbl_rl_agent is not available: tfquant has no RL agent; expected --uql_auto_bits "
+                        "(exact allocation under --uql_equivalent_bits)")
+    if not FLAGS.uql_auto_bits:
+        if FLAGS.uql_a_equivalent_bits is not None:
+            raise UserError("--uql_a_equivalent_bits=%s is given without --uql_auto_bits; expected --uql_auto_bits "
+                            "with it" % FLAGS.uql_a_equivalent_bits)
+        return
+    if FLAGS.learner != "uniform":
+        raise UserError("--uql_auto_bits is not valid with --learner=%s; expected --learner=uniform" % FLAGS.learner)
+    for name in ("uql_layer_bits", "uql_weight_overrides"):
+        if getattr(FLAGS, name):
+            raise UserError("--%s=%s is given with --uql_auto_bits; expected one of them (the allocation decides "
+                            "every weight layer's bits)" % (name, ",".join(getattr(FLAGS, name))))
+    _positive("uql_sensitivity_batches")
+    _check_bit_range("weight", "uql_w_bit_min", "uql_w_bit_max", "uql_equivalent_bits")
+    if FLAGS.uql_weight_range == "lsq" and FLAGS.uql_w_bit_min < 2:
+        raise UserError("--uql_w_bit_min=%d is not valid with --uql_weight_range=lsq; expected at least 2"
+                        % FLAGS.uql_w_bit_min)
+    if FLAGS.uql_a_equivalent_bits is not None:
+        if FLAGS.uql_activation_overrides:
+            raise UserError("--uql_activation_overrides=%s is given with --uql_a_equivalent_bits; expected one of "
+                            "them" % ",".join(FLAGS.uql_activation_overrides))
+        _check_bit_range("activation", "uql_a_bit_min", "uql_a_bit_max", "uql_a_equivalent_bits")
 
 
 def quant_config():

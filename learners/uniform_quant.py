@@ -6,7 +6,7 @@ import os
 import tensorflow as tf
 
 import tfquant
-from learners import full_precision, graphs, run_settings, stopping, training
+from learners import bit_allocation, full_precision, graphs, run_settings, stopping, training
 from learners.errors import UserError
 from tfquant import checkpoints
 
@@ -83,11 +83,17 @@ class UniformQuantLearner:
         latest, step = training.find_checkpoint(self.save_path, self.name)
         distillation = (s.loss_w_dst, s.tempr_dst) if getattr(s, "enbl_dst", False) else None
         self._record_float_checkpoint(quant_current, started_from, float_checkpoint, latest is not None)
+        allocation = None
+        if getattr(s, "uql_auto_bits", False):
+            # Before the graph is built: the allocated bits become explicit_bits, which beat every other rule.
+            self.config, allocation = bit_allocation.allocate(self.helper, s, self.config, float_checkpoint,
+                                                              resuming=latest is not None)
         model = graphs.build_graph(self.helper, True, quant_config=self.config,
                                    lrn_rate_fn=graphs.cosine_lrn_rate(s.uql_lrn_rate_init, nb_iters),
                                    momentum=s.momentum, seed=s.seed, skip_batches=step, distillation=distillation)
         teacher = model.extra.get("teacher_variables", {})
         report = model.report
+        report.allocation = allocation
         report_path = os.path.join(self.output_dir, REPORT_NAME)
         stopping.pause_point("report")
         run_settings.write_json(report_path, report.to_json(), "quantization report")

@@ -89,8 +89,10 @@ class VariableRecord:
 class QuantReport:
     """What `quantize_graph` did to a graph; prints as a table and serialises to JSON."""
 
-    def __init__(self, layers, other_variables, config, is_training, notes=()):
+    def __init__(self, layers, other_variables, config, is_training, notes=(), allocation=None):
         self.layers = list(layers)
+        # The automatic bit allocation (budgets, achieved mean bits, search time, per-layer sensitivity), if any.
+        self.allocation = allocation
         self.other_variables = list(other_variables)
         self.config = dict(config)
         self.is_training = bool(is_training)
@@ -178,6 +180,7 @@ class QuantReport:
             "other_variables": [dataclasses.asdict(record) for record in self.other_variables],
             "notes": self.notes,
             "summary": self.summary(),
+            **({"allocation": self.allocation} if self.allocation is not None else {}),
         }
 
     def to_json(self, indent=2):
@@ -237,11 +240,39 @@ class QuantReport:
                         self.total_storage_bits, self.total_storage_bits / 8192.0, self.float_storage_bits,
                         self.float_storage_bits / 8192.0, self.compression_ratio,
                         self.weight_compression_ratio))
+        lines.extend(_allocation_lines(self.allocation))
         lines.extend("note: " + note for note in self.notes)
         return "\n".join(lines)
 
     def __str__(self):
         return self.format_table()
+
+
+def _allocation_lines(allocation):
+    """Table lines of an automatic bit allocation: per budget the achieved mean, then each layer's choice."""
+    def number(value, form):
+        # The entry may come from a file: show odd values as they are rather than fail on them.
+        return form % value if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+    if not allocation:
+        return []
+    lines = []
+    for kind in ("weight", "activation"):
+        entry = allocation.get(kind)
+        if not isinstance(entry, dict):
+            continue
+        lines.append("auto bits (%s): budget %s mean bits (%s storage bits), achieved %s (%s); search %s s"
+                     % (kind, entry.get("equivalent_bits"), entry.get("budget_bits"),
+                        number(entry.get("mean_bits"), "%.3f"), entry.get("used_bits"),
+                        number(allocation.get("search_seconds"), "%.1f")))
+        for layer in entry.get("layers", []) if isinstance(entry.get("layers"), list) else []:
+            if not isinstance(layer, dict):
+                continue
+            sensitivity = layer.get("sensitivity")
+            shown = " ".join("%s:%s" % (bits, number(value, "%.4g"))
+                             for bits, value in (sensitivity.items() if isinstance(sensitivity, dict) else []))
+            lines.append("  %s  bits %s  sensitivity by bits %s" % (layer.get("name"), layer.get("bits"), shown))
+    return lines
 
 
 def read_report(path):
@@ -462,7 +493,8 @@ def _layer_from_dict(data, number):
 
 
 def _report_from_dict(cls, data):
-    _known_keys(data, ["version", "config", "is_training", "layers", "other_variables", "notes", "summary"],
+    _known_keys(data, ["version", "config", "is_training", "layers", "other_variables", "notes", "summary",
+                       "allocation"],
                 ["version", "config", "is_training", "layers", "other_variables"], "report")
     version = data["version"]
     if not _is_int(version) or version != REPORT_VERSION:
@@ -487,4 +519,6 @@ def _report_from_dict(cls, data):
         others.append(VariableRecord(**record))
     notes = _require(data.get("notes", []), _str_list, "notes", "a list of strings")
     _require(data.get("summary", {}), lambda v: isinstance(v, dict), "summary", "an object")
-    return cls(layers, others, data["config"], data["is_training"], notes)
+    allocation = _require(data.get("allocation"), lambda v: v is None or isinstance(v, dict), "allocation",
+                          "an object")
+    return cls(layers, others, data["config"], data["is_training"], notes, allocation)

@@ -1,0 +1,217 @@
+"""Bit allocation: --uql_auto_bits against uniform bits and against random allocations at the same budgets.
+
+ResNet-20 on all 10,000 Fashion-MNIST test images through the real run script; per seed one float checkpoint,
+and every row fine-tuned from it with the same epochs. A random allocation is the exact solver's answer for
+random sensitivities, so it fills the budget as tightly as the automatic one does; its per-layer bits are
+passed as --uql_layer_bits and --uql_activation_overrides. Search time is compared with one fine-tuning
+epoch (training images / the fine-tuning's logged images per second).
+
+  .venv/bin/python -m benchmarks.bit_allocation --seeds 0,1,2
+  .venv/bin/python -m benchmarks.bit_allocation --quick --output /tmp/alloc.json --work_dir /tmp/alloc
+"""
+import argparse
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import typing
+
+import numpy as np
+
+from benchmarks import accuracy_table, machine, publish, stats
+from tfquant import allocation
+
+SECTION = "bit_allocation"
+DEFAULT_RESULTS = os.path.join(publish.RESULTS_DIR, "bit_allocation.json")
+N_TRAIN = 60000
+
+
+class Budget(typing.NamedTuple):
+    """Equivalent weight bits, and either uniform activation bits or an activation budget."""
+
+    label: str
+    weight_bits: float
+    activation_bits: typing.Optional[int] = None
+    activation_budget: typing.Optional[float] = None
+
+
+BUDGETS = [Budget("W2 A4", 2, activation_bits=4), Budget("W3 A4", 3, activation_bits=4),
+           Budget("W2 A2.5", 2, activation_budget=2.5), Budget("W3 A2.5", 3, activation_budget=2.5)]
+FULL = dict(accuracy_table.FULL, randoms=5, budgets=[b.label for b in BUDGETS])
+QUICK = dict(accuracy_table.QUICK, randoms=1, budgets=["W3 A2.5"])
+IMG_PER_S = re.compile(r"^uniform iter \d+/\d+ .*\| (\d+) img/s")
+
+
+def row_flags(budget, method, random_bits=None):
+    """Run-script flags of one row: 'auto', 'uniform', or a random allocation {op name: bits} (+ layer order)."""
+    if method == "auto":
+        flags = ["--uql_auto_bits", "--uql_equivalent_bits=%s" % budget.weight_bits]
+        if budget.activation_budget is not None:
+            return flags + ["--uql_a_equivalent_bits=%s" % budget.activation_budget]
+        return flags + ["--uql_activation_bits=%d" % budget.activation_bits]
+    activation_bits = budget.activation_bits or int(math.floor(budget.activation_budget))
+    if method == "uniform":  # the widest uniform width within budget
+        return ["--uql_weight_bits=%d" % math.floor(budget.weight_bits), "--uql_activation_bits=%d" % activation_bits]
+    layer_bits, activation_overrides = random_bits
+    flags = ["--uql_layer_bits=%s" % ",".join(str(b) for b in layer_bits),
+             "--uql_activation_bits=%d" % activation_bits]
+    if activation_overrides:
+        flags.append("--uql_activation_overrides=%s" % ",".join(
+            "%s=%d" % (re.escape(name), bits) for name, bits in activation_overrides))
+    return flags
+
+
+def random_allocation(stored, report, budget, rng):
+    """A random allocation within `budget`: the exact solver on random sensitivities of the auto run's layers.
+
+    Args:
+      stored: the auto run's bit_allocation.json (layers, sizes, bit ranges).
+      report: the auto run's quant_report.json (every weight layer in data-flow order).
+      budget: the Budget.
+      rng: a numpy Generator.
+    Returns:
+      ((layer_bits for --uql_layer_bits, [(activation op, bits)]), {kind: mean bits}).
+    """
+    chosen, means = {}, {}
+    for kind, equivalent in (("weight", budget.weight_bits), ("activation", budget.activation_budget)):
+        if equivalent is None:
+            continue
+        entry = stored[kind]
+        items = [allocation.AllocationItem(layer["name"], layer["size"],
+                                           {b: float(rng.random()) for b in range(entry["bit_min"],
+                                                                                  entry["bit_max"] + 1)})
+                 for layer in entry["layers"]]
+        solved = allocation.solve(items, equivalent)
+        means[kind] = solved.mean_bits
+        for layer in entry["layers"]:
+            chosen.update({op: solved.bits[layer["name"]] for op in layer["ops"]})
+    layer_bits = [chosen.get(layer["name"], 32) for layer in report["layers"]
+                  if layer["kind"] == "weight" and layer.get("input_index") is not None]
+    activations = [(layer["name"], chosen[layer["name"]]) for layer in report["layers"]
+                   if layer["kind"] == "activation" and layer["name"] in chosen]
+    return (layer_bits, activations), means
+
+
+def _epoch_seconds(stdout, batch_images):
+    rates = [int(m.group(1)) for m in map(IMG_PER_S.match, stdout.splitlines()) if m and int(m.group(1)) > 0]
+    return batch_images / statistics.median(rates) if rates else None
+
+
+def run_row(work_dir, budget, method, seed, plan, extra=None):
+    """Fine-tune one row from the seed's float checkpoint; returns its entry."""
+    label = "%s %s" % (budget.label, method)
+    out_dir = accuracy_table.row_dir(work_dir, label, seed)
+    # The accuracy table's layout and shared flags; a row's flags hold no spaces (op names are escaped regexes).
+    row = accuracy_table.Row(label, " ".join(row_flags(budget, method.split()[0], extra)))
+    argv = [sys.executable, "-m", accuracy_table.RUN_MODULE] + accuracy_table.run_flags(work_dir, row, seed, plan)
+    seconds, done = stats.timed(lambda: subprocess.run(argv, cwd=publish.REPO_ROOT, capture_output=True, text=True))
+    if done.returncode != 0:
+        raise RuntimeError("row %r seed %d failed:\n%s" % (label, seed, done.stderr[-3000:]))
+    results = publish.load_json(os.path.join(out_dir, "results.json"))
+    subset = next((int(f.split("=")[1]) for f in plan["common"] if f.startswith("--train_subset=")), N_TRAIN)
+    entry = {"budget": budget.label, "method": method, "seed": seed, "accuracy": results["quant_accuracy"],
+             "float_accuracy": results["float_accuracy"], "test_examples": results["test_examples"],
+             "ratio": results["compression_ratio"], "seconds": seconds,
+             "epoch_seconds": _epoch_seconds(done.stdout, subset)}
+    if method == "auto":
+        stored = publish.load_json(os.path.join(out_dir, "bit_allocation.json"))
+        entry["search_seconds"] = stored["search_seconds"]
+        entry["mean_bits"] = {kind: stored[kind]["mean_bits"] for kind in ("weight", "activation") if kind in stored}
+    return entry, out_dir
+
+
+def run_budget(work_dir, budget, seed, plan):
+    """Auto, uniform and plan['randoms'] random rows of one budget and seed."""
+    auto, auto_dir = run_row(work_dir, budget, "auto", seed, plan)
+    entries = [auto, run_row(work_dir, budget, "uniform", seed, plan)[0]]
+    entries[1]["mean_bits"] = {"weight": math.floor(budget.weight_bits)}
+    stored = publish.load_json(os.path.join(auto_dir, "bit_allocation.json"))
+    report = publish.load_json(os.path.join(auto_dir, "quant_report.json"))
+    rng = np.random.default_rng(1000 * seed + BUDGETS.index(budget))
+    for index in range(plan["randoms"]):
+        bits, means = random_allocation(stored, report, budget, rng)
+        entry = run_row(work_dir, budget, "random %d" % index, seed, plan, bits)[0]
+        entry["mean_bits"], entry["bits"] = means, bits[0]
+        entries.append(entry)
+    return entries
+
+
+def summarize(entries):
+    """Per budget: auto, uniform and best-random accuracy (means over seeds), search and epoch seconds."""
+    table = {}
+    for label in [b.label for b in BUDGETS]:
+        mine = [e for e in entries if e["budget"] == label]
+        if not mine:
+            continue
+        seeds = sorted({e["seed"] for e in mine})
+        best_random = [max(e["accuracy"] for e in mine if e["seed"] == s and e["method"].startswith("random"))
+                       for s in seeds]
+        pick = lambda method: [e for e in mine if e["method"] == method]  # noqa: E731
+        table[label] = {
+            "seeds": seeds, "auto": stats.mean_std(e["accuracy"] for e in pick("auto")),
+            "uniform": stats.mean_std(e["accuracy"] for e in pick("uniform")),
+            "best_random": stats.mean_std(best_random),
+            "search_seconds": statistics.mean(e["search_seconds"] for e in pick("auto")),
+            "epoch_seconds": statistics.mean(e["epoch_seconds"] for e in pick("uniform") if e["epoch_seconds"]),
+        }
+    return table
+
+
+def render(payload, command):
+    table = summarize(payload["entries"])
+    rows = []
+    for label, t in table.items():
+        rows.append((label, ",".join(map(str, t["seeds"])), accuracy_table._percent(*t["auto"]),
+                     accuracy_table._percent(*t["uniform"]), accuracy_table._percent(*t["best_random"]),
+                     "%.1f" % t["search_seconds"], "%.1f" % t["epoch_seconds"],
+                     "%.1f %%" % (100 * t["search_seconds"] / t["epoch_seconds"])))
+    lines = ["## Bit allocation (ResNet-20, Fashion-MNIST, all 10,000 test images)", "",
+             "Command: `%s`" % command, ""]
+    lines += machine.machine_lines(payload["machine"], payload["load_before"])
+    lines += ["- Every row fine-tunes its seed's float checkpoint for --uql_quant_epochs=%s; first and last layers "
+              "float. Best random: the best of %d random allocations at the same budget, per seed."
+              % (payload["plan"]["epochs"], payload["plan"]["randoms"]), "",
+              publish.markdown_table(("budget", "seeds", "auto %", "uniform %", "best random %", "search s",
+                                      "epoch s", "search / epoch"), rows), ""]
+    for label, t in table.items():
+        for what, other in (("uniform", t["uniform"][0]), ("best random", t["best_random"][0])):
+            met = t["auto"][0] >= other
+            lines.append("- Target %s: auto at or above %s: %s (%.2f vs %.2f)."
+                         % (label, what, "met" if met else "**not met**", 100 * t["auto"][0], 100 * other))
+        lines.append("- Target %s: search at most 10 %% of an epoch: %s." % (
+            label, "met" if t["search_seconds"] <= 0.1 * t["epoch_seconds"] else "**not met**"))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    publish.add_arguments(parser, output_help="results file (default %s; none with --quick)"
+                          % os.path.relpath(DEFAULT_RESULTS, publish.REPO_ROOT), render_json=False)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
+    parser.add_argument("--work_dir", default="/tmp/tfquant_bit_allocation", help="checkpoints and logs")
+    args = parser.parse_args(argv)
+    seeds = accuracy_table.parse_seeds(args.seeds)
+    plan = QUICK if args.quick else FULL
+    output = args.output or (None if args.quick else DEFAULT_RESULTS)
+    load_before = publish.start(args)
+    entries = []
+    for seed in seeds:
+        for budget in (b for b in BUDGETS if b.label in plan["budgets"]):
+            for entry in run_budget(args.work_dir, budget, seed, plan):
+                entries.append(entry)
+                print("seed %d %-8s %-9s %.4f" % (seed, entry["budget"], entry["method"], entry["accuracy"]),
+                      flush=True)
+    payload = {"quick": args.quick, "plan": plan, "machine": machine.machine_info(), "load_before": load_before,
+               "entries": entries}
+    if output:
+        publish.write_json(output, payload)
+    if not args.quick:
+        publish.publish(SECTION, render(payload, publish.command_line()), args.markdown, load_before,
+                        payload["machine"]["load_average"], args.allow_busy)
+    return payload
+
+
+if __name__ == "__main__":
+    publish.run_main(main)

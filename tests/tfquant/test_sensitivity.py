@@ -1,0 +1,96 @@
+"""Measured sensitivities against a NumPy forward pass, and their ordering when one layer is made sensitive."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfquant
+from tfquant import sensitivity
+from tests.conftest import new_session
+
+tf1 = tf.compat.v1
+
+
+def _np_quantize(x, bits):
+    """tfquant's min/max formula in float32, one range for the whole tensor."""
+    x = np.asarray(x, np.float32)
+    lo, hi = np.float32(x.min()), np.float32(x.max())
+    alpha = np.float32(max(hi - lo, 0.0)) + np.float32(1e-10)
+    levels = np.float32(2 ** bits - 1)
+    codes = np.round((x - lo) * (levels / alpha))
+    return codes * (alpha * np.float32(1.0 / (2 ** bits - 1))) + lo
+
+
+def _np_loss(x, labels, w1, w2, w3, quantize=None):
+    quantize = quantize or {}
+    q = lambda name, value: quantize[name](value) if name in quantize else value  # noqa: E731
+    h1 = q("relu1", np.maximum(x @ q("w1", w1), 0))
+    h2 = q("relu2", np.maximum(h1 @ q("w2", w2), 0))
+    logits = h2 @ q("w3", w3)
+    logits = logits - logits.max(axis=1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(labels)), labels].mean())
+
+
+@pytest.fixture
+def toy(rng):
+    """Three dense layers; w2 holds one huge weight on an input that ReLU keeps at zero: harmless in float,
+    but min/max quantization then crushes every other weight of w2 onto a few levels."""
+    w1 = rng.normal(0, 0.5, (6, 8)).astype(np.float32)
+    w1[:, 0] = -1.0  # inputs are positive: hidden unit 0 is always 0 after ReLU
+    w2 = rng.normal(0, 0.5, (8, 8)).astype(np.float32)
+    w2[0, 3] = 40.0
+    w3 = rng.normal(0, 4.0, (8, 4)).astype(np.float32)  # confident logits: a crushed layer costs much
+    batches_x = [rng.uniform(0, 1, (32, 6)).astype(np.float32) for _ in range(2)]
+    labels = [np.argmax(np.maximum(np.maximum(x @ w1, 0) @ w2, 0) @ w3, axis=1) for x in batches_x]
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf1.placeholder(tf.float32, [None, 6])
+        label_ph = tf1.placeholder(tf.int64, [None])
+        weights = [tf1.get_variable(name, initializer=value) for name, value in (("w1", w1), ("w2", w2), ("w3", w3))]
+        h1 = tf.nn.relu(tf.matmul(images, weights[0]), name="relu1")
+        h2 = tf.nn.relu(tf.matmul(h1, weights[1]), name="relu2")
+        logits = tf.matmul(h2, weights[2])
+        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=label_ph, logits=logits))
+        init = tf1.global_variables_initializer()
+    feeds = [{images: x, label_ph: y} for x, y in zip(batches_x, labels)]
+    return graph, loss, init, feeds, (w1, w2, w3), list(zip(batches_x, labels))
+
+
+def test_targets_follow_first_last_rule(toy):
+    graph = toy[0]
+    weights, activations = sensitivity.find_targets(graph, tfquant.QuantConfig())
+    assert [t.name for t in weights] == ["w2"] and weights[0].size == 64
+    assert [(t.name, t.size) for t in activations] == [("relu1", 8), ("relu2", 8)]
+    weights, _ = sensitivity.find_targets(graph, tfquant.QuantConfig(quantize_all_layers=True))
+    assert [t.name for t in weights] == ["w1", "w2", "w3"]
+
+
+def test_measured_increase_matches_numpy_and_ranks_the_sensitive_layer_first(toy):
+    graph, loss, init, feeds, (w1, w2, w3), batches = toy
+    weights, activations = sensitivity.find_targets(graph, tfquant.QuantConfig(quantize_all_layers=True))
+    variables_before = None
+    with new_session(graph) as sess:
+        sess.run(init)
+        variables_before = sess.run(tf1.global_variables())
+        measured = sensitivity.measure(sess, loss, feeds, weights + activations,
+                                       {sensitivity.WEIGHT: [2, 3, 4, 8], sensitivity.ACTIVATION: [2, 4]})
+        after = sess.run(tf1.global_variables())
+    for before, now in zip(variables_before, after):
+        np.testing.assert_array_equal(before, now)  # measuring never changes the model
+    for name, widths in (("w1", [2, 3, 4, 8]), ("w2", [2, 3, 4, 8]), ("w3", [2, 3, 4, 8]), ("relu1", [2, 4]),
+                         ("relu2", [2, 4])):
+        for bits in widths:
+            expected = np.mean([_np_loss(x, y, w1, w2, w3, {name: lambda v, b=bits: _np_quantize(v, b)})
+                                - _np_loss(x, y, w1, w2, w3) for x, y in batches])
+            assert measured[name][bits] == pytest.approx(expected, rel=1e-3, abs=1e-4), (name, bits)
+    for bits in (2, 3, 4, 8):
+        others = max(measured[name][bits] for name in ("w1", "w3"))
+        assert measured["w2"][bits] > others, bits
+    for bits in (3, 4):  # where the other layers are well quantized, the crushed layer stands out by far
+        assert measured["w2"][bits] > 5 * max(measured[name][bits] for name in ("w1", "w3")), bits
+
+
+def test_non_increasing_envelope():
+    assert sensitivity.non_increasing({2: 1.0, 3: -0.5, 4: 0.2, 8: -0.01}) == {8: 0.0, 4: 0.2, 3: 0.2, 2: 1.0}
+    with pytest.raises(ValueError, match="1 <= min <= max <= 16"):
+        sensitivity.checked_widths(5, 4)

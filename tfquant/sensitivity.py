@@ -1,0 +1,170 @@
+"""Sensitivity of a float model to quantizing one tensor: the measured loss increase on fixed batches.
+
+For a weight W and b bits, the loss is evaluated with Q_b(W) fed in place of W's value (every other tensor
+float); for an activation, its value on the batch is quantized with the batch's own min/max (the training
+graph's range) and fed in place of the activation's output. The sensitivity is the mean increase over the
+batches. Feeding replaces a tensor for one run only, so the model's variables are never modified and the
+float graph stays usable; the only ops added are one quantizer per (shape, layout, bits) under SCOPE.
+"""
+import dataclasses
+from typing import List, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from tfquant import match, ops
+from tfquant.quantize import _layout
+
+tf1 = tf.compat.v1
+SCOPE = "tfquant_sensitivity"
+WEIGHT = "weight"
+ACTIVATION = "activation"
+
+
+@dataclasses.dataclass
+class Target:
+    """A tensor whose quantization is measured.
+
+    Attributes:
+      name: the weight variable's name, or the activation op's name.
+      kind: WEIGHT or ACTIVATION.
+      op_names: the ops whose bits it decides (several matmul-like ops may read one variable).
+      tensors: the tensors replaced by the quantized value (the weights as those ops read them, or the
+        activation's output).
+      size: elements of the weight, or of the activation per example.
+      layout: the weight's range groups (ops.GroupLayout); None for activations.
+    """
+
+    name: str
+    kind: str
+    op_names: List[str]
+    tensors: List[tf.Tensor]
+    size: int
+    layout: Optional[ops.GroupLayout] = None
+
+
+def find_targets(graph, config):
+    """The weights and activations an allocation decides, in data-flow order, following `config`'s rules.
+
+    Weights: every quantizable matmul-like layer except the first and last unless config.quantize_all_layers
+    (those stay float and outside any budget); layers reading one variable form one target. Activations:
+    every activation op whose output is consumed.
+
+    Args:
+      graph: the float model's tf.Graph (not rewritten by tfquant).
+      config: a QuantConfig (buckets and the first/last rule).
+    Returns:
+      (weight targets, activation targets).
+    Raises:
+      ValueError: a target's shape is not static.
+    """
+    depths = match.data_flow_depths(graph)
+    eligible = [c for c in match.find_weight_candidates(graph, depths) if not c.skip_reason]
+    if not config.quantize_all_layers:
+        eligible = eligible[1:-1]
+    weights = {}
+    for candidate in eligible:
+        target = weights.get(candidate.variable_name)
+        if target is None:
+            shape = candidate.weight.shape
+            if not shape.is_fully_defined():
+                raise ValueError("weight %s has shape %s; expected a static shape" % (candidate.variable_name, shape))
+            target = weights[candidate.variable_name] = Target(
+                candidate.variable_name, WEIGHT, [], [], int(np.prod(shape.as_list())), _layout(config, candidate))
+        target.op_names.append(candidate.op.name)
+        target.tensors.append(candidate.weight)
+    activations = []
+    for op in match.find_activations(graph, depths):
+        output = op.outputs[0]
+        if not any(not match.is_untouchable(c) for c in output.consumers()):
+            continue
+        per_example = output.shape[1:]
+        if not per_example.is_fully_defined():
+            raise ValueError("activation %s has shape %s; expected a static shape after the batch axis"
+                             % (op.name, output.shape))
+        activations.append(Target(op.name, ACTIVATION, [op.name], [output], int(np.prod(per_example.as_list()))))
+    return list(weights.values()), activations
+
+
+class _Quantizers:
+    """Quantizer ops on placeholders, built once per (kind, shape, layout, bits) in the model's graph."""
+
+    def __init__(self, graph):
+        self.graph = graph
+        self.built = {}
+
+    def get(self, target, shape, bits):
+        key = (target.kind, tuple(shape) if target.kind == WEIGHT else None, target.layout, bits)
+        if key not in self.built:
+            with self.graph.as_default(), tf1.name_scope(SCOPE + "/"):
+                if target.kind == WEIGHT:
+                    value = tf1.placeholder(tf.float32, shape)
+                    quantized = ops.quantize_weight(value, bits, target.layout)
+                else:
+                    value = tf1.placeholder(tf.float32)
+                    quantized = ops.quantize_in_range(value, bits, tf.reduce_min(value), tf.reduce_max(value))
+            self.built[key] = (value, quantized)
+        return self.built[key]
+
+
+def measure(sess, loss, batches, targets, bit_widths):
+    """The mean loss increase on `batches` when each target alone is quantized at each width.
+
+    Args:
+      sess: a session of the float model's graph, its variables restored (the caller's; never closed here).
+      loss: the scalar loss tensor (e.g. mean cross-entropy).
+      batches: a list of feed dicts, each fixing one batch of inputs (e.g. {images: ..., labels: ...}).
+      targets: Targets from find_targets.
+      bit_widths: {target kind: the widths to measure}, e.g. {WEIGHT: range(2, 9)}.
+    Returns:
+      {target name: {bits: mean increase of the loss}} (measured values: may be slightly negative).
+    """
+    if not batches:
+        raise ValueError("batches is empty; expected at least one feed dict")
+    quantizers = _Quantizers(sess.graph)
+    for target in targets:  # every op is built before the first run, so the graph is not grown mid-way
+        for bits in bit_widths[target.kind]:
+            quantizers.get(target, target.tensors[0].shape.as_list(), bits)
+    weight_values = dict(zip([t.name for t in targets if t.kind == WEIGHT],
+                             sess.run([t.tensors[0] for t in targets if t.kind == WEIGHT])))
+    activations = [t for t in targets if t.kind == ACTIVATION]
+    totals = {t.name: {bits: 0.0 for bits in bit_widths[t.kind]} for t in targets}
+    for feed in batches:
+        # One run gives the float loss and every activation's value on this batch.
+        base_loss, *activation_values = sess.run([loss] + [t.tensors[0] for t in activations], feed)
+        values = dict(weight_values, **{t.name: v for t, v in zip(activations, activation_values)})
+        for target in targets:
+            value = values[target.name]
+            for bits in totals[target.name]:
+                placeholder, quantized = quantizers.get(target, value.shape, bits)
+                replaced = sess.run(quantized, {placeholder: value})
+                fed = dict(feed)
+                fed.update({tensor: replaced for tensor in target.tensors})
+                totals[target.name][bits] += float(sess.run(loss, fed)) - float(base_loss)
+    return {name: {bits: total / len(batches) for bits, total in by_bits.items()}
+            for name, by_bits in totals.items()}
+
+
+def non_increasing(sensitivities):
+    """Each width's sensitivity raised to the largest at any wider width, so more bits never look worse.
+
+    Measured increases at wide widths are noise of either sign; without this the solver could prefer
+    a narrower width for a layer because of that noise.
+
+    Args:
+      sensitivities: {bits: value}.
+    Returns:
+      {bits: max(value at bits, values at every wider width, 0)}.
+    """
+    result, running = {}, 0.0
+    for bits in sorted(sensitivities, reverse=True):
+        running = max(running, sensitivities[bits])
+        result[bits] = running
+    return result
+
+
+def checked_widths(low, high):
+    """The widths low..high as a list; ValueError unless 1 <= low <= high <= 16 (float is no candidate)."""
+    if not (1 <= low <= high <= 16):
+        raise ValueError("bit range %r..%r is not valid; expected 1 <= min <= max <= 16" % (low, high))
+    return list(range(low, high + 1))
