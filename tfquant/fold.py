@@ -87,10 +87,20 @@ def _moving_statistic(graph, statistic):
                         target = reader.inputs[0].op.name
                         for variable in graph.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES):
                             if variable.op.name == target:
-                                return variable.read_value()
+                                return _read_before_update(variable, reader)
                     following.append(reader)
         frontier = following
     return None
+
+
+def _read_before_update(variable, assign):
+    """The variable's value, read before `assign` (the moving-average update) writes it in the same step."""
+    value = variable.read_value()
+    update_index = len(assign.inputs) - 1
+    with tf.control_dependencies([value]):
+        ordered = tf.identity(assign.inputs[update_index])
+    rewrite.reroute_input(assign, update_index, ordered)
+    return value
 
 
 def _channel_shape(op, batch_norm_format):
