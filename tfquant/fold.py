@@ -129,7 +129,7 @@ def _safe_multiplier(multiplier):
     return tf.where(tf.abs(multiplier) < tiny, tf.fill(tf.shape(multiplier), tiny), multiplier)
 
 
-def _fold_fused(graph, op, batch_norm, is_training, freeze_step):
+def _fold_fused(graph, op, batch_norm, is_training, freeze_step, fold_weight=True):
     """Fold one conv -> fused batch norm pair; returns a FoldedLayer or a note why not."""
     output = op.outputs[0]
     gamma, beta = batch_norm.inputs[1], batch_norm.inputs[2]
@@ -148,7 +148,8 @@ def _fold_fused(graph, op, batch_norm, is_training, freeze_step):
         multiplier = _safe_multiplier(gamma * tf.math.rsqrt(moving_variance + epsilon))
         bias = beta - moving_mean * multiplier
     readers = list(batch_norm.outputs[0].consumers())
-    _fold_weight(op, multiplier, weight_side)
+    if fold_weight:
+        _fold_weight(op, multiplier, weight_side)
     if is_training:
         # The batch norm sees the float-scale output again: its statistics, moving-average updates and
         # gradients are those of the unfolded layer, and its output carries the correction sigma_mv / sigma_B.
@@ -179,7 +180,7 @@ def _depends_on(tensor, op, limit=64):
     return False
 
 
-def _fold_unfused(graph, op, multiply, is_training):
+def _fold_unfused(graph, op, multiply, is_training, fold_weight=True):
     """Fold conv -> x * multiplier + offset (tf.nn.batch_normalization); returns a FoldedLayer or a note."""
     output = op.outputs[0]
     multiplier = multiply.inputs[1] if multiply.inputs[0] is output else multiply.inputs[0]
@@ -189,7 +190,8 @@ def _fold_unfused(graph, op, multiply, is_training):
             op.name, kind, multiply.name)
     weight_side, _ = _channel_shape(op, b"NHWC")
     readers = list(multiply.outputs[0].consumers())
-    _fold_weight(op, multiplier, weight_side)
+    if fold_weight:
+        _fold_weight(op, multiplier, weight_side)
     # x * multiplier is now the layer's own output: the offset add that follows is the folded bias.
     rewrite.reroute_consumers(multiply.outputs[0], output, readers)
     return FoldedLayer(op, multiply, multiplier, None)
@@ -204,7 +206,7 @@ def _is_batch_norm_multiply(reader):
     return "Rsqrt" in upstream and any(c.type in ("Add", "AddV2") for c in reader.outputs[0].consumers())
 
 
-def fold_batch_norms(graph, is_training, freeze_bn_delay=None):
+def fold_batch_norms(graph, is_training, freeze_bn_delay=None, weights_folded=False):
     """Rewrite every foldable op -> batch norm pair of `graph` in place (see the module docstring).
 
     Args:
@@ -212,6 +214,8 @@ def fold_batch_norms(graph, is_training, freeze_bn_delay=None):
       is_training: the graph trains (batch statistics with the correction factor) or evaluates.
       freeze_bn_delay: training graphs switch to moving statistics from this global step on (the
         graph's global step is created if missing); None never switches.
+      weights_folded: the weight variables already hold W * m (an exported model): only the batch
+        norm's readers are rerouted to the folded bias.
     Returns:
       a FoldResult.
     """
@@ -236,8 +240,8 @@ def fold_batch_norms(graph, is_training, freeze_bn_delay=None):
     with graph.as_default():
         for op, batch_norm, fused in pairs:
             if fused:
-                result = _fold_fused(graph, op, batch_norm, is_training, freeze_step)
+                result = _fold_fused(graph, op, batch_norm, is_training, freeze_step, not weights_folded)
             else:
-                result = _fold_unfused(graph, op, batch_norm, is_training)
+                result = _fold_unfused(graph, op, batch_norm, is_training, not weights_folded)
             (notes if isinstance(result, str) else folded).append(result)
     return FoldResult(folded, notes)
