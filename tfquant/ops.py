@@ -398,7 +398,11 @@ def _symmetric_packed(x, bits, layout):
     axes = tf.constant(reduce_axes if keep else list(range(view.shape.rank)), tf.int32)
     # An all-zero group keeps a positive step, so its codes are 0 and no division by zero happens.
     step = tf.maximum(tf.reduce_max(tf.abs(view), axis=axes, keepdims=keep) / q_p, RANGE_EPS)
-    codes, alpha, beta = _zero_point_packed(view, step, bits, q_n, q_p)
+    codes, alpha, _ = _zero_point_packed(view, step, bits, q_n, q_p)
+    # maximum() changes no value (the scale is positive) but keeps grappler from folding -Q_N and
+    # float32(1/(2^k-1)) into one constant when nothing else reads the scale (as in the export's graph),
+    # which would round beta differently there than in training.
+    beta = -q_n * tf.maximum(dequantize_scale(alpha, bits), 0.0)
     return codes, alpha, beta, restore
 
 
@@ -418,7 +422,10 @@ def quantize_weight_symmetric(x, bits, layout=GroupLayout()):
     if check_bits("bits", bits) == FLOAT_BITS:
         return x
     codes, alpha, beta, restore = _symmetric_packed(x, bits, layout)
-    return straight_through(x, restore(codes * dequantize_scale(alpha, bits) + beta))
+    # beta = -Q * scale would let grappler hoist the common factor out of codes * scale + beta and compute
+    # (codes - Q) * scale, which rounds differently from the packed file's decoder; minimum() with 0 changes
+    # no value (beta <= 0) but hides the factor.
+    return straight_through(x, restore(codes * dequantize_scale(alpha, bits) + tf.minimum(beta, 0.0)))
 
 
 def symmetric_weight_codes(x, bits, layout=GroupLayout()):

@@ -1,0 +1,114 @@
+"""Deployment that reproduces training: folded + symmetric W8A8 model exported with its trained ranges
+to int8 TFLite (no representative data set for trained tensors) and ONNX Q/DQ, compared with the
+quantized TF graph image by image."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfquant
+from tests.tfquant.test_export import IMAGE_SHAPE, _quantized_eval, _save_quantized, _synthetic_data, forward
+from tfquant.export import fake_quant_graph, model_export, onnx_export, tflite_export
+
+INPUT_SHAPE = [None] + IMAGE_SHAPE
+CONFIG = tfquant.QuantConfig(weight_bits=8, activation_bits=8, quantize_all_layers=True,
+                             weight_scheme="symmetric", fold_batch_norms=True)
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("deploy")
+    rng = np.random.default_rng(5)
+    checkpoint, report_path = _save_quantized(str(directory), CONFIG, rng, train_steps=60)
+    report = model_export.load_report(report_path)
+    images, labels = _synthetic_data(np.random.default_rng(11), 400)
+    calibration, _ = _synthetic_data(np.random.default_rng(12), 100)
+    reference, quantized_weights = _quantized_eval(checkpoint, CONFIG, images)
+    folded = model_export.folded_weight_values(forward, checkpoint, INPUT_SHAPE)
+    packed = str(directory / "model.tfq")
+    model_export.pack_checkpoint(checkpoint, report, packed, folded_weights=folded)
+    weights, _ = model_export.load_packed_weights(packed)
+    graph = fake_quant_graph.build(forward, weights, report, INPUT_SHAPE, calibration)
+    return dict(checkpoint=checkpoint, report=report, images=images, labels=labels, reference=reference,
+                quantized_weights=quantized_weights, weights=weights, graph=graph)
+
+
+def _agreement(logits, reference):
+    return float(np.mean(np.argmax(logits, 1) == np.argmax(reference, 1)))
+
+
+def test_packed_folded_weights_reload_the_trained_grid(deployed):
+    """The packed file holds the folded, symmetric-quantized weights the eval graph multiplies by."""
+    for name, trained in deployed["quantized_weights"].items():
+        np.testing.assert_array_equal(deployed["weights"][name], trained)
+        level = 127
+        step = np.abs(trained).max() / level
+        codes = trained / step
+        np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)  # zero point 0, +-127
+    frozen = model_export.freeze_inference_graph(forward, deployed["weights"], deployed["report"], INPUT_SHAPE)
+    logits = model_export.run_graph_def(frozen, deployed["images"])
+    np.testing.assert_allclose(logits, deployed["reference"], rtol=1e-4, atol=1e-4)
+
+
+def test_fake_quant_graph_carries_trained_ranges(deployed):
+    graph = deployed["graph"]
+    # Symmetric 8-bit per-layer weights are exactly what an int8 kernel stores.
+    assert [w["int8"] for w in graph.weights] == ["exact"] * 4
+    trained = [r for r in graph.activations if r["source"] == "trained"]
+    report = deployed["report"]
+    quantized_acts = [layer for layer in report.activation_layers if layer.quantized]
+    assert len(trained) == len(quantized_acts) == 3
+    for record, layer in zip(trained, quantized_acts):
+        low, high = layer.range_variables
+        assert record["max"] == pytest.approx(float(deployed["weights"][high]))
+        assert record["min"] == pytest.approx(min(0.0, float(deployed["weights"][low])))
+    # What training never quantized is labelled as calibrated: the input and the logits.
+    calibrated = {r["tensor"] for r in graph.activations if r["source"] == "calibrated"}
+    assert model_export.INPUT_NAME in calibrated and any("fc2" in name for name in calibrated)
+    # A folded conv feeds its bias, then a trained ReLU range: nothing in between is requantized.
+    assert len(calibrated) == 2, calibrated
+    logits = model_export.run_graph_def(graph.graph_def, deployed["images"])
+    assert _agreement(logits, deployed["reference"]) >= 0.997
+
+
+def test_int8_tflite_from_trained_ranges_agrees_with_quantized_graph(deployed):
+    model = tflite_export.convert_int8_trained(deployed["graph"], INPUT_SHAPE)
+    interpreter = tflite_export.make_interpreter(model)
+    assert interpreter.get_input_details()[0]["dtype"] == np.int8
+    assert interpreter.get_output_details()[0]["dtype"] == np.int8
+    scales = [d["quantization"][0] for d in interpreter.get_tensor_details()]
+    for record in deployed["graph"].activations:
+        if record["source"] == "trained":  # the int8 tensor's scale is the trained range's
+            want = (record["max"] - record["min"]) / 255.0
+            assert min(abs(s - want) for s in scales) <= 1e-6 * want
+    logits = tflite_export.run_tflite(model, deployed["images"])
+    assert _agreement(logits, deployed["reference"]) >= 0.997
+    accuracy = np.mean(np.argmax(logits, 1) == deployed["labels"])
+    reference_accuracy = np.mean(np.argmax(deployed["reference"], 1) == deployed["labels"])
+    assert abs(accuracy - reference_accuracy) <= 0.005
+
+
+def test_onnx_qdq_agrees_with_quantized_graph(deployed):
+    onnx = pytest.importorskip("onnx")
+    model = onnx_export.convert(deployed["graph"].graph_def)
+    quantize, dequantize = onnx_export.quantize_linear_pairs(model)
+    # Every activation range is a QuantizeLinear/DequantizeLinear pair (tf2onnx folds the constant
+    # weights' FakeQuant into initializers already on the trained grid).
+    assert quantize == dequantize == len(deployed["graph"].activations)
+    proto = onnx.load_from_string(model)
+    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    scales = [float(v) for node in proto.graph.node if node.op_type == "QuantizeLinear"
+              for v in np.ravel(initializers.get(node.input[1], []))]
+    for record in deployed["graph"].activations:
+        if record["source"] == "trained":
+            want = (record["max"] - record["min"]) / 255.0
+            assert min(abs(s - want) for s in scales) <= 1e-6 * want
+    logits = onnx_export.run_onnx(model, deployed["images"])
+    assert _agreement(logits, deployed["reference"]) >= 0.997
+
+
+def test_trained_range_export_refuses_layers_above_8_bits(deployed):
+    data = deployed["report"].to_dict()
+    layer = next(entry for entry in data["layers"] if entry["name"] == "Relu_2")
+    layer["bits"] = 12
+    with pytest.raises(ValueError, match=r"activation layer Relu_2 uses 12 bits"):
+        fake_quant_graph.build(forward, deployed["weights"], data, INPUT_SHAPE, deployed["images"][:4])
