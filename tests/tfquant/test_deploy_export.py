@@ -51,8 +51,17 @@ def test_packed_folded_weights_reload_the_trained_grid(deployed):
 
 def test_fake_quant_graph_carries_trained_ranges(deployed):
     graph = deployed["graph"]
-    # Symmetric 8-bit per-layer weights are exactly what an int8 kernel stores.
+    # Symmetric 8-bit per-layer weights are exactly what an int8 kernel stores: the FakeQuant changes none.
     assert [w["int8"] for w in graph.weights] == ["exact"] * 4
+    imported = tf.Graph()
+    with imported.as_default():
+        tf.compat.v1.import_graph_def(graph.graph_def, name="")
+    variables = {layer.name: layer.weight_variable for layer in deployed["report"].weight_layers}
+    with tf.compat.v1.Session(graph=imported) as sess:
+        for record in graph.weights:
+            fake_quantized = sess.run(record["tensor"])
+            trained = deployed["weights"][variables[record["layer"]]]
+            np.testing.assert_allclose(fake_quantized, trained, rtol=0, atol=1e-6 * np.abs(trained).max())
     trained = [r for r in graph.activations if r["source"] == "trained"]
     report = deployed["report"]
     quantized_acts = [layer for layer in report.activation_layers if layer.quantized]
@@ -112,3 +121,26 @@ def test_trained_range_export_refuses_layers_above_8_bits(deployed):
     layer["bits"] = 12
     with pytest.raises(ValueError, match=r"activation layer Relu_2 uses 12 bits"):
         fake_quant_graph.build(forward, deployed["weights"], data, INPUT_SHAPE, deployed["images"][:4])
+
+
+@pytest.mark.parametrize("scheme, bucket_type, verdict", [
+    ("symmetric", None, "exact"), ("symmetric", "channel", "exact"), ("asymmetric", None, "rounded")])
+def test_k_bit_weights_below_8_bits_exact_only_on_the_symmetric_grid(scheme, bucket_type, verdict):
+    from tfquant.report import QUANTIZED, LayerReport
+    rng = np.random.default_rng(3)
+    graph = tf.Graph()
+    with graph.as_default():
+        steps = rng.uniform(0.01, 0.1, size=4).astype(np.float32) if bucket_type else np.float32(0.05)
+        value = (rng.integers(-7, 8, size=(3, 3, 2, 4)) * steps).astype(np.float32)  # a 4-bit symmetric grid
+        value[0, 0, 0, :] = 7 * steps  # every group reaches +-(2^(k-1)-1)
+        conv = tf.nn.conv2d(tf.zeros([1, 5, 5, 2]), tf.constant(value), 1, "SAME")
+        layer = LayerReport(name=conv.op.name, op_type="Conv2D", kind="weight", status=QUANTIZED, bits=4,
+                            bucket_type=bucket_type)
+        record = fake_quant_graph._weight_fake_quant(conv.op, 1, value, layer, scheme)
+        with tf.compat.v1.Session() as sess:
+            fake_quantized = sess.run(record["tensor"])
+    assert record["int8"] == verdict and record["bits"] == (4 if verdict == "exact" else 8)
+    if verdict == "exact":  # the k-bit FakeQuant's grid is the trained one: nothing moves
+        np.testing.assert_allclose(fake_quantized, value, rtol=0, atol=1e-6)
+    else:
+        assert record["reason"] == "asymmetric grid"

@@ -55,8 +55,11 @@ class FakeQuantGraph:
 
 
 def _weight_fake_quant(op, index, value, layer, scheme):
-    """(FakeQuant tensor for op's weight input, record)."""
-    per_channel = op.type == "Conv2D"
+    """Reroute op's weight through a FakeQuant with the weight's range; returns the layer's record."""
+    # One range per output channel where the trained grid has one and the int8 kernel takes them (Conv2D,
+    # channel axis last); a per-layer grid keeps one range, or its step would change.
+    per_channel = op.type == "Conv2D" and (layer is None or layer.bucket_type == "channel"
+                                           or not layer.quantized or layer.bits == FLOAT_BITS)
     quantized = layer is not None and layer.quantized and layer.bits != FLOAT_BITS
     reason = ""
     if not quantized:
@@ -82,7 +85,8 @@ def _weight_fake_quant(op, index, value, layer, scheme):
             tensor = tf.quantization.fake_quant_with_min_max_vars(
                 weight, tf.constant(-amax), tf.constant(amax), num_bits=bits, narrow_range=True)
     rewrite.reroute_input(op, index, tensor)
-    return {"layer": op.name, "bits": int(bits), "int8": "rounded" if reason else "exact", "reason": reason}
+    return {"layer": op.name, "bits": int(bits), "int8": "rounded" if reason else "exact", "reason": reason,
+            "tensor": tensor.name}
 
 
 def _insert_range(tensor, low, high, bits, source, records):
