@@ -144,3 +144,69 @@ def test_k_bit_weights_below_8_bits_exact_only_on_the_symmetric_grid(scheme, buc
         np.testing.assert_allclose(fake_quantized, value, rtol=0, atol=1e-6)
     else:
         assert record["reason"] == "asymmetric grid"
+
+
+def _convnet_run(directory):
+    """A quantized ConvNet checkpoint (symmetric W8A8, every layer) and its report, as a uniform run leaves them."""
+    import os
+    from nets import convnet, model_helper
+    config = tfquant.QuantConfig(weight_bits=8, activation_bits=8, quantize_all_layers=True,
+                                 weight_scheme="symmetric", use_buckets=True, bucket_type="channel")
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.set_random_seed(1)
+        images = tf.compat.v1.placeholder(tf.float32, [None, 28, 28, 1])
+        with tf.compat.v1.variable_scope(model_helper.MODEL_SCOPE):
+            logits = convnet.forward_convnet(images, True, 10)
+        report = tfquant.quantize_graph(graph, config, is_training=True)
+        saver = tf.compat.v1.train.Saver()
+        with tf.compat.v1.Session() as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            sess.run(logits, {images: np.random.default_rng(0).uniform(-1, 1, (16, 28, 28, 1))})
+            saver.save(sess, os.path.join(str(directory), "model.ckpt"), global_step=1)
+    (directory / "quant_report.json").write_text(report.to_json())
+    return config
+
+
+def test_cli_int8_and_onnx_record_agreement_with_the_quantized_graph(tmp_path, capsys):
+    import json
+    from tfquant.export import __main__ as cli
+    run = tmp_path / "run"
+    run.mkdir()
+    config = _convnet_run(run)
+    out = tmp_path / "export"
+    status = cli.main(["--checkpoint_dir", str(run), "--model", "convnet_at_fmnist", "--output_dir", str(out),
+                       "--int8", "--onnx", "--eval_subset", "32", "--latency_images", "3"])
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    assert "agreement with TF graph" in printed.out and "load average" in printed.out
+    result = json.loads((out / "export.json").read_text())
+    assert "trained ranges" in result["int8"]["activation_ranges"]
+    # k <= 8-bit symmetric channel grids are exact on the convolutions; a MatMul's int8 kernel takes one
+    # range, so its per-channel grid is rounded and said so.
+    verdicts = {w["layer"]: (w["int8"], w["reason"]) for w in result["trained_ranges"]["weights"]}
+    assert verdicts["model/conv1/Conv2D"] == verdicts["model/conv2/Conv2D"] == ("exact", "")
+    assert verdicts["model/fc3/MatMul"][0] == verdicts["model/fc4/MatMul"][0] == "rounded"
+    assert "one range" in verdicts["model/fc3/MatMul"][1]
+    load = result["latency"]["load_average_1_5_15_min"]
+    assert len(load["before"]) == 3 and all(value >= 0 for value in load["before"])
+    assert set(result["latency"]) >= {"float", "int8", "onnx"}
+    # Recompute every file's agreement from the files themselves and the checkpoint's quantized graph.
+    args = cli._parse_args(["--checkpoint_dir", str(run), "--model", "convnet_at_fmnist", "--output_dir", "x",
+                            "--eval_subset", "32"])
+    helper, have_data, _ = cli._make_helper(args)
+    assert have_data
+    images, labels = cli._dataset_arrays(helper.build_dataset_eval, init_attr="eval_init_op")
+    checkpoint = model_export.resolve_checkpoint(str(run))
+    reference = cli._quantized_checkpoint_logits(helper, checkpoint, tfquant.report.config_from_report(
+        model_export.load_report(str(run / "quant_report.json"))), images).argmax(1)
+    predictions = {"tflite_int8": tflite_export.run_tflite(str(out / "model_int8.tflite"), images),
+                   "tflite_float": tflite_export.run_tflite(str(out / "model_float.tflite"), images),
+                   "onnx": onnx_export.run_onnx((out / "model.onnx").read_bytes(), images)}
+    for label, logits in predictions.items():
+        agreement = float(np.mean(logits.argmax(1) == reference))
+        assert result["agreement_with_quantized_tf"][label] == agreement, label
+        assert result["accuracy"][label] == float(np.mean(logits.argmax(1) == labels)), label
+    assert result["agreement_with_quantized_tf"]["frozen_graph"] == 1.0
+    assert result["agreement_with_quantized_tf"]["tflite_int8"] >= 0.95
+    assert config.weight_scheme == result["config"]["weight_scheme"]
