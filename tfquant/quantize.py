@@ -182,6 +182,8 @@ def quantize_graph(graph, config, is_training=True):
         (config.act_range 'pact'/'lsq', config.weight_range 'lsq') are trainable variables in both;
         a training graph stores their first-batch initial values. PACT's decay terms are added to
         GraphKeys.REGULARIZATION_LOSSES: add tf.compat.v1.losses.get_regularization_loss() to the loss.
+        With config.fold_batch_norms, batch norms are folded first (tfquant.fold) so the weight that is
+        quantized is W * gamma / sigma; layers it cannot fold are named in the report's notes.
     Returns:
       a QuantReport of every candidate op.
     """
