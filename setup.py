@@ -8,5 +8,7 @@ setup(
     packages=find_packages(include=["tfquant", "tfquant.*", "learners", "learners.*", "nets", "nets.*"]),
     python_requires=">=3.9",
     install_requires=["tensorflow>=2.15", "numpy", "absl-py", "tensorboard"],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    # ONNX export (python -m tfquant.export --onnx); both install from wheels without touching TensorFlow.
+    extras_require={"onnx": ["tf2onnx==1.17.0", "onnxruntime"],
+                    "test": ["pytest", "hypothesis", "tf2onnx==1.17.0", "onnxruntime"]},
 )

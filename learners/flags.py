@@ -57,6 +57,13 @@ def define_flags():
                       "weight ranges: max - min per range group (minmax, PocketFlow's) or a learned step size "
                       "per range group on a signed grid (lsq)")
     flags.DEFINE_float("uql_pact_decay", 2e-4, "L2 decay weight on PACT's clip levels (--uql_act_range pact)")
+    flags.DEFINE_enum("uql_weight_scheme", "asymmetric", list(tfquant.config.WEIGHT_SCHEMES),
+                      "weight grid: min/max (asymmetric, PocketFlow's) or zero point 0 on +-(2^(k-1)-1) "
+                      "(symmetric, what int8 kernels store)")
+    flags.DEFINE_boolean("uql_fold_batch_norms", False, "quantize conv/matmul weights folded with the batch norm "
+                         "that follows them (W * gamma / sigma), as they are deployed")
+    flags.DEFINE_integer("uql_freeze_bn_delay", None, "with --uql_fold_batch_norms: training step from which the "
+                         "moving statistics replace the batch statistics (default: never)")
     # PocketFlow's distillation flags, with its defaults.
     flags.DEFINE_boolean("enbl_dst", False, "add a distillation loss from the float model (--learner uniform)")
     flags.DEFINE_float("loss_w_dst", 4.0, "weight of the distillation loss")
@@ -203,7 +210,9 @@ def quant_config():
             activation_overrides=tfquant.parse_overrides("--uql_activation_overrides",
                                                          FLAGS.uql_activation_overrides),
             act_range=FLAGS.uql_act_range, act_ema_decay=FLAGS.uql_ema_decay,
-            pact_decay=FLAGS.uql_pact_decay, weight_range=FLAGS.uql_weight_range)
+            pact_decay=FLAGS.uql_pact_decay, weight_range=FLAGS.uql_weight_range,
+            weight_scheme=FLAGS.uql_weight_scheme, fold_batch_norms=FLAGS.uql_fold_batch_norms,
+            freeze_bn_delay=FLAGS.uql_freeze_bn_delay)
     except ValueError as exc:
         message = str(exc)
         for field, flag in _CONFIG_FLAG_NAMES:
@@ -219,4 +228,5 @@ _CONFIG_FLAG_NAMES = (
     ("bucket_size", "uql_bucket_size"), ("layer_bits", "uql_layer_bits"),
     ("weight_overrides", "uql_weight_overrides"), ("activation_overrides", "uql_activation_overrides"),
     ("act_ema_decay", "uql_ema_decay"), ("pact_decay", "uql_pact_decay"), ("weight_range", "uql_weight_range"),
-    ("act_range", "uql_act_range"))
+    ("act_range", "uql_act_range"), ("weight_scheme", "uql_weight_scheme"),
+    ("fold_batch_norms", "uql_fold_batch_norms"), ("freeze_bn_delay", "uql_freeze_bn_delay"))

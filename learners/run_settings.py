@@ -17,9 +17,10 @@ SETTINGS_VERSION = 1
 QUANT_FLAGS = ("uql_weight_bits", "uql_activation_bits", "uql_use_buckets", "uql_bucket_type", "uql_bucket_size",
                "uql_quantize_all_layers", "uql_quant_epochs", "uql_lrn_rate_init", "uql_weight_overrides",
                "uql_activation_overrides", "uql_layer_bits", "uql_act_range", "uql_ema_decay", "uql_weight_range",
-               "uql_pact_decay", "enbl_dst", "loss_w_dst", "tempr_dst", "uql_auto_bits", "uql_equivalent_bits",
-               "uql_w_bit_min", "uql_w_bit_max", "uql_a_equivalent_bits", "uql_a_bit_min", "uql_a_bit_max",
-               "uql_sensitivity_batches", "uql_enbl_rl_agent")
+               "uql_pact_decay", "uql_weight_scheme", "uql_fold_batch_norms", "uql_freeze_bn_delay", "enbl_dst",
+               "loss_w_dst", "tempr_dst", "uql_auto_bits", "uql_equivalent_bits", "uql_w_bit_min", "uql_w_bit_max",
+               "uql_a_equivalent_bits", "uql_a_bit_min", "uql_a_bit_max", "uql_sensitivity_batches",
+               "uql_enbl_rl_agent")
 
 
 class SettingsError(UserError):

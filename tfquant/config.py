@@ -9,6 +9,9 @@ VALID_BITS_TEXT = "an integer from 1 to 16, or 32 for float"
 BUCKET_TYPES = ("channel", "split")
 ACT_RANGES = ("ema", "batch", "pact", "lsq")
 WEIGHT_RANGES = ("minmax", "lsq")
+# asymmetric: PocketFlow's min/max grid; symmetric: zero point 0 on the narrow grid +-(2^(k-1)-1), the
+# grid int8 convolution kernels (TFLite, ONNX) store, so a trained k <= 8 bit weight deploys unchanged.
+WEIGHT_SCHEMES = ("asymmetric", "symmetric")
 LEARNED_ACT_RANGES = ("pact", "lsq")
 # Python's re module has no time limit, and a pattern such as "(.*.*)*Z" can run for minutes on a
 # long name; patterns are therefore only accepted from the user who runs tfquant (never read back
@@ -92,6 +95,13 @@ class QuantConfig:
         (never as patterns); beats every other rule. It replays the decisions a QuantReport
         recorded (see tfquant.report.config_from_report) without evaluating the regular
         expressions of a file. Op names it lists that the graph lacks are noted in the report.
+      weight_scheme: 'asymmetric' (min/max grid, the default) or 'symmetric' (zero point 0, codes
+        -(2^(k-1)-1) .. 2^(k-1)-1 times max|w| / (2^(k-1)-1) per range group; needs >= 2 bits and
+        weight_range='minmax').
+      fold_batch_norms: quantize the batch-norm-folded weight W * gamma / sigma of every Conv2D /
+        DepthwiseConv2dNative / MatMul that feeds a batch norm (see tfquant.fold).
+      freeze_bn_delay: with fold_batch_norms in a training graph, the global step from which the
+        moving statistics replace the batch statistics; None never switches.
 
     Regular expressions in overrides are Python's, which are not time-bounded: a pattern with
     nested repetition can take exponential time on some names. Only pass patterns you trust.
@@ -111,11 +121,14 @@ class QuantConfig:
     pact_decay: float = 2e-4
     weight_range: str = "minmax"
     explicit_bits: Optional[Mapping[str, int]] = None
+    weight_scheme: str = "asymmetric"
+    fold_batch_norms: bool = False
+    freeze_bn_delay: Optional[int] = None
 
     def __post_init__(self):
         check_bits("weight_bits", self.weight_bits)
         check_bits("activation_bits", self.activation_bits)
-        for field in ("use_buckets", "quantize_all_layers"):
+        for field in ("use_buckets", "quantize_all_layers", "fold_batch_norms"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError("%s=%r is not valid; expected True or False" % (field, getattr(self, field)))
         if self.bucket_type not in BUCKET_TYPES:
@@ -137,6 +150,15 @@ class QuantConfig:
         if self.weight_range not in WEIGHT_RANGES:
             raise ValueError("weight_range=%r is not valid; expected one of %s"
                              % (self.weight_range, ", ".join(repr(r) for r in WEIGHT_RANGES)))
+        if self.weight_scheme not in WEIGHT_SCHEMES:
+            raise ValueError("weight_scheme=%r is not valid; expected one of %s"
+                             % (self.weight_scheme, ", ".join(repr(s) for s in WEIGHT_SCHEMES)))
+        if self.weight_scheme == "symmetric" and self.weight_range != "minmax":
+            raise ValueError("weight_scheme='symmetric' is not valid with weight_range=%r; expected "
+                             "weight_range='minmax' (LSQ learns its own signed grid)" % (self.weight_range,))
+        delay = self.freeze_bn_delay
+        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, int) or delay < 0):
+            raise ValueError("freeze_bn_delay=%r is not valid; expected None or an integer >= 0" % (delay,))
         if self.layer_bits is not None:
             if isinstance(self.layer_bits, (str, bytes)) or not hasattr(self.layer_bits, "__iter__"):
                 raise ValueError("layer_bits=%r is not valid; expected a list of bit widths, one per layer"
@@ -159,15 +181,17 @@ class QuantConfig:
                            _normalise_overrides("weight_overrides", self.weight_overrides))
         object.__setattr__(self, "activation_overrides",
                            _normalise_overrides("activation_overrides", self.activation_overrides))
-        if self.weight_range == "lsq":
-            # LSQ's signed grid -2^(k-1) .. 2^(k-1)-1 has no positive level at 1 bit.
+        if self.weight_range == "lsq" or self.weight_scheme == "symmetric":
+            # LSQ's signed grid -2^(k-1) .. 2^(k-1)-1 and the narrow symmetric grid have no positive
+            # level at 1 bit.
+            setting = "weight_range='lsq'" if self.weight_range == "lsq" else "weight_scheme='symmetric'"
             sources = [("weight_bits", self.weight_bits)] + [
                 ("layer_bits[%d]" % i, b) for i, b in enumerate(self.layer_bits or ())] + [
                 ("weight_overrides %r" % regex.pattern, b) for regex, b in self.weight_overrides]
             for field, bits in sources:
                 if bits == 1:
-                    raise ValueError("%s=1 is not valid with weight_range='lsq'; expected 2 to 16 bits, or 32"
-                                     % field)
+                    raise ValueError("%s=1 is not valid with %s; expected 2 to 16 bits, or 32"
+                                     % (field, setting))
 
     def explicit_bits_of(self, op_name):
         """Bits `explicit_bits` gives the op named `op_name`, or None when it names no such op."""

@@ -325,7 +325,12 @@ def group_elements(shape, layout):
 def _lsq_packed(view, step, bits):
     """(unsigned codes as float, alpha, beta) of a grouped weight for a per-group step size, with
     codes * (alpha * float32(1/(2^k-1))) + beta equal to the signed LSQ grid point of every element."""
-    q_n, q_p = signed_grid(bits)
+    return _zero_point_packed(view, step, bits, *signed_grid(bits))
+
+
+def _zero_point_packed(view, step, bits, q_n, q_p):
+    """(unsigned codes as float, alpha, beta) of a grouped weight on the zero-point-0 grid -q_n .. q_p
+    times `step`, expressed in the packed format's alpha/beta (codes shifted up by q_n)."""
     codes = tf.round(tf.clip_by_value(view / step, -q_n, q_p)) + q_n
     # maximum() changes no value (step >= MIN_STEP) but keeps grappler from folding the two constant
     # multiplications of step * (2^k-1) * float32(1/(2^k-1)) into one, which would round differently.
@@ -372,3 +377,67 @@ def lsq_quantize_weight(x, step, bits, layout=GroupLayout()):
     codes, alpha, beta = _lsq_packed(tf.stop_gradient(view), tf.stop_gradient(group_step), bits)
     exact = restore(codes * dequantize_scale(alpha, bits) + beta)
     return straight_through(learned, exact)
+
+
+# -- the symmetric (zero point 0, narrow range) weight grid ----------------------------------------------
+
+def narrow_grid(bits):
+    """(Q_N, Q_P) = (2^(k-1)-1, 2^(k-1)-1): the symmetric grid int8 kernels store (k >= 2)."""
+    if bits < 2:
+        raise ValueError("bits=%r is not valid for the symmetric grid; expected at least 2 bits" % (bits,))
+    level = float(2 ** (bits - 1) - 1)
+    return level, level
+
+
+def _symmetric_packed(x, bits, layout):
+    """(codes as float in the packed format, alpha, beta, restore) of x on the symmetric grid, one step
+    max|w| / (2^(k-1)-1) per range group."""
+    q_n, q_p = narrow_grid(bits)
+    view, reduce_axes, restore = _grouped(tf.stop_gradient(x), layout)
+    keep = reduce_axes is not None
+    axes = tf.constant(reduce_axes if keep else list(range(view.shape.rank)), tf.int32)
+    # An all-zero group keeps a positive step, so its codes are 0 and no division by zero happens.
+    step = tf.maximum(tf.reduce_max(tf.abs(view), axis=axes, keepdims=keep) / q_p, RANGE_EPS)
+    codes, alpha, _ = _zero_point_packed(view, step, bits, q_n, q_p)
+    # maximum() changes no value (the scale is positive) but keeps grappler from folding -Q_N and
+    # float32(1/(2^k-1)) into one constant when nothing else reads the scale (as in the export's graph),
+    # which would round beta differently there than in training.
+    beta = -q_n * tf.maximum(dequantize_scale(alpha, bits), 0.0)
+    return codes, alpha, beta, restore
+
+
+def quantize_weight_symmetric(x, bits, layout=GroupLayout()):
+    """A weight on the symmetric grid: zero point 0, codes -(2^(k-1)-1) .. 2^(k-1)-1 per range group.
+
+    The forward value is computed by the packed format's formula codes * (alpha * float32(1/(2^k-1)))
+    + beta (codes shifted by 2^(k-1)-1), so a packed model reloads it bit for bit; dQ/dx = 1.
+
+    Args:
+      x: float tensor with a fully defined shape.
+      bits: 2..16 (32 returns x unchanged).
+      layout: a GroupLayout.
+    Returns:
+      Q(x) with x's shape.
+    """
+    if check_bits("bits", bits) == FLOAT_BITS:
+        return x
+    codes, alpha, beta, restore = _symmetric_packed(x, bits, layout)
+    # beta = -Q * scale would let grappler hoist the common factor out of codes * scale + beta and compute
+    # (codes - Q) * scale, which rounds differently from the packed file's decoder; minimum() with 0 changes
+    # no value (beta <= 0) but hides the factor.
+    return straight_through(x, restore(codes * dequantize_scale(alpha, bits) + tf.minimum(beta, 0.0)))
+
+
+def symmetric_weight_codes(x, bits, layout=GroupLayout()):
+    """The packed codes and per-group alpha/beta that `quantize_weight_symmetric` dequantizes.
+
+    Args:
+      x: float tensor with a fully defined shape.
+      bits: 2..16.
+      layout: a GroupLayout.
+    Returns:
+      (int32 codes of x's shape in 0..2^k-2, float alpha [groups], float beta [groups]); the signed
+      code of an element is its code minus 2^(k-1)-1.
+    """
+    codes, alpha, beta, restore = _symmetric_packed(x, bits, layout)
+    return tf.cast(restore(codes), tf.int32), tf.reshape(alpha, [-1]), tf.reshape(beta, [-1])

@@ -2,7 +2,7 @@
 import numpy as np
 import tensorflow as tf
 
-from tfquant import match, ops, ranges, rewrite
+from tfquant import fold, match, ops, ranges, rewrite
 from tfquant.config import FLOAT_BITS, match_override
 from tfquant.report import QUANTIZED, SKIPPED, LayerReport, QuantReport, VariableRecord, weight_layer_storage
 
@@ -106,6 +106,8 @@ def _quantize_weights(graph, candidates, config, is_training):
                 if config.weight_range == "lsq":
                     quantized[key] = ranges.quantize_weight_lsq(
                         weight, bits, layout, candidate.variable_name + WEIGHT_RANGE_SUFFIX, is_training)
+                elif config.weight_scheme == "symmetric":
+                    quantized[key] = (ops.quantize_weight_symmetric(weight, bits, layout), None)
                 else:
                     quantized[key] = (ops.quantize_weight(weight, bits, layout), None)
         tensor, learned = quantized[key]
@@ -180,6 +182,8 @@ def quantize_graph(graph, config, is_training=True):
         (config.act_range 'pact'/'lsq', config.weight_range 'lsq') are trainable variables in both;
         a training graph stores their first-batch initial values. PACT's decay terms are added to
         GraphKeys.REGULARIZATION_LOSSES: add tf.compat.v1.losses.get_regularization_loss() to the loss.
+        With config.fold_batch_norms, batch norms are folded first (tfquant.fold) so the weight that is
+        quantized is W * gamma / sigma; layers it cannot fold are named in the report's notes.
     Returns:
       a QuantReport of every candidate op.
     """
@@ -189,11 +193,15 @@ def quantize_graph(graph, config, is_training=True):
     depths = match.data_flow_depths(graph)
     candidates = match.find_weight_candidates(graph, depths)
     activations = match.find_activations(graph, depths)
+    fold_notes = []
+    if config.fold_batch_norms:
+        # Before weight quantization, which then quantizes the folded weight each op now reads.
+        fold_notes = fold.fold_batch_norms(graph, is_training, config.freeze_bn_delay).notes
     with graph.as_default():
         weight_layers, weight_vars, unused_weight = _quantize_weights(graph, candidates, config, is_training)
         act_layers, unused_act = _quantize_activations(activations, config, is_training)
         graph.add_to_collection(REWRITTEN_COLLECTION, "train" if is_training else "eval")
-    notes = []
+    notes = list(fold_notes)
     if not candidates and not activations:
         notes.append("no quantizable op found: nothing was quantized")
     notes.extend("weight override %r matched no layer" % p for p in unused_weight)

@@ -1,11 +1,14 @@
 """Command line: export a quantized checkpoint to a packed .tfq file, a frozen graph and TFLite models.
 
   python -m tfquant.export --checkpoint_dir DIR --model resnet_at_fmnist --output_dir OUT \\
-      [--resnet_size 20] [--data_dir_local D] [--tflite] [--int8] [--eval_subset N] [--debug]
+      [--resnet_size 20] [--data_dir_local D] [--tflite] [--int8 [--int8_calibration]] [--onnx] \\
+      [--eval_subset N] [--debug]
 
 DIR holds quant_report.json and model.ckpt-N (as written by --learner uniform).  OUT receives
-model.tfq, inference.pb, model_float.tflite and model_int8.tflite (with --tflite / --int8) and
-export.json.  Everything is built in a sibling staging directory and moved into place with one
+model.tfq, inference.pb, model_float.tflite and model_int8.tflite (with --tflite / --int8), model.onnx
+(with --onnx: QuantizeLinear/DequantizeLinear pairs with the trained ranges) and export.json, which
+records for every file its accuracy and its agreement with the quantized TF graph (the fraction of
+test images given the same class).  Everything is built in a sibling staging directory and moved into place with one
 rename once complete: a failure leaves OUT as it was (or absent), and a previous export in OUT is
 replaced only by a complete new one.
 """
@@ -25,7 +28,7 @@ import tensorflow as tf
 
 import tfquant
 from tfquant import files
-from tfquant.export import model_export, packed_file, tflite_export
+from tfquant.export import fake_quant_graph, model_export, onnx_export, packed_file, tflite_export
 from tfquant.report import ReportError, config_from_report
 
 tf1 = tf.compat.v1
@@ -39,7 +42,7 @@ MODELS = {
 CALIBRATION_IMAGES = 200
 LATENCY_IMAGES = 100
 # What a previous export may hold; an --output_dir with anything else is refused, never replaced.
-EXPORT_FILES = ("model.tfq", "inference.pb", "model_float.tflite", "model_int8.tflite", "export.json")
+EXPORT_FILES = ("model.tfq", "inference.pb", "model_float.tflite", "model_int8.tflite", "model.onnx", "export.json")
 STATE_FILE = "checkpoint"
 
 
@@ -62,7 +65,12 @@ def _parse_args(argv):
     parser.add_argument("--data_dir_local", default=None, help="data set directory (default: standard location)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--tflite", action="store_true", help="also write model_float.tflite")
-    parser.add_argument("--int8", action="store_true", help="also write model_int8.tflite (implies --tflite)")
+    parser.add_argument("--int8", action="store_true", help="also write model_int8.tflite (implies --tflite), "
+                        "with the trained weight and activation ranges")
+    parser.add_argument("--int8_calibration", action="store_true", help="with --int8: let the converter "
+                        "calibrate every activation range on training images instead (the old fallback)")
+    parser.add_argument("--onnx", action="store_true", help="also write model.onnx with QuantizeLinear/"
+                        "DequantizeLinear pairs carrying the trained ranges (needs tf2onnx and onnxruntime)")
     parser.add_argument("--eval_subset", type=int, default=None, help="evaluate on the first N test images only")
     parser.add_argument("--latency_images", type=int, default=LATENCY_IMAGES,
                         help="test images per model for the latency measurement")
@@ -178,12 +186,14 @@ def _export(args, staging):
                            "TensorFlow writes" % (os.path.join(checkpoint_dir, STATE_FILE), _one_line(exc)))
     int8 = args.int8
     tflite = args.tflite or int8
-    if int8:
+    if args.int8_calibration and not int8:
+        raise CommandError("--int8_calibration is only valid with --int8")
+    if int8 or args.onnx:
         tflite_export.check_int8_compatible(report)
     helper, have_data, why = _make_helper(args)
-    if int8 and not have_data:
-        raise CommandError("--int8 needs training images for calibration, but the data set cannot be "
-                           "loaded: %s" % why)
+    if (int8 or args.onnx) and not have_data:
+        raise CommandError("--%s needs training images for the ranges training did not record, but the data set "
+                           "cannot be loaded: %s" % ("int8" if int8 else "onnx", why))
     input_shape = list(MODELS[args.model][2])
     try:
         rebuilt = _rebuilt_report(helper, config, input_shape)
@@ -203,8 +213,12 @@ def _export(args, staging):
     def add_file(key, name):
         result["files"][key] = {"name": name, "bytes": os.path.getsize(os.path.join(staging, name))}
 
+    folded = None
+    if report.config.get("fold_batch_norms"):
+        folded = model_export.folded_weight_values(helper.forward_eval, checkpoint, input_shape)
     stats = model_export.pack_checkpoint(checkpoint, report, os.path.join(staging, "model.tfq"),
-                                         metadata={"model": args.model, "input_shape": input_shape})
+                                         metadata={"model": args.model, "input_shape": input_shape},
+                                         folded_weights=folded)
     stats.pop("path")
     result["packed"] = stats
     add_file("packed", "model.tfq")
@@ -241,30 +255,64 @@ def _export(args, staging):
         models["float"] = tflite_export.convert_float(graph_def, input_shape)
         files.write_atomically(os.path.join(staging, "model_float.tflite"), models["float"])
         add_file("tflite_float", "model_float.tflite")
-    if int8:
+    calibration = ranged = None
+    if int8 or args.onnx:
+        calibration, _ = _dataset_arrays(helper.build_dataset_train, limit=CALIBRATION_IMAGES)
+    if (int8 and not args.int8_calibration) or args.onnx:
+        ranged = fake_quant_graph.build(helper.forward_eval, weights, report, input_shape, calibration)
+        result["trained_ranges"] = ranged.summary()
+    if int8 and args.int8_calibration:
         float_activations = model_export.freeze_inference_graph(
             helper.forward_eval, weights, report, input_shape, quantize_activations=False)
-        calibration, _ = _dataset_arrays(helper.build_dataset_train, limit=CALIBRATION_IMAGES)
         models["int8"] = tflite_export.convert_int8(float_activations, calibration, report, input_shape,
                                                     num_calibration=CALIBRATION_IMAGES)
+        result["int8"] = {"input_output_type": "int8", "calibration_images": int(len(calibration)),
+                          "activation_ranges": "calibration fallback: the converter calibrated every range "
+                                               "(tfquant activation ops left out)"}
+    elif int8:
+        models["int8"] = tflite_export.convert_int8_trained(ranged, input_shape)
+        result["int8"] = {"input_output_type": "int8", "calibration_images": ranged.calibration_images,
+                          "activation_ranges": "trained ranges as FakeQuant ops; tensors training never "
+                                               "quantized calibrated (see trained_ranges)"}
+    if int8:
         files.write_atomically(os.path.join(staging, "model_int8.tflite"), models["int8"])
         add_file("tflite_int8", "model_int8.tflite")
-        result["int8"] = {"input_output_type": "int8", "calibration_images": int(len(calibration)),
-                          "activation_ranges": "converter calibration (tfquant activation ops left out)"}
-    if models and test_images is not None:
-        result["tflite_vs_frozen_argmax_agreement"] = {}
-        for label, model in models.items():
-            logits = tflite_export.run_tflite(model, test_images)
-            result["accuracy"]["tflite_" + label] = _accuracy(logits, test_labels)
-            result["tflite_vs_frozen_argmax_agreement"][label] = float(np.mean(logits.argmax(1)
-                                                                               == frozen.argmax(1)))
-        if len(models) == 2 and args.latency_images > 0:
-            latency = tflite_export.measure_latency(models, test_images[:args.latency_images])
-            result["latency"] = latency
-            result["latency"]["float_over_int8_median"] = (latency["float"]["median_ms"]
-                                                           / latency["int8"]["median_ms"])
+    if args.onnx:
+        onnx_model = onnx_export.convert(ranged.graph_def)
+        files.write_atomically(os.path.join(staging, "model.onnx"), onnx_model)
+        add_file("onnx", "model.onnx")
+        result["onnx"] = {"opset": onnx_export.OPSET,
+                          "quantize_dequantize_pairs": list(onnx_export.quantize_linear_pairs(onnx_model))}
+    if test_images is not None:
+        _fidelity(result, reference, test_labels, test_images, frozen, models,
+                  onnx_model if args.onnx else None, args.latency_images)
     files.write_atomically(os.path.join(staging, "export.json"), json.dumps(result, indent=2))
     return result
+
+
+def _fidelity(result, reference, labels, images, frozen, tflite_models, onnx_model, latency_images):
+    """Accuracy, agreement with the quantized TF graph and latency of every exported file, into `result`."""
+    predictions = {"frozen_graph": frozen}
+    for label, model in tflite_models.items():
+        predictions["tflite_" + label] = tflite_export.run_tflite(model, images)
+    if onnx_model is not None:
+        predictions["onnx"] = onnx_export.run_onnx(onnx_model, images)
+    # The share of test images each file gives the class the quantized TF graph gives.
+    result["agreement_with_quantized_tf"] = {
+        label: float(np.mean(logits.argmax(1) == reference.argmax(1))) for label, logits in predictions.items()}
+    for label, logits in predictions.items():
+        result["accuracy"][label] = _accuracy(logits, labels)
+    runners = dict(tflite_models)
+    if onnx_model is not None:
+        runners["onnx"] = onnx_export.single_image_runner(onnx_model)
+    if runners and latency_images > 0:
+        before = os.getloadavg()
+        latency = tflite_export.measure_latency(runners, images[:latency_images])
+        latency["load_average_1_5_15_min"] = {"before": list(before), "after": list(os.getloadavg())}
+        if "float" in latency and "int8" in latency:
+            latency["float_over_int8_median"] = latency["float"]["median_ms"] / latency["int8"]["median_ms"]
+            latency["int8_over_float_median"] = latency["int8"]["median_ms"] / latency["float"]["median_ms"]
+        result["latency"] = latency
 
 
 def _existing_ancestor(path):
@@ -342,7 +390,7 @@ def _one_line(exc):
 
 # Everything a damaged or foreign input can raise; TypeError/KeyError/IndexError stay in the list as a
 # safety net for inputs no check anticipated (--debug shows their traceback).
-USER_ERRORS = (CommandError, model_export.ExportError, packed_file.PackedFileError, ReportError, ValueError, OSError,
+USER_ERRORS = (CommandError, onnx_export.OnnxUnavailableError, model_export.ExportError, packed_file.PackedFileError, ReportError, ValueError, OSError,
                tf.errors.OpError, TypeError, KeyError, IndexError)
 
 
@@ -380,12 +428,19 @@ def main(argv=None):
     print("packed model: %d bytes (bound %.0f, float32 model %.0f bytes, %.2fx smaller)"
           % (packed["file_bytes"], packed["bound_bytes"], packed["float_storage_bits"] / 8.0,
              packed["compression_ratio"]))
+    agreement = result.get("agreement_with_quantized_tf", {})
+    latency = result.get("latency", {})
+    if result.get("accuracy"):
+        print("%-22s %9s %22s %16s" % ("model", "accuracy", "agreement with TF graph", "latency ms/image"))
     for label, value in result.get("accuracy", {}).items():
-        print("accuracy %-22s %.4f" % (label, value))
-    if "latency" in result:
-        print("latency per image: float %.3f ms, int8 %.3f ms (median; float/int8 %.2f)"
-              % (result["latency"]["float"]["median_ms"], result["latency"]["int8"]["median_ms"],
-                 result["latency"]["float_over_int8_median"]))
+        timing = latency.get(label.replace("tflite_", ""), {}).get("median_ms")
+        print("%-22s %9.4f %22s %16s" % (label, value,
+                                         "%.4f" % agreement[label] if label in agreement else "-",
+                                         "%.3f" % timing if timing is not None else "-"))
+    if latency:
+        load = latency["load_average_1_5_15_min"]
+        print("latency: median per image, batch 1, one thread, measured alternately; load average %.2f before, "
+              "%.2f after" % (load["before"][0], load["after"][0]))
     print("details: %s" % os.path.join(output_dir, "export.json"))
     return 0
 

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfquant
-from tfquant import checkpoints, files, match, ops, ranges
+from tfquant import checkpoints, files, fold, match, ops, ranges
 from tfquant.config import FLOAT_BITS
 from tfquant.export import packed_file
 from tfquant.ops import GroupLayout
@@ -152,7 +152,7 @@ def _learned_steps(reader, checkpoint, layer):
     return step, seen
 
 
-def _compute_codes(quantized):
+def _compute_codes(quantized, weight_scheme="asymmetric"):
     """(codes, alpha, beta) of each (layer, value, learned steps) triple, by the training graph's ops."""
     if not quantized:
         return []
@@ -164,7 +164,8 @@ def _compute_codes(quantized):
             x = tf1.placeholder(tf.float32, value.shape)
             feeds[x] = value
             if learned is None:
-                fetches.append(tfquant.weight_codes(x, layer.bits, _layout(layer)))
+                codes_of = ops.symmetric_weight_codes if weight_scheme == "symmetric" else tfquant.weight_codes
+                fetches.append(codes_of(x, layer.bits, _layout(layer)))
                 continue
             step_value, seen = learned
             if seen:
@@ -277,7 +278,7 @@ def _check_weight_layers(report):
                                   config.get("bucket_size")))
 
 
-def pack_checkpoint(checkpoint, report, output_path, metadata=None):
+def pack_checkpoint(checkpoint, report, output_path, metadata=None, folded_weights=None):
     """Write the packed model file (.tfq) of a quantized checkpoint.
 
     Args:
@@ -285,6 +286,8 @@ def pack_checkpoint(checkpoint, report, output_path, metadata=None):
       report: the QuantReport of the quantized graph (object, dict or JSON path).
       output_path: destination file; written atomically, untouched on any error.
       metadata: optional JSON-serialisable dict stored under metadata['user'].
+      folded_weights: for a report with fold_batch_norms, {weight variable name: W * gamma / sigma}
+        (folded_weight_values); the file stores those weights' codes in place of W.
     Returns:
       stats dict: path, file_bytes, bound_bytes (1.02 * total_storage_bits / 8 + 4096),
       within_bound, total_storage_bits (the report's), accounted_bits (the file's tensors),
@@ -307,9 +310,18 @@ def pack_checkpoint(checkpoint, report, output_path, metadata=None):
     _check_activation_ranges(reader, checkpoint, report)
     stored = _stored_variables(report)
     values = {name: _read_checked(reader, checkpoint, name, shape) for name, shape, _ in stored}
+    if report.config.get("fold_batch_norms"):
+        if folded_weights is None:
+            raise ExportError("report of checkpoint %s folds batch norms; expected the folded weights "
+                              "(folded_weight_values) to pack" % checkpoint)
+        for name, value in folded_weights.items():
+            if name not in values or values[name].shape != np.shape(value):
+                raise ExportError("folded weight %s does not match a stored variable of checkpoint %s"
+                                  % (name, checkpoint))
+            values[name] = np.asarray(value, np.float32)
     quantized = [(layer, values[name], _learned_steps(reader, checkpoint, layer))
                  for name, _, layer in stored if layer is not None]
-    codes = iter(_compute_codes(quantized))
+    codes = iter(_compute_codes(quantized, report.config.get("weight_scheme", "asymmetric")))
     tensors = []
     for name, _, layer in stored:
         if layer is None:
@@ -400,8 +412,9 @@ def activation_config(decisions):
         return None
     # Weights are already dequantized in the frozen graph; only activations are rewritten.
     explicit = None if config.explicit_bits is None else dict(config.explicit_bits)
+    # Folded batch norms are already in the weights and handled by the caller.
     return dataclasses.replace(config, weight_bits=FLOAT_BITS, layer_bits=None, weight_overrides=(),
-                               explicit_bits=explicit)
+                               explicit_bits=explicit, fold_batch_norms=False)
 
 
 def _without_weight_decisions(config, graph):
@@ -411,6 +424,87 @@ def _without_weight_decisions(config, graph):
     weight_ops = {candidate.op.name for candidate in match.find_weight_candidates(graph)}
     return dataclasses.replace(config, explicit_bits={name: bits for name, bits in config.explicit_bits
                                                       if name not in weight_ops})
+
+
+def _folds_batch_norms(decisions):
+    """Whether the model of `decisions` (report, config or config dict) was trained with folded batch norms."""
+    if isinstance(decisions, QuantReport):
+        return bool(decisions.config.get("fold_batch_norms"))
+    if isinstance(decisions, tfquant.QuantConfig):
+        return decisions.fold_batch_norms
+    return bool(decisions and decisions.get("fold_batch_norms"))
+
+
+def folded_weight_values(build_forward, checkpoint, input_shape):
+    """W * gamma / sigma of every batch-norm-folded weight, computed by the training graph's folding ops.
+
+    Args:
+      build_forward: images -> logits, the model's evaluation forward pass.
+      checkpoint: checkpoint prefix (or directory) holding the weights and batch-norm state.
+      input_shape: [None, H, W, C].
+    Returns:
+      {weight variable name: float32 folded weight} for every folded layer.
+    Raises:
+      ExportError: the checkpoint cannot be read or lacks a variable of the model.
+    """
+    checkpoint = resolve_checkpoint(checkpoint)
+    graph = tf.Graph()
+    with graph.as_default():
+        build_forward(tf1.placeholder(tf.float32, list(input_shape)))
+        names = {c.op.name: c.variable_name for c in match.find_weight_candidates(graph) if c.variable_name}
+        folded = fold.fold_batch_norms(graph, is_training=False).folded
+        fetches = {names[layer.op.name]: layer.op.inputs[1] for layer in folded if layer.op.name in names}
+        saver = tf1.train.Saver(tf1.global_variables())
+    config = tf1.ConfigProto(intra_op_parallelism_threads=2, inter_op_parallelism_threads=1)
+    with tf1.Session(graph=graph, config=config) as sess:
+        try:
+            saver.restore(sess, checkpoint)
+        except (tf.errors.OpError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError("checkpoint %s cannot be restored into the model (%s)" % (checkpoint, first)) from None
+        return sess.run(fetches)
+
+
+def variable_assignments(weights, keep_unused_ranges=False):
+    """Assign ops (and their feeds) giving every variable of the default graph its exported value.
+
+    Args:
+      weights: dict variable name -> array (load_packed_weights output).
+      keep_unused_ranges: stored activation ranges the graph does not use are expected (activations
+        left float, or quantized by other ops).
+    Returns:
+      (list of assign ops, feed dict).
+    Raises:
+      ExportError: a model variable is missing or has another shape, or `weights` holds variables
+        the model does not define.
+    """
+    assigns, feeds, used = [], {}, set()
+    for variable in tf1.global_variables():
+        name = variable.op.name
+        shape = variable.shape.as_list()
+        if name.endswith(_COUNTER_SUFFIXES) and name not in weights:
+            value = np.ones(shape, variable.dtype.as_numpy_dtype)
+        elif name not in weights:
+            raise ExportError("the model variable %s (shape %s) is not in the exported weights"
+                              % (name, shape))
+        else:
+            value = np.asarray(weights[name])
+            if list(value.shape) != shape:
+                raise ExportError("variable %s has shape %s in the exported weights but shape %s "
+                                  "in the model" % (name, list(value.shape), shape))
+            value = value.astype(variable.dtype.as_numpy_dtype, copy=False)
+            used.add(name)
+        placeholder = tf1.placeholder(variable.dtype.base_dtype, shape)
+        assigns.append(variable.assign(placeholder))
+        feeds[placeholder] = value
+    range_marker = "/%s/" % ranges.RANGE_SCOPE_SUFFIX
+    # Stored activation ranges are expected to go unused when activations stay float.
+    unused = sorted(name for name in set(weights) - used
+                    if not keep_unused_ranges or range_marker not in name)
+    if unused:
+        raise ExportError("the exported weights hold %d variable(s) the model does not define, e.g. %s; "
+                          "expected weights of this model" % (len(unused), unused[0]))
+    return assigns, feeds
 
 
 def freeze_inference_graph(build_forward, weights, decisions=None, input_shape=None,
@@ -442,6 +536,8 @@ def freeze_inference_graph(build_forward, weights, decisions=None, input_shape=N
     with graph.as_default():
         images = tf1.placeholder(tf.float32, list(input_shape), name=INPUT_NAME)
         logits = build_forward(images)
+        if _folds_batch_norms(decisions):
+            fold.fold_batch_norms(graph, is_training=False, weights_folded=True)
         if act_config is not None:
             tfquant.quantize_graph(graph, _without_weight_decisions(act_config, graph), is_training=False)
         with graph.name_scope(None):
@@ -450,32 +546,7 @@ def freeze_inference_graph(build_forward, weights, decisions=None, input_shape=N
             raise ExportError("the forward pass already defines an op named %r or %r; rename it so "
                               "the exported graph's input and output keep their names"
                               % (INPUT_NAME, OUTPUT_NAME))
-        assigns, feeds, used = [], {}, set()
-        for variable in tf1.global_variables():
-            name = variable.op.name
-            shape = variable.shape.as_list()
-            if name.endswith(_COUNTER_SUFFIXES) and name not in weights:
-                value = np.ones(shape, variable.dtype.as_numpy_dtype)
-            elif name not in weights:
-                raise ExportError("the model variable %s (shape %s) is not in the exported weights"
-                                  % (name, shape))
-            else:
-                value = np.asarray(weights[name])
-                if list(value.shape) != shape:
-                    raise ExportError("variable %s has shape %s in the exported weights but shape %s "
-                                      "in the model" % (name, list(value.shape), shape))
-                value = value.astype(variable.dtype.as_numpy_dtype, copy=False)
-                used.add(name)
-            placeholder = tf1.placeholder(variable.dtype.base_dtype, shape)
-            assigns.append(variable.assign(placeholder))
-            feeds[placeholder] = value
-        range_marker = "/%s/" % ranges.RANGE_SCOPE_SUFFIX
-        # Stored activation ranges are expected to go unused when activations stay float.
-        unused = sorted(name for name in set(weights) - used
-                        if quantize_activations or range_marker not in name)
-        if unused:
-            raise ExportError("the exported weights hold %d variable(s) the model does not define, e.g. %s; "
-                              "expected weights of this model" % (len(unused), unused[0]))
+        assigns, feeds = variable_assignments(weights, keep_unused_ranges=not quantize_activations)
     config = tf1.ConfigProto(intra_op_parallelism_threads=2, inter_op_parallelism_threads=1)
     with tf1.Session(graph=graph, config=config) as sess:
         sess.run(assigns, feed_dict=feeds)

@@ -115,6 +115,30 @@ def convert_int8(graph_def, representative_images, report=None, input_shape=None
         sess.close()
 
 
+def convert_int8_trained(fake_quant_graph, input_shape=None):
+    """Full-integer int8 TFLite model whose ranges are the FakeQuant ops' (no representative data set).
+
+    Args:
+      fake_quant_graph: a fake_quant_graph.FakeQuantGraph (trained weight and activation ranges).
+      input_shape: [None, H, W, C]; taken from the 'input' placeholder when None.
+    Returns:
+      the .tflite flatbuffer as bytes (int8 input and output).
+    """
+    low, high = fake_quant_graph.input_range
+    scale = (high - low) / 255.0
+    # The input FakeQuant's grid: real = (q - zero_point) * scale with q in -128..127.
+    zero_point = float(np.round(-128.0 - low / scale))
+    converter, sess = _converter(fake_quant_graph.graph_def, input_shape)
+    try:
+        converter.inference_type = tf.int8
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+        converter.quantized_input_stats = {model_export.INPUT_NAME: (zero_point, 1.0 / scale)}
+        return converter.convert()
+    finally:
+        sess.close()
+
+
 def make_interpreter(model, num_threads=None):
     """A LiteRT / TFLite interpreter for a model file path or flatbuffer bytes.
 
@@ -217,7 +241,8 @@ def measure_latency(models, images, repeats=3, warmup=5, num_threads=1):
     models alike; the median per model is robust to outliers.
 
     Args:
-      models: dict label -> .tflite path or bytes.
+      models: dict label -> .tflite path or bytes, or a function running one [1, H, W, C] image
+        (another runtime's model, e.g. onnx_export.single_image_runner).
       images: float32 [N, H, W, C].
       repeats: passes over the images.
       warmup: untimed images per model first.
@@ -228,7 +253,8 @@ def measure_latency(models, images, repeats=3, warmup=5, num_threads=1):
     images = np.asarray(images, dtype=np.float32)
     if len(images) == 0:
         raise ValueError("latency measurement needs at least one image")
-    runners = {label: _single_image_runner(model, num_threads) for label, model in models.items()}
+    runners = {label: model if callable(model) else _single_image_runner(model, num_threads)
+               for label, model in models.items()}
     for run in runners.values():
         for image in images[:warmup]:
             run(image)

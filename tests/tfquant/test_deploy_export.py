@@ -1,0 +1,221 @@
+"""Deployment that reproduces training: folded + symmetric W8A8 model exported with its trained ranges
+to int8 TFLite (no representative data set for trained tensors) and ONNX Q/DQ, compared with the
+quantized TF graph image by image."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfquant
+from tests.tfquant.test_export import IMAGE_SHAPE, _quantized_eval, _save_quantized, _synthetic_data, forward
+from tfquant.export import fake_quant_graph, model_export, onnx_export, tflite_export
+
+INPUT_SHAPE = [None] + IMAGE_SHAPE
+CONFIG = tfquant.QuantConfig(weight_bits=8, activation_bits=8, quantize_all_layers=True,
+                             weight_scheme="symmetric", fold_batch_norms=True)
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("deploy")
+    rng = np.random.default_rng(5)
+    checkpoint, report_path = _save_quantized(str(directory), CONFIG, rng, train_steps=60)
+    report = model_export.load_report(report_path)
+    images, labels = _synthetic_data(np.random.default_rng(11), 400)
+    calibration, _ = _synthetic_data(np.random.default_rng(12), 100)
+    reference, quantized_weights = _quantized_eval(checkpoint, CONFIG, images)
+    folded = model_export.folded_weight_values(forward, checkpoint, INPUT_SHAPE)
+    packed = str(directory / "model.tfq")
+    model_export.pack_checkpoint(checkpoint, report, packed, folded_weights=folded)
+    weights, _ = model_export.load_packed_weights(packed)
+    graph = fake_quant_graph.build(forward, weights, report, INPUT_SHAPE, calibration)
+    return dict(checkpoint=checkpoint, report=report, images=images, labels=labels, reference=reference,
+                quantized_weights=quantized_weights, weights=weights, graph=graph)
+
+
+def _agreement(logits, reference):
+    return float(np.mean(np.argmax(logits, 1) == np.argmax(reference, 1)))
+
+
+def test_packed_folded_weights_reload_the_trained_grid(deployed):
+    """The packed file holds the folded, symmetric-quantized weights the eval graph multiplies by."""
+    for name, trained in deployed["quantized_weights"].items():
+        np.testing.assert_array_equal(deployed["weights"][name], trained)
+        level = 127
+        step = np.abs(trained).max() / level
+        codes = trained / step
+        np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)  # zero point 0, +-127
+    frozen = model_export.freeze_inference_graph(forward, deployed["weights"], deployed["report"], INPUT_SHAPE)
+    logits = model_export.run_graph_def(frozen, deployed["images"])
+    np.testing.assert_allclose(logits, deployed["reference"], rtol=1e-4, atol=1e-4)
+
+
+def test_fake_quant_graph_carries_trained_ranges(deployed):
+    graph = deployed["graph"]
+    # Symmetric 8-bit per-layer weights are exactly what an int8 kernel stores: the FakeQuant changes none.
+    assert [w["int8"] for w in graph.weights] == ["exact"] * 4
+    imported = tf.Graph()
+    with imported.as_default():
+        tf.compat.v1.import_graph_def(graph.graph_def, name="")
+    variables = {layer.name: layer.weight_variable for layer in deployed["report"].weight_layers}
+    with tf.compat.v1.Session(graph=imported) as sess:
+        for record in graph.weights:
+            fake_quantized = sess.run(record["tensor"])
+            trained = deployed["weights"][variables[record["layer"]]]
+            np.testing.assert_allclose(fake_quantized, trained, rtol=0, atol=1e-6 * np.abs(trained).max())
+    trained = [r for r in graph.activations if r["source"] == "trained"]
+    report = deployed["report"]
+    quantized_acts = [layer for layer in report.activation_layers if layer.quantized]
+    assert len(trained) == len(quantized_acts) == 3
+    for record, layer in zip(trained, quantized_acts):
+        low, high = layer.range_variables
+        assert record["max"] == pytest.approx(float(deployed["weights"][high]))
+        assert record["min"] == pytest.approx(min(0.0, float(deployed["weights"][low])))
+    # What training never quantized is labelled as calibrated: the input and the logits.
+    calibrated = {r["tensor"] for r in graph.activations if r["source"] == "calibrated"}
+    assert model_export.INPUT_NAME in calibrated and any("fc2" in name for name in calibrated)
+    # A folded conv feeds its bias, then a trained ReLU range: nothing in between is requantized.
+    assert len(calibrated) == 2, calibrated
+    logits = model_export.run_graph_def(graph.graph_def, deployed["images"])
+    assert _agreement(logits, deployed["reference"]) >= 0.997
+
+
+def test_int8_tflite_from_trained_ranges_agrees_with_quantized_graph(deployed):
+    model = tflite_export.convert_int8_trained(deployed["graph"], INPUT_SHAPE)
+    interpreter = tflite_export.make_interpreter(model)
+    assert interpreter.get_input_details()[0]["dtype"] == np.int8
+    assert interpreter.get_output_details()[0]["dtype"] == np.int8
+    scales = [d["quantization"][0] for d in interpreter.get_tensor_details()]
+    for record in deployed["graph"].activations:
+        if record["source"] == "trained":  # the int8 tensor's scale is the trained range's
+            want = (record["max"] - record["min"]) / 255.0
+            assert min(abs(s - want) for s in scales) <= 1e-6 * want
+    logits = tflite_export.run_tflite(model, deployed["images"])
+    assert _agreement(logits, deployed["reference"]) >= 0.997
+    accuracy = np.mean(np.argmax(logits, 1) == deployed["labels"])
+    reference_accuracy = np.mean(np.argmax(deployed["reference"], 1) == deployed["labels"])
+    assert abs(accuracy - reference_accuracy) <= 0.005
+
+
+def _onnx_installed():
+    import importlib.util
+    return all(importlib.util.find_spec(name) for name in ("onnx", "tf2onnx", "onnxruntime"))
+
+
+def test_onnx_qdq_agrees_with_quantized_graph(deployed):
+    if not _onnx_installed():
+        pytest.skip("tf2onnx / onnxruntime not installed (pip install -e '.[onnx]')")
+    import onnx
+    model = onnx_export.convert(deployed["graph"].graph_def)
+    quantize, dequantize = onnx_export.quantize_linear_pairs(model)
+    # Every activation range is a QuantizeLinear/DequantizeLinear pair (tf2onnx folds the constant
+    # weights' FakeQuant into initializers already on the trained grid).
+    assert quantize == dequantize == len(deployed["graph"].activations)
+    proto = onnx.load_from_string(model)
+    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    scales = [float(v) for node in proto.graph.node if node.op_type == "QuantizeLinear"
+              for v in np.ravel(initializers.get(node.input[1], []))]
+    for record in deployed["graph"].activations:
+        if record["source"] == "trained":
+            want = (record["max"] - record["min"]) / 255.0
+            assert min(abs(s - want) for s in scales) <= 1e-6 * want
+    logits = onnx_export.run_onnx(model, deployed["images"])
+    assert _agreement(logits, deployed["reference"]) >= 0.997
+
+
+def test_trained_range_export_refuses_layers_above_8_bits(deployed):
+    data = deployed["report"].to_dict()
+    layer = next(entry for entry in data["layers"] if entry["name"] == "Relu_2")
+    layer["bits"] = 12
+    with pytest.raises(ValueError, match=r"activation layer Relu_2 uses 12 bits"):
+        fake_quant_graph.build(forward, deployed["weights"], data, INPUT_SHAPE, deployed["images"][:4])
+
+
+@pytest.mark.parametrize("scheme, bucket_type, verdict", [
+    ("symmetric", None, "exact"), ("symmetric", "channel", "exact"), ("asymmetric", None, "rounded")])
+def test_k_bit_weights_below_8_bits_exact_only_on_the_symmetric_grid(scheme, bucket_type, verdict):
+    from tfquant.report import QUANTIZED, LayerReport
+    rng = np.random.default_rng(3)
+    graph = tf.Graph()
+    with graph.as_default():
+        steps = rng.uniform(0.01, 0.1, size=4).astype(np.float32) if bucket_type else np.float32(0.05)
+        value = (rng.integers(-7, 8, size=(3, 3, 2, 4)) * steps).astype(np.float32)  # a 4-bit symmetric grid
+        value[0, 0, 0, :] = 7 * steps  # every group reaches +-(2^(k-1)-1)
+        conv = tf.nn.conv2d(tf.zeros([1, 5, 5, 2]), tf.constant(value), 1, "SAME")
+        layer = LayerReport(name=conv.op.name, op_type="Conv2D", kind="weight", status=QUANTIZED, bits=4,
+                            bucket_type=bucket_type)
+        record = fake_quant_graph._weight_fake_quant(conv.op, 1, value, layer, scheme)
+        with tf.compat.v1.Session() as sess:
+            fake_quantized = sess.run(record["tensor"])
+    assert record["int8"] == verdict and record["bits"] == (4 if verdict == "exact" else 8)
+    if verdict == "exact":  # the k-bit FakeQuant's grid is the trained one: nothing moves
+        np.testing.assert_allclose(fake_quantized, value, rtol=0, atol=1e-6)
+    else:
+        assert record["reason"] == "asymmetric grid"
+
+
+def _convnet_run(directory):
+    """A quantized ConvNet checkpoint (symmetric W8A8, every layer) and its report, as a uniform run leaves them."""
+    import os
+    from nets import convnet, model_helper
+    config = tfquant.QuantConfig(weight_bits=8, activation_bits=8, quantize_all_layers=True,
+                                 weight_scheme="symmetric", use_buckets=True, bucket_type="channel")
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.set_random_seed(1)
+        images = tf.compat.v1.placeholder(tf.float32, [None, 28, 28, 1])
+        with tf.compat.v1.variable_scope(model_helper.MODEL_SCOPE):
+            logits = convnet.forward_convnet(images, True, 10)
+        report = tfquant.quantize_graph(graph, config, is_training=True)
+        saver = tf.compat.v1.train.Saver()
+        with tf.compat.v1.Session() as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            sess.run(logits, {images: np.random.default_rng(0).uniform(-1, 1, (16, 28, 28, 1))})
+            saver.save(sess, os.path.join(str(directory), "model.ckpt"), global_step=1)
+    (directory / "quant_report.json").write_text(report.to_json())
+    return config
+
+
+def test_cli_int8_and_onnx_record_agreement_with_the_quantized_graph(tmp_path, capsys):
+    import json
+    from tfquant.export import __main__ as cli
+    run = tmp_path / "run"
+    run.mkdir()
+    config = _convnet_run(run)
+    out = tmp_path / "export"
+    onnx = ["--onnx"] if _onnx_installed() else []  # the int8 part runs without the optional packages
+    status = cli.main(["--checkpoint_dir", str(run), "--model", "convnet_at_fmnist", "--output_dir", str(out),
+                       "--int8", "--eval_subset", "32", "--latency_images", "3"] + onnx)
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    assert "agreement with TF graph" in printed.out and "load average" in printed.out
+    result = json.loads((out / "export.json").read_text())
+    assert "trained ranges" in result["int8"]["activation_ranges"]
+    # k <= 8-bit symmetric channel grids are exact on the convolutions; a MatMul's int8 kernel takes one
+    # range, so its per-channel grid is rounded and said so.
+    verdicts = {w["layer"]: (w["int8"], w["reason"]) for w in result["trained_ranges"]["weights"]}
+    assert verdicts["model/conv1/Conv2D"] == verdicts["model/conv2/Conv2D"] == ("exact", "")
+    assert verdicts["model/fc3/MatMul"][0] == verdicts["model/fc4/MatMul"][0] == "rounded"
+    assert "one range" in verdicts["model/fc3/MatMul"][1]
+    load = result["latency"]["load_average_1_5_15_min"]
+    assert len(load["before"]) == 3 and all(value >= 0 for value in load["before"])
+    assert set(result["latency"]) >= {"float", "int8"} | ({"onnx"} if onnx else set())
+    # Recompute every file's agreement from the files themselves and the checkpoint's quantized graph.
+    args = cli._parse_args(["--checkpoint_dir", str(run), "--model", "convnet_at_fmnist", "--output_dir", "x",
+                            "--eval_subset", "32"])
+    helper, have_data, _ = cli._make_helper(args)
+    assert have_data
+    images, labels = cli._dataset_arrays(helper.build_dataset_eval, init_attr="eval_init_op")
+    checkpoint = model_export.resolve_checkpoint(str(run))
+    reference = cli._quantized_checkpoint_logits(helper, checkpoint, tfquant.report.config_from_report(
+        model_export.load_report(str(run / "quant_report.json"))), images).argmax(1)
+    predictions = {"tflite_int8": tflite_export.run_tflite(str(out / "model_int8.tflite"), images),
+                   "tflite_float": tflite_export.run_tflite(str(out / "model_float.tflite"), images)}
+    if onnx:
+        predictions["onnx"] = onnx_export.run_onnx((out / "model.onnx").read_bytes(), images)
+    for label, logits in predictions.items():
+        agreement = float(np.mean(logits.argmax(1) == reference))
+        assert result["agreement_with_quantized_tf"][label] == agreement, label
+        assert result["accuracy"][label] == float(np.mean(logits.argmax(1) == labels)), label
+    assert result["agreement_with_quantized_tf"]["frozen_graph"] == 1.0
+    assert result["agreement_with_quantized_tf"]["tflite_int8"] >= 0.95
+    assert config.weight_scheme == result["config"]["weight_scheme"]

@@ -1,0 +1,195 @@
+"""A frozen inference graph whose quantization is FakeQuant ops carrying tfquant's trained ranges.
+
+Integer converters (TFLite's, tf2onnx's Q/DQ) understand `fake_quant_with_min_max_vars(_per_channel)`,
+not tfquant's round/clip subgraphs. This graph puts one on:
+
+* every matmul-like weight: the packed file's dequantized weight with its own range. On the symmetric
+  grid (weight_scheme='symmetric') with k <= 8 bits the FakeQuant is k-bit narrow-range with zero point
+  0, the grid tfquant trained, so the integer weight is exactly the trained one ("exact"); asymmetric
+  grids, 'split' buckets, per-channel ranges on ops whose int8 kernels take one range (MatMul, depthwise)
+  and layers kept float are re-gridded to 8-bit symmetric ("rounded", with the reason);
+* every activation tfquant quantized with a stored range (act_range 'ema'): its trained [min, max]
+  with its own bits ("trained");
+* the tensors integer kernels need a range for that training never quantized (the input, a layer's
+  output that feeds no trained activation, e.g. before a residual add, and the logits): min/max over
+  calibration images run through the graph ("calibrated", the labelled fallback).
+"""
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from tfquant import fold, match, rewrite
+from tfquant.config import FLOAT_BITS
+from tfquant.export import model_export, tflite_export
+
+tf1 = tf.compat.v1
+INT8_BITS = 8
+_BIAS_TYPES = ("BiasAdd", "Add", "AddV2")
+_RESIDUAL_TYPES = ("Add", "AddV2")
+
+
+@dataclasses.dataclass
+class FakeQuantGraph:
+    """The frozen graph and what each of its FakeQuant ops carries.
+
+    graph_def: GraphDef with 'input' and 'logits'. weights: per weight layer {layer, bits, int8:
+    'exact' | 'rounded', reason}. activations: per range {tensor, source: 'trained' | 'calibrated', min,
+    max, bits}. input_range: (min, max) of the input FakeQuant. calibration_images: images used.
+    """
+
+    graph_def: object
+    weights: list
+    activations: list
+    input_range: tuple
+    calibration_images: int
+
+    def summary(self):
+        """JSON-able description for export.json."""
+        counts = {}
+        for record in self.activations:
+            counts[record["source"]] = counts.get(record["source"], 0) + 1
+        return {"weights": self.weights, "activation_ranges": counts,
+                "calibration_images": self.calibration_images,
+                "calibrated_tensors": [r["tensor"] for r in self.activations if r["source"] == "calibrated"]}
+
+
+def _weight_fake_quant(op, index, value, layer, scheme):
+    """Reroute op's weight through a FakeQuant with the weight's range; returns the layer's record."""
+    # One range per output channel where the trained grid has one and the int8 kernel takes them (Conv2D,
+    # channel axis last); a per-layer grid keeps one range, or its step would change.
+    per_channel = op.type == "Conv2D" and (layer is None or layer.bucket_type == "channel"
+                                           or not layer.quantized or layer.bits == FLOAT_BITS)
+    quantized = layer is not None and layer.quantized and layer.bits != FLOAT_BITS
+    reason = ""
+    if not quantized:
+        reason = "kept float in training"
+    elif scheme != "symmetric":
+        reason = "asymmetric grid"
+    elif layer.bucket_type == "split":
+        reason = "split buckets"
+    elif layer.bucket_type == "channel" and not per_channel:
+        reason = "per-channel ranges on a %s, whose int8 kernel takes one range" % op.type
+    bits = layer.bits if not reason else INT8_BITS
+    if per_channel:
+        amax = np.abs(value).max(axis=tuple(range(value.ndim - 1)))
+    else:
+        amax = np.float32(np.abs(value).max())
+    amax = np.maximum(amax, np.float32(1e-8)).astype(np.float32)
+    weight = op.inputs[index]
+    with op.graph.name_scope(None), op.graph.name_scope(op.name + "/weight_fake_quant"):
+        if per_channel:
+            tensor = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+                weight, tf.constant(-amax), tf.constant(amax), num_bits=bits, narrow_range=True)
+        else:
+            tensor = tf.quantization.fake_quant_with_min_max_vars(
+                weight, tf.constant(-amax), tf.constant(amax), num_bits=bits, narrow_range=True)
+    rewrite.reroute_input(op, index, tensor)
+    return {"layer": op.name, "bits": int(bits), "int8": "rounded" if reason else "exact", "reason": reason,
+            "tensor": tensor.name}
+
+
+def _insert_range(tensor, low, high, bits, source, records):
+    """Put a FakeQuant with [low, high] (widened to hold 0) after `tensor`, moving its readers."""
+    low, high = float(min(low, 0.0)), float(max(high, 0.0))
+    if high - low < 1e-8:
+        high = low + 1e-8
+    name = tensor.op.name + "/fake_quant"
+    rewrite.insert_after(tensor, lambda t: (tf.quantization.fake_quant_with_min_max_vars(
+        t, low, high, num_bits=bits), None), name)
+    records.append({"tensor": tensor.op.name, "source": source, "min": low, "max": high, "bits": int(bits)})
+
+
+def _live_readers(tensor):
+    """Readers of `tensor` whose result is used (a folded batch norm is left without readers)."""
+    return [op for op in tensor.consumers() if any(output.consumers() for output in op.outputs)]
+
+
+def _layer_output(op):
+    """The op's output after its bias (a single BiasAdd / Add reader), as a converter fuses them."""
+    output = op.outputs[0]
+    readers = _live_readers(output)
+    if len(readers) == 1 and readers[0].type in _BIAS_TYPES and len(readers[0].inputs) == 2:
+        other = [t for t in readers[0].inputs if t is not output]
+        if other and not match.is_untouchable(readers[0]) and other[0].shape.rank == 1:
+            return readers[0].outputs[0]
+    return output
+
+
+def _needs_range(tensor, ranged):
+    """True unless every reader of `tensor` is an activation whose output carries a range."""
+    readers = _live_readers(tensor)
+    return not readers or not all(r.type in match.ACTIVATION_OP_TYPES and r.name in ranged for r in readers)
+
+
+def build(build_forward, weights, report, input_shape, calibration_images, batch_size=100):
+    """Freeze the model with FakeQuant ops carrying the trained ranges (see the module docstring).
+
+    Args:
+      build_forward: images -> logits, the model's evaluation forward pass.
+      weights: load_packed_weights output (quantized weights dequantized, activation ranges stored).
+      report: the QuantReport of the checkpoint (bits <= 8 everywhere; see check_int8_compatible).
+      input_shape: [None, H, W, C].
+      calibration_images: float32 [N, H, W, C] for the tensors without a trained range.
+      batch_size: images per calibration run.
+    Returns:
+      a FakeQuantGraph.
+    Raises:
+      ValueError: a quantized layer uses more than 8 bits (named in the message).
+      ExportError: the weights do not fit the model, or no calibration image was given.
+    """
+    report = model_export.load_report(report)
+    tflite_export.check_int8_compatible(report)
+    images_value = np.asarray(calibration_images, np.float32)
+    if images_value.ndim < 2 or len(images_value) == 0:
+        raise model_export.ExportError("calibration images must be [N, H, W, C] with N >= 1, got shape %s"
+                                       % (images_value.shape,))
+    scheme = report.config.get("weight_scheme", "asymmetric")
+    weight_layers = {layer.name: layer for layer in report.weight_layers}
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf1.placeholder(tf.float32, list(input_shape), name=model_export.INPUT_NAME)
+        logits = build_forward(images)
+        if report.config.get("fold_batch_norms"):
+            fold.fold_batch_norms(graph, is_training=False, weights_folded=True)
+        candidates = [c for c in match.find_weight_candidates(graph) if c.input_index is not None
+                      and not c.skip_reason]
+        activations = match.find_activations(graph)
+        with graph.name_scope(None):
+            output = tf.identity(logits, name=model_export.OUTPUT_NAME)
+        assigns, feeds = model_export.variable_assignments(weights, keep_unused_ranges=True)
+        weight_records = [_weight_fake_quant(c.op, c.input_index, np.asarray(weights[c.variable_name]),
+                                             weight_layers.get(c.op.name), scheme) for c in candidates]
+        records, ranged = [], set()
+        for layer in report.activation_layers:
+            names = list(layer.range_variables or ())
+            if not layer.quantized or report.config.get("act_range") != "ema" or len(names) != 2:
+                continue
+            op = graph.get_operation_by_name(layer.name)
+            _insert_range(op.outputs[0], weights[names[0]], weights[names[1]], layer.bits, "trained", records)
+            ranged.add(op.name)
+        targets = [images]
+        targets += [t for t in (_layer_output(c.op) for c in candidates) if _needs_range(t, ranged)]
+        targets += [op.outputs[0] for op in activations if op.name not in ranged]
+        targets += [op.outputs[0] for op in graph.get_operations() if op.type in _RESIDUAL_TYPES
+                    and all(t.op.type not in ("Const", "Identity") for t in op.inputs)
+                    and not match.is_untouchable(op) and _needs_range(op.outputs[0], ranged)]
+        targets = [t for i, t in enumerate(targets) if all(t is not u for u in targets[:i])]
+    config = tf1.ConfigProto(intra_op_parallelism_threads=2, inter_op_parallelism_threads=1)
+    with tf1.Session(graph=graph, config=config) as sess:
+        sess.run(assigns, feed_dict=feeds)
+        lows = [np.inf] * len(targets)
+        highs = [-np.inf] * len(targets)
+        for start in range(0, len(images_value), batch_size):
+            values = sess.run(targets, {images: images_value[start:start + batch_size]})
+            lows = [min(lo, float(v.min())) for lo, v in zip(lows, values)]
+            highs = [max(hi, float(v.max())) for hi, v in zip(highs, values)]
+        with graph.as_default():
+            for tensor, low, high in zip(targets, lows, highs):
+                _insert_range(tensor, low, high, INT8_BITS, "calibrated", records)
+        graph_def = tf1.graph_util.convert_variables_to_constants(
+            sess, graph.as_graph_def(), [output.op.name])
+    input_record = next(r for r in records if r["tensor"] == model_export.INPUT_NAME)
+    return FakeQuantGraph(graph_def, weight_records, records, (input_record["min"], input_record["max"]),
+                          int(len(images_value)))
+
