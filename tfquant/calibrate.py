@@ -124,8 +124,11 @@ def mse_range(histogram, bits, num_candidates=DEFAULT_CANDIDATES):
 
 
 def _kl_divergence(counts, centers, bits, lo, hi):
-    """KL(P || Q): P the histogram clipped to [lo, hi] (outside counts join the end bins kept), Q its quantized
-    form (each quantization level's mass spread evenly over that level's non-empty bins)."""
+    """KL(P || Q): P the histogram clipped to [lo, hi] (outside counts join the end bins kept), Q the bins inside
+    [lo, hi] alone, quantized (each level's mass spread evenly over the level's bins non-empty in P).
+
+    Q leaves the clipped mass out, as TensorRT's method does: that is what makes clipping cost something.
+    """
     inside = (centers >= lo) & (centers <= hi)
     positions = np.flatnonzero(inside)
     reference = counts[positions].astype(np.float64)
@@ -134,9 +137,11 @@ def _kl_divergence(counts, centers, bits, lo, hi):
     levels = float(2 ** bits - 1)
     level_of_bin = np.round((centers[positions] - lo) * (levels / (hi - lo + 1e-10))).astype(np.int64)
     nonempty = reference > 0
-    level_mass = np.bincount(level_of_bin, weights=reference)
+    level_mass = np.bincount(level_of_bin, weights=counts[positions].astype(np.float64))
     level_bins = np.bincount(level_of_bin, weights=nonempty.astype(np.float64))
     expanded = np.where(nonempty, level_mass[level_of_bin] / np.maximum(level_bins[level_of_bin], 1.0), 0.0)
+    if np.any(expanded[nonempty] == 0):
+        return np.inf  # P has mass where Q has none (a level holding only clipped mass)
     p = reference[nonempty] / reference.sum()
     q = expanded[nonempty] / expanded.sum()
     return float(np.sum(p * np.log(p / q)))

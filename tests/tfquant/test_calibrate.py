@@ -93,10 +93,12 @@ def reference_kl(counts, centers, bits, lo, hi):
         groups.setdefault(int(np.round((centers[i] - lo) * levels / (hi - lo + 1e-10))), []).append(i)
     q = {}
     for members in groups.values():
-        mass = sum(p[i] for i in members)
+        mass = sum(float(counts[i]) for i in members)  # without the clipped mass
         nonempty = [i for i in members if p[i] > 0]
         for i in members:
             q[i] = mass / len(nonempty) if p[i] > 0 else 0.0
+    if any(p[i] > 0 and q[i] == 0 for i in inside):
+        return float("inf")
     p_total, q_total = sum(p.values()), sum(q.values())
     return sum((p[i] / p_total) * math.log((p[i] / p_total) / (q[i] / q_total)) for i in inside if p[i] > 0)
 
