@@ -43,13 +43,15 @@ def _keras():
 
 
 def _holds_lambda(path):
-    """True when the model configuration in an .h5 file or a SavedModel names a Lambda layer."""
+    """True when the model configuration in an .h5 file or a SavedModel names a Lambda layer (.keras: False)."""
     if os.path.isdir(path):
         metadata = os.path.join(path, "keras_metadata.pb")
         if not os.path.exists(metadata):
             return False
         return _LAMBDA_MARK in files.read_bounded(metadata, KerasModelError.for_path(path), "Keras metadata",
                                                   limit=_METADATA_LIMIT)
+    if path.endswith(".keras"):
+        return False  # Keras's safe mode refuses them in this format
     import h5py  # pylint: disable=import-outside-toplevel  (a tf_keras dependency)
     with h5py.File(path, "r") as handle:
         config = handle.attrs.get("model_config")
