@@ -7,6 +7,7 @@ setup(
     description="Uniform low-bit quantization of TensorFlow graphs by graph rewriting",
     packages=find_packages(include=["tfquant", "tfquant.*", "learners", "learners.*", "nets", "nets.*"]),
     python_requires=">=3.9",
-    install_requires=["tensorflow>=2.15", "numpy", "absl-py", "tensorboard"],
+    # tf-keras (the legacy Keras, for nets/keras_model_run.py) must match the TensorFlow release.
+    install_requires=["tensorflow>=2.15", "numpy", "absl-py", "tensorboard", "tf-keras~=2.21.0"],
     extras_require={"test": ["pytest", "hypothesis"]},
 )
