@@ -14,7 +14,8 @@ def define_flags():
     """Define every flag once (run scripts and tests may call this repeatedly)."""
     if "learner" in FLAGS:
         return
-    flags.DEFINE_enum("learner", "full-prec", list(LEARNERS), "learner: full-prec, uniform or ptq (post-training calibration)")
+    flags.DEFINE_enum("learner", "full-prec", list(LEARNERS),
+                      "learner: full-prec, uniform or ptq (post-training calibration)")
     flags.DEFINE_enum("exec_mode", "train", ["train", "eval"], "train, or eval the latest checkpoint")
     if "log_dir" in FLAGS:
         # absl.logging defines --log_dir too; PocketFlow's meaning (TensorBoard events) takes it over.

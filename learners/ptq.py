@@ -7,7 +7,6 @@ pytorch_quantization calibrates). The ranges are written into the moving-average
 quantized evaluation graph, so the checkpoint, quant_report.json and results.json are those of a uniform run
 and `--exec_mode eval` and `python -m tfquant.export` read them unchanged.
 """
-import json
 import os
 import time
 
@@ -15,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfquant
-from learners import full_precision, graphs, training, uniform_quant
+from learners import graphs, training, uniform_quant
 from learners.errors import UserError
 from tfquant import calibrate, files
 
@@ -118,23 +117,9 @@ class PTQLearner(uniform_quant.UniformQuantLearner):
         files.write_atomically(report_path, report.to_json())
         training.log(report.format_table())
         checkpoint = self._save(model, float_checkpoint, quantized, ranges)
-        quant_accuracy, _, count = full_precision.evaluate_checkpoint(
-            self.helper, checkpoint, os.path.join(s.log_dir, self.name, "eval"), self.config)
-        results = {
-            "model": self.helper.model_name, "dataset": self.helper.dataset_name,
-            "float_checkpoint": float_checkpoint, "float_accuracy": float_accuracy,
-            "quant_checkpoint": checkpoint, "quant_accuracy": quant_accuracy, "test_examples": count,
-            "report": report_path, "log_dir": os.path.abspath(s.log_dir),
-            "float_storage_bits": report.float_storage_bits, "quant_storage_bits": report.total_storage_bits,
-            "compression_ratio": report.compression_ratio,
-            "calibrator": s.uql_calibrator, "calib_batches": s.uql_calib_batches, "calib_seconds": calib_seconds,
-            "activation_ranges": {name: list(bounds) for name, bounds in ranges.items()},
-        }
-        files.write_atomically(os.path.join(self.output_dir, uniform_quant.RESULTS_NAME),
-                                       json.dumps(results, indent=2))
-        for line in uniform_quant.summary_lines(results):
-            training.log(line)
-        return results
+        extra = {"calibrator": s.uql_calibrator, "calib_batches": s.uql_calib_batches, "calib_seconds": calib_seconds,
+                 "activation_ranges": {name: list(bounds) for name, bounds in ranges.items()}}
+        return self._evaluate_and_report(float_checkpoint, float_accuracy, checkpoint, report, report_path, extra)
 
     def _save(self, model, float_checkpoint, quantized, ranges):
         """Float weights plus calibrated ranges, saved as the checkpoint of step uql_calib_batches."""

@@ -82,6 +82,11 @@ class UniformQuantLearner:
             checkpoint = training.train_with_summaries(sess, model, self.save_path,
                                                        os.path.join(s.log_dir, self.name, "train"), s, self.name,
                                                        last_good=latest)
+        return self._evaluate_and_report(float_checkpoint, float_accuracy, checkpoint, report, report_path)
+
+    def _evaluate_and_report(self, float_checkpoint, float_accuracy, checkpoint, report, report_path, extra=None):
+        """Evaluate the quantized checkpoint, write results.json (with `extra` entries) and print the summary."""
+        s = self.settings
         quant_accuracy, _, count = full_precision.evaluate_checkpoint(
             self.helper, checkpoint, os.path.join(s.log_dir, self.name, "eval"), self.config)
         results = {
@@ -92,6 +97,7 @@ class UniformQuantLearner:
             "float_storage_bits": report.float_storage_bits, "quant_storage_bits": report.total_storage_bits,
             "compression_ratio": report.compression_ratio,
         }
+        results.update(extra or {})
         _write_json_atomically(os.path.join(self.output_dir, RESULTS_NAME), results)
         for line in summary_lines(results):
             training.log(line)

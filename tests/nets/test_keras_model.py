@@ -124,13 +124,14 @@ def printed(pattern, text):
                                              ("sequential.keras", "sequential")])
 def test_ptq_starts_from_the_files_weights_and_accuracy(keras_dir, tmp_path, model_file, name):
     refs = np.load(str(keras_dir / "refs.npz"))
-    result = run_keras(tmp_path, "--keras_model=%s" % (keras_dir / model_file), "--data_npz=%s" % (keras_dir / "data.npz"),
-                       "--learner=ptq", "--uql_weight_bits=8", "--uql_activation_bits=8", "--uql_calib_batches=2")
+    result = run_keras(tmp_path, "--keras_model=%s" % (keras_dir / model_file),
+                       "--data_npz=%s" % (keras_dir / "data.npz"), "--learner=ptq", "--uql_weight_bits=8", "--uql_activation_bits=8", "--uql_calib_batches=2")
     assert result.returncode == 0, result.stderr[-3000:]
     float_accuracy = printed(r"float accuracy:\s+([0-9.]+)", result.stdout)
     assert float_accuracy == pytest.approx(accuracy_of(refs[name + "/predictions"], keras_dir), abs=1e-4)
     float_checkpoint = tf.train.load_checkpoint(str(tmp_path / "models" / "model.ckpt-8"))
-    weight_names = [key[len(name) + 1:] for key in refs.files if key.startswith(name + "/") and "predictions" not in key]
+    weight_names = [key[len(name) + 1:] for key in refs.files
+                    if key.startswith(name + "/") and key != name + "/predictions"]
     assert weight_names
     for weight in weight_names:
         np.testing.assert_array_equal(float_checkpoint.get_tensor("model/" + weight), refs[name + "/" + weight])
