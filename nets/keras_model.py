@@ -95,6 +95,12 @@ def load_keras_model(path, unsafe=False):
         message = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise fail("Keras model %s cannot be loaded (%s); expected a model saved by tf_keras%s"
                    % (path, message, "" if unsafe else " (loaded in safe mode: no Lambda layers)")) from None
+    nested = [layer.name for layer in model.layers if isinstance(layer, keras.Model)]
+    if nested:
+        # clone_model would rebuild a nested model on Keras placeholders too: a second, dead copy of its
+        # layers that the quantizer would find and calibration could not run.
+        raise fail("Keras model %s nests the model %s; expected a flat model (build it on the outer input, e.g. "
+                   "keras.applications.MobileNetV2(input_tensor=x))" % (path, nested[0]))
     if len(model.inputs) != 1 or len(model.outputs) != 1 or len(model.outputs[0].shape) != 2:
         raise fail("Keras model %s has %d inputs and %d outputs; expected one image input and one output of "
                    "class scores [batch, classes]" % (path, len(model.inputs), len(model.outputs)))

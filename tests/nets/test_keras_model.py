@@ -57,6 +57,7 @@ MAKE_MODELS = textwrap.dedent("""
     lam = K.Model(lam_in, K.layers.Dense(3)(K.layers.Flatten()(K.layers.Lambda(lambda t: t * 2.0)(lam_in))))
     for path in ("lambda.h5", "lambda.keras", "lambda_savedmodel"):
         lam.save(path)
+    K.Sequential([K.Input((8, 8, 2)), sequential]).save("nested.h5")
     """)
 
 # Loads one Keras file and dumps its weights (named as in the file) to an npz.
@@ -81,6 +82,10 @@ PROBE = textwrap.dedent("""
         except keras_model.KerasModelError as exc:
             print("ERROR", type(exc).__name__, exc.path, exc)
         print("UNSAFE", path, len(keras_model.load_keras_model(path, unsafe=True).weights))
+    try:
+        keras_model.load_keras_model("nested.h5")
+    except keras_model.KerasModelError as exc:
+        print("ERROR", exc)
     for kwargs in (dict(data_npz="wide.npz"), dict(dataset="fmnist")):
         try:
             keras_model.KerasModelHelper("functional.h5", batch_size=32, **kwargs)
@@ -187,6 +192,7 @@ def test_safe_mode_refuses_lambda_layers_and_data_that_does_not_fit(keras_dir):
         assert "UNSAFE %s 2" % path in lines  # --keras_unsafe loads it (Dense kernel and bias)
         errors = [line for line in lines if line.startswith("ERROR KerasModelError %s " % path)]
         assert len(errors) == 1 and ("Lambda" in errors[0] or "lambda" in errors[0]), lines
+    assert any("nested.h5 nests the model sequential; expected a flat model" in line for line in lines), lines
     assert any("wide.npz holds the label 5; the Keras model functional.h5 has 3 classes" in line for line in lines)
     assert any("images of fmnist are 28x28x1; the Keras model functional.h5 expects 8x8x2" in line
                or "Fashion-MNIST" in line for line in lines), lines
