@@ -8,14 +8,15 @@ import tfquant
 from learners.errors import UserError
 
 FLAGS = flags.FLAGS
-LEARNERS = ("full-prec", "uniform")
+LEARNERS = ("full-prec", "uniform", "ptq")
 
 
 def define_flags():
     """Define every flag once (run scripts and tests may call this repeatedly)."""
     if "learner" in FLAGS:
         return
-    flags.DEFINE_enum("learner", "full-prec", list(LEARNERS), "learner: full-prec or uniform")
+    flags.DEFINE_enum("learner", "full-prec", list(LEARNERS),
+                      "learner: full-prec, uniform or ptq (post-training calibration)")
     flags.DEFINE_enum("exec_mode", "train", ["train", "eval"], "train, or eval the latest checkpoint")
     if "log_dir" in FLAGS:
         # absl.logging defines --log_dir too; PocketFlow's meaning (TensorBoard events) takes it over.
@@ -87,6 +88,17 @@ def define_flags():
     flags.DEFINE_integer("eval_subset", None, "use only the first N test images (quick runs, tests)")
     flags.DEFINE_integer("seed", 0, "random seed of initialisation and data order")
     flags.DEFINE_boolean("debug", False, "show tracebacks for user errors")
+    # Your own model and data (nets/keras_model_run.py) and post-training calibration (--learner ptq).
+    flags.DEFINE_string("keras_model", None, "a tf_keras model: .h5 or .keras file, or a SavedModel directory")
+    flags.DEFINE_boolean("keras_unsafe", False, "load Lambda layers of --keras_model (runs code from the file)")
+    flags.DEFINE_string("data_npz", None, "an .npz archive with x_train, y_train, x_test, y_test")
+    flags.DEFINE_enum("dataset", None, ["fmnist", "cifar10"], "a built-in data set for --keras_model")
+    flags.DEFINE_string("uql_save_keras", None, "also save the trained float weights of --keras_model as this "
+                        "Keras file (.h5/.keras, else a SavedModel directory), the report beside it")
+    flags.DEFINE_enum("uql_calibrator", "max", ["max", "percentile", "mse", "entropy"],
+                      "activation-range calibrator of --learner ptq")
+    flags.DEFINE_integer("uql_calib_batches", 20, "training batches --learner ptq calibrates over")
+    flags.DEFINE_float("uql_calib_percentile", 99.99, "percentile of --uql_calibrator=percentile, in (0, 100]")
 
 
 def _positive(name, minimum=1):
@@ -123,8 +135,11 @@ def validate_flags():
     _finite_floats()
     for name in ("batch_size", "batch_size_eval", "summ_step", "save_step"):
         _positive(name)
-    for name in ("train_subset", "eval_subset"):
+    for name in ("train_subset", "eval_subset", "uql_calib_batches"):
         _positive(name)
+    if not 0 < FLAGS.uql_calib_percentile <= 100:
+        raise UserError("--uql_calib_percentile=%s is not valid; expected a number in (0, 100]"
+                        % FLAGS.uql_calib_percentile)
     for name in ("lrn_rate_init", "uql_lrn_rate_init", "nb_epochs_rat", "uql_quant_epochs", "save_secs"):
         if getattr(FLAGS, name) is not None and not getattr(FLAGS, name) > 0:
             raise UserError("--%s=%s is not valid; expected a positive number" % (name, getattr(FLAGS, name)))

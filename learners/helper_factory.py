@@ -1,5 +1,6 @@
 """Build a ModelHelper from parsed flags; the run scripts name which one."""
 import importlib
+import os
 
 from learners.errors import UserError
 from nets.errors import DataError
@@ -36,3 +37,74 @@ def make_helper_for(model):
         except ValueError as exc:
             raise UserError(str(exc))
     return make
+
+
+def write_file_float_checkpoint(helper, save_path):
+    """Save the float model as the helper builds it (a Keras file's weights) as a finished float checkpoint.
+
+    Its global step is the helper's whole float budget, so the uniform and ptq learners take it as trained
+    and start from the file's weights instead of training a float model first.
+    Returns:
+      the checkpoint prefix.
+    """
+    # Imported here: the built-in run scripts never need the graph builder at this point.
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    from learners import graphs, training  # pylint: disable=import-outside-toplevel
+
+    model = graphs.build_graph(helper, False)
+    nb_iters = helper.nb_iters_train()
+    with model.graph.as_default():
+        step = tf.compat.v1.train.get_or_create_global_step()
+        saver = tf.compat.v1.train.Saver(var_list=model.model_variables + [step])
+        set_step = step.assign(nb_iters)
+        init_op = tf.compat.v1.global_variables_initializer()
+    os.makedirs(os.path.dirname(os.path.abspath(save_path)), exist_ok=True)
+    with graphs.new_session(model.graph) as sess:
+        sess.run(init_op)
+        sess.run(set_step)
+        path = saver.save(sess, save_path, global_step=nb_iters, write_meta_graph=False)
+    training.log("float model: the weights of the Keras file, saved as %s" % path)
+    return path
+
+
+def make_keras_helper(settings):
+    """A KerasModelHelper from the flags; for uniform/ptq training, the file's weights become the float checkpoint
+    when --save_path holds none yet. Problems with the file or data become one-line errors."""
+    from learners import training  # pylint: disable=import-outside-toplevel
+    from nets import keras_model  # pylint: disable=import-outside-toplevel  (needs tf_keras)
+
+    if settings.keras_model is None:
+        raise UserError("--keras_model is not set; expected a .h5 or .keras file or a SavedModel directory")
+    if (settings.data_npz is None) == (settings.dataset is None):
+        raise UserError("expected exactly one of --data_npz (an .npz archive) and --dataset (fmnist or cifar10)")
+    kwargs = helper_kwargs(settings, False)
+    kwargs.update(keras_model=settings.keras_model, data_npz=settings.data_npz, dataset=settings.dataset,
+                  keras_unsafe=settings.keras_unsafe)
+    try:
+        helper = keras_model.KerasModelHelper(**kwargs)
+    except DataError:
+        raise
+    except ValueError as exc:
+        raise UserError(str(exc))
+    if settings.learner in ("uniform", "ptq") and settings.exec_mode == "train" \
+            and training.find_checkpoint(settings.save_path, "full-prec")[0] is None:
+        write_file_float_checkpoint(helper, settings.save_path)
+    return helper
+
+
+def save_keras_after_training(helper, settings, results):
+    """With --uql_save_keras: write the trained float weights as a Keras model, the quantization report beside it."""
+    if not settings.uql_save_keras:
+        return
+    from learners import training  # pylint: disable=import-outside-toplevel
+    from tfquant import files  # pylint: disable=import-outside-toplevel
+
+    checkpoint = results["quant_checkpoint"] if isinstance(results, dict) else results
+    path = settings.uql_save_keras
+    helper.save_weights_from_checkpoint(checkpoint, path)
+    training.log("Keras model with the weights of %s: %s" % (checkpoint, path))
+    if isinstance(results, dict):
+        report = os.path.normpath(path) + ".quant_report.json"
+        with open(results["report"], "rb") as handle:
+            files.write_atomically(report, handle.read())
+        training.log("its quantization report: %s" % report)

@@ -12,6 +12,7 @@ from learners import flags as learner_flags  # noqa: E402
 from learners import stopping  # noqa: E402
 from learners.errors import UserError  # noqa: E402
 from learners.full_precision import FullPrecLearner  # noqa: E402
+from learners.ptq import PTQLearner  # noqa: E402
 from learners.uniform_quant import UniformQuantLearner  # noqa: E402
 from nets.errors import DataError  # noqa: E402
 
@@ -27,7 +28,7 @@ def _parse_flags(argv):
         sys.exit(2)
 
 
-def _main(make_helper):
+def _main(make_helper, after_train):
     def main(argv):
         if len(argv) > 1:
             raise UserError("unexpected argument %r; expected only --flag=value options" % argv[1])
@@ -36,10 +37,14 @@ def _main(make_helper):
         helper = make_helper(FLAGS)
         if FLAGS.learner == "full-prec":
             learner = FullPrecLearner(helper, FLAGS)
+        elif FLAGS.learner == "ptq":
+            learner = PTQLearner(helper, FLAGS, learner_flags.quant_config())
         else:
             learner = UniformQuantLearner(helper, FLAGS, learner_flags.quant_config())
         if FLAGS.exec_mode == "train":
-            learner.train()
+            results = learner.train()
+            if after_train is not None:
+                after_train(helper, FLAGS, results)
         else:
             accuracy, loss, count = learner.evaluate()
             print("%s eval: accuracy %.4f | loss %.4f | %d test images" % (learner.name, accuracy, loss, count))
@@ -66,9 +71,12 @@ def _main(make_helper):
     return guarded
 
 
-def run(make_helper):
-    """Run the job: make_helper(FLAGS) builds the ModelHelper from the parsed flags."""
+def run(make_helper, after_train=None):
+    """Run the job: make_helper(FLAGS) builds the ModelHelper from the parsed flags.
+
+    after_train: optional function (helper, FLAGS, what learner.train() returned) run after training.
+    """
     # Saver's "Restoring parameters" INFO lines would interleave with the progress lines.
     tf.get_logger().setLevel("WARNING")
     learner_flags.define_flags()
-    app.run(_main(make_helper), flags_parser=_parse_flags)
+    app.run(_main(make_helper, after_train), flags_parser=_parse_flags)

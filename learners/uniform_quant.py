@@ -116,6 +116,11 @@ class UniformQuantLearner:
             checkpoint = training.train_with_summaries(
                 sess, model, self.save_path, os.path.join(s.log_dir, self.name, "train"), s, self.name,
                 last_good=latest, steps_per_epoch=max(1, self.helper.n_train // s.batch_size))
+        return self._evaluate_and_report(float_checkpoint, float_accuracy, checkpoint, report, report_path)
+
+    def _evaluate_and_report(self, float_checkpoint, float_accuracy, checkpoint, report, report_path, extra=None):
+        """Evaluate the quantized checkpoint, write results.json (with `extra` entries) and print the summary."""
+        s = self.settings
         quant_accuracy, _, count = full_precision.evaluate_checkpoint(
             self.helper, checkpoint, os.path.join(s.log_dir, self.name, "eval"), self.config)
         results = {
@@ -128,6 +133,7 @@ class UniformQuantLearner:
         }
         stopping.pause_point("results")
         stopping.check("before writing the results", "saved checkpoints are kept")
+        results.update(extra or {})
         run_settings.write_json(os.path.join(self.output_dir, RESULTS_NAME), results, "results file")
         for line in summary_lines(results):
             training.log(line)

@@ -92,13 +92,14 @@ def positioned_loader(fetch, preprocess_fn, seed):
 
 
 def _array_gather(images, labels):
-    """indices tensor [B] -> (uint8 images [B,...], int64 labels [B]) read from the NumPy arrays."""
+    """indices tensor [B] -> (images [B,...] of the arrays' dtype, int64 labels [B]) read from the NumPy arrays."""
 
     def take(indices):
         return images[indices], labels[indices]
 
     def gather(indices):
-        batch_images, batch_labels = tf.numpy_function(take, [indices], (tf.uint8, tf.int64), stateful=False)
+        batch_images, batch_labels = tf.numpy_function(take, [indices], (tf.as_dtype(images.dtype), tf.int64),
+                                                       stateful=False)
         batch_images.set_shape(indices.shape.concatenate(images.shape[1:]))
         batch_labels.set_shape(indices.shape)
         return batch_images, batch_labels
@@ -159,8 +160,9 @@ def nb_eval_batches(nb_examples, batch_size):
 
 def _as_nhwc(images):
     images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise ValueError('expected uint8 images, got %s' % images.dtype)
+    # uint8 for the built-in readers; user data (nets.data.npz) may be any real numeric dtype.
+    if images.dtype.kind not in 'iuf':
+        raise ValueError('expected numeric images, got %s' % images.dtype)
     return images[..., None] if images.ndim == 3 else images
 
 

@@ -23,11 +23,12 @@ def _error_line(result):
                                                             "expected 'regex=bits'"),
     (["--learner=uniform", "--uql_weight_overrides=conv(=4"], "--uql_weight_overrides regex 'conv(' is not valid"),
     (["--learner=uniform", "--uql_layer_bits=4,x"], "--uql_layer_bits=4,x is not valid; expected a comma-separated"),
-    (["--learner=magic"], "flag --learner=magic: value should be one of <full-prec|uniform>"),
+    (["--learner=magic"], "flag --learner=magic: value should be one of <full-prec|uniform|ptq>"),
     (["--batch_size=0"], "--batch_size=0 is not valid; expected a value >= 1"),
     (["--resnet_size=21"], "resnet_size 21 is not supported; allowed values: 20, 32, 44, 56, 110"),
     (["--data_dir_local=/no/such/dir"], "--data_dir_local=/no/such/dir is not valid; expected an existing directory"),
     (["--learner=uniform", "--exec_mode=eval"], "no quantized checkpoint found in"),
+    (["--learner=ptq", "--uql_calib_batches=0"], "--uql_calib_batches=0 is not valid; expected a value >= 1"),
 ])
 def test_bad_flags(tmp_path, args, expected):
     line = _error_line(run_script("resnet_at_fmnist_run.py", args, str(tmp_path)))
