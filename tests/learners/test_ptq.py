@@ -12,6 +12,7 @@ import tensorflow as tf
 
 import tfquant
 from learners.errors import UserError
+from learners import flags as learner_flags
 from learners.ptq import PTQLearner
 from nets import model_template
 
@@ -20,7 +21,10 @@ tf1 = tf.compat.v1
 
 
 def settings_in(directory, **overrides):
-    values = dict(save_path=os.path.join(directory, "models", "model.ckpt"),
+    # Every flag at its default (as a run script without flags would have them), then the test's choices.
+    learner_flags.define_flags()
+    values = {name: learner_flags.FLAGS[name].default for name in learner_flags.FLAGS}
+    values.update(save_path=os.path.join(directory, "models", "model.ckpt"),
                   uql_save_quant_model_path=os.path.join(directory, "models_uql", "model.ckpt"),
                   log_dir=os.path.join(directory, "logs"), momentum=0.9, seed=0, summ_step=50, save_step=1000,
                   batch_size=32, uql_calibrator="max", uql_calib_batches=3, uql_calib_percentile=99.99)
