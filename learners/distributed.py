@@ -20,6 +20,8 @@ from tfquant import files
 
 tf1 = tf.compat.v1
 TF_CONFIG_ENV = "TF_CONFIG"
+# Test hook: a directory where every sync check also dumps this worker's variables (worker<i>-<when>.npz).
+DUMP_ENV = "TFQUANT_TEST_DUMP_VARIABLES"
 # A collective step waits this long for the other workers before the run stops (a dead or stopped worker).
 DEFAULT_COLLECTIVE_TIMEOUT_SECS = 40.0
 
@@ -163,8 +165,13 @@ class SyncCheck:
           when: e.g. "at step 120", shown in the message.
         """
         checksum = 0
-        for value in sess.run(list(variables)):
+        values = sess.run(list(variables))
+        for value in values:
             checksum = zlib.crc32(np.ascontiguousarray(value).tobytes(), checksum)
+        if os.environ.get(DUMP_ENV):
+            np.savez(os.path.join(os.environ[DUMP_ENV], "worker%d-%s.npz" % (self.cluster.task_index,
+                                                                              when.replace(" ", "_"))),
+                     **{variable.op.name: value for variable, value in zip(variables, values)})
         halves = np.array([checksum >> 16, checksum & 0xFFFF], np.float64)
         total = run_collective(self.cluster, sess, self.total, {self.fingerprint: np.concatenate([halves,
                                                                                                   halves ** 2])},

@@ -88,7 +88,7 @@ def launch(command, count, env=None):
         signal.signal(signum, forward)
 
     status = 0
-    while any(process.poll() is None for process in workers):
+    while [process.poll() for process in workers].count(None):
         failed = [p.returncode for p in workers if p.returncode not in (None, 0)]
         if failed and not status:
             status = failed[0]
