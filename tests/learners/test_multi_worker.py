@@ -27,7 +27,8 @@ from tools import launch_workers
 SCRIPT = os.path.join(ROOT, "nets", "convnet_at_fmnist_run.py")
 # 64 images, 2 workers x 4 per batch: 8 steps an epoch; float 3 x 0.5 epochs = 12 steps, quantized 1 epoch = 8.
 ARGS = ["--train_subset=64", "--eval_subset=32", "--batch_size=4", "--batch_size_eval=16", "--nb_epochs_rat=0.5",
-        "--uql_quant_epochs=1", "--summ_step=4", "--uql_activation_bits=8", "--collective_timeout_secs=15"]
+        "--uql_quant_epochs=1", "--summ_step=2", "--save_step=4", "--uql_activation_bits=8",
+        "--collective_timeout_secs=10", "--learner=uniform"]
 
 
 def _env(dump_dir=None):
@@ -129,21 +130,64 @@ def test_launcher_nb_workers_argument():
 # --- 2 workers end to end ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def two_worker_run(tmp_path_factory):
-    """One uniform run (float training first) with 2 workers, each dumping its variables at every sync check."""
+def interrupted_run(tmp_path_factory):
+    """A uniform run with 2 workers whose worker 1 is killed during float training, then the reruns.
+
+    Returns (cwd, dumps directory, (worker 0's status, stderr, seconds from the kill to its exit),
+    the single-process rerun, the 2-worker rerun, which dumps every worker's variables at its sync checks).
+    """
     cwd = tmp_path_factory.mktemp("two_workers")
     dumps = cwd / "dumps"
     dumps.mkdir()
-    result = _launch(cwd, ["--learner=uniform"] + ARGS, dumps)
-    return cwd, dumps, result
+    addresses = ["localhost:%d" % port for port in launch_workers.free_ports(2)]
+    workers = []
+    for index in range(2):
+        env = dict(_env(), TF_CONFIG=launch_workers.tf_config(addresses, index))
+        workers.append(subprocess.Popen([sys.executable, SCRIPT, "--nb_workers=2"] + ARGS, cwd=str(cwd), env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        for line in workers[0].stdout:
+            if line.startswith("full-prec iter 6/12"):
+                break
+        else:
+            pytest.fail("worker 0 ended early: %s" % workers[0].stderr.read()[-2000:])
+        workers[1].send_signal(signal.SIGKILL)
+        killed = time.time()
+        _, err = workers[0].communicate(timeout=120)
+        killed_run = (workers[0].returncode, err, time.time() - killed)
+    finally:
+        for process in workers:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    single = subprocess.run([sys.executable, SCRIPT] + ARGS, cwd=str(cwd), env=_env(), capture_output=True,
+                            text=True, timeout=300)
+    rerun = _launch(cwd, ARGS, dumps)
+    return cwd, dumps, killed_run, single, rerun
 
 
-def test_two_workers_finish_in_sync_with_identical_variables(two_worker_run):
-    cwd, dumps, result = two_worker_run
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
-    # Float: start and step 12; quantized: start and step 8; the chief says so.
-    for step in (0, 12, 8):
+def test_killed_worker_stops_the_other_with_one_line(interrupted_run):
+    status, err, seconds = interrupted_run[2]
+    assert status == 2 and seconds < 60
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "worker 0: a collective step at step" in error_lines[0], err[-2000:]
+    assert "Traceback" not in err
+
+
+def test_resuming_with_another_number_of_workers_is_refused(interrupted_run):
+    single = interrupted_run[3]
+    assert single.returncode == 2
+    assert "--nb_workers 2 (recorded) vs unset (now)" in single.stderr.strip().splitlines()[-1]
+
+
+def test_rerun_resumes_and_workers_hold_identical_variables(interrupted_run):
+    cwd, dumps, _, _, rerun = interrupted_run
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    lines = rerun.stdout.splitlines()
+    resumed = re.search(r"\[worker 0\] full-prec: resuming from .*model\.ckpt-(\d+) at step (\d+) of 12", rerun.stdout)
+    assert resumed and resumed.group(1) == resumed.group(2) and int(resumed.group(1)) >= 4
+    # Float: after restoring and at step 12; quantized: at start and step 8; the chief says so.
+    for step in (int(resumed.group(1)), 12, 0, 8):
         assert "[worker 0] workers in sync at step %d" % step in lines
     for when in ("at_step_12", "at_step_8"):
         first = np.load(str(dumps / ("worker0-%s.npz" % when)))
@@ -161,63 +205,30 @@ def test_two_workers_finish_in_sync_with_identical_variables(two_worker_run):
     assert any(name.endswith("ema_max") for name in saved)
 
 
-def test_two_workers_chief_alone_writes_and_evaluates(two_worker_run):
-    cwd, _, result = two_worker_run
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
+def test_chief_alone_writes_and_evaluates(interrupted_run):
+    cwd, _, _, _, rerun = interrupted_run
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    lines = rerun.stdout.splitlines()
     worker1 = [line for line in lines if line.startswith("[worker 1] ")]
     assert not any("accuracy" in line or "iter " in line or "saved" in line for line in worker1)
     assert sum(1 for line in lines if line.startswith("[worker 0] quantized accuracy:")) == 1
     results = json.loads((cwd / "models_uql" / "results.json").read_text())
     assert results["test_examples"] == 32 and results["quant_checkpoint"].endswith("model.ckpt-8")
-    # One events file per directory (the chief's), with 12 float and 8 quantized steps' worth of summaries.
-    for phase, steps in (("full-prec", [4, 8, 12]), ("uniform", [4, 8])):
-        files = glob.glob(str(cwd / "logs" / phase / "train" / "events.out.tfevents.*"))
-        assert len(files) == 1, files
-        tags, _ = event_tags(str(cwd / "logs" / phase / "train"))
-        assert len(tags["loss"]) == len(steps)
-    # Learning rate scaled by the 2 workers: the float cosine schedule of the ConvNet peaks at 2 x 0.01.
+    # One events file per run of the chief: the killed run and the rerun for float, the rerun for quantized.
+    for phase, count in (("full-prec", 2), ("uniform", 1)):
+        assert len(glob.glob(str(cwd / "logs" / phase / "train" / "events.out.tfevents.*"))) == count
+    tags, _ = event_tags(str(cwd / "logs" / "uniform" / "train"))
+    assert len(tags["loss"]) == 4  # every second of 8 quantized steps
     float_record = json.loads((cwd / "models" / "model.ckpt.settings.json").read_text())
     assert float_record["settings"]["nb_workers"] == 2 and float_record["settings"]["enbl_lrn_rate_scaling"]
-    uniform_lr = event_tags(str(cwd / "logs" / "uniform" / "train"))[0]["lrn_rate"]
-    np.testing.assert_allclose(uniform_lr[0], 2 * 0.01 * 0.5 * (1 + np.cos(np.pi * 3 / 8)), rtol=1e-5)
+    # Learning rate scaled by the 2 workers: fine-tuning's cosine from 2 x 0.01, logged at global step 1 of 8.
+    np.testing.assert_allclose(tags["lrn_rate"][0], 2 * 0.01 * 0.5 * (1 + np.cos(np.pi * 1 / 8)), rtol=1e-5)
 
 
-def test_killed_worker_stops_the_run_and_the_rerun_resumes(tmp_path):
-    args = ["--learner=full-prec", "--nb_epochs_rat=1", "--save_step=4", "--summ_step=2"] + [
-        a for a in ARGS if not a.startswith(("--nb_epochs_rat", "--summ_step"))]
-    addresses = ["localhost:%d" % port for port in launch_workers.free_ports(2)]
-    workers = []
-    for index in range(2):
-        env = dict(_env(), TF_CONFIG=launch_workers.tf_config(addresses, index))
-        workers.append(subprocess.Popen([sys.executable, SCRIPT, "--nb_workers=2"] + args, cwd=str(tmp_path),
-                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    try:
-        for line in workers[0].stdout:
-            if re.match(r"full-prec iter 6/24", line):
-                break
-        else:
-            pytest.fail("worker 0 ended early: %s" % workers[0].stderr.read()[-2000:])
-        workers[1].send_signal(signal.SIGKILL)
-        killed = time.time()
-        _, err = workers[0].communicate(timeout=120)
-        assert time.time() - killed < 60
-    finally:
-        for process in workers:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    assert workers[0].returncode == 2
-    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and "worker 0: a collective step at step" in error_lines[0], err[-2000:]
-    assert "Traceback" not in err
-    # A different number of workers is refused (the global batch and learning rate would change).
-    single = subprocess.run([sys.executable, SCRIPT] + args, cwd=str(tmp_path), env=_env(), capture_output=True,
-                            text=True, timeout=300)
-    assert single.returncode == 2 and "--nb_workers 2 (recorded) vs unset (now)" in single.stderr
-    rerun = _launch(tmp_path, args)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    resumed = re.search(r"\[worker 0\] full-prec: resuming from .*model\.ckpt-(\d+) at step (\d+) of 24", rerun.stdout)
-    assert resumed and resumed.group(1) == resumed.group(2) and int(resumed.group(1)) >= 4
-    assert "[worker 0] workers in sync at step 24" in rerun.stdout
-    assert _checkpoint_values(str(tmp_path / "models" / "model.ckpt-24"))["global_step"] == 24
+def test_ring_model_sends_twice_the_buffer_less_one_share():
+    from benchmarks import allreduce
+    # A ring all-reduce moves 2 (N-1)/N of the buffer through every link: at N=2 the whole buffer once.
+    assert allreduce.ring_seconds(8e6, 2, 1e6, 0.0) == pytest.approx(8.0)
+    assert allreduce.ring_seconds(8e6, 4, 1e6, 0.0) == pytest.approx(8.0 * 2 * 3 / 4)
+    assert allreduce.ring_seconds(8e6, 4, 1e6, 0.001) == pytest.approx(12.0 + 6 * 0.001)
+    assert allreduce.ring_seconds(8e6, 1, 1e6, 0.001) == 0.0
