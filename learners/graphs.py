@@ -176,6 +176,17 @@ def _build_replicated(cluster, build):
     The optimizer all-reduces the gradients (collective ops); variables assigned in the step are
     synchronised (distributed.synchronised_variables); the tensors kept are this worker's.
     """
+    logger, level = tf.get_logger(), tf.get_logger().level
+    # The strategy warns once per graph that gradients of differently placed variables are reduced one
+    # group at a time; with one device per worker that is expected and says nothing to the user.
+    logger.setLevel("ERROR")
+    try:
+        return _build_in_strategy(cluster, build)
+    finally:
+        logger.setLevel(level)
+
+
+def _build_in_strategy(cluster, build):
     built = []
     with cluster.strategy.scope(), tf.variable_creator_scope(distributed.synchronised_variables):
         def replica_step():
