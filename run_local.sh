@@ -9,4 +9,8 @@ if [ $# -lt 1 ] || [ ! -f "$1" ]; then
 fi
 source "$here/tools/setup_env.sh" main
 script="$1"; shift
+case " $* " in
+  # N worker processes on free localhost ports, each with its TF_CONFIG (tools/launch_workers.py).
+  *" --nb_workers"*) exec "$TFQ_PYTHON" "$here/tools/launch_workers.py" "$script" "$@" ;;
+esac
 exec "$TFQ_PYTHON" "$script" "$@"

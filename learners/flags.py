@@ -87,7 +87,15 @@ def define_flags():
     flags.DEFINE_integer("train_subset", None, "use only the first N training images (quick runs, tests)")
     flags.DEFINE_integer("eval_subset", None, "use only the first N test images (quick runs, tests)")
     flags.DEFINE_integer("seed", 0, "random seed of initialisation and data order")
-    flags.DEFINE_boolean("debug", False, "show tracebacks for user errors")
+    flags.DEFINE_boolean("debug", False, "show tracebacks for user errors (and check that the workers are in "
+                         "sync every summ_step)")
+    # Multi-worker training (learners/distributed.py).
+    flags.DEFINE_integer("nb_workers", 1, "worker processes to start on this machine (./run_local.sh starts them); "
+                         "on a cluster set TF_CONFIG on every machine instead")
+    flags.DEFINE_boolean("enbl_lrn_rate_scaling", True, "with several workers, multiply the learning rate by the "
+                         "number of workers (PocketFlow's multi-GPU scaling for its larger global batch)")
+    flags.DEFINE_float("collective_timeout_secs", 40.0, "with several workers, stop when a step waits this long for "
+                       "the others (a dead or stopped worker)")
     # Your own model and data (nets/keras_model_run.py) and post-training calibration (--learner ptq).
     flags.DEFINE_string("keras_model", None, "a tf_keras model: .h5 or .keras file, or a SavedModel directory")
     flags.DEFINE_boolean("keras_unsafe", False, "load Lambda layers of --keras_model (runs code from the file)")
@@ -133,14 +141,15 @@ def _finite_floats():
 def validate_flags():
     """Check value ranges and paths; raises UserError with one line naming the flag."""
     _finite_floats()
-    for name in ("batch_size", "batch_size_eval", "summ_step", "save_step"):
+    for name in ("batch_size", "batch_size_eval", "summ_step", "save_step", "nb_workers"):
         _positive(name)
     for name in ("train_subset", "eval_subset", "uql_calib_batches"):
         _positive(name)
     if not 0 < FLAGS.uql_calib_percentile <= 100:
         raise UserError("--uql_calib_percentile=%s is not valid; expected a number in (0, 100]"
                         % FLAGS.uql_calib_percentile)
-    for name in ("lrn_rate_init", "uql_lrn_rate_init", "nb_epochs_rat", "uql_quant_epochs", "save_secs"):
+    for name in ("lrn_rate_init", "uql_lrn_rate_init", "nb_epochs_rat", "uql_quant_epochs", "save_secs",
+                 "collective_timeout_secs"):
         if getattr(FLAGS, name) is not None and not getattr(FLAGS, name) > 0:
             raise UserError("--%s=%s is not valid; expected a positive number" % (name, getattr(FLAGS, name)))
     for name in ("momentum", "loss_w_dcy"):

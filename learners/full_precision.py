@@ -4,7 +4,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from learners import graphs, run_settings, training
+from learners import distributed, graphs, run_settings, training
 from learners.errors import UserError
 
 tf1 = tf.compat.v1
@@ -15,10 +15,33 @@ class FullPrecLearner:
 
     name = "full-prec"
 
-    def __init__(self, helper, settings):
-        """helper: a ModelHelper; settings: the parsed flags (or any object with the same attributes)."""
+    def __init__(self, helper, settings, cluster=None):
+        """helper: a ModelHelper; settings: the parsed flags (or any object with the same attributes);
+        cluster: a distributed.Cluster for multi-worker training (the helper already sharded), or None."""
         self.helper = helper
         self.settings = settings
+        self.cluster = cluster
+
+    @property
+    def is_chief(self):
+        """Whether this process writes files and evaluates (always, without a cluster)."""
+        return self.cluster is None or self.cluster.is_chief
+
+    @property
+    def lrn_rate_scale(self):
+        """PocketFlow's linear scaling by the number of workers, unless --enbl_lrn_rate_scaling is off."""
+        if self.cluster is None or not getattr(self.settings, "enbl_lrn_rate_scaling", True):
+            return 1.0
+        return float(self.cluster.nb_workers)
+
+    def start_session(self, model):
+        """A session on model's graph with its variables initialised (all workers together on a cluster)."""
+        sess = graphs.new_session(model.graph, self.cluster)
+        if self.cluster is None:
+            sess.run(model.init_op)
+        else:
+            distributed.run_collective(self.cluster, sess, model.init_op, when="at start-up")
+        return sess
 
     @property
     def save_path(self):
@@ -37,10 +60,11 @@ class FullPrecLearner:
         current = run_settings.float_settings(self.helper, s)
         run_settings.refuse_changes(run_settings.changed_settings(s.save_path, current)[0], [s.save_path])
         latest, step = resume_from or training.find_checkpoint(s.save_path, self.name)
-        run_settings.write_record(s.save_path, self.name, current)
-        model = graphs.build_graph(self.helper, True, momentum=s.momentum, seed=s.seed, skip_batches=step)
-        with graphs.new_session(model.graph) as sess:
-            sess.run(model.init_op)
+        if self.is_chief:
+            run_settings.write_record(s.save_path, self.name, current)
+        model = graphs.build_graph(self.helper, True, momentum=s.momentum, seed=s.seed, skip_batches=step,
+                                   cluster=self.cluster, lrn_rate_scale=self.lrn_rate_scale)
+        with self.start_session(model) as sess:
             if latest:
                 graphs.restore_variables(sess, model.graph.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES), latest)
                 step = int(sess.run(model.global_step))
@@ -49,9 +73,15 @@ class FullPrecLearner:
                                  % (latest, step))
                     return latest
                 training.log("full-prec: resuming from %s at step %d of %d" % (latest, step, model.nb_iters))
+            if self.cluster is not None:
+                training.check_sync(sess, model, self.cluster, step)
             path = training.train_with_summaries(sess, model, s.save_path, os.path.join(s.log_dir, self.name, "train"),
                                                  s, self.name, last_good=latest,
-                                                 steps_per_epoch=getattr(self.helper, "nb_iters_per_epoch", None))
+                                                 steps_per_epoch=getattr(self.helper, "nb_iters_per_epoch", None),
+                                                 cluster=self.cluster)
+        if path is None:
+            # Another worker than the chief: the chief saved the final checkpoint in the shared directory.
+            return training.find_checkpoint(s.save_path, self.name)[0]
         training.log("full-prec: saved %s" % path)
         return path
 

@@ -1,12 +1,13 @@
 """One function builds a model graph for a mode (train or eval), float or quantized."""
 import dataclasses
+import functools
 import math
 from typing import Any, Dict, List, Optional
 
 import tensorflow as tf
 
 import tfquant
-from learners import stopping
+from learners import distributed, stopping
 from learners.errors import UserError
 
 tf1 = tf.compat.v1
@@ -117,8 +118,93 @@ def finite_check(graph):
     return flags, [v.op.name for v in variables]
 
 
+def _build_model(graph, helper, is_train, quant_config, lrn_rate_fn, momentum, skip_batches, distillation,
+                 lrn_rate_scale):
+    """build_graph's model, loss and training step in the current graph (without saver and initializer)."""
+    if is_train:
+        if skip_batches:
+            images, labels = helper.build_dataset_train(skip_batches=skip_batches)
+        else:
+            images, labels = helper.build_dataset_train()
+        logits = helper.forward_train(images)
+    else:
+        images, labels = helper.build_dataset_eval()
+        eval_init_op = helper.eval_init_op
+        logits = helper.forward_eval(images)
+    model_variables = list(tf1.global_variables())
+    report = None
+    if quant_config is not None:
+        # After the forward pass, before loss gradients: training differentiates the quantized pass.
+        report = tfquant.quantize_graph(graph, quant_config, is_training=is_train)
+        # Saved with every quantized checkpoint: eval and export check a report against it.
+        tf1.Variable(tfquant.report.decisions_json(report), trainable=False, name=tfquant.report.DECISIONS_VARIABLE)
+    loss, metrics = helper.calc_loss(labels, logits, tf1.trainable_variables())
+    regularization = tf1.get_collection(tf1.GraphKeys.REGULARIZATION_LOSSES)
+    if regularization:
+        # PACT's decay on its clip levels (tfquant puts it here).
+        loss = loss + tf.add_n(regularization)
+    extra = {}
+    if is_train and distillation is not None:
+        teacher_logits, extra["teacher_variables"] = build_teacher(helper, images)
+        extra["distillation_loss"] = distillation_loss(logits, teacher_logits, *distillation)
+        loss = loss + extra["distillation_loss"]
+    model = ModelGraph(graph=graph, is_train=is_train, loss=loss, accuracy=metrics["accuracy"],
+                       batch_count=tf.shape(labels)[0], model_variables=model_variables, saver=None,
+                       init_op=None, report=report, eval_init_op=None if is_train else eval_init_op,
+                       extra=extra)
+    if is_train:
+        model.global_step = tf1.train.get_or_create_global_step()
+        setup = lrn_rate_fn or helper.setup_lrn_rate
+        model.lrn_rate, model.nb_iters = setup(model.global_step)
+        if lrn_rate_scale != 1.0:
+            model.lrn_rate = model.lrn_rate * lrn_rate_scale
+        optimizer = tf1.train.MomentumOptimizer(model.lrn_rate, momentum)
+        with tf.control_dependencies(tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)):
+            model.train_op = optimizer.minimize(loss, global_step=model.global_step)
+        summaries = [tf1.summary.scalar("loss", loss), tf1.summary.scalar("accuracy", metrics["accuracy"]),
+                     tf1.summary.scalar("lrn_rate", model.lrn_rate)]
+        if report is not None:
+            summaries.extend(_quant_summaries(graph, report))
+        if "distillation_loss" in extra:
+            summaries.append(tf1.summary.scalar("distillation_loss", extra["distillation_loss"]))
+        model.summary_op = tf1.summary.merge(summaries)
+        model.finite_flags, model.checked_variable_names = finite_check(graph)
+    return model
+
+
+def _build_replicated(cluster, build):
+    """build() as the one replica of this worker under the cluster's strategy; returns its ModelGraph.
+
+    The optimizer all-reduces the gradients (collective ops); variables assigned in the step are
+    synchronised (distributed.synchronised_variables); the tensors kept are this worker's.
+    """
+    logger, level = tf.get_logger(), tf.get_logger().level
+    # The strategy warns once per graph that gradients of differently placed variables are reduced one
+    # group at a time; with one device per worker that is expected and says nothing to the user.
+    logger.setLevel("ERROR")
+    try:
+        return _build_in_strategy(cluster, build)
+    finally:
+        logger.setLevel(level)
+
+
+def _build_in_strategy(cluster, build):
+    built = []
+    with cluster.strategy.scope(), tf.variable_creator_scope(distributed.synchronised_variables):
+        def replica_step():
+            built.append(build())
+            model = built[0]
+            return model.train_op, model.loss, model.accuracy, model.lrn_rate, model.summary_op
+        outputs = cluster.strategy.extended.call_for_each_replica(replica_step)
+        model = built[0]
+        (model.train_op, model.loss, model.accuracy, model.lrn_rate, model.summary_op) = [
+            distributed.local_value(cluster, value) for value in outputs]
+        model.extra["sync_check"] = distributed.SyncCheck(cluster)
+    return model
+
+
 def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=0.9, seed=0, skip_batches=0,
-                distillation=None):
+                distillation=None, cluster=None, lrn_rate_scale=1.0):
     """Build the train or eval graph of `helper`'s model, rewritten by tfquant when quant_config is set.
 
     Args:
@@ -132,59 +218,22 @@ def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=
         run restarts from), so it sees the batches an uninterrupted run would.
       distillation: None, or (loss_w_dst, tempr_dst) to add the distillation loss of a frozen float
         teacher to a training graph (its variables in model.extra['teacher_variables']).
+      cluster: a distributed.Cluster: a training graph is built as this worker's replica (gradients and
+        updated statistics all-reduced) with model.extra['sync_check']; None for a single process.
+      lrn_rate_scale: factor on the learning-rate schedule (PocketFlow scales it by the number of workers).
     Returns:
       a ModelGraph.
     """
     graph = tf.Graph()
     with graph.as_default():
         tf1.set_random_seed(seed)
-        if is_train:
-            if skip_batches:
-                images, labels = helper.build_dataset_train(skip_batches=skip_batches)
-            else:
-                images, labels = helper.build_dataset_train()
-            logits = helper.forward_train(images)
+        build = functools.partial(_build_model, graph, helper, is_train, quant_config, lrn_rate_fn, momentum,
+                                  skip_batches, distillation, lrn_rate_scale)
+        if cluster is None or not is_train:
+            model = build()
         else:
-            images, labels = helper.build_dataset_eval()
-            eval_init_op = helper.eval_init_op
-            logits = helper.forward_eval(images)
-        model_variables = list(tf1.global_variables())
-        report = None
-        if quant_config is not None:
-            # After the forward pass, before loss gradients: training differentiates the quantized pass.
-            report = tfquant.quantize_graph(graph, quant_config, is_training=is_train)
-            # Saved with every quantized checkpoint: eval and export check a report against it.
-            tf1.Variable(tfquant.report.decisions_json(report), trainable=False,
-                         name=tfquant.report.DECISIONS_VARIABLE)
-        loss, metrics = helper.calc_loss(labels, logits, tf1.trainable_variables())
-        regularization = tf1.get_collection(tf1.GraphKeys.REGULARIZATION_LOSSES)
-        if regularization:
-            # PACT's decay on its clip levels (tfquant puts it here).
-            loss = loss + tf.add_n(regularization)
-        extra = {}
-        if is_train and distillation is not None:
-            teacher_logits, extra["teacher_variables"] = build_teacher(helper, images)
-            extra["distillation_loss"] = distillation_loss(logits, teacher_logits, *distillation)
-            loss = loss + extra["distillation_loss"]
-        model = ModelGraph(graph=graph, is_train=is_train, loss=loss, accuracy=metrics["accuracy"],
-                           batch_count=tf.shape(labels)[0], model_variables=model_variables, saver=None,
-                           init_op=None, report=report, eval_init_op=None if is_train else eval_init_op,
-                           extra=extra)
-        if is_train:
-            model.global_step = tf1.train.get_or_create_global_step()
-            setup = lrn_rate_fn or helper.setup_lrn_rate
-            model.lrn_rate, model.nb_iters = setup(model.global_step)
-            optimizer = tf1.train.MomentumOptimizer(model.lrn_rate, momentum)
-            with tf.control_dependencies(tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)):
-                model.train_op = optimizer.minimize(loss, global_step=model.global_step)
-            summaries = [tf1.summary.scalar("loss", loss), tf1.summary.scalar("accuracy", metrics["accuracy"]),
-                         tf1.summary.scalar("lrn_rate", model.lrn_rate)]
-            if report is not None:
-                summaries.extend(_quant_summaries(graph, report))
-            if "distillation_loss" in extra:
-                summaries.append(tf1.summary.scalar("distillation_loss", extra["distillation_loss"]))
-            model.summary_op = tf1.summary.merge(summaries)
-            model.finite_flags, model.checked_variable_names = finite_check(graph)
+            model = _build_replicated(cluster, build)
+        extra = model.extra
         # Pruning is training.save_checkpoint's (per prefix, across resumed runs): a Saver only knows the
         # checkpoints it wrote itself. Relative paths keep the state file valid in a copied run directory.
         # The teacher is always restored from the float checkpoint, so checkpoints do not repeat it.
@@ -195,10 +244,12 @@ def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=
     return model
 
 
-def new_session(graph):
-    """A session using both cores."""
+def new_session(graph, cluster=None):
+    """A session using both cores; on a cluster, one on this worker's server with the collectives set up."""
     config = tf1.ConfigProto(intra_op_parallelism_threads=0, inter_op_parallelism_threads=2)
-    return tf1.Session(graph=graph, config=config)
+    if cluster is None:
+        return tf1.Session(graph=graph, config=config)
+    return tf1.Session(target=cluster.server.target, graph=graph, config=distributed.session_config(cluster, config))
 
 
 def restore_variables(sess, variables, checkpoint_path):

@@ -47,6 +47,12 @@ def float_settings(helper, settings):
     for name in ("lrn_rate_init", "loss_w_dcy"):
         value = getattr(helper, name, None)
         record[name] = float(value) if value is not None else getattr(settings, name)
+    nb_workers = getattr(helper, "shard", (0, 1))[1]
+    if nb_workers > 1:
+        # Only multi-worker records carry them, so single-process records stay as they were; resuming with
+        # another number of workers would change the global batch and the learning rate.
+        record["nb_workers"] = nb_workers
+        record["enbl_lrn_rate_scaling"] = bool(getattr(settings, "enbl_lrn_rate_scaling", True))
     return record
 
 

@@ -9,7 +9,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from learners import flags as learner_flags  # noqa: E402
-from learners import stopping  # noqa: E402
+from learners import distributed, stopping  # noqa: E402
 from learners.errors import UserError  # noqa: E402
 from learners.full_precision import FullPrecLearner  # noqa: E402
 from learners.ptq import PTQLearner  # noqa: E402
@@ -34,17 +34,32 @@ def _main(make_helper, after_train):
             raise UserError("unexpected argument %r; expected only --flag=value options" % argv[1])
         learner_flags.validate_flags()
         stopping.install()
+        cluster = distributed.cluster_from_environment(FLAGS.collective_timeout_secs)
+        if FLAGS.nb_workers > 1 and (cluster is None or cluster.nb_workers != FLAGS.nb_workers):
+            raise UserError("--nb_workers=%d is not valid for this process (TF_CONFIG lists %s); expected "
+                            "./run_local.sh <run script> --nb_workers N, which starts the workers, or TF_CONFIG on "
+                            "every machine" % (FLAGS.nb_workers, cluster.nb_workers if cluster else "no cluster"))
         helper = make_helper(FLAGS)
+        if cluster is not None:
+            try:
+                helper.shard_training_data(cluster.task_index, cluster.nb_workers)
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
         if FLAGS.learner == "full-prec":
-            learner = FullPrecLearner(helper, FLAGS)
+            learner = FullPrecLearner(helper, FLAGS, cluster)
         elif FLAGS.learner == "ptq":
+            if cluster is not None:
+                raise UserError("--learner=ptq is not valid with several workers; expected one process (calibration "
+                                "does not train, so it gains nothing from more workers)")
             learner = PTQLearner(helper, FLAGS, learner_flags.quant_config())
         else:
-            learner = UniformQuantLearner(helper, FLAGS, learner_flags.quant_config())
+            learner = UniformQuantLearner(helper, FLAGS, learner_flags.quant_config(), cluster)
         if FLAGS.exec_mode == "train":
             results = learner.train()
-            if after_train is not None:
+            if after_train is not None and results is not None:
                 after_train(helper, FLAGS, results)
+        elif cluster is not None and not cluster.is_chief:
+            return  # evaluation is the chief's
         else:
             accuracy, loss, count = learner.evaluate()
             print("%s eval: accuracy %.4f | loss %.4f | %d test images" % (learner.name, accuracy, loss, count))

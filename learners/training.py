@@ -6,7 +6,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from learners import stopping
+from learners import distributed, stopping
 from learners.errors import UserError
 from tfquant import checkpoints
 
@@ -109,7 +109,7 @@ def save_checkpoint(sess, model, save_path, step, last_good, keep=KEEP_CHECKPOIN
 
 
 def run_training(sess, model, save_path, writer, summ_step, save_step, batch_size, name, last_good=None,
-                 save_secs=DEFAULT_SAVE_SECS):
+                 save_secs=DEFAULT_SAVE_SECS, cluster=None, sync_every_summ=False):
     """Train `model` from its current global step to model.nb_iters.
 
     Saves every save_step iterations, and whenever save_secs have passed since the last save, so a killed
@@ -127,9 +127,19 @@ def run_training(sess, model, save_path, writer, summ_step, save_step, batch_siz
       name: shown in progress lines.
       last_good: the checkpoint the variables were restored from, if any (named if training diverges).
       save_secs: seconds after which a checkpoint is saved whatever save_step says.
+      cluster: a distributed.Cluster, or None. Workers other than the chief neither save nor log (writer
+        None); every worker compares its variables with the others' at the end (sync check).
+      sync_every_summ: also run the sync check every summ_step iterations (--debug).
     Returns:
-      the path of the final checkpoint.
+      the path of the final checkpoint (None on workers other than the chief).
     """
+    chief = cluster is None or cluster.is_chief
+
+    def run_step(fetches):
+        if cluster is None:
+            return sess.run(fetches)
+        return distributed.run_collective(cluster, sess, fetches, when="at step %d" % (step + 1))
+
     step = int(sess.run(model.global_step))
     total = model.nb_iters
     if step >= total and last_good:
@@ -138,12 +148,15 @@ def run_training(sess, model, save_path, writer, summ_step, save_step, batch_siz
     window_start, window_steps = time.time(), 0
     while step < total:
         if (step + 1) % summ_step == 0 or step + 1 == total:
-            _, loss, accuracy, lrn_rate, summary = sess.run(
+            _, loss, accuracy, lrn_rate, summary = run_step(
                 [model.train_op, model.loss, model.accuracy, model.lrn_rate, model.summary_op])
             step += 1
             window_steps += 1
-            writer.add_summary(summary, step)
-            if np.isfinite(loss):
+            if chief:
+                writer.add_summary(summary, step)
+            if sync_every_summ and cluster is not None:
+                check_sync(sess, model, cluster, step)
+            if np.isfinite(loss) and chief:
                 elapsed = time.time() - window_start
                 per_step = elapsed / max(window_steps, 1)
                 log("%s iter %d/%d | loss %.4f | acc %.4f | lr %.5f | %.0f img/s | remaining %s"
@@ -152,26 +165,48 @@ def run_training(sess, model, save_path, writer, summ_step, save_step, batch_siz
             window_start, window_steps = time.time(), 0
         else:
             # The scalar loss comes with the step for free; it is the cheap divergence check.
-            _, loss = sess.run([model.train_op, model.loss])
+            _, loss = run_step([model.train_op, model.loss])
             step += 1
             window_steps += 1
         if not np.isfinite(loss):
-            writer.flush()
+            if chief:
+                writer.flush()
             raise TrainingDiverged(_diverged_message(step, "loss is %s" % ("nan" if np.isnan(loss) else "inf"),
                                                      last_good))
         due = step % save_step == 0 or time.time() - saved_time >= save_secs
-        if step < total and (due or stopping.requested() is not None):
+        if not chief:
+            stopping.check("at step %d" % step, "the chief saves the checkpoints")
+        elif step < total and (due or stopping.requested() is not None):
             last_good = save_checkpoint(sess, model, save_path, step, last_good)
             saved_time = time.time()
             # Also a signal that arrived during this save: the checkpoint just written is at this step.
             if stopping.requested() is not None:
                 writer.flush()
                 stopping.check("at step %d" % step, "saved %s" % last_good)
-    writer.flush()
-    return save_checkpoint(sess, model, save_path, step, last_good)
+    path = None
+    if chief:
+        writer.flush()
+        path = save_checkpoint(sess, model, save_path, step, last_good)
+    if cluster is not None:
+        # After the chief's save: the other workers may read the final checkpoint once this returns.
+        check_sync(sess, model, cluster, step)
+    return path
 
 
-def train_with_summaries(sess, model, save_path, log_dir, settings, name, last_good=None, steps_per_epoch=None):
+def check_sync(sess, model, cluster, step):
+    """The workers compare a checksum of their variables; the chief says so when they agree."""
+    model.extra["sync_check"].check(sess, sync_variables(model), "at step %d" % step)
+    if cluster.is_chief:
+        log("workers in sync at step %d" % step)
+
+
+def sync_variables(model):
+    """Every global variable of a training graph, in name order (the order every worker shares)."""
+    return sorted(model.graph.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES), key=lambda v: v.op.name)
+
+
+def train_with_summaries(sess, model, save_path, log_dir, settings, name, last_good=None, steps_per_epoch=None,
+                         cluster=None):
     """run_training with a TensorBoard writer on `log_dir` (graph included), closed whatever happens.
 
     Args:
@@ -183,9 +218,13 @@ def train_with_summaries(sess, model, save_path, log_dir, settings, name, last_g
     """
     save_step = settings.save_step or steps_per_epoch or model.nb_iters
     save_secs = getattr(settings, "save_secs", None) or DEFAULT_SAVE_SECS
-    writer = tf1.summary.FileWriter(log_dir, model.graph)
+    chief = cluster is None or cluster.is_chief
+    writer = tf1.summary.FileWriter(log_dir, model.graph) if chief else None
+    batch_size = settings.batch_size * (cluster.nb_workers if cluster is not None else 1)
     try:
         return run_training(sess, model, save_path, writer, settings.summ_step, max(int(save_step), 1),
-                            settings.batch_size, name, last_good=last_good, save_secs=save_secs)
+                            batch_size, name, last_good=last_good, save_secs=save_secs, cluster=cluster,
+                            sync_every_summ=bool(getattr(settings, "debug", False)))
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()

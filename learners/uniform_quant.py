@@ -20,12 +20,14 @@ class UniformQuantLearner:
 
     name = "uniform"
 
-    def __init__(self, helper, settings, quant_config):
-        """helper: a ModelHelper; settings: parsed flags; quant_config: a tfquant.QuantConfig."""
+    def __init__(self, helper, settings, quant_config, cluster=None):
+        """helper: a ModelHelper; settings: parsed flags; quant_config: a tfquant.QuantConfig;
+        cluster: a distributed.Cluster for multi-worker training (the helper already sharded), or None."""
         self.helper = helper
         self.settings = settings
         self.config = quant_config
-        self.float_learner = full_precision.FullPrecLearner(helper, settings)
+        self.cluster = cluster
+        self.float_learner = full_precision.FullPrecLearner(helper, settings, cluster)
 
     @property
     def save_path(self):
@@ -59,7 +61,8 @@ class UniformQuantLearner:
         run_settings.refuse_changes(float_changes + quant_changes, places)
         resumable = record is not None and checkpoints.list_checkpoints(self.save_path)[0]
         started_from = record.get("float_checkpoint") if resumable else None
-        run_settings.write_record(self.save_path, self.name, quant_current, float_checkpoint=started_from)
+        if self.float_learner.is_chief:
+            run_settings.write_record(self.save_path, self.name, quant_current, float_checkpoint=started_from)
         return quant_current, started_from
 
     def _record_float_checkpoint(self, quant_current, started_from, float_checkpoint, resuming):
@@ -68,7 +71,8 @@ class UniformQuantLearner:
         relative = os.path.relpath(os.path.abspath(float_checkpoint), self.output_dir)
         if resuming and started_from is not None and started_from != relative:
             run_settings.refuse_changes([("float_checkpoint", started_from, relative)], [self.save_path])
-        run_settings.write_record(self.save_path, self.name, quant_current, float_checkpoint=relative)
+        if self.float_learner.is_chief:
+            run_settings.write_record(self.save_path, self.name, quant_current, float_checkpoint=relative)
 
     def train(self):
         """Fine-tune, evaluate, save the checkpoint, report and results; returns the results dict."""
@@ -77,9 +81,10 @@ class UniformQuantLearner:
         float_checkpoint = self._float_checkpoint()
         stopping.pause_point("between_phases")
         stopping.check("between the float and quantized phases", "float checkpoint %s saved" % float_checkpoint)
-        float_accuracy, _, _ = self.float_learner.evaluate(float_checkpoint)
-        training.log("uniform: float model %s: test accuracy %.4f" % (float_checkpoint, float_accuracy))
-        nb_iters = max(1, int(math.ceil(s.uql_quant_epochs * self.helper.n_train / s.batch_size)))
+        if self.cluster is None:
+            float_accuracy = self._evaluate_float(float_checkpoint)
+        batch_size = getattr(self.helper, "global_batch_size", s.batch_size)
+        nb_iters = max(1, int(math.ceil(s.uql_quant_epochs * self.helper.n_train / batch_size)))
         latest, step = training.find_checkpoint(self.save_path, self.name)
         distillation = (s.loss_w_dst, s.tempr_dst) if getattr(s, "enbl_dst", False) else None
         self._record_float_checkpoint(quant_current, started_from, float_checkpoint, latest is not None)
@@ -90,17 +95,18 @@ class UniformQuantLearner:
                                                               resuming=latest is not None)
         model = graphs.build_graph(self.helper, True, quant_config=self.config,
                                    lrn_rate_fn=graphs.cosine_lrn_rate(s.uql_lrn_rate_init, nb_iters),
-                                   momentum=s.momentum, seed=s.seed, skip_batches=step, distillation=distillation)
+                                   momentum=s.momentum, seed=s.seed, skip_batches=step, distillation=distillation,
+                                   cluster=self.cluster, lrn_rate_scale=self.float_learner.lrn_rate_scale)
         teacher = model.extra.get("teacher_variables", {})
         report = model.report
         report.allocation = allocation
         report_path = os.path.join(self.output_dir, REPORT_NAME)
-        stopping.pause_point("report")
-        run_settings.write_json(report_path, report.to_json(), "quantization report")
-        stopping.check("after writing %s" % report_path, "saved checkpoints are kept")
-        training.log(report.format_table())
-        with graphs.new_session(model.graph) as sess:
-            sess.run(model.init_op)
+        if self.float_learner.is_chief:
+            stopping.pause_point("report")
+            run_settings.write_json(report_path, report.to_json(), "quantization report")
+            stopping.check("after writing %s" % report_path, "saved checkpoints are kept")
+            training.log(report.format_table())
+        with self.float_learner.start_session(model) as sess:
             if teacher:
                 # Frozen float teacher, from the float checkpoint on every start (checkpoints omit it).
                 graphs.restore_variables(sess, teacher, float_checkpoint)
@@ -113,9 +119,16 @@ class UniformQuantLearner:
                              % (latest, sess.run(model.global_step), nb_iters))
             else:
                 graphs.restore_variables(sess, model.model_variables, float_checkpoint)
+            if self.cluster is not None:
+                training.check_sync(sess, model, self.cluster, int(sess.run(model.global_step)))
             checkpoint = training.train_with_summaries(
                 sess, model, self.save_path, os.path.join(s.log_dir, self.name, "train"), s, self.name,
-                last_good=latest, steps_per_epoch=max(1, self.helper.n_train // s.batch_size))
+                last_good=latest, steps_per_epoch=max(1, self.helper.n_train // batch_size), cluster=self.cluster)
+        if not self.float_learner.is_chief:
+            return None  # the chief evaluates and writes the results
+        if self.cluster is not None:
+            # Evaluated after training on a cluster: the other workers would wait for it at their first step.
+            float_accuracy = self._evaluate_float(float_checkpoint)
         return self._evaluate_and_report(float_checkpoint, float_accuracy, checkpoint, report, report_path)
 
     def _evaluate_and_report(self, float_checkpoint, float_accuracy, checkpoint, report, report_path, extra=None):
@@ -138,6 +151,11 @@ class UniformQuantLearner:
         for line in summary_lines(results):
             training.log(line)
         return results
+
+    def _evaluate_float(self, float_checkpoint):
+        float_accuracy, _, _ = self.float_learner.evaluate(float_checkpoint)
+        training.log("uniform: float model %s: test accuracy %.4f" % (float_checkpoint, float_accuracy))
+        return float_accuracy
 
     def evaluate(self, checkpoint=None):
         """Accuracy of the latest quantized checkpoint, rebuilt with the config saved in its report."""

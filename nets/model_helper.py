@@ -111,6 +111,23 @@ class ClassifierModelHelper(AbstractModelHelper):
             raise ValueError('only %d training examples, fewer than one batch of %d'
                              % (self.n_train, self.batch_size))
         self.eval_init_op = None
+        self.shard = (0, 1)  # (this worker, number of workers)
+
+    def shard_training_data(self, index, count):
+        """Train as worker `index` of `count`: each reads its slice of every global batch of count x batch_size.
+
+        Raises:
+          ValueError when the training set holds fewer examples than one global batch.
+        """
+        if self.n_train < self.batch_size * count:
+            raise ValueError('only %d training examples, fewer than one global batch of %d workers x %d'
+                             % (self.n_train, count, self.batch_size))
+        self.shard = (int(index), int(count))
+
+    @property
+    def global_batch_size(self):
+        """Examples of one training step over all workers."""
+        return self.batch_size * self.shard[1]
 
     @abc.abstractmethod
     def _load_data(self):
@@ -138,7 +155,7 @@ class ClassifierModelHelper(AbstractModelHelper):
     @property
     def nb_iters_per_epoch(self):
         """Training iterations per epoch (partial batches are dropped)."""
-        return self.n_train // self.batch_size
+        return self.n_train // self.global_batch_size
 
     def build_dataset_train(self, skip_batches=0):
         """Returns (images, labels) tensors from a one-shot iterator over an endless stream.
@@ -149,8 +166,9 @@ class ClassifierModelHelper(AbstractModelHelper):
         Returns:
           images float32 [batch_size,H,W,C], labels int64 [batch_size].
         """
-        ds = self._data.train_dataset(self.batch_size, type(self).train_preprocess, seed=self.seed,
+        ds = self._data.train_dataset(self.global_batch_size, type(self).train_preprocess, seed=self.seed,
                                       skip_batches=skip_batches)
+        ds = pipeline.shard_batches(ds, *self.shard)
         return tf1.data.make_one_shot_iterator(ds).get_next()
 
     def build_dataset_eval(self):
@@ -200,9 +218,9 @@ class ClassifierModelHelper(AbstractModelHelper):
         return loss, {'loss': loss, 'accuracy': accuracy, 'cross_entropy': ce}
 
     def nb_iters_train(self):
-        """Iterations of the budget: ceil(nb_epochs_rat * base_epochs * n_train / batch_size)."""
+        """Iterations of the budget: ceil(nb_epochs_rat * base_epochs * n_train / global batch size)."""
         return max(1, int(math.ceil(self.nb_epochs_rat * self.base_epochs * self.n_train
-                                    / self.batch_size)))
+                                    / self.global_batch_size)))
 
     def setup_lrn_rate(self, global_step):
         """Learning-rate schedule over the training budget.

@@ -68,6 +68,28 @@ def make_eval_dataset(images, labels, batch_size, preprocess_fn):
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def shard_batches(dataset, index, count):
+    """Worker `index` of `count`: its slice of every batch of a stream of global batches.
+
+    Slicing the global batch (rather than giving each worker its own stream) keeps the workers' parts
+    of every epoch disjoint, keeps the resume position in global batches, and makes a multi-worker run
+    see exactly the examples and augmentations of a single run with the global batch size.
+    Args:
+      dataset: batches (images [count*B, ...], labels [count*B]) with a static batch size.
+      index, count: this worker and the number of workers.
+    Returns:
+      a dataset of (images [B, ...], labels [B]).
+    """
+    if count == 1:
+        return dataset
+    global_batch = dataset.element_spec[1].shape[0]
+    if global_batch is None or global_batch % count:
+        raise ValueError('global batch %s does not split into %d workers' % (global_batch, count))
+    size = global_batch // count
+    return dataset.map(lambda images, labels: (images[index * size:(index + 1) * size],
+                                               labels[index * size:(index + 1) * size]))
+
+
 def positioned_loader(fetch, preprocess_fn, seed):
     """A map function (batch position, batch key) -> preprocessed batch for an enumerated stream.
 

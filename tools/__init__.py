@@ -1,0 +1,1 @@
+"""Command-line tools (the local multi-worker launcher)."""
