@@ -70,7 +70,8 @@ def test_parts_merge_by_row_and_seed_and_the_table_shows_mean_and_std():
 def test_the_recorded_results_file_is_in_the_current_format():
     payload = publish.load_json(accuracy_table.DEFAULT_RESULTS)
     entries = accuracy_table.merge(payload, [], False, accuracy_table.FULL, accuracy_table.DEFAULT_RESULTS)
-    assert {e["label"] for e in entries} == {row.label for row in accuracy_table.ROWS}
+    # Rows can be measured in parts (--rows, --seeds): every recorded label must be a row of the table.
+    assert {e["label"] for e in entries} <= {row.label for row in accuracy_table.ROWS}
 
 
 def run(module, *args):
