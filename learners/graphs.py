@@ -136,8 +136,6 @@ def _build_model(graph, helper, is_train, quant_config, lrn_rate_fn, momentum, s
     if quant_config is not None:
         # After the forward pass, before loss gradients: training differentiates the quantized pass.
         report = tfquant.quantize_graph(graph, quant_config, is_training=is_train)
-        # Saved with every quantized checkpoint: eval and export check a report against it.
-        tf1.Variable(tfquant.report.decisions_json(report), trainable=False, name=tfquant.report.DECISIONS_VARIABLE)
     loss, metrics = helper.calc_loss(labels, logits, tf1.trainable_variables())
     regularization = tf1.get_collection(tf1.GraphKeys.REGULARIZATION_LOSSES)
     if regularization:
@@ -234,6 +232,12 @@ def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=
         else:
             model = _build_replicated(cluster, build)
         extra = model.extra
+        if model.report is not None:
+            # Saved with every quantized checkpoint: eval and export check a report against it. Made outside any
+            # distribution strategy (a string cannot be mirrored) and never restored on resume: it records the
+            # decisions of the graph that last trained the checkpoint.
+            tf1.Variable(tfquant.report.decisions_json(model.report), trainable=False,
+                         name=tfquant.report.DECISIONS_VARIABLE)
         # Pruning is training.save_checkpoint's (per prefix, across resumed runs): a Saver only knows the
         # checkpoints it wrote itself. Relative paths keep the state file valid in a copied run directory.
         # The teacher is always restored from the float checkpoint, so checkpoints do not repeat it.

@@ -20,7 +20,7 @@ QUANT_FLAGS = ("uql_weight_bits", "uql_activation_bits", "uql_use_buckets", "uql
                "uql_pact_decay", "uql_weight_scheme", "uql_fold_batch_norms", "uql_freeze_bn_delay", "enbl_dst",
                "loss_w_dst", "tempr_dst", "uql_auto_bits", "uql_equivalent_bits", "uql_w_bit_min", "uql_w_bit_max",
                "uql_a_equivalent_bits", "uql_a_bit_min", "uql_a_bit_max", "uql_sensitivity_batches",
-               "uql_enbl_rl_agent")
+               "uql_enbl_rl_agent", "uql_calibrator", "uql_calib_batches", "uql_calib_percentile")
 
 
 class SettingsError(UserError):

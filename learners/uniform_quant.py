@@ -112,8 +112,10 @@ class UniformQuantLearner:
                 graphs.restore_variables(sess, teacher, float_checkpoint)
             if latest:
                 teacher_names = {v.op.name for v in teacher.values()}
+                # The decisions record is the current graph's (see graphs.build_graph), never the old checkpoint's.
+                skipped = teacher_names | {tfquant.report.DECISIONS_VARIABLE}
                 student = [v for v in model.graph.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES)
-                           if v.op.name not in teacher_names]
+                           if v.op.name not in skipped]
                 graphs.restore_variables(sess, student, latest)
                 training.log("uniform: resuming from %s at step %d of %d"
                              % (latest, sess.run(model.global_step), nb_iters))

@@ -153,7 +153,7 @@ def validate_checkpoint(checkpoint):
         step = 0
         for name in sorted(reader.get_variable_to_shape_map()):
             value = np.asarray(reader.get_tensor(name))
-            if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
                 raise CheckpointError("variable %s holds non-finite values" % name, checkpoint)
             if name == "global_step":
                 step = int(value)
