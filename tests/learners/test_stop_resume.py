@@ -75,7 +75,8 @@ def _assert_checkpoint(checkpoint, step):
     values = _values(checkpoint)
     assert int(values["global_step"]) == step
     for name, value in values.items():
-        assert np.all(np.isfinite(value)), name
+        if np.asarray(value).dtype.kind == "f":  # the decisions record is a string
+            assert np.all(np.isfinite(value)), name
 
 
 @pytest.fixture(scope="module")
