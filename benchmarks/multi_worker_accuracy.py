@@ -22,7 +22,7 @@ TARGET_POINTS = 0.3
 DEFAULT_RESULTS = os.path.join(publish.RESULTS_DIR, "multi_worker_accuracy.json")
 MODELS = {"convnet": "nets/convnet_at_fmnist_run.py", "resnet20": "nets/resnet_at_fmnist_run.py"}
 QUANT = ["--uql_weight_bits=4", "--uql_activation_bits=4", "--uql_use_buckets", "--uql_bucket_type=channel"]
-FULL = {"global_batch": 128, "nb_epochs_rat": 1.0, "uql_quant_epochs": 1.0,
+FULL = {"global_batch": 128, "nb_epochs_rat": 0.3334, "uql_quant_epochs": 1.0,  # 1 float epoch (base 3), 1 fine-tuning
         "extra": ["--batch_size_eval=500", "--summ_step=100"]}
 QUICK = {"global_batch": 32, "nb_epochs_rat": 0.02, "uql_quant_epochs": 0.25,
          "extra": ["--batch_size_eval=100", "--summ_step=4", "--train_subset=256", "--eval_subset=200"]}
