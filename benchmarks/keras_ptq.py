@@ -196,6 +196,10 @@ def run_quantized(plan, model, method, bits, calibrator=None):
     else:
         entry.update(calibrator=calibrator, calib_seconds=results["calib_seconds"],
                      calib_batches=results["calib_batches"])
+    # The first run of a model without a float checkpoint trains it: its float throughput is the epoch to beat.
+    float_epoch = epoch_seconds(stdout, "full-prec", plan.train_images(model))
+    if float_epoch:
+        entry["float_epoch_seconds"] = float_epoch
     return entry
 
 
@@ -227,12 +231,15 @@ def float_accuracy(entries, model):
 
 
 def float_epoch_seconds(entries, model):
-    """One training epoch of `model`: from its float training when this run trained it, else from its QAT."""
-    for method in ("float", "qat"):
-        timed = [e["epoch_seconds"] for e in entries if e["model"] == model and e["method"] == method
-                 and e.get("epoch_seconds")]
+    """(seconds, 'float' or 'qat'): one training epoch of `model`, from float training when this run trained
+    its float model, else from its QAT fine-tuning (slower: the quantizer's ops too); (None, None) without."""
+    mine = [e for e in entries if e["model"] == model]
+    sources = (("float", "epoch_seconds", ("float",)), ("float", "float_epoch_seconds", ("qat", "ptq")),
+               ("qat", "epoch_seconds", ("qat",)))
+    for source, key, methods in sources:
+        timed = [e[key] for e in mine if e["method"] in methods and e.get(key)]
         if timed:
-            return timed[0], method
+            return timed[0], source
     return None, None
 
 
@@ -345,18 +352,19 @@ def main(argv=None):
         write_keras_model(plan.model_file)
     entries = [train_keras_float(plan)]
     print("keras float: %.0f s, one epoch %s s" % (entries[0]["seconds"], entries[0]["epoch_seconds"]), flush=True)
-    for model, bits in budget["qat"]:
-        entries.append(run_quantized(plan, model, "qat", bits))
-    for model, bits, calibrator in budget["ptq"]:
-        entries.append(run_quantized(plan, model, "ptq", bits, calibrator))
-    for entry in entries[1:]:
+    runs = [(model, "qat", bits, None) for model, bits in budget["qat"]] + [
+        (model, "ptq", bits, calibrator) for model, bits, calibrator in budget["ptq"]]
+    for model, method, bits, calibrator in runs:
+        entry = run_quantized(plan, model, method, bits, calibrator)
+        entries.append(entry)
         print("%-9s %-4s %-5s %-10s %.4f (float %.4f, %.0f s)" % (
-            entry["model"], entry["method"], entry["bits"], entry.get("calibrator", ""), entry["accuracy"],
-            entry["float_accuracy"], entry["seconds"]), flush=True)
+            model, method, bits, calibrator or "", entry["accuracy"], entry["float_accuracy"], entry["seconds"]),
+            flush=True)
     for model in MODELS:
         float_accuracy(entries, model)  # one float checkpoint per model, or an error
     payload = {"quick": args.quick, "budget": budget, "machine": machine.machine_info(), "load_before": load_before,
-               "keras_parameters": count_weights(plan.model_file), "command": publish.command_line(), "entries": entries}
+               "keras_parameters": count_weights(plan.model_file), "command": publish.command_line(),
+               "entries": entries}
     publish.write_json(output, payload)
     if not args.quick:
         publish.publish(SECTION, render(payload, payload["command"]), args.markdown, load_before,

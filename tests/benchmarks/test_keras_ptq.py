@@ -68,6 +68,9 @@ def test_section_tables_and_targets():
     assert "Keras MobileNetV2-0.35: best calibrator at W8A8 within 0.3 point of float: met (entropy, -0.05)" in text
     assert "Keras MobileNetV2-0.35: calibration over 20 batches faster than one training epoch: **not met**" in text
     assert "ResNet-20: calibration over 20 batches faster than one training epoch: met" in text
+    # A run that trained ResNet-20's float model first logged its float throughput: that epoch is the one used.
+    entries[-1]["float_epoch_seconds"] = 8.0
+    assert "| ResNet-20 | W8A8 | - | - | 9.0 | - | 8 (float) |" in keras_ptq.render(payload, "cmd")
     entries.append(ptq_entry("keras", "W4A8", "mse", 0.5, 0.7, 1.0))
     with pytest.raises(publish.BenchmarkError, match="different float accuracies"):
         keras_ptq.render(payload, "cmd")
@@ -131,6 +134,10 @@ def test_keras_ptq_quick(tmp_path):
             assert results["calib_batches"] == entry["calib_batches"] == quick["calib_batches"]
         else:
             assert entry["epoch_seconds"] > 0 and entry["epochs"] == quick["keras_qat_epochs"]
+    # The ResNet-20 row trained its float checkpoint first (none under --work_dir): its float epoch is timed.
+    resnet_rows = [e for e in data["entries"] if e["model"] == "resnet20"]
+    assert resnet_rows[0]["float_epoch_seconds"] > 0
+    assert (work / "resnet20" / "float" / "model.ckpt.settings.json").exists()
     # Every Keras row starts from the one float checkpoint the float run trained (its last step).
     keras_rows = [e for e in data["entries"][1:] if e["model"] == "keras"]
     assert len({e["float_accuracy"] for e in keras_rows}) == 1
