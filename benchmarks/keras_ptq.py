@@ -39,7 +39,7 @@ IMAGE_SIZE = 32
 N_TRAIN = 60000
 # Full run: every calibrator at both widths for both models; QAT where the Keras target needs it and for
 # ResNet-20 at W4A8 (--qat adds the rest). Quick: each kind of run once, on subsets.
-FULL = {"keras_float_epochs": 4.0, "keras_lrn_rate": 0.05, "keras_qat_epochs": 1.0, "resnet_qat_epochs": 1.0,
+FULL = {"keras_float_epochs": 6.0, "keras_lrn_rate": 0.05, "keras_qat_epochs": 2.0, "resnet_qat_epochs": 1.0,
         "calib_batches": 20, "train_images": None, "test_images": None,
         "common": ["--batch_size=128", "--batch_size_eval=500", "--summ_step=100"],
         "ptq": [(model, bits, calibrator) for model in MODELS for bits in BITS for calibrator in CALIBRATORS],
@@ -283,11 +283,14 @@ def render(payload, command):
     lines += ["- %s: tf_keras MobileNetV2 (alpha 0.35, weights=None, %s parameters) saved as .h5, on Fashion-MNIST "
               "made 32x32x3 (zero-padded, channel repeated) as an .npz; float: %s epochs of `nets/keras_model_run.py "
               "--learner full-prec` (--lrn_rate_init=%s, cosine); QAT: `--learner uniform` for %s epoch(s) "
-              "(--uql_lrn_rate_init=0.01). %s: the accuracy table's float checkpoint (seed 0); QAT %s epoch(s)."
+              "(--uql_lrn_rate_init=0.01). %s: the float checkpoint in %s (the accuracy table's budget, seed 0); QAT "
+              "%s epoch(s)."
               % (KERAS_LABEL, payload.get("keras_parameters", "?"), budget["keras_float_epochs"],
-                 budget["keras_lrn_rate"], budget["keras_qat_epochs"], RESNET_LABEL, budget["resnet_qat_epochs"]),
+                 budget["keras_lrn_rate"], budget["keras_qat_epochs"], RESNET_LABEL,
+                 payload.get("resnet_float_dir", "?"), budget["resnet_qat_epochs"]),
               "- Every quantized row: per-channel weights (channel buckets), first and last layers float; PTQ "
-              "calibrates activation ranges over %d training batches of %s, no training. Shared flags: %s."
+              "calibrates activation ranges over %d training batches of %s, no training. Shared flags: %s. A '-' "
+              "was not run (more QAT rows: --qat)."
               % (budget["calib_batches"], budget["common"][0].split("=")[1], " ".join(budget["common"])), ""]
     rows = []
     for model, name in (("resnet20", RESNET_LABEL), ("keras", KERAS_LABEL)):
@@ -309,7 +312,8 @@ def render(payload, command):
             if any(ptq):
                 times.append([name, bits] + ["%.1f" % e["calib_seconds"] if e else "-" for e in ptq]
                              + ["%.0f (%s)" % (epoch, source) if epoch else "-"])
-    lines += ["Calibration time, seconds (histograms and ranges, after the float model is loaded):", "",
+    lines += ["Calibration time, seconds (`calib_seconds` of results.json: building the calibration graph, restoring "
+              "the float weights, both passes over the batches and the ranges; evaluation excluded):", "",
               publish.markdown_table(["model", "bits"] + list(CALIBRATORS) + ["one training epoch"], times), ""]
     lines += target_lines(entries)
     return "\n".join(lines)
@@ -364,6 +368,7 @@ def main(argv=None):
         float_accuracy(entries, model)  # one float checkpoint per model, or an error
     payload = {"quick": args.quick, "budget": budget, "machine": machine.machine_info(), "load_before": load_before,
                "keras_parameters": count_weights(plan.model_file), "command": publish.command_line(),
+               "resnet_float_dir": os.path.abspath(float_dir),
                "entries": entries}
     publish.write_json(output, payload)
     if not args.quick:

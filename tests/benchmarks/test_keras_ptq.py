@@ -138,6 +138,7 @@ def test_keras_ptq_quick(tmp_path):
     resnet_rows = [e for e in data["entries"] if e["model"] == "resnet20"]
     assert resnet_rows[0]["float_epoch_seconds"] > 0
     assert (work / "resnet20" / "float" / "model.ckpt.settings.json").exists()
+    assert data["resnet_float_dir"] == str(work / "resnet20" / "float")
     # Every Keras row starts from the one float checkpoint the float run trained (its last step).
     keras_rows = [e for e in data["entries"][1:] if e["model"] == "keras"]
     assert len({e["float_accuracy"] for e in keras_rows}) == 1
