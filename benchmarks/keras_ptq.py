@@ -39,7 +39,7 @@ IMAGE_SIZE = 32
 N_TRAIN = 60000
 # Full run: every calibrator at both widths for both models; QAT where the Keras target needs it and for
 # ResNet-20 at W4A8 (--qat adds the rest). Quick: each kind of run once, on subsets.
-FULL = {"keras_float_epochs": 6.0, "keras_lrn_rate": 0.05, "keras_qat_epochs": 2.0, "resnet_qat_epochs": 1.0,
+FULL = {"keras_float_epochs": 5.0, "keras_lrn_rate": 0.05, "keras_qat_epochs": 2.0, "resnet_qat_epochs": 1.0,
         "calib_batches": 20, "train_images": None, "test_images": None,
         "common": ["--batch_size=128", "--batch_size_eval=500", "--summ_step=100"],
         "ptq": [(model, bits, calibrator) for model in MODELS for bits in BITS for calibrator in CALIBRATORS],
