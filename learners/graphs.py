@@ -157,8 +157,13 @@ def _build_model(graph, helper, is_train, quant_config, lrn_rate_fn, momentum, s
         if lrn_rate_scale != 1.0:
             model.lrn_rate = model.lrn_rate * lrn_rate_scale
         optimizer = tf1.train.MomentumOptimizer(model.lrn_rate, momentum)
+        # Under a distribution strategy the optimizer sums the replicas' gradients (the v1 optimizer divides
+        # the loss by the replica count only for Estimator): dividing each replica's loss makes that sum the
+        # gradient of the mean loss over the global batch, as one process with the whole batch computes it.
+        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
         with tf.control_dependencies(tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)):
-            model.train_op = optimizer.minimize(loss, global_step=model.global_step)
+            model.train_op = optimizer.minimize(loss / replicas if replicas > 1 else loss,
+                                                global_step=model.global_step)
         summaries = [tf1.summary.scalar("loss", loss), tf1.summary.scalar("accuracy", metrics["accuracy"]),
                      tf1.summary.scalar("lrn_rate", model.lrn_rate)]
         if report is not None:

@@ -225,6 +225,25 @@ def test_chief_alone_writes_and_evaluates(interrupted_run):
     np.testing.assert_allclose(tags["lrn_rate"][0], 2 * 0.01 * 0.5 * (1 + np.cos(np.pi * 1 / 8)), rtol=1e-5)
 
 
+def test_two_workers_take_the_step_one_process_takes_on_the_global_batch(tmp_path):
+    """Gradients are averaged, not summed: 2 workers x 4 images = 1 process x 8 images (ConvNet: no batch norm)."""
+    one_step = ["--learner=full-prec", "--train_subset=8", "--eval_subset=16", "--batch_size_eval=16",
+                "--nb_epochs_rat=0.3", "--collective_timeout_secs=20"]  # ceil(0.3 x 3 epochs x 8 / 8) = 1 step
+    single = subprocess.run([sys.executable, SCRIPT, "--batch_size=8", "--save_path=one/model.ckpt"] + one_step,
+                            cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    two = _launch(tmp_path, ["--batch_size=4", "--save_path=two/model.ckpt", "--noenbl_lrn_rate_scaling"] + one_step)
+    assert two.returncode == 0, two.stderr[-3000:]
+    start = _checkpoint_values(str(tmp_path / "one" / "model.ckpt-1"))
+    together = _checkpoint_values(str(tmp_path / "two" / "model.ckpt-1"))
+    assert set(start) == set(together)
+    momentum = [name for name in start if name.endswith("/Momentum")]
+    assert len(momentum) == 8
+    for name in momentum:  # the slot after one step is the gradient itself; summed gradients would be 2x
+        assert np.abs(start[name]).max() > 1e-3, name
+        np.testing.assert_allclose(together[name], start[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
 def test_ring_model_sends_twice_the_buffer_less_one_share():
     from benchmarks import allreduce
     # A ring all-reduce moves 2 (N-1)/N of the buffer through every link: at N=2 the whole buffer once.
