@@ -9,9 +9,10 @@ import tfquant
 from learners import full_precision, graphs, run_settings, stopping, training
 from learners.errors import UserError
 from tfquant import checkpoints
+from tfquant.export import inference_graph
+from tfquant.report import REPORT_NAME
 
 tf1 = tf.compat.v1
-REPORT_NAME = "quant_report.json"
 RESULTS_NAME = "results.json"
 
 
@@ -34,6 +35,12 @@ class UniformQuantLearner:
     @property
     def output_dir(self):
         return os.path.dirname(os.path.abspath(self.save_path))
+
+    def _input_shape(self):
+        """[None, H, W, C] of the images the model reads, from the evaluation data set's static shape."""
+        with tf.Graph().as_default():
+            images, _ = self.helper.build_dataset_eval()
+        return [None] + images.shape.as_list()[1:]
 
     def _float_checkpoint(self):
         """A finished float checkpoint: the latest one, after training or finishing it when needed."""
@@ -91,6 +98,8 @@ class UniformQuantLearner:
         report_path = os.path.join(self.output_dir, REPORT_NAME)
         stopping.pause_point("report")
         run_settings.write_json(report_path, report.to_json(), "quantization report")
+        # Beside the report, so tfquant.export needs no model code: the float evaluation forward pass.
+        inference_graph.save_inference_graph(self.output_dir, self.helper.forward_eval, self._input_shape())
         stopping.check("after writing %s" % report_path, "saved checkpoints are kept")
         training.log(report.format_table())
         with graphs.new_session(model.graph) as sess:

@@ -15,6 +15,8 @@ from tfquant import files
 from tfquant.config import MAX_PATTERN_LENGTH, QuantConfig
 
 REPORT_VERSION = 1
+# The file name a quantized run gives its report, beside its checkpoints; export looks for it there.
+REPORT_NAME = "quant_report.json"
 FLOAT_BITS = 32
 RANGE_BITS = 2 * 32
 QUANTIZED = "quantized"
@@ -258,6 +260,23 @@ def read_report(path):
     text = files.read_text(path, lambda message: ReportError(message, path), "quantization report",
                            REPORT_FILE_LIMIT)
     return QuantReport.from_json(text, path)
+
+
+def load_report(report):
+    """A QuantReport from a QuantReport, its to_dict() form or the path of its JSON file.
+
+    Args:
+      report: QuantReport, dict or path.
+    Returns:
+      a QuantReport.
+    Raises:
+      ReportError: the file is not a regular readable file or the report does not fit its schema.
+    """
+    if isinstance(report, QuantReport):
+        return report
+    if isinstance(report, dict):
+        return QuantReport.from_dict(report)
+    return read_report(report)
 
 
 def config_from_report(report):

@@ -17,13 +17,12 @@ import tfquant
 from tfquant import checkpoints, files, match, ops, ranges
 from tfquant.config import FLOAT_BITS
 from tfquant.export import packed_file
+from tfquant.export.inference_graph import INPUT_NAME, OUTPUT_NAME
 from tfquant.ops import GroupLayout
-from tfquant.report import QuantReport, config_from_report, read_report
+from tfquant.report import QuantReport, config_from_report, load_report
 
 tf1 = tf.compat.v1
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 SIZE_SLACK_RATIO = 1.02
 SIZE_SLACK_BYTES = 4096
 # Training-only counters of a range (ema_steps, init_steps); 0 would make the frozen graph ignore the
@@ -33,23 +32,6 @@ _COUNTER_SUFFIXES = tuple("/" + name for name in ranges.COUNTER_NAMES)
 
 class ExportError(ValueError):
     """Checkpoint, report or weights do not fit together; the message is one line naming what."""
-
-
-def load_report(report):
-    """A QuantReport from a QuantReport, its to_dict() form or the path of its JSON file.
-
-    Args:
-      report: QuantReport, dict or path.
-    Returns:
-      a QuantReport.
-    Raises:
-      ReportError: the file is not a regular readable file or the report does not fit its schema.
-    """
-    if isinstance(report, QuantReport):
-        return report
-    if isinstance(report, dict):
-        return QuantReport.from_dict(report)
-    return read_report(report)
 
 
 def resolve_checkpoint(checkpoint):
@@ -431,8 +413,11 @@ def freeze_inference_graph(build_forward, weights, decisions=None, input_shape=N
         logits = build_forward(images)
         if act_config is not None:
             tfquant.quantize_graph(graph, _without_weight_decisions(act_config, graph), is_training=False)
-        with graph.name_scope(None):
-            output = tf.identity(logits, name=OUTPUT_NAME)
+        if logits.op.name == OUTPUT_NAME and logits.op.type == "Identity":
+            output = logits  # a saved inference graph (tfquant.export.inference_graph) names its own output
+        else:
+            with graph.name_scope(None):
+                output = tf.identity(logits, name=OUTPUT_NAME)
         if output.op.name != OUTPUT_NAME or images.op.name != INPUT_NAME:
             raise ExportError("the forward pass already defines an op named %r or %r; rename it so "
                               "the exported graph's input and output keep their names"
