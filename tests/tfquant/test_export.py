@@ -1,6 +1,7 @@
 """Export: packed .tfq file bit-exact against the quantized graph, frozen inference graph, TFLite."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -553,3 +554,20 @@ def test_cli_stderr_is_exactly_the_error_line(run_dir, tmp_path):
                             capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.startswith("error: --output_dir=") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_cli_exports_with_the_application_unimportable(run_dir, eval_npz, tmp_path):
+    """With `nets` and `learners` made unimportable, the command still exports and evaluates a run directory."""
+    import subprocess
+    import sys
+    out = tmp_path / "export"
+    code = ("import sys; sys.modules['nets'] = sys.modules['learners'] = None; "
+            "from tfquant.export.__main__ import main; sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", code] + _export_args(run_dir, out, eval_npz),
+                            capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+                            env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = dict(re.findall(r"^accuracy (\S+)\s+([0-9.]+)$", result.stdout, re.M))
+    assert set(accuracy) == {"quantized_checkpoint", "frozen_graph"}
+    assert float(accuracy["frozen_graph"]) == float(accuracy["quantized_checkpoint"]) == pytest.approx(
+        json.load(open(run_dir / "results.json"))["quant_accuracy"], abs=1e-4)
