@@ -18,8 +18,7 @@ from tfquant import checkpoints, files, match, ops, ranges
 from tfquant.config import FLOAT_BITS
 from tfquant.export import packed_file
 from tfquant.export.inference_graph import INPUT_NAME, OUTPUT_NAME
-from tfquant.ops import GroupLayout
-from tfquant.report import QuantReport, config_from_report, load_report
+from tfquant.report import QuantReport, config_from_report, layer_layout, load_report
 
 tf1 = tf.compat.v1
 
@@ -76,14 +75,10 @@ def _tensor(reader, checkpoint, name):
 
 
 def _layout(layer):
-    if layer.bucket_type == "channel":
-        return GroupLayout("channel", channel_axes=tuple(layer.channel_axes or ()))
-    if layer.bucket_type == "split":
-        return GroupLayout("split", bucket_size=layer.bucket_size)
-    if layer.bucket_type is None:
-        return GroupLayout()
-    raise ExportError("report layer %s: bucket_type %r is not valid; expected None, 'channel' or 'split'"
-                      % (layer.name, layer.bucket_type))
+    try:
+        return layer_layout(layer)
+    except ValueError as exc:
+        raise ExportError("report layer %s: %s" % (layer.name, exc)) from None
 
 
 def _stored_variables(report):
