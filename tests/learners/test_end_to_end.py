@@ -173,3 +173,13 @@ def test_export_mode_files_predict_as_the_checkpoint(uniform_run):
                                                     "--export_dir=exp2"] + QUICK, str(cwd))
     assert result.returncode == 2 and result.stderr.startswith("error: --exec_mode=export is not valid")
     assert result.stderr.count("\n") == 1 and not (cwd / "exp2").exists()
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--exec_mode=export"], "error: --export_dir is not set"),
+    (["--exec_mode=export", "--export_dir=out"], "error: checkpoint_dir="),
+])
+def test_export_mode_bad_input_is_one_line(tmp_path, flags, fragment):
+    result = run_script("convnet_at_fmnist_run.py", ["--learner=uniform"] + flags + QUICK, str(tmp_path))
+    assert result.returncode == 2 and result.stderr.startswith(fragment), result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
