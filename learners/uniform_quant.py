@@ -143,13 +143,13 @@ class UniformQuantLearner:
             raise UserError("no quantized checkpoint found in %s; expected one written by --learner uniform"
                             % self.output_dir)
         report_path = os.path.join(os.path.dirname(checkpoint), REPORT_NAME)
-        saved, config = load_report(report_path)
+        saved, config = read_report_and_config(report_path)
         return full_precision.evaluate_checkpoint(
             self.helper, checkpoint, os.path.join(self.settings.log_dir, self.name, "eval"), config,
             check_report=lambda rebuilt: check_report_matches(saved, rebuilt, report_path))
 
 
-def load_report(report_path):
+def read_report_and_config(report_path):
     """(QuantReport, QuantConfig replaying its recorded decisions); UserError when missing or malformed.
 
     The config takes each layer's bits from the report by exact op name, so no override pattern stored in
