@@ -322,6 +322,14 @@ def test_cli_bad_input_one_line(tmp_path, capsys, small_checkpoint):
     assert not out.exists()
     status, err = _run_cli(capsys, "--checkpoint_dir", str(tmp_path), "--output_dir", str(out))
     assert status == 2 and err.startswith("error: ") and "quant_report.json" in err and not out.exists()
+    # An --eval_npz without labels, or not an .npz at all, is named with what was expected.
+    np.savez(tmp_path / "images_only.npz", x_test=np.zeros((2, 4), np.float32))
+    (tmp_path / "text.npz").write_text("not numpy")
+    for name, fragment in (("images_only.npz", "has no array 'y_test'"), ("text.npz", "expected a NumPy .npz file")):
+        status, err = _run_cli(capsys, "--checkpoint_dir", str(tmp_path), "--output_dir", str(out),
+                               "--eval_npz", str(tmp_path / name))
+        assert status == 2 and err.count("\n") == 1 and err.startswith("error: --eval_npz=") and fragment in err, err
+    assert not out.exists()
     # --model is gone: the run directory's inference graph replaces the model registry.
     with pytest.raises(SystemExit) as info:
         _run_cli(capsys, "--checkpoint_dir", str(tmp_path), "--model", "convnet_at_fmnist", "--output_dir", str(out))
