@@ -35,6 +35,7 @@ BASELINE = "W4A4 PocketFlow behaviour (baseline)"
 CH = "--uql_use_buckets --uql_bucket_type=channel"
 LSQ = " --uql_weight_range=lsq --uql_act_range=lsq"
 DST = " --enbl_dst"
+DEPLOY = " --uql_weight_scheme=symmetric --uql_fold_batch_norms"
 # The baseline reproduces PocketFlow's behaviour: batch ranges at evaluation too, no buckets.
 ROWS = [
     Row("W8A8", "--uql_weight_bits=8 --uql_activation_bits=8"),
@@ -56,6 +57,12 @@ ROWS = [
     Row("W2A2 ch PACT + dst", CH + " --uql_weight_bits=2 --uql_activation_bits=2 --uql_act_range=pact" + DST),
     Row("W2A2 ch LSQ", CH + " --uql_weight_bits=2 --uql_activation_bits=2" + LSQ),
     Row("W2A2 ch LSQ + dst", CH + " --uql_weight_bits=2 --uql_activation_bits=2" + LSQ + DST),
+    # Deployment (issue 13): the grid int8 kernels store and batch norm folded as deployed, against the same bits
+    # without them; the W8A8 every-layer row is the one exported to int8 TFLite and ONNX.
+    Row("W4A8 ch", CH + " --uql_weight_bits=4 --uql_activation_bits=8"),
+    Row("W4A8 ch symmetric folded", CH + " --uql_weight_bits=4 --uql_activation_bits=8" + DEPLOY),
+    Row("W8A8 all layers symmetric folded", CH + " --uql_weight_bits=8 --uql_activation_bits=8 "
+        "--uql_quantize_all_layers" + DEPLOY),
 ]
 QUICK_ROWS = ("W8A8", BASELINE)
 FULL = {"float": ["--nb_epochs_rat=1.0"], "epochs": 1.0, "finetune": ["--uql_lrn_rate_init=0.01"],

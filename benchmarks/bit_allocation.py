@@ -191,9 +191,24 @@ def main(argv=None):
                           % os.path.relpath(DEFAULT_RESULTS, publish.REPO_ROOT), render_json=False)
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
     parser.add_argument("--work_dir", default="/tmp/tfquant_bit_allocation", help="checkpoints and logs")
+    parser.add_argument("--budgets", help="comma-separated subset of %s (default: all; quick: %s)"
+                        % (", ".join(repr(b.label) for b in BUDGETS), ", ".join(QUICK["budgets"])))
+    parser.add_argument("--randoms", type=int, help="random allocations per budget and seed (default %d; quick %d)"
+                        % (FULL["randoms"], QUICK["randoms"]))
     args = parser.parse_args(argv)
     seeds = accuracy_table.parse_seeds(args.seeds)
-    plan = QUICK if args.quick else FULL
+    plan = dict(QUICK if args.quick else FULL)
+    if args.budgets is not None:
+        chosen = [label.strip() for label in args.budgets.split(",")]
+        unknown = [label for label in chosen if label not in [b.label for b in BUDGETS]]
+        if unknown or not chosen:
+            raise publish.BenchmarkError("--budgets=%s is not valid; expected a comma-separated subset of %s"
+                                         % (args.budgets, ", ".join(b.label for b in BUDGETS)))
+        plan["budgets"] = chosen
+    if args.randoms is not None:
+        if args.randoms < 1:
+            raise publish.BenchmarkError("--randoms=%d is not valid; expected at least 1" % args.randoms)
+        plan["randoms"] = args.randoms
     output = args.output or (None if args.quick else DEFAULT_RESULTS)
     load_before = publish.start(args)
     entries = []

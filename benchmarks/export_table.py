@@ -7,6 +7,7 @@ and fine-tuned rows), exporting each with the real CLI (python -m tfquant.export
   .venv/bin/python -m benchmarks.export_table --quick --work_dir /tmp/acc_quick --output /tmp/export.json
 """
 import argparse
+import collections
 import glob
 import os
 import subprocess
@@ -17,10 +18,17 @@ import tensorflow as tf
 
 from benchmarks import accuracy_table, machine, publish
 
-# (row of the accuracy table, what it stands for here, TFLite too)
-EXPORTS = [("W8A8", "8-bit weights, 8-bit activations", True),
-           ("W4A32 channel", "4-bit weights, channel buckets", False),
-           ("W2A8 channel", "2-bit weights, channel buckets, 8-bit activations", False)]
+# (row of the accuracy table, what it stands for here, export CLI flags)
+EXPORTS = [("W8A8", "8-bit weights, 8-bit activations", ["--int8", "--int8_calibration"]),
+           ("W8A8 all layers symmetric folded", "W8A8 every layer, symmetric weights, batch norm folded",
+            ["--int8", "--onnx"]),
+           ("W4A32 channel", "4-bit weights, channel buckets", []),
+           ("W2A8 channel", "2-bit weights, channel buckets, 8-bit activations", [])]
+DEPLOYED = "W8A8 all layers symmetric folded"
+# Issue 13's targets for the model trained as deployed.
+AGREEMENT_TARGET = 0.997
+ACCURACY_TARGET_POINTS = 0.1
+LATENCY_TARGET = 0.35
 
 
 def checkpoint_bytes(directory):
@@ -30,7 +38,8 @@ def checkpoint_bytes(directory):
 
 
 def write_test_npz(path, calibration_images=200):
-    """The test set (x_test, y_test) as the ResNet helper preprocesses it, and x_train images for int8 calibration."""
+    """The test set (x_test, y_test) as the ResNet helper preprocesses it, and x_train images for the ranges
+    training did not record (int8 and ONNX export)."""
     from learners.runner import dataset_arrays  # pylint: disable=import-outside-toplevel
     from nets.resnet_at_fmnist import ModelHelper  # pylint: disable=import-outside-toplevel
     helper = ModelHelper(resnet_size=20, batch_size=100, batch_size_eval=500, seed=0)
@@ -40,16 +49,91 @@ def write_test_npz(path, calibration_images=200):
     return path
 
 
-def export_row(work_dir, seed, name, tflite, extra, npz):
+def export_row(work_dir, seed, name, export_flags, extra, npz):
     """Run the export CLI on one row's run directory; returns its export.json."""
     row_dir = accuracy_table.row_dir(work_dir, name, seed)
     out_dir = os.path.join(os.path.dirname(row_dir), "export_" + accuracy_table.slug(name))
     argv = [sys.executable, "-m", "tfquant.export", "--checkpoint_dir", row_dir, "--eval_npz", npz,
-            "--output_dir", out_dir] + (["--int8"] if tflite else []) + extra
+            "--output_dir", out_dir] + export_flags + extra
     result = subprocess.run(argv, cwd=publish.REPO_ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError("export of %s failed:\n%s" % (name, result.stderr[-3000:]))
     return publish.load_json(os.path.join(out_dir, "export.json"))
+
+
+# Exported files besides the packed one: export.json key, what the table calls it, latency key.
+DEPLOYABLE = (("tflite_float", "TFLite float (`model_float.tflite`)", "float"),
+              ("tflite_int8", "TFLite int8 (`model_int8.tflite`)", "int8"),
+              ("onnx", "ONNX Q/DQ (`model.onnx`)", "onnx"))
+
+
+def deployed_targets(data):
+    """(what, value, limit, met) of issue 13's targets for one export.json of the deployed row."""
+    reference = data["accuracy"]["quantized_checkpoint"]
+    checks = []
+    for key in ("tflite_int8", "onnx"):
+        if key in data["agreement_with_quantized_tf"]:
+            agreement = data["agreement_with_quantized_tf"][key]
+            points = abs(100 * (data["accuracy"][key] - reference))
+            checks.append(("%s agreement with the quantized TF graph >= %.3f" % (key, AGREEMENT_TARGET),
+                           agreement, AGREEMENT_TARGET, agreement >= AGREEMENT_TARGET))
+            checks.append(("%s accuracy within %.1f point of the quantized TF graph" % (key, ACCURACY_TARGET_POINTS),
+                           points, ACCURACY_TARGET_POINTS, points <= ACCURACY_TARGET_POINTS))
+    latency = data.get("latency", {})
+    if "int8_over_float_median" in latency:
+        ratio = latency["int8_over_float_median"]
+        checks.append(("int8 TFLite latency <= %.2fx float TFLite" % LATENCY_TARGET, ratio, LATENCY_TARGET,
+                       ratio <= LATENCY_TARGET))
+    return checks
+
+
+def render(payload, float_accuracy, command):
+    """The BENCHMARKS.md section: sizes, accuracy and agreement of every file, latency, the targets."""
+    rows = payload["rows"]
+    first = rows[0]["export"]
+    table = [("float checkpoint (`model.ckpt`: weights, batch-norm state, Momentum slots)", "-",
+              payload["float_checkpoint_bytes"], "%.2f" % (100 * float_accuracy), "-", "-")]
+    table.append(("float32 model, every stored variable once (the ratio's reference)", "-",
+                  int(first["packed"]["float_storage_bits"] / 8.0), "-", "-", "-"))
+    notes = []
+    for row in rows:
+        data = row["export"]
+        agreement = data.get("agreement_with_quantized_tf", {})
+        latency = data.get("latency", {})
+        table.append(("packed `model.tfq`", row["name"], data["files"]["packed"]["bytes"],
+                      "%.2f" % (100 * data["accuracy"]["frozen_graph"]),
+                      "%.4f" % data["frozen_vs_checkpoint"]["argmax_agreement"], "-"))
+        for key, label, timing in DEPLOYABLE:
+            if key in data["files"]:
+                table.append((label, row["name"], data["files"][key]["bytes"], "%.2f" % (100 * data["accuracy"][key]),
+                              "%.4f" % agreement[key] if key in agreement else "-",
+                              "%.3f" % latency[timing]["median_ms"] if timing in latency else "-"))
+        if "int8" in data:
+            notes.append("- %s, int8 activation ranges: %s (%d calibration images)." % (
+                row["name"], data["int8"]["activation_ranges"], data["int8"]["calibration_images"]))
+        if "trained_ranges" in data:
+            ranges = data["trained_ranges"]
+            kinds = collections.Counter(w["int8"] for w in ranges["weights"])
+            reasons = sorted({w["reason"] for w in ranges["weights"] if w["int8"] != "exact"})
+            notes.append("- %s, integer files: weights of %d layers on exactly the trained grid, %d re-gridded to "
+                         "int8%s; activation ranges %s." % (
+                             row["name"], kinds["exact"], sum(kinds.values()) - kinds["exact"],
+                             " (%s)" % "; ".join(reasons) if reasons else "",
+                             ", ".join("%d %s" % (n, k) for k, n in sorted(ranges["activation_ranges"].items()))))
+    lines = ["## Export sizes, accuracy and agreement (ResNet-20, Fashion-MNIST, all 10,000 test images)", "",
+             "Command: `%s` (after `benchmarks.accuracy_table`; exports with `python -m tfquant.export`)" % command,
+             ""] + machine.machine_lines(payload["machine"], payload["load_before"]) + [
+        "- Agreement: the share of test images given the class the quantized TF graph (the checkpoint) gives. A "
+        "packed model's accuracy is that of its frozen graph (weights decoded from the packed file). Latency: "
+        "batch 1, one thread, files run alternately, median ms per image.", ""] + notes + [
+        "", publish.markdown_table(("file", "model", "bytes", "test accuracy %", "agreement", "latency ms"), table)]
+    deployed = [row["export"] for row in rows if row["name"] == DEPLOYED]
+    if deployed:
+        lines += ["", "Targets (issue 13) for `%s`:" % DEPLOYED, "", publish.markdown_table(
+            ("target", "measured", "limit", "met"),
+            [(what, "%.4f" % value, "%.3f" % limit, "yes" if met else "**no**")
+             for what, value, limit, met in deployed_targets(deployed[0])])]
+    return "\n".join(lines + [""])
 
 
 def main(argv=None):
@@ -64,45 +148,17 @@ def main(argv=None):
     float_bytes, float_prefix = checkpoint_bytes(accuracy_table.float_dir(args.work_dir, args.seed))
     rows = []
     npz = write_test_npz(os.path.join(args.work_dir, "fmnist_test.npz"))
-    for name, meaning, tflite in exports:
-        data = export_row(args.work_dir, args.seed, name, tflite, extra, npz)
+    for name, meaning, export_flags in exports:
+        data = export_row(args.work_dir, args.seed, name, export_flags, extra, npz)
         rows.append({"name": name, "meaning": meaning, "export": data})
     payload = {"machine": machine.machine_info(), "load_before": load_before, "float_checkpoint_bytes": float_bytes,
                "float_checkpoint": float_prefix, "rows": rows, "quick": args.quick}
     publish.write_json(args.output, payload)
     if not args.quick:
-        first = rows[0]["export"]
-        float_model_bytes = first["packed"]["float_storage_bits"] / 8.0
-        table = [("float checkpoint (`model.ckpt`: weights, batch-norm state, Momentum slots)", float_bytes,
-                  "%.2f" % (100 * publish.load_json(os.path.join(accuracy_table.row_dir(
-                      args.work_dir, rows[0]["name"], args.seed), "results.json"))["float_accuracy"]))]
-        table.append(("float32 model, every stored variable once (the ratio's reference)", int(float_model_bytes),
-                      "-"))
-        for row in rows:
-            data = row["export"]
-            table.append(("packed `model.tfq`, %s" % row["meaning"], data["files"]["packed"]["bytes"],
-                          "%.2f" % (100 * data["accuracy"]["frozen_graph"])))
-        for label in ("float", "int8"):
-            key = "tflite_" + label
-            table.append(("TFLite %s (`model_%s.tflite`, from the W8A8 model)" % (label, label),
-                          first["files"][key]["bytes"], "%.2f" % (100 * first["accuracy"][key])))
-        latency = first["latency"]
-        body = "\n".join([
-            "## Export sizes and accuracy (ResNet-20, Fashion-MNIST, all 10,000 test images)", "",
-            "Command: `%s` (after `benchmarks.accuracy_table`; exports with `python -m tfquant.export`)"
-            % publish.command_line(), ""] + machine.machine_lines(payload["machine"], load_before) + [
-            "- A packed model's accuracy is that of its frozen graph (weights decoded from the packed file); argmax "
-            "agreement with the quantized checkpoint %.4f for W8A8."
-            % first["frozen_vs_checkpoint"]["argmax_agreement"],
-            "- int8 TFLite: activation ranges calibrated on %d training images." % first["int8"]["calibration_images"],
-            "",
-            publish.markdown_table(("file", "bytes", "test accuracy %"), table), "",
-            "- TFLite latency per image (batch 1, one thread, alternating, medians): "
-            "float %.3f ms, int8 %.3f ms; float/int8 = %.2f." % (
-                latency["float"]["median_ms"], latency["int8"]["median_ms"], latency["float_over_int8_median"]),
-            ""])
-        publish.publish("export_table", body, args.markdown, load_before, payload["machine"]["load_average"],
-                        args.allow_busy)
+        float_accuracy = publish.load_json(os.path.join(accuracy_table.row_dir(
+            args.work_dir, rows[0]["name"], args.seed), "results.json"))["float_accuracy"]
+        publish.publish("export_table", render(payload, float_accuracy, publish.command_line()), args.markdown,
+                        load_before, payload["machine"]["load_average"], args.allow_busy)
     for row in rows:
         data = row["export"]
         print("%-16s packed %8d bytes  accuracy %.4f" % (row["name"], data["files"]["packed"]["bytes"],

@@ -9,6 +9,7 @@ modes alike. Reported: the median step time per mode and its ratio to float's me
 """
 import argparse
 import collections
+import dataclasses
 import re
 
 import tensorflow as tf
@@ -20,8 +21,11 @@ FLOAT = "float"
 PEER = "peer-fused-w4a4"
 BITS = (("w8a8", 8, 8), ("w4a4", 4, 4), ("w2a32", 2, 32))
 BUCKETS = (("none", "none"), ("channel", "channel"), ("split256", "split"))
-QUICK_MODES = (FLOAT, "w4a4-channel", "w4a4-split256", PEER)
+QUICK_MODES = (FLOAT, "w4a4-channel", "w4a4-split256", "w4a4-channel-folded", PEER)
 CHANNEL_TARGET = 1.05
+FOLD_TARGET = 1.05
+# Batch-norm folding with the symmetric grid (issue 13), timed against the same bits and buckets unfolded.
+FOLDED = (("w8a8-channel-folded", "w8a8-channel"), ("w4a4-channel-folded", "w4a4-channel"))
 SPLIT_TARGET = 1.10
 # Scopes under which the rewrites put their ops (forward, and the gradient ops TF derives from them).
 INSERTED_SCOPES = re.compile(r"(weight_quant|act_quant|peer_weight_quant|peer_act_quant)(_\d+)?/")
@@ -34,6 +38,8 @@ def all_modes():
         for bucket_name, bucket_type in BUCKETS:
             modes["%s-%s" % (bits_name, bucket_name)] = graphs.tfquant_config(
                 weight_bits, activation_bits, bucket_type, 256)
+    for folded, unfolded in FOLDED:
+        modes[folded] = dataclasses.replace(modes[unfolded], weight_scheme="symmetric", fold_batch_norms=True)
     modes[PEER] = ("peer", 4, 4)
     return modes
 
@@ -43,9 +49,10 @@ def describe(mode):
         return "float"
     if mode == PEER:
         return "TF fused fake-quant W4A4 (per-channel weights)"
-    bits, buckets = mode.split("-")
+    bits, buckets = mode.split("-")[:2]
+    folded = ", symmetric weights, batch norm folded" if mode.endswith("-folded") else ""
     buckets = {"none": "no buckets", "channel": "channel buckets", "split256": "split buckets of 256"}[buckets]
-    return "tfquant %s, %s" % (bits.upper(), buckets)
+    return "tfquant %s, %s%s" % (bits.upper(), buckets, folded)
 
 
 def run_interleaved(built, rounds, steps_per_round, log):
@@ -89,6 +96,11 @@ def check_targets(results):
             checks.append(("channel W4A4 <= %.2fx float" % CHANNEL_TARGET, name, entry["ratio"], CHANNEL_TARGET))
         if name.endswith("split256"):
             checks.append(("split-256 <= %.2fx float" % SPLIT_TARGET, name, entry["ratio"], SPLIT_TARGET))
+        unfolded = dict(FOLDED).get(name)
+        if unfolded in results:
+            checks.append(("folding <= %.2fx `%s`" % (FOLD_TARGET, unfolded), name,
+                           entry["median_s"] / results[unfolded]["median_s"], FOLD_TARGET))
+            continue
         if peer_ratio is not None:
             checks.append(("<= fused peer's ratio", name, entry["ratio"], peer_ratio))
     return [(what, name, ratio, limit, ratio <= limit) for what, name, ratio, limit in checks]
@@ -190,7 +202,7 @@ def render(args, results, checks, profiles, graphs_info, info, load_before, comm
     rows = []
     for what, name, ratio, limit, ok in checks:
         estimate = ""
-        if name in estimates:
+        if name in estimates and name not in dict(FOLDED):  # estimates are against float, not the unfolded mode
             bound = estimates[PEER] if (what.endswith("peer's ratio") and PEER in estimates) else limit
             estimate = "%.3f (%s)" % (estimates[name], "within" if estimates[name] <= bound else "over")
         rows.append((what, "`%s`" % name, "%.3f" % ratio, "%.3f" % limit, "yes" if ok else "**no**", estimate))
