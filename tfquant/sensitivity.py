@@ -69,7 +69,8 @@ def find_targets(graph, config):
             if not shape.is_fully_defined():
                 raise ValueError("weight %s has shape %s; expected a static shape" % (candidate.variable_name, shape))
             target = weights[candidate.variable_name] = Target(
-                candidate.variable_name, WEIGHT, [], [], int(np.prod(shape.as_list())), config.weight_layout(candidate.channel_axes))
+                candidate.variable_name, WEIGHT, [], [], int(np.prod(shape.as_list())),
+                config.weight_layout(candidate.channel_axes))
         target.op_names.append(candidate.op.name)
         target.tensors.append(candidate.weight)
     activations = []

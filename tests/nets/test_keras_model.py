@@ -185,7 +185,8 @@ def test_uniform_fine_tunes_the_file_and_saves_it_back(keras_dir, tmp_path):
     # does tfquant.export alone, with tf_keras, nets and learners unimportable.
     exported = run_keras(tmp_path, model, data, "--learner=uniform", "--exec_mode=export", "--export_dir=export")
     assert exported.returncode == 0, exported.stderr[-2000:]
-    accuracy = {kind: float(value) for kind, value in re.findall(r"^accuracy (\S+)\s+([0-9.]+)$", exported.stdout, re.M)}
+    accuracy = {kind: float(value)
+                for kind, value in re.findall(r"^accuracy (\S+)\s+([0-9.]+)$", exported.stdout, re.M)}
     assert set(accuracy) == {"quantized_checkpoint", "frozen_graph"}
     assert accuracy["quantized_checkpoint"] == pytest.approx(results["quant_accuracy"], abs=1e-4)
     alone = python(["-c", "import sys; sys.modules['tf_keras'] = sys.modules['nets'] = sys.modules['learners'] = None; "

@@ -100,6 +100,38 @@ def test_quantize_graph_reports_the_policy_reasons():
                       ("dense2/Relu", 8, "")]
 
 
+def test_allocated_and_replayed_bits_are_explicit_decisions():
+    """A bit allocation (and a report replayed by config_from_report) reaches the policy as explicit_bits: its
+    widths win over overrides and the first/last rule, and a replayed report decides every op as recorded."""
+    import tensorflow as tf
+    import tfquant
+    from tfquant.report import config_from_report
+    tf1 = tf.compat.v1
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf1.placeholder(tf.float32, [None, 8])
+        for index in range(4):
+            with tf1.variable_scope("dense%d" % index):
+                x = tf.nn.relu(tf.matmul(x, tf1.get_variable("weights", [8, 8])))
+    layers = [("dense%d/MatMul" % i, "dense%d/weights" % i) for i in range(4)]
+    activations = ["dense%d/Relu" % i for i in range(4)]
+    # What learners.bit_allocation hands over: the chosen widths of the allocated (middle) layers.
+    allocated = QuantConfig(weight_bits=4, activation_bits=8, weight_overrides=[("dense2/.*", 8)],
+                            explicit_bits={"dense1/MatMul": 2, "dense2/MatMul": 3, "dense3/Relu": 5})
+    plan = policy.decide_bits(layers, activations, allocated)
+    assert [(d.op_name, d.bits, d.source) for d in plan.decisions] == [
+        ("dense0/MatMul", 32, EDGE), ("dense1/MatMul", 2, "explicit_bits"), ("dense2/MatMul", 3, "explicit_bits"),
+        ("dense3/MatMul", 32, EDGE), ("dense0/Relu", 8, "activation_bits"), ("dense1/Relu", 8, "activation_bits"),
+        ("dense2/Relu", 8, "activation_bits"), ("dense3/Relu", 5, "explicit_bits")]
+    assert plan.unused_weight_overrides == ["dense2/.*"]
+    with graph.as_default():
+        report = tfquant.quantize_graph(graph, allocated, is_training=False)
+    replayed = policy.decide_bits(layers, activations, config_from_report(report))
+    recorded = {layer.name: layer.bits for layer in report.layers}
+    assert {d.op_name: d.bits for d in replayed.decisions} == recorded
+    assert {d.source for d in replayed.decisions} == {"explicit_bits"}
+
+
 def test_quantize_graph_refuses_an_activation_left_with_float_readers(monkeypatch):
     """The reroute count is checked, as tf.contrib.quantize does: a reader not moved is an error, not a silent skip."""
     import tensorflow as tf

@@ -3,10 +3,10 @@
 The run directory holds what a quantized run writes: `quant_report.json`, `inference_graph.meta` and
 `model.ckpt-N`. The output directory receives model.tfq, inference.pb, model_float.tflite,
 model_int8.tflite and model.onnx (when asked for) and export.json, which records for every file its accuracy
-and its agreement with the quantized TF graph (the share of test images given the same class). Everything is built in a sibling staging directory
-and moved into place with one rename once complete: a failure leaves the output directory as it was
-(or absent), and a previous export there is replaced only by a complete new one. No model code is
-needed: the forward pass comes from the saved inference graph.
+and its agreement with the quantized TF graph (the share of test images given the same class). Everything
+is built in a sibling staging directory and moved into place with one rename once complete: a failure
+leaves the output directory as it was (or absent), and a previous export there is replaced only by a
+complete new one. No model code is needed: the forward pass comes from the saved inference graph.
 """
 import dataclasses
 import json
