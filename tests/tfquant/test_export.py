@@ -580,3 +580,32 @@ def test_cli_exports_with_the_application_unimportable(run_dir, eval_npz, tmp_pa
     assert set(accuracy) == {"quantized_checkpoint", "frozen_graph"}
     assert float(accuracy["frozen_graph"]) == float(accuracy["quantized_checkpoint"]) == pytest.approx(
         json.load(open(run_dir / "results.json"))["quant_accuracy"], abs=1e-4)
+
+
+def test_inference_graph_stores_no_weight_values(tmp_path):
+    """A forward pass whose variables start from arrays (as a Keras file's do) is saved without those arrays: the
+    file stays small, and the imported graph computes with the values restored from a checkpoint."""
+    from tfquant.export import inference_graph
+    tf1 = tf.compat.v1
+    start = np.random.default_rng(0).normal(size=(256, 512)).astype(np.float32)  # 512 KiB of float32
+
+    def build_forward(images):
+        return tf.matmul(images, tf.Variable(start, name="dense/kernel"))
+
+    path = inference_graph.save_inference_graph(str(tmp_path), build_forward, [None, 256])
+    assert os.path.getsize(path) < start.nbytes / 20
+    trained = np.random.default_rng(1).normal(size=start.shape).astype(np.float32)
+    with tf.Graph().as_default():
+        tf.Variable(trained, name="dense/kernel")
+        with tf1.Session() as sess:
+            sess.run(tf1.global_variables_initializer())
+            prefix = tf1.train.Saver().save(sess, str(tmp_path / "model.ckpt"))
+    images = np.random.default_rng(2).normal(size=(3, 256)).astype(np.float32)
+    saved = inference_graph.InferenceGraph(path)
+    assert saved.input_shape == [None, 256]
+    with tf.Graph().as_default():
+        placeholder = tf1.placeholder(tf.float32, [None, 256])
+        logits = saved.build_forward(placeholder)
+        with tf1.Session() as sess:
+            tf1.train.Saver(tf1.global_variables()).restore(sess, prefix)
+            np.testing.assert_allclose(sess.run(logits, {placeholder: images}), images @ trained, rtol=1e-5, atol=1e-4)

@@ -10,6 +10,7 @@ graph instead would make the frozen graph quantize already-quantized weights a s
 """
 import os
 
+import numpy as np
 import tensorflow as tf
 from google.protobuf import message as protobuf_message
 
@@ -28,6 +29,19 @@ class InferenceGraphError(ValueError):
     """The saved inference graph is missing, unreadable or lacks its named input or output."""
 
 
+def _without_stored_initial_values(next_creator, **kwargs):
+    """Variable creator that keeps an array initial value (e.g. a Keras file's weights) out of the graph.
+
+    Every user of the saved graph restores or assigns the variables from a checkpoint or the packed file, so a
+    weight stored as a constant initial value would only make the file as large as the model.
+    """
+    initial = kwargs.get("initial_value")
+    if initial is not None and not callable(initial) and not isinstance(initial, (tf.Tensor, tf.Variable)):
+        value = np.asarray(initial)
+        kwargs["initial_value"] = tf.zeros(value.shape, tf.as_dtype(value.dtype))
+    return next_creator(**kwargs)
+
+
 def inference_meta_graph(build_forward, input_shape):
     """The serialised MetaGraphDef of `build_forward` on a placeholder named INPUT_NAME.
 
@@ -39,7 +53,7 @@ def inference_meta_graph(build_forward, input_shape):
       bytes of a MetaGraphDef whose graph has INPUT_NAME and OUTPUT_NAME.
     """
     graph = tf.Graph()
-    with graph.as_default():
+    with graph.as_default(), tf.variable_creator_scope(_without_stored_initial_values):
         images = tf1.placeholder(tf.float32, list(input_shape), name=INPUT_NAME)
         logits = build_forward(images)
         with graph.name_scope(None):
