@@ -190,7 +190,38 @@ def target_lines(table):
         checks.append(("W4A4 at or above the PocketFlow-behaviour row",
                        table["W4A4"]["mean"] >= table[BASELINE]["mean"],
                        "%.2f vs %.2f" % (100 * table["W4A4"]["mean"], 100 * table[BASELINE]["mean"])))
+    checks += _learned_range_checks(table)
+    if "W4A8 ch" in table and "W4A8 ch symmetric folded" in table:
+        gap = table["W4A8 ch symmetric folded"]["mean"] - table["W4A8 ch"]["mean"]
+        checks.append(("W4A8 symmetric + folded within 0.5 points of W4A8 without them", gap >= -0.005,
+                       "%+.2f" % (100 * gap)))
     return ["- Target: %s: %s (%s)." % (what, "met" if ok else "**not met**", value) for what, ok, value in checks]
+
+
+def _seeds(entry):
+    return "%d seed%s" % (len(entry["seeds"]), "" if len(entry["seeds"]) == 1 else "s")
+
+
+def _learned_range_checks(table):
+    """Issue 11's targets: (what, met, measured) for the learned-range rows run so far."""
+    checks = []
+    for label, limit in (("W2A2 ch LSQ + dst", 2.0), ("W4A4 all layers LSQ + dst", 1.0)):
+        if label in table:
+            change = table[label]["change"]
+            checks.append(("%s within %.1f points of float" % (label, limit), change >= -limit / 100,
+                           "%+.2f, %s" % (100 * change, _seeds(table[label]))))
+    w3a3 = [label for label in table if label.startswith("W3A3 ch")]
+    if w3a3:
+        best = max(w3a3, key=lambda label: table[label]["change"])
+        checks.append(("W3A3 best setting within 0.5 points of float", table[best]["change"] >= -0.005,
+                       "%s %+.2f, %s" % (best, 100 * table[best]["change"], _seeds(table[best]))))
+    for bits in ("W4A4", "W3A3", "W2A2"):
+        baseline = "%s ch min/max" % bits
+        for label in table:
+            if label.startswith(bits + " ch ") and label != baseline and baseline in table:
+                checks.append(("%s at or above %s" % (label, baseline), table[label]["mean"] >= table[baseline]["mean"],
+                               "%.2f vs %.2f" % (100 * table[label]["mean"], 100 * table[baseline]["mean"])))
+    return checks
 
 
 def render(payload, command):

@@ -47,6 +47,13 @@ class FullPrecLearner:
     def save_path(self):
         return self.settings.save_path
 
+    def check_settings(self):
+        """Refuse settings that differ from the record beside --save_path's checkpoints; returns the current ones."""
+        current = run_settings.float_settings(self.helper, self.settings)
+        save_path = self.settings.save_path
+        run_settings.refuse_changes(run_settings.changed_settings(save_path, current)[0], [save_path])
+        return current
+
     def train(self, resume_from=None):
         """Train to the end of the schedule, resuming from the latest readable checkpoint if any.
 
@@ -57,8 +64,7 @@ class FullPrecLearner:
           the final checkpoint path.
         """
         s = self.settings
-        current = run_settings.float_settings(self.helper, s)
-        run_settings.refuse_changes(run_settings.changed_settings(s.save_path, current)[0], [s.save_path])
+        current = self.check_settings()
         latest, step = resume_from or training.find_checkpoint(s.save_path, self.name)
         if self.is_chief:
             run_settings.write_record(s.save_path, self.name, current)

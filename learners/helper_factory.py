@@ -39,17 +39,25 @@ def make_helper_for(model):
     return make
 
 
-def write_file_float_checkpoint(helper, save_path):
+def write_file_float_checkpoint(helper, settings):
     """Save the float model as the helper builds it (a Keras file's weights) as a finished float checkpoint.
 
     Its global step is the helper's whole float budget, so the uniform and ptq learners take it as trained
-    and start from the file's weights instead of training a float model first.
+    and start from the file's weights instead of training a float model first. Its settings record (with the
+    digests of the model file and data) is written first, so a later run with another file is refused.
+    Args:
+      helper: the ModelHelper.
+      settings: the parsed flags (--save_path is the checkpoint prefix).
     Returns:
       the checkpoint prefix.
     """
     # Imported here: the built-in run scripts never need the graph builder at this point.
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    from learners import graphs, training  # pylint: disable=import-outside-toplevel
+    from learners import full_precision, graphs, run_settings, training  # pylint: disable=import-outside-toplevel
+
+    save_path = settings.save_path
+    run_settings.write_record(save_path, full_precision.FullPrecLearner.name,
+                              run_settings.float_settings(helper, settings))
 
     model = graphs.build_graph(helper, False)
     nb_iters = helper.nb_iters_train()
@@ -88,7 +96,7 @@ def make_keras_helper(settings):
         raise UserError(str(exc))
     if settings.learner in ("uniform", "ptq") and settings.exec_mode == "train" \
             and training.find_checkpoint(settings.save_path, "full-prec")[0] is None:
-        write_file_float_checkpoint(helper, settings.save_path)
+        write_file_float_checkpoint(helper, settings)
     return helper
 
 

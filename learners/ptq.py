@@ -93,6 +93,8 @@ class PTQLearner(uniform_quant.UniformQuantLearner):
     def train(self):
         """Calibrate, save checkpoint, report and results, evaluate; returns the results dict."""
         s = self.settings
+        # Calibration starts from whatever float checkpoint --save_path holds: it must be this model's.
+        self.float_learner.check_settings()
         float_checkpoint = self._float_checkpoint()
         float_accuracy, _, _ = self.float_learner.evaluate(float_checkpoint)
         training.log("ptq: float model %s: test accuracy %.4f" % (float_checkpoint, float_accuracy))

@@ -12,6 +12,8 @@ from tfquant import checkpoints, files
 
 SETTINGS_SUFFIX = ".settings.json"
 SETTINGS_VERSION = 1
+# Keys of content digests (of --keras_model, --data_npz), which are not flags.
+DIGEST_SUFFIX = "_sha256"
 # Every uql_* flag except the checkpoint path itself (where the record lives, not what it describes), and the
 # distillation flags, which shape the fine-tuning as much.
 QUANT_FLAGS = ("uql_weight_bits", "uql_activation_bits", "uql_use_buckets", "uql_bucket_type", "uql_bucket_size",
@@ -36,10 +38,11 @@ def float_settings(helper, settings):
     """The settings that define a float model and its training, with the model's defaults filled in.
 
     Args:
-      helper: the ModelHelper (its resolved learning rate, decay, model and data set names).
+      helper: the ModelHelper (its resolved learning rate, decay, model and data set names, and the digests of
+        the files it read, `input_digests`, when it has them).
       settings: the parsed flags.
     Returns:
-      a JSON-ready dict keyed by flag name (plus 'model' and 'dataset', set by the run script).
+      a JSON-ready dict keyed by flag name (plus 'model' and 'dataset', set by the run script, and the digests).
     """
     record = {"model": helper.model_name, "dataset": helper.dataset_name, "batch_size": int(settings.batch_size),
               "nb_epochs_rat": float(settings.nb_epochs_rat), "momentum": float(settings.momentum),
@@ -53,6 +56,9 @@ def float_settings(helper, settings):
         # another number of workers would change the global batch and the learning rate.
         record["nb_workers"] = nb_workers
         record["enbl_lrn_rate_scaling"] = bool(getattr(settings, "enbl_lrn_rate_scaling", True))
+    # A model file or data set named by a flag is the model or data only through its content: another file at the
+    # same path must not resume this one's checkpoints. Helpers without such files leave their records unchanged.
+    record.update(getattr(helper, "input_digests", None) or {})
     return record
 
 
@@ -124,7 +130,7 @@ def refuse_changes(changes, places):
         if key in shown:
             continue
         shown.add(key)
-        name = key if key in ("model", "dataset", "float_checkpoint") else "--" + key
+        name = key if key in ("model", "dataset", "float_checkpoint") or key.endswith(DIGEST_SUFFIX) else "--" + key
         parts.append("%s %s (recorded) vs %s (now)" % (name, _shown(old), _shown(new)))
     directories = sorted({os.path.dirname(os.path.abspath(p)) for p in places})
     raise SettingsError(

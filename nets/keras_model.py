@@ -9,6 +9,7 @@ Batch norm runs in training mode in training graphs (its moving-average updates 
 inference mode in evaluation graphs. tf_keras needs TF_USE_LEGACY_KERAS=1 before TensorFlow is imported;
 the Keras run script sets it.
 """
+import hashlib
 import os
 import warnings
 
@@ -27,6 +28,7 @@ _FILE_SUFFIXES = (".h5", ".hdf5", ".keras")
 # Keras configuration files are small; a metadata file past this is not one.
 _METADATA_LIMIT = 256 << 20
 _LAMBDA_MARK = b'"class_name": "Lambda"'
+_DIGEST_CHUNK = 1 << 20
 
 
 class KerasModelError(DataError):
@@ -107,6 +109,49 @@ def load_keras_model(path, unsafe=False):
     return model
 
 
+def _hash_file(digest, path, error_cls, what, label=None):
+    """Feed a regular file's bytes into `digest` in chunks (model files and data sets may be large).
+
+    label: for a directory's member, its relative name, hashed with the file's size before its bytes so the
+      boundary between one member and the next is unambiguous.
+    """
+    handle, size = files.open_regular(path, error_cls, what)
+    with handle:
+        if label is not None:
+            name = label.encode("utf-8", "surrogateescape")
+            digest.update(b"%d:%s:%d:" % (len(name), name, size))
+        try:
+            for chunk in iter(lambda: handle.read(_DIGEST_CHUNK), b""):
+                digest.update(chunk)
+        except OSError as exc:
+            raise error_cls("%s %s cannot be read (%s)" % (what, path, exc.strerror or exc)) from None
+
+
+def content_digest(path, error_cls, what="file"):
+    """SHA-256 (hex) of a file's bytes, or of a directory's files (a SavedModel) in sorted order.
+
+    A directory's digest covers each file's path relative to it as well as its bytes, so a renamed or an
+    added file changes it too. Files are streamed, never loaded whole.
+    Args:
+      path: a regular file or a directory of regular files.
+      error_cls: exception class for unreadable files, FIFOs and devices (one line naming the path).
+      what: what the path is, for messages.
+    Returns:
+      64 hex digits.
+    """
+    path = os.fspath(path)
+    digest = hashlib.sha256()
+    if not os.path.isdir(path):
+        _hash_file(digest, path, error_cls, what)
+        return digest.hexdigest()
+    members = []
+    for directory, _, names in os.walk(path):
+        members += [os.path.relpath(os.path.join(directory, name), path).split(os.sep) for name in names]
+    for parts in sorted(members):
+        _hash_file(digest, os.path.join(path, *parts), error_cls, "%s file" % what, label="/".join(parts))
+    return digest.hexdigest()
+
+
 def weight_key(name):
     """A Keras weight name without its ':0' suffix, e.g. 'conv2d/kernel'."""
     return name[:-2] if name.endswith(":0") else name
@@ -147,6 +192,13 @@ class KerasModelHelper(model_helper.ClassifierModelHelper):
                                       % (keras_model, key), path=keras_model)
             self.initial_values[key] = weight.numpy()
         self.nb_classes = int(self.source.outputs[0].shape[-1])
+        # The file names alone do not say which model and data a run used: a rerun with another file at the same
+        # path, or the same name elsewhere, must not resume the first one's checkpoints (see run_settings).
+        self.input_digests = {"keras_model_sha256": content_digest(keras_model, KerasModelError.for_path(keras_model),
+                                                                   "Keras model")}
+        if data_npz is not None:
+            self.input_digests["data_npz_sha256"] = content_digest(data_npz, DataError.for_path(data_npz),
+                                                                   "data archive")
         self._extra_losses = {}
         super().__init__(batch_size, batch_size_eval, lrn_rate_init, momentum, loss_w_dcy, nb_epochs_rat,
                          train_subset, eval_subset, seed)

@@ -1,9 +1,11 @@
 """Keras model files through nets/keras_model_run.py: the file's weights and accuracy, training-mode batch norm
 while fine-tuning, saving back, safe mode, and one-line errors. Keras runs only in subprocesses (it needs
 TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)."""
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -222,3 +224,94 @@ def test_run_script_errors_are_one_line(keras_dir, tmp_path):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: Keras model ")
     assert "--keras_unsafe" in result.stderr
     assert not (tmp_path / "models").exists()
+
+
+# Rewrites a Keras file in place with every weight changed (same architecture, other content).
+PERTURB = textwrap.dedent("""
+    import os, sys
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    import tf_keras as K
+    model = K.models.load_model(sys.argv[1], compile=False)
+    for weight in model.weights:
+        weight.assign(weight * 0.5 + 0.01)
+    model.save(sys.argv[1])
+    """)
+
+
+def sha256_of(path):
+    with open(str(path), "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def test_content_digest_of_files_and_saved_model_directories(tmp_path):
+    from nets import keras_model
+    from nets.errors import DataError
+
+    single = tmp_path / "model.h5"
+    single.write_bytes(os.urandom(3 * (1 << 20) + 17))  # several read chunks
+    assert keras_model.content_digest(str(single), DataError) == sha256_of(single)
+    saved = tmp_path / "saved"
+    (saved / "variables").mkdir(parents=True)
+    (saved / "saved_model.pb").write_bytes(b"graph")
+    (saved / "variables" / "variables.index").write_bytes(b"index")
+    (saved / "variables" / "variables.data-00000-of-00001").write_bytes(b"weights")
+    digest = keras_model.content_digest(str(saved), DataError)
+    assert len(digest) == 64 and digest == keras_model.content_digest(str(saved), DataError)
+    assert digest != hashlib.sha256(b"graphindexweights").hexdigest()
+    seen = {digest}
+    # One weight byte changed, a file renamed, a file added, bytes moved from one file to the next: each is
+    # another model and must give another digest.
+    (saved / "variables" / "variables.data-00000-of-00001").write_bytes(b"weightS")
+    seen.add(keras_model.content_digest(str(saved), DataError))
+    (saved / "variables" / "variables.data-00000-of-00001").write_bytes(b"weights")
+    assert keras_model.content_digest(str(saved), DataError) == digest
+    os.rename(str(saved / "saved_model.pb"), str(saved / "saved_model.pbtxt"))
+    seen.add(keras_model.content_digest(str(saved), DataError))
+    os.rename(str(saved / "saved_model.pbtxt"), str(saved / "saved_model.pb"))
+    (saved / "fingerprint.pb").write_bytes(b"")
+    seen.add(keras_model.content_digest(str(saved), DataError))
+    os.remove(str(saved / "fingerprint.pb"))
+    (saved / "variables" / "variables.index").write_bytes(b"indexw")
+    (saved / "variables" / "variables.data-00000-of-00001").write_bytes(b"eights")
+    seen.add(keras_model.content_digest(str(saved), DataError))
+    assert len(seen) == 5
+    os.mkfifo(str(saved / "assets"))
+    with pytest.raises(DataError, match=r"assets is a FIFO; expected a regular file"):
+        keras_model.content_digest(str(saved), DataError)
+
+
+def test_rerun_with_another_model_or_data_is_refused(keras_dir, tmp_path):
+    model = tmp_path / "model.h5"
+    shutil.copyfile(str(keras_dir / "functional.h5"), str(model))
+    data = "--data_npz=%s" % (keras_dir / "data.npz")
+    ptq = ("--keras_model=%s" % model, "--learner=ptq", "--uql_weight_bits=8", "--uql_activation_bits=8",
+           "--uql_calib_batches=1")
+    first = run_keras(tmp_path, data, *ptq)
+    assert first.returncode == 0, first.stderr[-3000:]
+    first_digest = sha256_of(model)
+    float_files = {p.name: p.read_bytes() for p in (tmp_path / "models").iterdir()}
+
+    # The same path, other weights: neither fine-tuning nor calibration may start from the old file's checkpoint.
+    perturbed = python(["-c", PERTURB, str(model)], str(tmp_path))
+    assert perturbed.returncode == 0, perturbed.stderr[-2000:]
+    tuned = "--uql_save_quant_model_path=%s" % (tmp_path / "tuned" / "model.ckpt")
+    for learner in (("--learner=uniform", "--uql_quant_epochs=0.1", tuned), ("--learner=ptq",)):
+        rerun = run_keras(tmp_path, data, *(ptq + learner))
+        assert rerun.returncode == 2, (learner, rerun.stdout[-2000:], rerun.stderr[-1500:])
+        assert rerun.stderr.count("\n") == 1 and rerun.stderr.startswith("error: settings differ"), rerun.stderr
+        assert "keras_model_sha256 %s (recorded) vs %s (now)" % (first_digest, sha256_of(model)) in rerun.stderr
+
+    # The first model again with other data under the same file name.
+    shutil.copyfile(str(keras_dir / "functional.h5"), str(model))
+    (tmp_path / "other").mkdir()
+    arrays = dict(np.load(str(keras_dir / "data.npz")))
+    arrays["y_train"] = arrays["y_train"][::-1].copy()
+    np.savez(str(tmp_path / "other" / "data.npz"), **arrays)
+    rerun = run_keras(tmp_path, "--data_npz=%s" % (tmp_path / "other" / "data.npz"), *ptq)
+    assert rerun.returncode == 2, rerun.stdout[-2000:]
+    assert rerun.stderr.count("\n") == 1 and "data_npz_sha256" in rerun.stderr, rerun.stderr
+    assert "keras_model_sha256" not in rerun.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "models").iterdir()} == float_files
+    record = json.load(open(str(tmp_path / "models" / "model.ckpt.settings.json")))
+    assert record["settings"]["keras_model_sha256"] == first_digest
+    assert record["settings"]["data_npz_sha256"] == sha256_of(keras_dir / "data.npz")
