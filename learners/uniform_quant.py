@@ -115,7 +115,8 @@ class UniformQuantLearner:
         if self.float_learner.is_chief:
             stopping.pause_point("report")
             run_settings.write_json(report_path, report.to_json(), "quantization report")
-            self._save_inference_graph()
+            if self.cluster is None:
+                self._save_inference_graph()
             stopping.check("after writing %s" % report_path, "saved checkpoints are kept")
             training.log(report.format_table())
         with self.float_learner.start_session(model) as sess:
@@ -141,8 +142,10 @@ class UniformQuantLearner:
         if not self.float_learner.is_chief:
             return None  # the chief evaluates and writes the results
         if self.cluster is not None:
-            # Evaluated after training on a cluster: the other workers would wait for it at their first step.
+            # Evaluated and saved after training on a cluster: the other workers would wait for them at their
+            # first step, past the collective timeout on a busy machine.
             float_accuracy = self._evaluate_float(float_checkpoint)
+            self._save_inference_graph()
         return self._evaluate_and_report(float_checkpoint, float_accuracy, checkpoint, report, report_path)
 
     def _evaluate_and_report(self, float_checkpoint, float_accuracy, checkpoint, report, report_path, extra=None):
