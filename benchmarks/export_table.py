@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import tensorflow as tf
 
 from benchmarks import accuracy_table, machine, publish
@@ -36,12 +37,24 @@ def checkpoint_bytes(directory):
     return sum(os.path.getsize(p) for p in glob.glob(prefix + ".*")), prefix
 
 
-def export_row(work_dir, seed, name, export_flags, extra):
-    """Run the export CLI on one row's checkpoint; returns its export.json."""
+def write_test_npz(path, calibration_images=200):
+    """The test set (x_test, y_test) as the ResNet helper preprocesses it, and x_train images for the ranges
+    training did not record (int8 and ONNX export)."""
+    from learners.runner import dataset_arrays  # pylint: disable=import-outside-toplevel
+    from nets.resnet_at_fmnist import ModelHelper  # pylint: disable=import-outside-toplevel
+    helper = ModelHelper(resnet_size=20, batch_size=100, batch_size_eval=500, seed=0)
+    x_test, y_test = dataset_arrays(helper, evaluation=True)
+    x_train = dataset_arrays(helper, evaluation=False, limit=calibration_images)[0]
+    np.savez(path, x_test=x_test, y_test=y_test, x_train=x_train)
+    return path
+
+
+def export_row(work_dir, seed, name, export_flags, extra, npz):
+    """Run the export CLI on one row's run directory; returns its export.json."""
     row_dir = accuracy_table.row_dir(work_dir, name, seed)
     out_dir = os.path.join(os.path.dirname(row_dir), "export_" + accuracy_table.slug(name))
-    argv = [sys.executable, "-m", "tfquant.export", "--checkpoint_dir", row_dir,
-            "--model", "resnet_at_fmnist", "--output_dir", out_dir] + export_flags + extra
+    argv = [sys.executable, "-m", "tfquant.export", "--checkpoint_dir", row_dir, "--eval_npz", npz,
+            "--output_dir", out_dir] + export_flags + extra
     result = subprocess.run(argv, cwd=publish.REPO_ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError("export of %s failed:\n%s" % (name, result.stderr[-3000:]))
@@ -134,8 +147,9 @@ def main(argv=None):
     exports = EXPORTS[:1] if args.quick else EXPORTS
     float_bytes, float_prefix = checkpoint_bytes(accuracy_table.float_dir(args.work_dir, args.seed))
     rows = []
+    npz = write_test_npz(os.path.join(args.work_dir, "fmnist_test.npz"))
     for name, meaning, export_flags in exports:
-        data = export_row(args.work_dir, args.seed, name, export_flags, extra)
+        data = export_row(args.work_dir, args.seed, name, export_flags, extra, npz)
         rows.append({"name": name, "meaning": meaning, "export": data})
     payload = {"machine": machine.machine_info(), "load_before": load_before, "float_checkpoint_bytes": float_bytes,
                "float_checkpoint": float_prefix, "rows": rows, "quick": args.quick}

@@ -17,7 +17,15 @@ def define_flags():
         return
     flags.DEFINE_enum("learner", "full-prec", list(LEARNERS),
                       "learner: full-prec, uniform or ptq (post-training calibration)")
-    flags.DEFINE_enum("exec_mode", "train", ["train", "eval"], "train, or eval the latest checkpoint")
+    flags.DEFINE_enum("exec_mode", "train", ["train", "eval", "export"],
+                      "train, eval the latest checkpoint, or export it (--learner uniform or ptq, --export_dir)")
+    flags.DEFINE_string("export_dir", None, "--exec_mode export: directory the exported files go to")
+    flags.DEFINE_boolean("export_int8", False, "--exec_mode export: also write float and int8 TFLite models (int8 "
+                         "with the trained weight and activation ranges)")
+    flags.DEFINE_boolean("export_int8_calibration", False, "--exec_mode export with --export_int8: let the "
+                         "converter calibrate every activation range on training images instead")
+    flags.DEFINE_boolean("export_onnx", False, "--exec_mode export: also write model.onnx with QuantizeLinear/"
+                         "DequantizeLinear pairs carrying the trained ranges (needs tf2onnx and onnxruntime)")
     if "log_dir" in FLAGS:
         # absl.logging defines --log_dir too; PocketFlow's meaning (TensorBoard events) takes it over.
         FLAGS.set_default("log_dir", "./logs")
@@ -163,6 +171,14 @@ def validate_flags():
     if FLAGS.enbl_dst and FLAGS.learner != "uniform":
         raise UserError("--enbl_dst is not valid with --learner=%s; expected --learner=uniform (the teacher is "
                         "the float checkpoint)" % FLAGS.learner)
+    if FLAGS.exec_mode == "export" and FLAGS.learner not in ("uniform", "ptq"):
+        raise UserError("--exec_mode=export is not valid with --learner=%s; expected --learner=uniform or ptq "
+                        "(export packs a quantized checkpoint)" % FLAGS.learner)
+    if FLAGS.export_int8_calibration and not FLAGS.export_int8:
+        raise UserError("--export_int8_calibration is not valid without --export_int8; expected both")
+    if FLAGS.exec_mode == "export" and not FLAGS.export_dir:
+        raise UserError("--export_dir is not set; expected the directory --exec_mode=export writes the exported "
+                        "files to")
     if FLAGS.data_dir_local is not None and not os.path.isdir(FLAGS.data_dir_local):
         raise UserError("--data_dir_local=%s is not valid; expected an existing directory" % FLAGS.data_dir_local)
     for name in ("save_path", "uql_save_quant_model_path"):

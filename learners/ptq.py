@@ -117,6 +117,7 @@ class PTQLearner(uniform_quant.UniformQuantLearner):
         os.makedirs(self.output_dir, exist_ok=True)
         report_path = os.path.join(self.output_dir, uniform_quant.REPORT_NAME)
         files.write_atomically(report_path, report.to_json())
+        self._save_inference_graph()
         training.log(report.format_table())
         checkpoint = self._save(model, float_checkpoint, quantized, ranges)
         extra = {"calibrator": s.uql_calibrator, "calib_batches": s.uql_calib_batches, "calib_seconds": calib_seconds,

@@ -5,6 +5,7 @@ import learners
 
 learners.import_tensorflow_quietly()
 
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
@@ -15,6 +16,8 @@ from learners.full_precision import FullPrecLearner  # noqa: E402
 from learners.ptq import PTQLearner  # noqa: E402
 from learners.uniform_quant import UniformQuantLearner  # noqa: E402
 from nets.errors import DataError  # noqa: E402
+from tfquant import report as tfquant_report  # noqa: E402
+from tfquant.export import inference_graph, model_export, onnx_export, packed_file, run_directory  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -59,7 +62,10 @@ def _main(make_helper, after_train):
             if after_train is not None and results is not None:
                 after_train(helper, FLAGS, results)
         elif cluster is not None and not cluster.is_chief:
-            return  # evaluation is the chief's
+            return  # evaluation and export are the chief's
+        elif FLAGS.exec_mode == "export":
+            for line in export_latest(helper, learner.output_dir, FLAGS):
+                print(line)
         else:
             accuracy, loss, count = learner.evaluate()
             print("%s eval: accuracy %.4f | loss %.4f | %d test images" % (learner.name, accuracy, loss, count))
@@ -84,6 +90,70 @@ def _main(make_helper, after_train):
                              % (where, exc.strerror or exc))
             sys.exit(2)
     return guarded
+
+
+def dataset_arrays(helper, evaluation, limit=None):
+    """A ModelHelper's preprocessed images and labels as NumPy arrays, at most `limit` examples.
+
+    Args:
+      helper: a ModelHelper.
+      evaluation: the evaluation set (one pass) or the training stream.
+      limit: stop after this many examples (None: the whole evaluation set).
+    Returns:
+      (images float32 [N, ...], labels [N]).
+    """
+    graph = tf.Graph()
+    with graph.as_default():
+        images, labels = helper.build_dataset_eval() if evaluation else helper.build_dataset_train()
+        init = helper.eval_init_op if evaluation else None
+    chunks_x, chunks_y, count = [], [], 0
+    with tf.compat.v1.Session(graph=graph) as sess:
+        if init is not None:
+            sess.run(init)
+        while limit is None or count < limit:
+            try:
+                x, y = sess.run([images, labels])
+            except tf.errors.OutOfRangeError:
+                break
+            chunks_x.append(x)
+            chunks_y.append(y)
+            count += len(y)
+    if not chunks_x:
+        raise UserError("the data set yielded no images; expected at least one")
+    x, y = np.concatenate(chunks_x), np.concatenate(chunks_y)
+    return (x[:limit], y[:limit]) if limit else (x, y)
+
+
+# The library's one-line errors for a run directory or export directory that does not fit.
+EXPORT_ERRORS = (model_export.ExportError, packed_file.PackedFileError, tfquant_report.ReportError,
+                 inference_graph.InferenceGraphError, onnx_export.OnnxUnavailableError)
+
+
+def export_latest(helper, checkpoint_dir, settings):
+    """Export the latest quantized checkpoint in `checkpoint_dir` and evaluate the files on the helper's test set.
+
+    Args:
+      helper: the run script's ModelHelper (its test set, and training images for the ranges training did
+        not record).
+      checkpoint_dir: the quantized run directory.
+      settings: the parsed flags (export_dir, export_int8, export_int8_calibration, export_onnx).
+    Returns:
+      the lines to print, among them `accuracy <file kind> <value>` for the checkpoint and each file.
+    Raises:
+      UserError: one line naming what does not fit.
+    """
+    test_data = dataset_arrays(helper, evaluation=True)
+    calibration = None
+    if settings.export_int8 or settings.export_onnx:
+        calibration = dataset_arrays(helper, evaluation=False, limit=run_directory.CALIBRATION_IMAGES)[0]
+    try:
+        result = run_directory.export_run_directory(
+            checkpoint_dir, settings.export_dir, tflite=settings.export_int8, int8=settings.export_int8,
+            int8_calibration=settings.export_int8_calibration, onnx=settings.export_onnx, test_data=test_data,
+            calibration_images=calibration, output_name="--export_dir=" + settings.export_dir)
+    except EXPORT_ERRORS as exc:
+        raise UserError(run_directory.one_line(exc)) from None
+    return run_directory.summary_lines(result, settings.export_dir)
 
 
 def run(make_helper, after_train=None):

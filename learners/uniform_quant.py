@@ -9,9 +9,10 @@ import tfquant
 from learners import bit_allocation, full_precision, graphs, run_settings, stopping, training
 from learners.errors import UserError
 from tfquant import checkpoints
+from tfquant.export import inference_graph
+from tfquant.report import REPORT_NAME
 
 tf1 = tf.compat.v1
-REPORT_NAME = "quant_report.json"
 RESULTS_NAME = "results.json"
 
 
@@ -36,6 +37,16 @@ class UniformQuantLearner:
     @property
     def output_dir(self):
         return os.path.dirname(os.path.abspath(self.save_path))
+
+    def _input_shape(self):
+        """[None, H, W, C] of the images the model reads, from the evaluation data set's static shape."""
+        with tf.Graph().as_default():
+            images, _ = self.helper.build_dataset_eval()
+        return [None] + images.shape.as_list()[1:]
+
+    def _save_inference_graph(self):
+        """Save the float evaluation forward pass beside the report, so tfquant.export needs no model code."""
+        inference_graph.save_inference_graph(self.output_dir, self.helper.forward_eval, self._input_shape())
 
     def _float_checkpoint(self):
         """A finished float checkpoint: the latest one, after training or finishing it when needed."""
@@ -104,6 +115,8 @@ class UniformQuantLearner:
         if self.float_learner.is_chief:
             stopping.pause_point("report")
             run_settings.write_json(report_path, report.to_json(), "quantization report")
+            if self.cluster is None:
+                self._save_inference_graph()
             stopping.check("after writing %s" % report_path, "saved checkpoints are kept")
             training.log(report.format_table())
         with self.float_learner.start_session(model) as sess:
@@ -129,8 +142,10 @@ class UniformQuantLearner:
         if not self.float_learner.is_chief:
             return None  # the chief evaluates and writes the results
         if self.cluster is not None:
-            # Evaluated after training on a cluster: the other workers would wait for it at their first step.
+            # Evaluated and saved after training on a cluster: the other workers would wait for them at their
+            # first step, past the collective timeout on a busy machine.
             float_accuracy = self._evaluate_float(float_checkpoint)
+            self._save_inference_graph()
         return self._evaluate_and_report(float_checkpoint, float_accuracy, checkpoint, report, report_path)
 
     def _evaluate_and_report(self, float_checkpoint, float_accuracy, checkpoint, report, report_path, extra=None):
@@ -166,14 +181,14 @@ class UniformQuantLearner:
             raise UserError("no quantized checkpoint found in %s; expected one written by --learner uniform"
                             % self.output_dir)
         report_path = os.path.join(os.path.dirname(checkpoint), REPORT_NAME)
-        saved, config = load_report(report_path)
+        saved, config = read_report_and_config(report_path)
         check_report_against_checkpoint(saved, checkpoint, report_path)
         return full_precision.evaluate_checkpoint(
             self.helper, checkpoint, os.path.join(self.settings.log_dir, self.name, "eval"), config,
             check_report=lambda rebuilt: check_report_matches(saved, rebuilt, report_path))
 
 
-def load_report(report_path):
+def read_report_and_config(report_path):
     """(QuantReport, QuantConfig replaying its recorded decisions); UserError when missing or malformed.
 
     The config takes each layer's bits from the report by exact op name, so no override pattern stored in

@@ -26,11 +26,12 @@ if _sys.argv[:1] == ["-m"] and "tensorflow" not in _sys.modules:
         _os.close(_null)
 
 from tfquant.config import QuantConfig, parse_overrides  # noqa: E402
-from tfquant.ops import GroupLayout, fake_quantize, quantize_weight, uniform_quantize, weight_codes  # noqa: E402
+from tfquant.layout import GroupLayout  # noqa: E402
+from tfquant.ops import quantize_weight, uniform_quantize, weight_codes  # noqa: E402
 from tfquant.quantize import quantize_graph  # noqa: E402
 from tfquant.report import LayerReport, QuantReport  # noqa: E402
 from tfquant.rewrite import reroute_input  # noqa: E402
 
-__all__ = ["QuantConfig", "parse_overrides", "GroupLayout", "fake_quantize", "quantize_weight",
+__all__ = ["QuantConfig", "parse_overrides", "GroupLayout", "quantize_weight",
            "uniform_quantize", "weight_codes", "quantize_graph", "LayerReport", "QuantReport", "reroute_input"]
 __version__ = "0.1.0"

@@ -1,11 +1,16 @@
 """QuantConfig: the validated quantization policy (bits per layer, buckets, activation ranges)."""
 import dataclasses
 import math
+import numbers
 import re
 from typing import Mapping, Optional, Sequence, Tuple
 
+from tfquant.layout import GroupLayout
+
 FLOAT_BITS = 32
+MAX_CODE_BITS = 16
 VALID_BITS_TEXT = "an integer from 1 to 16, or 32 for float"
+VALID_CODE_BITS_TEXT = "an integer from 1 to 16"
 BUCKET_TYPES = ("channel", "split")
 ACT_RANGES = ("ema", "batch", "pact", "lsq")
 WEIGHT_RANGES = ("minmax", "lsq")
@@ -19,18 +24,22 @@ LEARNED_ACT_RANGES = ("pact", "lsq")
 MAX_PATTERN_LENGTH = 1000
 
 
-def check_bits(field, value):
-    """Raise ValueError unless `value` is a valid bit width (1..16, or 32 for float).
+def check_bits(field, value, allow_float=True):
+    """Raise ValueError unless `value` is a valid bit width: 1..16, or 32 for float when allow_float.
 
     Args:
       field: the name of the setting, used in the message.
-      value: the bit width given.
+      value: the bit width given (a Python or NumPy integer).
+      allow_float: accept FLOAT_BITS (a setting); False for the width of integer codes.
     Returns:
       the bit width as an int.
     """
     # bool is an int subclass; `True` bits is a typo, never a bit width.
-    if isinstance(value, bool) or not isinstance(value, int) or not (1 <= value <= 16 or value == FLOAT_BITS):
-        raise ValueError("%s=%r is not a valid bit width; expected %s" % (field, value, VALID_BITS_TEXT))
+    valid = (not isinstance(value, bool) and type(value).__name__ != "bool_" and isinstance(value, numbers.Integral)
+             and (1 <= value <= MAX_CODE_BITS or (allow_float and value == FLOAT_BITS)))
+    if not valid:
+        raise ValueError("%s=%r is not a valid bit width; expected %s"
+                         % (field, value, VALID_BITS_TEXT if allow_float else VALID_CODE_BITS_TEXT))
     return int(value)
 
 
@@ -201,6 +210,10 @@ class QuantConfig:
     def weight_bucket_type(self):
         """The bucket type weights use: None without buckets, else `bucket_type`."""
         return self.bucket_type if self.use_buckets else None
+
+    def weight_layout(self, channel_axes):
+        """The GroupLayout of a weight whose output channels lie on `channel_axes`."""
+        return GroupLayout.from_bucket_type(self.weight_bucket_type, channel_axes, self.bucket_size)
 
     def to_dict(self):
         """A JSON-able description of the config (regexes as their pattern strings)."""

@@ -3,58 +3,20 @@
 For one range group of a tensor x and k bits:
     alpha = max(x) - min(x) + 1e-10,  beta = min(x)            (both under stop_gradient)
     sc = (x - beta) / alpha;  x_hat = round((2^k - 1) * sc) / (2^k - 1);  Q(x) = alpha * x_hat + beta
-Round is created under a Round -> Identity gradient override, so dQ/dx = 1.
+The chain is computed from stop_gradient(x) and joined to x by `straight_through`, so dQ/dx = 1 (the
+Round -> Identity override of `_round_ste` matters only where a gradient reaches Round: LSQ's step size).
 
 The graph evaluates the same formula with per-group constants folded so each element costs one
 subtract, multiply, round, multiply and add:
     codes = round((x - beta) * ((2^k - 1) / alpha));  Q(x) = codes * (alpha * float32(1/(2^k - 1))) + beta
 """
-import dataclasses
-from typing import Optional, Tuple
-
 import numpy as np
 import tensorflow as tf
 
 from tfquant.config import FLOAT_BITS, check_bits
+from tfquant.layout import LAYOUTS, GroupLayout  # noqa: F401  (the one layout type, re-exported)
 
 RANGE_EPS = 1e-10
-LAYOUTS = ("none", "channel", "split")
-
-
-@dataclasses.dataclass(frozen=True)
-class GroupLayout:
-    """How a weight is cut into range groups, each with its own alpha and beta.
-
-    kind: 'none' (one group), 'channel' (one group per coordinate of `channel_axes`, numbered in
-    row-major order over those axes) or 'split' (consecutive pieces of `bucket_size` elements of the
-    row-major flattened tensor; the last piece may be shorter).
-    """
-
-    kind: str = "none"
-    channel_axes: Tuple[int, ...] = ()
-    bucket_size: Optional[int] = None
-
-    def __post_init__(self):
-        if self.kind not in LAYOUTS:
-            raise ValueError("layout kind %r is not valid; expected one of %s" % (self.kind, LAYOUTS))
-        if self.kind == "channel" and not self.channel_axes:
-            raise ValueError("a 'channel' layout needs channel_axes")
-        if self.kind == "split" and (not isinstance(self.bucket_size, int) or self.bucket_size < 1):
-            raise ValueError("a 'split' layout needs a positive bucket_size, got %r" % (self.bucket_size,))
-
-    def num_groups(self, shape):
-        """Number of range groups for a tensor of static `shape`."""
-        shape = [int(d) for d in shape]
-        if self.kind == "channel":
-            return int(np.prod([shape[a] for a in self.channel_axes], dtype=np.int64))
-        if self.kind == "split":
-            size = int(np.prod(shape, dtype=np.int64))
-            return -(-size // self.bucket_size)
-        return 1
-
-    def to_dict(self):
-        """JSON-able form."""
-        return {"kind": self.kind, "channel_axes": list(self.channel_axes), "bucket_size": self.bucket_size}
 
 
 def _range_width(minimum, maximum):
@@ -119,22 +81,6 @@ def _codes_from_range(x, bits, alpha, beta, clip):
 
 def _dequantize(codes, bits, alpha, beta):
     return codes * dequantize_scale(alpha, bits) + beta
-
-
-def fake_quantize(x, bits, minimum, maximum, clip=False):
-    """Quantize x with a given range [minimum, maximum] (broadcastable to x), straight-through.
-
-    Args:
-      x: float tensor.
-      bits: 1..16.
-      minimum, maximum: range tensors; gradients do not flow into them.
-      clip: clamp x into the range first (for ranges not computed from x).
-    Returns:
-      Q(x), same shape and dtype as x; dQ/dx = 1.
-    """
-    quantized = quantize_in_range(tf.stop_gradient(x), bits, tf.stop_gradient(minimum),
-                                  tf.stop_gradient(maximum), clip)
-    return straight_through(x, quantized)
 
 
 def quantize_in_range(x, bits, minimum, maximum, clip=False):

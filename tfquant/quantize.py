@@ -2,8 +2,8 @@
 import numpy as np
 import tensorflow as tf
 
-from tfquant import fold, match, ops, ranges, rewrite
-from tfquant.config import FLOAT_BITS, match_override
+from tfquant import fold, match, ops, policy, ranges, rewrite
+from tfquant.config import FLOAT_BITS
 from tfquant.report import QUANTIZED, SKIPPED, LayerReport, QuantReport, VariableRecord, weight_layer_storage
 
 REWRITTEN_COLLECTION = "tfquant_rewritten"
@@ -11,55 +11,13 @@ REWRITTEN_COLLECTION = "tfquant_rewritten"
 WEIGHT_RANGE_SUFFIX = "_quant"
 
 
-def _weight_bits(candidates, config):
-    """(bits, reason) for every quantizable weight candidate, in data-flow order, and unused overrides."""
-    eligible = [c for c in candidates if not c.skip_reason]
-    if config.layer_bits is not None and len(config.layer_bits) != len(eligible):
-        raise ValueError("layer_bits has %d entries but the graph has %d matmul-like layers with weight "
-                         "variables (%s); expected one bit width per layer in data-flow order"
-                         % (len(config.layer_bits), len(eligible),
-                            ", ".join(c.variable_name for c in eligible)))
-    used = set()
-    decisions = {}
-    for position, candidate in enumerate(eligible):
-        reason = ""
-        explicit = config.explicit_bits_of(candidate.op.name)
-        if explicit is not None:
-            bits, source = explicit, "explicit_bits"
-        elif config.layer_bits is not None:
-            bits, source = config.layer_bits[position], "layer_bits[%d]" % position
-        else:
-            bits, pattern = match_override(config.weight_overrides, candidate.variable_name)
-            source = "override %r" % pattern
-            if bits is not None:
-                used.add(pattern)
-            elif not config.quantize_all_layers and position in (0, len(eligible) - 1):
-                bits = FLOAT_BITS
-                reason = "%s layer kept float (quantize_all_layers=False)" % (
-                    "first" if position == 0 else "last")
-            else:
-                bits, source = config.weight_bits, "weight_bits"
-        if bits == FLOAT_BITS and not reason:
-            reason = "bits 32 (%s)" % source
-        decisions[candidate.op.name] = (bits, reason)
-    unused = [regex.pattern for regex, _ in config.weight_overrides if regex.pattern not in used]
-    if config.layer_bits is not None:
-        unused = []  # an explicit list decides every layer; overrides are not consulted
-    return decisions, unused
+def _quantize_weights(graph, candidates, plan, config, is_training):
+    """Rewrite every weight candidate the plan quantizes.
 
-
-def _layout(config, candidate):
-    if not config.use_buckets:
-        return ops.GroupLayout()
-    if config.bucket_type == "channel":
-        return ops.GroupLayout("channel", channel_axes=candidate.channel_axes)
-    return ops.GroupLayout("split", bucket_size=config.bucket_size)
-
-
-def _quantize_weights(graph, candidates, config, is_training):
-    """Rewrite every weight candidate; returns its LayerReports, the names of weight variables and of
-    their learned step sizes (both counted as weight storage), and unused overrides."""
-    decisions, unused = _weight_bits(candidates, config)
+    Returns:
+      (its LayerReports, the names of the weight variables and of their learned step sizes: both are
+      counted as weight storage).
+    """
     layers, stored, quantized, range_variables = [], {}, {}, set()
     for candidate in candidates:
         op = candidate.op
@@ -78,12 +36,13 @@ def _quantize_weights(graph, candidates, config, is_training):
                 layer.num_params, FLOAT_BITS, 0)
             stored.setdefault(candidate.variable_name, (FLOAT_BITS, None))
             continue
-        bits, reason = decisions[op.name]
-        layout = _layout(config, candidate)
+        decision = plan.decision(op.name)
+        bits, reason = decision.bits, decision.reason
+        layout = config.weight_layout(candidate.channel_axes)
         layer.bits = bits
         if bits != FLOAT_BITS:
-            layer.bucket_type = config.weight_bucket_type
-            layer.bucket_size = config.bucket_size if layout.kind == "split" else None
+            layer.bucket_type = layout.bucket_type
+            layer.bucket_size = layout.bucket_size if layout.kind == "split" else None
             layer.channel_axes = list(layout.channel_axes) if layout.kind == "channel" else None
             layer.num_groups = layout.num_groups(layer.shape)
         previous = stored.get(candidate.variable_name)
@@ -117,27 +76,20 @@ def _quantize_weights(graph, candidates, config, is_training):
             range_variables.update(layer.range_variables)
         rewrite.reroute_input(op, candidate.input_index, tensor)
         layer.status = QUANTIZED
-    return layers, set(stored) | range_variables, unused
+    return layers, set(stored) | range_variables
 
 
-def _quantize_activations(activations, config, is_training):
-    """Rewrite every activation op; returns its LayerReports and unused overrides."""
-    layers, used = [], set()
+def _quantize_activations(activations, plan, config, is_training):
+    """Rewrite every activation op the plan quantizes; returns their LayerReports."""
+    layers = []
     for op in activations:
         layer = LayerReport(name=op.name, op_type=op.type, kind="activation", status=SKIPPED)
         layers.append(layer)
-        bits, source = config.explicit_bits_of(op.name), "explicit_bits"
-        if bits is None:
-            bits, pattern = match_override(config.activation_overrides, op.name)
-            if bits is not None:
-                used.add(pattern)
-                source = "override %r" % pattern
-            else:
-                bits, source = config.activation_bits, "activation_bits"
-        layer.bits = bits
+        decision = plan.decision(op.name)
+        bits = layer.bits = decision.bits
         output = op.outputs[0]
         if bits == FLOAT_BITS:
-            layer.reason = "bits 32 (%s)" % source
+            layer.reason = decision.reason
             continue
         if not any(not match.is_untouchable(c) for c in output.consumers()):
             layer.reason = "output has no consumers"
@@ -148,13 +100,17 @@ def _quantize_activations(activations, config, is_training):
             return ranges.quantize_activation(x, bits, config.act_range, is_training,
                                               config.act_ema_decay, scope, op_type, config.pact_decay)
 
-        _, tracker, _ = rewrite.insert_after(output, build, scope)
+        readers = sum(1 for c in output.consumers() if not match.is_untouchable(c) for t in c.inputs if t is output)
+        _, tracker, rerouted = rewrite.insert_after(output, build, scope)
+        if rerouted != readers:
+            # As tf.contrib.quantize checks: a reader left on the float output would silently skip quantization.
+            raise RuntimeError("quantizing activation %s moved %d of its %d readers onto the quantized output"
+                               % (op.name, rerouted, readers))
         layer.status = QUANTIZED
         layer.num_groups = 1
         if tracker is not None:
             layer.range_variables = [v.op.name for v in tracker.variables]
-    unused = [regex.pattern for regex, _ in config.activation_overrides if regex.pattern not in used]
-    return layers, unused
+    return layers
 
 
 def _other_variables(graph, weight_variables):
@@ -190,22 +146,28 @@ def quantize_graph(graph, config, is_training=True):
     if graph.get_collection(REWRITTEN_COLLECTION):
         raise RuntimeError("graph was already rewritten by tfquant.quantize_graph; rewriting it again would "
                            "quantize twice. Build a fresh graph to quantize with other settings.")
+    # find
     depths = match.data_flow_depths(graph)
     candidates = match.find_weight_candidates(graph, depths)
     activations = match.find_activations(graph, depths)
+    # decide
+    plan = policy.decide_bits([policy.WeightLayer(c.op.name, c.variable_name) for c in candidates
+                               if not c.skip_reason], [op.name for op in activations], config)
+    # rewrite
     fold_notes = []
     if config.fold_batch_norms:
         # Before weight quantization, which then quantizes the folded weight each op now reads.
         fold_notes = fold.fold_batch_norms(graph, is_training, config.freeze_bn_delay).notes
     with graph.as_default():
-        weight_layers, weight_vars, unused_weight = _quantize_weights(graph, candidates, config, is_training)
-        act_layers, unused_act = _quantize_activations(activations, config, is_training)
+        weight_layers, weight_vars = _quantize_weights(graph, candidates, plan, config, is_training)
+        act_layers = _quantize_activations(activations, plan, config, is_training)
         graph.add_to_collection(REWRITTEN_COLLECTION, "train" if is_training else "eval")
+    # report
     notes = list(fold_notes)
     if not candidates and not activations:
         notes.append("no quantizable op found: nothing was quantized")
-    notes.extend("weight override %r matched no layer" % p for p in unused_weight)
-    notes.extend("activation override %r matched no activation" % p for p in unused_act)
+    notes.extend("weight override %r matched no layer" % p for p in plan.unused_weight_overrides)
+    notes.extend("activation override %r matched no activation" % p for p in plan.unused_activation_overrides)
     present = {c.op.name for c in candidates} | {op.name for op in activations}
     notes.extend("explicit_bits names %r, which is not a candidate op of this graph" % name
                  for name, _ in config.explicit_bits or () if name not in present)

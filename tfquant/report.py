@@ -12,11 +12,12 @@ import os
 from typing import List, Optional
 
 from tfquant import files
-from tfquant.config import MAX_PATTERN_LENGTH, QuantConfig
+from tfquant.config import FLOAT_BITS, MAX_PATTERN_LENGTH, QuantConfig
+from tfquant.layout import RANGE_GROUP_BITS, GroupLayout
 
 REPORT_VERSION = 1
-FLOAT_BITS = 32
-RANGE_BITS = 2 * 32
+# The file name a quantized run gives its report, beside its checkpoints; export looks for it there.
+REPORT_NAME = "quant_report.json"
 QUANTIZED = "quantized"
 SKIPPED = "skipped"
 KINDS = ("weight", "activation")
@@ -68,7 +69,7 @@ def weight_layer_storage(num_params, bits, num_groups):
     """(code bits, range bits) of one weight layer; a float layer has no range bits."""
     if bits == FLOAT_BITS:
         return num_params * FLOAT_BITS, 0
-    return num_params * bits, num_groups * RANGE_BITS
+    return num_params * bits, num_groups * RANGE_GROUP_BITS
 
 
 @dataclasses.dataclass
@@ -291,6 +292,32 @@ def read_report(path):
     return QuantReport.from_json(text, path)
 
 
+def layer_layout(layer):
+    """The GroupLayout a weight LayerReport records (bucket_type, channel_axes, bucket_size).
+
+    Raises:
+      ValueError: the recorded fields do not form a layout.
+    """
+    return GroupLayout.from_bucket_type(layer.bucket_type, layer.channel_axes, layer.bucket_size)
+
+
+def load_report(report):
+    """A QuantReport from a QuantReport, its to_dict() form or the path of its JSON file.
+
+    Args:
+      report: QuantReport, dict or path.
+    Returns:
+      a QuantReport.
+    Raises:
+      ReportError: the file is not a regular readable file or the report does not fit its schema.
+    """
+    if isinstance(report, QuantReport):
+        return report
+    if isinstance(report, dict):
+        return QuantReport.from_dict(report)
+    return read_report(report)
+
+
 def config_from_report(report):
     """The QuantConfig that replays a report's recorded decisions, without any pattern from the report.
 
@@ -440,17 +467,16 @@ def _check_config(config):
 
 def _groups_of(layer):
     """Range groups a quantized weight layer's recorded layout implies."""
-    n = math.prod(layer.shape)
     if layer.bucket_type == "channel":
         axes = layer.channel_axes or []
         if not axes or any(a >= len(layer.shape) for a in axes) or sorted(set(axes)) != axes:
             raise _SchemaError("layer %s: channel_axes %r do not fit shape %r" % (layer.name, axes, layer.shape))
-        return math.prod(layer.shape[a] for a in axes)
-    if layer.bucket_type == "split":
-        if layer.bucket_size is None:
-            raise _SchemaError("layer %s: bucket_type 'split' needs bucket_size" % layer.name)
-        return -(-n // layer.bucket_size)
-    return 1
+    if layer.bucket_type == "split" and layer.bucket_size is None:
+        raise _SchemaError("layer %s: bucket_type 'split' needs bucket_size" % layer.name)
+    try:
+        return layer_layout(layer).num_groups(layer.shape)
+    except ValueError as exc:
+        raise _SchemaError("layer %s: %s" % (layer.name, exc)) from None
 
 
 def _check_layer_storage(layer):

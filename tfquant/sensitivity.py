@@ -13,7 +13,6 @@ import numpy as np
 import tensorflow as tf
 
 from tfquant import match, ops
-from tfquant.quantize import _layout
 
 tf1 = tf.compat.v1
 SCOPE = "tfquant_sensitivity"
@@ -70,7 +69,8 @@ def find_targets(graph, config):
             if not shape.is_fully_defined():
                 raise ValueError("weight %s has shape %s; expected a static shape" % (candidate.variable_name, shape))
             target = weights[candidate.variable_name] = Target(
-                candidate.variable_name, WEIGHT, [], [], int(np.prod(shape.as_list())), _layout(config, candidate))
+                candidate.variable_name, WEIGHT, [], [], int(np.prod(shape.as_list())),
+                config.weight_layout(candidate.channel_axes))
         target.op_names.append(candidate.op.name)
         target.tensors.append(candidate.weight)
     activations = []

@@ -146,3 +146,51 @@ def test_full_prec_checkpoint_contents(tmp_path):
     assert shapes["model/conv1/weights"] == [5, 5, 1, 32] and shapes["model/fc3/weights"] == [7 * 7 * 64, 1024]
     assert not any("act_quant" in name for name in shapes)
     assert re.search(r"full-prec iter %d/%d" % (step, step), result.stdout)
+
+
+def test_export_mode_files_predict_as_the_checkpoint(uniform_run):
+    """--exec_mode export packs the latest quantized checkpoint from the run directory (no model registry)
+    and evaluates the files on the run script's own test images."""
+    cwd, _ = uniform_run
+    results = json.load(open(cwd / "models_uql" / "results.json"))
+    from tfquant.export import onnx_export
+    onnx = onnx_export.available()
+    result = run_script("resnet_at_fmnist_run.py", ["--learner=uniform", "--exec_mode=export", "--export_dir=exp",
+                                                    "--export_int8"] + (["--export_onnx"] if onnx else []) + QUICK,
+                        str(cwd))
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = {kind: float(value) for kind, value in re.findall(r"^accuracy (\S+)\s+([0-9.]+)$", result.stdout, re.M)}
+    assert sorted(accuracy) == sorted(["frozen_graph", "quantized_checkpoint", "tflite_float", "tflite_int8"]
+                                      + (["onnx"] if onnx else []))
+    agreement = dict(re.findall(r"^agreement with TF graph (\S+)\s+([0-9.]+)$", result.stdout, re.M))
+    assert sorted(agreement) == sorted(set(accuracy) - {"quantized_checkpoint"})
+    assert accuracy["quantized_checkpoint"] == pytest.approx(results["quant_accuracy"], abs=1e-4)
+    assert accuracy["frozen_graph"] == accuracy["quantized_checkpoint"]
+    exported = json.load(open(cwd / "exp" / "export.json"))
+    assert exported["test_images"] == results["test_examples"] == 200
+    assert exported["checkpoint"] == os.path.abspath(results["quant_checkpoint"])
+    assert exported["frozen_vs_checkpoint"]["argmax_agreement"] == 1.0
+    for entry in exported["files"].values():
+        assert os.path.getsize(cwd / "exp" / entry["name"]) == entry["bytes"]
+    assert sorted(os.listdir(cwd / "exp")) == sorted(["export.json", "inference.pb", "model.tfq", "model_float.tflite",
+                                                      "model_int8.tflite"] + (["model.onnx"] if onnx else []))
+    # The int8 model carries the trained activation ranges (the default since the deployment export).
+    assert "trained ranges" in exported["int8"]["activation_ranges"]
+    assert exported["agreement_with_quantized_tf"]["frozen_graph"] == 1.0
+    # The float learner has no quantized checkpoint to export: one line, nothing written.
+    result = run_script("resnet_at_fmnist_run.py", ["--learner=full-prec", "--exec_mode=export",
+                                                    "--export_dir=exp2"] + QUICK, str(cwd))
+    assert result.returncode == 2 and result.stderr.startswith("error: --exec_mode=export is not valid")
+    assert result.stderr.count("\n") == 1 and not (cwd / "exp2").exists()
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--exec_mode=export"], "error: --export_dir is not set"),
+    (["--exec_mode=export", "--export_dir=out"], "error: checkpoint_dir="),
+    (["--exec_mode=export", "--export_dir=out", "--export_int8_calibration"],
+     "error: --export_int8_calibration is not valid without --export_int8"),
+])
+def test_export_mode_bad_input_is_one_line(tmp_path, flags, fragment):
+    result = run_script("convnet_at_fmnist_run.py", ["--learner=uniform"] + flags + QUICK, str(tmp_path))
+    assert result.returncode == 2 and result.stderr.startswith(fragment), result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "out").exists()

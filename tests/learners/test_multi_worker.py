@@ -214,6 +214,10 @@ def test_chief_alone_writes_and_evaluates(interrupted_run):
     assert sum(1 for line in lines if line.startswith("[worker 0] quantized accuracy:")) == 1
     results = json.loads((cwd / "models_uql" / "results.json").read_text())
     assert results["test_examples"] == 32 and results["quant_checkpoint"].endswith("model.ckpt-8")
+    # The chief saved the inference graph export reads (the ConvNet's 28x28x1 input, its logits).
+    from tfquant.export import inference_graph
+    saved = inference_graph.InferenceGraph(str(cwd / "models_uql" / inference_graph.INFERENCE_GRAPH_NAME))
+    assert saved.input_shape == [None, 28, 28, 1]
     # One events file per run of the chief: the killed run and the rerun for float, the rerun for quantized.
     for phase, count in (("full-prec", 2), ("uniform", 1)):
         assert len(glob.glob(str(cwd / "logs" / phase / "train" / "events.out.tfevents.*"))) == count

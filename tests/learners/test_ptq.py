@@ -102,10 +102,10 @@ def test_ptq_eval_and_export_of_a_built_in_model(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert float(re.search(r"ptq eval: accuracy ([0-9.]+)", evaluated.stdout).group(1)) == pytest.approx(
         quant_accuracy, abs=1e-4)
-    exported = run(["-m", "tfquant.export", "--checkpoint_dir", "models_uql", "--model", "convnet_at_fmnist",
-                    "--output_dir", "export", "--eval_subset", "100"], cwd)
+    # The run script's export: the run directory's inference graph, evaluated on the same 100 test images.
+    exported = run([script, "--exec_mode=export", "--export_dir=export"] + common, cwd)
     assert exported.returncode == 0, exported.stderr[-3000:]
     summary = json.load(open(os.path.join(cwd, "export", "export.json")))
-    assert "warnings" not in summary  # every activation range was recorded, by calibration
+    assert summary["test_images"] == 100
     assert summary["accuracy"]["quantized_checkpoint"] == pytest.approx(quant_accuracy, abs=1e-4)
     assert summary["accuracy"]["frozen_graph"] == pytest.approx(quant_accuracy, abs=0.02)

@@ -183,6 +183,23 @@ def test_uniform_fine_tunes_the_file_and_saves_it_back(keras_dir, tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert printed(r"uniform eval: accuracy ([0-9.]+)", evaluated.stdout) == pytest.approx(
         results["quant_accuracy"], abs=1e-4)
+    # The run directory holds the inference graph of the Keras network: the run script exports it, and so
+    # does tfquant.export alone, with tf_keras, nets and learners unimportable.
+    exported = run_keras(tmp_path, model, data, "--learner=uniform", "--exec_mode=export", "--export_dir=export")
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    accuracy = {kind: float(value)
+                for kind, value in re.findall(r"^accuracy (\S+)\s+([0-9.]+)$", exported.stdout, re.M)}
+    assert set(accuracy) == {"quantized_checkpoint", "frozen_graph"}
+    assert accuracy["quantized_checkpoint"] == pytest.approx(results["quant_accuracy"], abs=1e-4)
+    alone = python(["-c", "import sys; sys.modules['tf_keras'] = sys.modules['nets'] = sys.modules['learners'] = None; "
+                    "from tfquant.export.__main__ import main; sys.exit(main(sys.argv[1:]))",
+                    "--checkpoint_dir", "models_uql", "--output_dir", "export_alone",
+                    "--eval_npz", str(keras_dir / "data.npz")], str(tmp_path), legacy_keras=False)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    summary = json.load(open(str(tmp_path / "export_alone" / "export.json")))
+    assert summary["test_images"] == 100 and summary["input"]["shape"] == [None, 8, 8, 2]
+    assert summary["accuracy"]["quantized_checkpoint"] == pytest.approx(results["quant_accuracy"], abs=1e-4)
+    assert summary["frozen_vs_checkpoint"]["argmax_agreement"] == 1.0
 
 
 def test_safe_mode_refuses_lambda_layers_and_data_that_does_not_fit(keras_dir):

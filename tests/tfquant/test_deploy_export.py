@@ -19,7 +19,7 @@ def deployed(tmp_path_factory):
     directory = tmp_path_factory.mktemp("deploy")
     rng = np.random.default_rng(5)
     checkpoint, report_path = _save_quantized(str(directory), CONFIG, rng, train_steps=60)
-    report = model_export.load_report(report_path)
+    report = tfquant.report.load_report(report_path)
     images, labels = _synthetic_data(np.random.default_rng(11), 400)
     calibration, _ = _synthetic_data(np.random.default_rng(12), 100)
     reference, quantized_weights = _quantized_eval(checkpoint, CONFIG, images)
@@ -97,8 +97,7 @@ def test_int8_tflite_from_trained_ranges_agrees_with_quantized_graph(deployed):
 
 
 def _onnx_installed():
-    import importlib.util
-    return all(importlib.util.find_spec(name) for name in ("onnx", "tf2onnx", "onnxruntime"))
+    return onnx_export.available()
 
 
 def test_onnx_qdq_agrees_with_quantized_graph(deployed):
@@ -153,10 +152,18 @@ def test_k_bit_weights_below_8_bits_exact_only_on_the_symmetric_grid(scheme, buc
         assert record["reason"] == "asymmetric grid"
 
 
+def _convnet_forward_eval(images):
+    from nets import convnet, model_helper
+    with tf.compat.v1.variable_scope(model_helper.MODEL_SCOPE, reuse=tf.compat.v1.AUTO_REUSE):
+        return convnet.forward_convnet(images, False, 10)
+
+
 def _convnet_run(directory):
-    """A quantized ConvNet checkpoint (symmetric W8A8, every layer) and its report, as a uniform run leaves them."""
+    """A quantized ConvNet run directory (symmetric W8A8, every layer) as a uniform run leaves it: checkpoint,
+    report and inference graph."""
     import os
     from nets import convnet, model_helper
+    from tfquant.export import inference_graph
     config = tfquant.QuantConfig(weight_bits=8, activation_bits=8, quantize_all_layers=True,
                                  weight_scheme="symmetric", use_buckets=True, bucket_type="channel")
     graph = tf.Graph()
@@ -172,24 +179,38 @@ def _convnet_run(directory):
             sess.run(logits, {images: np.random.default_rng(0).uniform(-1, 1, (16, 28, 28, 1))})
             saver.save(sess, os.path.join(str(directory), "model.ckpt"), global_step=1)
     (directory / "quant_report.json").write_text(report.to_json())
+    inference_graph.save_inference_graph(str(directory), _convnet_forward_eval, [None, 28, 28, 1])
     return config
+
+
+def _convnet_npz(path):
+    """The first 32 Fashion-MNIST test images and 200 training images as the ConvNet's pipelines give them."""
+    from learners.runner import dataset_arrays
+    from nets.convnet_at_fmnist import ModelHelper
+    helper = ModelHelper(batch_size=100, batch_size_eval=32, eval_subset=32, seed=0)
+    images, labels = dataset_arrays(helper, evaluation=True)
+    calibration, _ = dataset_arrays(helper, evaluation=False, limit=200)
+    np.savez(path, x_test=images, y_test=labels, x_train=calibration)
+    return images, labels
 
 
 def test_cli_int8_and_onnx_record_agreement_with_the_quantized_graph(tmp_path, capsys):
     import json
     from tfquant.export import __main__ as cli
+    from tfquant.export import run_directory
     run = tmp_path / "run"
     run.mkdir()
     config = _convnet_run(run)
+    images, labels = _convnet_npz(tmp_path / "data.npz")
     out = tmp_path / "export"
     onnx = ["--onnx"] if _onnx_installed() else []  # the int8 part runs without the optional packages
-    status = cli.main(["--checkpoint_dir", str(run), "--model", "convnet_at_fmnist", "--output_dir", str(out),
-                       "--int8", "--eval_subset", "32", "--latency_images", "3"] + onnx)
+    status = cli.main(["--checkpoint_dir", str(run), "--output_dir", str(out), "--eval_npz", str(tmp_path / "data.npz"),
+                       "--int8", "--latency_images", "3"] + onnx)
     printed = capsys.readouterr()
     assert status == 0, printed.err
     assert "agreement with TF graph" in printed.out and "load average" in printed.out
     result = json.loads((out / "export.json").read_text())
-    assert "trained ranges" in result["int8"]["activation_ranges"]
+    assert "trained ranges" in result["int8"]["activation_ranges"] and result["int8"]["calibration_images"] == 200
     # k <= 8-bit symmetric channel grids are exact on the convolutions; a MatMul's int8 kernel takes one
     # range, so its per-channel grid is rounded and said so.
     verdicts = {w["layer"]: (w["int8"], w["reason"]) for w in result["trained_ranges"]["weights"]}
@@ -199,15 +220,13 @@ def test_cli_int8_and_onnx_record_agreement_with_the_quantized_graph(tmp_path, c
     load = result["latency"]["load_average_1_5_15_min"]
     assert len(load["before"]) == 3 and all(value >= 0 for value in load["before"])
     assert set(result["latency"]) >= {"float", "int8"} | ({"onnx"} if onnx else set())
-    # Recompute every file's agreement from the files themselves and the checkpoint's quantized graph.
-    args = cli._parse_args(["--checkpoint_dir", str(run), "--model", "convnet_at_fmnist", "--output_dir", "x",
-                            "--eval_subset", "32"])
-    helper, have_data, _ = cli._make_helper(args)
-    assert have_data
-    images, labels = cli._dataset_arrays(helper.build_dataset_eval, init_attr="eval_init_op")
+    # Recompute every file's agreement from the files themselves and the checkpoint's quantized graph, built
+    # from the model code (not from the saved inference graph the export used).
     checkpoint = model_export.resolve_checkpoint(str(run))
-    reference = cli._quantized_checkpoint_logits(helper, checkpoint, tfquant.report.config_from_report(
-        model_export.load_report(str(run / "quant_report.json"))), images).argmax(1)
+    reference = run_directory._quantized_checkpoint_logits(
+        _convnet_forward_eval, checkpoint,
+        tfquant.report.config_from_report(tfquant.report.load_report(str(run / "quant_report.json"))),
+        images).argmax(1)
     predictions = {"tflite_int8": tflite_export.run_tflite(str(out / "model_int8.tflite"), images),
                    "tflite_float": tflite_export.run_tflite(str(out / "model_float.tflite"), images)}
     if onnx:

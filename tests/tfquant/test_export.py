@@ -1,6 +1,7 @@
 """Export: packed .tfq file bit-exact against the quantized graph, frozen inference graph, TFLite."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -316,15 +317,22 @@ def _run_cli(capsys, *argv):
 
 def test_cli_bad_input_one_line(tmp_path, capsys, small_checkpoint):
     out = tmp_path / "out"
-    status, err = _run_cli(capsys, "--checkpoint_dir", str(tmp_path / "missing"), "--model", "resnet_at_fmnist",
-                           "--output_dir", str(out))
+    status, err = _run_cli(capsys, "--checkpoint_dir", str(tmp_path / "missing"), "--output_dir", str(out))
     assert status == 2 and err.count("\n") == 1 and err.startswith("error: ") and "missing" in err
     assert not out.exists()
-    status, err = _run_cli(capsys, "--checkpoint_dir", str(tmp_path), "--model", "convnet_at_fmnist",
-                           "--output_dir", str(out))
+    status, err = _run_cli(capsys, "--checkpoint_dir", str(tmp_path), "--output_dir", str(out))
     assert status == 2 and err.startswith("error: ") and "quant_report.json" in err and not out.exists()
+    # An --eval_npz without labels, or not an .npz at all, is named with what was expected.
+    np.savez(tmp_path / "images_only.npz", x_test=np.zeros((2, 4), np.float32))
+    (tmp_path / "text.npz").write_text("not numpy")
+    for name, fragment in (("images_only.npz", "has no array 'y_test'"), ("text.npz", "expected a NumPy .npz file")):
+        status, err = _run_cli(capsys, "--checkpoint_dir", str(tmp_path), "--output_dir", str(out),
+                               "--eval_npz", str(tmp_path / name))
+        assert status == 2 and err.count("\n") == 1 and err.startswith("error: --eval_npz=") and fragment in err, err
+    assert not out.exists()
+    # --model is gone: the run directory's inference graph replaces the model registry.
     with pytest.raises(SystemExit) as info:
-        _run_cli(capsys, "--checkpoint_dir", str(tmp_path), "--model", "nope", "--output_dir", str(out))
+        _run_cli(capsys, "--checkpoint_dir", str(tmp_path), "--model", "convnet_at_fmnist", "--output_dir", str(out))
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
 
@@ -350,6 +358,17 @@ def run_dir(tmp_path_factory):
     return cwd / "models_uql"
 
 
+@pytest.fixture(scope="module")
+def eval_npz(tmp_path_factory):
+    """The first 64 Fashion-MNIST test images as the ConvNet's evaluation pipeline gives them, with labels."""
+    from learners.runner import dataset_arrays
+    from nets.convnet_at_fmnist import ModelHelper
+    images, labels = dataset_arrays(ModelHelper(batch_size=32, batch_size_eval=64, eval_subset=64), evaluation=True)
+    path = tmp_path_factory.mktemp("npz") / "test.npz"
+    np.savez(path, x_test=images, y_test=labels)
+    return path
+
+
 def _copy_run(run_dir, destination):
     import shutil
     shutil.copytree(run_dir, destination)
@@ -361,8 +380,8 @@ def _checkpoint_prefix(directory):
     return os.path.join(str(directory), index[:-len(".index")])
 
 
-def _export_args(run, out, *extra):
-    return ["--checkpoint_dir", str(run), "--model", "convnet_at_fmnist", "--output_dir", str(out),
+def _export_args(run, out, npz, *extra):
+    return ["--checkpoint_dir", str(run), "--output_dir", str(out), "--eval_npz", str(npz),
             "--eval_subset", "64"] + list(extra)
 
 
@@ -370,14 +389,17 @@ def _hidden_entries(directory):
     return sorted(name for name in os.listdir(directory) if name.startswith("."))
 
 
-def test_cli_export_contents_and_all_or_nothing_replacement(run_dir, tmp_path, capsys):
+def test_cli_export_contents_and_all_or_nothing_replacement(run_dir, eval_npz, tmp_path, capsys):
     out = tmp_path / "nested" / "export"
-    status, err = _run_cli(capsys, *_export_args(run_dir, out))
+    status, err = _run_cli(capsys, *_export_args(run_dir, out, eval_npz))
     assert status == 0, err
     assert sorted(os.listdir(out)) == ["export.json", "inference.pb", "model.tfq"]
     assert os.stat(out).st_mode & 0o077 == 0o777 & ~_umask() & 0o077  # not mkdtemp's private 0700
     result = json.load(open(out / "export.json"))
     assert result["test_images"] == 64
+    # Built from the saved inference graph alone, the checkpoint scores what the run itself measured on
+    # the same 64 test images, and the exported graph exactly that.
+    assert result["accuracy"]["quantized_checkpoint"] == json.load(open(run_dir / "results.json"))["quant_accuracy"]
     assert result["accuracy"]["frozen_graph"] == result["accuracy"]["quantized_checkpoint"]
     assert result["frozen_vs_checkpoint"]["argmax_agreement"] == 1.0
     assert result["files"]["packed"]["bytes"] == os.path.getsize(out / "model.tfq")
@@ -396,13 +418,13 @@ def test_cli_export_contents_and_all_or_nothing_replacement(run_dir, tmp_path, c
     data = json.load(open(broken / "quant_report.json"))
     data["version"] = True
     (broken / "quant_report.json").write_text(json.dumps(data))
-    status, err = _run_cli(capsys, *_export_args(broken, out))
+    status, err = _run_cli(capsys, *_export_args(broken, out, eval_npz))
     assert status == 2 and err.count("\n") == 1 and "version=True" in err, err
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
     assert _hidden_entries(out.parent) == [] and _hidden_entries(tmp_path) == []
 
     # A complete new export replaces the old one as a whole.
-    status, err = _run_cli(capsys, *_export_args(run_dir, out)[:-1], "32")
+    status, err = _run_cli(capsys, *_export_args(run_dir, out, eval_npz)[:-1], "32")
     assert status == 0, err
     assert json.load(open(out / "export.json"))["test_images"] == 32
     assert _hidden_entries(out.parent) == []
@@ -432,18 +454,18 @@ def test_cli_removes_stale_staging_and_restores_set_aside_export(tmp_path, capsy
     (set_aside / "export.json").write_text("{}")
     live = tmp_path / (".export.export-%d-ghi" % os.getpid())  # a running export's staging stays
     live.mkdir()
-    status, err = _run_cli(capsys, "--checkpoint_dir", str(tmp_path / "missing"), "--model", "convnet_at_fmnist",
-                           "--output_dir", str(tmp_path / "export"))
+    status, err = _run_cli(capsys, "--checkpoint_dir", str(tmp_path / "missing"), "--output_dir",
+                           str(tmp_path / "export"))
     assert status == 2 and "missing" in err
     assert not stale.exists() and not set_aside.exists() and live.exists()
     assert (tmp_path / "export" / "export.json").read_text() == "{}"
 
 
-def test_cli_refuses_output_dir_with_other_files(run_dir, tmp_path, capsys):
+def test_cli_refuses_output_dir_with_other_files(run_dir, eval_npz, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    status, err = _run_cli(capsys, *_export_args(run_dir, out))
+    status, err = _run_cli(capsys, *_export_args(run_dir, out, eval_npz))
     assert status == 2 and err.count("\n") == 1 and "notes.txt" in err and "not part of an export" in err
     assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
 
@@ -487,29 +509,40 @@ def _garbage_state(run):
     (run / "checkpoint").write_bytes(b"\xff\xfe not a state file {{{")
 
 
+def _other_models_graph(run):
+    """The inference graph of another network (a ResNet-20) in place of the run's ConvNet graph."""
+    from nets.resnet_at_fmnist import ModelHelper
+    from tfquant.export import inference_graph
+    helper = ModelHelper.__new__(ModelHelper)  # the forward pass needs the depth only, not the data set
+    helper.resnet_size = 20
+    inference_graph.save_inference_graph(str(run), helper.forward_eval, [None, 28, 28, 1])
+
+
 def _buckets_off(data):
     data["config"]["use_buckets"] = False  # while its layers still record channel buckets
 
 
-@pytest.mark.parametrize("damage,model,fragment", [
-    (_truncate_data, "convnet_at_fmnist", "cannot be read"),
-    (_zero_ema_steps, "convnet_at_fmnist", "never recorded in training"),
-    (_fifo_index, "convnet_at_fmnist", "is a FIFO; expected a regular file"),
-    (_garbage_state, "convnet_at_fmnist", None),  # the state file is advisory: checkpoints on disk decide
-    (None, "resnet_at_fmnist", "does not match the model"),
-    (_edit_report(lambda d: d.pop("other_variables")), "convnet_at_fmnist", "lacks field 'other_variables'"),
-    (_edit_report(lambda d: d["layers"][0].__setitem__("shape", "3x3")), "convnet_at_fmnist", "layers[0].shape"),
-    (_edit_report(lambda d: d["layers"].pop()), "convnet_at_fmnist", "does not match the model"),
-    (_edit_report(_buckets_off), "convnet_at_fmnist", "bucket_type"),
+@pytest.mark.parametrize("damage,fragment", [
+    (_truncate_data, "cannot be read"),
+    (_zero_ema_steps, "never recorded in training"),
+    (_fifo_index, "is a FIFO; expected a regular file"),
+    (_garbage_state, None),  # the latest checkpoint is found by listing the directory, not from the state file
+    (_other_models_graph, "does not match the model"),
+    (_edit_report(lambda d: d.pop("other_variables")), "lacks field 'other_variables'"),
+    (_edit_report(lambda d: d["layers"][0].__setitem__("shape", "3x3")), "layers[0].shape"),
+    (_edit_report(lambda d: d["layers"].pop()), "does not match the model"),
+    (_edit_report(_buckets_off), "bucket_type"),
+    (lambda run: os.remove(run / "inference_graph.meta"), "has no inference_graph.meta"),
+    (lambda run: (run / "inference_graph.meta").write_bytes(b"garbage"), "cannot be parsed"),
     (_edit_report(lambda d: d["config"].__setitem__("weight_overrides", [["(.*.*)*Z", 2]])),
-     "convnet_at_fmnist", None),
+     None),
 ])
-def test_cli_failures_are_one_line_and_leave_nothing(run_dir, tmp_path, capsys, damage, model, fragment):
+def test_cli_failures_are_one_line_and_leave_nothing(run_dir, eval_npz, tmp_path, capsys, damage, fragment):
     run = _copy_run(run_dir, tmp_path / "run")
     if damage is not None:
         damage(run)
     out = tmp_path / "export"
-    args = ["--checkpoint_dir", str(run), "--model", model, "--output_dir", str(out), "--eval_subset", "16"]
+    args = ["--checkpoint_dir", str(run), "--output_dir", str(out), "--eval_npz", str(eval_npz), "--eval_subset", "16"]
     status, err = _run_cli(capsys, *args)
     if fragment is None:  # damage that must not matter: a pattern in the report is never compiled, and a
         # garbage state file is only a note (the checkpoint files in the directory are found and used)
@@ -526,7 +559,53 @@ def test_cli_stderr_is_exactly_the_error_line(run_dir, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
     result = subprocess.run([sys.executable, "-m", "tfquant.export", "--checkpoint_dir", str(run_dir),
-                             "--model", "convnet_at_fmnist", "--output_dir", str(run_dir)],
+                             "--output_dir", str(run_dir)],
                             capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.startswith("error: --output_dir=") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_cli_exports_with_the_application_unimportable(run_dir, eval_npz, tmp_path):
+    """With `nets` and `learners` made unimportable, the command still exports and evaluates a run directory."""
+    import subprocess
+    import sys
+    out = tmp_path / "export"
+    code = ("import sys; sys.modules['nets'] = sys.modules['learners'] = None; "
+            "from tfquant.export.__main__ import main; sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", code] + _export_args(run_dir, out, eval_npz),
+                            capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+                            env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = dict(re.findall(r"^accuracy (\S+)\s+([0-9.]+)$", result.stdout, re.M))
+    assert set(accuracy) == {"quantized_checkpoint", "frozen_graph"}
+    assert float(accuracy["frozen_graph"]) == float(accuracy["quantized_checkpoint"]) == pytest.approx(
+        json.load(open(run_dir / "results.json"))["quant_accuracy"], abs=1e-4)
+
+
+def test_inference_graph_stores_no_weight_values(tmp_path):
+    """A forward pass whose variables start from arrays (as a Keras file's do) is saved without those arrays: the
+    file stays small, and the imported graph computes with the values restored from a checkpoint."""
+    from tfquant.export import inference_graph
+    tf1 = tf.compat.v1
+    start = np.random.default_rng(0).normal(size=(256, 512)).astype(np.float32)  # 512 KiB of float32
+
+    def build_forward(images):
+        return tf.matmul(images, tf.Variable(start, name="dense/kernel"))
+
+    path = inference_graph.save_inference_graph(str(tmp_path), build_forward, [None, 256])
+    assert os.path.getsize(path) < start.nbytes / 20
+    trained = np.random.default_rng(1).normal(size=start.shape).astype(np.float32)
+    with tf.Graph().as_default():
+        tf.Variable(trained, name="dense/kernel")
+        with tf1.Session() as sess:
+            sess.run(tf1.global_variables_initializer())
+            prefix = tf1.train.Saver().save(sess, str(tmp_path / "model.ckpt"))
+    images = np.random.default_rng(2).normal(size=(3, 256)).astype(np.float32)
+    saved = inference_graph.InferenceGraph(path)
+    assert saved.input_shape == [None, 256]
+    with tf.Graph().as_default():
+        placeholder = tf1.placeholder(tf.float32, [None, 256])
+        logits = saved.build_forward(placeholder)
+        with tf1.Session() as sess:
+            tf1.train.Saver(tf1.global_variables()).restore(sess, prefix)
+            np.testing.assert_allclose(sess.run(logits, {placeholder: images}), images @ trained, rtol=1e-5, atol=1e-4)

@@ -500,12 +500,12 @@ def test_honest_large_file_loads_in_memory_proportional_to_output(tmp_path):
 def test_eval_loads_report_decisions_without_patterns(tmp_path):
     """The uniform learner's eval reads the report the same strict way and replays its decisions."""
     from learners.errors import UserError
-    from learners.uniform_quant import load_report
+    from learners.uniform_quant import read_report_and_config
     path = _write_report(tmp_path, lambda d: d["config"].update(activation_overrides=[["(r*r*)*Z", 2]]))
-    report, config = load_report(str(path))
+    report, config = read_report_and_config(str(path))
     assert config.activation_overrides == () and dict(config.explicit_bits)["relu1"] == 8
     assert [layer.name for layer in report.layers] == ["conv1/Conv2D", "conv2/Conv2D", "relu1"]
     _write_report(tmp_path, lambda d: d.__setitem__("version", True))
     with pytest.raises(UserError) as info:
-        load_report(str(path))
+        read_report_and_config(str(path))
     assert "version=True" in str(info.value) and str(path) in str(info.value) and "\n" not in str(info.value)

@@ -22,6 +22,7 @@ import tensorflow as tf
 from tfquant import fold, match, rewrite
 from tfquant.config import FLOAT_BITS
 from tfquant.export import model_export, tflite_export
+from tfquant.report import load_report
 
 tf1 = tf.compat.v1
 INT8_BITS = 8
@@ -138,7 +139,7 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
       ValueError: a quantized layer uses more than 8 bits (named in the message).
       ExportError: the weights do not fit the model, or no calibration image was given.
     """
-    report = model_export.load_report(report)
+    report = load_report(report)
     tflite_export.check_int8_compatible(report)
     images_value = np.asarray(calibration_images, np.float32)
     if images_value.ndim < 2 or len(images_value) == 0:
@@ -155,8 +156,7 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
         candidates = [c for c in match.find_weight_candidates(graph) if c.input_index is not None
                       and not c.skip_reason]
         activations = match.find_activations(graph)
-        with graph.name_scope(None):
-            output = tf.identity(logits, name=model_export.OUTPUT_NAME)
+        output = model_export.named_output(graph, logits)
         assigns, feeds = model_export.variable_assignments(weights, keep_unused_ranges=True)
         weight_records = [_weight_fake_quant(c.op, c.input_index, np.asarray(weights[c.variable_name]),
                                              weight_layers.get(c.op.name), scheme) for c in candidates]

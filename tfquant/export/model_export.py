@@ -17,13 +17,12 @@ import tfquant
 from tfquant import checkpoints, files, fold, match, ops, ranges
 from tfquant.config import FLOAT_BITS
 from tfquant.export import packed_file
-from tfquant.ops import GroupLayout
-from tfquant.report import DECISIONS_VARIABLE, decisions_difference, QuantReport, config_from_report, read_report
+from tfquant.export.inference_graph import INPUT_NAME, OUTPUT_NAME
+from tfquant.report import (DECISIONS_VARIABLE, QuantReport, config_from_report, decisions_difference, layer_layout,
+                            load_report)
 
 tf1 = tf.compat.v1
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 SIZE_SLACK_RATIO = 1.02
 SIZE_SLACK_BYTES = 4096
 # Training-only counters of a range (ema_steps, init_steps); 0 would make the frozen graph ignore the
@@ -33,23 +32,6 @@ _COUNTER_SUFFIXES = tuple("/" + name for name in ranges.COUNTER_NAMES)
 
 class ExportError(ValueError):
     """Checkpoint, report or weights do not fit together; the message is one line naming what."""
-
-
-def load_report(report):
-    """A QuantReport from a QuantReport, its to_dict() form or the path of its JSON file.
-
-    Args:
-      report: QuantReport, dict or path.
-    Returns:
-      a QuantReport.
-    Raises:
-      ReportError: the file is not a regular readable file or the report does not fit its schema.
-    """
-    if isinstance(report, QuantReport):
-        return report
-    if isinstance(report, dict):
-        return QuantReport.from_dict(report)
-    return read_report(report)
 
 
 def resolve_checkpoint(checkpoint):
@@ -94,14 +76,10 @@ def _tensor(reader, checkpoint, name):
 
 
 def _layout(layer):
-    if layer.bucket_type == "channel":
-        return GroupLayout("channel", channel_axes=tuple(layer.channel_axes or ()))
-    if layer.bucket_type == "split":
-        return GroupLayout("split", bucket_size=layer.bucket_size)
-    if layer.bucket_type is None:
-        return GroupLayout()
-    raise ExportError("report layer %s: bucket_type %r is not valid; expected None, 'channel' or 'split'"
-                      % (layer.name, layer.bucket_type))
+    try:
+        return layer_layout(layer)
+    except ValueError as exc:
+        raise ExportError("report layer %s: %s" % (layer.name, exc)) from None
 
 
 def _stored_variables(report):
@@ -507,6 +485,21 @@ def variable_assignments(weights, keep_unused_ranges=False):
     return assigns, feeds
 
 
+def named_output(graph, logits):
+    """`logits` under the name OUTPUT_NAME: itself when a saved inference graph already named it, else an Identity.
+
+    Args:
+      graph: the graph of `logits` (the Identity is made outside any name scope).
+      logits: the forward pass's output tensor.
+    Returns:
+      the output tensor; callers check that its op is named OUTPUT_NAME (another op may hold the name).
+    """
+    if logits.op.name == OUTPUT_NAME and logits.op.type == "Identity":
+        return logits  # tfquant.export.inference_graph names its own output
+    with graph.name_scope(None):
+        return tf.identity(logits, name=OUTPUT_NAME)
+
+
 def freeze_inference_graph(build_forward, weights, decisions=None, input_shape=None,
                            quantize_activations=True):
     """A self-contained inference GraphDef: weights as constants, input 'input', output 'logits'.
@@ -540,8 +533,7 @@ def freeze_inference_graph(build_forward, weights, decisions=None, input_shape=N
             fold.fold_batch_norms(graph, is_training=False, weights_folded=True)
         if act_config is not None:
             tfquant.quantize_graph(graph, _without_weight_decisions(act_config, graph), is_training=False)
-        with graph.name_scope(None):
-            output = tf.identity(logits, name=OUTPUT_NAME)
+        output = named_output(graph, logits)
         if output.op.name != OUTPUT_NAME or images.op.name != INPUT_NAME:
             raise ExportError("the forward pass already defines an op named %r or %r; rename it so "
                               "the exported graph's input and output keep their names"

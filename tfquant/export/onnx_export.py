@@ -16,6 +16,12 @@ class OnnxUnavailableError(ImportError):
     """tf2onnx or onnxruntime is not installed."""
 
 
+def available():
+    """Whether the optional packages ONNX export needs (onnx, tf2onnx, onnxruntime) are installed."""
+    import importlib.util
+    return all(importlib.util.find_spec(name) for name in ("onnx", "tf2onnx", "onnxruntime"))
+
+
 def _require(name):
     try:
         return __import__(name)

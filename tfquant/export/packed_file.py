@@ -34,6 +34,7 @@ import numpy as np
 
 from tfquant import files
 from tfquant.export import packing
+from tfquant.layout import RANGE_GROUP_BITS
 
 MAGIC = b"TFQPACK\x00"
 FORMAT_VERSION = 1
@@ -141,13 +142,13 @@ def accounted_bits(tensors):
     Args:
       tensors: QuantizedTensor and FloatTensor objects.
     Returns:
-      sum over quantized tensors of n*k + 64*groups plus, over plain tensors, n times the bit width
+      sum over quantized tensors of n*k + RANGE_GROUP_BITS (64) per group plus, over plain tensors, n times the bit width
       of the stored dtype (32 for float32, so 32*n as the size bound states).
     """
     total = 0
     for t in tensors:
         if isinstance(t, QuantizedTensor):
-            total += t.size * t.bits + 64 * t.num_groups
+            total += t.size * t.bits + RANGE_GROUP_BITS * t.num_groups
         elif isinstance(t, FloatTensor):
             total += t.array.size * t.array.dtype.itemsize * 8
         else:

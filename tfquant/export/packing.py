@@ -20,25 +20,15 @@ import math
 
 import numpy as np
 
-MIN_BITS = 1
-MAX_BITS = 16
-LAYOUTS = ("none", "channel", "split")
+from tfquant import config
+from tfquant.layout import LAYOUTS, GroupLayout
+
 _UNPACK_CHUNK = 1 << 16
 
 
 def check_bits(bits):
-    """Validate a code width.
-
-    Args:
-      bits: the number of bits per code.
-    Returns:
-      bits as a Python int, guaranteed to be in 1..16.
-    """
-    if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, (int, np.integer)):
-        raise ValueError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
-    if not MIN_BITS <= int(bits) <= MAX_BITS:
-        raise ValueError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {int(bits)}")
-    return int(bits)
+    """The width of packed codes as an int in 1..16 (config.check_bits without the float width)."""
+    return config.check_bits("bits", bits, allow_float=False)
 
 
 def packed_size(count, bits):
@@ -220,13 +210,11 @@ def num_groups(shape, layout, channel_axes=None, bucket_size=None):
     """
     shape = _check_shape(shape)
     _check_layout(layout)
-    if layout == "none":
-        return 1
     if layout == "channel":
-        axes = normalize_channel_axes(shape, channel_axes)
-        return math.prod(shape[a] for a in axes)
-    n = math.prod(shape)
-    return -(-n // _check_bucket(bucket_size))
+        return GroupLayout("channel", channel_axes=normalize_channel_axes(shape, channel_axes)).num_groups(shape)
+    if layout == "split":
+        return GroupLayout("split", bucket_size=_check_bucket(bucket_size)).num_groups(shape)
+    return GroupLayout().num_groups(shape)
 
 
 def group_index(shape, layout, channel_axes=None, bucket_size=None):

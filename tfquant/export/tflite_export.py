@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from tfquant.config import FLOAT_BITS
 from tfquant.export import model_export
+from tfquant.report import load_report
 
 tf1 = tf.compat.v1
 INT8_MAX_BITS = 8
@@ -37,7 +38,7 @@ def check_int8_compatible(report):
     Args:
       report: QuantReport (or its dict / JSON path).
     """
-    report = model_export.load_report(report)
+    report = load_report(report)
     for layer in report.quantized_layers:
         if INT8_MAX_BITS < layer.bits < FLOAT_BITS:
             name = layer.weight_variable or layer.name
@@ -178,18 +179,6 @@ def _dequantize_output(values, detail):
         return values.astype(np.float32)
     scale, zero_point = detail["quantization"]
     return ((values.astype(np.float32) - zero_point) * scale).astype(np.float32)
-
-
-def output_scale(model):
-    """The output tensor's quantization scale (0.0 for a float output).
-
-    Args:
-      model: .tflite path or bytes.
-    Returns:
-      float scale of one int8 step of the logits.
-    """
-    interpreter = make_interpreter(model)
-    return float(interpreter.get_output_details()[0]["quantization"][0])
 
 
 def run_tflite(model, images, batch_size=64, num_threads=None):

@@ -1,0 +1,381 @@
+"""Export a quantized run directory (checkpoint, report, inference graph) into a directory of deployable files.
+
+The run directory holds what a quantized run writes: `quant_report.json`, `inference_graph.meta` and
+`model.ckpt-N`. The output directory receives model.tfq, inference.pb, model_float.tflite,
+model_int8.tflite and model.onnx (when asked for) and export.json, which records for every file its accuracy
+and its agreement with the quantized TF graph (the share of test images given the same class). Everything
+is built in a sibling staging directory and moved into place with one rename once complete: a failure
+leaves the output directory as it was (or absent), and a previous export there is replaced only by a
+complete new one. No model code is needed: the forward pass comes from the saved inference graph.
+"""
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+import tfquant
+from tfquant import files
+from tfquant.export import fake_quant_graph, inference_graph, model_export, onnx_export, tflite_export
+from tfquant.export.model_export import ExportError
+from tfquant.report import REPORT_NAME, config_from_report, load_report
+
+tf1 = tf.compat.v1
+CALIBRATION_IMAGES = 200
+LATENCY_IMAGES = 100
+# What a previous export may hold; an output directory with anything else is refused, never replaced.
+EXPORT_FILES = ("model.tfq", "inference.pb", "model_float.tflite", "model_int8.tflite", "model.onnx", "export.json")
+STATE_FILE = "checkpoint"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """Which files to write besides model.tfq and inference.pb, and how many images to time."""
+
+    tflite: bool
+    int8: bool
+    int8_calibration: bool
+    onnx: bool
+    latency_images: int
+
+
+def one_line(exc):
+    """The message of `exc` on one line (TensorFlow's OpError without its traceback part)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, tf.errors.OpError):
+        text = " ".join((exc.message or text).split())
+    return text
+
+
+def _quantized_checkpoint_logits(build_forward, checkpoint, config, images, batch_size=500):
+    """Logits of the quantized evaluation graph restored from the checkpoint (the reference)."""
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf1.placeholder(tf.float32, [None] + list(images.shape[1:]))
+        logits = build_forward(x)
+        tfquant.quantize_graph(graph, config, is_training=False)
+        saver = tf1.train.Saver(tf1.global_variables())
+    outputs = []
+    with tf1.Session(graph=graph) as sess:
+        saver.restore(sess, checkpoint)
+        for start in range(0, len(images), batch_size):
+            outputs.append(sess.run(logits, {x: images[start:start + batch_size]}))
+    return np.concatenate(outputs)
+
+
+def _accuracy(logits, labels):
+    return float(np.mean(np.argmax(logits, axis=1) == labels))
+
+
+def _rebuilt_report(build_forward, config, input_shape):
+    """The report quantize_graph gives the saved forward pass under `config` (no session, no variables read)."""
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf1.placeholder(tf.float32, input_shape)
+        build_forward(images)
+        return tfquant.quantize_graph(graph, config, is_training=False)
+
+
+def _resolve_checkpoint(checkpoint_dir):
+    """The latest checkpoint of the run directory; a state file that is no regular file is refused."""
+    state = os.path.join(checkpoint_dir, STATE_FILE)
+    if os.path.lexists(state):
+        # TensorFlow would block forever on a FIFO.
+        files.regular_file_size(state, ExportError, "checkpoint state file")
+    try:
+        return model_export.resolve_checkpoint(checkpoint_dir)
+    except (ExportError, OSError):
+        raise
+    except Exception as exc:  # pylint: disable=broad-except  (protobuf's ParseError is no ValueError)
+        raise ExportError("checkpoint state file=%s is not valid (%s); expected the 'checkpoint' file TensorFlow "
+                          "writes" % (state, one_line(exc))) from None
+
+
+def _check_data(test_data, calibration_images, input_shape):
+    """Test images/labels and calibration images as float32/int64 arrays of the model's input shape."""
+    def images_of(name, value):
+        value = np.asarray(value)
+        if value.dtype.kind not in "fiu" or list(value.shape[1:]) != list(input_shape[1:]) or not len(value):
+            raise ExportError("%s=array of shape %s and dtype %s is not valid; expected a non-empty float array "
+                              "of shape [N] + %s" % (name, list(value.shape), value.dtype, list(input_shape[1:])))
+        return value.astype(np.float32, copy=False)
+
+    if test_data is not None:
+        images, labels = images_of("test images", test_data[0]), np.asarray(test_data[1])
+        if labels.dtype.kind not in "iu" or labels.shape != (len(images),):
+            raise ExportError("test labels=array of shape %s and dtype %s is not valid; expected %d integer labels"
+                              % (list(labels.shape), labels.dtype, len(images)))
+        test_data = images, labels.astype(np.int64)
+    if calibration_images is not None:
+        calibration_images = images_of("calibration images", calibration_images)[:CALIBRATION_IMAGES]
+    return test_data, calibration_images
+
+
+def _export(checkpoint_dir, staging, options, test_data, calibration_images):
+    if not os.path.isdir(checkpoint_dir):
+        raise ExportError("checkpoint_dir=%s is not valid; expected a directory" % checkpoint_dir)
+    report_path = os.path.join(checkpoint_dir, REPORT_NAME)
+    graph_path = os.path.join(checkpoint_dir, inference_graph.INFERENCE_GRAPH_NAME)
+    for path in (report_path, graph_path):
+        if not os.path.lexists(path):
+            raise ExportError("checkpoint_dir=%s has no %s; expected the directory of a quantized run "
+                              "(--learner uniform or ptq)" % (checkpoint_dir, os.path.basename(path)))
+    report = load_report(report_path)
+    config = config_from_report(report)
+    checkpoint = _resolve_checkpoint(checkpoint_dir)
+    int8, onnx = options.int8, options.onnx
+    if options.int8_calibration and not int8:
+        raise ExportError("int8_calibration=True is not valid without int8; expected int8=True too")
+    if int8 or onnx:
+        tflite_export.check_int8_compatible(report)
+    saved_graph = inference_graph.InferenceGraph(graph_path)
+    build_forward, input_shape = saved_graph.build_forward, saved_graph.input_shape
+    test_data, calibration_images = _check_data(test_data, calibration_images, input_shape)
+    if (int8 or onnx) and calibration_images is None:
+        raise ExportError("%s export needs calibration images; expected training (or test) images for the ranges "
+                          "training did not record" % ("int8" if int8 else "ONNX"))
+    try:
+        rebuilt = _rebuilt_report(build_forward, config, input_shape)
+    except ValueError as exc:
+        raise ExportError("%s (is %s the graph of this checkpoint?)" % (one_line(exc), graph_path)) from None
+    model_export.check_report_matches_model(report, rebuilt, report_path)
+    result = {"checkpoint": os.path.abspath(checkpoint), "report": report_path,
+              "inference_graph": os.path.abspath(graph_path), "config": report.config, "files": {},
+              "input": {"name": inference_graph.INPUT_NAME, "shape": input_shape, "dtype": "float32",
+                        "output": inference_graph.OUTPUT_NAME}}
+
+    def add_file(key, name, content=None):
+        if content is not None:
+            # Flushed to disk before the staging directory is published, like every file of the export.
+            files.write_atomically(os.path.join(staging, name), content)
+        result["files"][key] = {"name": name, "bytes": os.path.getsize(os.path.join(staging, name))}
+
+    folded = None
+    if report.config.get("fold_batch_norms"):
+        folded = model_export.folded_weight_values(build_forward, checkpoint, input_shape)
+    stats = model_export.pack_checkpoint(checkpoint, report, os.path.join(staging, "model.tfq"),
+                                         metadata={"input_shape": input_shape}, folded_weights=folded)
+    stats.pop("path")
+    result["packed"] = stats
+    add_file("packed", "model.tfq")
+    if not stats["within_bound"]:
+        raise ExportError("packed file=%d bytes is not valid; expected at most the bound of %.0f bytes"
+                          % (stats["file_bytes"], stats["bound_bytes"]))
+    weights, _ = model_export.load_packed_weights(os.path.join(staging, "model.tfq"))
+    graph_def = model_export.freeze_inference_graph(build_forward, weights, report, input_shape)
+    add_file("frozen_graph", "inference.pb", graph_def.SerializeToString())
+
+    reference = frozen = None
+    if test_data is not None:
+        test_images, test_labels = test_data
+        reference = _quantized_checkpoint_logits(build_forward, checkpoint, config, test_images)
+        frozen = model_export.run_graph_def(graph_def, test_images)
+        result["test_images"] = int(len(test_labels))
+        result["accuracy"] = {"quantized_checkpoint": _accuracy(reference, test_labels),
+                              "frozen_graph": _accuracy(frozen, test_labels)}
+        result["frozen_vs_checkpoint"] = {
+            "argmax_agreement": float(np.mean(frozen.argmax(1) == reference.argmax(1))),
+            "max_abs_logit_diff": float(np.max(np.abs(frozen - reference)))}
+    else:
+        result["data_unavailable"] = "no test data given"
+
+    models = {}
+    if options.tflite or int8:
+        # The float model keeps tfquant's activation quantization, so it predicts as the checkpoint does.
+        models["float"] = tflite_export.convert_float(graph_def, input_shape)
+        add_file("tflite_float", "model_float.tflite", models["float"])
+    ranged = None
+    if (int8 and not options.int8_calibration) or onnx:
+        ranged = fake_quant_graph.build(build_forward, weights, report, input_shape, calibration_images)
+        result["trained_ranges"] = ranged.summary()
+    if int8 and options.int8_calibration:
+        float_activations = model_export.freeze_inference_graph(
+            build_forward, weights, report, input_shape, quantize_activations=False)
+        models["int8"] = tflite_export.convert_int8(float_activations, calibration_images, report, input_shape,
+                                                    num_calibration=CALIBRATION_IMAGES)
+        result["int8"] = {"input_output_type": "int8", "calibration_images": int(len(calibration_images)),
+                          "activation_ranges": "calibration fallback: the converter calibrated every range "
+                                               "(tfquant activation ops left out)"}
+    elif int8:
+        models["int8"] = tflite_export.convert_int8_trained(ranged, input_shape)
+        result["int8"] = {"input_output_type": "int8", "calibration_images": ranged.calibration_images,
+                          "activation_ranges": "trained ranges as FakeQuant ops; tensors training never "
+                                               "quantized calibrated (see trained_ranges)"}
+    if int8:
+        add_file("tflite_int8", "model_int8.tflite", models["int8"])
+    onnx_model = None
+    if onnx:
+        onnx_model = onnx_export.convert(ranged.graph_def)
+        add_file("onnx", "model.onnx", onnx_model)
+        result["onnx"] = {"opset": onnx_export.OPSET,
+                          "quantize_dequantize_pairs": list(onnx_export.quantize_linear_pairs(onnx_model))}
+    if test_data is not None:
+        _fidelity(result, reference, test_data, frozen, models, onnx_model, options.latency_images)
+    files.write_atomically(os.path.join(staging, "export.json"), json.dumps(result, indent=2).encode())
+    return result
+
+
+def _fidelity(result, reference, test_data, frozen, tflite_models, onnx_model, latency_images):
+    """Accuracy, agreement with the quantized TF graph and latency of every exported file, into `result`."""
+    images, labels = test_data
+    predictions = {"frozen_graph": frozen}
+    for label, model in tflite_models.items():
+        predictions["tflite_" + label] = tflite_export.run_tflite(model, images)
+    if onnx_model is not None:
+        predictions["onnx"] = onnx_export.run_onnx(onnx_model, images)
+    # The share of test images each file gives the class the quantized TF graph gives.
+    result["agreement_with_quantized_tf"] = {
+        label: float(np.mean(logits.argmax(1) == reference.argmax(1))) for label, logits in predictions.items()}
+    for label, logits in predictions.items():
+        result["accuracy"][label] = _accuracy(logits, labels)
+    runners = dict(tflite_models)
+    if onnx_model is not None:
+        runners["onnx"] = onnx_export.single_image_runner(onnx_model)
+    if runners and latency_images > 0:
+        before = os.getloadavg()
+        latency = tflite_export.measure_latency(runners, images[:latency_images])
+        latency["load_average_1_5_15_min"] = {"before": list(before), "after": list(os.getloadavg())}
+        if "float" in latency and "int8" in latency:
+            latency["float_over_int8_median"] = latency["float"]["median_ms"] / latency["int8"]["median_ms"]
+            latency["int8_over_float_median"] = latency["int8"]["median_ms"] / latency["float"]["median_ms"]
+        result["latency"] = latency
+
+
+def _existing_ancestor(path):
+    """The nearest existing directory at or above `path` (staging goes there: same file system)."""
+    while not os.path.isdir(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(output_dir, root):
+    """Remove staging directories of killed exports of `output_dir`; restore a previous export set aside."""
+    base = os.path.basename(output_dir)
+    pattern = re.compile(r"^\.%s\.(export|old)-(\d+)-" % re.escape(base))
+    for name in sorted(os.listdir(root)):
+        found = pattern.match(name)
+        if not found or _process_alive(int(found.group(2))):
+            continue
+        path = os.path.join(root, name)
+        if found.group(1) == "old" and root == os.path.dirname(output_dir) and not os.path.lexists(output_dir):
+            os.rename(path, output_dir)  # killed between setting the old export aside and moving the new one in
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_output_dir(output_dir, given):
+    """Refuse an output directory that holds anything but a previous export (it would be replaced)."""
+    if not os.path.lexists(output_dir):
+        return
+    if not os.path.isdir(output_dir) or os.path.islink(output_dir):
+        raise ExportError("%s is not valid: it exists and is not a directory; expected a new directory or a "
+                          "previous export" % given)
+    foreign = sorted(set(os.listdir(output_dir)) - set(EXPORT_FILES))
+    if foreign:
+        raise ExportError("%s holds %s, which is not part of an export; expected a new or empty "
+                          "directory or a previous export (it is replaced as a whole)" % (given, foreign[0]))
+
+
+def _publish(staging, output_dir):
+    """Move the complete staging directory to `output_dir`, replacing a previous export only then."""
+    os.makedirs(os.path.dirname(output_dir), exist_ok=True)
+    if not os.path.lexists(output_dir):
+        os.rename(staging, output_dir)
+        return
+    old = tempfile.mkdtemp(prefix=".%s.old-%d-" % (os.path.basename(output_dir), os.getpid()),
+                           dir=os.path.dirname(output_dir))
+    os.rmdir(old)  # only the unique name is wanted; rename needs a free target
+    os.rename(output_dir, old)
+    try:
+        os.rename(staging, output_dir)
+    except BaseException:
+        os.rename(old, output_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_run_directory(checkpoint_dir, output_dir, tflite=False, int8=False, int8_calibration=False, onnx=False,
+                         test_data=None, calibration_images=None, latency_images=LATENCY_IMAGES, output_name=None):
+    """Export the latest checkpoint of a quantized run directory, all or nothing.
+
+    Args:
+      checkpoint_dir: directory with quant_report.json, inference_graph.meta and model.ckpt-N.
+      output_dir: receives model.tfq, inference.pb, [model_float.tflite, model_int8.tflite, model.onnx,]
+        export.json.
+      tflite: also write model_float.tflite.
+      int8: also write model_int8.tflite (implies tflite) with the trained weight and activation ranges;
+        needs `calibration_images` for the tensors training never quantized.
+      int8_calibration: with int8, let the converter calibrate every activation range instead.
+      onnx: also write model.onnx (QuantizeLinear/DequantizeLinear pairs with the trained ranges; needs
+        tf2onnx and onnxruntime); needs `calibration_images` as int8 does.
+      test_data: optional (images, labels) of preprocessed test images in the model's input shape; with
+        it export.json records the accuracy of the checkpoint and of every exported file, and every file's
+        agreement with the quantized TF graph.
+      calibration_images: images for the ranges training did not record (first CALIBRATION_IMAGES used).
+      latency_images: test images per model for the per-image latency (0: not measured).
+      output_name: how the output directory is named in messages (default: 'output_dir=<path>').
+    Returns:
+      the dict written to export.json.
+    Raises:
+      ExportError, ReportError, PackedFileError, InferenceGraphError (ValueErrors with one-line messages),
+      onnx_export.OnnxUnavailableError, OSError, tf.errors.OpError.
+    """
+    options = _Options(tflite, int8, int8_calibration, onnx, latency_images)
+    output_dir = os.path.abspath(output_dir)
+    staging = None
+    try:
+        _check_output_dir(output_dir, output_name or "output_dir=" + output_dir)
+        root = _existing_ancestor(os.path.dirname(output_dir))
+        _clean_stale(output_dir, root)
+        staging = tempfile.mkdtemp(prefix=".%s.export-%d-" % (os.path.basename(output_dir), os.getpid()),
+                                   dir=root)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the export's mode
+        result = _export(checkpoint_dir, staging, options, test_data, calibration_images)
+        _publish(staging, output_dir)
+        staging = None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return result
+
+
+def summary_lines(result, output_dir):
+    """The lines a command prints after an export: files, packed size, `accuracy <file kind> <value>`,
+    each file's agreement with the quantized TF graph and its latency."""
+    packed = result["packed"]
+    lines = ["wrote %s" % ", ".join(sorted(f["name"] for f in result["files"].values())),
+             "packed model: %d bytes (bound %.0f, float32 model %.0f bytes, %.2fx smaller)"
+             % (packed["file_bytes"], packed["bound_bytes"], packed["float_storage_bits"] / 8.0,
+                packed["compression_ratio"])]
+    lines.extend("accuracy %-22s %.4f" % (label, value) for label, value in result.get("accuracy", {}).items())
+    lines.extend("agreement with TF graph %-22s %.4f" % (label, value)
+                 for label, value in result.get("agreement_with_quantized_tf", {}).items())
+    latency = result.get("latency", {})
+    for label, timing in latency.items():
+        if isinstance(timing, dict) and "median_ms" in timing:
+            lines.append("latency %-22s %.3f ms per image" % (label, timing["median_ms"]))
+    if latency:
+        load = latency["load_average_1_5_15_min"]
+        lines.append("latency: median per image, batch 1, one thread, measured alternately; load average %.2f "
+                     "before, %.2f after" % (load["before"][0], load["after"][0]))
+    lines.append("details: %s" % os.path.join(os.path.abspath(output_dir), "export.json"))
+    return lines
