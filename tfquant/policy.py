@@ -66,6 +66,11 @@ def _float_reason(bits, source):
     return "bits 32 (%s)" % source if bits == FLOAT_BITS else ""
 
 
+def kept_float_as_first_or_last(position, count, config):
+    """Whether the first/last rule keeps the weight layer at `position` of `count` (data-flow order) float."""
+    return not config.quantize_all_layers and position in (0, count - 1)
+
+
 def decide_weight_bits(layers, config):
     """Bits of every quantizable weight layer.
 
@@ -84,7 +89,6 @@ def decide_weight_bits(layers, config):
                          "variables (%s); expected one bit width per layer in data-flow order"
                          % (len(config.layer_bits), len(layers), ", ".join(l.variable_name for l in layers)))
     used, decisions = set(), []
-    last = len(layers) - 1
     for position, layer in enumerate(layers):
         explicit = config.explicit_bits_of(layer.op_name)
         if explicit is not None:
@@ -96,7 +100,7 @@ def decide_weight_bits(layers, config):
             source = "override %r" % pattern
             if bits is not None:
                 used.add(pattern)
-            elif not config.quantize_all_layers and position in (0, last):
+            elif kept_float_as_first_or_last(position, len(layers), config):
                 edge = "first" if position == 0 else "last"
                 decisions.append(BitDecision(layer.op_name, WEIGHT, FLOAT_BITS, "first/last layer rule",
                                              "%s layer kept float (quantize_all_layers=False)" % edge))

@@ -12,7 +12,7 @@ from typing import List, Optional
 import numpy as np
 import tensorflow as tf
 
-from tfquant import match, ops
+from tfquant import match, ops, policy
 
 tf1 = tf.compat.v1
 SCOPE = "tfquant_sensitivity"
@@ -59,8 +59,9 @@ def find_targets(graph, config):
     """
     depths = match.data_flow_depths(graph)
     eligible = [c for c in match.find_weight_candidates(graph, depths) if not c.skip_reason]
-    if not config.quantize_all_layers:
-        eligible = eligible[1:-1]
+    # The policy's first/last rule: those layers stay float and outside any budget.
+    eligible = [c for position, c in enumerate(eligible)
+                if not policy.kept_float_as_first_or_last(position, len(eligible), config)]
     weights = {}
     for candidate in eligible:
         target = weights.get(candidate.variable_name)
