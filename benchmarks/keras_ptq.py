@@ -286,8 +286,8 @@ def render(payload, command):
     lines = ["## Your own model and post-training calibration (Fashion-MNIST, all 10,000 test images)", "",
              "Command: `%s`" % command, ""]
     lines += machine.machine_lines(payload["machine"], payload["load_before"])
-    lines += ["- %s: tf_keras MobileNetV2 (alpha 0.35, weights=None, batch-norm momentum 0.99, %s parameters) saved as .h5, on Fashion-MNIST "
-              "made 32x32x3 (zero-padded, channel repeated) as an .npz; float: %s epochs of `nets/keras_model_run.py "
+    lines += ["- %s: tf_keras MobileNetV2 (alpha 0.35, weights=None, batch-norm momentum 0.99, %s parameters) saved "
+              "as .h5, on Fashion-MNIST made 32x32x3 (zero-padded, channel repeated) as an .npz; float: %s epochs of `nets/keras_model_run.py "
               "--learner full-prec` (--lrn_rate_init=%s, cosine); QAT: `--learner uniform` for %s epoch(s) "
               "(--uql_lrn_rate_init=0.01). %s: the float checkpoint in %s (the accuracy table's budget, seed 0); QAT "
               "%s epoch(s)."
