@@ -35,10 +35,13 @@ class Budget(typing.NamedTuple):
     weight_bits: float
     activation_bits: typing.Optional[int] = None
     activation_budget: typing.Optional[float] = None
+    weight_bit_min: int = 2
 
 
-BUDGETS = [Budget("W2 A4", 2, activation_bits=4), Budget("W3 A4", 3, activation_bits=4),
-           Budget("W2 A2.5", 2, activation_budget=2.5), Budget("W3 A2.5", 3, activation_budget=2.5)]
+# At 2 equivalent bits with --uql_w_bit_min 2 the only allocation is 2 bits everywhere (measured: auto, uniform
+# and random rows were one model): those budgets let the solver go down to 1 bit so a choice exists.
+BUDGETS = [Budget("W2 A4", 2, activation_bits=4, weight_bit_min=1), Budget("W3 A4", 3, activation_bits=4),
+           Budget("W2 A2.5", 2, activation_budget=2.5, weight_bit_min=1), Budget("W3 A2.5", 3, activation_budget=2.5)]
 FULL = dict(accuracy_table.FULL, randoms=5, budgets=[b.label for b in BUDGETS])
 QUICK = dict(accuracy_table.QUICK, randoms=1, budgets=["W3 A2.5"])
 IMG_PER_S = re.compile(r"^uniform iter \d+/\d+ .*\| (\d+) img/s")
@@ -47,7 +50,8 @@ IMG_PER_S = re.compile(r"^uniform iter \d+/\d+ .*\| (\d+) img/s")
 def row_flags(budget, method, random_bits=None):
     """Run-script flags of one row: 'auto', 'uniform', or a random allocation {op name: bits} (+ layer order)."""
     if method == "auto":
-        flags = ["--uql_auto_bits", "--uql_equivalent_bits=%s" % budget.weight_bits]
+        flags = ["--uql_auto_bits", "--uql_equivalent_bits=%s" % budget.weight_bits,
+                 "--uql_w_bit_min=%d" % budget.weight_bit_min]
         if budget.activation_budget is not None:
             return flags + ["--uql_a_equivalent_bits=%s" % budget.activation_budget]
         return flags + ["--uql_activation_bits=%d" % budget.activation_bits]
@@ -171,8 +175,11 @@ def render(payload, command):
              "Command: `%s`" % command, ""]
     lines += machine.machine_lines(payload["machine"], payload["load_before"])
     lines += ["- Every row fine-tunes its seed's float checkpoint for --uql_quant_epochs=%s; first and last layers "
-              "float. Best random: the best of %d random allocations at the same budget, per seed."
-              % (payload["plan"]["epochs"], payload["plan"]["randoms"]), "",
+              "float. Best random: the best of %d random allocations at the same budget, per seed. Auto and random "
+              "weight widths range from %s to 8 bits; uniform is the widest width within the budget."
+              % (payload["plan"]["epochs"], payload["plan"]["randoms"],
+                 " or ".join("%d (%s)" % (m, ", ".join(b.label for b in BUDGETS if b.weight_bit_min == m))
+                             for m in sorted({b.weight_bit_min for b in BUDGETS}))), "",
               publish.markdown_table(("budget", "seeds", "auto %", "uniform %", "best random %", "search s",
                                       "epoch s", "search / epoch"), rows), ""]
     for label, t in table.items():
