@@ -12,19 +12,34 @@ import glob
 import os
 import subprocess
 import sys
+import typing
 
 import numpy as np
 import tensorflow as tf
 
 from benchmarks import accuracy_table, machine, publish
 
-# (row of the accuracy table, what it stands for here, export CLI flags)
-EXPORTS = [("W8A8", "8-bit weights, 8-bit activations", ["--int8", "--int8_calibration"]),
-           ("W8A8 all layers symmetric folded", "W8A8 every layer, symmetric weights, batch norm folded",
-            ["--int8", "--onnx"]),
-           ("W4A32 channel", "4-bit weights, channel buckets", []),
-           ("W2A8 channel", "2-bit weights, channel buckets, 8-bit activations", [])]
-DEPLOYED = "W8A8 all layers symmetric folded"
+
+
+class Export(typing.NamedTuple):
+    """One export: the accuracy-table row whose checkpoint it exports, its label, what it is, CLI flags."""
+
+    row: str
+    label: str
+    meaning: str
+    flags: list
+
+
+DEPLOYED_ROW = "W8A8 all layers symmetric folded"
+EXPORTS = [Export(DEPLOYED_ROW, "W8A8 deployable", "W8A8 every layer, symmetric weights, batch norm folded; integer "
+                  "files from the trained ranges", ["--int8", "--onnx"]),
+           Export(DEPLOYED_ROW, "W8A8 deployable, calibrated int8", "the same checkpoint, int8 ranges by the "
+                  "converter's calibration (the fallback)", ["--int8", "--int8_calibration"]),
+           Export("W4A8 ch", "W4A8 channel", "4-bit weights, channel buckets, 8-bit activations", []),
+           Export("W2A2 ch LSQ + dst", "W2A2 channel LSQ", "2-bit weights and activations, LSQ step sizes, channel "
+                  "buckets", [])]
+QUICK_EXPORTS = [Export("W8A8", "W8A8", "8-bit weights, 8-bit activations", ["--int8"])]
+DEPLOYED = "W8A8 deployable"
 # Issue 13's targets for the model trained as deployed.
 AGREEMENT_TARGET = 0.997
 ACCURACY_TARGET_POINTS = 0.1
@@ -49,15 +64,15 @@ def write_test_npz(path, calibration_images=200):
     return path
 
 
-def export_row(work_dir, seed, name, export_flags, extra, npz):
+def export_row(work_dir, seed, export, extra, npz):
     """Run the export CLI on one row's run directory; returns its export.json."""
-    row_dir = accuracy_table.row_dir(work_dir, name, seed)
-    out_dir = os.path.join(os.path.dirname(row_dir), "export_" + accuracy_table.slug(name))
+    row_dir = accuracy_table.row_dir(work_dir, export.row, seed)
+    out_dir = os.path.join(os.path.dirname(row_dir), "export_" + accuracy_table.slug(export.label))
     argv = [sys.executable, "-m", "tfquant.export", "--checkpoint_dir", row_dir, "--eval_npz", npz,
-            "--output_dir", out_dir] + export_flags + extra
+            "--output_dir", out_dir] + export.flags + extra
     result = subprocess.run(argv, cwd=publish.REPO_ROOT, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError("export of %s failed:\n%s" % (name, result.stderr[-3000:]))
+        raise RuntimeError("export of %s failed:\n%s" % (export.label, result.stderr[-3000:]))
     return publish.load_json(os.path.join(out_dir, "export.json"))
 
 
@@ -95,7 +110,8 @@ def render(payload, float_accuracy, command):
               payload["float_checkpoint_bytes"], "%.2f" % (100 * float_accuracy), "-", "-")]
     table.append(("float32 model, every stored variable once (the ratio's reference)", "-",
                   int(first["packed"]["float_storage_bits"] / 8.0), "-", "-", "-"))
-    notes = []
+    notes = ["- `%s`: %s (the accuracy table's `%s` checkpoint)." % (row["name"], row["meaning"], row["row"])
+             for row in rows]
     for row in rows:
         data = row["export"]
         agreement = data.get("agreement_with_quantized_tf", {})
@@ -144,19 +160,19 @@ def main(argv=None):
     args = parser.parse_args(argv)
     load_before = publish.start(args)
     extra = ["--eval_subset=200", "--latency_images=20"] if args.quick else []
-    exports = EXPORTS[:1] if args.quick else EXPORTS
+    exports = QUICK_EXPORTS if args.quick else EXPORTS
     float_bytes, float_prefix = checkpoint_bytes(accuracy_table.float_dir(args.work_dir, args.seed))
     rows = []
     npz = write_test_npz(os.path.join(args.work_dir, "fmnist_test.npz"))
-    for name, meaning, export_flags in exports:
-        data = export_row(args.work_dir, args.seed, name, export_flags, extra, npz)
-        rows.append({"name": name, "meaning": meaning, "export": data})
+    for export in exports:
+        data = export_row(args.work_dir, args.seed, export, extra, npz)
+        rows.append({"name": export.label, "row": export.row, "meaning": export.meaning, "export": data})
     payload = {"machine": machine.machine_info(), "load_before": load_before, "float_checkpoint_bytes": float_bytes,
                "float_checkpoint": float_prefix, "rows": rows, "quick": args.quick}
     publish.write_json(args.output, payload)
     if not args.quick:
         float_accuracy = publish.load_json(os.path.join(accuracy_table.row_dir(
-            args.work_dir, rows[0]["name"], args.seed), "results.json"))["float_accuracy"]
+            args.work_dir, rows[0]["row"], args.seed), "results.json"))["float_accuracy"]
         publish.publish("export_table", render(payload, float_accuracy, publish.command_line()), args.markdown,
                         load_before, payload["machine"]["load_average"], args.allow_busy)
     for row in rows:
