@@ -35,9 +35,7 @@ EXPORTS = [Export(DEPLOYED_ROW, "W8A8 deployable", "W8A8 every layer, symmetric 
                   "files from the trained ranges", ["--int8", "--onnx"]),
            Export(DEPLOYED_ROW, "W8A8 deployable, calibrated int8", "the same checkpoint, int8 ranges by the "
                   "converter's calibration (the fallback)", ["--int8", "--int8_calibration"]),
-           Export("W4A8 ch", "W4A8 channel", "4-bit weights, channel buckets, 8-bit activations", []),
-           Export("W2A2 ch LSQ + dst", "W2A2 channel LSQ", "2-bit weights and activations, LSQ step sizes, channel "
-                  "buckets", [])]
+           Export("W4A8 ch", "W4A8 channel", "4-bit weights, channel buckets, 8-bit activations", [])]
 QUICK_EXPORTS = [Export("W8A8", "W8A8", "8-bit weights, 8-bit activations", ["--int8"])]
 DEPLOYED = "W8A8 deployable"
 # Issue 13's targets for the model trained as deployed.
