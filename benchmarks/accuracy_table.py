@@ -277,7 +277,7 @@ def main(argv=None):
             new_entries.append(entry)
             print("seed %d %-40s %.4f (float %.4f, %.0f s)"
                   % (seed, row.label, entry["accuracy"], entry["float_accuracy"], entry["seconds"]), flush=True)
-    info = machine.machine_info()
+    info = machine.machine_info(load=machine.end_load(args.quick))
     busy = bool(machine.busy_readings(load_before, info["load_average"], info["cores"]))
     for entry in new_entries:
         entry["busy"] = busy

@@ -140,13 +140,15 @@ def main():
         result["compute_seconds"] = (compute_ms or 0.0) / 1000.0
         result["model"] = model_rows(result, args.bandwidth_gbit, args.latency_ms, result["compute_seconds"])
         results["resnet_%d" % depth] = result
+    end_info = machine.machine_info(load=machine.end_load(args.quick))
     payload = {"quick": args.quick, "command": publish.command_line(), "bandwidth_gbit": args.bandwidth_gbit,
                "latency_ms": args.latency_ms, "results": results,
-               "machine": machine.machine_lines(machine.machine_info(), load_before)}
+               "machine": machine.machine_lines(end_info, load_before)}
     publish.write_json(args.output, payload)
     print(render(payload))
     if not args.quick:
-        publish.publish(SECTION, render(payload), args.markdown, load_before, machine.read_load(), args.allow_busy)
+        publish.publish(SECTION, render(payload), args.markdown, load_before, end_info["load_average"],
+                        args.allow_busy)
 
 
 if __name__ == "__main__":

@@ -225,7 +225,8 @@ def main(argv=None):
                 entries.append(entry)
                 print("seed %d %-8s %-9s %.4f" % (seed, entry["budget"], entry["method"], entry["accuracy"]),
                       flush=True)
-    payload = {"quick": args.quick, "plan": plan, "machine": machine.machine_info(), "load_before": load_before,
+    end_info = machine.machine_info(load=machine.end_load(args.quick))
+    payload = {"quick": args.quick, "plan": plan, "machine": end_info, "load_before": load_before,
                "entries": entries}
     if output:
         publish.write_json(output, payload)

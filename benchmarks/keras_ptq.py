@@ -287,7 +287,8 @@ def render(payload, command):
              "Command: `%s`" % command, ""]
     lines += machine.machine_lines(payload["machine"], payload["load_before"])
     lines += ["- %s: tf_keras MobileNetV2 (alpha 0.35, weights=None, batch-norm momentum 0.99, %s parameters) saved "
-              "as .h5, on Fashion-MNIST made 32x32x3 (zero-padded, channel repeated) as an .npz; float: %s epochs of `nets/keras_model_run.py "
+              "as .h5, on Fashion-MNIST made 32x32x3 (zero-padded, channel repeated) as an .npz; float: %s epochs of "
+              "`nets/keras_model_run.py "
               "--learner full-prec` (--lrn_rate_init=%s, cosine); QAT: `--learner uniform` for %s epoch(s) "
               "(--uql_lrn_rate_init=0.01). %s: the float checkpoint in %s (the accuracy table's budget, seed 0); QAT "
               "%s epoch(s)."
@@ -372,7 +373,8 @@ def main(argv=None):
             flush=True)
     for model in MODELS:
         float_accuracy(entries, model)  # one float checkpoint per model, or an error
-    payload = {"quick": args.quick, "budget": budget, "machine": machine.machine_info(), "load_before": load_before,
+    end_info = machine.machine_info(load=machine.end_load(args.quick))
+    payload = {"quick": args.quick, "budget": budget, "machine": end_info, "load_before": load_before,
                "keras_parameters": count_weights(plan.model_file), "command": publish.command_line(),
                "resnet_float_dir": os.path.abspath(float_dir),
                "entries": entries}

@@ -4,6 +4,10 @@ start or end, unless --allow_busy is given (the section then says so)."""
 import datetime
 import os
 import platform
+import time
+
+# How long a full run waits at its end for its own load to fade before reading the load it records.
+SETTLE_SECONDS = 150
 
 
 def read_load():
@@ -12,6 +16,22 @@ def read_load():
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def end_load(quick=False):
+    """The load average to record at a run's end, read once the run's own work has faded from it.
+
+    A CPU-bound benchmark keeps the 1-minute average near its own thread count until it ends, so an immediate
+    reading would call every full run on 2 cores busy. A full run waits (up to SETTLE_SECONDS, polling every
+    5 s) for the 1-minute average to fall to half the cores; what is left after that is other processes'.
+    A quick run reads at once. Returns the reading, as read_load.
+    """
+    load = read_load()
+    deadline = time.monotonic() + (0 if quick else SETTLE_SECONDS)
+    while load and load[0] > 0.5 * cores() and time.monotonic() < deadline:
+        time.sleep(5)
+        load = read_load()
+    return load
 
 
 def cores():

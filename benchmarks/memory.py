@@ -196,7 +196,7 @@ def main(argv=None):
             log("run %d %s: after build %.0f MiB, peak %.0f MiB"
                 % (repeat + 1, mode, result["after_build_kb"] / 1024.0, result["peak_kb"] / 1024.0))
     summary, ratios = summarize(runs)
-    info = machine.machine_info()
+    info = machine.machine_info(load=machine.end_load(args.quick))
     log("peak ratio %.3f (target <= %.2f); after-build ratio %.3f; training-increase ratio %s"
         % (ratios["peak"], RATIO_TARGET, ratios["after_build"],
            "%.3f" % ratios["training_increase"] if "training_increase" in ratios else "n/a"))

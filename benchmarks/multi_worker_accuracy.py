@@ -113,8 +113,9 @@ def main(argv=None):
         print("%s: float %.4f vs %.4f, W4A4 %.4f vs %.4f (1 vs 2 workers)" % (
             model, entry["1"]["float_accuracy"], entry["2"]["float_accuracy"], entry["1"]["quant_accuracy"],
             entry["2"]["quant_accuracy"]), flush=True)
+    end_info = machine.machine_info(load=machine.end_load(args.quick))
     payload = {"quick": args.quick, "budget": budget, "seed": args.seed, "models": results,
-               "machine": machine.machine_info(), "load_before": load_before, "command": publish.command_line()}
+               "machine": end_info, "load_before": load_before, "command": publish.command_line()}
     publish.write_json(args.output or (None if args.quick else DEFAULT_RESULTS), payload)
     if not args.quick:
         publish.publish(SECTION, render(payload), args.markdown, load_before, payload["machine"]["load_average"],

@@ -197,7 +197,7 @@ def main(argv=None):
         profile_data = breakdown(sorted(sizes)[-1], args.batch_size, config)
         log("profile: %.0f%% in TensorFlow calls, %.0f%% tfquant's own code"
             % (100 * profile_data["tf_share"], 100 * profile_data["tfquant_own_share"]))
-    info = machine.machine_info()
+    info = machine.machine_info(load=machine.end_load(args.quick))
     log("ops/s (CPU) spread %.2f (linear if <= %.1f); largest median %.3f s wall, %.3f s CPU"
         % (spread, LINEAR_TOLERANCE, rows[-1]["median_s"], rows[-1]["median_cpu_s"]))
     payload = {"benchmark": SECTION, "quick": quick, "config": config.to_dict(), "repeats": args.repeats,

@@ -360,7 +360,7 @@ def main(argv=None):
         profiles = profile_modes(built, to_profile, args.profile_steps, log)
     for graph in built.values():
         graph.close()
-    info = machine.machine_info()
+    info = machine.machine_info(load=machine.end_load(args.quick))
     for name, entry in results.items():
         log("%-16s median %.1f ms  ratio %.3f  per-round ratio %.3f"
             % (name, 1000 * entry["median_s"], entry["ratio"], entry["median_round_ratio"]))

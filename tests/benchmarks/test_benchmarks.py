@@ -167,9 +167,24 @@ def test_a_full_run_on_a_busy_machine_stops_before_measuring(tmp_path, monkeypat
     assert not markdown.exists() and not output.exists()
 
 
+def test_end_load_waits_for_the_runs_own_load_to_fade(monkeypatch):
+    readings = iter([BUSY, BUSY, QUIET, BUSY])
+    naps = []
+    monkeypatch.setattr(machine, "read_load", lambda: next(readings))
+    monkeypatch.setattr(machine.time, "sleep", naps.append)
+    monkeypatch.setattr(machine, "cores", lambda: 2)
+    assert machine.end_load() == QUIET and len(naps) == 2
+    # A quick run reads once; a load that never fades is returned as read when the wait is over.
+    monkeypatch.setattr(machine, "read_load", lambda: BUSY)
+    assert machine.end_load(quick=True) == BUSY and len(naps) == 2
+    monkeypatch.setattr(machine, "SETTLE_SECONDS", 0)
+    assert machine.end_load() == BUSY and len(naps) == 2
+
+
 def test_busy_at_the_end_keeps_the_results_but_not_the_section(tmp_path, monkeypatch):
     readings = iter([QUIET] + [BUSY] * 5)
     monkeypatch.setattr(machine, "read_load", lambda: next(readings))
+    monkeypatch.setattr(machine, "SETTLE_SECONDS", 0)  # the busy reading stays: nothing else to wait for
     markdown, output = tmp_path / "BENCHMARKS.md", tmp_path / "out.json"
     argv = ["--markdown", str(markdown), "--output", str(output), "--sizes", "20", "--repeats", "1",
             "--batch_size", "2"]
