@@ -134,11 +134,9 @@ def test_keras_ptq_quick(tmp_path):
             assert results["calib_batches"] == entry["calib_batches"] == quick["calib_batches"]
         else:
             assert entry["epoch_seconds"] > 0 and entry["epochs"] == quick["keras_qat_epochs"]
-    # The ResNet-20 row trained its float checkpoint first (none under --work_dir): its float epoch is timed.
-    resnet_rows = [e for e in data["entries"] if e["model"] == "resnet20"]
-    assert resnet_rows[0]["float_epoch_seconds"] > 0
-    assert (work / "resnet20" / "float" / "model.ckpt.settings.json").exists()
-    assert data["resnet_float_dir"] == str(work / "resnet20" / "float")
+    # Quick runs the Keras rows only (the suite's time): no ResNet-20 float model is trained.
+    assert not [e for e in data["entries"] if e["model"] == "resnet20"]
+    assert not (work / "resnet20" / "float").exists()
     # Every Keras row starts from the one float checkpoint the float run trained (its last step).
     keras_rows = [e for e in data["entries"][1:] if e["model"] == "keras"]
     assert len({e["float_accuracy"] for e in keras_rows}) == 1
