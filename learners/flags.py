@@ -73,6 +73,11 @@ def define_flags():
                          "that follows them (W * gamma / sigma), as they are deployed")
     flags.DEFINE_integer("uql_freeze_bn_delay", None, "with --uql_fold_batch_norms: training step from which the "
                          "moving statistics replace the batch statistics (default: never)")
+    flags.DEFINE_boolean("uql_quantize_layer_outputs", False, "also quantize (with --uql_activation_bits and "
+                         "moving-average ranges) the model input, layer outputs no quantized activation covers "
+                         "(before residual adds, the logits) and residual sums, on the int8 runtimes' grid: the "
+                         "trained graph is then the int8 TFLite/ONNX model, and --export_int8 needs no "
+                         "calibration")
     # PocketFlow's distillation flags, with its defaults.
     flags.DEFINE_boolean("enbl_dst", False, "add a distillation loss from the float model (--learner uniform)")
     flags.DEFINE_float("loss_w_dst", 4.0, "weight of the distillation loss")
@@ -252,7 +257,7 @@ def quant_config():
             act_range=FLAGS.uql_act_range, act_ema_decay=FLAGS.uql_ema_decay,
             pact_decay=FLAGS.uql_pact_decay, weight_range=FLAGS.uql_weight_range,
             weight_scheme=FLAGS.uql_weight_scheme, fold_batch_norms=FLAGS.uql_fold_batch_norms,
-            freeze_bn_delay=FLAGS.uql_freeze_bn_delay)
+            freeze_bn_delay=FLAGS.uql_freeze_bn_delay, quantize_layer_outputs=FLAGS.uql_quantize_layer_outputs)
     except ValueError as exc:
         message = str(exc)
         for field, flag in _CONFIG_FLAG_NAMES:
@@ -269,4 +274,5 @@ _CONFIG_FLAG_NAMES = (
     ("weight_overrides", "uql_weight_overrides"), ("activation_overrides", "uql_activation_overrides"),
     ("act_ema_decay", "uql_ema_decay"), ("pact_decay", "uql_pact_decay"), ("weight_range", "uql_weight_range"),
     ("act_range", "uql_act_range"), ("weight_scheme", "uql_weight_scheme"),
-    ("fold_batch_norms", "uql_fold_batch_norms"), ("freeze_bn_delay", "uql_freeze_bn_delay"))
+    ("fold_batch_norms", "uql_fold_batch_norms"), ("freeze_bn_delay", "uql_freeze_bn_delay"),
+    ("quantize_layer_outputs", "uql_quantize_layer_outputs"))

@@ -62,7 +62,8 @@ def _quant_summaries(graph, report):
         error = tf.norm(quantized - variable.read_value()) / (tf.norm(variable.read_value()) + 1e-12)
         summaries.append(tf1.summary.scalar("quant_error/" + tag, error))
     for layer in report.activation_layers:
-        summaries.append(tf1.summary.scalar("quant_bits/" + layer.name, tf.constant(float(layer.bits))))
+        summaries.append(tf1.summary.scalar("quant_bits/" + layer.name.replace(":", "_"),
+                                            tf.constant(float(layer.bits))))
     # Learned ranges over training: scalars as they are; per-group step sizes as mean and histogram.
     for variable in graph.get_collection(tfquant.ranges.LEARNED_COLLECTION):
         tag = "learned_range/" + variable.op.name
@@ -136,6 +137,7 @@ def _build_model(graph, helper, is_train, quant_config, lrn_rate_fn, momentum, s
     if quant_config is not None:
         # After the forward pass, before loss gradients: training differentiates the quantized pass.
         report = tfquant.quantize_graph(graph, quant_config, is_training=is_train)
+        logits = report.output(logits)
     loss, metrics = helper.calc_loss(labels, logits, tf1.trainable_variables())
     regularization = tf1.get_collection(tf1.GraphKeys.REGULARIZATION_LOSSES)
     if regularization:

@@ -35,7 +35,7 @@ def _calibration_graph(helper, config, activation_names):
         helper.forward_eval(images)
         model_variables = list(tf1.global_variables())
         tfquant.quantize_graph(graph, weights_only(config), is_training=False)
-        observed = [graph.get_operation_by_name(name).outputs[0] for name in activation_names]
+        observed = [tfquant.match.integer_tensor(graph, name) for name in activation_names]
         saver = tf1.train.Saver(var_list=model_variables)
         extremes = [(tf.reduce_min(t), tf.reduce_max(t)) for t in observed]
     return graph, images, observed, extremes, saver, model_variables

@@ -19,7 +19,8 @@ DIGEST_SUFFIX = "_sha256"
 QUANT_FLAGS = ("uql_weight_bits", "uql_activation_bits", "uql_use_buckets", "uql_bucket_type", "uql_bucket_size",
                "uql_quantize_all_layers", "uql_quant_epochs", "uql_lrn_rate_init", "uql_weight_overrides",
                "uql_activation_overrides", "uql_layer_bits", "uql_act_range", "uql_ema_decay", "uql_weight_range",
-               "uql_pact_decay", "uql_weight_scheme", "uql_fold_batch_norms", "uql_freeze_bn_delay", "enbl_dst",
+               "uql_pact_decay", "uql_weight_scheme", "uql_fold_batch_norms", "uql_freeze_bn_delay",
+               "uql_quantize_layer_outputs", "enbl_dst",
                "loss_w_dst", "tempr_dst", "uql_auto_bits", "uql_equivalent_bits", "uql_w_bit_min", "uql_w_bit_max",
                "uql_a_equivalent_bits", "uql_a_bit_min", "uql_a_bit_max", "uql_sensitivity_batches",
                "uql_enbl_rl_agent", "uql_calibrator", "uql_calib_batches", "uql_calib_percentile")
@@ -92,12 +93,17 @@ def _shown(value):
     return json.dumps(value) if not isinstance(value, str) else value
 
 
+# Flags added after records were first written, with the value a record without them was trained with.
+ADDED_LATER = {"uql_quantize_layer_outputs": False}
+
+
 def differences(recorded, current):
     """[(key, recorded value, current value)] for every key whose values differ, in key order."""
     missing = object()
     changed = []
     for key in sorted(set(recorded) | set(current)):
-        old, new = recorded.get(key, missing), current.get(key, missing)
+        new = current.get(key, missing)
+        old = recorded.get(key, ADDED_LATER.get(key, missing) if new is not missing else missing)
         if old != new:
             changed.append((key, "unset" if old is missing else old, "unset" if new is missing else new))
     return changed

@@ -111,6 +111,15 @@ class QuantConfig:
         DepthwiseConv2dNative / MatMul that feeds a batch norm (see tfquant.fold).
       freeze_bn_delay: with fold_batch_norms in a training graph, the global step from which the
         moving statistics replace the batch statistics; None never switches.
+      quantize_layer_outputs: quantize, like activations (activation_bits, overrides, 'ema' ranges),
+        every other tensor an int8 model holds: the model input a weight layer reads, each weight
+        layer's output after its bias unless only quantized activations read it (e.g. before a
+        residual add, and the logits), and residual sums; and put every activation on the grid
+        integer runtimes use (zero exactly representable). The trained graph then computes what the
+        int8 TFLite / ONNX model computes, and the export needs no calibration data. Needs
+        act_range='ema' and activation_bits of 2..16 (or 32, which leaves them float). Logits that
+        nothing reads yet when quantize_graph runs are quantized too: build the loss on
+        `report.output(logits)`.
 
     Regular expressions in overrides are Python's, which are not time-bounded: a pattern with
     nested repetition can take exponential time on some names. Only pass patterns you trust.
@@ -133,11 +142,12 @@ class QuantConfig:
     weight_scheme: str = "asymmetric"
     fold_batch_norms: bool = False
     freeze_bn_delay: Optional[int] = None
+    quantize_layer_outputs: bool = False
 
     def __post_init__(self):
         check_bits("weight_bits", self.weight_bits)
         check_bits("activation_bits", self.activation_bits)
-        for field in ("use_buckets", "quantize_all_layers", "fold_batch_norms"):
+        for field in ("use_buckets", "quantize_all_layers", "fold_batch_norms", "quantize_layer_outputs"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError("%s=%r is not valid; expected True or False" % (field, getattr(self, field)))
         if self.bucket_type not in BUCKET_TYPES:
@@ -165,6 +175,14 @@ class QuantConfig:
         if self.weight_scheme == "symmetric" and self.weight_range != "minmax":
             raise ValueError("weight_scheme='symmetric' is not valid with weight_range=%r; expected "
                              "weight_range='minmax' (LSQ learns its own signed grid)" % (self.weight_range,))
+        if self.quantize_layer_outputs:
+            if self.act_range != "ema":
+                raise ValueError("quantize_layer_outputs=True is not valid with act_range=%r; expected "
+                                 "act_range='ema' (the exported int8 ranges are the moving averages)"
+                                 % (self.act_range,))
+            if self.activation_bits == 1:
+                raise ValueError("quantize_layer_outputs=True is not valid with activation_bits=1; expected 2 "
+                                 "to 16 bits, or 32")
         delay = self.freeze_bn_delay
         if delay is not None and (isinstance(delay, bool) or not isinstance(delay, int) or delay < 0):
             raise ValueError("freeze_bn_delay=%r is not valid; expected None or an integer >= 0" % (delay,))

@@ -38,12 +38,14 @@ _VARIABLE_TYPES = ("VarHandleOp", "VariableV2", "Variable")
 
 @dataclasses.dataclass
 class FoldedLayer:
-    """One folded layer: the matmul-like op, its batch norm's output op, and the folding tensors."""
+    """One folded layer: the matmul-like op, its batch norm's output op, the folding tensors, and the
+    tensor the layer's readers read now (its folded output; the batch norm's in training graphs)."""
 
     op: tf.Operation
     batch_norm: tf.Operation
     multiplier: tf.Tensor
     bias: tf.Tensor
+    output: tf.Tensor = None
 
 
 @dataclasses.dataclass
@@ -155,7 +157,7 @@ def _fold_fused(graph, op, batch_norm, is_training, freeze_step, fold_weight=Tru
         # gradients are those of the unfolded layer, and its output carries the correction sigma_mv / sigma_B.
         rewrite.insert_after(output, lambda t: (t * tf.reshape(1.0 / multiplier, output_side), None), scope)
         if freeze_step is None:
-            return FoldedLayer(op, batch_norm, multiplier, bias)
+            return FoldedLayer(op, batch_norm, multiplier, bias, batch_norm.outputs[0])
     with graph.name_scope(None), graph.name_scope(scope):
         folded = tf.nn.bias_add(output, bias, data_format="NCHW" if data_format == b"NCHW" else None)
     if is_training:
@@ -163,7 +165,7 @@ def _fold_fused(graph, op, batch_norm, is_training, freeze_step, fold_weight=Tru
             use_moving = tf.greater_equal(freeze_step, 0)
             folded = tf.where(use_moving, folded, batch_norm.outputs[0])
     rewrite.reroute_consumers(batch_norm.outputs[0], folded, readers)
-    return FoldedLayer(op, batch_norm, multiplier, bias)
+    return FoldedLayer(op, batch_norm, multiplier, bias, folded)
 
 
 def _depends_on(tensor, op, limit=64):
@@ -194,7 +196,7 @@ def _fold_unfused(graph, op, multiply, is_training, fold_weight=True):
         _fold_weight(op, multiplier, weight_side)
     # x * multiplier is now the layer's own output: the offset add that follows is the folded bias.
     rewrite.reroute_consumers(multiply.outputs[0], output, readers)
-    return FoldedLayer(op, multiply, multiplier, None)
+    return FoldedLayer(op, multiply, multiplier, None, output)
 
 
 def _is_batch_norm_multiply(reader):

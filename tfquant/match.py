@@ -153,3 +153,139 @@ def find_activations(graph, depths=None):
             if op.type in ACTIVATION_OP_TYPES and not is_untouchable(op)]
     acts.sort(key=lambda item: (item[0], item[1]))
     return [op for _, _, op in acts]
+
+
+# Layer outputs and residual sums integer kernels keep in 8 bits (QuantConfig.quantize_layer_outputs).
+# A weight layer's output is taken after its batch norm and bias, as converters fuse them; a residual sum
+# is an Add of two computed tensors of rank >= 2.
+_BIAS_TYPES = ("BiasAdd", "Add", "AddV2")
+_RESIDUAL_TYPES = ("Add", "AddV2")
+_FUSED_BATCH_NORM_TYPES = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
+# The report names these tensors by their weight layer, '<layer op name>:input' and '<layer op name>:output'
+# (':' never occurs in an op name): the same name in training, evaluation and export graphs, whose input
+# ops (a dataset iterator, a placeholder) and folded outputs (a batch norm, a bias add) differ.
+MODEL_INPUT_SUFFIX = ":input"
+LAYER_OUTPUT_SUFFIX = ":output"
+
+
+@dataclasses.dataclass
+class IntegerTensor:
+    """A tensor an integer runtime holds that no quantized activation covers.
+
+    name: how the report names it ('<layer>:input', '<layer>:output', or a residual sum's op name);
+    tensor: the tensor; op_type: 'Input', 'LayerOutput' or the sum's op type.
+    """
+
+    name: str
+    tensor: tf.Tensor
+    op_type: str
+
+
+def live_readers(tensor):
+    """Readers of `tensor`, except tfquant's own ops and folded batch norms (left without readers)."""
+    return [op for op in tensor.consumers() if not is_untouchable(op) and not (
+        op.type in _FUSED_BATCH_NORM_TYPES and not any(output.consumers() for output in op.outputs))]
+
+
+def _single_live_reader(tensor, types):
+    readers = live_readers(tensor)
+    if len(readers) == 1 and readers[0].type in types and readers[0].inputs[0] is tensor:
+        return readers[0]
+    return None
+
+
+def layer_output(op, folded_outputs=None):
+    """A weight layer's output after its batch norm and bias, as a converter fuses them.
+
+    Args:
+      op: the matmul-like op.
+      folded_outputs: {op name: tensor} of layers tfquant.fold folded (their readers read that tensor).
+    """
+    if folded_outputs and op.name in folded_outputs:
+        return folded_outputs[op.name]
+    output = op.outputs[0]
+    batch_norm = _single_live_reader(output, _FUSED_BATCH_NORM_TYPES)
+    if batch_norm is not None:
+        output = batch_norm.outputs[0]
+    readers = live_readers(output)
+    if len(readers) == 1 and readers[0].type in _BIAS_TYPES and len(readers[0].inputs) == 2:
+        other = [t for t in readers[0].inputs if t is not output]
+        if other and other[0].shape.rank == 1:
+            return readers[0].outputs[0]
+    return output
+
+
+def _data_operand_index(op):
+    """Index of the input of a weight op that is not its weight (the first traced to a trainable variable)."""
+    if op.type in ("Conv2D", "DepthwiseConv2dNative"):
+        return 0
+    trainable = {v.op.name for v in op.graph.get_collection(tf.compat.v1.GraphKeys.TRAINABLE_VARIABLES)}
+    weight = next((i for i in (1, 0) if i < len(op.inputs) and trace_variable(op.inputs[i], trainable)), 1)
+    return 1 - weight
+
+
+def _downstream(roots):
+    """Names of every op that reads (transitively) an output of one of `roots`, roots included."""
+    seen, stack = set(), list(roots)
+    while stack:
+        op = stack.pop()
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        stack.extend(reader for output in op.outputs for reader in output.consumers())
+    return seen
+
+
+def find_integer_tensors(graph, candidates, covered, folded_outputs=None):
+    """The tensors besides activations an int8 model quantizes, in data-flow order of their layers.
+
+    Model inputs read by a weight layer, weight-layer outputs and residual sums, each unless every live
+    reader is an activation in `covered` (whose own quantized output then carries the range).
+
+    Args:
+      graph: the graph (after batch-norm folding, before any quantizer is inserted).
+      candidates: WeightCandidates of supported ops (find_weight_candidates without skip_reason).
+      covered: names of the activation ops that are quantized with a stored range.
+      folded_outputs: {op name: tensor} of the folded layers (tfquant.fold.FoldedLayer.output).
+    Returns:
+      a list of IntegerTensor, each tensor once.
+    """
+    def needs_range(tensor):
+        readers = live_readers(tensor)
+        return not readers or not all(r.type in ACTIVATION_OP_TYPES and r.name in covered for r in readers)
+
+    computed = _downstream([c.op for c in candidates])
+    found = []
+    for candidate in candidates:
+        data = candidate.op.inputs[_data_operand_index(candidate.op)] if len(candidate.op.inputs) > 1 else None
+        if data is not None and data.op.name not in computed and data.dtype.is_floating:
+            found.append(IntegerTensor(candidate.op.name + MODEL_INPUT_SUFFIX, data, "Input"))
+        output = layer_output(candidate.op, folded_outputs)
+        if needs_range(output):
+            found.append(IntegerTensor(candidate.op.name + LAYER_OUTPUT_SUFFIX, output, "LayerOutput"))
+    for op in graph.get_operations():
+        if (op.type in _RESIDUAL_TYPES and op.name in computed and not is_untouchable(op)
+                and all(t.shape.rank is not None and t.shape.rank >= 2 for t in op.inputs)
+                and all(t.op.type not in ("Const",) + _PASS_THROUGH_TYPES for t in op.inputs)
+                and needs_range(op.outputs[0])):
+            found.append(IntegerTensor(op.name, op.outputs[0], op.type))
+    unique = []
+    for item in found:
+        if all(item.tensor is not other.tensor for other in unique):
+            unique.append(item)
+    return unique
+
+
+def integer_tensor(graph, name, folded_outputs=None):
+    """The tensor a report's activation entry names (see find_integer_tensors), in `graph`.
+
+    Call it before weights are rerouted through quantizers (a model input is told from the weight by
+    tracing the weight to its variable).
+    """
+    for suffix in (MODEL_INPUT_SUFFIX, LAYER_OUTPUT_SUFFIX):
+        if name.endswith(suffix):
+            op = graph.get_operation_by_name(name[:-len(suffix)])
+            if suffix == MODEL_INPUT_SUFFIX:
+                return op.inputs[_data_operand_index(op)]
+            return layer_output(op, folded_outputs)
+    return graph.get_operation_by_name(name).outputs[0]

@@ -90,6 +90,17 @@ def quantize_in_range(x, bits, minimum, maximum, clip=False):
     return _dequantize(codes, bits, alpha, minimum)
 
 
+def quantize_zero_exact(x, bits, minimum, maximum):
+    """Q(x) on the grid integer runtimes use: [min(minimum, 0), max(maximum, 0)] nudged so 0 is a level.
+
+    TensorFlow's FakeQuantWithMinMaxVars, which TFLite's and tf2onnx's converters turn into int8
+    scales and zero points; no gradient handling (callers add straight_through). Needs 2..16 bits.
+    """
+    low = tf.minimum(minimum, 0.0)
+    high = tf.maximum(maximum, 0.0)
+    return tf.quantization.fake_quant_with_min_max_vars(x, low, high, num_bits=bits)
+
+
 def _grouped(x, layout):
     """View x as groups for reduction: returns (view, reduce_axes, restore_fn)."""
     shape = x.shape.as_list()

@@ -79,38 +79,57 @@ def _quantize_weights(graph, candidates, plan, config, is_training):
     return layers, set(stored) | range_variables
 
 
-def _quantize_activations(activations, plan, config, is_training):
-    """Rewrite every activation op the plan quantizes; returns their LayerReports."""
+def _quantize_activations(items, plan, config, is_training, unread=None):
+    """Rewrite every activation (or other IntegerTensor) the plan quantizes; returns their LayerReports.
+
+    `unread`: a dict that receives {tensor name: quantized tensor} of the IntegerTensors nothing read yet
+    (a model's logits before its loss is built), which are quantized all the same; activations nothing
+    reads are skipped. None: such tensors are skipped too.
+    """
     layers = []
-    for op in activations:
-        layer = LayerReport(name=op.name, op_type=op.type, kind="activation", status=SKIPPED)
+    for item in items:
+        layer = LayerReport(name=item.name, op_type=item.op_type, kind="activation", status=SKIPPED)
         layers.append(layer)
-        decision = plan.decision(op.name)
+        decision = plan.decision(item.name)
         bits = layer.bits = decision.bits
-        output = op.outputs[0]
+        output = item.tensor
         if bits == FLOAT_BITS:
             layer.reason = decision.reason
             continue
-        if not any(not match.is_untouchable(c) for c in output.consumers()):
+        has_readers = any(not match.is_untouchable(c) for c in output.consumers())
+        if not has_readers and (unread is None or item.op_type in match.ACTIVATION_OP_TYPES):
             layer.reason = "output has no consumers"
             continue
-        scope = "%s/%s" % (op.name, ranges.RANGE_SCOPE_SUFFIX)
+        scope = "%s/%s" % (item.name.replace(":", "/"), ranges.RANGE_SCOPE_SUFFIX)
 
-        def build(x, bits=bits, scope=scope, op_type=op.type):
+        def build(x, bits=bits, scope=scope, op_type=item.op_type):
             return ranges.quantize_activation(x, bits, config.act_range, is_training,
-                                              config.act_ema_decay, scope, op_type, config.pact_decay)
+                                              config.act_ema_decay, scope, op_type, config.pact_decay,
+                                              zero_exact=config.quantize_layer_outputs)
 
         readers = sum(1 for c in output.consumers() if not match.is_untouchable(c) for t in c.inputs if t is output)
-        _, tracker, rerouted = rewrite.insert_after(output, build, scope)
+        quantized, tracker, rerouted = rewrite.insert_after(output, build, scope)
+        if not has_readers:
+            unread[output.name] = quantized
         if rerouted != readers:
             # As tf.contrib.quantize checks: a reader left on the float output would silently skip quantization.
             raise RuntimeError("quantizing activation %s moved %d of its %d readers onto the quantized output"
-                               % (op.name, rerouted, readers))
+                               % (item.name, rerouted, readers))
         layer.status = QUANTIZED
         layer.num_groups = 1
         if tracker is not None:
             layer.range_variables = [v.op.name for v in tracker.variables]
     return layers
+
+
+def _layer_outputs(graph, candidates, plan, config, folded_outputs):
+    """The IntegerTensors quantize_layer_outputs adds, with the plan extended by their bit decisions."""
+    covered = {d.op_name for d in plan.decisions if d.kind == policy.ACTIVATION and d.bits != FLOAT_BITS}
+    items = match.find_integer_tensors(graph, [c for c in candidates if not c.skip_reason], covered,
+                                       folded_outputs)
+    decisions, unused = policy.decide_activation_bits([item.name for item in items], config)
+    unused_by_both = [p for p in plan.unused_activation_overrides if p in unused]
+    return items, policy.BitPlan(plan.decisions + decisions, plan.unused_weight_overrides, unused_by_both)
 
 
 def _other_variables(graph, weight_variables):
@@ -154,13 +173,21 @@ def quantize_graph(graph, config, is_training=True):
     plan = policy.decide_bits([policy.WeightLayer(c.op.name, c.variable_name) for c in candidates
                                if not c.skip_reason], [op.name for op in activations], config)
     # rewrite
-    fold_notes = []
+    fold_notes, folded_outputs = [], {}
     if config.fold_batch_norms:
         # Before weight quantization, which then quantizes the folded weight each op now reads.
-        fold_notes = fold.fold_batch_norms(graph, is_training, config.freeze_bn_delay).notes
+        folding = fold.fold_batch_norms(graph, is_training, config.freeze_bn_delay)
+        fold_notes = folding.notes
+        folded_outputs = {layer.op.name: layer.output for layer in folding.folded}
+    items = [match.IntegerTensor(op.name, op.outputs[0], op.type) for op in activations]
+    if config.quantize_layer_outputs:
+        # After folding (the outputs are the folded layers'), before any quantizer is inserted.
+        extra, plan = _layer_outputs(graph, candidates, plan, config, folded_outputs)
+        items += extra
     with graph.as_default():
         weight_layers, weight_vars = _quantize_weights(graph, candidates, plan, config, is_training)
-        act_layers = _quantize_activations(activations, plan, config, is_training)
+        unread = {}
+        act_layers = _quantize_activations(items, plan, config, is_training, unread)
         graph.add_to_collection(REWRITTEN_COLLECTION, "train" if is_training else "eval")
     # report
     notes = list(fold_notes)
@@ -168,8 +195,10 @@ def quantize_graph(graph, config, is_training=True):
         notes.append("no quantizable op found: nothing was quantized")
     notes.extend("weight override %r matched no layer" % p for p in plan.unused_weight_overrides)
     notes.extend("activation override %r matched no activation" % p for p in plan.unused_activation_overrides)
-    present = {c.op.name for c in candidates} | {op.name for op in activations}
+    present = {c.op.name for c in candidates} | {item.name for item in items}
     notes.extend("explicit_bits names %r, which is not a candidate op of this graph" % name
                  for name, _ in config.explicit_bits or () if name not in present)
-    return QuantReport(weight_layers + act_layers, _other_variables(graph, weight_vars), config.to_dict(),
-                       is_training, notes)
+    report = QuantReport(weight_layers + act_layers, _other_variables(graph, weight_vars), config.to_dict(),
+                         is_training, notes)
+    report.quantized_outputs = unread
+    return report

@@ -190,7 +190,8 @@ def quantize_weight_lsq(weight, bits, layout, scope_name, is_training):
         return ops.lsq_quantize_weight(weight, ops.positive_step(step), bits, layout), params
 
 
-def quantize_activation(x, bits, act_range, is_training, decay, scope_name, op_type="", pact_decay=0.0):
+def quantize_activation(x, bits, act_range, is_training, decay, scope_name, op_type="", pact_decay=0.0,
+                        zero_exact=False):
     """Quantize activation x, choosing its range by mode.
 
     Args:
@@ -203,6 +204,8 @@ def quantize_activation(x, bits, act_range, is_training, decay, scope_name, op_t
       scope_name: variable scope of the range variables (must be the same in train and eval graphs).
       op_type: type of the op producing x; NON_NEGATIVE_OP_TYPES get unsigned learned ranges.
       pact_decay: weight of PACT's L2 decay on alpha, added to GraphKeys.REGULARIZATION_LOSSES.
+      zero_exact: with 'ema' or 'batch', quantize on the integer runtimes' grid (ops.quantize_zero_exact)
+        instead of PocketFlow's [min, max] grid.
     Returns:
       (quantized tensor, the range's ActivationRange / LearnedParameters, or None for 'batch').
     """
@@ -215,13 +218,19 @@ def quantize_activation(x, bits, act_range, is_training, decay, scope_name, op_t
     axes = tf.range(tf.rank(x)) if x.shape.rank is None else tf.constant(list(range(x.shape.rank)), tf.int32)
     frozen = tf.stop_gradient(x)
     batch_min, batch_max = tf.reduce_min(frozen, axis=axes), tf.reduce_max(frozen, axis=axes)
+    if zero_exact:
+        def in_range(lo, hi, clip=False):  # pylint: disable=unused-argument
+            return ops.quantize_zero_exact(frozen, bits, lo, hi)  # FakeQuant always clips
+    else:
+        def in_range(lo, hi, clip=False):
+            return ops.quantize_in_range(frozen, bits, lo, hi, clip=clip)
     if act_range == "batch":
-        return ops.straight_through(x, ops.quantize_in_range(frozen, bits, batch_min, batch_max)), None
+        return ops.straight_through(x, in_range(batch_min, batch_max)), None
     tracker = ActivationRange(scope_name)
     if is_training:
         # The update runs whenever the quantized output is computed, so no caller can forget it.
         with tf.control_dependencies(tracker.update(batch_min, batch_max, decay)):
-            quantized = ops.quantize_in_range(frozen, bits, batch_min, batch_max)
+            quantized = in_range(batch_min, batch_max)
         return ops.straight_through(x, quantized), tracker
     lo, hi = tracker.eval_range(batch_min, batch_max)
-    return ops.straight_through(x, ops.quantize_in_range(frozen, bits, lo, hi, clip=True)), tracker
+    return ops.straight_through(x, in_range(lo, hi, clip=True)), tracker

@@ -98,6 +98,14 @@ class QuantReport:
         self.config = dict(config)
         self.is_training = bool(is_training)
         self.notes = list(notes)
+        # {tensor name: its quantized tensor} for graph outputs quantize_graph quantized before anything read
+        # them (see `output`); empty for a report read from a file.
+        self.quantized_outputs = {}
+
+    def output(self, tensor):
+        """The tensor to read in place of `tensor`: its quantized version if quantize_graph quantized it
+        while nothing read it yet (a model's logits with quantize_layer_outputs), else `tensor` itself."""
+        return self.quantized_outputs.get(tensor.name, tensor)
 
     # -- selections ---------------------------------------------------------------------------
     @property

@@ -66,15 +66,16 @@ def _synthetic_data(rng, count):
     return images.astype(np.float32), labels
 
 
-def _save_quantized(directory, config, rng, train_steps=0):
+def _save_quantized(directory, config, rng, train_steps=0, forward_fn=forward):
     """Build the training graph, quantize it, train a few steps; returns (checkpoint, report path)."""
     graph = tf.Graph()
     with graph.as_default():
         tf1.set_random_seed(3)
         images = tf1.placeholder(tf.float32, [None] + IMAGE_SHAPE)
         labels = tf1.placeholder(tf.int64, [None])
-        logits = forward(images, is_training=True)
+        logits = forward_fn(images, is_training=True)
         report = tfquant.quantize_graph(graph, config, is_training=True)
+        logits = report.output(logits)
         loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
         with tf.control_dependencies(tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)):
             train_op = tf1.train.AdamOptimizer(0.01).minimize(loss)
@@ -95,13 +96,14 @@ def _save_quantized(directory, config, rng, train_steps=0):
     return checkpoint, report_path
 
 
-def _quantized_eval(checkpoint, config, images):
+def _quantized_eval(checkpoint, config, images, forward_fn=forward):
     """(logits, {weight variable: the quantized weight the graph feeds its op}) of the eval graph."""
     graph = tf.Graph()
     with graph.as_default():
         x = tf1.placeholder(tf.float32, [None] + IMAGE_SHAPE)
-        logits = forward(x, is_training=False)
+        logits = forward_fn(x, is_training=False)
         report = tfquant.quantize_graph(graph, config, is_training=False)
+        logits = report.output(logits)
         quantized = {layer.weight_variable: graph.get_operation_by_name(layer.name).inputs[layer.input_index]
                      for layer in report.weight_layers if layer.quantized}
         saver = tf1.train.Saver()

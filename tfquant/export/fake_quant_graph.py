@@ -12,7 +12,9 @@ not tfquant's round/clip subgraphs. This graph puts one on:
   with its own bits ("trained");
 * the tensors integer kernels need a range for that training never quantized (the input, a layer's
   output that feeds no trained activation, e.g. before a residual add, and the logits): min/max over
-  calibration images run through the graph ("calibrated", the labelled fallback).
+  calibration images run through the graph ("calibrated", the labelled fallback). A run trained with
+  QuantConfig.quantize_layer_outputs has trained ranges for them all (see tfquant.match.find_integer_tensors)
+  and needs no calibration images.
 """
 import dataclasses
 
@@ -26,7 +28,6 @@ from tfquant.report import load_report
 
 tf1 = tf.compat.v1
 INT8_BITS = 8
-_BIAS_TYPES = ("BiasAdd", "Add", "AddV2")
 _RESIDUAL_TYPES = ("Add", "AddV2")
 
 
@@ -101,25 +102,9 @@ def _insert_range(tensor, low, high, bits, source, records):
     records.append({"tensor": tensor.op.name, "source": source, "min": low, "max": high, "bits": int(bits)})
 
 
-def _live_readers(tensor):
-    """Readers of `tensor` whose result is used (a folded batch norm is left without readers)."""
-    return [op for op in tensor.consumers() if any(output.consumers() for output in op.outputs)]
-
-
-def _layer_output(op):
-    """The op's output after its bias (a single BiasAdd / Add reader), as a converter fuses them."""
-    output = op.outputs[0]
-    readers = _live_readers(output)
-    if len(readers) == 1 and readers[0].type in _BIAS_TYPES and len(readers[0].inputs) == 2:
-        other = [t for t in readers[0].inputs if t is not output]
-        if other and not match.is_untouchable(readers[0]) and other[0].shape.rank == 1:
-            return readers[0].outputs[0]
-    return output
-
-
 def _needs_range(tensor, ranged):
     """True unless every reader of `tensor` is an activation whose output carries a range."""
-    readers = _live_readers(tensor)
+    readers = match.live_readers(tensor)
     return not readers or not all(r.type in match.ACTIVATION_OP_TYPES and r.name in ranged for r in readers)
 
 
@@ -131,7 +116,8 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
       weights: load_packed_weights output (quantized weights dequantized, activation ranges stored).
       report: the QuantReport of the checkpoint (bits <= 8 everywhere; see check_int8_compatible).
       input_shape: [None, H, W, C].
-      calibration_images: float32 [N, H, W, C] for the tensors without a trained range.
+      calibration_images: float32 [N, H, W, C] for the tensors without a trained range (None when a run
+        trained with quantize_layer_outputs left none).
       batch_size: images per calibration run.
     Returns:
       a FakeQuantGraph.
@@ -141,8 +127,8 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
     """
     report = load_report(report)
     tflite_export.check_int8_compatible(report)
-    images_value = np.asarray(calibration_images, np.float32)
-    if images_value.ndim < 2 or len(images_value) == 0:
+    images_value = None if calibration_images is None else np.asarray(calibration_images, np.float32)
+    if images_value is not None and (images_value.ndim < 2 or len(images_value) == 0):
         raise model_export.ExportError("calibration images must be [N, H, W, C] with N >= 1, got shape %s"
                                        % (images_value.shape,))
     scheme = report.config.get("weight_scheme", "asymmetric")
@@ -151,36 +137,47 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
     with graph.as_default():
         images = tf1.placeholder(tf.float32, list(input_shape), name=model_export.INPUT_NAME)
         logits = build_forward(images)
+        folded_outputs = {}
         if report.config.get("fold_batch_norms"):
-            fold.fold_batch_norms(graph, is_training=False, weights_folded=True)
+            folding = fold.fold_batch_norms(graph, is_training=False, weights_folded=True)
+            folded_outputs = {layer.op.name: layer.output for layer in folding.folded}
         candidates = [c for c in match.find_weight_candidates(graph) if c.input_index is not None
                       and not c.skip_reason]
         activations = match.find_activations(graph)
         output = model_export.named_output(graph, logits)
         assigns, feeds = model_export.variable_assignments(weights, keep_unused_ranges=True)
+        # Resolved before the weights are rerouted through their FakeQuants (a model input is found
+        # as the operand of its layer that is not the weight variable).
+        trained = [(layer, match.integer_tensor(graph, layer.name, folded_outputs))
+                   for layer in report.activation_layers
+                   if layer.quantized and report.config.get("act_range") == "ema"
+                   and len(layer.range_variables or ()) == 2]
         weight_records = [_weight_fake_quant(c.op, c.input_index, np.asarray(weights[c.variable_name]),
                                              weight_layers.get(c.op.name), scheme) for c in candidates]
-        records, ranged = [], set()
-        for layer in report.activation_layers:
-            names = list(layer.range_variables or ())
-            if not layer.quantized or report.config.get("act_range") != "ema" or len(names) != 2:
-                continue
-            op = graph.get_operation_by_name(layer.name)
-            _insert_range(op.outputs[0], weights[names[0]], weights[names[1]], layer.bits, "trained", records)
-            ranged.add(op.name)
+        records, ranged, ranged_tensors = [], set(), set()
+        for layer, tensor in trained:
+            low, high = (weights[name] for name in layer.range_variables)
+            _insert_range(tensor, low, high, layer.bits, "trained", records)
+            ranged.add(tensor.op.name)
+            ranged_tensors.add(tensor.name)
         targets = [images]
-        targets += [t for t in (_layer_output(c.op) for c in candidates) if _needs_range(t, ranged)]
+        targets += [t for t in (match.layer_output(c.op) for c in candidates) if _needs_range(t, ranged)]
         targets += [op.outputs[0] for op in activations if op.name not in ranged]
         targets += [op.outputs[0] for op in graph.get_operations() if op.type in _RESIDUAL_TYPES
                     and all(t.op.type not in ("Const", "Identity") for t in op.inputs)
                     and not match.is_untouchable(op) and _needs_range(op.outputs[0], ranged)]
-        targets = [t for i, t in enumerate(targets) if all(t is not u for u in targets[:i])]
+        targets = [t for i, t in enumerate(targets)
+                   if t.name not in ranged_tensors and all(t is not u for u in targets[:i])]
+    if targets and images_value is None:
+        raise model_export.ExportError(
+            "%d tensors have no trained range (%s); expected calibration images for them (or a run trained "
+            "with --uql_quantize_layer_outputs)" % (len(targets), ", ".join(t.op.name for t in targets[:3])))
     config = tf1.ConfigProto(intra_op_parallelism_threads=2, inter_op_parallelism_threads=1)
     with tf1.Session(graph=graph, config=config) as sess:
         sess.run(assigns, feed_dict=feeds)
         lows = [np.inf] * len(targets)
         highs = [-np.inf] * len(targets)
-        for start in range(0, len(images_value), batch_size):
+        for start in range(0, len(images_value) if targets else 0, batch_size):
             values = sess.run(targets, {images: images_value[start:start + batch_size]})
             lows = [min(lo, float(v.min())) for lo, v in zip(lows, values)]
             highs = [max(hi, float(v.max())) for hi, v in zip(highs, values)]
@@ -191,5 +188,5 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
             sess, graph.as_graph_def(), [output.op.name])
     input_record = next(r for r in records if r["tensor"] == model_export.INPUT_NAME)
     return FakeQuantGraph(graph_def, weight_records, records, (input_record["min"], input_record["max"]),
-                          int(len(images_value)))
+                          int(len(images_value)) if targets else 0)
 

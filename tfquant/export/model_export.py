@@ -532,7 +532,8 @@ def freeze_inference_graph(build_forward, weights, decisions=None, input_shape=N
         if _folds_batch_norms(decisions):
             fold.fold_batch_norms(graph, is_training=False, weights_folded=True)
         if act_config is not None:
-            tfquant.quantize_graph(graph, _without_weight_decisions(act_config, graph), is_training=False)
+            logits = tfquant.quantize_graph(graph, _without_weight_decisions(act_config, graph),
+                                            is_training=False).output(logits)
         output = named_output(graph, logits)
         if output.op.name != OUTPUT_NAME or images.op.name != INPUT_NAME:
             raise ExportError("the forward pass already defines an op named %r or %r; rename it so "

@@ -57,7 +57,7 @@ def _quantized_checkpoint_logits(build_forward, checkpoint, config, images, batc
     with graph.as_default():
         x = tf1.placeholder(tf.float32, [None] + list(images.shape[1:]))
         logits = build_forward(x)
-        tfquant.quantize_graph(graph, config, is_training=False)
+        logits = tfquant.quantize_graph(graph, config, is_training=False).output(logits)
         saver = tf1.train.Saver(tf1.global_variables())
     outputs = []
     with tf1.Session(graph=graph) as sess:
@@ -135,7 +135,8 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
     saved_graph = inference_graph.InferenceGraph(graph_path)
     build_forward, input_shape = saved_graph.build_forward, saved_graph.input_shape
     test_data, calibration_images = _check_data(test_data, calibration_images, input_shape)
-    if (int8 or onnx) and calibration_images is None:
+    needs_calibration = options.int8_calibration or not report.config.get("quantize_layer_outputs")
+    if (int8 or onnx) and calibration_images is None and needs_calibration:
         raise ExportError("%s export needs calibration images; expected training (or test) images for the ranges "
                           "training did not record" % ("int8" if int8 else "ONNX"))
     try:
