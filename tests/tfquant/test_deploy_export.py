@@ -106,9 +106,21 @@ def test_onnx_qdq_agrees_with_quantized_graph(deployed):
     import onnx
     model = onnx_export.convert(deployed["graph"].graph_def)
     quantize, dequantize = onnx_export.quantize_linear_pairs(model)
-    # Every activation range is a QuantizeLinear/DequantizeLinear pair (tf2onnx folds the constant
-    # weights' FakeQuant into initializers already on the trained grid).
+    # Every activation range is a QuantizeLinear/DequantizeLinear pair.
     assert quantize == dequantize == len(deployed["graph"].activations)
+    # Every weight is stored as its trained integer codes (zero point 0 after the uint8 offset), which
+    # dequantize to the trained weight: onnxruntime has no float weight to quantize again on its own grid.
+    codes = onnx_export.weight_codes(model)
+    trained = [np.sort(np.ravel(deployed["weights"][layer.weight_variable]))
+               for layer in deployed["report"].weight_layers if layer.quantized]
+    assert len(codes) == len(trained) == 4, sorted(codes)
+    for stored, scale, axis in codes.values():
+        assert stored.dtype == np.int32 and np.abs(stored).max() == 127
+        shape = [1] * stored.ndim
+        if axis is not None:
+            shape[axis] = -1
+        values = np.sort(np.ravel(stored * np.reshape(scale, shape)))
+        assert min(np.abs(values - t).max() if t.shape == values.shape else np.inf for t in trained) <= 1e-6
     proto = onnx.load_from_string(model)
     initializers = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
     scales = [float(v) for node in proto.graph.node if node.op_type == "QuantizeLinear"

@@ -6,6 +6,7 @@ and zero point, so the ONNX model carries tfquant's trained weight and activatio
 onnxruntime are optional dependencies (`pip install tfquant[onnx]`).
 """
 import numpy as np
+import tensorflow as tf
 
 from tfquant.export import model_export
 
@@ -41,15 +42,115 @@ def convert(graph_def):
     model, _ = tf2onnx.convert.from_graph_def(
         graph_def, input_names=[model_export.INPUT_NAME + ":0"], output_names=[model_export.OUTPUT_NAME + ":0"],
         opset=OPSET)
+    store_weight_codes(model, graph_def)
     return model.SerializeToString()
 
 
+# ONNX Conv weights are OIHW: the output channel, which per-channel weight ranges follow, is axis 0.
+_WEIGHT_AXIS = {"Conv": 0, "MatMul": -1}
+_CODE_OFFSET = 128  # uint8 code = signed narrow-range code + 128
+
+
+def _weight_grids(graph_def):
+    """{FakeQuant node name: (step per range, bits)} of the graph's narrow-range (weight) FakeQuant ops."""
+    constants = {node.name: node for node in graph_def.node if node.op == "Const"}
+    grids = {}
+    for node in graph_def.node:
+        if node.op not in ("FakeQuantWithMinMaxVars", "FakeQuantWithMinMaxVarsPerChannel"):
+            continue
+        range_nodes = [constants.get(name.split(":")[0]) for name in node.input[1:3]]
+        if not node.attr["narrow_range"].b or None in range_nodes:
+            continue
+        low, high = (tf.make_ndarray(n.attr["value"].tensor).astype(np.float32) for n in range_nodes)
+        bits = node.attr["num_bits"].i
+        grids[node.name] = ((high - low) / np.float32(2 ** bits - 2), bits)
+    return grids
+
+
+def store_weight_codes(model, graph_def):
+    """Store each Conv / MatMul weight that a weight FakeQuant put on its grid as uint8 codes + DequantizeLinear.
+
+    tf2onnx folds the weight FakeQuant ops into float initializers. Left float, onnxruntime quantizes them
+    again with its own per-tensor range (its weight-bias quantization pass), which is not the trained grid;
+    stored as int8, its u8 x s8 kernels on x86 without VNNI sum pairs of products in 16 bits and saturate.
+    uint8 codes with zero point 128 keep the trained per-channel grid exactly and avoid both. A weight not
+    exactly on its FakeQuant's grid stays float.
+
+    Args:
+      model: the onnx ModelProto tf2onnx returned (changed in place).
+      graph_def: the FakeQuant GraphDef it was converted from.
+    Returns:
+      the number of weights stored as codes.
+    """
+    onnx = _require("onnx")
+    from onnx import numpy_helper  # pylint: disable=import-outside-toplevel
+    grids = _weight_grids(graph_def)
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    dequantize = []
+    for node in model.graph.node:
+        if node.op_type not in _WEIGHT_AXIS or len(node.input) < 2 or node.input[1] not in initializers:
+            continue
+        name = node.input[1]
+        # tf2onnx names a folded constant after the op that produced it (plus a suffix).
+        owners = [fake_quant for fake_quant in grids if name == fake_quant
+                  or name.startswith((fake_quant + "__", fake_quant + ":"))]
+        if not owners:
+            continue
+        step, bits = grids[max(owners, key=len)]
+        value = numpy_helper.to_array(initializers[name])
+        axis = _WEIGHT_AXIS[node.op_type] % value.ndim
+        shape = [1] * value.ndim
+        if np.ndim(step):
+            if value.shape[axis] != np.size(step):
+                continue
+            shape[axis] = -1
+        scaled = value / step.reshape(shape)
+        codes = np.round(scaled)
+        if np.abs(scaled - codes).max() > 1e-2 or np.abs(codes).max() > 2 ** (bits - 1) - 1:
+            continue
+        model.graph.initializer.remove(initializers[name])
+        model.graph.initializer.extend([
+            numpy_helper.from_array((codes + _CODE_OFFSET).astype(np.uint8), name + "_codes"),
+            numpy_helper.from_array(np.asarray(step, np.float32), name + "_scale"),
+            numpy_helper.from_array(np.full(np.shape(step), _CODE_OFFSET, np.uint8), name + "_zero_point")])
+        attributes = {"axis": axis} if np.ndim(step) else {}
+        dequantize.append(onnx.helper.make_node(
+            "DequantizeLinear", [name + "_codes", name + "_scale", name + "_zero_point"], [name],
+            name=name + "_dequantize", **attributes))
+    for node in reversed(dequantize):
+        model.graph.node.insert(0, node)
+    return len(dequantize)
+
+
 def quantize_linear_pairs(model):
-    """(number of QuantizeLinear, number of DequantizeLinear) nodes of a serialized ONNX model."""
+    """(QuantizeLinear nodes, DequantizeLinear nodes of computed tensors) of a serialized ONNX model: the
+    activation pairs; weights stored as codes (store_weight_codes) have a DequantizeLinear only."""
     onnx = _require("onnx")
     proto = onnx.load_from_string(model)
+    stored = {tensor.name for tensor in proto.graph.initializer}
     types = [node.op_type for node in proto.graph.node]
-    return types.count("QuantizeLinear"), types.count("DequantizeLinear")
+    return types.count("QuantizeLinear"), sum(node.op_type == "DequantizeLinear" and node.input[0] not in stored
+                                              for node in proto.graph.node)
+
+
+def weight_codes(model):
+    """{weight name: (signed integer codes, scale, axis or None)} of the weights a serialized model stores
+    as codes."""
+    onnx = _require("onnx")
+    from onnx import numpy_helper  # pylint: disable=import-outside-toplevel
+    proto = onnx.load_from_string(model)
+    initializers = {tensor.name: numpy_helper.to_array(tensor) for tensor in proto.graph.initializer}
+    found = {}
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in initializers:
+            stored = initializers[node.input[0]].astype(np.int32)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+            shape = [1] * stored.ndim
+            if axis is not None:
+                shape[axis] = -1
+            codes = stored - np.reshape(initializers[node.input[2]].astype(np.int32), shape)
+            found[node.output[0]] = (codes, initializers[node.input[1]], axis)
+    return found
 
 
 def _session(model, num_threads):
