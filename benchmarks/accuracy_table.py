@@ -63,6 +63,9 @@ ROWS = [
     Row("W4A8 ch symmetric folded", CH + " --uql_weight_bits=4 --uql_activation_bits=8" + DEPLOY),
     Row("W8A8 all layers symmetric folded", CH + " --uql_weight_bits=8 --uql_activation_bits=8 "
         "--uql_quantize_all_layers" + DEPLOY),
+    # ... and with every tensor the int8 model holds trained (input, outputs before residual adds, logits).
+    Row("W8A8 all layers deployable", CH + " --uql_weight_bits=8 --uql_activation_bits=8 "
+        "--uql_quantize_all_layers" + DEPLOY + " --uql_quantize_layer_outputs"),
 ]
 QUICK_ROWS = ("W8A8", BASELINE)
 FULL = {"float": ["--nb_epochs_rat=1.0"], "epochs": 1.0, "finetune": ["--uql_lrn_rate_init=0.01"],
