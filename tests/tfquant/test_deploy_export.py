@@ -231,7 +231,11 @@ def test_cli_int8_and_onnx_record_agreement_with_the_quantized_graph(tmp_path, c
     assert "one range" in verdicts["model/fc3/MatMul"][1]
     load = result["latency"]["load_average_1_5_15_min"]
     assert len(load["before"]) == 3 and all(value >= 0 for value in load["before"])
-    assert set(result["latency"]) >= {"float", "int8"} | ({"onnx"} if onnx else set())
+    assert set(result["latency"]) >= {"float", "int8", "float_builtin_kernels"} | ({"onnx"} if onnx else set())
+    counts = {label: t["count"] for label, t in result["latency"].items() if isinstance(t, dict) and "count" in t}
+    assert set(counts.values()) == {9}, counts  # 3 images x 3 passes, every model alike
+    assert result["latency"]["int8_over_float_builtin_median"] == pytest.approx(
+        result["latency"]["int8"]["median_ms"] / result["latency"]["float_builtin_kernels"]["median_ms"])
     # Recompute every file's agreement from the files themselves and the checkpoint's quantized graph, built
     # from the model code (not from the saved inference graph the export used).
     checkpoint = model_export.resolve_checkpoint(str(run))

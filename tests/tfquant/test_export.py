@@ -300,6 +300,11 @@ def test_tflite_float_and_int8(trained, tmp_path):
     latency = tflite_export.measure_latency({"float": float_model, "int8": int8_model},
                                             trained["images"][:10], repeats=1, warmup=2)
     assert set(latency) == {"float", "int8"} and all(v["count"] == 10 for v in latency.values())
+    # The built-in kernels (no XNNPACK delegate) compute the same float model.
+    image = trained["images"][0]
+    delegated = tflite_export.single_image_runner(float_model)(image)
+    builtin = tflite_export.single_image_runner(float_model, default_delegates=False)(image)
+    np.testing.assert_allclose(builtin, delegated, rtol=1e-4, atol=1e-4)
 
 
 def test_int8_refused_for_16_bit_layer(tmp_path, trained):

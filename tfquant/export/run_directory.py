@@ -26,6 +26,8 @@ from tfquant.report import REPORT_NAME, config_from_report, load_report
 
 tf1 = tf.compat.v1
 CALIBRATION_IMAGES = 200
+# The latency label of the float TFLite model run without the XNNPACK delegate.
+FLOAT_BUILTIN = "float_builtin_kernels"
 LATENCY_IMAGES = 100
 # What a previous export may hold; an output directory with anything else is refused, never replaced.
 EXPORT_FILES = ("model.tfq", "inference.pb", "model_float.tflite", "model_int8.tflite", "model.onnx", "export.json")
@@ -234,6 +236,10 @@ def _fidelity(result, reference, test_data, frozen, tflite_models, onnx_model, l
     for label, logits in predictions.items():
         result["accuracy"][label] = _accuracy(logits, labels)
     runners = dict(tflite_models)
+    if "float" in tflite_models:
+        # The float model on the built-in kernels too: the speed-up of int8 over float depends on whether
+        # the runtime has XNNPACK (on x86 without VNNI its float kernels are as fast as its int8 ones).
+        runners[FLOAT_BUILTIN] = tflite_export.single_image_runner(tflite_models["float"], default_delegates=False)
     if onnx_model is not None:
         runners["onnx"] = onnx_export.single_image_runner(onnx_model)
     if runners and latency_images > 0:
@@ -243,6 +249,8 @@ def _fidelity(result, reference, test_data, frozen, tflite_models, onnx_model, l
         if "float" in latency and "int8" in latency:
             latency["float_over_int8_median"] = latency["float"]["median_ms"] / latency["int8"]["median_ms"]
             latency["int8_over_float_median"] = latency["int8"]["median_ms"] / latency["float"]["median_ms"]
+            latency["int8_over_float_builtin_median"] = (latency["int8"]["median_ms"]
+                                                         / latency[FLOAT_BUILTIN]["median_ms"])
         result["latency"] = latency
 
 

@@ -140,12 +140,14 @@ def convert_int8_trained(fake_quant_graph, input_shape=None):
         sess.close()
 
 
-def make_interpreter(model, num_threads=None):
+def make_interpreter(model, num_threads=None, default_delegates=True):
     """A LiteRT / TFLite interpreter for a model file path or flatbuffer bytes.
 
     Args:
       model: path of a .tflite file, or its bytes.
       num_threads: interpreter threads (None: the runtime's default).
+      default_delegates: False runs the built-in kernels only, without the XNNPACK delegate the
+        runtime applies by default (how runtimes without XNNPACK execute the model).
     Returns:
       an Interpreter (tensors not yet allocated).
     """
@@ -155,11 +157,14 @@ def make_interpreter(model, num_threads=None):
     else:
         kwargs["model_path"] = str(model)
     try:
-        from ai_edge_litert.interpreter import Interpreter  # pylint: disable=import-outside-toplevel
+        from ai_edge_litert import interpreter as runtime  # pylint: disable=import-outside-toplevel
     except ImportError:
-        Interpreter = None
-    if Interpreter is not None:
-        return Interpreter(**kwargs)
+        runtime = None
+    if not default_delegates:
+        resolvers = runtime.OpResolverType if runtime is not None else tf.lite.experimental.OpResolverType
+        kwargs["experimental_op_resolver_type"] = resolvers.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    if runtime is not None:
+        return runtime.Interpreter(**kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return tf.lite.Interpreter(**kwargs)
@@ -210,8 +215,9 @@ def run_tflite(model, images, batch_size=64, num_threads=None):
     return np.concatenate(outputs, axis=0)
 
 
-def _single_image_runner(model, num_threads):
-    interpreter = make_interpreter(model, num_threads)
+def single_image_runner(model, num_threads=1, default_delegates=True):
+    """A function running one [H, W, C] image through a TFLite model at batch 1 (for latency)."""
+    interpreter = make_interpreter(model, num_threads, default_delegates)
     interpreter.allocate_tensors()
     in_detail = interpreter.get_input_details()[0]
     out_index = interpreter.get_output_details()[0]["index"]
@@ -242,7 +248,7 @@ def measure_latency(models, images, repeats=3, warmup=5, num_threads=1):
     images = np.asarray(images, dtype=np.float32)
     if len(images) == 0:
         raise ValueError("latency measurement needs at least one image")
-    runners = {label: model if callable(model) else _single_image_runner(model, num_threads)
+    runners = {label: model if callable(model) else single_image_runner(model, num_threads)
                for label, model in models.items()}
     for run in runners.values():
         for image in images[:warmup]:
