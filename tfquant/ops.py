@@ -93,12 +93,20 @@ def quantize_in_range(x, bits, minimum, maximum, clip=False):
 def quantize_zero_exact(x, bits, minimum, maximum):
     """Q(x) on the grid integer runtimes use: [min(minimum, 0), max(maximum, 0)] nudged so 0 is a level.
 
-    TensorFlow's FakeQuantWithMinMaxVars, which TFLite's and tf2onnx's converters turn into int8
-    scales and zero points; no gradient handling (callers add straight_through). Needs 2..16 bits.
+    The arithmetic of TensorFlow's FakeQuantWithMinMaxVars (which TFLite's and tf2onnx's converters turn
+    into int8 scales and zero points: step (max - min) / (2^k - 1), zero point rounded to an integer
+    level, values clipped to the nudged range and rounded half up), written with plain ops so that a
+    float TFLite model can hold it too. No gradient handling (callers add straight_through).
     """
+    levels = _levels(bits)
     low = tf.minimum(minimum, 0.0)
-    high = tf.maximum(maximum, 0.0)
-    return tf.quantization.fake_quant_with_min_max_vars(x, low, high, num_bits=bits)
+    high = tf.maximum(tf.maximum(maximum, 0.0), low + RANGE_EPS)
+    step = (high - low) / levels
+    zero_point = tf.clip_by_value(tf.floor(-low / step + 0.5), 0.0, levels)
+    nudged_low = -zero_point * step
+    nudged_high = (levels - zero_point) * step
+    clipped = tf.maximum(tf.minimum(x, nudged_high), nudged_low)
+    return tf.floor((clipped - nudged_low) * (1.0 / step) + 0.5) * step + nudged_low
 
 
 def _grouped(x, layout):

@@ -160,3 +160,39 @@ def test_records_older_than_the_flag_resume_only_without_it():
     assert run_settings.differences(recorded, {"uql_weight_bits": 8, "uql_quantize_layer_outputs": False}) == []
     assert run_settings.differences(recorded, {"uql_weight_bits": 8, "uql_quantize_layer_outputs": True}) == [
         ("uql_quantize_layer_outputs", False, True)]
+
+
+def test_zero_exact_grid_is_tensorflows_fake_quant():
+    """ops.quantize_zero_exact (plain ops, so float TFLite holds it) against TF's FakeQuant and NumPy."""
+    rng = np.random.default_rng(3)
+    for bits in (2, 4, 8):
+        for _ in range(20):
+            low, high = np.float32(-abs(rng.normal()) * rng.uniform(0, 3)), np.float32(abs(rng.normal()) * 5 + 0.01)
+            values = (rng.normal(size=400) * 3).astype(np.float32)
+            ours = tfquant.ops.quantize_zero_exact(tf.constant(values), bits, tf.constant(low), tf.constant(high))
+            theirs = tf.quantization.fake_quant_with_min_max_vars(values, low, high, num_bits=bits)
+            step = (high - low) / (2 ** bits - 1)
+            np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-6, atol=1e-5 * step)  # float rounding
+            codes = _nudged_codes(ours.numpy().astype(np.float64), float(low), float(high), bits)
+            np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
+            # Nearest level, clipped to the nudged range: no value is further than half a step from its level
+            # unless it lies outside the range.
+            zero_point = np.clip(np.floor(-low / step + 0.5), 0, 2 ** bits - 1)
+            nudged = (-zero_point * step, (2 ** bits - 1 - zero_point) * step)
+            inside = (values >= nudged[0]) & (values <= nudged[1])
+            assert np.abs(ours.numpy() - values)[inside].max() <= 0.5 * step * (1 + 1e-4)
+            np.testing.assert_allclose(ours.numpy()[~inside], np.clip(values[~inside], *nudged), atol=1e-5 * step)
+
+
+def test_float_tflite_holds_the_trained_layer_outputs(trained):
+    """The frozen graph (and its float TFLite model) reproduces the trained graph's quantized logits."""
+    frozen = model_export.freeze_inference_graph(residual_forward, trained["weights"], trained["report"],
+                                                 INPUT_SHAPE)
+    model = tflite_export.convert_float(frozen, INPUT_SHAPE)
+    logits = tflite_export.run_tflite(model, trained["images"])
+    low, high = (float(trained["weights"][n]) for n in
+                 next(l for l in trained["report"].activation_layers if l.name == "fc/MatMul:output").range_variables)
+    step = (max(high, 0.0) - min(low, 0.0)) / 255
+    assert np.abs(logits - trained["reference"]).max() <= 2.01 * step
+    codes = _nudged_codes(logits, low, high)
+    np.testing.assert_allclose(codes, np.round(codes), atol=5e-3)
