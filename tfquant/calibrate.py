@@ -147,16 +147,35 @@ def _kl_divergence(counts, centers, bits, lo, hi):
     return float(np.sum(p * np.log(p / q)))
 
 
+def _zero_bin_flattened(histogram):
+    """The counts with the bin that holds 0 given the count of its neighbour.
+
+    A ReLU's output is 0 for 40-60 % of its values, and 0 is a level of every candidate range (each one
+    contains 0 and is quantized exactly there). The KL proxy, however, spreads a level's mass evenly over
+    the level's bins, so that spike alone would make any range with more than one bin in the level of 0
+    look bad: the search then settled on the widest range with under 3 bins per level (hi = 0.37 x max at
+    8 bits), clipping 1-5 % of the values and costing MobileNetV2 22 points. pytorch_quantization's entropy
+    calibrator flattens the zero bin the same way before its search.
+    """
+    counts = histogram.counts.copy()
+    zero = int(np.clip(np.searchsorted(histogram.edges, 0.0, side="right") - 1, 0, len(counts) - 1))
+    counts[zero] = counts[zero + 1] if zero + 1 < len(counts) else counts[zero - 1]
+    return counts
+
+
 def entropy_range(histogram, bits, num_candidates=DEFAULT_CANDIDATES):
     """The candidate range with the least KL divergence between the histogram and its quantized form.
 
     Only ranges spanning at least 2^bits bins are searched (a narrower one has one bin per level and a
     divergence of 0 that says nothing); when no candidate qualifies (too few bins for the bits) the
-    observed [min, max] is returned. Ties go to the larger range.
+    observed [min, max] is returned. Ties go to the larger range. The bin holding 0 is searched with its
+    neighbour's count (see _zero_bin_flattened).
     """
     _check_counts(histogram)
     lows, highs = _candidate_ranges(histogram, num_candidates)
-    centers, counts = histogram.centers, histogram.counts
+    centers, counts = histogram.centers, _zero_bin_flattened(histogram)
+    if counts.sum() == 0:
+        return max_range(histogram)  # nothing but zeros
     best, best_divergence = None, np.inf
     for lo, hi in zip(lows, highs):
         if np.count_nonzero((centers >= lo) & (centers <= hi)) < 2 ** bits:
