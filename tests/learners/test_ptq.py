@@ -78,6 +78,30 @@ def test_max_calibration_is_the_float_range_and_eval_agrees(tmp_path, template_h
     assert count == 100 and accuracy == pytest.approx(results["quant_accuracy"], abs=1e-6)
 
 
+def test_ptq_calibrates_every_int8_tensor_with_quantize_layer_outputs(tmp_path, template_helper):
+    """With quantize_layer_outputs, PTQ also calibrates the model input and the logits."""
+    helper = template_helper
+    config = tfquant.QuantConfig(weight_bits=8, activation_bits=8, quantize_layer_outputs=True)
+    results = PTQLearner(helper, settings_in(str(tmp_path)), config).train()
+    report = json.load(open(results["report"]))
+    ranged = {layer["name"]: layer["range_variables"] for layer in report["layers"]
+              if layer["kind"] == "activation" and layer["status"] == "quantized"}
+    assert {"model/conv1/Conv2D:input", "model/fc/MatMul:output"} <= set(ranged)
+    checkpoint = tf.train.load_checkpoint(results["quant_checkpoint"])
+    # The input range is the images' own extremes over the calibration batches (independent of any weight).
+    graph = tf.Graph()
+    with graph.as_default():
+        images, _ = helper.build_dataset_train()
+        with tf1.Session() as sess:
+            batches = [sess.run(images) for _ in range(3)]
+    low, high = (checkpoint.get_tensor(name) for name in ranged["model/conv1/Conv2D:input"])
+    assert low == pytest.approx(min(b.min() for b in batches), abs=1e-6)
+    assert high == pytest.approx(max(b.max() for b in batches), rel=1e-5)
+    for name in ranged["model/fc/MatMul:output"]:
+        steps = name.rpartition("/")[0] + "/ema_steps"
+        assert checkpoint.get_tensor(steps) == 3
+
+
 def test_batch_ranges_cannot_hold_calibration(tmp_path, template_helper):
     with pytest.raises(UserError, match="--uql_act_range=batch is not valid with --learner ptq"):
         PTQLearner(template_helper, settings_in(str(tmp_path)),
