@@ -94,3 +94,42 @@ def test_non_increasing_envelope():
     assert sensitivity.non_increasing({2: 1.0, 3: -0.5, 4: 0.2, 8: -0.01}) == {8: 0.0, 4: 0.2, 3: 0.2, 2: 1.0}
     with pytest.raises(ValueError, match="1 <= min <= max <= 16"):
         sensitivity.checked_widths(5, 4)
+
+
+def test_residual_model_matches_numpy_and_recomputes_below_the_target_only(rng):
+    """With a skip connection the runs feed the unquantized branch back (the cut); numbers stay exact."""
+    w1, w2, w3 = (rng.normal(0, 0.5, shape).astype(np.float32) for shape in ((6, 8), (8, 8), (8, 4)))
+    batches = [(rng.uniform(0, 1, (16, 6)).astype(np.float32), rng.integers(0, 4, 16)) for _ in range(2)]
+
+    def np_loss(x, labels, quantize=None):
+        quantize = quantize or {}
+        q = lambda name, value: quantize[name](value) if name in quantize else value  # noqa: E731
+        h1 = q("relu1", np.maximum(x @ q("w1", w1), 0))
+        h2 = q("relu2", np.maximum(h1 @ q("w2", w2), 0)) + h1
+        logits = h2 @ q("w3", w3)
+        logits = logits - logits.max(axis=1, keepdims=True)
+        return float(-(logits - np.log(np.exp(logits).sum(axis=1, keepdims=True)))[np.arange(len(labels)),
+                                                                                     labels].mean())
+
+    graph = tf.Graph()
+    with graph.as_default():
+        images, label_ph = tf1.placeholder(tf.float32, [None, 6]), tf1.placeholder(tf.int64, [None])
+        variables = [tf1.get_variable(n, initializer=v) for n, v in (("w1", w1), ("w2", w2), ("w3", w3))]
+        h1 = tf.nn.relu(tf.matmul(images, variables[0]), name="relu1")
+        h2 = tf.nn.relu(tf.matmul(h1, variables[1]), name="relu2") + h1
+        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=label_ph, logits=tf.matmul(h2, variables[2])))
+        weights, activations = sensitivity.find_targets(graph, tfquant.QuantConfig(quantize_all_layers=True))
+        # w2's runs recompute w2's matmul onwards; the skip branch h1 (= relu1) is fed, never the replaced weight.
+        cut = sensitivity._cut_tensors(weights[1], loss, [images, label_ph])
+        assert {t.op.name for t in cut} == {"relu1", "Placeholder_1"}
+        with new_session(graph) as sess:
+            sess.run(tf1.global_variables_initializer())
+            measured = sensitivity.measure(sess, loss, [{images: x, label_ph: y} for x, y in batches],
+                                           weights + activations, {sensitivity.WEIGHT: [2, 4],
+                                                                   sensitivity.ACTIVATION: [2, 4]})
+    for name in ("w1", "w2", "w3", "relu1", "relu2"):
+        for bits in (2, 4):
+            expected = np.mean([np_loss(x, y, {name: lambda v, b=bits: _np_quantize(v, b)}) - np_loss(x, y)
+                                for x, y in batches])
+            assert measured[name][bits] == pytest.approx(expected, rel=1e-3, abs=1e-4), (name, bits)
