@@ -158,7 +158,9 @@ def summarize(entries):
             "uniform": stats.mean_std(e["accuracy"] for e in pick("uniform")),
             "best_random": stats.mean_std(best_random),
             "search_seconds": statistics.mean(e["search_seconds"] for e in pick("auto")),
-            "epoch_seconds": statistics.mean(e["epoch_seconds"] for e in pick("uniform") if e["epoch_seconds"]),
+            # Any row that trained in this run (a resumed row has no epoch time); every row fine-tunes the same
+            # model at the same budget.
+            "epoch_seconds": statistics.mean([e["epoch_seconds"] for e in mine if e.get("epoch_seconds")] or [0.0]),
         }
     return table
 
@@ -169,8 +171,8 @@ def render(payload, command):
     for label, t in table.items():
         rows.append((label, ",".join(map(str, t["seeds"])), accuracy_table._percent(*t["auto"]),
                      accuracy_table._percent(*t["uniform"]), accuracy_table._percent(*t["best_random"]),
-                     "%.1f" % t["search_seconds"], "%.1f" % t["epoch_seconds"],
-                     "%.1f %%" % (100 * t["search_seconds"] / t["epoch_seconds"])))
+                     "%.1f" % t["search_seconds"], "%.1f" % t["epoch_seconds"] if t["epoch_seconds"] else "-",
+                     "%.1f %%" % (100 * t["search_seconds"] / t["epoch_seconds"]) if t["epoch_seconds"] else "-"))
     lines = ["## Bit allocation (ResNet-20, Fashion-MNIST, all 10,000 test images)", "",
              "Command: `%s`" % command, ""]
     lines += machine.machine_lines(payload["machine"], payload["load_before"])
@@ -188,14 +190,15 @@ def render(payload, command):
             lines.append("- Target %s: auto at or above %s: %s (%.2f vs %.2f)."
                          % (label, what, "met" if met else "**not met**", 100 * t["auto"][0], 100 * other))
         lines.append("- Target %s: search at most 10 %% of an epoch: %s." % (
-            label, "met" if t["search_seconds"] <= 0.1 * t["epoch_seconds"] else "**not met**"))
+            label, "no row trained in this run (no epoch time)" if not t["epoch_seconds"] else
+            "met" if t["search_seconds"] <= 0.1 * t["epoch_seconds"] else "**not met**"))
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     publish.add_arguments(parser, output_help="results file (default %s; none with --quick)"
-                          % os.path.relpath(DEFAULT_RESULTS, publish.REPO_ROOT), render_json=False)
+                          % os.path.relpath(DEFAULT_RESULTS, publish.REPO_ROOT))
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
     parser.add_argument("--work_dir", default="/tmp/tfquant_bit_allocation", help="checkpoints and logs")
     parser.add_argument("--budgets", help="comma-separated subset of %s (default: all; quick: %s)"
@@ -203,6 +206,11 @@ def main(argv=None):
     parser.add_argument("--randoms", type=int, help="random allocations per budget and seed (default %d; quick %d)"
                         % (FULL["randoms"], QUICK["randoms"]))
     args = parser.parse_args(argv)
+    if args.render_json:
+        payload = publish.load_full_run(args.render_json)
+        command = payload.get("command", "(not recorded in %s)" % args.render_json)
+        publish.write_section(SECTION, render(payload, command), args.markdown)
+        return payload
     seeds = accuracy_table.parse_seeds(args.seeds)
     plan = dict(QUICK if args.quick else FULL)
     if args.budgets is not None:
@@ -227,7 +235,7 @@ def main(argv=None):
                       flush=True)
     end_info = machine.machine_info(load=machine.end_load(args.quick))
     payload = {"quick": args.quick, "plan": plan, "machine": end_info, "load_before": load_before,
-               "entries": entries}
+               "entries": entries, "command": publish.command_line()}
     if output:
         publish.write_json(output, payload)
     if not args.quick:
