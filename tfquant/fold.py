@@ -45,7 +45,7 @@ class FoldedLayer:
     batch_norm: tf.Operation
     multiplier: tf.Tensor
     bias: tf.Tensor
-    output: tf.Tensor = None
+    output: tf.Tensor
 
 
 @dataclasses.dataclass
@@ -54,6 +54,11 @@ class FoldResult:
 
     folded: List[FoldedLayer]
     notes: List[str]
+
+    @property
+    def outputs(self):
+        """{matmul-like op name: the tensor its readers read now} of the folded layers."""
+        return {layer.op.name: layer.output for layer in self.folded}
 
 
 def _single_reader_op(tensor, types):

@@ -224,16 +224,20 @@ def _data_operand_index(op):
     return 1 - weight
 
 
-def _downstream(roots):
-    """Names of every op that reads (transitively) an output of one of `roots`, roots included."""
-    seen, stack = set(), list(roots)
+def reachable(starts, step):
+    """{name: op} of the ops reachable from the ops `starts` through `step(op)` (its neighbours), starts included."""
+    seen, stack = {}, list(starts)
     while stack:
         op = stack.pop()
-        if op.name in seen:
-            continue
-        seen.add(op.name)
-        stack.extend(reader for output in op.outputs for reader in output.consumers())
+        if op.name not in seen:
+            seen[op.name] = op
+            stack.extend(step(op))
     return seen
+
+
+def readers(op):
+    """The ops that read an output of `op` (reachable's step downstream)."""
+    return [reader for output in op.outputs for reader in output.consumers()]
 
 
 def find_integer_tensors(graph, candidates, covered, folded_outputs=None):
@@ -254,7 +258,7 @@ def find_integer_tensors(graph, candidates, covered, folded_outputs=None):
         readers = live_readers(tensor)
         return not readers or not all(r.type in ACTIVATION_OP_TYPES and r.name in covered for r in readers)
 
-    computed = _downstream([c.op for c in candidates])
+    computed = reachable([c.op for c in candidates], readers)
     found = []
     for candidate in candidates:
         data = candidate.op.inputs[_data_operand_index(candidate.op)] if len(candidate.op.inputs) > 1 else None

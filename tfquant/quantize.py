@@ -79,14 +79,15 @@ def _quantize_weights(graph, candidates, plan, config, is_training):
     return layers, set(stored) | range_variables
 
 
-def _quantize_activations(items, plan, config, is_training, unread=None):
-    """Rewrite every activation (or other IntegerTensor) the plan quantizes; returns their LayerReports.
+def _quantize_activations(items, plan, config, is_training):
+    """Rewrite every activation (or other IntegerTensor) the plan quantizes.
 
-    `unread`: a dict that receives {tensor name: quantized tensor} of the IntegerTensors nothing read yet
-    (a model's logits before its loss is built), which are quantized all the same; activations nothing
-    reads are skipped. None: such tensors are skipped too.
+    IntegerTensors nothing reads yet (a model's logits before its loss is built) are quantized all the same;
+    activations nothing reads are skipped.
+    Returns:
+      (their LayerReports, {tensor name: quantized tensor} of the quantized tensors nothing read).
     """
-    layers = []
+    layers, unread = [], {}
     for item in items:
         layer = LayerReport(name=item.name, op_type=item.op_type, kind="activation", status=SKIPPED)
         layers.append(layer)
@@ -97,7 +98,7 @@ def _quantize_activations(items, plan, config, is_training, unread=None):
             layer.reason = decision.reason
             continue
         has_readers = any(not match.is_untouchable(c) for c in output.consumers())
-        if not has_readers and (unread is None or item.op_type in match.ACTIVATION_OP_TYPES):
+        if not has_readers and item.op_type in match.ACTIVATION_OP_TYPES:
             layer.reason = "output has no consumers"
             continue
         scope = "%s/%s" % (item.name.replace(":", "/"), ranges.RANGE_SCOPE_SUFFIX)
@@ -119,7 +120,7 @@ def _quantize_activations(items, plan, config, is_training, unread=None):
         layer.num_groups = 1
         if tracker is not None:
             layer.range_variables = [v.op.name for v in tracker.variables]
-    return layers
+    return layers, unread
 
 
 def _layer_outputs(graph, candidates, plan, config, folded_outputs):
@@ -177,8 +178,7 @@ def quantize_graph(graph, config, is_training=True):
     if config.fold_batch_norms:
         # Before weight quantization, which then quantizes the folded weight each op now reads.
         folding = fold.fold_batch_norms(graph, is_training, config.freeze_bn_delay)
-        fold_notes = folding.notes
-        folded_outputs = {layer.op.name: layer.output for layer in folding.folded}
+        fold_notes, folded_outputs = folding.notes, folding.outputs
     items = [match.IntegerTensor(op.name, op.outputs[0], op.type) for op in activations]
     if config.quantize_layer_outputs:
         # After folding (the outputs are the folded layers'), before any quantizer is inserted.
@@ -186,8 +186,7 @@ def quantize_graph(graph, config, is_training=True):
         items += extra
     with graph.as_default():
         weight_layers, weight_vars = _quantize_weights(graph, candidates, plan, config, is_training)
-        unread = {}
-        act_layers = _quantize_activations(items, plan, config, is_training, unread)
+        act_layers, unread = _quantize_activations(items, plan, config, is_training)
         graph.add_to_collection(REWRITTEN_COLLECTION, "train" if is_training else "eval")
     # report
     notes = list(fold_notes)

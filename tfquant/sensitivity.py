@@ -108,34 +108,21 @@ class _Quantizers:
         return self.built[key]
 
 
-def _reachable(starts, step):
-    """Names of the ops reachable from the ops `starts` through `step(op)` (an op's neighbours), starts included."""
-    seen, stack = {}, list(starts)
-    while stack:
-        op = stack.pop()
-        if op.name not in seen:
-            seen[op.name] = op
-            stack.extend(step(op))
-    return seen
+def _cut_tensors(target, upstream_of_loss, batch_dependent):
+    """Tensors whose values, fed from the unquantized run, let the loss be recomputed below the target alone.
 
-
-def _cut_tensors(target, loss, inputs):
-    """Tensors whose values, fed from the unquantized run, let `loss` be recomputed below the target alone.
-
-    The ops the replaced tensors reach (on the way to the loss) are the only ones whose values change; every
-    other input they read that depends on the batch (a residual branch, the labels) is fed as it was, so a
-    run computes the network below the target only, with the same numbers as a full forward pass.
+    The ops the replaced tensors reach (on the way to the loss, among `upstream_of_loss`) are the only ones
+    whose values change; every other input they read that depends on the batch (in `batch_dependent`: a
+    residual branch, the labels) is fed as it was, so a run computes the network below the target only, with
+    the same numbers as a full forward pass.
     """
-    upstream_of_loss = _reachable([loss.op], lambda op: [t.op for t in op.inputs] + list(op.control_inputs))
-    changed = _reachable([c for t in target.tensors for c in t.consumers()],
-                         lambda op: [c for out in op.outputs for c in out.consumers()])
+    changed = match.reachable([c for t in target.tensors for c in t.consumers()], match.readers)
     changed = {name: op for name, op in changed.items() if name in upstream_of_loss}
-    batch_dependent = _reachable([t.op for t in inputs], lambda op: [c for out in op.outputs for c in out.consumers()])
     replaced = {t.name for t in target.tensors}
     cut = {}
     for op in changed.values():
         for tensor in op.inputs:
-            if (tensor.op.name not in changed and tensor.op.name in batch_dependent and tensor.name not in replaced):
+            if tensor.op.name not in changed and tensor.op.name in batch_dependent and tensor.name not in replaced:
                 cut[tensor.name] = tensor
     return list(cut.values())
 
@@ -162,12 +149,12 @@ def measure(sess, loss, batches, targets, bit_widths):
                              sess.run([t.tensors[0] for t in targets if t.kind == WEIGHT])))
     activations = [t for t in targets if t.kind == ACTIVATION]
     totals = {t.name: {bits: 0.0 for bits in bit_widths[t.kind]} for t in targets}
-    cuts = {}
+    # Every batch feeds the same input tensors, so the cuts are the same for all of them.
+    upstream_of_loss = match.reachable([loss.op], lambda op: [t.op for t in op.inputs] + list(op.control_inputs))
+    batch_dependent = match.reachable([t.op for t in batches[0] if isinstance(t, tf.Tensor)], match.readers)
+    cuts = {t.name: _cut_tensors(t, upstream_of_loss, batch_dependent) for t in targets}
+    cut_tensors = list({tensor.name: tensor for cut in cuts.values() for tensor in cut}.values())
     for feed in batches:
-        if not cuts:
-            inputs = [tensor for tensor in feed if isinstance(tensor, tf.Tensor)]
-            cuts = {t.name: _cut_tensors(t, loss, inputs) for t in targets}
-        cut_tensors = list({tensor.name: tensor for cut in cuts.values() for tensor in cut}.values())
         # One run gives the float loss, every activation's value and every tensor a later run feeds back.
         base_loss, *fetched = sess.run([loss] + [t.tensors[0] for t in activations] + cut_tensors, feed)
         values = dict(weight_values, **{t.name: v for t, v in zip(activations, fetched)})

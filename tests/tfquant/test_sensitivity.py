@@ -121,7 +121,9 @@ def test_residual_model_matches_numpy_and_recomputes_below_the_target_only(rng):
             labels=label_ph, logits=tf.matmul(h2, variables[2])))
         weights, activations = sensitivity.find_targets(graph, tfquant.QuantConfig(quantize_all_layers=True))
         # w2's runs recompute w2's matmul onwards; the skip branch h1 (= relu1) is fed, never the replaced weight.
-        cut = sensitivity._cut_tensors(weights[1], loss, [images, label_ph])
+        upstream = tfquant.match.reachable([loss.op], lambda op: [t.op for t in op.inputs])
+        cut = sensitivity._cut_tensors(weights[1], upstream,
+                                       tfquant.match.reachable([images.op, label_ph.op], tfquant.match.readers))
         assert {t.op.name for t in cut} == {"relu1", "Placeholder_1"}
         with new_session(graph) as sess:
             sess.run(tf1.global_variables_initializer())

@@ -139,8 +139,7 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
         logits = build_forward(images)
         folded_outputs = {}
         if report.config.get("fold_batch_norms"):
-            folding = fold.fold_batch_norms(graph, is_training=False, weights_folded=True)
-            folded_outputs = {layer.op.name: layer.output for layer in folding.folded}
+            folded_outputs = fold.fold_batch_norms(graph, is_training=False, weights_folded=True).outputs
         candidates = [c for c in match.find_weight_candidates(graph) if c.input_index is not None
                       and not c.skip_reason]
         activations = match.find_activations(graph)
