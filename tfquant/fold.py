@@ -8,6 +8,7 @@ runs after this pass inside quantize_graph) quantizes that product. No op of the
   computes its batch statistics, its moving-average updates and its gradients on the float scale it was
   built for, and its output equals conv(x, Q(W m)) * sigma_moving / sigma_batch + beta - mu_batch * gamma /
   sigma_batch: the batch statistics with tf.contrib.quantize's correction factor sigma_B / sigma_moving.
+  m carries no gradient on that path (see _training_multiplier): gamma learns through the batch norm.
   From the global step `freeze_bn_delay` on, its readers get conv(x, Q(W m)) + beta - moving_mean * m
   instead (moving statistics; the moving averages keep being updated).
 * evaluation graphs: the batch norm's readers get conv(x, Q(W m)) + (beta - moving_mean * m), the folded
@@ -136,6 +137,22 @@ def _safe_multiplier(multiplier):
     return tf.where(tf.abs(multiplier) < tiny, tf.fill(tf.shape(multiplier), tiny), multiplier)
 
 
+def _training_multiplier(multiplier, use_moving):
+    """The multiplier a training graph folds into the weight: without gradient while the batch norm runs.
+
+    While batch statistics are used, m enters the layer twice, conv(x, Q(W m)) / m, and with the
+    straight-through estimator its two gradients cancel up to the rounding error; the batch norm's own
+    gradient reaches gamma. Holding m constant on both sides drops that rounding-error term and the
+    full-size multiply-and-reduce it costs per layer (the gradient of the division by m). Once the
+    moving statistics are used (`use_moving`), the division is bypassed and m's gradient through the
+    weight is gamma's only one: it is kept.
+    """
+    held = tf.stop_gradient(multiplier)
+    if use_moving is None:
+        return held
+    return tf.where(use_moving, multiplier, held)
+
+
 def _fold_fused(graph, op, batch_norm, is_training, freeze_step, fold_weight=True):
     """Fold one conv -> fused batch norm pair; returns a FoldedLayer or a note why not."""
     output = op.outputs[0]
@@ -155,19 +172,25 @@ def _fold_fused(graph, op, batch_norm, is_training, freeze_step, fold_weight=Tru
         multiplier = _safe_multiplier(gamma * tf.math.rsqrt(moving_variance + epsilon))
         bias = beta - moving_mean * multiplier
     readers = list(batch_norm.outputs[0].consumers())
+    use_moving, weight_multiplier = None, multiplier
+    if is_training:
+        with graph.name_scope(None), graph.name_scope(scope):
+            use_moving = None if freeze_step is None else tf.greater_equal(freeze_step, 0)
+            weight_multiplier = _training_multiplier(multiplier, use_moving)
     if fold_weight:
-        _fold_weight(op, multiplier, weight_side)
+        _fold_weight(op, weight_multiplier, weight_side)
     if is_training:
         # The batch norm sees the float-scale output again: its statistics, moving-average updates and
         # gradients are those of the unfolded layer, and its output carries the correction sigma_mv / sigma_B.
-        rewrite.insert_after(output, lambda t: (t * tf.reshape(1.0 / multiplier, output_side), None), scope)
+        with graph.name_scope(None), graph.name_scope(scope):
+            inverse = tf.reshape(1.0 / tf.stop_gradient(multiplier), output_side)
+        rewrite.insert_after(output, lambda t: (t * inverse, None), scope)
         if freeze_step is None:
             return FoldedLayer(op, batch_norm, multiplier, bias, batch_norm.outputs[0])
     with graph.name_scope(None), graph.name_scope(scope):
         folded = tf.nn.bias_add(output, bias, data_format="NCHW" if data_format == b"NCHW" else None)
     if is_training:
         with graph.name_scope(None), graph.name_scope(scope):
-            use_moving = tf.greater_equal(freeze_step, 0)
             folded = tf.where(use_moving, folded, batch_norm.outputs[0])
     rewrite.reroute_consumers(batch_norm.outputs[0], folded, readers)
     return FoldedLayer(op, batch_norm, multiplier, bias, folded)

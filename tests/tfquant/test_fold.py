@@ -162,6 +162,41 @@ def test_after_freeze_delay_training_uses_moving_statistics(graph, rng):
     np.testing.assert_allclose(after, (conv - model.mean) * model.multiplier + model.beta, rtol=1e-4, atol=2e-4)
 
 
+def _gamma_gradient(graph, model, step=None):
+    """d(sum(y * R))/d gamma and the batch norm's input, R a fixed random tensor."""
+    weights = np.random.default_rng(7).normal(size=model.y.shape.as_list()).astype(np.float32)
+    gamma = [v for v in tf1.trainable_variables() if v.op.name == "bn/gamma"][0]
+    grad, = tf.gradients(tf.reduce_sum(model.y * weights), [gamma])
+    batch_norm = [op for op in graph.get_operations() if op.type == "FusedBatchNormV3"][0]
+    value, bn_input = _run(graph, model, [grad, batch_norm.inputs[0]], step=step)
+    return value, bn_input, weights
+
+
+def test_training_gamma_learns_through_the_batch_norm_before_the_freeze(graph, rng):
+    # 2-bit weights: conv(x, Q(W m)) / m differs from conv(x, W), so a gradient through m would show.
+    model = _Model(graph, rng, is_training=True)
+    config = tfquant.QuantConfig(weight_bits=2, quantize_all_layers=True, fold_batch_norms=True,
+                                 weight_scheme="symmetric", use_buckets=True, bucket_type="channel",
+                                 freeze_bn_delay=10)
+    tfquant.quantize_graph(graph, config, is_training=True)
+    grad, bn_input, weights = _gamma_gradient(graph, model, step=9)
+    batch = _conv_np(model.x_value, _sym_np(model.w_value * model.multiplier, 2, 3)) / model.multiplier
+    np.testing.assert_allclose(bn_input, batch, rtol=1e-4, atol=1e-4)
+    normalized = (batch - batch.mean(axis=(0, 1, 2))) / np.sqrt(batch.var(axis=(0, 1, 2)) + EPS)
+    np.testing.assert_allclose(grad, (weights * normalized).sum(axis=(0, 1, 2)), rtol=1e-3, atol=1e-3)
+
+
+def test_training_gamma_learns_through_the_folded_weight_after_the_freeze(graph, rng):
+    model = _Model(graph, rng, is_training=True)
+    config = tfquant.QuantConfig(weight_bits=32, fold_batch_norms=True, freeze_bn_delay=10)
+    tfquant.quantize_graph(graph, config, is_training=True)
+    grad, _, weights = _gamma_gradient(graph, model, step=10)
+    # y = (conv(x, W) - moving_mean) * gamma / sigma_mv + beta.
+    conv = _conv_np(model.x_value, model.w_value)
+    want = (weights * (conv - model.mean)).sum(axis=(0, 1, 2)) / np.sqrt(model.var.astype(np.float64) + EPS)
+    np.testing.assert_allclose(grad, want, rtol=1e-3, atol=1e-3)
+
+
 def test_matmul_and_unfused_eval_pattern_fold(graph, rng):
     x_value = rng.normal(size=(8, 5)).astype(np.float32)
     w_value = rng.normal(size=(5, 4)).astype(np.float32)
