@@ -4,13 +4,14 @@ After folding, a Conv2D / DepthwiseConv2dNative / MatMul that feeds a batch norm
 weight W * m, m = gamma / sqrt(moving_variance + eps) per output channel, and weight quantization (which
 runs after this pass inside quantize_graph) quantizes that product. No op of the model is rebuilt:
 
-* training graphs: the batch norm's input is rerouted to conv(x, Q(W m)) / m. The batch norm then
-  computes its batch statistics, its moving-average updates and its gradients on the float scale it was
-  built for, and its output equals conv(x, Q(W m)) * sigma_moving / sigma_batch + beta - mu_batch * gamma /
-  sigma_batch: the batch statistics with tf.contrib.quantize's correction factor sigma_B / sigma_moving.
-  m carries no gradient on that path (see _training_multiplier): gamma learns through the batch norm.
+* training graphs: the op reads Q(W m) / m (rescale_weights, after weight quantization), so its output,
+  the batch norm's input, is conv(x, Q(W m)) / m. The batch norm then computes its batch statistics, its
+  moving-average updates and its gradients on the float scale it was built for, and its output equals
+  conv(x, Q(W m)) * sigma_moving / sigma_batch + beta - mu_batch * gamma / sigma_batch: the batch
+  statistics with tf.contrib.quantize's correction factor sigma_B / sigma_moving. m carries no gradient
+  on that path: gamma learns through the batch norm.
   From the global step `freeze_bn_delay` on, its readers get conv(x, Q(W m)) + beta - moving_mean * m
-  instead (moving statistics; the moving averages keep being updated).
+  instead (moving statistics, as an inference-mode batch norm; the moving averages keep being updated).
 * evaluation graphs: the batch norm's readers get conv(x, Q(W m)) + (beta - moving_mean * m), the folded
   layer an inference engine runs (the batch-norm op is left without readers).
 
@@ -20,7 +21,7 @@ from moving statistics. In a training graph the unfused multiplier depends on th
 statistics, so folding it would create a cycle: such layers are left unfolded and named in a note.
 """
 import dataclasses
-from typing import List
+from typing import List, Optional
 
 import tensorflow as tf
 
@@ -39,14 +40,16 @@ _VARIABLE_TYPES = ("VarHandleOp", "VariableV2", "Variable")
 
 @dataclasses.dataclass
 class FoldedLayer:
-    """One folded layer: the matmul-like op, its batch norm's output op, the folding tensors, and the
-    tensor the layer's readers read now (its folded output; the batch norm's in training graphs)."""
+    """One folded layer: the matmul-like op, its batch norm's output op, the folding tensors, the
+    tensor the layer's readers read now (its folded output; the batch norm's in training graphs), and in
+    training graphs the 1 / m its quantized weight is multiplied by (rescale_weights)."""
 
     op: tf.Operation
     batch_norm: tf.Operation
     multiplier: tf.Tensor
     bias: tf.Tensor
     output: tf.Tensor
+    weight_scale: Optional[tf.Tensor] = None
 
 
 @dataclasses.dataclass
@@ -137,22 +140,6 @@ def _safe_multiplier(multiplier):
     return tf.where(tf.abs(multiplier) < tiny, tf.fill(tf.shape(multiplier), tiny), multiplier)
 
 
-def _training_multiplier(multiplier, use_moving):
-    """The multiplier a training graph folds into the weight: without gradient while the batch norm runs.
-
-    While batch statistics are used, m enters the layer twice, conv(x, Q(W m)) / m, and with the
-    straight-through estimator its two gradients cancel up to the rounding error; the batch norm's own
-    gradient reaches gamma. Holding m constant on both sides drops that rounding-error term and the
-    full-size multiply-and-reduce it costs per layer (the gradient of the division by m). Once the
-    moving statistics are used (`use_moving`), the division is bypassed and m's gradient through the
-    weight is gamma's only one: it is kept.
-    """
-    held = tf.stop_gradient(multiplier)
-    if use_moving is None:
-        return held
-    return tf.where(use_moving, multiplier, held)
-
-
 def _fold_fused(graph, op, batch_norm, is_training, freeze_step, fold_weight=True):
     """Fold one conv -> fused batch norm pair; returns a FoldedLayer or a note why not."""
     output = op.outputs[0]
@@ -172,28 +159,51 @@ def _fold_fused(graph, op, batch_norm, is_training, freeze_step, fold_weight=Tru
         multiplier = _safe_multiplier(gamma * tf.math.rsqrt(moving_variance + epsilon))
         bias = beta - moving_mean * multiplier
     readers = list(batch_norm.outputs[0].consumers())
-    use_moving, weight_multiplier = None, multiplier
-    if is_training:
+    if not is_training:
+        if fold_weight:
+            _fold_weight(op, multiplier, weight_side)
         with graph.name_scope(None), graph.name_scope(scope):
-            use_moving = None if freeze_step is None else tf.greater_equal(freeze_step, 0)
-            weight_multiplier = _training_multiplier(multiplier, use_moving)
-    if fold_weight:
-        _fold_weight(op, weight_multiplier, weight_side)
-    if is_training:
-        # The batch norm sees the float-scale output again: its statistics, moving-average updates and
-        # gradients are those of the unfolded layer, and its output carries the correction sigma_mv / sigma_B.
-        with graph.name_scope(None), graph.name_scope(scope):
-            inverse = tf.reshape(1.0 / tf.stop_gradient(multiplier), output_side)
-        rewrite.insert_after(output, lambda t: (t * inverse, None), scope)
-        if freeze_step is None:
-            return FoldedLayer(op, batch_norm, multiplier, bias, batch_norm.outputs[0])
+            folded = tf.nn.bias_add(output, bias, data_format="NCHW" if data_format == b"NCHW" else None)
+        rewrite.reroute_consumers(batch_norm.outputs[0], folded, readers)
+        return FoldedLayer(op, batch_norm, multiplier, bias, folded)
+    # Training: the op reads Q(W m) / m (see rescale_weights), so the batch norm sees the float-scale output
+    # of the unfolded layer: its statistics, moving-average updates and gradients are the unfolded layer's,
+    # and its output carries the correction sigma_moving / sigma_batch. m is held constant there: with the
+    # straight-through estimator its two uses cancel up to the rounding error, and gamma learns through
+    # the batch norm. Dividing the weight instead of the conv output costs a weight-size multiply, not a
+    # full activation-size one (and its gradient) per layer.
     with graph.name_scope(None), graph.name_scope(scope):
-        folded = tf.nn.bias_add(output, bias, data_format="NCHW" if data_format == b"NCHW" else None)
-    if is_training:
-        with graph.name_scope(None), graph.name_scope(scope):
-            folded = tf.where(use_moving, folded, batch_norm.outputs[0])
+        held = tf.stop_gradient(multiplier)
+        weight_scale = tf.reshape(1.0 / held, weight_side)
+    if fold_weight:
+        _fold_weight(op, held, weight_side)
+    if freeze_step is None:
+        return FoldedLayer(op, batch_norm, multiplier, bias, batch_norm.outputs[0], weight_scale)
+    # From the freeze on, the readers get conv(x, Q(W m)) / m * m + beta - moving_mean * m, computed as an
+    # inference-mode batch norm of the same input: the folded layer, with gamma's gradient.
+    with graph.name_scope(None), graph.name_scope(scope):
+        frozen = tf1.nn.fused_batch_norm(output, gamma, beta, mean=moving_mean, variance=moving_variance,
+                                         epsilon=epsilon, data_format=data_format.decode(), is_training=False)[0]
+        folded = tf.where(tf.greater_equal(freeze_step, 0), frozen, batch_norm.outputs[0])
     rewrite.reroute_consumers(batch_norm.outputs[0], folded, readers)
-    return FoldedLayer(op, batch_norm, multiplier, bias, folded)
+    return FoldedLayer(op, batch_norm, multiplier, bias, folded, weight_scale)
+
+
+def rescale_weights(result):
+    """Training graphs: make each folded op read its (quantized) folded weight times 1 / m.
+
+    Call after weight quantization, which quantizes the folded weight W * m each op reads after
+    fold_batch_norms; conv(x, Q(W m) / m) is then the unfolded layer's output the batch norm normalizes.
+    Args:
+      result: the FoldResult of fold_batch_norms on a training graph (eval graphs need nothing).
+    """
+    for layer in result.folded:
+        if layer.weight_scale is None:
+            continue
+        graph = layer.op.graph
+        with graph.name_scope(None), graph.name_scope("%s/%s" % (layer.op.name, FOLD_SCOPE_SUFFIX)):
+            scaled = layer.op.inputs[1] * layer.weight_scale
+        rewrite.reroute_input(layer.op, 1, scaled)
 
 
 def _depends_on(tensor, op, limit=64):
@@ -247,7 +257,7 @@ def fold_batch_norms(graph, is_training, freeze_bn_delay=None, weights_folded=Fa
       weights_folded: the weight variables already hold W * m (an exported model): only the batch
         norm's readers are rerouted to the folded bias.
     Returns:
-      a FoldResult.
+      a FoldResult. For a training graph, call rescale_weights(result) once the weights are quantized.
     """
     folded, notes = [], []
     freeze_step = None

@@ -174,11 +174,11 @@ def quantize_graph(graph, config, is_training=True):
     plan = policy.decide_bits([policy.WeightLayer(c.op.name, c.variable_name) for c in candidates
                                if not c.skip_reason], [op.name for op in activations], config)
     # rewrite
-    fold_notes, folded_outputs = [], {}
+    folding = None
     if config.fold_batch_norms:
         # Before weight quantization, which then quantizes the folded weight each op now reads.
         folding = fold.fold_batch_norms(graph, is_training, config.freeze_bn_delay)
-        fold_notes, folded_outputs = folding.notes, folding.outputs
+    fold_notes, folded_outputs = (folding.notes, folding.outputs) if folding else ([], {})
     items = [match.IntegerTensor(op.name, op.outputs[0], op.type) for op in activations]
     if config.quantize_layer_outputs:
         # After folding (the outputs are the folded layers'), before any quantizer is inserted.
@@ -186,6 +186,8 @@ def quantize_graph(graph, config, is_training=True):
         items += extra
     with graph.as_default():
         weight_layers, weight_vars = _quantize_weights(graph, candidates, plan, config, is_training)
+        if folding:
+            fold.rescale_weights(folding)
         act_layers, unread = _quantize_activations(items, plan, config, is_training)
         graph.add_to_collection(REWRITTEN_COLLECTION, "train" if is_training else "eval")
     # report

@@ -115,8 +115,9 @@ def test_training_uses_batch_statistics_with_the_correction(graph, rng):
     weight, y, *_ = _run(graph, model, [model.conv_op.inputs[1], model.y] + updates)
     m = model.multiplier
     w_q = _sym_np(model.w_value * m, 8, 3)
-    # The quantized weight is folded with the moving variance, not the batch's.
-    np.testing.assert_allclose(weight, w_q, rtol=1e-5, atol=1e-6)
+    # The weight quantized is folded with the moving variance, not the batch's; the conv reads it
+    # divided by m, so the batch norm normalizes the unfolded layer's output.
+    np.testing.assert_allclose(weight, w_q / m, rtol=1e-5, atol=1e-6)
     conv = _conv_np(model.x_value, w_q)
     batch = conv / m
     mu_b, var_b = batch.mean(axis=(0, 1, 2)), batch.var(axis=(0, 1, 2))
@@ -125,6 +126,10 @@ def test_training_uses_batch_statistics_with_the_correction(graph, rng):
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=2e-4)
     # The correction factor matters here: without it the output would differ.
     assert np.max(np.abs(sigma_mv / sigma_b - 1)) > 0.1
+    # The division by m is on the weight: the batch norm reads the conv's output itself (no
+    # activation-size multiply per layer in the training step).
+    batch_norm, = [op for op in graph.get_operations() if op.type == "FusedBatchNormV3"]
+    assert batch_norm.inputs[0] is model.conv_op.outputs[0]
     # Float folding in training reproduces the unfolded batch norm exactly.
 
 
