@@ -11,5 +11,5 @@ setup(
     install_requires=["tensorflow>=2.15", "numpy", "absl-py", "tensorboard", "tf-keras~=2.21.0"],
     # ONNX export (python -m tfquant.export --onnx); both install from wheels without touching TensorFlow.
     extras_require={"onnx": ["tf2onnx==1.17.0", "onnxruntime"],
-                    "test": ["pytest", "hypothesis", "tf2onnx==1.17.0", "onnxruntime"]},
+                    "test": ["pytest", "pytest-xdist", "hypothesis", "tf2onnx==1.17.0", "onnxruntime"]},
 )
