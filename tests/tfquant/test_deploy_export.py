@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import tfquant
 from tests.tfquant.test_export import IMAGE_SHAPE, _quantized_eval, _save_quantized, _synthetic_data, forward
+from tfquant import fold, match
 from tfquant.export import fake_quant_graph, model_export, onnx_export, tflite_export
 
 INPUT_SHAPE = [None] + IMAGE_SHAPE
@@ -254,3 +255,37 @@ def test_cli_int8_and_onnx_record_agreement_with_the_quantized_graph(tmp_path, c
     assert result["agreement_with_quantized_tf"]["frozen_graph"] == 1.0
     assert result["agreement_with_quantized_tf"]["tflite_int8"] >= 0.95
     assert config.weight_scheme == result["config"]["weight_scheme"]
+
+
+def _preprocessed_forward(images, is_training=False):
+    """The test model behind in-graph preprocessing, whose output the int8 model holds before conv1."""
+    return forward(images * 0.5 - 0.25, is_training)
+
+
+def test_export_calibrates_the_tensors_training_would_quantize(tmp_path):
+    checkpoint, report_path = _save_quantized(str(tmp_path), CONFIG, np.random.default_rng(1),
+                                              forward_fn=_preprocessed_forward)
+    report = tfquant.report.load_report(report_path)
+    folded = model_export.folded_weight_values(_preprocessed_forward, checkpoint, INPUT_SHAPE)
+    packed = str(tmp_path / "model.tfq")
+    model_export.pack_checkpoint(checkpoint, report, packed, folded_weights=folded)
+    weights, _ = model_export.load_packed_weights(packed)
+    images, _ = _synthetic_data(np.random.default_rng(2), 50)
+    built = fake_quant_graph.build(_preprocessed_forward, weights, report, INPUT_SHAPE, images)
+    calibrated = {r["tensor"]: r for r in built.activations if r["source"] == "calibrated"}
+    # One definition: the image input plus what tfquant.match.find_integer_tensors names for this model.
+    graph = tf.Graph()
+    with graph.as_default():
+        _preprocessed_forward(tf.compat.v1.placeholder(tf.float32, INPUT_SHAPE))
+        # As the export builds it: the checkpoint's weights already hold W * gamma / sigma.
+        outputs = fold.fold_batch_norms(graph, is_training=False, weights_folded=True).outputs
+        candidates = [c for c in match.find_weight_candidates(graph) if c.input_index is not None]
+        covered = {layer.name for layer in report.activation_layers if layer.quantized}
+        found = match.find_integer_tensors(graph, candidates, covered, outputs)
+    assert set(calibrated) == {model_export.INPUT_NAME} | {item.tensor.op.name for item in found}
+    # The preprocessed image conv1 reads is among them, with its range over the calibration images.
+    data, = [item for item in found if item.op_type == "Input"]
+    record = calibrated[data.tensor.op.name]
+    preprocessed = images * 0.5 - 0.25
+    assert record["min"] == pytest.approx(min(0.0, float(preprocessed.min())), rel=1e-6)
+    assert record["max"] == pytest.approx(max(0.0, float(preprocessed.max())), rel=1e-6)

@@ -28,7 +28,6 @@ from tfquant.report import load_report
 
 tf1 = tf.compat.v1
 INT8_BITS = 8
-_RESIDUAL_TYPES = ("Add", "AddV2")
 
 
 @dataclasses.dataclass
@@ -102,12 +101,6 @@ def _insert_range(tensor, low, high, bits, source, records):
     records.append({"tensor": tensor.op.name, "source": source, "min": low, "max": high, "bits": int(bits)})
 
 
-def _needs_range(tensor, ranged):
-    """True unless every reader of `tensor` is an activation whose output carries a range."""
-    readers = match.live_readers(tensor)
-    return not readers or not all(r.type in match.ACTIVATION_OP_TYPES and r.name in ranged for r in readers)
-
-
 def build(build_forward, weights, report, input_shape, calibration_images, batch_size=100):
     """Freeze the model with FakeQuant ops carrying the trained ranges (see the module docstring).
 
@@ -151,22 +144,20 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
                    for layer in report.activation_layers
                    if layer.quantized and report.config.get("act_range") == "ema"
                    and len(layer.range_variables or ()) == 2]
+        ranged = {tensor.op.name for _, tensor in trained}
+        ranged_tensors = {tensor.name for _, tensor in trained}
+        # What needs a range is what training quantizes with quantize_layer_outputs (one definition):
+        # the image input, activations, and match.find_integer_tensors.
+        targets = [images] + [op.outputs[0] for op in activations if op.name not in ranged]
+        targets += [item.tensor for item in match.find_integer_tensors(graph, candidates, ranged, folded_outputs)]
+        targets = [t for i, t in enumerate(targets)
+                   if t.name not in ranged_tensors and all(t is not u for u in targets[:i])]
         weight_records = [_weight_fake_quant(c.op, c.input_index, np.asarray(weights[c.variable_name]),
                                              weight_layers.get(c.op.name), scheme) for c in candidates]
-        records, ranged, ranged_tensors = [], set(), set()
+        records = []
         for layer, tensor in trained:
             low, high = (weights[name] for name in layer.range_variables)
             _insert_range(tensor, low, high, layer.bits, "trained", records)
-            ranged.add(tensor.op.name)
-            ranged_tensors.add(tensor.name)
-        targets = [images]
-        targets += [t for t in (match.layer_output(c.op) for c in candidates) if _needs_range(t, ranged)]
-        targets += [op.outputs[0] for op in activations if op.name not in ranged]
-        targets += [op.outputs[0] for op in graph.get_operations() if op.type in _RESIDUAL_TYPES
-                    and all(t.op.type not in ("Const", "Identity") for t in op.inputs)
-                    and not match.is_untouchable(op) and _needs_range(op.outputs[0], ranged)]
-        targets = [t for i, t in enumerate(targets)
-                   if t.name not in ranged_tensors and all(t is not u for u in targets[:i])]
     if targets and images_value is None:
         raise model_export.ExportError(
             "%d tensors have no trained range (%s); expected calibration images for them (or a run trained "
