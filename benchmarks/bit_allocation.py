@@ -4,9 +4,11 @@ ResNet-20 on all 10,000 Fashion-MNIST test images through the real run script; p
 and every row fine-tuned from it with the same epochs. A random allocation is the exact solver's answer for
 random sensitivities, so it fills the budget as tightly as the automatic one does; its per-layer bits are
 passed as --uql_layer_bits and --uql_activation_overrides. Search time is compared with one fine-tuning
-epoch (training images / the fine-tuning's logged images per second).
+epoch (training images / the fine-tuning's logged images per second). Budgets and seeds can be run in
+parts: each part merges into the results file by (budget, method, seed).
 
   .venv/bin/python -m benchmarks.bit_allocation --seeds 0,1,2
+  .venv/bin/python -m benchmarks.bit_allocation --budgets "W2 A4" --seeds 1,2 --randoms 1
   .venv/bin/python -m benchmarks.bit_allocation --quick --output /tmp/alloc.json --work_dir /tmp/alloc
 """
 import argparse
@@ -142,6 +144,27 @@ def run_budget(work_dir, budget, seed, plan):
     return entries
 
 
+def merge(existing, new_entries, plan, path):
+    """(entries, budgets) of the results file `existing` (a payload or None) updated with new_entries.
+
+    Parts of the benchmark (budgets, seeds) run separately merge by (budget, method, seed); a rerun replaces
+    its entries. Raises BenchmarkError when `existing` was run with another plan (epochs, flags, randoms).
+    """
+    def fixed(p):
+        return {k: v for k, v in p.items() if k != "budgets"}
+
+    if existing is not None and (existing.get("quick") or fixed(existing["plan"]) != fixed(plan)):
+        raise publish.BenchmarkError("--output=%s holds results of another plan (%s); expected %s: choose another "
+                                     "--output" % (path, fixed(existing["plan"]), fixed(plan)))
+    merged = {(e["budget"], e["method"], e["seed"]): e for e in (existing or {}).get("entries", [])}
+    merged.update({(e["budget"], e["method"], e["seed"]): e for e in new_entries})
+    labels = [b.label for b in BUDGETS]
+    method_order = lambda m: (m != "auto", m != "uniform", m)  # noqa: E731
+    entries = sorted(merged.values(), key=lambda e: (labels.index(e["budget"]), e["seed"], method_order(e["method"])))
+    budgets = [label for label in labels if any(e["budget"] == label for e in entries)]
+    return entries, budgets
+
+
 def summarize(entries):
     """Per budget: auto, uniform and best-random accuracy (means over seeds), search and epoch seconds."""
     table = {}
@@ -174,7 +197,7 @@ def render(payload, command):
                      "%.1f" % t["search_seconds"], "%.1f" % t["epoch_seconds"] if t["epoch_seconds"] else "-",
                      "%.1f %%" % (100 * t["search_seconds"] / t["epoch_seconds"]) if t["epoch_seconds"] else "-"))
     lines = ["## Bit allocation (ResNet-20, Fashion-MNIST, all 10,000 test images)", "",
-             "Command: `%s`" % command, ""]
+             "Command (the last part run; parts merge by budget, method and seed): `%s`" % command, ""]
     lines += machine.machine_lines(payload["machine"], payload["load_before"])
     lines += ["- Every row fine-tunes its seed's float checkpoint for --uql_quant_epochs=%s; first and last layers "
               "float. Best random: the best of %d random allocations at the same budget, per seed. Auto and random "
@@ -225,6 +248,8 @@ def main(argv=None):
             raise publish.BenchmarkError("--randoms=%d is not valid; expected at least 1" % args.randoms)
         plan["randoms"] = args.randoms
     output = args.output or (None if args.quick else DEFAULT_RESULTS)
+    existing = publish.load_json(output) if output and os.path.exists(output) and not args.quick else None
+    merge(existing, [], plan, output)  # refuse a results file of another plan before any run
     load_before = publish.start(args)
     entries = []
     for seed in seeds:
@@ -234,6 +259,8 @@ def main(argv=None):
                 print("seed %d %-8s %-9s %.4f" % (seed, entry["budget"], entry["method"], entry["accuracy"]),
                       flush=True)
     end_info = machine.machine_info(load=machine.end_load(args.quick))
+    if not args.quick:
+        entries, plan["budgets"] = merge(existing, entries, plan, output)
     payload = {"quick": args.quick, "plan": plan, "machine": end_info, "load_before": load_before,
                "entries": entries, "command": publish.command_line()}
     if output:

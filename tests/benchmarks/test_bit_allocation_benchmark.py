@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 
-from benchmarks import accuracy_table, bit_allocation
+import pytest
+
+from benchmarks import accuracy_table, bit_allocation, publish
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,3 +40,27 @@ def test_bit_allocation_quick(tmp_path):
     assert results["quant_accuracy"] == data["entries"][2]["accuracy"]
     text = bit_allocation.render(data, "cmd")
     assert "| W3 A2.5 | 0 |" in text and "search at most 10 %" in text
+
+
+def _entry(budget, method, seed, accuracy):
+    return {"budget": budget, "method": method, "seed": seed, "accuracy": accuracy, "float_accuracy": 0.9,
+            "search_seconds": 1.0, "epoch_seconds": 100.0}
+
+
+def test_parts_merge_by_budget_method_and_seed_and_another_plan_is_refused():
+    plan = dict(bit_allocation.FULL, randoms=1, budgets=["W3 A4"])
+    first, budgets = bit_allocation.merge(None, [_entry("W3 A4", "random 0", 0, 0.88), _entry("W3 A4", "auto", 0, 0.9),
+                                                 _entry("W3 A4", "uniform", 0, 0.89)], plan, "r.json")
+    assert budgets == ["W3 A4"]
+    payload = {"quick": False, "plan": plan, "entries": first}
+    part = dict(plan, budgets=["W2 A4"])
+    merged, budgets = bit_allocation.merge(payload, [_entry("W2 A4", "auto", 1, 0.8), _entry("W3 A4", "auto", 0, 0.91)],
+                                           part, "r.json")
+    # BUDGETS order (W2 A4 first), then seed, then auto, uniform, randoms; a rerun replaces its entry.
+    assert [(e["budget"], e["method"], e["seed"], e["accuracy"]) for e in merged] == [
+        ("W2 A4", "auto", 1, 0.8), ("W3 A4", "auto", 0, 0.91), ("W3 A4", "uniform", 0, 0.89),
+        ("W3 A4", "random 0", 0, 0.88)]
+    assert budgets == ["W2 A4", "W3 A4"]
+    for other in (dict(plan, randoms=5), dict(plan, epochs=2.0)):
+        with pytest.raises(publish.BenchmarkError, match="another plan"):
+            bit_allocation.merge(payload, [], other, "r.json")
