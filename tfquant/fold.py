@@ -114,17 +114,14 @@ def _read_before_update(variable, assign):
     return value
 
 
-def _channel_shape(op, batch_norm_format):
-    """(shape of m against the weight, shape of m against the op's output)."""
+def _weight_side(op):
+    """The shape of m against op's weight (m holds one value per output channel)."""
     weight_shape = op.inputs[1].shape.as_list()
     if op.type == "DepthwiseConv2dNative":
-        weight_side = weight_shape[2:]
-    elif op.type == "MatMul" and op.get_attr("transpose_b"):
-        weight_side = [weight_shape[0], 1]
-    else:
-        weight_side = [-1]
-    output_side = [-1, 1, 1] if batch_norm_format == b"NCHW" else [-1]
-    return weight_side, output_side
+        return weight_shape[2:]
+    if op.type == "MatMul" and op.get_attr("transpose_b"):
+        return [weight_shape[0], 1]
+    return [-1]
 
 
 def _fold_weight(op, multiplier, weight_side):
@@ -153,7 +150,7 @@ def _fold_fused(graph, op, batch_norm, is_training, freeze_step, fold_weight=Tru
     else:
         moving_mean, moving_variance = batch_norm.inputs[3], batch_norm.inputs[4]
     epsilon = batch_norm.get_attr("epsilon")
-    weight_side, output_side = _channel_shape(op, data_format)
+    weight_side = _weight_side(op)
     scope = "%s/%s" % (op.name, FOLD_SCOPE_SUFFIX)
     with graph.name_scope(None), graph.name_scope(scope):
         multiplier = _safe_multiplier(gamma * tf.math.rsqrt(moving_variance + epsilon))
@@ -228,7 +225,7 @@ def _fold_unfused(graph, op, multiply, is_training, fold_weight=True):
         kind = "training-mode " if is_training else ""
         return "%s: %sunfused batch norm %s uses the layer's batch statistics; not folded" % (
             op.name, kind, multiply.name)
-    weight_side, _ = _channel_shape(op, b"NHWC")
+    weight_side = _weight_side(op)
     readers = list(multiply.outputs[0].consumers())
     if fold_weight:
         _fold_weight(op, multiplier, weight_side)

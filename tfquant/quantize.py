@@ -178,7 +178,7 @@ def quantize_graph(graph, config, is_training=True):
     if config.fold_batch_norms:
         # Before weight quantization, which then quantizes the folded weight each op now reads.
         folding = fold.fold_batch_norms(graph, is_training, config.freeze_bn_delay)
-    fold_notes, folded_outputs = (folding.notes, folding.outputs) if folding else ([], {})
+    fold_notes, folded_outputs = (folding.notes, folding.outputs) if folding is not None else ([], {})
     items = [match.IntegerTensor(op.name, op.outputs[0], op.type) for op in activations]
     if config.quantize_layer_outputs:
         # After folding (the outputs are the folded layers'), before any quantizer is inserted.
@@ -186,7 +186,7 @@ def quantize_graph(graph, config, is_training=True):
         items += extra
     with graph.as_default():
         weight_layers, weight_vars = _quantize_weights(graph, candidates, plan, config, is_training)
-        if folding:
+        if folding is not None:
             fold.rescale_weights(folding)
         act_layers, unread = _quantize_activations(items, plan, config, is_training)
         graph.add_to_collection(REWRITTEN_COLLECTION, "train" if is_training else "eval")

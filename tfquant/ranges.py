@@ -128,7 +128,7 @@ def _pact(x, bits, is_training, scope_name, non_negative, decay):
     # alpha starts where LSQ's initial step puts the top of a k-bit grid, Q_P * 2<|x|>/sqrt(Q_P), at most
     # the batch max: starting at the max (PACT's paper) leaves 2-bit ReLU outputs 3 levels spread over
     # rare outliers, and alpha's gradient (1 only where x >= alpha) brings it down slowly.
-    q_p = float(2 ** bits - 1) if non_negative else (2 ** bits - 1) / 2.0
+    q_p = ops.unsigned_grid(bits)[1] / (1.0 if non_negative else 2.0)
     initial = tf.minimum(tf.reduce_max(magnitude), 2.0 * np.sqrt(q_p) * tf.reduce_mean(magnitude))
     (alpha,), updates = params.resolve([initial], is_training)
     alpha = ops.positive_step(alpha)
