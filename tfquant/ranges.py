@@ -5,8 +5,10 @@ The moving averages live in non-trainable variables, so checkpoints save them an
 built separately restores them by name.
 
 Learned ranges are trainable variables initialised lazily: until a training step has run, the value
-comes from the current tensor (batch max for PACT, 2<|x|>/sqrt(Q_P) for LSQ), and that first step
-stores it; an `init_steps` counter > 0 records that it happened, so a resumed run never re-initialises.
+comes from the current tensor (for PACT the top of LSQ's initial grid, at most the batch max;
+2<|x|>/sqrt(Q_P) for LSQ activations; for LSQ weights the step of least squared quantization error of
+each range group, which LSQ's 2<|w|>/sqrt(Q_P) overshoots 1.6-2.7 times on 2-4-bit ResNet weights), and
+that first step stores it; an `init_steps` counter > 0 records that it happened, so a resumed run never re-initialises.
 
 Whether an activation is non-negative is decided by its op type alone (NON_NEGATIVE_OP_TYPES: Relu,
 Relu6, Sigmoid, Softplus, whose outputs are >= 0 for every input). Those get PACT's clip to [0, alpha]
@@ -92,7 +94,9 @@ class LearnedParameters:
         """The parameters' values: learned once initialised, else `initial_values` from this tensor.
 
         Args:
-          initial_values: one tensor per parameter (no gradient flows into them).
+          initial_values: one tensor per parameter (no gradient flows into them), or a function building
+            it: a training graph then computes it only until the first step has stored it (a tf.cond),
+            for initial values too costly to recompute every step.
           is_training: also return the ops storing the values and counting the step.
           grad_scale: multiplies the parameters' gradients (LSQ's g).
         Returns:
@@ -101,6 +105,10 @@ class LearnedParameters:
         seen = self.init_steps.value() > 0
         values, updates = [], []
         for variable, initial in zip(self.parameters, initial_values):
+            if callable(initial):
+                # Evaluation graphs (and the inference graphs exported from them) keep no control flow.
+                initial = tf.cond(seen, lambda v=variable: tf.zeros(v.shape, v.dtype), initial) if is_training \
+                    else initial()
             current = variable.value()
             values.append(tf.where(seen, ops.scale_gradient(current, grad_scale), tf.stop_gradient(initial)))
             if is_training:
@@ -168,9 +176,9 @@ def _lsq(x, bits, is_training, scope_name, non_negative):
 
 
 def lsq_weight_initial(weight, bits, layout):
-    """LSQ's initial step size 2<|w|>/sqrt(Q_P) of every range group of `layout`, as [num_groups]."""
-    _, q_p = ops.signed_grid(bits)
-    return 2.0 * ops.grouped_mean_abs(weight, layout) / np.sqrt(q_p)
+    """The initial step size of every range group of `layout`, as [num_groups]: the step minimising the
+    group's squared quantization error (ops.grouped_mse_step)."""
+    return ops.grouped_mse_step(weight, bits, layout)
 
 
 def quantize_weight_lsq(weight, bits, layout, scope_name, is_training):
@@ -189,7 +197,7 @@ def quantize_weight_lsq(weight, bits, layout, scope_name, is_training):
     _, q_p = ops.signed_grid(bits)
     params = LearnedParameters(scope_name, [("lsq_step", [layout.num_groups(shape)])])
     grad_scale = ops.lsq_gradient_scale(ops.group_elements(shape, layout), q_p)
-    (step,), updates = params.resolve([lsq_weight_initial(weight, bits, layout)], is_training, grad_scale)
+    (step,), updates = params.resolve([lambda: lsq_weight_initial(weight, bits, layout)], is_training, grad_scale)
     with tf.control_dependencies(updates):
         return ops.lsq_quantize_weight(weight, ops.positive_step(step), bits, layout), params
 
