@@ -155,14 +155,48 @@ def test_k_bit_weights_below_8_bits_exact_only_on_the_symmetric_grid(scheme, buc
         conv = tf.nn.conv2d(tf.zeros([1, 5, 5, 2]), tf.constant(value), 1, "SAME")
         layer = LayerReport(name=conv.op.name, op_type="Conv2D", kind="weight", status=QUANTIZED, bits=4,
                             bucket_type=bucket_type)
-        record = fake_quant_graph._weight_fake_quant(conv.op, 1, value, layer, scheme)
+        record, replaced = fake_quant_graph._weight_fake_quant(conv.op, 1, value, layer, scheme)
         with tf.compat.v1.Session() as sess:
             fake_quantized = sess.run(record["tensor"])
     assert record["int8"] == verdict and record["bits"] == (4 if verdict == "exact" else 8)
+    assert replaced == {} and "deployed_as" not in record
     if verdict == "exact":  # the k-bit FakeQuant's grid is the trained one: nothing moves
         np.testing.assert_allclose(fake_quantized, value, rtol=0, atol=1e-6)
     else:
         assert record["reason"] == "asymmetric grid"
+
+
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("bucket_type, verdict", [("channel", "exact"), (None, "exact")])
+def test_matmul_with_channel_ranges_deploys_as_a_1x1_convolution(transpose_b, bucket_type, verdict):
+    from tfquant.report import QUANTIZED, LayerReport
+    rng = np.random.default_rng(4)
+    steps = rng.uniform(0.01, 0.1, size=5).astype(np.float32) if bucket_type else np.float32(0.05)
+    value = (rng.integers(-7, 8, size=(6, 5)) * steps).astype(np.float32)  # a 4-bit symmetric grid, [C, K]
+    value[0, :] = -7 * steps
+    x_value = rng.normal(size=(3, 6)).astype(np.float32)
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.constant(x_value)
+        stored = value.T.copy() if transpose_b else value
+        product = tf.matmul(x, tf.constant(stored), transpose_b=transpose_b)
+        reader = tf.identity(product)
+        layer = LayerReport(name=product.op.name, op_type="MatMul", kind="weight", status=QUANTIZED, bits=4,
+                            bucket_type=bucket_type)
+        record, replaced = fake_quant_graph._weight_fake_quant(product.op, 1, stored, layer, "symmetric")
+        with tf.compat.v1.Session() as sess:
+            kernel, output = sess.run([record["tensor"], reader])
+    assert record["int8"] == verdict and record["bits"] == 4 and record["reason"] == ""
+    if bucket_type == "channel":
+        # The int8 kernel holds one range per output channel: the MatMul now runs as a 1x1 convolution whose
+        # kernel carries the trained grid unchanged, and the MatMul's reader reads the convolution.
+        assert record["deployed_as"] == "1x1 Conv2D" and list(replaced) == [product.name]
+        np.testing.assert_allclose(kernel, value.reshape(1, 1, 6, 5), rtol=0, atol=1e-6)
+        assert reader.op.inputs[0] is replaced[product.name]
+    else:  # one range for the whole layer: the MatMul keeps it
+        assert "deployed_as" not in record and replaced == {}
+        assert reader.op.inputs[0] is product
+    np.testing.assert_allclose(output, x_value.astype(np.float64) @ value, rtol=1e-5, atol=1e-5)
 
 
 def _convnet_forward_eval(images):
@@ -224,12 +258,26 @@ def test_cli_int8_and_onnx_record_agreement_with_the_quantized_graph(tmp_path, c
     assert "agreement with TF graph" in printed.out and "load average" in printed.out
     result = json.loads((out / "export.json").read_text())
     assert "trained ranges" in result["int8"]["activation_ranges"] and result["int8"]["calibration_images"] == 200
-    # k <= 8-bit symmetric channel grids are exact on the convolutions; a MatMul's int8 kernel takes one
-    # range, so its per-channel grid is rounded and said so.
-    verdicts = {w["layer"]: (w["int8"], w["reason"]) for w in result["trained_ranges"]["weights"]}
-    assert verdicts["model/conv1/Conv2D"] == verdicts["model/conv2/Conv2D"] == ("exact", "")
-    assert verdicts["model/fc3/MatMul"][0] == verdicts["model/fc4/MatMul"][0] == "rounded"
-    assert "one range" in verdicts["model/fc3/MatMul"][1]
+    # k <= 8-bit symmetric channel grids are exact on the convolutions, and on the MatMuls, which run as
+    # 1x1 convolutions (TFLite's FullyConnected weight takes one range).
+    verdicts = {w["layer"]: (w["int8"], w["reason"], w.get("deployed_as"))
+                for w in result["trained_ranges"]["weights"]}
+    assert verdicts["model/conv1/Conv2D"] == verdicts["model/conv2/Conv2D"] == ("exact", "", None)
+    assert verdicts["model/fc3/MatMul"] == verdicts["model/fc4/MatMul"] == ("exact", "", "1x1 Conv2D")
+    # The int8 file's kernels are the trained weights: int8 values times their per-channel scales.
+    packed, _ = model_export.load_packed_weights(str(out / "model.tfq"))
+    trained = {np.asarray(v).shape[::-1]: np.asarray(v) for k, v in packed.items() if np.asarray(v).ndim == 2}
+    interpreter = tflite_export.make_interpreter(str(out / "model_int8.tflite"))
+    kernels = 0
+    for detail in interpreter.get_tensor_details():
+        shape = tuple(detail["shape"])
+        scales = detail["quantization_parameters"]["scales"]
+        if len(shape) == 4 and shape[1:3] == (1, 1) and (shape[0], shape[3]) in trained and len(scales) > 1:
+            values = interpreter.get_tensor(detail["index"]).astype(np.float64) * scales[:, None, None, None]
+            np.testing.assert_allclose(values.reshape(shape[0], shape[3]).T, trained[(shape[0], shape[3])],
+                                       rtol=1e-5, atol=1e-7)
+            kernels += 1
+    assert kernels == 2
     load = result["latency"]["load_average_1_5_15_min"]
     assert len(load["before"]) == 3 and all(value >= 0 for value in load["before"])
     assert set(result["latency"]) >= {"float", "int8", "float_builtin_kernels"} | ({"onnx"} if onnx else set())

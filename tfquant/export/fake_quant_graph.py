@@ -6,8 +6,9 @@ not tfquant's round/clip subgraphs. This graph puts one on:
 * every matmul-like weight: the packed file's dequantized weight with its own range. On the symmetric
   grid (weight_scheme='symmetric') with k <= 8 bits the FakeQuant is k-bit narrow-range with zero point
   0, the grid tfquant trained, so the integer weight is exactly the trained one ("exact"); asymmetric
-  grids, 'split' buckets, per-channel ranges on ops whose int8 kernels take one range (MatMul, depthwise)
-  and layers kept float are re-gridded to 8-bit symmetric ("rounded", with the reason);
+  grids, 'split' buckets, per-channel ranges on ops whose int8 kernels take one range (depthwise)
+  and layers kept float are re-gridded to 8-bit symmetric ("rounded", with the reason). A MatMul with
+  per-channel symmetric ranges is deployed as a 1x1 convolution, whose kernel takes them ("exact");
 * every activation tfquant quantized with a stored range (act_range 'ema'): its trained [min, max]
   with its own bits ("trained");
 * the tensors integer kernels need a range for that training never quantized (the input, a layer's
@@ -55,13 +56,38 @@ class FakeQuantGraph:
                 "calibrated_tensors": [r["tensor"] for r in self.activations if r["source"] == "calibrated"]}
 
 
+def _as_convolution(op, index):
+    """Whether MatMul `op` can run as a 1x1 convolution: a [batch, C] input times its [C, K] weight (or
+    [K, C] with transpose_b), so that per-channel weight ranges reach the int8 file. TFLite's converter
+    refuses a per-channel FakeQuant on a MatMul weight (its FullyConnected weight is the transpose, and
+    the transpose would move the quantized axis), and a 1x1 Conv2D kernel takes them."""
+    if op.type != "MatMul" or index != 1 or op.get_attr("transpose_a"):
+        return False
+    return op.inputs[0].shape.rank == 2 and op.inputs[index].shape.is_fully_defined()
+
+
+def _per_channel_fake_quant(kernel, value, bits):
+    """FakeQuant of a [..., K] kernel with one symmetric range per output channel (max |value|)."""
+    amax = np.abs(value).max(axis=tuple(range(value.ndim - 1)))
+    amax = np.maximum(amax, np.float32(1e-8)).astype(np.float32)
+    return tf.quantization.fake_quant_with_min_max_vars_per_channel(
+        kernel, tf.constant(-amax), tf.constant(amax), num_bits=bits, narrow_range=True)
+
+
 def _weight_fake_quant(op, index, value, layer, scheme):
-    """Reroute op's weight through a FakeQuant with the weight's range; returns the layer's record."""
-    # One range per output channel where the trained grid has one and the int8 kernel takes them (Conv2D,
-    # channel axis last); a per-layer grid keeps one range, or its step would change.
-    per_channel = op.type == "Conv2D" and (layer is None or layer.bucket_type == "channel"
-                                           or not layer.quantized or layer.bits == FLOAT_BITS)
+    """Reroute op's weight through a FakeQuant with the weight's range.
+
+    Returns:
+      (the layer's record, replaced): `replaced` maps the name of an output whose readers moved to a new
+      tensor (a MatMul deployed as a 1x1 convolution) to that tensor; empty otherwise.
+    """
     quantized = layer is not None and layer.quantized and layer.bits != FLOAT_BITS
+    channel_grid = layer is None or layer.bucket_type == "channel" or not quantized
+    # One range per output channel where the trained grid has one and an int8 kernel takes them (Conv2D,
+    # channel axis last; a MatMul run as a 1x1 Conv2D); a per-layer grid keeps one range, or its step
+    # would change.
+    as_convolution = channel_grid and quantized and scheme == "symmetric" and _as_convolution(op, index)
+    per_channel = channel_grid and (op.type == "Conv2D" or as_convolution)
     reason = ""
     if not quantized:
         reason = "kept float in training"
@@ -72,22 +98,36 @@ def _weight_fake_quant(op, index, value, layer, scheme):
     elif layer.bucket_type == "channel" and not per_channel:
         reason = "per-channel ranges on a %s, whose int8 kernel takes one range" % op.type
     bits = layer.bits if not reason else INT8_BITS
-    if per_channel:
-        amax = np.abs(value).max(axis=tuple(range(value.ndim - 1)))
-    else:
-        amax = np.float32(np.abs(value).max())
-    amax = np.maximum(amax, np.float32(1e-8)).astype(np.float32)
     weight = op.inputs[index]
+    replaced = {}
     with op.graph.name_scope(None), op.graph.name_scope(op.name + "/weight_fake_quant"):
-        if per_channel:
-            tensor = tf.quantization.fake_quant_with_min_max_vars_per_channel(
-                weight, tf.constant(-amax), tf.constant(amax), num_bits=bits, narrow_range=True)
+        if as_convolution:
+            kernel, kernel_value = weight, value
+            if op.get_attr("transpose_b"):
+                kernel, kernel_value = tf.transpose(kernel), value.T
+            channels, outputs = kernel_value.shape
+            tensor = _per_channel_fake_quant(tf.reshape(kernel, [1, 1, channels, outputs]),
+                                             kernel_value.reshape([1, 1, channels, outputs]), bits)
+            inputs = tf.reshape(op.inputs[0], [-1, 1, 1, channels])
+            result = tf.reshape(tf.nn.conv2d(inputs, tensor, 1, "VALID"), [-1, outputs], name="as_convolution")
+        elif per_channel:
+            tensor = _per_channel_fake_quant(weight, value, bits)
         else:
+            amax = np.maximum(np.float32(np.abs(value).max()), np.float32(1e-8)).astype(np.float32)
             tensor = tf.quantization.fake_quant_with_min_max_vars(
                 weight, tf.constant(-amax), tf.constant(amax), num_bits=bits, narrow_range=True)
-    rewrite.reroute_input(op, index, tensor)
-    return {"layer": op.name, "bits": int(bits), "int8": "rounded" if reason else "exact", "reason": reason,
-            "tensor": tensor.name}
+    if as_convolution:
+        # The MatMul's readers move to the convolution; the MatMul itself is left without a reader and
+        # drops out of the frozen graph.
+        rewrite.reroute_consumers(op.outputs[0], result, list(op.outputs[0].consumers()))
+        replaced[op.outputs[0].name] = result
+    else:
+        rewrite.reroute_input(op, index, tensor)
+    record = {"layer": op.name, "bits": int(bits), "int8": "rounded" if reason else "exact", "reason": reason,
+              "tensor": tensor.name}
+    if as_convolution:
+        record["deployed_as"] = "1x1 Conv2D"
+    return record, replaced
 
 
 def _insert_range(tensor, low, high, bits, source, records):
@@ -152,8 +192,15 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
         targets += [item.tensor for item in match.find_integer_tensors(graph, candidates, ranged, folded_outputs)]
         targets = [t for i, t in enumerate(targets)
                    if t.name not in ranged_tensors and all(t is not u for u in targets[:i])]
-        weight_records = [_weight_fake_quant(c.op, c.input_index, np.asarray(weights[c.variable_name]),
-                                             weight_layers.get(c.op.name), scheme) for c in candidates]
+        weight_records, replaced = [], {}
+        for c in candidates:
+            record, moved = _weight_fake_quant(c.op, c.input_index, np.asarray(weights[c.variable_name]),
+                                               weight_layers.get(c.op.name), scheme)
+            weight_records.append(record)
+            replaced.update(moved)
+        # A range found on a MatMul's output belongs to the convolution that now computes it.
+        trained = [(layer, replaced.get(tensor.name, tensor)) for layer, tensor in trained]
+        targets = [replaced.get(tensor.name, tensor) for tensor in targets]
         records = []
         for layer, tensor in trained:
             low, high = (weights[name] for name in layer.range_variables)
