@@ -144,7 +144,7 @@ def main():
     payload = {"quick": args.quick, "command": publish.command_line(), "bandwidth_gbit": args.bandwidth_gbit,
                "latency_ms": args.latency_ms, "results": results,
                "machine": machine.machine_lines(end_info, load_before)}
-    publish.write_json(args.output, payload)
+    publish.write_json(publish.results_path(args, SECTION), payload)
     print(render(payload))
     if not args.quick:
         publish.publish(SECTION, render(payload), args.markdown, load_before, end_info["load_average"],

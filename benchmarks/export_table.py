@@ -42,7 +42,6 @@ EXPORTS = [Export(DEPLOYED_ROW, "W8A8 deployable", "W8A8 every layer, symmetric 
            Export("W4A8 ch", "W4A8 channel", "4-bit weights, channel buckets, 8-bit activations", [])]
 QUICK_EXPORTS = [Export("W8A8", "W8A8", "8-bit weights, 8-bit activations", ["--int8"])]
 DEPLOYED = "W8A8 deployable"
-DEFAULT_RESULTS = os.path.join(publish.RESULTS_DIR, "export_table.json")
 # Issue 13's targets for the model trained as deployed.
 AGREEMENT_TARGET = 0.997
 ACCURACY_TARGET_POINTS = 0.1
@@ -179,7 +178,7 @@ def main(argv=None):
     end_info = machine.machine_info(load=machine.end_load(args.quick))
     payload = {"machine": end_info, "load_before": load_before, "float_checkpoint_bytes": float_bytes,
                "float_checkpoint": float_prefix, "rows": rows, "quick": args.quick}
-    publish.write_json(args.output or (None if args.quick else DEFAULT_RESULTS), payload)
+    publish.write_json(publish.results_path(args, "export_table"), payload)
     if not args.quick:
         float_accuracy = publish.load_json(os.path.join(accuracy_table.row_dir(
             args.work_dir, rows[0]["row"], args.seed), "results.json"))["float_accuracy"]

@@ -205,7 +205,7 @@ def main(argv=None):
                "float_mode": FLOAT, "modes": summary, "ratios": ratios, "runs": runs,
                "ratio_target": RATIO_TARGET, "machine": info, "load_before": load_before,
                "command": publish.command_line(), "args": vars(args)}
-    publish.write_json(args.output, payload)
+    publish.write_json(publish.results_path(args, SECTION), payload)
     if not quick:
         publish.publish(SECTION, render(args, summary, ratios, info, load_before, payload["command"]),
                         args.markdown, load_before, info["load_average"], args.allow_busy)

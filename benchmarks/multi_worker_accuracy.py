@@ -19,7 +19,6 @@ from benchmarks import machine, publish, stats
 
 SECTION = "multi_worker_accuracy"
 TARGET_POINTS = 0.3
-DEFAULT_RESULTS = os.path.join(publish.RESULTS_DIR, "multi_worker_accuracy.json")
 MODELS = {"convnet": "nets/convnet_at_fmnist_run.py", "resnet20": "nets/resnet_at_fmnist_run.py"}
 QUANT = ["--uql_weight_bits=4", "--uql_activation_bits=4", "--uql_use_buckets", "--uql_bucket_type=channel"]
 FULL = {"global_batch": 128, "nb_epochs_rat": 0.3334, "uql_quant_epochs": 1.0,  # 1 float epoch (base 3), 1 fine-tuning
@@ -116,7 +115,7 @@ def main(argv=None):
     end_info = machine.machine_info(load=machine.end_load(args.quick))
     payload = {"quick": args.quick, "budget": budget, "seed": args.seed, "models": results,
                "machine": end_info, "load_before": load_before, "command": publish.command_line()}
-    publish.write_json(args.output or (None if args.quick else DEFAULT_RESULTS), payload)
+    publish.write_json(publish.results_path(args, SECTION), payload)
     if not args.quick:
         publish.publish(SECTION, render(payload), args.markdown, load_before, payload["machine"]["load_average"],
                         args.allow_busy)

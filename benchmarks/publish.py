@@ -78,6 +78,14 @@ def run_main(main):
         sys.exit(2)
 
 
+def results_path(args, section):
+    """Where a run's results JSON goes: --output, else benchmarks/results/<section>.json for a full run
+    (so the file always matches the section it rendered), nowhere for a --quick run without --output."""
+    if args.output:
+        return args.output
+    return None if args.quick else os.path.join(RESULTS_DIR, section + ".json")
+
+
 def write_json(path, payload):
     """Write payload as indented, key-sorted JSON to `path` atomically (nothing if path is empty)."""
     if not path:

@@ -132,7 +132,8 @@ def breakdown_lines(data, rows, batch_row):
     quantized = largest["quantized_layers"] or 1
     added = largest["ops_after"] - largest["ops_before"]
     per_op_us = 1e6 * largest["median_cpu_s"] / added
-    by_count = sorted(data["added_op_types"].items(), key=lambda kv: -kv[1])
+    # Ties by name, so a section rendered again from the JSON lists them in the same order.
+    by_count = sorted(data["added_op_types"].items(), key=lambda kv: (-kv[1], kv[0]))
     top = ", ".join("%s %d" % item for item in by_count[:10])
     out = [
         "", "### Where the rewrite time goes (cProfile of one ResNet-%d rewrite)" % data["resnet_size"], "",
@@ -205,7 +206,7 @@ def main(argv=None):
                "largest_under_target": rows[-1]["median_s"] < TIME_TARGET_S, "time_target_s": TIME_TARGET_S,
                "machine": info, "load_before": load_before, "profile": profile_data,
                "batch_range_largest": batch_row, "command": publish.command_line(), "args": vars(args)}
-    publish.write_json(args.output, payload)
+    publish.write_json(publish.results_path(args, SECTION), payload)
     if not quick:
         publish.publish(SECTION, render(args, rows, linear, info, load_before, profile_data, batch_row,
                                         payload["command"]), args.markdown, load_before, info["load_average"],

@@ -373,7 +373,7 @@ def main(argv=None):
                            for w, n, r, l, ok in checks],
                "profiles": profiles, "machine": info, "load_before": load_before,
                "command": publish.command_line(), "args": vars(args)}
-    publish.write_json(args.output, payload)
+    publish.write_json(publish.results_path(args, SECTION), payload)
     if not quick:
         publish.publish(SECTION, render(args, results, checks, profiles, graphs_info, info, load_before,
                                         payload["command"]), args.markdown, load_before, info["load_average"],

@@ -203,3 +203,25 @@ def test_busy_at_the_end_keeps_the_results_but_not_the_section(tmp_path, monkeyp
 def test_command_line_is_the_module_form():
     argv = [os.path.join(REPO_ROOT, "benchmarks", "memory.py"), "--output", "x.json"]
     assert publish.command_line(argv) == ".venv/bin/python -m benchmarks.memory --output x.json"
+
+
+def test_a_full_run_keeps_its_results_beside_the_section_it_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(machine, "read_load", lambda: QUIET)
+    monkeypatch.setattr(machine, "SETTLE_SECONDS", 0)
+    monkeypatch.setattr(publish, "RESULTS_DIR", str(tmp_path / "results"))
+    markdown = tmp_path / "BENCHMARKS.md"
+    rewrite_cost.main(["--markdown", str(markdown), "--sizes", "20", "--repeats", "1", "--batch_size", "2"])
+    saved = json.loads((tmp_path / "results" / "rewrite_cost.json").read_text())
+    assert saved["quick"] is False and saved["load_before"] == QUIET
+    # The saved file renders the very section the run wrote.
+    rendered = tmp_path / "rendered.md"
+    rewrite_cost.main(["--render_json", str(tmp_path / "results" / "rewrite_cost.json"), "--markdown", str(rendered)])
+    assert rendered.read_text() == markdown.read_text()
+
+
+@pytest.mark.parametrize("output, quick, expected", [
+    ("x.json", True, "x.json"), ("x.json", False, "x.json"), (None, True, None), (None, False, "results/s.json")])
+def test_results_path(monkeypatch, output, quick, expected):
+    import argparse
+    monkeypatch.setattr(publish, "RESULTS_DIR", "results")
+    assert publish.results_path(argparse.Namespace(output=output, quick=quick), "s") == expected
