@@ -300,7 +300,9 @@ def gaussian_step_ratio(q_n, q_p):
     return best(coarse * (1.0 + np.arange(-100, 101) * 1e-4))
 
 
-MSE_STEP_STARTS = 6
+# Starts of the least-squares step search: max|v| on the grid, then 2^(-1/4) apart down to 0.15 of it
+# (refinement finds the nearest local optimum; 2^(-1/2) apart missed the best by 5-10 % at 3-4 bits).
+MSE_STEP_STARTS = 12
 
 
 def least_squares_step(values, q_n, q_p, axes=None, iterations=3, extra_starts=()):
@@ -340,7 +342,7 @@ def least_squares_step(values, q_n, q_p, axes=None, iterations=3, extra_starts=(
 
     magnitude = tf.abs(values)
     largest = tf.reduce_max(magnitude, axis=axes, keepdims=True)
-    starts = [largest / q_p * 2.0 ** (-0.5 * j) for j in range(MSE_STEP_STARTS)]
+    starts = [largest / q_p * 2.0 ** (-0.25 * j) for j in range(MSE_STEP_STARTS)]
     starts.append(2.0 * tf.reduce_mean(magnitude, axis=axes, keepdims=True) / np.sqrt(q_p))
     best_step, best_error = None, None
     for start in starts + list(extra_starts):

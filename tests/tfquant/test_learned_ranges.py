@@ -224,7 +224,7 @@ def test_gaussian_step_ratio_against_sampled_search(bits):
     (ops.GroupLayout("channel", channel_axes=(3,)), [3, 3, 16, 6]),
     (ops.GroupLayout("split", bucket_size=100), [3, 3, 16, 4]),
 ], ids=["none", "channel", "split"])
-@pytest.mark.parametrize("bits,slack", [(2, 1.01), (3, 1.1), (4, 1.1)])  # 8 bits on 144 values: a jagged error curve
+@pytest.mark.parametrize("bits,slack", [(2, 1.01), (3, 1.04), (4, 1.06)])  # 8 bits on 144 values: a jagged error curve
 def test_lsq_weight_initial_step_against_brute_force(rng, layout, shape, bits, slack):
     # Normal, heavier-tailed (Laplace) and skewed groups, as trained weights can be.
     value = np.concatenate([rng.normal(size=shape[:3] + [2]), rng.laplace(size=shape[:3] + [1]),
@@ -266,6 +266,50 @@ def _initial_steps(w_value, bits):
         return sess.run(steps)
 
 
+def _least_squares_reference(values, q_p, iterations=3, starts=12):
+    """NumPy version of ops.least_squares_step on the unsigned grid 0..q_p (one step for all values)."""
+    values = np.asarray(values, np.float32).ravel()
+    candidates = [np.float32(values.max() / q_p * 2.0 ** (-0.25 * j)) for j in range(starts)]
+    candidates.append(np.float32(2 * np.abs(values).mean() / np.sqrt(q_p)))
+    best, best_error = None, None
+    for step in candidates:
+        for _ in range(iterations):
+            codes = np.clip(np.round(values / step), 0, q_p)
+            if np.sum(codes * codes) > 0:
+                step = np.float32(np.sum(values * codes) / np.sum(codes * codes))
+        error = _squared_error(values, step, 0, q_p)
+        if best_error is None or error < best_error:
+            best, best_error = step, error
+    return best
+
+
+def test_activation_sample_is_strided_and_bounded():
+    graph = tf.Graph()
+    with graph.as_default():
+        small = ranges._sample(tf.reshape(tf.range(100.0), [4, 25]), limit=1000)
+        large = ranges._sample(tf.reshape(tf.range(10000.0), [100, 100]), limit=1000)
+    with new_session(graph) as sess:
+        small, large = sess.run([small, large])
+    np.testing.assert_array_equal(small, np.arange(100.0))
+    np.testing.assert_array_equal(large, np.arange(0.0, 10000.0, 10.0))  # every 10th, all of the batch
+
+
+def test_lsq_activation_evaluated_before_training_uses_lsq_start(rng):
+    # An evaluation graph has no first training batch to fit on: until a step has stored one, it uses
+    # LSQ's 2<|x|>/sqrt(Q_P) of the batch it is given.
+    x_value = rng.normal(size=[8, 10]).astype(np.float32)
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf1.placeholder(tf.float32, [8, 10])
+        quantized, params = ranges.quantize_activation(tf.nn.relu(x), 2, "lsq", False, 0.99, "lsq", "Relu")
+    with new_session(graph) as sess:
+        sess.run(tf1.global_variables_initializer())
+        got = sess.run(quantized, {x: x_value})
+    relu = np.maximum(x_value, 0).astype(np.float64)
+    step = 2 * relu.mean() / np.sqrt(3)
+    np.testing.assert_allclose(got, np.clip(np.round(relu / step), 0, 3) * step, rtol=1e-5, atol=1e-6)
+
+
 def test_first_batch_initialisation_is_stored_once(rng):
     first = rng.normal(size=[8, 10]).astype(np.float32)
     second = 3.0 * rng.normal(size=[8, 10]).astype(np.float32)
@@ -290,16 +334,38 @@ def test_first_batch_initialisation_is_stored_once(rng):
         again = sess.run([p.parameters for p in all_params])
         counters = sess.run([p.init_steps for p in all_params])
     relu, tanh = np.maximum(first, 0), np.tanh(first)
-    expected = [[relu.max()], [2 * relu.mean() / np.sqrt(15)],
-                [2 * np.abs(tanh - tanh.min()).mean() / np.sqrt(15), tanh.min()],
+    expected = [[relu.max()], [_least_squares_reference(relu, 15)],
+                [_least_squares_reference(tanh - tanh.min(), 15), tanh.min()],
                 [_initial_steps(w_value, 2)]]
     for got, want in zip(stored, expected):
         for value, reference in zip(got, want):
             np.testing.assert_allclose(value, reference, rtol=1e-5)
+    # The LSQ activations start at a step of least squared error on the first batch, never above LSQ's
+    # 2<|x|>/sqrt(Q_P) start's.
+    for values, step in [(relu, stored[1][0]), (tanh - tanh.min(), stored[2][0])]:
+        error = _squared_error(values, step, 0, 15)
+        assert error <= _squared_error(values, 2 * values.mean() / np.sqrt(15), 0, 15) * (1 + 1e-6)
     for got, want in zip(again, stored):
         for value, reference in zip(got, want):
             assert np.array_equal(value, reference)
     assert counters == [2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("bits, slack", [(2, 1.01), (3, 1.02), (4, 1.04)])
+def test_lsq_activation_start_against_brute_force(rng, bits, slack):
+    x_value = rng.normal(size=[32, 64]).astype(np.float32)
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf1.placeholder(tf.float32, [32, 64])
+        quantized, params = ranges.quantize_activation(tf.nn.relu(x), bits, "lsq", True, 0.99, "lsq", "Relu")
+    with new_session(graph) as sess:
+        sess.run(tf1.global_variables_initializer())
+        sess.run(quantized, {x: x_value})
+        step = sess.run(params.parameters[0])
+    relu, q_p = np.maximum(x_value, 0), 2 ** bits - 1
+    error = _squared_error(relu, step, 0, q_p)
+    assert error <= slack * _searched_error(relu, 0, q_p)
+    assert error <= _squared_error(relu, 2 * relu.mean() / np.sqrt(q_p), 0, q_p) * (1 + 1e-6)
 
 
 def test_lsq_weights_need_two_bits():
