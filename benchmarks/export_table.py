@@ -20,7 +20,6 @@ import tensorflow as tf
 from benchmarks import accuracy_table, machine, publish
 
 
-
 class Export(typing.NamedTuple):
     """One export: the accuracy-table row whose checkpoint it exports, its label, what it is, CLI flags."""
 
