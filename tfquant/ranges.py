@@ -97,12 +97,13 @@ class LearnedParameters:
 
         Args:
           initial_values: one tensor per parameter (no gradient flows into them), or a function building
-            it: a training graph then computes it only until the first step has stored it (a tf.cond),
-            for initial values too costly to recompute every step.
+            it, computed only while no step has stored a value (a tf.cond), for a start too costly to
+            recompute on every batch.
           is_training: also return the ops storing the values and counting the step.
           grad_scale: multiplies the parameters' gradients (LSQ's g).
-          training_initial: replaces `initial_values` in training graphs (same forms), for a start too
-            costly for evaluation graphs, which compute theirs on every batch until a step has stored one.
+          training_initial: replaces `initial_values` in training graphs (same forms). Activations pass
+            plain tensors to evaluation graphs: the frozen graphs export builds quantize activations, and
+            carry no control flow.
         Returns:
           (list of value tensors, list of update ops; empty when not training).
         """
@@ -112,9 +113,7 @@ class LearnedParameters:
         values, updates = [], []
         for variable, initial in zip(self.parameters, initial_values):
             if callable(initial):
-                # Evaluation graphs (and the inference graphs exported from them) keep no control flow.
-                initial = tf.cond(seen, lambda v=variable: tf.zeros(v.shape, v.dtype), initial) if is_training \
-                    else initial()
+                initial = tf.cond(seen, lambda v=variable: tf.zeros(v.shape, v.dtype), initial)
             current = variable.value()
             values.append(tf.where(seen, ops.scale_gradient(current, grad_scale), tf.stop_gradient(initial)))
             if is_training:
