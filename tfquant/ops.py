@@ -273,21 +273,13 @@ def _group_shape(view, reduce_axes):
     return [1 if axis in reduce_axes else int(dim) for axis, dim in enumerate(view.shape.as_list())]
 
 
-def grouped_mean_abs(x, layout):
-    """<|x|> of every range group of `layout`, flattened in group order (a 'split' layout's short last
-    piece counts its last element once per padding slot)."""
-    view, reduce_axes, _ = _grouped(tf.stop_gradient(x), layout)
-    axes = list(range(view.shape.rank)) if reduce_axes is None else reduce_axes
-    return tf.reshape(tf.reduce_mean(tf.abs(view), axis=axes), [-1])
-
-
 @functools.lru_cache(maxsize=None)
 def gaussian_step_ratio(q_n, q_p):
     """The step size, in units of the standard deviation, that minimises the mean squared error of a
     standard normal variable on the grid -q_n .. q_p (numerical integration; a search 1 % apart, then 0.01 %).
 
     Meant for grids of at most 8 bits: finer grids need finer integration than this, and their
-    error hardly depends on the start (`grouped_mse_step` uses only the max start there)."""
+    error hardly depends on the start (`grouped_mse_step` uses only the other starts there)."""
     z = np.linspace(-8.0, 8.0, 16001)
     density = np.exp(-0.5 * z * z)
     density /= density.sum()

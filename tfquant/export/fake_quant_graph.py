@@ -116,17 +116,16 @@ def _weight_fake_quant(op, index, value, layer, scheme):
             amax = np.maximum(np.float32(np.abs(value).max()), np.float32(1e-8)).astype(np.float32)
             tensor = tf.quantization.fake_quant_with_min_max_vars(
                 weight, tf.constant(-amax), tf.constant(amax), num_bits=bits, narrow_range=True)
+    record = {"layer": op.name, "bits": int(bits), "int8": "rounded" if reason else "exact", "reason": reason,
+              "tensor": tensor.name}
     if as_convolution:
         # The MatMul's readers move to the convolution; the MatMul itself is left without a reader and
         # drops out of the frozen graph.
         rewrite.reroute_consumers(op.outputs[0], result, list(op.outputs[0].consumers()))
         replaced[op.outputs[0].name] = result
+        record["deployed_as"] = "1x1 Conv2D"
     else:
         rewrite.reroute_input(op, index, tensor)
-    record = {"layer": op.name, "bits": int(bits), "int8": "rounded" if reason else "exact", "reason": reason,
-              "tensor": tensor.name}
-    if as_convolution:
-        record["deployed_as"] = "1x1 Conv2D"
     return record, replaced
 
 
