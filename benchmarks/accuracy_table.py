@@ -34,6 +34,7 @@ class Row(typing.NamedTuple):
 BASELINE = "W4A4 PocketFlow behaviour (baseline)"
 CH = "--uql_use_buckets --uql_bucket_type=channel"
 LSQ = " --uql_weight_range=lsq --uql_act_range=lsq"
+PACT = " --uql_act_range=pact"
 DST = " --enbl_dst"
 DEPLOY = " --uql_weight_scheme=symmetric --uql_fold_batch_norms"
 # The baseline reproduces PocketFlow's behaviour: batch ranges at evaluation too, no buckets.
@@ -47,14 +48,20 @@ ROWS = [
     Row(BASELINE, "--uql_weight_bits=4 --uql_activation_bits=4 --uql_act_range=batch"),
     # Learned ranges (issue 11): channel buckets, first and last layer float unless said otherwise.
     Row("W4A4 ch min/max", CH + " --uql_weight_bits=4 --uql_activation_bits=4"),
+    Row("W4A4 ch PACT", CH + " --uql_weight_bits=4 --uql_activation_bits=4" + PACT),
+    Row("W4A4 ch PACT + dst", CH + " --uql_weight_bits=4 --uql_activation_bits=4" + PACT + DST),
+    Row("W4A4 ch LSQ", CH + " --uql_weight_bits=4 --uql_activation_bits=4" + LSQ),
     Row("W4A4 ch LSQ + dst", CH + " --uql_weight_bits=4 --uql_activation_bits=4" + LSQ + DST),
     Row("W4A4 all layers LSQ + dst", CH + " --uql_weight_bits=4 --uql_activation_bits=4 --uql_quantize_all_layers"
         + LSQ + DST),
     Row("W3A3 ch min/max", CH + " --uql_weight_bits=3 --uql_activation_bits=3"),
+    Row("W3A3 ch PACT", CH + " --uql_weight_bits=3 --uql_activation_bits=3" + PACT),
+    Row("W3A3 ch PACT + dst", CH + " --uql_weight_bits=3 --uql_activation_bits=3" + PACT + DST),
+    Row("W3A3 ch LSQ", CH + " --uql_weight_bits=3 --uql_activation_bits=3" + LSQ),
     Row("W3A3 ch LSQ + dst", CH + " --uql_weight_bits=3 --uql_activation_bits=3" + LSQ + DST),
     Row("W2A2 ch min/max", CH + " --uql_weight_bits=2 --uql_activation_bits=2"),
-    Row("W2A2 ch PACT", CH + " --uql_weight_bits=2 --uql_activation_bits=2 --uql_act_range=pact"),
-    Row("W2A2 ch PACT + dst", CH + " --uql_weight_bits=2 --uql_activation_bits=2 --uql_act_range=pact" + DST),
+    Row("W2A2 ch PACT", CH + " --uql_weight_bits=2 --uql_activation_bits=2" + PACT),
+    Row("W2A2 ch PACT + dst", CH + " --uql_weight_bits=2 --uql_activation_bits=2" + PACT + DST),
     Row("W2A2 ch LSQ", CH + " --uql_weight_bits=2 --uql_activation_bits=2" + LSQ),
     Row("W2A2 ch LSQ + dst", CH + " --uql_weight_bits=2 --uql_activation_bits=2" + LSQ + DST),
     # Deployment (issue 13): the grid int8 kernels store and batch norm folded as deployed, against the same bits
