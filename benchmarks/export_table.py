@@ -108,6 +108,17 @@ def deployed_targets(data):
     return checks
 
 
+def agreement_cell(data, key):
+    """'0.9964 (36 differ, 15 tied)': a file's agreement and how many disagreeing images are top-logit ties."""
+    agreement = data.get("agreement_with_quantized_tf", {})
+    if key not in agreement:
+        return "-"
+    differ = data.get("disagreements_with_quantized_tf", {}).get(key)
+    if not differ or not differ["images"]:
+        return "%.4f" % agreement[key]
+    return "%.4f (%d differ, %d tied)" % (agreement[key], differ["images"], differ["tied"])
+
+
 def render(payload, float_accuracy, command):
     """The BENCHMARKS.md section: sizes, accuracy and agreement of every file, latency, the targets."""
     rows = payload["rows"]
@@ -120,7 +131,6 @@ def render(payload, float_accuracy, command):
              for row in rows]
     for row in rows:
         data = row["export"]
-        agreement = data.get("agreement_with_quantized_tf", {})
         latency = data.get("latency", {})
         table.append(("packed `model.tfq`", row["name"], data["files"]["packed"]["bytes"],
                       "%.2f" % (100 * data["accuracy"]["frozen_graph"]),
@@ -129,7 +139,7 @@ def render(payload, float_accuracy, command):
             # The built-in-kernel line is a second timing of the float file, shown only where it was timed.
             if key in data["files"] and (timing != "float_builtin_kernels" or timing in latency):
                 table.append((label, row["name"], data["files"][key]["bytes"], "%.2f" % (100 * data["accuracy"][key]),
-                              "%.4f" % agreement[key] if key in agreement else "-",
+                              agreement_cell(data, key),
                               "%.3f" % latency[timing]["median_ms"] if timing in latency else "-"))
         if "int8" in data:
             notes.append("- %s, int8 activation ranges: %s (%d calibration images)." % (
@@ -143,12 +153,18 @@ def render(payload, float_accuracy, command):
                              row["name"], kinds["exact"], sum(kinds.values()) - kinds["exact"],
                              " (%s)" % "; ".join(reasons) if reasons else "",
                              ", ".join("%d %s" % (n, k) for k, n in sorted(ranges["activation_ranges"].items()))))
+    ties = [row["export"]["disagreements_with_quantized_tf"]["frozen_graph"]["reference_ties"] for row in rows
+            if row["name"] == DEPLOYED and "disagreements_with_quantized_tf" in row["export"]]
     lines = ["## Export sizes, accuracy and agreement (ResNet-20, Fashion-MNIST, all 10,000 test images)", "",
              "Command: `%s` (after `benchmarks.accuracy_table`; exports with `python -m tfquant.export`)" % command,
              ""] + machine.machine_lines(payload["machine"], payload["load_before"]) + [
         "- Agreement: the share of test images given the class the quantized TF graph (the checkpoint) gives. A "
         "packed model's accuracy is that of its frozen graph (weights decoded from the packed file). Latency: "
-        "batch 1, one thread, files run alternately, median ms per image.", ""] + notes + [
+        "batch 1, one thread, files run alternately, median ms per image. Tied: disagreeing images whose two "
+        "largest logits are equal in the checkpoint or in the file (quantized logits sit on a grid, so such an "
+        "image's class is set by the order of the classes and one rounding step anywhere can change it)%s." % (
+            "; %d of the test images tie in `%s`'s checkpoint" % (ties[0], DEPLOYED) if ties else ""),
+        ""] + notes + [
         "", publish.markdown_table(("file", "model", "bytes", "test accuracy %", "agreement", "latency ms"), table)]
     deployed = [row["export"] for row in rows if row["name"] == DEPLOYED]
     if deployed:

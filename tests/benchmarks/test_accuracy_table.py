@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import accuracy_table, publish
+from benchmarks import accuracy_table, export_table, publish
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -108,3 +108,10 @@ def test_accuracy_table_quick(tmp_path):
     assert files["packed"]["bytes"] < exported["float_checkpoint_bytes"] / 4
     assert row["accuracy"]["frozen_graph"] == row["accuracy"]["quantized_checkpoint"]
     assert row["accuracy"]["quantized_checkpoint"] == pytest.approx(data["entries"][0]["accuracy"], abs=1e-6)
+    for key, share in row["agreement_with_quantized_tf"].items():
+        differ = row["disagreements_with_quantized_tf"][key]
+        assert differ["images"] == round((1 - share) * row["test_images"])
+        assert export_table.agreement_cell(row, key).startswith("%.4f" % share)
+    row["disagreements_with_quantized_tf"]["tflite_int8"] = {"images": 36, "tied": 15, "reference_ties": 67}
+    assert export_table.agreement_cell(row, "tflite_int8").endswith(" (36 differ, 15 tied)")
+    assert export_table.agreement_cell(row, "no such file") == "-"

@@ -162,7 +162,8 @@ def test_export_mode_files_predict_as_the_checkpoint(uniform_run):
     accuracy = {kind: float(value) for kind, value in re.findall(r"^accuracy (\S+)\s+([0-9.]+)$", result.stdout, re.M)}
     assert sorted(accuracy) == sorted(["frozen_graph", "quantized_checkpoint", "tflite_float", "tflite_int8"]
                                       + (["onnx"] if onnx else []))
-    agreement = dict(re.findall(r"^agreement with TF graph (\S+)\s+([0-9.]+)$", result.stdout, re.M))
+    agreement = dict(re.findall(r"^agreement with TF graph (\S+)\s+([0-9.]+)(?: \(\d+ images differ, \d+ of them "
+                                r"with tied top logits\))?$", result.stdout, re.M))
     assert sorted(agreement) == sorted(set(accuracy) - {"quantized_checkpoint"})
     assert accuracy["quantized_checkpoint"] == pytest.approx(results["quant_accuracy"], abs=1e-4)
     assert accuracy["frozen_graph"] == accuracy["quantized_checkpoint"]
@@ -177,6 +178,10 @@ def test_export_mode_files_predict_as_the_checkpoint(uniform_run):
     # The int8 model carries the trained activation ranges (the default since the deployment export).
     assert "trained ranges" in exported["int8"]["activation_ranges"]
     assert exported["agreement_with_quantized_tf"]["frozen_graph"] == 1.0
+    for label, share in exported["agreement_with_quantized_tf"].items():
+        differ = exported["disagreements_with_quantized_tf"][label]
+        assert differ["images"] == round((1 - share) * 200) and 0 <= differ["tied"] <= differ["images"]
+        assert float(agreement[label]) == pytest.approx(share, abs=1e-4)
     # The float learner has no quantized checkpoint to export: one line, nothing written.
     result = run_script("resnet_at_fmnist_run.py", ["--learner=full-prec", "--exec_mode=export",
                                                     "--export_dir=exp2"] + QUICK, str(cwd))

@@ -616,3 +616,22 @@ def test_inference_graph_stores_no_weight_values(tmp_path):
         with tf1.Session() as sess:
             tf1.train.Saver(tf1.global_variables()).restore(sess, prefix)
             np.testing.assert_allclose(sess.run(logits, {placeholder: images}), images @ trained, rtol=1e-5, atol=1e-4)
+
+
+def test_disagreements_count_ties_in_either_model(rng):
+    from tfquant.export import run_directory  # pylint: disable=import-outside-toplevel
+    # Logits on a coarse grid, as an int8 model's are, so that top-two ties are common.
+    reference = rng.integers(0, 24, size=(400, 5)).astype(np.float32) * 0.25
+    logits = reference + rng.integers(-3, 4, size=reference.shape) * 0.25 * (rng.random(reference.shape) < 0.3)
+    got = run_directory.disagreements(reference, logits)
+
+    def tied(row):
+        ordered = sorted(row.tolist())
+        return ordered[-1] == ordered[-2]
+
+    differ = [i for i in range(len(reference)) if int(np.argmax(logits[i])) != int(np.argmax(reference[i]))]
+    assert got == {"images": len(differ), "tied": sum(tied(reference[i]) or tied(logits[i]) for i in differ),
+                   "reference_ties": sum(tied(row) for row in reference)}
+    assert 0 < got["tied"] < got["images"]
+    assert run_directory.disagreements(reference, reference) == {
+        "images": 0, "tied": 0, "reference_ties": got["reference_ties"]}

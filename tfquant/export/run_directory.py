@@ -233,6 +233,8 @@ def _fidelity(result, reference, test_data, frozen, tflite_models, onnx_model, l
     # The share of test images each file gives the class the quantized TF graph gives.
     result["agreement_with_quantized_tf"] = {
         label: float(np.mean(logits.argmax(1) == reference.argmax(1))) for label, logits in predictions.items()}
+    result["disagreements_with_quantized_tf"] = {
+        label: disagreements(reference, logits) for label, logits in predictions.items()}
     for label, logits in predictions.items():
         result["accuracy"][label] = _accuracy(logits, labels)
     runners = dict(tflite_models)
@@ -252,6 +254,29 @@ def _fidelity(result, reference, test_data, frozen, tflite_models, onnx_model, l
             latency["int8_over_float_builtin_median"] = (latency["int8"]["median_ms"]
                                                          / latency[FLOAT_BUILTIN]["median_ms"])
         result["latency"] = latency
+
+
+def _top_two_tied(logits):
+    top_two = np.sort(logits, axis=1)[:, -2:]
+    return top_two[:, 0] == top_two[:, 1]
+
+
+def disagreements(reference, logits):
+    """How many images `logits` classify differently from `reference`, and how many of those are ties.
+
+    A tie is an image whose two largest logits are equal in either model: with quantized logits (an int8
+    model's output grid) its class is decided by the classes' order, not by the model, so one step of
+    integer rounding anywhere in the network can change it.
+
+    Returns:
+      {"images": disagreeing images, "tied": those tied in either model, "reference_ties": images whose
+      two largest reference logits are equal}.
+    """
+    differ = logits.argmax(1) != reference.argmax(1)
+    reference_tied = _top_two_tied(reference)
+    tied = reference_tied | _top_two_tied(logits)
+    return {"images": int(np.sum(differ)), "tied": int(np.sum(differ & tied)),
+            "reference_ties": int(np.sum(reference_tied))}
 
 
 def _existing_ancestor(path):
@@ -376,8 +401,11 @@ def summary_lines(result, output_dir):
              % (packed["file_bytes"], packed["bound_bytes"], packed["float_storage_bits"] / 8.0,
                 packed["compression_ratio"])]
     lines.extend("accuracy %-22s %.4f" % (label, value) for label, value in result.get("accuracy", {}).items())
-    lines.extend("agreement with TF graph %-22s %.4f" % (label, value)
-                 for label, value in result.get("agreement_with_quantized_tf", {}).items())
+    differ = result.get("disagreements_with_quantized_tf", {})
+    lines.extend("agreement with TF graph %-22s %.4f%s" % (
+        label, value, " (%d images differ, %d of them with tied top logits)"
+        % (differ[label]["images"], differ[label]["tied"]) if differ.get(label, {}).get("images") else "")
+        for label, value in result.get("agreement_with_quantized_tf", {}).items())
     latency = result.get("latency", {})
     for label, timing in latency.items():
         if isinstance(timing, dict) and "median_ms" in timing:
