@@ -59,6 +59,8 @@ ROWS = [
     Row("W3A3 ch PACT + dst", CH + " --uql_weight_bits=3 --uql_activation_bits=3" + PACT + DST),
     Row("W3A3 ch LSQ", CH + " --uql_weight_bits=3 --uql_activation_bits=3" + LSQ),
     Row("W3A3 ch LSQ + dst", CH + " --uql_weight_bits=3 --uql_activation_bits=3" + LSQ + DST),
+    # The issue allows up to 3 epochs of fine-tuning: the best W3A3 setting with that budget.
+    Row("W3A3 ch LSQ + dst, 3 epochs", CH + " --uql_weight_bits=3 --uql_activation_bits=3" + LSQ + DST, epochs=3.0),
     Row("W2A2 ch min/max", CH + " --uql_weight_bits=2 --uql_activation_bits=2"),
     Row("W2A2 ch PACT", CH + " --uql_weight_bits=2 --uql_activation_bits=2" + PACT),
     Row("W2A2 ch PACT + dst", CH + " --uql_weight_bits=2 --uql_activation_bits=2" + PACT + DST),
@@ -221,14 +223,17 @@ def _learned_range_checks(table):
             checks.append(("%s within %.1f points of float" % (label, limit), change >= -limit / 100,
                            "%+.2f, %s" % (100 * change, _seeds(table[label]))))
     w3a3 = [label for label in table if label.startswith("W3A3 ch")]
-    if w3a3:
-        best = max(w3a3, key=lambda label: table[label]["change"])
-        checks.append(("W3A3 best setting within 0.5 points of float", table[best]["change"] >= -0.005,
+    for budget in sorted({table[label]["epochs"] for label in w3a3}):
+        # Rows fine-tuned longer than the table's budget are judged apart (the issue allows up to 3 epochs).
+        best = max((label for label in w3a3 if table[label]["epochs"] == budget), key=lambda l: table[l]["change"])
+        checks.append(("W3A3 best setting within 0.5 points of float (%g epoch%s of fine-tuning)"
+                       % (budget, "" if budget == 1 else "s"), table[best]["change"] >= -0.005,
                        "%s %+.2f, %s" % (best, 100 * table[best]["change"], _seeds(table[best]))))
     for bits in ("W4A4", "W3A3", "W2A2"):
         baseline = "%s ch min/max" % bits
         for label in table:
-            if label.startswith(bits + " ch ") and label != baseline and baseline in table:
+            if (label.startswith(bits + " ch ") and label != baseline and baseline in table
+                    and table[label]["epochs"] == table[baseline]["epochs"]):
                 checks.append(("%s at or above %s" % (label, baseline), table[label]["mean"] >= table[baseline]["mean"],
                                "%.2f vs %.2f" % (100 * table[label]["mean"], 100 * table[baseline]["mean"])))
     return checks
