@@ -106,11 +106,16 @@ def test_shards_are_disjoint_parts_of_every_global_batch():
 
 # --- the launcher --------------------------------------------------------------------------------------------
 
-def test_launcher_prefixes_output_and_stops_all_when_one_fails(capfd):
-    # Worker 1 fails at once; worker 0 would sleep for 5 minutes unless the launcher stops it.
+def test_launcher_prefixes_output_and_stops_all_when_one_fails(capfd, tmp_path):
+    # Worker 1 fails once worker 0 has printed (on a busy machine worker 0 may start late); worker 0 would then
+    # sleep for 5 minutes unless the launcher stops it.
+    printed = tmp_path / "worker0_printed"
     code = ("import json, os, sys, time; c = json.loads(os.environ['TF_CONFIG']); i = c['task']['index']; "
             "print('index', i, 'of', len(c['cluster']['worker']), sys.argv[1:]); sys.stdout.flush(); "
-            "sys.exit(3) if i == 1 else time.sleep(300)")
+            "done = %r; deadline = time.time() + 60\n"
+            "if i == 0: open(done, 'w').close(); time.sleep(300)\n"
+            "while not os.path.exists(done) and time.time() < deadline: time.sleep(0.05)\n"
+            "sys.exit(3)" % str(printed))
     start = time.time()
     status = launch_workers.launch([sys.executable, "-c", code], 2)
     assert status == 3
