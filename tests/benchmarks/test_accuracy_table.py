@@ -22,6 +22,8 @@ def test_rows_are_selected_by_label_or_slug_and_unknown_rows_are_refused():
     chosen = accuracy_table.select_rows("W2A8 channel, W4A4,W2A8_split_128")
     assert [row.label for row in chosen] == ["W2A8 channel", "W4A4", "W2A8 split/128"]
     assert accuracy_table.select_rows(None) == accuracy_table.ROWS
+    for row in accuracy_table.ROWS:  # every label can be asked for on its own (a comma in one could not)
+        assert accuracy_table.select_rows(row.label) == [row]
     with pytest.raises(publish.BenchmarkError, match="'W3A3' is no row"):
         accuracy_table.select_rows("W4A4,W3A3")
     assert accuracy_table.parse_seeds("2,0,2") == [0, 2]
@@ -69,14 +71,14 @@ def test_parts_merge_by_row_and_seed_and_the_table_shows_mean_and_std():
 
 def test_w3a3_rows_with_a_longer_fine_tuning_are_judged_apart():
     entries = [entry("W3A3 ch min/max", 0, 0.900, 0.916), entry("W3A3 ch LSQ + dst", 0, 0.910, 0.916),
-               dict(entry("W3A3 ch LSQ + dst, 3 epochs", 0, 0.913, 0.916), epochs=3.0),
+               dict(entry("W3A3 ch LSQ + dst (3 epochs)", 0, 0.913, 0.916), epochs=3.0),
                dict(entry("W3A3 ch PACT", 0, 0.880, 0.916), epochs=3.0)]
     checks = {what: (met, measured) for what, met, measured in accuracy_table._learned_range_checks(
         accuracy_table.summarize(entries))}
     assert checks["W3A3 best setting within 0.5 points of float (1 epoch of fine-tuning)"] == (
         False, "W3A3 ch LSQ + dst -0.60, 1 seed")
     assert checks["W3A3 best setting within 0.5 points of float (3 epochs of fine-tuning)"] == (
-        True, "W3A3 ch LSQ + dst, 3 epochs -0.30, 1 seed")
+        True, "W3A3 ch LSQ + dst (3 epochs) -0.30, 1 seed")
     # Against min/max only at min/max's own budget.
     assert [what for what in checks if "at or above" in what] == ["W3A3 ch LSQ + dst at or above W3A3 ch min/max"]
 
