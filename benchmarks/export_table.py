@@ -119,6 +119,19 @@ def agreement_cell(data, key):
     return "%.4f (%d differ, %d tied)" % (agreement[key], differ["images"], differ["tied"])
 
 
+def divergence_note(name, divergence):
+    """One line: how the int8 file's codes depart from the TF graph's, first operator to output."""
+    layers = [r for r in divergence["layers"] if r["differ"] is not None and r["op"] != "(input)"]
+    if not layers:
+        return "- %s, int8 codes against the TF graph: no tensor compared." % name
+    middle = layers[len(layers) // 2]
+    return ("- %s, int8 TFLite (%s kernels) against the TF graph on %d test images, share of int8 codes that "
+            "differ: first operator (%s) %.2f %%, middle (%s, %s) %.2f %%, output %.2f %%; at most %d steps."
+            % (name, divergence["kernels"].split(" ")[0], divergence["images"], layers[0]["op"],
+               100 * layers[0]["differ"], middle["op"], middle["tensor"], 100 * middle["differ"],
+               100 * layers[-1]["differ"], max(r["max_steps"] for r in layers)))
+
+
 def render(payload, float_accuracy, command):
     """The BENCHMARKS.md section: sizes, accuracy and agreement of every file, latency, the targets."""
     rows = payload["rows"]
@@ -144,6 +157,8 @@ def render(payload, float_accuracy, command):
         if "int8" in data:
             notes.append("- %s, int8 activation ranges: %s (%d calibration images)." % (
                 row["name"], data["int8"]["activation_ranges"], data["int8"]["calibration_images"]))
+        if "int8_layer_divergence" in data:
+            notes.append(divergence_note(row["name"], data["int8_layer_divergence"]))
         if "trained_ranges" in data:
             ranges = data["trained_ranges"]
             kinds = collections.Counter(w["int8"] for w in ranges["weights"])

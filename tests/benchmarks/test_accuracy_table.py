@@ -131,3 +131,9 @@ def test_accuracy_table_quick(tmp_path):
     row["disagreements_with_quantized_tf"]["tflite_int8"] = {"images": 36, "tied": 15, "reference_ties": 67}
     assert export_table.agreement_cell(row, "tflite_int8").endswith(" (36 differ, 15 tied)")
     assert export_table.agreement_cell(row, "no such file") == "-"
+    layers = row["int8_layer_divergence"]["layers"]
+    note = export_table.divergence_note("W8A8", row["int8_layer_divergence"])
+    assert note.startswith("- W8A8, int8 TFLite (built-in kernels) against the TF graph on %d test images"
+                           % row["int8_layer_divergence"]["images"])
+    assert ("output %.2f %%; at most %d steps." % (100 * layers[-1]["differ"], max(r["max_steps"] for r in layers[1:]))
+            in note)

@@ -177,6 +177,13 @@ def test_export_mode_files_predict_as_the_checkpoint(uniform_run):
                                                       "model_int8.tflite"] + (["model.onnx"] if onnx else []))
     # The int8 model carries the trained activation ranges (the default since the deployment export).
     assert "trained ranges" in exported["int8"]["activation_ranges"]
+    # ... and where its integer arithmetic departs from the TF graph, tensor by tensor (200 test images here).
+    divergence = exported["int8_layer_divergence"]
+    assert divergence["images"] == 200 and divergence["layers"][0] == {
+        "op": "(input)", "tensor": "input/fake_quant/FakeQuantWithMinMaxVars:0", "differ": 0.0, "max_steps": 0}
+    assert all(r["tensor"] and 0 <= r["differ"] <= 1 for r in divergence["layers"])
+    assert re.search(r"^int8 codes that differ from the TF graph's: [0-9.]+ % of the first operator's output, "
+                     r"[0-9.]+ % of the model's", result.stdout, re.M)
     assert exported["agreement_with_quantized_tf"]["frozen_graph"] == 1.0
     for label, share in exported["agreement_with_quantized_tf"].items():
         differ = exported["disagreements_with_quantized_tf"][label]

@@ -8,7 +8,7 @@ import tensorflow as tf
 import tfquant
 from tests.tfquant.test_export import IMAGE_SHAPE, _quantized_eval, _save_quantized, _synthetic_data, forward
 from tfquant import fold, match
-from tfquant.export import fake_quant_graph, model_export, onnx_export, tflite_export
+from tfquant.export import divergence, fake_quant_graph, model_export, onnx_export, tflite_export
 
 INPUT_SHAPE = [None] + IMAGE_SHAPE
 CONFIG = tfquant.QuantConfig(weight_bits=8, activation_bits=8, quantize_all_layers=True,
@@ -337,3 +337,46 @@ def test_export_calibrates_the_tensors_training_would_quantize(tmp_path):
     preprocessed = images * 0.5 - 0.25
     assert record["min"] == pytest.approx(min(0.0, float(preprocessed.min())), rel=1e-6)
     assert record["max"] == pytest.approx(max(0.0, float(preprocessed.max())), rel=1e-6)
+
+
+def _builtin_kernel_logits(model, images):
+    interpreter = tflite_export.make_interpreter(model, default_delegates=False)
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, list(images.shape))
+    interpreter.allocate_tensors()
+    detail, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    interpreter.set_tensor(index, np.clip(np.round(images / detail["quantization"][0]) + detail["quantization"][1],
+                                          -128, 127).astype(np.int8))
+    interpreter.invoke()
+    return interpreter.get_tensor(out["index"]).astype(np.int64), out["quantization"]
+
+
+def test_layer_divergence_compares_every_int8_tensor_with_the_tf_graph(deployed):
+    model = tflite_export.convert_int8_trained(deployed["graph"], INPUT_SHAPE)
+    images = deployed["images"][:64]
+    records = divergence.layer_divergence(deployed["graph"].graph_def, model, images)
+    interpreter = tflite_export.make_interpreter(model)
+    int8_outputs = sum(1 for op in interpreter._get_ops_details() for index in op["outputs"]
+                       if interpreter.get_tensor_details()[index]["dtype"] == np.int8)
+    assert len(records) == int8_outputs + 1 and records[0]["op"] == divergence.INPUT
+    assert all(r["tensor"] is not None and 0 <= r["differ"] <= 1 for r in records), records
+    assert records[0]["differ"] == 0  # the input is quantized the same way on both sides
+    # The output's share, recomputed from the model's int8 logits and the frozen graph's logits.
+    codes, (scale, zero_point) = _builtin_kernel_logits(model, images)
+    graph_logits = model_export.run_graph_def(deployed["graph"].graph_def, images)
+    graph_codes = np.clip(np.round(graph_logits.astype(np.float64) / scale) + zero_point, -128, 127)
+    assert records[-1]["differ"] == pytest.approx(np.mean(graph_codes != codes.reshape(graph_codes.shape)))
+    assert records[-1]["max_steps"] == np.abs(graph_codes - codes.reshape(graph_codes.shape)).max()
+
+    # A graph whose first ReLU range is 0.77 as wide: that tensor's nonzero codes move, the input's do not.
+    changed = tf.compat.v1.GraphDef()
+    changed.CopyFrom(deployed["graph"].graph_def)
+    nodes = {node.name: node for node in changed.node}
+    first = next(r["tensor"] for r in records[1:] if "Relu" in r["tensor"]).split(":")[0]
+    high = nodes[nodes[first].input[2]]
+    value = tf.make_ndarray(high.attr["value"].tensor)
+    high.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value * 0.77))
+    broken = {r["tensor"]: r for r in divergence.layer_divergence(changed, model, images)}
+    assert broken[records[0]["tensor"]]["differ"] == 0
+    before = next(r["differ"] for r in records if r["tensor"] == first + ":0")
+    assert broken[first + ":0"]["differ"] > max(0.05, 10 * before), (broken[first + ":0"], before)

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 import tfquant
 from tfquant import files
-from tfquant.export import fake_quant_graph, inference_graph, model_export, onnx_export, tflite_export
+from tfquant.export import divergence, fake_quant_graph, inference_graph, model_export, onnx_export, tflite_export
 from tfquant.export.model_export import ExportError
 from tfquant.report import REPORT_NAME, config_from_report, load_report
 
@@ -29,6 +29,8 @@ CALIBRATION_IMAGES = 200
 # The latency label of the float TFLite model run without the XNNPACK delegate.
 FLOAT_BUILTIN = "float_builtin_kernels"
 LATENCY_IMAGES = 100
+# Test images whose every int8 intermediate tensor is compared with the TF graph's (all are held in memory).
+DIVERGENCE_IMAGES = 200
 # What a previous export may hold; an output directory with anything else is refused, never replaced.
 EXPORT_FILES = ("model.tfq", "inference.pb", "model_float.tflite", "model_int8.tflite", "model.onnx", "export.json")
 STATE_FILE = "checkpoint"
@@ -218,6 +220,11 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
                           "quantize_dequantize_pairs": list(onnx_export.quantize_linear_pairs(onnx_model))}
     if test_data is not None:
         _fidelity(result, reference, test_data, frozen, models, onnx_model, options.latency_images)
+        if int8 and not options.int8_calibration:
+            images = test_data[0][:DIVERGENCE_IMAGES]
+            result["int8_layer_divergence"] = {
+                "images": int(len(images)), "kernels": "built-in (no delegate)",
+                "layers": divergence.layer_divergence(ranged.graph_def, models["int8"], images)}
     files.write_atomically(os.path.join(staging, "export.json"), json.dumps(result, indent=2).encode())
     return result
 
@@ -406,6 +413,12 @@ def summary_lines(result, output_dir):
         label, value, " (%d images differ, %d of them with tied top logits)"
         % (differ[label]["images"], differ[label]["tied"]) if differ.get(label, {}).get("images") else "")
         for label, value in result.get("agreement_with_quantized_tf", {}).items())
+    compared = [r for r in result.get("int8_layer_divergence", {}).get("layers", [])
+                if r["differ"] is not None and r["op"] != divergence.INPUT]
+    if compared:
+        lines.append("int8 codes that differ from the TF graph's: %.2f %% of the first operator's output, "
+                     "%.2f %% of the model's (each tensor in export.json: int8_layer_divergence)"
+                     % (100 * compared[0]["differ"], 100 * compared[-1]["differ"]))
     latency = result.get("latency", {})
     for label, timing in latency.items():
         if isinstance(timing, dict) and "median_ms" in timing:

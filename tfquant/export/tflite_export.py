@@ -140,7 +140,7 @@ def convert_int8_trained(fake_quant_graph, input_shape=None):
         sess.close()
 
 
-def make_interpreter(model, num_threads=None, default_delegates=True):
+def make_interpreter(model, num_threads=None, default_delegates=True, preserve_all_tensors=False):
     """A LiteRT / TFLite interpreter for a model file path or flatbuffer bytes.
 
     Args:
@@ -148,10 +148,13 @@ def make_interpreter(model, num_threads=None, default_delegates=True):
       num_threads: interpreter threads (None: the runtime's default).
       default_delegates: False runs the built-in kernels only, without the XNNPACK delegate the
         runtime applies by default (how runtimes without XNNPACK execute the model).
+      preserve_all_tensors: keep every intermediate tensor readable after invoke (for inspection).
     Returns:
       an Interpreter (tensors not yet allocated).
     """
     kwargs = {"num_threads": num_threads}
+    if preserve_all_tensors:
+        kwargs["experimental_preserve_all_tensors"] = True
     if isinstance(model, (bytes, bytearray)):
         kwargs["model_content"] = bytes(model)
     else:
@@ -170,7 +173,8 @@ def make_interpreter(model, num_threads=None, default_delegates=True):
         return tf.lite.Interpreter(**kwargs)
 
 
-def _quantize_input(images, detail):
+def quantize_input(images, detail):
+    """Images as the input tensor `detail` (an interpreter's input details) takes them: int8 codes or floats."""
     if detail["dtype"] == np.float32:
         return images.astype(np.float32)
     scale, zero_point = detail["quantization"]
@@ -209,7 +213,7 @@ def run_tflite(model, images, batch_size=64, num_threads=None):
             current = len(chunk)
         in_detail = interpreter.get_input_details()[0]
         out_detail = interpreter.get_output_details()[0]
-        interpreter.set_tensor(in_detail["index"], _quantize_input(chunk, in_detail))
+        interpreter.set_tensor(in_detail["index"], quantize_input(chunk, in_detail))
         interpreter.invoke()
         outputs.append(_dequantize_output(interpreter.get_tensor(out_detail["index"]), out_detail))
     return np.concatenate(outputs, axis=0)
@@ -223,7 +227,7 @@ def single_image_runner(model, num_threads=1, default_delegates=True):
     out_index = interpreter.get_output_details()[0]["index"]
 
     def run(image):
-        interpreter.set_tensor(in_detail["index"], _quantize_input(image[None], in_detail))
+        interpreter.set_tensor(in_detail["index"], quantize_input(image[None], in_detail))
         interpreter.invoke()
         return interpreter.get_tensor(out_index)
     return run
