@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from benchmarks import accuracy_table, machine, publish
+from tfquant.export import divergence
 
 
 class Export(typing.NamedTuple):
@@ -121,7 +122,7 @@ def agreement_cell(data, key):
 
 def divergence_note(name, divergence):
     """One line: how the int8 file's codes depart from the TF graph's, first operator to output."""
-    layers = [r for r in divergence["layers"] if r["differ"] is not None and r["op"] != "(input)"]
+    layers = [r for r in divergence["layers"] if r["differ"] is not None and r["op"] != divergence.INPUT]
     if not layers:
         return "- %s, int8 codes against the TF graph: no tensor compared." % name
     middle = layers[len(layers) // 2]

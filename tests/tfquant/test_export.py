@@ -619,11 +619,11 @@ def test_inference_graph_stores_no_weight_values(tmp_path):
 
 
 def test_disagreements_count_ties_in_either_model(rng):
-    from tfquant.export import run_directory  # pylint: disable=import-outside-toplevel
+    from tfquant.export import divergence  # pylint: disable=import-outside-toplevel
     # Logits on a coarse grid, as an int8 model's are, so that top-two ties are common.
     reference = rng.integers(0, 24, size=(400, 5)).astype(np.float32) * 0.25
     logits = reference + rng.integers(-3, 4, size=reference.shape) * 0.25 * (rng.random(reference.shape) < 0.3)
-    got = run_directory.disagreements(reference, logits)
+    got = divergence.disagreements(reference, logits)
 
     def tied(row):
         ordered = sorted(row.tolist())
@@ -633,5 +633,5 @@ def test_disagreements_count_ties_in_either_model(rng):
     assert got == {"images": len(differ), "tied": sum(tied(reference[i]) or tied(logits[i]) for i in differ),
                    "reference_ties": sum(tied(row) for row in reference)}
     assert 0 < got["tied"] < got["images"]
-    assert run_directory.disagreements(reference, reference) == {
+    assert divergence.disagreements(reference, reference) == {
         "images": 0, "tied": 0, "reference_ties": got["reference_ties"]}

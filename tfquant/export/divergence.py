@@ -1,4 +1,5 @@
-"""Where an int8 TFLite model starts to compute something other than the graph it was converted from.
+"""How exported files depart from the quantized TF graph: images classified differently, and where an int8
+TFLite model starts to compute something other than the graph it was converted from.
 
 For every int8 tensor an operator of the TFLite model writes, the TF graph's value of the same tensor is
 put on that tensor's integer grid (its scale and zero point) and the codes are compared: the share of codes
@@ -90,3 +91,26 @@ def layer_divergence(graph_def, model, images, input_name="input:0"):
             record.update(differ=float(np.mean(steps > 0)), max_steps=int(steps.max()))
         records.append(record)
     return records
+
+
+def _top_two_tied(logits):
+    top_two = np.sort(logits, axis=1)[:, -2:]
+    return top_two[:, 0] == top_two[:, 1]
+
+
+def disagreements(reference, logits):
+    """How many images `logits` classify differently from `reference`, and how many of those are ties.
+
+    A tie is an image whose two largest logits are equal in either model: with quantized logits (an int8
+    model's output grid) its class is decided by the classes' order, not by the model, so one step of
+    integer rounding anywhere in the network can change it.
+
+    Returns:
+      {"images": disagreeing images, "tied": those tied in either model, "reference_ties": images whose
+      two largest reference logits are equal}.
+    """
+    differ = logits.argmax(1) != reference.argmax(1)
+    reference_tied = _top_two_tied(reference)
+    tied = reference_tied | _top_two_tied(logits)
+    return {"images": int(np.sum(differ)), "tied": int(np.sum(differ & tied)),
+            "reference_ties": int(np.sum(reference_tied))}

@@ -241,7 +241,7 @@ def _fidelity(result, reference, test_data, frozen, tflite_models, onnx_model, l
     result["agreement_with_quantized_tf"] = {
         label: float(np.mean(logits.argmax(1) == reference.argmax(1))) for label, logits in predictions.items()}
     result["disagreements_with_quantized_tf"] = {
-        label: disagreements(reference, logits) for label, logits in predictions.items()}
+        label: divergence.disagreements(reference, logits) for label, logits in predictions.items()}
     for label, logits in predictions.items():
         result["accuracy"][label] = _accuracy(logits, labels)
     runners = dict(tflite_models)
@@ -261,29 +261,6 @@ def _fidelity(result, reference, test_data, frozen, tflite_models, onnx_model, l
             latency["int8_over_float_builtin_median"] = (latency["int8"]["median_ms"]
                                                          / latency[FLOAT_BUILTIN]["median_ms"])
         result["latency"] = latency
-
-
-def _top_two_tied(logits):
-    top_two = np.sort(logits, axis=1)[:, -2:]
-    return top_two[:, 0] == top_two[:, 1]
-
-
-def disagreements(reference, logits):
-    """How many images `logits` classify differently from `reference`, and how many of those are ties.
-
-    A tie is an image whose two largest logits are equal in either model: with quantized logits (an int8
-    model's output grid) its class is decided by the classes' order, not by the model, so one step of
-    integer rounding anywhere in the network can change it.
-
-    Returns:
-      {"images": disagreeing images, "tied": those tied in either model, "reference_ties": images whose
-      two largest reference logits are equal}.
-    """
-    differ = logits.argmax(1) != reference.argmax(1)
-    reference_tied = _top_two_tied(reference)
-    tied = reference_tied | _top_two_tied(logits)
-    return {"images": int(np.sum(differ)), "tied": int(np.sum(differ & tied)),
-            "reference_ties": int(np.sum(reference_tied))}
 
 
 def _existing_ancestor(path):
