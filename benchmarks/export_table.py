@@ -120,15 +120,15 @@ def agreement_cell(data, key):
     return "%.4f (%d differ, %d tied)" % (agreement[key], differ["images"], differ["tied"])
 
 
-def divergence_note(name, divergence):
+def divergence_note(name, layer_divergence):
     """One line: how the int8 file's codes depart from the TF graph's, first operator to output."""
-    layers = [r for r in divergence["layers"] if r["differ"] is not None and r["op"] != divergence.INPUT]
+    layers = [r for r in layer_divergence["layers"] if r["differ"] is not None and r["op"] != divergence.INPUT]
     if not layers:
         return "- %s, int8 codes against the TF graph: no tensor compared." % name
     middle = layers[len(layers) // 2]
     return ("- %s, int8 TFLite (%s kernels) against the TF graph on %d test images, share of int8 codes that "
             "differ: first operator (%s) %.2f %%, middle (%s, %s) %.2f %%, output %.2f %%; at most %d steps."
-            % (name, divergence["kernels"].split(" ")[0], divergence["images"], layers[0]["op"],
+            % (name, layer_divergence["kernels"].split(" ")[0], layer_divergence["images"], layers[0]["op"],
                100 * layers[0]["differ"], middle["op"], middle["tensor"], 100 * middle["differ"],
                100 * layers[-1]["differ"], max(r["max_steps"] for r in layers)))
 
