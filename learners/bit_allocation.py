@@ -39,12 +39,27 @@ def _budgets(settings):
     return budgets
 
 
-def _float_model(helper, seed):
-    """The float model's evaluation forward pass on the seeded training stream: (graph, images, labels, loss)."""
+def _training_batches(helper, seed, count):
+    """The first `count` (images, labels) batches of the seeded training stream, as arrays.
+
+    Read in a graph of their own: closing a session whose graph also holds the model while its input
+    pipeline is running took seconds, more than the measuring itself.
+    """
     graph = tf.Graph()
     with graph.as_default():
         tf1.set_random_seed(seed)
         images, labels = helper.build_dataset_train()
+    with graphs.new_session(graph) as sess:
+        return [tuple(sess.run([images, labels])) for _ in range(count)]
+
+
+def _float_model(helper, batch):
+    """The float model's evaluation forward pass on placeholders shaped like `batch` (an (images, labels)
+    pair of arrays): (graph, images, labels, loss)."""
+    graph = tf.Graph()
+    with graph.as_default():
+        images, labels = (tf1.placeholder(tf.as_dtype(value.dtype), value.shape, name=name)
+                          for value, name in zip(batch, ("images", "labels")))
         logits = helper.forward_eval(images)
         # Cross-entropy alone: weight decay does not see the quantized values fed in.
         _, metrics = helper.calc_loss(labels, logits, [])
@@ -66,18 +81,16 @@ def _targets(graph, config, settings):
 def measure_and_solve(helper, settings, config, float_checkpoint):
     """Measure sensitivities of `float_checkpoint` and solve every budget; returns the allocation record."""
     start = time.perf_counter()
-    graph, images, labels, loss = _float_model(helper, settings.seed)
+    batches = _training_batches(helper, settings.seed, settings.uql_sensitivity_batches)
+    graph, images, labels, loss = _float_model(helper, batches[0])
     targets = _targets(graph, config, settings)
     widths = {kind: sensitivity.checked_widths(low, high) for kind, _, _, low, high in _budgets(settings)}
     with graph.as_default():
         model_variables = list(tf1.global_variables())
     with graphs.new_session(graph) as sess:
         graphs.restore_variables(sess, model_variables, float_checkpoint)
-        batches = []
-        for _ in range(settings.uql_sensitivity_batches):
-            image_values, label_values = sess.run([images, labels])
-            batches.append({images: image_values, labels: label_values})
-        measured = sensitivity.measure(sess, loss, batches, [t for kind in targets for t in targets[kind]], widths)
+        feeds = [{images: image_values, labels: label_values} for image_values, label_values in batches]
+        measured = sensitivity.measure(sess, loss, feeds, [t for kind in targets for t in targets[kind]], widths)
     record = {"version": ALLOCATION_VERSION, "seed": settings.seed,
               "sensitivity_batches": settings.uql_sensitivity_batches,
               "float_checkpoint": os.path.relpath(os.path.abspath(float_checkpoint),
@@ -163,7 +176,7 @@ def allocate(helper, settings, config, float_checkpoint, resuming):
     path = allocation_path(settings.uql_save_quant_model_path)
     if resuming and os.path.lexists(path):
         record = files.load_json_file(path, AllocationFileError, "bit allocation")
-        graph = _float_model(helper, settings.seed)[0]
+        graph = _float_model(helper, _training_batches(helper, settings.seed, 1)[0])[0]
         _check_stored(record, path, _targets(graph, config, settings), settings)
         training.log("uniform: reusing the bit allocation in %s" % path)
     else:

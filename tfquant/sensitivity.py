@@ -88,24 +88,32 @@ def find_targets(graph, config):
 
 
 class _Quantizers:
-    """Quantizer ops on placeholders, built once per (kind, shape, layout, bits) in the model's graph."""
+    """Quantizer ops on one placeholder per (kind, shape, layout), one output per width, built once in the
+    model's graph so that a single run quantizes a value at every width."""
 
     def __init__(self, graph):
         self.graph = graph
         self.built = {}
 
-    def get(self, target, shape, bits):
-        key = (target.kind, tuple(shape) if target.kind == WEIGHT else None, target.layout, bits)
+    def get(self, target, shape, widths):
+        """(placeholder, {bits: quantized tensor}) for `target`'s kind and layout and a value of `shape`."""
+        key = (target.kind, tuple(shape) if target.kind == WEIGHT else None, target.layout, tuple(widths))
         if key not in self.built:
             with self.graph.as_default(), tf1.name_scope(SCOPE + "/"):
                 if target.kind == WEIGHT:
                     value = tf1.placeholder(tf.float32, shape)
-                    quantized = ops.quantize_weight(value, bits, target.layout)
+                    quantized = {bits: ops.quantize_weight(value, bits, target.layout) for bits in widths}
                 else:
                     value = tf1.placeholder(tf.float32)
-                    quantized = ops.quantize_in_range(value, bits, tf.reduce_min(value), tf.reduce_max(value))
+                    low, high = tf.reduce_min(value), tf.reduce_max(value)
+                    quantized = {bits: ops.quantize_in_range(value, bits, low, high) for bits in widths}
             self.built[key] = (value, quantized)
         return self.built[key]
+
+    def run(self, sess, target, value, widths):
+        """{bits: `value` quantized as `target` is at that width}, in one run."""
+        placeholder, quantized = self.get(target, value.shape, widths)
+        return sess.run(quantized, {placeholder: value})
 
 
 def _cut_tensors(target, upstream_of_loss, batch_dependent):
@@ -143,10 +151,11 @@ def measure(sess, loss, batches, targets, bit_widths):
         raise ValueError("batches is empty; expected at least one feed dict")
     quantizers = _Quantizers(sess.graph)
     for target in targets:  # every op is built before the first run, so the graph is not grown mid-way
-        for bits in bit_widths[target.kind]:
-            quantizers.get(target, target.tensors[0].shape.as_list(), bits)
-    weight_values = dict(zip([t.name for t in targets if t.kind == WEIGHT],
-                             sess.run([t.tensors[0] for t in targets if t.kind == WEIGHT])))
+        quantizers.get(target, target.tensors[0].shape.as_list(), bit_widths[target.kind])
+    weights = [t for t in targets if t.kind == WEIGHT]
+    # A weight's quantized values do not depend on the batch: computed once.
+    quantized_weights = {t.name: quantizers.run(sess, t, value, bit_widths[WEIGHT])
+                         for t, value in zip(weights, sess.run([t.tensors[0] for t in weights]))}
     activations = [t for t in targets if t.kind == ACTIVATION]
     totals = {t.name: {bits: 0.0 for bits in bit_widths[t.kind]} for t in targets}
     # Every batch feeds the same input tensors, so the cuts are the same for all of them.
@@ -157,15 +166,13 @@ def measure(sess, loss, batches, targets, bit_widths):
     for feed in batches:
         # One run gives the float loss, every activation's value and every tensor a later run feeds back.
         base_loss, *fetched = sess.run([loss] + [t.tensors[0] for t in activations] + cut_tensors, feed)
-        values = dict(weight_values, **{t.name: v for t, v in zip(activations, fetched)})
+        quantized = dict(quantized_weights, **{t.name: quantizers.run(sess, t, value, bit_widths[ACTIVATION])
+                                               for t, value in zip(activations, fetched)})
         cut_values = dict(zip([t.name for t in cut_tensors], fetched[len(activations):]))
         for target in targets:
-            value = values[target.name]
-            for bits in totals[target.name]:
-                placeholder, quantized = quantizers.get(target, value.shape, bits)
-                replaced = sess.run(quantized, {placeholder: value})
-                fed = dict(feed)
-                fed.update({tensor: cut_values[tensor.name] for tensor in cuts[target.name]})
+            fed = dict(feed)
+            fed.update({tensor: cut_values[tensor.name] for tensor in cuts[target.name]})
+            for bits, replaced in quantized[target.name].items():
                 fed.update({tensor: replaced for tensor in target.tensors})
                 totals[target.name][bits] += float(sess.run(loss, fed)) - float(base_loss)
     return {name: {bits: total / len(batches) for bits, total in by_bits.items()}

@@ -15,6 +15,8 @@ from learners.errors import UserError
 from nets.convnet_at_fmnist import ModelHelper
 from tests.learners.test_end_to_end import run_script
 
+tf1 = tf.compat.v1
+
 FLAGS = learner_flags.FLAGS
 
 
@@ -153,3 +155,24 @@ def test_run_stores_allocation_and_resume_and_eval_reuse_it(tmp_path):
     assert "measuring" not in evaluated.stdout
     assert "does not match this checkpoint's model: layer 1 (model/conv2/Conv2D) has bits %d in the report" % (
         edited["weight"]["layers"][0]["bits"]) in evaluated.stderr, evaluated.stderr[-3000:]
+
+
+def test_measuring_graph_reads_fed_batches_of_the_seeded_stream():
+    """The sensitivity batches are the seeded training stream's first batches, read in a graph of their own;
+    the measuring graph holds the model on placeholders of the same shapes and no input pipeline (closing a
+    session over a running pipeline took seconds of the search)."""
+    helper = ModelHelper(batch_size=16, batch_size_eval=64, train_subset=64, eval_subset=64, seed=5)
+    batches = bit_allocation._training_batches(helper, 5, 2)
+    graph = tf.Graph()
+    with graph.as_default():
+        tf1.set_random_seed(5)
+        images, labels = helper.build_dataset_train()
+    with tf1.Session(graph=graph) as sess:
+        for image_values, label_values in batches:
+            expected_images, expected_labels = sess.run([images, labels])
+            np.testing.assert_array_equal(image_values, expected_images)
+            np.testing.assert_array_equal(label_values, expected_labels)
+    model, images, labels, _ = bit_allocation._float_model(helper, batches[0])
+    assert images.shape.as_list() == list(batches[0][0].shape) and labels.shape.as_list() == [16]
+    kinds = {op.type for op in model.get_operations()}
+    assert not kinds & {"OneShotIterator", "IteratorV2", "IteratorGetNext", "MakeIterator"}, kinds

@@ -135,3 +135,23 @@ def test_residual_model_matches_numpy_and_recomputes_below_the_target_only(rng):
             expected = np.mean([np_loss(x, y, {name: lambda v, b=bits: _np_quantize(v, b)}) - np_loss(x, y)
                                 for x, y in batches])
             assert measured[name][bits] == pytest.approx(expected, rel=1e-3, abs=1e-4), (name, bits)
+
+
+def test_one_run_quantizes_every_width_and_weights_once(toy):
+    """Runs per measurement: one read of the weights, one quantizing run per weight (not per batch or width),
+    and per batch one float run, one quantizing run per activation and one loss run per target and width."""
+    graph, loss, init, feeds, _, _ = toy
+    weights, activations = sensitivity.find_targets(graph, tfquant.QuantConfig(quantize_all_layers=True))
+    widths = {sensitivity.WEIGHT: [2, 3, 4, 8], sensitivity.ACTIVATION: [2, 4]}
+    with new_session(graph) as sess:
+        sess.run(init)
+        calls = []
+        real_run = sess.run
+        sess.run = lambda fetches, feed_dict=None: calls.append(fetches) or real_run(fetches, feed_dict)
+        sensitivity.measure(sess, loss, feeds, weights + activations, widths)
+    per_batch = 1 + len(activations) + len(weights) * 4 + len(activations) * 2
+    assert len(calls) == 1 + len(weights) + len(feeds) * per_batch
+    quantizing = [c for c in calls if isinstance(c, dict)]
+    assert len(quantizing) == len(weights) + len(feeds) * len(activations)
+    assert all(sorted(c) == widths[sensitivity.WEIGHT] for c in quantizing[:len(weights)])
+    assert all(sorted(c) == widths[sensitivity.ACTIVATION] for c in quantizing[len(weights):])
