@@ -9,11 +9,17 @@ parts: each part merges into the results file by (budget, method, seed).
 
   .venv/bin/python -m benchmarks.bit_allocation --seeds 0,1,2
   .venv/bin/python -m benchmarks.bit_allocation --budgets "W2 A4" --seeds 1,2 --randoms 1
+  .venv/bin/python -m benchmarks.bit_allocation --timing        # alone, on a quiet machine
   .venv/bin/python -m benchmarks.bit_allocation --quick --output /tmp/alloc.json --work_dir /tmp/alloc
+
+Accuracy rows may run beside each other (accuracy does not depend on load); their search and epoch times then
+do not mean much. --timing runs each budget's auto row once more, alone, and records its search time and
+epoch time as the figures the search / epoch column shows; it refuses a busy machine unless --allow_busy.
 """
 import argparse
 import math
 import os
+import shutil
 import re
 import statistics
 import subprocess
@@ -121,7 +127,7 @@ def run_row(work_dir, budget, method, seed, plan, extra=None):
              "float_accuracy": results["float_accuracy"], "test_examples": results["test_examples"],
              "ratio": results["compression_ratio"], "seconds": seconds,
              "epoch_seconds": _epoch_seconds(done.stdout, subset)}
-    if method == "auto":
+    if method.split()[0] == "auto":
         stored = publish.load_json(os.path.join(out_dir, "bit_allocation.json"))
         entry["search_seconds"] = stored["search_seconds"]
         entry["mean_bits"] = {kind: stored[kind]["mean_bits"] for kind in ("weight", "activation") if kind in stored}
@@ -142,6 +148,26 @@ def run_budget(work_dir, budget, seed, plan):
         entry["mean_bits"], entry["bits"] = means, bits[0]
         entries.append(entry)
     return entries
+
+
+def run_timing(work_dir, budget, seed, plan):
+    """Search and epoch seconds of `budget`'s auto row, measured from scratch (a leftover run directory would
+    be resumed and reuse its stored allocation, so it is removed first)."""
+    label = "%s auto timing" % budget.label
+    shutil.rmtree(accuracy_table.row_dir(work_dir, label, seed), ignore_errors=True)
+    load_before = machine.read_load()
+    entry = run_row(work_dir, budget, "auto timing", seed, plan)[0]
+    return {"budget": budget.label, "seed": seed, "search_seconds": entry["search_seconds"],
+            "epoch_seconds": entry["epoch_seconds"], "load_before": load_before,
+            "load_after": machine.end_load(), "date": machine.machine_info()["date"]}
+
+
+def merge_timing(existing, new_timing):
+    """The timing entries of `existing` (a payload or None) with `new_timing` replacing those of its budgets."""
+    merged = {t["budget"]: t for t in (existing or {}).get("timing", [])}
+    merged.update({t["budget"]: t for t in new_timing})
+    labels = [b.label for b in BUDGETS]
+    return sorted(merged.values(), key=lambda t: labels.index(t["budget"]))
 
 
 def merge(existing, new_entries, plan, path):
@@ -165,8 +191,10 @@ def merge(existing, new_entries, plan, path):
     return entries, budgets
 
 
-def summarize(entries):
-    """Per budget: auto, uniform and best-random accuracy (means over seeds), search and epoch seconds."""
+def summarize(entries, timing=()):
+    """Per budget: auto, uniform and best-random accuracy (means over seeds), search and epoch seconds (from
+    the budget's --timing entry when there is one, else the accuracy rows' means)."""
+    timed = {t["budget"]: t for t in timing}
     table = {}
     for label in [b.label for b in BUDGETS]:
         mine = [e for e in entries if e["budget"] == label]
@@ -184,12 +212,16 @@ def summarize(entries):
             # Any row that trained in this run (a resumed row has no epoch time); every row fine-tunes the same
             # model at the same budget.
             "epoch_seconds": statistics.mean([e["epoch_seconds"] for e in mine if e.get("epoch_seconds")] or [0.0]),
+            "timed_alone": label in timed,
         }
+        if label in timed:
+            table[label].update(search_seconds=timed[label]["search_seconds"],
+                                epoch_seconds=timed[label]["epoch_seconds"] or 0.0)
     return table
 
 
 def render(payload, command):
-    table = summarize(payload["entries"])
+    table = summarize(payload["entries"], payload.get("timing", []))
     rows = []
     for label, t in table.items():
         rows.append((label, ",".join(map(str, t["seeds"])), accuracy_table._percent(*t["auto"]),
@@ -207,6 +239,15 @@ def render(payload, command):
                              for m in sorted({b.weight_bit_min for b in BUDGETS}))), "",
               publish.markdown_table(("budget", "seeds", "auto %", "uniform %", "best random %", "search s",
                                       "epoch s", "search / epoch"), rows), ""]
+    timing = payload.get("timing", [])
+    if timing:
+        lines.append("- Search and epoch times of %s: measured alone (`--timing`: each budget's auto row once more, "
+                     "seed %d, nothing else running), %s; load before / after: %s. Other budgets: means over the "
+                     "accuracy rows, which ran beside other work." % (
+                         ", ".join(t["budget"] for t in timing), timing[0]["seed"], timing[0]["date"],
+                         "; ".join("%s %s / %s" % (t["budget"], t["load_before"], t["load_after"]) for t in timing)))
+    else:
+        lines.append("- Search and epoch times: means over the accuracy rows.")
     for label, t in table.items():
         for what, other in (("uniform", t["uniform"][0]), ("best random", t["best_random"][0])):
             met = t["auto"][0] >= other
@@ -226,6 +267,8 @@ def main(argv=None):
     parser.add_argument("--work_dir", default="/tmp/tfquant_bit_allocation", help="checkpoints and logs")
     parser.add_argument("--budgets", help="comma-separated subset of %s (default: all; quick: %s)"
                         % (", ".join(repr(b.label) for b in BUDGETS), ", ".join(QUICK["budgets"])))
+    parser.add_argument("--timing", action="store_true", help="measure each budget's search and epoch time "
+                        "alone (one auto row per budget, first seed) into the results file; run on a quiet machine")
     parser.add_argument("--randoms", type=int, help="random allocations per budget and seed (default %d; quick %d)"
                         % (FULL["randoms"], QUICK["randoms"]))
     args = parser.parse_args(argv)
@@ -251,6 +294,8 @@ def main(argv=None):
     existing = publish.load_json(output) if output and os.path.exists(output) and not args.quick else None
     merge(existing, [], plan, output)  # refuse a results file of another plan before any run
     load_before = publish.start(args)
+    if args.timing:
+        return _run_timing(args, existing, output, seeds[0], plan)
     entries = []
     for seed in seeds:
         for budget in (b for b in BUDGETS if b.label in plan["budgets"]):
@@ -262,12 +307,33 @@ def main(argv=None):
     if not args.quick:
         entries, plan["budgets"] = merge(existing, entries, plan, output)
     payload = {"quick": args.quick, "plan": plan, "machine": end_info, "load_before": load_before,
-               "entries": entries, "command": publish.command_line()}
+               "entries": entries, "command": publish.command_line(),
+               "timing": merge_timing(existing if not args.quick else None, [])}
     if output:
         publish.write_json(output, payload)
     if not args.quick:
         publish.publish(SECTION, render(payload, publish.command_line()), args.markdown, load_before,
                         payload["machine"]["load_average"], args.allow_busy)
+    return payload
+
+
+def _run_timing(args, existing, output, seed, plan):
+    """--timing: one auto row per chosen budget, alone; merged into the results file's timing entries."""
+    if existing is None and not args.quick:
+        raise publish.BenchmarkError("--timing needs the accuracy rows' results in %s first; expected a file a "
+                                     "full run of benchmarks.bit_allocation wrote" % output)
+    timing = []
+    for budget in (b for b in BUDGETS if b.label in plan["budgets"]):
+        entry = run_timing(args.work_dir, budget, seed, plan)
+        print("timing %-8s search %.1f s, epoch %.1f s" % (budget.label, entry["search_seconds"],
+                                                          entry["epoch_seconds"] or 0.0), flush=True)
+        publish.check_quiet(entry["load_before"], entry["load_after"], args.allow_busy or args.quick)
+        timing.append(entry)
+    if args.quick:
+        return {"quick": True, "timing": timing}
+    payload = dict(existing, timing=merge_timing(existing, timing))
+    publish.write_json(output, payload)
+    publish.write_section(SECTION, render(payload, payload["command"]), args.markdown)
     return payload
 
 

@@ -64,3 +64,41 @@ def test_parts_merge_by_budget_method_and_seed_and_another_plan_is_refused():
     for other in (dict(plan, randoms=5), dict(plan, epochs=2.0)):
         with pytest.raises(publish.BenchmarkError, match="another plan"):
             bit_allocation.merge(payload, [], other, "r.json")
+
+
+def test_timing_entries_replace_the_rows_times_in_the_table():
+    """--timing's alone-measured search and epoch seconds are what the search / epoch column shows; budgets
+    without one keep the rows' means, and a rerun of a budget replaces its entry."""
+    plan = dict(bit_allocation.FULL, randoms=1, budgets=["W3 A4", "W3 A2.5"])
+    entries = [_entry(budget, method, 0, accuracy) for budget in ("W3 A4", "W3 A2.5")
+               for method, accuracy in (("auto", 0.9), ("uniform", 0.89), ("random 0", 0.88))]
+    timing = {"budget": "W3 A2.5", "seed": 0, "search_seconds": 6.0, "epoch_seconds": 150.0,
+              "load_before": [0.1, 0.2, 0.3], "load_after": [0.4, 0.5, 0.6], "date": "2026-11-23"}
+    merged = bit_allocation.merge_timing({"timing": [dict(timing, search_seconds=9.0)]}, [timing])
+    assert merged == [timing]
+    payload = {"quick": False, "plan": plan, "entries": entries, "timing": merged, "load_before": [0.1, 0.1, 0.1],
+               "machine": {"cores": 2, "cpu": "x", "tensorflow": "2", "python": "3", "date": "d",
+                           "load_average": [0.1, 0.1, 0.1]}}
+    table = bit_allocation.summarize(entries, merged)
+    assert (table["W3 A2.5"]["search_seconds"], table["W3 A2.5"]["epoch_seconds"]) == (6.0, 150.0)
+    assert (table["W3 A4"]["search_seconds"], table["W3 A4"]["epoch_seconds"]) == (1.0, 100.0)
+    text = bit_allocation.render(payload, "cmd")
+    assert "| W3 A2.5 | 0 | 90.00 | 89.00 | 88.00 | 6.0 | 150.0 | 4.0 % |" in text
+    assert "| W3 A4 | 0 | 90.00 | 89.00 | 88.00 | 1.0 | 100.0 | 1.0 % |" in text
+    assert "Search and epoch times of W3 A2.5: measured alone" in text and "[0.1, 0.2, 0.3] / [0.4, 0.5, 0.6]" in text
+
+
+def test_timing_quick_measures_a_fresh_search(tmp_path):
+    """--quick --timing runs the auto row from scratch: its search time is the one its allocation file holds."""
+    work = tmp_path / "work"
+    stale = accuracy_table.row_dir(str(work), "W3 A2.5 auto timing", 0)
+    os.makedirs(stale)
+    open(os.path.join(stale, "leftover"), "w").close()
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bit_allocation", "--quick", "--timing",
+                           "--work_dir", str(work)], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stored = json.loads(open(os.path.join(stale, "bit_allocation.json")).read())
+    assert not os.path.exists(os.path.join(stale, "leftover"))
+    line = [l for l in done.stdout.splitlines() if l.startswith("timing W3 A2.5")]
+    assert line == ["timing W3 A2.5  search %.1f s, epoch %s" % (stored["search_seconds"], line[0].split("epoch ")[1])]
+    assert float(line[0].split("epoch ")[1].split()[0]) > 0
