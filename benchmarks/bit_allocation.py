@@ -173,11 +173,13 @@ def merge_timing(existing, new_timing):
 def merge(existing, new_entries, plan, path):
     """(entries, budgets) of the results file `existing` (a payload or None) updated with new_entries.
 
-    Parts of the benchmark (budgets, seeds) run separately merge by (budget, method, seed); a rerun replaces
-    its entries. Raises BenchmarkError when `existing` was run with another plan (epochs, flags, randoms).
+    Parts of the benchmark (budgets, seeds, more random allocations) run separately merge by (budget, method,
+    seed); a rerun replaces its entries. Raises BenchmarkError when `existing` was run with another plan
+    (epochs, flags), or when the rows of one budget and seed would come from different float checkpoints (their
+    comparison would mean nothing: a float checkpoint retrained on another machine differs).
     """
     def fixed(p):
-        return {k: v for k, v in p.items() if k != "budgets"}
+        return {k: v for k, v in p.items() if k not in ("budgets", "randoms")}
 
     if existing is not None and (existing.get("quick") or fixed(existing["plan"]) != fixed(plan)):
         raise publish.BenchmarkError("--output=%s holds results of another plan (%s); expected %s: choose another "
@@ -187,6 +189,13 @@ def merge(existing, new_entries, plan, path):
     labels = [b.label for b in BUDGETS]
     method_order = lambda m: (m != "auto", m != "uniform", m)  # noqa: E731
     entries = sorted(merged.values(), key=lambda e: (labels.index(e["budget"]), e["seed"], method_order(e["method"])))
+    for budget, seed in sorted({(e["budget"], e["seed"]) for e in entries}):
+        floats = sorted({e["float_accuracy"] for e in entries if (e["budget"], e["seed"]) == (budget, seed)})
+        if len(floats) > 1:
+            raise publish.BenchmarkError("%s: the rows of %s, seed %d would come from float checkpoints of "
+                                         "different accuracies %s; expected one float checkpoint per budget and "
+                                         "seed: rerun every method of that budget and seed together"
+                                         % (path, budget, seed, floats))
     budgets = [label for label in labels if any(e["budget"] == label for e in entries)]
     return entries, budgets
 
@@ -201,11 +210,12 @@ def summarize(entries, timing=()):
         if not mine:
             continue
         seeds = sorted({e["seed"] for e in mine})
-        best_random = [max(e["accuracy"] for e in mine if e["seed"] == s and e["method"].startswith("random"))
-                       for s in seeds]
+        randoms = [[e["accuracy"] for e in mine if e["seed"] == s and e["method"].startswith("random")] for s in seeds]
+        best_random = [max(accuracies) for accuracies in randoms]
         pick = lambda method: [e for e in mine if e["method"] == method]  # noqa: E731
         table[label] = {
-            "seeds": seeds, "auto": stats.mean_std(e["accuracy"] for e in pick("auto")),
+            "seeds": seeds, "randoms": [len(accuracies) for accuracies in randoms],
+            "auto": stats.mean_std(e["accuracy"] for e in pick("auto")),
             "uniform": stats.mean_std(e["accuracy"] for e in pick("uniform")),
             "best_random": stats.mean_std(best_random),
             "search_seconds": statistics.mean(e["search_seconds"] for e in pick("auto")),
@@ -224,7 +234,8 @@ def render(payload, command):
     table = summarize(payload["entries"], payload.get("timing", []))
     rows = []
     for label, t in table.items():
-        rows.append((label, ",".join(map(str, t["seeds"])), accuracy_table._percent(*t["auto"]),
+        rows.append((label, ",".join(map(str, t["seeds"])), ",".join(map(str, t["randoms"])),
+                     accuracy_table._percent(*t["auto"]),
                      accuracy_table._percent(*t["uniform"]), accuracy_table._percent(*t["best_random"]),
                      "%.1f" % t["search_seconds"], "%.1f" % t["epoch_seconds"] if t["epoch_seconds"] else "-",
                      "%.1f %%" % (100 * t["search_seconds"] / t["epoch_seconds"]) if t["epoch_seconds"] else "-"))
@@ -232,13 +243,14 @@ def render(payload, command):
              "Command (the last part run; parts merge by budget, method and seed): `%s`" % command, ""]
     lines += machine.machine_lines(payload["machine"], payload["load_before"])
     lines += ["- Every row fine-tunes its seed's float checkpoint for --uql_quant_epochs=%s; first and last layers "
-              "float. Best random: the best of %d random allocations at the same budget, per seed. Auto and random "
-              "weight widths range from %s to 8 bits; uniform is the widest width within the budget."
-              % (payload["plan"]["epochs"], payload["plan"]["randoms"],
+              "float. Best random: per seed, the best of that seed's random allocations at the same budget ('randoms': "
+              "how many, per seed). Auto and random weight widths range from %s to 8 bits; uniform is the widest "
+              "width within the budget."
+              % (payload["plan"]["epochs"],
                  " or ".join("%d (%s)" % (m, ", ".join(b.label for b in BUDGETS if b.weight_bit_min == m))
                              for m in sorted({b.weight_bit_min for b in BUDGETS}))), "",
-              publish.markdown_table(("budget", "seeds", "auto %", "uniform %", "best random %", "search s",
-                                      "epoch s", "search / epoch"), rows), ""]
+              publish.markdown_table(("budget", "seeds", "randoms", "auto %", "uniform %", "best random %",
+                                      "search s", "epoch s", "search / epoch"), rows), ""]
     timing = payload.get("timing", [])
     if timing:
         lines.append("- Search and epoch times of %s: measured alone (`--timing`: each budget's auto row once more, "

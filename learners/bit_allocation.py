@@ -87,7 +87,9 @@ def measure_and_solve(helper, settings, config, float_checkpoint):
     widths = {kind: sensitivity.checked_widths(low, high) for kind, _, _, low, high in _budgets(settings)}
     with graph.as_default():
         model_variables = list(tf1.global_variables())
-    with graphs.new_session(graph) as sess:
+    # About 50 feed signatures (one per target), each run a few times: grappler's first-run optimization of
+    # each took a third of the search (measured on ResNet-20) and the runs are no faster for it.
+    with graphs.new_session(graph, optimize_graph=False) as sess:
         graphs.restore_variables(sess, model_variables, float_checkpoint)
         feeds = [{images: image_values, labels: label_values} for image_values, label_values in batches]
         measured = sensitivity.measure(sess, loss, feeds, [t for kind in targets for t in targets[kind]], widths)

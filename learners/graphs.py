@@ -255,9 +255,14 @@ def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=
     return model
 
 
-def new_session(graph, cluster=None):
-    """A session using both cores; on a cluster, one on this worker's server with the collectives set up."""
+def new_session(graph, cluster=None, optimize_graph=True):
+    """A session using both cores; on a cluster, one on this worker's server with the collectives set up.
+
+    optimize_graph=False turns grappler off: for a session that runs many different small subgraphs once or
+    a few times each, optimizing each on its first run costs more than it saves.
+    """
     config = tf1.ConfigProto(intra_op_parallelism_threads=0, inter_op_parallelism_threads=2)
+    config.graph_options.rewrite_options.disable_meta_optimizer = not optimize_graph
     if cluster is None:
         return tf1.Session(graph=graph, config=config)
     return tf1.Session(target=cluster.server.target, graph=graph, config=distributed.session_config(cluster, config))

@@ -6,6 +6,7 @@ graph's range) and fed in place of the activation's output. The sensitivity is t
 batches. Feeding replaces a tensor for one run only, so the model's variables are never modified and the
 float graph stays usable; the only ops added are one quantizer per (shape, layout, bits) under SCOPE.
 """
+import concurrent.futures
 import dataclasses
 from typing import List, Optional
 
@@ -18,6 +19,8 @@ tf1 = tf.compat.v1
 SCOPE = "tfquant_sensitivity"
 WEIGHT = "weight"
 ACTIVATION = "activation"
+# Loss runs in flight at once: one run of a small model leaves cores idle between its ops.
+PARALLEL_RUNS = 2
 
 
 @dataclasses.dataclass
@@ -169,12 +172,18 @@ def measure(sess, loss, batches, targets, bit_widths):
         quantized = dict(quantized_weights, **{t.name: quantizers.run(sess, t, value, bit_widths[ACTIVATION])
                                                for t, value in zip(activations, fetched)})
         cut_values = dict(zip([t.name for t in cut_tensors], fetched[len(activations):]))
+        runs = []
         for target in targets:
-            fed = dict(feed)
-            fed.update({tensor: cut_values[tensor.name] for tensor in cuts[target.name]})
+            cut = dict(feed)
+            cut.update({tensor: cut_values[tensor.name] for tensor in cuts[target.name]})
             for bits, replaced in quantized[target.name].items():
+                fed = dict(cut)
                 fed.update({tensor: replaced for tensor in target.tensors})
-                totals[target.name][bits] += float(sess.run(loss, fed)) - float(base_loss)
+                runs.append((target.name, bits, fed))
+        with concurrent.futures.ThreadPoolExecutor(PARALLEL_RUNS) as pool:
+            losses = list(pool.map(lambda run: sess.run(loss, run[2]), runs))
+        for (name, bits, _), value in zip(runs, losses):
+            totals[name][bits] += float(value) - float(base_loss)
     return {name: {bits: total / len(batches) for bits, total in by_bits.items()}
             for name, by_bits in totals.items()}
 

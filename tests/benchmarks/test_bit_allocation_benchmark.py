@@ -61,9 +61,27 @@ def test_parts_merge_by_budget_method_and_seed_and_another_plan_is_refused():
         ("W2 A4", "auto", 1, 0.8), ("W3 A4", "auto", 0, 0.91), ("W3 A4", "uniform", 0, 0.89),
         ("W3 A4", "random 0", 0, 0.88)]
     assert budgets == ["W2 A4", "W3 A4"]
-    for other in (dict(plan, randoms=5), dict(plan, epochs=2.0)):
+    for other in (dict(plan, epochs=2.0), dict(plan, finetune=["--uql_lrn_rate_init=0.1"])):
         with pytest.raises(publish.BenchmarkError, match="another plan"):
             bit_allocation.merge(payload, [], other, "r.json")
+
+
+def test_more_randoms_merge_but_rows_of_another_float_checkpoint_are_refused():
+    """A part with more random allocations joins a budget and seed run from the same float checkpoint; a row of
+    that budget and seed from another float checkpoint (retrained elsewhere) is refused, naming both floats."""
+    plan = dict(bit_allocation.FULL, randoms=1, budgets=["W3 A4"])
+    first, _ = bit_allocation.merge(None, [_entry("W3 A4", m, 0, a) for m, a in (("auto", 0.9), ("uniform", 0.89),
+                                                                                  ("random 0", 0.88))], plan, "r.json")
+    payload = {"quick": False, "plan": plan, "entries": first}
+    more = [_entry("W3 A4", "random %d" % i, 0, 0.85 + 0.01 * i) for i in range(1, 5)]
+    merged, _ = bit_allocation.merge(payload, more, dict(plan, randoms=5), "r.json")
+    table = bit_allocation.summarize(merged)
+    assert table["W3 A4"]["randoms"] == [5] and table["W3 A4"]["best_random"][0] == pytest.approx(0.89)
+    other_float = dict(_entry("W3 A4", "random 1", 0, 0.87), float_accuracy=0.91)
+    with pytest.raises(publish.BenchmarkError, match=r"W3 A4, seed 0 .*\[0\.9, 0\.91\]"):
+        bit_allocation.merge(payload, [other_float], plan, "r.json")
+    # Another seed may have its own float checkpoint.
+    bit_allocation.merge(payload, [dict(_entry("W3 A4", "auto", 1, 0.9), float_accuracy=0.91)], plan, "r.json")
 
 
 def test_timing_entries_replace_the_rows_times_in_the_table():
@@ -83,8 +101,8 @@ def test_timing_entries_replace_the_rows_times_in_the_table():
     assert (table["W3 A2.5"]["search_seconds"], table["W3 A2.5"]["epoch_seconds"]) == (6.0, 150.0)
     assert (table["W3 A4"]["search_seconds"], table["W3 A4"]["epoch_seconds"]) == (1.0, 100.0)
     text = bit_allocation.render(payload, "cmd")
-    assert "| W3 A2.5 | 0 | 90.00 | 89.00 | 88.00 | 6.0 | 150.0 | 4.0 % |" in text
-    assert "| W3 A4 | 0 | 90.00 | 89.00 | 88.00 | 1.0 | 100.0 | 1.0 % |" in text
+    assert "| W3 A2.5 | 0 | 1 | 90.00 | 89.00 | 88.00 | 6.0 | 150.0 | 4.0 % |" in text
+    assert "| W3 A4 | 0 | 1 | 90.00 | 89.00 | 88.00 | 1.0 | 100.0 | 1.0 % |" in text
     assert "Search and epoch times of W3 A2.5: measured alone" in text and "[0.1, 0.2, 0.3] / [0.4, 0.5, 0.6]" in text
 
 

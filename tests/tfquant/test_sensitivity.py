@@ -155,3 +155,20 @@ def test_one_run_quantizes_every_width_and_weights_once(toy):
     assert len(quantizing) == len(weights) + len(feeds) * len(activations)
     assert all(sorted(c) == widths[sensitivity.WEIGHT] for c in quantizing[:len(weights)])
     assert all(sorted(c) == widths[sensitivity.ACTIVATION] for c in quantizing[len(weights):])
+
+
+def test_parallel_loss_runs_give_each_target_and_width_its_own_loss(toy, monkeypatch):
+    """Loss runs in flight together are matched back to their (target, width): the same values as one run at a
+    time, where every target's widths differ."""
+    graph, loss, init, feeds, _, _ = toy
+    weights, activations = sensitivity.find_targets(graph, tfquant.QuantConfig(quantize_all_layers=True))
+    widths = {sensitivity.WEIGHT: [2, 3, 4, 8], sensitivity.ACTIVATION: [2, 3, 4]}
+    results = []
+    for parallel in (1, 4):
+        monkeypatch.setattr(sensitivity, "PARALLEL_RUNS", parallel)
+        with new_session(graph) as sess:
+            sess.run(init)
+            results.append(sensitivity.measure(sess, loss, feeds, weights + activations, widths))
+    assert results[0] == results[1]
+    values = [value for by_bits in results[0].values() for value in by_bits.values()]
+    assert len(values) == 3 * 4 + 2 * 3 and len(set(values)) >= len(values) - 2  # a mix-up would show
