@@ -254,10 +254,11 @@ def render(payload, command):
     timing = payload.get("timing", [])
     if timing:
         lines.append("- Search and epoch times of %s: measured alone (`--timing`: each budget's auto row once more, "
-                     "seed %d, nothing else running), %s; load before / after: %s. Other budgets: means over the "
-                     "accuracy rows, which ran beside other work." % (
+                     "seed %d, nothing else running), %s; load before / after: %s.%s" % (
                          ", ".join(t["budget"] for t in timing), timing[0]["seed"], timing[0]["date"],
-                         "; ".join("%s %s / %s" % (t["budget"], t["load_before"], t["load_after"]) for t in timing)))
+                         "; ".join("%s %s / %s" % (t["budget"], t["load_before"], t["load_after"]) for t in timing),
+                         "" if len(timing) == len(table) else " Other budgets: means over the accuracy rows, which "
+                         "ran beside other work."))
     else:
         lines.append("- Search and epoch times: means over the accuracy rows.")
     for label, t in table.items():

@@ -104,6 +104,7 @@ def test_timing_entries_replace_the_rows_times_in_the_table():
     assert "| W3 A2.5 | 0 | 1 | 90.00 | 89.00 | 88.00 | 6.0 | 150.0 | 4.0 % |" in text
     assert "| W3 A4 | 0 | 1 | 90.00 | 89.00 | 88.00 | 1.0 | 100.0 | 1.0 % |" in text
     assert "Search and epoch times of W3 A2.5: measured alone" in text and "[0.1, 0.2, 0.3] / [0.4, 0.5, 0.6]" in text
+    assert "Other budgets: means over the accuracy rows" in text
 
 
 def test_timing_quick_measures_a_fresh_search(tmp_path):
