@@ -4,7 +4,7 @@ For a weight W and b bits, the loss is evaluated with Q_b(W) fed in place of W's
 float); for an activation, its value on the batch is quantized with the batch's own min/max (the training
 graph's range) and fed in place of the activation's output. The sensitivity is the mean increase over the
 batches. Feeding replaces a tensor for one run only, so the model's variables are never modified and the
-float graph stays usable; the only ops added are one quantizer per (shape, layout, bits) under SCOPE.
+float graph stays usable; the only ops added are one quantizer per target and width, under SCOPE.
 """
 import concurrent.futures
 import dataclasses
@@ -91,32 +91,29 @@ def find_targets(graph, config):
 
 
 class _Quantizers:
-    """Quantizer ops on one placeholder per (kind, shape, layout), one output per width, built once in the
-    model's graph so that a single run quantizes a value at every width."""
+    """Quantizer ops on a placeholder per target, one output per width, built in the model's graph before the
+    first run so that one run quantizes every weight (or every activation) at every width."""
 
-    def __init__(self, graph):
-        self.graph = graph
+    def __init__(self, graph, targets, bit_widths):
         self.built = {}
-
-    def get(self, target, shape, widths):
-        """(placeholder, {bits: quantized tensor}) for `target`'s kind and layout and a value of `shape`."""
-        key = (target.kind, tuple(shape) if target.kind == WEIGHT else None, target.layout, tuple(widths))
-        if key not in self.built:
-            with self.graph.as_default(), tf1.name_scope(SCOPE + "/"):
+        with graph.as_default(), tf1.name_scope(SCOPE + "/"):
+            for target in targets:
+                widths = bit_widths[target.kind]
                 if target.kind == WEIGHT:
-                    value = tf1.placeholder(tf.float32, shape)
+                    value = tf1.placeholder(tf.float32, target.tensors[0].shape)
                     quantized = {bits: ops.quantize_weight(value, bits, target.layout) for bits in widths}
                 else:
                     value = tf1.placeholder(tf.float32)
                     low, high = tf.reduce_min(value), tf.reduce_max(value)
                     quantized = {bits: ops.quantize_in_range(value, bits, low, high) for bits in widths}
-            self.built[key] = (value, quantized)
-        return self.built[key]
+                self.built[target.name] = (value, quantized)
 
-    def run(self, sess, target, value, widths):
-        """{bits: `value` quantized as `target` is at that width}, in one run."""
-        placeholder, quantized = self.get(target, value.shape, widths)
-        return sess.run(quantized, {placeholder: value})
+    def run(self, sess, values):
+        """{target name: {bits: value quantized as the target is at that width}} for [(target, value)], in one run
+        (a run per target would build an executor per target)."""
+        fetches = {target.name: self.built[target.name][1] for target, _ in values}
+        feed = {self.built[target.name][0]: value for target, value in values}
+        return sess.run(fetches, feed) if fetches else {}
 
 
 def _cut_tensors(target, upstream_of_loss, batch_dependent):
@@ -152,13 +149,10 @@ def measure(sess, loss, batches, targets, bit_widths):
     """
     if not batches:
         raise ValueError("batches is empty; expected at least one feed dict")
-    quantizers = _Quantizers(sess.graph)
-    for target in targets:  # every op is built before the first run, so the graph is not grown mid-way
-        quantizers.get(target, target.tensors[0].shape.as_list(), bit_widths[target.kind])
+    quantizers = _Quantizers(sess.graph, targets, bit_widths)
     weights = [t for t in targets if t.kind == WEIGHT]
     # A weight's quantized values do not depend on the batch: computed once.
-    quantized_weights = {t.name: quantizers.run(sess, t, value, bit_widths[WEIGHT])
-                         for t, value in zip(weights, sess.run([t.tensors[0] for t in weights]))}
+    quantized_weights = quantizers.run(sess, list(zip(weights, sess.run([t.tensors[0] for t in weights]))))
     activations = [t for t in targets if t.kind == ACTIVATION]
     totals = {t.name: {bits: 0.0 for bits in bit_widths[t.kind]} for t in targets}
     # Every batch feeds the same input tensors, so the cuts are the same for all of them.
@@ -169,8 +163,7 @@ def measure(sess, loss, batches, targets, bit_widths):
     for feed in batches:
         # One run gives the float loss, every activation's value and every tensor a later run feeds back.
         base_loss, *fetched = sess.run([loss] + [t.tensors[0] for t in activations] + cut_tensors, feed)
-        quantized = dict(quantized_weights, **{t.name: quantizers.run(sess, t, value, bit_widths[ACTIVATION])
-                                               for t, value in zip(activations, fetched)})
+        quantized = dict(quantized_weights, **quantizers.run(sess, list(zip(activations, fetched))))
         cut_values = dict(zip([t.name for t in cut_tensors], fetched[len(activations):]))
         runs = []
         for target in targets:
