@@ -251,6 +251,16 @@ def render(payload, command):
                              for m in sorted({b.weight_bit_min for b in BUDGETS}))), "",
               publish.markdown_table(("budget", "seeds", "randoms", "auto %", "uniform %", "best random %",
                                       "search s", "epoch s", "search / epoch"), rows), ""]
+    for seed in sorted({e["seed"] for e in payload["entries"]}):
+        floats = {}
+        for e in payload["entries"]:
+            if e["seed"] == seed:
+                floats.setdefault(e["float_accuracy"], []).append(e["budget"])
+        if len(floats) > 1:
+            lines.append("- Seed %d's float checkpoint is not the same in every budget (%s; retrained on another "
+                         "machine): rows are compared only within one budget and seed, which share one." % (
+                             seed, "; ".join("%s: %.2f %%" % (", ".join(dict.fromkeys(budgets)), 100 * accuracy)
+                                             for accuracy, budgets in floats.items())))
     timing = payload.get("timing", [])
     if timing:
         lines.append("- Search and epoch times of %s: measured alone (`--timing`: each budget's auto row once more, "

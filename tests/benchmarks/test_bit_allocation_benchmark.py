@@ -80,8 +80,12 @@ def test_more_randoms_merge_but_rows_of_another_float_checkpoint_are_refused():
     other_float = dict(_entry("W3 A4", "random 1", 0, 0.87), float_accuracy=0.91)
     with pytest.raises(publish.BenchmarkError, match=r"W3 A4, seed 0 .*\[0\.9, 0\.91\]"):
         bit_allocation.merge(payload, [other_float], plan, "r.json")
-    # Another seed may have its own float checkpoint.
-    bit_allocation.merge(payload, [dict(_entry("W3 A4", "auto", 1, 0.9), float_accuracy=0.91)], plan, "r.json")
+    # Another seed, or the same seed in another budget, may have its own float checkpoint; the table says so.
+    merged, _ = bit_allocation.merge(payload, [dict(_entry("W2 A4", m, 0, 0.8), float_accuracy=0.91)
+                                               for m in ("auto", "uniform", "random 0")], plan, "r.json")
+    text = bit_allocation.render(dict(payload, entries=merged, load_before=None, machine={
+        "cores": 2, "cpu": "x", "tensorflow": "2", "python": "3", "date": "d", "load_average": None}), "cmd")
+    assert "Seed 0's float checkpoint is not the same in every budget (W2 A4: 91.00 %; W3 A4: 90.00 %" in text
 
 
 def test_timing_entries_replace_the_rows_times_in_the_table():
