@@ -4,7 +4,8 @@ For a weight W and b bits, the loss is evaluated with Q_b(W) fed in place of W's
 float); for an activation, its value on the batch is quantized with the batch's own min/max (the training
 graph's range) and fed in place of the activation's output. The sensitivity is the mean increase over the
 batches. Feeding replaces a tensor for one run only, so the model's variables are never modified and the
-float graph stays usable; the only ops added are one quantizer per target and width, under SCOPE.
+float graph stays usable; the only ops added are quantizers (one per weight and width, one per activation
+width), under SCOPE.
 """
 import concurrent.futures
 import dataclasses
@@ -91,28 +92,34 @@ def find_targets(graph, config):
 
 
 class _Quantizers:
-    """Quantizer ops on a placeholder per target, one output per width, built in the model's graph before the
-    first run so that one run quantizes every weight (or every activation) at every width."""
+    """Quantizer ops, one output per width, built in the model's graph before the first run: a placeholder per
+    weight, so that one run quantizes every weight at every width, and one shared by the activations, run for
+    one activation at a time (its values at every width are as large as the activation times the widths)."""
 
     def __init__(self, graph, targets, bit_widths):
         self.built = {}
         with graph.as_default(), tf1.name_scope(SCOPE + "/"):
             for target in targets:
-                widths = bit_widths[target.kind]
                 if target.kind == WEIGHT:
                     value = tf1.placeholder(tf.float32, target.tensors[0].shape)
-                    quantized = {bits: ops.quantize_weight(value, bits, target.layout) for bits in widths}
-                else:
-                    value = tf1.placeholder(tf.float32)
-                    low, high = tf.reduce_min(value), tf.reduce_max(value)
-                    quantized = {bits: ops.quantize_in_range(value, bits, low, high) for bits in widths}
-                self.built[target.name] = (value, quantized)
+                    self.built[target.name] = (value, {bits: ops.quantize_weight(value, bits, target.layout)
+                                                       for bits in bit_widths[WEIGHT]})
+            if any(target.kind == ACTIVATION for target in targets):
+                value = tf1.placeholder(tf.float32)
+                low, high = tf.reduce_min(value), tf.reduce_max(value)
+                self.built[ACTIVATION] = (value, {bits: ops.quantize_in_range(value, bits, low, high)
+                                                  for bits in bit_widths[ACTIVATION]})
 
     def run(self, sess, values):
-        """{target name: {bits: value quantized as the target is at that width}} for [(target, value)], in one run
-        (a run per target would build an executor per target)."""
-        fetches = {target.name: self.built[target.name][1] for target, _ in values}
-        feed = {self.built[target.name][0]: value for target, value in values}
+        """{target name: {bits: value quantized as the target is at that width}} for [(target, value)] (any
+        number of weights, or one activation), in one run."""
+        fetches, feed = {}, {}
+        for target, value in values:
+            placeholder, quantized = self.built[target.name if target.kind == WEIGHT else ACTIVATION]
+            if placeholder in feed:
+                raise ValueError("activations share one quantizer; expected one activation per run")
+            fetches[target.name] = quantized
+            feed[placeholder] = value
         return sess.run(fetches, feed) if fetches else {}
 
 
@@ -163,20 +170,22 @@ def measure(sess, loss, batches, targets, bit_widths):
     for feed in batches:
         # One run gives the float loss, every activation's value and every tensor a later run feeds back.
         base_loss, *fetched = sess.run([loss] + [t.tensors[0] for t in activations] + cut_tensors, feed)
-        quantized = dict(quantized_weights, **quantizers.run(sess, list(zip(activations, fetched))))
+        activation_values = dict(zip([t.name for t in activations], fetched))
         cut_values = dict(zip([t.name for t in cut_tensors], fetched[len(activations):]))
-        runs = []
-        for target in targets:
-            cut = dict(feed)
-            cut.update({tensor: cut_values[tensor.name] for tensor in cuts[target.name]})
-            for bits, replaced in quantized[target.name].items():
-                fed = dict(cut)
-                fed.update({tensor: replaced for tensor in target.tensors})
-                runs.append((target.name, bits, fed))
+        del fetched  # each activation is dropped once measured
         with concurrent.futures.ThreadPoolExecutor(PARALLEL_RUNS) as pool:
-            losses = list(pool.map(lambda run: sess.run(loss, run[2]), runs))
-        for (name, bits, _), value in zip(runs, losses):
-            totals[name][bits] += float(value) - float(base_loss)
+            for target in targets:
+                quantized = (quantized_weights if target.kind == WEIGHT else
+                             quantizers.run(sess, [(target, activation_values.pop(target.name))]))[target.name]
+                cut = dict(feed)
+                cut.update({tensor: cut_values[tensor.name] for tensor in cuts[target.name]})
+                runs = []
+                for bits, replaced in quantized.items():
+                    fed = dict(cut)
+                    fed.update({tensor: replaced for tensor in target.tensors})
+                    runs.append(fed)
+                for bits, value in zip(quantized, pool.map(lambda fed: sess.run(loss, fed), runs)):
+                    totals[target.name][bits] += float(value) - float(base_loss)
     return {name: {bits: total / len(batches) for bits, total in by_bits.items()}
             for name, by_bits in totals.items()}
 

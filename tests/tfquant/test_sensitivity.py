@@ -139,8 +139,9 @@ def test_residual_model_matches_numpy_and_recomputes_below_the_target_only(rng):
 
 def test_one_run_quantizes_every_width_and_weights_once(toy):
     """Runs per measurement: one read of the weights, one run quantizing every weight at every width (not per
-    batch, target or width), and per batch one float run, one run quantizing every activation at every width and
-    one loss run per target and width."""
+    batch, target or width), and per batch one float run, per activation one run quantizing it at every width
+    (one at a time: all of them at every width could exhaust memory on a large model), and one loss run per
+    target and width."""
     graph, loss, init, feeds, _, _ = toy
     weights, activations = sensitivity.find_targets(graph, tfquant.QuantConfig(quantize_all_layers=True))
     widths = {sensitivity.WEIGHT: [2, 3, 4, 8], sensitivity.ACTIVATION: [2, 4]}
@@ -150,10 +151,10 @@ def test_one_run_quantizes_every_width_and_weights_once(toy):
         real_run = sess.run
         sess.run = lambda fetches, feed_dict=None: calls.append(fetches) or real_run(fetches, feed_dict)
         sensitivity.measure(sess, loss, feeds, weights + activations, widths)
-    per_batch = 1 + 1 + len(weights) * 4 + len(activations) * 2
+    per_batch = 1 + len(activations) + len(weights) * 4 + len(activations) * 2
     assert len(calls) == 1 + 1 + len(feeds) * per_batch
     quantizing = [c for c in calls if isinstance(c, dict)]
-    assert [sorted(c) for c in quantizing] == [["w1", "w2", "w3"]] + [["relu1", "relu2"]] * len(feeds)
+    assert [sorted(c) for c in quantizing] == [["w1", "w2", "w3"]] + [["relu1"], ["relu2"]] * len(feeds)
     assert all(sorted(by_bits) == widths[sensitivity.WEIGHT] for by_bits in quantizing[0].values())
     assert all(sorted(by_bits) == widths[sensitivity.ACTIVATION] for c in quantizing[1:] for by_bits in c.values())
 
