@@ -19,8 +19,8 @@ epoch time as the figures the search / epoch column shows; it refuses a busy mac
 import argparse
 import math
 import os
-import shutil
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -222,7 +222,6 @@ def summarize(entries, timing=()):
             # Any row that trained in this run (a resumed row has no epoch time); every row fine-tunes the same
             # model at the same budget.
             "epoch_seconds": statistics.mean([e["epoch_seconds"] for e in mine if e.get("epoch_seconds")] or [0.0]),
-            "timed_alone": label in timed,
         }
         if label in timed:
             table[label].update(search_seconds=timed[label]["search_seconds"],
@@ -263,9 +262,13 @@ def render(payload, command):
                                              for accuracy, budgets in floats.items())))
     timing = payload.get("timing", [])
     if timing:
-        lines.append("- Search and epoch times of %s: measured alone (`--timing`: each budget's auto row once more, "
-                     "seed %d, nothing else running), %s; load before / after: %s.%s" % (
-                         ", ".join(t["budget"] for t in timing), timing[0]["seed"], timing[0]["date"],
+        busy = any(machine.busy_readings(t["load_before"], t["load_after"], payload["machine"]["cores"])
+                   for t in timing)
+        lines.append("- Search and epoch times of %s: %s (`--timing`: each budget's auto row once more, seed %d), "
+                     "%s; load before / after: %s.%s" % (
+                         ", ".join(t["budget"] for t in timing),
+                         "**measured on a busy machine** (published with --allow_busy)" if busy else
+                         "measured alone, nothing else running", timing[0]["seed"], timing[0]["date"],
                          "; ".join("%s %s / %s" % (t["budget"], t["load_before"], t["load_after"]) for t in timing),
                          "" if len(timing) == len(table) else " Other budgets: means over the accuracy rows, which "
                          "ran beside other work."))
