@@ -11,6 +11,7 @@ row's mean ± standard deviation over the seeds run so far.
 """
 import argparse
 import collections
+import contextlib
 import os
 import subprocess
 import sys
@@ -296,9 +297,13 @@ def main(argv=None):
     busy = bool(machine.busy_readings(load_before, info["load_average"], info["cores"]))
     for entry in new_entries:
         entry["busy"] = busy
-    payload = {"quick": args.quick, "budget": budget, "machine": info, "load_before": load_before,
-               "entries": merge(existing, new_entries, args.quick, budget, output)}
-    publish.write_json(output, payload)
+    # Several parts may run at once into one results file: merge with the file as it is now, not as it was
+    # when this part started, so no part drops another's rows.
+    with publish.locked(output) if output else contextlib.nullcontext():
+        existing = publish.load_json(output) if output and os.path.exists(output) else None
+        payload = {"quick": args.quick, "budget": budget, "machine": info, "load_before": load_before,
+                   "entries": merge(existing, new_entries, args.quick, budget, output)}
+        publish.write_json(output, payload)
     if not args.quick:
         publish.publish(SECTION, render(payload, publish.command_line()), args.markdown, load_before,
                         payload["machine"]["load_average"], args.allow_busy)

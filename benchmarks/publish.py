@@ -4,6 +4,7 @@ Every script runs as `python -m benchmarks.<name>` from the repository root. A -
 BENCHMARKS.md; a full run writes its section only when the machine was quiet at its start and end, or
 with --allow_busy, which marks the section.
 """
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -107,6 +108,17 @@ def load_full_run(path):
     return payload
 
 
+@contextlib.contextmanager
+def locked(path):
+    """Hold an exclusive lock named after `path` (for a read-modify-write of a file other runs also write)."""
+    # Kept outside the repository and never deleted: deleting a lock file races with its next user.
+    lock_path = os.path.join(tempfile.gettempdir(), "tfquant-benchmarks-%s.lock"
+                             % hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12])
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def write_section(name, body, path=BENCHMARKS_MD):
     """Replace the text between <!-- BEGIN name --> and <!-- END name --> in `path` with `body`.
 
@@ -115,11 +127,7 @@ def write_section(name, body, path=BENCHMARKS_MD):
     begin, end = "<!-- BEGIN %s -->" % name, "<!-- END %s -->" % name
     block = "%s\n%s\n%s" % (begin, body.strip("\n"), end)
     # Benchmarks may finish at the same time; the lock keeps one from dropping another's section.
-    # Kept outside the repository and never deleted: deleting a lock file races with its next user.
-    lock_path = os.path.join(tempfile.gettempdir(), "tfquant-benchmarks-%s.lock"
-                             % hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12])
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(path):
         text = _read_or_new(path)
         pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
         if pattern.search(text):

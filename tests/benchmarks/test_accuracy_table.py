@@ -137,3 +137,23 @@ def test_accuracy_table_quick(tmp_path):
                            % row["int8_layer_divergence"]["images"])
     assert ("output %.2f %%; at most %d steps." % (100 * layers[-1]["differ"], max(r["max_steps"] for r in layers[1:]))
             in note)
+
+
+def test_a_part_keeps_the_rows_another_part_wrote_while_it_ran(tmp_path, monkeypatch):
+    output = tmp_path / "acc.json"
+    publish.write_json(str(output), {"quick": True, "budget": accuracy_table.QUICK,
+                                     "entries": [entry("W8A8", 0, 0.92, 0.91)]})
+
+    def fake_run_row(work_dir, row, seed, budget):
+        # Another part, started at the same time, finishes first and records its row.
+        other = publish.load_json(str(output))
+        other["entries"].append(entry("W4A32 channel", 1, 0.88, 0.90))
+        publish.write_json(str(output), other)
+        return entry(row.label, seed, 0.87, 0.91)
+
+    monkeypatch.setattr(accuracy_table, "run_row", fake_run_row)
+    accuracy_table.main(["--quick", "--rows", "W4A4", "--seeds", "0", "--output", str(output),
+                         "--work_dir", str(tmp_path / "work")])
+    recorded = json.loads(output.read_text())["entries"]
+    assert [(e["label"], e["seed"], e["accuracy"]) for e in recorded] == [
+        ("W8A8", 0, 0.92), ("W4A4", 0, 0.87), ("W4A32 channel", 1, 0.88)]
