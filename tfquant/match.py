@@ -160,6 +160,13 @@ def find_activations(graph, depths=None):
 # is an Add of two computed tensors of rank >= 2.
 _BIAS_TYPES = ("BiasAdd", "Add", "AddV2")
 _RESIDUAL_TYPES = ("Add", "AddV2")
+# Ops whose output leaves their input's grid (an average of levels is not a level): an int8 runtime
+# requantizes it (TFLite's MEAN / AVERAGE_POOL_2D onto the range the converter gives their output).
+_AVERAGING_TYPES = ("Mean", "AvgPool")
+# Ops that only reshape: a weight layer reading one reads its input's values.
+_RESHAPE_TYPES = ("Reshape", "Squeeze", "ExpandDims", "Identity")
+# ... and ops whose outputs are values of their first input (zero padding: zero is a level of the grid).
+_GRID_KEEPING_TYPES = _RESHAPE_TYPES + ("MaxPool", "Pad")
 _FUSED_BATCH_NORM_TYPES = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
 # The report names these tensors by their weight layer, '<layer op name>:input' and '<layer op name>:output'
 # (':' never occurs in an op name): the same name in training, evaluation and export graphs, whose input
@@ -207,15 +214,20 @@ def layer_output(op, folded_outputs=None):
     batch_norm = _single_live_reader(output, _FUSED_BATCH_NORM_TYPES)
     if batch_norm is not None:
         output = batch_norm.outputs[0]
+    bias = bias_reader(output)
+    return bias.outputs[0] if bias is not None else output
+
+
+def bias_reader(output):
+    """The op adding a bias (a rank-1 tensor) to a weight layer's `output` when it is its only reader, or None."""
     readers = live_readers(output)
-    if len(readers) == 1 and readers[0].type in _BIAS_TYPES and len(readers[0].inputs) == 2:
-        other = [t for t in readers[0].inputs if t is not output]
-        if other and other[0].shape.rank == 1:
-            return readers[0].outputs[0]
-    return output
+    if len(readers) != 1 or readers[0].type not in _BIAS_TYPES or len(readers[0].inputs) != 2:
+        return None
+    other = [t for t in readers[0].inputs if t is not output]
+    return readers[0] if len(other) == 1 and other[0].shape.rank == 1 else None
 
 
-def _data_operand_index(op):
+def data_operand_index(op):
     """Index of the input of a weight op that is not its weight (the first traced to a trainable variable)."""
     if op.type in ("Conv2D", "DepthwiseConv2dNative"):
         return 0
@@ -240,11 +252,29 @@ def readers(op):
     return [reader for output in op.outputs for reader in output.consumers()]
 
 
+def grid_source(tensor):
+    """The tensor whose values `tensor` holds, walking back through reshapes, max pooling and zero padding."""
+    while tensor.op.type in _GRID_KEEPING_TYPES and tensor.op.inputs:
+        tensor = tensor.op.inputs[0]
+    return tensor
+
+
+def _averaged_input(data):
+    """The output of the averaging op (Mean, AvgPool) a weight layer's data input is, through reshapes."""
+    tensor = data
+    while tensor is not None and tensor.op.type in _RESHAPE_TYPES and tensor.op.inputs:
+        tensor = tensor.op.inputs[0]
+    if tensor is not None and tensor.op.type in _AVERAGING_TYPES and tensor.dtype.is_floating:
+        return tensor
+    return None
+
+
 def find_integer_tensors(graph, candidates, covered, folded_outputs=None):
     """The tensors besides activations an int8 model quantizes, in data-flow order of their layers.
 
-    Model inputs read by a weight layer, weight-layer outputs and residual sums, each unless every live
-    reader is an activation in `covered` (whose own quantized output then carries the range).
+    Model inputs read by a weight layer, averages (Mean, AvgPool) a weight layer reads, weight-layer
+    outputs and residual sums, each unless every live reader is an activation in `covered` (whose own
+    quantized output then carries the range).
 
     Args:
       graph: the graph (after batch-norm folding, before any quantizer is inserted).
@@ -261,9 +291,12 @@ def find_integer_tensors(graph, candidates, covered, folded_outputs=None):
     computed = reachable([c.op for c in candidates], readers)
     found = []
     for candidate in candidates:
-        data = candidate.op.inputs[_data_operand_index(candidate.op)] if len(candidate.op.inputs) > 1 else None
+        data = candidate.op.inputs[data_operand_index(candidate.op)] if len(candidate.op.inputs) > 1 else None
         if data is not None and data.op.name not in computed and data.dtype.is_floating:
             found.append(IntegerTensor(candidate.op.name + MODEL_INPUT_SUFFIX, data, "Input"))
+        average = _averaged_input(data)
+        if average is not None and average.op.name in computed and needs_range(average):
+            found.append(IntegerTensor(average.op.name, average, average.op.type))
         output = layer_output(candidate.op, folded_outputs)
         if needs_range(output):
             found.append(IntegerTensor(candidate.op.name + LAYER_OUTPUT_SUFFIX, output, "LayerOutput"))
@@ -290,6 +323,6 @@ def integer_tensor(graph, name, folded_outputs=None):
         if name.endswith(suffix):
             op = graph.get_operation_by_name(name[:-len(suffix)])
             if suffix == MODEL_INPUT_SUFFIX:
-                return op.inputs[_data_operand_index(op)]
+                return op.inputs[data_operand_index(op)]
             return layer_output(op, folded_outputs)
     return graph.get_operation_by_name(name).outputs[0]

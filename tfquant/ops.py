@@ -92,6 +92,13 @@ def quantize_in_range(x, bits, minimum, maximum, clip=False):
     return _dequantize(codes, bits, alpha, minimum)
 
 
+def zero_exact_step(bits, minimum, maximum):
+    """The step of quantize_zero_exact's grid: (max(maximum, 0) - min(minimum, 0)) / (2^k - 1)."""
+    low = tf.minimum(minimum, 0.0)
+    high = tf.maximum(tf.maximum(maximum, 0.0), low + RANGE_EPS)
+    return (high - low) / _levels(bits)
+
+
 def quantize_zero_exact(x, bits, minimum, maximum):
     """Q(x) on the grid integer runtimes use: [min(minimum, 0), max(maximum, 0)] nudged so 0 is a level.
 
@@ -102,8 +109,7 @@ def quantize_zero_exact(x, bits, minimum, maximum):
     """
     levels = _levels(bits)
     low = tf.minimum(minimum, 0.0)
-    high = tf.maximum(tf.maximum(maximum, 0.0), low + RANGE_EPS)
-    step = (high - low) / levels
+    step = zero_exact_step(bits, minimum, maximum)
     zero_point = tf.clip_by_value(tf.floor(-low / step + 0.5), 0.0, levels)
     nudged_low = -zero_point * step
     nudged_high = (levels - zero_point) * step
@@ -483,6 +489,35 @@ def quantize_weight_symmetric(x, bits, layout=GroupLayout()):
     # (codes - Q) * scale, which rounds differently from the packed file's decoder; minimum() with 0 changes
     # no value (beta <= 0) but hides the factor.
     return straight_through(x, restore(codes * dequantize_scale(alpha, bits) + tf.minimum(beta, 0.0)))
+
+
+def symmetric_weight_step(x, bits, layout=GroupLayout()):
+    """The step of quantize_weight_symmetric's grid: a scalar (one range group) or one per output channel.
+
+    Args:
+      x: float tensor with a fully defined shape.
+      bits: 2..16.
+      layout: a GroupLayout of kind 'none' or 'channel' (split pieces have no per-channel step).
+    Returns:
+      float32 scalar, or a vector with the product of the channel axes' sizes in their order.
+    """
+    if layout.kind not in ("none", "channel"):
+        raise ValueError("symmetric_weight_step needs a 'none' or 'channel' layout, got %r" % layout.kind)
+    _, alpha, _, _ = _symmetric_packed(x, bits, layout)
+    step = dequantize_scale(alpha, bits)
+    return tf.reshape(step, []) if layout.kind == "none" else tf.reshape(step, [-1])
+
+
+def quantize_bias(bias, step):
+    """A bias on the int32 grid an integer kernel adds: round(bias / step) * step, clipped to int32's range.
+
+    `step` is the input's step times the weight's (a scalar or one per output channel), the scale int8
+    runtimes give the bias; dQ/dbias = 1.
+    """
+    step = tf.cast(step, bias.dtype)
+    limit = float(2 ** 31 - 1)
+    codes = tf.clip_by_value(tf.round(tf.stop_gradient(bias) / step), -limit, limit)
+    return straight_through(bias, codes * step)
 
 
 def symmetric_weight_codes(x, bits, layout=GroupLayout()):

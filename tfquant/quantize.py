@@ -16,9 +16,9 @@ def _quantize_weights(graph, candidates, plan, config, is_training):
 
     Returns:
       (its LayerReports, the names of the weight variables and of their learned step sizes: both are
-      counted as weight storage).
+      counted as weight storage, {op name: weight step} of the layers on the symmetric grid).
     """
-    layers, stored, quantized, range_variables = [], {}, {}, set()
+    layers, stored, quantized, range_variables, steps = [], {}, {}, set(), {}
     for candidate in candidates:
         op = candidate.op
         layer = LayerReport(name=op.name, op_type=op.type, kind="weight", status=SKIPPED,
@@ -70,13 +70,17 @@ def _quantize_weights(graph, candidates, plan, config, is_training):
                 else:
                     quantized[key] = (ops.quantize_weight(weight, bits, layout), None)
         tensor, learned = quantized[key]
+        if (not is_training and config.weight_scheme == "symmetric" and learned is None
+                and layout.kind in ("none", "channel")):
+            with graph.name_scope(None), graph.name_scope(op.name + "/weight_step"):
+                steps[op.name] = ops.symmetric_weight_step(weight, bits, layout)
         if learned is not None:
             # The step sizes are this layer's range storage (alpha, beta per group in the packed file).
             layer.range_variables = [v.op.name for v in learned.variables]
             range_variables.update(layer.range_variables)
         rewrite.reroute_input(op, candidate.input_index, tensor)
         layer.status = QUANTIZED
-    return layers, set(stored) | range_variables
+    return layers, set(stored) | range_variables, steps
 
 
 def _quantize_activations(items, plan, config, is_training):
@@ -85,9 +89,10 @@ def _quantize_activations(items, plan, config, is_training):
     IntegerTensors nothing reads yet (a model's logits before its loss is built) are quantized all the same;
     activations nothing reads are skipped.
     Returns:
-      (their LayerReports, {tensor name: quantized tensor} of the quantized tensors nothing read).
+      (their LayerReports, {tensor name: quantized tensor} of the quantized tensors nothing read,
+      {quantized tensor name: step} of those on the integer runtimes' grid in evaluation graphs).
     """
-    layers, unread = [], {}
+    layers, unread, steps = [], {}, {}
     for item in items:
         layer = LayerReport(name=item.name, op_type=item.op_type, kind="activation", status=SKIPPED)
         layers.append(layer)
@@ -120,7 +125,29 @@ def _quantize_activations(items, plan, config, is_training):
         layer.num_groups = 1
         if tracker is not None:
             layer.range_variables = [v.op.name for v in tracker.variables]
-    return layers, unread
+            if getattr(tracker, "step", None) is not None:
+                steps[quantized.name] = tracker.step
+    return layers, unread, steps
+
+
+def _quantize_biases(graph, weight_steps, input_steps):
+    """Put the bias each symmetric-grid layer adds on the int32 grid an int8 kernel adds (evaluation graphs).
+
+    An int8 runtime stores a layer's bias as int32 codes of the input's step times the weight's; adding the
+    float bias instead moves an output across a rounding boundary here and there, and such differences grow
+    layer by layer. Layers whose input is not on the integer grid (a float input, PACT/LSQ ranges) are
+    left alone.
+    """
+    for op_name, weight_step in weight_steps.items():
+        op = graph.get_operation_by_name(op_name)
+        input_step = input_steps.get(match.grid_source(op.inputs[match.data_operand_index(op)]).name)
+        bias_add = match.bias_reader(op.outputs[0])
+        if input_step is None or bias_add is None:
+            continue
+        index = 1 if bias_add.inputs[0] is op.outputs[0] else 0
+        with graph.name_scope(None), graph.name_scope(op.name + "/bias_quant"):
+            rewrite.reroute_input(bias_add, index, ops.quantize_bias(bias_add.inputs[index],
+                                                                    input_step * weight_step))
 
 
 def _layer_outputs(graph, candidates, plan, config, folded_outputs):
@@ -185,10 +212,11 @@ def quantize_graph(graph, config, is_training=True):
         extra, plan = _layer_outputs(graph, candidates, plan, config, folded_outputs)
         items += extra
     with graph.as_default():
-        weight_layers, weight_vars = _quantize_weights(graph, candidates, plan, config, is_training)
+        weight_layers, weight_vars, weight_steps = _quantize_weights(graph, candidates, plan, config, is_training)
         if folding is not None:
             fold.rescale_weights(folding)
-        act_layers, unread = _quantize_activations(items, plan, config, is_training)
+        act_layers, unread, input_steps = _quantize_activations(items, plan, config, is_training)
+        _quantize_biases(graph, weight_steps, input_steps)
         graph.add_to_collection(REWRITTEN_COLLECTION, "train" if is_training else "eval")
     # report
     notes = list(fold_notes)

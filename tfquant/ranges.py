@@ -47,6 +47,8 @@ class ActivationRange:
             self.ema_max = _range_variable("ema_max", tf.float32, 0.0)
             # Counts updates; 0 means no range has been seen yet.
             self.ema_steps = _range_variable("ema_steps", tf.int64, 0)
+        # Evaluation graphs on the integer runtimes' grid set it: the step of the quantized tensor.
+        self.step = None
 
     @property
     def variables(self):
@@ -268,4 +270,7 @@ def quantize_activation(x, bits, act_range, is_training, decay, scope_name, op_t
             quantized = in_range(batch_min, batch_max)
         return ops.straight_through(x, quantized), tracker
     lo, hi = tracker.eval_range(batch_min, batch_max)
+    if zero_exact:
+        # The step an integer runtime gives this tensor, for the int32 grid of the biases of its readers.
+        tracker.step = ops.zero_exact_step(bits, lo, hi)
     return ops.straight_through(x, in_range(lo, hi, clip=True)), tracker

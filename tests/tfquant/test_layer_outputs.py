@@ -29,9 +29,10 @@ def residual_forward(images, is_training=False):
 
 
 # What an int8 model holds besides the two ReLUs: the image conv1 reads, conv2's folded output before the
-# first add, conv3's output before the second, that add (no activation follows) and the logits.
+# first add, conv3's output before the second, that add (no activation follows), the mean the fc reads (an
+# average of levels is no level: the runtime requantizes it) and the logits.
 EXPECTED = {"Relu", "Relu_1", "conv1/Conv2D:input", "conv2/Conv2D:output", "conv3/Conv2D:output", "add_1",
-            "fc/MatMul:output"}
+            "Mean", "fc/MatMul:output"}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,8 @@ def test_found_tensors_skip_outputs_only_quantized_activations_read():
         found = match.find_integer_tensors(graph, candidates, covered={"Relu", "Relu_1"})
         assert [(item.name, item.tensor.op.name) for item in found] == [
             ("conv1/Conv2D:input", "Placeholder"), ("conv2/Conv2D:output", "bn2/FusedBatchNormV3"),
-            ("conv3/Conv2D:output", "conv3/BiasAdd"), ("fc/MatMul:output", "fc/BiasAdd"), ("add_1", "add_1")]
+            ("conv3/Conv2D:output", "conv3/BiasAdd"), ("Mean", "Mean"), ("fc/MatMul:output", "fc/BiasAdd"),
+            ("add_1", "add_1")]
         # An activation left float covers nothing: conv1's output (read by bn1) is then a layer output too.
         uncovered = match.find_integer_tensors(graph, candidates, covered=set())
         assert {item.name for item in uncovered} - {item.name for item in found} == {"conv1/Conv2D:output", "add"}
@@ -141,7 +143,7 @@ def test_export_without_trained_layer_outputs_needs_calibration_images(tmp_path)
     folded = model_export.folded_weight_values(residual_forward, checkpoint, INPUT_SHAPE)
     model_export.pack_checkpoint(checkpoint, report, str(tmp_path / "m.tfq"), folded_weights=folded)
     weights, _ = model_export.load_packed_weights(str(tmp_path / "m.tfq"))
-    with pytest.raises(model_export.ExportError, match=r"5 tensors have no trained range .*expected calibration"):
+    with pytest.raises(model_export.ExportError, match=r"6 tensors have no trained range .*expected calibration"):
         fake_quant_graph.build(residual_forward, weights, report, INPUT_SHAPE, None)
 
 
@@ -196,3 +198,46 @@ def test_float_tflite_holds_the_trained_layer_outputs(trained):
     assert np.abs(logits - trained["reference"]).max() <= 2.01 * step
     codes = _nudged_codes(logits, low, high)
     np.testing.assert_allclose(codes, np.round(codes), atol=5e-3)
+
+
+def _nudged_step(low, high, bits=8):
+    return (max(float(high), 0.0) - min(float(low), 0.0)) / (2 ** bits - 1)
+
+
+def test_eval_graph_adds_biases_on_the_int32_grid_of_an_int8_kernel(trained):
+    """A layer reading a tensor on the integer grid adds round(b / (s_in * s_w)) * s_in * s_w, as int8 kernels do."""
+    ranges = {layer.name: layer.range_variables for layer in trained["report"].activation_layers}
+    reader = tf.train.load_checkpoint(trained["checkpoint"])
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf1.placeholder(tf.float32, INPUT_SHAPE)
+        residual_forward(images, is_training=False)
+        tfquant.quantize_graph(graph, CONFIG, is_training=False)
+        added = {name: graph.get_operation_by_name(name).inputs[1] for name in ("conv3/BiasAdd", "fc/BiasAdd")}
+        saver = tf1.train.Saver()
+        with new_session(graph) as sess:
+            saver.restore(sess, trained["checkpoint"])
+            # (The ranges' tf.where also reads the batch's own range, unused once a range was recorded.)
+            values = sess.run(added, {images: trained["images"][:10]})
+    # conv3 reads the quantized Relu_1, the fc the quantized mean.
+    for bias_add, variable, source in (("conv3/BiasAdd", "conv3", "Relu_1"), ("fc/BiasAdd", "fc", "Mean")):
+        bias = reader.get_tensor(variable + "/biases")
+        weight = reader.get_tensor(variable + "/weights")
+        weight_step = np.abs(weight.reshape(-1, weight.shape[-1])).max(axis=0) / 127
+        step = _nudged_step(*(reader.get_tensor(name) for name in ranges[source])) * weight_step
+        codes = values[bias_add] / step
+        np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
+        np.testing.assert_array_equal(np.round(codes), np.round(bias / step))
+        assert np.abs(bias).max() > 0 and not np.array_equal(values[bias_add], bias)
+
+
+def test_int8_model_reproduces_the_eval_graph_codes(trained):
+    """With biases on the int32 grid and the mean requantized as the runtime does, the int8 logits are the
+    eval graph's codes but for float rounding at a boundary here and there."""
+    graph = fake_quant_graph.build(residual_forward, trained["weights"], trained["report"], INPUT_SHAPE, None)
+    low, high = (float(trained["weights"][n]) for n in
+                 next(l for l in trained["report"].activation_layers if l.name == "fc/MatMul:output").range_variables)
+    int8 = tflite_export.run_tflite(tflite_export.convert_int8_trained(graph, INPUT_SHAPE), trained["images"])
+    ours, theirs = (np.round(_nudged_codes(v, low, high)) for v in (trained["reference"], int8))
+    assert np.mean(ours == theirs) >= 0.99, np.mean(ours == theirs)
+    assert np.abs(ours - theirs).max() <= 1

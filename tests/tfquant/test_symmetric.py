@@ -109,3 +109,33 @@ def test_quantize_graph_uses_the_symmetric_grid(graph, rng):
 def test_config_refuses_bad_deploy_settings(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         tfquant.QuantConfig(**kwargs)
+
+
+@pytest.mark.parametrize("shape, axes", [((3, 3, 4, 5), (3,)), ((3, 3, 4, 2), (2, 3)), ((5, 6), (0,)), ((6, 7), None)])
+def test_weight_step_is_the_grids_step_per_output_channel(graph, shape, axes):
+    x = np.random.default_rng(4).normal(size=shape).astype(np.float32)
+    layout = ops.GroupLayout("channel", channel_axes=axes) if axes else ops.GroupLayout()
+    with new_session(graph) as sess:
+        step, quantized = sess.run([ops.symmetric_weight_step(tf.constant(x), 8, layout),
+                                    ops.quantize_weight_symmetric(tf.constant(x), 8, layout)])
+    kept = [a for a in range(len(shape)) if a in (axes or ())]
+    moved = np.moveaxis(x, kept, list(range(len(kept)))).reshape(int(np.prod([shape[a] for a in kept])), -1)
+    np.testing.assert_allclose(step, np.abs(moved).max(axis=1) / 127 if axes else np.abs(x).max() / 127, rtol=1e-6)
+    # Every quantized weight is an integer multiple of its channel's step (the depthwise channel of input
+    # channel c and multiplier m being c * multiplier + m, as the op's outputs are ordered).
+    codes = np.moveaxis(quantized, kept, list(range(len(kept)))).reshape(len(np.atleast_1d(step)), -1)
+    codes = codes / np.atleast_1d(step)[:, None]
+    np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
+
+
+def test_bias_on_the_int32_grid(graph):
+    bias = np.array([0.1234567, -2.6e-4, 0.0, 3.0, -1e12], np.float32)
+    step = np.array([1e-3, 1e-4, 1e-3, 0.7, 1e-3], np.float32)
+    value = tf1.placeholder(tf.float32, [5])
+    quantized = ops.quantize_bias(value, tf.constant(step))
+    grad, = tf.gradients(tf.reduce_sum(quantized * np.arange(5, dtype=np.float32)), [value])
+    with new_session(graph) as sess:
+        got, got_grad = sess.run([quantized, grad], {value: bias})
+    expected = np.clip(np.round(bias.astype(np.float64) / step), -(2 ** 31 - 1), 2 ** 31 - 1) * step
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    np.testing.assert_allclose(got_grad, np.arange(5))  # straight through
