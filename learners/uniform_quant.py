@@ -256,6 +256,10 @@ def _check_layer_decisions(saved, rebuilt, report_path):
         return [[(field, layer.get(field)) for field in _DECISION_FIELDS] for layer in layers]
 
     ours, theirs = decisions(rebuilt), decisions(saved)
+    unmatched = tfquant.report.unmatched_layers(saved, rebuilt)
+    if unmatched:
+        raise UserError("quantization report %s does not match this checkpoint's model: %s; expected the report "
+                        "written with this checkpoint" % (report_path, unmatched))
     if len(ours) != len(theirs):
         raise UserError("quantization report %s does not match this checkpoint's model: it lists %d layers "
                         "(weights and activations), the model rebuilt from it has %d; expected the report written "

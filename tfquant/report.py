@@ -360,6 +360,20 @@ DECISION_FIELDS = ("kind", "name", "status", "bits", "weight_variable", "shape",
                    "channel_axes", "num_groups", "range_variables")
 
 
+def unmatched_layers(saved, rebuilt):
+    """None when both reports list the same layer names, else one phrase naming the first unmatched layer, e.g.
+    "the model rebuilt from it also quantizes Mean, which the report does not list"."""
+    theirs, ours = [layer.name for layer in saved.layers], [layer.name for layer in rebuilt.layers]
+    extra = [name for name in ours if name not in set(theirs)]
+    if extra:
+        return ("the model rebuilt from it also quantizes %s, which the report does not list (a run of an "
+                "earlier tfquant, which did not quantize it, must be retrained)" % ", ".join(extra[:3]))
+    missing = [name for name in theirs if name not in set(ours)]
+    if missing:
+        return "the report lists %s, which the model rebuilt from it does not have" % ", ".join(missing[:3])
+    return None
+
+
 def decisions_json(report):
     """The per-layer decisions of a report (DECISION_FIELDS of every layer, in order) as compact JSON."""
     layers = json.loads(report.to_json())["layers"]  # through JSON, so tuples and lists compare equal

@@ -360,3 +360,30 @@ def test_first_activation_range_update_is_ordered():
     for read in reads:
         assert read in _ancestors(increments[0]), "ema_steps is read (%s) unordered with its increment (%s)" % (
             read.name, increments[0].name)
+
+
+def test_report_of_a_run_quantizing_fewer_tensors_names_the_new_one(tmp_path):
+    """A run trained when --uql_quantize_layer_outputs did not yet cover the mean the fc reads: eval and export
+    name the tensor the rebuilt model quantizes and the report lacks."""
+    import tfquant
+    from tfquant.export import model_export
+
+    def build(with_mean_read_by_fc):
+        graph = tf.Graph()
+        with graph.as_default():
+            x = tf1.placeholder(tf.float32, [None, 4, 4, 2])
+            y = tf.nn.relu(tf.nn.conv2d(x, tf1.get_variable("conv/weights", [3, 3, 2, 3]), 1, "SAME"))
+            pooled = tf.reduce_mean(y, [1, 2])
+            if not with_mean_read_by_fc:
+                pooled = tf.identity(pooled * 1.0)  # a Mul between: not an average the fc reads
+            tf.matmul(pooled, tf1.get_variable("fc/weights", [3, 2]))
+            config = tfquant.QuantConfig(quantize_all_layers=True, quantize_layer_outputs=True)
+            return tfquant.quantize_graph(graph, config, is_training=False)
+
+    saved, rebuilt = build(False), build(True)
+    with pytest.raises(UserError, match=r"quantization report r\.json does not match this checkpoint's model: the "
+                                        r"model rebuilt from it also quantizes Mean, which the report does not list"):
+        uniform_quant.check_report_matches(saved, rebuilt, "r.json")
+    with pytest.raises(model_export.ExportError, match=r"report r\.json does not match the model: the model rebuilt "
+                                                       r"from it also quantizes Mean"):
+        model_export.check_report_matches_model(saved, rebuilt, "r.json")

@@ -19,7 +19,7 @@ from tfquant.config import FLOAT_BITS
 from tfquant.export import packed_file
 from tfquant.export.inference_graph import INPUT_NAME, OUTPUT_NAME
 from tfquant.report import (DECISIONS_VARIABLE, QuantReport, config_from_report, decisions_difference, layer_layout,
-                            load_report)
+                            load_report, unmatched_layers)
 
 tf1 = tf.compat.v1
 
@@ -222,6 +222,11 @@ def check_report_matches_model(saved, rebuilt, report_path):
     """
     def describe(layer):
         return {field: getattr(layer, field) for field in _COMPARED_FIELDS}
+
+    unmatched = unmatched_layers(saved, rebuilt)
+    if unmatched:
+        raise ExportError("report %s does not match the model: %s; expected the report written with this checkpoint "
+                          "and model" % (report_path, unmatched))
 
     for number, (ours, theirs) in enumerate(zip(rebuilt.layers, saved.layers)):
         ours, theirs = describe(ours), describe(theirs)
