@@ -130,8 +130,13 @@ def _quantize_activations(items, plan, config, is_training):
     return layers, unread, steps
 
 
-def _quantize_biases(graph, weight_steps, input_steps):
+def quantize_biases(graph, weight_steps, input_steps):
     """Put the bias each symmetric-grid layer adds on the int32 grid an int8 kernel adds (evaluation graphs).
+
+    Args:
+      graph: the graph, its activations quantized.
+      weight_steps: {weight op name: its weight's step (scalar or per output channel)}.
+      input_steps: {quantized tensor name: step} (QuantReport.integer_steps).
 
     An int8 runtime stores a layer's bias as int32 codes of the input's step times the weight's; adding the
     float bias instead moves an output across a rounding boundary here and there, and such differences grow
@@ -216,7 +221,7 @@ def quantize_graph(graph, config, is_training=True):
         if folding is not None:
             fold.rescale_weights(folding)
         act_layers, unread, input_steps = _quantize_activations(items, plan, config, is_training)
-        _quantize_biases(graph, weight_steps, input_steps)
+        quantize_biases(graph, weight_steps, input_steps)
         graph.add_to_collection(REWRITTEN_COLLECTION, "train" if is_training else "eval")
     # report
     notes = list(fold_notes)
@@ -230,4 +235,5 @@ def quantize_graph(graph, config, is_training=True):
     report = QuantReport(weight_layers + act_layers, _other_variables(graph, weight_vars), config.to_dict(),
                          is_training, notes)
     report.quantized_outputs = unread
+    report.integer_steps = input_steps
     return report

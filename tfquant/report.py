@@ -101,6 +101,9 @@ class QuantReport:
         # {tensor name: its quantized tensor} for graph outputs quantize_graph quantized before anything read
         # them (see `output`); empty for a report read from a file.
         self.quantized_outputs = {}
+        # {quantized tensor name: its step} of the tensors an evaluation graph holds on the integer runtimes'
+        # grid (tfquant.quantize.quantize_biases); empty for a report read from a file.
+        self.integer_steps = {}
 
     def output(self, tensor):
         """The tensor to read in place of `tensor`: its quantized version if quantize_graph quantized it

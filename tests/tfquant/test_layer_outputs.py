@@ -241,3 +241,15 @@ def test_int8_model_reproduces_the_eval_graph_codes(trained):
     ours, theirs = (np.round(_nudged_codes(v, low, high)) for v in (trained["reference"], int8))
     assert np.mean(ours == theirs) >= 0.99, np.mean(ours == theirs)
     assert np.abs(ours - theirs).max() <= 1
+
+
+def test_frozen_graph_adds_the_same_int32_biases(trained):
+    """The frozen graph (weights decoded from the packed file) quantizes its biases as the eval graph does: its
+    logits are the eval graph's, not merely close."""
+    frozen = model_export.freeze_inference_graph(residual_forward, trained["weights"], trained["report"],
+                                                 INPUT_SHAPE)
+    names = {node.name for node in frozen.node}
+    assert {"conv3/Conv2D/bias_quant/Round", "fc/MatMul/bias_quant/Round"} <= names
+    logits = model_export.run_graph_def(frozen, trained["images"])
+    np.testing.assert_array_equal(logits.argmax(1), trained["reference"].argmax(1))
+    np.testing.assert_allclose(logits, trained["reference"], atol=1e-5)

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfquant
-from tfquant import checkpoints, files, fold, match, ops, ranges
+from tfquant import checkpoints, files, fold, match, ops, quantize, ranges
 from tfquant.config import FLOAT_BITS
 from tfquant.export import packed_file
 from tfquant.export.inference_graph import INPUT_NAME, OUTPUT_NAME
@@ -409,6 +409,20 @@ def _without_weight_decisions(config, graph):
                                                       if name not in weight_ops})
 
 
+def _grid_weight_steps(graph, report):
+    """{op name: step} of the report's quantized weight layers on the symmetric grid, from the weights in `graph`
+    (decoded from the packed file: on the grid already, so the step is recomputed from them)."""
+    steps = {}
+    for layer in report.weight_layers:
+        layout = layer_layout(layer) if layer.quantized else None
+        if layout is None or layout.kind not in ("none", "channel"):
+            continue
+        op = graph.get_operation_by_name(layer.name)
+        with graph.name_scope(None), graph.name_scope(layer.name + "/weight_step"):
+            steps[layer.name] = ops.symmetric_weight_step(op.inputs[layer.input_index], layer.bits, layout)
+    return steps
+
+
 def _folds_batch_norms(decisions):
     """Whether the model of `decisions` (report, config or config dict) was trained with folded batch norms."""
     if isinstance(decisions, QuantReport):
@@ -537,8 +551,11 @@ def freeze_inference_graph(build_forward, weights, decisions=None, input_shape=N
         if _folds_batch_norms(decisions):
             fold.fold_batch_norms(graph, is_training=False, weights_folded=True)
         if act_config is not None:
-            logits = tfquant.quantize_graph(graph, _without_weight_decisions(act_config, graph),
-                                            is_training=False).output(logits)
+            rewritten = tfquant.quantize_graph(graph, _without_weight_decisions(act_config, graph), is_training=False)
+            logits = rewritten.output(logits)
+            if isinstance(decisions, QuantReport) and decisions.config.get("weight_scheme") == "symmetric":
+                # As the evaluation graph: biases on the int32 grid of the decoded weights' steps.
+                quantize.quantize_biases(graph, _grid_weight_steps(graph, decisions), rewritten.integer_steps)
         output = named_output(graph, logits)
         if output.op.name != OUTPUT_NAME or images.op.name != INPUT_NAME:
             raise ExportError("the forward pass already defines an op named %r or %r; rename it so "
