@@ -22,6 +22,10 @@ WEIGHT = "weight"
 ACTIVATION = "activation"
 # Loss runs in flight at once: one run of a small model leaves cores idle between its ops.
 PARALLEL_RUNS = 2
+# Float values of one batch held at once (activations, tensors fed back): beyond this the float pass is run
+# again for the next targets (a large model's activations of a batch can take gigabytes; a small model's fit
+# in one run).
+FLOAT_VALUE_BYTES = 256 * 2 ** 20
 
 
 @dataclasses.dataclass
@@ -160,34 +164,66 @@ def measure(sess, loss, batches, targets, bit_widths):
     weights = [t for t in targets if t.kind == WEIGHT]
     # A weight's quantized values do not depend on the batch: computed once.
     quantized_weights = quantizers.run(sess, list(zip(weights, sess.run([t.tensors[0] for t in weights]))))
-    activations = [t for t in targets if t.kind == ACTIVATION]
     totals = {t.name: {bits: 0.0 for bits in bit_widths[t.kind]} for t in targets}
     # Every batch feeds the same input tensors, so the cuts are the same for all of them.
     upstream_of_loss = match.reachable([loss.op], lambda op: [t.op for t in op.inputs] + list(op.control_inputs))
     batch_dependent = match.reachable([t.op for t in batches[0] if isinstance(t, tf.Tensor)], match.readers)
     cuts = {t.name: _cut_tensors(t, upstream_of_loss, batch_dependent) for t in targets}
     cut_tensors = list({tensor.name: tensor for cut in cuts.values() for tensor in cut}.values())
+    # What each target's runs need from the float pass: its own value (an activation) and the tensors fed back.
+    needs = {t.name: ([t.tensors[0]] if t.kind == ACTIVATION else []) + cuts[t.name] for t in targets}
     for feed in batches:
-        # One run gives the float loss, every activation's value and every tensor a later run feeds back.
-        base_loss, *fetched = sess.run([loss] + [t.tensors[0] for t in activations] + cut_tensors, feed)
-        activation_values = dict(zip([t.name for t in activations], fetched))
-        cut_values = dict(zip([t.name for t in cut_tensors], fetched[len(activations):]))
-        del fetched  # each activation is dropped once measured
+        base_loss = None
         with concurrent.futures.ThreadPoolExecutor(PARALLEL_RUNS) as pool:
-            for target in targets:
-                quantized = (quantized_weights if target.kind == WEIGHT else
-                             quantizers.run(sess, [(target, activation_values.pop(target.name))]))[target.name]
-                cut = dict(feed)
-                cut.update({tensor: cut_values[tensor.name] for tensor in cuts[target.name]})
-                runs = []
-                for bits, replaced in quantized.items():
-                    fed = dict(cut)
-                    fed.update({tensor: replaced for tensor in target.tensors})
-                    runs.append(fed)
-                for bits, value in zip(quantized, pool.map(lambda fed: sess.run(loss, fed), runs)):
-                    totals[target.name][bits] += float(value) - float(base_loss)
+            for group in _groups(targets, needs, _examples(feed), FLOAT_VALUE_BYTES):
+                # One float run per group: the float loss (first group) and the values the group's runs need.
+                fetch = list({t.name: t for target in group for t in needs[target.name]}.values())
+                fetched = sess.run(([loss] if base_loss is None else []) + fetch, feed)
+                if base_loss is None:
+                    base_loss, fetched = fetched[0], fetched[1:]
+                values = dict(zip([t.name for t in fetch], fetched))
+                del fetched  # dropped with the group
+                for target in group:
+                    quantized = (quantized_weights[target.name] if target.kind == WEIGHT else quantizers.run(
+                        sess, [(target, values[target.tensors[0].name])])[target.name])
+                    cut = dict(feed)
+                    cut.update({tensor: values[tensor.name] for tensor in cuts[target.name]})
+                    runs = []
+                    for replaced in quantized.values():
+                        fed = dict(cut)
+                        fed.update({tensor: replaced for tensor in target.tensors})
+                        runs.append(fed)
+                    for bits, value in zip(quantized, pool.map(lambda fed: sess.run(loss, fed), runs)):
+                        totals[target.name][bits] += float(value) - float(base_loss)
     return {name: {bits: total / len(batches) for bits, total in by_bits.items()}
             for name, by_bits in totals.items()}
+
+
+def _examples(feed):
+    """The number of examples a feed dict holds (the first axis of its first array that has one)."""
+    return next((len(value) for value in feed.values() if np.ndim(value) >= 1), 1)
+
+
+def _float_bytes(tensor, examples):
+    """Bytes of a float32 tensor's value for `examples` examples (unknown per-example sizes count as one)."""
+    per_example = tensor.shape[1:]
+    size = int(np.prod(per_example.as_list())) if per_example.is_fully_defined() else 1
+    return 4 * size * examples
+
+
+def _groups(targets, needs, examples, limit):
+    """Consecutive targets in groups whose needed float values (`needs`) take at most `limit` bytes together (a
+    target needing more alone forms its own group)."""
+    groups, held = [], {}
+    for target in targets:
+        added = {t.name: _float_bytes(t, examples) for t in needs[target.name] if t.name not in held}
+        if not groups or sum(held.values()) + sum(added.values()) > limit:
+            groups.append([])
+            held = {t.name: _float_bytes(t, examples) for t in needs[target.name]}
+        else:
+            held.update(added)
+        groups[-1].append(target)
+    return groups
 
 
 def non_increasing(sensitivities):

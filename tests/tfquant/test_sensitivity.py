@@ -174,3 +174,31 @@ def test_parallel_loss_runs_give_each_target_and_width_its_own_loss(toy, monkeyp
     assert results[0] == results[1]
     values = [value for by_bits in results[0].values() for value in by_bits.values()]
     assert len(values) == 3 * 4 + 2 * 3 and len(set(values)) >= len(values) - 2  # a mix-up would show
+
+
+def test_float_values_beyond_the_memory_limit_come_from_another_float_run(toy, monkeypatch):
+    """With room for one hidden layer's values (8 units x 32 examples, float32) at a time, the float pass runs
+    once per group of targets needing at most that much, and every sensitivity is as with everything held."""
+    graph, loss, init, feeds, _, _ = toy
+    weights, activations = sensitivity.find_targets(graph, tfquant.QuantConfig(quantize_all_layers=True))
+    widths = {sensitivity.WEIGHT: [2, 4], sensitivity.ACTIVATION: [2, 3]}
+    hidden = {t.tensors[0].name for t in activations}  # relu1:0, relu2:0: the values fed back or quantized
+    limit = 4 * 8 * 32
+    results, fetched_per_run = [], []
+    for bytes_held in (sensitivity.FLOAT_VALUE_BYTES, limit):
+        monkeypatch.setattr(sensitivity, "FLOAT_VALUE_BYTES", bytes_held)
+        with new_session(graph) as sess:
+            sess.run(init)
+            calls = []
+            real_run = sess.run
+            sess.run = lambda fetches, feed_dict=None: calls.append(fetches) or real_run(fetches, feed_dict)
+            results.append(sensitivity.measure(sess, loss, feeds, weights + activations, widths))
+        # The float passes: the runs fetching the loss or a hidden value along (not the loss runs, which
+        # fetch the loss alone, nor the read of the weights).
+        fetched_per_run.append([{f.name for f in c if getattr(f, "name", None) in hidden} for c in calls
+                                if isinstance(c, list) and any(getattr(f, "name", None) in hidden | {loss.name}
+                                                               for f in c)])
+    assert results[0] == results[1]
+    assert fetched_per_run[0] == [hidden] * len(feeds)  # one float run per batch holds both
+    assert len(fetched_per_run[1]) > len(feeds) and all(len(names) <= 1 for names in fetched_per_run[1])
+    assert set().union(*fetched_per_run[1]) == hidden
