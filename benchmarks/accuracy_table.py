@@ -267,7 +267,8 @@ def render(payload, command):
     lines += target_lines(table)
     busy = sorted({"%s (seed %d)" % (e["label"], e["seed"]) for e in entries if e.get("busy")})
     if busy:
-        lines.append("- Measured on a busy machine (published with --allow_busy): %s." % ", ".join(busy))
+        lines.append("- Measured on a busy machine (published with --allow_busy; the load slows a run, it does not "
+                     "enter its computation): %s." % ", ".join(busy))
     if missing:
         lines.append("- Not run yet: %s." % ", ".join(missing))
     return "\n".join(lines)
@@ -276,12 +277,18 @@ def render(payload, command):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     publish.add_arguments(parser, output_help="results file the run merges into (default %s; none with --quick)"
-                          % os.path.relpath(DEFAULT_RESULTS, publish.REPO_ROOT), render_json=False)
+                          % os.path.relpath(DEFAULT_RESULTS, publish.REPO_ROOT))
     parser.add_argument("--rows", help="comma-separated row labels (default: every row; --quick: %s)"
                         % ", ".join(QUICK_ROWS))
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
     parser.add_argument("--work_dir", default="/tmp/tfquant_accuracy_table", help="checkpoints and logs")
     args = parser.parse_args(argv)
+    if args.render_json:
+        # The section again from a results file (e.g. after parts run side by side), nothing run.
+        payload = publish.load_full_run(args.render_json)
+        publish.publish(SECTION, render(payload, payload.get("command", "(not recorded)")), args.markdown,
+                        payload["load_before"], payload["machine"]["load_average"], args.allow_busy)
+        return payload
     rows = select_rows(args.rows if args.rows or not args.quick else ",".join(QUICK_ROWS))
     seeds = parse_seeds(args.seeds)
     output = args.output or (None if args.quick else DEFAULT_RESULTS)
@@ -308,6 +315,7 @@ def main(argv=None):
     with publish.locked(output) if output else contextlib.nullcontext():
         existing = publish.load_json(output) if output and os.path.exists(output) else None
         payload = {"quick": args.quick, "budget": budget, "machine": info, "load_before": load_before,
+                   "command": publish.command_line(),
                    "entries": merge(existing, new_entries, args.quick, budget, output)}
         publish.write_json(output, payload)
     if not args.quick:

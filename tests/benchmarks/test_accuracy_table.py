@@ -158,3 +158,16 @@ def test_a_part_keeps_the_rows_another_part_wrote_while_it_ran(tmp_path, monkeyp
     recorded = json.loads(output.read_text())["entries"]
     assert [(e["label"], e["seed"], e["accuracy"]) for e in recorded] == [
         ("W8A8", 0, 0.92), ("W4A4", 0, 0.87), ("W4A32 channel", 1, 0.88)]
+
+
+def test_section_is_rendered_again_from_a_results_file(tmp_path):
+    machine_info = {"cores": 2, "cpu": "c", "tensorflow": "t", "python": "p", "date": "d", "load_average": [0.1, 0, 0]}
+    path, markdown = tmp_path / "acc.json", tmp_path / "BENCHMARKS.md"
+    publish.write_json(str(path), {"quick": False, "budget": accuracy_table.FULL, "machine": machine_info,
+                                   "load_before": [0.1, 0, 0], "command": "python -m benchmarks.accuracy_table --x",
+                                   "entries": [entry("W4A4", 0, 0.905, 0.915), entry("W4A4", 1, 0.895, 0.905)]})
+    markdown.write_text("# title\n")
+    accuracy_table.main(["--render_json", str(path), "--markdown", str(markdown)])
+    text = markdown.read_text()
+    assert "Command (the last part run): `python -m benchmarks.accuracy_table --x`" in text
+    assert "| W4A4 | 0,1 | 90.00 ± 0.71 | -1.00 | 4.00x |" in text
