@@ -169,7 +169,6 @@ def measure(sess, loss, batches, targets, bit_widths):
     upstream_of_loss = match.reachable([loss.op], lambda op: [t.op for t in op.inputs] + list(op.control_inputs))
     batch_dependent = match.reachable([t.op for t in batches[0] if isinstance(t, tf.Tensor)], match.readers)
     cuts = {t.name: _cut_tensors(t, upstream_of_loss, batch_dependent) for t in targets}
-    cut_tensors = list({tensor.name: tensor for cut in cuts.values() for tensor in cut}.values())
     # What each target's runs need from the float pass: its own value (an activation) and the tensors fed back.
     needs = {t.name: ([t.tensors[0]] if t.kind == ACTIVATION else []) + cuts[t.name] for t in targets}
     for feed in batches:
