@@ -62,8 +62,10 @@ ROWS = [
     Row("W3A3 ch PACT + dst", CH + " --uql_weight_bits=3 --uql_activation_bits=3" + PACT + DST),
     Row("W3A3 ch LSQ", CH + " --uql_weight_bits=3 --uql_activation_bits=3" + LSQ),
     Row("W3A3 ch LSQ + dst", CH + " --uql_weight_bits=3 --uql_activation_bits=3" + LSQ + DST),
-    # The issue allows up to 3 epochs of fine-tuning: the best W3A3 setting with that budget.
+    # The issue allows up to 3 epochs of fine-tuning: the best W3A3 settings with that budget.
     Row("W3A3 ch LSQ + dst (3 epochs)", CH + " --uql_weight_bits=3 --uql_activation_bits=3" + LSQ + DST, epochs=3.0),
+    Row("W3A3 ch PACT (3 epochs)", CH + " --uql_weight_bits=3 --uql_activation_bits=3" + PACT, epochs=3.0),
+    Row("W3A3 ch PACT + dst (3 epochs)", CH + " --uql_weight_bits=3 --uql_activation_bits=3" + PACT + DST, epochs=3.0),
     Row("W2A2 ch min/max", CH + " --uql_weight_bits=2 --uql_activation_bits=2"),
     Row("W2A2 ch min/max + dst", CH + " --uql_weight_bits=2 --uql_activation_bits=2" + DST),
     Row("W2A2 ch PACT", CH + " --uql_weight_bits=2 --uql_activation_bits=2" + PACT),
