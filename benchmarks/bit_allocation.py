@@ -9,12 +9,13 @@ parts: each part merges into the results file by (budget, method, seed).
 
   .venv/bin/python -m benchmarks.bit_allocation --seeds 0,1,2
   .venv/bin/python -m benchmarks.bit_allocation --budgets "W2 A4" --seeds 1,2 --randoms 1
-  .venv/bin/python -m benchmarks.bit_allocation --timing        # alone, on a quiet machine
+  .venv/bin/python -m benchmarks.bit_allocation --timing --timing_repeats 3    # alone, on a quiet machine
   .venv/bin/python -m benchmarks.bit_allocation --quick --output /tmp/alloc.json --work_dir /tmp/alloc
 
 Accuracy rows may run beside each other (accuracy does not depend on load); their search and epoch times then
-do not mean much. --timing runs each budget's auto row once more, alone, and records its search time and
-epoch time as the figures the search / epoch column shows; it refuses a busy machine unless --allow_busy.
+do not mean much. --timing runs each budget's auto row again (--timing_repeats times), alone, and records the
+median search time and epoch time as the figures the search / epoch column shows; it refuses a busy machine
+unless --allow_busy.
 """
 import argparse
 import math
@@ -150,16 +151,23 @@ def run_budget(work_dir, budget, seed, plan):
     return entries
 
 
-def run_timing(work_dir, budget, seed, plan):
-    """Search and epoch seconds of `budget`'s auto row, measured from scratch (a leftover run directory would
-    be resumed and reuse its stored allocation, so it is removed first)."""
+def run_timing(work_dir, budget, seed, plan, repeats=1):
+    """Search and epoch seconds of `budget`'s auto row, measured from scratch `repeats` times (a leftover run
+    directory would be resumed and reuse its stored allocation, so it is removed before each); the entry holds
+    every run's figures and their medians (one run of ~10 s varies by more than a second on this machine)."""
     label = "%s auto timing" % budget.label
-    shutil.rmtree(accuracy_table.row_dir(work_dir, label, seed), ignore_errors=True)
     load_before = machine.read_load()
-    entry = run_row(work_dir, budget, "auto timing", seed, plan)[0]
-    return {"budget": budget.label, "seed": seed, "search_seconds": entry["search_seconds"],
-            "epoch_seconds": entry["epoch_seconds"], "load_before": load_before,
-            "load_after": machine.end_load(), "date": machine.machine_info()["date"]}
+    searches, epochs = [], []
+    for _ in range(repeats):
+        shutil.rmtree(accuracy_table.row_dir(work_dir, label, seed), ignore_errors=True)
+        entry = run_row(work_dir, budget, "auto timing", seed, plan)[0]
+        searches.append(entry["search_seconds"])
+        epochs.append(entry["epoch_seconds"])
+    measured = [e for e in epochs if e is not None]
+    return {"budget": budget.label, "seed": seed, "search_seconds": statistics.median(searches),
+            "epoch_seconds": statistics.median(measured) if measured else None, "search_runs": searches,
+            "epoch_runs": epochs, "load_before": load_before, "load_after": machine.end_load(),
+            "date": machine.machine_info()["date"]}
 
 
 def merge_timing(existing, new_timing):
@@ -264,14 +272,21 @@ def render(payload, command):
     if timing:
         busy = any(machine.busy_readings(t["load_before"], t["load_after"], payload["machine"]["cores"])
                    for t in timing)
-        lines.append("- Search and epoch times of %s: %s (`--timing`: each budget's auto row once more, seed %d), "
-                     "%s; load before / after: %s.%s" % (
+        lines.append("- Search and epoch times of %s: %s (`--timing`: each budget's auto row again from scratch, seed "
+                     "%d; the medians of its runs).%s" % (
                          ", ".join(t["budget"] for t in timing),
                          "**measured on a busy machine** (published with --allow_busy)" if busy else
-                         "measured alone, nothing else running", timing[0]["seed"], timing[0]["date"],
-                         "; ".join("%s %s / %s" % (t["budget"], t["load_before"], t["load_after"]) for t in timing),
+                         "measured alone, nothing else running", timing[0]["seed"],
                          "" if len(timing) == len(table) else " Other budgets: means over the accuracy rows, which "
                          "ran beside other work."))
+        for t in timing:
+            runs = ""
+            if len(t.get("search_runs", [])) > 1:
+                runs = ", %d runs: search %s s, epoch %s s" % (
+                    len(t["search_runs"]), ", ".join("%.1f" % v for v in t["search_runs"]),
+                    ", ".join("%.1f" % v if v is not None else "-" for v in t["epoch_runs"]))
+            lines.append("  - %s: %s%s; load before / after %s / %s." % (t["budget"], t["date"], runs,
+                                                                      t["load_before"], t["load_after"]))
     else:
         lines.append("- Search and epoch times: means over the accuracy rows.")
     for label, t in table.items():
@@ -295,6 +310,8 @@ def main(argv=None):
                         % (", ".join(repr(b.label) for b in BUDGETS), ", ".join(QUICK["budgets"])))
     parser.add_argument("--timing", action="store_true", help="measure each budget's search and epoch time "
                         "alone (one auto row per budget, first seed) into the results file; run on a quiet machine")
+    parser.add_argument("--timing_repeats", type=int, default=1, help="--timing: auto rows per budget, the medians "
+                        "of their times recorded (default 1)")
     parser.add_argument("--randoms", type=int, help="random allocations per budget and seed (default %d; quick %d)"
                         % (FULL["randoms"], QUICK["randoms"]))
     args = parser.parse_args(argv)
@@ -316,6 +333,8 @@ def main(argv=None):
         if args.randoms < 1:
             raise publish.BenchmarkError("--randoms=%d is not valid; expected at least 1" % args.randoms)
         plan["randoms"] = args.randoms
+    if args.timing_repeats < 1:
+        raise publish.BenchmarkError("--timing_repeats=%d is not valid; expected at least 1" % args.timing_repeats)
     output = args.output or (None if args.quick else DEFAULT_RESULTS)
     existing = publish.load_json(output) if output and os.path.exists(output) and not args.quick else None
     merge(existing, [], plan, output)  # refuse a results file of another plan before any run
@@ -350,7 +369,7 @@ def _run_timing(args, existing, output, seed, plan):
                                      "full run of benchmarks.bit_allocation wrote" % output)
     timing = []
     for budget in (b for b in BUDGETS if b.label in plan["budgets"]):
-        entry = run_timing(args.work_dir, budget, seed, plan)
+        entry = run_timing(args.work_dir, budget, seed, plan, args.timing_repeats)
         print("timing %-8s search %.1f s, epoch %.1f s" % (budget.label, entry["search_seconds"],
                                                           entry["epoch_seconds"] or 0.0), flush=True)
         publish.check_quiet(entry["load_before"], entry["load_after"], args.allow_busy or args.quick)

@@ -111,6 +111,41 @@ def test_timing_entries_replace_the_rows_times_in_the_table():
     assert "Other budgets: means over the accuracy rows" in text
 
 
+def test_timing_repeats_record_every_run_and_their_medians(tmp_path, monkeypatch):
+    """--timing_repeats: each repeat measures from scratch (its leftover directory removed), the entry holds every
+    run's search and epoch seconds and the column shows their medians."""
+    searches, epochs = iter([9.0, 7.0, 8.5]), iter([95.0, 90.0, 99.0])
+    seen = []
+
+    def fake_run_row(work_dir, budget, method, seed, plan, extra=None):
+        out_dir = accuracy_table.row_dir(work_dir, "%s %s" % (budget.label, method), seed)
+        seen.append(os.path.exists(os.path.join(out_dir, "leftover")))
+        os.makedirs(out_dir, exist_ok=True)
+        open(os.path.join(out_dir, "leftover"), "w").close()
+        return {"search_seconds": next(searches), "epoch_seconds": next(epochs)}, out_dir
+
+    monkeypatch.setattr(bit_allocation, "run_row", fake_run_row)
+    budget = next(b for b in bit_allocation.BUDGETS if b.label == "W2 A2.5")
+    entry = bit_allocation.run_timing(str(tmp_path), budget, 0, bit_allocation.FULL, repeats=3)
+    assert seen == [False, False, False]
+    assert (entry["search_runs"], entry["epoch_runs"]) == ([9.0, 7.0, 8.5], [95.0, 90.0, 99.0])
+    assert (entry["search_seconds"], entry["epoch_seconds"]) == (8.5, 95.0)
+    plan = dict(bit_allocation.FULL, randoms=1, budgets=["W2 A2.5"])
+    entries = [_entry("W2 A2.5", method, 0, accuracy) for method, accuracy in
+               (("auto", 0.9), ("uniform", 0.89), ("random 0", 0.88))]
+    payload = {"quick": False, "plan": plan, "entries": entries, "timing": [entry], "load_before": [0.1, 0.1, 0.1],
+               "machine": {"cores": 2, "cpu": "x", "tensorflow": "2", "python": "3", "date": "d",
+                           "load_average": [0.1, 0.1, 0.1]}}
+    text = bit_allocation.render(payload, "cmd")
+    assert "| W2 A2.5 | 0 | 1 | 90.00 | 89.00 | 88.00 | 8.5 | 95.0 | 8.9 % |" in text
+    assert "3 runs: search 9.0, 7.0, 8.5 s, epoch 95.0, 90.0, 99.0 s" in text
+
+
+def test_timing_repeats_must_be_positive(tmp_path):
+    with pytest.raises(publish.BenchmarkError, match="--timing_repeats=0 is not valid; expected at least 1"):
+        bit_allocation.main(["--timing", "--timing_repeats", "0", "--output", str(tmp_path / "r.json")])
+
+
 def test_timing_quick_measures_a_fresh_search(tmp_path):
     """--quick --timing runs the auto row from scratch: its search time is the one its allocation file holds."""
     work = tmp_path / "work"
