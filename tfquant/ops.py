@@ -162,11 +162,23 @@ def quantize_weight(x, bits, layout=GroupLayout()):
     Returns:
       Q(x) with x's shape.
     """
-    if check_bits("bits", bits) == FLOAT_BITS:
-        return x
-    view, reduce_axes, restore = _grouped(tf.stop_gradient(x), layout)
-    lo, hi = _group_range(view, reduce_axes)
-    return straight_through(x, restore(quantize_in_range(view, bits, lo, hi)))
+    return quantize_weight_widths(x, [bits], layout)[bits]
+
+
+def quantize_weight_widths(x, widths, layout=GroupLayout()):
+    """quantize_weight(x, bits, layout) for every bits in `widths`, the groups' min/max computed once for all.
+
+    Returns:
+      {bits: Q(x) at that width}.
+    """
+    quantized = {bits: x for bits in widths if check_bits("bits", bits) == FLOAT_BITS}
+    if len(quantized) < len(widths):
+        view, reduce_axes, restore = _grouped(tf.stop_gradient(x), layout)
+        lo, hi = _group_range(view, reduce_axes)
+        for bits in widths:
+            if bits not in quantized:
+                quantized[bits] = straight_through(x, restore(quantize_in_range(view, bits, lo, hi)))
+    return quantized
 
 
 def weight_codes(x, bits, layout=GroupLayout()):

@@ -7,6 +7,7 @@ batches. Feeding replaces a tensor for one run only, so the model's variables ar
 float graph stays usable; the only ops added are quantizers (one per weight and width, one per activation
 width), under SCOPE.
 """
+import collections
 import concurrent.futures
 import dataclasses
 from typing import List, Optional
@@ -20,8 +21,12 @@ tf1 = tf.compat.v1
 SCOPE = "tfquant_sensitivity"
 WEIGHT = "weight"
 ACTIVATION = "activation"
-# Loss runs in flight at once: one run of a small model leaves cores idle between its ops.
-PARALLEL_RUNS = 2
+# Loss runs in flight at once: one run of a small model leaves cores idle between its ops (on 2 cores, ResNet-20's
+# search: 2 runs 7.9-8.0 s, 3 runs 7.5-7.6 s, 4 runs 7.8 s).
+PARALLEL_RUNS = 3
+# Runs queued beyond those in flight: enough to cover preparing the next target's values, few enough that only a
+# couple of targets' quantized values (an activation at every width) are held at once.
+PENDING_RUNS = 2 * PARALLEL_RUNS
 # Float values of one batch held at once (activations, tensors fed back): beyond this the float pass is run
 # again for the next targets (a large model's activations of a batch can take gigabytes; a small model's fit
 # in one run).
@@ -106,8 +111,8 @@ class _Quantizers:
             for target in targets:
                 if target.kind == WEIGHT:
                     value = tf1.placeholder(tf.float32, target.tensors[0].shape)
-                    self.built[target.name] = (value, {bits: ops.quantize_weight(value, bits, target.layout)
-                                                       for bits in bit_widths[WEIGHT]})
+                    self.built[target.name] = (value, ops.quantize_weight_widths(value, bit_widths[WEIGHT],
+                                                                                 target.layout))
             if any(target.kind == ACTIVATION for target in targets):
                 value = tf1.placeholder(tf.float32)
                 low, high = tf.reduce_min(value), tf.reduce_max(value)
@@ -174,6 +179,9 @@ def measure(sess, loss, batches, targets, bit_widths):
     for feed in batches:
         base_loss = None
         with concurrent.futures.ThreadPoolExecutor(PARALLEL_RUNS) as pool:
+            # Runs are queued across a group's targets, so the pool does not drain while the next target's quantized
+            # values are prepared; a bounded queue keeps only a few targets' quantized values alive at once.
+            pending = collections.deque()
             for group in _groups(targets, needs, _examples(feed), FLOAT_VALUE_BYTES):
                 # One float run per group: the float loss (first group) and the values the group's runs need.
                 fetch = list({t.name: t for target in group for t in needs[target.name]}.values())
@@ -187,15 +195,23 @@ def measure(sess, loss, batches, targets, bit_widths):
                         sess, [(target, values[target.tensors[0].name])])[target.name])
                     cut = dict(feed)
                     cut.update({tensor: values[tensor.name] for tensor in cuts[target.name]})
-                    runs = []
-                    for replaced in quantized.values():
+                    for bits, replaced in quantized.items():
                         fed = dict(cut)
                         fed.update({tensor: replaced for tensor in target.tensors})
-                        runs.append(fed)
-                    for bits, value in zip(quantized, pool.map(lambda fed: sess.run(loss, fed), runs)):
-                        totals[target.name][bits] += float(value) - float(base_loss)
+                        pending.append((target.name, bits, pool.submit(sess.run, loss, fed)))
+                        while len(pending) > PENDING_RUNS:
+                            _add_increase(totals, pending.popleft(), base_loss)
+                # The group's runs finish before the next float run, so one group's values are alive at a time.
+                while pending:
+                    _add_increase(totals, pending.popleft(), base_loss)
     return {name: {bits: total / len(batches) for bits, total in by_bits.items()}
             for name, by_bits in totals.items()}
+
+
+def _add_increase(totals, run, base_loss):
+    """Add a finished run's (target name, bits, future of its loss) increase over the float loss to `totals`."""
+    name, bits, future = run
+    totals[name][bits] += float(future.result()) - float(base_loss)
 
 
 def _examples(feed):

@@ -25,6 +25,27 @@ def test_uniform_quantize_matches_numpy(graph, rng, bits, bucket_type):
     assert got.shape == x.shape
 
 
+@pytest.mark.parametrize("bucket_type", [None, "channel", "split"])
+def test_quantize_weight_widths_equals_each_width_alone(graph, rng, bucket_type):
+    """One call for several widths (one min/max per group shared) gives each width's quantize_weight bit for bit,
+    matches NumPy, and keeps 32 bits float."""
+    from tfquant import ops
+    x = rng.normal(size=(3, 3, 5, 7)).astype(np.float32)
+    layout = ops.GroupLayout.from_bucket_type(bucket_type, (3,), 37)
+    value = tf.constant(x)
+    together = ops.quantize_weight_widths(value, [1, 2, 4, 8, 32], layout)
+    alone = {bits: ops.quantize_weight(value, bits, layout) for bits in (1, 2, 4, 8)}
+    got_together, got_alone = _run(graph, (together, alone))
+    assert sorted(got_together) == [1, 2, 4, 8, 32]
+    for bits in (1, 2, 4, 8):
+        np.testing.assert_array_equal(got_together[bits], got_alone[bits])
+        want = quantize_np(x, bits, bucket_type or "none", channel_axes=(3,), bucket_size=37)
+        assert_matches_reference(got_together[bits], want, x, bits)
+    np.testing.assert_array_equal(got_together[32], x)
+    # Each width reads one shared min and max per group.
+    assert len([op for op in graph.get_operations() if op.type == "Min"]) == 1 + len(alone)
+
+
 def test_values_lie_on_the_grid_of_each_group(graph, rng):
     x = rng.uniform(-3, 5, size=(4, 6)).astype(np.float32)
     got = _run(graph, tfquant.uniform_quantize(tf.constant(x), 2, "channel"))

@@ -176,6 +176,38 @@ def test_parallel_loss_runs_give_each_target_and_width_its_own_loss(toy, monkeyp
     assert len(values) == 3 * 4 + 2 * 3 and len(set(values)) >= len(values) - 2  # a mix-up would show
 
 
+def test_loss_runs_stay_queued_while_the_next_activation_is_quantized(toy, monkeypatch):
+    """The main thread prepares the next target (here: quantizes relu2) while the previous target's loss runs are
+    still queued, instead of waiting for them: relu1's runs are held until relu2's quantizing run starts (they
+    would time out waiting if the main thread waited for them first), and the values are as without the hold."""
+    import threading
+    graph, loss, init, feeds, _, _ = toy
+    weights, activations = sensitivity.find_targets(graph, tfquant.QuantConfig(quantize_all_layers=True))
+    relu1, relu2 = [t.tensors[0] for t in activations]
+    weight_reads = [tensor for t in weights for tensor in t.tensors]  # fed by weight runs (relu1 may be a cut there)
+    widths = {sensitivity.WEIGHT: [2, 4], sensitivity.ACTIVATION: [2, 3]}
+    monkeypatch.setattr(sensitivity, "PARALLEL_RUNS", 1)
+    monkeypatch.setattr(sensitivity, "PENDING_RUNS", 4, raising=False)
+    results, released = [], []
+    for hold in (False, True):
+        relu2_quantizing = threading.Event()
+        with new_session(graph) as sess:
+            sess.run(init)
+            real_run = sess.run
+
+            def run(fetches, feed_dict=None):
+                if isinstance(fetches, dict) and "relu2" in fetches:
+                    relu2_quantizing.set()
+                elif hold and fetches is loss and relu1 in feed_dict and not any(w in feed_dict for w in weight_reads):
+                    released.append(relu2_quantizing.wait(timeout=5))
+                return real_run(fetches, feed_dict)
+
+            sess.run = run
+            results.append(sensitivity.measure(sess, loss, feeds[:1], weights + activations, widths))
+    assert released == [True, True]
+    assert results[0] == results[1]
+
+
 def test_float_values_beyond_the_memory_limit_come_from_another_float_run(toy, monkeypatch):
     """With room for one hidden layer's values (8 units x 32 examples, float32) at a time, the float pass runs
     once per group of targets needing at most that much, and every sensitivity is as with everything held."""
