@@ -8,7 +8,8 @@ import tensorflow as tf
 import tfquant
 from tests.tfquant.test_export import IMAGE_SHAPE, _quantized_eval, _save_quantized, _synthetic_data, forward
 from tfquant import fold, match
-from tfquant.export import divergence, fake_quant_graph, model_export, onnx_export, tflite_export
+from tfquant.export import (divergence, fake_quant_graph, frozen_graph, inference_graph, model_export, onnx_export,
+                            tflite_export)
 
 INPUT_SHAPE = [None] + IMAGE_SHAPE
 CONFIG = tfquant.QuantConfig(weight_bits=8, activation_bits=8, quantize_all_layers=True,
@@ -24,7 +25,7 @@ def deployed(tmp_path_factory):
     images, labels = _synthetic_data(np.random.default_rng(11), 400)
     calibration, _ = _synthetic_data(np.random.default_rng(12), 100)
     reference, quantized_weights = _quantized_eval(checkpoint, CONFIG, images)
-    folded = model_export.folded_weight_values(forward, checkpoint, INPUT_SHAPE)
+    folded = frozen_graph.folded_weight_values(forward, checkpoint, INPUT_SHAPE)
     packed = str(directory / "model.tfq")
     model_export.pack_checkpoint(checkpoint, report, packed, folded_weights=folded)
     weights, _ = model_export.load_packed_weights(packed)
@@ -45,8 +46,8 @@ def test_packed_folded_weights_reload_the_trained_grid(deployed):
         step = np.abs(trained).max() / level
         codes = trained / step
         np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)  # zero point 0, +-127
-    frozen = model_export.freeze_inference_graph(forward, deployed["weights"], deployed["report"], INPUT_SHAPE)
-    logits = model_export.run_graph_def(frozen, deployed["images"])
+    frozen = frozen_graph.freeze_inference_graph(forward, deployed["weights"], deployed["report"], INPUT_SHAPE)
+    logits = frozen_graph.run_graph_def(frozen, deployed["images"])
     np.testing.assert_allclose(logits, deployed["reference"], rtol=1e-4, atol=1e-4)
 
 
@@ -73,10 +74,10 @@ def test_fake_quant_graph_carries_trained_ranges(deployed):
         assert record["min"] == pytest.approx(min(0.0, float(deployed["weights"][low])))
     # What training never quantized is labelled as calibrated: the input and the logits.
     calibrated = {r["tensor"] for r in graph.activations if r["source"] == "calibrated"}
-    assert model_export.INPUT_NAME in calibrated and any("fc2" in name for name in calibrated)
+    assert inference_graph.INPUT_NAME in calibrated and any("fc2" in name for name in calibrated)
     # A folded conv feeds its bias, then a trained ReLU range: nothing in between is requantized.
     assert len(calibrated) == 2, calibrated
-    logits = model_export.run_graph_def(graph.graph_def, deployed["images"])
+    logits = frozen_graph.run_graph_def(graph.graph_def, deployed["images"])
     assert _agreement(logits, deployed["reference"]) >= 0.997
 
 
@@ -314,7 +315,7 @@ def test_export_calibrates_the_tensors_training_would_quantize(tmp_path):
     checkpoint, report_path = _save_quantized(str(tmp_path), CONFIG, np.random.default_rng(1),
                                               forward_fn=_preprocessed_forward)
     report = tfquant.report.load_report(report_path)
-    folded = model_export.folded_weight_values(_preprocessed_forward, checkpoint, INPUT_SHAPE)
+    folded = frozen_graph.folded_weight_values(_preprocessed_forward, checkpoint, INPUT_SHAPE)
     packed = str(tmp_path / "model.tfq")
     model_export.pack_checkpoint(checkpoint, report, packed, folded_weights=folded)
     weights, _ = model_export.load_packed_weights(packed)
@@ -330,7 +331,7 @@ def test_export_calibrates_the_tensors_training_would_quantize(tmp_path):
         candidates = [c for c in match.find_weight_candidates(graph) if c.input_index is not None]
         covered = {layer.name for layer in report.activation_layers if layer.quantized}
         found = match.find_integer_tensors(graph, candidates, covered, outputs)
-    assert set(calibrated) == {model_export.INPUT_NAME} | {item.tensor.op.name for item in found}
+    assert set(calibrated) == {inference_graph.INPUT_NAME} | {item.tensor.op.name for item in found}
     # The preprocessed image conv1 reads is among them, with its range over the calibration images.
     data, = [item for item in found if item.op_type == "Input"]
     record = calibrated[data.tensor.op.name]
@@ -363,7 +364,7 @@ def test_layer_divergence_compares_every_int8_tensor_with_the_tf_graph(deployed)
     assert records[0]["differ"] == 0  # the input is quantized the same way on both sides
     # The output's share, recomputed from the model's int8 logits and the frozen graph's logits.
     codes, (scale, zero_point) = _builtin_kernel_logits(model, images)
-    graph_logits = model_export.run_graph_def(deployed["graph"].graph_def, images)
+    graph_logits = frozen_graph.run_graph_def(deployed["graph"].graph_def, images)
     graph_codes = np.clip(np.round(graph_logits.astype(np.float64) / scale) + zero_point, -128, 127)
     assert records[-1]["differ"] == pytest.approx(np.mean(graph_codes != codes.reshape(graph_codes.shape)))
     assert records[-1]["max_steps"] == np.abs(graph_codes - codes.reshape(graph_codes.shape)).max()

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import tfquant
 from tests.conftest import new_session
-from tfquant.export import model_export, packed_file, tflite_export
+from tfquant.export import frozen_graph, model_export, packed_file, tflite_export
 
 tf1 = tf.compat.v1
 IMAGE_SHAPE = [12, 12, 1]
@@ -247,14 +247,14 @@ def trained(tmp_path_factory):
 
 
 def test_frozen_graph_matches_quantized_graph(trained):
-    graph_def = model_export.freeze_inference_graph(forward, trained["weights"], trained["decisions"],
+    graph_def = frozen_graph.freeze_inference_graph(forward, trained["weights"], trained["decisions"],
                                                     [None] + IMAGE_SHAPE)
     for op, weight in _weight_inputs(graph_def):
         types = _ancestor_types(weight)
         assert "Round" not in types and "Placeholder" not in types, (op.name, types)
         assert types <= {"Const", "Identity"}, (op.name, types)
     assert any(node.op == "Round" for node in graph_def.node)  # activations stay quantized
-    frozen = model_export.run_graph_def(graph_def, trained["images"])
+    frozen = frozen_graph.run_graph_def(graph_def, trained["images"])
     expected, _ = _quantized_eval(trained["checkpoint"], trained["config"], trained["images"])
     np.testing.assert_allclose(frozen, expected, rtol=1e-5, atol=1e-5)
     assert np.array_equal(frozen.argmax(1), expected.argmax(1))
@@ -265,16 +265,16 @@ def test_freeze_rejects_mismatched_weights(trained):
     weights = dict(trained["weights"])
     weights["fc1/biases"] = np.zeros([3], np.float32)
     with pytest.raises(model_export.ExportError, match=r"fc1/biases.*\[3\].*\[32\]"):
-        model_export.freeze_inference_graph(forward, weights, trained["decisions"], [None] + IMAGE_SHAPE)
+        frozen_graph.freeze_inference_graph(forward, weights, trained["decisions"], [None] + IMAGE_SHAPE)
     weights = dict(trained["weights"], **{"extra/weights": np.zeros([2], np.float32)})
     with pytest.raises(model_export.ExportError, match="extra/weights"):
-        model_export.freeze_inference_graph(forward, weights, trained["decisions"], [None] + IMAGE_SHAPE)
+        frozen_graph.freeze_inference_graph(forward, weights, trained["decisions"], [None] + IMAGE_SHAPE)
 
 
 def test_tflite_float_keeps_activation_quantization(trained):
-    graph_def = model_export.freeze_inference_graph(forward, trained["weights"], trained["decisions"],
+    graph_def = frozen_graph.freeze_inference_graph(forward, trained["weights"], trained["decisions"],
                                                     [None] + IMAGE_SHAPE)
-    reference = model_export.run_graph_def(graph_def, trained["images"])
+    reference = frozen_graph.run_graph_def(graph_def, trained["images"])
     logits = tflite_export.run_tflite(tflite_export.convert_float(graph_def), trained["images"])
     # Another op order may move an activation across a rounding boundary, so compare predictions.
     assert np.mean(logits.argmax(1) == reference.argmax(1)) >= 0.98
@@ -282,9 +282,9 @@ def test_tflite_float_keeps_activation_quantization(trained):
 
 
 def test_tflite_float_and_int8(trained, tmp_path):
-    graph_def = model_export.freeze_inference_graph(forward, trained["weights"], trained["decisions"],
+    graph_def = frozen_graph.freeze_inference_graph(forward, trained["weights"], trained["decisions"],
                                                     [None] + IMAGE_SHAPE, quantize_activations=False)
-    reference = model_export.run_graph_def(graph_def, trained["images"])
+    reference = frozen_graph.run_graph_def(graph_def, trained["images"])
     float_model = tflite_export.convert_float(graph_def)
     np.testing.assert_allclose(tflite_export.run_tflite(float_model, trained["images"]), reference,
                                rtol=1e-4, atol=1e-4)
@@ -484,13 +484,16 @@ def _truncate_data(run):
         handle.truncate(os.path.getsize(path) // 2)
 
 
-def _zero_ema_steps(run):
+def _zero_ema_steps(run, drop=False):
     prefix = _checkpoint_prefix(run)
 
     def zero(values):
-        for name in values:
+        for name in list(values):
             if name.endswith("/ema_steps"):
-                values[name] = np.zeros_like(values[name])
+                if drop:
+                    del values[name]
+                else:
+                    values[name] = np.zeros_like(values[name])
     _rewrite_checkpoint(prefix, prefix + "-zeroed", zero)
     for suffix in (".index", ".data-00000-of-00001"):
         os.replace(prefix + "-zeroed" + suffix, prefix + suffix)
@@ -532,6 +535,8 @@ def _buckets_off(data):
 @pytest.mark.parametrize("damage,fragment", [
     (_truncate_data, "cannot be read"),
     (_zero_ema_steps, "never recorded in training"),
+    # A checkpoint whose ranges lack their update counter (written by other code) is named, not a NameError.
+    (lambda run: _zero_ema_steps(run, drop=True), "/ema_steps (the range of activation"),
     (_fifo_index, "is a FIFO; expected a regular file"),
     (_garbage_state, None),  # the latest checkpoint is found by listing the directory, not from the state file
     (_other_models_graph, "does not match the model"),

@@ -11,7 +11,7 @@ from tests.conftest import new_session
 from tests.tfquant.test_export import (IMAGE_SHAPE, NUM_CLASSES, _batch_norm, _conv, _dense, _quantized_eval,
                                        _save_quantized, _synthetic_data)
 from tfquant import match
-from tfquant.export import fake_quant_graph, model_export, onnx_export, tflite_export
+from tfquant.export import fake_quant_graph, frozen_graph, model_export, onnx_export, tflite_export
 
 tf1 = tf.compat.v1
 INPUT_SHAPE = [None] + IMAGE_SHAPE
@@ -43,7 +43,7 @@ def trained(tmp_path_factory):
     report = tfquant.report.load_report(report_path)
     images, labels = _synthetic_data(np.random.default_rng(11), 300)
     reference, _ = _quantized_eval(checkpoint, CONFIG, images, forward_fn=residual_forward)
-    folded = model_export.folded_weight_values(residual_forward, checkpoint, INPUT_SHAPE)
+    folded = frozen_graph.folded_weight_values(residual_forward, checkpoint, INPUT_SHAPE)
     packed = str(directory / "model.tfq")
     model_export.pack_checkpoint(checkpoint, report, packed, folded_weights=folded)
     weights, _ = model_export.load_packed_weights(packed)
@@ -120,7 +120,7 @@ def test_export_needs_no_calibration_and_reproduces_the_trained_graph(trained):
     reference = trained["reference"]
     codes = _nudged_codes(reference, low, high)
     np.testing.assert_allclose(codes, np.round(codes), atol=2e-3)
-    logits = model_export.run_graph_def(graph.graph_def, trained["images"])
+    logits = frozen_graph.run_graph_def(graph.graph_def, trained["images"])
     assert np.abs(logits - reference).max() <= 2.01 * step
     assert np.mean(logits.argmax(1) == reference.argmax(1)) >= 0.99
     model = tflite_export.convert_int8_trained(graph, INPUT_SHAPE)
@@ -140,7 +140,7 @@ def test_export_without_trained_layer_outputs_needs_calibration_images(tmp_path)
     checkpoint, report_path = _save_quantized(str(tmp_path), config, np.random.default_rng(1),
                                               forward_fn=residual_forward)
     report = tfquant.report.load_report(report_path)
-    folded = model_export.folded_weight_values(residual_forward, checkpoint, INPUT_SHAPE)
+    folded = frozen_graph.folded_weight_values(residual_forward, checkpoint, INPUT_SHAPE)
     model_export.pack_checkpoint(checkpoint, report, str(tmp_path / "m.tfq"), folded_weights=folded)
     weights, _ = model_export.load_packed_weights(str(tmp_path / "m.tfq"))
     with pytest.raises(model_export.ExportError, match=r"6 tensors have no trained range .*expected calibration"):
@@ -188,7 +188,7 @@ def test_zero_exact_grid_is_tensorflows_fake_quant():
 
 def test_float_tflite_holds_the_trained_layer_outputs(trained):
     """The frozen graph (and its float TFLite model) reproduces the trained graph's quantized logits."""
-    frozen = model_export.freeze_inference_graph(residual_forward, trained["weights"], trained["report"],
+    frozen = frozen_graph.freeze_inference_graph(residual_forward, trained["weights"], trained["report"],
                                                  INPUT_SHAPE)
     model = tflite_export.convert_float(frozen, INPUT_SHAPE)
     logits = tflite_export.run_tflite(model, trained["images"])
@@ -246,10 +246,10 @@ def test_int8_model_reproduces_the_eval_graph_codes(trained):
 def test_frozen_graph_adds_the_same_int32_biases(trained):
     """The frozen graph (weights decoded from the packed file) quantizes its biases as the eval graph does: its
     logits are the eval graph's, not merely close."""
-    frozen = model_export.freeze_inference_graph(residual_forward, trained["weights"], trained["report"],
+    frozen = frozen_graph.freeze_inference_graph(residual_forward, trained["weights"], trained["report"],
                                                  INPUT_SHAPE)
     names = {node.name for node in frozen.node}
     assert {"conv3/Conv2D/bias_quant/Round", "fc/MatMul/bias_quant/Round"} <= names
-    logits = model_export.run_graph_def(frozen, trained["images"])
+    logits = frozen_graph.run_graph_def(frozen, trained["images"])
     np.testing.assert_array_equal(logits.argmax(1), trained["reference"].argmax(1))
     np.testing.assert_allclose(logits, trained["reference"], atol=1e-5)

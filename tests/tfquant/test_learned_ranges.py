@@ -10,7 +10,7 @@ import tfquant
 from tests.conftest import new_session
 from tests.tfquant.test_export import IMAGE_SHAPE, _quantized_eval, _save_quantized, _synthetic_data, forward
 from tfquant import ops, ranges
-from tfquant.export import model_export
+from tfquant.export import frozen_graph, model_export
 
 tf1 = tf.compat.v1
 FD_STEP = 1e-3
@@ -447,8 +447,8 @@ def test_learned_ranges_export_bit_exact(tmp_path, rng, weight_range, act_range,
         assert np.array_equal(eval_weights[name].view(np.uint32), expected.view(np.uint32)), name
         layer = [layer for layer in report.weight_layers if layer.weight_variable == name][0]
         assert all(len(np.unique(group)) <= 2 ** layer.bits for group in _groups(expected, layer))
-    graph_def = model_export.freeze_inference_graph(forward, weights, metadata["config"], [None] + IMAGE_SHAPE)
-    frozen = model_export.run_graph_def(graph_def, test_images)
+    graph_def = frozen_graph.freeze_inference_graph(forward, weights, metadata["config"], [None] + IMAGE_SHAPE)
+    frozen = frozen_graph.run_graph_def(graph_def, test_images)
     np.testing.assert_allclose(frozen, logits, rtol=1e-5, atol=1e-5)
     assert np.array_equal(frozen.argmax(1), logits.argmax(1))
 

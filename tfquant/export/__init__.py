@@ -6,8 +6,8 @@ from a run directory's files (checkpoint, quant_report.json, inference_graph.met
 Command line: python -m tfquant.export --help
 """
 from tfquant.export.inference_graph import InferenceGraph, InferenceGraphError, save_inference_graph
-from tfquant.export.model_export import (ExportError, folded_weight_values, freeze_inference_graph,
-                                         load_packed_weights, pack_checkpoint, run_graph_def)
+from tfquant.export.frozen_graph import folded_weight_values, freeze_inference_graph, run_graph_def
+from tfquant.export.model_export import ExportError, load_packed_weights, pack_checkpoint
 from tfquant.export.packed_file import PackedFileError
 from tfquant.export.run_directory import export_run_directory
 from tfquant.export.tflite_export import (check_int8_compatible, convert_float, convert_int8, convert_int8_trained,

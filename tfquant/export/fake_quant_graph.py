@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from tfquant import fold, match, rewrite
 from tfquant.config import FLOAT_BITS
-from tfquant.export import model_export, tflite_export
+from tfquant.export import frozen_graph, inference_graph, model_export, tflite_export
 from tfquant.report import load_report
 
 tf1 = tf.compat.v1
@@ -167,7 +167,7 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
     weight_layers = {layer.name: layer for layer in report.weight_layers}
     graph = tf.Graph()
     with graph.as_default():
-        images = tf1.placeholder(tf.float32, list(input_shape), name=model_export.INPUT_NAME)
+        images = tf1.placeholder(tf.float32, list(input_shape), name=inference_graph.INPUT_NAME)
         logits = build_forward(images)
         folded_outputs = {}
         if report.config.get("fold_batch_norms"):
@@ -175,8 +175,8 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
         candidates = [c for c in match.find_weight_candidates(graph) if c.input_index is not None
                       and not c.skip_reason]
         activations = match.find_activations(graph)
-        output = model_export.named_output(graph, logits)
-        assigns, feeds = model_export.variable_assignments(weights, keep_unused_ranges=True)
+        output = frozen_graph.named_output(graph, logits)
+        assigns, feeds = frozen_graph.variable_assignments(weights, keep_unused_ranges=True)
         # Resolved before the weights are rerouted through their FakeQuants (a model input is found
         # as the operand of its layer that is not the weight variable).
         trained = [(layer, match.integer_tensor(graph, layer.name, folded_outputs))
@@ -222,7 +222,7 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
                 _insert_range(tensor, low, high, INT8_BITS, "calibrated", records)
         graph_def = tf1.graph_util.convert_variables_to_constants(
             sess, graph.as_graph_def(), [output.op.name])
-    input_record = next(r for r in records if r["tensor"] == model_export.INPUT_NAME)
+    input_record = next(r for r in records if r["tensor"] == inference_graph.INPUT_NAME)
     return FakeQuantGraph(graph_def, weight_records, records, (input_record["min"], input_record["max"]),
                           int(len(images_value)) if targets else 0)
 

@@ -8,7 +8,7 @@ onnxruntime are optional dependencies (`pip install tfquant[onnx]`).
 import numpy as np
 import tensorflow as tf
 
-from tfquant.export import model_export
+from tfquant.export import inference_graph
 
 OPSET = 17
 
@@ -40,7 +40,7 @@ def convert(graph_def):
     """
     tf2onnx = _require("tf2onnx")
     model, _ = tf2onnx.convert.from_graph_def(
-        graph_def, input_names=[model_export.INPUT_NAME + ":0"], output_names=[model_export.OUTPUT_NAME + ":0"],
+        graph_def, input_names=[inference_graph.INPUT_NAME + ":0"], output_names=[inference_graph.OUTPUT_NAME + ":0"],
         opset=OPSET)
     store_weight_codes(model, graph_def)
     return model.SerializeToString()

@@ -20,7 +20,8 @@ import tensorflow as tf
 
 import tfquant
 from tfquant import files
-from tfquant.export import divergence, fake_quant_graph, inference_graph, model_export, onnx_export, tflite_export
+from tfquant.export import (divergence, fake_quant_graph, frozen_graph, inference_graph, model_export, onnx_export,
+                            tflite_export)
 from tfquant.export.model_export import ExportError
 from tfquant.report import REPORT_NAME, config_from_report, load_report
 
@@ -161,7 +162,7 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
 
     folded = None
     if report.config.get("fold_batch_norms"):
-        folded = model_export.folded_weight_values(build_forward, checkpoint, input_shape)
+        folded = frozen_graph.folded_weight_values(build_forward, checkpoint, input_shape)
     stats = model_export.pack_checkpoint(checkpoint, report, os.path.join(staging, "model.tfq"),
                                          metadata={"input_shape": input_shape}, folded_weights=folded)
     stats.pop("path")
@@ -171,14 +172,14 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
         raise ExportError("packed file=%d bytes is not valid; expected at most the bound of %.0f bytes"
                           % (stats["file_bytes"], stats["bound_bytes"]))
     weights, _ = model_export.load_packed_weights(os.path.join(staging, "model.tfq"))
-    graph_def = model_export.freeze_inference_graph(build_forward, weights, report, input_shape)
+    graph_def = frozen_graph.freeze_inference_graph(build_forward, weights, report, input_shape)
     add_file("frozen_graph", "inference.pb", graph_def.SerializeToString())
 
     reference = frozen = None
     if test_data is not None:
         test_images, test_labels = test_data
         reference = _quantized_checkpoint_logits(build_forward, checkpoint, config, test_images)
-        frozen = model_export.run_graph_def(graph_def, test_images)
+        frozen = frozen_graph.run_graph_def(graph_def, test_images)
         result["test_images"] = int(len(test_labels))
         result["accuracy"] = {"quantized_checkpoint": _accuracy(reference, test_labels),
                               "frozen_graph": _accuracy(frozen, test_labels)}
@@ -198,7 +199,7 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
         ranged = fake_quant_graph.build(build_forward, weights, report, input_shape, calibration_images)
         result["trained_ranges"] = ranged.summary()
     if int8 and options.int8_calibration:
-        float_activations = model_export.freeze_inference_graph(
+        float_activations = frozen_graph.freeze_inference_graph(
             build_forward, weights, report, input_shape, quantize_activations=False)
         models["int8"] = tflite_export.convert_int8(float_activations, calibration_images, report, input_shape,
                                                     num_calibration=CALIBRATION_IMAGES)

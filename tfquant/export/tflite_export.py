@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfquant.config import FLOAT_BITS
-from tfquant.export import model_export
+from tfquant.export import inference_graph
 from tfquant.report import load_report
 
 tf1 = tf.compat.v1
@@ -52,8 +52,8 @@ def _converter(graph_def, input_shape):
     with graph.as_default():
         tf1.import_graph_def(graph_def, name="")
     sess = tf1.Session(graph=graph)
-    images = graph.get_tensor_by_name(model_export.INPUT_NAME + ":0")
-    logits = graph.get_tensor_by_name(model_export.OUTPUT_NAME + ":0")
+    images = graph.get_tensor_by_name(inference_graph.INPUT_NAME + ":0")
+    logits = graph.get_tensor_by_name(inference_graph.OUTPUT_NAME + ":0")
     shape = list(input_shape) if input_shape is not None else images.shape.as_list()
     images.set_shape([1] + [int(d) for d in shape[1:]])
     converter = tf1.lite.TFLiteConverter.from_session(sess, [images], [logits])
@@ -64,7 +64,7 @@ def convert_float(graph_def, input_shape=None):
     """Float32 TFLite model of a frozen inference graph.
 
     Args:
-      graph_def: GraphDef with 'input' and 'logits' (model_export.freeze_inference_graph).
+      graph_def: GraphDef with 'input' and 'logits' (frozen_graph.freeze_inference_graph).
       input_shape: [None, H, W, C]; taken from the 'input' placeholder when None.
     Returns:
       the .tflite flatbuffer as bytes.
@@ -134,7 +134,7 @@ def convert_int8_trained(fake_quant_graph, input_shape=None):
         converter.inference_type = tf.int8
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
-        converter.quantized_input_stats = {model_export.INPUT_NAME: (zero_point, 1.0 / scale)}
+        converter.quantized_input_stats = {inference_graph.INPUT_NAME: (zero_point, 1.0 / scale)}
         return converter.convert()
     finally:
         sess.close()
