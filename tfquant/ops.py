@@ -171,14 +171,12 @@ def quantize_weight_widths(x, widths, layout=GroupLayout()):
     Returns:
       {bits: Q(x) at that width}.
     """
-    quantized = {bits: x for bits in widths if check_bits("bits", bits) == FLOAT_BITS}
-    if len(quantized) < len(widths):
-        view, reduce_axes, restore = _grouped(tf.stop_gradient(x), layout)
-        lo, hi = _group_range(view, reduce_axes)
-        for bits in widths:
-            if bits not in quantized:
-                quantized[bits] = straight_through(x, restore(quantize_in_range(view, bits, lo, hi)))
-    return quantized
+    if all(check_bits("bits", bits) == FLOAT_BITS for bits in widths):
+        return {bits: x for bits in widths}
+    view, reduce_axes, restore = _grouped(tf.stop_gradient(x), layout)
+    lo, hi = _group_range(view, reduce_axes)
+    return {bits: x if bits == FLOAT_BITS else straight_through(x, restore(quantize_in_range(view, bits, lo, hi)))
+            for bits in widths}
 
 
 def weight_codes(x, bits, layout=GroupLayout()):

@@ -4,6 +4,7 @@ import pytest
 import tensorflow as tf
 
 import tfquant
+from tfquant import ops
 from tests.conftest import new_session
 from tests.tfquant.reference import assert_matches_reference, quantize_np
 
@@ -29,7 +30,6 @@ def test_uniform_quantize_matches_numpy(graph, rng, bits, bucket_type):
 def test_quantize_weight_widths_equals_each_width_alone(graph, rng, bucket_type):
     """One call for several widths (one min/max per group shared) gives each width's quantize_weight bit for bit,
     matches NumPy, and keeps 32 bits float."""
-    from tfquant import ops
     x = rng.normal(size=(3, 3, 5, 7)).astype(np.float32)
     layout = ops.GroupLayout.from_bucket_type(bucket_type, (3,), 37)
     value = tf.constant(x)

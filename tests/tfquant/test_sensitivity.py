@@ -1,4 +1,6 @@
 """Measured sensitivities against a NumPy forward pass, and their ordering when one layer is made sensitive."""
+import threading
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -180,7 +182,6 @@ def test_loss_runs_stay_queued_while_the_next_activation_is_quantized(toy, monke
     """The main thread prepares the next target (here: quantizes relu2) while the previous target's loss runs are
     still queued, instead of waiting for them: relu1's runs are held until relu2's quantizing run starts (they
     would time out waiting if the main thread waited for them first), and the values are as without the hold."""
-    import threading
     graph, loss, init, feeds, _, _ = toy
     weights, activations = sensitivity.find_targets(graph, tfquant.QuantConfig(quantize_all_layers=True))
     relu1, relu2 = [t.tensors[0] for t in activations]
