@@ -2,7 +2,7 @@
 import numpy as np
 import tensorflow as tf
 
-from tfquant import fold, match, ops, policy, ranges, rewrite
+from tfquant import fold, match, ops, policy, ranges, rewrite, step_ops
 from tfquant.config import FLOAT_BITS
 from tfquant.report import QUANTIZED, SKIPPED, LayerReport, QuantReport, VariableRecord, weight_layer_storage
 
@@ -66,14 +66,14 @@ def _quantize_weights(graph, candidates, plan, config, is_training):
                     quantized[key] = ranges.quantize_weight_lsq(
                         weight, bits, layout, candidate.variable_name + WEIGHT_RANGE_SUFFIX, is_training)
                 elif config.weight_scheme == "symmetric":
-                    quantized[key] = (ops.quantize_weight_symmetric(weight, bits, layout), None)
+                    quantized[key] = (step_ops.quantize_weight_symmetric(weight, bits, layout), None)
                 else:
                     quantized[key] = (ops.quantize_weight(weight, bits, layout), None)
         tensor, learned = quantized[key]
         if (not is_training and config.weight_scheme == "symmetric" and learned is None
                 and layout.kind in ("none", "channel")):
             with graph.name_scope(None), graph.name_scope(op.name + "/weight_step"):
-                steps[op.name] = ops.symmetric_weight_step(weight, bits, layout)
+                steps[op.name] = step_ops.symmetric_weight_step(weight, bits, layout)
         if learned is not None:
             # The step sizes are this layer's range storage (alpha, beta per group in the packed file).
             layer.range_variables = [v.op.name for v in learned.variables]
@@ -151,7 +151,7 @@ def quantize_biases(graph, weight_steps, input_steps):
             continue
         index = 1 if bias_add.inputs[0] is op.outputs[0] else 0
         with graph.name_scope(None), graph.name_scope(op.name + "/bias_quant"):
-            rewrite.reroute_input(bias_add, index, ops.quantize_bias(bias_add.inputs[index],
+            rewrite.reroute_input(bias_add, index, step_ops.quantize_bias(bias_add.inputs[index],
                                                                     input_step * weight_step))
 
 

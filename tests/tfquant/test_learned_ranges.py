@@ -9,7 +9,7 @@ import tensorflow as tf
 import tfquant
 from tests.conftest import new_session
 from tests.tfquant.test_export import IMAGE_SHAPE, _quantized_eval, _save_quantized, _synthetic_data, forward
-from tfquant import ops, ranges
+from tfquant import ops, ranges, step_ops
 from tfquant.export import frozen_graph, model_export
 
 tf1 = tf.compat.v1
@@ -106,7 +106,7 @@ def _lsq_reference_grad(v, q_n, q_p):
 
 def test_lsq_activation_step_gradient(rng):
     bits, step = 2, 0.4
-    q_n, q_p = ops.unsigned_grid(bits)
+    q_n, q_p = step_ops.unsigned_grid(bits)
     x_value = np.abs(_grid_values(rng, step, 0, int(q_p), 20)).reshape(4, 6)
     up = rng.normal(size=x_value.shape).astype(np.float32)
     graph, x, upstream, quantized, params, grads = _activation_graph(x_value.shape, "lsq", bits, "Relu")
@@ -126,7 +126,7 @@ def test_lsq_activation_step_gradient(rng):
 
 def test_lsq_plus_offset_and_step_gradient(rng):
     bits, step, offset = 3, 0.25, -0.6
-    q_n, q_p = ops.unsigned_grid(bits)
+    q_n, q_p = step_ops.unsigned_grid(bits)
     x_value = (_grid_values(rng, step, 0, int(q_p), 20) + np.float32(offset)).reshape(4, 6)
     up = rng.normal(size=x_value.shape).astype(np.float32)
     graph, x, upstream, quantized, params, grads = _activation_graph(x_value.shape, "lsq", bits, "Tanh")
@@ -157,7 +157,7 @@ def test_lsq_plus_offset_and_step_gradient(rng):
 ], ids=["none", "channel", "split"])
 def test_lsq_weight_step_gradient(rng, layout, steps):
     bits, shape = 3, [2, 2, 5, 4]
-    q_n, q_p = ops.signed_grid(bits)
+    q_n, q_p = step_ops.signed_grid(bits)
     assert (q_n, q_p) == (4.0, 3.0)
     group_of = _group_index(shape, layout)
     step_of = np.asarray(steps, np.float64)[group_of]
@@ -212,9 +212,9 @@ def _searched_error(x, q_n, q_p, points=2000):
 
 @pytest.mark.parametrize("bits", [2, 3, 4])  # finer grids: a sample's few far-tail values decide the optimum
 def test_gaussian_step_ratio_against_sampled_search(bits):
-    q_n, q_p = ops.signed_grid(bits)
+    q_n, q_p = step_ops.signed_grid(bits)
     sample = np.random.default_rng(bits).normal(size=200000)
-    ratio = ops.gaussian_step_ratio(q_n, q_p)
+    ratio = step_ops.gaussian_step_ratio(q_n, q_p)
     # The error curve is flat at its minimum, so compare errors rather than the arg-min.
     assert _squared_error(sample, ratio, q_n, q_p) <= 1.002 * _searched_error(sample, q_n, q_p, 800)
 
@@ -234,7 +234,7 @@ def test_lsq_weight_initial_step_against_brute_force(rng, layout, shape, bits, s
         steps = ranges.lsq_weight_initial(tf.constant(value), bits, layout)
     with new_session(graph) as sess:
         steps = sess.run(steps)
-    q_n, q_p = ops.signed_grid(bits)
+    q_n, q_p = step_ops.signed_grid(bits)
     group_of = _group_index(shape, layout)
     assert steps.shape == (group_of.max() + 1,)
     for group, step in enumerate(steps):
@@ -253,7 +253,7 @@ def test_lsq_weight_initial_step_of_a_zero_group():
         steps = ranges.lsq_weight_initial(tf.constant(value), 2, ops.GroupLayout("channel", channel_axes=(3,)))
     with new_session(graph) as sess:
         steps = sess.run(steps)
-    assert steps[0] == np.float32(ops.MIN_STEP)
+    assert steps[0] == np.float32(step_ops.MIN_STEP)
     assert _squared_error(value[..., 1], steps[1], 2, 1) <= _searched_error(value[..., 1], 2, 1)
 
 
@@ -267,7 +267,7 @@ def _initial_steps(w_value, bits):
 
 
 def _least_squares_reference(values, q_p, iterations=3, starts=12):
-    """NumPy version of ops.least_squares_step on the unsigned grid 0..q_p (one step for all values)."""
+    """NumPy version of step_ops.least_squares_step on the unsigned grid 0..q_p (one step for all values)."""
     values = np.asarray(values, np.float32).ravel()
     candidates = [np.float32(values.max() / q_p * 2.0 ** (-0.25 * j)) for j in range(starts)]
     candidates.append(np.float32(2 * np.abs(values).mean() / np.sqrt(q_p)))

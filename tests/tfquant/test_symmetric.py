@@ -5,7 +5,7 @@ import tensorflow as tf
 
 import tfquant
 from tests.conftest import new_session
-from tfquant import ops
+from tfquant import ops, step_ops
 
 tf1 = tf.compat.v1
 
@@ -30,8 +30,8 @@ def test_symmetric_grid_matches_numpy(graph, rng, bits, per_channel):
     x = rng.normal(size=(3, 3, 4, 6)).astype(np.float32) * rng.uniform(0.1, 3, size=6).astype(np.float32)
     layout = ops.GroupLayout("channel", channel_axes=(3,)) if per_channel else ops.GroupLayout()
     tensor = tf.constant(x)
-    quantized = ops.quantize_weight_symmetric(tensor, bits, layout)
-    codes, alpha, beta = ops.symmetric_weight_codes(tensor, bits, layout)
+    quantized = step_ops.quantize_weight_symmetric(tensor, bits, layout)
+    codes, alpha, beta = step_ops.symmetric_weight_codes(tensor, bits, layout)
     with new_session(graph) as sess:
         got, got_codes, got_alpha, got_beta = sess.run([quantized, codes, alpha, beta])
     q, step = _symmetric_np(x, bits, 3 if per_channel else None)
@@ -58,15 +58,15 @@ def test_symmetric_reload_is_bit_exact(graph, rng):
     layout = ops.GroupLayout("channel", channel_axes=(1,))
     tensor = tf.constant(x)
     with new_session(graph) as sess:
-        got, (codes, alpha, beta) = sess.run([ops.quantize_weight_symmetric(tensor, 4, layout),
-                                              ops.symmetric_weight_codes(tensor, 4, layout)])
+        got, (codes, alpha, beta) = sess.run([step_ops.quantize_weight_symmetric(tensor, 4, layout),
+                                              step_ops.symmetric_weight_codes(tensor, 4, layout)])
     decoded = codes.astype(np.float32) * (alpha * np.float32(1.0 / 15)).astype(np.float32) + beta
     np.testing.assert_array_equal(decoded, got)
 
 
 def test_symmetric_gradient_is_straight_through(graph, rng):
     x = tf.constant(rng.normal(size=(4, 3)).astype(np.float32))
-    y = ops.quantize_weight_symmetric(x, 3)
+    y = step_ops.quantize_weight_symmetric(x, 3)
     grad, = tf.gradients(tf.reduce_sum(y * 2.0), [x])
     with new_session(graph) as sess:
         np.testing.assert_array_equal(sess.run(grad), np.full((4, 3), 2.0, np.float32))
@@ -75,7 +75,7 @@ def test_symmetric_gradient_is_straight_through(graph, rng):
 def test_all_zero_group_stays_zero(graph):
     x = np.zeros((3, 2), np.float32)
     x[:, 1] = [1.0, -2.0, 0.5]
-    y = ops.quantize_weight_symmetric(tf.constant(x), 4, ops.GroupLayout("channel", channel_axes=(1,)))
+    y = step_ops.quantize_weight_symmetric(tf.constant(x), 4, ops.GroupLayout("channel", channel_axes=(1,)))
     with new_session(graph) as sess:
         got = sess.run(y)
     assert np.all(np.isfinite(got))
@@ -116,8 +116,8 @@ def test_weight_step_is_the_grids_step_per_output_channel(graph, shape, axes):
     x = np.random.default_rng(4).normal(size=shape).astype(np.float32)
     layout = ops.GroupLayout("channel", channel_axes=axes) if axes else ops.GroupLayout()
     with new_session(graph) as sess:
-        step, quantized = sess.run([ops.symmetric_weight_step(tf.constant(x), 8, layout),
-                                    ops.quantize_weight_symmetric(tf.constant(x), 8, layout)])
+        step, quantized = sess.run([step_ops.symmetric_weight_step(tf.constant(x), 8, layout),
+                                    step_ops.quantize_weight_symmetric(tf.constant(x), 8, layout)])
     kept = [a for a in range(len(shape)) if a in (axes or ())]
     moved = np.moveaxis(x, kept, list(range(len(kept)))).reshape(int(np.prod([shape[a] for a in kept])), -1)
     np.testing.assert_allclose(step, np.abs(moved).max(axis=1) / 127 if axes else np.abs(x).max() / 127, rtol=1e-6)
@@ -132,7 +132,7 @@ def test_bias_on_the_int32_grid(graph):
     bias = np.array([0.1234567, -2.6e-4, 0.0, 3.0, -1e12], np.float32)
     step = np.array([1e-3, 1e-4, 1e-3, 0.7, 1e-3], np.float32)
     value = tf1.placeholder(tf.float32, [5])
-    quantized = ops.quantize_bias(value, tf.constant(step))
+    quantized = step_ops.quantize_bias(value, tf.constant(step))
     grad, = tf.gradients(tf.reduce_sum(quantized * np.arange(5, dtype=np.float32)), [value])
     with new_session(graph) as sess:
         got, got_grad = sess.run([quantized, grad], {value: bias})

@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfquant
-from tfquant import fold, match, ops, quantize, ranges
+from tfquant import fold, match, quantize, ranges, step_ops
 from tfquant.config import FLOAT_BITS
 from tfquant.export.inference_graph import INPUT_NAME, OUTPUT_NAME
 from tfquant.export.model_export import COUNTER_SUFFIXES, ExportError, resolve_checkpoint
@@ -68,7 +68,7 @@ def _grid_weight_steps(graph, report):
             continue
         op = graph.get_operation_by_name(layer.name)
         with graph.name_scope(None), graph.name_scope(layer.name + "/weight_step"):
-            steps[layer.name] = ops.symmetric_weight_step(op.inputs[layer.input_index], layer.bits, layout)
+            steps[layer.name] = step_ops.symmetric_weight_step(op.inputs[layer.input_index], layer.bits, layout)
     return steps
 
 

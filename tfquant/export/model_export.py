@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfquant
-from tfquant import checkpoints, files, ops, ranges
+from tfquant import checkpoints, files, ranges, step_ops
 from tfquant.config import FLOAT_BITS
 from tfquant.export import packed_file
 from tfquant.report import DECISIONS_VARIABLE, decisions_difference, layer_layout, load_report, unmatched_layers
@@ -140,7 +140,7 @@ def _compute_codes(quantized, weight_scheme="asymmetric"):
             x = tf1.placeholder(tf.float32, value.shape)
             feeds[x] = value
             if learned is None:
-                codes_of = ops.symmetric_weight_codes if weight_scheme == "symmetric" else tfquant.weight_codes
+                codes_of = step_ops.symmetric_weight_codes if weight_scheme == "symmetric" else tfquant.weight_codes
                 fetches.append(codes_of(x, layer.bits, _layout(layer)))
                 continue
             step_value, seen = learned
@@ -150,8 +150,8 @@ def _compute_codes(quantized, weight_scheme="asymmetric"):
             else:
                 # A checkpoint saved before its first step: training would use the initial step sizes.
                 step = ranges.lsq_weight_initial(x, layer.bits, _layout(layer))
-            step = ops.positive_step(step)
-            fetches.append(ops.lsq_weight_codes(x, step, layer.bits, _layout(layer)))
+            step = step_ops.positive_step(step)
+            fetches.append(step_ops.lsq_weight_codes(x, step, layer.bits, _layout(layer)))
     config = tf1.ConfigProto(intra_op_parallelism_threads=2, inter_op_parallelism_threads=1)
     with tf1.Session(graph=graph, config=config) as sess:
         return sess.run(fetches, feed_dict=feeds)
