@@ -324,15 +324,9 @@ def quantize_bias(bias, step):
 
 
 def symmetric_weight_codes(x, bits, layout=GroupLayout()):
-    """The packed codes and per-group alpha/beta that `quantize_weight_symmetric` dequantizes.
-
-    Args:
-      x: float tensor with a fully defined shape.
-      bits: 2..16.
-      layout: a GroupLayout.
-    Returns:
-      (int32 codes of x's shape in 0..2^k-2, float alpha [groups], float beta [groups]); the signed
-      code of an element is its code minus 2^(k-1)-1.
+    """The packed codes and per-group alpha/beta that `quantize_weight_symmetric` dequantizes, for a float
+    tensor `x` of fully defined shape at 2..16 `bits` in range groups `layout`: (int32 codes of x's shape in
+    0..2^k-2, float alpha [groups], float beta [groups]). An element's signed code is its code minus 2^(k-1)-1.
     """
     codes, alpha, beta, restore = _symmetric_packed(x, bits, layout)
     return tf.cast(restore(codes), tf.int32), tf.reshape(alpha, [-1]), tf.reshape(beta, [-1])
