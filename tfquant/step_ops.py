@@ -275,15 +275,9 @@ def _symmetric_packed(x, bits, layout):
 def quantize_weight_symmetric(x, bits, layout=GroupLayout()):
     """A weight on the symmetric grid: zero point 0, codes -(2^(k-1)-1) .. 2^(k-1)-1 per range group.
 
-    The forward value is computed by the packed format's formula codes * (alpha * float32(1/(2^k-1)))
-    + beta (codes shifted by 2^(k-1)-1), so a packed model reloads it bit for bit; dQ/dx = 1.
-
-    Args:
-      x: float tensor with a fully defined shape.
-      bits: 2..16 (32 returns x unchanged).
-      layout: a GroupLayout.
-    Returns:
-      Q(x) with x's shape.
+    `x` (a float tensor of fully defined shape) at 2..16 `bits` (32: x unchanged) in range groups `layout`, its
+    forward value computed by the packed format's formula (codes shifted by 2^(k-1)-1), so a packed model
+    reloads it bit for bit; dQ/dx = 1. Returns Q(x) with x's shape.
     """
     if check_bits("bits", bits) == FLOAT_BITS:
         return x
