@@ -11,9 +11,7 @@ complete new one. No model code is needed: the forward pass comes from the saved
 import dataclasses
 import json
 import os
-import re
 import shutil
-import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -21,7 +19,7 @@ import tensorflow as tf
 import tfquant
 from tfquant import files
 from tfquant.export import (divergence, fake_quant_graph, frozen_graph, inference_graph, model_export, onnx_export,
-                            tflite_export)
+                            staged_directory, tflite_export)
 from tfquant.export.model_export import ExportError
 from tfquant.report import REPORT_NAME, config_from_report, load_report
 
@@ -264,41 +262,6 @@ def _fidelity(result, reference, test_data, frozen, tflite_models, onnx_model, l
         result["latency"] = latency
 
 
-def _existing_ancestor(path):
-    """The nearest existing directory at or above `path` (staging goes there: same file system)."""
-    while not os.path.isdir(path):
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return path
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _clean_stale(output_dir, root):
-    """Remove staging directories of killed exports of `output_dir`; restore a previous export set aside."""
-    base = os.path.basename(output_dir)
-    pattern = re.compile(r"^\.%s\.(export|old)-(\d+)-" % re.escape(base))
-    for name in sorted(os.listdir(root)):
-        found = pattern.match(name)
-        if not found or _process_alive(int(found.group(2))):
-            continue
-        path = os.path.join(root, name)
-        if found.group(1) == "old" and root == os.path.dirname(output_dir) and not os.path.lexists(output_dir):
-            os.rename(path, output_dir)  # killed between setting the old export aside and moving the new one in
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def _check_output_dir(output_dir, given):
     """Refuse an output directory that holds anything but a previous export (it would be replaced)."""
     if not os.path.lexists(output_dir):
@@ -310,24 +273,6 @@ def _check_output_dir(output_dir, given):
     if foreign:
         raise ExportError("%s holds %s, which is not part of an export; expected a new or empty "
                           "directory or a previous export (it is replaced as a whole)" % (given, foreign[0]))
-
-
-def _publish(staging, output_dir):
-    """Move the complete staging directory to `output_dir`, replacing a previous export only then."""
-    os.makedirs(os.path.dirname(output_dir), exist_ok=True)
-    if not os.path.lexists(output_dir):
-        os.rename(staging, output_dir)
-        return
-    old = tempfile.mkdtemp(prefix=".%s.old-%d-" % (os.path.basename(output_dir), os.getpid()),
-                           dir=os.path.dirname(output_dir))
-    os.rmdir(old)  # only the unique name is wanted; rename needs a free target
-    os.rename(output_dir, old)
-    try:
-        os.rename(staging, output_dir)
-    except BaseException:
-        os.rename(old, output_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def export_run_directory(checkpoint_dir, output_dir, tflite=False, int8=False, int8_calibration=False, onnx=False,
@@ -361,15 +306,9 @@ def export_run_directory(checkpoint_dir, output_dir, tflite=False, int8=False, i
     staging = None
     try:
         _check_output_dir(output_dir, output_name or "output_dir=" + output_dir)
-        root = _existing_ancestor(os.path.dirname(output_dir))
-        _clean_stale(output_dir, root)
-        staging = tempfile.mkdtemp(prefix=".%s.export-%d-" % (os.path.basename(output_dir), os.getpid()),
-                                   dir=root)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the export's mode
+        staging = staged_directory.create(output_dir)
         result = _export(checkpoint_dir, staging, options, test_data, calibration_images)
-        _publish(staging, output_dir)
+        staged_directory.publish(staging, output_dir)
         staging = None
     finally:
         if staging is not None:
