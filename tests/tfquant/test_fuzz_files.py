@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from tfquant import config as config_module
-from tfquant.export import packed_file, packing
-from tfquant.export.packed_file import (FloatTensor, PackedFileError, QuantizedTensor, read_packed_model,
-                                        write_packed_model)
+from tfquant.export import packed_reader, packing
+from tfquant.export.packed_file import FloatTensor, PackedFileError, QuantizedTensor, write_packed_model
+from tfquant.export.packed_reader import read_packed_model
 from tfquant.report import QuantReport, ReportError, config_from_report, read_report
 
 MAGIC = b"TFQPACK\x00"
@@ -176,7 +176,7 @@ def test_non_finite_or_overflowing_ranges_rejected(small_file, value):
 
 def test_duplicates_found_before_any_tensor_is_built(small_file, monkeypatch):
     built = []
-    monkeypatch.setattr(packed_file, "_build_tensor", lambda plan, payload: built.append(plan))
+    monkeypatch.setattr(packed_reader, "_build_tensor", lambda plan, payload: built.append(plan))
     _refused(_mutated(small_file, _set(4, "n", "conv/w")), "duplicate tensor name")
     assert built == []
 
@@ -203,8 +203,8 @@ def test_crafted_header_rejected(tmp_path, craft, fragment):
 def test_index_bomb_capped_before_inflating(tmp_path):
     bomb = zlib.compress(b" " * (64 * 1024 * 1024), 9)  # ~64 KB that would inflate 1000-fold
     message = _refused(_craft(tmp_path / "bomb.tfq", compressed=bomb), "decompresses to more than")
-    limit = min(packed_file.INDEX_EXPANSION_LIMIT * len(bomb) + packed_file.INDEX_SLACK_BYTES,
-                packed_file.INDEX_ABSOLUTE_LIMIT)
+    limit = min(packed_reader.INDEX_EXPANSION_LIMIT * len(bomb) + packed_reader.INDEX_SLACK_BYTES,
+                packed_reader.INDEX_ABSOLUTE_LIMIT)
     assert "at most %d" % limit in message
 
 
@@ -355,7 +355,7 @@ _CHILD = textwrap.dedent(r"""
     import tensorflow as tf
     from tfquant import quantize_graph
     from tfquant.export.model_export import load_packed_weights
-    from tfquant.export.packed_file import read_packed_model
+    from tfquant.export.packed_reader import read_packed_model
     from tfquant.report import config_from_report, read_report
 
     def status_mb(key):

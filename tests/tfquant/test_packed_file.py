@@ -1,4 +1,4 @@
-"""Tests for tfquant.export.packed_file: round trips, the size bound, corruption detection, atomic writes."""
+"""Tests for tfquant.export.packed_file and packed_reader: round trips, the size bound, corruption detection, atomic writes."""
 import json
 import os
 
@@ -7,7 +7,8 @@ import pytest
 
 from tfquant.export import packing
 from tfquant.export.packed_file import (FloatTensor, PackedFileError, QuantizedTensor, accounted_bits,
-                                        read_packed_model, write_packed_model)
+                                        write_packed_model)
+from tfquant.export.packed_reader import read_packed_model
 
 METADATA = {"model": "resnet_20", "input_shape": [32, 32, 3], "bits": {"default": 4},
             "report": {"quantized": 20, "float": 77, "top1": 0.9123}}

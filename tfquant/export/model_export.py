@@ -16,7 +16,7 @@ import tensorflow as tf
 import tfquant
 from tfquant import checkpoints, files, ranges, step_ops
 from tfquant.config import FLOAT_BITS
-from tfquant.export import packed_file
+from tfquant.export import packed_file, packed_reader
 from tfquant.report import DECISIONS_VARIABLE, decisions_difference, layer_layout, load_report, unmatched_layers
 
 tf1 = tf.compat.v1
@@ -353,7 +353,7 @@ def load_packed_weights(path):
     Raises:
       packed_file.PackedFileError: missing, truncated or corrupted file.
     """
-    tensors, metadata = packed_file.read_packed_model(path)
+    tensors, metadata = packed_reader.read_packed_model(path)
     weights = {}
     tensors.reverse()
     while tensors:
