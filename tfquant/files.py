@@ -5,12 +5,13 @@ reader, a device or a huge file cannot exhaust memory, and a crafted JSON docume
 without limit or hide a second value under a duplicate key. Each helper raises the caller's own
 error class (PackedFileError, ReportError, DataError, ...) with one line naming the path.
 """
+import contextlib
 import itertools
 import json
 import os
 import re
+import secrets
 import stat
-import tempfile
 import zlib
 
 # Default ceiling for small metadata files (reports, results, run settings, state files).
@@ -178,19 +179,23 @@ def load_json_file(path, error_cls, what="JSON file", limit=SMALL_FILE_LIMIT, ma
     return loads_json(text, error_cls, "%s %s" % (what, os.fspath(path)), max_depth)
 
 
-def write_atomically(path, data):
-    """Write bytes or text to `path` through a unique temporary file in the same directory, flushed to disk.
+@contextlib.contextmanager
+def atomic_writer(path):
+    """A binary file handle whose contents replace `path` when the block ends without an exception.
 
-    Two writers never share a temporary file; readers see the old file or the new one, never a part.
-    OSError propagates (the caller names the path in its own error).
+    The handle writes a temporary file of a unique name in the same directory (two writers never share one),
+    created with mode 0o666 less the umask like any ordinary output file; at the end of the block it is flushed
+    to disk and renamed over `path`, so readers see the old file or the new one, never a part. On an exception
+    (KeyboardInterrupt included) the temporary file is removed and `path` is left as it was. OSError propagates
+    (the caller names the path in its own error).
     """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    directory, base = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(directory, ".%s.%d.%s.tmp" % (base, os.getpid(), secrets.token_hex(4)))
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
@@ -208,3 +213,9 @@ def write_atomically(path, data):
             os.close(dir_fd)
     except OSError:
         pass  # some file systems refuse fsync on a directory; the rename itself is done
+
+
+def write_atomically(path, data):
+    """Write bytes or text (UTF-8) to `path` through `atomic_writer`."""
+    with atomic_writer(path) as handle:
+        handle.write(data.encode("utf-8") if isinstance(data, str) else data)

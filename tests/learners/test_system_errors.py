@@ -92,14 +92,13 @@ def test_unwritable_settings_record_is_one_line(tmp_path, monkeypatch):
 
 def test_settings_json_is_written_atomically_with_unique_temporaries(tmp_path, monkeypatch):
     names = []
-    real = run_settings.files.tempfile.mkstemp
+    real = os.replace
 
-    def recording(*args, **kwargs):
-        fd, name = real(*args, **kwargs)
-        names.append(name)
-        return fd, name
+    def recording(source, target):
+        names.append(source)  # the temporary file renamed over the record
+        return real(source, target)
 
-    monkeypatch.setattr(run_settings.files.tempfile, "mkstemp", recording)
+    monkeypatch.setattr(run_settings.files.os, "replace", recording)
     for value in (1, 2):
         run_settings.write_record(str(tmp_path / "m.ckpt"), "full-prec", {"batch_size": value})
     assert len(set(names)) == 2 and not any(os.path.exists(n) for n in names)

@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import secrets
 import struct
 import zlib
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from tfquant import files
 from tfquant.export import packing
 from tfquant.layout import RANGE_GROUP_BITS
 
@@ -242,37 +242,23 @@ def write_packed_model(path, tensors, metadata):
     payload_start = align(HEADER.size + len(index), 8)
     prefix = header + index + bytes(payload_start - HEADER.size - len(index))
 
-    directory, base = os.path.split(path)
-    tmp_path = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 lets the umask decide permissions, as for any ordinary output file.
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            digest = hashlib.sha256()
+    with files.atomic_writer(path) as f:
+        digest = hashlib.sha256()
 
-            def emit(data):
-                digest.update(data)
-                f.write(data)
+        def emit(data):
+            digest.update(data)
+            f.write(data)
 
-            emit(prefix)
-            written = 0
-            for t, entry in zip(tensors, entries):
-                for offset, chunk in _tensor_chunks(t, entry):
-                    if offset < written:
-                        raise AssertionError("payload plan overlaps")  # writer bug, not user error
-                    emit(bytes(offset - written))
-                    emit(chunk)
-                    written = offset + len(chunk)
-            if written != payload_len:
-                raise AssertionError(f"payload plan said {payload_len} bytes, wrote {written}")
-            f.write(digest.digest())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_path)
-        except FileNotFoundError:
-            pass
-        raise
+        emit(prefix)
+        written = 0
+        for t, entry in zip(tensors, entries):
+            for offset, chunk in _tensor_chunks(t, entry):
+                if offset < written:
+                    raise AssertionError("payload plan overlaps")  # writer bug, not user error
+                emit(bytes(offset - written))
+                emit(chunk)
+                written = offset + len(chunk)
+        if written != payload_len:
+            raise AssertionError(f"payload plan said {payload_len} bytes, wrote {written}")
+        f.write(digest.digest())
     return payload_start + payload_len + DIGEST_SIZE
