@@ -208,16 +208,29 @@ def _check_bit_range(kind, low_name, high_name, budget_name):
                         "budget of at most %s" % (budget_name, budget, high_name, high, high))
 
 
+# Flags that only the automatic allocation reads (PocketFlow's budget and range flags served its RL agent alone).
+_AUTO_BITS_ONLY = ("uql_equivalent_bits", "uql_w_bit_min", "uql_w_bit_max", "uql_sensitivity_batches")
+_ACTIVATION_BUDGET_ONLY = ("uql_a_bit_min", "uql_a_bit_max")
+
+
 def _check_auto_bits():
     """The bit-allocation flags: PocketFlow's RL agent is refused, budgets must fit their bit ranges."""
     if FLAGS.uql_enbl_rl_agent:
         raise UserError("--uql_enbl_rl_agent is not available: tfquant has no RL agent; expected --uql_auto_bits "
                         "(exact allocation under --uql_equivalent_bits)")
     if not FLAGS.uql_auto_bits:
-        if FLAGS.uql_a_equivalent_bits is not None:
-            raise UserError("--uql_a_equivalent_bits=%s is given without --uql_auto_bits; expected --uql_auto_bits "
-                            "with it" % FLAGS.uql_a_equivalent_bits)
+        # These only shape the automatic allocation: given without it they would be ignored in silence.
+        for name in ("uql_a_equivalent_bits",) + _AUTO_BITS_ONLY + _ACTIVATION_BUDGET_ONLY:
+            if FLAGS[name].present:
+                raise UserError("--%s=%s is given without --uql_auto_bits; expected --uql_auto_bits with it (it "
+                                "only sets the automatic bit allocation)" % (name, getattr(FLAGS, name)))
         return
+    if FLAGS.uql_a_equivalent_bits is None:
+        for name in _ACTIVATION_BUDGET_ONLY:
+            if FLAGS[name].present:
+                raise UserError("--%s=%s is given without --uql_a_equivalent_bits; expected an activation budget "
+                                "with it (activation bits are allocated only under one)"
+                                % (name, getattr(FLAGS, name)))
     if FLAGS.learner != "uniform":
         raise UserError("--uql_auto_bits is not valid with --learner=%s; expected --learner=uniform" % FLAGS.learner)
     for name in ("uql_layer_bits", "uql_weight_overrides"):

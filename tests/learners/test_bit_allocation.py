@@ -57,6 +57,15 @@ AUTO = ["--learner=uniform", "--uql_auto_bits"]
     (AUTO + ["--uql_weight_range=lsq", "--uql_w_bit_min=1", "--uql_equivalent_bits=2"],
      "--uql_w_bit_min=1 is not valid with --uql_weight_range=lsq"),
     (AUTO + ["--uql_sensitivity_batches=0"], "--uql_sensitivity_batches=0 is not valid"),
+    # Flags only the allocation reads are refused without it rather than ignored.
+    (["--learner=uniform", "--uql_equivalent_bits=3"], "--uql_equivalent_bits=3.0 is given without --uql_auto_bits"),
+    (["--learner=uniform", "--uql_w_bit_min=3"], "--uql_w_bit_min=3 is given without --uql_auto_bits"),
+    (["--learner=uniform", "--uql_w_bit_max=4"], "--uql_w_bit_max=4 is given without --uql_auto_bits"),
+    (["--learner=uniform", "--uql_sensitivity_batches=4"], "--uql_sensitivity_batches=4 is given without "
+                                                            "--uql_auto_bits"),
+    (["--learner=uniform", "--uql_a_bit_max=4"], "--uql_a_bit_max=4 is given without --uql_auto_bits"),
+    (AUTO + ["--uql_a_bit_min=3"], "--uql_a_bit_min=3 is given without --uql_a_equivalent_bits"),
+    (AUTO + ["--uql_a_bit_max=4"], "--uql_a_bit_max=4 is given without --uql_a_equivalent_bits"),
 ])
 def test_flag_validation(parse, tmp_path, args, expected):
     with pytest.raises(UserError) as caught:
@@ -67,6 +76,9 @@ def test_flag_validation(parse, tmp_path, args, expected):
 def test_valid_budgets_pass(parse, tmp_path):
     parse(AUTO + ["--uql_equivalent_bits=2", "--uql_a_equivalent_bits=2.5"], tmp_path)
     parse(AUTO + ["--uql_equivalent_bits=8", "--uql_w_bit_min=8"], tmp_path)
+    parse(AUTO + ["--uql_equivalent_bits=3", "--uql_a_equivalent_bits=3", "--uql_a_bit_min=3", "--uql_a_bit_max=4",
+                  "--uql_sensitivity_batches=2"], tmp_path)
+    parse(["--learner=uniform", "--uql_weight_bits=4"], tmp_path)  # defaults of the allocation flags are not "given"
 
 
 def test_rl_agent_is_one_error_line(tmp_path):
