@@ -106,12 +106,12 @@ def quantize_zero_exact(x, bits, minimum, maximum):
     level, values clipped to the nudged range and rounded half up), written with plain ops so that a
     float TFLite model can hold it too. No gradient handling (callers add straight_through).
     """
-    levels = levels(bits)
+    top = levels(bits)
     low = tf.minimum(minimum, 0.0)
     step = zero_exact_step(bits, minimum, maximum)
-    zero_point = tf.clip_by_value(tf.floor(-low / step + 0.5), 0.0, levels)
+    zero_point = tf.clip_by_value(tf.floor(-low / step + 0.5), 0.0, top)
     nudged_low = -zero_point * step
-    nudged_high = (levels - zero_point) * step
+    nudged_high = (top - zero_point) * step
     clipped = tf.maximum(tf.minimum(x, nudged_high), nudged_low)
     return tf.floor((clipped - nudged_low) * (1.0 / step) + 0.5) * step + nudged_low
 
