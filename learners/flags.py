@@ -191,6 +191,32 @@ def validate_flags():
     _writable_parent("log_dir", os.path.join(FLAGS.log_dir, "x"))
     _check_auto_bits()
     quant_config()  # bit widths, overrides and bucket settings are checked by tfquant itself
+    _check_no_flag_ignored()
+
+
+# Flags that only take effect with a setting of another flag: (flags, whether that setting holds, the setting).
+# Given on a command line without it they would be ignored in silence, so they are refused instead. Flags of
+# another learner are not refused: one set of flags may serve a float run and the quantized runs after it.
+_DEPENDENT_FLAGS = (
+    (("export_dir", "export_int8", "export_onnx"), lambda: FLAGS.exec_mode == "export", "--exec_mode=export"),
+    (("loss_w_dst", "tempr_dst"), lambda: FLAGS.enbl_dst, "--enbl_dst"),
+    (("uql_bucket_type",), lambda: FLAGS.uql_use_buckets, "--uql_use_buckets"),
+    (("uql_bucket_size",), lambda: FLAGS.uql_use_buckets and FLAGS.uql_bucket_type == "split",
+     "--uql_use_buckets --uql_bucket_type=split"),
+    (("uql_ema_decay",), lambda: FLAGS.uql_act_range == "ema", "--uql_act_range=ema"),
+    (("uql_pact_decay",), lambda: FLAGS.uql_act_range == "pact", "--uql_act_range=pact"),
+    (("uql_freeze_bn_delay",), lambda: FLAGS.uql_fold_batch_norms, "--uql_fold_batch_norms"),
+    (("uql_calib_percentile",), lambda: FLAGS.uql_calibrator == "percentile", "--uql_calibrator=percentile"),
+)
+
+
+def _check_no_flag_ignored():
+    """Refuse a flag given without the setting it takes effect under (see _DEPENDENT_FLAGS)."""
+    for names, holds, setting in _DEPENDENT_FLAGS:
+        for name in names:
+            if FLAGS[name].present and not holds():
+                raise UserError("--%s=%s has no effect without %s; expected %s with it, or the flag left out"
+                                % (name, getattr(FLAGS, name), setting, setting))
 
 
 def _check_bit_range(kind, low_name, high_name, budget_name):

@@ -185,10 +185,11 @@ def test_unknown_range_names_rejected(tmp_path, monkeypatch, parse, flag):
 
 def test_good_flags_reach_the_config(tmp_path, monkeypatch, parse):
     monkeypatch.chdir(tmp_path)
-    config = parse(["--learner=uniform", "--uql_act_range=lsq", "--uql_weight_range=lsq", "--uql_pact_decay=0",
-                    "--enbl_dst", "--loss_w_dst=0", "--tempr_dst=2"])
-    assert (config.act_range, config.weight_range, config.pact_decay) == ("lsq", "lsq", 0.0)
+    config = parse(["--learner=uniform", "--uql_act_range=lsq", "--uql_weight_range=lsq", "--enbl_dst",
+                    "--loss_w_dst=0", "--tempr_dst=2"])
+    assert (config.act_range, config.weight_range) == ("lsq", "lsq")
     assert learner_flags.FLAGS.enbl_dst and learner_flags.FLAGS.loss_w_dst == 0.0
+    assert parse(["--learner=uniform", "--uql_act_range=pact", "--uql_pact_decay=0"]).pact_decay == 0.0
 
 
 QUICK = ["--train_subset=256", "--eval_subset=128", "--batch_size=32", "--batch_size_eval=64",

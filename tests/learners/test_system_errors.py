@@ -138,7 +138,7 @@ def test_every_float_flag_refuses_nan_and_inf(parsed_flags):
             value = float(text)
             assert str(caught.value) == "--%s=%s is not valid; expected a finite number" % (
                 name, "nan" if math.isnan(value) else value), name
-    parsed_flags("--save_secs=0.5", "--uql_ema_decay=0.9")  # finite values pass
+    parsed_flags("--save_secs=0.5", "--learner=uniform", "--uql_ema_decay=0.9")  # finite values pass
 
 
 def test_save_secs_must_be_positive(parsed_flags):
