@@ -2,6 +2,8 @@
 import importlib
 import os
 
+from absl import flags
+
 from learners.errors import UserError
 from nets.errors import DataError
 
@@ -26,6 +28,7 @@ def make_helper_for(model):
         raise ValueError("model %r is not known; expected one of %s" % (model, ", ".join(MODELS)))
 
     def make(settings):
+        _refuse_flags_of_other_scripts(settings, model)
         if model == "resnet_at_cifar10" and settings.data_dir_local is None:
             raise UserError("--data_dir_local is not set; expected the directory of CIFAR-10's binary release "
                             "(data_batch_1.bin ... data_batch_5.bin, test_batch.bin)")
@@ -37,6 +40,28 @@ def make_helper_for(model):
         except ValueError as exc:
             raise UserError(str(exc))
     return make
+
+
+# Flags only nets/keras_model_run.py reads, with the value that means "not given".
+KERAS_FLAGS = (("keras_model", None), ("keras_unsafe", False), ("data_npz", None), ("dataset", None),
+               ("uql_save_keras", None))
+
+
+def _refuse_flags_of_other_scripts(settings, model):
+    """A built-in model's run script would ignore the Keras script's flags (and a ConvNet --resnet_size)."""
+    for name, unset in KERAS_FLAGS:
+        if getattr(settings, name) != unset:
+            raise UserError("--%s=%s has no effect with the %s run script; expected nets/keras_model_run.py for "
+                            "a Keras model, or the flag left out" % (name, getattr(settings, name), model))
+    if not model.startswith("resnet"):
+        _refuse_resnet_size(settings, "the %s run script" % model)
+
+
+def _refuse_resnet_size(settings, script):
+    # Only parsed flags know whether the command line set --resnet_size (its default is a valid depth).
+    if isinstance(settings, flags.FlagValues) and settings["resnet_size"].present:
+        raise UserError("--resnet_size=%s has no effect with %s; expected a ResNet run script, or the flag left "
+                        "out" % (settings.resnet_size, script))
 
 
 def write_file_float_checkpoint(helper, settings):
@@ -81,6 +106,7 @@ def make_keras_helper(settings):
     from learners import training  # pylint: disable=import-outside-toplevel
     from nets import keras_model  # pylint: disable=import-outside-toplevel  (needs tf_keras)
 
+    _refuse_resnet_size(settings, "nets/keras_model_run.py")
     if settings.keras_model is None:
         raise UserError("--keras_model is not set; expected a .h5 or .keras file or a SavedModel directory")
     if (settings.data_npz is None) == (settings.dataset is None):

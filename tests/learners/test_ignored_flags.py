@@ -74,3 +74,36 @@ def test_run_script_refuses_an_ignored_flag_before_training(tmp_path):
     assert line == ("error: --uql_freeze_bn_delay=10 has no effect without --uql_fold_batch_norms; expected "
                     "--uql_fold_batch_norms with it, or the flag left out")
     assert not (tmp_path / "models").exists() and not (tmp_path / "models_uql").exists()
+
+
+@pytest.mark.parametrize("script,args,expected", [
+    ("convnet_at_fmnist_run.py", ["--keras_model=model.h5"],
+     "error: --keras_model=model.h5 has no effect with the convnet_at_fmnist run script; expected "
+     "nets/keras_model_run.py for a Keras model, or the flag left out"),
+    ("resnet_at_fmnist_run.py", ["--dataset=fmnist"], "error: --dataset=fmnist has no effect with the "
+                                                      "resnet_at_fmnist run script"),
+    ("resnet_at_fmnist_run.py", ["--keras_unsafe"], "error: --keras_unsafe=True has no effect with the "
+                                                    "resnet_at_fmnist run script"),
+    ("convnet_at_fmnist_run.py", ["--resnet_size=32"],
+     "error: --resnet_size=32 has no effect with the convnet_at_fmnist run script; expected a ResNet run script, "
+     "or the flag left out"),
+    ("keras_model_run.py", ["--resnet_size=32", "--keras_model=model.h5", "--dataset=fmnist"],
+     "error: --resnet_size=32 has no effect with nets/keras_model_run.py"),
+])
+def test_flags_of_another_run_script_are_refused(tmp_path, script, args, expected):
+    line = _error_line(run_script(script, args, str(tmp_path)))
+    assert line.startswith(expected)
+    assert not (tmp_path / "models").exists()
+
+
+def test_resnet_size_with_a_resnet_script_passes_the_check():
+    from learners import helper_factory
+    FLAGS.unparse_flags()
+    learner_flags.define_flags()
+    FLAGS(["prog", "--resnet_size=32"])
+    try:
+        helper_factory._refuse_flags_of_other_scripts(FLAGS, "resnet_at_fmnist")
+        with pytest.raises(UserError, match="--resnet_size=32 has no effect with the convnet_at_fmnist run script"):
+            helper_factory._refuse_flags_of_other_scripts(FLAGS, "convnet_at_fmnist")
+    finally:
+        FLAGS.unparse_flags()
