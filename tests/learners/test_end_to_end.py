@@ -12,7 +12,7 @@ import tensorflow as tf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICK = ["--train_subset=256", "--eval_subset=200", "--batch_size=32", "--batch_size_eval=64",
-         "--nb_epochs_rat=0.02", "--uql_quant_epochs=0.5", "--summ_step=2", "--resnet_size=20"]
+         "--nb_epochs_rat=0.02", "--uql_quant_epochs=0.5", "--summ_step=2"]
 
 
 def run_script(script, args, cwd):
