@@ -63,8 +63,9 @@ def define_flags():
                       "batch everywhere (batch, PocketFlow's behaviour), a learned clip level (pact) or a "
                       "learned step size (lsq; LSQ+ offset for activations that can be negative)")
     flags.DEFINE_enum("uql_weight_range", "minmax", list(tfquant.config.WEIGHT_RANGES),
-                      "weight ranges: max - min per range group (minmax, PocketFlow's) or a learned step size "
-                      "per range group on a signed grid (lsq)")
+                      "weight ranges: max - min per range group (minmax, PocketFlow's), a learned step size "
+                      "per range group on a signed grid (lsq), codes -1/0/+1 times a per-group scale (ternary, "
+                      "TWN; 2 bits) or the sign times the group's mean |w| (binary; 1 bit)")
     flags.DEFINE_float("uql_pact_decay", 2e-4, "L2 decay weight on PACT's clip levels (--uql_act_range pact)")
     flags.DEFINE_enum("uql_weight_scheme", "asymmetric", list(tfquant.config.WEIGHT_SCHEMES),
                       "weight grid: min/max (asymmetric, PocketFlow's) or zero point 0 on +-(2^(k-1)-1) "
@@ -265,9 +266,15 @@ def _check_auto_bits():
                             "every weight layer's bits)" % (name, ",".join(getattr(FLAGS, name))))
     _positive("uql_sensitivity_batches")
     _check_bit_range("weight", "uql_w_bit_min", "uql_w_bit_max", "uql_equivalent_bits")
-    if FLAGS.uql_weight_range == "lsq" and FLAGS.uql_w_bit_min < 2:
-        raise UserError("--uql_w_bit_min=%d is not valid with --uql_weight_range=lsq; expected at least 2"
-                        % FLAGS.uql_w_bit_min)
+    grid = tfquant.weight_grids.grid_name(FLAGS.uql_weight_range, FLAGS.uql_weight_scheme)
+    fewest, most = tfquant.config.WEIGHT_GRID_BITS[grid]
+    setting = ("--uql_weight_scheme=%s" if grid == FLAGS.uql_weight_scheme else "--uql_weight_range=%s") % grid
+    if FLAGS.uql_w_bit_min < fewest:
+        raise UserError("--uql_w_bit_min=%d is not valid with %s; expected at least %d"
+                        % (FLAGS.uql_w_bit_min, setting, fewest))
+    if FLAGS.uql_w_bit_max > most:
+        raise UserError("--uql_w_bit_max=%d is not valid with %s; expected at most %d"
+                        % (FLAGS.uql_w_bit_max, setting, most))
     if FLAGS.uql_a_equivalent_bits is not None:
         if FLAGS.uql_activation_overrides:
             raise UserError("--uql_activation_overrides=%s is given with --uql_a_equivalent_bits; expected one of "

@@ -13,9 +13,13 @@ VALID_BITS_TEXT = "an integer from 1 to 16, or 32 for float"
 VALID_CODE_BITS_TEXT = "an integer from 1 to 16"
 BUCKET_TYPES = ("channel", "split")
 ACT_RANGES = ("ema", "batch", "pact", "lsq")
-WEIGHT_RANGES = ("minmax", "lsq")
-# asymmetric: PocketFlow's min/max grid; symmetric: zero point 0 on the narrow grid +-(2^(k-1)-1), the
-# grid int8 convolution kernels (TFLite, ONNX) store, so a trained k <= 8 bit weight deploys unchanged.
+# The weight grids (tfquant.weight_grids) by name, with the code widths each takes (fewest, most): minmax is
+# PocketFlow's; lsq learns a step on a signed grid; ternary codes -1, 0, +1 and binary the sign, times a
+# per-group scale; symmetric (weight_scheme) is zero point 0 on the narrow grid +-(2^(k-1)-1), the grid int8
+# convolution kernels (TFLite, ONNX) store, so a trained k <= 8 bit weight deploys unchanged.
+WEIGHT_GRID_BITS = {"minmax": (1, MAX_CODE_BITS), "lsq": (2, MAX_CODE_BITS), "ternary": (2, 2), "binary": (1, 1),
+                    "symmetric": (2, MAX_CODE_BITS)}
+WEIGHT_RANGES = ("minmax", "lsq", "ternary", "binary")
 WEIGHT_SCHEMES = ("asymmetric", "symmetric")
 LEARNED_ACT_RANGES = ("pact", "lsq")
 # Python's re module has no time limit, and a pattern such as "(.*.*)*Z" can run for minutes on a
@@ -98,8 +102,9 @@ class QuantConfig:
         size (plus an offset, LSQ+, for activations that can be negative); see tfquant.ranges.
       pact_decay: weight of the L2 decay pact_decay * alpha^2 / 2 on every PACT clipping level, >= 0.
         The default equals the ResNet recipe's weight decay, so alpha shrinks at the rate the weights do.
-      weight_range: 'minmax' (alpha = max - min per range group, PocketFlow's formula) or 'lsq' (a
-        trained step size per range group on a signed grid; needs at least 2 bits).
+      weight_range: 'minmax' (alpha = max - min per range group, PocketFlow's formula), 'lsq' (a
+        trained step size per range group on a signed grid; needs at least 2 bits), 'ternary' (codes -1, 0, +1
+        times a per-group scale, TWN; 2 bits) or 'binary' (sign times the group's mean |w|; 1 bit).
       explicit_bits: {op name: bits} for weight ops and activation ops, compared as plain strings
         (never as patterns); beats every other rule. It replays the decisions a QuantReport
         recorded (see tfquant.report.config_from_report) without evaluating the regular
@@ -208,17 +213,19 @@ class QuantConfig:
                            _normalise_overrides("weight_overrides", self.weight_overrides))
         object.__setattr__(self, "activation_overrides",
                            _normalise_overrides("activation_overrides", self.activation_overrides))
-        if self.weight_range == "lsq" or self.weight_scheme == "symmetric":
-            # LSQ's signed grid -2^(k-1) .. 2^(k-1)-1 and the narrow symmetric grid have no positive
-            # level at 1 bit.
-            setting = "weight_range='lsq'" if self.weight_range == "lsq" else "weight_scheme='symmetric'"
-            sources = [("weight_bits", self.weight_bits)] + [
-                ("layer_bits[%d]" % i, b) for i, b in enumerate(self.layer_bits or ())] + [
-                ("weight_overrides %r" % regex.pattern, b) for regex, b in self.weight_overrides]
-            for field, bits in sources:
-                if bits == 1:
-                    raise ValueError("%s=1 is not valid with %s; expected 2 to 16 bits, or 32"
-                                     % (field, setting))
+        # A grid takes only some widths (LSQ's signed grid and the narrow symmetric grid have no positive level
+        # at 1 bit; ternary codes take 2 bits, binary 1).
+        if self.weight_scheme == "symmetric":
+            setting, (fewest, most) = "weight_scheme='symmetric'", WEIGHT_GRID_BITS["symmetric"]
+        else:
+            setting, (fewest, most) = "weight_range=%r" % self.weight_range, WEIGHT_GRID_BITS[self.weight_range]
+        sources = [("weight_bits", self.weight_bits)] + [
+            ("layer_bits[%d]" % i, b) for i, b in enumerate(self.layer_bits or ())] + [
+            ("weight_overrides %r" % regex.pattern, b) for regex, b in self.weight_overrides]
+        for field, bits in sources:
+            if bits != FLOAT_BITS and not fewest <= bits <= most:
+                raise ValueError("%s=%d is not valid with %s; expected %s bits, or 32"
+                                 % (field, bits, setting, fewest if fewest == most else "%d to %d" % (fewest, most)))
 
     def explicit_bits_of(self, op_name):
         """Bits `explicit_bits` gives the op named `op_name`, or None when it names no such op."""

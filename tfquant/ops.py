@@ -70,6 +70,76 @@ def straight_through(source, quantized):
         return tf.raw_ops.IdentityN(input=[quantized, source])[0]
 
 
+# -- learned step sizes (LSQ, Esser et al. 2020; LSQ+, Bhalgat et al. 2020) ----------------------------
+# Smallest step size a learned range may reach: a step trained to zero or below would divide by zero.
+MIN_STEP = 1e-8
+
+
+def positive_step(step):
+    """The step size a learned step-size variable stands for: max(|step|, MIN_STEP).
+
+    An optimizer may push a step through zero; its magnitude keeps the grid usable and its gradient
+    alive (a clamp at MIN_STEP alone would leave the layer at zero with no gradient to recover).
+    """
+    return tf.maximum(tf.abs(step), MIN_STEP)
+
+
+def signed_grid(bits):
+    """(Q_N, Q_P) of the signed grid -2^(k-1) .. 2^(k-1)-1 that LSQ weights use (k >= 2)."""
+    if bits < 2:
+        raise ValueError("bits=%r is not valid for a signed LSQ grid; expected at least 2 bits" % (bits,))
+    return float(2 ** (bits - 1)), float(2 ** (bits - 1) - 1)
+
+
+def unsigned_grid(bits):
+    """(Q_N, Q_P) = (0, 2^k - 1): the grid of non-negative (or offset) LSQ activations."""
+    return 0.0, levels(bits)
+
+
+def lsq_gradient_scale(elements, q_p):
+    """LSQ's gradient scale g = 1 / sqrt(N * Q_P) for a step size shared by N elements."""
+    return 1.0 / np.sqrt(float(elements) * float(q_p))
+
+
+def scale_gradient(x, factor):
+    """x unchanged in the forward pass; its gradient multiplied by `factor` in the backward pass."""
+    # The IdentityN of straight_through returns x's exact value, so the forward pass stays bit-exact.
+    return straight_through(x * factor, tf.stop_gradient(x))
+
+
+def lsq_quantize(x, step, q_n, q_p, offset=None):
+    """LSQ fake quantization round(clip((x - offset) / step, -Q_N, Q_P)) * step + offset.
+
+    Clipping before rounding gives exactly the published gradients: to x, 1 inside the grid and 0
+    outside; to step, round(v) - v inside (v = (x - offset) / step), -Q_N below and Q_P above; to the
+    offset (LSQ+), 0 inside and 1 outside. Scale step's and offset's gradients with `scale_gradient`
+    before calling.
+
+    Args:
+      x: float tensor.
+      step: positive step size, broadcastable to x.
+      q_n, q_p: grid bounds, codes run from -q_n to q_p.
+      offset: optional learned offset (LSQ+), broadcastable to x.
+    Returns:
+      the quantized tensor, same shape as x.
+    """
+    shifted = x if offset is None else x - offset
+    quantized = round_ste(tf.clip_by_value(shifted / step, -q_n, q_p)) * step
+    return quantized if offset is None else quantized + offset
+
+
+def quantize_bias(bias, step):
+    """A bias on the int32 grid an integer kernel adds: round(bias / step) * step, clipped to int32's range.
+
+    `step` is the input's step times the weight's (a scalar or one per output channel), the scale int8
+    runtimes give the bias; dQ/dbias = 1.
+    """
+    step = tf.cast(step, bias.dtype)
+    limit = float(2 ** 31 - 1)
+    codes = tf.clip_by_value(tf.round(tf.stop_gradient(bias) / step), -limit, limit)
+    return straight_through(bias, codes * step)
+
+
 def _codes_from_range(x, bits, alpha, beta, clip):
     """round((2^k-1) * (x - beta) / alpha), as float, with the straight-through gradient."""
     # One multiply per element: (2^k-1)/alpha is a per-group value.

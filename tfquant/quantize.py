@@ -2,7 +2,7 @@
 import numpy as np
 import tensorflow as tf
 
-from tfquant import fold, match, ops, policy, ranges, rewrite, step_ops
+from tfquant import fold, match, ops, policy, ranges, rewrite, weight_grids
 from tfquant.config import FLOAT_BITS
 from tfquant.report import QUANTIZED, SKIPPED, LayerReport, QuantReport, VariableRecord, weight_layer_storage
 
@@ -16,9 +16,10 @@ def _quantize_weights(graph, candidates, plan, config, is_training):
 
     Returns:
       (its LayerReports, the names of the weight variables and of their learned step sizes: both are
-      counted as weight storage, {op name: weight step} of the layers on the symmetric grid).
+      counted as weight storage, {op name: weight step} of the layers whose grid an integer kernel holds).
     """
     layers, stored, quantized, range_variables, steps = [], {}, {}, set(), {}
+    grid = weight_grids.for_config(config)
     for candidate in candidates:
         op = candidate.op
         layer = LayerReport(name=op.name, op_type=op.type, kind="weight", status=SKIPPED,
@@ -55,25 +56,19 @@ def _quantize_weights(graph, candidates, plan, config, is_training):
         else:
             stored[candidate.variable_name] = (bits, layout)
             layer.weight_storage_bits, layer.bucket_storage_bits = weight_layer_storage(
-                layer.num_params, bits, layer.num_groups)
+                layer.num_params, grid.storage_bits(bits), layer.num_groups)
         if bits == FLOAT_BITS:
             layer.reason = reason
             continue
         key = (weight.name, bits, layout)
         if key not in quantized:
             with graph.name_scope(None), graph.name_scope(op.name + "/weight_quant"):
-                if config.weight_range == "lsq":
-                    quantized[key] = ranges.quantize_weight_lsq(
-                        weight, bits, layout, candidate.variable_name + WEIGHT_RANGE_SUFFIX, is_training)
-                elif config.weight_scheme == "symmetric":
-                    quantized[key] = (step_ops.quantize_weight_symmetric(weight, bits, layout), None)
-                else:
-                    quantized[key] = (ops.quantize_weight(weight, bits, layout), None)
+                quantized[key] = grid.quantize(weight, bits, layout, candidate.variable_name + WEIGHT_RANGE_SUFFIX,
+                                               is_training)
         tensor, learned = quantized[key]
-        if (not is_training and config.weight_scheme == "symmetric" and learned is None
-                and layout.kind in ("none", "channel")):
+        if not is_training and grid.has_integer_step(layout):
             with graph.name_scope(None), graph.name_scope(op.name + "/weight_step"):
-                steps[op.name] = step_ops.symmetric_weight_step(weight, bits, layout)
+                steps[op.name] = grid.integer_step(weight, bits, layout)
         if learned is not None:
             # The step sizes are this layer's range storage (alpha, beta per group in the packed file).
             layer.range_variables = [v.op.name for v in learned.variables]
@@ -151,8 +146,7 @@ def quantize_biases(graph, weight_steps, input_steps):
             continue
         index = 1 if bias_add.inputs[0] is op.outputs[0] else 0
         with graph.name_scope(None), graph.name_scope(op.name + "/bias_quant"):
-            rewrite.reroute_input(bias_add, index, step_ops.quantize_bias(bias_add.inputs[index],
-                                                                    input_step * weight_step))
+            rewrite.reroute_input(bias_add, index, ops.quantize_bias(bias_add.inputs[index], input_step * weight_step))
 
 
 def _layer_outputs(graph, candidates, plan, config, folded_outputs):

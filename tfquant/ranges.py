@@ -7,7 +7,7 @@ built separately restores them by name.
 Learned ranges are trainable variables initialised lazily: until a training step has run, the value
 comes from the current tensor, and that first step stores it; an `init_steps` counter > 0 records that it
 happened, so a resumed run never re-initialises. PACT's alpha starts at the top of LSQ's initial grid, at
-most the batch max. An LSQ step starts at the step of least squared quantization error (step_ops.least_squares_step):
+most the batch max. An LSQ step starts at the step of least squared quantization error (step_search.least_squares_step):
 of each range group of a weight, and of a sample of the first training batch for an activation (an evaluation
 graph run before any training step uses LSQ's own start 2<|x|>/sqrt(Q_P) of its batch instead). LSQ's own
 start has 1.7-3.8 times the squared error on the 2-4-bit weights of a trained ResNet-20.
@@ -21,7 +21,7 @@ beta, initialised at the batch minimum).
 import numpy as np
 import tensorflow as tf
 
-from tfquant import ops, step_ops
+from tfquant import ops, step_search
 
 RANGE_COLLECTION = "tfquant_activation_ranges"
 RANGE_SCOPE_SUFFIX = "act_quant"
@@ -117,7 +117,7 @@ class LearnedParameters:
             if callable(initial):
                 initial = tf.cond(seen, lambda v=variable: tf.zeros(v.shape, v.dtype), initial)
             current = variable.value()
-            values.append(tf.where(seen, step_ops.scale_gradient(current, grad_scale), tf.stop_gradient(initial)))
+            values.append(tf.where(seen, ops.scale_gradient(current, grad_scale), tf.stop_gradient(initial)))
             if is_training:
                 # Writes back the value this step used: the initial one on the first step, else unchanged.
                 # It runs before the optimizer's update, which depends on this step's forward pass.
@@ -147,10 +147,10 @@ def _pact(x, bits, is_training, scope_name, non_negative, decay):
     # alpha starts where LSQ's initial step puts the top of a k-bit grid, Q_P * 2<|x|>/sqrt(Q_P), at most
     # the batch max: starting at the max (PACT's paper) leaves 2-bit ReLU outputs 3 levels spread over
     # rare outliers, and alpha's gradient (1 only where x >= alpha) brings it down slowly.
-    q_p = step_ops.unsigned_grid(bits)[1] / (1.0 if non_negative else 2.0)
+    q_p = ops.unsigned_grid(bits)[1] / (1.0 if non_negative else 2.0)
     initial = tf.minimum(tf.reduce_max(magnitude), 2.0 * np.sqrt(q_p) * tf.reduce_mean(magnitude))
     (alpha,), updates = params.resolve([initial], is_training)
-    alpha = step_ops.positive_step(alpha)
+    alpha = ops.positive_step(alpha)
     # minimum(alpha, .) hands ties to alpha, so alpha's gradient is 1 exactly where x >= alpha.
     if non_negative:
         lower = tf.zeros_like(alpha)
@@ -178,10 +178,10 @@ def _lsq(x, bits, is_training, scope_name, non_negative):
     """LSQ (unsigned grid) for non-negative activations, LSQ+ (learned offset) for the others.
 
     The step starts at LSQ's 2<|x|>/sqrt(Q_P) in evaluation graphs, and in training graphs at the step of
-    least squared error on a sample of the first batch (step_ops.least_squares_step; LSQ's start has 1.1-5.5
+    least squared error on a sample of the first batch (step_search.least_squares_step; LSQ's start has 1.1-5.5
     times its squared error on the 2-bit ReLU outputs of a trained ResNet-20), computed once.
     """
-    q_n, q_p = step_ops.unsigned_grid(bits)
+    q_n, q_p = ops.unsigned_grid(bits)
     frozen = tf.stop_gradient(x)
     grad_scale = 1.0 / tf.sqrt(_per_example_elements(x) * q_p)
     if non_negative:
@@ -192,39 +192,24 @@ def _lsq(x, bits, is_training, scope_name, non_negative):
         lowest = tf.reduce_min(frozen)
         shifted, rest = frozen - lowest, [lowest]
     initial = [2.0 * tf.reduce_mean(tf.abs(shifted)) / np.sqrt(q_p)] + rest
-    fitted = [lambda: tf.reshape(step_ops.least_squares_step(_sample(shifted), q_n, q_p), [])] + rest
+    fitted = [lambda: tf.reshape(step_search.least_squares_step(_sample(shifted), q_n, q_p), [])] + rest
     values, updates = params.resolve(initial, is_training, grad_scale, training_initial=fitted)
-    step = step_ops.positive_step(values[0])
+    step = ops.positive_step(values[0])
     offset = None if non_negative else values[1]
     with tf.control_dependencies(updates):
-        return step_ops.lsq_quantize(x, step, q_n, q_p, offset), params
+        return ops.lsq_quantize(x, step, q_n, q_p, offset), params
 
 
 def lsq_weight_initial(weight, bits, layout):
-    """The initial step size of every range group of `layout`, as [num_groups]: the step minimising the
-    group's squared quantization error (step_ops.grouped_mse_step)."""
-    return step_ops.grouped_mse_step(weight, bits, layout)
+    """The initial LSQ step sizes of a weight (tfquant.weight_grids, where weight grids live)."""
+    from tfquant import weight_grids  # weight_grids builds on this module's LearnedParameters
+    return weight_grids.lsq_weight_initial(weight, bits, layout)
 
 
 def quantize_weight_lsq(weight, bits, layout, scope_name, is_training):
-    """Quantize a weight on the signed LSQ grid with a trained step size per range group.
-
-    Args:
-      weight: float tensor with a fully defined shape.
-      bits: 2..16.
-      layout: the ops.GroupLayout of its range groups (the same groups min/max ranges use).
-      scope_name: variable scope of the step sizes (must be the same in train and eval graphs).
-      is_training: training graphs store the first step's initial step sizes.
-    Returns:
-      (quantized weight, LearnedParameters holding `lsq_step` [num_groups]).
-    """
-    shape = weight.shape.as_list()
-    _, q_p = step_ops.signed_grid(bits)
-    params = LearnedParameters(scope_name, [("lsq_step", [layout.num_groups(shape)])])
-    grad_scale = step_ops.lsq_gradient_scale(step_ops.group_elements(shape, layout), q_p)
-    (step,), updates = params.resolve([lambda: lsq_weight_initial(weight, bits, layout)], is_training, grad_scale)
-    with tf.control_dependencies(updates):
-        return step_ops.lsq_quantize_weight(weight, step_ops.positive_step(step), bits, layout), params
+    """A weight on LSQ's learned grid (tfquant.weight_grids.quantize_weight_lsq, where weight grids live)."""
+    from tfquant import weight_grids  # weight_grids builds on this module's LearnedParameters
+    return weight_grids.quantize_weight_lsq(weight, bits, layout, scope_name, is_training)
 
 
 def quantize_activation(x, bits, act_range, is_training, decay, scope_name, op_type="", pact_decay=0.0,

@@ -1,11 +1,12 @@
 """Sensitivity of a float model to quantizing one tensor: the measured loss increase on fixed batches.
 
 For a weight W and b bits, the loss is evaluated with Q_b(W) fed in place of W's value (every other tensor
-float); for an activation, its value on the batch is quantized with the batch's own min/max (the training
-graph's range) and fed in place of the activation's output. The sensitivity is the mean increase over the
-batches. Feeding replaces a tensor for one run only, so the model's variables are never modified and the
-float graph stays usable; the only ops added are quantizers (one per weight and width, one per activation
-width), under SCOPE.
+float), Q_b being the run's own weight grid as training starts on it (tfquant.weight_grids; LSQ at its initial
+steps), so the allocation is chosen for the quantizer the run trains; for an activation, its value on the batch is
+quantized with the batch's own min/max (the training graph's range) and fed in place of the activation's output.
+The sensitivity is the mean increase over the batches. Feeding replaces a tensor for one run only, so the model's
+variables are never modified and the float graph stays usable; the only ops added are quantizers (one per weight
+and width, one per activation width), under SCOPE.
 """
 import collections
 import concurrent.futures
@@ -15,7 +16,7 @@ from typing import List, Optional
 import numpy as np
 import tensorflow as tf
 
-from tfquant import match, ops, policy
+from tfquant import match, ops, policy, weight_grids
 
 tf1 = tf.compat.v1
 SCOPE = "tfquant_sensitivity"
@@ -45,6 +46,7 @@ class Target:
         activation's output).
       size: elements of the weight, or of the activation per example.
       layout: the weight's range groups (ops.GroupLayout); None for activations.
+      grid: the weight's WeightGrid (None: the min/max grid); None for activations.
     """
 
     name: str
@@ -53,6 +55,7 @@ class Target:
     tensors: List[tf.Tensor]
     size: int
     layout: Optional[ops.GroupLayout] = None
+    grid: Optional[weight_grids.WeightGrid] = None
 
 
 def find_targets(graph, config):
@@ -64,7 +67,7 @@ def find_targets(graph, config):
 
     Args:
       graph: the float model's tf.Graph (not rewritten by tfquant).
-      config: a QuantConfig (buckets and the first/last rule).
+      config: a QuantConfig (weight grid, buckets and the first/last rule).
     Returns:
       (weight targets, activation targets).
     Raises:
@@ -75,7 +78,7 @@ def find_targets(graph, config):
     # The policy's first/last rule: those layers stay float and outside any budget.
     eligible = [c for position, c in enumerate(eligible)
                 if not policy.kept_float_as_first_or_last(position, len(eligible), config)]
-    weights = {}
+    weights, grid = {}, weight_grids.for_config(config)
     for candidate in eligible:
         target = weights.get(candidate.variable_name)
         if target is None:
@@ -84,7 +87,7 @@ def find_targets(graph, config):
                 raise ValueError("weight %s has shape %s; expected a static shape" % (candidate.variable_name, shape))
             target = weights[candidate.variable_name] = Target(
                 candidate.variable_name, WEIGHT, [], [], int(np.prod(shape.as_list())),
-                config.weight_layout(candidate.channel_axes))
+                config.weight_layout(candidate.channel_axes), grid)
         target.op_names.append(candidate.op.name)
         target.tensors.append(candidate.weight)
     activations = []
@@ -111,8 +114,8 @@ class _Quantizers:
             for target in targets:
                 if target.kind == WEIGHT:
                     value = tf1.placeholder(tf.float32, target.tensors[0].shape)
-                    self.built[target.name] = (value, ops.quantize_weight_widths(value, bit_widths[WEIGHT],
-                                                                                 target.layout))
+                    grid = target.grid or weight_grids.MinMaxGrid()
+                    self.built[target.name] = (value, grid.initial_widths(value, bit_widths[WEIGHT], target.layout))
             if any(target.kind == ACTIVATION for target in targets):
                 value = tf1.placeholder(tf.float32)
                 low, high = tf.reduce_min(value), tf.reduce_max(value)

@@ -3,9 +3,9 @@
 Integer converters (TFLite's, tf2onnx's Q/DQ) understand `fake_quant_with_min_max_vars(_per_channel)`,
 not tfquant's round/clip subgraphs. This graph puts one on:
 
-* every matmul-like weight: the packed file's dequantized weight with its own range. On the symmetric
-  grid (weight_scheme='symmetric') with k <= 8 bits the FakeQuant is k-bit narrow-range with zero point
-  0, the grid tfquant trained, so the integer weight is exactly the trained one ("exact"); asymmetric
+* every matmul-like weight: the packed file's dequantized weight with its own range. On a grid an int8
+  kernel holds (the symmetric grid, weight_scheme='symmetric') with k <= 8 bits the FakeQuant is k-bit
+  narrow-range with zero point 0, the grid tfquant trained, so the integer weight is exactly the trained one ("exact"); asymmetric
   grids, 'split' buckets, per-channel ranges on ops whose int8 kernels take one range (depthwise)
   and layers kept float are re-gridded to 8-bit symmetric ("rounded", with the reason). A MatMul with
   per-channel symmetric ranges is deployed as a 1x1 convolution, whose kernel takes them ("exact");
@@ -22,7 +22,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from tfquant import fold, match, rewrite
+from tfquant import fold, match, rewrite, weight_grids
 from tfquant.config import FLOAT_BITS
 from tfquant.export import frozen_graph, inference_graph, model_export, tflite_export
 from tfquant.report import load_report
@@ -74,7 +74,7 @@ def _per_channel_fake_quant(kernel, value, bits):
         kernel, tf.constant(-amax), tf.constant(amax), num_bits=bits, narrow_range=True)
 
 
-def _weight_fake_quant(op, index, value, layer, scheme):
+def _weight_fake_quant(op, index, value, layer, grid):
     """Reroute op's weight through a FakeQuant with the weight's range.
 
     Returns:
@@ -86,13 +86,13 @@ def _weight_fake_quant(op, index, value, layer, scheme):
     # One range per output channel where the trained grid has one and an int8 kernel takes them (Conv2D,
     # channel axis last; a MatMul run as a 1x1 Conv2D); a per-layer grid keeps one range, or its step
     # would change.
-    as_convolution = channel_grid and quantized and scheme == "symmetric" and _as_convolution(op, index)
+    as_convolution = channel_grid and quantized and not grid.int8_reason and _as_convolution(op, index)
     per_channel = channel_grid and (op.type == "Conv2D" or as_convolution)
     reason = ""
     if not quantized:
         reason = "kept float in training"
-    elif scheme != "symmetric":
-        reason = "asymmetric grid"
+    elif grid.int8_reason:
+        reason = grid.int8_reason
     elif layer.bucket_type == "split":
         reason = "split buckets"
     elif layer.bucket_type == "channel" and not per_channel:
@@ -163,7 +163,7 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
     if images_value is not None and (images_value.ndim < 2 or len(images_value) == 0):
         raise model_export.ExportError("calibration images must be [N, H, W, C] with N >= 1, got shape %s"
                                        % (images_value.shape,))
-    scheme = report.config.get("weight_scheme", "asymmetric")
+    grid = weight_grids.for_config(report.config)
     weight_layers = {layer.name: layer for layer in report.weight_layers}
     graph = tf.Graph()
     with graph.as_default():
@@ -194,7 +194,7 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
         weight_records, replaced = [], {}
         for c in candidates:
             record, moved = _weight_fake_quant(c.op, c.input_index, np.asarray(weights[c.variable_name]),
-                                               weight_layers.get(c.op.name), scheme)
+                                               weight_layers.get(c.op.name), grid)
             weight_records.append(record)
             replaced.update(moved)
         # A range found on a MatMul's output belongs to the convolution that now computes it.

@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfquant
-from tfquant import fold, match, quantize, ranges, step_ops
+from tfquant import fold, match, quantize, ranges, weight_grids
 from tfquant.config import FLOAT_BITS
 from tfquant.export.inference_graph import INPUT_NAME, OUTPUT_NAME
 from tfquant.export.model_export import COUNTER_SUFFIXES, ExportError, resolve_checkpoint
@@ -58,17 +58,17 @@ def _without_weight_decisions(config, graph):
                                                       if name not in weight_ops})
 
 
-def _grid_weight_steps(graph, report):
-    """{op name: step} of the report's quantized weight layers on the symmetric grid, from the weights in `graph`
-    (decoded from the packed file: on the grid already, so the step is recomputed from them)."""
+def _grid_weight_steps(graph, report, grid):
+    """{op name: step} of the report's quantized weight layers whose `grid` an integer kernel holds, from the
+    weights in `graph` (decoded from the packed file: on the grid already, so the step is recomputed from them)."""
     steps = {}
     for layer in report.weight_layers:
         layout = layer_layout(layer) if layer.quantized else None
-        if layout is None or layout.kind not in ("none", "channel"):
+        if layout is None or not grid.has_integer_step(layout):
             continue
         op = graph.get_operation_by_name(layer.name)
         with graph.name_scope(None), graph.name_scope(layer.name + "/weight_step"):
-            steps[layer.name] = step_ops.symmetric_weight_step(op.inputs[layer.input_index], layer.bits, layout)
+            steps[layer.name] = grid.integer_step(op.inputs[layer.input_index], layer.bits, layout)
     return steps
 
 
@@ -202,9 +202,10 @@ def freeze_inference_graph(build_forward, weights, decisions=None, input_shape=N
         if act_config is not None:
             rewritten = tfquant.quantize_graph(graph, _without_weight_decisions(act_config, graph), is_training=False)
             logits = rewritten.output(logits)
-            if isinstance(decisions, QuantReport) and decisions.config.get("weight_scheme") == "symmetric":
+            grid = weight_grids.for_config(decisions.config) if isinstance(decisions, QuantReport) else None
+            if grid is not None and grid.integer_kernel_grid:
                 # As the evaluation graph: biases on the int32 grid of the decoded weights' steps.
-                quantize.quantize_biases(graph, _grid_weight_steps(graph, decisions), rewritten.integer_steps)
+                quantize.quantize_biases(graph, _grid_weight_steps(graph, decisions, grid), rewritten.integer_steps)
         output = named_output(graph, logits)
         if output.op.name != OUTPUT_NAME or images.op.name != INPUT_NAME:
             raise ExportError("the forward pass already defines an op named %r or %r; rename it so "

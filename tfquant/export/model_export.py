@@ -3,7 +3,7 @@ frozen_graph's).
 
 The packed file holds, for every quantized weight of a QuantReport, the integer codes and the
 per-group (alpha, beta) that the training graph used, computed by the very same TensorFlow ops
-(`tfquant.weight_codes`); every other stored variable goes in as float32.  Dequantizing it
+(the run's `tfquant.weight_grids` grid); every other stored variable goes in as float32.  Dequantizing it
 (`load_packed_weights`) gives the quantized weights bit for bit, so a frozen graph built from them
 predicts exactly what the quantized checkpoint predicts.
 """
@@ -14,12 +14,11 @@ import numpy as np
 import tensorflow as tf
 
 import tfquant
-from tfquant import checkpoints, files, ranges, step_ops
+from tfquant import checkpoints, files, ranges, weight_grids
 from tfquant.config import FLOAT_BITS
 from tfquant.export import packed_file, packed_reader
 from tfquant.report import DECISIONS_VARIABLE, decisions_difference, layer_layout, load_report, unmatched_layers
 
-tf1 = tf.compat.v1
 
 SIZE_SLACK_RATIO = 1.02
 SIZE_SLACK_BYTES = 4096
@@ -128,33 +127,14 @@ def _learned_steps(reader, checkpoint, layer):
     return step, seen
 
 
-def _compute_codes(quantized, weight_scheme="asymmetric"):
-    """(codes, alpha, beta) of each (layer, value, learned steps) triple, by the training graph's ops."""
-    if not quantized:
-        return []
-    graph = tf.Graph()
-    with graph.as_default():
-        feeds, fetches = {}, []
-        for layer, value, learned in quantized:
-            # A placeholder keeps the value out of grappler's constant folding, as in training.
-            x = tf1.placeholder(tf.float32, value.shape)
-            feeds[x] = value
-            if learned is None:
-                codes_of = step_ops.symmetric_weight_codes if weight_scheme == "symmetric" else tfquant.weight_codes
-                fetches.append(codes_of(x, layer.bits, _layout(layer)))
-                continue
-            step_value, seen = learned
-            if seen:
-                step = tf1.placeholder(tf.float32, step_value.shape)
-                feeds[step] = step_value
-            else:
-                # A checkpoint saved before its first step: training would use the initial step sizes.
-                step = ranges.lsq_weight_initial(x, layer.bits, _layout(layer))
-            step = step_ops.positive_step(step)
-            fetches.append(step_ops.lsq_weight_codes(x, step, layer.bits, _layout(layer)))
-    config = tf1.ConfigProto(intra_op_parallelism_threads=2, inter_op_parallelism_threads=1)
-    with tf1.Session(graph=graph, config=config) as sess:
-        return sess.run(fetches, feed_dict=feeds)
+def _compute_codes(quantized, grid):
+    """(codes, alpha, beta) of each (layer, value, learned steps) triple on `grid`, by the training graph's ops."""
+    items = []
+    for layer, value, learned in quantized:
+        # A checkpoint saved before its first step has no trained steps: training would use the initial ones.
+        steps = learned[0] if learned is not None and learned[1] else None
+        items.append((grid, value, layer.bits, _layout(layer), steps))
+    return weight_grids.compute_codes(items)
 
 
 def _check_decisions(reader, checkpoint, report):
@@ -302,7 +282,7 @@ def pack_checkpoint(checkpoint, report, output_path, metadata=None, folded_weigh
             values[name] = np.asarray(value, np.float32)
     quantized = [(layer, values[name], _learned_steps(reader, checkpoint, layer))
                  for name, _, layer in stored if layer is not None]
-    codes = iter(_compute_codes(quantized, report.config.get("weight_scheme", "asymmetric")))
+    codes = iter(_compute_codes(quantized, weight_grids.for_config(report.config)))
     tensors = []
     for name, _, layer in stored:
         if layer is None:
