@@ -231,13 +231,20 @@ class WeightGrid:
         """(codes as float in the packed format, alpha, beta, restore): the fixed grids' one definition."""
         raise NotImplementedError
 
+    def _checked(self, bits):
+        """`bits` if this grid takes it (1..16 within bit_range), else ValueError."""
+        fewest, most = self.bit_range
+        if not fewest <= check_bits("bits", bits, allow_float=False) <= most:
+            raise ValueError("bits=%r is not valid for the %s grid; expected %d to %d" % (bits, self.name, fewest, most))
+        return bits
+
     def quantize(self, weight, bits, layout, scope_name=None, is_training=True):
         """(Q(weight) with weight's shape, its LearnedParameters or None) at `bits` in range groups `layout`;
         `scope_name` holds a learned grid's variables (the same in training and evaluation graphs)."""
         del scope_name, is_training  # a fixed grid has no variables
         if check_bits("bits", bits) == FLOAT_BITS:
             return weight, None
-        codes, alpha, beta, restore = self._packed(weight, bits, layout)
+        codes, alpha, beta, restore = self._packed(weight, self._checked(bits), layout)
         return ops.straight_through(weight, restore(_decoded(codes, alpha, beta, bits))), None
 
     def initial_widths(self, weight, widths, layout):
@@ -250,7 +257,7 @@ class WeightGrid:
         codes * (alpha * float32(1/(2^k-1))) + beta is the quantizer's value bit for bit. `steps`: a learned
         grid's trained step sizes [groups] (None: its initial ones)."""
         del steps
-        codes, alpha, beta, restore = self._packed(weight, check_bits("bits", bits, allow_float=False), layout)
+        codes, alpha, beta, restore = self._packed(weight, self._checked(bits), layout)
         return tf.cast(restore(codes), tf.int32), tf.reshape(alpha, [-1]), tf.reshape(beta, [-1])
 
     def has_integer_step(self, layout):
@@ -383,13 +390,14 @@ def scale_zero_point(alpha, beta, bits):
     return scale, -np.asarray(beta, np.float32) / scale
 
 
-def integer_groups(alpha, beta, bits):
+def integer_groups(alpha, beta, bits, codes=None):
     """Per range group, whether its grid is exactly an integer grid: an integer zero point z in 0..2^k-1 with
-    code * scale + beta == (code - z) * scale in float32 for every code."""
+    code * scale + beta == (code - z) * scale in float32 for every code in `codes` (default: 0..2^k-1; a grid
+    that uses fewer, as ternary's 0..2 of 2 bits, passes its own)."""
     scale, zero_point = scale_zero_point(alpha, beta, bits)
     rounded = np.round(zero_point)
-    codes = np.arange(2 ** bits, dtype=np.float32)[:, None]
+    codes = np.arange(2 ** bits) if codes is None else np.asarray(codes)
+    codes = codes.astype(np.float32)[:, None]
     decoded = codes * scale + np.asarray(beta, np.float32)
     shifted = (codes - rounded.astype(np.float32)) * scale
-    return (np.abs(zero_point - rounded) == 0) & (rounded >= 0) & (rounded <= ops.levels(bits)) & np.all(
-        decoded == shifted, axis=0)
+    return (zero_point == rounded) & (rounded >= 0) & (rounded <= ops.levels(bits)) & np.all(decoded == shifted, axis=0)
