@@ -75,12 +75,15 @@ def _per_channel_fake_quant(kernel, value, bits):
 
 
 def _weight_fake_quant(op, index, value, layer, grid):
-    """Reroute op's weight through a FakeQuant with the weight's range.
+    """Reroute op's weight through a FakeQuant with the weight's range, `grid` the run's WeightGrid (or the name of
+    its weight_scheme).
 
     Returns:
       (the layer's record, replaced): `replaced` maps the name of an output whose readers moved to a new
       tensor (a MatMul deployed as a 1x1 convolution) to that tensor; empty otherwise.
     """
+    if not isinstance(grid, weight_grids.WeightGrid):
+        grid = weight_grids.for_config({"weight_scheme": grid})
     quantized = layer is not None and layer.quantized and layer.bits != FLOAT_BITS
     channel_grid = layer is None or layer.bucket_type == "channel" or not quantized
     # One range per output channel where the trained grid has one and an int8 kernel takes them (Conv2D,
