@@ -266,9 +266,9 @@ def _check_auto_bits():
                             "every weight layer's bits)" % (name, ",".join(getattr(FLAGS, name))))
     _positive("uql_sensitivity_batches")
     _check_bit_range("weight", "uql_w_bit_min", "uql_w_bit_max", "uql_equivalent_bits")
-    grid = tfquant.weight_grids.grid_name(FLAGS.uql_weight_range, FLAGS.uql_weight_scheme)
+    grid, (field, value) = tfquant.config.weight_grid_of(FLAGS.uql_weight_range, FLAGS.uql_weight_scheme)
     fewest, most = tfquant.config.WEIGHT_GRID_BITS[grid]
-    setting = ("--uql_weight_scheme=%s" if grid == FLAGS.uql_weight_scheme else "--uql_weight_range=%s") % grid
+    setting = "--uql_%s=%s" % (field, value)
     if FLAGS.uql_w_bit_min < fewest:
         raise UserError("--uql_w_bit_min=%d is not valid with %s; expected at least %d"
                         % (FLAGS.uql_w_bit_min, setting, fewest))

@@ -1,5 +1,4 @@
 """UniformQuantLearner: fine-tune a float model with tfquant's quantized forward pass, then save and report."""
-import json
 import math
 import os
 
@@ -243,34 +242,22 @@ def check_report_matches(saved, rebuilt, report_path):
     _check_layer_decisions(saved, rebuilt, report_path)
 
 
-# What a layer's quantization is: the same names and shapes with other bits or range groups is another model.
-_DECISION_FIELDS = ("kind", "name", "status", "bits", "weight_variable", "shape", "bucket_type", "bucket_size",
-                    "channel_axes", "num_groups", "range_variables")
-
-
 def _check_layer_decisions(saved, rebuilt, report_path):
     """Refuse a saved report whose per-layer bits, range groups or activation ranges differ from the rebuilt one."""
-    def decisions(report):
-        # Through JSON, so tuples and lists (rebuilt vs read back) compare equal.
-        layers = json.loads(report.to_json())["layers"]
-        return [[(field, layer.get(field)) for field in _DECISION_FIELDS] for layer in layers]
-
-    ours, theirs = decisions(rebuilt), decisions(saved)
     unmatched = tfquant.report.unmatched_layers(saved, rebuilt)
     if unmatched:
         raise UserError("quantization report %s does not match this checkpoint's model: %s; expected the report "
                         "written with this checkpoint" % (report_path, unmatched))
-    if len(ours) != len(theirs):
+    if len(rebuilt.layers) != len(saved.layers):
         raise UserError("quantization report %s does not match this checkpoint's model: it lists %d layers "
                         "(weights and activations), the model rebuilt from it has %d; expected the report written "
-                        "with this checkpoint" % (report_path, len(theirs), len(ours)))
-    for index, (want, got) in enumerate(zip(ours, theirs)):
-        for (field, want_value), (_, got_value) in zip(want, got):
-            if want_value != got_value:
-                raise UserError("quantization report %s does not match this checkpoint's model: layer %d (%s) has "
-                                "%s %s in the report, %s in the model rebuilt from its settings; expected the report "
-                                "written with this checkpoint" % (report_path, index, dict(got)["name"], field,
-                                                                  got_value, want_value))
+                        "with this checkpoint" % (report_path, len(saved.layers), len(rebuilt.layers)))
+    difference = tfquant.report.layer_difference(saved, rebuilt)
+    if difference is not None:
+        index, name, field, saved_value, rebuilt_value = difference
+        raise UserError("quantization report %s does not match this checkpoint's model: layer %d (%s) has %s %s in "
+                        "the report, %s in the model rebuilt from its settings; expected the report written with "
+                        "this checkpoint" % (report_path, index, name, field, saved_value, rebuilt_value))
 
 
 def summary_lines(results):

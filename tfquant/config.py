@@ -21,6 +21,14 @@ WEIGHT_GRID_BITS = {"minmax": (1, MAX_CODE_BITS), "lsq": (2, MAX_CODE_BITS), "te
                     "symmetric": (2, MAX_CODE_BITS)}
 WEIGHT_RANGES = ("minmax", "lsq", "ternary", "binary")
 WEIGHT_SCHEMES = ("asymmetric", "symmetric")
+
+
+def weight_grid_of(weight_range, weight_scheme):
+    """(the name of the weight grid a weight_range and weight_scheme choose, (field, value) of the setting that
+    chose it): weight_scheme='symmetric' chooses the symmetric grid, otherwise weight_range names the grid."""
+    if weight_scheme == "symmetric":
+        return "symmetric", ("weight_scheme", weight_scheme)
+    return weight_range, ("weight_range", weight_range)
 LEARNED_ACT_RANGES = ("pact", "lsq")
 # Python's re module has no time limit, and a pattern such as "(.*.*)*Z" can run for minutes on a
 # long name; patterns are therefore only accepted from the user who runs tfquant (never read back
@@ -215,10 +223,8 @@ class QuantConfig:
                            _normalise_overrides("activation_overrides", self.activation_overrides))
         # A grid takes only some widths (LSQ's signed grid and the narrow symmetric grid have no positive level
         # at 1 bit; ternary codes take 2 bits, binary 1).
-        if self.weight_scheme == "symmetric":
-            setting, (fewest, most) = "weight_scheme='symmetric'", WEIGHT_GRID_BITS["symmetric"]
-        else:
-            setting, (fewest, most) = "weight_range=%r" % self.weight_range, WEIGHT_GRID_BITS[self.weight_range]
+        grid, (field, value) = weight_grid_of(self.weight_range, self.weight_scheme)
+        setting, (fewest, most) = "%s=%r" % (field, value), WEIGHT_GRID_BITS[grid]
         sources = [("weight_bits", self.weight_bits)] + [
             ("layer_bits[%d]" % i, b) for i, b in enumerate(self.layer_bits or ())] + [
             ("weight_overrides %r" % regex.pattern, b) for regex, b in self.weight_overrides]

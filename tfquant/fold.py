@@ -28,14 +28,13 @@ import tensorflow as tf
 from tfquant import match, rewrite
 
 tf1 = tf.compat.v1
-FUSED_BATCH_NORM_TYPES = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
+FUSED_BATCH_NORM_TYPES = match.FUSED_BATCH_NORM_TYPES  # a name of this module too
 FOLDABLE_OP_TYPES = ("Conv2D", "DepthwiseConv2dNative", "MatMul")
 FOLD_SCOPE_SUFFIX = "bn_fold"
 # A multiplier below this magnitude (gamma trained to 0) is replaced by it, so W * m keeps a usable
 # range and the division by m in training graphs stays finite.
 MIN_MULTIPLIER = 1e-12
 _ASSIGN_TYPES = ("AssignSub", "AssignSubVariableOp", "Assign", "AssignVariableOp", "AssignMovingAvg")
-_VARIABLE_TYPES = ("VarHandleOp", "VariableV2", "Variable")
 
 
 @dataclasses.dataclass
@@ -94,7 +93,7 @@ def _moving_statistic(graph, statistic):
                     if reader.name in seen:
                         continue
                     seen.add(reader.name)
-                    if reader.type in _ASSIGN_TYPES and reader.inputs[0].op.type in _VARIABLE_TYPES:
+                    if reader.type in _ASSIGN_TYPES and reader.inputs[0].op.type in match.VARIABLE_TYPES:
                         target = reader.inputs[0].op.name
                         for variable in graph.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES):
                             if variable.op.name == target:
@@ -115,13 +114,9 @@ def _read_before_update(variable, assign):
 
 
 def _weight_side(op):
-    """The shape of m against op's weight (m holds one value per output channel)."""
-    weight_shape = op.inputs[1].shape.as_list()
-    if op.type == "DepthwiseConv2dNative":
-        return weight_shape[2:]
-    if op.type == "MatMul" and op.get_attr("transpose_b"):
-        return [weight_shape[0], 1]
-    return [-1]
+    """The shape of m against op's weight: its output-channel axes (match.channel_axes) keep their size."""
+    axes = match.channel_axes(op, 1)
+    return [int(dim) if axis in axes else 1 for axis, dim in enumerate(op.inputs[1].shape.as_list())]
 
 
 def _fold_weight(op, multiplier, weight_side):

@@ -15,7 +15,10 @@ UNSUPPORTED_WEIGHT_OP_TYPES = ("Conv3D", "Conv2DBackpropInput", "Conv3DBackpropI
                                "BatchMatMulV3", "SparseMatMul", "Conv")
 # Reads that pass a variable's value through unchanged.
 _PASS_THROUGH_TYPES = ("Identity", "ReadVariableOp")
-_VARIABLE_TYPES = ("VarHandleOp", "VariableV2", "Variable")
+# Ops that hold a variable (resource and reference variables), and the fused batch norms: one definition for
+# matching and folding.
+VARIABLE_TYPES = ("VarHandleOp", "VariableV2", "Variable")
+FUSED_BATCH_NORM_TYPES = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
 _GRADIENT_SCOPE = re.compile(r"^gradients(_\d+)?$")
 _UNTOUCHABLE_TYPE = re.compile(
     r"^(Resource)?(Sparse)?Apply.*|.*Summary(V2)?$|^(SaveV2|RestoreV2|MergeV2Checkpoints|Save|Restore"
@@ -62,7 +65,7 @@ def trace_variable(tensor, trainable_names):
     op = tensor.op
     # A few pass-through hops at most (ReadVariableOp, Identity); a cycle is impossible in a DAG.
     for _ in range(8):
-        if op.type in _VARIABLE_TYPES:
+        if op.type in VARIABLE_TYPES:
             return op.name if op.name in trainable_names else None
         if op.type not in _PASS_THROUGH_TYPES or not op.inputs:
             return None
@@ -70,7 +73,7 @@ def trace_variable(tensor, trainable_names):
     return None
 
 
-def _channel_axes(op, index):
+def channel_axes(op, index):
     """Axes of the weight input that index the op's output channels."""
     rank = op.inputs[index].shape.rank
     if op.type == "Conv2D":
@@ -139,7 +142,7 @@ def find_weight_candidates(graph, depths=None) -> List[WeightCandidate]:
         elif not op.inputs[index].dtype.is_floating:
             reason = "weight dtype %s is not floating point" % op.inputs[index].dtype.name
         else:
-            axes = _channel_axes(op, index)
+            axes = channel_axes(op, index)
         found.append((depths[op.name], position,
                       WeightCandidate(op, index, variable or "", axes, depths[op.name], reason)))
     found.sort(key=lambda item: (item[0], item[1]))
@@ -167,7 +170,6 @@ _AVERAGING_TYPES = ("Mean", "AvgPool")
 _RESHAPE_TYPES = ("Reshape", "Squeeze", "ExpandDims", "Identity")
 # ... and ops whose outputs are values of their first input (zero padding: zero is a level of the grid).
 _GRID_KEEPING_TYPES = _RESHAPE_TYPES + ("MaxPool", "Pad")
-_FUSED_BATCH_NORM_TYPES = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
 # The report names these tensors by their weight layer, '<layer op name>:input' and '<layer op name>:output'
 # (':' never occurs in an op name): the same name in training, evaluation and export graphs, whose input
 # ops (a dataset iterator, a placeholder) and folded outputs (a batch norm, a bias add) differ.
@@ -191,7 +193,7 @@ class IntegerTensor:
 def live_readers(tensor):
     """Readers of `tensor`, except tfquant's own ops and folded batch norms (left without readers)."""
     return [op for op in tensor.consumers() if not is_untouchable(op) and not (
-        op.type in _FUSED_BATCH_NORM_TYPES and not any(output.consumers() for output in op.outputs))]
+        op.type in FUSED_BATCH_NORM_TYPES and not any(output.consumers() for output in op.outputs))]
 
 
 def _single_live_reader(tensor, types):
@@ -211,7 +213,7 @@ def layer_output(op, folded_outputs=None):
     if folded_outputs and op.name in folded_outputs:
         return folded_outputs[op.name]
     output = op.outputs[0]
-    batch_norm = _single_live_reader(output, _FUSED_BATCH_NORM_TYPES)
+    batch_norm = _single_live_reader(output, FUSED_BATCH_NORM_TYPES)
     if batch_norm is not None:
         output = batch_norm.outputs[0]
     bias = bias_reader(output)

@@ -298,10 +298,32 @@ def unmatched_layers(saved, rebuilt):
     return None
 
 
+def _layer_rows(report, fields):
+    """Each layer of `report` as the list of its `fields`, through JSON (so tuples and lists compare equal)."""
+    layers = json.loads(report.to_json())["layers"]
+    return [[layer.get(field) for field in fields] for layer in layers]
+
+
+def _first_difference(saved_rows, rebuilt_rows, fields):
+    """(layer index, the saved layer's name, field, saved value, rebuilt value) of the first differing field of
+    two lists of layer rows (the shorter list's length is compared), or None."""
+    for index, (saved, rebuilt) in enumerate(zip(saved_rows, rebuilt_rows)):
+        for field, saved_value, rebuilt_value in zip(fields, saved, rebuilt):
+            if saved_value != rebuilt_value:
+                return index, saved[fields.index("name")], field, saved_value, rebuilt_value
+    return None
+
+
+def layer_difference(saved, rebuilt, fields=DECISION_FIELDS):
+    """The first (layer index, layer name, field, saved value, rebuilt value) in which the layers of a saved report
+    and of the report of the model rebuilt from it differ, over `fields` (which include 'name'), or None. The one
+    comparison of per-layer decisions (the learners' evaluation and the export refuse a report with it)."""
+    return _first_difference(_layer_rows(saved, fields), _layer_rows(rebuilt, fields), fields)
+
+
 def decisions_json(report):
     """The per-layer decisions of a report (DECISION_FIELDS of every layer, in order) as compact JSON."""
-    layers = json.loads(report.to_json())["layers"]  # through JSON, so tuples and lists compare equal
-    return json.dumps([[layer.get(field) for field in DECISION_FIELDS] for layer in layers], separators=(",", ":"))
+    return json.dumps(_layer_rows(report, DECISION_FIELDS), separators=(",", ":"))
 
 
 def decisions_difference(recorded_json, report):
@@ -312,15 +334,16 @@ def decisions_difference(recorded_json, report):
         recorded = json.loads(recorded_json)
     except ValueError:
         return "the checkpoint's record of its decisions is not valid JSON"
-    current = json.loads(decisions_json(report))
+    current = _layer_rows(report, DECISION_FIELDS)
     if not isinstance(recorded, list) or len(recorded) != len(current):
         return "the report lists %d layers, the checkpoint was trained with %s" % (
             len(current), "%d" % len(recorded) if isinstance(recorded, list) else "an unreadable record")
-    for index, (theirs, ours) in enumerate(zip(recorded, current)):
+    for index, (ours, theirs) in enumerate(zip(current, recorded)):
         if not isinstance(theirs, list) or len(theirs) != len(DECISION_FIELDS):
             return "layer %d of the checkpoint's record is malformed" % index
-        for field, recorded_value, value in zip(DECISION_FIELDS, theirs, ours):
-            if recorded_value != value:
-                return "layer %d (%s) has %s %s in the report, %s in the checkpoint" % (
-                    index, ours[DECISION_FIELDS.index("name")], field, value, recorded_value)
+        difference = _first_difference([ours], [theirs], DECISION_FIELDS)
+        if difference is not None:
+            _, name, field, value, recorded_value = difference
+            return "layer %d (%s) has %s %s in the report, %s in the checkpoint" % (
+                index, name, field, value, recorded_value)
     return None

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfquant import ops, ranges, step_search
-from tfquant.config import FLOAT_BITS, WEIGHT_GRID_BITS, check_bits
+from tfquant.config import FLOAT_BITS, WEIGHT_GRID_BITS, check_bits, weight_grid_of
 from tfquant.layout import GroupLayout
 
 tf1 = tf.compat.v1
@@ -343,17 +343,12 @@ class BinaryGrid(WeightGrid):
 GRIDS = {grid.name: grid for grid in (MinMaxGrid, SymmetricGrid, LsqGrid, TernaryGrid, BinaryGrid)}
 
 
-def grid_name(weight_range, weight_scheme):
-    """The name of the grid a config's weight_range and weight_scheme choose."""
-    return "symmetric" if weight_scheme == "symmetric" else weight_range
-
-
 def for_config(config):
     """The WeightGrid of a QuantConfig or of a report's config dict (older reports: the min/max grid)."""
     if isinstance(config, dict):
-        name = grid_name(config.get("weight_range", "minmax"), config.get("weight_scheme", "asymmetric"))
+        name, _ = weight_grid_of(config.get("weight_range", "minmax"), config.get("weight_scheme", "asymmetric"))
     else:
-        name = grid_name(config.weight_range, config.weight_scheme)
+        name, _ = weight_grid_of(config.weight_range, config.weight_scheme)
     if name not in GRIDS:
         raise ValueError("weight grid %r is not known; expected one of %s" % (name, ", ".join(sorted(GRIDS))))
     return GRIDS[name]()

@@ -17,7 +17,8 @@ import tfquant
 from tfquant import checkpoints, files, ranges, weight_grids
 from tfquant.config import FLOAT_BITS
 from tfquant.export import packed_file, packed_reader
-from tfquant.report import DECISIONS_VARIABLE, decisions_difference, layer_layout, load_report, unmatched_layers
+from tfquant.report import (DECISIONS_VARIABLE, decisions_difference, layer_difference, layer_layout, load_report,
+                            unmatched_layers)
 
 
 SIZE_SLACK_RATIO = 1.02
@@ -198,21 +199,16 @@ def check_report_matches_model(saved, rebuilt, report_path):
       ExportError: naming the first layer (or stored variable) whose name, shape, bits, buckets or
         range groups differ.
     """
-    def describe(layer):
-        return {field: getattr(layer, field) for field in _COMPARED_FIELDS}
-
     unmatched = unmatched_layers(saved, rebuilt)
     if unmatched:
         raise ExportError("report %s does not match the model: %s; expected the report written with this checkpoint "
                           "and model" % (report_path, unmatched))
-
-    for number, (ours, theirs) in enumerate(zip(rebuilt.layers, saved.layers)):
-        ours, theirs = describe(ours), describe(theirs)
-        if ours != theirs:
-            field = next(f for f in _COMPARED_FIELDS if ours[f] != theirs[f])
-            raise ExportError("report %s does not match the model: layer %d (%s) has %s=%r in the report, %r in "
-                              "the model; expected the report written with this checkpoint and model"
-                              % (report_path, number, theirs["name"], field, theirs[field], ours[field]))
+    difference = layer_difference(saved, rebuilt, _COMPARED_FIELDS)
+    if difference is not None:
+        number, name, field, saved_value, rebuilt_value = difference
+        raise ExportError("report %s does not match the model: layer %d (%s) has %s=%r in the report, %r in "
+                          "the model; expected the report written with this checkpoint and model"
+                          % (report_path, number, name, field, saved_value, rebuilt_value))
     if len(rebuilt.layers) != len(saved.layers):
         raise ExportError("report %s does not match the model: it lists %d candidate ops, the model has %d"
                           % (report_path, len(saved.layers), len(rebuilt.layers)))
