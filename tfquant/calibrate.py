@@ -1,4 +1,5 @@
-"""Post-training calibration of activation ranges from histograms (NumPy only, no graph, no session).
+"""Post-training calibration of activation ranges from histograms (NumPy only, no graph, no session): the math of
+the calibrators of tfquant.calibrators (one interface: observe batches, return a range).
 
 A calibrator turns the values one activation took over some batches into the range [lo, hi] its uniform
 quantizer uses (the grid of `ops.quantize_in_range`: 2^bits - 1 steps from lo to hi, values clipped).
@@ -199,12 +200,5 @@ def calibrate_range(calibrator, histogram, bits, percentile=99.99):
     Raises:
       CalibrationError for an unknown calibrator or an empty histogram.
     """
-    if calibrator == "max":
-        return max_range(histogram)
-    if calibrator == "percentile":
-        return percentile_range(histogram, percentile)
-    if calibrator == "mse":
-        return mse_range(histogram, bits)
-    if calibrator == "entropy":
-        return entropy_range(histogram, bits)
-    raise CalibrationError("calibrator %r is not known; expected one of %s" % (calibrator, ", ".join(CALIBRATORS)))
+    from tfquant import calibrators  # the interface builds on this module's math
+    return calibrators.for_name(calibrator, percentile=percentile).choose(histogram, bits)

@@ -1,4 +1,6 @@
-"""The quantization math: range groups (buckets), scale -> round (straight-through) -> inverse scale.
+"""The quantization primitives: range groups (buckets), PocketFlow's min/max formula, the straight-through join,
+LSQ's rounding, grids and gradient scale, and the int32 bias grid. Which grid a weight sits on is the business of
+`tfquant.weight_grids`, which builds on these.
 
 For one range group of a tensor x and k bits:
     alpha = max(x) - min(x) + 1e-10,  beta = min(x)            (both under stop_gradient)

@@ -12,7 +12,9 @@ and the storage of a code. Every module asks the grid of its config (`for_config
 
 Every grid's forward value is codes * (alpha * float32(1/(2^k-1))) + beta, the packed file's formula, so a
 packed model reloads it bit for bit; range groups come from `ops.grouped`, so any GroupLayout works with every
-grid. A grid with zero point 0 expresses its signed codes in that form shifted up by Q_N.
+grid. A grid with zero point 0 expresses its signed codes in that form shifted up by Q_N. (A 'split' layout pads
+its last piece with copies of its last element: harmless to a min/max range, it weighs that element a little more
+in the last piece's means, as in LSQ's least-squares start and the ternary and binary scales.)
 """
 import numpy as np
 import tensorflow as tf
