@@ -179,7 +179,7 @@ def test_bad_learned_range_and_distillation_flags(tmp_path, monkeypatch, parse, 
 @pytest.mark.parametrize("flag", ["--uql_act_range=minmax", "--uql_weight_range=pact"])
 def test_unknown_range_names_rejected(tmp_path, monkeypatch, parse, flag):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(flags.Error, match=r"value should be one of <(ema\|batch\|pact\|lsq|minmax\|lsq)>"):
+    with pytest.raises(flags.Error, match=r"value should be one of <(ema\|batch\|pact\|lsq|minmax\|lsq\|ternary\|binary)>"):
         parse([flag])
 
 
