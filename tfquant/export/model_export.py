@@ -278,6 +278,7 @@ def pack_checkpoint(checkpoint, report, output_path, metadata=None, folded_weigh
             values[name] = np.asarray(value, np.float32)
     quantized = [(layer, values[name], _learned_steps(reader, checkpoint, layer))
                  for name, _, layer in stored if layer is not None]
+    # The report's config was validated with it (report_schema), so it names a known grid.
     codes = iter(_compute_codes(quantized, weight_grids.for_config(report.config)))
     tensors = []
     for name, _, layer in stored:
