@@ -87,9 +87,11 @@ _REGISTERED = {calibrator.name: calibrator for calibrator in (MaxCalibrator, Per
 
 
 def register(calibrator_class):
-    """Make a Calibrator subclass (with a new `name`) available to `for_name`; returns it (usable as a decorator)."""
-    if not (isinstance(calibrator_class, type) and issubclass(calibrator_class, Calibrator)) or not calibrator_class.name:
-        raise CalibrationError("%r is not a named Calibrator subclass; expected one with a `name`" % (calibrator_class,))
+    """Make a Calibrator subclass with a new `name` available to `for_name`; returns it (usable as a decorator)."""
+    named = isinstance(calibrator_class, type) and issubclass(calibrator_class, Calibrator) and calibrator_class.name
+    if not named:
+        raise CalibrationError("%r is not a named Calibrator subclass; expected one with a `name`"
+                               % (calibrator_class,))
     if calibrator_class.name in _REGISTERED:
         raise CalibrationError("calibrator %r is already registered; expected a new name" % calibrator_class.name)
     _REGISTERED[calibrator_class.name] = calibrator_class

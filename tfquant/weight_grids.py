@@ -237,7 +237,8 @@ class WeightGrid:
         """`bits` if this grid takes it (1..16 within bit_range), else ValueError."""
         fewest, most = self.bit_range
         if not fewest <= check_bits("bits", bits, allow_float=False) <= most:
-            raise ValueError("bits=%r is not valid for the %s grid; expected %d to %d" % (bits, self.name, fewest, most))
+            raise ValueError("bits=%r is not valid for the %s grid; expected %d to %d"
+                             % (bits, self.name, fewest, most))
         return bits
 
     def quantize(self, weight, bits, layout, scope_name=None, is_training=True):
