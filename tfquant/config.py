@@ -22,6 +22,12 @@ WEIGHT_GRID_BITS = {"minmax": (1, MAX_CODE_BITS), "lsq": (2, MAX_CODE_BITS), "te
 WEIGHT_RANGES = ("minmax", "lsq", "ternary", "binary")
 WEIGHT_SCHEMES = ("asymmetric", "symmetric")
 
+LEARNED_ACT_RANGES = ("pact", "lsq")
+# Python's re module has no time limit, and a pattern such as "(.*.*)*Z" can run for minutes on a
+# long name; patterns are therefore only accepted from the user who runs tfquant (never read back
+# from a report), and kept short so a pasted or generated mistake is caught early.
+MAX_PATTERN_LENGTH = 1000
+
 
 def weight_grid_of(weight_range, weight_scheme):
     """(the name of the weight grid a weight_range and weight_scheme choose, (field, value) of the setting that
@@ -29,11 +35,6 @@ def weight_grid_of(weight_range, weight_scheme):
     if weight_scheme == "symmetric":
         return "symmetric", ("weight_scheme", weight_scheme)
     return weight_range, ("weight_range", weight_range)
-LEARNED_ACT_RANGES = ("pact", "lsq")
-# Python's re module has no time limit, and a pattern such as "(.*.*)*Z" can run for minutes on a
-# long name; patterns are therefore only accepted from the user who runs tfquant (never read back
-# from a report), and kept short so a pasted or generated mistake is caught early.
-MAX_PATTERN_LENGTH = 1000
 
 
 def check_bits(field, value, allow_float=True):
