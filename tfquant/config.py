@@ -21,7 +21,6 @@ WEIGHT_GRID_BITS = {"minmax": (1, MAX_CODE_BITS), "lsq": (2, MAX_CODE_BITS), "te
                     "symmetric": (2, MAX_CODE_BITS)}
 WEIGHT_RANGES = ("minmax", "lsq", "ternary", "binary")
 WEIGHT_SCHEMES = ("asymmetric", "symmetric")
-
 LEARNED_ACT_RANGES = ("pact", "lsq")
 # Python's re module has no time limit, and a pattern such as "(.*.*)*Z" can run for minutes on a
 # long name; patterns are therefore only accepted from the user who runs tfquant (never read back
