@@ -93,8 +93,8 @@ def _weight_fake_quant(op, index, value, layer, scheme):
         reason = "kept float in training"
     elif scheme != "symmetric":
         reason = "asymmetric grid"
-    elif layer.bucket_type == "split":
-        reason = "split buckets"
+    elif layer.bucket_type in ("split", "block"):
+        reason = "%s buckets" % layer.bucket_type
     elif layer.bucket_type == "channel" and not per_channel:
         reason = "per-channel ranges on a %s, whose int8 kernel takes one range" % op.type
     bits = layer.bits if not reason else INT8_BITS
