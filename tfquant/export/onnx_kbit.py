@@ -324,6 +324,33 @@ def _gemm_as_matmul(model, weight):
         del index
 
 
+def _relu_as_max(model, weight):
+    """Write a Relu after MatMul(., weight) -> Add as Max(x, 0): onnxruntime fuses MatMul + Add + activation into
+    its float FusedGemm before it would fuse the blocked k-bit weight into MatMulNBits, and leaves Max alone."""
+    onnx = _onnx()
+    from onnx import numpy_helper  # pylint: disable=import-outside-toplevel
+    graph = model.graph
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    for matmul in [n for n in graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] == weight]:
+        adds = readers.get(matmul.output[0], [])
+        if len(adds) != 1 or adds[0].op_type != "Add":
+            continue
+        relus = readers.get(adds[0].output[0], [])
+        if len(relus) != 1 or relus[0].op_type != "Relu":
+            continue
+        zero = weight + "_relu_zero"
+        if all(t.name != zero for t in graph.initializer):
+            graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), zero))
+        relu = relus[0]
+        position = list(graph.node).index(relu)
+        graph.node.remove(relu)
+        graph.node.insert(position, onnx.helper.make_node("Max", [relu.input[0], zero], list(relu.output),
+                                                          name=relu.name + "_as_max"))
+
+
 def store_kbit_weights(model, tensors, overrides=None):
     """Store every weight of `tensors` found in `model` (in place) as codes + DequantizeLinear.
 
@@ -350,6 +377,7 @@ def store_kbit_weights(model, tensors, overrides=None):
         codes_name = apply_plan(model, plan)
         if plan.form == "blocked" and plan.axis == 0 and len(shape) == 2:
             _gemm_as_matmul(model, initializer)
+            _relu_as_max(model, initializer)
         records[variable] = plan.record()
         described.append({"variable": variable, "codes": codes_name, "shape": list(tensor.shape),
                           "order": list(plan.order), "bits": tensor.bits})

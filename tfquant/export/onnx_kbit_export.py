@@ -21,18 +21,30 @@ from tfquant.export.model_export import ExportError
 
 OPSET_INT4 = 21
 OPSET_INT2 = 25
-CHECK_IMAGES = 64
+CHECK_IMAGES = 256
 
 
-def kbit_tensors(tensors, report):
-    """{weight variable: QuantizedTensor} of the report's quantized weights of at most 4 bits.
+def kbit_variables(report, max_bits=onnx_kbit.MAX_KBIT_BITS):
+    """The weight variables of the report's quantized weight layers of at most `max_bits` bits."""
+    return {layer.weight_variable for layer in report.weight_layers
+            if layer.quantized and layer.bits != FLOAT_BITS and layer.bits <= max_bits}
+
+
+def float_activations(report):
+    """Whether the model keeps every activation float: its k-bit ONNX file is then built from the frozen
+    inference graph, with no Q/DQ pair, and its 5-8-bit weights are stored as 8-bit codes too."""
+    return not any(layer.quantized and layer.bits != FLOAT_BITS for layer in report.activation_layers)
+
+
+def kbit_tensors(tensors, report, max_bits=onnx_kbit.MAX_KBIT_BITS):
+    """{weight variable: QuantizedTensor} of the report's quantized weights of at most `max_bits` bits.
 
     Args:
       tensors: the packed file's tensors (packed_reader.read_packed_model).
       report: the QuantReport.
+      max_bits: the widest weight stored as codes here.
     """
-    wanted = {layer.weight_variable for layer in report.weight_layers
-              if layer.quantized and layer.bits != FLOAT_BITS and layer.bits <= onnx_kbit.MAX_KBIT_BITS}
+    wanted = kbit_variables(report, max_bits)
     return {t.name: t for t in tensors if t.name in wanted and hasattr(t, "codes")}
 
 
@@ -104,8 +116,9 @@ def export(graph_def, weight_records, report, tensors, check_images):
     """The checked k-bit ONNX model of a FakeQuant inference graph.
 
     Args:
-      graph_def: fake_quant_graph.FakeQuantGraph.graph_def.
-      weight_records: its `weights` records (layer, tensor).
+      graph_def: fake_quant_graph.FakeQuantGraph.graph_def, or for a model with float activations
+        (float_activations) the frozen inference graph, whose 5-8-bit weights are then stored as 8-bit codes.
+      weight_records: the FakeQuant graph's `weights` records (layer, tensor); [] for the frozen graph.
       report: the QuantReport.
       tensors: the packed file's tensors (read_packed_model).
       check_images: float32 images the check runs (the evaluation data when given).
@@ -114,7 +127,7 @@ def export(graph_def, weight_records, report, tensors, check_images):
     Raises:
       ExportError: no form of the file passes onnxruntime's check.
     """
-    kbit = kbit_tensors(tensors, report)
+    kbit = kbit_tensors(tensors, report, 8 if float_activations(report) else onnx_kbit.MAX_KBIT_BITS)
     layers = {layer.name for layer in report.weight_layers if layer.weight_variable in kbit and layer.quantized}
     source = without_weight_fake_quants(graph_def, weight_records, layers)
     bases = {"source": _converted(source)}
@@ -157,7 +170,12 @@ def export(graph_def, weight_records, report, tensors, check_images):
         if name in overrides:
             record["fallback"] = next(f["fallback"] for f in fallbacks if f["variable"] == name)
             record["fallback_reason"] = first_failure
-    summary = {"opset": opset, "weights": records, "fallbacks": fallbacks,
+    read_back = onnx_kbit.read_weight_codes(model)
+    for name, tensor in kbit.items():
+        if name in read_back and not np.array_equal(read_back[name], tensor.codes):
+            raise ExportError("k-bit ONNX model is not valid: the codes of %s read back differ from the checkpoint's; "
+                              "expected them equal" % name)
+    summary = {"opset": opset, "codes_equal_checkpoint": sorted(read_back), "weights": records, "fallbacks": fallbacks,
                "check": {"images": int(len(images)), "relative_difference": result["relative_difference"],
                          "top1_agreement": result["top1_agreement"], "first_attempt": first_failure or "passed"}}
     return model, summary

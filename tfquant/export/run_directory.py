@@ -19,7 +19,7 @@ import tensorflow as tf
 import tfquant
 from tfquant import files
 from tfquant.export import (divergence, fake_quant_graph, frozen_graph, inference_graph, model_export, onnx_export,
-                            staged_directory, tflite_export)
+                            onnx_kbit_export, packed_reader, staged_directory, tflite_export)
 from tfquant.export.model_export import ExportError
 from tfquant.report import REPORT_NAME, config_from_report, load_report
 
@@ -139,7 +139,10 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
     build_forward, input_shape = saved_graph.build_forward, saved_graph.input_shape
     test_data, calibration_images = _check_data(test_data, calibration_images, input_shape)
     needs_calibration = options.int8_calibration or not report.config.get("quantize_layer_outputs")
-    if (int8 or onnx) and calibration_images is None and needs_calibration:
+    # A k-bit ONNX file of a model with float activations is built from the frozen graph: no range to calibrate.
+    onnx_from_frozen = (onnx and bool(onnx_kbit_export.kbit_variables(report))
+                        and onnx_kbit_export.float_activations(report))
+    if (int8 or (onnx and not onnx_from_frozen)) and calibration_images is None and needs_calibration:
         raise ExportError("%s export needs calibration images; expected training (or test) images for the ranges "
                           "training did not record" % ("int8" if int8 else "ONNX"))
     try:
@@ -193,7 +196,7 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
         models["float"] = tflite_export.convert_float(graph_def, input_shape)
         add_file("tflite_float", "model_float.tflite", models["float"])
     ranged = None
-    if (int8 and not options.int8_calibration) or onnx:
+    if (int8 and not options.int8_calibration) or (onnx and not onnx_from_frozen):
         ranged = fake_quant_graph.build(build_forward, weights, report, input_shape, calibration_images)
         result["trained_ranges"] = ranged.summary()
     if int8 and options.int8_calibration:
@@ -213,10 +216,10 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
         add_file("tflite_int8", "model_int8.tflite", models["int8"])
     onnx_model = None
     if onnx:
-        onnx_model = onnx_export.convert(ranged.graph_def)
+        onnx_model, result["onnx"] = _onnx_model(ranged if not onnx_from_frozen else graph_def, report,
+                                                 os.path.join(staging, "model.tfq"), test_data, calibration_images)
         add_file("onnx", "model.onnx", onnx_model)
-        result["onnx"] = {"opset": onnx_export.OPSET,
-                          "quantize_dequantize_pairs": list(onnx_export.quantize_linear_pairs(onnx_model))}
+        result["onnx"]["bytes_over_accounted"] = result["files"]["onnx"]["bytes"] / (report.total_storage_bits / 8.0)
     if test_data is not None:
         _fidelity(result, reference, test_data, frozen, models, onnx_model, options.latency_images)
         if int8 and not options.int8_calibration:
@@ -226,6 +229,29 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
                 "layers": divergence.layer_divergence(ranged.graph_def, models["int8"], images)}
     files.write_atomically(os.path.join(staging, "export.json"), json.dumps(result, indent=2).encode())
     return result
+
+
+def _onnx_model(ranged, report, packed_path, test_data, calibration_images):
+    """(model.onnx, its export.json record): k-bit weights as their codes when any weight has at most 4 bits
+    (checked in onnxruntime, onnx_kbit_export), else today's uint8 weight codes at opset 17. `ranged` is the
+    FakeQuant graph, or the frozen inference graph for a k-bit model with float activations."""
+    tensors, _ = packed_reader.read_packed_model(packed_path)
+    graph_def, weight_records = (ranged, []) if not hasattr(ranged, "graph_def") else (ranged.graph_def,
+                                                                                       ranged.weights)
+    if not onnx_kbit_export.kbit_tensors(tensors, report):
+        model = onnx_export.convert(graph_def)
+        return model, {"opset": onnx_export.OPSET,
+                       "quantize_dequantize_pairs": list(onnx_export.quantize_linear_pairs(model))}
+    if test_data is not None:
+        check_images = test_data[0]
+    elif calibration_images is not None:
+        check_images = calibration_images
+    else:
+        raise ExportError("k-bit ONNX export needs images to check the file in onnxruntime; expected test data or "
+                          "calibration images")
+    model, summary = onnx_kbit_export.export(graph_def, weight_records, report, tensors, check_images)
+    summary["quantize_dequantize_pairs"] = list(onnx_export.quantize_linear_pairs(model))
+    return model, summary
 
 
 def _fidelity(result, reference, test_data, frozen, tflite_models, onnx_model, latency_images):
