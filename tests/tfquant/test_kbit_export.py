@@ -49,6 +49,9 @@ CASES = {
     "w2_block_lsq": (dict(weight_bits=2, weight_range="lsq", use_buckets=True, bucket_type="block",
                           bucket_size=16), _mlp),
     "w2a8_symmetric": (dict(weight_bits=2, weight_scheme="symmetric", activation_bits=8), forward),
+    # Also exported with --int8: the LiteRT INT4 file.
+    "w3a8_channel_symmetric": (dict(weight_bits=3, weight_scheme="symmetric", activation_bits=8, use_buckets=True,
+                                    bucket_type="channel", fold_batch_norms=True), forward),
 }
 
 
@@ -70,7 +73,8 @@ def exports(tmp_path_factory):
         config = tfquant.QuantConfig(quantize_all_layers=True, **settings)
         _run_directory(run, config, forward_fn)
         out = run / "export"
-        result = run_directory.export_run_directory(str(run), str(out), onnx=True, test_data=(images, labels),
+        result = run_directory.export_run_directory(str(run), str(out), onnx=True,
+                                                    int8=name == "w3a8_channel_symmetric", test_data=(images, labels),
                                                     calibration_images=calibration, latency_images=0)
         done[name] = (run, out, result)
     return done, images
@@ -178,3 +182,28 @@ def test_two_bit_qdq_convolution_failure_is_caught_and_falls_back(exports):
     optimized = onnx_check.run(onnx_check.session(model, optimize=True), images)
     np.testing.assert_array_equal(optimized.argmax(1), plain.argmax(1))
     assert result["agreement_with_quantized_tf"]["onnx"] >= 0.95
+
+
+def test_litert_int4_file_holds_the_trained_codes_and_agrees(exports):
+    from tfquant.export import tflite_export, tflite_int4
+    (run, out, result), images = exports[0]["w3a8_channel_symmetric"], exports[1]
+    assert (out / "model_int4.tflite").exists() and result["files"]["tflite_int4"]["bytes"] > 0
+    records = {r["layer"]: r for r in result["int4"]["weights"] if r["layer"]}
+    assert {r["operator"] for r in records.values()} == {"CONV_2D"}  # the MatMuls run as 1x1 convolutions
+    assert all(r["stored"] == "INT4" and r["reason"] == "" for r in records.values())
+    # Read back with NumPy: every INT4 weight is its layer's trained signed code (code - 3), in OHWI order.
+    report = tfquant.report.load_report(str(run / "quant_report.json"))
+    packed = {t.name: t for t in packed_reader.read_packed_model(str(out / "model.tfq"))[0]}
+    variables = {layer.name: layer.weight_variable for layer in report.weight_layers}
+    stored = tflite_int4.int4_weight_codes((out / "model_int4.tflite").read_bytes())
+    for layer, record in records.items():
+        codes = packed[variables[layer]].codes.astype(np.int64) - 3
+        expected = codes.transpose(3, 0, 1, 2) if codes.ndim == 4 else codes.T.reshape(-1, 1, 1, codes.shape[0])
+        np.testing.assert_array_equal(stored[record["tensor"]], expected)
+    assert any(r["converter_requantized"] for r in records.values())  # 3-bit codes the converter moved to 4 bits
+    # The interpreter runs it; it predicts as the quantized TF graph at least as often as the int8 file.
+    logits = tflite_export.run_tflite((out / "model_int4.tflite").read_bytes(), images)
+    agreement = result["agreement_with_quantized_tf"]
+    assert agreement["tflite_int4"] >= max(0.95, agreement["tflite_int8"])
+    assert np.mean(logits.argmax(1) == np.asarray(
+        tflite_export.run_tflite((out / "model_int8.tflite").read_bytes(), images)).argmax(1)) >= 0.9

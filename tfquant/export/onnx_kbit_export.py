@@ -95,6 +95,9 @@ def _at_opset(model, opset):
     onnx = onnx_export._require("onnx")  # pylint: disable=protected-access
     from onnx import version_converter  # pylint: disable=import-outside-toplevel
     converted = version_converter.convert_version(model, opset)
+    # The IR version that defines the types the opset uses (the converter keeps tf2onnx's older one).
+    converted.ir_version = max(converted.ir_version, onnx.helper.find_min_ir_version_for(
+        [entry for entry in converted.opset_import if entry.domain in ("", "ai.onnx")]))
     return converted
 
 

@@ -19,7 +19,7 @@ import tensorflow as tf
 import tfquant
 from tfquant import files
 from tfquant.export import (divergence, fake_quant_graph, frozen_graph, inference_graph, model_export, onnx_export,
-                            onnx_kbit_export, packed_reader, staged_directory, tflite_export)
+                            onnx_kbit_export, packed_reader, staged_directory, tflite_export, tflite_int4)
 from tfquant.export.model_export import ExportError
 from tfquant.report import REPORT_NAME, config_from_report, load_report
 
@@ -31,7 +31,8 @@ LATENCY_IMAGES = 100
 # Test images whose every int8 intermediate tensor is compared with the TF graph's (all are held in memory).
 DIVERGENCE_IMAGES = 200
 # What a previous export may hold; an output directory with anything else is refused, never replaced.
-EXPORT_FILES = ("model.tfq", "inference.pb", "model_float.tflite", "model_int8.tflite", "model.onnx", "export.json")
+EXPORT_FILES = ("model.tfq", "inference.pb", "model_float.tflite", "model_int8.tflite", "model_int4.tflite", "model.onnx",
+                "export.json")
 STATE_FILE = "checkpoint"
 
 
@@ -214,6 +215,14 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
                                                "quantized calibrated (see trained_ranges)"}
     if int8:
         add_file("tflite_int8", "model_int8.tflite", models["int8"])
+        not_int4 = tflite_int4.eligible(report) if not options.int8_calibration else "int8_calibration"
+        if not not_int4:
+            tensors, _ = packed_reader.read_packed_model(os.path.join(staging, "model.tfq"))
+            models["int4"], records = tflite_int4.to_int4(models["int8"], tensors, report)
+            add_file("tflite_int4", "model_int4.tflite", models["int4"])
+            result["int4"] = {"weights": records, "bytes_over_int8": len(models["int4"]) / len(models["int8"])}
+        else:
+            result["int4"] = {"not_written": not_int4}
     onnx_model = None
     if onnx:
         onnx_model, result["onnx"] = _onnx_model(ranged if not onnx_from_frozen else graph_def, report,
