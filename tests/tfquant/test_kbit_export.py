@@ -5,7 +5,6 @@ the export converts (run by TensorFlow), onnxruntime with and without graph opti
 decoding of the raw initializer bytes."""
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -13,8 +12,7 @@ import tensorflow as tf
 
 import tfquant
 from tests.tfquant.test_export import IMAGE_SHAPE, _save_quantized, _synthetic_data, forward
-from tfquant.export import (frozen_graph, inference_graph, onnx_check, onnx_kbit, onnx_kbit_export, packed_reader,
-                            run_directory)
+from tfquant.export import frozen_graph, inference_graph, onnx_check, onnx_kbit, packed_reader, run_directory
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from tfquant.export import packing
+from tfquant.export import onnx_fusion, packing
 
 # Key of the model's metadata_props entry that says, per weight, how its codes are stored (read_weight_codes).
 METADATA_KEY = "tfquant_kbit_weights"
@@ -300,57 +300,6 @@ def find_weight_initializers(model, tensors):
     return found
 
 
-def _gemm_as_matmul(model, weight):
-    """Split each plain Gemm (no transposes, alpha = beta = 1) reading `weight` as B into MatMul + Add:
-    onnxruntime fuses a blocked DequantizeLinear into MatMulNBits only in front of a MatMul."""
-    onnx = _onnx()
-    graph = model.graph
-    for index, node in enumerate(list(graph.node)):
-        if node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] != weight:
-            continue
-        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if attributes.get("transA", 0) or attributes.get("transB", 0) or attributes.get("alpha", 1.0) != 1.0 \
-                or attributes.get("beta", 1.0) != 1.0:
-            continue
-        position = list(graph.node).index(node)
-        graph.node.remove(node)
-        product = node.output[0] + "_matmul" if len(node.input) > 2 else node.output[0]
-        replacement = [onnx.helper.make_node("MatMul", list(node.input[:2]), [product], name=node.name + "_matmul")]
-        if len(node.input) > 2:
-            replacement.append(onnx.helper.make_node("Add", [product, node.input[2]], list(node.output),
-                                                     name=node.name + "_bias"))
-        for offset, new in enumerate(replacement):
-            graph.node.insert(position + offset, new)
-        del index
-
-
-def _relu_as_max(model, weight):
-    """Write a Relu after MatMul(., weight) -> Add as Max(x, 0): onnxruntime fuses MatMul + Add + activation into
-    its float FusedGemm before it would fuse the blocked k-bit weight into MatMulNBits, and leaves Max alone."""
-    onnx = _onnx()
-    from onnx import numpy_helper  # pylint: disable=import-outside-toplevel
-    graph = model.graph
-    readers = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    for matmul in [n for n in graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] == weight]:
-        adds = readers.get(matmul.output[0], [])
-        if len(adds) != 1 or adds[0].op_type != "Add":
-            continue
-        relus = readers.get(adds[0].output[0], [])
-        if len(relus) != 1 or relus[0].op_type != "Relu":
-            continue
-        zero = weight + "_relu_zero"
-        if all(t.name != zero for t in graph.initializer):
-            graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), zero))
-        relu = relus[0]
-        position = list(graph.node).index(relu)
-        graph.node.remove(relu)
-        graph.node.insert(position, onnx.helper.make_node("Max", [relu.input[0], zero], list(relu.output),
-                                                          name=relu.name + "_as_max"))
-
-
 def store_kbit_weights(model, tensors, overrides=None):
     """Store every weight of `tensors` found in `model` (in place) as codes + DequantizeLinear.
 
@@ -376,8 +325,7 @@ def store_kbit_weights(model, tensors, overrides=None):
             continue
         codes_name = apply_plan(model, plan)
         if plan.form == "blocked" and plan.axis == 0 and len(shape) == 2:
-            _gemm_as_matmul(model, initializer)
-            _relu_as_max(model, initializer)
+            onnx_fusion.keep_matmul_nbits(model, initializer)
         records[variable] = plan.record()
         described.append({"variable": variable, "codes": codes_name, "shape": list(tensor.shape),
                           "order": list(plan.order), "bits": tensor.bits})

@@ -152,15 +152,20 @@ def export(graph_def, weight_records, report, tensors, check_images):
             model, records, opset, result, codes = attempt(trial)
             if not result["ok"]:
                 continue
-            # Give each layer back its own form while the check passes without its fallback.
+            # Give each layer back its own form while the check passes without its fallback; a layer that
+            # keeps it records what the check saw with its own form.
+            reasons = {}
             for name in list(trial):
                 relaxed = {key: value for key, value in trial.items() if key != name}
                 candidate = attempt(relaxed)
                 if candidate[3]["ok"]:
                     trial = relaxed
                     model, records, opset, result, codes = candidate
+                else:
+                    reasons[name] = candidate[3]["reason"]
             overrides = trial
-            fallbacks = [{"variable": name, "fallback": label, "reason": first_failure} for name in trial]
+            fallbacks = [{"variable": name, "fallback": label, "reason": reasons.get(name, first_failure)}
+                         for name in trial]
             break
         if not result["ok"]:
             raise ExportError("k-bit ONNX model is not valid: %s, whatever the layers' storage; expected "
@@ -171,8 +176,8 @@ def export(graph_def, weight_records, report, tensors, check_images):
         if kernel is not None:
             record["kernel"] = kernel
         if name in overrides:
-            record["fallback"] = next(f["fallback"] for f in fallbacks if f["variable"] == name)
-            record["fallback_reason"] = first_failure
+            fallback = next(f for f in fallbacks if f["variable"] == name)
+            record["fallback"], record["fallback_reason"] = fallback["fallback"], fallback["reason"]
     read_back = onnx_kbit.read_weight_codes(model)
     for name, tensor in kbit.items():
         if name in read_back and not np.array_equal(read_back[name], tensor.codes):

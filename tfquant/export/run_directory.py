@@ -2,7 +2,8 @@
 
 The run directory holds what a quantized run writes: `quant_report.json`, `inference_graph.meta` and
 `model.ckpt-N`. The output directory receives model.tfq, inference.pb, model_float.tflite,
-model_int8.tflite and model.onnx (when asked for) and export.json, which records for every file its accuracy
+model_int8.tflite, model_int4.tflite (<= 4-bit symmetric weights) and model.onnx (k-bit weights as their codes,
+onnx_kbit_export) when asked for, and export.json, which records for every file its accuracy
 and its agreement with the quantized TF graph (the share of test images given the same class). Everything
 is built in a sibling staging directory and moved into place with one rename once complete: a failure
 leaves the output directory as it was (or absent), and a previous export there is replaced only by a
@@ -31,8 +32,8 @@ LATENCY_IMAGES = 100
 # Test images whose every int8 intermediate tensor is compared with the TF graph's (all are held in memory).
 DIVERGENCE_IMAGES = 200
 # What a previous export may hold; an output directory with anything else is refused, never replaced.
-EXPORT_FILES = ("model.tfq", "inference.pb", "model_float.tflite", "model_int8.tflite", "model_int4.tflite", "model.onnx",
-                "export.json")
+EXPORT_FILES = ("model.tfq", "inference.pb", "model_float.tflite", "model_int8.tflite", "model_int4.tflite",
+                "model.onnx", "export.json")
 STATE_FILE = "checkpoint"
 
 
@@ -320,10 +321,12 @@ def export_run_directory(checkpoint_dir, output_dir, tflite=False, int8=False, i
         export.json.
       tflite: also write model_float.tflite.
       int8: also write model_int8.tflite (implies tflite) with the trained weight and activation ranges;
-        needs `calibration_images` for the tensors training never quantized.
+        needs `calibration_images` for the tensors training never quantized. With every weight at <= 4 bits on
+        the symmetric grid also model_int4.tflite (tflite_int4).
       int8_calibration: with int8, let the converter calibrate every activation range instead.
-      onnx: also write model.onnx (QuantizeLinear/DequantizeLinear pairs with the trained ranges; needs
-        tf2onnx and onnxruntime); needs `calibration_images` as int8 does.
+      onnx: also write model.onnx (QuantizeLinear/DequantizeLinear pairs with the trained ranges, weights of
+        <= 4 bits as UINT4/UINT2 codes checked in onnxruntime; needs onnx, tf2onnx and onnxruntime); needs
+        `calibration_images` as int8 does, unless the model keeps every activation float.
       test_data: optional (images, labels) of preprocessed test images in the model's input shape; with
         it export.json records the accuracy of the checkpoint and of every exported file, and every file's
         agreement with the quantized TF graph.
