@@ -205,3 +205,12 @@ def test_litert_int4_file_holds_the_trained_codes_and_agrees(exports):
     assert agreement["tflite_int4"] >= max(0.95, agreement["tflite_int8"])
     assert np.mean(logits.argmax(1) == np.asarray(
         tflite_export.run_tflite((out / "model_int8.tflite").read_bytes(), images)).argmax(1)) >= 0.9
+
+
+def test_summary_lines_say_what_the_k_bit_files_hold(exports):
+    (run, out, result), _ = exports[0]["w3a8_channel_symmetric"], exports[1]
+    lines = run_directory.summary_lines(result, str(out))
+    weights = result["onnx"]["weights"]
+    assert "k-bit ONNX (opset 21): weights %d UINT4; 0 fused into MatMulNBits; 0 fallbacks" % len(weights) in \
+        "\n".join(lines)
+    assert "model_int4.tflite: 4 weights INT4, 0 int8" in "\n".join(lines)

@@ -187,3 +187,35 @@ def export(graph_def, weight_records, report, tensors, check_images):
                "check": {"images": int(len(images)), "relative_difference": result["relative_difference"],
                          "top1_agreement": result["top1_agreement"], "first_attempt": first_failure or "passed"}}
     return model, summary
+
+
+def onnx_file(source, report, packed_path, check_images, input_shape=None):
+    """(model.onnx bytes, its export.json record) of an export: the k-bit file when a weight has at most 4
+    bits (export), else the uint8-weight Q/DQ file at opset 17 (onnx_export.convert).
+
+    Args:
+      source: the FakeQuantGraph, or for a k-bit model with float activations the frozen inference GraphDef.
+      report: the QuantReport.
+      packed_path: the export's model.tfq.
+      check_images: images onnxruntime's check runs (test images, else calibration images); None: seeded
+        normal noise of `input_shape` (the check compares the file's two runs, which needs no labels).
+      input_shape: [None, H, W, C], used without check images.
+    """
+    from tfquant.export import packed_reader  # pylint: disable=import-outside-toplevel
+    tensors, _ = packed_reader.read_packed_model(packed_path)
+    graph_def, weight_records = ((source.graph_def, source.weights) if hasattr(source, "graph_def")
+                                 else (source, []))
+    if not kbit_tensors(tensors, report):
+        model = onnx_export.convert(graph_def)
+        return model, {"opset": onnx_export.OPSET,
+                       "quantize_dequantize_pairs": list(onnx_export.quantize_linear_pairs(model))}
+    synthetic = check_images is None
+    if synthetic:
+        if input_shape is None:
+            raise ExportError("k-bit ONNX export needs images or the input shape to check the file in onnxruntime")
+        shape = [CHECK_IMAGES] + [int(d) for d in input_shape[1:]]
+        check_images = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    model, summary = export(graph_def, weight_records, report, tensors, check_images)
+    summary["check"]["images_source"] = "synthetic (normal noise)" if synthetic else "given"
+    summary["quantize_dequantize_pairs"] = list(onnx_export.quantize_linear_pairs(model))
+    return model, summary

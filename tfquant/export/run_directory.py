@@ -226,8 +226,9 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
             result["int4"] = {"not_written": not_int4}
     onnx_model = None
     if onnx:
-        onnx_model, result["onnx"] = _onnx_model(ranged if not onnx_from_frozen else graph_def, report,
-                                                 os.path.join(staging, "model.tfq"), test_data, calibration_images)
+        onnx_model, result["onnx"] = onnx_kbit_export.onnx_file(
+            ranged if not onnx_from_frozen else graph_def, report, os.path.join(staging, "model.tfq"),
+            test_data[0] if test_data is not None else calibration_images, input_shape)
         add_file("onnx", "model.onnx", onnx_model)
         result["onnx"]["bytes_over_accounted"] = result["files"]["onnx"]["bytes"] / (report.total_storage_bits / 8.0)
     if test_data is not None:
@@ -239,29 +240,6 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
                 "layers": divergence.layer_divergence(ranged.graph_def, models["int8"], images)}
     files.write_atomically(os.path.join(staging, "export.json"), json.dumps(result, indent=2).encode())
     return result
-
-
-def _onnx_model(ranged, report, packed_path, test_data, calibration_images):
-    """(model.onnx, its export.json record): k-bit weights as their codes when any weight has at most 4 bits
-    (checked in onnxruntime, onnx_kbit_export), else today's uint8 weight codes at opset 17. `ranged` is the
-    FakeQuant graph, or the frozen inference graph for a k-bit model with float activations."""
-    tensors, _ = packed_reader.read_packed_model(packed_path)
-    graph_def, weight_records = (ranged, []) if not hasattr(ranged, "graph_def") else (ranged.graph_def,
-                                                                                       ranged.weights)
-    if not onnx_kbit_export.kbit_tensors(tensors, report):
-        model = onnx_export.convert(graph_def)
-        return model, {"opset": onnx_export.OPSET,
-                       "quantize_dequantize_pairs": list(onnx_export.quantize_linear_pairs(model))}
-    if test_data is not None:
-        check_images = test_data[0]
-    elif calibration_images is not None:
-        check_images = calibration_images
-    else:
-        raise ExportError("k-bit ONNX export needs images to check the file in onnxruntime; expected test data or "
-                          "calibration images")
-    model, summary = onnx_kbit_export.export(graph_def, weight_records, report, tensors, check_images)
-    summary["quantize_dequantize_pairs"] = list(onnx_export.quantize_linear_pairs(model))
-    return model, summary
 
 
 def _fidelity(result, reference, test_data, frozen, tflite_models, onnx_model, latency_images):
@@ -382,5 +360,28 @@ def summary_lines(result, output_dir):
         load = latency["load_average_1_5_15_min"]
         lines.append("latency: median per image, batch 1, one thread, measured alternately; load average %.2f "
                      "before, %.2f after" % (load["before"][0], load["after"][0]))
+    lines.extend(_kbit_lines(result))
     lines.append("details: %s" % os.path.join(os.path.abspath(output_dir), "export.json"))
+    return lines
+
+
+def _kbit_lines(result):
+    """What the k-bit files hold: stored types, MatMulNBits fusions, fallbacks, INT4 weights."""
+    lines = []
+    onnx = result.get("onnx", {})
+    if "weights" in onnx:
+        types = {}
+        for record in onnx["weights"].values():
+            types[record["stored_type"]] = types.get(record["stored_type"], 0) + 1
+        lines.append("k-bit ONNX (opset %d): weights %s; %d fused into MatMulNBits; %d fallbacks; %.2fx the "
+                     "accounted size" % (onnx["opset"], ", ".join("%d %s" % (n, t) for t, n in sorted(types.items())),
+                                         sum(bool(r.get("fused")) for r in onnx["weights"].values()),
+                                         len(onnx["fallbacks"]), onnx["bytes_over_accounted"]))
+    int4 = result.get("int4", {})
+    if "weights" in int4:
+        stored = [r["stored"] for r in int4["weights"] if r["layer"]]
+        lines.append("model_int4.tflite: %d weights INT4, %d int8 (%.2fx the int8 file)"
+                     % (stored.count("INT4"), stored.count("INT8"), int4["bytes_over_int8"]))
+    elif "not_written" in int4:
+        lines.append("model_int4.tflite not written: %s" % int4["not_written"])
     return lines
