@@ -9,7 +9,12 @@ setup(
     python_requires=">=3.9",
     # tf-keras (the legacy Keras, for nets/keras_model_run.py) must match the TensorFlow release.
     install_requires=["tensorflow>=2.15", "numpy", "absl-py", "tensorboard", "tf-keras~=2.21.0"],
-    # ONNX export (python -m tfquant.export --onnx); both install from wheels without touching TensorFlow.
-    extras_require={"onnx": ["tf2onnx==1.17.0", "onnxruntime"],
-                    "test": ["pytest", "pytest-xdist", "hypothesis", "tf2onnx==1.17.0", "onnxruntime"]},
+    # ONNX export (python -m tfquant.export --onnx); they install from wheels without touching TensorFlow.
+    # k-bit weights need onnx's opset 25 (UINT2; UINT4 and blocked DequantizeLinear from opset 21, onnx 1.20
+    # writes 25), an onnxruntime that runs 2-bit DequantizeLinear and MatMulNBits (checked with 1.32) and
+    # ml_dtypes' int2/int4 arrays; LiteRT INT4 files are run by ai-edge-litert.
+    extras_require={"onnx": ["tf2onnx==1.17.0", "onnx>=1.20", "onnxruntime>=1.32", "ml_dtypes>=0.5"],
+                    "litert": ["ai-edge-litert>=2.3"],
+                    "test": ["pytest", "pytest-xdist", "hypothesis", "tf2onnx==1.17.0", "onnx>=1.20",
+                             "onnxruntime>=1.32", "ml_dtypes>=0.5", "ai-edge-litert>=2.3"]},
 )

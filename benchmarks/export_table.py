@@ -5,6 +5,12 @@ and fine-tuned rows), exporting each with the real CLI (python -m tfquant.export
 
   .venv/bin/python -m benchmarks.export_table          # after benchmarks.accuracy_table; writes BENCHMARKS.md
   .venv/bin/python -m benchmarks.export_table --quick --work_dir /tmp/acc_quick --output /tmp/export.json
+
+With --kbit it builds issue 32's table instead (benchmarks.kbit_files: ResNet-20 W4A8 and W2A8, a MatMul-heavy
+MLP with block buckets; every file's bytes, memory, latency at batch 1 and 32, agreement, accuracy):
+
+  .venv/bin/python -m benchmarks.export_table --kbit     # trains what is missing; writes BENCHMARKS.md
+  .venv/bin/python -m benchmarks.export_table --kbit --quick --work_dir /tmp/kbit_quick   # a tiny MLP only
 """
 import argparse
 import collections
@@ -17,7 +23,7 @@ import typing
 import numpy as np
 import tensorflow as tf
 
-from benchmarks import accuracy_table, machine, publish
+from benchmarks import accuracy_table, kbit_files, machine, publish
 from tfquant.export import divergence
 
 
@@ -196,8 +202,11 @@ def main(argv=None):
     publish.add_arguments(parser, render_json=False)
     parser.add_argument("--work_dir", default="/tmp/tfquant_accuracy_table", help="accuracy_table's --work_dir")
     parser.add_argument("--seed", type=int, default=0, help="which seed's checkpoints to export")
+    parser.add_argument("--kbit", action="store_true", help="issue 32's k-bit files table instead")
     args = parser.parse_args(argv)
     load_before = publish.start(args)
+    if args.kbit:
+        return _kbit(args, load_before)
     extra = ["--eval_subset=200", "--latency_images=20"] if args.quick else []
     exports = QUICK_EXPORTS if args.quick else EXPORTS
     float_bytes, float_prefix = checkpoint_bytes(accuracy_table.float_dir(args.work_dir, args.seed))
@@ -219,6 +228,23 @@ def main(argv=None):
         data = row["export"]
         print("%-16s packed %8d bytes  accuracy %.4f" % (row["name"], data["files"]["packed"]["bytes"],
                                                           data["accuracy"]["frozen_graph"]))
+    return 0
+
+
+def _kbit(args, load_before):
+    """The k-bit files table (benchmarks.kbit_files): run, write the JSON, publish unless --quick."""
+    payload = kbit_files.run(args.work_dir, args.quick, args.seed)
+    payload.update(machine=machine.machine_info(load=machine.end_load(args.quick)), load_before=load_before,
+                   command=publish.command_line())
+    publish.write_json(publish.results_path(args, "export_kbit"), payload)
+    if not args.quick:
+        body = kbit_files.render(payload, payload["command"], machine.machine_lines(payload["machine"], load_before))
+        publish.publish("export_kbit", body, args.markdown, load_before, payload["machine"]["load_average"],
+                        args.allow_busy)
+    for row in payload["rows"]:
+        print("%-24s %-14s %9d bytes  %.2fx accounted  %7.1f MB added  b1 %.3f ms" % (
+            row["model"], row["file"], row["bytes"], row["over_accounted"], row["rss_added_kb"] / 1024.0,
+            row["latency_ms"]["b1_t1"]))
     return 0
 
 

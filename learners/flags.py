@@ -46,8 +46,12 @@ def define_flags():
     flags.DEFINE_integer("uql_weight_bits", 4, "weight bits (1..16, 32 = float)")
     flags.DEFINE_integer("uql_activation_bits", 32, "activation bits (1..16, 32 = float)")
     flags.DEFINE_boolean("uql_use_buckets", False, "one range per bucket instead of per layer")
-    flags.DEFINE_enum("uql_bucket_type", "channel", ["channel", "split"], "bucket type: channel or split")
-    flags.DEFINE_integer("uql_bucket_size", 256, "elements per bucket for split buckets")
+    flags.DEFINE_enum("uql_bucket_type", "channel", ["channel", "split", "block"],
+                      "bucket type: channel (one range per output channel), split (pieces of the flattened "
+                      "weight) or block (per output channel, blocks of --uql_bucket_size input elements: the "
+                      "layout of onnxruntime's MatMulNBits)")
+    flags.DEFINE_integer("uql_bucket_size", 256, "elements per bucket for split and block buckets (block: a power "
+                         "of 2 >= 16)")
     flags.DEFINE_boolean("uql_quantize_all_layers", False, "also quantize the first and last layers")
     flags.DEFINE_float("uql_quant_epochs", 1.0, "epochs of quantized fine-tuning")
     flags.DEFINE_string("uql_save_quant_model_path", "./models_uql/model.ckpt",
@@ -202,8 +206,8 @@ _DEPENDENT_FLAGS = (
     (("export_dir", "export_int8", "export_onnx"), lambda: FLAGS.exec_mode == "export", "--exec_mode=export"),
     (("loss_w_dst", "tempr_dst"), lambda: FLAGS.enbl_dst, "--enbl_dst"),
     (("uql_bucket_type",), lambda: FLAGS.uql_use_buckets, "--uql_use_buckets"),
-    (("uql_bucket_size",), lambda: FLAGS.uql_use_buckets and FLAGS.uql_bucket_type == "split",
-     "--uql_use_buckets --uql_bucket_type=split"),
+    (("uql_bucket_size",), lambda: FLAGS.uql_use_buckets and FLAGS.uql_bucket_type in ("split", "block"),
+     "--uql_use_buckets --uql_bucket_type=split or block"),
     (("uql_ema_decay",), lambda: FLAGS.uql_act_range == "ema", "--uql_act_range=ema"),
     (("uql_pact_decay",), lambda: FLAGS.uql_act_range == "pact", "--uql_act_range=pact"),
     (("uql_freeze_bn_delay",), lambda: FLAGS.uql_fold_batch_norms, "--uql_fold_batch_norms"),

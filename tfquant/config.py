@@ -5,13 +5,13 @@ import numbers
 import re
 from typing import Mapping, Optional, Sequence, Tuple
 
-from tfquant.layout import GroupLayout
+from tfquant.layout import MIN_BLOCK_SIZE, GroupLayout, valid_block_size
 
 FLOAT_BITS = 32
 MAX_CODE_BITS = 16
 VALID_BITS_TEXT = "an integer from 1 to 16, or 32 for float"
 VALID_CODE_BITS_TEXT = "an integer from 1 to 16"
-BUCKET_TYPES = ("channel", "split")
+BUCKET_TYPES = ("channel", "split", "block")
 ACT_RANGES = ("ema", "batch", "pact", "lsq")
 # The weight grids (tfquant.weight_grids) by name, with the code widths each takes (fewest, most): minmax is
 # PocketFlow's; lsq learns a step on a signed grid; ternary codes -1, 0, +1 and binary the sign, times a
@@ -168,6 +168,9 @@ class QuantConfig:
                              % (self.bucket_type, ", ".join(repr(t) for t in BUCKET_TYPES)))
         if isinstance(self.bucket_size, bool) or not isinstance(self.bucket_size, int) or self.bucket_size < 1:
             raise ValueError("bucket_size=%r is not valid; expected a positive integer" % (self.bucket_size,))
+        if self.use_buckets and self.bucket_type == "block" and not valid_block_size(self.bucket_size):
+            raise ValueError("bucket_size=%r is not valid with bucket_type='block'; expected a power of 2 >= %d "
+                             "(the block sizes of the runtimes' k-bit kernels)" % (self.bucket_size, MIN_BLOCK_SIZE))
         if self.act_range not in ACT_RANGES:
             raise ValueError("act_range=%r is not valid; expected one of %s"
                              % (self.act_range, ", ".join(repr(r) for r in ACT_RANGES)))

@@ -197,6 +197,8 @@ def grouped(x, layout):
         rank = len(shape)
         axes = [a for a in range(rank) if a not in {c % rank for c in layout.channel_axes}]
         return x, axes, lambda y: y
+    if layout.kind == "block":
+        return _grouped_blocks(x, layout)
     size = int(np.prod(shape, dtype=np.int64))
     bucket = layout.bucket_size
     pieces = -(-size // bucket)
@@ -212,6 +214,30 @@ def grouped(x, layout):
         if pad:
             y = y[:size]
         return tf.reshape(y, shape)
+
+    return view, [1], restore
+
+
+def _grouped_blocks(x, layout):
+    """grouped() of a 'block' layout: x as [blocks, bucket_size, N] (see tfquant.layout), reduced over axis 1."""
+    shape = x.shape.as_list()
+    order, rows, columns = layout.block_matrix(shape)
+    bucket = layout.bucket_size
+    blocks = -(-rows // bucket)
+    pad = blocks * bucket - rows
+    matrix = tf.reshape(tf.transpose(x, order) if list(order) != sorted(order) else x, [rows, columns])
+    if pad:
+        # Padding with the last row (in the last block of every column) cannot change any block's range.
+        matrix = tf.concat([matrix, tf.tile(matrix[-1:], [pad, 1])], axis=0)
+    view = tf.reshape(matrix, [blocks, bucket, columns])
+    inverse = [order.index(axis) for axis in range(len(shape))]
+
+    def restore(y):
+        y = tf.reshape(y, [blocks * bucket, columns])
+        if pad:
+            y = y[:rows]
+        y = tf.reshape(y, [shape[axis] for axis in order])
+        return tf.transpose(y, inverse) if list(order) != sorted(order) else y
 
     return view, [1], restore
 

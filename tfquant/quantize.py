@@ -43,8 +43,8 @@ def _quantize_weights(graph, candidates, plan, config, is_training):
         layer.bits = bits
         if bits != FLOAT_BITS:
             layer.bucket_type = layout.bucket_type
-            layer.bucket_size = layout.bucket_size if layout.kind == "split" else None
-            layer.channel_axes = list(layout.channel_axes) if layout.kind == "channel" else None
+            layer.bucket_size = layout.bucket_size if layout.kind in ("split", "block") else None
+            layer.channel_axes = list(layout.channel_axes) if layout.kind in ("channel", "block") else None
             layer.num_groups = layout.num_groups(layer.shape)
         previous = stored.get(candidate.variable_name)
         if previous is not None:

@@ -159,8 +159,8 @@ class QuantReport:
         header = ("layer", "type", "bits", "buckets", "groups", "params", "storage bits", "status")
         rows = []
         for layer in self.layers:
-            if layer.bucket_type == "split":
-                buckets = "split/%d" % layer.bucket_size
+            if layer.bucket_type in ("split", "block"):
+                buckets = "%s/%d" % (layer.bucket_type, layer.bucket_size)
             else:
                 buckets = layer.bucket_type or "-"
             status = layer.status if layer.quantized else "skipped: " + layer.reason

@@ -150,7 +150,7 @@ _LAYER_CHECKS = {
     "weight_variable": (lambda v: isinstance(v, str), "a string"),
     "input_index": (_optional(lambda v: _is_int(v) and v >= 0), "null or a non-negative integer"),
     "shape": (_optional(_int_list), "null or a list of non-negative integers"),
-    "bucket_type": (lambda v: v in (None, "channel", "split"), "null, 'channel' or 'split'"),
+    "bucket_type": (lambda v: v in (None, "channel", "split", "block"), "null, 'channel', 'split' or 'block'"),
     "bucket_size": (_optional(lambda v: _is_int(v) and v >= 1), "null or a positive integer"),
     "channel_axes": (_optional(_int_list), "null or a list of axes"),
     "range_variables": (_optional(_str_list), "null or a list of variable names"),
@@ -181,12 +181,12 @@ def _check_config(config):
 
 def _groups_of(layer):
     """Range groups a quantized weight layer's recorded layout implies."""
-    if layer.bucket_type == "channel":
+    if layer.bucket_type in ("channel", "block"):
         axes = layer.channel_axes or []
         if not axes or any(a >= len(layer.shape) for a in axes) or sorted(set(axes)) != axes:
             raise SchemaError("layer %s: channel_axes %r do not fit shape %r" % (layer.name, axes, layer.shape))
-    if layer.bucket_type == "split" and layer.bucket_size is None:
-        raise SchemaError("layer %s: bucket_type 'split' needs bucket_size" % layer.name)
+    if layer.bucket_type in ("split", "block") and layer.bucket_size is None:
+        raise SchemaError("layer %s: bucket_type %r needs bucket_size" % (layer.name, layer.bucket_type))
     try:
         return layer_layout(layer).num_groups(layer.shape)
     except ValueError as exc:

@@ -42,10 +42,7 @@ def _reduce_groups(reduce, view, reduce_axes):
 
 def group_elements(shape, layout):
     """Elements that share one range group of `layout` in a tensor of `shape` (LSQ's N)."""
-    if layout.kind == "split":
-        return layout.bucket_size
-    size = int(np.prod([int(d) for d in shape], dtype=np.int64))
-    return size // layout.num_groups(shape)
+    return layout.group_elements(shape)
 
 
 def _zero_point_packed(view, step, bits, q_n, q_p):

@@ -6,8 +6,10 @@
 DIR is the directory a quantized run (--learner uniform or ptq) wrote: quant_report.json,
 inference_graph.meta and model.ckpt-N. No model code is needed. OUT receives model.tfq, inference.pb,
 model_float.tflite and model_int8.tflite (with --tflite / --int8; int8 with the trained ranges, or every
-activation range calibrated by the converter with --int8_calibration), model.onnx (with --onnx:
-QuantizeLinear/DequantizeLinear pairs with the trained ranges) and export.json. TEST.npz holds x_test
+activation range calibrated by the converter with --int8_calibration; with weights of <= 4 bits on the
+symmetric grid also model_int4.tflite, its FULLY_CONNECTED and CONV_2D weights INT4 tensors of the trained codes),
+model.onnx (with --onnx: QuantizeLinear/DequantizeLinear pairs with the trained ranges; weights of <= 4 bits as
+their trained codes in UINT4/UINT2 initializers, checked in onnxruntime with every optimization) and export.json. TEST.npz holds x_test
 (preprocessed images in the model's input shape) and y_test (integer labels), and optionally x_train for the
 ranges training did not record (else its first test images serve); with it the accuracy of the checkpoint
 and of every file, and every file's agreement with the quantized TF graph, are printed.
@@ -45,11 +47,13 @@ def _parse_args(argv):
                         help=".npz with x_test, y_test (and optionally x_train for --int8/--onnx calibration)")
     parser.add_argument("--tflite", action="store_true", help="also write model_float.tflite")
     parser.add_argument("--int8", action="store_true", help="also write model_int8.tflite (implies --tflite), "
-                        "with the trained weight and activation ranges")
+                        "with the trained weight and activation ranges, and for <= 4-bit symmetric weights "
+                        "model_int4.tflite (INT4 weights of the trained codes)")
     parser.add_argument("--int8_calibration", action="store_true", help="with --int8: let the converter "
                         "calibrate every activation range on the calibration images instead (the old fallback)")
     parser.add_argument("--onnx", action="store_true", help="also write model.onnx with QuantizeLinear/"
-                        "DequantizeLinear pairs carrying the trained ranges (needs tf2onnx and onnxruntime)")
+                        "DequantizeLinear pairs carrying the trained ranges, <= 4-bit weights as UINT4/UINT2 codes "
+                        "(needs onnx, tf2onnx and onnxruntime)")
     parser.add_argument("--eval_subset", type=int, default=None, help="evaluate on the first N test images only")
     parser.add_argument("--latency_images", type=int, default=run_directory.LATENCY_IMAGES,
                         help="test images per model for the latency measurement")

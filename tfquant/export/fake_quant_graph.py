@@ -96,8 +96,8 @@ def _weight_fake_quant(op, index, value, layer, grid):
         reason = "kept float in training"
     elif grid.int8_reason:
         reason = grid.int8_reason
-    elif layer.bucket_type == "split":
-        reason = "split buckets"
+    elif layer.bucket_type in ("split", "block"):
+        reason = "%s buckets" % layer.bucket_type
     elif layer.bucket_type == "channel" and not per_channel:
         reason = "per-channel ranges on a %s, whose int8 kernel takes one range" % op.type
     bits = layer.bits if not reason else INT8_BITS

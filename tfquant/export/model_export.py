@@ -228,7 +228,7 @@ def _check_weight_layers(report):
         if not layer.quantized:
             continue
         if layer.bucket_type != bucket_type or (
-                bucket_type == "split" and layer.bucket_size != config.get("bucket_size")):
+                bucket_type in ("split", "block") and layer.bucket_size != config.get("bucket_size")):
             raise ExportError("report layer %s has buckets %s/%s but the report's config says %s/%s; expected "
                               "the report written with the checkpoint" % (
                                   layer.name, layer.bucket_type, layer.bucket_size, bucket_type,
@@ -289,7 +289,7 @@ def pack_checkpoint(checkpoint, report, output_path, metadata=None, folded_weigh
         layout = _layout(layer)
         tensors.append(packed_file.QuantizedTensor(
             name, tuple(values[name].shape), layer.bits, layout.kind,
-            layout.channel_axes if layout.kind == "channel" else None, layout.bucket_size,
+            layout.channel_axes if layout.kind in ("channel", "block") else None, layout.bucket_size,
             layer_codes, alpha, beta))
 
     total_bits = report.total_storage_bits

@@ -156,6 +156,8 @@ def weight_codes(model):
 def _session(model, num_threads):
     ort = _require("onnxruntime")
     options = ort.SessionOptions()
+    # MatMulNBits (k-bit weights) keeps float activations: its default accuracy level quantizes them.
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if num_threads:
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1

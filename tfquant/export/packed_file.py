@@ -14,7 +14,8 @@ Layout (all integers little-endian):
 
 The index is {"t": [entry, ...], "m": metadata}.  Each entry has "n" (name), "s" (shape) and "o"
 (byte offset of its data from the start of the payload).  A quantized entry adds "q" (bits),
-"l" (layout), "a" (channel axes, layout 'channel') and "b" (bucket size, layout 'split'); its data
+"l" (layout), "a" (channel axes, layouts 'channel' and 'block') and "b" (bucket size, layouts 'split' and
+'block'); its data
 is the packed codes (see tfquant.export.packing for the bit order), zero padding to a multiple of
 4 bytes, then alpha and then beta as float32, one per group.  A plain entry adds "d" (NumPy dtype
 string: "<f4", "<i4" or "<i8") and its data is the raw array in C order.  Data lengths are implied
@@ -57,8 +58,8 @@ class QuantizedTensor:
     """A k-bit quantized tensor: integer codes plus one float32 alpha and beta per range group.
 
     On construction codes become a uint16 array of `shape`, alpha/beta 1-D float32 arrays, and
-    channel_axes a tuple of non-negative increasing axes (None unless layout is 'channel');
-    bucket_size is None unless layout is 'split'.
+    channel_axes a tuple of non-negative increasing axes (None unless layout is 'channel' or 'block');
+    bucket_size is None unless layout is 'split' or 'block'.
     """
     name: str
     shape: Tuple[int, ...]
@@ -77,8 +78,9 @@ class QuantizedTensor:
         self.bits = packing.check_bits(self.bits)
         packing._check_layout(self.layout)
         self.channel_axes = (packing.normalize_channel_axes(self.shape, self.channel_axes)
-                             if self.layout == "channel" else None)
-        self.bucket_size = packing._check_bucket(self.bucket_size) if self.layout == "split" else None
+                             if self.layout in ("channel", "block") else None)
+        self.bucket_size = (packing._check_bucket(self.bucket_size) if self.layout in ("split", "block")
+                            else None)
         try:
             codes = packing.as_codes(self.codes, self.bits)
         except ValueError as e:
@@ -176,9 +178,9 @@ def _plan(tensors):
         if isinstance(t, QuantizedTensor):
             offset = align(offset, 4)
             entry = {"n": t.name, "s": list(t.shape), "o": offset, "q": t.bits, "l": t.layout}
-            if t.layout == "channel":
+            if t.layout in ("channel", "block"):
                 entry["a"] = list(t.channel_axes)
-            elif t.layout == "split":
+            if t.layout in ("split", "block"):
                 entry["b"] = t.bucket_size
             offset += quantized_span(t.size, t.bits, t.num_groups)[2]
         else:

@@ -82,7 +82,7 @@ def _check_entry(entry, number, payload_len):
         bits = _entry_field(entry, "q", int, where)
         layout = _entry_field(entry, "l", str, where)
         axes, bucket = entry.get("a"), entry.get("b")
-        if ("a" in entry) != (layout == "channel") or ("b" in entry) != (layout == "split"):
+        if ("a" in entry) != (layout in ("channel", "block")) or ("b" in entry) != (layout in ("split", "block")):
             raise ValueError(f"{where}: fields 'a'/'b' do not fit layout {layout!r}")
         if axes is not None and (not isinstance(axes, list) or not all(_is_int(a) for a in axes)):
             raise ValueError(f"{where}: bad channel axes {axes!r}")
@@ -91,7 +91,7 @@ def _check_entry(entry, number, payload_len):
         try:
             packing.check_bits(bits)
             groups = packing.num_groups(shape, layout, axes, bucket)
-            axes = packing.normalize_channel_axes(shape, axes) if layout == "channel" else None
+            axes = packing.normalize_channel_axes(shape, axes) if layout in ("channel", "block") else None
         except (ValueError, TypeError) as e:
             raise ValueError(f"{where}: {e}") from None
         span, alignment = packed_file.quantized_span(size, bits, groups)[2], 4

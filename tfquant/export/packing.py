@@ -14,7 +14,10 @@ Range-group layouts (one float32 alpha and beta per group):
   'channel' one group per coordinate of `channel_axes` (increasing axis indices, negatives
             allowed), numbered row-major over those axes;
   'split'   the C-order flattened tensor cut into consecutive buckets of `bucket_size` elements,
-            element i belonging to group i // bucket_size.
+            element i belonging to group i // bucket_size;
+  'block'   per output channel on `channel_axes`, blocks of `bucket_size` consecutive elements of the
+            other axes (tfquant.layout: the tensor as a matrix [R, N], groups numbered row-major over
+            [ceil(R / bucket_size), N]).
 """
 import math
 
@@ -188,7 +191,7 @@ def normalize_channel_axes(shape, channel_axes):
 def _check_bucket(bucket_size):
     if bucket_size is None or isinstance(bucket_size, bool) or int(bucket_size) != bucket_size \
             or int(bucket_size) < 1:
-        raise ValueError(f"layout 'split' needs a positive integer bucket_size, got {bucket_size!r}")
+        raise ValueError(f"layouts 'split' and 'block' need a positive integer bucket_size, got {bucket_size!r}")
     return int(bucket_size)
 
 
@@ -202,19 +205,27 @@ def num_groups(shape, layout, channel_axes=None, bucket_size=None):
 
     Args:
       shape: the tensor shape.
-      layout: 'none', 'channel' or 'split'.
-      channel_axes: the channel axes (layout 'channel' only; ignored otherwise).
-      bucket_size: elements per bucket (layout 'split' only; ignored otherwise).
+      layout: 'none', 'channel', 'split' or 'block'.
+      channel_axes: the channel axes (layouts 'channel' and 'block'; ignored otherwise).
+      bucket_size: elements per bucket (layouts 'split' and 'block'; ignored otherwise).
     Returns:
       the group count as a Python int.
     """
     shape = _check_shape(shape)
     _check_layout(layout)
+    return _layout_of(shape, layout, channel_axes, bucket_size).num_groups(shape)
+
+
+def _layout_of(shape, layout, channel_axes, bucket_size):
+    """The checked GroupLayout of a layout name and its parameters over a tensor of `shape`."""
     if layout == "channel":
-        return GroupLayout("channel", channel_axes=normalize_channel_axes(shape, channel_axes)).num_groups(shape)
+        return GroupLayout("channel", channel_axes=normalize_channel_axes(shape, channel_axes))
     if layout == "split":
-        return GroupLayout("split", bucket_size=_check_bucket(bucket_size)).num_groups(shape)
-    return GroupLayout().num_groups(shape)
+        return GroupLayout("split", bucket_size=_check_bucket(bucket_size))
+    if layout == "block":
+        return GroupLayout("block", channel_axes=normalize_channel_axes(shape, channel_axes),
+                           bucket_size=_check_bucket(bucket_size))
+    return GroupLayout()
 
 
 def group_index(shape, layout, channel_axes=None, bucket_size=None):
@@ -222,9 +233,9 @@ def group_index(shape, layout, channel_axes=None, bucket_size=None):
 
     Args:
       shape: the tensor shape.
-      layout: 'none', 'channel' or 'split'.
-      channel_axes: the channel axes (layout 'channel' only; ignored otherwise).
-      bucket_size: elements per bucket (layout 'split' only; ignored otherwise).
+      layout: 'none', 'channel', 'split' or 'block'.
+      channel_axes: the channel axes (layouts 'channel' and 'block'; ignored otherwise).
+      bucket_size: elements per bucket (layouts 'split' and 'block'; ignored otherwise).
     Returns:
       a 1-D int64 array of length prod(shape).
     """
@@ -235,6 +246,8 @@ def group_index(shape, layout, channel_axes=None, bucket_size=None):
         return np.zeros(n, dtype=np.int64)
     if layout == "split":
         return np.arange(n, dtype=np.int64) // _check_bucket(bucket_size)
+    if layout == "block":
+        return _block_group_index(shape, _layout_of(shape, layout, channel_axes, bucket_size))
     axes = normalize_channel_axes(shape, channel_axes)
     channel_dims = [shape[a] for a in axes]
     ids = np.arange(int(np.prod(channel_dims, dtype=np.int64)), dtype=np.int64)
@@ -242,6 +255,15 @@ def group_index(shape, layout, channel_axes=None, bucket_size=None):
     # materialising one coordinate array per axis.
     broadcastable = [shape[d] if d in axes else 1 for d in range(len(shape))]
     return np.broadcast_to(ids.reshape(broadcastable), shape).reshape(-1).copy()
+
+
+def _block_group_index(shape, layout):
+    """group_index of a 'block' layout: (row // bucket_size) * N + column of the [R, N] matrix view."""
+    order, rows, columns = layout.block_matrix(shape)
+    matrix = (np.arange(rows, dtype=np.int64)[:, None] // layout.bucket_size) * columns \
+        + np.arange(columns, dtype=np.int64)[None, :]
+    inverse = [order.index(axis) for axis in range(len(shape))]
+    return matrix.reshape([shape[axis] for axis in order]).transpose(inverse).reshape(-1).copy()
 
 
 def dequantize(codes, bits, alpha, beta, shape, layout, channel_axes=None, bucket_size=None):
@@ -256,9 +278,9 @@ def dequantize(codes, bits, alpha, beta, shape, layout, channel_axes=None, bucke
       alpha: per-group scales, length num_groups(...); converted to float32.
       beta: per-group offsets, length num_groups(...); converted to float32.
       shape: the tensor shape.
-      layout: 'none', 'channel' or 'split'.
-      channel_axes: the channel axes (layout 'channel').
-      bucket_size: elements per bucket (layout 'split').
+      layout: 'none', 'channel', 'split' or 'block'.
+      channel_axes: the channel axes (layouts 'channel' and 'block').
+      bucket_size: elements per bucket (layouts 'split' and 'block').
     Returns:
       a float32 array of `shape`.
     """
@@ -291,6 +313,18 @@ def dequantize(codes, bits, alpha, beta, shape, layout, channel_axes=None, bucke
                          beta[:full, None])
         if full < groups:
             _scale_and_shift(out[full * bucket_size:], scale[full], beta[full])
+    elif layout == "block":
+        # The matrix view [R, N] of the codes (a copy when the channel axes are not last), scaled block
+        # by block, then put back in the tensor's axis order.
+        block_layout = _layout_of(shape, layout, channel_axes, bucket_size)
+        order, rows, columns = block_layout.block_matrix(shape)
+        matrix = np.ascontiguousarray(out.reshape(shape).transpose(order)).reshape(rows, columns)
+        size = block_layout.bucket_size
+        for block in range(-(-rows // size)):
+            _scale_and_shift(matrix[block * size:(block + 1) * size], scale[block * columns:(block + 1) * columns],
+                             beta[block * columns:(block + 1) * columns])
+        inverse = [order.index(axis) for axis in range(len(shape))]
+        return np.ascontiguousarray(matrix.reshape([shape[axis] for axis in order]).transpose(inverse))
     else:
         _scale_and_shift(out, scale[0], beta[0])
     return out.reshape(shape)

@@ -2,7 +2,8 @@
 
 The run directory holds what a quantized run writes: `quant_report.json`, `inference_graph.meta` and
 `model.ckpt-N`. The output directory receives model.tfq, inference.pb, model_float.tflite,
-model_int8.tflite and model.onnx (when asked for) and export.json, which records for every file its accuracy
+model_int8.tflite, model_int4.tflite (<= 4-bit symmetric weights) and model.onnx (k-bit weights as their codes,
+onnx_kbit_export) when asked for, and export.json, which records for every file its accuracy
 and its agreement with the quantized TF graph (the share of test images given the same class). Everything
 is built in a sibling staging directory and moved into place with one rename once complete: a failure
 leaves the output directory as it was (or absent), and a previous export there is replaced only by a
@@ -19,7 +20,7 @@ import tensorflow as tf
 import tfquant
 from tfquant import files
 from tfquant.export import (divergence, fake_quant_graph, frozen_graph, inference_graph, model_export, onnx_export,
-                            staged_directory, tflite_export)
+                            onnx_kbit_export, packed_reader, staged_directory, tflite_export, tflite_int4)
 from tfquant.export.model_export import ExportError
 from tfquant.report import REPORT_NAME, config_from_report, load_report
 
@@ -31,7 +32,8 @@ LATENCY_IMAGES = 100
 # Test images whose every int8 intermediate tensor is compared with the TF graph's (all are held in memory).
 DIVERGENCE_IMAGES = 200
 # What a previous export may hold; an output directory with anything else is refused, never replaced.
-EXPORT_FILES = ("model.tfq", "inference.pb", "model_float.tflite", "model_int8.tflite", "model.onnx", "export.json")
+EXPORT_FILES = ("model.tfq", "inference.pb", "model_float.tflite", "model_int8.tflite", "model_int4.tflite",
+                "model.onnx", "export.json")
 STATE_FILE = "checkpoint"
 
 
@@ -139,7 +141,10 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
     build_forward, input_shape = saved_graph.build_forward, saved_graph.input_shape
     test_data, calibration_images = _check_data(test_data, calibration_images, input_shape)
     needs_calibration = options.int8_calibration or not report.config.get("quantize_layer_outputs")
-    if (int8 or onnx) and calibration_images is None and needs_calibration:
+    # A k-bit ONNX file of a model with float activations is built from the frozen graph: no range to calibrate.
+    onnx_from_frozen = (onnx and bool(onnx_kbit_export.kbit_variables(report))
+                        and onnx_kbit_export.float_activations(report))
+    if (int8 or (onnx and not onnx_from_frozen)) and calibration_images is None and needs_calibration:
         raise ExportError("%s export needs calibration images; expected training (or test) images for the ranges "
                           "training did not record" % ("int8" if int8 else "ONNX"))
     try:
@@ -193,7 +198,7 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
         models["float"] = tflite_export.convert_float(graph_def, input_shape)
         add_file("tflite_float", "model_float.tflite", models["float"])
     ranged = None
-    if (int8 and not options.int8_calibration) or onnx:
+    if (int8 and not options.int8_calibration) or (onnx and not onnx_from_frozen):
         ranged = fake_quant_graph.build(build_forward, weights, report, input_shape, calibration_images)
         result["trained_ranges"] = ranged.summary()
     if int8 and options.int8_calibration:
@@ -211,12 +216,21 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
                                                "quantized calibrated (see trained_ranges)"}
     if int8:
         add_file("tflite_int8", "model_int8.tflite", models["int8"])
+        not_int4 = tflite_int4.eligible(report) if not options.int8_calibration else "int8_calibration"
+        if not not_int4:
+            tensors, _ = packed_reader.read_packed_model(os.path.join(staging, "model.tfq"))
+            models["int4"], records = tflite_int4.to_int4(models["int8"], tensors, report)
+            add_file("tflite_int4", "model_int4.tflite", models["int4"])
+            result["int4"] = {"weights": records, "bytes_over_int8": len(models["int4"]) / len(models["int8"])}
+        else:
+            result["int4"] = {"not_written": not_int4}
     onnx_model = None
     if onnx:
-        onnx_model = onnx_export.convert(ranged.graph_def)
+        onnx_model, result["onnx"] = onnx_kbit_export.onnx_file(
+            ranged if not onnx_from_frozen else graph_def, report, os.path.join(staging, "model.tfq"),
+            test_data[0] if test_data is not None else calibration_images, input_shape)
         add_file("onnx", "model.onnx", onnx_model)
-        result["onnx"] = {"opset": onnx_export.OPSET,
-                          "quantize_dequantize_pairs": list(onnx_export.quantize_linear_pairs(onnx_model))}
+        result["onnx"]["bytes_over_accounted"] = result["files"]["onnx"]["bytes"] / (report.total_storage_bits / 8.0)
     if test_data is not None:
         _fidelity(result, reference, test_data, frozen, models, onnx_model, options.latency_images)
         if int8 and not options.int8_calibration:
@@ -285,10 +299,12 @@ def export_run_directory(checkpoint_dir, output_dir, tflite=False, int8=False, i
         export.json.
       tflite: also write model_float.tflite.
       int8: also write model_int8.tflite (implies tflite) with the trained weight and activation ranges;
-        needs `calibration_images` for the tensors training never quantized.
+        needs `calibration_images` for the tensors training never quantized. With every weight at <= 4 bits on
+        the symmetric grid also model_int4.tflite (tflite_int4).
       int8_calibration: with int8, let the converter calibrate every activation range instead.
-      onnx: also write model.onnx (QuantizeLinear/DequantizeLinear pairs with the trained ranges; needs
-        tf2onnx and onnxruntime); needs `calibration_images` as int8 does.
+      onnx: also write model.onnx (QuantizeLinear/DequantizeLinear pairs with the trained ranges, weights of
+        <= 4 bits as UINT4/UINT2 codes checked in onnxruntime; needs onnx, tf2onnx and onnxruntime); needs
+        `calibration_images` as int8 does, unless the model keeps every activation float.
       test_data: optional (images, labels) of preprocessed test images in the model's input shape; with
         it export.json records the accuracy of the checkpoint and of every exported file, and every file's
         agreement with the quantized TF graph.
@@ -344,5 +360,28 @@ def summary_lines(result, output_dir):
         load = latency["load_average_1_5_15_min"]
         lines.append("latency: median per image, batch 1, one thread, measured alternately; load average %.2f "
                      "before, %.2f after" % (load["before"][0], load["after"][0]))
+    lines.extend(_kbit_lines(result))
     lines.append("details: %s" % os.path.join(os.path.abspath(output_dir), "export.json"))
+    return lines
+
+
+def _kbit_lines(result):
+    """What the k-bit files hold: stored types, MatMulNBits fusions, fallbacks, INT4 weights."""
+    lines = []
+    onnx = result.get("onnx", {})
+    if "weights" in onnx:
+        types = {}
+        for record in onnx["weights"].values():
+            types[record["stored_type"]] = types.get(record["stored_type"], 0) + 1
+        lines.append("k-bit ONNX (opset %d): weights %s; %d fused into MatMulNBits; %d fallbacks; %.2fx the "
+                     "accounted size" % (onnx["opset"], ", ".join("%d %s" % (n, t) for t, n in sorted(types.items())),
+                                         sum(bool(r.get("fused")) for r in onnx["weights"].values()),
+                                         len(onnx["fallbacks"]), onnx["bytes_over_accounted"]))
+    int4 = result.get("int4", {})
+    if "weights" in int4:
+        stored = [r["stored"] for r in int4["weights"] if r["layer"]]
+        lines.append("model_int4.tflite: %d weights INT4, %d int8 (%.2fx the int8 file)"
+                     % (stored.count("INT4"), stored.count("INT8"), int4["bytes_over_int8"]))
+    elif "not_written" in int4:
+        lines.append("model_int4.tflite not written: %s" % int4["not_written"])
     return lines

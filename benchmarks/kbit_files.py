@@ -1,0 +1,282 @@
+"""The k-bit export table (issue 32): every deployable file of a k-bit model, as a runtime loads and runs it.
+
+Models: ResNet-20 Fashion-MNIST at W4A8 and W2A8 (symmetric channel grids, batch norms folded, every int8
+tensor trained; trained by benchmarks.accuracy_table's runner into its --work_dir) and a MatMul-heavy MLP
+(784-2048-2048-10, 5.8 M weights, W4 with block buckets of 32, float activations), trained here. Each is
+exported with the real CLI (python -m tfquant.export --int8 --onnx); the MLP's float ONNX model is tf2onnx's
+conversion of its frozen graph (the same weights as floats). Per file: bytes on disk, bytes over tfquant's
+accounted size, the memory its loading and one run add to a fresh process (RSS after minus before, in a
+process of its own), median latency at batch 1 and 32 with one thread and with every core, and from
+export.json its agreement with the quantized TF graph and its accuracy.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+from benchmarks import accuracy_table, publish
+
+tf1 = tf.compat.v1
+
+SYMMETRIC = ("--uql_use_buckets --uql_bucket_type=channel --uql_weight_scheme=symmetric --uql_fold_batch_norms "
+             "--uql_quantize_layer_outputs --uql_activation_bits=8")
+RESNET_ROWS = [accuracy_table.Row("W4A8 ch symmetric deployable", "--uql_weight_bits=4 " + SYMMETRIC),
+               accuracy_table.Row("W2A8 ch symmetric deployable", "--uql_weight_bits=2 " + SYMMETRIC)]
+MLP_FULL = {"units": (2048, 2048), "steps": 3000, "train_images": 60000, "block": 32}
+MLP_QUICK = {"units": (64,), "steps": 30, "train_images": 512, "block": 16}
+# Files of an export directory: (file name, what the table calls it, runtime).
+FILES = (("model_float.onnx", "ONNX float", "onnx"), ("model.onnx", "ONNX k-bit", "onnx"),
+         ("model_float.tflite", "TFLite float", "tflite"), ("model_int8.tflite", "TFLite int8", "tflite"),
+         ("model_int4.tflite", "LiteRT INT4", "tflite"))
+AGREEMENT_KEYS = {"model.onnx": "onnx", "model_float.tflite": "tflite_float", "model_int8.tflite": "tflite_int8",
+                  "model_int4.tflite": "tflite_int4"}
+
+# Runs in a process of its own: loading is then the only thing between the two RSS readings.
+_MEASURE = r'''
+import json, sys, time
+import numpy as np
+def rss_kb():
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS"))
+kind, path, npz, repeats = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+images = np.load(npz)["x_test"][:32].astype(np.float32)
+def make(threads):
+    if kind == "onnx":
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda batch: session.run(None, {name: batch})
+    from ai_edge_litert import interpreter as runtime
+    interpreter = runtime.Interpreter(model_path=path, num_threads=threads or None)
+    detail = interpreter.get_input_details()[0]
+    state = {"batch": None}
+    def run(batch):
+        if state["batch"] != len(batch):
+            interpreter.resize_tensor_input(detail["index"], [len(batch)] + list(detail["shape"][1:]))
+            interpreter.allocate_tensors()
+            state["batch"] = len(batch)
+        if detail["dtype"] != np.float32:
+            scale, zero = detail["quantization"]
+            batch = np.clip(np.round(batch / scale + zero), -128, 127).astype(detail["dtype"])
+        interpreter.set_tensor(detail["index"], batch)
+        interpreter.invoke()
+    return run
+if kind == "onnx":
+    import onnxruntime
+else:
+    import ai_edge_litert.interpreter
+before = rss_kb()
+run = make(1)
+run(images[:1])
+added = rss_kb() - before
+latency = {}
+for threads in (1, 0):
+    run = make(threads)
+    for batch in (1, 32):
+        data = images[:batch] if batch <= len(images) else np.repeat(images, -(-batch // len(images)), 0)[:batch]
+        run(data)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run(data)
+            times.append(time.perf_counter() - start)
+        latency["b%d_t%s" % (batch, threads or "all")] = 1000 * float(np.median(times))
+print(json.dumps({"rss_added_kb": added, "latency_ms": latency}))
+'''
+
+
+def measure(kind, path, npz, repeats):
+    """{rss_added_kb, latency_ms: {b1_t1, b32_t1, b1_tall, b32_tall}} of one file, in a fresh process."""
+    done = subprocess.run([sys.executable, "-c", _MEASURE, kind, path, npz, str(repeats)], capture_output=True,
+                          text=True, cwd=publish.REPO_ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    if done.returncode != 0:
+        raise RuntimeError("measuring %s failed:\n%s" % (path, done.stderr[-2000:]))
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _mlp_forward(units):
+    def forward(images, is_training=False):
+        del is_training
+        x = tf.reshape(images, [-1, 28 * 28])
+        for number, width in enumerate(tuple(units) + (10,)):
+            with tf1.variable_scope("fc%d" % (number + 1)):
+                kernel = tf1.get_variable("weights", [x.shape[-1], width],
+                                          initializer=tf1.glorot_uniform_initializer())
+                bias = tf1.get_variable("biases", [width], initializer=tf1.zeros_initializer())
+                x = tf.nn.bias_add(tf.matmul(x, kernel), bias)
+            if number < len(units):
+                x = tf.nn.relu(x)
+        return x
+    return forward
+
+
+def train_mlp(run_dir, settings, train_images, train_labels):
+    """Train the MLP quantization-aware (W4, block buckets, float activations) into a run directory."""
+    import tfquant  # pylint: disable=import-outside-toplevel
+    from tfquant.export import inference_graph  # pylint: disable=import-outside-toplevel
+    forward = _mlp_forward(settings["units"])
+    config = tfquant.QuantConfig(weight_bits=4, use_buckets=True, bucket_type="block", weight_scheme="symmetric",
+                                 bucket_size=settings["block"], quantize_all_layers=True)
+    graph = tf.Graph()
+    with graph.as_default():
+        tf1.set_random_seed(0)
+        images = tf1.placeholder(tf.float32, [None, 28, 28, 1])
+        labels = tf1.placeholder(tf.int64, [None])
+        logits = forward(images)
+        report = tfquant.quantize_graph(graph, config, is_training=True)
+        logits = report.output(logits)
+        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+        train = tf1.train.AdamOptimizer(1e-3).minimize(loss)
+        saver = tf1.train.Saver()
+        rng = np.random.default_rng(0)
+        with tf1.Session(graph=graph) as sess:
+            sess.run(tf1.global_variables_initializer())
+            for _ in range(settings["steps"]):
+                pick = rng.integers(0, len(train_images), 100)
+                sess.run(train, {images: train_images[pick], labels: train_labels[pick]})
+            saver.save(sess, os.path.join(run_dir, "model.ckpt"), global_step=settings["steps"])
+    with open(os.path.join(run_dir, "quant_report.json"), "w") as handle:
+        handle.write(report.to_json())
+    inference_graph.save_inference_graph(run_dir, forward, [None, 28, 28, 1])
+
+
+def float_onnx(export_dir):
+    """model_float.onnx: tf2onnx's conversion of the export's frozen graph (the quantized weights as floats)."""
+    from tfquant.export import onnx_kbit_export  # pylint: disable=import-outside-toplevel
+    graph_def = tf1.GraphDef()
+    with open(os.path.join(export_dir, "inference.pb"), "rb") as handle:
+        graph_def.ParseFromString(handle.read())
+    model = onnx_kbit_export._converted(graph_def)  # pylint: disable=protected-access
+    with open(os.path.join(export_dir, "model_float.onnx"), "wb") as handle:
+        handle.write(model.SerializeToString())
+
+
+def export(run_dir, out_dir, npz, flags, quick):
+    """python -m tfquant.export on a run directory; returns its export.json."""
+    argv = [sys.executable, "-m", "tfquant.export", "--checkpoint_dir", run_dir, "--eval_npz", npz,
+            "--output_dir", out_dir, "--latency_images=0"] + flags + (["--eval_subset=200"] if quick else [])
+    done = subprocess.run(argv, cwd=publish.REPO_ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError("export of %s failed:\n%s" % (run_dir, done.stderr[-3000:]))
+    return publish.load_json(os.path.join(out_dir, "export.json"))
+
+
+def file_rows(name, out_dir, data, npz, repeats):
+    """One table entry per file of an export directory."""
+    accounted = data["packed"]["total_storage_bits"] / 8.0
+    rows = []
+    for file_name, label, kind in FILES:
+        path = os.path.join(out_dir, file_name)
+        if not os.path.exists(path):
+            continue
+        key = AGREEMENT_KEYS.get(file_name)
+        entry = {"model": name, "file": label, "name": file_name, "bytes": os.path.getsize(path),
+                 "over_accounted": os.path.getsize(path) / accounted,
+                 "agreement": data.get("agreement_with_quantized_tf", {}).get(key),
+                 "accuracy": data.get("accuracy", {}).get(key)}
+        entry.update(measure(kind, path, npz, repeats))
+        rows.append(entry)
+    return rows
+
+
+def run(work_dir, quick, seed=0):
+    """Train (where missing), export and measure every model; returns the payload."""
+    from learners.runner import dataset_arrays  # pylint: disable=import-outside-toplevel
+    from nets.convnet_at_fmnist import ModelHelper  # pylint: disable=import-outside-toplevel
+    os.makedirs(work_dir, exist_ok=True)
+    settings = MLP_QUICK if quick else MLP_FULL
+    repeats = 3 if quick else 50
+    helper = ModelHelper(batch_size=100, batch_size_eval=200 if quick else 500, eval_subset=200 if quick else None,
+                         seed=0)
+    x_test, y_test = dataset_arrays(helper, evaluation=True)
+    x_train, y_train = dataset_arrays(helper, evaluation=False, limit=settings["train_images"])
+    npz = os.path.join(work_dir, "kbit_fmnist.npz")
+    np.savez(npz, x_test=x_test, y_test=y_test, x_train=x_train[:200])
+    rows, exports = [], {}
+    mlp_dir = os.path.join(work_dir, "mlp_w4_block")
+    if not os.path.exists(os.path.join(mlp_dir, "quant_report.json")):
+        os.makedirs(mlp_dir, exist_ok=True)
+        train_mlp(mlp_dir, settings, x_train, y_train)
+    out = os.path.join(work_dir, "export_mlp_w4_block")
+    exports["MLP W4 block/%d" % settings["block"]] = data = export(mlp_dir, out, npz, ["--onnx"], quick)
+    float_onnx(out)
+    rows += file_rows("MLP W4 block/%d" % settings["block"], out, data, npz, repeats)
+    if not quick:
+        for row in RESNET_ROWS:
+            row_dir = accuracy_table.row_dir(work_dir, row.label, seed)
+            if not os.path.exists(os.path.join(row_dir, "quant_report.json")):
+                accuracy_table.run_row(work_dir, row, seed, accuracy_table.FULL)
+            resnet_npz = os.path.join(work_dir, "fmnist_resnet_test.npz")
+            if not os.path.exists(resnet_npz):
+                from benchmarks import export_table  # pylint: disable=import-outside-toplevel
+                export_table.write_test_npz(resnet_npz)
+            out = os.path.join(os.path.dirname(row_dir), "export_kbit_" + accuracy_table.slug(row.label))
+            exports[row.label] = data = export(row_dir, out, resnet_npz, ["--int8", "--onnx"], quick)
+            rows += file_rows("ResNet-20 " + row.label, out, data, resnet_npz, repeats)
+    return {"rows": rows, "exports": {name: {"onnx": data.get("onnx"), "int4": data.get("int4"),
+                                             "packed": data["packed"]} for name, data in exports.items()},
+            "quick": quick}
+
+
+def targets(payload):
+    """(what, value, limit, met) of issue 32's targets the payload measures."""
+    checks = []
+    by_model = {}
+    for row in payload["rows"]:
+        by_model.setdefault(row["model"], {})[row["name"]] = row
+    for model, files in by_model.items():
+        kbit = files.get("model.onnx")
+        if kbit is None:
+            continue
+        accounted = kbit["bytes"] / kbit["over_accounted"]
+        limit = 1.10 * accounted + 16384
+        checks.append(("%s: k-bit ONNX bytes <= 1.10 x accounted + 16 KiB" % model, kbit["bytes"], limit,
+                       kbit["bytes"] <= limit))
+        if kbit["agreement"] is not None:
+            checks.append(("%s: k-bit ONNX agreement >= 0.999" % model, kbit["agreement"], 0.999,
+                           kbit["agreement"] >= 0.999))
+        if "model_float.onnx" in files and model.startswith("MLP"):
+            base = files["model_float.onnx"]
+            ratio = kbit["latency_ms"]["b1_t1"] / base["latency_ms"]["b1_t1"]
+            checks.append(("%s: batch-1 latency (1 thread) <= 0.6 x float ONNX" % model, ratio, 0.6, ratio <= 0.6))
+            ratio = kbit["rss_added_kb"] / max(base["rss_added_kb"], 1)
+            checks.append(("%s: memory added <= 0.3 x float ONNX's" % model, ratio, 0.3, ratio <= 0.3))
+        if "model_int8.tflite" in files and "W4A8" in model:
+            for name in ("model.onnx", "model_int4.tflite"):
+                if name in files:
+                    ratio = files[name]["bytes"] / files["model_int8.tflite"]["bytes"]
+                    checks.append(("%s: %s bytes <= 0.6 x int8 file" % (model, name), ratio, 0.6, ratio <= 0.6))
+    for model, data in payload["exports"].items():
+        weights = (data.get("onnx") or {}).get("weights", {})
+        if model.startswith("MLP") and weights:
+            fused = sum(bool(w.get("fused")) and w.get("kernel", {}).get("bits") == 4 for w in weights.values())
+            checks.append(("%s: MatMuls fused into MatMulNBits(bits=4)" % model, fused, len(weights),
+                           fused == len(weights)))
+    return checks
+
+
+def render(payload, command, machine_lines):
+    """The BENCHMARKS.md section."""
+    table = [(r["model"], r["file"], r["bytes"], "%.2f" % r["over_accounted"], "%.1f" % (r["rss_added_kb"] / 1024.0),
+              "%.3f" % r["latency_ms"]["b1_t1"], "%.3f" % r["latency_ms"]["b32_t1"],
+              "%.3f" % r["latency_ms"]["b1_tall"], "%.3f" % r["latency_ms"]["b32_tall"],
+              "-" if r["agreement"] is None else "%.4f" % r["agreement"],
+              "-" if r["accuracy"] is None else "%.2f" % (100 * r["accuracy"])) for r in payload["rows"]]
+    lines = ["## k-bit files: sizes, memory, latency, agreement (issue 32)", "",
+             "Command: `%s`" % command, ""] + machine_lines + [
+        "- Bytes over accounted: the file's size over tfquant's accounted storage (the report's total storage "
+        "bits / 8). Memory: RSS a fresh process gains by loading the file and running one image. Latency: median "
+        "ms per run of the batch. Agreement: share of test images given the quantized TF graph's class.", "",
+        publish.markdown_table(("model", "file", "bytes", "over accounted", "memory added MB", "b1 1 thread",
+                                "b32 1 thread", "b1 all cores", "b32 all cores", "agreement", "accuracy %"), table),
+        "", "Targets (issue 32):", "",
+        publish.markdown_table(("target", "measured", "limit", "met"),
+                               [(what, "%.4g" % value, "%.4g" % limit, "yes" if met else "**no**")
+                                for what, value, limit, met in targets(payload)])]
+    return "\n".join(lines + [""])

@@ -1,0 +1,39 @@
+"""benchmarks.export_table --kbit --quick: a tiny block-bucket MLP exported and measured as the full table is."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import kbit_files, machine
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytest.importorskip("onnxruntime")
+
+
+def test_kbit_table_quick_measures_every_file(tmp_path):
+    output = tmp_path / "kbit.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.export_table", "--kbit", "--quick", "--work_dir",
+                           str(tmp_path / "work"), "--output", str(output)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads(output.read_text())
+    export_dir = tmp_path / "work" / "export_mlp_w4_block"
+    report = json.loads((export_dir / "export.json").read_text())
+    accounted = report["packed"]["total_storage_bits"] / 8
+    rows = {row["name"]: row for row in payload["rows"]}
+    assert set(rows) == {"model_float.onnx", "model.onnx"}
+    for name, row in rows.items():
+        assert row["bytes"] == os.path.getsize(export_dir / name)
+        assert row["over_accounted"] == pytest.approx(row["bytes"] / accounted)
+        assert row["rss_added_kb"] > 0 and all(v > 0 for v in row["latency_ms"].values())
+        assert set(row["latency_ms"]) == {"b1_t1", "b32_t1", "b1_tall", "b32_tall"}
+    kbit = rows["model.onnx"]
+    assert kbit["agreement"] == report["agreement_with_quantized_tf"]["onnx"] == 1.0
+    assert kbit["bytes"] < rows["model_float.onnx"]["bytes"] / 3  # 4-bit codes against float32 weights
+    checks = {what: met for what, _, _, met in kbit_files.targets(payload)}
+    fused = [what for what in checks if "MatMulNBits" in what]
+    assert fused and checks[fused[0]]  # every MatMul of the MLP runs as MatMulNBits(bits=4)
+    text = kbit_files.render(payload, "cmd", machine.machine_lines(payload["machine"], payload["load_before"]))
+    assert "| MLP W4 block/16 | ONNX k-bit | %d |" % kbit["bytes"] in text
