@@ -7,6 +7,7 @@ into a recorded failure, so the training loop can save its checkpoint first and 
 """
 import os
 import shutil
+import threading
 import time
 
 import tensorflow as tf
@@ -17,6 +18,29 @@ from tfquant import files
 tf1 = tf.compat.v1
 # A TFRecord around each event: length (8 bytes), its CRC (4), the event, the event's CRC (4).
 _RECORD_OVERHEAD = 16
+
+
+def _writer_thread_failure(record):
+    return "EventFileWriter writer thread error" not in record.getMessage()
+
+
+def _quiet_writer_thread_failures():
+    """The writer thread's failure is this module's to report (one line, after the checkpoint is saved):
+    TensorFlow's own error log line and the thread's traceback on stderr would come before it."""
+    logger = tf.get_logger()
+    if _writer_thread_failure not in logger.filters:
+        logger.addFilter(_writer_thread_failure)
+    if getattr(threading.excepthook, "_tfquant_quiet", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args):
+        if args.thread is not None and args.thread.name == "EventLoggerThread":
+            return  # recorded in the writer's failure_exc_info, raised by its next flush
+        previous(args)
+
+    hook._tfquant_quiet = True  # pylint: disable=protected-access
+    threading.excepthook = hook
 
 
 class SummaryWriteError(UserError):
@@ -33,8 +57,10 @@ class SummaryWriter:
         self.path = None
         self._writer = None
         self._expected = 0
+        _quiet_writer_thread_failures()
         try:
-            self._writer = tf1.summary.FileWriter(log_dir)
+            with tf.Graph().as_default():  # FileWriter refuses eager mode, and needs no graph of ours
+                self._writer = tf1.summary.FileWriter(log_dir)
             self._writer.flush()
             self.path = self._event_file()
             self._expected = os.path.getsize(self.path) if self.path else 0

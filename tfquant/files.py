@@ -253,7 +253,9 @@ def error_cause(exc):
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     causes = [line for line in lines if not _LOCATION_LINE.match(line)
               and not line.startswith(("Original stack trace", "File "))]
-    cause = causes[-1] if causes else (lines[-1] if lines else type(exc).__name__)
+    # "<file>; <reason>" is the cause itself; lines after it ("Failed to flush 2 events to ...") only follow from it.
+    with_file = [line for line in causes if re.match(r"^\S+; \S", line)]
+    cause = (with_file or causes or lines or [type(exc).__name__])[-1]
     op = getattr(getattr(exc, "op", None), "name", None)
     if op is None:
         found = _NODE.search(text)
