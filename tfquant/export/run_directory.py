@@ -186,7 +186,8 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
                           % (stats["file_bytes"], stats["bound_bytes"]))
     weights, _ = model_export.load_packed_weights(os.path.join(staging, "model.tfq"))
     graph_def = frozen_graph.freeze_inference_graph(build_forward, weights, report, input_shape)
-    add_file("frozen_graph", "inference.pb", graph_def.SerializeToString())
+    # Deterministic: map fields (node attributes) in key order, so two exports are byte-identical.
+    add_file("frozen_graph", "inference.pb", graph_def.SerializeToString(deterministic=True))
 
     reference = frozen = None
     if test_data is not None:
