@@ -10,12 +10,17 @@ import os
 from learners.errors import UserError
 from tfquant import files
 
-_role = {"chief": True}
+# Locking starts when a run script says which role this process has (runner.py); learners driven from Python
+# (tests, benchmarks) lock nothing unless they call set_chief too, so a test process that wrote a settings record
+# never blocks the run-script processes it starts on the same directory.
+_role = {"chief": True, "enabled": False}
 
 
 def set_chief(is_chief):
-    """Whether this process is the one that writes (False on the other workers of a cluster: they never lock)."""
+    """Turn locking on for this process: whether it is the one that writes (False on the other workers of a
+    cluster: they never lock)."""
     _role["chief"] = bool(is_chief)
+    _role["enabled"] = True
 
 
 def hold(prefix, create=True):
@@ -27,7 +32,7 @@ def hold(prefix, create=True):
     Raises:
       UserError: another process holds it, or the lock file cannot be created.
     """
-    if not _role["chief"]:
+    if not (_role["enabled"] and _role["chief"]):
         return
     directory = os.path.dirname(os.path.abspath(prefix))
     if not create and not os.path.isdir(directory):

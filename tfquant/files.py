@@ -336,6 +336,11 @@ def lock_directory(directory):
     return path
 
 
+def holds_lock(directory):
+    """Whether this process holds the lock of `directory` (taken by lock_directory, not yet released)."""
+    return os.path.realpath(directory) in _held_locks
+
+
 def release_directory(directory):
     """Release a lock taken by lock_directory (processes that end need not: the OS releases it)."""
     fd = _held_locks.pop(os.path.realpath(directory), None)

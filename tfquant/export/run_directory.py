@@ -8,10 +8,10 @@ is built in a sibling staging directory and moved into place with one rename onc
 leaves the output directory as it was (or absent), and a previous export there is replaced only by a
 complete new one. No model code is needed: the forward pass comes from the saved inference graph.
 """
+import contextlib
 import dataclasses
 import json
 import os
-import re
 import shutil
 
 import numpy as np
@@ -329,44 +329,37 @@ def export_run_directory(checkpoint_dir, output_dir, tflite=False, int8=False, i
     staging = None
     try:
         _check_output_dir(output_dir, given)
-        _lock_run_directory(checkpoint_dir)
-        staging = staged_directory.create(output_dir)
-        result = _export(checkpoint_dir, staging, options, test_data, calibration_images)
-        staged_directory.publish(staging, output_dir)
-        staging = None
+        with _locked_run_directory(checkpoint_dir):
+            staging = staged_directory.create(output_dir)
+            result = _export(checkpoint_dir, staging, options, test_data, calibration_images)
+            staged_directory.publish(staging, output_dir)
+            staging = None
     except OSError as exc:
-        raise ExportError(_write_failure(exc, staging, output_dir, given)) from None
+        raise ExportError(staged_directory.failure_message(exc, staging, output_dir, given)) from None
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     return result
 
 
-def _lock_run_directory(checkpoint_dir):
-    """One process per run directory: an export holds its lock, as training does (tfquant.files.lock_directory)."""
+@contextlib.contextmanager
+def _locked_run_directory(checkpoint_dir):
+    """One process per run directory: an export holds its lock while it runs, as training does."""
     if not os.path.isdir(checkpoint_dir):
-        return  # _export says what is wrong with it
+        yield  # _export says what is wrong with it
+        return
+    held_before = files.holds_lock(checkpoint_dir)
     try:
         files.lock_directory(checkpoint_dir)
     except files.DirectoryInUse as exc:
         holder = "process %d" % exc.pid if exc.pid else "another process"
         raise ExportError("checkpoint_dir=%s is in use by %s (lock %s); expected one process per run directory: wait "
                           "for it to end" % (checkpoint_dir, holder, os.path.join(exc.directory, files.LOCK_NAME)))
-
-
-def _write_failure(exc, staging, output_dir, given):
-    """One line for an OSError of an export, naming the path the user gave, never the staging directory."""
-    reason, _, path = files.error_cause(exc)
-    path = os.fspath(path) if path is not None else None
-    base = re.escape(os.path.basename(output_dir))
-    if path and staging and (path == staging or path.startswith(staging + os.sep)):
-        path = output_dir + path[len(staging):]
-    elif path and re.match(r"^\.%s\.(export|old)-\d+-" % base, os.path.basename(path)):
-        path = output_dir  # the staging directory (or the set-aside old export) itself could not be made
-    elif path and not (path == output_dir or path.startswith(output_dir + os.sep)):
-        return "%s cannot be accessed (%s) during the export to %s" % (path, reason, given)
-    where = "" if path in (None, output_dir) else ": %s" % path
-    return "%s cannot be written (%s%s); expected a writable directory with free space" % (given, reason, where)
+    try:
+        yield
+    finally:
+        if not held_before:
+            files.release_directory(checkpoint_dir)
 
 
 def summary_lines(result, output_dir):
