@@ -104,6 +104,8 @@ def define_flags():
     flags.DEFINE_boolean("uql_enbl_rl_agent", False, "PocketFlow's RL agent; not available (use --uql_auto_bits)")
     flags.DEFINE_integer("train_subset", None, "use only the first N training images (quick runs, tests)")
     flags.DEFINE_integer("eval_subset", None, "use only the first N test images (quick runs, tests)")
+    flags.DEFINE_boolean("adopt_checkpoints", False, "resume from checkpoints that have no settings record beside "
+                         "them (their settings are unknown), recording the current settings as theirs")
     flags.DEFINE_integer("seed", 0, "random seed of initialisation and data order")
     flags.DEFINE_boolean("debug", False, "show tracebacks for user errors (and check that the workers are in "
                          "sync every summ_step)")
@@ -133,8 +135,9 @@ def _positive(name, minimum=1):
         raise UserError("--%s=%s is not valid; expected a value >= %s" % (name, value, minimum))
 
 
-def _writable_parent(name, path):
-    directory = os.path.dirname(os.path.abspath(path)) or "."
+def _writable_parent(name, path, directory=None):
+    """Refuse --name=path unless `directory` (default: the path's directory) is or can be made writable."""
+    directory = directory or os.path.dirname(os.path.abspath(path)) or "."
     probe = directory
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
@@ -193,7 +196,7 @@ def validate_flags():
         raise UserError("--data_dir_local=%s is not valid; expected an existing directory" % FLAGS.data_dir_local)
     for name in ("save_path", "uql_save_quant_model_path"):
         _writable_parent(name, getattr(FLAGS, name))
-    _writable_parent("log_dir", os.path.join(FLAGS.log_dir, "x"))
+    _writable_parent("log_dir", FLAGS.log_dir, os.path.abspath(FLAGS.log_dir))
     _check_auto_bits()
     quant_config()  # bit widths, overrides and bucket settings are checked by tfquant itself
     _check_no_flag_ignored()
@@ -205,6 +208,7 @@ def validate_flags():
 _DEPENDENT_FLAGS = (
     (("export_dir", "export_int8", "export_onnx"), lambda: FLAGS.exec_mode == "export", "--exec_mode=export"),
     (("loss_w_dst", "tempr_dst"), lambda: FLAGS.enbl_dst, "--enbl_dst"),
+    (("adopt_checkpoints",), lambda: FLAGS.exec_mode == "train", "--exec_mode=train"),
     (("uql_bucket_type",), lambda: FLAGS.uql_use_buckets, "--uql_use_buckets"),
     (("uql_bucket_size",), lambda: FLAGS.uql_use_buckets and FLAGS.uql_bucket_type in ("split", "block"),
      "--uql_use_buckets --uql_bucket_type=split or block"),

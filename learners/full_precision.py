@@ -4,8 +4,9 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from learners import distributed, graphs, run_settings, training
+from learners import distributed, graphs, run_settings, summaries, training
 from learners.errors import UserError
+from tfquant import files
 
 tf1 = tf.compat.v1
 
@@ -51,7 +52,8 @@ class FullPrecLearner:
         """Refuse settings that differ from the record beside --save_path's checkpoints; returns the current ones."""
         current = run_settings.float_settings(self.helper, self.settings)
         save_path = self.settings.save_path
-        run_settings.refuse_changes(run_settings.changed_settings(save_path, current)[0], [save_path])
+        adopt = bool(getattr(self.settings, "adopt_checkpoints", False))
+        run_settings.refuse_changes(run_settings.changed_settings(save_path, current, adopt)[0], [save_path])
         return current
 
     def train(self, resume_from=None):
@@ -124,13 +126,16 @@ def evaluate_checkpoint(helper, checkpoint, log_dir, quant_config=None, check_re
         if quant_config is not None:
             variables = list(model.graph.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES))
         graphs.restore_variables(sess, variables, checkpoint)
-        accuracy, loss, count = graphs.evaluate(sess, model)
+        accuracy, loss, count = graphs.evaluate(sess, model, "checkpoint %s" % checkpoint)
         step = int(checkpoint.rsplit("-", 1)[1]) if checkpoint.rsplit("-", 1)[-1].isdigit() else 0
-        writer = tf1.summary.FileWriter(log_dir)
+        writer = summaries.SummaryWriter(log_dir)
         summary = tf1.Summary(value=[tf1.Summary.Value(tag="eval/accuracy", simple_value=accuracy),
                                      tf1.Summary.Value(tag="eval/loss", simple_value=loss)])
         writer.add_summary(summary, step)
         writer.close()
+    if writer.failure is not None:
+        raise writer.error("checkpoint %s evaluated (accuracy %.4f on %d test images) but its evaluation is not "
+                           "recorded" % (checkpoint, accuracy, count))
     return accuracy, loss, count
 
 
@@ -147,7 +152,7 @@ def check_activation_ranges(report, checkpoint):
         reader = tf.train.load_checkpoint(checkpoint)
     except (tf.errors.OpError, ValueError) as exc:
         raise UserError("checkpoint %s cannot be read (%s); expected a TensorFlow checkpoint"
-                        % (checkpoint, " ".join(str(exc).split())[:200])) from None
+                        % (checkpoint, files.describe_error(exc))) from None
     stored = reader.get_variable_to_shape_map()
     for layer in report.activation_layers:
         if not layer.quantized or not layer.range_variables:

@@ -9,6 +9,7 @@ import tensorflow as tf
 import tfquant
 from learners import distributed, stopping
 from learners.errors import UserError
+from tfquant import files
 
 tf1 = tf.compat.v1
 TEACHER_SCOPE = "teacher"
@@ -148,6 +149,11 @@ def _build_model(graph, helper, is_train, quant_config, lrn_rate_fn, momentum, s
         teacher_logits, extra["teacher_variables"] = build_teacher(helper, images)
         extra["distillation_loss"] = distillation_loss(logits, teacher_logits, *distillation)
         loss = loss + extra["distillation_loss"]
+    if not is_train:
+        # Images whose logits hold a NaN or Inf: their argmax is meaningless, so evaluation refuses to score them.
+        flat = tf.reshape(logits, [tf.shape(logits)[0], -1])
+        extra["nonfinite_images"] = tf.reduce_sum(tf.cast(tf.reduce_any(tf.logical_not(tf.math.is_finite(flat)),
+                                                                        axis=1), tf.int32))
     model = ModelGraph(graph=graph, is_train=is_train, loss=loss, accuracy=metrics["accuracy"],
                        batch_count=tf.shape(labels)[0], model_variables=model_variables, saver=None,
                        init_op=None, report=report, eval_init_op=None if is_train else eval_init_op,
@@ -280,7 +286,7 @@ def restore_variables(sess, variables, checkpoint_path):
         reader = tf.train.load_checkpoint(checkpoint_path)
     except (tf.errors.NotFoundError, tf.errors.DataLossError, ValueError) as exc:
         raise UserError("checkpoint %s cannot be read (%s); expected a TensorFlow checkpoint"
-                        % (checkpoint_path, str(exc).splitlines()[0]))
+                        % (checkpoint_path, files.describe_error(exc)))
     shapes = reader.get_variable_to_shape_map()
     if not isinstance(variables, dict):
         variables = {variable.op.name: variable for variable in variables}
@@ -295,22 +301,39 @@ def restore_variables(sess, variables, checkpoint_path):
     tf1.train.Saver(var_list=variables).restore(sess, checkpoint_path)
 
 
-def evaluate(sess, model):
-    """Run the evaluation dataset once; returns (accuracy, loss, number of examples)."""
+class NonFiniteLogits(UserError):
+    """Some test images gave NaN or Inf logits: no accuracy can be scored from them."""
+
+
+def evaluate(sess, model, what="the model"):
+    """Run the evaluation dataset once; returns (accuracy, loss, number of examples).
+
+    Raises NonFiniteLogits (naming how many test images) when any logit is NaN or Inf: an argmax over them
+    would still give a class, and an accuracy scored from it would look like a result.
+    """
     correct = total_loss = 0.0
-    count = 0
+    count = nonfinite = 0
+    fetches = [model.accuracy, model.loss, model.batch_count]
+    if "nonfinite_images" in model.extra:
+        fetches.append(model.extra["nonfinite_images"])
     sess.run(model.eval_init_op)
     while True:
         # Evaluation writes nothing before it ends, so it can stop between any two batches.
         stopping.check("during evaluation", "saved checkpoints are kept")
         try:
-            accuracy, loss, n = sess.run([model.accuracy, model.loss, model.batch_count])
+            values = sess.run(fetches)
         except tf.errors.OutOfRangeError:
             break
+        accuracy, loss, n = values[:3]
         stopping.pause_point("evaluation")
         correct += float(accuracy) * n
         total_loss += float(loss) * n
         count += int(n)
+        nonfinite += int(values[3]) if len(values) > 3 else 0
     if count == 0:
         raise UserError("the evaluation dataset is empty; expected at least one test example")
+    if nonfinite:
+        raise NonFiniteLogits("%s gives NaN or infinite logits for %d of %d test images, so no accuracy is "
+                              "reported; expected finite outputs (check the test data and the checkpoint)"
+                              % (what, nonfinite, count))
     return correct / count, total_loss / count, count

@@ -7,6 +7,7 @@ or a float model trained with another learning rate, would report one model as a
 import json
 import os
 
+from learners import run_lock
 from learners.errors import UserError
 from tfquant import checkpoints, files
 
@@ -109,15 +110,28 @@ def differences(recorded, current):
     return changed
 
 
-def changed_settings(prefix, current):
+def changed_settings(prefix, current, adopt=False):
     """Differences between the record of `prefix` and `current`, when `prefix` has checkpoints to resume.
 
-    Without a checkpoint there is nothing to resume, so a stale record is simply replaced.
+    Without a checkpoint there is nothing to resume, so a stale record is simply replaced. Checkpoints without
+    a record (a run killed while its directory was cleaned, files copied by hand) are refused unless `adopt`:
+    their settings are unknown, so resuming them would report one model as another.
+    Args:
+      prefix: the checkpoint prefix.
+      current: the current settings.
+      adopt: take checkpoints without a record as this run's (--adopt_checkpoints).
     Returns:
       (list of differences, the record dict or None).
     """
     record = load_record(prefix)
-    if record is None or not checkpoints.list_checkpoints(prefix)[0]:
+    found = checkpoints.list_checkpoints(prefix)[0]
+    if record is None and found and not adopt:
+        raise SettingsError(
+            "checkpoint %s has no settings record %s, so the settings it was trained with are unknown; expected a "
+            "record beside every checkpoint (to resume these checkpoints with the current settings, rerun with "
+            "--adopt_checkpoints; to start afresh, delete or move %s)"
+            % (found[0], settings_path(prefix), os.path.dirname(os.path.abspath(prefix))))
+    if record is None or not found:
         return [], record
     return differences(record["settings"], current), record
 
@@ -152,6 +166,7 @@ def write_record(prefix, learner, current, **extra):
       UserError naming the path when it cannot be written (read-only directory, full disk).
     """
     path = settings_path(prefix)
+    run_lock.hold(prefix)  # the first write into a run directory: no other process may write there now
     data = dict(version=SETTINGS_VERSION, learner=learner, settings=current, **extra)
     write_json(path, data, "run settings file")
 

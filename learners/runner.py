@@ -10,7 +10,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from learners import flags as learner_flags  # noqa: E402
-from learners import distributed, stopping  # noqa: E402
+from learners import distributed, run_lock, stopping  # noqa: E402
 from learners.errors import UserError  # noqa: E402
 from learners.full_precision import FullPrecLearner  # noqa: E402
 from learners.ptq import PTQLearner  # noqa: E402
@@ -42,7 +42,14 @@ def _main(make_helper, after_train):
             raise UserError("--nb_workers=%d is not valid for this process (TF_CONFIG lists %s); expected "
                             "./run_local.sh <run script> --nb_workers N, which starts the workers, or TF_CONFIG on "
                             "every machine" % (FLAGS.nb_workers, cluster.nb_workers if cluster else "no cluster"))
+        writes = FLAGS.exec_mode == "train"
+        run_lock.set_chief(cluster is None or cluster.is_chief)
+        if writes:
+            # A directory already there is locked before the data is read, so a second run stops at once.
+            run_lock.hold_all(_run_prefixes(FLAGS), create=False)
         helper = make_helper(FLAGS)
+        if writes:
+            run_lock.hold_all(_run_prefixes(FLAGS))
         if cluster is not None:
             try:
                 helper.shard_training_data(cluster.task_index, cluster.nb_workers)
@@ -90,6 +97,13 @@ def _main(make_helper, after_train):
                              % (where, exc.strerror or exc))
             sys.exit(2)
     return guarded
+
+
+def _run_prefixes(settings):
+    """The checkpoint prefixes a training run of the chosen learner may write (the float one first)."""
+    if settings.learner == "full-prec":
+        return [settings.save_path]
+    return [settings.save_path, settings.uql_save_quant_model_path]
 
 
 def dataset_arrays(helper, evaluation, limit=None):

@@ -12,6 +12,8 @@ import time
 # Test hook: the named point (e.g. "save", "report") logs "pause: <name>" once and waits for a signal.
 PAUSE_ENV = "TFQUANT_TEST_PAUSE_AT"
 PAUSE_LIMIT_SECONDS = 60.0
+# Test hook: a paused run also goes on (without stopping) once this file exists.
+RESUME_FILE_ENV = "TFQUANT_TEST_RESUME_FILE"
 _HANDLED = (signal.SIGTERM, signal.SIGINT)
 _requested = []
 _paused = set()
@@ -70,5 +72,8 @@ def pause_point(name):
     sys.stdout.write("pause: %s\n" % name)
     sys.stdout.flush()
     deadline = time.time() + PAUSE_LIMIT_SECONDS
+    resume_file = os.environ.get(RESUME_FILE_ENV)
     while requested() is None and time.time() < deadline:
+        if resume_file and os.path.exists(resume_file):
+            break
         time.sleep(0.02)

@@ -1,14 +1,15 @@
 """The training loop shared by the learners: progress lines, TensorBoard summaries, checkpoints, resuming."""
 import os
+import shutil
 import sys
 import time
 
 import numpy as np
 import tensorflow as tf
 
-from learners import distributed, stopping
+from learners import distributed, stopping, summaries
 from learners.errors import UserError
-from tfquant import checkpoints
+from tfquant import checkpoints, files
 
 tf1 = tf.compat.v1
 
@@ -97,14 +98,13 @@ def save_checkpoint(sess, model, save_path, step, last_good, keep=KEEP_CHECKPOIN
         path = model.saver.save(sess, save_path, global_step=step, write_meta_graph=False)
     except (OSError, tf.errors.OpError) as exc:
         checkpoints.discard_partial_save(checkpoint)
-        reason = getattr(exc, "strerror", None) or " ".join(str(getattr(exc, "message", exc)).split())[:200]
         raise UserError("checkpoint %s cannot be saved (%s); expected a writable directory with free space; %s"
-                        % (checkpoint, reason, kept)) from None
+                        % (checkpoint, files.describe_error(exc), kept)) from None
     try:
         checkpoints.prune_checkpoints(save_path, keep, protect=[path])
     except OSError as exc:
         raise UserError("old checkpoint file %s cannot be deleted (%s); expected a writable directory"
-                        % (exc.filename, exc.strerror)) from None
+                        % (exc.filename, files.error_cause(exc)[0])) from None
     return path
 
 
@@ -179,18 +179,49 @@ def run_training(sess, model, save_path, writer, summ_step, save_step, batch_siz
         elif step < total and (due or stopping.requested() is not None):
             last_good = save_checkpoint(sess, model, save_path, step, last_good)
             saved_time = time.time()
+            _check_writer(writer, last_good)
             # Also a signal that arrived during this save: the checkpoint just written is at this step.
             if stopping.requested() is not None:
-                writer.flush()
                 stopping.check("at step %d" % step, "saved %s" % last_good)
     path = None
     if chief:
-        writer.flush()
+        # The checkpoint first: a full disk under --log_dir must not cost the training.
         path = save_checkpoint(sess, model, save_path, step, last_good)
+        _check_writer(writer, path)
     if cluster is not None:
         # After the chief's save: the other workers may read the final checkpoint once this returns.
         check_sync(sess, model, cluster, step)
     return path
+
+
+def _check_writer(writer, saved):
+    """Flush the summaries; when they cannot be written, stop with one line saying checkpoint `saved` is kept."""
+    if writer is None or writer.flush() or not isinstance(writer, summaries.SummaryWriter):
+        return
+    raise writer.error("the checkpoint %s is saved" % saved)
+
+
+def checkpoint_bytes(model):
+    """About how many bytes one checkpoint of `model` takes: every saved variable's values."""
+    total = 0
+    for variable in model.graph.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES):
+        shape = variable.shape
+        if shape.is_fully_defined():
+            total += int(np.prod(shape.as_list(), dtype=np.int64)) * max(variable.dtype.base_dtype.size, 1)
+    return total
+
+
+def warn_if_low_on_space(model, save_path):
+    """Print a warning when the checkpoint directory has room for fewer than two more checkpoints."""
+    directory = os.path.dirname(os.path.abspath(save_path))
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return
+    needed = checkpoint_bytes(model)
+    if free < 2 * needed:
+        log("warning: %s has %.1f MiB free; a checkpoint takes about %.1f MiB, so fewer than two more fit "
+            "(expected free space for at least two checkpoints)" % (directory, free / 2 ** 20, needed / 2 ** 20))
 
 
 def check_sync(sess, model, cluster, step):
@@ -219,7 +250,9 @@ def train_with_summaries(sess, model, save_path, log_dir, settings, name, last_g
     save_step = settings.save_step or steps_per_epoch or model.nb_iters
     save_secs = getattr(settings, "save_secs", None) or DEFAULT_SAVE_SECS
     chief = cluster is None or cluster.is_chief
-    writer = tf1.summary.FileWriter(log_dir, model.graph) if chief else None
+    writer = summaries.SummaryWriter(log_dir, model.graph) if chief else None
+    if chief:
+        warn_if_low_on_space(model, save_path)
     batch_size = settings.batch_size * (cluster.nb_workers if cluster is not None else 1)
     try:
         return run_training(sess, model, save_path, writer, settings.summ_step, max(int(save_step), 1),

@@ -65,8 +65,9 @@ class UniformQuantLearner:
         s = self.settings
         float_current = run_settings.float_settings(self.helper, s)
         quant_current = run_settings.quant_settings(self.helper, s)
-        float_changes = run_settings.changed_settings(s.save_path, float_current)[0]
-        quant_changes, record = run_settings.changed_settings(self.save_path, quant_current)
+        adopt = bool(getattr(s, "adopt_checkpoints", False))
+        float_changes = run_settings.changed_settings(s.save_path, float_current, adopt)[0]
+        quant_changes, record = run_settings.changed_settings(self.save_path, quant_current, adopt)
         places = [p for p, changes in ((s.save_path, float_changes), (self.save_path, quant_changes)) if changes]
         run_settings.refuse_changes(float_changes + quant_changes, places)
         resumable = record is not None and checkpoints.list_checkpoints(self.save_path)[0]

@@ -6,12 +6,15 @@ without limit or hide a second value under a duplicate key. Each helper raises t
 error class (PackedFileError, ReportError, DataError, ...) with one line naming the path.
 """
 import contextlib
+import errno
+import fcntl
 import itertools
 import json
 import os
 import re
 import secrets
 import stat
+import time
 import zlib
 
 # Default ceiling for small metadata files (reports, results, run settings, state files).
@@ -192,18 +195,24 @@ def atomic_writer(path):
     path = os.fspath(path)
     directory, base = os.path.split(os.path.abspath(path))
     temporary = os.path.join(directory, ".%s.%d.%s.tmp" % (base, os.getpid(), secrets.token_hex(4)))
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path) from None
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(temporary)
         except OSError:
             pass
+        if isinstance(exc, OSError) and exc.filename in (None, temporary):
+            # A failed write or flush carries no file name (or the temporary's): name the file being written.
+            raise OSError(exc.errno, exc.strerror, path) from None
         raise
     try:
         dir_fd = os.open(directory, os.O_RDONLY)
@@ -219,3 +228,121 @@ def write_atomically(path, data):
     """Write bytes or text (UTF-8) to `path` through `atomic_writer`."""
     with atomic_writer(path) as handle:
         handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+# -- why a write failed ------------------------------------------------------------------------------------
+
+# Lines of a TensorFlow error message that locate it but never say why: the graph-execution banner, the
+# "Detected at node ... defined at" stack, the node markers and the out-of-memory hint.
+_LOCATION_LINE = re.compile(r"^(Graph execution error:?|Detected at node|File \"|Node: |\[\[|Hint: |Original stack trace"
+                            r"|\(\d+\) |\d+ (root )?error)")
+_TEMPORARY_SUFFIX = re.compile(r"\.tempstate\d+$|\.tmp[0-9a-f]+$")
+_NODE = re.compile(r"node '?([^'\s}]+)")
+
+
+def error_cause(exc):
+    """Why an OSError or a TensorFlow error happened, as (reason, op name or None, file or None).
+
+    TensorFlow's messages start with where the op was defined (a stack several hundred characters long);
+    the cause, e.g. "<file>; No space left on device", is the last line that is not such location text.
+    A temporary name TensorFlow writes under (FILE.tempstate123) is reported as the file it stands for.
+    """
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror, None, exc.filename
+    text = str(getattr(exc, "message", None) or exc or type(exc).__name__)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    causes = [line for line in lines if not _LOCATION_LINE.match(line)
+              and not line.startswith(("Original stack trace", "File "))]
+    # "<file>; <reason>" is the cause itself; lines after it ("Failed to flush 2 events to ...") only follow from it.
+    with_file = [line for line in causes if re.match(r"^\S+; \S", line)]
+    cause = (with_file or causes or lines or [type(exc).__name__])[-1]
+    op = getattr(getattr(exc, "op", None), "name", None)
+    if op is None:
+        found = _NODE.search(text)
+        op = found.group(1) if found else None
+    path = None
+    head, separator, tail = cause.partition("; ")
+    if separator and ("/" in head or "." in head) and " " not in head:
+        path, cause = _TEMPORARY_SUFFIX.sub("", head), tail
+    return " ".join(cause.split()), op, path
+
+
+def describe_error(exc):
+    """error_cause on one line: 'REASON (op OP, file FILE)' with the parts that are known."""
+    reason, op, path = error_cause(exc)
+    details = ["op %s" % op] if op else []
+    if path:
+        details.append("file %s" % path)
+    return "%s (%s)" % (reason, ", ".join(details)) if details else reason
+
+
+# -- one process per directory -------------------------------------------------------------------------------
+
+LOCK_NAME = ".tfquant.lock"
+_held_locks = {}
+
+
+class DirectoryInUse(Exception):
+    """Another live process holds the directory's lock; `pid` is its process id (None when unknown)."""
+
+    def __init__(self, directory, pid):
+        super().__init__("%s is in use by %s" % (directory, "process %d" % pid if pid else "another process"))
+        self.directory = directory
+        self.pid = pid
+
+
+def _read_holder(fd):
+    for _ in range(20):
+        # The holder writes its pid right after taking the lock; a reader may come in between.
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if text.isdigit():
+            return int(text)
+        time.sleep(0.01)
+    return None
+
+
+def lock_directory(directory):
+    """Hold the advisory lock of `directory` (created if missing) until this process ends.
+
+    The lock is an flock on DIRECTORY/.tfquant.lock, so the operating system releases it when the process
+    dies however it dies: a lock file left by a dead process never blocks. Taking a lock this process
+    already holds does nothing.
+    Args:
+      directory: the directory (a run's checkpoint directory).
+    Returns:
+      the lock file's path.
+    Raises:
+      DirectoryInUse: another live process holds it (its pid is read from the lock file).
+      OSError: the directory or lock file cannot be created.
+    """
+    directory = os.path.realpath(directory)
+    path = os.path.join(directory, LOCK_NAME)
+    if directory in _held_locks:
+        return path
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            os.close(fd)
+            raise OSError(exc.errno, exc.strerror, path) from None
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise DirectoryInUse(directory, holder) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+    _held_locks[directory] = fd
+    return path
+
+
+def holds_lock(directory):
+    """Whether this process holds the lock of `directory` (taken by lock_directory, not yet released)."""
+    return os.path.realpath(directory) in _held_locks
+
+
+def release_directory(directory):
+    """Release a lock taken by lock_directory (processes that end need not: the OS releases it)."""
+    fd = _held_locks.pop(os.path.realpath(directory), None)
+    if fd is not None:
+        os.close(fd)

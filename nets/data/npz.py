@@ -19,6 +19,8 @@ ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")
 _WHAT = "data archive"
 # Deflate cannot expand data by more than about 1032:1; a member declaring more lies.
 _MAX_DEFLATE_RATIO = 1032
+# The dtype as_float32 gives the model; finiteness is checked in it.
+MODEL_DTYPE = np.float32
 
 
 def _fail(path, message):
@@ -52,13 +54,43 @@ def _read_member(archive, path, name):
     return array.astype(array.dtype.newbyteorder("="), copy=False)
 
 
+def _check_finite_as(path, name, images, dtype, chunk=4096):
+    """Refuse images that are not finite once cast to `dtype` (what the model sees), naming any that overflow it.
+
+    Checked after the cast: float64 1e300 is finite, but float32 makes it inf, and every logit NaN after it.
+    """
+    if images.dtype.kind != "f":
+        return  # integers up to 2**64 are finite in float32 (and float16 is not a model dtype here)
+    nonfinite = overflow = 0
+    first = None
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, len(images), chunk):
+            part = images[start:start + chunk]
+            bad = ~np.isfinite(part.astype(dtype))
+            if not bad.any():
+                continue
+            was_finite = bad & np.isfinite(part)
+            nonfinite += int(bad.sum())
+            overflow += int(was_finite.sum())
+            if first is None and was_finite.any():
+                index = tuple(int(i) for i in np.argwhere(was_finite)[0])
+                first = ((start + index[0],) + index[1:], part[index])
+    if not nonfinite:
+        return
+    if overflow:
+        index, value = first
+        _fail(path, "%s holds %d values that overflow %s, the dtype the model reads (e.g. %r at index %s of %s); "
+              "expected values within +-%.4g" % (name, overflow, np.dtype(dtype).name, float(value), list(index),
+                                                images.dtype, float(np.finfo(dtype).max)))
+    _fail(path, "%s holds %d NaN or infinite values; expected finite images" % (name, nonfinite))
+
+
 def _check_split(path, images_name, images, labels_name, labels):
     if images.ndim not in (3, 4) or 0 in images.shape[1:]:
         _fail(path, "%s has shape %s; expected images N x H x W x C (or N x H x W)" % (images_name, images.shape))
     if images.dtype.kind not in "iuf":
         _fail(path, "%s has dtype %s; expected a real numeric dtype" % (images_name, images.dtype))
-    if images.dtype.kind == "f" and not np.all(np.isfinite(images)):
-        _fail(path, "%s holds NaN or infinite values; expected finite images" % images_name)
+    _check_finite_as(path, images_name, images, MODEL_DTYPE)
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         _fail(path, "%s has shape %s and dtype %s; expected a vector of integer class ids"
               % (labels_name, labels.shape, labels.dtype))

@@ -194,10 +194,11 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(float_reference, t
 def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(float_reference, tmp_path):
     cwd = _copy(float_reference, tmp_path / "run")
     # Resume the finished 20-iteration run into a 40-iteration one with an absurd learning rate; without
-    # its settings record (as written before records existed) the run adopts the checkpoints.
+    # its settings record (as written before records existed) the run adopts the checkpoints when asked to.
     os.remove(cwd / "models" / "model.ckpt.settings.json")
     args = [a for a in FLOAT if not a.startswith(("--nb_epochs_rat", "--lrn_rate_init", "--save_step"))]
-    result = run_script(SCRIPT, args + ["--nb_epochs_rat=1.66", "--lrn_rate_init=1e30", "--save_step=1"], str(cwd))
+    result = run_script(SCRIPT, args + ["--nb_epochs_rat=1.66", "--lrn_rate_init=1e30", "--save_step=1",
+                                        "--adopt_checkpoints"], str(cwd))
     line = _error_line(result)
     match = re.match(r"error: training diverged at step (\d+): (loss is (nan|inf)|variable model/\S+ holds (nan|inf) "
                      r"values); the last good checkpoint (\S+) is kept$", line)
@@ -266,9 +267,11 @@ def test_checkpoint_of_another_model_is_refused(float_reference, tmp_path):
     # A ConvNet checkpoint where the ResNet run looks for its float model: its settings record says so first.
     result = run_script("resnet_at_fmnist_run.py", UNIFORM + ["--resnet_size=20"], str(tmp_path))
     assert "model convnet (recorded) vs resnet_20 (now)" in _error_line(result)
-    # Without the record (a directory from before records existed) the checkpoint itself is refused.
+    # Without the record (a directory from before records existed), adopted on request, the checkpoint itself is
+    # refused.
     os.remove(tmp_path / "models" / "model.ckpt.settings.json")
-    result = run_script("resnet_at_fmnist_run.py", UNIFORM + ["--resnet_size=20"], str(tmp_path))
+    result = run_script("resnet_at_fmnist_run.py", UNIFORM + ["--resnet_size=20", "--adopt_checkpoints"],
+                        str(tmp_path))
     line = _error_line(result)
     assert re.match(r"error: checkpoint \S+model\.ckpt-20 has no variable model/\S+; expected a checkpoint of this "
                     r"model$", line), line

@@ -9,6 +9,7 @@ is built in a sibling staging directory and moved into place with one rename onc
 leaves the output directory as it was (or absent), and a previous export there is replaced only by a
 complete new one. No model code is needed: the forward pass comes from the saved inference graph.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -49,11 +50,10 @@ class _Options:
 
 
 def one_line(exc):
-    """The message of `exc` on one line (TensorFlow's OpError without its traceback part)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, tf.errors.OpError):
-        text = " ".join((exc.message or text).split())
-    return text
+    """The message of `exc` on one line (TensorFlow's OpError reduced to its cause, op and file)."""
+    if isinstance(exc, (tf.errors.OpError, OSError)):
+        return files.describe_error(exc)
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _quantized_checkpoint_logits(build_forward, checkpoint, config, images, batch_size=500):
@@ -72,7 +72,12 @@ def _quantized_checkpoint_logits(build_forward, checkpoint, config, images, batc
     return np.concatenate(outputs)
 
 
-def _accuracy(logits, labels):
+def _accuracy(logits, labels, what="the quantized checkpoint"):
+    """Share of images whose top logit is the label; ExportError when any logit is NaN or Inf (no accuracy then)."""
+    bad = int(np.count_nonzero(~np.all(np.isfinite(logits.reshape(len(logits), -1)), axis=1)))
+    if bad:
+        raise ExportError("%s gives NaN or infinite logits for %d of %d test images, so no accuracy is reported; "
+                          "expected finite outputs" % (what, bad, len(logits)))
     return float(np.mean(np.argmax(logits, axis=1) == labels))
 
 
@@ -107,7 +112,17 @@ def _check_data(test_data, calibration_images, input_shape):
         if value.dtype.kind not in "fiu" or list(value.shape[1:]) != list(input_shape[1:]) or not len(value):
             raise ExportError("%s=array of shape %s and dtype %s is not valid; expected a non-empty float array "
                               "of shape [N] + %s" % (name, list(value.shape), value.dtype, list(input_shape[1:])))
-        return value.astype(np.float32, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            converted = value.astype(np.float32, copy=False)
+        # Checked after the cast: float64 1e300 becomes inf in float32, and every logit after it NaN.
+        bad = int(np.size(converted) - np.count_nonzero(np.isfinite(converted)))
+        if bad:
+            overflow = int(np.count_nonzero(np.isfinite(value) & ~np.isfinite(converted))) if value.dtype.kind == "f" \
+                else 0
+            raise ExportError("%s=array of dtype %s is not valid: %d values are NaN or infinite as float32%s; expected "
+                              "finite images" % (name, value.dtype, bad, " (%d of them overflow it)" % overflow
+                                                 if overflow else ""))
+        return converted
 
     if test_data is not None:
         images, labels = images_of("test images", test_data[0]), np.asarray(test_data[1])
@@ -176,7 +191,8 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
                           % (stats["file_bytes"], stats["bound_bytes"]))
     weights, _ = model_export.load_packed_weights(os.path.join(staging, "model.tfq"))
     graph_def = frozen_graph.freeze_inference_graph(build_forward, weights, report, input_shape)
-    add_file("frozen_graph", "inference.pb", graph_def.SerializeToString())
+    # Deterministic: map fields (node attributes) in key order, so two exports are byte-identical.
+    add_file("frozen_graph", "inference.pb", graph_def.SerializeToString(deterministic=True))
 
     reference = frozen = None
     if test_data is not None:
@@ -185,7 +201,7 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
         frozen = frozen_graph.run_graph_def(graph_def, test_images)
         result["test_images"] = int(len(test_labels))
         result["accuracy"] = {"quantized_checkpoint": _accuracy(reference, test_labels),
-                              "frozen_graph": _accuracy(frozen, test_labels)}
+                              "frozen_graph": _accuracy(frozen, test_labels, "the frozen graph")}
         result["frozen_vs_checkpoint"] = {
             "argmax_agreement": float(np.mean(frozen.argmax(1) == reference.argmax(1))),
             "max_abs_logit_diff": float(np.max(np.abs(frozen - reference)))}
@@ -256,7 +272,7 @@ def _fidelity(result, reference, test_data, frozen, tflite_models, onnx_model, l
     result["disagreements_with_quantized_tf"] = {
         label: divergence.disagreements(reference, logits) for label, logits in predictions.items()}
     for label, logits in predictions.items():
-        result["accuracy"][label] = _accuracy(logits, labels)
+        result["accuracy"][label] = _accuracy(logits, labels, "the exported %s model" % label)
     runners = dict(tflite_models)
     if "float" in tflite_models:
         # The float model on the built-in kernels too: the speed-up of int8 over float depends on whether
@@ -278,6 +294,12 @@ def _fidelity(result, reference, test_data, frozen, tflite_models, onnx_model, l
 
 def _check_output_dir(output_dir, given):
     """Refuse an output directory that holds anything but a previous export (it would be replaced)."""
+    ancestor = os.path.dirname(output_dir)
+    while ancestor != os.path.dirname(ancestor):
+        if os.path.lexists(ancestor) and not os.path.isdir(ancestor):
+            raise ExportError("%s is not valid: %s is a file, not a directory; expected a path whose parents are "
+                              "directories" % (given, ancestor))
+        ancestor = os.path.dirname(ancestor)
     if not os.path.lexists(output_dir):
         return
     if not os.path.isdir(output_dir) or os.path.islink(output_dir):
@@ -319,17 +341,41 @@ def export_run_directory(checkpoint_dir, output_dir, tflite=False, int8=False, i
     """
     options = _Options(tflite, int8, int8_calibration, onnx, latency_images)
     output_dir = os.path.abspath(output_dir)
+    given = output_name or "output_dir=" + output_dir
     staging = None
     try:
-        _check_output_dir(output_dir, output_name or "output_dir=" + output_dir)
-        staging = staged_directory.create(output_dir)
-        result = _export(checkpoint_dir, staging, options, test_data, calibration_images)
-        staged_directory.publish(staging, output_dir)
-        staging = None
+        _check_output_dir(output_dir, given)
+        with _locked_run_directory(checkpoint_dir):
+            staging = staged_directory.create(output_dir)
+            result = _export(checkpoint_dir, staging, options, test_data, calibration_images)
+            staged_directory.publish(staging, output_dir)
+            staging = None
+    except OSError as exc:
+        raise ExportError(staged_directory.failure_message(exc, staging, output_dir, given)) from None
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     return result
+
+
+@contextlib.contextmanager
+def _locked_run_directory(checkpoint_dir):
+    """One process per run directory: an export holds its lock while it runs, as training does."""
+    if not os.path.isdir(checkpoint_dir):
+        yield  # _export says what is wrong with it
+        return
+    held_before = files.holds_lock(checkpoint_dir)
+    try:
+        files.lock_directory(checkpoint_dir)
+    except files.DirectoryInUse as exc:
+        holder = "process %d" % exc.pid if exc.pid else "another process"
+        raise ExportError("checkpoint_dir=%s is in use by %s (lock %s); expected one process per run directory: wait "
+                          "for it to end" % (checkpoint_dir, holder, os.path.join(exc.directory, files.LOCK_NAME)))
+    try:
+        yield
+    finally:
+        if not held_before:
+            files.release_directory(checkpoint_dir)
 
 
 def summary_lines(result, output_dir):

@@ -11,6 +11,8 @@ import re
 import shutil
 import tempfile
 
+from tfquant import files
+
 
 def create(destination):
     """A new empty staging directory for `destination` (an absolute path), after clearing dead builds' leftovers.
@@ -77,3 +79,25 @@ def publish(staging, destination):
         os.rename(old, destination)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def failure_message(exc, staging, output_dir, given):
+    """One line for an OSError of a build, naming the path the user gave, never the staging directory.
+
+    Args:
+      exc: the OSError.
+      staging: the staging directory (None before it was made).
+      output_dir: the destination (absolute).
+      given: how the user named it, e.g. '--output_dir=out'.
+    """
+    reason, _, path = files.error_cause(exc)
+    path = os.fspath(path) if path is not None else None
+    base = re.escape(os.path.basename(output_dir))
+    if path and staging and (path == staging or path.startswith(staging + os.sep)):
+        path = output_dir + path[len(staging):]
+    elif path and re.match(r"^\.%s\.(export|old)-\d+-" % base, os.path.basename(path)):
+        path = output_dir  # the staging directory (or the set-aside old export) itself could not be made
+    elif path and not (path == output_dir or path.startswith(output_dir + os.sep)):
+        return "%s cannot be accessed (%s) during the export to %s" % (path, reason, given)
+    where = "" if path in (None, output_dir) else ": %s" % path
+    return "%s cannot be written (%s%s); expected a writable directory with free space" % (given, reason, where)
