@@ -198,17 +198,14 @@ def test_two_runs_compared_layer_by_layer(run_dir, tmp_path, capsys):
     assert (other / "quant_report.html").exists()
 
 
-def test_module_command_renders_and_refuses_a_bad_directory(run_dir, tmp_path):
-    directory, _ = run_dir
+def test_module_command_refuses_a_bad_directory_in_one_line(tmp_path):
+    # One process (TensorFlow's import is most of its time): exit 2, one `error:` line, no runpy warning about
+    # tfquant.report running as __main__ after the package imported it.
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    done = subprocess.run([sys.executable, "-m", "tfquant.report", str(directory)], capture_output=True, text=True,
-                          env=env, cwd=str(tmp_path), timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "report: %s" % (directory / "quant_report.html")
-    assert done.stderr == ""
     done = subprocess.run([sys.executable, "-m", "tfquant.report", str(tmp_path / "missing")], capture_output=True,
                           text=True, env=env, cwd=str(tmp_path), timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
-    assert "quant_report.json" in done.stderr
+    assert "quant_report.json" in done.stderr and done.stdout == ""
 
 
 def test_numpy_helpers():
