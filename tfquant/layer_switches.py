@@ -21,7 +21,6 @@ from tfquant.ranges import RANGE_SCOPE_SUFFIX
 tf1 = tf.compat.v1
 WEIGHT_SCOPE = "weight_quant"
 SWITCH_SCOPE = "tfquant_switch"
-_STRAIGHT_THROUGH = b"TfquantStraightThrough"
 
 
 @dataclasses.dataclass
@@ -50,15 +49,6 @@ class LayerSwitch:
 
 class SwitchError(ValueError):
     """A quantized layer of the report has no quantizer this module can find in the graph."""
-
-
-def _is_straight_through(op):
-    if op.type != "IdentityN":
-        return False
-    try:
-        return op.get_attr("_gradient_op_type") == _STRAIGHT_THROUGH
-    except ValueError:
-        return False
 
 
 def _scope_of(name, component):
@@ -93,16 +83,22 @@ def _float_source(quantized, scope):
     return sources[0]
 
 
-def _activation_quantizer(graph, layer_name, ops_by_scope):
-    """(x, Q(x)) of the activation quantizer the report names `layer_name`."""
+def _activation_quantizer(graph, layer_name, ops_by_scope, unread):
+    """(x, Q(x)) of the activation quantizer the report names `layer_name`.
+
+    Q(x) is the one non-scalar tensor of the quantizer's scope that ops outside it read (its rerouted
+    readers), or, for a tensor nothing read when it was quantized (the logits), the one the report keeps.
+    """
     base = "%s/%s" % (layer_name.replace(":", "/"), RANGE_SCOPE_SUFFIX)
     for scope in [base] + ["%s_%d" % (base, i) for i in range(1, 4)]:
         ops = ops_by_scope(scope)
-        finals = [op for op in ops if _is_straight_through(op)
-                  and not any(_in_scope(c, scope) for c in op.outputs[0].consumers())]
-        if len(finals) == 1:
-            quantized = finals[0].outputs[0]
-            return _float_source(quantized, scope), quantized
+        if not ops:
+            continue
+        outputs = [t for op in ops for t in op.outputs if t.shape.rank != 0 and t.dtype.is_floating
+                   and any(not _in_scope(c, scope) for c in t.consumers())]
+        outputs += [t for t in unread if _in_scope(t.op, scope) and all(t is not o for o in outputs)]
+        if len(outputs) == 1:
+            return _float_source(outputs[0], scope), outputs[0]
     raise SwitchError("activation %s: no quantizer found under %s; expected a graph rewritten by quantize_graph"
                       % (layer_name, base))
 
@@ -142,7 +138,8 @@ def insert_switches(graph, report, final_tensors=()):
             source = _float_source(quantized, scope)
             layer_output = op.outputs[0]
         else:
-            source, quantized = _activation_quantizer(graph, layer.name, ops_by_scope)
+            source, quantized = _activation_quantizer(graph, layer.name, ops_by_scope,
+                                                      list(report.quantized_outputs.values()))
             layer_output = None
         if quantized.name in done:
             # A weight variable read by several layers has one quantizer: the switch is the first layer's.
