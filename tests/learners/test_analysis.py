@@ -9,6 +9,9 @@ import glob
 import json
 import math
 import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +19,8 @@ import tensorflow as tf
 
 import tfquant
 from learners import analysis, graphs
+from learners import flags as learner_flags
+from learners.errors import UserError
 from learners.ptq import PTQLearner
 from nets import model_template
 from tests.learners.test_ptq import settings_in
@@ -196,3 +201,45 @@ def test_tensorboard_sqnr_scalars_and_histograms(run):
     # 3-bit codes: 0..7, one count per weight.
     assert codes.min == 0 and codes.max == 7 and codes.num == 3 * 3 * 16 * 32
     assert events["weight/model/conv2/weights"].histo.num == 3 * 3 * 16 * 32
+
+
+def test_run_script_analyze_and_eval(run):
+    """--exec_mode analyze and eval through the run script: the ranking printed, the report page rewritten."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    settings = run["settings"]
+    command = [sys.executable, os.path.join(root, "nets", "model_template.py"), "--learner", "ptq",
+               "--save_path", settings.save_path, "--uql_save_quant_model_path", settings.uql_save_quant_model_path,
+               "--log_dir", settings.log_dir, "--train_subset", "256", "--eval_subset", "100",
+               "--batch_size_eval", "50"]
+    env = dict(os.environ, PYTHONPATH=root, TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run(command + ["--exec_mode", "analyze"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("ptq analyze: 5 layers on 100 test images")
+    ranked = json.load(open(os.path.join(run["run_dir"], "analysis.json")))["layers"]
+    assert [entry["name"] for entry in ranked] == [entry["name"] for entry in run["analysis"]["layers"]]
+    assert ranked[0]["override"] in lines[1]
+    done = subprocess.run(command + ["--exec_mode", "eval", "--uql_analysis_batches", "1"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "report: %s" % os.path.join(run["run_dir"], "quant_report.html")
+    report = json.load(open(os.path.join(run["run_dir"], "quant_report.json")))
+    assert report["version"] == 2 and report["fidelity"]["examples"] == 50
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--learner=full-prec", "--exec_mode=analyze"], "--exec_mode=analyze is not valid with --learner=full-prec"),
+    (["--learner=ptq", "--uql_analysis_batches=0"], "--uql_analysis_batches=0 is not valid; expected a value >= 1"),
+])
+def test_analysis_flags_refused(tmp_path, args, message):
+    learner_flags.define_flags()
+    flags = learner_flags.FLAGS
+    try:
+        flags.unparse_flags()
+        flags(["prog", "--save_path=%s/m/model.ckpt" % tmp_path, "--uql_save_quant_model_path=%s/q/model.ckpt"
+               % tmp_path, "--log_dir=%s/logs" % tmp_path] + args)
+        with pytest.raises(UserError, match=re.escape(message)):
+            learner_flags.validate_flags()
+    finally:
+        flags.unparse_flags()
