@@ -14,6 +14,7 @@ range group), so no grid formula is repeated here.
 import math
 
 import numpy as np
+import tensorflow as tf
 
 from tfquant import layer_switches
 from tfquant.layout import GroupLayout
@@ -24,6 +25,8 @@ MAX_LEVELS = 256
 # Relative slack on "more than half a step away": float32 levels are not exact multiples of the step.
 _CLIP_SLACK = 1e-3
 _DIGITS = 6
+# Levels are read off a sample of each chunk: sorting every activation value would cost more than the network.
+_SAMPLE = 1 << 18
 
 
 def rounded(value):
@@ -95,28 +98,32 @@ class TensorStats:
           x, q: float arrays of one shape.
           step: None (no step known: no RMSE in steps, no clipping), a number, or an array broadcastable to x.
         """
-        x = np.asarray(x, np.float64).reshape(-1)
-        q = np.asarray(q, np.float64).reshape(-1)
+        x = np.asarray(x).reshape(-1)
+        q = np.asarray(q).reshape(-1)
         if x.size == 0:
             return
-        error = x - q
+        # Sums in float64 (dot products: one pass each); the extremes on the arrays as they came.
+        wide = x.astype(np.float64)
+        error = wide - q
         self.count += x.size
-        self.signal += float(np.sum(x * x))
-        self.noise += float(np.sum(error * error))
-        if step is not None:
-            step = np.broadcast_to(np.asarray(step, np.float64).reshape(-1) if np.ndim(step) else step, x.shape)
+        self.signal += float(np.dot(wide, wide))
+        noise = float(np.dot(error, error))
+        self.noise += noise
+        if step is not None and np.ndim(step) == 0:
+            if math.isfinite(step) and step > 0:
+                self.stepped += x.size
+                self.noise_in_steps += noise / (step * step)
+                self.clipped += int(np.count_nonzero(np.abs(error) > 0.5 * step * (1 + _CLIP_SLACK)))
+        elif step is not None:
+            step = np.broadcast_to(np.asarray(step, np.float64).reshape(-1), x.shape)
             known = np.isfinite(step) & (step > 0)
             self.stepped += int(np.sum(known))
             self.noise_in_steps += float(np.sum((error[known] / step[known]) ** 2))
             self.clipped += int(np.sum(np.abs(error[known]) > 0.5 * step[known] * (1 + _CLIP_SLACK)))
-        for name, values in (("low", x), ("level_low", q)):
-            low = float(values.min())
+        for name, value, pick in (("low", x.min(), min), ("level_low", q.min(), min), ("high", x.max(), max),
+                                  ("level_high", q.max(), max)):
             current = getattr(self, name)
-            setattr(self, name, low if current is None else min(current, low))
-        for name, values in (("high", x), ("level_high", q)):
-            high = float(values.max())
-            current = getattr(self, name)
-            setattr(self, name, high if current is None else max(current, high))
+            setattr(self, name, float(value) if current is None else pick(current, float(value)))
 
     def record(self):
         """{sqnr_db, rmse_over_step, clipped_fraction, range_used, observed, values} (numbers rounded)."""
@@ -138,10 +145,11 @@ class TensorStats:
 
 def histogram(values, low, high, bins=HISTOGRAM_BINS):
     """Counts of `values` in `bins` equal bins over [low, high] (values outside go to the end bins)."""
-    values = np.asarray(values, np.float64).reshape(-1)
+    values = np.asarray(values).reshape(-1)
     if high <= low:
         high = low + 1.0
-    index = np.clip(((values - low) / (high - low) * bins).astype(np.int64), 0, bins - 1)
+    scaled = (values - np.float64(low)) * (bins / (high - low))
+    index = np.clip(scaled, 0, bins - 1).astype(np.int64)
     return np.bincount(index, minlength=bins)
 
 
@@ -180,9 +188,13 @@ def weight_fidelity(x, q, layout):
     return record
 
 
-def _chunks(feeds):
-    for feed in feeds:
-        yield feed
+def _sample(values):
+    """At most _SAMPLE values of an array, a fixed random choice: a level that a chunk's values use more than a
+    few times in a million is all but certain to be among them."""
+    flat = np.asarray(values).reshape(-1)
+    if flat.size <= _SAMPLE:
+        return flat
+    return flat[np.random.RandomState(flat.size % 1000003).randint(0, flat.size, _SAMPLE)]
 
 
 def measure(sess, switches, feeds, final_tensor=None, weight_layouts=None):
@@ -191,8 +203,8 @@ def measure(sess, switches, feeds, final_tensor=None, weight_layouts=None):
     Args:
       sess: a session of the switched graph, variables restored.
       switches: [LayerSwitch] from layer_switches.insert_switches.
-      feeds: a list of feed dicts (each one chunk of images); run twice each (pass 1: levels and ranges,
-        pass 2: errors, histograms, float network).
+      feeds: a list of feed dicts (each one chunk of images); run twice each (pass 1: ranges, and levels on the
+        first chunk; pass 2: errors, histograms, float network).
       final_tensor: the network's output (logits); with it, 'output' holds its SQNR against the float
         network and the share of examples whose top class agrees.
       weight_layouts: {layer name: GroupLayout} of the weight layers (default: one group).
@@ -216,16 +228,20 @@ def measure(sess, switches, feeds, final_tensor=None, weight_layouts=None):
         values = sess.run([(r.float_tensor, r.quantized_tensor) for r in weights], feed_dict=all_on)
         for record, (x, q) in zip(weights, values):
             per_layer[record.name] = weight_fidelity(x, q, weight_layouts.get(record.name, GroupLayout()))
-    # Pass 1: each activation's levels and observed range (its step and histogram bins need them).
+    # Pass 1: each activation's observed range (the histogram's bins) over all chunks, reduced in the graph, and
+    # its levels (hence its step) from a sample of the first chunk, so only small arrays leave the session.
     levels = {r.name: set() for r in activations}
     extremes = {r.name: [math.inf, -math.inf] for r in activations}
-    for feed in _chunks(feeds):
-        fetched = sess.run([(r.float_tensor, r.quantized_tensor) for r in activations], feed_dict={**feed, **all_on})
-        for record, (x, q) in zip(activations, fetched):
-            if len(levels[record.name]) <= 4 * MAX_LEVELS * 64:
-                levels[record.name].update(np.unique(q).tolist())
-            extremes[record.name][0] = min(extremes[record.name][0], float(np.min(x)))
-            extremes[record.name][1] = max(extremes[record.name][1], float(np.max(x)))
+    with sess.graph.as_default():
+        reductions = [(tf.reduce_min(r.float_tensor), tf.reduce_max(r.float_tensor)) for r in activations]
+    for index, feed in enumerate(feeds):
+        fetched = sess.run([reductions, [r.quantized_tensor for r in activations] if index == 0 else []],
+                           feed_dict={**feed, **all_on})
+        for record, (low, high) in zip(activations, fetched[0]):
+            extremes[record.name][0] = min(extremes[record.name][0], float(low))
+            extremes[record.name][1] = max(extremes[record.name][1], float(high))
+        for record, q in zip(activations, fetched[1]):
+            levels[record.name].update(np.unique(_sample(q)).tolist())
     steps = {name: grid_step(sorted(found)) for name, found in levels.items()}
     stats = {r.name: TensorStats() for r in activations}
     counts = {r.name: np.zeros(HISTOGRAM_BINS, np.int64) for r in activations}
@@ -236,7 +252,7 @@ def measure(sess, switches, feeds, final_tensor=None, weight_layouts=None):
             outputs.append(record.layer_output)
     accumulated = [[0.0, 0.0] for _ in outputs]
     final = {"signal": 0.0, "noise": 0.0, "agree": 0, "count": 0}
-    for feed in _chunks(feeds):
+    for feed in feeds:
         fetches = [[(r.float_tensor, r.quantized_tensor) for r in activations], outputs]
         if final_tensor is not None:
             fetches.append(final_tensor)
@@ -246,9 +262,10 @@ def measure(sess, switches, feeds, final_tensor=None, weight_layouts=None):
             stats[record.name].add(x, q, steps[record.name])
             counts[record.name] += histogram(x, *extremes[record.name])
         for sums, quantized, reference in zip(accumulated, quantized_run[1], float_run[0]):
-            reference = np.asarray(reference, np.float64)
-            sums[0] += float(np.sum(reference ** 2))
-            sums[1] += float(np.sum((reference - quantized) ** 2))
+            reference = np.asarray(reference, np.float64).reshape(-1)
+            difference = reference - np.asarray(quantized).reshape(-1)
+            sums[0] += float(np.dot(reference, reference))
+            sums[1] += float(np.dot(difference, difference))
         if final_tensor is not None:
             quantized, reference = np.asarray(quantized_run[2], np.float64), np.asarray(float_run[1], np.float64)
             final["signal"] += float(np.sum(reference ** 2))
