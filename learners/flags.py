@@ -125,7 +125,7 @@ def define_flags():
     flags.DEFINE_integer("uql_analysis_batches", 2, "evaluation batches the per-layer fidelity of quant_report.json "
                          "is measured on (end of a uniform or ptq run, --exec_mode eval)")
     flags.DEFINE_boolean("uql_histograms", False, "also write TensorBoard histograms of each quantized weight and "
-                         "its codes with the fidelity (about 5 KB per weight layer)")
+                         "its codes with the fidelity (about 1.5 KB per weight layer)")
 
 
 def _positive(name, minimum=1):
