@@ -23,6 +23,8 @@ ANALYSIS_NAME = "analysis.json"
 FIDELITY_LOG = "fidelity"
 # Offenders printed by --exec_mode analyze (analysis.json ranks them all).
 TOP_OFFENDERS = 5
+# Values fetched from the session per fidelity run (float32: 128 MB), so a large model takes fewer images at once.
+FETCHED_VALUES = 32 * 1024 * 1024
 
 
 class SwitchedModel:
@@ -34,11 +36,8 @@ class SwitchedModel:
             self.images = tf1.placeholder(tf.float32, input_shape, name="images")
             logits = helper.forward_eval(self.images)
             self.report = tfquant.quantize_graph(self.graph, config, is_training=False)
-            try:
-                self.switches, (self.logits,) = layer_switches.insert_switches(
-                    self.graph, self.report, [self.report.output(logits)])
-            except layer_switches.SwitchError as exc:
-                raise UserError("%s; the layer analysis cannot switch this model's quantizers" % exc) from None
+            self.switches, (self.logits,) = layer_switches.insert_switches(
+                self.graph, self.report, [self.report.output(logits)])
             # Grappler optimizes the graph once per feed signature; every run feeds every switch, so it runs once.
             self.sess = graphs.new_session(self.graph)
             graphs.restore_variables(self.sess, tf1.global_variables(), checkpoint)
@@ -49,6 +48,20 @@ class SwitchedModel:
     def weight_layouts(self):
         """{layer name: GroupLayout} of the quantized weight layers."""
         return {layer.name: layer_layout(layer) for layer in self.report.weight_layers if layer.quantized}
+
+    def fidelity_chunk(self, limit):
+        """Images per fidelity run: at most `limit`, and at most ~32 M values of the fetched tensors at once."""
+        per_example = 0
+        for record in self.switches:
+            # Weights are fetched once, whole; per image: each activation's x and Q(x), each layer's output twice.
+            tensors = [record.layer_output] * 2
+            if record.kind == "activation":
+                tensors += [record.float_tensor, record.quantized_tensor]
+            for tensor in tensors:
+                dims = tensor.shape.as_list()[1:] if tensor.shape.rank else []
+                if all(d is not None for d in dims):
+                    per_example += int(np.prod(dims, dtype=np.int64))
+        return max(1, min(limit, FETCHED_VALUES // max(per_example, 1)))
 
     def feeds(self, images, chunk):
         """Feed dicts of the images, `chunk` at a time."""
@@ -160,11 +173,16 @@ def record_fidelity(helper, settings, checkpoint, learner_name):
     Returns:
       the path of quant_report.html.
     """
-    switched, saved, report_path = _open(helper, checkpoint)
+    try:
+        switched, saved, report_path = _open(helper, checkpoint)
+    except layer_switches.SwitchError as exc:
+        # The run itself is complete and saved: say what is missing rather than fail it.
+        training.log("%s: per-layer fidelity not measured (%s)" % (learner_name, exc))
+        return write_html(os.path.dirname(checkpoint))
     try:
         images, _ = evaluation_arrays(helper, settings.uql_analysis_batches * settings.batch_size_eval)
         measured = fidelity.measure(switched.sess, switched.switches,
-                                    switched.feeds(images, min(settings.batch_size_eval, 100)),
+                                    switched.feeds(images, switched.fidelity_chunk(settings.batch_size_eval)),
                                     switched.logits, switched.weight_layouts())
         measured["examples"] = len(images)
         measured["batches"] = settings.uql_analysis_batches
@@ -232,7 +250,10 @@ def analyze(helper, settings, learner):
     """
     checkpoint = _latest(learner)
     started = time.time()
-    switched, saved, report_path = _open(helper, checkpoint)
+    try:
+        switched, saved, report_path = _open(helper, checkpoint)
+    except layer_switches.SwitchError as exc:
+        raise UserError("%s; the layer analysis cannot switch this model's quantizers" % exc) from None
     chunk = settings.batch_size_eval
     try:
         images, labels = evaluation_arrays(helper)
