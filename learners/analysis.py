@@ -136,7 +136,7 @@ def _write_summaries(log_dir, step, measured, switched, histograms):
         layouts = switched.weight_layouts()
         for record, (x, q) in zip(weights, values):
             tag = record.weight_variable or record.name
-            codes = _codes(q, layouts.get(record.name))
+            codes = _codes(q, layouts.get(record.name), record.bits)
             histogram = tf1.Summary()
             for name, data in (("weight/" + tag, x), ("codes/" + tag, codes)):
                 histogram.value.add(tag=name, histo=_histogram_proto(data))
@@ -144,12 +144,12 @@ def _write_summaries(log_dir, step, measured, switched, histograms):
     writer.close()
 
 
-def _codes(q, layout):
-    """Integer codes of quantized values: their level number within their range group."""
+def _codes(q, layout, bits):
+    """Integer codes of quantized values: their level number counted from their range group's lowest level."""
     rows = fidelity.group_rows(q, layout) if layout is not None else [np.asarray(q).reshape(-1)]
     codes = []
     for row in rows:
-        step = fidelity.grid_step(row)
+        step = fidelity.grid_step(row, bits)
         codes.append(np.zeros(row.shape) if step is None else np.round((row - row.min()) / step))
     return np.concatenate(codes)
 

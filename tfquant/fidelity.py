@@ -70,15 +70,29 @@ def group_rows(array, layout):
     return [flat[i:i + layout.bucket_size] for i in range(0, flat.size, layout.bucket_size)]
 
 
-def grid_step(levels):
-    """The step of a uniform grid from the sorted distinct levels it takes; None with fewer than two levels."""
+def grid_step(levels, bits=None):
+    """The step of a uniform grid from the levels it takes; None with fewer than two distinct levels.
+
+    The smallest gap between two levels used is the step when neighbouring levels occur, which a tensor with
+    many values per level always shows. A group with fewer distinct levels than half its grid (a 3x3 kernel at
+    8 bits) may skip them; then, given the bits, the gap is divided by the whole number of steps that puts the
+    levels' span closest to the 2^k - 1 steps of the grid (exact for min/max and symmetric grids).
+
+    Args:
+      levels: the quantized values (any order, repeats allowed).
+      bits: the grid's bits, or None to take the smallest gap as it is.
+    """
     levels = np.unique(np.asarray(levels, np.float64))
     if levels.size < 2:
         return None
     gaps = np.diff(levels)
     # float32 levels differ from exact multiples of the step by rounding: ignore gaps far below the widest.
     gaps = gaps[gaps > 1e-4 * gaps.max()]
-    return float(gaps.min())
+    gap = float(gaps.min())
+    if bits is None or levels.size >= 2 ** (bits - 1):
+        return gap
+    smallest = (levels[-1] - levels[0]) / (2 ** bits - 1)
+    return gap / max(1, int(round(gap / smallest)))
 
 
 class TensorStats:
@@ -160,11 +174,12 @@ def _levels_entry(levels, group=None):
     return {"levels": [rounded(v) for v in levels], "levels_group": group}
 
 
-def weight_fidelity(x, q, layout):
+def weight_fidelity(x, q, layout, bits=None):
     """Fidelity of one quantized weight.
 
     Args:
-      x: the float weight (NumPy), q: its quantized value, layout: its GroupLayout.
+      x: the float weight (NumPy), q: its quantized value, layout: its GroupLayout, bits: its bits (see
+        grid_step).
     Returns:
       the record (see TensorStats.record) plus 'histogram' {'range', 'counts'} of x, 'levels' (the grid
       levels of the group with the widest range, or of the tensor; None when more than MAX_LEVELS) and
@@ -175,7 +190,7 @@ def weight_fidelity(x, q, layout):
     stats = TensorStats()
     x_groups, q_groups = group_rows(x, layout), group_rows(q, layout)
     for xg, qg in zip(x_groups, q_groups):
-        stats.add(xg, qg, grid_step(qg))
+        stats.add(xg, qg, grid_step(qg, bits))
     record = stats.record()
     low, high = float(x.min()), float(x.max())
     record["histogram"] = {"range": [rounded(low), rounded(high)],
@@ -227,7 +242,7 @@ def measure(sess, switches, feeds, final_tensor=None, weight_layouts=None):
     if weights:
         values = sess.run([(r.float_tensor, r.quantized_tensor) for r in weights], feed_dict=all_on)
         for record, (x, q) in zip(weights, values):
-            per_layer[record.name] = weight_fidelity(x, q, weight_layouts.get(record.name, GroupLayout()))
+            per_layer[record.name] = weight_fidelity(x, q, weight_layouts.get(record.name, GroupLayout()), record.bits)
     # Pass 1: each activation's observed range (the histogram's bins) over all chunks, reduced in the graph, and
     # its levels (hence its step) from a sample of the first chunk, so only small arrays leave the session.
     levels = {r.name: set() for r in activations}
@@ -242,7 +257,8 @@ def measure(sess, switches, feeds, final_tensor=None, weight_layouts=None):
             extremes[record.name][1] = max(extremes[record.name][1], float(high))
         for record, q in zip(activations, fetched[1]):
             levels[record.name].update(np.unique(_sample(q)).tolist())
-    steps = {name: grid_step(sorted(found)) for name, found in levels.items()}
+    bits = {r.name: r.bits for r in activations}
+    steps = {name: grid_step(sorted(found), bits[name]) for name, found in levels.items()}
     stats = {r.name: TensorStats() for r in activations}
     counts = {r.name: np.zeros(HISTOGRAM_BINS, np.int64) for r in activations}
     # Pass 2: errors, histograms, and every layer's output in the quantized and in the float network.

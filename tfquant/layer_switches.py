@@ -11,7 +11,7 @@ grid (min/max, symmetric, LSQ, PACT) without knowing how it is computed.
 """
 import dataclasses
 import re
-from typing import List, Optional
+from typing import List
 
 import tensorflow as tf
 
@@ -44,7 +44,6 @@ class LayerSwitch:
     output: tf.Tensor
     layer_output: tf.Tensor
     switch: tf.Tensor
-    group_layout: Optional[dict] = None
 
 
 class SwitchError(ValueError):

@@ -46,7 +46,8 @@ def _measured_report():
             measured = fidelity.measure(sess, switches, [{images: data[:10]}, {images: data[10:]}], output, layouts)
             float_logits = sess.run(output, {images: data, **layer_switches.switch_feed(switches, [])})
             # Ranges never recorded: the activation takes each batch's own range, so run the same two batches.
-            quant_logits = np.concatenate([sess.run(output, {images: data[:10]}), sess.run(output, {images: data[10:]})])
+            quant_logits = np.concatenate([sess.run(output, {images: data[:10]}),
+                                           sess.run(output, {images: data[10:]})])
             only_fc = sess.run(output, {images: data, **layer_switches.switch_feed(switches, ["MatMul"])})
             weights = sess.run([kernel, dense])
     report.fidelity = dict(measured, examples=20, batches=2)
@@ -210,6 +211,11 @@ def test_module_command_refuses_a_bad_directory_in_one_line(tmp_path):
 
 def test_numpy_helpers():
     assert fidelity.grid_step([0.0, 0.5, 1.5, 1.0]) == 0.5 and fidelity.grid_step([2.0]) is None
+    # A 3x3 kernel at 8 bits skips levels: its smallest gap is several steps, the bits give the step back.
+    step = 2.0 / 255
+    used = np.array([0, 3, 7, 100, 180, 255]) * step - 1.0
+    assert fidelity.grid_step(used) == pytest.approx(3 * step)
+    assert fidelity.grid_step(used, bits=8) == pytest.approx(step)
     x = np.array([0.0, 0.1, 1.0, 3.0])
     q = np.array([0.0, 0.0, 1.0, 2.0])
     stats = fidelity.TensorStats()
