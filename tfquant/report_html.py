@@ -42,7 +42,12 @@ def load_run(run_dir):
     """
     report = read_report(os.path.join(run_dir, REPORT_NAME)).to_dict()
     results = read_json_file(os.path.join(run_dir, RESULTS_NAME), "results file")
-    analysis = read_json_file(os.path.join(run_dir, ANALYSIS_NAME), "analysis file")
+    analysis_path = os.path.join(run_dir, ANALYSIS_NAME)
+    analysis = read_json_file(analysis_path, "analysis file")
+    layers = (analysis or {}).get("layers", [])
+    if not isinstance(layers, list) or not all(isinstance(entry, dict) for entry in layers):
+        raise ReportError("analysis file %s: layers is not a list of objects; expected the file --exec_mode analyze "
+                          "writes" % analysis_path, analysis_path)
     return report, results, analysis
 
 
@@ -56,7 +61,7 @@ def number_text(value):
 
 
 def _cell(value, key, tag="td"):
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and key:
         return '<%s data-key="%s">%s</%s>' % (tag, html.escape(key), number_text(value), tag)
     return '<%s class="n">%s</%s>' % (tag, html.escape("–" if value is None else str(value)), tag)
 
@@ -199,9 +204,10 @@ def _histograms(fidelity_layers):
         return ""
     out = ["<h2>Histograms against the quantization levels</h2>"]
     for j, entry in enumerate(fidelity_layers):
+        key = "report.fidelity.layers.%d" % j
         out.append("<details><summary>%s (%s, %s bits)</summary>%s</details>"
-                   % (html.escape(entry["name"]), html.escape(entry["kind"]), number_text(entry.get("bits")),
-                      _histogram_svg(entry, "report.fidelity.layers.%d" % j)))
+                   % (html.escape(entry["name"]), html.escape(entry["kind"]),
+                      _cell(entry.get("bits"), key + ".bits", "span"), _histogram_svg(entry, key)))
     return "".join(out)
 
 

@@ -230,3 +230,14 @@ def test_numpy_helpers():
     assert [list(r) for r in rows] == [list(w[..., c].reshape(-1)) for c in range(4)]
     assert [list(r) for r in fidelity.group_rows(w, tfquant.GroupLayout("split", bucket_size=10))] == \
         [list(range(0, 10)), list(range(10, 20)), list(range(20, 24))]
+
+
+def test_malformed_analysis_file_is_one_error_line(run_dir, tmp_path, capsys):
+    directory, _ = run_dir
+    for name in ("quant_report.json", "results.json"):
+        (tmp_path / name).write_text((directory / name).read_text())
+    (tmp_path / "analysis.json").write_text('{"layers": {"a": 1}}')
+    assert report_cli.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: analysis file") and err.count("\n") == 1
+    assert not (tmp_path / "quant_report.html").exists()
