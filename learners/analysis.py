@@ -296,6 +296,9 @@ def analyze(helper, settings, learner):
                      % (rank, entry["weight_variable"] or entry["name"], entry["kind"], entry["bits"],
                         entry["accuracy_all_but_this_quantized"], entry["recovery_if_float"],
                         entry["accuracy_alone_quantized"], entry["override"]))
+    if saved.allocation:
+        lines.append("  (this run's bits come from --uql_auto_bits, which refuses overrides: apply them to a run "
+                     "without it, or raise --uql_equivalent_bits)")
     lines.append("analysis: %s" % os.path.join(run_dir, ANALYSIS_NAME))
     lines.append("report: %s" % html)
     return lines
