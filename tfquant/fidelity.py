@@ -242,7 +242,8 @@ def measure(sess, switches, feeds, final_tensor=None, weight_layouts=None):
     if weights:
         values = sess.run([(r.float_tensor, r.quantized_tensor) for r in weights], feed_dict=all_on)
         for record, (x, q) in zip(weights, values):
-            per_layer[record.name] = weight_fidelity(x, q, weight_layouts.get(record.name, GroupLayout()), record.bits)
+            layout = weight_layouts.get(record.name, GroupLayout())
+            per_layer[record.name] = weight_fidelity(x, q, layout, record.bits)
     # Pass 1: each activation's observed range (the histogram's bins) over all chunks, reduced in the graph, and
     # its levels (hence its step) from a sample of the first chunk, so only small arrays leave the session.
     levels = {r.name: set() for r in activations}
