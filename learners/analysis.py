@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfquant
-from learners import graphs, run_settings, training, uniform_quant
+from learners import graphs, run_settings, stopping, training, uniform_quant
 from learners.errors import UserError
 from tfquant import fidelity, layer_switches, report_html
 from tfquant.report_schema import layer_layout
@@ -267,6 +267,8 @@ def analyze(helper, settings, learner):
                 targets.append(record)
         alone, all_but = {}, {}
         for record in targets:
+            # Nothing is written before the analysis ends, so it can stop between any two layers.
+            stopping.check("during the layer analysis", "nothing was written")
             sharing = [r.name for r in switched.switches if r.switch is record.switch]
             alone[record.name] = switched.accuracy(images, labels, sharing, chunk)
             all_but[record.name] = switched.accuracy(images, labels, [n for n in everything if n not in sharing],
