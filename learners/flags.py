@@ -17,8 +17,9 @@ def define_flags():
         return
     flags.DEFINE_enum("learner", "full-prec", list(LEARNERS),
                       "learner: full-prec, uniform or ptq (post-training calibration)")
-    flags.DEFINE_enum("exec_mode", "train", ["train", "eval", "export"],
-                      "train, eval the latest checkpoint, or export it (--learner uniform or ptq, --export_dir)")
+    flags.DEFINE_enum("exec_mode", "train", ["train", "eval", "export", "analyze"],
+                      "train, eval the latest checkpoint, export it (--learner uniform or ptq, --export_dir), or "
+                      "analyze it layer by layer (--learner uniform or ptq: analysis.json)")
     flags.DEFINE_string("export_dir", None, "--exec_mode export: directory the exported files go to")
     flags.DEFINE_boolean("export_int8", False, "--exec_mode export: also write float and int8 TFLite models (int8 "
                          "with the trained weight and activation ranges)")
@@ -127,6 +128,11 @@ def define_flags():
                       "activation-range calibrator of --learner ptq")
     flags.DEFINE_integer("uql_calib_batches", 20, "training batches --learner ptq calibrates over")
     flags.DEFINE_float("uql_calib_percentile", 99.99, "percentile of --uql_calibrator=percentile, in (0, 100]")
+    # Understanding a run (learners/analysis.py): fidelity in the report, --exec_mode analyze, histograms.
+    flags.DEFINE_integer("uql_analysis_batches", 2, "evaluation batches the per-layer fidelity of quant_report.json "
+                         "is measured on (end of a uniform or ptq run, --exec_mode eval)")
+    flags.DEFINE_boolean("uql_histograms", False, "also write TensorBoard histograms of each quantized weight and "
+                         "its codes with the fidelity (about 1.5 KB per weight layer)")
 
 
 def _positive(name, minimum=1):
@@ -164,7 +170,7 @@ def validate_flags():
     _finite_floats()
     for name in ("batch_size", "batch_size_eval", "summ_step", "save_step", "nb_workers"):
         _positive(name)
-    for name in ("train_subset", "eval_subset", "uql_calib_batches"):
+    for name in ("train_subset", "eval_subset", "uql_calib_batches", "uql_analysis_batches"):
         _positive(name)
     if not 0 < FLAGS.uql_calib_percentile <= 100:
         raise UserError("--uql_calib_percentile=%s is not valid; expected a number in (0, 100]"
@@ -187,6 +193,9 @@ def validate_flags():
     if FLAGS.exec_mode == "export" and FLAGS.learner not in ("uniform", "ptq"):
         raise UserError("--exec_mode=export is not valid with --learner=%s; expected --learner=uniform or ptq "
                         "(export packs a quantized checkpoint)" % FLAGS.learner)
+    if FLAGS.exec_mode == "analyze" and FLAGS.learner not in ("uniform", "ptq"):
+        raise UserError("--exec_mode=analyze is not valid with --learner=%s; expected --learner=uniform or ptq "
+                        "(it switches a quantized checkpoint's quantizers layer by layer)" % FLAGS.learner)
     if FLAGS.export_int8_calibration and not FLAGS.export_int8:
         raise UserError("--export_int8_calibration is not valid without --export_int8; expected both")
     if FLAGS.exec_mode == "export" and not FLAGS.export_dir:

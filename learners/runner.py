@@ -10,7 +10,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from learners import flags as learner_flags  # noqa: E402
-from learners import distributed, run_lock, stopping  # noqa: E402
+from learners import analysis, distributed, run_lock, stopping  # noqa: E402
 from learners.errors import UserError  # noqa: E402
 from learners.full_precision import FullPrecLearner  # noqa: E402
 from learners.ptq import PTQLearner  # noqa: E402
@@ -73,9 +73,14 @@ def _main(make_helper, after_train):
         elif FLAGS.exec_mode == "export":
             for line in export_latest(helper, learner.output_dir, FLAGS):
                 print(line)
+        elif FLAGS.exec_mode == "analyze":
+            for line in analysis.analyze(helper, FLAGS, learner):
+                print(line)
         else:
             accuracy, loss, count = learner.evaluate()
             print("%s eval: accuracy %.4f | loss %.4f | %d test images" % (learner.name, accuracy, loss, count))
+            if FLAGS.learner != "full-prec":
+                print("report: %s" % analysis.record_latest_fidelity(helper, FLAGS, learner))
 
     def guarded(argv):
         try:

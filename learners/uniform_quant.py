@@ -165,7 +165,9 @@ class UniformQuantLearner:
         stopping.check("before writing the results", "saved checkpoints are kept")
         results.update(extra or {})
         run_settings.write_json(os.path.join(self.output_dir, RESULTS_NAME), results, "results file")
-        for line in summary_lines(results):
+        from learners import analysis  # here: analysis imports this module
+        html = analysis.record_fidelity(self.helper, s, checkpoint, self.name)
+        for line in summary_lines(results) + ["report page: %s" % html]:
             training.log(line)
         return results
 

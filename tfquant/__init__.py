@@ -25,6 +25,12 @@ if _sys.argv[:1] == ["-m"] and "tensorflow" not in _sys.modules:
         _os.close(_saved_stderr)
         _os.close(_null)
 
+if _sys.argv[:1] == ["-m"]:
+    import warnings as _warnings
+    # `python -m tfquant.report` runs report.py as __main__ after this package imported it as tfquant.report,
+    # which runpy warns about; its __main__ block only calls tfquant.report_cli, so nothing runs twice.
+    _warnings.filterwarnings("ignore", message="'tfquant.report' found in sys.modules", category=RuntimeWarning)
+
 from tfquant.config import QuantConfig, parse_overrides  # noqa: E402
 from tfquant.layout import GroupLayout  # noqa: E402
 from tfquant.ops import quantize_weight, uniform_quantize, weight_codes  # noqa: E402

@@ -20,8 +20,10 @@ from tfquant.report_schema import (  # noqa: F401 (re-exported)
 class QuantReport:
     """What `quantize_graph` did to a graph; prints as a table and serialises to JSON."""
 
-    def __init__(self, layers, other_variables, config, is_training, notes=(), allocation=None):
+    def __init__(self, layers, other_variables, config, is_training, notes=(), allocation=None, fidelity=None):
         self.layers = list(layers)
+        # Per-layer quantization error against float (tfquant.fidelity), once measured on a trained model.
+        self.fidelity = fidelity
         # The automatic bit allocation (budgets, achieved mean bits, search time, per-layer sensitivity), if any.
         self.allocation = allocation
         self.other_variables = list(other_variables)
@@ -123,6 +125,7 @@ class QuantReport:
             "notes": self.notes,
             "summary": self.summary(),
             **({"allocation": self.allocation} if self.allocation is not None else {}),
+            **({"fidelity": self.fidelity} if self.fidelity is not None else {}),
         }
 
     def to_json(self, indent=2):
@@ -347,3 +350,9 @@ def decisions_difference(recorded_json, report):
             return "layer %d (%s) has %s %s in the report, %s in the checkpoint" % (
                 index, name, field, value, recorded_value)
     return None
+
+
+if __name__ == "__main__":
+    # `python -m tfquant.report RUN_DIR [OTHER_RUN_DIR]`: render quant_report.html again, or compare two runs.
+    from tfquant import report_cli
+    raise SystemExit(report_cli.main())

@@ -10,10 +10,13 @@ import math
 from typing import List, Optional
 
 from tfquant import files
+from tfquant.fidelity_schema import check_fidelity
 from tfquant.config import FLOAT_BITS, MAX_PATTERN_LENGTH, QuantConfig
 from tfquant.layout import RANGE_GROUP_BITS, GroupLayout
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2
+# Version 1 reports (no per-layer fidelity) are read as they are.
+READABLE_VERSIONS = (1, 2)
 # The file name a quantized run gives its report, beside its checkpoints; export looks for it there.
 REPORT_NAME = "quant_report.json"
 QUANTIZED = "quantized"
@@ -239,17 +242,17 @@ def report_fields(data):
       data: the dict (as parsed from JSON).
     Returns:
       (layers: [LayerReport], other variables: [VariableRecord], config dict, is_training, notes, allocation
-      dict or None): the arguments of a QuantReport.
+      dict or None, fidelity dict or None): the arguments of a QuantReport.
     Raises:
       SchemaError: one line naming the first field that is missing, of the wrong type or out of range.
     """
     _known_keys(data, ["version", "config", "is_training", "layers", "other_variables", "notes", "summary",
-                       "allocation"],
+                       "allocation", "fidelity"],
                 ["version", "config", "is_training", "layers", "other_variables"], "report")
     version = data["version"]
-    if not _is_int(version) or version != REPORT_VERSION:
-        raise SchemaError("version=%r is not supported; expected the integer %d (not a tfquant report, or one "
-                           "from another release)" % (version, REPORT_VERSION))
+    if not _is_int(version) or version not in READABLE_VERSIONS:
+        raise SchemaError("version=%r is not supported; expected the integer %s (not a tfquant report, or one "
+                           "from another release)" % (version, " or ".join(map(str, READABLE_VERSIONS))))
     _check_config(data["config"])
     _require(data["is_training"], lambda v: isinstance(v, bool), "is_training", "true or false")
     layers = [_layer_from_dict(layer, i)
@@ -271,4 +274,7 @@ def report_fields(data):
     _require(data.get("summary", {}), lambda v: isinstance(v, dict), "summary", "an object")
     allocation = _require(data.get("allocation"), lambda v: v is None or isinstance(v, dict), "allocation",
                           "an object")
-    return layers, others, data["config"], data["is_training"], notes, allocation
+    fidelity = data.get("fidelity")
+    if fidelity is not None:
+        check_fidelity(fidelity, names, SchemaError)
+    return layers, others, data["config"], data["is_training"], notes, allocation, fidelity

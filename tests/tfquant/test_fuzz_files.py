@@ -280,7 +280,7 @@ def test_valid_report_read_and_replayed_without_patterns(tmp_path):
 @pytest.mark.parametrize("change,fragment", [
     (lambda d: d.__setitem__("version", True), "version=True"),
     (lambda d: d.__setitem__("version", 1.0), "version=1.0"),
-    (lambda d: d.__setitem__("version", 2), "version=2"),
+    (lambda d: d.__setitem__("version", 3), "version=3"),
     (lambda d: d.pop("layers"), "lacks field 'layers'"),
     (lambda d: d.__setitem__("surprise", 1), "unknown field 'surprise'"),
     (lambda d: d.__setitem__("layers", {}), "layers={} is not valid"),

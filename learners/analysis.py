@@ -1,0 +1,306 @@
+"""What quantization did to a trained run: per-layer fidelity in the report, and `--exec_mode analyze`.
+
+Both use one evaluation graph of the quantized model whose every quantizer has an on/off switch
+(tfquant.layer_switches): the float network, the quantized one and any mixture are the same graph with
+other feeds, so the layer-by-layer analysis costs two evaluations per layer and no graph building.
+"""
+import json
+import os
+import re
+import time
+
+import numpy as np
+import tensorflow as tf
+
+import tfquant
+from learners import graphs, run_settings, stopping, training, uniform_quant
+from learners.errors import UserError
+from tfquant import fidelity, layer_switches, report_html
+from tfquant.report_schema import layer_layout
+
+tf1 = tf.compat.v1
+ANALYSIS_NAME = "analysis.json"
+FIDELITY_LOG = "fidelity"
+# Offenders printed by --exec_mode analyze (analysis.json ranks them all).
+TOP_OFFENDERS = 5
+# Values fetched from the session per fidelity run (float32: 128 MB), so a large model takes fewer images at once.
+FETCHED_VALUES = 32 * 1024 * 1024
+
+
+class SwitchedModel:
+    """The quantized evaluation graph on an image placeholder, a switch per quantized layer, variables restored."""
+
+    def __init__(self, helper, config, checkpoint, input_shape):
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            self.images = tf1.placeholder(tf.float32, input_shape, name="images")
+            logits = helper.forward_eval(self.images)
+            self.report = tfquant.quantize_graph(self.graph, config, is_training=False)
+            self.switches, (self.logits,) = layer_switches.insert_switches(
+                self.graph, self.report, [self.report.output(logits)])
+            # Grappler optimizes the graph once per feed signature; every run feeds every switch, so it runs once.
+            self.sess = graphs.new_session(self.graph)
+            graphs.restore_variables(self.sess, tf1.global_variables(), checkpoint)
+
+    def close(self):
+        self.sess.close()
+
+    def weight_layouts(self):
+        """{layer name: GroupLayout} of the quantized weight layers."""
+        return {layer.name: layer_layout(layer) for layer in self.report.weight_layers if layer.quantized}
+
+    def fidelity_chunk(self, limit):
+        """Images per fidelity run: at most `limit`, and at most ~32 M values of the fetched tensors at once."""
+        per_example = 0
+        for record in self.switches:
+            # Weights are fetched once, whole; per image: each activation's x and Q(x), each layer's output twice.
+            tensors = [record.layer_output] * 2
+            if record.kind == "activation":
+                tensors += [record.float_tensor, record.quantized_tensor]
+            for tensor in tensors:
+                dims = tensor.shape.as_list()[1:] if tensor.shape.rank else []
+                if all(d is not None for d in dims):
+                    per_example += int(np.prod(dims, dtype=np.int64))
+        return max(1, min(limit, FETCHED_VALUES // max(per_example, 1)))
+
+    def feeds(self, images, chunk):
+        """Feed dicts of the images, `chunk` at a time."""
+        return [{self.images: images[i:i + chunk]} for i in range(0, len(images), chunk)]
+
+    def accuracy(self, images, labels, quantized_names, chunk):
+        """Top-1 accuracy with exactly the named layers quantized."""
+        switches = layer_switches.switch_feed(self.switches, quantized_names)
+        correct = 0
+        for i in range(0, len(images), chunk):
+            logits = self.sess.run(self.logits, feed_dict={self.images: images[i:i + chunk], **switches})
+            correct += int(np.sum(np.argmax(logits, -1) == labels[i:i + chunk]))
+        return correct / len(images)
+
+
+def evaluation_arrays(helper, limit=None):
+    """The helper's preprocessed evaluation images and labels (at most `limit`) as NumPy arrays."""
+    graph = tf.Graph()
+    with graph.as_default():
+        images, labels = helper.build_dataset_eval()
+        init = helper.eval_init_op
+    chunks_x, chunks_y, count = [], [], 0
+    with tf1.Session(graph=graph) as sess:
+        sess.run(init)
+        while limit is None or count < limit:
+            try:
+                x, y = sess.run([images, labels])
+            except tf.errors.OutOfRangeError:
+                break
+            chunks_x.append(x)
+            chunks_y.append(y)
+            count += len(y)
+    if not chunks_x:
+        raise UserError("the evaluation data set yielded no images; expected at least one")
+    x, y = np.concatenate(chunks_x), np.concatenate(chunks_y)
+    return (x[:limit], y[:limit]) if limit else (x, y)
+
+
+def _open(helper, checkpoint):
+    """(SwitchedModel of the checkpoint, its saved report, report path), the report checked against it."""
+    report_path = os.path.join(os.path.dirname(checkpoint), uniform_quant.REPORT_NAME)
+    saved, config = uniform_quant.read_report_and_config(report_path)
+    uniform_quant.check_report_against_checkpoint(saved, checkpoint, report_path)
+    return SwitchedModel(helper, config, checkpoint, _input_shape(helper)), saved, report_path
+
+
+def _input_shape(helper):
+    with tf.Graph().as_default():
+        images, _ = helper.build_dataset_eval()
+    return [None] + images.shape.as_list()[1:]
+
+
+def _step_of(checkpoint):
+    match = re.search(r"-(\d+)$", checkpoint)
+    return int(match.group(1)) if match else 0
+
+
+def _write_summaries(log_dir, step, measured, switched, histograms):
+    """TensorBoard: per-layer SQNR scalars; with `histograms`, each quantized weight and its codes."""
+    with tf.Graph().as_default():  # the v1 writer needs graph mode
+        writer = tf1.summary.FileWriter(log_dir)
+    summary = tf1.Summary()
+    for layer in measured["layers"]:
+        tag = layer["name"].replace(":", "_")
+        for field in ("sqnr_db", "output_sqnr_db"):
+            if layer[field] is not None:
+                summary.value.add(tag="%s/%s" % (field, tag), simple_value=layer[field])
+    writer.add_summary(summary, step)
+    if histograms:
+        weights = [r for r in switched.switches if r.kind == "weight"]
+        values = switched.sess.run([(r.float_tensor, r.quantized_tensor) for r in weights])
+        layouts = switched.weight_layouts()
+        for record, (x, q) in zip(weights, values):
+            tag = record.weight_variable or record.name
+            codes = _codes(q, layouts.get(record.name), record.bits)
+            histogram = tf1.Summary()
+            for name, data in (("weight/" + tag, x), ("codes/" + tag, codes)):
+                histogram.value.add(tag=name, histo=_histogram_proto(data))
+            writer.add_summary(histogram, step)
+    writer.close()
+
+
+def _codes(q, layout, bits):
+    """Integer codes of quantized values: their level number counted from their range group's lowest level."""
+    rows = fidelity.group_rows(q, layout) if layout is not None else [np.asarray(q).reshape(-1)]
+    codes = []
+    for row in rows:
+        step = fidelity.grid_step(row, bits)
+        codes.append(np.zeros(row.shape) if step is None else np.round((row - row.min()) / step))
+    return np.concatenate(codes)
+
+
+def _histogram_proto(values):
+    values = np.asarray(values, np.float64).reshape(-1)
+    counts, edges = np.histogram(values, bins=min(64, max(1, np.unique(values).size)))
+    return tf1.HistogramProto(min=float(values.min()), max=float(values.max()), num=float(values.size),
+                              sum=float(values.sum()), sum_squares=float(np.sum(values ** 2)),
+                              bucket_limit=[float(e) for e in edges[1:]], bucket=[float(c) for c in counts])
+
+
+def record_fidelity(helper, settings, checkpoint, learner_name):
+    """Measure per-layer fidelity of a quantized checkpoint, add it to its quant_report.json, write the HTML.
+
+    Args:
+      helper: the run's ModelHelper (its evaluation images).
+      settings: parsed flags (uql_analysis_batches, batch_size_eval, log_dir, uql_histograms).
+      checkpoint: the quantized checkpoint prefix.
+      learner_name: the learner's name (TensorBoard directory).
+    Returns:
+      the path of quant_report.html.
+    """
+    try:
+        switched, saved, report_path = _open(helper, checkpoint)
+    except layer_switches.SwitchError as exc:
+        # The run itself is complete and saved: say what is missing rather than fail it.
+        training.log("%s: per-layer fidelity not measured (%s)" % (learner_name, exc))
+        return write_html(os.path.dirname(checkpoint))
+    try:
+        images, _ = evaluation_arrays(helper, settings.uql_analysis_batches * settings.batch_size_eval)
+        measured = fidelity.measure(switched.sess, switched.switches,
+                                    switched.feeds(images, switched.fidelity_chunk(settings.batch_size_eval)),
+                                    switched.logits, switched.weight_layouts())
+        measured["examples"] = len(images)
+        measured["batches"] = settings.uql_analysis_batches
+        _write_summaries(os.path.join(settings.log_dir, learner_name, FIDELITY_LOG), _step_of(checkpoint),
+                         measured, switched, getattr(settings, "uql_histograms", False))
+    finally:
+        switched.close()
+    saved.fidelity = measured
+    run_settings.write_json(report_path, saved.to_json(), "quantization report")
+    return write_html(os.path.dirname(report_path))
+
+
+def _latest(learner):
+    checkpoint = training.find_checkpoint(learner.save_path, learner.name)[0]
+    if checkpoint is None:
+        raise UserError("no quantized checkpoint found in %s; expected one written by --learner %s"
+                        % (learner.output_dir, learner.name))
+    return checkpoint
+
+
+def record_latest_fidelity(helper, settings, learner):
+    """record_fidelity on the learner's latest checkpoint (--exec_mode eval); returns the HTML path."""
+    return record_fidelity(helper, settings, _latest(learner), learner.name)
+
+
+def write_html(run_dir):
+    """Render quant_report.html from the run directory's JSON files; UserError when they do not fit."""
+    try:
+        return report_html.write_report_html(run_dir)
+    except tfquant.report.ReportError as exc:
+        raise UserError(str(exc)) from None
+
+
+def suggested_override(entry):
+    """The flag that gives a layer 8 bits (or float when it has 8 or more)."""
+    bits = 8 if entry["bits"] < 8 else 32
+    if entry["kind"] == "weight":
+        return "--uql_weight_overrides '%s=%d'" % (re.escape(entry["weight_variable"]), bits)
+    return "--uql_activation_overrides '%s=%d'" % (re.escape(entry["name"]), bits)
+
+
+def rank_layers(float_accuracy, quantized_accuracy, alone, all_but):
+    """Layers ranked worst first.
+
+    Args:
+      float_accuracy, quantized_accuracy: every layer float / quantized.
+      alone: {layer: accuracy with only it quantized}; all_but: {layer: accuracy with all but it quantized}.
+    Returns:
+      [(name, recovery, drop_alone)] by recovery (accuracy gained by keeping the layer float) then drop
+      (accuracy lost by quantizing it alone), both descending, then by name.
+    """
+    rows = [(name, all_but[name] - quantized_accuracy, float_accuracy - alone[name]) for name in alone]
+    return sorted(rows, key=lambda row: (-row[1], -row[2], row[0]))
+
+
+def analyze(helper, settings, learner):
+    """--exec_mode analyze: accuracy with each layer alone quantized and with all but it; analysis.json.
+
+    Args:
+      helper: the run's ModelHelper (evaluation images, --eval_subset applied).
+      settings: parsed flags.
+      learner: the uniform or ptq learner whose latest checkpoint is analysed.
+    Returns:
+      the lines to print.
+    """
+    checkpoint = _latest(learner)
+    started = time.time()
+    try:
+        switched, saved, report_path = _open(helper, checkpoint)
+    except layer_switches.SwitchError as exc:
+        raise UserError("%s; the layer analysis cannot switch this model's quantizers" % exc) from None
+    chunk = settings.batch_size_eval
+    try:
+        images, labels = evaluation_arrays(helper)
+        everything = [record.name for record in switched.switches]
+        float_accuracy = switched.accuracy(images, labels, [], chunk)
+        quantized_accuracy = switched.accuracy(images, labels, everything, chunk)
+        # One entry per switch: layers sharing a quantizer (one weight read twice) are one target.
+        targets = []
+        for record in switched.switches:
+            if all(record.switch is not other.switch for other in targets):
+                targets.append(record)
+        alone, all_but = {}, {}
+        for record in targets:
+            # Nothing is written before the analysis ends, so it can stop between any two layers.
+            stopping.check("during the layer analysis", "nothing was written")
+            sharing = [r.name for r in switched.switches if r.switch is record.switch]
+            alone[record.name] = switched.accuracy(images, labels, sharing, chunk)
+            all_but[record.name] = switched.accuracy(images, labels, [n for n in everything if n not in sharing],
+                                                     chunk)
+    finally:
+        switched.close()
+    seconds = time.time() - started
+    by_name = {record.name: record for record in targets}
+    layers = []
+    for name, recovery, drop in rank_layers(float_accuracy, quantized_accuracy, alone, all_but):
+        record = by_name[name]
+        entry = {"name": name, "kind": record.kind, "bits": record.bits, "weight_variable": record.weight_variable,
+                 "accuracy_alone_quantized": alone[name], "accuracy_all_but_this_quantized": all_but[name],
+                 "drop_alone": fidelity.rounded(drop), "recovery_if_float": fidelity.rounded(recovery)}
+        entry["override"] = suggested_override(entry)
+        layers.append(entry)
+    result = {"checkpoint": os.path.relpath(checkpoint, os.path.dirname(report_path)), "examples": len(images),
+              "float_accuracy": float_accuracy, "quantized_accuracy": quantized_accuracy,
+              "seconds": fidelity.rounded(seconds), "layers": layers}
+    run_dir = os.path.dirname(report_path)
+    run_settings.write_json(os.path.join(run_dir, ANALYSIS_NAME), json.dumps(result, indent=2), "analysis file")
+    html = write_html(run_dir)
+    lines = ["%s analyze: %d layers on %d test images in %.1f s: float %.4f, quantized %.4f"
+             % (learner.name, len(layers), len(images), seconds, float_accuracy, quantized_accuracy)]
+    for rank, entry in enumerate(layers[:TOP_OFFENDERS], 1):
+        lines.append("  %d. %s (%s, %d bits): %.4f if kept float (%+.4f), %.4f if quantized alone; fix: %s"
+                     % (rank, entry["weight_variable"] or entry["name"], entry["kind"], entry["bits"],
+                        entry["accuracy_all_but_this_quantized"], entry["recovery_if_float"],
+                        entry["accuracy_alone_quantized"], entry["override"]))
+    if saved.allocation:
+        lines.append("  (this run's bits come from --uql_auto_bits, which refuses overrides: apply them to a run "
+                     "without it, or raise --uql_equivalent_bits)")
+    lines.append("analysis: %s" % os.path.join(run_dir, ANALYSIS_NAME))
+    lines.append("report: %s" % html)
+    return lines

@@ -1,0 +1,181 @@
+"""Per-layer on/off switches on the quantizers of a rewritten evaluation graph.
+
+After `quantize_graph`, every quantized weight and activation is a small subgraph (under the name scope
+`<op>/weight_quant` or `<tensor>/act_quant`) that reads a float tensor x and yields Q(x), which the layer's
+readers read. `insert_switches` finds each (x, Q(x)) pair and makes the readers read
+`where(switch, Q(x), x)` instead, with `switch` a boolean placeholder that defaults to True. One graph then
+computes the quantized network (every switch on), the float network (every switch off) and any mixture
+(one layer quantized, or every layer but one), which is what a layer-by-layer analysis needs; nothing else
+in the graph changes. The float tensor is found from the quantizer's own scope, so this works for every
+grid (min/max, symmetric, LSQ, PACT) without knowing how it is computed.
+"""
+import dataclasses
+import re
+from typing import List
+
+import tensorflow as tf
+
+from tfquant import rewrite
+from tfquant.ranges import RANGE_SCOPE_SUFFIX
+
+tf1 = tf.compat.v1
+WEIGHT_SCOPE = "weight_quant"
+SWITCH_SCOPE = "tfquant_switch"
+
+
+@dataclasses.dataclass
+class LayerSwitch:
+    """One quantized layer of the report and its switch.
+
+    name: the report's layer name; kind: 'weight' or 'activation'; weight_variable: for weights.
+    float_tensor: x, what the layer reads with its quantizer off; quantized_tensor: Q(x).
+    output: the tensor the layer's readers read now (Q(x) or x, by the switch).
+    layer_output: the weight op's output (weights) or `output` (activations): where the error a layer
+      passes on is measured.
+    switch: bool placeholder, default True (quantized).
+    """
+
+    name: str
+    kind: str
+    weight_variable: str
+    bits: int
+    float_tensor: tf.Tensor
+    quantized_tensor: tf.Tensor
+    output: tf.Tensor
+    layer_output: tf.Tensor
+    switch: tf.Tensor
+
+
+class SwitchError(ValueError):
+    """A quantized layer of the report has no quantizer this module can find in the graph."""
+
+
+def _scope_of(name, component):
+    """The name-scope prefix of `name` that ends with `component` (or component_N), or None."""
+    match = re.match(r"^(.*?/%s(?:_\d+)?)/" % re.escape(component), name)
+    return match.group(1) if match else None
+
+
+def _in_scope(op, scope):
+    return op.name.startswith(scope + "/")
+
+
+def _float_source(quantized, scope):
+    """The one float tensor from outside `scope` that the quantizer subgraph of `quantized` reads with its rank."""
+    rank = quantized.shape.rank
+    seen, frontier, sources = set(), [quantized.op], []
+    while frontier:
+        op = frontier.pop()
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        for tensor in list(op.inputs):
+            if _in_scope(tensor.op, scope):
+                frontier.append(tensor.op)
+            elif (tensor.dtype.is_floating and tensor.shape.rank == rank
+                  and tensor.shape.is_compatible_with(quantized.shape)
+                  and all(tensor is not known for known in sources)):
+                sources.append(tensor)
+    if len(sources) != 1:
+        raise SwitchError("quantizer %s reads %d float tensors of its rank from outside %s; expected exactly one"
+                          % (quantized.name, len(sources), scope))
+    return sources[0]
+
+
+def _activation_quantizer(graph, layer_name, ops_by_scope, unread):
+    """(x, Q(x)) of the activation quantizer the report names `layer_name`.
+
+    Q(x) is the one non-scalar tensor of the quantizer's scope that ops outside it read (its rerouted
+    readers), or, for a tensor nothing read when it was quantized (the logits), the one the report keeps.
+    """
+    base = "%s/%s" % (layer_name.replace(":", "/"), RANGE_SCOPE_SUFFIX)
+    for scope in [base] + ["%s_%d" % (base, i) for i in range(1, 4)]:
+        ops = ops_by_scope(scope)
+        if not ops:
+            continue
+        outputs = [t for op in ops for t in op.outputs if t.shape.rank != 0 and t.dtype.is_floating
+                   and any(not _in_scope(c, scope) for c in t.consumers())]
+        outputs += [t for t in unread if _in_scope(t.op, scope) and all(t is not o for o in outputs)]
+        if len(outputs) == 1:
+            return _float_source(outputs[0], scope), outputs[0]
+    raise SwitchError("activation %s: no quantizer found under %s; expected a graph rewritten by quantize_graph"
+                      % (layer_name, base))
+
+
+def insert_switches(graph, report, final_tensors=()):
+    """Give every quantized layer of `report` a switch (see the module docstring).
+
+    Args:
+      graph: an evaluation graph rewritten by quantize_graph (is_training=False).
+      report: its QuantReport.
+      final_tensors: tensors the caller will fetch (e.g. report.output(logits)); when one of them is a
+        quantized tensor nothing reads, its switched replacement is returned in its place.
+    Returns:
+      ([LayerSwitch] in report order, [final tensors after switching]).
+    Raises:
+      SwitchError: a quantized layer's quantizer cannot be found.
+    """
+    by_prefix = {}
+    operations = graph.get_operations()
+
+    def ops_by_scope(scope):
+        if scope not in by_prefix:
+            by_prefix[scope] = [op for op in operations if _in_scope(op, scope)]
+        return by_prefix[scope]
+
+    switches, done, finals = [], {}, list(final_tensors)
+    for layer in report.layers:
+        if not layer.quantized:
+            continue
+        if layer.kind == "weight":
+            op = graph.get_operation_by_name(layer.name)
+            quantized = op.inputs[layer.input_index]
+            scope = _scope_of(quantized.op.name + "/", WEIGHT_SCOPE)
+            if scope is None:
+                raise SwitchError("weight layer %s reads %s, which is not a weight quantizer's output"
+                                  % (layer.name, quantized.name))
+            source = _float_source(quantized, scope)
+            layer_output = op.outputs[0]
+        else:
+            source, quantized = _activation_quantizer(graph, layer.name, ops_by_scope,
+                                                      list(report.quantized_outputs.values()))
+            layer_output = None
+        if quantized.name in done:
+            # A weight variable read by several layers has one quantizer: the switch is the first layer's.
+            first = done[quantized.name]
+            switches.append(dataclasses.replace(first, name=layer.name, layer_output=layer_output
+                                                if layer_output is not None else first.output))
+            continue
+        consumers = list(quantized.consumers())
+        with graph.as_default(), graph.name_scope(None), graph.name_scope(SWITCH_SCOPE):
+            switch = tf1.placeholder_with_default(True, [], name="on")
+            output = tf.where(switch, quantized, source)
+        rewrite.reroute_consumers(quantized, output, consumers)
+        finals = [output if tensor is quantized else tensor for tensor in finals]
+        record = LayerSwitch(layer.name, layer.kind, layer.weight_variable, layer.bits, source, quantized, output,
+                             layer_output if layer_output is not None else output, switch)
+        done[quantized.name] = record
+        switches.append(record)
+    return switches, finals
+
+
+def switch_feed(switches, quantized_names):
+    """The feed that quantizes exactly the layers named in `quantized_names` (every other layer float).
+
+    Args:
+      switches: [LayerSwitch].
+      quantized_names: the names of the layers to keep quantized.
+    Returns:
+      {switch placeholder: bool}.
+    """
+    wanted = set(quantized_names)
+    feed = {}
+    for record in switches:
+        # A shared quantizer is on when any layer that reads it is wanted.
+        feed[record.switch] = feed.get(record.switch, False) or record.name in wanted
+    return feed
+
+
+def layer_names(switches: List[LayerSwitch]):
+    """The names of the switched layers, in report order."""
+    return [record.name for record in switches]
