@@ -144,6 +144,9 @@ def _build_model(graph, helper, is_train, quant_config, lrn_rate_fn, momentum, s
         # PACT's decay on its clip levels (tfquant puts it here).
         loss = loss + tf.add_n(regularization)
     extra = {}
+    if "top5_accuracy" in metrics:
+        # Models with many classes (ILSVRC-12) also report top-5; evaluate() averages it over the test set.
+        extra["top5_accuracy"] = metrics["top5_accuracy"]
     if is_train and distillation is not None:
         teacher_logits, extra["teacher_variables"] = build_teacher(helper, images)
         extra["distillation_loss"] = distillation_loss(logits, teacher_logits, *distillation)
@@ -296,21 +299,31 @@ def restore_variables(sess, variables, checkpoint_path):
 
 
 def evaluate(sess, model):
-    """Run the evaluation dataset once; returns (accuracy, loss, number of examples)."""
-    correct = total_loss = 0.0
+    """Run the evaluation dataset once; returns (accuracy, loss, number of examples).
+
+    A model whose metrics include top-5 accuracy gets its test-set value in model.extra['eval_top5_accuracy'].
+    """
+    correct = total_loss = correct_top5 = 0.0
     count = 0
+    fetches = [model.accuracy, model.loss, model.batch_count]
+    if "top5_accuracy" in model.extra:
+        fetches.append(model.extra["top5_accuracy"])
     sess.run(model.eval_init_op)
     while True:
         # Evaluation writes nothing before it ends, so it can stop between any two batches.
         stopping.check("during evaluation", "saved checkpoints are kept")
         try:
-            accuracy, loss, n = sess.run([model.accuracy, model.loss, model.batch_count])
+            values = sess.run(fetches)
         except tf.errors.OutOfRangeError:
             break
+        accuracy, loss, n = values[:3]
         stopping.pause_point("evaluation")
+        correct_top5 += float(values[3]) * n if len(values) > 3 else 0.0
         correct += float(accuracy) * n
         total_loss += float(loss) * n
         count += int(n)
     if count == 0:
         raise UserError("the evaluation dataset is empty; expected at least one test example")
+    if len(fetches) > 3:
+        model.extra["eval_top5_accuracy"] = correct_top5 / count
     return correct / count, total_loss / count, count
