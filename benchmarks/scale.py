@@ -102,7 +102,8 @@ def worker(args):
     for mode in modes:
         result = measure(helper, mode, args.warmup, args.steps)
         # Linux reports ru_maxrss in KiB.
-        result.update(model=args.worker_model, network=helper.model_name, peak_rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        result.update(model=args.worker_model, network=helper.model_name,
+                      peak_rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
@@ -220,8 +221,8 @@ def main(argv=None):
                 for result in run_worker(args, model, modes):
                     runs.append(result)
                     print("[scale] run %d %s (%s) %s: build %.2f s, quantize %.2f s, session %.2f s, step %.0f ms, "
-                          "peak %.0f MiB" % (repeat + 1, model, result["network"], result["mode"], result["build_s"],
-                                             result["quantize_s"], result["session_start_s"],
+                          "peak %.0f MiB" % (repeat + 1, model, result["network"], result["mode"],
+                                             result["build_s"], result["quantize_s"], result["session_start_s"],
                                              1000 * result["step_s"], result["peak_rss_kb"] / 1024.0), flush=True)
     summary, ratios = summarize(runs, quick)
     info = machine.machine_info(load=machine.end_load(quick))
