@@ -183,13 +183,17 @@ def _parse(record):
         'image/object/bbox/xmax': tf.io.VarLenFeature(tf.float32),
     })
     label = features['image/class/label']
-    # A record without a label fails here and is skipped like a corrupt JPEG.
-    check = tf.debugging.assert_greater(label, tf.constant(0, tf.int64), message='record without a label')
-    with tf.control_dependencies([check]):
-        label = tf.identity(label)
+    jpeg = features['image/encoded']
+    # A record without a label, or whose image does not start as a JPEG does (SOI marker), fails here and is
+    # skipped like any undecodable JPEG, before libjpeg would print its complaint on stderr.
+    checks = [tf.debugging.assert_greater(label, tf.constant(0, tf.int64), message='record without a label'),
+              tf.debugging.assert_equal(tf.strings.substr(jpeg, 0, 2), tf.constant(b'\xff\xd8'),
+                                        message='image/encoded is not a JPEG')]
+    with tf.control_dependencies(checks):
+        label, jpeg = tf.identity(label), tf.identity(jpeg)
     boxes = tf.stack([features['image/object/bbox/' + key].values for key in ('ymin', 'xmin', 'ymax', 'xmax')],
                      axis=1)
-    return features['image/encoded'], label, boxes
+    return jpeg, label, boxes
 
 
 def decode_train(record, image_size, seed):
