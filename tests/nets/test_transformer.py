@@ -97,3 +97,23 @@ def test_script_trains_a_few_steps_and_quantizes(tmp_path):
     start = tf.train.load_checkpoint(results["float_checkpoint"])
     name = "model/block0/attention/query/weights"
     assert not np.array_equal(reader.get_tensor(name), start.get_tensor(name))  # fine-tuning moved the weights
+
+
+def test_layer_outputs_quantize_the_attention_and_residual_activations():
+    """--uql_quantize_layer_outputs gives the Transformer activation quantization: every projection's output (what
+    the attention products, softmax and GELU read) and every residual sum (what each layer norm reads)."""
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf1.placeholder(tf.float32, [2, 28, 28, 1])
+        with tf1.variable_scope("model"):
+            transformer.forward_transformer(images, 10)
+        report = tfquant.quantize_graph(graph, tfquant.QuantConfig(weight_bits=4, activation_bits=8,
+                                                                   quantize_layer_outputs=True), is_training=True)
+    quantized = {layer.name for layer in report.activation_layers if layer.quantized and layer.bits == 8}
+    for block in range(2):
+        for part in ("attention/query", "attention/key", "attention/value", "attention/output", "mlp/fc1",
+                     "mlp/fc2"):
+            assert "model/block%d/%s/MatMul:output" % (block, part) in quantized
+        assert {"model/block%d/add" % block, "model/block%d/add_1" % block} <= quantized
+    assert "model/embed/MatMul:input" in quantized
+    assert not [layer for layer in report.activation_layers if not layer.quantized]
