@@ -184,9 +184,10 @@ def _parse(record):
     })
     label = features['image/class/label']
     jpeg = features['image/encoded']
-    # A record without a label, or whose image does not start as a JPEG does (SOI marker), fails here and is
+    # A record without a label in 1..1000, or whose image does not start as a JPEG does (SOI marker), fails here and is
     # skipped like any undecodable JPEG, before libjpeg would print its complaint on stderr.
     checks = [tf.debugging.assert_greater(label, tf.constant(0, tf.int64), message='record without a label'),
+              tf.debugging.assert_less_equal(label, tf.constant(NB_LABELS, tf.int64), message='label above 1000'),
               tf.debugging.assert_equal(tf.strings.substr(jpeg, 0, 2), tf.constant(b'\xff\xd8'),
                                         message='image/encoded is not a JPEG')]
     with tf.control_dependencies(checks):

@@ -155,3 +155,21 @@ def test_bad_directories_are_one_line_errors_naming_the_file(tmp_path, clean_rec
     (bad / "validation-00001-of-00002").write_bytes(struct.pack("<Q", 5)[:6])
     with pytest.raises(DataError, match="ends inside the header of record 0"):
         ilsvrc12.scan_ilsvrc12(str(bad))
+
+
+def test_later_records_without_features_or_with_bad_labels_are_skipped(tmp_path):
+    rng = np.random.default_rng(2)
+    jpeg = tf.io.encode_jpeg(rng.integers(0, 256, size=(20, 20, 3), dtype=np.uint8)).numpy()
+
+    def example(label, image=jpeg):
+        return make_ilsvrc12_records.make_example(tf, image, label, 20, 20, []).SerializeToString()
+    no_image = tf.train.Example(features=tf.train.Features(feature={
+        "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[3]))})).SerializeToString()
+    png = tf.io.encode_png(np.zeros((20, 20, 3), np.uint8)).numpy()
+    _write(str(tmp_path / "train-00000-of-00001"), [example(5)] * 4)
+    _write(str(tmp_path / "validation-00000-of-00001"),
+           [example(1), example(1500), no_image, example(0), example(9, png), example(1000)])
+    source = ilsvrc12.scan_ilsvrc12(str(tmp_path), SIZE)
+    batches = _run_all(lambda: source.eval_dataset(4, ilsvrc12.normalize))
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), [1, 1000])
+    assert source.skipped.by_file == {str(tmp_path / "validation-00000-of-00001"): 4}
