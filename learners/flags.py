@@ -42,7 +42,17 @@ def define_flags():
     flags.DEFINE_integer("summ_step", 100, "log progress and write summaries every this many iterations")
     flags.DEFINE_integer("save_step", None, "save a checkpoint every this many iterations (default: every epoch)")
     flags.DEFINE_float("save_secs", 600.0, "also save a checkpoint when this many seconds passed since the last")
-    flags.DEFINE_integer("resnet_size", 20, "ResNet depth: 20, 32, 44, 56 or 110")
+    flags.DEFINE_integer("resnet_size", 20, "ResNet depth: 20, 32, 44, 56 or 110 (CIFAR-style scripts); 18, 34, 50 "
+                         "or 101 (nets/resnet_at_ilsvrc12_run.py, default 18)")
+    # The ILSVRC-12 and Transformer scripts (PocketFlow's names where it had them).
+    flags.DEFINE_integer("mobilenet_version", 1, "MobileNet's version (1 or 2)")
+    flags.DEFINE_float("mobilenet_depth_mult", 1.0, "MobileNet's depth multiplier")
+    flags.DEFINE_float("batch_size_norm", None, "the learning rate is lrn_rate_init * batch_size / batch_size_norm "
+                       "(ILSVRC-12 scripts; default: the model's, ResNet 256, MobileNet 96)")
+    flags.DEFINE_integer("image_size", 224, "side of the square images an ILSVRC-12 model reads (crops are "
+                         "resized to it)")
+    flags.DEFINE_enum("transformer_tokens", "patches", ["patches", "rows"], "the Transformer's tokens: 4x4 "
+                      "patches (49 tokens) or image rows (28 tokens)")
     flags.DEFINE_string("data_dir_local", None, "data directory (default: the dataset's standard location)")
     flags.DEFINE_integer("uql_weight_bits", 4, "weight bits (1..16, 32 = float)")
     flags.DEFINE_integer("uql_activation_bits", 32, "activation bits (1..16, 32 = float)")
@@ -135,6 +145,21 @@ def define_flags():
                          "its codes with the fidelity (about 1.5 KB per weight layer)")
 
 
+# PocketFlow's defaults of a run script where they differ from the shared ones (its ILSVRC-12 data set sets batch
+# sizes 64 and 100; its ILSVRC-12 ResNet is ResNet-18); MobileNet's depthwise layers get one range per channel.
+SCRIPT_DEFAULTS = {
+    "resnet_at_ilsvrc12": {"batch_size": 64, "batch_size_eval": 100, "resnet_size": 18},
+    "mobilenet_at_ilsvrc12": {"batch_size": 64, "batch_size_eval": 100, "uql_use_buckets": True},
+}
+
+
+def use_script_defaults(script):
+    """Define the flags and set the defaults of run script `script` (nets/<script>_run.py), before parsing."""
+    define_flags()
+    for name, value in SCRIPT_DEFAULTS.get(script, {}).items():
+        FLAGS.set_default(name, value)
+
+
 def _positive(name, minimum=1):
     value = getattr(FLAGS, name)
     if value is not None and value < minimum:
@@ -170,13 +195,13 @@ def validate_flags():
     _finite_floats()
     for name in ("batch_size", "batch_size_eval", "summ_step", "save_step", "nb_workers"):
         _positive(name)
-    for name in ("train_subset", "eval_subset", "uql_calib_batches", "uql_analysis_batches"):
+    for name in ("train_subset", "eval_subset", "uql_calib_batches", "uql_analysis_batches", "image_size"):
         _positive(name)
     if not 0 < FLAGS.uql_calib_percentile <= 100:
         raise UserError("--uql_calib_percentile=%s is not valid; expected a number in (0, 100]"
                         % FLAGS.uql_calib_percentile)
     for name in ("lrn_rate_init", "uql_lrn_rate_init", "nb_epochs_rat", "uql_quant_epochs", "save_secs",
-                 "collective_timeout_secs"):
+                 "collective_timeout_secs", "batch_size_norm", "mobilenet_depth_mult"):
         if getattr(FLAGS, name) is not None and not getattr(FLAGS, name) > 0:
             raise UserError("--%s=%s is not valid; expected a positive number" % (name, getattr(FLAGS, name)))
     for name in ("momentum", "loss_w_dcy"):

@@ -129,8 +129,14 @@ def evaluate_checkpoint(helper, checkpoint, log_dir, quant_config=None, check_re
         accuracy, loss, count = graphs.evaluate(sess, model, "checkpoint %s" % checkpoint)
         step = int(checkpoint.rsplit("-", 1)[1]) if checkpoint.rsplit("-", 1)[-1].isdigit() else 0
         writer = summaries.SummaryWriter(log_dir)
-        summary = tf1.Summary(value=[tf1.Summary.Value(tag="eval/accuracy", simple_value=accuracy),
-                                     tf1.Summary.Value(tag="eval/loss", simple_value=loss)])
+        values = [tf1.Summary.Value(tag="eval/accuracy", simple_value=accuracy),
+                  tf1.Summary.Value(tag="eval/loss", simple_value=loss)]
+        top5 = model.extra.get("eval_top5_accuracy")
+        if top5 is not None:
+            values.append(tf1.Summary.Value(tag="eval/top5_accuracy", simple_value=top5))
+            training.log("evaluation of %s: top-1 accuracy %.4f | top-5 accuracy %.4f | %d test images"
+                         % (checkpoint, accuracy, top5, count))
+        summary = tf1.Summary(value=values)
         writer.add_summary(summary, step)
         writer.close()
     if writer.failure is not None:

@@ -145,6 +145,9 @@ def _build_model(graph, helper, is_train, quant_config, lrn_rate_fn, momentum, s
         # PACT's decay on its clip levels (tfquant puts it here).
         loss = loss + tf.add_n(regularization)
     extra = {}
+    if "top5_accuracy" in metrics:
+        # Models with many classes (ILSVRC-12) also report top-5; evaluate() averages it over the test set.
+        extra["top5_accuracy"] = metrics["top5_accuracy"]
     if is_train and distillation is not None:
         teacher_logits, extra["teacher_variables"] = build_teacher(helper, images)
         extra["distillation_loss"] = distillation_loss(logits, teacher_logits, *distillation)
@@ -309,13 +312,16 @@ def evaluate(sess, model, what="the model"):
     """Run the evaluation dataset once; returns (accuracy, loss, number of examples).
 
     Raises NonFiniteLogits (naming how many test images) when any logit is NaN or Inf: an argmax over them
-    would still give a class, and an accuracy scored from it would look like a result.
+    would still give a class, and an accuracy scored from it would look like a result. A model whose metrics
+    include top-5 accuracy gets its test-set value in model.extra['eval_top5_accuracy'].
     """
-    correct = total_loss = 0.0
+    correct = total_loss = correct_top5 = 0.0
     count = nonfinite = 0
-    fetches = [model.accuracy, model.loss, model.batch_count]
+    fetches = {"metrics": [model.accuracy, model.loss, model.batch_count]}
     if "nonfinite_images" in model.extra:
-        fetches.append(model.extra["nonfinite_images"])
+        fetches["nonfinite"] = model.extra["nonfinite_images"]
+    if "top5_accuracy" in model.extra:
+        fetches["top5"] = model.extra["top5_accuracy"]
     sess.run(model.eval_init_op)
     while True:
         # Evaluation writes nothing before it ends, so it can stop between any two batches.
@@ -324,16 +330,19 @@ def evaluate(sess, model, what="the model"):
             values = sess.run(fetches)
         except tf.errors.OutOfRangeError:
             break
-        accuracy, loss, n = values[:3]
+        accuracy, loss, n = values["metrics"]
         stopping.pause_point("evaluation")
+        correct_top5 += float(values["top5"]) * n if "top5" in values else 0.0
         correct += float(accuracy) * n
         total_loss += float(loss) * n
         count += int(n)
-        nonfinite += int(values[3]) if len(values) > 3 else 0
+        nonfinite += int(values.get("nonfinite", 0))
     if count == 0:
         raise UserError("the evaluation dataset is empty; expected at least one test example")
     if nonfinite:
         raise NonFiniteLogits("%s gives NaN or infinite logits for %d of %d test images, so no accuracy is "
                               "reported; expected finite outputs (check the test data and the checkpoint)"
                               % (what, nonfinite, count))
+    if "top5" in fetches:
+        model.extra["eval_top5_accuracy"] = correct_top5 / count
     return correct / count, total_loss / count, count

@@ -7,17 +7,43 @@ from absl import flags
 from learners.errors import UserError
 from nets.errors import DataError
 
-MODELS = ("resnet_at_cifar10", "resnet_at_fmnist", "convnet_at_fmnist")
+MODELS = ("resnet_at_cifar10", "resnet_at_fmnist", "convnet_at_fmnist", "resnet_at_ilsvrc12", "mobilenet_at_ilsvrc12",
+          "transformer_at_fmnist")
+# Models whose data set has no default location (the flag names the directory of their files).
+_DATA_DIR_REQUIRED = {
+    "resnet_at_cifar10": "the directory of CIFAR-10's binary release (data_batch_1.bin ... data_batch_5.bin, "
+                         "test_batch.bin)",
+    "resnet_at_ilsvrc12": "the directory of ILSVRC-12 TFRecords (train-*-of-*, validation-*-of-*)",
+    "mobilenet_at_ilsvrc12": "the directory of ILSVRC-12 TFRecords (train-*-of-*, validation-*-of-*)",
+}
+# Flags only some run scripts read: {flag: (the models that read it, what to use instead)}.
+_SCRIPT_FLAGS = {
+    "resnet_size": (("resnet_at_cifar10", "resnet_at_fmnist", "resnet_at_ilsvrc12"), "a ResNet run script"),
+    "mobilenet_version": (("mobilenet_at_ilsvrc12",), "nets/mobilenet_at_ilsvrc12_run.py"),
+    "mobilenet_depth_mult": (("mobilenet_at_ilsvrc12",), "nets/mobilenet_at_ilsvrc12_run.py"),
+    "image_size": (("resnet_at_ilsvrc12", "mobilenet_at_ilsvrc12"), "an ILSVRC-12 run script"),
+    "batch_size_norm": (("resnet_at_ilsvrc12", "mobilenet_at_ilsvrc12"), "an ILSVRC-12 run script"),
+    "transformer_tokens": (("transformer_at_fmnist",), "nets/transformer_at_fmnist_run.py"),
+}
+# The model-specific flags each model's ModelHelper takes.
+_MODEL_FLAGS = {
+    "resnet_at_cifar10": ("resnet_size",), "resnet_at_fmnist": ("resnet_size",),
+    "resnet_at_ilsvrc12": ("resnet_size", "image_size", "batch_size_norm"),
+    "mobilenet_at_ilsvrc12": ("mobilenet_version", "mobilenet_depth_mult", "image_size", "batch_size_norm"),
+    "transformer_at_fmnist": ("transformer_tokens",),
+}
 
 
-def helper_kwargs(settings, with_resnet_size):
-    """The ModelHelper constructor arguments the flags give."""
+def helper_kwargs(settings, with_resnet_size, model_flags=()):
+    """The ModelHelper constructor arguments the flags give (model_flags: the model's own flags, by name)."""
     kwargs = dict(data_dir=settings.data_dir_local, batch_size=settings.batch_size,
                   batch_size_eval=settings.batch_size_eval, lrn_rate_init=settings.lrn_rate_init,
                   momentum=settings.momentum, loss_w_dcy=settings.loss_w_dcy, nb_epochs_rat=settings.nb_epochs_rat,
                   train_subset=settings.train_subset, eval_subset=settings.eval_subset, seed=settings.seed)
     if with_resnet_size:
         kwargs["resnet_size"] = settings.resnet_size
+    for name in model_flags:
+        kwargs[name] = getattr(settings, name)
     # Unset flags leave the model's own defaults (the ConvNet and ResNets differ in rate and decay).
     return {name: value for name, value in kwargs.items() if value is not None or name == "data_dir"}
 
@@ -29,12 +55,11 @@ def make_helper_for(model):
 
     def make(settings):
         _refuse_flags_of_other_scripts(settings, model)
-        if model == "resnet_at_cifar10" and settings.data_dir_local is None:
-            raise UserError("--data_dir_local is not set; expected the directory of CIFAR-10's binary release "
-                            "(data_batch_1.bin ... data_batch_5.bin, test_batch.bin)")
+        if model in _DATA_DIR_REQUIRED and settings.data_dir_local is None:
+            raise UserError("--data_dir_local is not set; expected %s" % _DATA_DIR_REQUIRED[model])
         module = importlib.import_module("nets." + model)
         try:
-            return module.ModelHelper(**helper_kwargs(settings, model.startswith("resnet")))
+            return module.ModelHelper(**helper_kwargs(settings, False, _MODEL_FLAGS.get(model, ())))
         except DataError:
             raise
         except ValueError as exc:
@@ -48,20 +73,22 @@ KERAS_FLAGS = (("keras_model", None), ("keras_unsafe", False), ("data_npz", None
 
 
 def _refuse_flags_of_other_scripts(settings, model):
-    """A built-in model's run script would ignore the Keras script's flags (and a ConvNet --resnet_size)."""
+    """A built-in model's run script would ignore the Keras script's flags and other models' flags."""
     for name, unset in KERAS_FLAGS:
         if getattr(settings, name) != unset:
             raise UserError("--%s=%s has no effect with the %s run script; expected nets/keras_model_run.py for "
                             "a Keras model, or the flag left out" % (name, getattr(settings, name), model))
-    if not model.startswith("resnet"):
-        _refuse_resnet_size(settings, "the %s run script" % model)
+    _refuse_script_flags(settings, model, "the %s run script" % model)
 
 
-def _refuse_resnet_size(settings, script):
-    # Only parsed flags know whether the command line set --resnet_size (its default is a valid depth).
-    if isinstance(settings, flags.FlagValues) and settings["resnet_size"].present:
-        raise UserError("--resnet_size=%s has no effect with %s; expected a ResNet run script, or the flag left "
-                        "out" % (settings.resnet_size, script))
+def _refuse_script_flags(settings, model, script):
+    # Only parsed flags know whether the command line set a flag (their defaults are valid values).
+    if not isinstance(settings, flags.FlagValues):
+        return
+    for name, (models, instead) in _SCRIPT_FLAGS.items():
+        if model not in models and name in settings and settings[name].present:
+            raise UserError("--%s=%s has no effect with %s; expected %s, or the flag left out"
+                            % (name, getattr(settings, name), script, instead))
 
 
 def write_file_float_checkpoint(helper, settings):
@@ -106,7 +133,7 @@ def make_keras_helper(settings):
     from learners import training  # pylint: disable=import-outside-toplevel
     from nets import keras_model  # pylint: disable=import-outside-toplevel  (needs tf_keras)
 
-    _refuse_resnet_size(settings, "nets/keras_model_run.py")
+    _refuse_script_flags(settings, "keras_model", "nets/keras_model_run.py")
     if settings.keras_model is None:
         raise UserError("--keras_model is not set; expected a .h5 or .keras file or a SavedModel directory")
     if (settings.data_npz is None) == (settings.dataset is None):

@@ -1,0 +1,14 @@
+"""Run script: ResNet-18/34/50/101 on ILSVRC-12 TFRecords. Usage: ./run_local.sh nets/resnet_at_ilsvrc12_run.py --data_dir_local DIR [flags]"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from learners import flags as learner_flags  # noqa: E402
+from learners import runner  # noqa: E402
+from learners.helper_factory import make_helper_for  # noqa: E402
+
+if __name__ == "__main__":
+    learner_flags.use_script_defaults("resnet_at_ilsvrc12")
+    runner.run(make_helper_for("resnet_at_ilsvrc12"))

@@ -1,0 +1,12 @@
+"""Run script: a Transformer encoder on Fashion-MNIST. Usage: ./run_local.sh nets/transformer_at_fmnist_run.py --learner uniform [flags]"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from learners import runner  # noqa: E402
+from learners.helper_factory import make_helper_for  # noqa: E402
+
+if __name__ == "__main__":
+    runner.run(make_helper_for("transformer_at_fmnist"))
