@@ -8,6 +8,7 @@ statistics, an affine layer whose scale and offset train). Loading uses Keras's 
 an unknown custom object is refused.
 """
 import os
+import re
 
 import tensorflow as tf
 
@@ -35,10 +36,11 @@ def load_keras3_model(path):
             raise fail("Keras 3 model %s holds a Lambda layer, whose Python code would run on loading; expected a "
                        "model without Lambda layers (export it with model.export(dir) and pass that SavedModel)"
                        % path) from None
-        if "Could not locate" in message or "custom" in message.lower():
+        unknown = re.search(r"Could not locate (?:class|function) '([^']+)'", message)
+        if unknown or "custom" in message.lower():
             raise fail("Keras 3 model %s uses a custom object Keras cannot rebuild here (%s); expected built-in "
                        "layers only (or export it with model.export(dir) and pass that SavedModel)"
-                       % (path, message[:160])) from None
+                       % (path, unknown.group(1) if unknown else message[:160])) from None
         raise fail("Keras 3 model %s cannot be loaded (%s); expected a file written by Keras 3's model.save"
                    % (path, message[:200] or type(exc).__name__)) from None
     if len(model.inputs) != 1 or len(model.outputs) != 1:
