@@ -177,6 +177,12 @@ def make_model_file_helper(settings):
     elif settings.keras_unsafe:
         raise UserError("--keras_unsafe has no effect for the model %s (%s); Lambda layers load only from tf_keras "
                         "files" % (settings.model, kind))
+    if kind != "tf_keras" and settings.uql_fold_batch_norms:
+        # The file froze its batch norms: Keras 3's x * gamma * rsqrt(var + eps) + ... and a conv's bias between
+        # it and the batch norm are forms tfquant's folding pass does not match, so nothing would be folded.
+        raise UserError("--uql_fold_batch_norms is not valid for the %s model %s: its batch norms are frozen affine "
+                        "layers (trained as such) that the folding pass does not match; expected the flag left out"
+                        % (kind, settings.model))
     if settings.save_model:
         saving.check_save_path(settings.save_model, kind, settings.uql_fold_batch_norms)
     kwargs = helper_kwargs(settings, False)

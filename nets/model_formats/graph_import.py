@@ -39,6 +39,7 @@ class Parameter:
     name: str
     value: np.ndarray
     trainable: bool
+    source_const: str = ""  # the file's Const this one was reshaped from ('' when none)
 
 
 @dataclasses.dataclass
@@ -117,6 +118,50 @@ def _needed_by(graph_def, output_op, path, output_name):
     return pruned
 
 
+def _fold_weight_reshapes(graph_def, nodes, variables):
+    """Replace Reshape(weight Const, shape Const) feeding a weight op by the reshaped Const (Keras 3's EinsumDense
+    reshapes its kernel for a BatchMatMul), so the op reads a variable directly and tfquant quantizes it.
+
+    Args:
+      graph_def: edited in place; nodes: its nodes by name; variables: {Const: (name, trainable)} of the file or
+        None, updated to name the new Consts.
+    Returns:
+      {new Const name: the Const it was reshaped from}.
+    """
+    readers = {}
+    for node in graph_def.node:
+        for name in node.input:
+            readers.setdefault(_node_of(name), []).append(node.name)
+    done = {}
+    for node in list(graph_def.node):
+        if node.op not in _WEIGHT_OPS:
+            continue
+        for name in node.input[:2]:
+            reshape = _strip_identities(nodes, name)
+            if reshape is None or reshape.op != "Reshape" or reshape.name in done:
+                continue
+            source, shape = (_strip_identities(nodes, reshape.input[i]) for i in (0, 1))
+            if not _is_float_const(source) or shape is None or shape.op != "Const" \
+                    or (variables is not None and source.name not in variables) \
+                    or len(readers.get(source.name, [])) != 1:
+                continue
+            value = tensor_util.MakeNdarray(source.attr["value"].tensor)
+            try:
+                value = value.reshape(tensor_util.MakeNdarray(shape.attr["value"].tensor))
+            except ValueError:
+                continue
+            dtype = reshape.attr["T"].type
+            reshape.op = "Const"
+            del reshape.input[:]
+            reshape.attr.clear()
+            reshape.attr["dtype"].type = dtype
+            reshape.attr["value"].tensor.CopyFrom(tensor_util.make_tensor_proto(value))
+            done[reshape.name] = source.name
+            if variables is not None:
+                variables[reshape.name] = variables.pop(source.name)
+    return done
+
+
 def prepare(file_graph):
     """Check the file's graph and split its parameters from it.
 
@@ -149,16 +194,22 @@ def prepare(file_graph):
                 _is_float_const(_strip_identities(nodes, name)) for name in node.input):
             raise fail("model %s holds op %s of type %s whose weight tfquant cannot quantize; expected Conv2D, "
                        "DepthwiseConv2dNative, MatMul or BatchMatMulV2 layers" % (path, node.name, node.op))
-    if file_graph.variables is not None:
-        chosen = {name: trainable for name, (_, trainable) in file_graph.variables.items() if name in nodes}
-        names = {name: file_graph.variables[name][0] for name in chosen}
+    variables = dict(file_graph.variables) if file_graph.variables is not None else None
+    reshaped = _fold_weight_reshapes(graph_def, nodes, variables)
+    if reshaped:
+        graph_def = _needed_by(graph_def, output_op, path, file_graph.output_name)
+        nodes = {node.name: node for node in graph_def.node}
+    if variables is not None:
+        chosen = {name: trainable for name, (_, trainable) in variables.items() if name in nodes}
+        names = {name: variables[name][0] for name in chosen}
     else:
         chosen = _frozen_graph_parameters(nodes)
-        names = {name: variable_name(name) for name in chosen}
+        names = {name: variable_name(reshaped.get(name, name)) for name in chosen}
     parameters = {}
     for const_name, trainable in chosen.items():
         value = tensor_util.MakeNdarray(nodes[const_name].attr["value"].tensor)
-        parameters[const_name] = Parameter(const_name, names[const_name], value, trainable)
+        parameters[const_name] = Parameter(const_name, names[const_name], value, trainable,
+                                           reshaped.get(const_name, ""))
     kept = [node for node in graph_def.node if node.name not in parameters and node.name != input_op]
     del graph_def.node[:]
     graph_def.node.extend(kept)
@@ -171,13 +222,13 @@ def prepare(file_graph):
                          parameters)
 
 
-def _initial_value_creator(values):
-    """Variable creator giving a variable named in `values` (name without scope) the file's value."""
+def _initial_value_creator(values, scope_prefix):
+    """Variable creator giving a variable named in `values` (its name below `scope_prefix`) the file's value."""
     def creator(next_creator, **kwargs):
         name = str(kwargs.get("name"))
         scope = tf1.get_default_graph().get_name_scope()
         full = "%s/%s" % (scope, name) if scope else name
-        key = full.split("/", 1)[1] if "/" in full else full
+        key = full[len(scope_prefix):] if full.startswith(scope_prefix) else full
         if key in values:
             kwargs["initial_value"] = values[key]
         return next_creator(**kwargs)
@@ -192,7 +243,8 @@ def import_graph(prepared, inputs, scope_name="graph"):
     """
     values = {parameter.name: parameter.value for parameter in prepared.parameters.values()}
     input_map = {prepared.input_name: inputs}
-    with tf.variable_creator_scope(_initial_value_creator(values)):
+    scope = tf1.get_variable_scope().name
+    with tf.variable_creator_scope(_initial_value_creator(values, scope + "/" if scope else "")):
         for parameter in prepared.parameters.values():
             variable = tf1.get_variable(parameter.name, shape=parameter.value.shape,
                                         dtype=tf.as_dtype(parameter.value.dtype),

@@ -125,9 +125,10 @@ def save_keras(weights, helper, path):
     """The Keras model (Keras 3 or tf_keras) with the exported weights, saved atomically."""
     if helper.kind == "keras3":
         targets = {}
-        for const_name, keras_weight in helper.file_graph.save_info["weights"].items():
-            parameter = helper.prepared.parameters.get(const_name)
-            if parameter is not None:
+        keras_weights = helper.file_graph.save_info["weights"]
+        for parameter in helper.prepared.parameters.values():
+            keras_weight = keras_weights.get(parameter.source_const or parameter.const_name)
+            if keras_weight is not None:
                 targets["%s/%s" % (MODEL_SCOPE, parameter.name)] = keras_weight
         model = helper.file_graph.save_info["keras_model"]
     else:
@@ -139,7 +140,8 @@ def save_keras(weights, helper, path):
         raise ModelFileError("the run's weights lack %s; expected the checkpoint of this model" % missing[0])
     with tf.init_scope():
         for name, keras_weight in targets.items():
-            keras_weight.assign(np.asarray(weights[name], dtype=np.float32))
+            # A kernel the graph reads reshaped (EinsumDense) goes back in the layer's own shape.
+            keras_weight.assign(np.asarray(weights[name], dtype=np.float32).reshape(keras_weight.shape))
         base, suffix = os.path.splitext(path)
         temporary = "%s.tmp-%d%s" % (base, os.getpid(), suffix)
         model.save(temporary)

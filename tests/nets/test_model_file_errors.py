@@ -106,6 +106,7 @@ def refusal(directory, model, **overrides):
     ("loop_sm", {}, ["loop_sm", "control flow", "tfquant cannot rewrite"]),
     ("module_sm", {"keras_unsafe": True}, ["--keras_unsafe", "module_sm"]),
     ("frozen.pb", {"save_model": "out.keras"}, ["--save_model=out.keras", "expected a path ending in .pb"]),
+    ("frozen.pb", {"uql_fold_batch_norms": True}, ["--uql_fold_batch_norms", "frozen.pb", "frozen affine"]),
 ])
 def test_refusals_are_one_line(bad, model, overrides, fragments):
     if "data_npz" in overrides:
