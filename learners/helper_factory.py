@@ -99,7 +99,7 @@ def write_file_float_checkpoint(helper, settings):
         sess.run(init_op)
         sess.run(set_step)
         path = saver.save(sess, save_path, global_step=nb_iters, write_meta_graph=False)
-    training.log("float model: the weights of the Keras file, saved as %s" % path)
+    training.log("float model: the weights of the model file, saved as %s" % path)
     return path
 
 

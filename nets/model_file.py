@@ -7,6 +7,7 @@ The network is the file's inference pass: batch norms use the file's moving stat
 offset train (a frozen affine layer; --uql_fold_batch_norms folds them into the weights where tfquant's
 folding pass matches them), and dropout is off.
 """
+import hashlib
 import os
 
 import tensorflow as tf
@@ -33,6 +34,9 @@ class ModelFileHelper(keras_model.KerasModelHelper):
         """
         self.kind, self.signature, self.input_name, self.output_name = kind, signature, input_name, output_name
         super().__init__(keras_model=model, **kwargs)
+        # Another signature or tensor of the same file is another model: a rerun must not resume this one's runs.
+        chosen = "%s|%s|%s|%s" % (self.input_digests[self.digest_key], signature, input_name, output_name)
+        self.input_digests[self.digest_key] = hashlib.sha256(chosen.encode("utf-8")).hexdigest()
 
     @property
     def model_kind(self):

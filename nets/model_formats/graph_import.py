@@ -51,6 +51,7 @@ class PreparedGraph:
     logits_name: str
     output_is_softmax: bool
     parameters: Dict[str, Parameter]
+    path: str = ""
 
 
 def _node_of(name):
@@ -168,8 +169,21 @@ def prepare(file_graph):
     Returns:
       a PreparedGraph.
     Raises:
-      ModelFileError naming the file: ops the rewriter cannot see into or quantize, a missing output.
+      ModelFileError naming the file: ops the rewriter cannot see into or quantize, a missing output, a damaged
+      graph (any attribute or tensor that does not parse).
     """
+    try:
+        return _prepare(file_graph)
+    except ModelFileError:
+        raise
+    except Exception as exc:  # pylint: disable=broad-except  (a damaged file can break any read of its protos)
+        raise ModelFileError("model %s: its graph is damaged (%s: %s); expected the file as TensorFlow wrote it"
+                             % (file_graph.path, type(exc).__name__, " ".join(str(exc).split())[:160]),
+                             path=file_graph.path) from None
+
+
+def _prepare(file_graph):
+    """prepare() without the catch-all for damaged files."""
     path = file_graph.path
     fail = ModelFileError.for_path(path)
     output_op = _node_of(file_graph.output_name)
@@ -219,7 +233,7 @@ def prepare(file_graph):
         # A softmax head gives probabilities; the loss and the quantizer want the scores before it.
         logits, softmax = output_node.input[0], True
     return PreparedGraph(graph_def, file_graph.input_name, logits if ":" in logits else logits + ":0", softmax,
-                         parameters)
+                         parameters, path)
 
 
 def _initial_value_creator(values, scope_prefix):
@@ -253,9 +267,10 @@ def import_graph(prepared, inputs, scope_name="graph"):
     try:
         (logits,) = tf1.import_graph_def(prepared.graph_def, input_map=input_map,
                                          return_elements=[prepared.logits_name], name=scope_name)
-    except ValueError as exc:
-        raise ModelFileError("the model's graph cannot be imported (%s); expected a graph of TensorFlow %s ops"
-                             % (" ".join(str(exc).split())[:200], tf.__version__)) from None
+    except Exception as exc:  # pylint: disable=broad-except  (a damaged graph fails the importer in many ways)
+        raise ModelFileError("model %s: its graph cannot be imported (%s); expected a valid graph of TensorFlow %s "
+                             "ops" % (prepared.path, " ".join(str(exc).split())[:200], tf.__version__),
+                             path=prepared.path) from None
     return logits
 
 

@@ -1,8 +1,13 @@
 """Model files of every format nets/model_file_run.py reads, written by plain Keras 3 / TensorFlow code, and
 the helpers the model-file tests share."""
+import atexit
+import functools
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -31,18 +36,19 @@ def make_keras3_models(directory, x_train, y_train):
     import keras  # Keras 3: `import keras` is Keras 3 whatever TF_USE_LEGACY_KERAS says
     keras.utils.set_random_seed(0)
     inputs = keras.Input((8, 8, 2))
-    x = keras.layers.Conv2D(8, 3, padding="same")(inputs)
-    x = keras.layers.BatchNormalization(momentum=0.9)(x)
+    # Layer names given: Keras numbers unnamed layers by how many were built before in the process.
+    x = keras.layers.Conv2D(8, 3, padding="same", name="conv")(inputs)
+    x = keras.layers.BatchNormalization(momentum=0.9, name="bn")(x)
     x = keras.layers.ReLU()(x)
-    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv_2")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
-    conv_bn = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+    conv_bn = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="fc")(x))
     inputs = keras.Input((8, 8, 2))
-    x = keras.layers.Conv2D(8, 1, activation="relu")(inputs)
-    x = keras.layers.DepthwiseConv2D(3, padding="same", activation="relu")(x)
-    x = keras.layers.Conv2D(8, 1, activation="relu")(x)
+    x = keras.layers.Conv2D(8, 1, activation="relu", name="expand")(inputs)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", activation="relu", name="depthwise")(x)
+    x = keras.layers.Conv2D(8, 1, activation="relu", name="project")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
-    depthwise = keras.Model(inputs, keras.layers.Dense(3)(x))
+    depthwise = keras.Model(inputs, keras.layers.Dense(3, name="fc")(x))
     for model, loss in ((conv_bn, "sparse_categorical_crossentropy"),
                         (depthwise, keras.losses.SparseCategoricalCrossentropy(from_logits=True))):
         model.compile(keras.optimizers.Adam(0.01), loss)
@@ -99,6 +105,36 @@ def make_frozen_graph(directory, source):
         tf.nn.softmax(logits, name="probabilities")
     with open(os.path.join(directory, "frozen.pb"), "wb") as handle:
         handle.write(graph.as_graph_def().SerializeToString())
+
+
+def make_attention_model(directory):
+    """A Keras 3 file with MultiHeadAttention (EinsumDense projections) and LayerNormalization."""
+    import keras
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((8, 8, 2))
+    x = keras.layers.Dense(8, name="embed")(keras.layers.Reshape((16, 8))(inputs))
+    x = keras.layers.LayerNormalization(name="norm")(x + keras.layers.MultiHeadAttention(2, 4, name="mha")(x, x))
+    attention = keras.Model(inputs, keras.layers.Dense(3, name="fc")(keras.layers.GlobalAveragePooling1D()(x)))
+    attention.save(os.path.join(directory, "attention.keras"))
+    return attention
+
+
+@functools.lru_cache(maxsize=None)
+def shared_files():
+    """Every model file, built once per process (building trains two small Keras models) in a temporary directory.
+
+    Returns:
+      dict: dir (pathlib.Path), x_test, y_test, keras_predictions (k3.keras on x_test), attention (the model).
+    """
+    directory = tempfile.mkdtemp(prefix="tfq_model_files_")
+    atexit.register(shutil.rmtree, directory, True)
+    x_train, y_train, x_test, y_test = make_data(directory)
+    source = make_keras3_models(directory, x_train, y_train)
+    make_module_saved_model(directory, source)
+    make_frozen_graph(directory, source)
+    attention = make_attention_model(directory)
+    return {"dir": pathlib.Path(directory), "x_test": x_test, "y_test": y_test,
+            "keras_predictions": source.predict(x_test, verbose=0), "attention": attention}
 
 
 def run_graph_def(graph_def, input_name, output_name, images):

@@ -13,14 +13,8 @@ from tests.nets import model_file_fixtures as fx
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("model_files")
-    x_train, y_train, x_test, y_test = fx.make_data(str(directory))
-    source = fx.make_keras3_models(str(directory), x_train, y_train)
-    fx.make_module_saved_model(str(directory), source)
-    fx.make_frozen_graph(str(directory), source)
-    return {"dir": directory, "x_test": x_test, "y_test": y_test,
-            "keras_predictions": source.predict(x_test, verbose=0)}
+def files():
+    return fx.shared_files()
 
 
 def printed(pattern, text):
@@ -50,19 +44,18 @@ def test_keras3_file_uniform_w4a8_trains_saves_and_exports(files, tmp_path):
     # Every conv / dense weight, the biases and the batch-norm scale and offset became trainable variables.
     report = json.load(open(tmp_path / "models_uql" / "quant_report.json"))
     quantized = {layer["weight_variable"] for layer in weight_layers(report) if layer["status"] == "quantized"}
-    assert quantized == {"model/conv2d/kernel", "model/conv2d_1/kernel", "model/dense/kernel"}
+    assert quantized == {"model/conv/kernel", "model/conv_2/kernel", "model/fc/kernel"}
     reader = tf.train.load_checkpoint(str(tmp_path / "models_uql"))
-    assert {"model/batch_normalization/gamma", "model/batch_normalization/moving_variance",
-            "model/conv2d/bias"} <= set(reader.get_variable_to_shape_map())
+    assert {"model/bn/gamma", "model/bn/moving_variance", "model/conv/bias"} <= set(reader.get_variable_to_shape_map())
     quant_accuracy = printed(r"quantized accuracy:\s+([\d.]+)", out)
     assert quant_accuracy >= keras_accuracy - 0.05
 
     import keras
     reloaded = keras.saving.load_model(str(tmp_path / "tuned.keras"))
-    kernel = reloaded.get_layer("conv2d_1").kernel.numpy()
+    kernel = reloaded.get_layer("conv_2").kernel.numpy()
     assert len(np.unique(kernel)) <= 16  # on the 4-bit grid
     assert not np.allclose(kernel, keras.saving.load_model(str(files["dir"] / "k3.keras"))
-                           .get_layer("conv2d_1").kernel.numpy())  # fine-tuned
+                           .get_layer("conv_2").kernel.numpy())  # fine-tuned
     reference = fx.quantized_checkpoint_logits(str(tmp_path / "models_uql"), files["x_test"])
     agreement = np.mean(top1(reloaded.predict(files["x_test"], verbose=0)) == top1(reference))
     assert agreement >= 0.995, agreement  # activations float in a Keras file: 1 of 200 may flip
@@ -93,7 +86,7 @@ def test_module_saved_model_ptq_saves_the_same_signature(files, tmp_path):
     assert np.mean(top1(scores) == top1(reference)) >= 0.999
 
 
-def test_frozen_graph_uniform_keeps_names_and_exports_onnx(files, tmp_path):
+def test_frozen_graph_uniform_keeps_names(files, tmp_path):
     data = "--data_npz=%s" % (files["dir"] / "data.npz")
     model = "--model=%s" % (files["dir"] / "frozen.pb")
     result = fx.run_file(tmp_path, model, data, "--learner=uniform", "--uql_weight_bits=4", "--uql_activation_bits=8",
@@ -110,13 +103,8 @@ def test_frozen_graph_uniform_keeps_names_and_exports_onnx(files, tmp_path):
     probabilities = fx.run_graph_def(graph_def, "images:0", "probabilities:0", files["x_test"])
     np.testing.assert_allclose(probabilities.sum(1), 1.0, rtol=1e-5)  # the softmax head is back
     reference = fx.quantized_checkpoint_logits(str(tmp_path / "models_uql"), files["x_test"])
+    np.testing.assert_allclose(probabilities, tf.nn.softmax(reference).numpy(), atol=1e-5)
     assert np.mean(top1(probabilities) == top1(reference)) >= 0.999
-
-    exported = fx.run_file(tmp_path, model, data, "--learner=uniform", "--uql_weight_bits=4",
-                           "--uql_activation_bits=8", "--exec_mode=export", "--export_dir=export", "--export_onnx")
-    assert exported.returncode == 0, exported.stderr[-3000:]
-    quant_accuracy = printed(r"quantized accuracy:\s+([\d.]+)", result.stdout + result.stderr)
-    assert printed(r"accuracy onnx\S*\s+([\d.]+)", exported.stdout) >= quant_accuracy - 0.03
 
 
 def test_keras3_export_depthwise_ptq(files, tmp_path):

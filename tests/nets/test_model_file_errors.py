@@ -1,5 +1,6 @@
 """nets/model_file_run.py refuses what it cannot use with one line naming the file and what to do."""
 import os
+import shutil
 import types
 
 import numpy as np
@@ -19,7 +20,7 @@ def bad(tmp_path_factory):
     """Small files each wrong in one way, and a good data set."""
     import keras
     directory = tmp_path_factory.mktemp("bad_models")
-    fx.make_data(str(directory))
+    shutil.copy(fx.shared_files()["dir"] / "data.npz", directory / "data.npz")
     rng = np.random.default_rng(0)
     np.savez(directory / "small.npz", x_train=rng.random((64, 4, 5, 2)).astype(np.float32),
              y_train=rng.integers(0, 3, 64), x_test=rng.random((8, 4, 5, 2)).astype(np.float32),
@@ -59,13 +60,9 @@ def bad(tmp_path_factory):
             return {"scores": tf.matmul(x, self.kernel)}
     looper = Looper()
     tf.saved_model.save(looper, str(directory / "loop_sm"), signatures=looper.__call__)
-    source = fx.make_keras3_models(str(directory / "empty_dir"), *fx.make_data(str(directory / "empty_dir"))[:2])
-    fx.make_frozen_graph(str(directory), source)
-    fx.make_module_saved_model(str(directory), source)
-    os.remove(directory / "empty_dir" / "k3.keras")
-    os.remove(directory / "empty_dir" / "data.npz")
-    import shutil
-    shutil.rmtree(directory / "empty_dir" / "k3_export")
+    shared = fx.shared_files()["dir"]
+    shutil.copy(shared / "frozen.pb", directory / "frozen.pb")
+    shutil.copytree(shared / "module_sm", directory / "module_sm")
     return directory
 
 
@@ -122,3 +119,39 @@ def test_run_script_prints_one_error_line(bad, tmp_path):
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "garbage.pb" in lines[0] and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def _mutations(data, rng, count):
+    """Truncations and byte flips of a valid file."""
+    for _ in range(count):
+        damaged = bytearray(data)
+        if rng.random() < 0.3:
+            damaged = damaged[:int(rng.integers(1, len(damaged)))]
+        else:
+            for position in rng.integers(0, len(damaged), int(rng.integers(1, 8))):
+                damaged[position] = int(rng.integers(0, 256))
+        yield bytes(damaged)
+
+
+def test_damaged_files_load_or_are_refused_in_one_line(bad, tmp_path):
+    """Fuzz: damaged frozen graphs, Keras 3 archives and SavedModel protos never end in a traceback."""
+    rng = np.random.default_rng(7)
+    cases = [("frozen.pb", data) for data in _mutations((bad / "frozen.pb").read_bytes(), rng, 40)]
+    cases += [("random.pb", rng.integers(0, 256, 300, dtype=np.uint8).tobytes())]
+    saved = (bad / "module_sm" / "saved_model.pb").read_bytes()
+    cases += [("module_sm", data) for data in _mutations(saved, rng, 8)]
+    outcomes = {"loaded": 0, "refused": 0}
+    for number, (name, data) in enumerate(cases):
+        target = tmp_path / ("%d_%s" % (number, name))
+        if name == "module_sm":
+            shutil.copytree(bad / "module_sm", target)
+            (target / "saved_model.pb").write_bytes(data)
+        else:
+            target.write_bytes(data)
+        try:
+            helper_factory.make_model_file_helper(settings(tmp_path, target.name, data_npz=str(bad / "data.npz")))
+            outcomes["loaded"] += 1
+        except (UserError, DataError) as exc:
+            assert "\n" not in str(exc) and str(target) in str(exc), str(exc)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] >= len(cases) // 2, outcomes

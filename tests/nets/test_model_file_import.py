@@ -12,27 +12,16 @@ tf1 = tf.compat.v1
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    import keras
-    directory = tmp_path_factory.mktemp("import_files")
-    x_train, y_train, x_test, _ = fx.make_data(str(directory))
-    source = fx.make_keras3_models(str(directory), x_train, y_train)
-    fx.make_module_saved_model(str(directory), source)
-    fx.make_frozen_graph(str(directory), source)
-    keras.utils.set_random_seed(1)
-    inputs = keras.Input((8, 8, 2))
-    x = keras.layers.Dense(8)(keras.layers.Reshape((16, 8))(inputs))
-    x = keras.layers.LayerNormalization()(x + keras.layers.MultiHeadAttention(2, 4)(x, x))
-    attention = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(x)))
-    attention.save(str(directory / "attention.keras"))
-    images = x_test[:50]
+def files():
+    shared = fx.shared_files()
+    directory, images = shared["dir"], shared["x_test"][:50]
     module = tf.saved_model.load(str(directory / "module_sm")).signatures["serving_default"]
     exported = tf.saved_model.load(str(directory / "k3_export")).signatures["serving_default"]
     frozen = tf1.GraphDef()
     frozen.ParseFromString((directory / "frozen.pb").read_bytes())
     references = {
-        "k3.keras": source.predict(images, verbose=0),
-        "attention.keras": attention.predict(images, verbose=0),
+        "k3.keras": shared["keras_predictions"][:50],
+        "attention.keras": shared["attention"].predict(images, verbose=0),
         "module_sm": module(pixels=tf.constant(images))["scores"].numpy(),
         "k3_export": list(exported(tf.constant(images)).values())[0].numpy(),
         "frozen.pb": fx.run_graph_def(frozen, "images:0", "probabilities:0", images),
@@ -75,9 +64,8 @@ def test_trainable_sets_of_each_format(files):
     directory, images, _ = files
     _, trainable, frozen, _ = imported(directory / "k3.keras", images)
     assert trainable == sorted("model/" + n for n in (
-        "conv2d/kernel", "conv2d/bias", "batch_normalization/gamma", "batch_normalization/beta", "conv2d_1/kernel",
-        "conv2d_1/bias", "dense/kernel", "dense/bias"))
-    assert frozen == ["model/batch_normalization/moving_mean", "model/batch_normalization/moving_variance"]
+        "conv/kernel", "conv/bias", "bn/gamma", "bn/beta", "conv_2/kernel", "conv_2/bias", "fc/kernel", "fc/bias"))
+    assert frozen == ["model/bn/moving_mean", "model/bn/moving_variance"]
     _, trainable, frozen, _ = imported(directory / "module_sm", images)
     assert len(trainable) == 5 and len(frozen) == 2
     _, trainable, frozen, _ = imported(directory / "frozen.pb", images)
@@ -90,6 +78,6 @@ def test_attention_projections_are_quantized(files):
     _, _, _, report = imported(directory / "attention.keras", images, quantize=True)
     quantized = sorted((layer.op_type, layer.weight_variable) for layer in report.weight_layers if layer.quantized)
     assert [name for kind, name in quantized if kind == "BatchMatMulV2"] == [
-        "model/multi_head_attention/%s/kernel" % part for part in ("attention_output", "key", "query", "value")]
+        "model/mha/%s/kernel" % part for part in ("attention_output", "key", "query", "value")]
     assert [kind for kind, _ in quantized].count("MatMul") == 2  # the two Dense layers
     assert all(layer.quantized for layer in report.weight_layers)
