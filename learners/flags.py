@@ -134,6 +134,16 @@ def define_flags():
     flags.DEFINE_enum("dataset", None, ["fmnist", "cifar10"], "a built-in data set for --keras_model")
     flags.DEFINE_string("uql_save_keras", None, "also save the trained float weights of --keras_model as this "
                         "Keras file (.h5/.keras, else a SavedModel directory), the report beside it")
+    # Any model file (nets/model_file_run.py): Keras 3 / tf_keras files, SavedModels, frozen graphs.
+    flags.DEFINE_string("model", None, "a model file: .keras/.h5 (Keras 3 or tf_keras), a SavedModel directory or "
+                        "a frozen graph .pb")
+    flags.DEFINE_string("signature", "serving_default", "the SavedModel signature --model uses")
+    flags.DEFINE_string("input_name", None, "the image input of --model where it has several (a signature's input "
+                        "key, a frozen graph's placeholder)")
+    flags.DEFINE_string("output_name", None, "the class-score output of --model where it has several (a signature's "
+                        "output key, a frozen graph's tensor)")
+    flags.DEFINE_string("save_model", None, "after training, save the fine-tuned --model in its own format here "
+                        "(weights on the quantized grid), quant_report.json beside it")
     flags.DEFINE_enum("uql_calibrator", "max", ["max", "percentile", "mse", "entropy"],
                       "activation-range calibrator of --learner ptq")
     flags.DEFINE_integer("uql_calib_batches", 20, "training batches --learner ptq calibrates over")

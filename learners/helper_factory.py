@@ -70,11 +70,14 @@ def make_helper_for(model):
 # Flags only nets/keras_model_run.py reads, with the value that means "not given".
 KERAS_FLAGS = (("keras_model", None), ("keras_unsafe", False), ("data_npz", None), ("dataset", None),
                ("uql_save_keras", None))
+# Flags only nets/model_file_run.py reads.
+MODEL_FILE_FLAGS = (("model", None), ("signature", "serving_default"), ("input_name", None), ("output_name", None),
+                    ("save_model", None))
 
 
 def _refuse_flags_of_other_scripts(settings, model):
-    """A built-in model's run script would ignore the Keras script's flags and other models' flags."""
-    for name, unset in KERAS_FLAGS:
+    """A built-in model's run script would ignore the model-file scripts' flags and other models' flags."""
+    for name, unset in KERAS_FLAGS + MODEL_FILE_FLAGS:
         if getattr(settings, name) != unset:
             raise UserError("--%s=%s has no effect with the %s run script; expected nets/keras_model_run.py for "
                             "a Keras model, or the flag left out" % (name, getattr(settings, name), model))
@@ -123,7 +126,7 @@ def write_file_float_checkpoint(helper, settings):
         sess.run(init_op)
         sess.run(set_step)
         path = saver.save(sess, save_path, global_step=nb_iters, write_meta_graph=False)
-    training.log("float model: the weights of the Keras file, saved as %s" % path)
+    training.log("float model: the weights of the model file, saved as %s" % path)
     return path
 
 
@@ -134,6 +137,10 @@ def make_keras_helper(settings):
     from nets import keras_model  # pylint: disable=import-outside-toplevel  (needs tf_keras)
 
     _refuse_script_flags(settings, "keras_model", "nets/keras_model_run.py")
+    for name, unset in MODEL_FILE_FLAGS:
+        if getattr(settings, name) != unset:
+            raise UserError("--%s=%s has no effect with nets/keras_model_run.py; expected nets/model_file_run.py "
+                            "--model, or the flag left out" % (name, getattr(settings, name)))
     if settings.keras_model is None:
         raise UserError("--keras_model is not set; expected a .h5 or .keras file or a SavedModel directory")
     if (settings.data_npz is None) == (settings.dataset is None):
@@ -169,3 +176,77 @@ def save_keras_after_training(helper, settings, results):
         with open(results["report"], "rb") as handle:
             files.write_atomically(report, handle.read())
         training.log("its quantization report: %s" % report)
+
+
+def make_model_file_helper(settings):
+    """The helper of nets/model_file_run.py: a tf_keras file through KerasModelHelper, any other format (Keras 3,
+    SavedModel, frozen graph) through ModelFileHelper; the file's weights become the float checkpoint as for
+    make_keras_helper. Problems with the file, the flags or the data become one-line errors."""
+    from learners import training  # pylint: disable=import-outside-toplevel
+    from nets import keras_model, model_file, model_formats  # pylint: disable=import-outside-toplevel
+    from nets.model_formats import saving  # pylint: disable=import-outside-toplevel
+
+    _refuse_script_flags(settings, "model_file", "nets/model_file_run.py")
+    for name in ("keras_model", "uql_save_keras"):
+        if getattr(settings, name) is not None:
+            raise UserError("--%s has no effect with nets/model_file_run.py; expected --%s"
+                            % (name, "model" if name == "keras_model" else "save_model"))
+    if settings.model is None:
+        raise UserError("--model is not set; expected a .keras/.h5 file, a SavedModel directory or a frozen graph .pb")
+    if (settings.data_npz is None) == (settings.dataset is None):
+        raise UserError("expected exactly one of --data_npz (an .npz archive) and --dataset (fmnist or cifar10)")
+    kind = model_formats.detect_format(settings.model)
+    if kind == "tf_keras":
+        for name, unset in MODEL_FILE_FLAGS[1:4]:
+            if getattr(settings, name) != unset:
+                raise UserError("--%s=%s has no effect for the tf_keras model %s; expected the flag left out"
+                                % (name, getattr(settings, name), settings.model))
+    elif settings.keras_unsafe:
+        raise UserError("--keras_unsafe has no effect for the model %s (%s); Lambda layers load only from tf_keras "
+                        "files" % (settings.model, kind))
+    if kind != "tf_keras" and settings.uql_fold_batch_norms:
+        # The file froze its batch norms: Keras 3's x * gamma * rsqrt(var + eps) + ... and a conv's bias between
+        # it and the batch norm are forms tfquant's folding pass does not match, so nothing would be folded.
+        raise UserError("--uql_fold_batch_norms is not valid for the %s model %s: its batch norms are frozen affine "
+                        "layers (trained as such) that the folding pass does not match; expected the flag left out"
+                        % (kind, settings.model))
+    if settings.save_model:
+        saving.check_save_path(settings.save_model, kind, settings.uql_fold_batch_norms)
+    kwargs = helper_kwargs(settings, False)
+    kwargs.update(data_npz=settings.data_npz, dataset=settings.dataset)
+    try:
+        if kind == "tf_keras":
+            helper = keras_model.KerasModelHelper(keras_model=settings.model, keras_unsafe=settings.keras_unsafe,
+                                                  **kwargs)
+        else:
+            helper = model_file.ModelFileHelper(settings.model, kind, settings.signature, settings.input_name,
+                                                settings.output_name, **kwargs)
+    except DataError:
+        raise
+    except ValueError as exc:
+        raise UserError(str(exc))
+    helper.kind = kind
+    if settings.learner in ("uniform", "ptq") and settings.exec_mode == "train" \
+            and training.find_checkpoint(settings.save_path, "full-prec")[0] is None:
+        write_file_float_checkpoint(helper, settings)
+    return helper
+
+
+def save_model_after_training(helper, settings, results):
+    """With --save_model: the fine-tuned model in its file's format, the quantization report beside it."""
+    if not settings.save_model:
+        return
+    from learners import training  # pylint: disable=import-outside-toplevel
+    from nets.model_formats import saving  # pylint: disable=import-outside-toplevel
+    from tfquant import files  # pylint: disable=import-outside-toplevel
+
+    if not isinstance(results, dict):
+        raise UserError("--save_model=%s is not valid with --learner %s; expected --learner uniform or ptq (a "
+                        "quantized run)" % (settings.save_model, settings.learner))
+    path = settings.save_model
+    what = saving.save_model(helper, results["quant_checkpoint"], results["report"], path)
+    training.log("the fine-tuned model as a %s: %s" % (what, path))
+    report = os.path.normpath(path) + ".quant_report.json"
+    with open(results["report"], "rb") as handle:
+        files.write_atomically(report, handle.read())
+    training.log("its quantization report: %s" % report)

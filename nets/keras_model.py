@@ -183,6 +183,24 @@ class KerasModelHelper(model_helper.ClassifierModelHelper):
         if dataset is not None and dataset not in DATASETS:
             raise ValueError("--dataset=%s is not valid; expected one of %s" % (dataset, ", ".join(DATASETS)))
         self.keras_path, self.data_npz, self.dataset, self.data_dir = keras_model, data_npz, dataset, data_dir
+        self._load_model(keras_model, keras_unsafe)
+        # The file names alone do not say which model and data a run used: a rerun with another file at the same
+        # path, or the same name elsewhere, must not resume the first one's checkpoints (see run_settings).
+        self.input_digests = {self.digest_key: content_digest(keras_model, KerasModelError.for_path(keras_model),
+                                                              "model")}
+        if data_npz is not None:
+            self.input_digests["data_npz_sha256"] = content_digest(data_npz, DataError.for_path(data_npz),
+                                                                   "data archive")
+        self._extra_losses = {}
+        super().__init__(batch_size, batch_size_eval, lrn_rate_init, momentum, loss_w_dcy, nb_epochs_rat,
+                         train_subset, eval_subset, seed)
+        self._check_data_fits()
+
+    digest_key = "keras_model_sha256"
+    model_kind = "Keras model"
+
+    def _load_model(self, keras_model, keras_unsafe):
+        """Load the file: sets source, initial_values, nb_classes and input_shape ([None, H, W, C])."""
         self.source = load_keras_model(keras_model, keras_unsafe)
         self.initial_values = {}
         for weight in self.source.weights:
@@ -192,17 +210,7 @@ class KerasModelHelper(model_helper.ClassifierModelHelper):
                                       % (keras_model, key), path=keras_model)
             self.initial_values[key] = weight.numpy()
         self.nb_classes = int(self.source.outputs[0].shape[-1])
-        # The file names alone do not say which model and data a run used: a rerun with another file at the same
-        # path, or the same name elsewhere, must not resume the first one's checkpoints (see run_settings).
-        self.input_digests = {"keras_model_sha256": content_digest(keras_model, KerasModelError.for_path(keras_model),
-                                                                   "Keras model")}
-        if data_npz is not None:
-            self.input_digests["data_npz_sha256"] = content_digest(data_npz, DataError.for_path(data_npz),
-                                                                   "data archive")
-        self._extra_losses = {}
-        super().__init__(batch_size, batch_size_eval, lrn_rate_init, momentum, loss_w_dcy, nb_epochs_rat,
-                         train_subset, eval_subset, seed)
-        self._check_data_fits()
+        self.input_shape = list(self.source.inputs[0].shape)
 
     def _load_data(self):
         if self.data_npz is not None:
@@ -215,7 +223,7 @@ class KerasModelHelper(model_helper.ClassifierModelHelper):
 
     def _check_data_fits(self):
         """Image shape against the model's input, labels against its number of classes."""
-        want = tuple(self.source.inputs[0].shape[1:])
+        want = tuple(self.input_shape[1:])
         images = getattr(self._data, "train_images", None)
         got = None
         if images is not None:
@@ -223,14 +231,15 @@ class KerasModelHelper(model_helper.ClassifierModelHelper):
         elif self.dataset == "cifar10":
             got = (32, 32, 3)
         if got is not None and (len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got))):
-            raise DataError("images of %s are %s; the Keras model %s expects %s"
-                            % (self.data_npz or self.dataset, "x".join(map(str, got)), self.keras_path,
-                               "x".join("?" if w is None else str(w) for w in want)), path=self.data_npz)
+            raise DataError("images of %s are %s; the %s %s expects %s"
+                            % (self.data_npz or self.dataset, "x".join(map(str, got)), self.model_kind,
+                               self.keras_path, "x".join("?" if w is None else str(w) for w in want)),
+                            path=self.data_npz)
         for labels in (getattr(self._data, "train_labels", None), getattr(self._data, "test_labels", None)):
             if labels is not None and len(labels) and int(np.max(labels)) >= self.nb_classes:
-                raise DataError("%s holds the label %d; the Keras model %s has %d classes (labels 0..%d)"
-                                % (self.data_npz or self.dataset, int(np.max(labels)), self.keras_path,
-                                   self.nb_classes, self.nb_classes - 1), path=self.data_npz)
+                raise DataError("%s holds the label %d; the %s %s has %d classes (labels 0..%d)"
+                                % (self.data_npz or self.dataset, int(np.max(labels)), self.model_kind,
+                                   self.keras_path, self.nb_classes, self.nb_classes - 1), path=self.data_npz)
 
     def _file_initial_value(self, next_creator, **kwargs):
         """Variable creator giving each variable the file's value of the weight with the same name."""

@@ -1,0 +1,160 @@
+"""The fine-tuned model written back in its file's format (--save_model).
+
+Weights are the packed export's values (tfquant.export.model_export): quantized weights decoded from their
+integer codes, so each lies on its quantized grid, and every other variable as trained. A frozen graph and a
+SavedModel hold the quantized model's whole inference graph (tfquant.export.frozen_graph: activations quantized
+with the recorded ranges as they were in training), so reloading gives the quantized model's predictions
+exactly; a Keras file can hold only weights, so its activations are float (their 8-bit rounding rarely moves a
+prediction; a test measures it).
+"""
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+from nets.model_formats import ModelFileError
+from tfquant.export import frozen_graph, inference_graph, model_export
+from tfquant.report import load_report
+
+tf1 = tf.compat.v1
+MODEL_SCOPE = "model"
+
+
+def check_save_path(path, kind, folds_batch_norms):
+    """Refuse a --save_model path that cannot hold `kind` before training starts."""
+    if kind in ("keras3", "tf_keras") and not path.endswith((".keras", ".h5")):
+        raise ModelFileError("--save_model=%s is not valid for a Keras file; expected a path ending in .keras (or .h5)"
+                             % path, path=path)
+    if kind == "keras3" and folds_batch_norms:
+        raise ModelFileError("--save_model=%s with --uql_fold_batch_norms is not valid for a Keras 3 file (its "
+                             "batch-norm layers cannot hold folded weights); expected --save_model without folding, "
+                             "or the frozen graph of --exec_mode export" % path, path=path)
+    if kind == "frozen_graph" and not path.endswith(".pb"):
+        raise ModelFileError("--save_model=%s is not valid for a frozen graph; expected a path ending in .pb" % path,
+                             path=path)
+    if kind == "saved_model" and os.path.lexists(path):
+        raise ModelFileError("--save_model=%s exists; expected a new directory for the SavedModel" % path, path=path)
+
+
+def exported_weights(checkpoint, report_path):
+    """{variable name: value} as the packed export holds them, and the quantized model's frozen GraphDef.
+
+    Args:
+      checkpoint: the quantized run's checkpoint prefix.
+      report_path: its quant_report.json (the inference graph is beside it).
+    Returns:
+      (weights dict, GraphDef with input 'input' and output 'logits').
+    """
+    run_dir = os.path.dirname(os.path.abspath(report_path))
+    report = load_report(report_path)
+    saved = inference_graph.InferenceGraph(os.path.join(run_dir, inference_graph.INFERENCE_GRAPH_NAME))
+    folded = None
+    if report.config.get("fold_batch_norms"):
+        folded = frozen_graph.folded_weight_values(saved.build_forward, checkpoint, saved.input_shape)
+    with tempfile.TemporaryDirectory() as scratch:
+        packed = os.path.join(scratch, "model.tfq")
+        model_export.pack_checkpoint(checkpoint, report, packed, metadata={"input_shape": saved.input_shape},
+                                     folded_weights=folded)
+        weights, _ = model_export.load_packed_weights(packed)
+    graph_def = frozen_graph.freeze_inference_graph(saved.build_forward, weights, report, saved.input_shape)
+    return weights, graph_def
+
+
+def _with_file_names(graph_def, input_shape, input_op, output_op, softmax):
+    """The quantized GraphDef with the file's input and output op names (and its softmax head back)."""
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf1.placeholder(tf.float32, input_shape, name=input_op)
+        (logits,) = tf1.import_graph_def(graph_def, input_map={inference_graph.INPUT_NAME + ":0": images},
+                                         return_elements=[inference_graph.OUTPUT_NAME + ":0"], name="quantized")
+        output = tf.identity(tf.nn.softmax(logits) if softmax else logits, name=output_op)
+        if images.op.name != input_op or output.op.name != output_op:
+            raise ModelFileError("the names %s and %s cannot both be kept; expected distinct input and output names"
+                                 % (input_op, output_op))
+    return graph.as_graph_def()
+
+
+def save_frozen_graph(graph_def, helper, path):
+    """A frozen graph with the file's input and output names."""
+    info = helper.file_graph.save_info
+    output_op, _, index = info["output_name"].partition(":")
+    if index not in ("", "0"):
+        output_op = output_op + "_output"
+    graph_def = _with_file_names(graph_def, helper.input_shape, info["input_op"], output_op,
+                                 helper.prepared.output_is_softmax)
+    from tfquant import files  # pylint: disable=import-outside-toplevel
+    files.write_atomically(path, graph_def.SerializeToString())
+    return "frozen graph (input %s, output %s)" % (info["input_op"], output_op)
+
+
+def save_saved_model(graph_def, helper, path):
+    """A SavedModel whose signature (same name, input key and output key) runs the quantized graph."""
+    info = helper.file_graph.save_info
+    softmax = helper.prepared.output_is_softmax
+
+    def imported():
+        tf1.import_graph_def(graph_def, name="")
+
+    wrapped = tf1.wrap_function(imported, [])
+    forward = wrapped.prune(inference_graph.INPUT_NAME + ":0", inference_graph.OUTPUT_NAME + ":0")
+    spec = tf.TensorSpec([None] + list(helper.input_shape[1:]), tf.float32, name=info["input_key"])
+    output_key = info["output_key"]
+
+    module = tf.Module()
+    module.forward = forward
+
+    @tf.function(input_signature=[spec])
+    def serve(images):
+        logits = module.forward(images)
+        return {output_key: tf.nn.softmax(logits) if softmax else logits}
+
+    module.serve = serve
+    staging = "%s.tmp-%d" % (os.path.normpath(path), os.getpid())
+    shutil.rmtree(staging, ignore_errors=True)
+    tf.saved_model.save(module, staging, signatures={info["signature"]: serve})
+    os.replace(staging, path)
+    dropped = info.get("other_outputs") or []
+    return "SavedModel (signature %s: %s -> %s%s)" % (
+        info["signature"], info["input_key"], output_key,
+        "; its other outputs %s are not kept" % ", ".join(dropped) if dropped else "")
+
+
+def save_keras(weights, helper, path):
+    """The Keras model (Keras 3 or tf_keras) with the exported weights, saved atomically."""
+    if helper.kind == "keras3":
+        targets = {}
+        keras_weights = helper.file_graph.save_info["weights"]
+        for parameter in helper.prepared.parameters.values():
+            keras_weight = keras_weights.get(parameter.source_const or parameter.const_name)
+            if keras_weight is not None:
+                targets["%s/%s" % (MODEL_SCOPE, parameter.name)] = keras_weight
+        model = helper.file_graph.save_info["keras_model"]
+    else:
+        from nets.keras_model import weight_key  # pylint: disable=import-outside-toplevel
+        model = helper.source
+        targets = {"%s/%s" % (MODEL_SCOPE, weight_key(w.name)): w for w in model.weights}
+    missing = sorted(name for name in targets if name not in weights)
+    if missing:
+        raise ModelFileError("the run's weights lack %s; expected the checkpoint of this model" % missing[0])
+    with tf.init_scope():
+        for name, keras_weight in targets.items():
+            # A kernel the graph reads reshaped (EinsumDense) goes back in the layer's own shape.
+            keras_weight.assign(np.asarray(weights[name], dtype=np.float32).reshape(keras_weight.shape))
+        base, suffix = os.path.splitext(path)
+        temporary = "%s.tmp-%d%s" % (base, os.getpid(), suffix)
+        model.save(temporary)
+        os.replace(temporary, path)
+    return "Keras file (weights on the quantized grid; activations float)"
+
+
+def save_model(helper, checkpoint, report_path, path):
+    """Write the fine-tuned model of `helper` in its file's format at `path`; returns a description."""
+    weights, graph_def = exported_weights(checkpoint, report_path)
+    kind = getattr(helper, "kind", "tf_keras")
+    if kind == "frozen_graph":
+        return save_frozen_graph(graph_def, helper, path)
+    if kind == "saved_model":
+        return save_saved_model(graph_def, helper, path)
+    return save_keras(weights, helper, path)

@@ -1,0 +1,83 @@
+"""A model file imported into a tf.compat.v1 graph (nets.model_formats) computes what the file computes, with its
+weights as variables that tfquant finds and quantizes."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfquant
+from nets.model_formats import detect_format, graph_import, load_file_graph
+from tests.nets import model_file_fixtures as fx
+
+tf1 = tf.compat.v1
+
+
+@pytest.fixture(scope="module")
+def files():
+    shared = fx.shared_files()
+    directory, images = shared["dir"], shared["x_test"][:50]
+    module = tf.saved_model.load(str(directory / "module_sm")).signatures["serving_default"]
+    exported = tf.saved_model.load(str(directory / "k3_export")).signatures["serving_default"]
+    frozen = tf1.GraphDef()
+    frozen.ParseFromString((directory / "frozen.pb").read_bytes())
+    references = {
+        "k3.keras": shared["keras_predictions"][:50],
+        "attention.keras": shared["attention"].predict(images, verbose=0),
+        "module_sm": module(pixels=tf.constant(images))["scores"].numpy(),
+        "k3_export": list(exported(tf.constant(images)).values())[0].numpy(),
+        "frozen.pb": fx.run_graph_def(frozen, "images:0", "probabilities:0", images),
+    }
+    return directory, images, references
+
+
+def imported(path, images, quantize=False):
+    """The imported graph's output on images (softmax put back where the file had it), its variables, and the
+    tfquant report when quantize."""
+    prepared = graph_import.prepare(load_file_graph(str(path), detect_format(str(path))))
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf1.placeholder(tf.float32, [None, 8, 8, 2])
+        with tf1.variable_scope("model"):
+            logits = graph_import.import_graph(prepared, x)
+        output = tf.nn.softmax(logits) if prepared.output_is_softmax else logits
+        report = tfquant.quantize_graph(graph, tfquant.QuantConfig(weight_bits=4, quantize_all_layers=True),
+                                        is_training=False) if quantize else None
+        trainable = sorted(v.op.name for v in tf1.trainable_variables())
+        frozen = sorted(v.op.name for v in tf1.global_variables() if v.op.name.startswith("model/")
+                        and v.op.name not in trainable)
+        with tf1.Session() as sess:
+            sess.run(tf1.global_variables_initializer())
+            values = sess.run(output, {x: images})
+    return values, trainable, frozen, report
+
+
+@pytest.mark.parametrize("name", ["k3.keras", "attention.keras", "module_sm", "k3_export", "frozen.pb"])
+def test_imported_graph_computes_the_files_outputs(files, name):
+    directory, images, references = files
+    values, trainable, frozen, _ = imported(directory / name, images)
+    np.testing.assert_allclose(values, references[name], rtol=1e-4, atol=1e-5)
+    assert trainable  # weights became variables initialised from the file (the outputs match)
+    if name in ("k3.keras", "module_sm", "frozen.pb"):
+        assert len(frozen) == 2  # moving mean and variance (frozen graph: variance and the fused mean input)
+
+
+def test_trainable_sets_of_each_format(files):
+    directory, images, _ = files
+    _, trainable, frozen, _ = imported(directory / "k3.keras", images)
+    assert trainable == sorted("model/" + n for n in (
+        "conv/kernel", "conv/bias", "bn/gamma", "bn/beta", "conv_2/kernel", "conv_2/bias", "fc/kernel", "fc/bias"))
+    assert frozen == ["model/bn/moving_mean", "model/bn/moving_variance"]
+    _, trainable, frozen, _ = imported(directory / "module_sm", images)
+    assert len(trainable) == 5 and len(frozen) == 2
+    _, trainable, frozen, _ = imported(directory / "frozen.pb", images)
+    assert {"model/conv/kernel", "model/conv/bias", "model/dw/kernel", "model/fc/kernel", "model/fc/bias"} \
+        <= set(trainable) and len(trainable) == 7
+
+
+def test_attention_projections_are_quantized(files):
+    directory, images, _ = files
+    _, _, _, report = imported(directory / "attention.keras", images, quantize=True)
+    quantized = sorted((layer.op_type, layer.weight_variable) for layer in report.weight_layers if layer.quantized)
+    assert [name for kind, name in quantized if kind == "BatchMatMulV2"] == [
+        "model/mha/%s/kernel" % part for part in ("attention_output", "key", "query", "value")]
+    assert [kind for kind, _ in quantized].count("MatMul") == 2  # the two Dense layers
+    assert all(layer.quantized for layer in report.weight_layers)
