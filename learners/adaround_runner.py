@@ -32,15 +32,15 @@ def check_config(config):
                         "(the folded weight W * gamma / sigma is not a variable the codes can be written to)")
 
 
-def _weights_graph(helper, config):
-    """(graph, images, report): training batches through the eval-mode network with only the weights quantized."""
-    from learners import ptq  # the weights-only config is PTQ's; imported here, as ptq imports this module
+def _weights_graph(helper, weights_config):
+    """(graph, images, report, model variables): training batches through the eval-mode network, quantized by
+    weights_config (PTQ's: the run's weight settings, activations float)."""
     graph = tf.Graph()
     with graph.as_default():
         images, _ = helper.build_dataset_train()
         helper.forward_eval(images)
         model_variables = list(tf1.global_variables())
-        report = tfquant.quantize_graph(graph, ptq.weights_only(config), is_training=False)
+        report = tfquant.quantize_graph(graph, weights_config, is_training=False)
     return graph, images, report, model_variables
 
 
@@ -87,7 +87,7 @@ def round_weights(helper, config, float_checkpoint, settings, output_dir):
 
     Args:
       helper: a ModelHelper.
-      config: the run's QuantConfig.
+      config: the QuantConfig of the weights (PTQ's weights_only config: activations float).
       float_checkpoint: the float model's checkpoint.
       settings: parsed flags (uql_adaround_iters, uql_adaround_batches, batch_size, seed).
       output_dir: the quantized run's directory (the checkpoint of rounded weights goes there).
@@ -103,13 +103,16 @@ def round_weights(helper, config, float_checkpoint, settings, output_dir):
     with graph.as_default():
         grid_ops = [adaround.grid_codes(variable.read_value(), layer.bits, _layer_layout(layer),
                                         config.weight_scheme) for layer, _, _, variable in targets]
+        new_values = [tf1.placeholder(variable.dtype.base_dtype, variable.shape) for _, _, _, variable in targets]
+        assign_ops = [variable.assign(value) for (_, _, _, variable), value in zip(targets, new_values)]
         saver = tf1.train.Saver(var_list=model_variables)
     layers = []
     with graphs.new_session(graph) as sess:
         sess.run(tf1.variables_initializer(model_variables))
         graphs.restore_variables(sess, model_variables, float_checkpoint)
         batches = [sess.run(images) for _ in range(settings.uql_adaround_batches)]
-        for (layer, op, data_index, variable), grid_op in zip(targets, grid_ops):
+        for (layer, op, data_index, variable), grid_op, new_value, assign_op in zip(targets, grid_ops, new_values,
+                                                                                     assign_ops):
             weight_value = sess.run(variable)
             codes_before, alpha, beta = sess.run(grid_op)
             grid = adaround.layer_grid(weight_value, codes_before, alpha, beta, layer.bits, _layer_layout(layer),
@@ -118,7 +121,7 @@ def round_weights(helper, config, float_checkpoint, settings, output_dir):
             layer_started = time.time()
             codes, nearest_error, adaround_error = _round_layer(op.node_def, data_index, layer.input_index, inputs,
                                                                 weight_value, grid, options)
-            variable.load(adaround.rounded_weights(weight_value, grid, codes), sess)
+            sess.run(assign_op, feed_dict={new_value: adaround.rounded_weights(weight_value, grid, codes)})
             codes_after, alpha_after, beta_after = sess.run(grid_op)
             if not (np.array_equal(codes_after, codes) and np.array_equal(alpha_after, alpha)
                     and np.array_equal(beta_after, beta)):

@@ -105,7 +105,7 @@ class PTQLearner(uniform_quant.UniformQuantLearner):
         if getattr(s, "uql_adaround", False):
             # The rounded weights replace the float ones from here on: ranges are calibrated on them.
             weights_checkpoint, extra["adaround"] = adaround_runner.round_weights(
-                self.helper, self.config, float_checkpoint, s, self.output_dir)
+                self.helper, weights_only(self.config), float_checkpoint, s, self.output_dir)
             training.log("ptq: AdaRound rounded %d weight layers in %.1f s"
                          % (len(extra["adaround"]["layers"]), extra["adaround"]["seconds"]))
         started = time.time()
@@ -127,8 +127,8 @@ class PTQLearner(uniform_quant.UniformQuantLearner):
         self._save_inference_graph()
         training.log(report.format_table())
         checkpoint = self._save(model, weights_checkpoint, quantized, ranges)
-        extra.update({"calibrator": s.uql_calibrator, "calib_batches": s.uql_calib_batches, "calib_seconds": calib_seconds,
-                      "activation_ranges": {name: list(bounds) for name, bounds in ranges.items()}})
+        extra.update({"calibrator": s.uql_calibrator, "calib_batches": s.uql_calib_batches,
+                      "calib_seconds": calib_seconds, "activation_ranges": {name: list(bounds) for name, bounds in ranges.items()}})
         return self._evaluate_and_report(float_checkpoint, float_accuracy, checkpoint, report, report_path, extra)
 
     def _save(self, model, weights_checkpoint, quantized, ranges):
