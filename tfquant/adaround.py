@@ -149,6 +149,8 @@ class RoundingProblem:
     soft: tf.Tensor
     hard_codes: tf.Tensor
     hard_error: tf.Tensor
+    float_output: tf.Tensor
+    target: tf.Tensor
 
 
 def _layer_output(node_def, data_index, weight_index, inputs, weight):
@@ -194,7 +196,10 @@ def build_problem(node_def, data_index, weight_index, input_shape, weight_value,
                                                float(grid.max_code)),
                      tf.constant(grid.nearest.astype(np.float32)))
     soft_weight = codes * tf.constant(grid.scale) + tf.constant(grid.offset)
-    target = tf.stop_gradient(_layer_output(node_def, data_index, weight_index, inputs, weight))
+    float_output = _layer_output(node_def, data_index, weight_index, inputs, weight)
+    # Computed once for all the inputs and fed while optimising (it does not change); computed here otherwise.
+    fed_target = tf1.placeholder_with_default(float_output, float_output.shape, name="target")
+    target = tf.stop_gradient(fed_target)
     output = _layer_output(node_def, data_index, weight_index, inputs, soft_weight)
     axis = _channel_axis(node_def)
     # Summed over output channels, averaged over examples and positions (AIMET's normalisation).
@@ -211,7 +216,8 @@ def build_problem(node_def, data_index, weight_index, input_shape, weight_value,
     init_op = tf1.variables_initializer([logits] + optimizer.variables())
     return RoundingProblem(inputs=inputs, logits=logits, beta=beta, reg_on=reg_on, reconstruction=reconstruction,
                            regularisation=regularisation, train_op=train_op, init_op=init_op, soft=soft,
-                           hard_codes=hard_codes, hard_error=hard_error)
+                           hard_codes=hard_codes, hard_error=hard_error, float_output=float_output,
+                           target=fed_target)
 
 
 def annealed_beta(iteration, options):
@@ -238,11 +244,13 @@ def optimize(sess, problem, inputs, options):
     rng = np.random.default_rng(options.seed)
     sess.run(problem.init_op)
     count = len(inputs)
+    targets = np.concatenate([sess.run(problem.float_output, feed_dict={problem.inputs: inputs[start:start + 256]})
+                              for start in range(0, count, 256)])
     for iteration in range(options.iterations):
         beta, regularise = annealed_beta(iteration, options)
         chosen = rng.choice(count, size=min(options.batch_size, count), replace=False)
-        sess.run(problem.train_op, feed_dict={problem.inputs: inputs[chosen], problem.beta: beta,
-                                              problem.reg_on: 1.0 if regularise else 0.0})
+        sess.run(problem.train_op, feed_dict={problem.inputs: inputs[chosen], problem.target: targets[chosen],
+                                              problem.beta: beta, problem.reg_on: 1.0 if regularise else 0.0})
     return (sess.run(problem.soft) >= 0.5).astype(np.int64)
 
 
