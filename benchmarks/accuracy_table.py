@@ -87,6 +87,16 @@ ROWS = [
     Row("W8A8 all layers deployable", CH + " --uql_weight_bits=8 --uql_activation_bits=8 "
         "--uql_quantize_all_layers" + DEPLOY + " --uql_quantize_layer_outputs"),
 ]
+# Issue 34: post-training quantization (no fine-tuning, so no float control) with min/max and AdaRound rounding,
+# and batch-norm re-estimation after fine-tuning.
+PTQ = CH + " --learner=ptq --uql_weight_bits=4 --uql_activation_bits=8"
+BN = " --uql_bn_reestimate_batches=20"
+ROWS += [
+    Row("W4A8 ch PTQ nearest", PTQ),
+    Row("W4A8 ch PTQ AdaRound", PTQ + " --uql_adaround"),
+    Row("W4A4 ch min/max + BN re-estimation", CH + " --uql_weight_bits=4 --uql_activation_bits=4" + BN),
+    Row("W2A2 ch LSQ + dst + BN re-estimation", CH + " --uql_weight_bits=2 --uql_activation_bits=2" + LSQ + DST + BN),
+]
 QUICK_ROWS = ("W8A8", BASELINE)
 FULL = {"float": ["--nb_epochs_rat=1.0"], "epochs": 1.0, "finetune": ["--uql_lrn_rate_init=0.01"],
         "common": ["--batch_size=128", "--batch_size_eval=500", "--summ_step=100"]}
@@ -183,6 +193,8 @@ def run_row(work_dir, row, seed, budget):
 
 def run_control(work_dir, row, seed, budget, done):
     """The row's same-budget float control for a seed (run once per control label and seed; `done` caches it)."""
+    if not float_control.fine_tunes(row.flags):
+        return None, None  # post-training quantization: its control is the float model itself
     epochs = budget["epochs"] if row.epochs is None else row.epochs
     label = float_control.control_label(row.flags, epochs)
     if (label, seed) not in done:
@@ -355,7 +367,7 @@ def main(argv=None):
             new_entries.append(entry)
             print("seed %d %-40s %.4f (float %.4f, float fine-tuned %s, %.0f s)"
                   % (seed, row.label, entry["accuracy"], entry["float_accuracy"],
-                     "%.4f" % entry["control_accuracy"] if "control_accuracy" in entry else "-", entry["seconds"]),
+                     "-" if entry.get("control_accuracy") is None else "%.4f" % entry["control_accuracy"], entry["seconds"]),
                   flush=True)
     # Accuracy does not depend on the load: a part published with --allow_busy (parts run side by side)
     # records the load at once rather than waiting up to machine.SETTLE_SECONDS for the others to end.

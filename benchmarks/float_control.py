@@ -17,3 +17,8 @@ def control_label(row_flags, epochs):
     """The control's label: its epochs and training flags (rows sharing them share one control run)."""
     kept = [flag for flag in control_flags(row_flags) if flag not in NO_QUANTIZATION]
     return "float fine-tuned %g epochs%s" % (epochs, "".join(" " + flag for flag in kept))
+
+
+def fine_tunes(row_flags):
+    """Whether a row fine-tunes (post-training quantization, --learner=ptq, has no training to control for)."""
+    return "--learner=ptq" not in row_flags.split()

@@ -58,7 +58,7 @@ def test_rows_fine_tune_the_cached_baselines_and_each_control_runs_once(tmp_path
 
     monkeypatch.setattr(accuracy_table, "run_row", fake_run_row)
     output = tmp_path / "acc.json"
-    accuracy_table.main(["--quick", "--baselines", cache, "--rows", "W8A8,W4A4", "--seeds", "0,1", "--output",
+    accuracy_table.main(["--quick", "--baselines", cache, "--rows", "W8A8,W4A4,W4A8 ch PTQ AdaRound", "--seeds", "0,1", "--output",
                          str(output), "--work_dir", str(tmp_path / "work")])
     controls = [c for c in calls if c[0].startswith("float fine-tuned")]
     # One control per seed: both rows share the epochs and have no distillation.
@@ -66,12 +66,16 @@ def test_rows_fine_tune_the_cached_baselines_and_each_control_runs_once(tmp_path
         ("float fine-tuned 0.25 epochs", "--uql_weight_bits=32 --uql_activation_bits=32", s) for s in (0, 1)]
     assert all(c[3] == ["--nb_epochs_rat=4"] for c in calls)
     entries = json.loads(output.read_text())["entries"]
-    assert all(e["control_accuracy"] == 0.80 for e in entries)
+    ptq = [e for e in entries if e["label"] == "W4A8 ch PTQ AdaRound"]
+    assert len(ptq) == 2 and all(e["control_accuracy"] is None for e in ptq)  # no fine-tuning, no control
+    assert all(e["control_accuracy"] == 0.80 for e in entries if e not in ptq)
     table = accuracy_table.summarize(entries)
     assert table["W4A4"]["vs_control"] == pytest.approx(-0.02) and table["W4A4"]["change"] == pytest.approx(-0.01)
     payload = json.loads(output.read_text())
     text = accuracy_table.render(dict(payload, machine=dict(payload["machine"], cpu="c")), "cmd")
     assert "| W4A4 | 0,1 | 78.00 ± 0.00 | -1.00 | -2.00 | 1.00x |" in text
+    assert "| W4A8 ch PTQ AdaRound | 0,1 | 78.00 ± 0.00 | -1.00 | - | 1.00x |" in text
+    assert any("--learner=ptq" in c[1] and "--uql_adaround" in c[1] for c in calls)
 
 
 def test_baselines_quick_caches_checkpoints_settings_and_commands(tmp_path):
