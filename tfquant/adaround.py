@@ -110,12 +110,11 @@ def layer_grid(weight_value, codes, alpha, beta, bits, layout, scheme="asymmetri
     scale = (np.asarray(alpha, np.float32) * np.float32(1.0 / ops.levels(bits)))[groups]
     offset = np.asarray(beta, np.float32)[groups]
     max_code = int(ops.levels(bits)) - (1 if scheme == "symmetric" else 0)
-    flat_groups, flat_values = groups.ravel(), weight_value.ravel()
-    count = int(groups.max()) + 1
-    low = np.full(count, np.inf, np.float32)
-    high = np.full(count, -np.inf, np.float32)
-    np.minimum.at(low, flat_groups, flat_values)
-    np.maximum.at(high, flat_groups, flat_values)
+    # Group extremes by one sort (ufunc.at is slow on millions of weights).
+    order = np.argsort(groups.ravel(), kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(groups.ravel()[order]) != 0])
+    ordered = weight_value.ravel()[order]
+    low, high = np.minimum.reduceat(ordered, starts), np.maximum.reduceat(ordered, starts)
     group_min, group_max = low[groups], high[groups]
     frozen = (weight_value == group_min) | (weight_value == group_max)
     position = (weight_value.astype(np.float64) - offset) / scale.astype(np.float64)
@@ -191,11 +190,11 @@ def build_problem(node_def, data_index, weight_index, input_shape, weight_value,
     beta = tf1.placeholder_with_default(np.float32(options.beta_start), [], name="beta")
     reg_on = tf1.placeholder_with_default(np.float32(0.0), [], name="regularise")
     soft = rectified_sigmoid(logits)
-    movable = tf.constant(~grid.frozen)
-    codes = tf.where(movable, tf.clip_by_value(tf.constant(grid.floor.astype(np.float32)) + soft, 0.0,
-                                               float(grid.max_code)),
-                     tf.constant(grid.nearest.astype(np.float32)))
-    soft_weight = codes * tf.constant(grid.scale) + tf.constant(grid.offset)
+    # W~ = scale * (floor + h) + offset for the weights that move, scale * nearest + offset for the extremes, as
+    # one multiply-add per weight. floor + 1 never passes the top code: only a group's maximum sits on it.
+    movable = (~grid.frozen).astype(np.float32)
+    base = np.where(grid.frozen, grid.nearest, grid.floor).astype(np.float32)
+    soft_weight = tf.constant(base * grid.scale + grid.offset) + tf.constant(movable * grid.scale) * soft
     float_output = _layer_output(node_def, data_index, weight_index, inputs, weight)
     # Computed once for all the inputs and fed while optimising (it does not change); computed here otherwise.
     fed_target = tf1.placeholder_with_default(float_output, float_output.shape, name="target")
@@ -208,8 +207,11 @@ def build_problem(node_def, data_index, weight_index, input_shape, weight_value,
     hard_weight = tf.cast(hard_codes, tf.float32) * tf.constant(grid.scale) + tf.constant(grid.offset)
     hard_output = _layer_output(node_def, data_index, weight_index, inputs, hard_weight)
     hard_error = tf.reduce_mean(tf.reduce_sum(tf.square(hard_output - target), axis=axis))
-    moving = tf.boolean_mask(tf.reshape(soft, [-1]), tf.reshape(movable, [-1]))
-    regularisation = options.reg_weight * tf.reduce_sum(1.0 - tf.pow(tf.abs(2.0 * moving - 1.0), beta))
+    # A 0/1 mask rather than a gather: the gather's sparse gradient turned dense costs more than the layer.
+    movable_share = tf.constant(movable)
+    # |2h - 1|^beta as exp(beta log(.)): Pow's gradient also differentiates the exponent, several times the cost.
+    distance = tf.maximum(tf.abs(2.0 * soft - 1.0), 1e-12)
+    regularisation = options.reg_weight * tf.reduce_sum(movable_share * (1.0 - tf.exp(beta * tf.math.log(distance))))
     loss = reconstruction + reg_on * regularisation
     optimizer = tf1.train.AdamOptimizer(options.learning_rate)
     train_op = optimizer.minimize(loss, var_list=[logits])
