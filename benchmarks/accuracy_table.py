@@ -367,7 +367,8 @@ def main(argv=None):
             new_entries.append(entry)
             print("seed %d %-40s %.4f (float %.4f, float fine-tuned %s, %.0f s)"
                   % (seed, row.label, entry["accuracy"], entry["float_accuracy"],
-                     "-" if entry.get("control_accuracy") is None else "%.4f" % entry["control_accuracy"], entry["seconds"]),
+                     "-" if entry.get("control_accuracy") is None else "%.4f" % entry["control_accuracy"],
+                     entry["seconds"]),
                   flush=True)
     # Accuracy does not depend on the load: a part published with --allow_busy (parts run side by side)
     # records the load at once rather than waiting up to machine.SETTLE_SECONDS for the others to end.

@@ -128,7 +128,8 @@ class PTQLearner(uniform_quant.UniformQuantLearner):
         training.log(report.format_table())
         checkpoint = self._save(model, weights_checkpoint, quantized, ranges)
         extra.update({"calibrator": s.uql_calibrator, "calib_batches": s.uql_calib_batches,
-                      "calib_seconds": calib_seconds, "activation_ranges": {name: list(bounds) for name, bounds in ranges.items()}})
+                      "calib_seconds": calib_seconds,
+                      "activation_ranges": {name: list(bounds) for name, bounds in ranges.items()}})
         return self._evaluate_and_report(float_checkpoint, float_accuracy, checkpoint, report, report_path, extra)
 
     def _save(self, model, weights_checkpoint, quantized, ranges):

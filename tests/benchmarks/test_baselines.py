@@ -58,8 +58,8 @@ def test_rows_fine_tune_the_cached_baselines_and_each_control_runs_once(tmp_path
 
     monkeypatch.setattr(accuracy_table, "run_row", fake_run_row)
     output = tmp_path / "acc.json"
-    accuracy_table.main(["--quick", "--baselines", cache, "--rows", "W8A8,W4A4,W4A8 ch PTQ AdaRound", "--seeds", "0,1", "--output",
-                         str(output), "--work_dir", str(tmp_path / "work")])
+    accuracy_table.main(["--quick", "--baselines", cache, "--rows", "W8A8,W4A4,W4A8 ch PTQ AdaRound", "--seeds",
+                         "0,1", "--output", str(output), "--work_dir", str(tmp_path / "work")])
     controls = [c for c in calls if c[0].startswith("float fine-tuned")]
     # One control per seed: both rows share the epochs and have no distillation.
     assert [(c[0], c[1], c[2]) for c in controls] == [
