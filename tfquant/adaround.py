@@ -233,7 +233,7 @@ def annealed_beta(iteration, options):
 
 
 def optimize(sess, problem, inputs, options):
-    """Run AdaRound's iterations on random batches of `inputs` (NumPy, examples first); returns the final codes.
+    """Run AdaRound's iterations on random batches of `inputs` (NumPy, examples first); returns the roundings.
 
     Args:
       sess: a session on the problem's graph.
