@@ -95,8 +95,12 @@ def test_packed_model_reloads_the_adaround_codes_bit_for_bit(adaround_run, tmp_p
             trained = sess.run(fetches)
     for name in LAYERS:
         np.testing.assert_array_equal(weights[name], trained[name])  # the quantizer's values, bit for bit
-        codes, step, low = channel_grid(saved.get_tensor(name))
-        np.testing.assert_allclose(weights[name], codes * step + low, rtol=0, atol=1e-6)
+        # And NumPy's float32 decoding of the codes (alpha = max - min + 1e-10, step = alpha * float32(1/(2^k-1))).
+        w = saved.get_tensor(name)
+        codes, _, _ = channel_grid(w)
+        low, high = w.min(axis=tuple(range(w.ndim - 1))), w.max(axis=tuple(range(w.ndim - 1)))
+        step = ((high - low) + np.float32(1e-10)) * np.float32(1.0 / (2 ** BITS - 1))
+        np.testing.assert_array_equal(weights[name], codes.astype(np.float32) * step + low)
     accuracy, _, _ = learner.evaluate()
     assert accuracy == pytest.approx(results["quant_accuracy"], abs=1e-6)
 
