@@ -53,6 +53,10 @@ def reestimate(helper, config, checkpoint, nb_batches):
         assigns = [tf.group(bn.moving_mean.assign(mean), bn.moving_variance.assign(variance))
                    for bn, (mean, variance) in zip(batch_norms, values)]
         variables = list(graph.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES))
+    covered = {v.op.name for bn in batch_norms for v in (bn.moving_mean, bn.moving_variance)}
+    # Unfused batch norms (a Keras layer on a 2-D input) are not found: say so rather than skip them in silence.
+    missed = sorted(v.op.name for v in variables if v.op.name.endswith(("moving_mean", "moving_variance"))
+                    and v.op.name not in covered)
     if not batch_norms:
         raise UserError("--uql_bn_reestimate_batches: the model has no fused batch norm with moving statistics; "
                         "expected a model with batch norms (or the flag left out)")
@@ -70,7 +74,10 @@ def reestimate(helper, config, checkpoint, nb_batches):
             new_values[bn.moving_mean.op.name], new_values[bn.moving_variance.op.name] = mean, variance
             changes.append(float(np.max(np.abs(variance - old_variance) / np.maximum(old_variance, 1e-12))))
     summary = {"batch_norms": len(batch_norms), "batches": nb_batches, "seconds": time.time() - started,
-               "largest_variance_change": max(changes)}
+               "largest_variance_change": max(changes), "not_reestimated": missed}
+    if missed:
+        training.log("uniform: note: %d moving statistics belong to no fused batch norm and were not re-estimated "
+                     "(first: %s)" % (len(missed), missed[0]))
     return new_values, summary
 
 

@@ -73,6 +73,7 @@ def test_only_the_moving_statistics_change_and_they_are_the_inference_moments(tr
     helper, results, before, _ = trained
     after = read_all(results["quant_checkpoint"])
     assert sorted(after) == sorted(before) and results["bn_reestimation"]["batch_norms"] == 2
+    assert results["bn_reestimation"]["not_reestimated"] == []
     changed = sorted(name for name in after if not np.array_equal(np.asarray(after[name]),
                                                                      np.asarray(before[name])))
     assert changed == sorted("model/%s/%s" % (bn, s) for bn in ("bn1", "bn2") for s in STATISTICS)
