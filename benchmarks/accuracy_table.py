@@ -8,6 +8,11 @@ row's mean ± standard deviation over the seeds run so far.
   .venv/bin/python -m benchmarks.accuracy_table                          # every row, seed 0
   .venv/bin/python -m benchmarks.accuracy_table --rows W4A4,"W2A8 channel" --seeds 0,1,2
   .venv/bin/python -m benchmarks.accuracy_table --quick --output /tmp/acc.json --work_dir /tmp/acc
+  .venv/bin/python -m benchmarks.accuracy_table --baselines /data/tfquant_baselines --seeds 0,1,2
+
+Every row is also compared with its same-budget float control (benchmarks.float_control): the float checkpoint
+fine-tuned with the row's epochs, learning rate, schedule and distillation, nothing quantized. With --baselines
+DIR every row fine-tunes the converged float model benchmarks.baselines cached in DIR for its seed.
 """
 import argparse
 import collections
@@ -17,7 +22,7 @@ import subprocess
 import sys
 import typing
 
-from benchmarks import machine, publish, stats
+from benchmarks import float_control, machine, publish, stats
 
 SECTION = "accuracy_table"
 RUN_MODULE = "nets.resnet_at_fmnist_run"
@@ -82,6 +87,16 @@ ROWS = [
     Row("W8A8 all layers deployable", CH + " --uql_weight_bits=8 --uql_activation_bits=8 "
         "--uql_quantize_all_layers" + DEPLOY + " --uql_quantize_layer_outputs"),
 ]
+# Issue 34: post-training quantization (no fine-tuning, so no float control) with min/max and AdaRound rounding,
+# and batch-norm re-estimation after fine-tuning.
+PTQ = CH + " --learner=ptq --uql_weight_bits=4 --uql_activation_bits=8"
+BN = " --uql_bn_reestimate_batches=20"
+ROWS += [
+    Row("W4A8 ch PTQ nearest", PTQ),
+    Row("W4A8 ch PTQ AdaRound", PTQ + " --uql_adaround"),
+    Row("W4A4 ch min/max + BN re-estimation", CH + " --uql_weight_bits=4 --uql_activation_bits=4" + BN),
+    Row("W2A2 ch LSQ + dst + BN re-estimation", CH + " --uql_weight_bits=2 --uql_activation_bits=2" + LSQ + DST + BN),
+]
 QUICK_ROWS = ("W8A8", BASELINE)
 FULL = {"float": ["--nb_epochs_rat=1.0"], "epochs": 1.0, "finetune": ["--uql_lrn_rate_init=0.01"],
         "common": ["--batch_size=128", "--batch_size_eval=500", "--summ_step=100"]}
@@ -132,10 +147,31 @@ def parse_seeds(spec):
     return sorted(set(seeds))
 
 
+def float_prefix(work_dir, seed, budget):
+    """The float checkpoint prefix a seed's rows start from: the cached baseline's with --baselines."""
+    if budget.get("baselines"):
+        return budget["baseline_prefixes"][str(seed)]
+    return "%s/model.ckpt" % float_dir(work_dir, seed)
+
+
+def with_baselines(budget, cache_dir):
+    """The budget whose float models are the baselines cached in cache_dir (its manifest's schedule and seeds)."""
+    from benchmarks import baselines  # it builds on this module's budgets
+    manifest = baselines.load_manifest(cache_dir)
+    if manifest["float_common"] != budget["common"]:
+        raise publish.BenchmarkError("--baselines=%s was trained with %s; expected this table's %s (quick and full "
+                                     "runs do not mix)" % (cache_dir, manifest["float_common"], budget["common"]))
+    return dict(budget, float=manifest["float_flags"], baselines=os.path.abspath(cache_dir),
+                baseline_prefixes={seed: entry["checkpoint_prefix"] for seed, entry in manifest["baselines"].items()})
+
+
 def run_flags(work_dir, row, seed, budget):
     """The run-script flags of one (row, seed): shared budget, then the row's own flags (which win)."""
     epochs = budget["epochs"] if row.epochs is None else row.epochs
-    return (["--learner=uniform", "--save_path=%s/model.ckpt" % float_dir(work_dir, seed),
+    if budget.get("baselines") and str(seed) not in budget["baseline_prefixes"]:
+        raise publish.BenchmarkError("--baselines=%s has no baseline of seed %d; expected seeds %s"
+                                     % (budget["baselines"], seed, ",".join(sorted(budget["baseline_prefixes"]))))
+    return (["--learner=uniform", "--save_path=%s" % float_prefix(work_dir, seed, budget),
              "--uql_save_quant_model_path=%s/model.ckpt" % row_dir(work_dir, row.label, seed),
              "--log_dir=%s/logs" % row_dir(work_dir, row.label, seed), "--seed=%d" % seed,
              "--uql_quant_epochs=%s" % epochs] + budget["float"] + budget["finetune"] + budget["common"]
@@ -149,10 +185,22 @@ def run_row(work_dir, row, seed, budget):
     if done.returncode != 0:
         raise RuntimeError("row %r seed %d failed:\n%s" % (row.label, seed, done.stderr[-3000:]))
     results = publish.load_json(os.path.join(row_dir(work_dir, row.label, seed), "results.json"))
-    return {"label": row.label, "seed": seed, "flags": row.flags,
+    return {"label": row.label, "seed": seed, "flags": row.flags, "quant_flags": argv[3:],
             "epochs": budget["epochs"] if row.epochs is None else row.epochs,
             "accuracy": results["quant_accuracy"], "float_accuracy": results["float_accuracy"],
             "ratio": results["compression_ratio"], "test_examples": results["test_examples"], "seconds": seconds}
+
+
+def run_control(work_dir, row, seed, budget, done):
+    """The row's same-budget float control for a seed (run once per control label and seed; `done` caches it)."""
+    if not float_control.fine_tunes(row.flags):
+        return None, None  # post-training quantization: its control is the float model itself
+    epochs = budget["epochs"] if row.epochs is None else row.epochs
+    label = float_control.control_label(row.flags, epochs)
+    if (label, seed) not in done:
+        control = Row(label, " ".join(float_control.control_flags(row.flags)), epochs)
+        done[(label, seed)] = run_row(work_dir, control, seed, budget)
+    return label, done[(label, seed)]["accuracy"]
 
 
 def merge(existing, new_entries, quick, budget, path):
@@ -186,8 +234,11 @@ def summarize(entries):
             continue
         mean, std = stats.mean_std(e["accuracy"] for e in mine)
         change, _ = stats.mean_std(e["accuracy"] - float_by_seed[e["seed"]] for e in mine)
+        control = None
+        if all(e.get("control_accuracy") is not None for e in mine):
+            control = stats.mean_std(e["accuracy"] - e["control_accuracy"] for e in mine)[0]
         table[label] = {"seeds": [e["seed"] for e in mine], "mean": mean, "std": std, "change": change,
-                        "ratio": mine[0]["ratio"], "epochs": mine[0]["epochs"]}
+                        "ratio": mine[0]["ratio"], "epochs": mine[0]["epochs"], "vs_control": control}
     return table
 
 
@@ -253,9 +304,10 @@ def render(payload, command):
     float_mean, float_std = stats.mean_std(float_by_seed.values())
     budget = payload["budget"]
     rows = [("float (starting point)", ",".join(str(s) for s in sorted(float_by_seed)),
-             _percent(float_mean, float_std), "-", "1.00x")]
+             _percent(float_mean, float_std), "-", "-", "1.00x")]
     rows += [(label, ",".join(str(s) for s in t["seeds"]), _percent(t["mean"], t["std"]),
-              "%+.2f" % (100 * t["change"]), "%.2fx" % t["ratio"]) for label, t in table.items()]
+              "%+.2f" % (100 * t["change"]), "-" if t["vs_control"] is None else "%+.2f" % (100 * t["vs_control"]),
+              "%.2fx" % t["ratio"]) for label, t in table.items()]
     missing = [row.label for row in ROWS if row.label not in table]
     lines = ["## Accuracy table (ResNet-20, Fashion-MNIST, all 10,000 test images)", "",
              "Command (the last part run): `%s`" % command, ""]
@@ -264,8 +316,10 @@ def render(payload, command):
               "the row sets its own) %s. First and last layers float; compression counts every stored bit."
               % (" ".join(budget["float"]), budget["epochs"], " ".join(budget["finetune"] + budget["common"])),
               "- Accuracy: mean ± sample standard deviation over the seeds listed; 'vs float' is the mean change "
-              "against each seed's own float model.", "",
-              publish.markdown_table(("row", "seeds", "test accuracy %", "vs float", "model compression"), rows), ""]
+              "against each seed's own float model; 'vs float fine-tuned' against that float model fine-tuned with "
+              "the row's epochs, learning rate, schedule and distillation, nothing quantized ('-': not measured).", "",
+              publish.markdown_table(("row", "seeds", "test accuracy %", "vs float", "vs float fine-tuned",
+                                      "model compression"), rows), ""]
     lines += target_lines(table)
     busy = sorted({"%s (seed %d)" % (e["label"], e["seed"]) for e in entries if e.get("busy")})
     if busy:
@@ -284,6 +338,8 @@ def main(argv=None):
                         % ", ".join(QUICK_ROWS))
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
     parser.add_argument("--work_dir", default="/tmp/tfquant_accuracy_table", help="checkpoints and logs")
+    parser.add_argument("--baselines", help="fine-tune from the float models benchmarks.baselines cached here")
+    parser.add_argument("--no_controls", action="store_true", help="skip the same-budget float controls")
     args = parser.parse_args(argv)
     if args.render_json:
         # The section again from a results file (e.g. after parts run side by side), nothing run.
@@ -295,17 +351,25 @@ def main(argv=None):
     seeds = parse_seeds(args.seeds)
     output = args.output or (None if args.quick else DEFAULT_RESULTS)
     budget = QUICK if args.quick else FULL
+    if args.baselines:
+        budget = with_baselines(budget, args.baselines)
     existing = publish.load_json(output) if output and os.path.exists(output) else None
     merge(existing, [], args.quick, budget, output)  # refuse a mismatched results file before any run
     load_before = publish.start(args)
     os.makedirs(args.work_dir, exist_ok=True)
-    new_entries = []
+    new_entries, controls = [], {}
     for seed in seeds:
         for row in rows:
             entry = run_row(args.work_dir, row, seed, budget)
+            if not args.no_controls:
+                entry["control_label"], entry["control_accuracy"] = run_control(args.work_dir, row, seed, budget,
+                                                                                controls)
             new_entries.append(entry)
-            print("seed %d %-40s %.4f (float %.4f, %.0f s)"
-                  % (seed, row.label, entry["accuracy"], entry["float_accuracy"], entry["seconds"]), flush=True)
+            print("seed %d %-40s %.4f (float %.4f, float fine-tuned %s, %.0f s)"
+                  % (seed, row.label, entry["accuracy"], entry["float_accuracy"],
+                     "-" if entry.get("control_accuracy") is None else "%.4f" % entry["control_accuracy"],
+                     entry["seconds"]),
+                  flush=True)
     # Accuracy does not depend on the load: a part published with --allow_busy (parts run side by side)
     # records the load at once rather than waiting up to machine.SETTLE_SECONDS for the others to end.
     info = machine.machine_info(load=machine.end_load(args.quick or args.allow_busy))

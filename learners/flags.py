@@ -154,6 +154,17 @@ def define_flags():
     flags.DEFINE_boolean("uql_histograms", False, "also write TensorBoard histograms of each quantized weight and "
                          "its codes with the fidelity (about 1.5 KB per weight layer)")
 
+    # AdaRound (--learner ptq) and batch-norm re-estimation (--learner uniform), issue 34.
+    flags.DEFINE_boolean("uql_adaround", False, "--learner ptq: learn each weight's rounding (down or up) on "
+                         "calibration batches to minimise its layer's output error (AdaRound), before calibrating "
+                         "the activation ranges")
+    flags.DEFINE_integer("uql_adaround_iters", 500, "--uql_adaround: optimisation steps per weight layer")
+    flags.DEFINE_integer("uql_adaround_batches", 4, "--uql_adaround: training batches whose layer inputs AdaRound "
+                         "reconstructs (no labels used)")
+    flags.DEFINE_integer("uql_bn_reestimate_batches", 0, "--learner uniform: after fine-tuning, recompute every "
+                         "batch norm's moving mean and variance of the quantized network over this many training "
+                         "batches (0: off)")
+
 
 # PocketFlow's defaults of a run script where they differ from the shared ones (its ILSVRC-12 data set sets batch
 # sizes 64 and 100; its ILSVRC-12 ResNet is ResNet-18); MobileNet's depthwise layers get one range per channel.
@@ -242,6 +253,7 @@ def validate_flags():
         _writable_parent(name, getattr(FLAGS, name))
     _writable_parent("log_dir", FLAGS.log_dir, os.path.abspath(FLAGS.log_dir))
     _check_auto_bits()
+    _check_adaround_and_bn_reestimation()
     quant_config()  # bit widths, overrides and bucket settings are checked by tfquant itself
     _check_no_flag_ignored()
 
@@ -260,7 +272,30 @@ _DEPENDENT_FLAGS = (
     (("uql_pact_decay",), lambda: FLAGS.uql_act_range == "pact", "--uql_act_range=pact"),
     (("uql_freeze_bn_delay",), lambda: FLAGS.uql_fold_batch_norms, "--uql_fold_batch_norms"),
     (("uql_calib_percentile",), lambda: FLAGS.uql_calibrator == "percentile", "--uql_calibrator=percentile"),
+    (("uql_adaround_iters", "uql_adaround_batches"), lambda: FLAGS.uql_adaround, "--uql_adaround"),
 )
+
+
+def _check_adaround_and_bn_reestimation():
+    """AdaRound only for --learner ptq on a min/max or symmetric grid; BN re-estimation only for --learner uniform."""
+    for name in ("uql_adaround_iters", "uql_adaround_batches"):
+        _positive(name)
+    if FLAGS.uql_bn_reestimate_batches < 0:
+        raise UserError("--uql_bn_reestimate_batches=%d is not valid; expected 0 (off) or a number of batches"
+                        % FLAGS.uql_bn_reestimate_batches)
+    if FLAGS.uql_bn_reestimate_batches and FLAGS.learner != "uniform":
+        raise UserError("--uql_bn_reestimate_batches is not valid with --learner=%s; expected --learner=uniform "
+                        "(it re-estimates the statistics after quantized training)" % FLAGS.learner)
+    if not FLAGS.uql_adaround:
+        return
+    if FLAGS.learner != "ptq":
+        raise UserError("--uql_adaround is not valid with --learner=%s; expected --learner=ptq" % FLAGS.learner)
+    if FLAGS.uql_weight_range != "minmax":
+        raise UserError("--uql_adaround is not valid with --uql_weight_range=%s; expected minmax (AdaRound keeps the "
+                        "min/max or symmetric grid and chooses the rounding on it)" % FLAGS.uql_weight_range)
+    if FLAGS.uql_fold_batch_norms:
+        raise UserError("--uql_adaround is not valid with --uql_fold_batch_norms; expected unfolded weights (the "
+                        "folded weight is no variable the chosen codes can be written to)")
 
 
 def _check_no_flag_ignored():

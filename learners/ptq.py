@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfquant
-from learners import graphs, training, uniform_quant
+from learners import adaround_runner, graphs, training, uniform_quant
 from learners.errors import UserError
 from tfquant import calibrate, files
 
@@ -101,8 +101,15 @@ class PTQLearner(uniform_quant.UniformQuantLearner):
         model = graphs.build_graph(self.helper, False, quant_config=self.config)
         report = model.report
         quantized = [layer for layer in report.activation_layers if layer.quantized and layer.range_variables]
+        weights_checkpoint, extra = float_checkpoint, {}
+        if getattr(s, "uql_adaround", False):
+            # The rounded weights replace the float ones from here on: ranges are calibrated on them.
+            weights_checkpoint, extra["adaround"] = adaround_runner.round_weights(
+                self.helper, weights_only(self.config), float_checkpoint, s, self.output_dir)
+            training.log("ptq: AdaRound rounded %d weight layers in %.1f s"
+                         % (len(extra["adaround"]["layers"]), extra["adaround"]["seconds"]))
         started = time.time()
-        histograms = collect_histograms(self.helper, self.config, float_checkpoint,
+        histograms = collect_histograms(self.helper, self.config, weights_checkpoint,
                                         [layer.name for layer in quantized], s.uql_calib_batches)
         ranges = {}
         for layer in quantized:
@@ -119,13 +126,14 @@ class PTQLearner(uniform_quant.UniformQuantLearner):
         files.write_atomically(report_path, report.to_json())
         self._save_inference_graph()
         training.log(report.format_table())
-        checkpoint = self._save(model, float_checkpoint, quantized, ranges)
-        extra = {"calibrator": s.uql_calibrator, "calib_batches": s.uql_calib_batches, "calib_seconds": calib_seconds,
-                 "activation_ranges": {name: list(bounds) for name, bounds in ranges.items()}}
+        checkpoint = self._save(model, weights_checkpoint, quantized, ranges)
+        extra.update({"calibrator": s.uql_calibrator, "calib_batches": s.uql_calib_batches,
+                      "calib_seconds": calib_seconds,
+                      "activation_ranges": {name: list(bounds) for name, bounds in ranges.items()}})
         return self._evaluate_and_report(float_checkpoint, float_accuracy, checkpoint, report, report_path, extra)
 
-    def _save(self, model, float_checkpoint, quantized, ranges):
-        """Float weights plus calibrated ranges, saved as the checkpoint of step uql_calib_batches."""
+    def _save(self, model, weights_checkpoint, quantized, ranges):
+        """Weights (float, or AdaRound's) plus calibrated ranges, saved as the checkpoint of step uql_calib_batches."""
         by_name = {v.op.name: v for v in model.graph.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES)}
         with model.graph.as_default():
             assigns = []
@@ -137,7 +145,7 @@ class PTQLearner(uniform_quant.UniformQuantLearner):
             assign_op = tf.group(assigns)
         with graphs.new_session(model.graph) as sess:
             sess.run(model.init_op)
-            graphs.restore_variables(sess, model.model_variables, float_checkpoint)
+            graphs.restore_variables(sess, model.model_variables, weights_checkpoint)
             sess.run(assign_op)
             return model.saver.save(sess, self.save_path, global_step=self.settings.uql_calib_batches,
                                     write_meta_graph=False)

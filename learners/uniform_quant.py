@@ -5,7 +5,7 @@ import os
 import tensorflow as tf
 
 import tfquant
-from learners import bit_allocation, full_precision, graphs, run_settings, stopping, training
+from learners import bit_allocation, bn_reestimation, full_precision, graphs, run_settings, stopping, training
 from learners.errors import UserError
 from tfquant import checkpoints
 from tfquant.export import inference_graph
@@ -89,6 +89,9 @@ class UniformQuantLearner:
         """Fine-tune, evaluate, save the checkpoint, report and results; returns the results dict."""
         s = self.settings
         quant_current, started_from = self._check_settings()
+        bn_batches = getattr(s, "uql_bn_reestimate_batches", 0)
+        if bn_batches:
+            bn_reestimation.check_config(self.config, self.cluster)  # before training, not after it
         float_checkpoint = self._float_checkpoint()
         stopping.pause_point("between_phases")
         stopping.check("between the float and quantized phases", "float checkpoint %s saved" % float_checkpoint)
@@ -139,6 +142,11 @@ class UniformQuantLearner:
             checkpoint = training.train_with_summaries(
                 sess, model, self.save_path, os.path.join(s.log_dir, self.name, "train"), s, self.name,
                 last_good=latest, steps_per_epoch=max(1, self.helper.n_train // batch_size), cluster=self.cluster)
+            extra = None
+            if bn_batches and checkpoint is not None:
+                checkpoint, summary = bn_reestimation.reestimate_and_save(self.helper, self.config, sess, model,
+                                                                          checkpoint, self.save_path, bn_batches)
+                extra = {"bn_reestimation": summary}
         if not self.float_learner.is_chief:
             return None  # the chief evaluates and writes the results
         if self.cluster is not None:
@@ -146,7 +154,7 @@ class UniformQuantLearner:
             # first step, past the collective timeout on a busy machine.
             float_accuracy = self._evaluate_float(float_checkpoint)
             self._save_inference_graph()
-        return self._evaluate_and_report(float_checkpoint, float_accuracy, checkpoint, report, report_path)
+        return self._evaluate_and_report(float_checkpoint, float_accuracy, checkpoint, report, report_path, extra)
 
     def _evaluate_and_report(self, float_checkpoint, float_accuracy, checkpoint, report, report_path, extra=None):
         """Evaluate the quantized checkpoint, write results.json (with `extra` entries) and print the summary."""

@@ -60,8 +60,8 @@ def test_parts_merge_by_row_and_seed_and_the_table_shows_mean_and_std():
     text = accuracy_table.render({"entries": merged, "budget": accuracy_table.FULL, "load_before": [0.1, 0, 0],
                                   "machine": {"cores": 2, "cpu": "c", "tensorflow": "t", "python": "p", "date": "d",
                                               "load_average": [0.1, 0, 0]}}, "cmd")
-    assert "| W4A4 | 0,1 | 87.00 ± 1.41 | -3.00 | 4.00x |" in text
-    assert "| float (starting point) | 0,1 | 90.00 ± 1.41 | - | 1.00x |" in text
+    assert "| W4A4 | 0,1 | 87.00 ± 1.41 | -3.00 | - | 4.00x |" in text
+    assert "| float (starting point) | 0,1 | 90.00 ± 1.41 | - | - | 1.00x |" in text
     assert "Not run yet: W4A32 channel" in text and "busy" not in text
     with pytest.raises(publish.BenchmarkError, match="different float accuracies"):
         accuracy_table.merge(payload, [entry("W2A8 channel", 0, 0.9, 0.5)], False, accuracy_table.FULL, "r.json")
@@ -170,4 +170,4 @@ def test_section_is_rendered_again_from_a_results_file(tmp_path):
     accuracy_table.main(["--render_json", str(path), "--markdown", str(markdown)])
     text = markdown.read_text()
     assert "Command (the last part run): `python -m benchmarks.accuracy_table --x`" in text
-    assert "| W4A4 | 0,1 | 90.00 ± 0.71 | -1.00 | 4.00x |" in text
+    assert "| W4A4 | 0,1 | 90.00 ± 0.71 | -1.00 | - | 4.00x |" in text
