@@ -82,7 +82,7 @@ def _codes_initializers(model, result):
     initializers = {t.name: t for t in model.graph.initializer}
     for variable, record in result["onnx"]["weights"].items():
         if record["stored_type"] != "FLOAT":
-            yield variable, record, initializers[record["initializer"] + "_kbit_codes"]
+            yield variable, record, initializers[record["codes_initializer"]]
 
 
 def _unpack(raw, bits, count):
