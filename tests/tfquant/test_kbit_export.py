@@ -198,7 +198,17 @@ def test_litert_int4_file_holds_the_trained_codes_and_agrees(exports):
         codes = packed[variables[layer]].codes.astype(np.int64) - 3
         expected = codes.transpose(3, 0, 1, 2) if codes.ndim == 4 else codes.T.reshape(-1, 1, 1, codes.shape[0])
         np.testing.assert_array_equal(stored[record["tensor"]], expected)
-    assert any(r["converter_requantized"] for r in records.values())  # 3-bit codes the converter moved to 4 bits
+    # 3-bit codes the converter had moved onto a 4-bit grid, put back on the trained one in the int8 file.
+    assert any(r.get("converter_requantized") for r in result["int8"]["weights"])
+    # The int8 file holds the same trained codes as int8 (the converter had written them INT4, off the grid).
+    from ai_edge_litert import schema_py_generated as schema
+    int8_model = schema.ModelT.InitFromPackedBuf(bytearray((out / "model_int8.tflite").read_bytes()), 0)
+    int8_weights = {t.name.decode(): np.frombuffer(bytes(bytearray(int8_model.buffers[t.buffer].data)), np.int8)
+                    for t in int8_model.subgraphs[0].tensors
+                    if t.type == schema.TensorType.INT8 and int8_model.buffers[t.buffer].data is not None}
+    for layer, record in records.items():
+        np.testing.assert_array_equal(int8_weights[record["tensor"]], stored[record["tensor"]].reshape(-1))
+    assert result["int4"]["bytes_over_int8"] < 0.75
     # The interpreter runs it; it predicts as the quantized TF graph at least as often as the int8 file.
     logits = tflite_export.run_tflite((out / "model_int4.tflite").read_bytes(), images)
     agreement = result["agreement_with_quantized_tf"]
