@@ -224,3 +224,22 @@ def test_summary_lines_say_what_the_k_bit_files_hold(exports):
     assert "k-bit ONNX (opset 21): weights %d UINT4; 0 fused into MatMulNBits; 0 fallbacks" % len(weights) in \
         "\n".join(lines)
     assert "model_int4.tflite: 4 weights INT4, 0 int8" in "\n".join(lines)
+
+
+def test_a_file_onnxruntime_never_runs_as_written_is_refused(exports, tmp_path, monkeypatch):
+    (run, _, _), images = exports[0]["w4_block_symmetric"], exports[1]
+    calls = []
+
+    def always_disagrees(model, check_images, codes_names=()):
+        calls.append(len(check_images))
+        return {"ok": False, "reason": "logits differ", "relative_difference": 1.0, "top1_agreement": 0.0,
+                "logits": None, "fused": {}}
+
+    monkeypatch.setattr(onnx_check, "check", always_disagrees)
+    out = tmp_path / "export"
+    with pytest.raises(run_directory.ExportError, match="k-bit ONNX model is not valid: logits differ"):
+        run_directory.export_run_directory(str(run), str(out), onnx=True, test_data=(images, np.zeros(len(images),
+                                                                                                       np.int64)),
+                                           latency_images=0)
+    assert not out.exists()  # nothing written
+    assert len(calls) == 3  # as written, every layer in the non-fusing form, every layer in 8-bit containers
