@@ -82,7 +82,7 @@ def _codes_initializers(model, result):
     initializers = {t.name: t for t in model.graph.initializer}
     for variable, record in result["onnx"]["weights"].items():
         if record["stored_type"] != "FLOAT":
-            yield variable, record, initializers[record["initializer"] + "_kbit_codes"]
+            yield variable, record, initializers[record["codes_initializer"]]
 
 
 def _unpack(raw, bits, count):
@@ -198,7 +198,17 @@ def test_litert_int4_file_holds_the_trained_codes_and_agrees(exports):
         codes = packed[variables[layer]].codes.astype(np.int64) - 3
         expected = codes.transpose(3, 0, 1, 2) if codes.ndim == 4 else codes.T.reshape(-1, 1, 1, codes.shape[0])
         np.testing.assert_array_equal(stored[record["tensor"]], expected)
-    assert any(r["converter_requantized"] for r in records.values())  # 3-bit codes the converter moved to 4 bits
+    # 3-bit codes the converter had moved onto a 4-bit grid, put back on the trained one in the int8 file.
+    assert any(r.get("converter_requantized") for r in result["int8"]["weights"])
+    # The int8 file holds the same trained codes as int8 (the converter had written them INT4, off the grid).
+    from ai_edge_litert import schema_py_generated as schema
+    int8_model = schema.ModelT.InitFromPackedBuf(bytearray((out / "model_int8.tflite").read_bytes()), 0)
+    int8_weights = {t.name.decode(): np.frombuffer(bytes(bytearray(int8_model.buffers[t.buffer].data)), np.int8)
+                    for t in int8_model.subgraphs[0].tensors
+                    if t.type == schema.TensorType.INT8 and int8_model.buffers[t.buffer].data is not None}
+    for layer, record in records.items():
+        np.testing.assert_array_equal(int8_weights[record["tensor"]], stored[record["tensor"]].reshape(-1))
+    assert result["int4"]["bytes_over_int8"] < 0.75
     # The interpreter runs it; it predicts as the quantized TF graph at least as often as the int8 file.
     logits = tflite_export.run_tflite((out / "model_int4.tflite").read_bytes(), images)
     agreement = result["agreement_with_quantized_tf"]
@@ -214,3 +224,22 @@ def test_summary_lines_say_what_the_k_bit_files_hold(exports):
     assert "k-bit ONNX (opset 21): weights %d UINT4; 0 fused into MatMulNBits; 0 fallbacks" % len(weights) in \
         "\n".join(lines)
     assert "model_int4.tflite: 4 weights INT4, 0 int8" in "\n".join(lines)
+
+
+def test_a_file_onnxruntime_never_runs_as_written_is_refused(exports, tmp_path, monkeypatch):
+    (run, _, _), images = exports[0]["w4_block_symmetric"], exports[1]
+    calls = []
+
+    def always_disagrees(model, check_images, codes_names=()):
+        calls.append(len(check_images))
+        return {"ok": False, "reason": "logits differ", "relative_difference": 1.0, "top1_agreement": 0.0,
+                "logits": None, "fused": {}}
+
+    monkeypatch.setattr(onnx_check, "check", always_disagrees)
+    out = tmp_path / "export"
+    with pytest.raises(run_directory.ExportError, match="k-bit ONNX model is not valid: logits differ"):
+        run_directory.export_run_directory(str(run), str(out), onnx=True, test_data=(images, np.zeros(len(images),
+                                                                                                       np.int64)),
+                                           latency_images=0)
+    assert not out.exists()  # nothing written
+    assert len(calls) == 3  # as written, every layer in the non-fusing form, every layer in 8-bit containers

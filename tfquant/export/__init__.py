@@ -1,7 +1,9 @@
 """Export of quantized models: dense bit packing of integer codes and the packed-model container file,
 the packed model of a quantized checkpoint, a frozen inference graph, TFLite float / int8 models and ONNX
-Q/DQ models built from the trained ranges (fake_quant_graph, onnx_export; ONNX needs tfquant[onnx]), all
-from a run directory's files (checkpoint, quant_report.json, inference_graph.meta): no model code.
+Q/DQ models built from the trained ranges (fake_quant_graph, onnx_export; ONNX needs tfquant[onnx]), k-bit
+weights as their codes in ONNX (onnx_kbit_export: UINT4/UINT2 + DequantizeLinear, checked in onnxruntime) and
+LiteRT (tflite_int4: INT4), all from a run directory's files (checkpoint, quant_report.json,
+inference_graph.meta): no model code.
 
 Command line: python -m tfquant.export --help
 """

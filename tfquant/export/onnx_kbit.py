@@ -13,9 +13,11 @@ they fit the consumer's tensor: 'per_tensor', 'per_axis' (channel buckets) or 'b
 block buckets contiguous along one axis; a MatMul weight [K, N] blocked along K is what onnxruntime fuses into
 MatMulNBits). Any other layout is 'reshaped': the codes are stored in the layout's own matrix view, blocked
 or per axis there, and a Reshape/Transpose after the DequantizeLinear gives the consumer its tensor; the codes
-are never changed. A grid whose offset beta is an integer number of steps (symmetric, LSQ) has an integer
-zero point; any other (PocketFlow's min/max grid) keeps zero point 0 and adds beta after the
-DequantizeLinear, exact but not fusable ('float_offset'). 3-bit codes are stored in UINT4, 1-bit in UINT2.
+are never changed (where a float offset needs whole blocks, a short last block is padded with copies of its
+last row, which a Slice drops again and read_weight_codes ignores). A grid whose offset beta is an integer
+number of steps (symmetric, LSQ) has an integer zero point; any other (PocketFlow's min/max grid) keeps zero
+point 0 and adds beta after the DequantizeLinear, exact but not fusable ('float_offset'). 3-bit codes are
+stored in UINT4, 1-bit in UINT2. The stored types are unsigned because the trained codes are (0 .. 2^k - 1).
 """
 import dataclasses
 import itertools

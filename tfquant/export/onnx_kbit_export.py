@@ -16,7 +16,7 @@ import copy
 import numpy as np
 
 from tfquant.config import FLOAT_BITS
-from tfquant.export import onnx_check, onnx_export, onnx_kbit
+from tfquant.export import onnx_check, onnx_export, onnx_kbit, onnx_names
 from tfquant.export.model_export import ExportError
 
 OPSET_INT4 = 21
@@ -111,6 +111,10 @@ def _build(bases, tensors, overrides):
         bases[opset] = _at_opset(bases["source"], opset)
     model = copy.deepcopy(bases[opset])
     records = onnx_kbit.store_kbit_weights(model, tensors, overrides)
+    mapping = onnx_names.shorten_names(model, onnx_kbit.METADATA_KEY)
+    for record in records.values():
+        if "initializer" in record:
+            record["codes_initializer"] = mapping[record["initializer"] + "_kbit_codes"]
     onnx.checker.check_model(model)
     return model.SerializeToString(), records, opset
 
@@ -138,7 +142,7 @@ def export(graph_def, weight_records, report, tensors, check_images):
 
     def attempt(overrides):
         model, records, opset = _build(bases, kbit, overrides)
-        codes = {name: record.get("initializer", "") + "_kbit_codes" for name, record in records.items()}
+        codes = {name: record.get("codes_initializer", "") for name, record in records.items()}
         return model, records, opset, onnx_check.check(model, images, list(codes.values())), codes
 
     overrides = {}

@@ -231,15 +231,18 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
                           "activation_ranges": "trained ranges as FakeQuant ops; tensors training never "
                                                "quantized calibrated (see trained_ranges)"}
     if int8:
-        add_file("tflite_int8", "model_int8.tflite", models["int8"])
         not_int4 = tflite_int4.eligible(report) if not options.int8_calibration else "int8_calibration"
         if not not_int4:
             tensors, _ = packed_reader.read_packed_model(os.path.join(staging, "model.tfq"))
+            # The converter writes <= 4-bit weights INT4 itself, off a 2-3-bit grid: the int8 file gets the
+            # trained codes as int8, model_int4.tflite as INT4.
+            models["int8"], result["int8"]["weights"] = tflite_int4.to_int4(models["int8"], tensors, report, "INT8")
             models["int4"], records = tflite_int4.to_int4(models["int8"], tensors, report)
             add_file("tflite_int4", "model_int4.tflite", models["int4"])
             result["int4"] = {"weights": records, "bytes_over_int8": len(models["int4"]) / len(models["int8"])}
         else:
             result["int4"] = {"not_written": not_int4}
+        add_file("tflite_int8", "model_int8.tflite", models["int8"])
     onnx_model = None
     if onnx:
         onnx_model, result["onnx"] = onnx_kbit_export.onnx_file(

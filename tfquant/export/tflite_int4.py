@@ -78,8 +78,12 @@ def pack_int4(values):
     return packing.pack_codes(values & 0xF, 4)
 
 
-def to_int4(int8_model, tensors, report):
+def to_int4(int8_model, tensors, report, storage="INT4"):
     """The int8 model with its FULLY_CONNECTED / CONV_2D k-bit weights as INT4 tensors of the trained codes.
+
+    With storage='INT8' the same weights are written as INT8 tensors of the trained codes instead: TensorFlow's
+    converter itself writes a <= 4-bit FakeQuant weight as INT4, moving a 2-3-bit grid onto a 4-bit one, so
+    this gives the int8 file int8 weights on exactly the trained grid.
 
     The weight's scales become the trained steps, and its int32 bias is rescaled to the new product of steps
     (round(bias * old / new), which gives back the trained bias codes exactly when the converter had moved
@@ -89,8 +93,9 @@ def to_int4(int8_model, tensors, report):
       int8_model: the int8 .tflite bytes (tflite_export.convert_int8_trained).
       tensors: the packed file's tensors (read_packed_model).
       report: the QuantReport (eligible(report) must be '').
+      storage: 'INT4' or 'INT8'.
     Returns:
-      (the INT4 .tflite bytes, [per weight tensor: {tensor, operator, layer, stored: 'INT4' | 'INT8', reason}]).
+      (the rewritten .tflite bytes, [per weight tensor: {tensor, operator, layer, stored: 'INT4' | 'INT8', reason}]).
     """
     import flatbuffers  # pylint: disable=import-outside-toplevel
     schema = _schema()
@@ -121,6 +126,7 @@ def to_int4(int8_model, tensors, report):
                 record["reason"] = "%s takes int8 weights only" % kind
                 continue
             if tensor.buffer in done:
+                record["stored"] = storage
                 continue
             data = bytes(bytearray(buffer.data))
             values = (_unpack_int4(data, tensor.shape) if tensor.type == schema.TensorType.INT4
@@ -131,14 +137,17 @@ def to_int4(int8_model, tensors, report):
             if stored is None:
                 record["reason"] = "the converter's weight is not on the trained grid"
                 continue
-            buffer.data = np.frombuffer(pack_int4(stored), np.uint8)
-            tensor.type = schema.TensorType.INT4
+            if storage == "INT4":
+                buffer.data = np.frombuffer(pack_int4(stored), np.uint8)
+            else:
+                buffer.data = np.frombuffer(stored.astype(np.int8).tobytes(), np.uint8)
+            tensor.type = getattr(schema.TensorType, storage)
             ratio = old_scales / step.astype(np.float64).reshape(old_scales.shape)
             tensor.quantization.scale = [float(v) for v in step.reshape(-1)]
             if len(operator.inputs) > 2 and operator.inputs[2] >= 0 and not np.array_equal(ratio, np.ones_like(ratio)):
                 _rescale_bias(model, subgraph.tensors[operator.inputs[2]], ratio, schema)
             done.add(tensor.buffer)
-            record["stored"] = "INT4"
+            record["stored"] = storage
             record["converter_requantized"] = bool(not np.array_equal(stored, values))
     builder = flatbuffers.Builder(len(int8_model))
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
