@@ -66,11 +66,18 @@ def parse_accuracy(stdout):
 def train_baseline(cache_dir, ratio, seed, budget):
     """Train (or find cached) one float baseline and evaluate it; returns its entry (also written as command.json)."""
     record_path = os.path.join(length_dir(cache_dir, ratio, seed), COMMAND)
-    if os.path.exists(record_path):
-        return publish.load_json(record_path)
     flags = train_flags(cache_dir, ratio, seed, budget)
+    if os.path.exists(record_path):
+        cached = publish.load_json(record_path)
+        if cached.get("flags") != flags:
+            raise publish.BenchmarkError("%s was trained with %s; expected %s (quick and full runs do not share a "
+                                         "cache: choose another --cache_dir)" % (record_path, cached.get("flags"),
+                                                                                 flags))
+        return cached
     argv = [sys.executable, "-m", RUN_MODULE] + flags
-    seconds, _ = stats.timed(lambda: _run(argv))
+    seconds, log = stats.timed(lambda: _run(argv))
+    with open(os.path.join(length_dir(cache_dir, ratio, seed), "train.log"), "w") as handle:
+        handle.write(log)  # the run's own progress lines, kept with the checkpoint
     accuracy = parse_accuracy(_run(argv + ["--exec_mode=eval"]))
     entry = {"ratio": ratio, "seed": seed, "accuracy": accuracy, "seconds": seconds,
              "checkpoint_prefix": checkpoint_prefix(cache_dir, ratio, seed), "flags": flags,

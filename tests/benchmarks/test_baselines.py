@@ -95,3 +95,7 @@ def test_baselines_quick_caches_checkpoints_settings_and_commands(tmp_path):
     chosen, converged = baselines.choose_length({p["ratio"]: p["accuracies"] for p in data["curve"]})
     assert (data["chosen_ratio"], data["converged"]) == (chosen, converged)
     assert data["baselines"]["0"]["ratio"] == chosen and data["float_flags"] == ["--nb_epochs_rat=%g" % chosen]
+    assert "full-prec: saved" in (cache / ("ratio%g" % chosen) / "seed0" / "train.log").read_text()
+    # A cache of another budget is refused, not reused.
+    with pytest.raises(publish.BenchmarkError, match="do not share a cache"):
+        baselines.train_baseline(str(cache), baselines.QUICK["ratios"][0], 0, dict(baselines.QUICK, common=[]))

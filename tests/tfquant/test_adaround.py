@@ -135,3 +135,21 @@ def test_group_extremes_keep_their_codes_and_the_annealing_follows_the_paper(rng
     assert adaround.annealed_beta(20, options) == (20.0, True)
     assert adaround.annealed_beta(100, options)[0] == pytest.approx(2.0)
     np.testing.assert_allclose(ops.levels(2), 3.0)
+
+
+def test_depthwise_groups_per_input_channel_and_multiplier(rng):
+    layout = GroupLayout("channel", channel_axes=(2, 3))
+    groups = adaround.group_index((3, 3, 4, 2), layout)
+    expected = np.arange(4)[None, None, :, None] * 2 + np.arange(2)[None, None, None, :]
+    np.testing.assert_array_equal(groups, np.broadcast_to(expected, (3, 3, 4, 2)))
+    np.testing.assert_array_equal(adaround.group_index((10, 3), GroupLayout("split", bucket_size=4)),
+                                  np.arange(30).reshape(10, 3) // 4)
+    inputs = np.maximum(rng.normal(size=(64, 6, 6, 4)), 0).astype(np.float32)
+
+    def depthwise(x, wp):
+        return tf.nn.depthwise_conv2d(x, wp, [1, 1, 1, 1], "SAME")
+
+    w, grid, codes, errors, _, _ = solve(depthwise, (3, 3, 4, 2), inputs, 3, layout, "asymmetric", OPTIONS, rng)
+    nearest, _, _, _ = numpy_grid(w, 3, layout, "asymmetric")
+    np.testing.assert_array_equal(grid.nearest, nearest)
+    assert np.abs(codes - nearest).max() <= 1 and errors[1] < errors[0]
