@@ -52,10 +52,12 @@ MODEL_FILE_FLAGS = (("model", None), ("signature", "serving_default"), ("input_n
 
 def _refuse_flags_of_other_scripts(settings, model):
     """A built-in model's run script would ignore the Keras script's flags (and a ConvNet --resnet_size)."""
-    for name, unset in KERAS_FLAGS + MODEL_FILE_FLAGS:
-        if getattr(settings, name) != unset:
-            raise UserError("--%s=%s has no effect with the %s run script; expected nets/keras_model_run.py for "
-                            "a Keras model, or the flag left out" % (name, getattr(settings, name), model))
+    for names, script in ((KERAS_FLAGS, "nets/keras_model_run.py for a Keras model"),
+                          (MODEL_FILE_FLAGS, "nets/model_file_run.py for a model file")):
+        for name, unset in names:
+            if getattr(settings, name) != unset:
+                raise UserError("--%s=%s has no effect with the %s run script; expected %s, or the flag left out"
+                                % (name, getattr(settings, name), model, script))
     if not model.startswith("resnet"):
         _refuse_resnet_size(settings, "the %s run script" % model)
 

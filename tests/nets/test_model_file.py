@@ -2,7 +2,6 @@
 model, weights trainable, uniform and ptq runs, export, and --save_model reloading in plain TF / Keras with the
 quantized model's predictions."""
 import json
-import os
 import re
 
 import numpy as np
