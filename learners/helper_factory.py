@@ -186,6 +186,10 @@ def make_model_file_helper(settings):
                         "layers (trained as such) that the folding pass does not match; expected the flag left out"
                         % (kind, settings.model))
     if settings.save_model:
+        if settings.learner not in ("uniform", "ptq") or settings.exec_mode != "train":
+            raise UserError("--save_model=%s has no effect with --learner %s --exec_mode %s; expected --learner "
+                            "uniform or ptq with --exec_mode train" % (settings.save_model, settings.learner,
+                                                                      settings.exec_mode))
         saving.check_save_path(settings.save_model, kind, settings.uql_fold_batch_norms)
     kwargs = helper_kwargs(settings, False)
     kwargs.update(data_npz=settings.data_npz, dataset=settings.dataset)

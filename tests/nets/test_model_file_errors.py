@@ -102,7 +102,9 @@ def refusal(directory, model, **overrides):
     ("conv3d.pb", {}, ["conv3d.pb", "Conv3D", "cannot quantize", "expected Conv2D"]),
     ("loop_sm", {}, ["loop_sm", "control flow", "tfquant cannot rewrite"]),
     ("module_sm", {"keras_unsafe": True}, ["--keras_unsafe", "module_sm"]),
-    ("frozen.pb", {"save_model": "out.keras"}, ["--save_model=out.keras", "expected a path ending in .pb"]),
+    ("frozen.pb", {"save_model": "out.keras", "learner": "ptq", "exec_mode": "train"},
+     ["--save_model=out.keras", "expected a path ending in .pb"]),
+    ("frozen.pb", {"save_model": "out.pb"}, ["--save_model=out.pb", "--learner full-prec", "uniform or ptq"]),
     ("frozen.pb", {"uql_fold_batch_norms": True}, ["--uql_fold_batch_norms", "frozen.pb", "frozen affine"]),
 ])
 def test_refusals_are_one_line(bad, model, overrides, fragments):
