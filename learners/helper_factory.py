@@ -77,10 +77,12 @@ MODEL_FILE_FLAGS = (("model", None), ("signature", "serving_default"), ("input_n
 
 def _refuse_flags_of_other_scripts(settings, model):
     """A built-in model's run script would ignore the model-file scripts' flags and other models' flags."""
-    for name, unset in KERAS_FLAGS + MODEL_FILE_FLAGS:
-        if getattr(settings, name) != unset:
-            raise UserError("--%s=%s has no effect with the %s run script; expected nets/keras_model_run.py for "
-                            "a Keras model, or the flag left out" % (name, getattr(settings, name), model))
+    for names, script in ((KERAS_FLAGS, "nets/keras_model_run.py for a Keras model"),
+                          (MODEL_FILE_FLAGS, "nets/model_file_run.py for a model file")):
+        for name, unset in names:
+            if getattr(settings, name) != unset:
+                raise UserError("--%s=%s has no effect with the %s run script; expected %s, or the flag left out"
+                                % (name, getattr(settings, name), model, script))
     _refuse_script_flags(settings, model, "the %s run script" % model)
 
 
@@ -211,6 +213,10 @@ def make_model_file_helper(settings):
                         "layers (trained as such) that the folding pass does not match; expected the flag left out"
                         % (kind, settings.model))
     if settings.save_model:
+        if settings.learner not in ("uniform", "ptq") or settings.exec_mode != "train":
+            raise UserError("--save_model=%s has no effect with --learner %s --exec_mode %s; expected --learner "
+                            "uniform or ptq with --exec_mode train" % (settings.save_model, settings.learner,
+                                                                      settings.exec_mode))
         saving.check_save_path(settings.save_model, kind, settings.uql_fold_batch_norms)
     kwargs = helper_kwargs(settings, False)
     kwargs.update(data_npz=settings.data_npz, dataset=settings.dataset)

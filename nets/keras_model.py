@@ -95,8 +95,13 @@ def load_keras_model(path, unsafe=False):
         raise
     except Exception as exc:  # pylint: disable=broad-except  (any failure of Keras on a user's file)
         message = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise fail("Keras model %s cannot be loaded (%s); expected a model saved by tf_keras%s"
+        raise fail("Keras model %s cannot be loaded (%s); expected a model saved by tf_keras%s (Keras 3 files, other "
+                   "SavedModels and frozen graphs: nets/model_file_run.py --model)"
                    % (path, message, "" if unsafe else " (loaded in safe mode: no Lambda layers)")) from None
+    if not isinstance(model, keras.Model):
+        # tf_keras loads a SavedModel that Keras did not write as a plain trackable object.
+        raise fail("%s is not a tf_keras model (a SavedModel of %s); expected nets/model_file_run.py --model for "
+                   "SavedModels of Keras 3, tf.Module or tf.function" % (path, type(model).__name__))
     nested = [layer.name for layer in model.layers if isinstance(layer, keras.Model)]
     if nested:
         # clone_model would rebuild a nested model on Keras placeholders too: a second, dead copy of its

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from nets import keras_model
 from nets.model_formats import ModelFileError, graph_import, load_file_graph
+from tfquant import match
 
 tf1 = tf.compat.v1
 
@@ -66,8 +67,8 @@ class ModelFileHelper(keras_model.KerasModelHelper):
                                  "the output with --output_name)" % (self.model_kind, path, logits.shape), path=path)
         if not self.prepared.parameters:
             raise ModelFileError("%s %s holds no weights tfquant can train (no Const read by a Conv2D, MatMul, "
-                                 "depthwise or BatchMatMul op); expected a model with weights" % (self.model_kind, path),
-                                 path=path)
+                                 "depthwise or BatchMatMul op); expected a model with weights"
+                                 % (self.model_kind, path), path=path)
         self.nb_classes = int(logits.shape[-1])
         self.initial_values = {p.name: p.value for p in self.prepared.parameters.values()}
 
@@ -79,7 +80,7 @@ class ModelFileHelper(keras_model.KerasModelHelper):
     def calc_loss(self, labels, logits, trainable_vars):
         """Cross-entropy plus loss_w_dcy/2 * sum of squared weights of the matmul-like ops."""
         loss, metrics = keras_model.model_helper.ClassifierModelHelper.calc_loss(self, labels, logits, [])
-        weights = {c.variable_name for c in graph_import.match.find_weight_candidates(logits.graph) if c.variable_name}
+        weights = {c.variable_name for c in match.find_weight_candidates(logits.graph) if c.variable_name}
         decayed = [v for v in trainable_vars if v.op.name in weights]
         if decayed and self.loss_w_dcy:
             loss = loss + self.loss_w_dcy * tf.add_n([tf.nn.l2_loss(v) for v in decayed])

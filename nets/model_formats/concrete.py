@@ -68,11 +68,6 @@ def freeze(function, path, kind, variable_names=None, save_info=None):
                      variables=names, save_info=save_info or {})
 
 
-def graph_def_of(function):
-    """A ConcreteFunction's graph as a GraphDef (for refusing what cannot be frozen)."""
-    return function.graph.as_graph_def()
-
-
 def tensor_spec(shape, name):
     """A float32 TensorSpec of `shape` with a free batch dimension."""
     return tf.TensorSpec([None] + list(shape[1:]), tf.float32, name=name)

@@ -8,7 +8,7 @@ data. Variances (a FusedBatchNorm's inputs 3 and 4, what an Rsqrt or Sqrt reads)
 non-trainable: the file's batch norms were frozen, so they train as an affine layer.
 """
 import dataclasses
-from typing import Dict, Tuple
+from typing import Dict
 
 import numpy as np
 import tensorflow as tf
@@ -273,7 +273,3 @@ def import_graph(prepared, inputs, scope_name="graph"):
                              path=prepared.path) from None
     return logits
 
-
-def parameter_names(prepared) -> Dict[str, Tuple[str, bool]]:
-    """{Const name: (variable name, trainable)} of the prepared graph."""
-    return {name: (p.name, p.trainable) for name, p in prepared.parameters.items()}

@@ -2,7 +2,6 @@
 model, weights trainable, uniform and ptq runs, export, and --save_model reloading in plain TF / Keras with the
 quantized model's predictions."""
 import json
-import os
 import re
 
 import numpy as np
@@ -58,7 +57,7 @@ def test_keras3_file_uniform_w4a8_trains_saves_and_exports(files, tmp_path):
                            .get_layer("conv_2").kernel.numpy())  # fine-tuned
     reference = fx.quantized_checkpoint_logits(str(tmp_path / "models_uql"), files["x_test"])
     agreement = np.mean(top1(reloaded.predict(files["x_test"], verbose=0)) == top1(reference))
-    assert agreement >= 0.995, agreement  # activations float in a Keras file: 1 of 200 may flip
+    assert agreement >= 0.999, agreement  # activations float in a Keras file: measured 200 of 200
     assert json.load(open(tmp_path / "tuned.keras.quant_report.json")) == report
 
     exported = fx.run_file(tmp_path, model, data, "--learner=uniform", "--uql_weight_bits=4",

@@ -102,7 +102,9 @@ def refusal(directory, model, **overrides):
     ("conv3d.pb", {}, ["conv3d.pb", "Conv3D", "cannot quantize", "expected Conv2D"]),
     ("loop_sm", {}, ["loop_sm", "control flow", "tfquant cannot rewrite"]),
     ("module_sm", {"keras_unsafe": True}, ["--keras_unsafe", "module_sm"]),
-    ("frozen.pb", {"save_model": "out.keras"}, ["--save_model=out.keras", "expected a path ending in .pb"]),
+    ("frozen.pb", {"save_model": "out.keras", "learner": "ptq", "exec_mode": "train"},
+     ["--save_model=out.keras", "expected a path ending in .pb"]),
+    ("frozen.pb", {"save_model": "out.pb"}, ["--save_model=out.pb", "--learner full-prec", "uniform or ptq"]),
     ("frozen.pb", {"uql_fold_batch_norms": True}, ["--uql_fold_batch_norms", "frozen.pb", "frozen affine"]),
 ])
 def test_refusals_are_one_line(bad, model, overrides, fragments):
@@ -155,3 +157,14 @@ def test_damaged_files_load_or_are_refused_in_one_line(bad, tmp_path):
             assert "\n" not in str(exc) and str(target) in str(exc), str(exc)
             outcomes["refused"] += 1
     assert outcomes["refused"] >= len(cases) // 2, outcomes
+
+
+def test_keras_script_points_to_the_model_file_script(bad, tmp_path):
+    """keras_model_run.py on a tf.Module SavedModel: one line naming model_file_run.py (it was a traceback)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=fx.ROOT)
+    result = fx.subprocess.run([fx.sys.executable, os.path.join(fx.ROOT, "nets", "keras_model_run.py"),
+                                "--keras_model=%s" % (bad / "module_sm"), "--data_npz=%s" % (bad / "data.npz")],
+                               cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "module_sm" in lines[0] and "nets/model_file_run.py --model" in lines[0], lines
