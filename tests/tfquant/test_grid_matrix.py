@@ -23,9 +23,13 @@ GRID_SETTINGS = {
     "ternary": dict(weight_bits=2, weight_range="ternary"),
     "binary": dict(weight_bits=1, weight_range="binary"),
 }
-# Every bucket layout the config names ('split' and any bucket layout after it with 40 elements per bucket).
+# Every bucket layout the config names: 40 elements per bucket, or the smallest block size the runtimes' k-bit
+# kernels take for 'block' (the conv's 9 input elements per output channel then make one short block, the fc's
+# 144 nine blocks).
+BUCKET_SIZES = {"block": 16}
 LAYOUT_SETTINGS = {None: dict(use_buckets=False)}
-LAYOUT_SETTINGS.update({kind: dict(use_buckets=True, bucket_type=kind, bucket_size=40) for kind in BUCKET_TYPES})
+LAYOUT_SETTINGS.update({kind: dict(use_buckets=True, bucket_type=kind, bucket_size=BUCKET_SIZES.get(kind, 40))
+                        for kind in BUCKET_TYPES})
 
 
 def _forward(images):
