@@ -175,9 +175,10 @@ def record_fidelity(helper, settings, checkpoint, learner_name):
     """
     try:
         switched, saved, report_path = _open(helper, checkpoint)
-    except layer_switches.SwitchError as exc:
-        # The run itself is complete and saved: say what is missing rather than fail it.
-        training.log("%s: per-layer fidelity not measured (%s)" % (learner_name, exc))
+    except (layer_switches.SwitchError, UserError) as exc:
+        # The run itself is complete and saved (a resumed run that had nothing left to train may even hold a report
+        # its checkpoint was not trained with): say what is missing rather than fail it.
+        training.log("%s: per-layer fidelity not measured: %s" % (learner_name, exc))
         return write_html(os.path.dirname(checkpoint))
     try:
         images, _ = evaluation_arrays(helper, settings.uql_analysis_batches * settings.batch_size_eval)
