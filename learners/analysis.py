@@ -15,7 +15,7 @@ import tensorflow as tf
 import tfquant
 from learners import graphs, run_settings, stopping, training, uniform_quant
 from learners.errors import UserError
-from tfquant import fidelity, layer_switches, report_html
+from tfquant import checkpoints, fidelity, layer_switches, report_html
 from tfquant.report_schema import layer_layout
 
 tf1 = tf.compat.v1
@@ -175,9 +175,10 @@ def record_fidelity(helper, settings, checkpoint, learner_name):
     """
     try:
         switched, saved, report_path = _open(helper, checkpoint)
-    except layer_switches.SwitchError as exc:
-        # The run itself is complete and saved: say what is missing rather than fail it.
-        training.log("%s: per-layer fidelity not measured (%s)" % (learner_name, exc))
+    except (layer_switches.SwitchError, UserError) as exc:
+        # The run itself is complete and saved (a resumed run that had nothing left to train may even hold a report
+        # its checkpoint was not trained with): say what is missing rather than fail it.
+        training.log("%s: per-layer fidelity not measured: %s" % (learner_name, exc))
         return write_html(os.path.dirname(checkpoint))
     try:
         images, _ = evaluation_arrays(helper, settings.uql_analysis_batches * settings.batch_size_eval)
@@ -204,8 +205,16 @@ def _latest(learner):
 
 
 def record_latest_fidelity(helper, settings, learner):
-    """record_fidelity on the learner's latest checkpoint (--exec_mode eval); returns the HTML path."""
-    return record_fidelity(helper, settings, _latest(learner), learner.name)
+    """record_fidelity on the learner's latest checkpoint, after learner.evaluate() (--exec_mode eval), which
+    found it and printed any note about it already; returns the HTML path."""
+    try:
+        checkpoint = checkpoints.latest_valid_checkpoint(learner.save_path)[0]
+    except checkpoints.CheckpointError as exc:
+        raise UserError(str(exc)) from None
+    if checkpoint is None:
+        raise UserError("no quantized checkpoint found in %s; expected one written by --learner %s"
+                        % (learner.output_dir, learner.name))
+    return record_fidelity(helper, settings, checkpoint, learner.name)
 
 
 def write_html(run_dir):
