@@ -250,7 +250,9 @@ def _compare(mode, reference_dir, chaos_dir, reference, finals, kills):
             continue
         for name in want:
             compared += 1
-            if want[name].dtype != got[name].dtype or not np.array_equal(want[name], got[name]):
+            # np.asarray: the record of quantization decisions is a string variable (bytes), the rest arrays.
+            want_value, got_value = np.asarray(want[name]), np.asarray(got[name])
+            if want_value.dtype != got_value.dtype or not np.array_equal(want_value, got_value):
                 differences.append("%s: variable %s differs" % (prefix, name))
     accuracy = {}
     for phase, _ in mode["phases"]:
@@ -291,11 +293,19 @@ def main(argv=None):
     publish.add_arguments(parser, render_json=False)
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill delays")
     parser.add_argument("--workdir", default=None, help="where the runs go (default: a new temporary directory)")
+    parser.add_argument("--kills", type=int, default=None, help="full run: kill points in all (default 24), a quarter "
+                        "each in evaluation and export, the rest in training")
     args = parser.parse_args(argv)
+    mode = dict(QUICK if args.quick else FULL)
+    if args.kills is not None:
+        if args.quick or args.kills < 3:
+            parser.error("--kills is valid only without --quick, with at least 3 (one per phase)")
+        others = max(1, args.kills // 4)
+        mode["kills"] = {"train": args.kills - 2 * others, "eval": others, "export": others}
     load_before = publish.start(args)
     workdir = args.workdir or tempfile.mkdtemp(prefix="tfquant-chaos-")
     started = time.time()
-    result = run_chaos(QUICK if args.quick else FULL, workdir, args.seed)
+    result = run_chaos(mode, workdir, args.seed)
     result.update(quick=args.quick, seconds=round(time.time() - started, 1), workdir=workdir)
     lines = summary_lines(result)
     print("\n".join(lines + ["work directory: %s (%.0f s)" % (workdir, result["seconds"])]))
