@@ -188,7 +188,9 @@ def run_chaos(mode, workdir, seed):
             attempts = []  # stdout lines of each killed process of this phase, then of the final one
             while budget > 0:
                 process = _Process(mode["flags"] + extra, chaos_dir)
-                if not _kill_at_random_point(process, rng, expected[phase], expected_seconds[phase]):
+                # A resumed run prints only what is left: the kill point is drawn among the lines still to come.
+                left = expected[phase] - _progress(reference.get(phase) if beside is None else None, attempts)
+                if not _kill_at_random_point(process, rng, left, expected_seconds[phase]):
                     if process.popen.returncode != 0:
                         raise publish.BenchmarkError("chaos %s ended with status %d: %s" % (
                             phase, process.popen.returncode, " | ".join(process.stderr[-3:])))
@@ -209,6 +211,18 @@ def run_chaos(mode, workdir, seed):
     if set(reference) != {phase for phase, _ in mode["phases"]}:
         raise publish.BenchmarkError("the reference run did not finish every phase")
     return _compare(mode, reference_dir, chaos_dir, reference, finals, kills)
+
+
+def _progress(reference_lines, attempts):
+    """How many of the reference's lines the killed attempts got past: up to its last training step they printed
+    (0 without the reference's lines)."""
+    seen = {(m.group(1), m.group(2)) for lines in attempts for m in map(ITER.match, lines) if m}
+    done = 0
+    for index, line in enumerate(reference_lines or []):
+        found = ITER.match(line)
+        if found and (found.group(1), found.group(2)) in seen:
+            done = index + 1
+    return done
 
 
 def _last_steps(lines):
