@@ -188,7 +188,9 @@ def run_chaos(mode, workdir, seed):
             attempts = []  # stdout lines of each killed process of this phase, then of the final one
             while budget > 0:
                 process = _Process(mode["flags"] + extra, chaos_dir)
-                if not _kill_at_random_point(process, rng, expected[phase], expected_seconds[phase]):
+                # A resumed run prints only what is left: the kill point is drawn among the lines still to come.
+                left = expected[phase] - _progress(reference.get(phase) if beside is None else None, attempts)
+                if not _kill_at_random_point(process, rng, left, expected_seconds[phase]):
                     if process.popen.returncode != 0:
                         raise publish.BenchmarkError("chaos %s ended with status %d: %s" % (
                             phase, process.popen.returncode, " | ".join(process.stderr[-3:])))
@@ -209,6 +211,18 @@ def run_chaos(mode, workdir, seed):
     if set(reference) != {phase for phase, _ in mode["phases"]}:
         raise publish.BenchmarkError("the reference run did not finish every phase")
     return _compare(mode, reference_dir, chaos_dir, reference, finals, kills)
+
+
+def _progress(reference_lines, attempts):
+    """How many of the reference's lines the killed attempts got past: up to its last training step they printed
+    (0 without the reference's lines)."""
+    seen = {(m.group(1), m.group(2)) for lines in attempts for m in map(ITER.match, lines) if m}
+    done = 0
+    for index, line in enumerate(reference_lines or []):
+        found = ITER.match(line)
+        if found and (found.group(1), found.group(2)) in seen:
+            done = index + 1
+    return done
 
 
 def _last_steps(lines):
@@ -250,7 +264,9 @@ def _compare(mode, reference_dir, chaos_dir, reference, finals, kills):
             continue
         for name in want:
             compared += 1
-            if want[name].dtype != got[name].dtype or not np.array_equal(want[name], got[name]):
+            # np.asarray: the record of quantization decisions is a string variable (bytes), the rest arrays.
+            want_value, got_value = np.asarray(want[name]), np.asarray(got[name])
+            if want_value.dtype != got_value.dtype or not np.array_equal(want_value, got_value):
                 differences.append("%s: variable %s differs" % (prefix, name))
     accuracy = {}
     for phase, _ in mode["phases"]:
@@ -291,11 +307,19 @@ def main(argv=None):
     publish.add_arguments(parser, render_json=False)
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill delays")
     parser.add_argument("--workdir", default=None, help="where the runs go (default: a new temporary directory)")
+    parser.add_argument("--kills", type=int, default=None, help="full run: kill points in all (default 24), a quarter "
+                        "each in evaluation and export, the rest in training")
     args = parser.parse_args(argv)
+    mode = dict(QUICK if args.quick else FULL)
+    if args.kills is not None:
+        if args.quick or args.kills < 3:
+            parser.error("--kills is valid only without --quick, with at least 3 (one per phase)")
+        others = max(1, args.kills // 4)
+        mode["kills"] = {"train": args.kills - 2 * others, "eval": others, "export": others}
     load_before = publish.start(args)
     workdir = args.workdir or tempfile.mkdtemp(prefix="tfquant-chaos-")
     started = time.time()
-    result = run_chaos(QUICK if args.quick else FULL, workdir, args.seed)
+    result = run_chaos(mode, workdir, args.seed)
     result.update(quick=args.quick, seconds=round(time.time() - started, 1), workdir=workdir)
     lines = summary_lines(result)
     print("\n".join(lines + ["work directory: %s (%.0f s)" % (workdir, result["seconds"])]))

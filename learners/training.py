@@ -120,7 +120,7 @@ def run_training(sess, model, save_path, writer, summ_step, save_step, batch_siz
       sess: session with variables initialised or restored.
       model: a training ModelGraph.
       save_path: checkpoint prefix.
-      writer: a summary FileWriter.
+      writer: a summaries.SummaryWriter (a write failure stops the run right after a save), or a tf1 FileWriter.
       summ_step: iterations between progress lines and summaries.
       save_step: iterations between checkpoints.
       batch_size: for images per second.

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from learners import full_precision, summaries, training
+from learners.errors import UserError
 from tests.learners.test_reliability import _toy_model
 from tests.learners.test_reliability_data import _checkpoint, _Linear
 from tfquant import checkpoints
@@ -193,3 +194,18 @@ def test_run_with_log_dir_on_a_full_disk_saves_then_stops_with_one_line(tmp_path
     assert lines[0].endswith("cannot be written (No space left on device); expected a writable --log_dir with free "
                              "space; the checkpoint %s-5 is saved" % prefix), lines[0]
     assert checkpoints.latest_valid_checkpoint(str(prefix))[:2] == (str(prefix) + "-5", 5)
+
+
+def test_log_dir_check_quotes_the_value_given(tmp_path, monkeypatch):
+    from learners import flags as learner_flags
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    learner_flags.define_flags()
+    try:
+        learner_flags.FLAGS(["run", "--log_dir=afile/logs"])
+        with pytest.raises(UserError) as caught:
+            learner_flags.validate_flags()
+    finally:
+        learner_flags.FLAGS.unparse_flags()
+    assert str(caught.value) == ("--log_dir=afile/logs is not valid; expected a path in a writable directory (%s is "
+                                 "not)" % (tmp_path / "afile"))
