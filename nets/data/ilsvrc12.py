@@ -52,7 +52,8 @@ CROP_ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 # Raw records held by the training shuffle buffer (ILSVRC-12's JPEGs average ~110 kB: ~220 MB).
 SHUFFLE_BUFFER_RECORDS = 2048
 MAX_RECORD_BYTES = 64 << 20  # the largest record accepted when a file's first record is checked
-_FILES_INTERLEAVED = 8
+_FILES_INTERLEAVED = 8  # training files read at a time
+_DECODE_CYCLE = 16  # records decoded at a time (interleave's cycle; its threads are AUTOTUNEd)
 _WHAT = 'ILSVRC-12 file'
 _HEADER = struct.Struct('<QI')  # record length, masked CRC of the length
 
@@ -295,7 +296,7 @@ class Ilsvrc12Records:
 
     def _decoded_batches(self, tagged, batch_size, decode, preprocess_fn):
         """Decode tagged records in parallel (in order), batch, drop the skipped, preprocess."""
-        ds = tagged.interleave(self._safe(decode), cycle_length=_FILES_INTERLEAVED, block_length=1,
+        ds = tagged.interleave(self._safe(decode), cycle_length=_DECODE_CYCLE, block_length=1,
                                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(batch_size)
         size = self.image_size

@@ -173,3 +173,11 @@ def test_later_records_without_features_or_with_bad_labels_are_skipped(tmp_path)
     batches = _run_all(lambda: source.eval_dataset(4, ilsvrc12.normalize))
     np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), [1, 1000])
     assert source.skipped.by_file == {str(tmp_path / "validation-00000-of-00001"): 4}
+
+
+def test_record_tool_refuses_bad_arguments_with_one_line(tmp_path, capsys):
+    assert make_ilsvrc12_records.main(["--output_dir", str(tmp_path), "--min_size", "4"]) == 2
+    assert capsys.readouterr().err == "error: --min_size=4 is not valid; expected an integer >= 8\n"
+    assert make_ilsvrc12_records.main(["--output_dir", str(tmp_path), "--nb_eval", "3", "--corrupt_eval", "4"]) == 2
+    assert capsys.readouterr().err.startswith("error: more corrupt images than images")
+    assert not os.listdir(tmp_path)
