@@ -15,9 +15,8 @@ from learners.errors import UserError  # noqa: E402
 from learners.full_precision import FullPrecLearner  # noqa: E402
 from learners.ptq import PTQLearner  # noqa: E402
 from learners.uniform_quant import UniformQuantLearner  # noqa: E402
-from nets.errors import DataError  # noqa: E402
-from tfquant import report as tfquant_report  # noqa: E402
-from tfquant.export import inference_graph, model_export, onnx_export, packed_file, run_directory  # noqa: E402
+from tfquant.errors import TfquantError  # noqa: E402
+from tfquant.export import run_directory  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -88,7 +87,7 @@ def _main(make_helper, after_train):
         except stopping.Stopped as exc:
             sys.stderr.write("%s\n" % exc)
             sys.exit(exc.exit_status)
-        except (UserError, DataError) as exc:
+        except TfquantError as exc:
             if FLAGS.debug:
                 raise
             sys.stderr.write("error: %s\n" % exc)
@@ -143,11 +142,6 @@ def dataset_arrays(helper, evaluation, limit=None):
     return (x[:limit], y[:limit]) if limit else (x, y)
 
 
-# The library's one-line errors for a run directory or export directory that does not fit.
-EXPORT_ERRORS = (model_export.ExportError, packed_file.PackedFileError, tfquant_report.ReportError,
-                 inference_graph.InferenceGraphError, onnx_export.OnnxUnavailableError)
-
-
 def export_latest(helper, checkpoint_dir, settings):
     """Export the latest quantized checkpoint in `checkpoint_dir` and evaluate the files on the helper's test set.
 
@@ -170,7 +164,7 @@ def export_latest(helper, checkpoint_dir, settings):
             checkpoint_dir, settings.export_dir, tflite=settings.export_int8, int8=settings.export_int8,
             int8_calibration=settings.export_int8_calibration, onnx=settings.export_onnx, test_data=test_data,
             calibration_images=calibration, output_name="--export_dir=" + settings.export_dir)
-    except EXPORT_ERRORS as exc:
+    except TfquantError as exc:
         raise UserError(run_directory.one_line(exc)) from None
     return run_directory.summary_lines(result, settings.export_dir)
 

@@ -1,7 +1,10 @@
 """User-facing errors raised by the nets package."""
 
+from tfquant.errors import TfquantError
 
-class DataError(ValueError):
+
+
+class DataError(TfquantError, ValueError):
     """A data set on disk is missing, unreadable or malformed; the message is one line naming the path.
 
     Attributes:

@@ -5,6 +5,7 @@ Public API:
   uniform_quantize  the quantization function on one tensor.
   quantize_graph    rewrite a tf.Graph in place; returns a QuantReport.
   QuantReport       what was quantized, what was skipped and why, and the storage it takes.
+  TfquantError      the base of every error a user can cause (a file, setting, checkpoint or report).
 """
 import os as _os
 import sys as _sys
@@ -32,12 +33,13 @@ if _sys.argv[:1] == ["-m"]:
     _warnings.filterwarnings("ignore", message="'tfquant.report' found in sys.modules", category=RuntimeWarning)
 
 from tfquant.config import QuantConfig, parse_overrides  # noqa: E402
+from tfquant.errors import TfquantError  # noqa: E402
 from tfquant.layout import GroupLayout  # noqa: E402
 from tfquant.ops import quantize_weight, uniform_quantize, weight_codes  # noqa: E402
 from tfquant.quantize import quantize_graph  # noqa: E402
 from tfquant.report import LayerReport, QuantReport  # noqa: E402
 from tfquant.rewrite import reroute_input  # noqa: E402
 
-__all__ = ["QuantConfig", "parse_overrides", "GroupLayout", "quantize_weight",
+__all__ = ["QuantConfig", "parse_overrides", "TfquantError", "GroupLayout", "quantize_weight",
            "uniform_quantize", "weight_codes", "quantize_graph", "LayerReport", "QuantReport", "reroute_input"]
 __version__ = "0.1.0"

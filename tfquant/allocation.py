@@ -20,11 +20,13 @@ from typing import Dict, Mapping
 
 import numpy as np
 
+from tfquant.errors import TfquantError
+
 # Table cells (layers x budget units) above which `solve` refuses rather than exhausting memory.
 MAX_TABLE_CELLS = 50_000_000
 
 
-class AllocationError(ValueError):
+class AllocationError(TfquantError, ValueError):
     """No allocation fits the budget, or the problem is malformed or too large to solve exactly."""
 
 

@@ -13,12 +13,14 @@ MSE and entropy search ranges [f * lo0, f * hi0] that shrink towards zero from t
 """
 import numpy as np
 
+from tfquant.errors import TfquantError
+
 CALIBRATORS = ("max", "percentile", "mse", "entropy")
 DEFAULT_BINS = 2048
 DEFAULT_CANDIDATES = 256
 
 
-class CalibrationError(ValueError):
+class CalibrationError(TfquantError, ValueError):
     """A calibrator cannot produce a range (no values seen, non-finite values, bad settings)."""
 
 

@@ -18,6 +18,7 @@ from google.protobuf import text_format
 from tensorflow.python.training import checkpoint_state_pb2
 
 from tfquant import files
+from tfquant.errors import TfquantError
 
 STATE_FILE_NAME = "checkpoint"
 # TensorFlow's state file names a few dozen checkpoints at most; anything bigger is not one.
@@ -25,7 +26,7 @@ STATE_FILE_LIMIT = 1024 * 1024
 _DATA_SHARD = re.compile(r"\.data-\d{5}-of-\d{5}$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TfquantError, ValueError):
     """A checkpoint (or every checkpoint of a prefix) cannot be used; `path` names it."""
 
     def __init__(self, message, path=None):

@@ -17,6 +17,8 @@ import stat
 import time
 import zlib
 
+from tfquant.errors import TfquantError
+
 # Default ceiling for small metadata files (reports, results, run settings, state files).
 SMALL_FILE_LIMIT = 16 * 1024 * 1024
 JSON_MAX_DEPTH = 64
@@ -282,7 +284,7 @@ LOCK_NAME = ".tfquant.lock"
 _held_locks = {}
 
 
-class DirectoryInUse(Exception):
+class DirectoryInUse(TfquantError):
     """Another live process holds the directory's lock; `pid` is its process id (None when unknown)."""
 
     def __init__(self, directory, pid):

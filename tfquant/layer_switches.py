@@ -16,6 +16,7 @@ from typing import List
 import tensorflow as tf
 
 from tfquant import rewrite
+from tfquant.errors import TfquantError
 from tfquant.ranges import RANGE_SCOPE_SUFFIX
 
 tf1 = tf.compat.v1
@@ -46,7 +47,7 @@ class LayerSwitch:
     switch: tf.Tensor
 
 
-class SwitchError(ValueError):
+class SwitchError(TfquantError, ValueError):
     """A quantized layer of the report has no quantizer this module can find in the graph."""
 
 

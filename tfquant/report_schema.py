@@ -10,6 +10,7 @@ import math
 from typing import List, Optional
 
 from tfquant import files
+from tfquant.errors import TfquantError
 from tfquant.fidelity_schema import check_fidelity
 from tfquant.config import FLOAT_BITS, MAX_PATTERN_LENGTH, QuantConfig
 from tfquant.layout import RANGE_GROUP_BITS, GroupLayout
@@ -26,7 +27,7 @@ KINDS = ("weight", "activation")
 REPORT_FILE_LIMIT = files.SMALL_FILE_LIMIT
 
 
-class ReportError(ValueError):
+class ReportError(TfquantError, ValueError):
     """A quantization report is missing, unreadable or malformed; `path` names its file (or None)."""
 
     def __init__(self, message, path=None):
@@ -99,7 +100,7 @@ def layer_layout(layer):
 
 # ----- schema -------------------------------------------------------------------------------------
 
-class SchemaError(ValueError):
+class SchemaError(TfquantError, ValueError):
     """A report's dict does not fit the schema (the reader adds which file it came from)."""
 
 

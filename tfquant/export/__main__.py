@@ -25,8 +25,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfquant import files
-from tfquant.export import inference_graph, model_export, onnx_export, packed_file, run_directory
-from tfquant.report import ReportError
+from tfquant.errors import TfquantError
+from tfquant.export import model_export, run_directory
 
 NPZ_KEYS = ("x_test", "y_test")
 
@@ -90,9 +90,7 @@ def _load_npz(path, eval_subset):
 
 # Everything a damaged or foreign input can raise; TypeError/KeyError/IndexError stay in the list as a
 # safety net for inputs no check anticipated (--debug shows their traceback).
-USER_ERRORS = (model_export.ExportError, onnx_export.OnnxUnavailableError, packed_file.PackedFileError,
-               ReportError, inference_graph.InferenceGraphError, ValueError, OSError, tf.errors.OpError, TypeError,
-               KeyError, IndexError)
+USER_ERRORS = (TfquantError, ValueError, OSError, tf.errors.OpError, TypeError, KeyError, IndexError)
 
 
 def main(argv=None):

@@ -15,6 +15,7 @@ import tensorflow as tf
 from google.protobuf import message as protobuf_message
 
 from tfquant import files
+from tfquant.errors import TfquantError
 
 tf1 = tf.compat.v1
 
@@ -25,7 +26,7 @@ OUTPUT_NAME = "logits"
 INFERENCE_GRAPH_LIMIT = 64 * 1024 * 1024
 
 
-class InferenceGraphError(ValueError):
+class InferenceGraphError(TfquantError, ValueError):
     """The saved inference graph is missing, unreadable or lacks its named input or output."""
 
 

@@ -16,6 +16,7 @@ import tensorflow as tf
 import tfquant
 from tfquant import checkpoints, files, ranges, weight_grids
 from tfquant.config import FLOAT_BITS
+from tfquant.errors import TfquantError
 from tfquant.export import packed_file, packed_reader
 from tfquant.report import (DECISIONS_VARIABLE, decisions_difference, layer_difference, layer_layout, load_report,
                             unmatched_layers)
@@ -28,7 +29,7 @@ SIZE_SLACK_BYTES = 4096
 COUNTER_SUFFIXES = tuple("/" + name for name in ranges.COUNTER_NAMES)
 
 
-class ExportError(ValueError):
+class ExportError(TfquantError, ValueError):
     """Checkpoint, report or weights do not fit together; the message is one line naming what."""
 
 

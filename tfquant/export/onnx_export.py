@@ -8,12 +8,13 @@ onnxruntime are optional dependencies (`pip install tfquant[onnx]`).
 import numpy as np
 import tensorflow as tf
 
+from tfquant.errors import TfquantError
 from tfquant.export import inference_graph
 
 OPSET = 17
 
 
-class OnnxUnavailableError(ImportError):
+class OnnxUnavailableError(TfquantError, ImportError):
     """tf2onnx or onnxruntime is not installed."""
 
 

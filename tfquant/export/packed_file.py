@@ -34,6 +34,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from tfquant import files
+from tfquant.errors import TfquantError
 from tfquant.export import packing
 from tfquant.layout import RANGE_GROUP_BITS
 
@@ -45,7 +46,7 @@ PLAIN_DTYPES = {"<f4": np.float32, "<i4": np.int32, "<i8": np.int64}
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-class PackedFileError(ValueError):
+class PackedFileError(TfquantError, ValueError):
     """A packed model file is missing, truncated, corrupted or not a tfquant packed model."""
 
 
