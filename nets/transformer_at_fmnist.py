@@ -6,16 +6,20 @@ from nets.model_helper import ClassifierModelHelper
 
 
 class ModelHelper(ClassifierModelHelper):
-    """Transformer encoder (width 64, 2 blocks, 4 heads, MLP 128) with a cosine schedule and warm-up."""
+    """Transformer encoder (width 64, 2 blocks, 4 heads, MLP 128) with a cosine schedule and warm-up.
 
-    base_epochs = 10
+    Budget and rate measured on this machine (seed 0): 20 epochs at 0.1 reach 88.43 % float; 10 epochs at 0.05
+    stopped at 86.71 %.
+    """
+
+    base_epochs = 20
     lrn_rate_schedule = 'cosine'
     warmup_ratio = 0.05
     train_preprocess = staticmethod(pipeline.fmnist_train_preprocess)
     eval_preprocess = staticmethod(pipeline.fmnist_eval_preprocess)
 
     def __init__(self, data_dir=None, transformer_tokens='patches', batch_size=128, batch_size_eval=500,
-                 lrn_rate_init=0.05, momentum=0.9, loss_w_dcy=1e-4, nb_epochs_rat=1.0, train_subset=None,
+                 lrn_rate_init=0.1, momentum=0.9, loss_w_dcy=1e-4, nb_epochs_rat=1.0, train_subset=None,
                  eval_subset=None, seed=None):
         """Loads Fashion-MNIST from data_dir (default system copy); transformer_tokens: 'patches' or 'rows'."""
         if transformer_tokens not in ('patches', 'rows'):

@@ -80,7 +80,7 @@ def test_quantized_projection_is_the_numpy_quantization_of_its_weight():
 def test_script_trains_a_few_steps_and_quantizes(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
     args = ["--learner=uniform", "--train_subset=256", "--eval_subset=100", "--batch_size=32",
-            "--nb_epochs_rat=0.05", "--uql_quant_epochs=0.25", "--summ_step=2", "--transformer_tokens=rows"]
+            "--nb_epochs_rat=0.025", "--uql_quant_epochs=0.25", "--summ_step=2", "--transformer_tokens=rows"]
     result = subprocess.run([sys.executable, os.path.join(ROOT, "nets", "transformer_at_fmnist_run.py")] + args,
                             cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
