@@ -289,7 +289,8 @@ def test_rerun_with_another_model_or_data_is_refused(keras_dir, tmp_path):
     first = run_keras(tmp_path, data, *ptq)
     assert first.returncode == 0, first.stderr[-3000:]
     first_digest = sha256_of(model)
-    float_files = {p.name: p.read_bytes() for p in (tmp_path / "models").iterdir()}
+    # The run directory's lock file names its latest holder's pid; every other file must stay as it was.
+    float_files = {p.name: p.read_bytes() for p in (tmp_path / "models").iterdir() if p.name != ".tfquant.lock"}
 
     # The same path, other weights: neither fine-tuning nor calibration may start from the old file's checkpoint.
     perturbed = python(["-c", PERTURB, str(model)], str(tmp_path))
@@ -311,7 +312,7 @@ def test_rerun_with_another_model_or_data_is_refused(keras_dir, tmp_path):
     assert rerun.returncode == 2, rerun.stdout[-2000:]
     assert rerun.stderr.count("\n") == 1 and "data_npz_sha256" in rerun.stderr, rerun.stderr
     assert "keras_model_sha256" not in rerun.stderr
-    assert {p.name: p.read_bytes() for p in (tmp_path / "models").iterdir()} == float_files
+    assert {p.name: p.read_bytes() for p in (tmp_path / "models").iterdir() if p.name != ".tfquant.lock"} == float_files
     record = json.load(open(str(tmp_path / "models" / "model.ckpt.settings.json")))
     assert record["settings"]["keras_model_sha256"] == first_digest
     assert record["settings"]["data_npz_sha256"] == sha256_of(keras_dir / "data.npz")
