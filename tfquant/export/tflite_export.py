@@ -25,11 +25,16 @@ import numpy as np
 import tensorflow as tf
 
 from tfquant.config import FLOAT_BITS
+from tfquant.errors import TfquantError
 from tfquant.export import inference_graph
 from tfquant.report import load_report
 
 tf1 = tf.compat.v1
 INT8_MAX_BITS = 8
+
+
+class TfliteRunError(TfquantError, ValueError):
+    """The LiteRT interpreter refused to run a converted model (the converter accepted a graph it cannot run)."""
 
 
 def check_int8_compatible(report):
@@ -207,14 +212,22 @@ def run_tflite(model, images, batch_size=64, num_threads=None):
     outputs, current = [], None
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        if current != len(chunk):
-            interpreter.resize_tensor_input(index_in, [len(chunk)] + list(chunk.shape[1:]))
-            interpreter.allocate_tensors()
-            current = len(chunk)
-        in_detail = interpreter.get_input_details()[0]
-        out_detail = interpreter.get_output_details()[0]
-        interpreter.set_tensor(in_detail["index"], quantize_input(chunk, in_detail))
-        interpreter.invoke()
+        try:
+            if current != len(chunk):
+                interpreter.resize_tensor_input(index_in, [len(chunk)] + list(chunk.shape[1:]))
+                interpreter.allocate_tensors()
+                current = len(chunk)
+            in_detail = interpreter.get_input_details()[0]
+            out_detail = interpreter.get_output_details()[0]
+            interpreter.set_tensor(in_detail["index"], quantize_input(chunk, in_detail))
+            interpreter.invoke()
+        except RuntimeError as exc:
+            # The runtime's message is several lines (the failing node's kernel log); its first names the cause.
+            cause = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise TfliteRunError("the TFLite model converted from this graph cannot run a batch of %d images "
+                                 "(LiteRT: %s); expected a model LiteRT runs, which this graph's ops do not give: "
+                                 "export it without --int8 / --export_int8 (ONNX runs it)" % (len(chunk), cause)
+                                 ) from None
         outputs.append(_dequantize_output(interpreter.get_tensor(out_detail["index"]), out_detail))
     return np.concatenate(outputs, axis=0)
 
