@@ -79,25 +79,7 @@ class SwitchedModel:
 
 def evaluation_arrays(helper, limit=None):
     """The helper's preprocessed evaluation images and labels (at most `limit`) as NumPy arrays."""
-    graph = tf.Graph()
-    with graph.as_default():
-        images, labels = helper.build_dataset_eval()
-        init = helper.eval_init_op
-    chunks_x, chunks_y, count = [], [], 0
-    with tf1.Session(graph=graph) as sess:
-        sess.run(init)
-        while limit is None or count < limit:
-            try:
-                x, y = sess.run([images, labels])
-            except tf.errors.OutOfRangeError:
-                break
-            chunks_x.append(x)
-            chunks_y.append(y)
-            count += len(y)
-    if not chunks_x:
-        raise UserError("the evaluation data set yielded no images; expected at least one")
-    x, y = np.concatenate(chunks_x), np.concatenate(chunks_y)
-    return (x[:limit], y[:limit]) if limit else (x, y)
+    return graphs.dataset_arrays(helper, evaluation=True, limit=limit)
 
 
 def _open(helper, checkpoint):

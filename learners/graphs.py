@@ -4,6 +4,7 @@ import functools
 import math
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import tensorflow as tf
 
 import tfquant
@@ -346,3 +347,35 @@ def evaluate(sess, model, what="the model"):
     if "top5" in fetches:
         model.extra["eval_top5_accuracy"] = correct_top5 / count
     return correct / count, total_loss / count, count
+
+
+def dataset_arrays(helper, evaluation, limit=None):
+    """A ModelHelper's preprocessed images and labels as NumPy arrays, at most `limit` examples.
+
+    Args:
+      helper: a ModelHelper.
+      evaluation: the evaluation set (one pass) or the training stream.
+      limit: stop after this many examples (None: the whole evaluation set).
+    Returns:
+      (images float32 [N, ...], labels [N]).
+    """
+    graph = tf.Graph()
+    with graph.as_default():
+        images, labels = helper.build_dataset_eval() if evaluation else helper.build_dataset_train()
+        init = helper.eval_init_op if evaluation else None
+    chunks_x, chunks_y, count = [], [], 0
+    with tf.compat.v1.Session(graph=graph) as sess:
+        if init is not None:
+            sess.run(init)
+        while limit is None or count < limit:
+            try:
+                x, y = sess.run([images, labels])
+            except tf.errors.OutOfRangeError:
+                break
+            chunks_x.append(x)
+            chunks_y.append(y)
+            count += len(y)
+    if not chunks_x:
+        raise UserError("the data set yielded no images; expected at least one")
+    x, y = np.concatenate(chunks_x), np.concatenate(chunks_y)
+    return (x[:limit], y[:limit]) if limit else (x, y)

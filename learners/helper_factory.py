@@ -132,10 +132,25 @@ def write_file_float_checkpoint(helper, settings):
     return path
 
 
+def _file_helper(build, settings):
+    """The ModelHelper `build()` makes of a model file (its ValueErrors one line), and for a uniform or ptq run
+    with no float checkpoint yet, the file's weights saved as the finished float checkpoint."""
+    from learners import training  # pylint: disable=import-outside-toplevel
+    try:
+        helper = build()
+    except DataError:
+        raise
+    except ValueError as exc:
+        raise UserError(str(exc))
+    if settings.learner in ("uniform", "ptq") and settings.exec_mode == "train" \
+            and training.find_checkpoint(settings.save_path, "full-prec")[0] is None:
+        write_file_float_checkpoint(helper, settings)
+    return helper
+
+
 def make_keras_helper(settings):
     """A KerasModelHelper from the flags; for uniform/ptq training, the file's weights become the float checkpoint
     when --save_path holds none yet. Problems with the file or data become one-line errors."""
-    from learners import training  # pylint: disable=import-outside-toplevel
     from nets import keras_model  # pylint: disable=import-outside-toplevel  (needs tf_keras)
 
     _refuse_script_flags(settings, "keras_model", "nets/keras_model_run.py")
@@ -150,16 +165,7 @@ def make_keras_helper(settings):
     kwargs = helper_kwargs(settings, False)
     kwargs.update(keras_model=settings.keras_model, data_npz=settings.data_npz, dataset=settings.dataset,
                   keras_unsafe=settings.keras_unsafe)
-    try:
-        helper = keras_model.KerasModelHelper(**kwargs)
-    except DataError:
-        raise
-    except ValueError as exc:
-        raise UserError(str(exc))
-    if settings.learner in ("uniform", "ptq") and settings.exec_mode == "train" \
-            and training.find_checkpoint(settings.save_path, "full-prec")[0] is None:
-        write_file_float_checkpoint(helper, settings)
-    return helper
+    return _file_helper(lambda: keras_model.KerasModelHelper(**kwargs), settings)
 
 
 def save_keras_after_training(helper, settings, results):
@@ -184,7 +190,6 @@ def make_model_file_helper(settings):
     """The helper of nets/model_file_run.py: a tf_keras file through KerasModelHelper, any other format (Keras 3,
     SavedModel, frozen graph) through ModelFileHelper; the file's weights become the float checkpoint as for
     make_keras_helper. Problems with the file, the flags or the data become one-line errors."""
-    from learners import training  # pylint: disable=import-outside-toplevel
     from nets import keras_model, model_file, model_formats  # pylint: disable=import-outside-toplevel
     from nets.model_formats import saving  # pylint: disable=import-outside-toplevel
 
@@ -220,21 +225,15 @@ def make_model_file_helper(settings):
         saving.check_save_path(settings.save_model, kind, settings.uql_fold_batch_norms)
     kwargs = helper_kwargs(settings, False)
     kwargs.update(data_npz=settings.data_npz, dataset=settings.dataset)
-    try:
+
+    def build():
         if kind == "tf_keras":
-            helper = keras_model.KerasModelHelper(keras_model=settings.model, keras_unsafe=settings.keras_unsafe,
-                                                  **kwargs)
-        else:
-            helper = model_file.ModelFileHelper(settings.model, kind, settings.signature, settings.input_name,
-                                                settings.output_name, **kwargs)
-    except DataError:
-        raise
-    except ValueError as exc:
-        raise UserError(str(exc))
+            return keras_model.KerasModelHelper(keras_model=settings.model, keras_unsafe=settings.keras_unsafe,
+                                                **kwargs)
+        return model_file.ModelFileHelper(settings.model, kind, settings.signature, settings.input_name,
+                                          settings.output_name, **kwargs)
+    helper = _file_helper(build, settings)
     helper.kind = kind
-    if settings.learner in ("uniform", "ptq") and settings.exec_mode == "train" \
-            and training.find_checkpoint(settings.save_path, "full-prec")[0] is None:
-        write_file_float_checkpoint(helper, settings)
     return helper
 
 

@@ -5,12 +5,12 @@ import learners
 
 learners.import_tensorflow_quietly()
 
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from learners import flags as learner_flags  # noqa: E402
 from learners import analysis, distributed, run_lock, stopping  # noqa: E402
+from learners.graphs import dataset_arrays  # noqa: E402  (also the name benchmarks and tests import)
 from learners.errors import UserError  # noqa: E402
 from learners.full_precision import FullPrecLearner  # noqa: E402
 from learners.ptq import PTQLearner  # noqa: E402
@@ -108,38 +108,6 @@ def _run_prefixes(settings):
     if settings.learner == "full-prec":
         return [settings.save_path]
     return [settings.save_path, settings.uql_save_quant_model_path]
-
-
-def dataset_arrays(helper, evaluation, limit=None):
-    """A ModelHelper's preprocessed images and labels as NumPy arrays, at most `limit` examples.
-
-    Args:
-      helper: a ModelHelper.
-      evaluation: the evaluation set (one pass) or the training stream.
-      limit: stop after this many examples (None: the whole evaluation set).
-    Returns:
-      (images float32 [N, ...], labels [N]).
-    """
-    graph = tf.Graph()
-    with graph.as_default():
-        images, labels = helper.build_dataset_eval() if evaluation else helper.build_dataset_train()
-        init = helper.eval_init_op if evaluation else None
-    chunks_x, chunks_y, count = [], [], 0
-    with tf.compat.v1.Session(graph=graph) as sess:
-        if init is not None:
-            sess.run(init)
-        while limit is None or count < limit:
-            try:
-                x, y = sess.run([images, labels])
-            except tf.errors.OutOfRangeError:
-                break
-            chunks_x.append(x)
-            chunks_y.append(y)
-            count += len(y)
-    if not chunks_x:
-        raise UserError("the data set yielded no images; expected at least one")
-    x, y = np.concatenate(chunks_x), np.concatenate(chunks_y)
-    return (x[:limit], y[:limit]) if limit else (x, y)
 
 
 def export_latest(helper, checkpoint_dir, settings):
