@@ -15,7 +15,7 @@ import tensorflow as tf
 import tfquant
 from learners import graphs, training
 from learners.errors import UserError
-from tfquant import adaround
+from tfquant import adaround, weight_grids
 from tfquant.layout import GroupLayout
 
 tf1 = tf.compat.v1
@@ -24,9 +24,10 @@ CHECKPOINT_NAME = "adaround_weights.ckpt"
 
 def check_config(config):
     """Refuse quantization settings AdaRound does not handle (UserError naming the setting)."""
-    if config.weight_range != "minmax":
-        raise UserError("--uql_adaround is not valid with --uql_weight_range=%s; expected minmax (AdaRound keeps "
-                        "the min/max or symmetric grid and chooses the rounding on it)" % config.weight_range)
+    grid = weight_grids.for_config(config)
+    if not isinstance(grid, (weight_grids.MinMaxGrid, weight_grids.SymmetricGrid)):
+        raise UserError("--uql_adaround is not valid with the %s weight grid (--uql_weight_range); expected minmax "
+                        "(AdaRound keeps the min/max or symmetric grid and chooses the rounding on it)" % grid.name)
     if config.fold_batch_norms:
         raise UserError("--uql_adaround is not valid with --uql_fold_batch_norms; expected unfolded weights "
                         "(the folded weight W * gamma / sigma is not a variable the codes can be written to)")

@@ -290,12 +290,8 @@ def _check_adaround_and_bn_reestimation():
         return
     if FLAGS.learner != "ptq":
         raise UserError("--uql_adaround is not valid with --learner=%s; expected --learner=ptq" % FLAGS.learner)
-    if FLAGS.uql_weight_range != "minmax":
-        raise UserError("--uql_adaround is not valid with --uql_weight_range=%s; expected minmax (AdaRound keeps the "
-                        "min/max or symmetric grid and chooses the rounding on it)" % FLAGS.uql_weight_range)
-    if FLAGS.uql_fold_batch_norms:
-        raise UserError("--uql_adaround is not valid with --uql_fold_batch_norms; expected unfolded weights (the "
-                        "folded weight is no variable the chosen codes can be written to)")
+    from learners import adaround_runner  # pylint: disable=import-outside-toplevel  (imports TensorFlow)
+    adaround_runner.check_config(quant_config())
 
 
 def _check_no_flag_ignored():
