@@ -12,6 +12,7 @@ import itertools
 
 import numpy as np
 
+from tfquant import weight_grids
 from tfquant.config import FLOAT_BITS
 from tfquant.export import packing
 
@@ -26,8 +27,9 @@ def _schema():
 
 def eligible(report):
     """'' when the model's quantized weights are all <= 4 bits on the symmetric grid, else why not."""
-    if report.config.get("weight_scheme") != "symmetric":
-        return "weights are not on the symmetric grid (weight_scheme=%r)" % report.config.get("weight_scheme")
+    grid = weight_grids.for_config(report.config)
+    if not isinstance(grid, weight_grids.SymmetricGrid):
+        return "weights are not on the symmetric grid (the %s grid)" % grid.name
     widest = max((layer.bits for layer in report.weight_layers if layer.quantized and layer.bits != FLOAT_BITS),
                  default=None)
     if widest is None or widest > MAX_INT4_BITS:
