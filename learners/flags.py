@@ -164,6 +164,21 @@ def define_flags():
     flags.DEFINE_integer("uql_bn_reestimate_batches", 0, "--learner uniform: after fine-tuning, recompute every "
                          "batch norm's moving mean and variance of the quantized network over this many training "
                          "batches (0: off)")
+    # Low-bit training recipes (issue 34; learners/recipes.py), each off unless given.
+    flags.DEFINE_enum("uql_range_optimizer", "shared", ["shared", "adam", "momentum", "sgd"],
+                      "--learner uniform: optimizer of the learned ranges (LSQ step sizes and offsets, PACT clip "
+                      "levels): shared (the weights' Momentum optimizer and decay) or an optimizer of their own "
+                      "without weight decay (PACT's decay included), at --uql_range_lrn_rate")
+    flags.DEFINE_float("uql_range_lrn_rate", 1e-3, "initial learning rate of --uql_range_optimizer (cosine decay over "
+                       "the fine-tuning, as the weights')")
+    flags.DEFINE_float("uql_low_bit_weight_decay_scale", None, "--learner uniform: multiply the weight decay of every "
+                       "weight whose layer has at most 2-bit weights by this factor (default: off)")
+    flags.DEFINE_boolean("uql_track_oscillations", False, "--learner uniform: measure how often each quantized "
+                         "weight's integer code flips back and forth (EMA of reversals per step, Nagel et al. 2022); "
+                         "results.json and the summary report the fraction of oscillating weights")
+    flags.DEFINE_float("uql_freeze_oscillations", None, "--learner uniform: freeze every weight whose oscillation "
+                       "frequency exceeds this threshold (in (0, 1)) to its EMA-rounded code; implies "
+                       "--uql_track_oscillations (default: off)")
 
 
 # PocketFlow's defaults of a run script where they differ from the shared ones (its ILSVRC-12 data set sets batch
@@ -254,6 +269,7 @@ def validate_flags():
     _writable_parent("log_dir", FLAGS.log_dir, os.path.abspath(FLAGS.log_dir))
     _check_auto_bits()
     _check_adaround_and_bn_reestimation()
+    _check_recipes()
     quant_config()  # bit widths, overrides and bucket settings are checked by tfquant itself
     _check_no_flag_ignored()
 
@@ -273,7 +289,25 @@ _DEPENDENT_FLAGS = (
     (("uql_freeze_bn_delay",), lambda: FLAGS.uql_fold_batch_norms, "--uql_fold_batch_norms"),
     (("uql_calib_percentile",), lambda: FLAGS.uql_calibrator == "percentile", "--uql_calibrator=percentile"),
     (("uql_adaround_iters", "uql_adaround_batches"), lambda: FLAGS.uql_adaround, "--uql_adaround"),
+    (("uql_range_lrn_rate",), lambda: FLAGS.uql_range_optimizer != "shared",
+     "--uql_range_optimizer=adam, momentum or sgd"),
 )
+
+
+def _check_recipes():
+    """The low-bit recipes' values; PACT's decay is refused with a range optimizer, which trains without decay."""
+    if not FLAGS.uql_range_lrn_rate > 0:
+        raise UserError("--uql_range_lrn_rate=%s is not valid; expected a positive number" % FLAGS.uql_range_lrn_rate)
+    if FLAGS.uql_range_optimizer != "shared" and FLAGS["uql_pact_decay"].present:
+        raise UserError("--uql_pact_decay=%s is given with --uql_range_optimizer=%s, which trains the clip levels "
+                        "without decay; expected one of them" % (FLAGS.uql_pact_decay, FLAGS.uql_range_optimizer))
+    scale = FLAGS.uql_low_bit_weight_decay_scale
+    if scale is not None and scale < 0:
+        raise UserError("--uql_low_bit_weight_decay_scale=%s is not valid; expected a number >= 0" % scale)
+    threshold = FLAGS.uql_freeze_oscillations
+    if threshold is not None and not 0 < threshold < 1:
+        raise UserError("--uql_freeze_oscillations=%s is not valid; expected a frequency in (0, 1) (reversals per "
+                        "step, e.g. 0.02)" % threshold)
 
 
 def _check_adaround_and_bn_reestimation():

@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfquant
-from learners import distributed, stopping
+from learners import distributed, recipes, stopping
 from learners.errors import UserError
 from tfquant import files
 
@@ -122,7 +122,7 @@ def finite_check(graph):
 
 
 def _build_model(graph, helper, is_train, quant_config, lrn_rate_fn, momentum, skip_batches, distillation,
-                 lrn_rate_scale):
+                 lrn_rate_scale, training_recipes=None):
     """build_graph's model, loss and training step in the current graph (without saver and initializer)."""
     if is_train:
         if skip_batches:
@@ -140,7 +140,8 @@ def _build_model(graph, helper, is_train, quant_config, lrn_rate_fn, momentum, s
         # After the forward pass, before loss gradients: training differentiates the quantized pass.
         report = tfquant.quantize_graph(graph, quant_config, is_training=is_train)
         logits = report.output(logits)
-    loss, metrics = helper.calc_loss(labels, logits, tf1.trainable_variables())
+    loss, metrics = recipes.model_loss(helper, labels, logits, tf1.trainable_variables(), report,
+                                       training_recipes if is_train else None)
     regularization = tf1.get_collection(tf1.GraphKeys.REGULARIZATION_LOSSES)
     if regularization:
         # PACT's decay on its clip levels (tfquant puts it here).
@@ -174,14 +175,20 @@ def _build_model(graph, helper, is_train, quant_config, lrn_rate_fn, momentum, s
         # gradient of the mean loss over the global batch, as one process with the whole batch computes it.
         replicas = tf.distribute.get_replica_context().num_replicas_in_sync
         with tf.control_dependencies(tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)):
-            model.train_op = optimizer.minimize(loss / replicas if replicas > 1 else loss,
-                                                global_step=model.global_step)
+            model.train_op, recipe_tensors = recipes.minimize(optimizer, loss / replicas if replicas > 1 else loss,
+                                                              model.global_step, graph, training_recipes)
+        model.train_op, tracker = recipes.track_oscillations(model.train_op, graph, report, training_recipes)
+        extra.update(recipe_tensors)
+        if tracker is not None:
+            extra["oscillation"] = tracker
         summaries = [tf1.summary.scalar("loss", loss), tf1.summary.scalar("accuracy", metrics["accuracy"]),
                      tf1.summary.scalar("lrn_rate", model.lrn_rate)]
         if report is not None:
             summaries.extend(_quant_summaries(graph, report))
         if "distillation_loss" in extra:
             summaries.append(tf1.summary.scalar("distillation_loss", extra["distillation_loss"]))
+        if "range_lrn_rate" in extra:
+            summaries.append(tf1.summary.scalar("range_lrn_rate", extra["range_lrn_rate"]))
         model.summary_op = tf1.summary.merge(summaries)
         model.finite_flags, model.checked_variable_names = finite_check(graph)
     return model
@@ -219,7 +226,7 @@ def _build_in_strategy(cluster, build):
 
 
 def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=0.9, seed=0, skip_batches=0,
-                distillation=None, cluster=None, lrn_rate_scale=1.0):
+                distillation=None, cluster=None, lrn_rate_scale=1.0, training_recipes=None):
     """Build the train or eval graph of `helper`'s model, rewritten by tfquant when quant_config is set.
 
     Args:
@@ -236,6 +243,7 @@ def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=
       cluster: a distributed.Cluster: a training graph is built as this worker's replica (gradients and
         updated statistics all-reduced) with model.extra['sync_check']; None for a single process.
       lrn_rate_scale: factor on the learning-rate schedule (PocketFlow scales it by the number of workers).
+      training_recipes: a learners.recipes.Recipes for a quantized training graph (None: none of them).
     Returns:
       a ModelGraph.
     """
@@ -243,7 +251,7 @@ def build_graph(helper, is_train, quant_config=None, lrn_rate_fn=None, momentum=
     with graph.as_default():
         tf1.set_random_seed(seed)
         build = functools.partial(_build_model, graph, helper, is_train, quant_config, lrn_rate_fn, momentum,
-                                  skip_batches, distillation, lrn_rate_scale)
+                                  skip_batches, distillation, lrn_rate_scale, training_recipes)
         if cluster is None or not is_train:
             model = build()
         else:

@@ -25,7 +25,9 @@ QUANT_FLAGS = ("uql_weight_bits", "uql_activation_bits", "uql_use_buckets", "uql
                "loss_w_dst", "tempr_dst", "uql_auto_bits", "uql_equivalent_bits", "uql_w_bit_min", "uql_w_bit_max",
                "uql_a_equivalent_bits", "uql_a_bit_min", "uql_a_bit_max", "uql_sensitivity_batches",
                "uql_enbl_rl_agent", "uql_calibrator", "uql_calib_batches", "uql_calib_percentile",
-               "uql_adaround", "uql_adaround_iters", "uql_adaround_batches", "uql_bn_reestimate_batches")
+               "uql_adaround", "uql_adaround_iters", "uql_adaround_batches", "uql_bn_reestimate_batches",
+               "uql_range_optimizer", "uql_range_lrn_rate", "uql_low_bit_weight_decay_scale",
+               "uql_track_oscillations", "uql_freeze_oscillations")
 
 
 class SettingsError(UserError):
@@ -97,7 +99,9 @@ def _shown(value):
 
 # Flags added after records were first written, with the value a record without them was trained with.
 ADDED_LATER = {"uql_quantize_layer_outputs": False, "uql_adaround": False, "uql_adaround_iters": 500,
-               "uql_adaround_batches": 4, "uql_bn_reestimate_batches": 0}
+               "uql_adaround_batches": 4, "uql_bn_reestimate_batches": 0, "uql_range_optimizer": "shared",
+               "uql_range_lrn_rate": 1e-3, "uql_low_bit_weight_decay_scale": None, "uql_track_oscillations": False,
+               "uql_freeze_oscillations": None}
 
 
 def differences(recorded, current):

@@ -1,11 +1,13 @@
 """UniformQuantLearner: fine-tune a float model with tfquant's quantized forward pass, then save and report."""
+import dataclasses
 import math
 import os
 
 import tensorflow as tf
 
 import tfquant
-from learners import bit_allocation, bn_reestimation, full_precision, graphs, run_settings, stopping, training
+from learners import (bit_allocation, bn_reestimation, full_precision, graphs, recipes, run_settings, stopping,
+                      training)
 from learners.errors import UserError
 from tfquant import checkpoints
 from tfquant.export import inference_graph
@@ -92,6 +94,7 @@ class UniformQuantLearner:
         bn_batches = getattr(s, "uql_bn_reestimate_batches", 0)
         if bn_batches:
             bn_reestimation.check_config(self.config, self.cluster)  # before training, not after it
+        recipes.check_recipes(recipes.from_settings(s, 1, graphs.cosine_lrn_rate), self.config, self.cluster)
         float_checkpoint = self._float_checkpoint()
         stopping.pause_point("between_phases")
         stopping.check("between the float and quantized phases", "float checkpoint %s saved" % float_checkpoint)
@@ -107,10 +110,12 @@ class UniformQuantLearner:
             # Before the graph is built: the allocated bits become explicit_bits, which beat every other rule.
             self.config, allocation = bit_allocation.allocate(self.helper, s, self.config, float_checkpoint,
                                                               resuming=latest is not None)
+        training_recipes = self._training_recipes(nb_iters)
         model = graphs.build_graph(self.helper, True, quant_config=self.config,
                                    lrn_rate_fn=graphs.cosine_lrn_rate(s.uql_lrn_rate_init, nb_iters),
                                    momentum=s.momentum, seed=s.seed, skip_batches=step, distillation=distillation,
-                                   cluster=self.cluster, lrn_rate_scale=self.float_learner.lrn_rate_scale)
+                                   cluster=self.cluster, lrn_rate_scale=self.float_learner.lrn_rate_scale,
+                                   training_recipes=training_recipes)
         teacher = model.extra.get("teacher_variables", {})
         report = model.report
         report.allocation = allocation
@@ -142,11 +147,11 @@ class UniformQuantLearner:
             checkpoint = training.train_with_summaries(
                 sess, model, self.save_path, os.path.join(s.log_dir, self.name, "train"), s, self.name,
                 last_good=latest, steps_per_epoch=max(1, self.helper.n_train // batch_size), cluster=self.cluster)
-            extra = None
+            extra = recipes.results_entries(sess, model, training_recipes)
             if bn_batches and checkpoint is not None:
                 checkpoint, summary = bn_reestimation.reestimate_and_save(self.helper, self.config, sess, model,
                                                                           checkpoint, self.save_path, bn_batches)
-                extra = {"bn_reestimation": summary}
+                extra["bn_reestimation"] = summary
         if not self.float_learner.is_chief:
             return None  # the chief evaluates and writes the results
         if self.cluster is not None:
@@ -155,6 +160,14 @@ class UniformQuantLearner:
             float_accuracy = self._evaluate_float(float_checkpoint)
             self._save_inference_graph()
         return self._evaluate_and_report(float_checkpoint, float_accuracy, checkpoint, report, report_path, extra)
+
+    def _training_recipes(self, nb_iters):
+        """The low-bit recipes the flags ask for, checked; a separate range optimizer drops PACT's decay too."""
+        training_recipes = recipes.from_settings(self.settings, nb_iters, graphs.cosine_lrn_rate)
+        recipes.check_recipes(training_recipes, self.config, self.cluster)
+        if training_recipes.separate_ranges and self.config.pact_decay:
+            self.config = dataclasses.replace(self.config, pact_decay=0.0)
+        return training_recipes
 
     def _evaluate_and_report(self, float_checkpoint, float_accuracy, checkpoint, report, report_path, extra=None):
         """Evaluate the quantized checkpoint, write results.json (with `extra` entries) and print the summary."""
@@ -175,7 +188,7 @@ class UniformQuantLearner:
         run_settings.write_json(os.path.join(self.output_dir, RESULTS_NAME), results, "results file")
         from learners import analysis  # here: analysis imports this module
         html = analysis.record_fidelity(self.helper, s, checkpoint, self.name)
-        for line in summary_lines(results) + ["report page: %s" % html]:
+        for line in summary_lines(results) + recipes.summary_lines(results) + ["report page: %s" % html]:
             training.log(line)
         return results
 
