@@ -107,10 +107,7 @@ class WeightOscillation:
         float_codes = tf.cast(codes, tf.float32)
         code_ema = tf.where(first, float_codes, m * float_codes + (1.0 - m) * self.code_ema.value())
         new_last = tf.where(moved, direction, last)
-        updates = [self.previous_codes.assign(codes, read_value=False),
-                   self.last_direction.assign(new_last, read_value=False),
-                   self.frequency.assign(frequency, read_value=False),
-                   self.code_ema.assign(code_ema, read_value=False)]
+        computed = [codes, alpha, beta, frequency, code_ema, new_last]
         threshold = self.settings.freeze_threshold
         if threshold is not None:
             newly = tf.logical_and(tf.logical_not(self.frozen.value()), frequency > threshold)
@@ -118,9 +115,18 @@ class WeightOscillation:
             frozen_codes = tf.where(newly, tf.cast(tf.round(code_ema), tf.int32), self.frozen_codes.value())
             # The frozen weights' latent values go to their code's level of the grid after this step's update.
             pinned = tf.where(frozen, self._decode_fn(frozen_codes, alpha, beta), self.variable.value())
-            updates += [self.frozen.assign(frozen, read_value=False),
-                        self.frozen_codes.assign(frozen_codes, read_value=False),
-                        self.variable.assign(pinned, read_value=False)]
+            computed += [frozen, frozen_codes, pinned]
+        # Every write waits for every read (the codes read the weight, the state reads itself): resource variables
+        # are otherwise read and written in no fixed order within one step.
+        with tf.control_dependencies(computed):
+            updates = [self.previous_codes.assign(codes, read_value=False),
+                       self.last_direction.assign(new_last, read_value=False),
+                       self.frequency.assign(frequency, read_value=False),
+                       self.code_ema.assign(code_ema, read_value=False)]
+            if threshold is not None:
+                updates += [self.frozen.assign(frozen, read_value=False),
+                            self.frozen_codes.assign(frozen_codes, read_value=False),
+                            self.variable.assign(pinned, read_value=False)]
         with tf.control_dependencies(updates):
             return self.steps.assign_add(1, read_value=False)
 

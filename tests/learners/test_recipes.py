@@ -95,3 +95,114 @@ def test_shared_ranges_are_unchanged(helper):
     slots = sorted(v.op.name for v in model.graph.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES)
                    if "lsq_step" in v.op.name and "Momentum" in v.op.name)
     assert len(slots) == 5 and "range_lrn_rate" not in model.extra
+
+
+def test_low_bit_weight_decay_against_numpy(helper):
+    """conv2 at 2 bits gets scale x the decay, conv1 and fc (4 bits) the helper's own: the loss against NumPy."""
+    config = tfquant.QuantConfig(weight_bits=4, quantize_all_layers=True,
+                                 weight_overrides=[("model/conv2/weights", 2)])
+    chosen = recipes.Recipes(low_bit_decay_scale=0.1)
+    model = graphs.build_graph(helper, True, quant_config=config, lrn_rate_fn=graphs.cosine_lrn_rate(0.02, NB_ITERS),
+                               training_recipes=chosen)
+    assert recipes.low_bit_weight_names(model.report) == {"model/conv2/weights"}
+    with model.graph.as_default():
+        weights = {v.op.name: v for v in tf1.trainable_variables() if v.op.name.endswith("weights")}
+        per_example = cross_entropy_tensor(model.graph)
+    assert sorted(weights) == ["model/conv1/weights", "model/conv2/weights", "model/fc/weights"]
+    with graphs.new_session(model.graph) as sess:
+        sess.run(model.init_op)
+        values = sess.run(weights)
+        loss, ce = sess.run([model.loss, per_example])
+    decay = helper.loss_w_dcy * sum((0.1 if name == "model/conv2/weights" else 1.0) * 0.5 * np.sum(w.astype(np.float64) ** 2)
+                                    for name, w in values.items())
+    np.testing.assert_allclose(loss, np.mean(ce.astype(np.float64)) + decay, rtol=1e-5)
+    # conv2's share of the decay is large enough for the scale to show in the loss.
+    assert abs(decay - helper.loss_w_dcy * sum(0.5 * np.sum(w ** 2) for w in values.values())) > 1e-3 * decay
+
+
+def numpy_minmax_codes(x, bits):
+    """PocketFlow's min/max codes of one range group, in NumPy."""
+    levels = 2.0 ** bits - 1
+    alpha = np.float32(x.max() - x.min() + 1e-10)
+    return np.round((x - x.min()) * np.float32(levels / alpha)), alpha, x.min()
+
+
+def simulate(sequence, bits, momentum, threshold):
+    """Nagel et al.'s oscillation frequency, code EMA and freezing over latent weights `sequence` [T, n] in NumPy."""
+    n = sequence.shape[1]
+    previous, last, frequency, ema = None, np.zeros(n), np.zeros(n), np.zeros(n)
+    frozen, frozen_codes, pinned = np.zeros(n, bool), np.zeros(n), None
+    for x in sequence:
+        codes, alpha, beta = numpy_minmax_codes(x, bits)
+        if previous is None:
+            ema = codes.copy()
+        else:
+            change = np.sign(codes - previous)
+            reversal = (change != 0) & (change == -last)
+            frequency = momentum * reversal + (1 - momentum) * frequency
+            ema = momentum * codes + (1 - momentum) * ema
+            last = np.where(change != 0, change, last)
+        previous = codes
+        if threshold is not None:
+            newly = ~frozen & (frequency > threshold)
+            frozen_codes = np.where(newly, np.round(ema), frozen_codes)
+            frozen |= newly
+            scale = np.float32(alpha * np.float32(1.0 / (2 ** bits - 1)))
+            pinned = np.where(frozen, frozen_codes * scale + beta, x)
+    return frequency, ema, last, frozen, frozen_codes, pinned
+
+
+def toy_sequence(steps=40):
+    """8 latent weights: two fixed at -1 and 1 (the grid), one flipping every step across a code boundary, one every
+    third step, one drifting upward through codes, one constant, two with small noise inside a code."""
+    rng = np.random.RandomState(0)
+    t = np.arange(steps)
+    boundary = -1 + 2.0 / 3 * 0.5  # between codes 0 and 1 of a 2-bit grid on [-1, 1]
+    columns = [np.full(steps, -1.0), np.full(steps, 1.0), boundary + 0.05 * (-1.0) ** t,
+               boundary + 0.05 * np.where((t // 3) % 2 == 0, 1.0, -1.0), -0.95 + 1.9 * t / steps,
+               np.full(steps, 0.2), 0.1 + 0.01 * rng.randn(steps), -0.6 + 0.01 * rng.randn(steps)]
+    return np.stack(columns, axis=1).astype(np.float32)
+
+
+@pytest.mark.parametrize("threshold", [None, 0.3])
+def test_oscillation_counts_against_numpy_simulation(threshold):
+    bits, momentum = 2, 0.2
+    sequence = toy_sequence()
+    settings = oscillation.OscillationSettings(momentum=momentum, freeze_threshold=threshold)
+    graph = tf.Graph()
+    with graph.as_default():
+        weight = tf1.get_variable("w", initializer=sequence[0], use_resource=True)
+        value = tf1.placeholder(tf.float32, sequence.shape[1:])
+        assign = weight.assign(value)
+        grid, layout = weight_grids.MinMaxGrid(), GroupLayout()
+        tracked = oscillation.WeightOscillation(
+            weight, lambda: grid.codes(weight.value(), bits, layout),
+            lambda c, a, b: oscillation.decode_codes(c, a, b, bits, layout), settings)
+        update = oscillation.OscillationTracker({"w": tracked}).update(tf.no_op())
+        statistics = tracked.statistics()
+        with tf1.Session() as sess:
+            sess.run(tf1.global_variables_initializer())
+            for x in sequence:
+                sess.run(assign, {value: x})  # the optimizer's step
+                sess.run(update)
+            state = sess.run([tracked.frequency, tracked.code_ema, tracked.last_direction, tracked.frozen,
+                              tracked.frozen_codes, weight, statistics])
+            final_codes = sess.run(grid.codes(weight.value(), bits, layout)[0])
+    frequency, ema, last, frozen, frozen_codes, pinned = simulate(sequence, bits, momentum, threshold)
+    np.testing.assert_allclose(state[0], frequency, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(state[1], ema, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(state[2], last)
+    assert state[6]["oscillating"] == np.sum(frequency > settings.report_threshold)
+    assert state[6]["weights"] == 8
+    # The every-step flipper oscillates far above the every-third-step one; drift, constants and noise do not.
+    assert frequency[2] > 0.9 and 0.1 < frequency[3] < frequency[2] and np.all(frequency[[0, 1, 4, 5, 6, 7]] == 0)
+    if threshold is None:
+        assert not state[3].any() and np.array_equal(state[5], sequence[-1])
+        return
+    np.testing.assert_array_equal(state[3], frozen)
+    assert frozen.tolist() == [False, False, True, True, False, False, False, False]
+    np.testing.assert_array_equal(state[4][frozen], frozen_codes[frozen])
+    np.testing.assert_allclose(state[5], pinned, rtol=1e-6)
+    # The frozen weights sit on their frozen codes of the grid: the quantizer (and an export) reads those codes.
+    np.testing.assert_array_equal(final_codes[frozen], frozen_codes[frozen])
+    assert state[6]["frozen"] == 2
