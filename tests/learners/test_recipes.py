@@ -206,3 +206,58 @@ def test_oscillation_counts_against_numpy_simulation(threshold):
     # The frozen weights sit on their frozen codes of the grid: the quantizer (and an export) reads those codes.
     np.testing.assert_array_equal(final_codes[frozen], frozen_codes[frozen])
     assert state[6]["frozen"] == 2
+
+
+WEIGHTS = ("model/conv1/weights", "model/conv2/weights", "model/fc/weights")
+
+
+@pytest.fixture(scope="module")
+def recipes_run(tmp_path_factory):
+    """A uniform run at W2A4 with every recipe: Adam on the LSQ activation steps, half decay at 2 bits, freezing."""
+    helper = model_template.ModelHelper(batch_size=32, batch_size_eval=100, train_subset=512, eval_subset=100,
+                                        nb_epochs_rat=0.25, seed=0)
+    directory = str(tmp_path_factory.mktemp("recipes"))
+    settings = settings_in(directory, uql_range_optimizer="adam", uql_range_lrn_rate=1e-3,
+                           uql_low_bit_weight_decay_scale=0.5, uql_freeze_oscillations=0.005, uql_quant_epochs=1.0,
+                           uql_lrn_rate_init=0.05)
+    config = tfquant.QuantConfig(weight_bits=2, activation_bits=4, act_range="lsq", use_buckets=True,
+                                 bucket_type="channel", quantize_all_layers=True)
+    learner = UniformQuantLearner(helper, settings, config)
+    return learner, learner.train(), directory
+
+
+def test_run_reports_recipes_and_exports_frozen_codes_bit_for_bit(recipes_run, tmp_path):
+    from tfquant.export import model_export
+    learner, results, directory = recipes_run
+    with open(os.path.join(directory, "models_uql", "results.json")) as handle:
+        written = json.load(handle)
+    entry = written["oscillation"]
+    saved = tf.train.load_checkpoint(results["quant_checkpoint"])
+    sizes = {name: saved.get_tensor(name).size for name in WEIGHTS}
+    assert entry["weights"] == sum(sizes.values()) and set(entry["layers"]) == {
+        "model/conv1/Conv2D", "model/conv2/Conv2D", "model/fc/MatMul"}
+    frozen = {name: saved.get_tensor(name + "_oscillation/frozen") for name in WEIGHTS}
+    frequency = {name: saved.get_tensor(name + "_oscillation/frequency") for name in WEIGHTS}
+    assert entry["frozen"] == sum(int(f.sum()) for f in frozen.values()) > 0
+    assert entry["oscillating"] == sum(int((f > 0.005).sum()) for f in frequency.values())
+    assert written["low_bit_weight_decay"]["weights"] == list(WEIGHTS)
+    assert written["range_optimizer"]["optimizer"] == "adam" and len(written["range_optimizer"]["variables"]) == 2
+    assert learner.config.pact_decay == 0.0
+    # The packed file holds the checkpoint's codes, and every frozen weight's code is its frozen code.
+    packed = str(tmp_path / "model.tfq")
+    model_export.pack_checkpoint(results["quant_checkpoint"], results["report"], packed)
+    weights, _ = model_export.load_packed_weights(packed)
+    layout = tfquant.GroupLayout("channel", channel_axes=(-1,))
+    with tf.Graph().as_default():
+        fetches = {name: (tfquant.quantize_weight(tf.constant(saved.get_tensor(name)), 2, layout),
+                          weight_grids.MinMaxGrid().codes(tf.constant(saved.get_tensor(name)), 2, layout)[0])
+                   for name in WEIGHTS}
+        with tf1.Session() as sess:
+            trained = sess.run(fetches)
+    for name in WEIGHTS:
+        np.testing.assert_array_equal(weights[name], trained[name][0])
+        codes = trained[name][1]
+        np.testing.assert_array_equal(codes[frozen[name]],
+                                      saved.get_tensor(name + "_oscillation/frozen_codes")[frozen[name]])
+    accuracy, _, _ = learner.evaluate()
+    assert accuracy == pytest.approx(results["quant_accuracy"], abs=1e-6)
