@@ -97,6 +97,13 @@ ROWS += [
     Row("W4A4 ch min/max + BN re-estimation", CH + " --uql_weight_bits=4 --uql_activation_bits=4" + BN),
     Row("W2A2 ch LSQ + dst + BN re-estimation", CH + " --uql_weight_bits=2 --uql_activation_bits=2" + LSQ + DST + BN),
 ]
+# Issue 34's low-bit recipes on the W2A2 LSQ + distillation row: ranges on their own optimizer (Adam, no decay),
+# the decay of the 2-bit weights scaled down, freezing of oscillating weights, and all three.
+W2A2_LSQ_DST = CH + " --uql_weight_bits=2 --uql_activation_bits=2" + LSQ + DST
+RECIPES = {"range Adam": " --uql_range_optimizer=adam", "low-bit decay x0.1": " --uql_low_bit_weight_decay_scale=0.1",
+           "freeze oscillations": " --uql_freeze_oscillations=0.02"}
+ROWS += [Row("W2A2 ch LSQ + dst + " + name, W2A2_LSQ_DST + flags) for name, flags in RECIPES.items()]
+ROWS += [Row("W2A2 ch LSQ + dst + all recipes", W2A2_LSQ_DST + "".join(RECIPES.values()))]
 QUICK_ROWS = ("W8A8", BASELINE)
 FULL = {"float": ["--nb_epochs_rat=1.0"], "epochs": 1.0, "finetune": ["--uql_lrn_rate_init=0.01"],
         "common": ["--batch_size=128", "--batch_size_eval=500", "--summ_step=100"]}

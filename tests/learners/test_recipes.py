@@ -214,7 +214,7 @@ WEIGHTS = ("model/conv1/weights", "model/conv2/weights", "model/fc/weights")
 @pytest.fixture(scope="module")
 def recipes_run(tmp_path_factory):
     """A uniform run at W2A4 with every recipe: Adam on the LSQ activation steps, half decay at 2 bits, freezing."""
-    helper = model_template.ModelHelper(batch_size=32, batch_size_eval=100, train_subset=512, eval_subset=100,
+    helper = model_template.ModelHelper(batch_size=32, batch_size_eval=100, train_subset=256, eval_subset=100,
                                         nb_epochs_rat=0.25, seed=0)
     directory = str(tmp_path_factory.mktemp("recipes"))
     settings = settings_in(directory, uql_range_optimizer="adam", uql_range_lrn_rate=1e-3,
@@ -261,3 +261,35 @@ def test_run_reports_recipes_and_exports_frozen_codes_bit_for_bit(recipes_run, t
                                       saved.get_tensor(name + "_oscillation/frozen_codes")[frozen[name]])
     accuracy, _, _ = learner.evaluate()
     assert accuracy == pytest.approx(results["quant_accuracy"], abs=1e-6)
+
+
+def test_recipe_flags_are_checked():
+    from learners import flags as learner_flags
+    from learners.errors import UserError
+    learner_flags.define_flags()
+    flags = learner_flags.FLAGS
+    flags(["prog"])
+    for argv, message in (
+            (["--uql_range_lrn_rate=0.01"], "has no effect without --uql_range_optimizer"),
+            (["--uql_range_optimizer=adam", "--uql_range_lrn_rate=0"], "--uql_range_lrn_rate=0.0 is not valid"),
+            (["--uql_range_optimizer=adam", "--uql_act_range=pact", "--uql_pact_decay=1e-4"],
+             "trains the clip levels without decay"),
+            (["--uql_low_bit_weight_decay_scale=-1"], "expected a number >= 0"),
+            (["--uql_freeze_oscillations=1.5"], "expected a frequency in (0, 1)"),
+            (["--uql_freeze_oscillations=0"], "expected a frequency in (0, 1)")):
+        flags.unparse_flags()
+        flags(["prog", "--learner=uniform"] + argv)
+        try:
+            with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+                learner_flags.validate_flags()
+        finally:
+            flags.unparse_flags()
+    flags(["prog"])
+
+
+def test_oscillation_with_folding_is_refused():
+    from learners.errors import UserError
+    chosen = recipes.Recipes(oscillations=oscillation.OscillationSettings())
+    with pytest.raises(UserError, match="--uql_fold_batch_norms"):
+        recipes.check_recipes(chosen, tfquant.QuantConfig(fold_batch_norms=True), None)
+    recipes.check_recipes(chosen, tfquant.QuantConfig(), None)
