@@ -187,8 +187,7 @@ def _build_model(graph, helper, is_train, quant_config, lrn_rate_fn, momentum, s
             summaries.extend(_quant_summaries(graph, report))
         if "distillation_loss" in extra:
             summaries.append(tf1.summary.scalar("distillation_loss", extra["distillation_loss"]))
-        if "range_lrn_rate" in extra:
-            summaries.append(tf1.summary.scalar("range_lrn_rate", extra["range_lrn_rate"]))
+        summaries.extend(recipes.summaries(extra))
         model.summary_op = tf1.summary.merge(summaries)
         model.finite_flags, model.checked_variable_names = finite_check(graph)
     return model

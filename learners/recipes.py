@@ -133,6 +133,22 @@ def track_oscillations(train_op, graph, report, recipes):
     return tracker.update(train_op), tracker
 
 
+def summaries(extra):
+    """TensorBoard scalars of the recipes in a training graph's ModelGraph.extra: the range optimizer's learning
+    rate, and the fraction of oscillating (and of frozen) weights over every tracked weight."""
+    scalars = []
+    if "range_lrn_rate" in extra:
+        scalars.append(tf1.summary.scalar("range_lrn_rate", extra["range_lrn_rate"]))
+    tracker = extra.get("oscillation")
+    if tracker is not None and tracker.weights:
+        statistics = list(tracker.statistics().values())
+        total = tf.cast(tf.add_n([s["weights"] for s in statistics]), tf.float32)
+        for name in ("oscillating", "frozen"):
+            count = tf.cast(tf.add_n([s[name] for s in statistics]), tf.float32)
+            scalars.append(tf1.summary.scalar("oscillation/%s_fraction" % name, count / total))
+    return scalars
+
+
 def make_range_optimizer(kind, lrn_rate, momentum):
     """The tf.compat.v1 optimizer of the learned ranges ('adam', 'momentum' or 'sgd'), named apart from the weights'."""
     if kind == "adam":
