@@ -53,7 +53,9 @@ def test_range_optimizer_one_step_against_hand_computation(helper):
     own rate, and the loss decays every weight but no range (the helper here would decay anything it is given)."""
     decay_all = DecayEverything(batch_size=16, batch_size_eval=100, train_subset=256, eval_subset=100,
                                 nb_epochs_rat=0.25, seed=0, loss_w_dcy=1e-3)
-    chosen = recipes.Recipes(range_optimizer="adam", range_lrn_rate_fn=graphs.cosine_lrn_rate(0.05, NB_ITERS))
+    # Oscillation tracking rides along (it changes no variable without a threshold): its codes are checked below.
+    chosen = recipes.Recipes(range_optimizer="adam", range_lrn_rate_fn=graphs.cosine_lrn_rate(0.05, NB_ITERS),
+                             oscillations=oscillation.OscillationSettings())
     model = graphs.build_graph(decay_all, True, quant_config=LSQ_CONFIG,
                                lrn_rate_fn=graphs.cosine_lrn_rate(0.02, NB_ITERS), momentum=0.9,
                                training_recipes=chosen)
@@ -72,7 +74,15 @@ def test_range_optimizer_one_step_against_hand_computation(helper):
         _, g2, lr, range_lr, loss, ce = sess.run([model.train_op, gradients, model.lrn_rate,
                                                   model.extra["range_lrn_rate"], model.loss, cross_entropy])
         after = sess.run(weights + ranges)
+        tracked = model.extra["oscillation"].weights
+        codes = sess.run({w.variable.op.name: w.previous_codes for w in tracked.values()})
     n = len(weights)
+    # The tracker read the codes of the weights and LSQ steps after the step: NumPy's signed 3-bit grid per channel.
+    values = dict(zip([v.op.name for v in weights + ranges], after))
+    assert sorted(codes) == list(WEIGHTS)
+    for name, got in codes.items():
+        step = values[name + "_quant/lsq_step"].astype(np.float32)
+        np.testing.assert_array_equal(got, np.round(np.clip(values[name] / step, -4, 3)) + 4)
     np.testing.assert_allclose(lr, 0.02 * 0.5 * (1 + np.cos(np.pi / NB_ITERS)), rtol=1e-6)
     np.testing.assert_allclose(range_lr, 0.05 * 0.5 * (1 + np.cos(np.pi / NB_ITERS)), rtol=1e-6)
     # The decay covers the weights (values before this step) and no range variable.
