@@ -90,10 +90,10 @@ def model_loss(helper, labels, logits, trainable, report, recipes):
     low_bit = [v for v in trainable if v.op.name in low]
     loss, metrics = helper.calc_loss(labels, logits, high_bit)
     if low_bit:
-        frozen_logits = tf.stop_gradient(logits)
+        logits_no_gradient = tf.stop_gradient(logits)
         with tf1.name_scope("low_bit_weight_decay"):
-            with_low, _ = helper.calc_loss(labels, frozen_logits, low_bit)
-            without, _ = helper.calc_loss(labels, frozen_logits, [])
+            with_low, _ = helper.calc_loss(labels, logits_no_gradient, low_bit)
+            without, _ = helper.calc_loss(labels, logits_no_gradient, [])
             decay = recipes.low_bit_decay_scale * (with_low - without)
         loss = loss + decay
         metrics = dict(metrics, loss=loss, low_bit_weight_decay=decay)
