@@ -15,7 +15,6 @@ ranges training did not record (else its first test images serve); with it the a
 and of every file, and every file's agreement with the quantized TF graph, are printed.
 The output directory is replaced only by a complete export; a failure leaves it as it was.
 """
-import argparse
 import sys
 import time
 import traceback
@@ -24,48 +23,11 @@ import zipfile
 import numpy as np
 import tensorflow as tf
 
-from tfquant import files
+from tfquant import export_command, files
 from tfquant.errors import TfquantError
 from tfquant.export import model_export, run_directory
 
 NPZ_KEYS = ("x_test", "y_test")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line, as for every other bad input, instead of argparse's usage block.
-        sys.stderr.write("error: %s\n" % message)
-        sys.exit(2)
-
-
-def _parse_args(argv):
-    parser = _Parser(prog="python -m tfquant.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint_dir", required=True,
-                        help="directory with quant_report.json, inference_graph.meta and model.ckpt-N")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--eval_npz", default=None,
-                        help=".npz with x_test, y_test (and optionally x_train for --int8/--onnx calibration)")
-    parser.add_argument("--tflite", action="store_true", help="also write model_float.tflite")
-    parser.add_argument("--int8", action="store_true", help="also write model_int8.tflite (implies --tflite), "
-                        "with the trained weight and activation ranges, and for <= 4-bit symmetric weights "
-                        "model_int4.tflite (INT4 weights of the trained codes)")
-    parser.add_argument("--int8_calibration", action="store_true", help="with --int8: let the converter "
-                        "calibrate every activation range on the calibration images instead (the old fallback)")
-    parser.add_argument("--onnx", action="store_true", help="also write model.onnx with QuantizeLinear/"
-                        "DequantizeLinear pairs carrying the trained ranges, <= 4-bit weights as UINT4/UINT2 codes "
-                        "(needs onnx, tf2onnx and onnxruntime)")
-    parser.add_argument("--eval_subset", type=int, default=None, help="evaluate on the first N test images only")
-    parser.add_argument("--latency_images", type=int, default=run_directory.LATENCY_IMAGES,
-                        help="test images per model for the latency measurement")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    args = parser.parse_args(argv)
-    for name, minimum in (("eval_subset", 1), ("latency_images", 0)):
-        value = getattr(args, name)
-        if value is not None and value < minimum:
-            parser.error("--%s=%d is not valid; expected an integer >= %d" % (name, value, minimum))
-    if args.int8_calibration and not args.int8:
-        parser.error("--int8_calibration is only valid with --int8")
-    return args
 
 
 def _load_npz(path, eval_subset):
@@ -95,7 +57,7 @@ USER_ERRORS = (TfquantError, ValueError, OSError, tf.errors.OpError, TypeError, 
 
 def main(argv=None):
     """Run the export; returns the exit status (0, or 2 after one 'error:' line on stderr)."""
-    args = _parse_args(argv)
+    args = export_command.parse_args(sys.argv[1:] if argv is None else argv)
     # TensorFlow's deprecation notices for the TF1 freezing API are not the user's concern.
     tf.get_logger().setLevel("ERROR")
     start = time.time()
@@ -106,7 +68,8 @@ def main(argv=None):
         result = run_directory.export_run_directory(
             args.checkpoint_dir, args.output_dir, tflite=args.tflite, int8=args.int8,
             int8_calibration=args.int8_calibration, onnx=args.onnx, test_data=test_data,
-            calibration_images=calibration, latency_images=args.latency_images,
+            calibration_images=calibration,
+            latency_images=run_directory.LATENCY_IMAGES if args.latency_images is None else args.latency_images,
             output_name="--output_dir=" + args.output_dir)
     except USER_ERRORS as exc:
         if args.debug:

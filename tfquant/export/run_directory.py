@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfquant
-from tfquant import files
+from tfquant import export_command, files
 from tfquant.export import (divergence, fake_quant_graph, frozen_graph, inference_graph, model_export, onnx_export,
                             onnx_kbit_export, packed_reader, staged_directory, tflite_export, tflite_int4)
 from tfquant.export.model_export import ExportError
@@ -371,9 +371,7 @@ def _locked_run_directory(checkpoint_dir):
     try:
         files.lock_directory(checkpoint_dir)
     except files.DirectoryInUse as exc:
-        holder = "process %d" % exc.pid if exc.pid else "another process"
-        raise ExportError("checkpoint_dir=%s is in use by %s (lock %s); expected one process per run directory: wait "
-                          "for it to end" % (checkpoint_dir, holder, os.path.join(exc.directory, files.LOCK_NAME)))
+        raise ExportError(export_command.in_use_message(checkpoint_dir, exc.pid, exc.directory)) from None
     try:
         yield
     finally:
