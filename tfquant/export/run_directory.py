@@ -20,8 +20,8 @@ import tensorflow as tf
 
 import tfquant
 from tfquant import export_command, files
-from tfquant.export import (divergence, fake_quant_graph, frozen_graph, inference_graph, model_export, onnx_export,
-                            onnx_kbit_export, packed_reader, staged_directory, tflite_export, tflite_int4)
+from tfquant.export import (divergence, fake_quant_graph, frozen_graph, inference_graph, model_export, model_files,
+                            onnx_export, onnx_kbit_export, packed_reader, staged_directory, tflite_export, tflite_int4)
 from tfquant.export.model_export import ExportError
 from tfquant.report import REPORT_NAME, config_from_report, load_report
 
@@ -176,7 +176,10 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
         if content is not None:
             # Flushed to disk before the staging directory is published, like every file of the export.
             files.write_atomically(os.path.join(staging, name), content)
-        result["files"][key] = {"name": name, "bytes": os.path.getsize(os.path.join(staging, name))}
+        with open(os.path.join(staging, name), "rb") as handle:
+            data = handle.read()
+        # Size and digest: a file read back later (model_files.load_export) is checked against them.
+        result["files"][key] = {"name": name, "bytes": len(data), "sha256": model_files.digest(data)}
 
     folded = None
     if report.config.get("fold_batch_norms"):
