@@ -26,7 +26,7 @@ LOCK_NAME = ".tfquant.lock"  # tfquant.files.LOCK_NAME (a test checks they agree
 _held = {}  # real path of a directory -> the descriptor of its lock file
 
 
-class InUse(Exception):
+class _HeldElsewhere(Exception):
     """Another live process holds `directory` (its pid, None when unreadable)."""
 
     def __init__(self, directory, pid):
@@ -100,7 +100,7 @@ def hold(directory):
     """Take the lock of `directory` for this process (nothing when taken already).
 
     Raises:
-      InUse: another live process holds it.
+      _HeldElsewhere: another live process holds it (caught by hold_run_directories; never a user's error).
       OSError: the lock file cannot be created or locked.
     """
     directory = os.path.realpath(directory)
@@ -113,7 +113,7 @@ def hold(directory):
         holder = _read_holder(fd) if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise InUse(directory, holder) from None
+            raise _HeldElsewhere(directory, holder) from None
         raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, b"%d\n" % os.getpid(), 0)
@@ -133,7 +133,7 @@ def hold_run_directories(argv=None, environ=None):
     for directory in directories_to_lock(argv, environ):
         try:
             hold(directory)
-        except InUse as exc:
+        except _HeldElsewhere as exc:
             sys.stderr.write("error: %s\n" % in_use_message(directory, exc.pid))
             sys.exit(2)
         except OSError:

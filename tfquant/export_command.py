@@ -32,9 +32,13 @@ def parse_args(argv):
     parser = _Parser(prog="python -m tfquant.export",
                      description="Export a quantized run directory to a packed .tfq file, a frozen graph, TFLite "
                                  "and ONNX models.")
-    parser.add_argument("--checkpoint_dir", required=True,
-                        help="directory with quant_report.json, inference_graph.meta and model.ckpt-N")
-    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--checkpoint_dir", help="directory with quant_report.json, inference_graph.meta and "
+                        "model.ckpt-N")
+    parser.add_argument("--output_dir")
+    parser.add_argument("--check", metavar="EXPORT_DIR", default=None,
+                        help="instead of exporting, read an export back: every .tflite/.onnx file checked against "
+                        "the size and SHA-256 its export.json records and loaded in its runtime (with --eval_npz, "
+                        "each file's accuracy)")
     parser.add_argument("--eval_npz", default=None,
                         help=".npz with x_test, y_test (and optionally x_train for --int8/--onnx calibration)")
     parser.add_argument("--tflite", action="store_true", help="also write model_float.tflite")
@@ -51,6 +55,16 @@ def parse_args(argv):
                         help="test images per model for the latency measurement (default: 100)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
+    if args.check is not None:
+        given = [name for name in ("checkpoint_dir", "output_dir") if getattr(args, name) is not None]
+        given += [name for name in ("tflite", "int8", "int8_calibration", "onnx") if getattr(args, name)]
+        if given:
+            parser.error("--%s is not valid with --check; expected --check alone, or with --eval_npz / "
+                         "--eval_subset" % given[0])
+    else:
+        missing = [name for name in ("checkpoint_dir", "output_dir") if getattr(args, name) is None]
+        if missing:
+            parser.error("the following arguments are required: %s" % ", ".join("--" + m for m in missing))
     for name, minimum in (("eval_subset", 1), ("latency_images", 0)):
         value = getattr(args, name)
         if value is not None and value < minimum:
@@ -82,7 +96,7 @@ def hold_checkpoint_dir_early():
     if _module_being_run() not in (MODULE, MODULE + ".__main__"):
         return
     args = parse_args(sys.argv[1:])
-    if not os.path.isdir(args.checkpoint_dir):
+    if args.checkpoint_dir is None or not os.path.isdir(args.checkpoint_dir):
         return  # the export says what is wrong with it
     try:
         files.lock_directory(args.checkpoint_dir)

@@ -188,7 +188,8 @@ def test_targeted_damage_is_one_line_naming_the_file(kind, models, tmp_path, mon
 def test_export_record_damage(models, tmp_path):
     export_dir = _write_export(tmp_path / "export", models)
     loaded = model_files.load_export(export_dir)
-    assert loaded == {"tflite_float": models["tflite"], "onnx": models["onnx"]}
+    assert loaded == {"tflite_float": (str(export_dir / NAMES["tflite"]), models["tflite"]),
+                      "onnx": (str(export_dir / NAMES["onnx"]), models["onnx"])}
     record = export_dir / "export.json"
     for text, part in (("", "not valid JSON"), ("[]", "has no 'files' table"),
                        ('{"files": {"onnx": {"name": "../model.onnx"}}}', "file entry 'onnx' is not valid")):
@@ -204,3 +205,32 @@ def test_model_file_error_is_a_user_error():
     from tfquant.errors import TfquantError
     assert issubclass(model_files.ModelFileError, TfquantError)
     assert files.SMALL_FILE_LIMIT < model_files.MODEL_FILE_LIMIT
+
+
+def test_export_command_check_reads_back_or_refuses_in_one_line(models, tmp_path, capsys):
+    from tfquant.export import __main__ as cli
+    labels = np.argmax(IMAGES @ WEIGHTS + BIAS, axis=1)
+    labels[:2] = (labels[:2] + 1) % 3  # two of five wrong: accuracy 0.6 for both intact files
+    npz = tmp_path / "test.npz"
+    np.savez(npz, x_test=IMAGES, y_test=labels)
+    intact = _write_export(tmp_path / "intact", models)
+    assert cli.main(["--check", str(intact), "--eval_npz", str(npz)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["%s: %d bytes, SHA-256 %s as recorded, accuracy 0.6000 on 5 test images"
+                   % (intact / NAMES[kind], len(models[kind]), hashlib.sha256(models[kind]).hexdigest())
+                   for kind in ("onnx", "tflite")]
+    rnd = random.Random(7)
+    for case in range(12):
+        kind = ("tflite", "onnx")[case % 2]
+        how, damaged = _damage(models[kind], rnd)
+        export_dir = _write_export(tmp_path / ("cli%d" % case), models, (kind, damaged))
+        assert cli.main(["--check", str(export_dir), "--eval_npz", str(npz)]) == 2, how
+        captured = capsys.readouterr()
+        assert captured.out == ""  # no accuracy of any file, the intact one included
+        lines = captured.err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and str(export_dir / NAMES[kind]) in lines[0], (
+            how, captured.err)
+    with pytest.raises(SystemExit):
+        cli.main(["--check", str(intact), "--onnx"])
+    assert capsys.readouterr().err == ("error: --onnx is not valid with --check; expected --check alone, or with "
+                                       "--eval_npz / --eval_subset\n")

@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from tfquant import export_command, files
 from tfquant.errors import TfquantError
-from tfquant.export import model_export, run_directory
+from tfquant.export import model_export, model_files, onnx_export, run_directory, tflite_export
 
 NPZ_KEYS = ("x_test", "y_test")
 
@@ -55,11 +55,47 @@ def _load_npz(path, eval_subset):
 USER_ERRORS = (TfquantError, ValueError, OSError, tf.errors.OpError, TypeError, KeyError, IndexError)
 
 
+def _check_export(args):
+    """--check: read every model file of an export back (sizes, digests, formats, loaded in its runtime) and with
+    --eval_npz print each one's accuracy; returns the exit status."""
+    try:
+        models = model_files.load_export(args.check)
+        if not models:
+            raise model_files.ModelFileError("export %s has no .tflite or .onnx file; expected an export made with "
+                                             "--tflite, --int8 or --onnx" % args.check)
+        test_data = _load_npz(args.eval_npz, args.eval_subset)[0] if args.eval_npz is not None else None
+        lines = []
+        for path, data in sorted(models.values()):
+            # Each file is loaded (and with test data run) by its runtime from the path just verified.
+            if model_files.kind_of(path) == "tflite":
+                logits = tflite_export.run_tflite(path, test_data[0]) if test_data else None
+                if logits is None:
+                    tflite_export.make_interpreter(path)
+            else:
+                logits = onnx_export.run_onnx(path, test_data[0]) if test_data else None
+                if logits is None:
+                    onnx_export.single_image_runner(path)
+            line = "%s: %d bytes, SHA-256 %s as recorded" % (path, len(data), model_files.digest(data))
+            if logits is not None:
+                line += ", accuracy %.4f on %d test images" % (
+                    run_directory.accuracy(logits, test_data[1], "the file %s" % path), len(test_data[1]))
+            lines.append(line)
+    except USER_ERRORS as exc:
+        if args.debug:
+            traceback.print_exc()
+        sys.stderr.write("error: %s\n" % run_directory.one_line(exc))
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv=None):
     """Run the export; returns the exit status (0, or 2 after one 'error:' line on stderr)."""
     args = export_command.parse_args(sys.argv[1:] if argv is None else argv)
     # TensorFlow's deprecation notices for the TF1 freezing API are not the user's concern.
     tf.get_logger().setLevel("ERROR")
+    if args.check is not None:
+        return _check_export(args)
     start = time.time()
     try:
         test_data = calibration = None

@@ -106,7 +106,7 @@ def load_export(directory):
     Args:
       directory: an output directory of run_directory.export_run_directory.
     Returns:
-      {file key of export.json ('tflite_int8', 'onnx', ...): bytes}.
+      {file key of export.json ('tflite_int8', 'onnx', ...): (path, bytes)}.
     Raises:
       ModelFileError: export.json or a model file is missing, damaged or changed since the export.
     """
@@ -124,7 +124,8 @@ def load_export(directory):
                                  "'bytes': size, 'sha256': digest}" % (os.path.join(directory, EXPORT_RECORD), key))
         if kind_of(name) is None:
             continue
-        models[key] = read_model_file(os.path.join(directory, name), expected=entry)
+        path = os.path.join(directory, name)
+        models[key] = (path, read_model_file(path, expected=entry))
     return models
 
 

@@ -72,7 +72,7 @@ def _quantized_checkpoint_logits(build_forward, checkpoint, config, images, batc
     return np.concatenate(outputs)
 
 
-def _accuracy(logits, labels, what="the quantized checkpoint"):
+def accuracy(logits, labels, what="the quantized checkpoint"):
     """Share of images whose top logit is the label; ExportError when any logit is NaN or Inf (no accuracy then)."""
     bad = int(np.count_nonzero(~np.all(np.isfinite(logits.reshape(len(logits), -1)), axis=1)))
     if bad:
@@ -203,8 +203,8 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
         reference = _quantized_checkpoint_logits(build_forward, checkpoint, config, test_images)
         frozen = frozen_graph.run_graph_def(graph_def, test_images)
         result["test_images"] = int(len(test_labels))
-        result["accuracy"] = {"quantized_checkpoint": _accuracy(reference, test_labels),
-                              "frozen_graph": _accuracy(frozen, test_labels, "the frozen graph")}
+        result["accuracy"] = {"quantized_checkpoint": accuracy(reference, test_labels),
+                              "frozen_graph": accuracy(frozen, test_labels, "the frozen graph")}
         result["frozen_vs_checkpoint"] = {
             "argmax_agreement": float(np.mean(frozen.argmax(1) == reference.argmax(1))),
             "max_abs_logit_diff": float(np.max(np.abs(frozen - reference)))}
@@ -278,7 +278,7 @@ def _fidelity(result, reference, test_data, frozen, tflite_models, onnx_model, l
     result["disagreements_with_quantized_tf"] = {
         label: divergence.disagreements(reference, logits) for label, logits in predictions.items()}
     for label, logits in predictions.items():
-        result["accuracy"][label] = _accuracy(logits, labels, "the exported %s model" % label)
+        result["accuracy"][label] = accuracy(logits, labels, "the exported %s model" % label)
     runners = dict(tflite_models)
     if "float" in tflite_models:
         # The float model on the built-in kernels too: the speed-up of int8 over float depends on whether
