@@ -2,6 +2,7 @@
 
   python -m tfquant.export --checkpoint_dir DIR --output_dir OUT [--eval_npz TEST.npz] [--tflite]
       [--int8 [--int8_calibration]] [--onnx] [--eval_subset N] [--latency_images N] [--debug]
+  python -m tfquant.export --check OUT [--eval_npz TEST.npz] [--eval_subset N]
 
 DIR is the directory a quantized run (--learner uniform or ptq) wrote: quant_report.json,
 inference_graph.meta and model.ckpt-N. No model code is needed. OUT receives model.tfq, inference.pb,
@@ -14,6 +15,8 @@ their trained codes in UINT4/UINT2 initializers, checked in onnxruntime with eve
 ranges training did not record (else its first test images serve); with it the accuracy of the checkpoint
 and of every file, and every file's agreement with the quantized TF graph, are printed.
 The output directory is replaced only by a complete export; a failure leaves it as it was.
+--check reads an export back: every .tflite/.onnx file against the size and SHA-256 export.json records, loaded
+in its runtime, and with --eval_npz its accuracy; a damaged file is one error line.
 """
 import sys
 import time
