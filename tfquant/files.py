@@ -62,7 +62,8 @@ def open_regular(path, error_cls, what="file"):
         # O_NONBLOCK keeps open() from waiting on a FIFO put in place between stat and open.
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
-        raise error_cls("%s %s cannot be opened (%s); expected a readable regular file" % (what, path, _first_line(exc))) from None
+        raise error_cls("%s %s cannot be opened (%s); expected a readable regular file"
+                        % (what, path, _first_line(exc))) from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
