@@ -5,21 +5,19 @@ import os
 from absl import flags
 
 import tfquant
+from learners import directory_flags
 from learners.errors import UserError
 
 FLAGS = flags.FLAGS
-LEARNERS = ("full-prec", "uniform", "ptq")
+LEARNERS = directory_flags.LEARNERS
 
 
 def define_flags():
     """Define every flag once (run scripts and tests may call this repeatedly)."""
     if "learner" in FLAGS:
         return
-    flags.DEFINE_enum("learner", "full-prec", list(LEARNERS),
-                      "learner: full-prec, uniform or ptq (post-training calibration)")
-    flags.DEFINE_enum("exec_mode", "train", ["train", "eval", "export", "analyze"],
-                      "train, eval the latest checkpoint, export it (--learner uniform or ptq, --export_dir), or "
-                      "analyze it layer by layer (--learner uniform or ptq: analysis.json)")
+    # --learner, --exec_mode, --save_path, --uql_save_quant_model_path: the early lock parses these too.
+    directory_flags.define(FLAGS)
     flags.DEFINE_string("export_dir", None, "--exec_mode export: directory the exported files go to")
     flags.DEFINE_boolean("export_int8", False, "--exec_mode export: also write float and int8 TFLite models (int8 "
                          "with the trained weight and activation ranges)")
@@ -32,7 +30,6 @@ def define_flags():
         FLAGS.set_default("log_dir", "./logs")
     else:
         flags.DEFINE_string("log_dir", "./logs", "TensorBoard event files go under this directory")
-    flags.DEFINE_string("save_path", "./models/model.ckpt", "float model checkpoint path prefix")
     flags.DEFINE_integer("batch_size", 128, "training batch size")
     flags.DEFINE_integer("batch_size_eval", 500, "evaluation batch size")
     flags.DEFINE_float("lrn_rate_init", None, "initial learning rate of float training (default: the model's)")
@@ -65,8 +62,6 @@ def define_flags():
                          "of 2 >= 16)")
     flags.DEFINE_boolean("uql_quantize_all_layers", False, "also quantize the first and last layers")
     flags.DEFINE_float("uql_quant_epochs", 1.0, "epochs of quantized fine-tuning")
-    flags.DEFINE_string("uql_save_quant_model_path", "./models_uql/model.ckpt",
-                        "quantized model checkpoint path prefix")
     # tfquant's additions.
     flags.DEFINE_float("uql_lrn_rate_init", 0.01, "initial learning rate of quantized fine-tuning (cosine decay)")
     flags.DEFINE_list("uql_weight_overrides", [], "ordered regex=bits overrides for weight variable names; "

@@ -7,6 +7,7 @@ naming the directory and the holder's pid. On a cluster only the chief writes, s
 """
 import os
 
+from learners import early_lock
 from learners.errors import UserError
 from tfquant import files
 
@@ -21,6 +22,8 @@ def set_chief(is_chief):
     cluster: they never lock)."""
     _role["chief"] = bool(is_chief)
     _role["enabled"] = True
+    for directory, fd in early_lock.held().items():
+        files.adopt_lock(directory, fd)  # taken before TensorFlow's import: held, not taken twice
 
 
 def hold(prefix, create=True):
@@ -40,10 +43,7 @@ def hold(prefix, create=True):
     try:
         files.lock_directory(directory)
     except files.DirectoryInUse as exc:
-        holder = "process %d" % exc.pid if exc.pid else "another process"
-        raise UserError("run directory %s is in use by %s (lock %s); expected one process per run directory: "
-                        "wait for it to end, or choose another --save_path / --uql_save_quant_model_path"
-                        % (directory, holder, os.path.join(directory, files.LOCK_NAME))) from None
+        raise UserError(early_lock.in_use_message(directory, exc.pid)) from None
     except OSError as exc:
         raise UserError("run directory %s cannot be locked (%s); expected a writable directory"
                         % (directory, files.describe_error(exc))) from None

@@ -9,7 +9,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from learners import flags as learner_flags  # noqa: E402
-from learners import analysis, distributed, run_lock, stopping  # noqa: E402
+from learners import analysis, directory_flags, distributed, run_lock, stopping  # noqa: E402
 from learners.graphs import dataset_arrays  # noqa: E402  (also the name benchmarks and tests import)
 from learners.errors import UserError  # noqa: E402
 from learners.full_precision import FullPrecLearner  # noqa: E402
@@ -105,9 +105,8 @@ def _main(make_helper, after_train):
 
 def _run_prefixes(settings):
     """The checkpoint prefixes a training run of the chosen learner may write (the float one first)."""
-    if settings.learner == "full-prec":
-        return [settings.save_path]
-    return [settings.save_path, settings.uql_save_quant_model_path]
+    return directory_flags.locked_prefixes(settings.learner, "train", settings.save_path,
+                                           settings.uql_save_quant_model_path)
 
 
 def export_latest(helper, checkpoint_dir, settings):

@@ -10,6 +10,11 @@ Public API:
 import os as _os
 import sys as _sys
 
+if _sys.argv[:1] == ["-m"]:
+    # `python -m tfquant.export` on a run directory another process holds stops here, before TensorFlow's import.
+    from tfquant import export_command as _export_command
+    _export_command.hold_checkpoint_dir_early()
+
 if _sys.argv[:1] == ["-m"] and "tensorflow" not in _sys.modules:
     # `python -m tfquant.export` imports this package before the command's own code runs (argv[0] is
     # "-m" only while Python locates the module), so this is the one place to keep TensorFlow's C++

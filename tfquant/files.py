@@ -62,7 +62,8 @@ def open_regular(path, error_cls, what="file"):
         # O_NONBLOCK keeps open() from waiting on a FIFO put in place between stat and open.
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
-        raise error_cls("%s %s cannot be opened (%s)" % (what, path, _first_line(exc))) from None
+        raise error_cls("%s %s cannot be opened (%s); expected a readable regular file"
+                        % (what, path, _first_line(exc))) from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
@@ -336,6 +337,16 @@ def lock_directory(directory):
     os.pwrite(fd, b"%d\n" % os.getpid(), 0)
     _held_locks[directory] = fd
     return path
+
+
+def adopt_lock(directory, fd):
+    """Count a lock of `directory` taken before tfquant could be imported (a run script's early lock, on the
+    same lock file by the same protocol) as held by lock_directory, through its open descriptor `fd`.
+
+    A second flock of the file from this process would be refused like any other process's; after this,
+    lock_directory(directory) finds the lock held and takes nothing.
+    """
+    _held_locks.setdefault(os.path.realpath(directory), fd)
 
 
 def holds_lock(directory):

@@ -1,4 +1,5 @@
 """Export: packed .tfq file bit-exact against the quantized graph, frozen inference graph, TFLite."""
+import hashlib
 import json
 import os
 import re
@@ -410,6 +411,8 @@ def test_cli_export_contents_and_all_or_nothing_replacement(run_dir, eval_npz, t
     assert result["accuracy"]["frozen_graph"] == result["accuracy"]["quantized_checkpoint"]
     assert result["frozen_vs_checkpoint"]["argmax_agreement"] == 1.0
     assert result["files"]["packed"]["bytes"] == os.path.getsize(out / "model.tfq")
+    for entry in result["files"].values():  # the digests a later read-back (model_files, --check) verifies
+        assert entry["sha256"] == hashlib.sha256((out / entry["name"]).read_bytes()).hexdigest(), entry
     report = tfquant.report.read_report(run_dir / "quant_report.json")
     weights, _ = model_export.load_packed_weights(out / "model.tfq")
     reader = tf.train.load_checkpoint(_checkpoint_prefix(run_dir))

@@ -2,6 +2,7 @@
 
   python -m tfquant.export --checkpoint_dir DIR --output_dir OUT [--eval_npz TEST.npz] [--tflite]
       [--int8 [--int8_calibration]] [--onnx] [--eval_subset N] [--latency_images N] [--debug]
+  python -m tfquant.export --check OUT [--eval_npz TEST.npz] [--eval_subset N]
 
 DIR is the directory a quantized run (--learner uniform or ptq) wrote: quant_report.json,
 inference_graph.meta and model.ckpt-N. No model code is needed. OUT receives model.tfq, inference.pb,
@@ -14,8 +15,9 @@ their trained codes in UINT4/UINT2 initializers, checked in onnxruntime with eve
 ranges training did not record (else its first test images serve); with it the accuracy of the checkpoint
 and of every file, and every file's agreement with the quantized TF graph, are printed.
 The output directory is replaced only by a complete export; a failure leaves it as it was.
+--check reads an export back: every .tflite/.onnx file against the size and SHA-256 export.json records, loaded
+in its runtime, and with --eval_npz its accuracy; a damaged file is one error line.
 """
-import argparse
 import sys
 import time
 import traceback
@@ -24,48 +26,11 @@ import zipfile
 import numpy as np
 import tensorflow as tf
 
-from tfquant import files
+from tfquant import export_command, files
 from tfquant.errors import TfquantError
-from tfquant.export import model_export, run_directory
+from tfquant.export import model_export, model_files, onnx_export, run_directory, tflite_export
 
 NPZ_KEYS = ("x_test", "y_test")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line, as for every other bad input, instead of argparse's usage block.
-        sys.stderr.write("error: %s\n" % message)
-        sys.exit(2)
-
-
-def _parse_args(argv):
-    parser = _Parser(prog="python -m tfquant.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint_dir", required=True,
-                        help="directory with quant_report.json, inference_graph.meta and model.ckpt-N")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--eval_npz", default=None,
-                        help=".npz with x_test, y_test (and optionally x_train for --int8/--onnx calibration)")
-    parser.add_argument("--tflite", action="store_true", help="also write model_float.tflite")
-    parser.add_argument("--int8", action="store_true", help="also write model_int8.tflite (implies --tflite), "
-                        "with the trained weight and activation ranges, and for <= 4-bit symmetric weights "
-                        "model_int4.tflite (INT4 weights of the trained codes)")
-    parser.add_argument("--int8_calibration", action="store_true", help="with --int8: let the converter "
-                        "calibrate every activation range on the calibration images instead (the old fallback)")
-    parser.add_argument("--onnx", action="store_true", help="also write model.onnx with QuantizeLinear/"
-                        "DequantizeLinear pairs carrying the trained ranges, <= 4-bit weights as UINT4/UINT2 codes "
-                        "(needs onnx, tf2onnx and onnxruntime)")
-    parser.add_argument("--eval_subset", type=int, default=None, help="evaluate on the first N test images only")
-    parser.add_argument("--latency_images", type=int, default=run_directory.LATENCY_IMAGES,
-                        help="test images per model for the latency measurement")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    args = parser.parse_args(argv)
-    for name, minimum in (("eval_subset", 1), ("latency_images", 0)):
-        value = getattr(args, name)
-        if value is not None and value < minimum:
-            parser.error("--%s=%d is not valid; expected an integer >= %d" % (name, value, minimum))
-    if args.int8_calibration and not args.int8:
-        parser.error("--int8_calibration is only valid with --int8")
-    return args
 
 
 def _load_npz(path, eval_subset):
@@ -93,11 +58,47 @@ def _load_npz(path, eval_subset):
 USER_ERRORS = (TfquantError, ValueError, OSError, tf.errors.OpError, TypeError, KeyError, IndexError)
 
 
+def _check_export(args):
+    """--check: read every model file of an export back (sizes, digests, formats, loaded in its runtime) and with
+    --eval_npz print each one's accuracy; returns the exit status."""
+    try:
+        models = model_files.load_export(args.check)
+        if not models:
+            raise model_files.ModelFileError("export %s has no .tflite or .onnx file; expected an export made with "
+                                             "--tflite, --int8 or --onnx" % args.check)
+        test_data = _load_npz(args.eval_npz, args.eval_subset)[0] if args.eval_npz is not None else None
+        lines = []
+        for path, data in sorted(models.values()):
+            # Each file is loaded (and with test data run) by its runtime from the path just verified.
+            if model_files.kind_of(path) == "tflite":
+                logits = tflite_export.run_tflite(path, test_data[0]) if test_data else None
+                if logits is None:
+                    tflite_export.make_interpreter(path)
+            else:
+                logits = onnx_export.run_onnx(path, test_data[0]) if test_data else None
+                if logits is None:
+                    onnx_export.single_image_runner(path)
+            line = "%s: %d bytes, SHA-256 %s as recorded" % (path, len(data), model_files.digest(data))
+            if logits is not None:
+                line += ", accuracy %.4f on %d test images" % (
+                    run_directory.accuracy(logits, test_data[1], "the file %s" % path), len(test_data[1]))
+            lines.append(line)
+    except USER_ERRORS as exc:
+        if args.debug:
+            traceback.print_exc()
+        sys.stderr.write("error: %s\n" % run_directory.one_line(exc))
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv=None):
     """Run the export; returns the exit status (0, or 2 after one 'error:' line on stderr)."""
-    args = _parse_args(argv)
+    args = export_command.parse_args(sys.argv[1:] if argv is None else argv)
     # TensorFlow's deprecation notices for the TF1 freezing API are not the user's concern.
     tf.get_logger().setLevel("ERROR")
+    if args.check is not None:
+        return _check_export(args)
     start = time.time()
     try:
         test_data = calibration = None
@@ -106,7 +107,8 @@ def main(argv=None):
         result = run_directory.export_run_directory(
             args.checkpoint_dir, args.output_dir, tflite=args.tflite, int8=args.int8,
             int8_calibration=args.int8_calibration, onnx=args.onnx, test_data=test_data,
-            calibration_images=calibration, latency_images=args.latency_images,
+            calibration_images=calibration,
+            latency_images=run_directory.LATENCY_IMAGES if args.latency_images is None else args.latency_images,
             output_name="--output_dir=" + args.output_dir)
     except USER_ERRORS as exc:
         if args.debug:

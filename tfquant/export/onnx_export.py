@@ -5,11 +5,13 @@ fake_quant_with_min_max_vars(_per_channel) into a QuantizeLinear/DequantizeLinea
 and zero point, so the ONNX model carries tfquant's trained weight and activation ranges. tf2onnx and
 onnxruntime are optional dependencies (`pip install tfquant[onnx]`).
 """
+import os
+
 import numpy as np
 import tensorflow as tf
 
 from tfquant.errors import TfquantError
-from tfquant.export import inference_graph
+from tfquant.export import inference_graph, model_files
 
 OPSET = 17
 
@@ -155,21 +157,33 @@ def weight_codes(model):
 
 
 def _session(model, num_threads):
+    """An onnxruntime session of serialized bytes, or of a file read and checked by model_files."""
     ort = _require("onnxruntime")
+    where = None
+    if not isinstance(model, (bytes, bytearray)):
+        where = "ONNX model %s" % os.fspath(model)
+        model = model_files.read_model_file(model, "onnx")
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: its shape-merging warnings would break the one-line output
     # MatMulNBits (k-bit weights) keeps float activations: its default accuracy level quantizes them.
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if num_threads:
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
-    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(bytes(model), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # pylint: disable=broad-except  (onnxruntime raises its own exception types)
+        if where is None:
+            raise
+        raise model_files.ModelFileError("%s cannot be loaded by onnxruntime (%s); expected an .onnx model as "
+                                         "exported" % (where, model_files.one_line(exc))) from None
 
 
 def run_onnx(model, images, batch_size=256, num_threads=2):
     """Float logits of an ONNX model on images.
 
     Args:
-      model: serialized ONNX model (bytes).
+      model: serialized ONNX model (bytes), or an .onnx file's path.
       images: float32 [N, H, W, C].
       batch_size: images per run.
       num_threads: intra-op threads.
@@ -179,8 +193,18 @@ def run_onnx(model, images, batch_size=256, num_threads=2):
     session = _session(model, num_threads)
     name = session.get_inputs()[0].name
     images = np.asarray(images, np.float32)
-    return np.concatenate([session.run(None, {name: images[start:start + batch_size]})[0]
-                           for start in range(0, len(images), batch_size)])
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        try:
+            outputs.append(session.run(None, {name: chunk})[0])
+        except Exception as exc:  # pylint: disable=broad-except  (onnxruntime raises its own exception types)
+            # A model whose input does not take these images (a damaged file, another model's file).
+            where = "ONNX model" if isinstance(model, (bytes, bytearray)) else "ONNX model %s" % os.fspath(model)
+            raise model_files.ModelFileError(
+                "%s cannot run a batch of images of shape %s (onnxruntime: %s); expected a model whose input %r "
+                "takes them" % (where, list(chunk.shape), model_files.one_line(exc), name)) from None
+    return np.concatenate(outputs)
 
 
 def single_image_runner(model, num_threads=1):

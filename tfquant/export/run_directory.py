@@ -19,9 +19,9 @@ import numpy as np
 import tensorflow as tf
 
 import tfquant
-from tfquant import files
-from tfquant.export import (divergence, fake_quant_graph, frozen_graph, inference_graph, model_export, onnx_export,
-                            onnx_kbit_export, packed_reader, staged_directory, tflite_export, tflite_int4)
+from tfquant import export_command, files
+from tfquant.export import (divergence, fake_quant_graph, frozen_graph, inference_graph, model_export, model_files,
+                            onnx_export, onnx_kbit_export, packed_reader, staged_directory, tflite_export, tflite_int4)
 from tfquant.export.model_export import ExportError
 from tfquant.report import REPORT_NAME, config_from_report, load_report
 
@@ -72,7 +72,7 @@ def _quantized_checkpoint_logits(build_forward, checkpoint, config, images, batc
     return np.concatenate(outputs)
 
 
-def _accuracy(logits, labels, what="the quantized checkpoint"):
+def accuracy(logits, labels, what="the quantized checkpoint"):
     """Share of images whose top logit is the label; ExportError when any logit is NaN or Inf (no accuracy then)."""
     bad = int(np.count_nonzero(~np.all(np.isfinite(logits.reshape(len(logits), -1)), axis=1)))
     if bad:
@@ -176,7 +176,10 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
         if content is not None:
             # Flushed to disk before the staging directory is published, like every file of the export.
             files.write_atomically(os.path.join(staging, name), content)
-        result["files"][key] = {"name": name, "bytes": os.path.getsize(os.path.join(staging, name))}
+        with open(os.path.join(staging, name), "rb") as handle:
+            data = handle.read()
+        # Size and digest: a file read back later (model_files.load_export) is checked against them.
+        result["files"][key] = {"name": name, "bytes": len(data), "sha256": model_files.digest(data)}
 
     folded = None
     if report.config.get("fold_batch_norms"):
@@ -200,8 +203,8 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
         reference = _quantized_checkpoint_logits(build_forward, checkpoint, config, test_images)
         frozen = frozen_graph.run_graph_def(graph_def, test_images)
         result["test_images"] = int(len(test_labels))
-        result["accuracy"] = {"quantized_checkpoint": _accuracy(reference, test_labels),
-                              "frozen_graph": _accuracy(frozen, test_labels, "the frozen graph")}
+        result["accuracy"] = {"quantized_checkpoint": accuracy(reference, test_labels),
+                              "frozen_graph": accuracy(frozen, test_labels, "the frozen graph")}
         result["frozen_vs_checkpoint"] = {
             "argmax_agreement": float(np.mean(frozen.argmax(1) == reference.argmax(1))),
             "max_abs_logit_diff": float(np.max(np.abs(frozen - reference)))}
@@ -275,7 +278,7 @@ def _fidelity(result, reference, test_data, frozen, tflite_models, onnx_model, l
     result["disagreements_with_quantized_tf"] = {
         label: divergence.disagreements(reference, logits) for label, logits in predictions.items()}
     for label, logits in predictions.items():
-        result["accuracy"][label] = _accuracy(logits, labels, "the exported %s model" % label)
+        result["accuracy"][label] = accuracy(logits, labels, "the exported %s model" % label)
     runners = dict(tflite_models)
     if "float" in tflite_models:
         # The float model on the built-in kernels too: the speed-up of int8 over float depends on whether
@@ -371,9 +374,7 @@ def _locked_run_directory(checkpoint_dir):
     try:
         files.lock_directory(checkpoint_dir)
     except files.DirectoryInUse as exc:
-        holder = "process %d" % exc.pid if exc.pid else "another process"
-        raise ExportError("checkpoint_dir=%s is in use by %s (lock %s); expected one process per run directory: wait "
-                          "for it to end" % (checkpoint_dir, holder, os.path.join(exc.directory, files.LOCK_NAME)))
+        raise ExportError(export_command.in_use_message(checkpoint_dir, exc.pid, exc.directory)) from None
     try:
         yield
     finally:

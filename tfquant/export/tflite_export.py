@@ -18,6 +18,7 @@ int8 model choices:
     graph's weights are already on a grid of at most 2^8 levels per group, so only layers kept in
     float lose precision there.  A layer quantized to more than 8 bits is refused.
 """
+import os
 import time
 import warnings
 
@@ -26,7 +27,7 @@ import tensorflow as tf
 
 from tfquant.config import FLOAT_BITS
 from tfquant.errors import TfquantError
-from tfquant.export import inference_graph
+from tfquant.export import inference_graph, model_files
 from tfquant.report import load_report
 
 tf1 = tf.compat.v1
@@ -160,10 +161,13 @@ def make_interpreter(model, num_threads=None, default_delegates=True, preserve_a
     kwargs = {"num_threads": num_threads}
     if preserve_all_tensors:
         kwargs["experimental_preserve_all_tensors"] = True
-    if isinstance(model, (bytes, bytearray)):
-        kwargs["model_content"] = bytes(model)
-    else:
-        kwargs["model_path"] = str(model)
+    where = None
+    if not isinstance(model, (bytes, bytearray)):
+        # A file is read and checked here (regular, not empty, a TFLite flatbuffer), never handed to the runtime
+        # by name: its errors would name neither the file nor what was expected.
+        where = "TFLite model %s" % os.fspath(model)
+        model = model_files.read_model_file(model, "tflite")
+    kwargs["model_content"] = bytes(model)
     try:
         from ai_edge_litert import interpreter as runtime  # pylint: disable=import-outside-toplevel
     except ImportError:
@@ -171,11 +175,22 @@ def make_interpreter(model, num_threads=None, default_delegates=True, preserve_a
     if not default_delegates:
         resolvers = runtime.OpResolverType if runtime is not None else tf.lite.experimental.OpResolverType
         kwargs["experimental_op_resolver_type"] = resolvers.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-    if runtime is not None:
-        return runtime.Interpreter(**kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return tf.lite.Interpreter(**kwargs)
+    try:
+        if runtime is not None:
+            interpreter = runtime.Interpreter(**kwargs)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                interpreter = tf.lite.Interpreter(**kwargs)
+        if where is not None:
+            interpreter.allocate_tensors()  # a file's tensor table is checked before anything is run through it
+    except (ValueError, RuntimeError) as exc:
+        if where is None:
+            raise
+        cause = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise model_files.ModelFileError("%s cannot be loaded by LiteRT (%s); expected a .tflite model as exported"
+                                         % (where, cause)) from None
+    return interpreter
 
 
 def quantize_input(images, detail):
@@ -221,9 +236,13 @@ def run_tflite(model, images, batch_size=64, num_threads=None):
             out_detail = interpreter.get_output_details()[0]
             interpreter.set_tensor(in_detail["index"], quantize_input(chunk, in_detail))
             interpreter.invoke()
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:
             # The runtime's message is several lines (the failing node's kernel log); its first names the cause.
             cause = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            if not isinstance(model, (bytes, bytearray)):
+                raise model_files.ModelFileError(
+                    "TFLite model %s cannot run a batch of images of shape %s (LiteRT: %s); expected a model whose "
+                    "input takes them" % (os.fspath(model), list(chunk.shape), cause)) from None
             raise TfliteRunError("the TFLite model converted from this graph cannot run a batch of %d images "
                                  "(LiteRT: %s); expected a model LiteRT runs, which this graph's ops do not give: "
                                  "export it without --int8 / --export_int8 (ONNX runs it)" % (len(chunk), cause)
