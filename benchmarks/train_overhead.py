@@ -184,8 +184,10 @@ def render(args, results, checks, profiles, graphs_info, info, load_before, comm
 
 
 ANALYSIS = (
-    "Where the time goes: an activation's quantization is Min and Max reductions and then Sub, Mul, Round, "
-    "Mul and AddV2 over the tensor, all forward; the backward pass adds no op over the tensor, because the "
+    "Where the time goes: an activation's quantization is Min and Max reductions and then Sub (skipped when "
+    "the batch minimum is +0.0, as for most ReLU outputs), Mul, Round, Mul and AddV2 over the tensor, all "
+    "forward; the first of them writes a new buffer and costs about two passes. The backward pass adds no op "
+    "over the tensor, because the "
     "straight-through gradient is one IdentityN whose registered gradient passes the quantized output's "
     "gradient to the float input unchanged. TensorFlow has no stock kernel doing the chain in one pass with "
     "the same float32 results: its FakeQuant ops nudge the range to an integer zero point (a different grid), "

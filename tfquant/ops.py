@@ -11,6 +11,9 @@ Round -> Identity override of `round_ste` matters only where a gradient reaches 
 The graph evaluates the same formula with per-group constants folded so each element costs one
 subtract, multiply, round, multiply and add:
     codes = round((x - beta) * ((2^k - 1) / alpha));  Q(x) = codes * (alpha * float32(1/(2^k - 1))) + beta
+(a training graph's activation skips the subtract when beta is +0.0, see `minus_minimum`). No stock TensorFlow
+kernel does this chain in fewer passes with the same float32 results: FakeQuantWithMinMaxVars(PerChannel) nudges
+the range so that 0 is a level, which is neither this grid nor the symmetric one of `weight_grids`.
 """
 
 import numpy as np
