@@ -190,8 +190,8 @@ ANALYSIS = (
     "over the tensor, because the "
     "straight-through gradient is one IdentityN whose registered gradient passes the quantized output's "
     "gradient to the float input unchanged. TensorFlow has no stock kernel doing the chain in one pass with "
-    "the same float32 results: its FakeQuant ops nudge the range to an integer zero point (a different grid), "
-    "and XLA clustering of the quantizer ops (bit-exact) ran no faster on this CPU than the separate kernels.")
+    "the same float32 results: its FakeQuant ops nudge the range to an integer zero point (a different grid) "
+    "and differ in the last bits even on the symmetric grid, and XLA clustering of the quantizer ops (bit-exact) ran no faster on this CPU than the separate kernels.")
 
 
 def findings(missed, profiles):

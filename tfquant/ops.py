@@ -13,7 +13,8 @@ subtract, multiply, round, multiply and add:
     codes = round((x - beta) * ((2^k - 1) / alpha));  Q(x) = codes * (alpha * float32(1/(2^k - 1))) + beta
 (a training graph's activation skips the subtract when beta is +0.0, see `minus_minimum`). No stock TensorFlow
 kernel does this chain in fewer passes with the same float32 results: FakeQuantWithMinMaxVars(PerChannel) nudges
-the range so that 0 is a level, which is neither this grid nor the symmetric one of `weight_grids`.
+the range so that 0 is a level (another grid than this one), and on the symmetric grid of `weight_grids`, where 0
+is a level, its own float32 arithmetic (floor(v + 0.5), its own scale) still differs in the last bits.
 """
 
 import numpy as np
