@@ -1,7 +1,8 @@
 """Benchmarks of tfquant, each run as `python -m benchmarks.<name>` from the repository root.
 
-machine (facts, load), stats, publish (results JSON, BENCHMARKS.md sections) and graphs (the timed ResNet
-graphs) serve the scripts: train_overhead, rewrite_cost, memory, accuracy_table, export_table.
+machine (facts, load), stats, rounds (interleaved timing until a ratio's interval is narrow enough), publish
+(results JSON, BENCHMARKS.md sections), graphs (the timed ResNet graphs) and train_profile (op-time traces) serve
+the scripts: train_overhead, rewrite_cost, memory, accuracy_table, export_table.
 """
 from learners import import_tensorflow_quietly
 

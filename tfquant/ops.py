@@ -11,6 +11,10 @@ Round -> Identity override of `round_ste` matters only where a gradient reaches 
 The graph evaluates the same formula with per-group constants folded so each element costs one
 subtract, multiply, round, multiply and add:
     codes = round((x - beta) * ((2^k - 1) / alpha));  Q(x) = codes * (alpha * float32(1/(2^k - 1))) + beta
+(a training graph's activation skips the subtract when beta is +0.0, see `minus_minimum`). No stock TensorFlow
+kernel does this chain in fewer passes with the same float32 results: FakeQuantWithMinMaxVars(PerChannel) nudges
+the range so that 0 is a level (another grid than this one), and on the symmetric grid of `weight_grids`, where 0
+is a level, its own float32 arithmetic (floor(v + 0.5), its own scale) still differs in the last bits.
 """
 
 import numpy as np
@@ -142,10 +146,25 @@ def quantize_bias(bias, step):
     return straight_through(bias, codes * step)
 
 
-def _codes_from_range(x, bits, alpha, beta, clip):
+def minus_minimum(x, minimum, skip_plus_zero=False):
+    """x - minimum; with skip_plus_zero, x itself (no pass over it) whenever the scalar `minimum` is +0.0.
+
+    x - (+0.0) is x bit for bit for every float32 x (-0.0 - +0.0 is -0.0), and +0.0 is the batch minimum of
+    almost every ReLU output, so a training step saves one of the quantizer's passes over the tensor without
+    changing a value. Switch/Merge rather than tf.cond: no branch functions to build, and only the taken side
+    runs. Graphs that are exported keep the plain subtraction (skip_plus_zero=False).
+    """
+    if not skip_plus_zero:
+        return x - minimum
+    is_plus_zero = tf.equal(tf.bitcast(minimum, tf.int32), 0)
+    to_shift, as_is = tf.raw_ops.Switch(data=x, pred=is_plus_zero)
+    return tf.raw_ops.Merge(inputs=[to_shift - minimum, as_is])[0]
+
+
+def _codes_from_range(x, bits, alpha, beta, clip, skip_plus_zero=False):
     """round((2^k-1) * (x - beta) / alpha), as float, with the straight-through gradient."""
     # One multiply per element: (2^k-1)/alpha is a per-group value.
-    scaled = (x - beta) * (levels(bits) / alpha)
+    scaled = minus_minimum(x, beta, skip_plus_zero) * (levels(bits) / alpha)
     if clip:
         # Needed only when the range does not come from x itself (moving-average activation ranges).
         scaled = tf.clip_by_value(scaled, 0.0, levels(bits))
@@ -156,10 +175,13 @@ def _dequantize(codes, bits, alpha, beta):
     return codes * dequantize_scale(alpha, bits) + beta
 
 
-def quantize_in_range(x, bits, minimum, maximum, clip=False):
-    """Q(x) for a range [minimum, maximum], with no gradient handling (callers add straight_through)."""
+def quantize_in_range(x, bits, minimum, maximum, clip=False, skip_plus_zero=False):
+    """Q(x) for a range [minimum, maximum], with no gradient handling (callers add straight_through).
+
+    skip_plus_zero: a scalar range whose minimum is +0.0 skips the subtraction (`minus_minimum`; same values).
+    """
     alpha = _range_width(minimum, maximum)
-    codes = _codes_from_range(x, bits, alpha, minimum, clip)
+    codes = _codes_from_range(x, bits, alpha, minimum, clip, skip_plus_zero)
     return _dequantize(codes, bits, alpha, minimum)
 
 

@@ -163,7 +163,7 @@ def _pact(x, bits, is_training, scope_name, non_negative, decay):
                                        decay * tf.nn.l2_loss(params.parameters[0]))
     with tf.control_dependencies(updates):
         quantized = ops.quantize_in_range(tf.stop_gradient(clipped), bits, tf.stop_gradient(lower),
-                                          tf.stop_gradient(alpha))
+                                          tf.stop_gradient(alpha), skip_plus_zero=is_training)
     return ops.straight_through(clipped, quantized), params
 
 
@@ -245,7 +245,8 @@ def quantize_activation(x, bits, act_range, is_training, decay, scope_name, op_t
             return ops.quantize_zero_exact(frozen, bits, lo, hi)  # FakeQuant always clips
     else:
         def in_range(lo, hi, clip=False):
-            return ops.quantize_in_range(frozen, bits, lo, hi, clip=clip)
+            # Training graphs only: evaluation graphs are the ones exported, and keep plain arithmetic.
+            return ops.quantize_in_range(frozen, bits, lo, hi, clip=clip, skip_plus_zero=is_training)
     if act_range == "batch":
         return ops.straight_through(x, in_range(batch_min, batch_max)), None
     tracker = ActivationRange(scope_name)

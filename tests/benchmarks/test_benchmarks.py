@@ -46,27 +46,53 @@ def test_train_overhead_quick(tmp_path):
     modes = result["modes"]
     assert result["quick"] is True
     assert set(modes) == set(train_overhead.QUICK_MODES)
-    float_median = modes["float"]["median_s"]
-    assert positive_finite(float_median)
+    rounds_run = result["timing"]["rounds"]
+    # --quick: at least 2 rounds (an interval needs two), at most its cap of 3.
+    assert 2 <= rounds_run <= 3 and result["rounds"] == rounds_run
+    float_entry = modes["float"]
     for name, entry in modes.items():
-        assert entry["steps"] == len(entry["times_s"]) == result["rounds"] * result["steps_per_round"]
+        assert entry["steps"] == len(entry["times_s"]) == len(entry["cpu_times_s"]) == rounds_run * result["steps_per_round"]
         assert all(positive_finite(t) for t in entry["times_s"]), name
+        assert all(t >= 0 and math.isfinite(t) for t in entry["cpu_times_s"]), name
         assert entry["median_s"] == pytest.approx(stats.median(entry["times_s"]), rel=1e-12)
-        assert entry["ratio"] == pytest.approx(entry["median_s"] / float_median, rel=1e-9), name
-        assert positive_finite(entry["median_round_ratio"])
+        assert entry["cpu_median_s"] == pytest.approx(stats.median(entry["cpu_times_s"]), rel=1e-12)
+        # Round medians in run order; the ratio is the mean of round ratios, its interval the t-interval.
+        steps = result["steps_per_round"]
+        assert entry["round_medians_s"] == pytest.approx(
+            [stats.median(entry["times_s"][r * steps:(r + 1) * steps]) for r in range(rounds_run)], rel=1e-12)
+        ratios = [m / f for m, f in zip(entry["round_medians_s"], float_entry["round_medians_s"])]
+        assert entry["ratio"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-9), name
+        assert_t_interval(ratios, entry["ratio_low"], entry["ratio_high"])
+        assert entry["cpu_ratio"] == pytest.approx(entry["cpu_median_s"] / float_entry["cpu_median_s"], rel=1e-9)
         assert result["graphs"][name]["ops"] > 0
-    assert modes["float"]["ratio"] == pytest.approx(1.0)
+    assert float_entry["ratio"] == pytest.approx(1.0)
     # Quantized graphs hold more ops than the float one: the rewrite really happened.
     assert all(result["graphs"][m]["ops"] > result["graphs"]["float"]["ops"] for m in modes if m != "float")
-    assert result["targets"]
-    unfolded = dict(train_overhead.FOLDED)
-    assert any(target["mode"] in unfolded for target in result["targets"])
-    for target in result["targets"]:
-        # Folding is timed against the same mode unfolded; everything else against float.
-        reference = modes[unfolded[target["mode"]]]["median_s"] if target["mode"] in unfolded else float_median
-        assert target["ratio"] == pytest.approx(modes[target["mode"]]["median_s"] / reference, rel=1e-9)
-        assert target["met"] == (target["ratio"] <= target["limit"])
+    targets = result["targets"]
+    assert {t["target"] for t in targets} == {"channel W4A4 <= 1.05x float", "split-256 <= 1.08x float",
+                                              "folded <= 1.08x float", "below the fused peer"}
+    for target in targets:
+        mine, reference = modes[target["mode"]], modes[target["reference"]]
+        ratios = [m / r for m, r in zip(mine["round_medians_s"], reference["round_medians_s"])]
+        assert target["ratio"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-9)
+        assert_t_interval(ratios, target["low"], target["high"])
+        assert target["upper_limit"] == pytest.approx(target["limit"] + 0.02)
+        assert target["met"] == (target["ratio"] <= target["limit"] and target["high"] <= target["upper_limit"])
+    widest = max((((m["ratio_high"] - m["ratio_low"]) / 2 / m["ratio"]), n) for n, m in modes.items() if n != "float")
+    assert result["timing"]["widest"][0] == pytest.approx(widest[0], rel=1e-9)
+    assert result["timing"]["reached"] == (widest[0] <= result["precision"])
     assert result["command"].startswith(".venv/bin/python -m benchmarks.train_overhead --quick")
+
+
+def assert_t_interval(values, low, high):
+    """low/high are the 95 % t-interval of the mean of values (t quantiles from the standard table)."""
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = table[n - 1] * std / math.sqrt(n)
+    assert low == pytest.approx(mean - half, rel=1e-9, abs=1e-12)
+    assert high == pytest.approx(mean + half, rel=1e-9, abs=1e-12)
 
 
 def test_rewrite_cost_quick(tmp_path):
