@@ -25,10 +25,11 @@ TOP = 3
 # Issue 37's budget for the analysis of ResNet-20 on 2,000 evaluation images.
 TARGET_SECONDS = 180.0
 W2A2 = accuracy_table.CH + " --uql_weight_bits=2 --uql_activation_bits=2"
-FULL = dict(accuracy_table.FULL, module=accuracy_table.RUN_MODULE, analysis_images=2000, extra=[])
+FULL = dict(accuracy_table.FULL, module=accuracy_table.RUN_MODULE, model="ResNet-20", analysis_images=2000,
+            extra=[])
 # A tiny net (PocketFlow's ConvNet, every layer quantized so that there are more than 3 targets), few steps.
-QUICK = dict(accuracy_table.QUICK, module="nets.convnet_at_fmnist_run", analysis_images=200,
-             extra=["--uql_quantize_all_layers"])
+QUICK = dict(accuracy_table.QUICK, module="nets.convnet_at_fmnist_run", model="ConvNet (--quick)",
+             analysis_images=200, extra=["--uql_quantize_all_layers"])
 
 
 def override_flags(override):
@@ -146,21 +147,23 @@ def _rho(value):
 def render(payload):
     """The BENCHMARKS.md section of a results payload."""
     budget = payload["budget"]
-    lines = ["## Layer analysis check (ResNet-20 W2A2, Fashion-MNIST)", "",
+    lines = ["## Layer analysis check (%s W2A2, Fashion-MNIST)" % budget["model"], "",
              "Command: `%s`" % payload["command"], ""]
     lines += machine.machine_lines(payload["machine"], payload["load_before"])
     lines += ["- Each seed: the float checkpoint (%s) fine-tuned to W2A2 with channel buckets, --uql_quant_epochs=%s "
               "%s; `--exec_mode analyze` on the first %d test images; then the same fine-tuning once per layer "
-              "among the analysis's top %d with the 8-bit override it printed. Accuracy on all test images; "
-              "'measured recovery' is the override run's accuracy minus the plain W2A2 run's (same seed)."
+              "among the analysis's top %d with the 8-bit override it printed. Accuracy on the %d test images "
+              "every run evaluates; 'measured recovery' is the override run's accuracy minus the plain W2A2 run's "
+              "(same seed, same float checkpoint, same data order)."
               % (" ".join(budget["float"]), budget["epochs"], " ".join(budget["finetune"] + budget["common"]),
-                 budget["analysis_images"], TOP), ""]
+                 budget["analysis_images"], TOP, payload["seeds"][0]["base"]["test_examples"]), ""]
     for seed in payload["seeds"]:
         analysis = seed["analysis"]
         lines += ["### Seed %d: W2A2 %.2f %%, float %.2f %%" % (seed["seed"], 100 * seed["base"]["accuracy"],
                                                                100 * seed["base"]["float_accuracy"]), "",
-                  "- Analysis: %d targets on %d images: %.1f s wall for the whole command (%.1f s CPU; %.1f s inside "
-                  "the analysis), load average %s before, %s after; analysis accuracies float %.2f %%, W2A2 %.2f %%."
+                  "- Analysis: %d targets on %d images: %.1f s wall for the whole command (%.1f s CPU; %.1f s wall "
+                  "inside the analysis itself), load average %s before, %s after; analysis accuracies float %.2f %%, "
+                  "W2A2 %.2f %%."
                   % (analysis["targets"], analysis["examples"], analysis["wall_seconds"], analysis["cpu_seconds"],
                      analysis["analysis_seconds"], analysis["load_before"], analysis["load_after"],
                      100 * analysis["float_accuracy"], 100 * analysis["quantized_accuracy"]), ""]
