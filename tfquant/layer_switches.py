@@ -19,7 +19,7 @@ from typing import List
 
 import tensorflow as tf
 
-from tfquant import rewrite
+from tfquant import match, rewrite
 from tfquant.errors import TfquantError
 from tfquant.ranges import RANGE_SCOPE_SUFFIX
 
@@ -132,13 +132,14 @@ def _only_quantized_leaves(readers, quantized, scope):
 def _gate(quantized, source, scope, switch):
     """Q(x) when `switch` is on, x when off, with the quantizer under `scope` run only when on (module docstring)."""
     readers = [op for op in source.consumers() if _in_scope(op, scope)]
-    if not _only_quantized_leaves(readers, quantized, scope):
+    untouchable = any(match.is_untouchable(op) for op in readers + list(quantized.consumers()))
+    if not readers or untouchable or not _only_quantized_leaves(readers, quantized, scope):
         return tf.where(switch, quantized, source)
     when_off, when_on = tf.raw_ops.Switch(data=source, pred=switch)
     # Every path from x to Q(x) inside the scope now starts at `when_on` (_float_source walked them), so Q(x) is
     # dead exactly when the switch is off and Merge passes on the one live input.
     reads = sum(1 for op in readers for tensor in op.inputs if tensor is source)
-    if not readers or rewrite.reroute_consumers(source, when_on, readers) != reads:
+    if rewrite.reroute_consumers(source, when_on, readers) != reads:
         raise SwitchError("quantizer %s: its readers of %s cannot be moved onto the switch; expected ops of "
                           "quantize_graph under %s" % (quantized.name, source.name, scope))
     output = tf.raw_ops.Merge(inputs=[when_off, quantized])[0]
