@@ -102,6 +102,16 @@ class FullPrecLearner:
         return evaluate_checkpoint(self.helper, checkpoint, os.path.join(self.settings.log_dir, self.name, "eval"))
 
 
+class Evaluation(tuple):
+    """(accuracy, loss, examples) of one evaluation, with `top5_accuracy` (None when the model has no top-5)."""
+
+    def __new__(cls, accuracy, loss, count, top5_accuracy=None):
+        evaluation = super().__new__(cls, (accuracy, loss, count))
+        # An attribute, not a fourth element: every caller unpacks three.
+        evaluation.top5_accuracy = top5_accuracy
+        return evaluation
+
+
 def evaluate_checkpoint(helper, checkpoint, log_dir, quant_config=None, check_report=None):
     """(accuracy, loss, examples) of `checkpoint` on the whole test set, written to TensorBoard too.
 
@@ -113,7 +123,7 @@ def evaluate_checkpoint(helper, checkpoint, log_dir, quant_config=None, check_re
       check_report: optional function called with the rebuilt graph's QuantReport before restoring;
         raises UserError when the checkpoint's saved report belongs to another model.
     Returns:
-      (accuracy, loss, number of examples).
+      Evaluation: (accuracy, loss, number of examples) and its top5_accuracy.
     """
     model = graphs.build_graph(helper, False, quant_config=quant_config)
     if check_report is not None:
@@ -142,7 +152,7 @@ def evaluate_checkpoint(helper, checkpoint, log_dir, quant_config=None, check_re
     if writer.failure is not None:
         raise writer.error("checkpoint %s evaluated (accuracy %.4f on %d test images) but its evaluation is not "
                            "recorded" % (checkpoint, accuracy, count))
-    return accuracy, loss, count
+    return Evaluation(accuracy, loss, count, top5)
 
 
 def check_activation_ranges(report, checkpoint):

@@ -96,7 +96,8 @@ class PTQLearner(uniform_quant.UniformQuantLearner):
         # Calibration starts from whatever float checkpoint --save_path holds: it must be this model's.
         self.float_learner.check_settings()
         float_checkpoint = self._float_checkpoint()
-        float_accuracy, _, _ = self.float_learner.evaluate(float_checkpoint)
+        float_evaluation = self.float_learner.evaluate(float_checkpoint)
+        float_accuracy = float_evaluation[0]
         training.log("ptq: float model %s: test accuracy %.4f" % (float_checkpoint, float_accuracy))
         model = graphs.build_graph(self.helper, False, quant_config=self.config)
         report = model.report
@@ -130,7 +131,8 @@ class PTQLearner(uniform_quant.UniformQuantLearner):
         extra.update({"calibrator": s.uql_calibrator, "calib_batches": s.uql_calib_batches,
                       "calib_seconds": calib_seconds,
                       "activation_ranges": {name: list(bounds) for name, bounds in ranges.items()}})
-        return self._evaluate_and_report(float_checkpoint, float_accuracy, checkpoint, report, report_path, extra)
+        return self._evaluate_and_report(float_checkpoint, float_accuracy, checkpoint, report, report_path, extra,
+                                         float_top5=float_evaluation.top5_accuracy)
 
     def _save(self, model, weights_checkpoint, quantized, ranges):
         """Weights (float, or AdaRound's) plus calibrated ranges, saved as the checkpoint of step uql_calib_batches."""

@@ -55,6 +55,11 @@ def float_settings(helper, settings):
     for name in ("lrn_rate_init", "loss_w_dcy"):
         value = getattr(helper, name, None)
         record[name] = float(value) if value is not None else getattr(settings, name)
+    image_size = getattr(helper, "image_size", None)
+    if image_size is not None:
+        # Only helpers that read --image_size (ILSVRC-12) carry it: another size is another model input and
+        # another learned resolution, so it must not resume these checkpoints.
+        record["image_size"] = int(image_size)
     nb_workers = getattr(helper, "shard", (0, 1))[1]
     if nb_workers > 1:
         # Only multi-worker records carry them, so single-process records stay as they were; resuming with

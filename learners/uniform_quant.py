@@ -99,7 +99,7 @@ class UniformQuantLearner:
         stopping.pause_point("between_phases")
         stopping.check("between the float and quantized phases", "float checkpoint %s saved" % float_checkpoint)
         if self.cluster is None:
-            float_accuracy = self._evaluate_float(float_checkpoint)
+            float_evaluation = self._evaluate_float(float_checkpoint)
         batch_size = getattr(self.helper, "global_batch_size", s.batch_size)
         nb_iters = max(1, int(math.ceil(s.uql_quant_epochs * self.helper.n_train / batch_size)))
         latest, step = training.find_checkpoint(self.save_path, self.name)
@@ -157,9 +157,10 @@ class UniformQuantLearner:
         if self.cluster is not None:
             # Evaluated and saved after training on a cluster: the other workers would wait for them at their
             # first step, past the collective timeout on a busy machine.
-            float_accuracy = self._evaluate_float(float_checkpoint)
+            float_evaluation = self._evaluate_float(float_checkpoint)
             self._save_inference_graph()
-        return self._evaluate_and_report(float_checkpoint, float_accuracy, checkpoint, report, report_path, extra)
+        return self._evaluate_and_report(float_checkpoint, float_evaluation[0], checkpoint, report, report_path, extra,
+                                         float_top5=float_evaluation.top5_accuracy)
 
     def _training_recipes(self, nb_iters):
         """The low-bit recipes the flags ask for, checked; a separate range optimizer drops PACT's decay too."""
@@ -169,11 +170,13 @@ class UniformQuantLearner:
             self.config = dataclasses.replace(self.config, pact_decay=0.0)
         return training_recipes
 
-    def _evaluate_and_report(self, float_checkpoint, float_accuracy, checkpoint, report, report_path, extra=None):
+    def _evaluate_and_report(self, float_checkpoint, float_accuracy, checkpoint, report, report_path, extra=None,
+                             float_top5=None):
         """Evaluate the quantized checkpoint, write results.json (with `extra` entries) and print the summary."""
         s = self.settings
-        quant_accuracy, _, count = full_precision.evaluate_checkpoint(
+        evaluation = full_precision.evaluate_checkpoint(
             self.helper, checkpoint, os.path.join(s.log_dir, self.name, "eval"), self.config)
+        quant_accuracy, _, count = evaluation
         results = {
             "model": self.helper.model_name, "dataset": self.helper.dataset_name,
             "float_checkpoint": float_checkpoint, "float_accuracy": float_accuracy,
@@ -182,6 +185,11 @@ class UniformQuantLearner:
             "float_storage_bits": report.float_storage_bits, "quant_storage_bits": report.total_storage_bits,
             "compression_ratio": report.compression_ratio,
         }
+        if evaluation.top5_accuracy is not None:
+            # Models with many classes (ILSVRC-12) are judged by top-5 too; the float figure when it was measured.
+            results["quant_top5_accuracy"] = evaluation.top5_accuracy
+            if float_top5 is not None:
+                results["float_top5_accuracy"] = float_top5
         stopping.pause_point("results")
         stopping.check("before writing the results", "saved checkpoints are kept")
         results.update(extra or {})
@@ -193,9 +201,10 @@ class UniformQuantLearner:
         return results
 
     def _evaluate_float(self, float_checkpoint):
-        float_accuracy, _, _ = self.float_learner.evaluate(float_checkpoint)
-        training.log("uniform: float model %s: test accuracy %.4f" % (float_checkpoint, float_accuracy))
-        return float_accuracy
+        """The float checkpoint's Evaluation (accuracy, loss, examples; top5_accuracy)."""
+        evaluation = self.float_learner.evaluate(float_checkpoint)
+        training.log("uniform: float model %s: test accuracy %.4f" % (float_checkpoint, evaluation[0]))
+        return evaluation
 
     def evaluate(self, checkpoint=None):
         """Accuracy of the latest quantized checkpoint, rebuilt with the config saved in its report."""

@@ -3,10 +3,14 @@
 After `quantize_graph`, every quantized weight and activation is a small subgraph (under the name scope
 `<op>/weight_quant` or `<tensor>/act_quant`) that reads a float tensor x and yields Q(x), which the layer's
 readers read. `insert_switches` finds each (x, Q(x)) pair and makes the readers read
-`where(switch, Q(x), x)` instead, with `switch` a boolean placeholder that defaults to True. One graph then
-computes the quantized network (every switch on), the float network (every switch off) and any mixture
-(one layer quantized, or every layer but one), which is what a layer-by-layer analysis needs; nothing else
-in the graph changes. The float tensor is found from the quantizer's own scope, so this works for every
+Q(x) or x by `switch`, a boolean placeholder that defaults to True. One graph then computes the quantized
+network (every switch on), the float network (every switch off) and any mixture (one layer quantized, or
+every layer but one), which is what a layer-by-layer analysis needs; nothing else in the graph changes.
+
+The choice is TensorFlow's own conditional (Switch on x, Merge of x and Q(x)), not a select of two computed
+values: a quantizer whose switch is off receives a dead input and does not run, so a mostly float mixture
+costs about what the float network costs (a select computed every quantizer always, doubling the cost of a
+float pass of a ResNet). Q(x) of a switched-off layer is therefore not fetchable; x always is. The float tensor is found from the quantizer's own scope, so this works for every
 grid (min/max, symmetric, LSQ, PACT) without knowing how it is computed.
 """
 import dataclasses
@@ -15,7 +19,7 @@ from typing import List
 
 import tensorflow as tf
 
-from tfquant import rewrite
+from tfquant import match, rewrite
 from tfquant.errors import TfquantError
 from tfquant.ranges import RANGE_SCOPE_SUFFIX
 
@@ -84,7 +88,7 @@ def _float_source(quantized, scope):
 
 
 def _activation_quantizer(graph, layer_name, ops_by_scope, unread):
-    """(x, Q(x)) of the activation quantizer the report names `layer_name`.
+    """(x, Q(x), the quantizer's scope) of the activation quantizer the report names `layer_name`.
 
     Q(x) is the one non-scalar tensor of the quantizer's scope that ops outside it read (its rerouted
     readers), or, for a tensor nothing read when it was quantized (the logits), the one the report keeps.
@@ -98,9 +102,49 @@ def _activation_quantizer(graph, layer_name, ops_by_scope, unread):
                    and any(not _in_scope(c, scope) for c in t.consumers())]
         outputs += [t for t in unread if _in_scope(t.op, scope) and all(t is not o for o in outputs)]
         if len(outputs) == 1:
-            return _float_source(outputs[0], scope), outputs[0]
+            return _float_source(outputs[0], scope), outputs[0], scope
     raise SwitchError("activation %s: no quantizer found under %s; expected a graph rewritten by quantize_graph"
                       % (layer_name, base))
+
+
+def _only_quantized_leaves(readers, quantized, scope):
+    """Whether nothing outside `scope` but Q(x)'s readers reads what the quantizer computes from x (`readers` on).
+
+    A scale computed from x and read elsewhere (an int32 bias's scale, a folded correction) would be dead with
+    the switch off and kill its readers; such a quantizer is switched by a select instead.
+    """
+    seen, frontier = set(), list(readers)
+    while frontier:
+        op = frontier.pop()
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        downstream = [(tensor, reader) for tensor in op.outputs for reader in tensor.consumers()]
+        downstream += [(None, reader) for reader in op._control_outputs]  # pylint: disable=protected-access
+        for tensor, reader in downstream:
+            if _in_scope(reader, scope):
+                frontier.append(reader)
+            elif tensor is not quantized:
+                return False
+    return True
+
+
+def _gate(quantized, source, scope, switch):
+    """Q(x) when `switch` is on, x when off, with the quantizer under `scope` run only when on (module docstring)."""
+    readers = [op for op in source.consumers() if _in_scope(op, scope)]
+    untouchable = any(match.is_untouchable(op) for op in readers + list(quantized.consumers()))
+    if not readers or untouchable or not _only_quantized_leaves(readers, quantized, scope):
+        return tf.where(switch, quantized, source)
+    when_off, when_on = tf.raw_ops.Switch(data=source, pred=switch)
+    # Every path from x to Q(x) inside the scope now starts at `when_on` (_float_source walked them), so Q(x) is
+    # dead exactly when the switch is off and Merge passes on the one live input.
+    reads = sum(1 for op in readers for tensor in op.inputs if tensor is source)
+    if rewrite.reroute_consumers(source, when_on, readers) != reads:
+        raise SwitchError("quantizer %s: its readers of %s cannot be moved onto the switch; expected ops of "
+                          "quantize_graph under %s" % (quantized.name, source.name, scope))
+    output = tf.raw_ops.Merge(inputs=[when_off, quantized])[0]
+    output.set_shape(quantized.shape)
+    return output
 
 
 def insert_switches(graph, report, final_tensors=()):
@@ -138,8 +182,8 @@ def insert_switches(graph, report, final_tensors=()):
             source = _float_source(quantized, scope)
             layer_output = op.outputs[0]
         else:
-            source, quantized = _activation_quantizer(graph, layer.name, ops_by_scope,
-                                                      list(report.quantized_outputs.values()))
+            source, quantized, scope = _activation_quantizer(graph, layer.name, ops_by_scope,
+                                                             list(report.quantized_outputs.values()))
             layer_output = None
         if quantized.name in done:
             # A weight variable read by several layers has one quantizer: the switch is the first layer's.
@@ -150,7 +194,7 @@ def insert_switches(graph, report, final_tensors=()):
         consumers = list(quantized.consumers())
         with graph.as_default(), graph.name_scope(None), graph.name_scope(SWITCH_SCOPE):
             switch = tf1.placeholder_with_default(True, [], name="on")
-            output = tf.where(switch, quantized, source)
+            output = _gate(quantized, source, scope, switch)
         rewrite.reroute_consumers(quantized, output, consumers)
         finals = [output if tensor is quantized else tensor for tensor in finals]
         record = LayerSwitch(layer.name, layer.kind, layer.weight_variable, layer.bits, source, quantized, output,

@@ -51,6 +51,9 @@ def _check_outputs(cwd, trained, evaluated, exported):
     top = re.findall(r"top-1 accuracy ([0-9.]+) \| top-5 accuracy ([0-9.]+) \| 16 test images", trained)
     assert len(top) == 2 and all(float(t1) <= float(t5) for t1, t5 in top)
     assert float(top[1][0]) == pytest.approx(results["quant_accuracy"], abs=1e-4)
+    # Top-5 recorded as measured (the metric itself is checked against NumPy in test_ilsvrc12_pipeline): float first.
+    assert results["float_top5_accuracy"] == pytest.approx(float(top[0][1]), abs=1e-4)
+    assert results["quant_top5_accuracy"] == pytest.approx(float(top[1][1]), abs=1e-4)
     accuracy = results["quant_accuracy"]
     if evaluated is not None:
         assert float(re.search(r"uniform eval: accuracy ([0-9.]+) \| loss [0-9.]+ \| 16 test images",
@@ -72,7 +75,17 @@ def test_resnet18_script(tmp_path, data_dir):
     assert weights[-1]["shape"] == [512, 1001]
     assert all(layer["status"] == "quantized" and layer["bits"] == 4 for layer in weights[1:-1])
     # No --resnet_size given: the script's default is PocketFlow's ResNet-18, not the CIFAR scripts' 20.
-    assert json.load(open(tmp_path / "models" / "model.ckpt.settings.json"))["settings"]["model"] == "resnet_18"
+    recorded = json.load(open(tmp_path / "models" / "model.ckpt.settings.json"))["settings"]
+    assert recorded["model"] == "resnet_18" and recorded["image_size"] == 32
+    # Resuming these checkpoints at another image size is refused with one line, nothing rewritten.
+    before = open(tmp_path / "models_uql" / "results.json").read()
+    args = ["--learner=uniform", "--data_dir_local=" + data_dir] + TINY + ["--image_size=40"]
+    refused = run_script("resnet_at_ilsvrc12_run.py", args, str(tmp_path))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("error")]  # TensorFlow logs aside
+    assert len(lines) == 1 and lines[0].startswith("error: settings differ")
+    assert "--image_size 32 (recorded) vs 40 (now)" in lines[0]
+    assert open(tmp_path / "models_uql" / "results.json").read() == before
 
 
 def test_mobilenet_script_quantizes_depthwise_per_channel_by_default(tmp_path, data_dir):

@@ -76,3 +76,27 @@ def test_all_on_is_quantized_and_all_off_is_float(name, float_logits):
     assert np.abs(quantized - float_logits).max() > 1e-4  # the quantization changes something
     np.testing.assert_array_equal(_logits(config, True, data, on=True), quantized)
     np.testing.assert_allclose(_logits(config, True, data, on=False), float_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["minmax", "lsq", "pact", "split"])
+def test_a_switched_off_quantizer_does_not_run(name):
+    """Off, a layer's Q(x) is never computed (fetching it fails) and its readers get x; on, Q(x) is there."""
+    graph = tf.Graph()
+    with graph.as_default():
+        tf1.set_random_seed(1)
+        images = tf1.placeholder(tf.float32, [None, 8, 8, 3])
+        logits = _forward(images)
+        report = tfquant.quantize_graph(graph, tfquant.QuantConfig(**CONFIGS[name]), is_training=False)
+        switches, (logits,) = layer_switches.insert_switches(graph, report, [report.output(logits)])
+        with tf1.Session() as sess:
+            sess.run(tf1.global_variables_initializer())
+            for record in switches:
+                others = [r.name for r in switches if r.switch is not record.switch]
+                feed = {images: DATA, **layer_switches.switch_feed(switches, others)}
+                x, output, _ = sess.run([record.float_tensor, record.output, logits], feed)
+                np.testing.assert_array_equal(output, x)
+                with pytest.raises(tf.errors.InvalidArgumentError, match="does not have value"):
+                    sess.run(record.quantized_tensor, feed)
+                feed = {images: DATA, **layer_switches.switch_feed(switches, [record.name])}
+                q, output = sess.run([record.quantized_tensor, record.output], feed)
+                np.testing.assert_array_equal(output, q)
