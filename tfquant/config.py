@@ -45,6 +45,8 @@ def _normalise_overrides(field, overrides):
         if isinstance(pair, str) or not hasattr(pair, "__len__") or len(pair) != 2:
             raise ValueError("%s entry %r is not valid; expected a (regex, bits) pair" % (field, pair))
         pattern, setting = pair
+        if isinstance(pattern, re.Pattern):
+            pattern = pattern.pattern  # a config's own entries, given again (dataclasses.replace)
         if not isinstance(pattern, str):
             raise ValueError("%s entry %r is not valid; expected the regex to be a string" % (field, pair))
         if len(pattern) > MAX_PATTERN_LENGTH:

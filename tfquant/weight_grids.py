@@ -354,6 +354,13 @@ def for_config(config):
     return GRIDS[name]()
 
 
+def for_layer(layer, config):
+    """The WeightGrid a report's weight LayerReport records (its `weight_grid`; else the config's, as in reports of
+    an older tfquant, whose layers all sat on the config's grid)."""
+    name = getattr(layer, "weight_grid", None)
+    return GRIDS[name]() if name in GRIDS else for_config(config)
+
+
 # -- NumPy views for exporters ---------------------------------------------------------------------------------
 
 def compute_codes(items):
