@@ -129,7 +129,8 @@ def decide_weight_bits(layers, config):
     unused = [(regex, setting) for regex, setting in config.weight_overrides if regex.pattern not in used]
     for regex, setting in unused:
         if not setting.bits_only:
-            raise OverrideError("%s matches no weight variable (%s); expected a regex matching a layer's weight "
+            raise OverrideError("%s applies to no layer: it matches no weight variable in full, or an earlier entry "
+                                "matches each one it does (variables: %s); expected a regex matching a layer's weight "
                                 "variable name in full" % (entry_text("weight_overrides", regex.pattern, setting),
                                                            ", ".join(l.variable_name for l in layers[:6]) or "none"))
     if config.layer_bits is not None:
