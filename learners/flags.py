@@ -69,7 +69,9 @@ def define_flags():
                         "quantized model checkpoint path prefix")
     # tfquant's additions.
     flags.DEFINE_float("uql_lrn_rate_init", 0.01, "initial learning rate of quantized fine-tuning (cosine decay)")
-    flags.DEFINE_list("uql_weight_overrides", [], "ordered regex=bits overrides for weight variable names; "
+    flags.DEFINE_list("uql_weight_overrides", [], "ordered regex=bits or regex=SPEC overrides for weight variable "
+                      "names, SPEC ':'-separated bits (1..16, float), grid (minmax, symmetric, lsq, ternary, binary) "
+                      "and buckets (none, channel, split[/N], block[/N]), e.g. conv1/.*=4:channel:symmetric; "
                       "first full match wins")
     flags.DEFINE_list("uql_activation_overrides", [], "ordered regex=bits overrides for activation op names")
     flags.DEFINE_list("uql_layer_bits", [], "explicit weight bits per matmul-like layer in data-flow order")
