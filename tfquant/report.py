@@ -177,6 +177,8 @@ class QuantReport:
             else:
                 buckets = layer.bucket_type or "-"
             status = layer.status if layer.quantized else "skipped: " + layer.reason
+            if layer.quantized and layer.setting_source:
+                status += " (%s grid, buckets %s: %s)" % (layer.weight_grid, buckets, layer.setting_source)
             name = layer.weight_variable or layer.name
             rows.append((name, layer.op_type, str(layer.bits), buckets if layer.kind == "weight" else "-",
                          str(layer.num_groups) if layer.num_groups else "-",

@@ -165,6 +165,9 @@ def test_report_records_each_layers_grid_layout_and_rule(run):
     assert layers["fc1/weights"].setting_source == "override 'fc1/.*'" and layers["fc1/weights"].num_groups == 1
     assert layers["conv1/weights"].num_groups == 8 and layers["conv2/weights"].bucket_size == 40
     assert layers["conv2/weights"].setting_source is None
+    table = run["report"].format_table()
+    assert "quantized (symmetric grid, buckets channel: override 'conv1/weights')" in table
+    assert "quantized (ternary grid, buckets -: override 'fc1/.*')" in table
     # the replayed config rebuilds the same per-layer settings from literal names only
     replay = config_from_report(run["report"])
     assert [regex.pattern for regex, _ in replay.weight_overrides] == ["conv1/weights", "fc1/weights"]
