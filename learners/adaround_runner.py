@@ -25,9 +25,13 @@ CHECKPOINT_NAME = "adaround_weights.ckpt"
 def check_config(config):
     """Refuse quantization settings AdaRound does not handle (UserError naming the setting)."""
     grid = weight_grids.for_config(config)
-    if not isinstance(grid, (weight_grids.MinMaxGrid, weight_grids.SymmetricGrid)):
+    if not grid.set_by_extremes:
         raise UserError("--uql_adaround is not valid with the %s weight grid (--uql_weight_range); expected minmax "
                         "(AdaRound keeps the min/max or symmetric grid and chooses the rounding on it)" % grid.name)
+    for regex, setting in config.weight_overrides:
+        if setting.grid is not None and not weight_grids.GRIDS[setting.grid].set_by_extremes:
+            raise UserError("--uql_adaround is not valid with --uql_weight_overrides entry %r, which sets the %s "
+                            "grid; expected minmax or symmetric" % (regex.pattern, setting.grid))
     if config.fold_batch_norms:
         raise UserError("--uql_adaround is not valid with --uql_fold_batch_norms; expected unfolded weights "
                         "(the folded weight W * gamma / sigma is not a variable the codes can be written to)")
@@ -103,7 +107,7 @@ def round_weights(helper, config, float_checkpoint, settings, output_dir):
     targets = _targets(graph, report, model_variables)
     with graph.as_default():
         grid_ops = [adaround.grid_codes(variable.read_value(), layer.bits, _layer_layout(layer),
-                                        config.weight_scheme) for layer, _, _, variable in targets]
+                                        weight_grids.for_layer(layer, config)) for layer, _, _, variable in targets]
         new_values = [tf1.placeholder(variable.dtype.base_dtype, variable.shape) for _, _, _, variable in targets]
         assign_ops = [variable.assign(value) for (_, _, _, variable), value in zip(targets, new_values)]
         saver = tf1.train.Saver(var_list=model_variables)
@@ -117,7 +121,7 @@ def round_weights(helper, config, float_checkpoint, settings, output_dir):
             weight_value = sess.run(variable)
             codes_before, alpha, beta = sess.run(grid_op)
             grid = adaround.layer_grid(weight_value, codes_before, alpha, beta, layer.bits, _layer_layout(layer),
-                                       config.weight_scheme)
+                                       weight_grids.for_layer(layer, config))
             inputs = _inputs_of(sess, images, op.inputs[data_index], batches)
             layer_started = time.time()
             codes, nearest_error, adaround_error = _round_layer(op.node_def, data_index, layer.input_index, inputs,

@@ -20,11 +20,10 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from tfquant import ops, step_ops
+from tfquant import ops, weight_grids
 
 tf1 = tf.compat.v1
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (Louizos et al.), as in the paper
-GRID_SCHEMES = ("asymmetric", "symmetric")
 
 
 @dataclasses.dataclass
@@ -83,25 +82,31 @@ def group_index(shape, layout):
     return np.ravel_multi_index([coordinates[a] for a in axes], [shape[a] for a in axes]).astype(np.int64)
 
 
-def grid_codes(weight, bits, layout, scheme="asymmetric"):
+def check_grid(grid):
+    """`grid` (a WeightGrid) if AdaRound can round on it (its codes are nearest rounding on a grid its range groups'
+    extreme weights fix), else ValueError naming it."""
+    if not isinstance(grid, weight_grids.WeightGrid) or not grid.set_by_extremes:
+        handled = sorted(name for name, kind in weight_grids.GRIDS.items() if kind.set_by_extremes)
+        raise ValueError("grid=%r is not valid for AdaRound; expected a WeightGrid of %s"
+                         % (getattr(grid, "name", grid), ", ".join(handled)))
+    return grid
+
+
+def grid_codes(weight, bits, layout, grid):
     """(codes int32, alpha [groups], beta [groups]) of `weight` as the weight quantizer computes them.
 
-    Ops in the current graph; `scheme` 'asymmetric' (min/max) or 'symmetric' (zero point 0), as QuantConfig's
-    weight_scheme.
+    Ops in the current graph; `grid` the layer's WeightGrid (check_grid: min/max or symmetric).
     """
-    if scheme not in GRID_SCHEMES:
-        raise ValueError("scheme=%r is not valid for AdaRound; expected one of %s" % (scheme, GRID_SCHEMES))
-    codes_of = step_ops.symmetric_weight_codes if scheme == "symmetric" else ops.weight_codes
-    return codes_of(weight, bits, layout)
+    return check_grid(grid).codes(weight, bits, layout)
 
 
-def layer_grid(weight_value, codes, alpha, beta, bits, layout, scheme="asymmetric"):
+def layer_grid(weight_value, codes, alpha, beta, bits, layout, grid):
     """The LayerGrid of a weight from its quantizer outputs (grid_codes run on weight_value).
 
     Args:
       weight_value: the float weight (NumPy).
       codes, alpha, beta: grid_codes' results for it.
-      bits, layout, scheme: the layer's quantization.
+      bits, layout, grid: the layer's quantization (grid: its WeightGrid).
     Returns:
       a LayerGrid.
     """
@@ -109,7 +114,7 @@ def layer_grid(weight_value, codes, alpha, beta, bits, layout, scheme="asymmetri
     groups = group_index(weight_value.shape, layout)
     scale = (np.asarray(alpha, np.float32) * np.float32(1.0 / ops.levels(bits)))[groups]
     offset = np.asarray(beta, np.float32)[groups]
-    max_code = int(ops.levels(bits)) - (1 if scheme == "symmetric" else 0)
+    max_code = check_grid(grid).max_code(bits)
     # Group extremes by one sort (ufunc.at is slow on millions of weights).
     order = np.argsort(groups.ravel(), kind="stable")
     starts = np.flatnonzero(np.r_[True, np.diff(groups.ravel()[order]) != 0])

@@ -1,24 +1,17 @@
 """QuantConfig: the validated quantization policy (bits per layer, buckets, activation ranges)."""
 import dataclasses
 import math
-import numbers
 import re
 from typing import Mapping, Optional, Sequence, Tuple
 
+from tfquant.config_bits import (  # noqa: F401 (re-exported: the names every module knows from here)
+    FLOAT_BITS, MAX_CODE_BITS, VALID_BITS_TEXT, VALID_CODE_BITS_TEXT, WEIGHT_GRID_BITS, check_bits)
+from tfquant.layer_settings import (  # noqa: F401 (LayerSetting: the override's type)
+    LayerSetting, OverrideError, check_grid_bits, checked_setting, entry_text, parse_spec)
 from tfquant.layout import MIN_BLOCK_SIZE, GroupLayout, valid_block_size
 
-FLOAT_BITS = 32
-MAX_CODE_BITS = 16
-VALID_BITS_TEXT = "an integer from 1 to 16, or 32 for float"
-VALID_CODE_BITS_TEXT = "an integer from 1 to 16"
 BUCKET_TYPES = ("channel", "split", "block")
 ACT_RANGES = ("ema", "batch", "pact", "lsq")
-# The weight grids (tfquant.weight_grids) by name, with the code widths each takes (fewest, most): minmax is
-# PocketFlow's; lsq learns a step on a signed grid; ternary codes -1, 0, +1 and binary the sign, times a
-# per-group scale; symmetric (weight_scheme) is zero point 0 on the narrow grid +-(2^(k-1)-1), the grid int8
-# convolution kernels (TFLite, ONNX) store, so a trained k <= 8 bit weight deploys unchanged.
-WEIGHT_GRID_BITS = {"minmax": (1, MAX_CODE_BITS), "lsq": (2, MAX_CODE_BITS), "ternary": (2, 2), "binary": (1, 1),
-                    "symmetric": (2, MAX_CODE_BITS)}
 WEIGHT_RANGES = ("minmax", "lsq", "ternary", "binary")
 WEIGHT_SCHEMES = ("asymmetric", "symmetric")
 LEARNED_ACT_RANGES = ("pact", "lsq")
@@ -36,27 +29,9 @@ def weight_grid_of(weight_range, weight_scheme):
     return weight_range, ("weight_range", weight_range)
 
 
-def check_bits(field, value, allow_float=True):
-    """Raise ValueError unless `value` is a valid bit width: 1..16, or 32 for float when allow_float.
-
-    Args:
-      field: the name of the setting, used in the message.
-      value: the bit width given (a Python or NumPy integer).
-      allow_float: accept FLOAT_BITS (a setting); False for the width of integer codes.
-    Returns:
-      the bit width as an int.
-    """
-    # bool is an int subclass; `True` bits is a typo, never a bit width.
-    valid = (not isinstance(value, bool) and type(value).__name__ != "bool_" and isinstance(value, numbers.Integral)
-             and (1 <= value <= MAX_CODE_BITS or (allow_float and value == FLOAT_BITS)))
-    if not valid:
-        raise ValueError("%s=%r is not a valid bit width; expected %s"
-                         % (field, value, VALID_BITS_TEXT if allow_float else VALID_CODE_BITS_TEXT))
-    return int(value)
-
-
 def _normalise_overrides(field, overrides):
-    """Turn a mapping or a sequence of (pattern, bits) pairs into a tuple of (compiled regex, bits)."""
+    """Turn a mapping or a sequence of (pattern, setting) pairs into a tuple of (compiled regex, LayerSetting);
+    a setting is bits, a LayerSetting or a dict of its fields (tfquant.layer_settings)."""
     if overrides is None:
         return ()
     items = overrides.items() if hasattr(overrides, "items") else overrides
@@ -69,7 +44,9 @@ def _normalise_overrides(field, overrides):
     for pair in pairs:
         if isinstance(pair, str) or not hasattr(pair, "__len__") or len(pair) != 2:
             raise ValueError("%s entry %r is not valid; expected a (regex, bits) pair" % (field, pair))
-        pattern, bits = pair
+        pattern, setting = pair
+        if isinstance(pattern, re.Pattern):
+            pattern = pattern.pattern  # a config's own entries, given again (dataclasses.replace)
         if not isinstance(pattern, str):
             raise ValueError("%s entry %r is not valid; expected the regex to be a string" % (field, pair))
         if len(pattern) > MAX_PATTERN_LENGTH:
@@ -78,9 +55,9 @@ def _normalise_overrides(field, overrides):
         try:
             compiled = re.compile(pattern)
         except re.error as exc:
-            raise ValueError("%s regex %r is not valid (%s); expected a Python regular expression"
-                             % (field, pattern, exc))
-        result.append((compiled, check_bits("%s[%r]" % (field, pattern), bits)))
+            raise OverrideError("%s regex %r is not valid (%s); expected a Python regular expression"
+                                % (field, pattern, exc))
+        result.append((compiled, checked_setting(field, pattern, setting, field != "activation_overrides")))
     return tuple(result)
 
 
@@ -230,7 +207,15 @@ class QuantConfig:
         setting, (fewest, most) = "%s=%r" % (field, value), WEIGHT_GRID_BITS[grid]
         sources = [("weight_bits", self.weight_bits)] + [
             ("layer_bits[%d]" % i, b) for i, b in enumerate(self.layer_bits or ())] + [
-            ("weight_overrides %r" % regex.pattern, b) for regex, b in self.weight_overrides]
+            ("weight_overrides %r" % regex.pattern, s.bits) for regex, s in self.weight_overrides
+            if s.bits is not None and s.grid is None]
+        for regex, setting in self.weight_overrides:
+            if setting.buckets == "block" and setting.bucket_size is None and not valid_block_size(self.bucket_size):
+                raise OverrideError("%s is not valid with bucket_size=%d; expected block/N with N a power of 2 >= %d"
+                                    % (entry_text("weight_overrides", regex.pattern, setting), self.bucket_size,
+                                       MIN_BLOCK_SIZE))
+            if setting.grid is not None and setting.bits is not None:
+                check_grid_bits(entry_text("weight_overrides", regex.pattern, setting), setting.grid, setting.bits)
         for field, bits in sources:
             if bits != FLOAT_BITS and not fewest <= bits <= most:
                 raise ValueError("%s=%d is not valid with %s; expected %s bits, or 32"
@@ -249,11 +234,24 @@ class QuantConfig:
         """The GroupLayout of a weight whose output channels lie on `channel_axes`."""
         return GroupLayout.from_bucket_type(self.weight_bucket_type, channel_axes, self.bucket_size)
 
+    def layer_layout(self, channel_axes, setting=None):
+        """The GroupLayout of a weight on `channel_axes` under an override's LayerSetting (None: the config's)."""
+        if setting is None or setting.buckets is None:
+            return self.weight_layout(channel_axes)
+        bucket_type = None if setting.buckets == "none" else setting.buckets
+        size = setting.bucket_size if setting.bucket_size is not None else self.bucket_size
+        return GroupLayout.from_bucket_type(bucket_type, channel_axes, size)
+
+    @property
+    def weight_grid(self):
+        """The name of the weight grid layers without an override's grid use."""
+        return weight_grid_of(self.weight_range, self.weight_scheme)[0]
+
     def to_dict(self):
         """A JSON-able description of the config (regexes as their pattern strings)."""
         result = dataclasses.asdict(self)
         for field in ("weight_overrides", "activation_overrides"):
-            result[field] = [[regex.pattern, bits] for regex, bits in getattr(self, field)]
+            result[field] = [[regex.pattern, setting.to_json()] for regex, setting in getattr(self, field)]
         if self.layer_bits is not None:
             result["layer_bits"] = list(self.layer_bits)
         if self.explicit_bits is None:
@@ -264,31 +262,31 @@ class QuantConfig:
 
 
 def parse_overrides(field, text_items):
-    """Parse ['regex=bits', ...] strings (as given on a command line) into (regex, bits) pairs.
+    """Parse ['regex=SPEC', ...] strings (as given on a command line) into (regex, setting) pairs.
 
     Args:
       field: the setting's name, used in error messages.
-      text_items: iterable of strings of the form 'regex=bits'; the last '=' separates them.
+      text_items: iterable of strings 'regex=bits' or 'regex=SPEC' (tfquant.layer_settings: e.g.
+        'model/conv1/.*=4:channel:symmetric'); the last '=' separates the regex from its settings.
     Returns:
-      a list of (pattern, bits) pairs in the given order.
+      a list of (pattern, setting) pairs in the given order: setting is the bits (an int) for 'regex=bits',
+      else a LayerSetting.
+    Raises:
+      OverrideError (a ValueError) naming the entry.
     """
     pairs = []
     for item in text_items:
-        pattern, sep, bits_text = item.rpartition("=")
+        pattern, sep, spec = item.rpartition("=")
         if not sep or not pattern:
-            raise ValueError("%s entry %r is not valid; expected 'regex=bits'" % (field, item))
-        try:
-            bits = int(bits_text)
-        except ValueError:
-            raise ValueError("%s entry %r is not valid; expected the bits after '=' to be %s"
-                             % (field, item, VALID_BITS_TEXT))
-        pairs.append((pattern, bits))
+            raise OverrideError("%s entry %r is not valid; expected 'regex=bits' or 'regex=SPEC'" % (field, item))
+        setting = parse_spec(field, item, spec)
+        pairs.append((pattern, setting.bits if setting.bits_only else setting))
     return pairs
 
 
 def match_override(overrides, name):
-    """Return (bits, pattern) of the first override whose regex matches `name` in full, or (None, None)."""
-    for regex, bits in overrides:
+    """Return (LayerSetting, pattern) of the first override whose regex matches `name` in full, or (None, None)."""
+    for regex, setting in overrides:
         if regex.fullmatch(name):
-            return bits, regex.pattern
+            return setting, regex.pattern
     return None, None

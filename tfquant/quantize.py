@@ -19,7 +19,6 @@ def _quantize_weights(graph, candidates, plan, config, is_training):
       counted as weight storage, {op name: weight step} of the layers whose grid an integer kernel holds).
     """
     layers, stored, quantized, range_variables, steps = [], {}, {}, set(), {}
-    grid = weight_grids.for_config(config)
     for candidate in candidates:
         op = candidate.op
         layer = LayerReport(name=op.name, op_type=op.type, kind="weight", status=SKIPPED,
@@ -35,32 +34,35 @@ def _quantize_weights(graph, candidates, plan, config, is_training):
         if candidate.skip_reason:
             layer.weight_storage_bits, layer.bucket_storage_bits = weight_layer_storage(
                 layer.num_params, FLOAT_BITS, 0)
-            stored.setdefault(candidate.variable_name, (FLOAT_BITS, None))
+            stored.setdefault(candidate.variable_name, (FLOAT_BITS, None, None))
             continue
         decision = plan.decision(op.name)
         bits, reason = decision.bits, decision.reason
-        layout = config.weight_layout(candidate.channel_axes)
+        layout = config.layer_layout(candidate.channel_axes, decision.setting)
+        grid = weight_grids.GRIDS[decision.grid]()
         layer.bits = bits
         if bits != FLOAT_BITS:
+            layer.weight_grid = grid.name
+            layer.setting_source = None if decision.setting_source == "config" else decision.setting_source
             layer.bucket_type = layout.bucket_type
             layer.bucket_size = layout.bucket_size if layout.kind in ("split", "block") else None
             layer.channel_axes = list(layout.channel_axes) if layout.kind in ("channel", "block") else None
             layer.num_groups = layout.num_groups(layer.shape)
         previous = stored.get(candidate.variable_name)
         if previous is not None:
-            if previous != (bits, layout):
+            if previous != (bits, layout, grid.name):
                 raise ValueError("weight variable %s is read by several layers with different quantization "
                                  "(%s and %s); expected one setting per variable"
-                                 % (candidate.variable_name, previous, (bits, layout)))
+                                 % (candidate.variable_name, previous, (bits, layout, grid.name)))
             layer.reason = (reason + "; " if reason else "") + "storage counted at its first layer"
         else:
-            stored[candidate.variable_name] = (bits, layout)
+            stored[candidate.variable_name] = (bits, layout, grid.name)
             layer.weight_storage_bits, layer.bucket_storage_bits = weight_layer_storage(
                 layer.num_params, grid.storage_bits(bits), layer.num_groups)
         if bits == FLOAT_BITS:
             layer.reason = reason
             continue
-        key = (weight.name, bits, layout)
+        key = (weight.name, bits, layout, grid.name)
         if key not in quantized:
             with graph.name_scope(None), graph.name_scope(op.name + "/weight_quant"):
                 quantized[key] = grid.quantize(weight, bits, layout, candidate.variable_name + WEIGHT_RANGE_SUFFIX,

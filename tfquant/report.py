@@ -8,13 +8,23 @@ Storage accounting:
 import dataclasses
 import json
 import os
+import re
 
 from tfquant import files
-from tfquant.config import FLOAT_BITS, QuantConfig
+from tfquant.config import FLOAT_BITS, LayerSetting, QuantConfig
 # The records a report is made of live with the schema that checks them; they are names of this module too.
 from tfquant.report_schema import (  # noqa: F401 (re-exported)
-    KINDS, QUANTIZED, REPORT_FILE_LIMIT, REPORT_NAME, REPORT_VERSION, SKIPPED, LayerReport, ReportError,
-    SchemaError, VariableRecord, layer_layout, report_fields, weight_layer_storage)
+    KINDS, OPTIONAL_LAYER_FIELDS, QUANTIZED, REPORT_FILE_LIMIT, REPORT_NAME, REPORT_VERSION, SKIPPED, LayerReport,
+    ReportError, SchemaError, VariableRecord, layer_layout, report_fields, weight_layer_storage)
+
+
+def _layer_dict(layer):
+    """A LayerReport as a dict, without the optional fields it does not set."""
+    data = dataclasses.asdict(layer)
+    for field in OPTIONAL_LAYER_FIELDS:
+        if data[field] is None:
+            del data[field]
+    return data
 
 
 class QuantReport:
@@ -120,7 +130,7 @@ class QuantReport:
             "version": REPORT_VERSION,
             "config": self.config,
             "is_training": self.is_training,
-            "layers": [dataclasses.asdict(layer) for layer in self.layers],
+            "layers": [_layer_dict(layer) for layer in self.layers],
             "other_variables": [dataclasses.asdict(record) for record in self.other_variables],
             "notes": self.notes,
             "summary": self.summary(),
@@ -167,6 +177,8 @@ class QuantReport:
             else:
                 buckets = layer.bucket_type or "-"
             status = layer.status if layer.quantized else "skipped: " + layer.reason
+            if layer.quantized and layer.setting_source:
+                status += " (%s grid, buckets %s: %s)" % (layer.weight_grid, buckets, layer.setting_source)
             name = layer.weight_variable or layer.name
             rows.append((name, layer.op_type, str(layer.bits), buckets if layer.kind == "weight" else "-",
                          str(layer.num_groups) if layer.num_groups else "-",
@@ -257,7 +269,8 @@ def config_from_report(report):
     """The QuantConfig that replays a report's recorded decisions, without any pattern from the report.
 
     Every weight layer and activation keeps the bits the report records for it (as `explicit_bits`,
-    matched by exact op name), so override patterns stored in the report are never compiled or run.
+    matched by exact op name), and a layer an override gave its own grid or buckets keeps them (an override of its
+    escaped variable name), so override patterns stored in the report are never compiled or run.
 
     Args:
       report: a QuantReport (validated, e.g. by read_report).
@@ -269,12 +282,18 @@ def config_from_report(report):
     """
     settings = {key: value for key, value in report.config.items()
                 if key not in ("weight_overrides", "activation_overrides", "layer_bits", "explicit_bits")}
-    explicit = {}
+    explicit, overrides = {}, {}
     for layer in report.layers:
         if layer.kind == "activation" or layer.input_index is not None:
             explicit.setdefault(layer.name, layer.bits)
+        if layer.kind == "weight" and layer.quantized and layer.setting_source is not None:
+            # The layer's own grid and buckets, as an override matching its variable's name literally (an escaped
+            # name runs in linear time, unlike a pattern read from the file).
+            overrides.setdefault(re.escape(layer.weight_variable), LayerSetting(
+                grid=layer.weight_grid, buckets=layer.bucket_type or "none",
+                bucket_size=layer.bucket_size if layer.bucket_type in ("split", "block") else None))
     try:
-        return QuantConfig(explicit_bits=explicit, **settings)
+        return QuantConfig(explicit_bits=explicit, weight_overrides=list(overrides.items()), **settings)
     except (TypeError, ValueError) as exc:
         raise ReportError("quantization report config is not valid: %s" % " ".join(str(exc).split())) from None
 

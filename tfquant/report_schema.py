@@ -12,7 +12,7 @@ from typing import List, Optional
 from tfquant import files
 from tfquant.errors import TfquantError
 from tfquant.fidelity_schema import check_fidelity
-from tfquant.config import FLOAT_BITS, MAX_PATTERN_LENGTH, QuantConfig
+from tfquant.config import FLOAT_BITS, MAX_PATTERN_LENGTH, WEIGHT_GRID_BITS, QuantConfig, weight_grid_of
 from tfquant.layout import RANGE_GROUP_BITS, GroupLayout
 
 REPORT_VERSION = 2
@@ -56,6 +56,11 @@ class LayerReport:
     weight_storage_bits: int = 0
     bucket_storage_bits: int = 0
     range_variables: Optional[List[str]] = None
+    # The grid a quantized weight sits on (tfquant.weight_grids name) and the rule that chose its grid and buckets
+    # ("override '<regex>'"; None: the config's settings). Reports of older tfquant lack both: the reader fills
+    # weight_grid in from the config, which then decided every layer's grid.
+    weight_grid: Optional[str] = None
+    setting_source: Optional[str] = None
 
     @property
     def quantized(self):
@@ -158,15 +163,29 @@ _LAYER_CHECKS = {
     "bucket_size": (_optional(lambda v: _is_int(v) and v >= 1), "null or a positive integer"),
     "channel_axes": (_optional(_int_list), "null or a list of axes"),
     "range_variables": (_optional(_str_list), "null or a list of variable names"),
+    "weight_grid": (lambda v: v is None or v in WEIGHT_GRID_BITS, "null or one of " + ", ".join(WEIGHT_GRID_BITS)),
+    "setting_source": (_optional(lambda v: isinstance(v, str)), "null or a string"),
 }
+# Layer fields a report writes only when set, so reports without per-layer settings keep their old form.
+OPTIONAL_LAYER_FIELDS = ("weight_grid", "setting_source")
+
+
+def _setting_value(value):
+    """Whether a recorded override's setting has the form LayerSetting.to_json writes (bits, or a dict of them)."""
+    if _BITS[0](value):
+        return True
+    return (isinstance(value, dict) and set(value) <= {"bits", "grid", "buckets", "bucket_size"}
+            and _BITS[0](value.get("bits", 1)) and value.get("grid", "minmax") in WEIGHT_GRID_BITS
+            and value.get("buckets", "none") in ("none", "channel", "split", "block")
+            and (lambda size: _is_int(size) and size >= 1)(value.get("bucket_size", 1)))
 
 
 def _check_overrides(value, field):
     pairs = _require(value, lambda v: isinstance(v, list), field, "a list of [regex, bits] pairs")
     for i, pair in enumerate(pairs):
         _require(pair, lambda v: isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)
-                 and len(v[0]) <= MAX_PATTERN_LENGTH and _BITS[0](v[1]),
-                 "%s[%d]" % (field, i), "[regex of at most %d characters, bits]" % MAX_PATTERN_LENGTH)
+                 and len(v[0]) <= MAX_PATTERN_LENGTH and _setting_value(v[1]),
+                 "%s[%d]" % (field, i), "[regex of at most %d characters, bits or settings]" % MAX_PATTERN_LENGTH)
 
 
 def _check_config(config):
@@ -258,6 +277,11 @@ def report_fields(data):
     _require(data["is_training"], lambda v: isinstance(v, bool), "is_training", "true or false")
     layers = [_layer_from_dict(layer, i)
               for i, layer in enumerate(_require(data["layers"], lambda v: isinstance(v, list), "layers", "a list"))]
+    config_grid, _ = weight_grid_of(data["config"].get("weight_range", "minmax"),
+                                    data["config"].get("weight_scheme", "asymmetric"))
+    for layer in layers:
+        if layer.kind == "weight" and layer.quantized and layer.weight_grid is None:
+            layer.weight_grid = config_grid  # a report of an older tfquant: one grid, the config's
     names = set()
     for layer in layers:
         if layer.name in names:

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfquant import match, ops, policy, weight_grids
+from tfquant.config import match_override
 
 tf1 = tf.compat.v1
 SCOPE = "tfquant_sensitivity"
@@ -78,16 +79,19 @@ def find_targets(graph, config):
     # The policy's first/last rule: those layers stay float and outside any budget.
     eligible = [c for position, c in enumerate(eligible)
                 if not policy.kept_float_as_first_or_last(position, len(eligible), config)]
-    weights, grid = {}, weight_grids.for_config(config)
+    weights = {}
     for candidate in eligible:
         target = weights.get(candidate.variable_name)
         if target is None:
             shape = candidate.weight.shape
             if not shape.is_fully_defined():
                 raise ValueError("weight %s has shape %s; expected a static shape" % (candidate.variable_name, shape))
+            # The grid and buckets the run trains this layer on: an override's, else the config's.
+            setting, _ = match_override(config.weight_overrides, candidate.variable_name)
+            grid = weight_grids.GRIDS[setting.grid if setting is not None and setting.grid else config.weight_grid]()
             target = weights[candidate.variable_name] = Target(
                 candidate.variable_name, WEIGHT, [], [], int(np.prod(shape.as_list())),
-                config.weight_layout(candidate.channel_axes), grid)
+                config.layer_layout(candidate.channel_axes, setting), grid)
         target.op_names.append(candidate.op.name)
         target.tensors.append(candidate.weight)
     activations = []

@@ -216,6 +216,9 @@ class WeightGrid:
     learned = False
     integer_kernel_grid = False
     int8_reason = ""
+    # Codes are nearest rounding on a grid that each range group's extreme weights fix (min/max, or max|w|): the
+    # grid AdaRound may round otherwise on, keeping those extremes where they are (tfquant.adaround).
+    set_by_extremes = False
 
     @property
     def bit_range(self):
@@ -225,6 +228,10 @@ class WeightGrid:
     def storage_bits(self, bits):
         """Bits one code of a weight at `bits` takes in storage."""
         return bits
+
+    def max_code(self, bits):
+        """The largest unsigned code a weight at `bits` gets (2^k - 1 unless the grid uses fewer levels)."""
+        return int(ops.levels(bits))
 
     def _packed(self, x, bits, layout):
         """(codes as float in the packed format, alpha, beta, restore): the fixed grids' one definition."""
@@ -274,6 +281,7 @@ class MinMaxGrid(WeightGrid):
 
     name = "minmax"
     int8_reason = "asymmetric grid"
+    set_by_extremes = True
 
     def quantize(self, weight, bits, layout, scope_name=None, is_training=True):
         return ops.quantize_weight(weight, bits, layout), None
@@ -291,6 +299,10 @@ class SymmetricGrid(WeightGrid):
 
     name = "symmetric"
     integer_kernel_grid = True
+    set_by_extremes = True
+
+    def max_code(self, bits):
+        return int(ops.levels(bits)) - 1  # the narrow grid: 2 (2^(k-1) - 1)
 
     def _packed(self, x, bits, layout):
         return _symmetric_packed(x, bits, layout)
@@ -326,6 +338,9 @@ class TernaryGrid(WeightGrid):
     name = "ternary"
     int8_reason = "ternary grid"
 
+    def max_code(self, bits):
+        return 2
+
     def _packed(self, x, bits, layout):
         return _ternary_packed(x, layout)
 
@@ -352,6 +367,13 @@ def for_config(config):
     if name not in GRIDS:
         raise ValueError("weight grid %r is not known; expected one of %s" % (name, ", ".join(sorted(GRIDS))))
     return GRIDS[name]()
+
+
+def for_layer(layer, config):
+    """The WeightGrid a report's weight LayerReport records (its `weight_grid`; else the config's, as in reports of
+    an older tfquant, whose layers all sat on the config's grid)."""
+    name = getattr(layer, "weight_grid", None)
+    return GRIDS[name]() if name in GRIDS else for_config(config)
 
 
 # -- NumPy views for exporters ---------------------------------------------------------------------------------

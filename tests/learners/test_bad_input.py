@@ -22,6 +22,10 @@ def _error_line(result):
     (["--learner=uniform", "--uql_weight_overrides=conv("], "--uql_weight_overrides entry 'conv(' is not valid; "
                                                             "expected 'regex=bits'"),
     (["--learner=uniform", "--uql_weight_overrides=conv(=4"], "--uql_weight_overrides regex 'conv(' is not valid"),
+    (["--learner=uniform", "--uql_weight_overrides=conv=4:chanel"],
+     "--uql_weight_overrides entry 'conv=4:chanel' is not valid; expected the bits after '='"),
+    (["--learner=uniform", "--uql_weight_overrides=conv=4:ternary"],
+     "--uql_weight_overrides entry 'conv=4:ternary' is not valid: the ternary grid takes 2 bits, this layer gets 4"),
     (["--learner=uniform", "--uql_layer_bits=4,x"], "--uql_layer_bits=4,x is not valid; expected a comma-separated"),
     (["--learner=magic"], "flag --learner=magic: value should be one of <full-prec|uniform|ptq>"),
     (["--batch_size=0"], "--batch_size=0 is not valid; expected a value >= 1"),

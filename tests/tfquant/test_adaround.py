@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfquant import adaround, ops
+from tfquant import adaround, ops, weight_grids
 from tfquant.layout import GroupLayout
 from tests.conftest import new_session
 
 tf1 = tf.compat.v1
+# The WeightGrid AdaRound is given for each grid the NumPy reference below knows by its scheme's name.
+GRIDS = {"asymmetric": weight_grids.MinMaxGrid(), "symmetric": weight_grids.SymmetricGrid()}
 
 
 def numpy_grid(w, bits, layout, scheme):
@@ -41,10 +43,10 @@ def solve(node_fn, weight_shape, inputs, bits, layout, scheme, options, rng):
         x = tf1.placeholder(tf.float32, [None] + list(inputs.shape[1:]))
         wp = tf1.placeholder(tf.float32, weight_shape)
         op = node_fn(x, wp).op
-        codes_op = adaround.grid_codes(wp, bits, layout, scheme)
+        codes_op = adaround.grid_codes(wp, bits, layout, GRIDS[scheme])
     with new_session(graph) as sess:
         codes, alpha, beta = sess.run(codes_op, feed_dict={wp: w})
-    grid = adaround.layer_grid(w, codes, alpha, beta, bits, layout, scheme)
+    grid = adaround.layer_grid(w, codes, alpha, beta, bits, layout, GRIDS[scheme])
     problem_graph = tf.Graph()
     with problem_graph.as_default():
         problem = adaround.build_problem(op.node_def, 0, 1, [None] + list(inputs.shape[1:]), w, grid, options)
@@ -122,9 +124,9 @@ def test_group_extremes_keep_their_codes_and_the_annealing_follows_the_paper(rng
     nearest, _, _, _ = numpy_grid(w, 2, layout, "asymmetric")
     graph = tf.Graph()
     with graph.as_default():
-        codes_op = adaround.grid_codes(tf.constant(w), 2, layout)
+        codes_op = adaround.grid_codes(tf.constant(w), 2, layout, GRIDS["asymmetric"])
     with new_session(graph) as sess:
-        grid = adaround.layer_grid(w, *sess.run(codes_op), 2, layout)
+        grid = adaround.layer_grid(w, *sess.run(codes_op), 2, layout, GRIDS["asymmetric"])
     assert grid.frozen.sum() == 8 and grid.frozen[w.argmin(0), range(4)].all() and grid.frozen[w.argmax(0),
                                                                                                range(4)].all()
     # Every weight rounded up: the extremes stay on their nearest codes (so the grid does not move).
@@ -153,3 +155,11 @@ def test_depthwise_groups_per_input_channel_and_multiplier(rng):
     nearest, _, _, _ = numpy_grid(w, 3, layout, "asymmetric")
     np.testing.assert_array_equal(grid.nearest, nearest)
     assert np.abs(codes - nearest).max() <= 1 and errors[1] < errors[0]
+
+
+@pytest.mark.parametrize("grid", [weight_grids.LsqGrid(), weight_grids.TernaryGrid(), weight_grids.BinaryGrid(),
+                                  "symmetric"])
+def test_grids_adaround_cannot_round_on_are_refused(grid):
+    # LSQ learns its step, ternary and binary scales are means: no extreme weight fixes the grid; a name is no grid.
+    with pytest.raises(ValueError, match="is not valid for AdaRound; expected a WeightGrid of minmax, symmetric"):
+        adaround.grid_codes(tf.zeros([4, 3]), 2, GroupLayout(), grid)

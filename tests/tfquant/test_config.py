@@ -2,7 +2,7 @@
 import pytest
 
 import tfquant
-from tfquant.config import match_override, parse_overrides
+from tfquant.config import LayerSetting, match_override, parse_overrides
 
 BITS = "expected an integer from 1 to 16, or 32 for float"
 
@@ -53,8 +53,8 @@ def test_override_parsing_and_full_matching():
     pairs = parse_overrides("weight_overrides", ["model/conv1/.*=8", "a=b=3"])
     assert pairs == [("model/conv1/.*", 8), ("a=b", 3)]  # the last '=' separates
     config = tfquant.QuantConfig(weight_overrides=pairs + [("model/.*", 2)])
-    assert match_override(config.weight_overrides, "model/conv1/weights") == (8, "model/conv1/.*")
-    assert match_override(config.weight_overrides, "model/fc/weights") == (2, "model/.*")
+    assert match_override(config.weight_overrides, "model/conv1/weights") == (LayerSetting(bits=8), "model/conv1/.*")
+    assert match_override(config.weight_overrides, "model/fc/weights") == (LayerSetting(bits=2), "model/.*")
     assert match_override(config.weight_overrides, "xmodel/fc/weights") == (None, None)
     with pytest.raises(ValueError, match="weight_overrides entry 'conv1' is not valid; expected 'regex=bits'"):
         parse_overrides("weight_overrides", ["conv1"])

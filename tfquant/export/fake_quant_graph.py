@@ -166,7 +166,6 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
     if images_value is not None and (images_value.ndim < 2 or len(images_value) == 0):
         raise model_export.ExportError("calibration images must be [N, H, W, C] with N >= 1, got shape %s"
                                        % (images_value.shape,))
-    grid = weight_grids.for_config(report.config)
     weight_layers = {layer.name: layer for layer in report.weight_layers}
     graph = tf.Graph()
     with graph.as_default():
@@ -197,7 +196,8 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
         weight_records, replaced = [], {}
         for c in candidates:
             record, moved = _weight_fake_quant(c.op, c.input_index, np.asarray(weights[c.variable_name]),
-                                               weight_layers.get(c.op.name), grid)
+                                               weight_layers.get(c.op.name),
+                                               weight_grids.for_layer(weight_layers.get(c.op.name), report.config))
             weight_records.append(record)
             replaced.update(moved)
         # A range found on a MatMul's output belongs to the convolution that now computes it.

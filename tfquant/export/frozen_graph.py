@@ -38,7 +38,7 @@ def activation_config(decisions):
             config = tfquant.QuantConfig(**decisions)
         except (TypeError, ValueError) as exc:
             raise ExportError("config is not valid: %s" % " ".join(str(exc).split())) from None
-    activation_bits = [bits for _, bits in config.activation_overrides] + [config.activation_bits]
+    activation_bits = [setting.bits for _, setting in config.activation_overrides] + [config.activation_bits]
     activation_bits += [bits for _, bits in config.explicit_bits or ()]
     if all(bits == FLOAT_BITS for bits in activation_bits):
         return None
@@ -58,12 +58,13 @@ def _without_weight_decisions(config, graph):
                                                       if name not in weight_ops})
 
 
-def _grid_weight_steps(graph, report, grid):
-    """{op name: step} of the report's quantized weight layers whose `grid` an integer kernel holds, from the
+def _grid_weight_steps(graph, report):
+    """{op name: step} of the report's quantized weight layers whose grid an integer kernel holds, from the
     weights in `graph` (decoded from the packed file: on the grid already, so the step is recomputed from them)."""
     steps = {}
     for layer in report.weight_layers:
         layout = layer_layout(layer) if layer.quantized else None
+        grid = weight_grids.for_layer(layer, report.config)
         if layout is None or not grid.has_integer_step(layout):
             continue
         op = graph.get_operation_by_name(layer.name)
@@ -202,10 +203,10 @@ def freeze_inference_graph(build_forward, weights, decisions=None, input_shape=N
         if act_config is not None:
             rewritten = tfquant.quantize_graph(graph, _without_weight_decisions(act_config, graph), is_training=False)
             logits = rewritten.output(logits)
-            grid = weight_grids.for_config(decisions.config) if isinstance(decisions, QuantReport) else None
-            if grid is not None and grid.integer_kernel_grid:
-                # As the evaluation graph: biases on the int32 grid of the decoded weights' steps.
-                quantize.quantize_biases(graph, _grid_weight_steps(graph, decisions, grid), rewritten.integer_steps)
+            if isinstance(decisions, QuantReport):
+                # As the evaluation graph: biases on the int32 grid of the decoded weights' steps (the layers whose
+                # grid an integer kernel holds).
+                quantize.quantize_biases(graph, _grid_weight_steps(graph, decisions), rewritten.integer_steps)
         output = named_output(graph, logits)
         if output.op.name != OUTPUT_NAME or images.op.name != INPUT_NAME:
             raise ExportError("the forward pass already defines an op named %r or %r; rename it so "

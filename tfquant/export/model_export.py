@@ -129,13 +129,14 @@ def _learned_steps(reader, checkpoint, layer):
     return step, seen
 
 
-def _compute_codes(quantized, grid):
-    """(codes, alpha, beta) of each (layer, value, learned steps) triple on `grid`, by the training graph's ops."""
+def _compute_codes(quantized, config):
+    """(codes, alpha, beta) of each (layer, value, learned steps) triple on the layer's grid, by the training
+    graph's ops."""
     items = []
     for layer, value, learned in quantized:
         # A checkpoint saved before its first step has no trained steps: training would use the initial ones.
         steps = learned[0] if learned is not None and learned[1] else None
-        items.append((grid, value, layer.bits, _layout(layer), steps))
+        items.append((weight_grids.for_layer(layer, config), value, layer.bits, _layout(layer), steps))
     return weight_grids.compute_codes(items)
 
 
@@ -186,7 +187,7 @@ def _check_activation_ranges(reader, checkpoint, report):
 
 
 _COMPARED_FIELDS = ("name", "kind", "op_type", "status", "bits", "weight_variable", "input_index", "shape",
-                    "bucket_type", "bucket_size", "channel_axes", "num_groups", "range_variables")
+                    "bucket_type", "bucket_size", "channel_axes", "num_groups", "range_variables", "weight_grid")
 
 
 def check_report_matches_model(saved, rebuilt, report_path):
@@ -222,11 +223,12 @@ def check_report_matches_model(saved, rebuilt, report_path):
 
 
 def _check_weight_layers(report):
-    """Bits and buckets of every quantized weight layer agree with the report's own settings."""
+    """Buckets of every quantized weight layer agree with the report's own settings (a layer an override set
+    records its own; the rebuilt model is checked against them)."""
     config = report.config
     bucket_type = config.get("bucket_type") if config.get("use_buckets") else None
     for layer in report.weight_layers:
-        if not layer.quantized:
+        if not layer.quantized or layer.setting_source is not None:
             continue
         if layer.bucket_type != bucket_type or (
                 bucket_type in ("split", "block") and layer.bucket_size != config.get("bucket_size")):
@@ -279,8 +281,8 @@ def pack_checkpoint(checkpoint, report, output_path, metadata=None, folded_weigh
             values[name] = np.asarray(value, np.float32)
     quantized = [(layer, values[name], _learned_steps(reader, checkpoint, layer))
                  for name, _, layer in stored if layer is not None]
-    # The report's config was validated with it (report_schema), so it names a known grid.
-    codes = iter(_compute_codes(quantized, weight_grids.for_config(report.config)))
+    # The report was validated (report_schema), so its config and its layers name known grids.
+    codes = iter(_compute_codes(quantized, report.config))
     tensors = []
     for name, _, layer in stored:
         if layer is None:

@@ -27,9 +27,10 @@ def _schema():
 
 def eligible(report):
     """'' when the model's quantized weights are all <= 4 bits on the symmetric grid, else why not."""
-    grid = weight_grids.for_config(report.config)
-    if not isinstance(grid, weight_grids.SymmetricGrid):
-        return "weights are not on the symmetric grid (the %s grid)" % grid.name
+    for layer in report.weight_layers:
+        grid = weight_grids.for_layer(layer, report.config)
+        if layer.quantized and layer.bits != FLOAT_BITS and not isinstance(grid, weight_grids.SymmetricGrid):
+            return "weights are not on the symmetric grid (layer %s: the %s grid)" % (layer.name, grid.name)
     widest = max((layer.bits for layer in report.weight_layers if layer.quantized and layer.bits != FLOAT_BITS),
                  default=None)
     if widest is None or widest > MAX_INT4_BITS:
