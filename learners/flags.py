@@ -16,13 +16,13 @@ def define_flags():
     """Define every flag once (run scripts and tests may call this repeatedly)."""
     if "learner" in FLAGS:
         return
+    # --learner, --exec_mode, --save_path, --uql_save_quant_model_path: the early lock parses these too.
+    directory_flags.define(FLAGS)
     if "log_dir" in FLAGS:
         # absl.logging defines --log_dir too; PocketFlow's meaning (TensorBoard events) takes it over.
         FLAGS.set_default("log_dir", "./logs")
     else:
         flags.DEFINE_string("log_dir", "./logs", "TensorBoard event files go under this directory")
-    # --learner, --exec_mode, --save_path, --uql_save_quant_model_path: the early lock parses these too.
-    directory_flags.define(FLAGS)
     for table in flag_tables.TABLES:
         for define, *arguments in table:
             define(*arguments)
@@ -116,6 +116,7 @@ def validate_flags():
     _writable_parent("log_dir", FLAGS.log_dir, os.path.abspath(FLAGS.log_dir))
     _check_auto_bits()
     _check_adaround_and_bn_reestimation()
+    _check_recipes()
     quant_config()  # bit widths, overrides and bucket settings are checked by tfquant itself
     _check_no_flag_ignored()
 
@@ -135,7 +136,25 @@ _DEPENDENT_FLAGS = (
     (("uql_freeze_bn_delay",), lambda: FLAGS.uql_fold_batch_norms, "--uql_fold_batch_norms"),
     (("uql_calib_percentile",), lambda: FLAGS.uql_calibrator == "percentile", "--uql_calibrator=percentile"),
     (("uql_adaround_iters", "uql_adaround_batches"), lambda: FLAGS.uql_adaround, "--uql_adaround"),
+    (("uql_range_lrn_rate",), lambda: FLAGS.uql_range_optimizer != "shared",
+     "--uql_range_optimizer=adam, momentum or sgd"),
 )
+
+
+def _check_recipes():
+    """The low-bit recipes' values; PACT's decay is refused with a range optimizer, which trains without decay."""
+    if not FLAGS.uql_range_lrn_rate > 0:
+        raise UserError("--uql_range_lrn_rate=%s is not valid; expected a positive number" % FLAGS.uql_range_lrn_rate)
+    if FLAGS.uql_range_optimizer != "shared" and FLAGS["uql_pact_decay"].present:
+        raise UserError("--uql_pact_decay=%s is given with --uql_range_optimizer=%s, which trains the clip levels "
+                        "without decay; expected one of them" % (FLAGS.uql_pact_decay, FLAGS.uql_range_optimizer))
+    scale = FLAGS.uql_low_bit_weight_decay_scale
+    if scale is not None and scale < 0:
+        raise UserError("--uql_low_bit_weight_decay_scale=%s is not valid; expected a number >= 0" % scale)
+    threshold = FLAGS.uql_freeze_oscillations
+    if threshold is not None and not 0 < threshold < 1:
+        raise UserError("--uql_freeze_oscillations=%s is not valid; expected a frequency in (0, 1) (reversals per "
+                        "step, e.g. 0.02)" % threshold)
 
 
 def _check_adaround_and_bn_reestimation():
