@@ -203,8 +203,9 @@ def unwritten_sections(markdown, sections):
     return left
 
 
-def run(parts, work_dir, allow_busy, out=print):
+def run(parts, work_dir, allow_busy, out=None):
     """The publishing run: every part in order, its time and the total printed; returns {part: seconds}."""
+    out = out or _say
     check_quiet(allow_busy)
     out(listing(parts, work_dir))
     times, start = {}, time.perf_counter()
@@ -213,46 +214,60 @@ def run(parts, work_dir, allow_busy, out=print):
         out("== [%d/%d] %s (~%s): %s" % (index, len(parts), part.name, _duration(part.minutes), " ".join(argv[1:])),
             flush=True)
         times[part.name] = run_part(argv, part.name)
-        out("== %s done in %.0f s" % (part.name, times[part.name]), flush=True)
+        out("== %s done in %.0f s" % (part.name, times[part.name]))
     out("all %d parts done in %.0f s: %s" % (len(parts), time.perf_counter() - start,
                                              ", ".join("%s %.0f s" % kv for kv in times.items())))
     return times
 
 
-def dry_run(parts, markdown, out=print):
+def dry_run(parts, markdown, out=None):
     """--quick: every part's --quick mode, then its sections rendered from the committed results into a blanked
-    temporary copy of `markdown`; returns (seconds per part, sections checked). BENCHMARKS.md is not written."""
+    temporary copy of `markdown`. BENCHMARKS.md is not written.
+
+    Returns:
+      (seconds per part, sections rewritten and checked, parts run as a smoke test only (no --render_json, or no
+      results file yet), the copy's text at the end).
+    """
+    out = out or _say
     tmp = tempfile.mkdtemp(prefix="tfquant_run_all_")
     try:
         copy = os.path.join(tmp, "BENCHMARKS.md")
         shutil.copyfile(markdown, copy)
-        rendered = [s for p in parts if p.render for s in p.sections]
-        blank_sections(copy, dict.fromkeys(rendered))
+        rendered = {}
+        for part in parts:
+            if part.render and all(os.path.exists(_results(s)) for s in part.sections):
+                rendered.update({section: part for section in part.sections})
+        blank_sections(copy, rendered)
         times, start = {}, time.perf_counter()
         for index, part in enumerate(parts, 1):
             argv = part_command(part, os.path.join(tmp, "work"), tmp, True, False)
-            out("== [%d/%d] %s --quick: %s" % (index, len(parts), part.name, " ".join(argv[1:])), flush=True)
+            out("== [%d/%d] %s --quick: %s" % (index, len(parts), part.name, " ".join(argv[1:])))
             times[part.name] = run_part(argv, part.name + " --quick")
-            if part.render:
-                for section in part.sections:
-                    results = os.path.join(RESULTS_DIR, section + ".json")
-                    if not os.path.exists(results):
-                        raise RunAllError("%s has no results file %s to render its section from; expected the JSON "
-                                          "its last full run wrote" % (part.name, results))
-                    times[part.name] += run_part(render_command(part, results, copy),
-                                                 part.name + " --render_json")
-            out("== %s done in %.1f s" % (part.name, times[part.name]), flush=True)
-        left = unwritten_sections(copy, dict.fromkeys(rendered))
+            for section in (s for s, owner in rendered.items() if owner is part):
+                times[part.name] += run_part(render_command(part, _results(section), copy),
+                                             part.name + " --render_json")
+            out("== %s done in %.1f s" % (part.name, times[part.name]))
+        left = unwritten_sections(copy, rendered)
         if left:
             raise RunAllError("the publish path of %s did not rewrite its section in the temporary copy"
                               % ", ".join(left))
-        unchecked = [p.name for p in parts if not p.render]
+        smoke_only = [p.name for p in parts if p not in rendered.values()]
         out("dry run of %d parts done in %.1f s; sections rewritten from results files: %s%s" % (
-            len(parts), time.perf_counter() - start, ", ".join(dict.fromkeys(rendered)) or "none",
-            "; smoke run only (no --render_json): %s" % ", ".join(unchecked) if unchecked else ""))
-        return times, list(dict.fromkeys(rendered))
+            len(parts), time.perf_counter() - start, ", ".join(rendered) or "none",
+            "; smoke run only (no --render_json or no results file yet): %s" % ", ".join(smoke_only)
+            if smoke_only else ""))
+        with open(copy) as handle:
+            return times, list(rendered), smoke_only, handle.read()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _say(line):
+    print(line, flush=True)
+
+
+def _results(section):
+    return os.path.join(RESULTS_DIR, section + ".json")
 
 
 def main(argv=None):
