@@ -162,7 +162,7 @@ def check_quiet(allow_busy, load=None, core_count=None):
 def run_part(argv, label):
     """Run one command from the repository root, its output passed through; RunAllError when it fails."""
     start = time.perf_counter()
-    done = subprocess.run(argv, cwd=REPO_ROOT, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(argv, cwd=REPO_ROOT, stdout=None, stderr=subprocess.PIPE, text=True)
     sys.stderr.write(done.stderr)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
@@ -211,8 +211,7 @@ def run(parts, work_dir, allow_busy, out=None):
     times, start = {}, time.perf_counter()
     for index, part in enumerate(parts, 1):
         argv = part_command(part, work_dir, "", False, allow_busy)
-        out("== [%d/%d] %s (~%s): %s" % (index, len(parts), part.name, _duration(part.minutes), " ".join(argv[1:])),
-            flush=True)
+        out("== [%d/%d] %s (~%s): %s" % (index, len(parts), part.name, _duration(part.minutes), " ".join(argv[1:])))
         times[part.name] = run_part(argv, part.name)
         out("== %s done in %.0f s" % (part.name, times[part.name]))
     out("all %d parts done in %.0f s: %s" % (len(parts), time.perf_counter() - start,
