@@ -114,7 +114,8 @@ def check_seed(seed, quick, float_checkpoint, work_dir):
         float_checkpoint = _initial_checkpoint(helper, batches[0], os.path.join(work_dir, "init%d" % seed, "m.ckpt"))
     graph, images, labels, loss = bit_allocation._float_model(helper, batches[0])
     targets = bit_allocation._targets(graph, config, settings)
-    widths = {kind: sensitivity.checked_widths(low, high) for kind, _, _, low, high in bit_allocation._budgets(settings)}
+    widths = {kind: sensitivity.checked_widths(low, high)
+              for kind, _, _, low, high in bit_allocation._budgets(settings)}
     listed = [t for kind in targets for t in targets[kind]]
     with graph.as_default():
         model_variables = list(tf1.global_variables())
@@ -129,7 +130,8 @@ def check_seed(seed, quick, float_checkpoint, work_dir):
         reference_cpu = time.process_time() - started
     pairs = [(measured[name][bits], reference[name][bits]) for name in reference for bits in reference[name]]
     worst = max(abs(a - b) / (ABS_TOLERANCE + REL_TOLERANCE * abs(b)) for a, b in pairs)
-    return {"seed": seed, "float_checkpoint": float_checkpoint, "measured_bits": allocations(settings, targets, measured),
+    return {"seed": seed, "float_checkpoint": float_checkpoint,
+            "measured_bits": allocations(settings, targets, measured),
             "reference_bits": allocations(settings, targets, reference),
             "max_abs_difference": max(abs(a - b) for a, b in pairs), "worst_tolerance_ratio": worst,
             "targets": len(listed), "loss_runs_per_batch": sum(len(widths[t.kind]) for t in listed),
