@@ -232,17 +232,17 @@ def dry_run(parts, markdown, out=None):
     try:
         copy = os.path.join(tmp, "BENCHMARKS.md")
         shutil.copyfile(markdown, copy)
-        rendered = {}
-        for part in parts:
-            if part.render and all(os.path.exists(_results(s)) for s in part.sections):
-                rendered.update({section: part for section in part.sections})
+        # Each rendering part rewrites its own sections (two parts may write one section: both are run).
+        renders = {p.name: p.sections for p in parts if p.render and all(os.path.exists(_results(s))
+                                                                           for s in p.sections)}
+        rendered = list(dict.fromkeys(s for sections in renders.values() for s in sections))
         blank_sections(copy, rendered)
         times, start = {}, time.perf_counter()
         for index, part in enumerate(parts, 1):
             argv = part_command(part, os.path.join(tmp, "work"), tmp, True, False)
             out("== [%d/%d] %s --quick: %s" % (index, len(parts), part.name, " ".join(argv[1:])))
             times[part.name] = run_part(argv, part.name + " --quick")
-            for section in (s for s, owner in rendered.items() if owner is part):
+            for section in renders.get(part.name, ()):
                 times[part.name] += run_part(render_command(part, _results(section), copy),
                                              part.name + " --render_json")
             out("== %s done in %.1f s" % (part.name, times[part.name]))
@@ -250,13 +250,13 @@ def dry_run(parts, markdown, out=None):
         if left:
             raise RunAllError("the publish path of %s did not rewrite its section in the temporary copy"
                               % ", ".join(left))
-        smoke_only = [p.name for p in parts if p not in rendered.values()]
+        smoke_only = [p.name for p in parts if p.name not in renders]
         out("dry run of %d parts done in %.1f s; sections rewritten from results files: %s%s" % (
             len(parts), time.perf_counter() - start, ", ".join(rendered) or "none",
             "; smoke run only (no --render_json or no results file yet): %s" % ", ".join(smoke_only)
             if smoke_only else ""))
         with open(copy) as handle:
-            return times, list(rendered), smoke_only, handle.read()
+            return times, rendered, smoke_only, handle.read()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -73,20 +73,21 @@ def test_a_failing_part_stops_the_run_with_one_error_line(monkeypatch, tmp_path)
 def test_quick_dry_run_smoke_runs_a_part_and_rewrites_a_blanked_section_in_a_copy(tmp_path):
     """allreduce: its real --quick run (no results file is committed: smoke only). memory: its section blanked in
     the copy and rewritten by its own --render_json from the committed results (its quick run replaced by --help,
-    which keeps the test short; the tests of benchmarks.memory run its --quick mode)."""
+    which keeps the test short; the tests of benchmarks.memory run its --quick mode), by two parts."""
     markdown = tmp_path / "BENCHMARKS.md"
     with open(os.path.join(REPO_ROOT, "BENCHMARKS.md")) as handle:
         original = handle.read()
     markdown.write_text(original)
     memory = run_all.Part("memory", "memory", ("memory",), (), ("--help",), 1)
+    again = memory._replace(name="memory_again")  # two parts writing one section (as bit_allocation's two do)
     printed = []
-    times, checked, smoke_only, copy = run_all.dry_run(run_all.choose("allreduce", False) + [memory], str(markdown),
-                                                       out=printed.append)
+    times, checked, smoke_only, copy = run_all.dry_run(run_all.choose("allreduce", False) + [memory, again],
+                                                       str(markdown), out=printed.append)
     assert checked == ["memory"] and smoke_only == ["allreduce"] and times["allreduce"] > 0
     assert markdown.read_text() == original  # the file given is copied, never written
     body = re.search(r"<!-- BEGIN memory -->\n(.*?)<!-- END memory -->", copy, re.S).group(1)
     assert run_all.BLANK not in copy and "| " in body and "memory" in body.lower()
-    assert any(line.startswith("dry run of 2 parts done in") for line in printed), printed
+    assert any(line.startswith("dry run of 3 parts done in") for line in printed), printed
     # The check itself: a blanked section that nothing rewrites is reported.
     run_all.blank_sections(str(markdown), ["allreduce", "memory"])
     assert run_all.unwritten_sections(str(markdown), ["allreduce", "memory", "scale"]) == ["allreduce", "memory"]
