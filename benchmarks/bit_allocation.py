@@ -15,7 +15,8 @@ parts: each part merges into the results file by (budget, method, seed).
 Accuracy rows may run beside each other (accuracy does not depend on load); their search and epoch times then
 do not mean much. --timing runs each budget's auto row again (--timing_repeats times), alone, and records the
 median search time and epoch time as the figures the search / epoch column shows; it refuses a busy machine
-unless --allow_busy.
+unless --allow_busy. That the search's measurement gives the same sensitivities and allocations as brute force on
+each seed is checked by benchmarks.bit_search_check (any load).
 """
 import argparse
 import math

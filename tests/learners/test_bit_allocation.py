@@ -188,3 +188,10 @@ def test_measuring_graph_reads_fed_batches_of_the_seeded_stream():
     assert images.shape.as_list() == list(batches[0][0].shape) and labels.shape.as_list() == [16]
     kinds = {op.type for op in model.get_operations()}
     assert not kinds & {"OneShotIterator", "IteratorV2", "IteratorGetNext", "MakeIterator"}, kinds
+    # The search reads them in a thread while the model is built: the same batches, the same placeholders.
+    overlapped, (model, images, labels, _) = bit_allocation._batches_and_float_model(helper, 5, 2)
+    for (image_values, label_values), (expected_images, expected_labels) in zip(overlapped, batches):
+        np.testing.assert_array_equal(image_values, expected_images)
+        np.testing.assert_array_equal(label_values, expected_labels)
+    assert len(overlapped) == 2 and images.shape.as_list() == list(batches[0][0].shape)
+    assert labels.dtype == tf.int64 and labels.shape.as_list() == [16]
