@@ -85,7 +85,7 @@ def find_targets(graph, config):
     # The policy's first/last rule: those layers stay float and outside any budget.
     eligible = [c for position, c in enumerate(eligible)
                 if not policy.kept_float_as_first_or_last(position, len(eligible), config)]
-    weights = {}
+    weights, grids = {}, {}
     for candidate in eligible:
         target = weights.get(candidate.variable_name)
         if target is None:
@@ -94,7 +94,9 @@ def find_targets(graph, config):
                 raise ValueError("weight %s has shape %s; expected a static shape" % (candidate.variable_name, shape))
             # The grid and buckets the run trains this layer on: an override's, else the config's.
             setting, _ = match_override(config.weight_overrides, candidate.variable_name)
-            grid = weight_grids.GRIDS[setting.grid if setting is not None and setting.grid else config.weight_grid]()
+            grid_name = setting.grid if setting is not None and setting.grid else config.weight_grid
+            # One grid object per name: weights of one shape, layout and grid share their quantizer ops.
+            grid = grids.setdefault(grid_name, weight_grids.GRIDS[grid_name]())
             target = weights[candidate.variable_name] = Target(
                 candidate.variable_name, WEIGHT, [], [], int(np.prod(shape.as_list())),
                 config.layer_layout(candidate.channel_axes, setting), grid)
