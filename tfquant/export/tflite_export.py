@@ -232,7 +232,7 @@ def run_tflite(model, images, batch_size=64, num_threads=None):
     """
     images = np.asarray(images, dtype=np.float32)
     interpreter = make_interpreter(model, num_threads)
-    declared_batch = int(interpreter.get_input_details()[0]["shape"][0])
+    declared_batch = interpreter.get_input_details()[0].get("shape", [None])[0]
     try:
         return _run_batches(interpreter, images, batch_size)
     except RuntimeError as exc:
