@@ -49,6 +49,15 @@ def _attention(keras):
     return keras.Model(inputs, keras.layers.Dense(CLASSES, name="fc")(x))
 
 
+def _module_source(keras):
+    """conv + batch norm + relu, mean, dense: what the tf.Module replays (its scores are the logits)."""
+    inputs = keras.Input(SHAPE)
+    x = keras.layers.Conv2D(32, 3, strides=2, padding="same", name="conv")(inputs)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization(epsilon=1e-3, name="bn")(x))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES, activation="softmax", name="fc")(x))
+
+
 def _frozen_source(keras):
     """conv + batch norm + relu, depthwise (no bias) + relu, mean, dense: what the frozen graph replays."""
     inputs = keras.Input(SHAPE)
@@ -61,7 +70,7 @@ def _frozen_source(keras):
 
 
 def _write_module(tf, source, path):
-    """A tf.Module (conv + frozen batch norm + relu, mean, matmul) with the trained conv_bn-like weights."""
+    """A tf.Module (conv + frozen batch norm + relu, mean, matmul + bias) with _module_source's trained weights."""
     kernel, bias, gamma, beta, mean, variance = [w.numpy() for w in source.get_layer("conv").weights
                                                  + source.get_layer("bn").weights]
     dense, dense_bias = [w.numpy() for w in source.get_layer("fc").weights]
@@ -126,7 +135,7 @@ def build(data_path, out_dir, epochs, names):
     for name in names:
         keras.utils.set_random_seed(0)
         builder = {"conv_bn": _conv_bn, "depthwise": _depthwise, "attention": _attention,
-                   "module": _conv_bn, "frozen": _frozen_source}[name]
+                   "module": _module_source, "frozen": _frozen_source}[name]
         model = builder(keras)
         probabilities = name in ("conv_bn", "module", "frozen")
         model.compile(keras.optimizers.Adam(0.003),
@@ -138,8 +147,9 @@ def build(data_path, out_dir, epochs, names):
             predict = lambda images, model=model: model.predict(images, batch_size=500, verbose=0)
         elif name == "depthwise":
             model.export(path, verbose=False)
-            served = tf.saved_model.load(path).serve
-            predict = lambda images, served=served: served(tf.constant(images)).numpy()
+            # The loaded object is kept: its function reads variables the object owns.
+            loaded = tf.saved_model.load(path)
+            predict = lambda images, loaded=loaded: loaded.serve(tf.constant(images)).numpy()
         elif name == "module":
             predict = _write_module(tf, model, path)
         else:
