@@ -35,6 +35,11 @@ QUICK = {"float_epochs": 3, "quant_epochs": 0.25, "calib_batches": 2, "train_ima
          "common": ["--batch_size=32", "--batch_size_eval=100", "--summ_step=4"]}
 
 
+def _scaled(images):
+    """uint8 N x 28 x 28 images as float32 N x 28 x 28 x 1 in [0, 1] (the stand-ins have no preprocessing layer)."""
+    return (images[..., None] / 255.0).astype(np.float32)
+
+
 def write_npz(path, train_images=None, test_images=None):
     """Fashion-MNIST as an .npz of 28x28x1 float32 in [0, 1] (the first N images of each split if given)."""
     from nets.data import fmnist  # pylint: disable=import-outside-toplevel  (imports TensorFlow)
@@ -42,9 +47,9 @@ def write_npz(path, train_images=None, test_images=None):
     data = fmnist.load_fmnist()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     temporary = path + ".tmp.npz"
-    scaled = lambda images: (images[..., None] / 255.0).astype(np.float32)  # noqa: E731
-    np.savez(temporary, x_train=scaled(data["train_images"][:train_images]), y_train=data["train_labels"][:train_images],
-             x_test=scaled(data["test_images"][:test_images]), y_test=data["test_labels"][:test_images])
+    np.savez(temporary, x_train=_scaled(data["train_images"][:train_images]),
+             y_train=data["train_labels"][:train_images],
+             x_test=_scaled(data["test_images"][:test_images]), y_test=data["test_labels"][:test_images])
     os.replace(temporary, path)
 
 
