@@ -34,7 +34,23 @@ def _tf_tensor_name(tflite_name, node_names):
 
 
 def _int8_intermediates(model, images):
-    """[(op name, TFLite tensor name, codes, scale, zero point)] of every int8 operator output, in run order."""
+    """[(op name, TFLite tensor name, codes, scale, zero point)] of every int8 operator output, in run order.
+
+    A model that runs at its declared batch of 1 only (tflite_export.run_tflite) is run one image at a time,
+    each tensor's codes stacked along the batch.
+    """
+    try:
+        return _int8_intermediates_at_once(model, images)
+    except RuntimeError:
+        if len(images) <= 1:
+            raise
+    per_image = [_int8_intermediates_at_once(model, image[None]) for image in images]
+    return [(op, name, np.concatenate([found[k][2] for found in per_image]), scale, zero_point)
+            for k, (op, name, _, scale, zero_point) in enumerate(per_image[0])]
+
+
+def _int8_intermediates_at_once(model, images):
+    """_int8_intermediates with every image in one invoke (RuntimeError when the model cannot resize)."""
     interpreter = tflite_export.make_interpreter(model, default_delegates=False, preserve_all_tensors=True)
     index_in = interpreter.get_input_details()[0]["index"]
     interpreter.resize_tensor_input(index_in, [len(images)] + list(images.shape[1:]))

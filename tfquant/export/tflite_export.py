@@ -210,8 +210,30 @@ def _dequantize_output(values, detail):
     return ((values.astype(np.float32) - zero_point) * scale).astype(np.float32)
 
 
+def _run_batches(interpreter, images, batch_size):
+    """Float logits of `images` through `interpreter`, resized to each chunk's batch (RuntimeError as LiteRT's)."""
+    index_in = interpreter.get_input_details()[0]["index"]
+    outputs, current = [], None
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        if current != len(chunk):
+            interpreter.resize_tensor_input(index_in, [len(chunk)] + list(chunk.shape[1:]))
+            interpreter.allocate_tensors()
+            current = len(chunk)
+        in_detail = interpreter.get_input_details()[0]
+        out_detail = interpreter.get_output_details()[0]
+        interpreter.set_tensor(in_detail["index"], quantize_input(chunk, in_detail))
+        interpreter.invoke()
+        outputs.append(_dequantize_output(interpreter.get_tensor(out_detail["index"]), out_detail))
+    return np.concatenate(outputs, axis=0)
+
+
 def run_tflite(model, images, batch_size=64, num_threads=None):
     """Float logits of a TFLite model (float or int8) on images.
+
+    The converter fixes the batch at 1 and may fold that 1 into a reshape's target (Keras 3's Dense on a 3-D
+    tensor, i.e. Tensordot, feeding attention), so such a model runs at its declared batch of 1 only: when
+    resizing it to `batch_size` fails, the images are run one at a time.
 
     Args:
       model: .tflite path or bytes.
@@ -220,35 +242,31 @@ def run_tflite(model, images, batch_size=64, num_threads=None):
       num_threads: interpreter threads.
     Returns:
       float32 logits [N, classes] (int8 outputs dequantized).
+    Raises:
+      TfliteRunError: LiteRT cannot run the model, not even one image at a time at its declared shape.
     """
     images = np.asarray(images, dtype=np.float32)
     interpreter = make_interpreter(model, num_threads)
-    index_in = interpreter.get_input_details()[0]["index"]
-    outputs, current = [], None
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
+    declared_batch = interpreter.get_input_details()[0].get("shape", [None])[0]
+    try:
+        return _run_batches(interpreter, images, batch_size)
+    except (RuntimeError, ValueError) as exc:
+        failure, size = exc, min(batch_size, len(images))
+    if declared_batch == 1 and size > 1:
         try:
-            if current != len(chunk):
-                interpreter.resize_tensor_input(index_in, [len(chunk)] + list(chunk.shape[1:]))
-                interpreter.allocate_tensors()
-                current = len(chunk)
-            in_detail = interpreter.get_input_details()[0]
-            out_detail = interpreter.get_output_details()[0]
-            interpreter.set_tensor(in_detail["index"], quantize_input(chunk, in_detail))
-            interpreter.invoke()
+            # A fresh interpreter: one whose allocation failed is not reused.
+            return _run_batches(make_interpreter(model, num_threads), images, 1)
         except (RuntimeError, ValueError) as exc:
-            # The runtime's message is several lines (the failing node's kernel log); its first names the cause.
-            cause = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-            if not isinstance(model, (bytes, bytearray)):
-                raise model_files.ModelFileError(
-                    "TFLite model %s cannot run a batch of images of shape %s (LiteRT: %s); expected a model whose "
-                    "input takes them" % (os.fspath(model), list(chunk.shape), cause)) from None
-            raise TfliteRunError("the TFLite model converted from this graph cannot run a batch of %d images "
-                                 "(LiteRT: %s); expected a model LiteRT runs, which this graph's ops do not give: "
-                                 "export it without --int8 / --export_int8 (ONNX runs it)" % (len(chunk), cause)
-                                 ) from None
-        outputs.append(_dequantize_output(interpreter.get_tensor(out_detail["index"]), out_detail))
-    return np.concatenate(outputs, axis=0)
+            failure, size = exc, 1
+    # The runtime's message is several lines (the failing node's kernel log); its first names the cause.
+    cause = next((line.strip() for line in str(failure).splitlines() if line.strip()), type(failure).__name__)
+    if not isinstance(model, (bytes, bytearray)):
+        raise model_files.ModelFileError(
+            "TFLite model %s cannot run a batch of images of shape %s (LiteRT: %s); expected a model whose "
+            "input takes them" % (os.fspath(model), [size] + list(images.shape[1:]), cause)) from None
+    raise TfliteRunError("the TFLite model converted from this graph cannot run a batch of %d images "
+                         "(LiteRT: %s); expected a model LiteRT runs, which this graph's ops do not give: "
+                         "export it without --int8 / --export_int8 (ONNX runs it)" % (size, cause)) from None
 
 
 def single_image_runner(model, num_threads=1, default_delegates=True):

@@ -1,0 +1,165 @@
+"""The stand-in model files of benchmarks.model_files, written by plain Keras 3 / TensorFlow code and trained
+in float on the Fashion-MNIST .npz (28x28x1 floats in [0, 1]).
+
+Run as a script (a subprocess of the benchmark, so Keras 3 never shares a process with the run scripts'
+tf_keras): `python -m benchmarks.model_file_stand_ins DATA.npz OUT_DIR EPOCHS MODEL [MODEL ...]`; writes each
+model's file into OUT_DIR (names in FILES) and OUT_DIR/<model>.float.json with the file's own test accuracy.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+
+# How each model is stored and the run-script flags it needs beyond --model.
+FILES = {"conv_bn": ("conv_bn.keras", []),
+         "depthwise": ("depthwise_export", []),
+         "attention": ("attention.keras", []),
+         "module": ("module_sm", []),
+         "frozen": ("frozen.pb", ["--input_name=images", "--output_name=probabilities"])}
+SHAPE = (28, 28, 1)
+CLASSES = 10
+
+
+def _conv_bn(keras):
+    inputs = keras.Input(SHAPE)
+    x = keras.layers.Conv2D(16, 3, strides=2, padding="same", name="conv")(inputs)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization(name="bn")(x))
+    x = keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="relu", name="conv_2")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES, activation="softmax", name="fc")(x))
+
+
+def _depthwise(keras):
+    inputs = keras.Input(SHAPE)
+    x = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="stem")(inputs)
+    x = keras.layers.DepthwiseConv2D(3, strides=2, padding="same", activation="relu", name="depthwise")(x)
+    x = keras.layers.Conv2D(32, 1, activation="relu", name="project")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES, name="fc")(x))
+
+
+def _attention(keras):
+    inputs = keras.Input(SHAPE)
+    # 4x4 patches as 49 tokens of 16 values, then one attention block.
+    x = keras.layers.Conv2D(16, 4, strides=4, name="patches")(inputs)
+    x = keras.layers.Dense(16, name="embed")(keras.layers.Reshape((49, 16))(x))
+    x = keras.layers.LayerNormalization(name="norm")(x + keras.layers.MultiHeadAttention(2, 8, name="mha")(x, x))
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES, name="fc")(x))
+
+
+def _module_source(keras):
+    """conv + batch norm + relu, mean, dense: what the tf.Module replays (its scores are the logits)."""
+    inputs = keras.Input(SHAPE)
+    x = keras.layers.Conv2D(32, 3, strides=2, padding="same", name="conv")(inputs)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization(epsilon=1e-3, name="bn")(x))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES, activation="softmax", name="fc")(x))
+
+
+def _frozen_source(keras):
+    """conv + batch norm + relu, depthwise (no bias) + relu, mean, dense: what the frozen graph replays."""
+    inputs = keras.Input(SHAPE)
+    x = keras.layers.Conv2D(16, 3, strides=2, padding="same", name="conv")(inputs)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization(epsilon=1e-3, name="bn")(x))
+    x = keras.layers.DepthwiseConv2D(3, strides=2, padding="same", use_bias=False, activation="relu",
+                                     name="dw")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES, activation="softmax", name="fc")(x))
+
+
+def _write_module(tf, source, path):
+    """A tf.Module (conv + frozen batch norm + relu, mean, matmul + bias) with _module_source's trained weights."""
+    kernel, bias, gamma, beta, mean, variance = [w.numpy() for w in source.get_layer("conv").weights
+                                                 + source.get_layer("bn").weights]
+    dense, dense_bias = [w.numpy() for w in source.get_layer("fc").weights]
+
+    class Classifier(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.kernel, self.bias = tf.Variable(kernel), tf.Variable(bias)
+            self.gamma, self.beta = tf.Variable(gamma), tf.Variable(beta)
+            self.mean, self.variance = tf.Variable(mean, trainable=False), tf.Variable(variance, trainable=False)
+            self.dense, self.dense_bias = tf.Variable(dense), tf.Variable(dense_bias)
+
+        @tf.function(input_signature=[tf.TensorSpec([None] + list(SHAPE), tf.float32, name="pixels")])
+        def __call__(self, pixels):
+            x = tf.nn.bias_add(tf.nn.conv2d(pixels, self.kernel, 2, "SAME"), self.bias)
+            x = tf.nn.relu(tf.nn.batch_normalization(x, self.mean, self.variance, self.beta, self.gamma, 1e-3))
+            return {"scores": tf.matmul(tf.reduce_mean(x, [1, 2]), self.dense) + self.dense_bias}
+
+    module = Classifier()
+    tf.saved_model.save(module, path, signatures=module.__call__)
+    return lambda images: module(tf.constant(images))["scores"].numpy()
+
+
+def _write_frozen(tf, source, path):
+    """A TF1 frozen GraphDef replaying _frozen_source with its trained weights as constants."""
+    tf1 = tf.compat.v1
+    weights = {layer: [w.numpy() for w in source.get_layer(layer).weights] for layer in ("conv", "bn", "dw", "fc")}
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf1.placeholder(tf.float32, [None] + list(SHAPE), name="images")
+        kernel, bias = weights["conv"]
+        x = tf.nn.bias_add(tf.nn.conv2d(images, tf.constant(kernel, name="conv/kernel"), 2, "SAME"),
+                           tf.constant(bias, name="conv/bias"))
+        gamma, beta, mean, variance = weights["bn"]
+        x, _, _ = tf1.nn.fused_batch_norm(x, gamma, beta, mean, variance, epsilon=1e-3, is_training=False)
+        x = tf.nn.relu(tf.nn.depthwise_conv2d(tf.nn.relu(x), tf.constant(weights["dw"][0], name="dw/kernel"),
+                                              [1, 2, 2, 1], "SAME"))
+        dense, dense_bias = weights["fc"]
+        logits = tf.matmul(tf.reduce_mean(x, [1, 2]), tf.constant(dense, name="fc/kernel")) + tf.constant(
+            dense_bias, name="fc/bias")
+        tf.nn.softmax(logits, name="probabilities")
+    with open(path, "wb") as handle:
+        handle.write(graph.as_graph_def().SerializeToString())
+    graph_def = graph.as_graph_def()
+
+    def predict(batch):
+        run_graph = tf.Graph()
+        with run_graph.as_default():
+            tf1.import_graph_def(graph_def, name="")
+        with tf1.Session(graph=run_graph) as sess:
+            return sess.run("probabilities:0", {"images:0": batch})
+    return predict
+
+
+def build(data_path, out_dir, epochs, names):
+    """Train and write the models `names`; returns {name: the file's own test accuracy}."""
+    import keras  # Keras 3 (`import keras` is Keras 3 whatever TF_USE_LEGACY_KERAS says)
+    import tensorflow as tf
+
+    data = np.load(data_path)
+    accuracies = {}
+    for name in names:
+        keras.utils.set_random_seed(0)
+        builder = {"conv_bn": _conv_bn, "depthwise": _depthwise, "attention": _attention,
+                   "module": _module_source, "frozen": _frozen_source}[name]
+        model = builder(keras)
+        probabilities = name in ("conv_bn", "module", "frozen")
+        model.compile(keras.optimizers.Adam(0.003),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=not probabilities))
+        model.fit(data["x_train"], data["y_train"], epochs=epochs, batch_size=64, verbose=0)
+        path = os.path.join(out_dir, FILES[name][0])
+        if name in ("conv_bn", "attention"):
+            model.save(path)
+            predict = lambda images, model=model: model.predict(images, batch_size=500, verbose=0)
+        elif name == "depthwise":
+            model.export(path, verbose=False)
+            # The loaded object is kept: its function reads variables the object owns.
+            loaded = tf.saved_model.load(path)
+            predict = lambda images, loaded=loaded: loaded.serve(tf.constant(images)).numpy()
+        elif name == "module":
+            predict = _write_module(tf, model, path)
+        else:
+            predict = _write_frozen(tf, model, path)
+        scores = predict(data["x_test"].astype(np.float32))
+        accuracies[name] = float(np.mean(np.argmax(scores, 1) == data["y_test"]))
+        with open(os.path.join(out_dir, name + ".float.json"), "w") as handle:
+            json.dump({"file_accuracy": accuracies[name], "epochs": epochs}, handle)
+    return accuracies
+
+
+if __name__ == "__main__":
+    build(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:])

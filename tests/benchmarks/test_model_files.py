@@ -1,0 +1,70 @@
+"""benchmarks.model_files: the stand-in files through the real run script and export (--quick, the attention
+model), checked against LiteRT and onnxruntime run here, and the section's table and target."""
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import model_files, publish
+
+
+def entry(model, learner, file_accuracy, quantized, tflite, onnx):
+    return {"model": model, "learner": learner, "bits": model_files.LEARNERS[learner][0],
+            "file_accuracy": file_accuracy, "float_accuracy": file_accuracy, "quantized": quantized,
+            "tflite_int8": tflite, "onnx": onnx, "test_examples": 10000}
+
+
+def test_section_table_and_target():
+    entries = [entry("conv_bn", "uniform", 0.90, 0.895, 0.8905, 0.895),
+               entry("attention", "ptq", 0.85, 0.845, 0.8350, 0.845)]
+    payload = {"entries": entries, "budget": model_files.FULL, "load_before": [0.1, 0, 0],
+               "machine": {"cores": 2, "cpu": "c", "tensorflow": "t", "python": "p", "date": "d",
+                           "load_average": [0.1, 0, 0]}}
+    text = model_files.render(payload, "cmd")
+    assert "| conv + BN + dense (.keras) | uniform W4A8 | 90.00 | 90.00 | 89.50 | 89.05 | 89.50 | yes |" in text
+    # TFLite 1.5 points below the file: not within 1 point.
+    assert "| attention (.keras) | ptq W8A8 | 85.00 | 85.00 | 84.50 | 83.50 | 84.50 | **no** |" in text
+    assert "**not met** (1 of 2)" in text
+    payload["entries"] = entries[:1]
+    assert "TFLite int8 and ONNX: met (1 of 1)" in model_files.render(payload, "cmd")
+
+
+def test_unknown_model_is_refused():
+    with pytest.raises(publish.BenchmarkError, match="--models=mlp is not valid"):
+        model_files.main(["--quick", "--models=mlp"])
+
+
+def litert_accuracy(path, images, labels):
+    """Accuracy of a .tflite file run here one image at a time at its declared shape."""
+    from tfquant.export import tflite_export
+    interpreter = tflite_export.make_interpreter(str(path))
+    interpreter.allocate_tensors()
+    detail_in, detail_out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    classes = []
+    for image in images:
+        interpreter.set_tensor(detail_in["index"], tflite_export.quantize_input(image[None], detail_in))
+        interpreter.invoke()
+        classes.append(int(interpreter.get_tensor(detail_out["index"]).argmax()))
+    return float(np.mean(np.array(classes) == labels))
+
+
+def test_quick_run_of_the_attention_model(tmp_path):
+    output = tmp_path / "results.json"
+    model_files.main(["--quick", "--models=attention", "--learners=uniform", "--output", str(output),
+                      "--work_dir", str(tmp_path / "work"), "--markdown", str(tmp_path / "BENCHMARKS.md")])
+    payload = json.load(open(output))
+    assert payload["quick"] and not (tmp_path / "BENCHMARKS.md").exists()
+    (row,) = payload["entries"]
+    assert (row["model"], row["learner"], row["bits"], row["test_examples"]) == ("attention", "uniform", "W4A8", 200)
+    data = np.load(tmp_path / "work" / "fmnist_512_200.npz")
+    assert data["x_test"].shape == (200, 28, 28, 1) and 0 <= data["x_test"].min() and data["x_test"].max() <= 1
+    # The run script's float model is the file: its accuracy is Keras's own on the same images.
+    assert row["float_accuracy"] == pytest.approx(row["file_accuracy"], abs=1e-4)
+    export = tmp_path / "work" / "runs" / "attention_uniform" / "export"
+    assert row["tflite_int8"] == pytest.approx(
+        litert_accuracy(export / "model_int8.tflite", data["x_test"], data["y_test"]))
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(export / "model.onnx"))
+    logits = session.run(None, {session.get_inputs()[0].name: data["x_test"]})[0]
+    assert row["onnx"] == pytest.approx(float(np.mean(logits.argmax(1) == data["y_test"])))
+    assert "attention (.keras) | uniform W4A8" in model_files.render(payload, "cmd")
