@@ -172,13 +172,16 @@ def range_variable(name, dtype, initial, collections, trainable=False):
     known = _VARIABLES.setdefault(graph, {})
     if name in known:
         return known[name]
-    with graph.name_scope(None), graph.control_dependencies(None), graph.colocate_with(None, ignore_existing=True):
+    # As ResourceVariable's init_scope: no control dependencies, the device functions in force (a parameter
+    # server's placement) kept.
+    with graph.name_scope(None), graph.control_dependencies(None):
         if graph.unique_name(name, mark_as_used=False) != name:
             return None
         graph.unique_name(name)  # marks the name used, as name_scope(name) does
         value = np.asarray(initial, dtype.as_numpy_dtype)
         location = attr_value_pb2.AttrValue(list=attr_value_pb2.AttrValue.ListValue(s=[b"loc:@" + name.encode()]))
-        with graph.name_scope(name + "/"):
+        # As in ResourceVariable: the initial value has no device of its own, it is colocated with the handle.
+        with graph.name_scope(name + "/"), graph.device(None):
             initial_value = create("Const", [], {
                 "value": attr_value_pb2.AttrValue(tensor=tf.make_tensor_proto(value, dtype)),
                 "dtype": _type_attr(dtype), "_class": location}, "Initializer/Const", graph).outputs[0]
@@ -190,11 +193,13 @@ def range_variable(name, dtype, initial, collections, trainable=False):
             "container": attr_value_pb2.AttrValue(s=b""),
             "allowed_devices": attr_value_pb2.AttrValue(list=attr_value_pb2.AttrValue.ListValue()),
             "_class": location}, name + "/", graph).outputs[0]
-        with graph.name_scope(name + "/"), graph.device(handle.device):
-            initializer = create("AssignVariableOp", [handle, initial_value], {
-                "dtype": _type_attr(dtype), "validate_shape": attr_value_pb2.AttrValue(b=False)}, "Assign", graph)
-            read = create("ReadVariableOp", [handle], {"dtype": _type_attr(dtype)}, "Read/ReadVariableOp",
-                          graph).outputs[0]
+        with graph.name_scope(name + "/"):
+            with graph.colocate_with(None, ignore_existing=True), graph.device(handle.device):
+                initializer = create("AssignVariableOp", [handle, initial_value], {
+                    "dtype": _type_attr(dtype), "validate_shape": attr_value_pb2.AttrValue(b=False)}, "Assign", graph)
+            with graph.device(handle.device):
+                read = create("ReadVariableOp", [handle], {"dtype": _type_attr(dtype)}, "Read/ReadVariableOp",
+                              graph).outputs[0]
     definition = variable_pb2.VariableDef(
         variable_name=handle.name, initial_value_name=initial_value.name, initializer_name=initializer.name,
         snapshot_name=read.name, is_resource=True, trainable=trainable)

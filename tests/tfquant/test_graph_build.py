@@ -135,6 +135,11 @@ def test_range_variable_is_get_variables_variable_without_is_initialized(tmp_pat
         assert sess.run(fast_var) == 0.0 and len(sess.run(uninitialized)) == 0
         fast_saver.restore(sess, path)
         assert sess.run(fast_var) == 2.5
+        with fast_graph.as_default():
+            assert fast_var.shape.as_list() == [] and fast_var.op.name == name
+            sess.run(fast_var.assign(fast_var.value() + 1.0))
+        assert sess.run(fast_var) == 3.5
+        sess.run(fast_var.assign(2.5))
         saved = fast_saver.save(sess, str(tmp_path / "fast"))
     assert tf.train.load_variable(saved, name) == 2.5
 
