@@ -33,7 +33,8 @@ def _type_attr(dtype):
 
 def _is_graph_tensor(value, graph):
     """Whether `value` is a symbolic tensor of `graph`, built outside any function graph."""
-    return isinstance(value, tf.Tensor) and not hasattr(value, "numpy") and value.graph is graph
+    # An eager tensor has no graph (its .graph raises): getattr's default covers it.
+    return isinstance(value, tf.Tensor) and getattr(value, "graph", None) is graph
 
 
 def _fast_graph():
