@@ -20,6 +20,7 @@ is a level, its own float32 arithmetic (floor(v + 0.5), its own scale) still dif
 import numpy as np
 import tensorflow as tf
 
+from tfquant import graph_build as build
 from tfquant.config import FLOAT_BITS, check_bits
 from tfquant.layout import LAYOUTS, GroupLayout  # noqa: F401  (the one layout type, re-exported)
 
@@ -33,7 +34,9 @@ def _range_width(minimum, maximum):
     optimizer from reassociating the sum into (maximum + 1e-10) - minimum, which loses the 1e-10 to
     rounding and divides by zero for a constant group.
     """
-    return tf.maximum(maximum - minimum, 0.0) + RANGE_EPS
+    width = build.binary("Sub", maximum, minimum, "sub", lambda a, b: a - b)
+    return build.binary("AddV2", build.binary("Maximum", width, 0.0, "Maximum", tf.maximum), RANGE_EPS, "add",
+                        lambda a, b: a + b)
 
 
 def levels(bits):
@@ -47,13 +50,13 @@ def dequantize_scale(alpha, bits):
     these exact float32 operations whatever the session's rewrite options; an exported model
     reproduces them bit for bit as codes * scale + beta.
     """
-    return alpha * np.float32(1.0 / levels(bits))
+    return build.binary("Mul", alpha, np.float32(1.0 / levels(bits)), "mul", lambda a, b: a * b)
 
 
 def round_ste(x):
     """round(x) whose gradient is the identity (straight-through estimator)."""
     with x.graph.gradient_override_map({"Round": "Identity"}):
-        return tf.round(x)
+        return build.unary("Round", x, "Round", tf.round)
 
 
 @tf.RegisterGradient("TfquantStraightThrough")
@@ -73,7 +76,8 @@ def straight_through(source, quantized):
     rescalings around it, without their elementwise gradient ops or the memory they keep alive.
     """
     with source.graph.gradient_override_map({"IdentityN": "TfquantStraightThrough"}):
-        return tf.raw_ops.IdentityN(input=[quantized, source])[0]
+        return build.identity_n([quantized, source], "IdentityN",
+                                lambda tensors: tf.raw_ops.IdentityN(input=tensors))[0]
 
 
 # -- learned step sizes (LSQ, Esser et al. 2020; LSQ+, Bhalgat et al. 2020) ----------------------------
@@ -155,16 +159,18 @@ def minus_minimum(x, minimum, skip_plus_zero=False):
     runs. Graphs that are exported keep the plain subtraction (skip_plus_zero=False).
     """
     if not skip_plus_zero:
-        return x - minimum
+        return build.binary("Sub", x, minimum, "sub", lambda a, b: a - b)
     is_plus_zero = tf.equal(tf.bitcast(minimum, tf.int32), 0)
     to_shift, as_is = tf.raw_ops.Switch(data=x, pred=is_plus_zero)
-    return tf.raw_ops.Merge(inputs=[to_shift - minimum, as_is])[0]
+    return tf.raw_ops.Merge(inputs=[build.binary("Sub", to_shift, minimum, "sub", lambda a, b: a - b), as_is])[0]
 
 
 def _codes_from_range(x, bits, alpha, beta, clip, skip_plus_zero=False):
     """round((2^k-1) * (x - beta) / alpha), as float, with the straight-through gradient."""
     # One multiply per element: (2^k-1)/alpha is a per-group value.
-    scaled = minus_minimum(x, beta, skip_plus_zero) * (levels(bits) / alpha)
+    scaled = build.binary("Mul", minus_minimum(x, beta, skip_plus_zero),
+                          build.binary("RealDiv", levels(bits), alpha, "truediv", lambda a, b: a / b),
+                          "mul", lambda a, b: a * b)
     if clip:
         # Needed only when the range does not come from x itself (moving-average activation ranges).
         scaled = tf.clip_by_value(scaled, 0.0, levels(bits))
@@ -172,7 +178,8 @@ def _codes_from_range(x, bits, alpha, beta, clip, skip_plus_zero=False):
 
 
 def _dequantize(codes, bits, alpha, beta):
-    return codes * dequantize_scale(alpha, bits) + beta
+    scaled = build.binary("Mul", codes, dequantize_scale(alpha, bits), "mul", lambda a, b: a * b)
+    return build.binary("AddV2", scaled, beta, "add", lambda a, b: a + b)
 
 
 def quantize_in_range(x, bits, minimum, maximum, clip=False, skip_plus_zero=False):
@@ -267,8 +274,9 @@ def _grouped_blocks(x, layout):
 def _group_range(view, reduce_axes):
     """Per-group (min, max) of `view`, with one axes tensor shared by both reductions."""
     keep = reduce_axes is not None
-    axes = tf.constant(reduce_axes if keep else list(range(view.shape.rank)), tf.int32)
-    return tf.reduce_min(view, axis=axes, keepdims=keep), tf.reduce_max(view, axis=axes, keepdims=keep)
+    axes = build.axes_constant(reduce_axes if keep else list(range(view.shape.rank)))
+    return (build.reduce("Min", view, axes, keep, "Min", lambda v, a, k: tf.reduce_min(v, axis=a, keepdims=k)),
+            build.reduce("Max", view, axes, keep, "Max", lambda v, a, k: tf.reduce_max(v, axis=a, keepdims=k)))
 
 
 def quantize_weight(x, bits, layout=GroupLayout()):
@@ -292,7 +300,7 @@ def quantize_weight_widths(x, widths, layout=GroupLayout()):
     """
     if all(check_bits("bits", bits) == FLOAT_BITS for bits in widths):
         return {bits: x for bits in widths}
-    view, reduce_axes, restore = grouped(tf.stop_gradient(x), layout)
+    view, reduce_axes, restore = grouped(build.unary("StopGradient", x, "StopGradient", tf.stop_gradient), layout)
     lo, hi = _group_range(view, reduce_axes)
     return {bits: x if bits == FLOAT_BITS else straight_through(x, restore(quantize_in_range(view, bits, lo, hi)))
             for bits in widths}

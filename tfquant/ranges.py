@@ -21,6 +21,7 @@ beta, initialised at the batch minimum).
 import numpy as np
 import tensorflow as tf
 
+from tfquant import graph_build as build
 from tfquant import ops, step_search
 
 RANGE_COLLECTION = "tfquant_activation_ranges"
@@ -42,13 +43,27 @@ class ActivationRange:
     """The range variables of one quantized activation: ema_min, ema_max and ema_steps."""
 
     def __init__(self, scope_name):
-        with tf.compat.v1.variable_scope(scope_name, reuse=tf.compat.v1.AUTO_REUSE):
-            self.ema_min = _range_variable("ema_min", tf.float32, 0.0)
-            self.ema_max = _range_variable("ema_max", tf.float32, 0.0)
-            # Counts updates; 0 means no range has been seen yet.
-            self.ema_steps = _range_variable("ema_steps", tf.int64, 0)
+        built = [build.range_variable("%s/%s" % (scope_name, name), dtype, 0,
+                                      [tf.compat.v1.GraphKeys.GLOBAL_VARIABLES, RANGE_COLLECTION])
+                 for name, dtype in (("ema_min", tf.float32), ("ema_max", tf.float32), ("ema_steps", tf.int64))]
+        if all(b is not None for b in built):
+            # Every quantizer op reads each variable through its one Read op (no read per use).
+            (self.ema_min, self.ema_max, self.ema_steps) = (b.variable for b in built)
+            self._reads = {id(b.variable): b.read for b in built}
+        else:
+            with tf.compat.v1.variable_scope(scope_name, reuse=tf.compat.v1.AUTO_REUSE):
+                self.ema_min = _range_variable("ema_min", tf.float32, 0.0)
+                self.ema_max = _range_variable("ema_max", tf.float32, 0.0)
+                # Counts updates; 0 means no range has been seen yet.
+                self.ema_steps = _range_variable("ema_steps", tf.int64, 0)
+            self._reads = {}
         # Evaluation graphs on the integer runtimes' grid set it: the step of the quantized tensor.
         self.step = None
+
+    def _value(self, variable):
+        """The variable's value: its one Read op where it was built here, else a new read."""
+        read = self._reads.get(id(variable))
+        return read if read is not None else variable.value()
 
     @property
     def variables(self):
@@ -59,21 +74,25 @@ class ActivationRange:
         """Ops that fold one batch's range into the moving averages (the first batch is copied)."""
         # weight = decay once a range has been seen, 0 for the first batch: ema + weight * (old - batch).
         # value() reuses each variable's read op; every assign depends on it, so it reads the old value.
-        weight = decay * tf.cast(self.ema_steps.value() > 0, tf.float32)
-        new_min = batch_min + weight * (self.ema_min.value() - batch_min)
-        new_max = batch_max + weight * (self.ema_max.value() - batch_max)
+        seen = build.binary("Greater", self._value(self.ema_steps), 0, "Greater", lambda a, b: a > b)
+        weight = build.binary("Mul", decay, build.cast(seen, tf.float32), "mul", lambda a, b: a * b)
+        new_min, new_max = [
+            build.binary("AddV2", batch, build.binary(
+                "Mul", weight, build.binary("Sub", self._value(variable), batch, "sub", lambda a, b: a - b),
+                "mul", lambda a, b: a * b), "add", lambda a, b: a + b)
+            for variable, batch in ((self.ema_min, batch_min), (self.ema_max, batch_max))]
         # The counter's increment must wait for its read, or the first batch could see it as seen.
         with tf.control_dependencies([weight]):
-            count = self.ema_steps.assign_add(1, read_value=False)
-        return [self.ema_min.assign(new_min, read_value=False), self.ema_max.assign(new_max, read_value=False),
-                count]
+            count = build.assign(self.ema_steps, 1, add=True)
+        return [build.assign(self.ema_min, new_min), build.assign(self.ema_max, new_max), count]
 
     def eval_range(self, batch_min, batch_max):
         """The moving-average range, or the batch's own when no range has been recorded yet."""
-        seen = self.ema_steps.value() > 0
+        seen = self._value(self.ema_steps) > 0
         # tf.where on scalars rather than tf.cond: no branch functions to build, and the batch
         # reductions it may compute are cheap next to the convolutions.
-        return tf.where(seen, self.ema_min.value(), batch_min), tf.where(seen, self.ema_max.value(), batch_max)
+        return (tf.where(seen, self._value(self.ema_min), batch_min),
+                tf.where(seen, self._value(self.ema_max), batch_max))
 
 
 class LearnedParameters:
@@ -237,9 +256,10 @@ def quantize_activation(x, bits, act_range, is_training, decay, scope_name, op_t
     if act_range == "lsq":
         return _lsq(x, bits, is_training, scope_name, non_negative)
     # Ranges take no gradient: reduce a stop_gradient view, with one axes tensor for both reductions.
-    axes = tf.range(tf.rank(x)) if x.shape.rank is None else tf.constant(list(range(x.shape.rank)), tf.int32)
-    frozen = tf.stop_gradient(x)
-    batch_min, batch_max = tf.reduce_min(frozen, axis=axes), tf.reduce_max(frozen, axis=axes)
+    axes = tf.range(tf.rank(x)) if x.shape.rank is None else build.axes_constant(list(range(x.shape.rank)))
+    frozen = build.unary("StopGradient", x, "StopGradient", tf.stop_gradient)
+    batch_min = build.reduce("Min", frozen, axes, False, "Min", lambda v, a, k: tf.reduce_min(v, axis=a, keepdims=k))
+    batch_max = build.reduce("Max", frozen, axes, False, "Max", lambda v, a, k: tf.reduce_max(v, axis=a, keepdims=k))
     if zero_exact:
         def in_range(lo, hi, clip=False):  # pylint: disable=unused-argument
             return ops.quantize_zero_exact(frozen, bits, lo, hi)  # FakeQuant always clips

@@ -99,18 +99,40 @@ def test_rewrite_cost_quick(tmp_path):
     result = run_quick("rewrite_cost", tmp_path)
     sizes = result["sizes"]
     assert [s["resnet_size"] for s in sizes] == list(rewrite_cost.QUICK_SIZES)
+    assert result["batch_size"] == rewrite_cost.QUICK_BATCH
     for row in sizes:
         assert row["ops_before"] > 0 and row["ops_after"] > row["ops_before"]
         assert row["quantized_layers"] > 0
-        assert len(row["times_s"]) == len(row["cpu_times_s"]) == result["repeats"]
-        assert all(positive_finite(t) for t in row["times_s"] + row["cpu_times_s"])
+        # Interleaved rounds: one float build and one rewrite per round.
+        for key in ("times_s", "cpu_times_s", "build_times_s", "build_cpu_times_s", "round_ratios_cpu"):
+            assert len(row[key]) == result["repeats"], key
+            assert all(positive_finite(t) for t in row[key]), key
         assert row["median_s"] == pytest.approx(stats.median(row["times_s"]), rel=1e-12)
+        assert row["median_build_cpu_s"] == pytest.approx(stats.median(row["build_cpu_times_s"]), rel=1e-12)
+        assert row["ratio_cpu"] == pytest.approx(row["median_cpu_s"] / row["median_build_cpu_s"], rel=1e-9)
+        assert row["ratio_wall"] == pytest.approx(row["median_s"] / row["median_build_s"], rel=1e-9)
+        assert row["round_ratios_cpu"] == pytest.approx(
+            [c / b for c, b in zip(row["cpu_times_s"], row["build_cpu_times_s"])], rel=1e-9)
         assert row["ops_per_s"] == pytest.approx(row["ops_before"] / row["median_s"], rel=1e-9)
         assert row["ops_per_cpu_s"] == pytest.approx(row["ops_before"] / row["median_cpu_s"], rel=1e-9)
     # Deeper networks have more ops, before and after the rewrite.
     assert sizes[0]["ops_before"] < sizes[1]["ops_before"]
     rates = [row["ops_per_cpu_s"] for row in sizes]
     assert result["linear"]["spread"] == pytest.approx(max(rates) / min(rates), rel=1e-9)
+    assert result["largest_within_target"] == (sizes[-1]["ratio_cpu"] <= rewrite_cost.RATIO_TARGET)
+    profile = result["profile"]
+    assert profile["resnet_size"] == sizes[-1]["resnet_size"]
+    # The profiled rewrite adds what the timed ones added, counted by op type.
+    assert sum(profile["added_op_types"].values()) == sizes[-1]["ops_after"] - sizes[-1]["ops_before"]
+    assert profile["weights"] > 0 and profile["activations"] > 0
+    top = profile["top_functions"]
+    assert len(top) == rewrite_cost.PROFILE_TOP
+    owns = [entry["own_s"] for entry in top]
+    assert owns == sorted(owns, reverse=True)
+    for entry in top:
+        assert entry["calls"] > 0 and entry["function"]
+        assert 0 <= entry["own_s"] <= entry["cumulative_s"] + 1e-9
+    assert sum(owns) <= profile["total_s"] * 1.01
 
 
 def test_memory_quick(tmp_path):
