@@ -21,10 +21,13 @@ from benchmarks import accuracy_table, publish
 
 tf1 = tf.compat.v1
 
+# Every layer quantized (--uql_quantize_all_layers): a first or last layer trained float has no integer form, and
+# the int8 / k-bit files re-grid it to 8 bits, which moves 7-8 % of its output codes and about 0.3 % of the classes
+# off the trained graph's (issue 32's agreement investigation).
 SYMMETRIC = ("--uql_use_buckets --uql_bucket_type=channel --uql_weight_scheme=symmetric --uql_fold_batch_norms "
-             "--uql_quantize_layer_outputs --uql_activation_bits=8")
-RESNET_ROWS = [accuracy_table.Row("W4A8 ch symmetric deployable", "--uql_weight_bits=4 " + SYMMETRIC),
-               accuracy_table.Row("W2A8 ch symmetric deployable", "--uql_weight_bits=2 " + SYMMETRIC)]
+             "--uql_quantize_layer_outputs --uql_activation_bits=8 --uql_quantize_all_layers")
+RESNET_ROWS = [accuracy_table.Row("W4A8 ch symmetric all layers", "--uql_weight_bits=4 " + SYMMETRIC),
+               accuracy_table.Row("W2A8 ch symmetric all layers", "--uql_weight_bits=2 " + SYMMETRIC)]
 MLP_FULL = {"units": (2048, 2048), "steps": 3000, "train_images": 60000, "block": 32}
 MLP_QUICK = {"units": (64,), "steps": 30, "train_images": 512, "block": 16}
 # Files of an export directory: (file name, what the table calls it, runtime).

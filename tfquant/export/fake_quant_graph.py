@@ -22,10 +22,10 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from tfquant import fold, match, rewrite, weight_grids
+from tfquant import fold, match, ops, rewrite, weight_grids
 from tfquant.config import FLOAT_BITS
 from tfquant.export import frozen_graph, inference_graph, model_export, tflite_export
-from tfquant.report import load_report
+from tfquant.report import layer_layout, load_report
 
 tf1 = tf.compat.v1
 INT8_BITS = 8
@@ -38,6 +38,7 @@ class FakeQuantGraph:
     graph_def: GraphDef with 'input' and 'logits'. weights: per weight layer {layer, bits, int8:
     'exact' | 'rounded', reason}. activations: per range {tensor, source: 'trained' | 'calibrated', min,
     max, bits}. input_range: (min, max) of the input FakeQuant. calibration_images: images used.
+    biases_on_grid: layers whose bias is on the int32 grid of the evaluation graph.
     """
 
     graph_def: object
@@ -45,6 +46,7 @@ class FakeQuantGraph:
     activations: list
     input_range: tuple
     calibration_images: int
+    biases_on_grid: list = dataclasses.field(default_factory=list)
 
     def summary(self):
         """JSON-able description for export.json."""
@@ -52,7 +54,7 @@ class FakeQuantGraph:
         for record in self.activations:
             counts[record["source"]] = counts.get(record["source"], 0) + 1
         return {"weights": self.weights, "activation_ranges": counts,
-                "calibration_images": self.calibration_images,
+                "calibration_images": self.calibration_images, "biases_on_int32_grid": len(self.biases_on_grid),
                 "calibrated_tensors": [r["tensor"] for r in self.activations if r["source"] == "calibrated"]}
 
 
@@ -133,14 +135,51 @@ def _weight_fake_quant(op, index, value, layer, grid):
 
 
 def _insert_range(tensor, low, high, bits, source, records):
-    """Put a FakeQuant with [low, high] (widened to hold 0) after `tensor`, moving its readers."""
+    """Put a FakeQuant with [low, high] (widened to hold 0) after `tensor`, moving its readers; returns its output."""
     low, high = float(min(low, 0.0)), float(max(high, 0.0))
     if high - low < 1e-8:
         high = low + 1e-8
     name = tensor.op.name + "/fake_quant"
-    rewrite.insert_after(tensor, lambda t: (tf.quantization.fake_quant_with_min_max_vars(
+    quantized, _, _ = rewrite.insert_after(tensor, lambda t: (tf.quantization.fake_quant_with_min_max_vars(
         t, low, high, num_bits=bits), None), name)
     records.append({"tensor": tensor.op.name, "source": source, "min": low, "max": high, "bits": int(bits)})
+    return quantized
+
+
+def _quantize_biases(graph, candidates, weight_layers, grid, replaced, input_steps):
+    """Put each bias a symmetric-grid weight layer adds on the int32 grid of its input's step times its weight's,
+    as tfquant.quantize.quantize_biases does in the evaluation graph.
+
+    Args:
+      graph: the graph, weight FakeQuants and trained activation ranges in place.
+      candidates: the weight candidates (op, input_index, their original weight tensor as `weight`).
+      weight_layers: {op name: weight LayerReport}.
+      grid: the run's WeightGrid.
+      replaced: {MatMul output name: the 1x1 convolution's output now computing it}.
+      input_steps: {FakeQuant output name: its step} of the trained activation ranges (the evaluation graph's
+        integer steps: ranges it quantizes on the zero-exact grid).
+    Returns:
+      the names of the layers whose bias was put on the int32 grid.
+    """
+    done = []
+    for candidate, weight in candidates:
+        op = candidate.op
+        layer = weight_layers.get(op.name)
+        layout = layer_layout(layer) if layer is not None and layer.quantized else None
+        if layout is None or not grid.has_integer_step(layout):
+            continue
+        input_step = input_steps.get(match.grid_source(op.inputs[match.data_operand_index(op)]).name)
+        output = replaced.get(op.outputs[0].name, op.outputs[0])
+        bias_add = match.bias_reader(output)
+        if input_step is None or bias_add is None:
+            continue
+        index = 1 if bias_add.inputs[0] is output else 0
+        with graph.name_scope(None), graph.name_scope(op.name + "/bias_quant"):
+            # The step from the weight the op read before its FakeQuant: the packed file's dequantized values.
+            weight_step = grid.integer_step(weight, layer.bits, layout)
+            rewrite.reroute_input(bias_add, index, ops.quantize_bias(bias_add.inputs[index], input_step * weight_step))
+        done.append(op.name)
+    return done
 
 
 def build(build_forward, weights, report, input_shape, calibration_images, batch_size=100):
@@ -194,6 +233,7 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
         targets = [t for i, t in enumerate(targets)
                    if t.name not in ranged_tensors and all(t is not u for u in targets[:i])]
         weight_records, replaced = [], {}
+        original_weights = [(c, c.op.inputs[c.input_index]) for c in candidates]
         for c in candidates:
             record, moved = _weight_fake_quant(c.op, c.input_index, np.asarray(weights[c.variable_name]),
                                                weight_layers.get(c.op.name),
@@ -203,10 +243,16 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
         # A range found on a MatMul's output belongs to the convolution that now computes it.
         trained = [(layer, replaced.get(tensor.name, tensor)) for layer, tensor in trained]
         targets = [replaced.get(tensor.name, tensor) for tensor in targets]
-        records = []
+        records, input_steps = [], {}
         for layer, tensor in trained:
             low, high = (weights[name] for name in layer.range_variables)
-            _insert_range(tensor, low, high, layer.bits, "trained", records)
+            quantized = _insert_range(tensor, low, high, layer.bits, "trained", records)
+            # The step the evaluation graph gives the range (float32, from the stored [min, max]).
+            input_steps[quantized.name] = ops.zero_exact_step(layer.bits, tf.constant(low, tf.float32),
+                                                              tf.constant(high, tf.float32))
+        biases_on_grid = []
+        if grid.integer_kernel_grid and report.config.get("quantize_layer_outputs"):
+            biases_on_grid = _quantize_biases(graph, original_weights, weight_layers, grid, replaced, input_steps)
     if targets and images_value is None:
         raise model_export.ExportError(
             "%d tensors have no trained range (%s); expected calibration images for them (or a run trained "
@@ -227,5 +273,5 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
             sess, graph.as_graph_def(), [output.op.name])
     input_record = next(r for r in records if r["tensor"] == inference_graph.INPUT_NAME)
     return FakeQuantGraph(graph_def, weight_records, records, (input_record["min"], input_record["max"]),
-                          int(len(images_value)) if targets else 0)
+                          int(len(images_value)) if targets else 0, biases_on_grid)
 
