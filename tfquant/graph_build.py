@@ -170,6 +170,10 @@ def range_variable(name, dtype, initial, collections, trainable=False):
     graph = _fast_graph()
     if graph is None or graph._get_control_flow_context() is not None:  # pylint: disable=protected-access
         return None
+    # A distribution strategy (mirrored or synchronised variables) or any other variable creator decides what a
+    # variable is: only the public path goes through it.
+    if tf.distribute.has_strategy() or getattr(graph, "_variable_creator_stack", None):
+        return None
     known = _VARIABLES.setdefault(graph, {})
     if name in known:
         return known[name]

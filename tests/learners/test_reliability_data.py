@@ -110,7 +110,7 @@ def test_export_refuses_to_score_non_finite_logits():
     logits = np.array([[1.0, 2.0], [np.nan, 0.0], [np.inf, 1.0]])
     with pytest.raises(run_directory.ExportError, match=r"^the frozen graph gives NaN or infinite logits for 2 of 3 "
                                                         r"test images, so no accuracy is reported"):
-        run_directory._accuracy(logits, np.array([1, 0, 0]), "the frozen graph")
+        run_directory.accuracy(logits, np.array([1, 0, 0]), "the frozen graph")
 
 
 # -- TensorFlow's errors reduced to their cause -------------------------------------------------------------

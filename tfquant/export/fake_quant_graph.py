@@ -146,7 +146,7 @@ def _insert_range(tensor, low, high, bits, source, records):
     return quantized
 
 
-def _quantize_biases(graph, candidates, weight_layers, grid, replaced, input_steps):
+def _quantize_biases(graph, candidates, weight_layers, config, replaced, input_steps):
     """Put each bias a symmetric-grid weight layer adds on the int32 grid of its input's step times its weight's,
     as tfquant.quantize.quantize_biases does in the evaluation graph.
 
@@ -154,7 +154,7 @@ def _quantize_biases(graph, candidates, weight_layers, grid, replaced, input_ste
       graph: the graph, weight FakeQuants and trained activation ranges in place.
       candidates: the weight candidates (op, input_index, their original weight tensor as `weight`).
       weight_layers: {op name: weight LayerReport}.
-      grid: the run's WeightGrid.
+      config: the report's settings (each layer's WeightGrid is the one the policy gave it).
       replaced: {MatMul output name: the 1x1 convolution's output now computing it}.
       input_steps: {FakeQuant output name: its step} of the trained activation ranges (the evaluation graph's
         integer steps: ranges it quantizes on the zero-exact grid).
@@ -166,7 +166,8 @@ def _quantize_biases(graph, candidates, weight_layers, grid, replaced, input_ste
         op = candidate.op
         layer = weight_layers.get(op.name)
         layout = layer_layout(layer) if layer is not None and layer.quantized else None
-        if layout is None or not grid.has_integer_step(layout):
+        grid = weight_grids.for_layer(layer, config) if layout is not None else None
+        if layout is None or not grid.integer_kernel_grid or not grid.has_integer_step(layout):
             continue
         input_step = input_steps.get(match.grid_source(op.inputs[match.data_operand_index(op)]).name)
         output = replaced.get(op.outputs[0].name, op.outputs[0])
@@ -251,8 +252,9 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
             input_steps[quantized.name] = ops.zero_exact_step(layer.bits, tf.constant(low, tf.float32),
                                                               tf.constant(high, tf.float32))
         biases_on_grid = []
-        if grid.integer_kernel_grid and report.config.get("quantize_layer_outputs"):
-            biases_on_grid = _quantize_biases(graph, original_weights, weight_layers, grid, replaced, input_steps)
+        if report.config.get("quantize_layer_outputs"):
+            biases_on_grid = _quantize_biases(graph, original_weights, weight_layers, report.config, replaced,
+                                              input_steps)
     if targets and images_value is None:
         raise model_export.ExportError(
             "%d tensors have no trained range (%s); expected calibration images for them (or a run trained "
