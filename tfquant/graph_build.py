@@ -220,7 +220,8 @@ def assign(variable, value, add=False):
     """variable.assign(value, read_value=False) (assign_add with `add`) as one op; `value` a tensor or number."""
     graph = _fast_graph()
     op_type = "AssignAddVariableOp" if add else "AssignVariableOp"
-    if graph is not None and variable.handle.graph is graph and (
+    # A distributed variable's assignment is the strategy's (aggregated across replicas): the public path.
+    if graph is not None and not tf.distribute.has_strategy() and variable.handle.graph is graph and (
             _is_graph_tensor(value, graph) or isinstance(value, (int, float))):
         if not isinstance(value, tf.Tensor):
             value = constant(value, variable.dtype, graph)
