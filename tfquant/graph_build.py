@@ -233,3 +233,33 @@ def assign(variable, value, add=False):
     if add:
         return variable.assign_add(value, read_value=False)
     return variable.assign(value, read_value=False)
+
+
+def switch_on_plus_zero(x, scalar):
+    """Switch(x, pred=`scalar` is +0.0, by its bits): (x where it is not, x where it is); only one side runs.
+
+    A raw Switch/Merge pair (see `merge`) rather than tf.cond: no branch functions to build.
+    """
+    graph = _fast_graph()
+    if (graph is None or graph._get_control_flow_context() is not None  # pylint: disable=protected-access
+            or not (_is_graph_tensor(x, graph) and _is_graph_tensor(scalar, graph))):
+        is_plus_zero = tf.equal(tf.bitcast(scalar, tf.int32), 0)
+        return tuple(tf.raw_ops.Switch(data=x, pred=is_plus_zero))
+    bits = create("Bitcast", [scalar], {"T": _type_attr(scalar.dtype), "type": _type_attr(tf.int32)}, "Bitcast",
+                  graph).outputs[0]
+    is_plus_zero = create("Equal", [bits, constant(0, tf.int32, graph)], {"T": _type_attr(tf.int32)}, "Equal",
+                          graph).outputs[0]
+    switch = create("Switch", [x, is_plus_zero], {"T": _type_attr(x.dtype)}, "Switch", graph)
+    return switch.outputs[0], switch.outputs[1]
+
+
+def merge(tensors):
+    """The one live tensor of `tensors` (the sides of a `switch_on_plus_zero`), as tf.raw_ops.Merge."""
+    graph = _fast_graph()
+    if (graph is None or graph._get_control_flow_context() is not None  # pylint: disable=protected-access
+            or not all(_is_graph_tensor(t, graph) for t in tensors)):
+        return tf.raw_ops.Merge(inputs=list(tensors))[0]
+    return create("Merge", list(tensors), {"T": _type_attr(tensors[0].dtype),
+                                           "N": attr_value_pb2.AttrValue(i=len(tensors))}, "Merge",
+                  graph).outputs[0]
+

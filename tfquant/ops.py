@@ -160,9 +160,8 @@ def minus_minimum(x, minimum, skip_plus_zero=False):
     """
     if not skip_plus_zero:
         return build.binary("Sub", x, minimum, "sub", lambda a, b: a - b)
-    is_plus_zero = tf.equal(tf.bitcast(minimum, tf.int32), 0)
-    to_shift, as_is = tf.raw_ops.Switch(data=x, pred=is_plus_zero)
-    return tf.raw_ops.Merge(inputs=[build.binary("Sub", to_shift, minimum, "sub", lambda a, b: a - b), as_is])[0]
+    to_shift, as_is = build.switch_on_plus_zero(x, minimum)
+    return build.merge([build.binary("Sub", to_shift, minimum, "sub", lambda a, b: a - b), as_is])
 
 
 def _codes_from_range(x, bits, alpha, beta, clip, skip_plus_zero=False):

@@ -48,6 +48,10 @@ def test_fast_ops_have_the_public_functions_node_defs():
         (lambda x, y: tf.raw_ops.IdentityN(input=[x, y]), lambda x, y: build.identity_n([x, y], "IdentityN", None)),
         (lambda x, y: tf.reduce_max(x, axis=tf.constant([0, 1])),
          lambda x, y: build.reduce("Max", x, build.axes_constant([0, 1]), False, "Max", None)),
+        # The switch reads a scalar (a range's minimum): y[0, 0] slices the same way on both sides.
+        (lambda x, y: tf.raw_ops.Switch(data=x, pred=tf.equal(tf.bitcast(y[0, 0], tf.int32), tf.constant(0))),
+         lambda x, y: build.switch_on_plus_zero(x, y[0, 0])),
+        (lambda x, y: tf.raw_ops.Merge(inputs=[x, y]), lambda x, y: build.merge([x, y])),
     ]
     for public, fast in cases:
         public_ops, fast_ops = _pair(public, fast)
