@@ -92,6 +92,9 @@ PARTS = (
          ("--timing", "--quick", "--work_dir", "{tmp}/alloc"), 15),
     Part("multi_worker_accuracy", "multi_worker_accuracy", ("multi_worker_accuracy",), ("--work_dir", "{work}/mw"),
          ("--quick", "--work_dir", "{tmp}/mw"), 40, long=True, render=False),
+    # Trains its own float ResNet-20 unless {work}/analysis_check/seed0/float holds one, then five W2A2 runs.
+    Part("analysis_check", "analysis_check", ("analysis_check",), ("--work_dir", "{work}/analysis_check"),
+         ("--quick", "--work_dir", "{tmp}/analysis_check"), 30),
 )
 # Sections no part rewrites: a record of figures from an earlier machine, kept as it is.
 KEPT_SECTIONS = ("accuracy_table_earlier_machine",)
