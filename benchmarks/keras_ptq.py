@@ -78,16 +78,17 @@ def fmnist_as_rgb32(images):
     return np.repeat(padded[..., None], 3, axis=-1)
 
 
-def write_npz(path, train_images=None, test_images=None):
-    """The 32x32x3 Fashion-MNIST archive from the project's reader (the first N images of each split if given)."""
+def write_npz(path, train_images=None, test_images=None, images=fmnist_as_rgb32):
+    """A Fashion-MNIST archive from the project's reader (the first N images of each split if given), each split's
+    uint8 images passed through `images` (default: the 32x32x3 RGB images this benchmark's models read)."""
     from nets.data import fmnist  # pylint: disable=import-outside-toplevel  (imports TensorFlow)
 
     data = fmnist.load_fmnist()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     temporary = path + ".tmp.npz"
-    np.savez(temporary, x_train=fmnist_as_rgb32(data["train_images"][:train_images]),
+    np.savez(temporary, x_train=images(data["train_images"][:train_images]),
              y_train=data["train_labels"][:train_images],
-             x_test=fmnist_as_rgb32(data["test_images"][:test_images]), y_test=data["test_labels"][:test_images])
+             x_test=images(data["test_images"][:test_images]), y_test=data["test_labels"][:test_images])
     os.replace(temporary, path)
 
 

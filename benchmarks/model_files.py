@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from benchmarks import machine, publish, stats
+from benchmarks import keras_ptq, machine, publish, stats
 from benchmarks.model_file_stand_ins import FILES
 
 SECTION = "model_files"
@@ -42,15 +42,7 @@ def _scaled(images):
 
 def write_npz(path, train_images=None, test_images=None):
     """Fashion-MNIST as an .npz of 28x28x1 float32 in [0, 1] (the first N images of each split if given)."""
-    from nets.data import fmnist  # pylint: disable=import-outside-toplevel  (imports TensorFlow)
-
-    data = fmnist.load_fmnist()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = path + ".tmp.npz"
-    np.savez(temporary, x_train=_scaled(data["train_images"][:train_images]),
-             y_train=data["train_labels"][:train_images],
-             x_test=_scaled(data["test_images"][:test_images]), y_test=data["test_labels"][:test_images])
-    os.replace(temporary, path)
+    keras_ptq.write_npz(path, train_images, test_images, images=_scaled)
 
 
 def run(argv, cwd, what):
