@@ -8,15 +8,8 @@ import sys
 # tf_keras builds tf.compat.v1 graphs only as the legacy Keras, chosen before TensorFlow is imported.
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from learners import early_lock  # noqa: E402
-
-if __name__ == "__main__":
-    early_lock.hold_run_directories()  # before TensorFlow's import: a second run on a directory stops at once
-
-from learners import runner  # noqa: E402
-from learners.helper_factory import make_keras_helper, save_keras_after_training  # noqa: E402
+from learners import launch  # noqa: E402
 
 if __name__ == "__main__":
-    runner.run(make_keras_helper, after_train=save_keras_after_training)
+    launch.main(make_helper="make_keras_helper", after_train="save_keras_after_training")

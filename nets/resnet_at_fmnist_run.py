@@ -3,15 +3,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from learners import early_lock  # noqa: E402
-
-if __name__ == "__main__":
-    early_lock.hold_run_directories()  # before TensorFlow's import: a second run on a directory stops at once
-
-from learners import runner  # noqa: E402
-from learners.helper_factory import make_helper_for  # noqa: E402
+from learners import launch  # noqa: E402
 
 if __name__ == "__main__":
-    runner.run(make_helper_for("resnet_at_fmnist"))
+    launch.main("resnet_at_fmnist")

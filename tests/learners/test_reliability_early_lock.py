@@ -86,6 +86,18 @@ def test_run_script_is_refused_before_importing_tensorflow(args, held, tmp_path,
     print("\nrefused %.2f s after the start (%s)" % (seconds, " ".join(args) or "defaults"))
 
 
+ALL_SCRIPTS = sorted(name for name in os.listdir(os.path.join(ROOT, "nets")) if name.endswith("_run.py"))
+
+
+@pytest.mark.parametrize("script", ALL_SCRIPTS)
+def test_every_run_script_is_refused_before_importing_tensorflow(script, held, tmp_path, no_tensorflow):
+    # Each script is only its path set-up and learners.launch.main: none of them imports a module that imports
+    # TensorFlow before the lock (the ILSVRC-12 scripts once imported learners.flags, and so TensorFlow, first).
+    result, _ = _run([sys.executable, os.path.join(ROOT, "nets", script)], tmp_path, no_tensorflow + os.pathsep + ROOT)
+    assert _refused_line(result) == _run_message(held[0], os.getpid())
+    assert result.stdout == ""
+
+
 @pytest.mark.parametrize("args, environ", [
     (["--exec_mode=eval"], {}),  # evaluation writes no checkpoint: it takes no lock
     (["--save_path=free/model.ckpt"], {}),  # another directory
