@@ -22,8 +22,6 @@ def set_chief(is_chief):
     cluster: they never lock)."""
     _role["chief"] = bool(is_chief)
     _role["enabled"] = True
-    for directory, fd in early_lock.held().items():
-        files.adopt_lock(directory, fd)  # taken before TensorFlow's import: held, not taken twice
 
 
 def hold(prefix, create=True):

@@ -37,14 +37,33 @@ if _sys.argv[:1] == ["-m"]:
     # which runpy warns about; its __main__ block only calls tfquant.report_cli, so nothing runs twice.
     _warnings.filterwarnings("ignore", message="'tfquant.report' found in sys.modules", category=RuntimeWarning)
 
-from tfquant.config import QuantConfig, parse_overrides  # noqa: E402
-from tfquant.errors import TfquantError  # noqa: E402
-from tfquant.layout import GroupLayout  # noqa: E402
-from tfquant.ops import quantize_weight, uniform_quantize, weight_codes  # noqa: E402
-from tfquant.quantize import quantize_graph  # noqa: E402
-from tfquant.report import LayerReport, QuantReport  # noqa: E402
-from tfquant.rewrite import reroute_input  # noqa: E402
+# The public names are imported on first use (PEP 562), so that `import tfquant.files` - the run directory's
+# lock, which a run script takes before TensorFlow is imported - does not import TensorFlow.
+_PUBLIC = {"QuantConfig": "config", "parse_overrides": "config", "TfquantError": "errors", "GroupLayout": "layout",
+           "quantize_weight": "ops", "uniform_quantize": "ops", "weight_codes": "ops",
+           "quantize_graph": "quantize", "LayerReport": "report", "QuantReport": "report", "reroute_input": "rewrite"}
+__all__ = list(_PUBLIC)
 
-__all__ = ["QuantConfig", "parse_overrides", "TfquantError", "GroupLayout", "quantize_weight",
-           "uniform_quantize", "weight_codes", "quantize_graph", "LayerReport", "QuantReport", "reroute_input"]
+
+def __getattr__(name):
+    import importlib
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module("tfquant." + _PUBLIC[name]), name)
+    elif not name.startswith("__"):
+        try:  # `import tfquant` then `tfquant.ops`: a submodule, as the eager imports used to provide
+            value = importlib.import_module("tfquant." + name)
+        except ModuleNotFoundError as exc:
+            if exc.name != "tfquant." + name:
+                raise
+            raise AttributeError("module 'tfquant' has no attribute %r" % name) from None
+    else:
+        raise AttributeError("module 'tfquant' has no attribute %r" % name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))
+
+
 __version__ = "0.1.0"

@@ -339,16 +339,6 @@ def lock_directory(directory):
     return path
 
 
-def adopt_lock(directory, fd):
-    """Count a lock of `directory` taken before tfquant could be imported (a run script's early lock, on the
-    same lock file by the same protocol) as held by lock_directory, through its open descriptor `fd`.
-
-    A second flock of the file from this process would be refused like any other process's; after this,
-    lock_directory(directory) finds the lock held and takes nothing.
-    """
-    _held_locks.setdefault(os.path.realpath(directory), fd)
-
-
 def holds_lock(directory):
     """Whether this process holds the lock of `directory` (taken by lock_directory, not yet released)."""
     return os.path.realpath(directory) in _held_locks

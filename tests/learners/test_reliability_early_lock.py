@@ -3,7 +3,8 @@
 The processes under test run with a `tensorflow` package first on their path whose import fails with a marker
 line: a refusal that shows no marker (and exits 2 with the one in-use line) happened before TensorFlow's import,
 which is what makes it fast whatever the load; a run that goes on shows the marker. The holder is this test
-process (tfquant.files.lock_directory) or a helper process holding the lock with learners.early_lock.
+process or a helper process, both holding it with tfquant.files.lock_directory (which run scripts call before
+TensorFlow's import).
 """
 import os
 import subprocess
@@ -61,10 +62,6 @@ def held(tmp_path):
     yield directories
     for directory in directories:
         files.release_directory(directory)
-
-
-def test_the_lock_files_agree():
-    assert early_lock.LOCK_NAME == files.LOCK_NAME
 
 
 @pytest.mark.parametrize("args", [
@@ -146,11 +143,11 @@ def test_a_run_reuses_the_lock_it_took_early(tmp_path):
 
 
 def test_export_command_is_refused_before_importing_tensorflow(tmp_path, no_tensorflow):
-    # The holder is another process that took the lock with the early lock's own code.
+    # The holder is another process that took the lock as a run script's early lock does.
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from learners import early_lock; early_lock.hold(sys.argv[1]); "
+        [sys.executable, "-c", "import sys, time; from tfquant import files; files.lock_directory(sys.argv[1]); "
          "print('held', flush=True); time.sleep(300)", str(run_dir)],
         stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
     try:

@@ -46,3 +46,25 @@ def test_import_finder_sees_each_kind_of_import(tmp_path):
     found = _imported_modules(str(path))
     assert sorted(set(found)) == ["importlib", "learners", "learners.uniform_quant", "nets.convnet_at_fmnist",
                                   "nets.resnet"]
+
+
+def test_the_public_face_resolves_and_the_lock_module_needs_no_tensorflow():
+    import subprocess
+    import sys
+    code = ("import sys; import tfquant.files, tfquant.errors; assert 'tensorflow' not in sys.modules, 'early'; "
+            "import tfquant; names = list(tfquant.__all__); "
+            "objs = [getattr(tfquant, n) for n in names]; assert 'tensorflow' in sys.modules; "
+            "assert all(getattr(o, '__name__', n) == n for o, n in zip(objs, names)), names; "
+            "assert set(names) <= set(dir(tfquant)); import tfquant.ops as ops; assert tfquant.ops is ops; "
+            "print(len(names))")
+    root = os.path.dirname(PACKAGE_DIR)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                          env=dict(os.environ, PYTHONPATH=root, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.strip()) == 11
+    try:
+        tfquant.no_such_name
+    except AttributeError as exc:
+        assert "no_such_name" in str(exc)
+    else:
+        raise AssertionError("tfquant.no_such_name resolved")
