@@ -231,11 +231,7 @@ def _layout_of(shape, layout, channel_axes, bucket_size):
 def group_index(shape, layout, channel_axes=None, bucket_size=None):
     """Group id of every element of a tensor, in C order.
 
-    Args:
-      shape: the tensor shape.
-      layout: 'none', 'channel', 'split' or 'block'.
-      channel_axes: the channel axes (layouts 'channel' and 'block'; ignored otherwise).
-      bucket_size: elements per bucket (layouts 'split' and 'block'; ignored otherwise).
+    Args: as num_groups.
     Returns:
       a 1-D int64 array of length prod(shape).
     """
