@@ -22,11 +22,14 @@ import subprocess
 import sys
 import typing
 
-from benchmarks import float_control, machine, publish, stats
+from benchmarks import accuracy_targets, float_control, machine, publish, stats
 
 SECTION = "accuracy_table"
+CONVERGED_SECTION = "accuracy_converged"  # the table against benchmarks.baselines' converged float models
 RUN_MODULE = "nets.resnet_at_fmnist_run"
 DEFAULT_RESULTS = os.path.join(publish.RESULTS_DIR, "accuracy_table.json")
+CONVERGED_RESULTS = os.path.join(publish.RESULTS_DIR, "accuracy_converged.json")
+MAX_EPOCHS = 5.0  # issue 34: a quantized run fine-tunes at most 5 epochs
 
 
 class Row(typing.NamedTuple):
@@ -37,7 +40,7 @@ class Row(typing.NamedTuple):
     epochs: typing.Optional[float] = None
 
 
-BASELINE = "W4A4 PocketFlow behaviour (baseline)"
+BASELINE = accuracy_targets.BASELINE
 CH = "--uql_use_buckets --uql_bucket_type=channel"
 LSQ = " --uql_weight_range=lsq --uql_act_range=lsq"
 PACT = " --uql_act_range=pact"
@@ -104,6 +107,15 @@ RECIPES = {"range Adam": " --uql_range_optimizer=adam", "low-bit decay x0.1": " 
            "freeze oscillations": " --uql_freeze_oscillations=0.02"}
 ROWS += [Row("W2A2 ch LSQ + dst + " + name, W2A2_LSQ_DST + flags) for name, flags in RECIPES.items()]
 ROWS += [Row("W2A2 ch LSQ + dst + all recipes", W2A2_LSQ_DST + "".join(RECIPES.values()))]
+# Issue 34: ternary (codes -1, 0, +1 times a per-channel scale; 2 stored bits) and binary weights, 4-bit LSQ
+# activations, distillation.
+A4_LSQ_DST = " --uql_activation_bits=4 --uql_act_range=lsq" + DST
+ROWS += [Row("W2 ternary A4 ch LSQ + dst", CH + " --uql_weight_bits=2 --uql_weight_range=ternary" + A4_LSQ_DST),
+         Row("W1 binary A4 ch LSQ + dst", CH + " --uql_weight_bits=1 --uql_weight_range=binary" + A4_LSQ_DST)]
+# Named sets of rows for --rows: issue 34's table against converged float models (every target family).
+ROW_GROUPS = {"issue34": ("W4A4 all layers LSQ + dst", "W3A3 ch LSQ + dst", "W3A3 ch PACT", "W2A2 ch LSQ + dst",
+                          "W2A2 ch LSQ + dst + all recipes", "W2 ternary A4 ch LSQ + dst", "W1 binary A4 ch LSQ + dst",
+                          "W4A8 ch PTQ nearest", "W4A8 ch PTQ AdaRound")}
 QUICK_ROWS = ("W8A8", BASELINE)
 FULL = {"float": ["--nb_epochs_rat=1.0"], "epochs": 1.0, "finetune": ["--uql_lrn_rate_init=0.01"],
         "common": ["--batch_size=128", "--batch_size_eval=500", "--summ_step=100"]}
@@ -126,14 +138,15 @@ def row_dir(work_dir, label, seed):
 
 
 def select_rows(spec):
-    """ROWS named by a comma-separated list of labels or their slugs (None: every row)."""
+    """ROWS named by a comma-separated list of labels, their slugs or ROW_GROUPS names (None: every row)."""
     if spec is None:
         return list(ROWS)
     by_name = {}
     for row in ROWS:
         by_name[row.label] = by_name[slug(row.label)] = row
     chosen = []
-    for name in (part.strip() for part in spec.split(",")):
+    names = [part.strip() for part in spec.split(",")]
+    for name in [member for name in names for member in ROW_GROUPS.get(name, (name,))]:
         if name not in by_name:
             raise publish.BenchmarkError("--rows=%s is not valid: %r is no row; expected labels among %s"
                                          % (spec, name, ", ".join(repr(r.label) for r in ROWS)))
@@ -253,55 +266,10 @@ def _percent(mean, std):
     return "%.2f" % (100 * mean) if std is None else "%.2f ± %.2f" % (100 * mean, 100 * std)
 
 
-def target_lines(table):
-    """The issue's targets, on the rows' mean changes against float, for the rows run so far."""
-    checks = []
-    if "W4A4" in table:
-        checks.append(("W4A4 within 0.5 points of float", table["W4A4"]["change"] >= -0.005,
-                       "%+.2f" % (100 * table["W4A4"]["change"])))
-    if "W2A8 channel" in table:
-        checks.append(("W2 channel within 2 points of float", table["W2A8 channel"]["change"] >= -0.02,
-                       "%+.2f" % (100 * table["W2A8 channel"]["change"])))
-    if "W4A4" in table and BASELINE in table:
-        checks.append(("W4A4 at or above the PocketFlow-behaviour row",
-                       table["W4A4"]["mean"] >= table[BASELINE]["mean"],
-                       "%.2f vs %.2f" % (100 * table["W4A4"]["mean"], 100 * table[BASELINE]["mean"])))
-    checks += _learned_range_checks(table)
-    if "W4A8 ch" in table and "W4A8 ch symmetric folded" in table:
-        gap = table["W4A8 ch symmetric folded"]["mean"] - table["W4A8 ch"]["mean"]
-        checks.append(("W4A8 symmetric + folded within 0.5 points of W4A8 without them", gap >= -0.005,
-                       "%+.2f" % (100 * gap)))
-    return ["- Target: %s: %s (%s)." % (what, "met" if ok else "**not met**", value) for what, ok, value in checks]
-
-
-def _seeds(entry):
-    return "%d seed%s" % (len(entry["seeds"]), "" if len(entry["seeds"]) == 1 else "s")
-
-
-def _learned_range_checks(table):
-    """Issue 11's targets: (what, met, measured) for the learned-range rows run so far."""
-    checks = []
-    for label, limit in (("W2A2 ch LSQ + dst", 2.0), ("W4A4 all layers LSQ + dst", 1.0)):
-        if label in table:
-            change = table[label]["change"]
-            checks.append(("%s within %.1f points of float" % (label, limit), change >= -limit / 100,
-                           "%+.2f, %s" % (100 * change, _seeds(table[label]))))
-    w3a3 = [label for label in table if label.startswith("W3A3 ch")]
-    for budget in sorted({table[label]["epochs"] for label in w3a3}):
-        # Rows fine-tuned longer than the table's budget are judged apart (the issue allows up to 3 epochs).
-        best = max((label for label in w3a3 if table[label]["epochs"] == budget), key=lambda l: table[l]["change"])
-        checks.append(("W3A3 best setting within 0.5 points of float (%g epoch%s of fine-tuning)"
-                       % (budget, "" if budget == 1 else "s"), table[best]["change"] >= -0.005,
-                       "%s %+.2f, %s" % (best, 100 * table[best]["change"], _seeds(table[best]))))
-    for bits in ("W4A4", "W3A3", "W2A2"):
-        baseline = "%s ch min/max" % bits
-        for label in table:
-            # Every learned-range row against min/max (min/max with distillation is no learned range).
-            if (label.startswith(bits + " ch ") and "min/max" not in label and baseline in table
-                    and table[label]["epochs"] == table[baseline]["epochs"]):
-                checks.append(("%s at or above %s" % (label, baseline), table[label]["mean"] >= table[baseline]["mean"],
-                               "%.2f vs %.2f" % (100 * table[label]["mean"], 100 * table[baseline]["mean"])))
-    return checks
+def section_of(payload):
+    """The BENCHMARKS.md section of a results payload: the converged-float table when its rows fine-tuned the
+    cached baselines."""
+    return CONVERGED_SECTION if payload["budget"].get("baselines") else SECTION
 
 
 def render(payload, command):
@@ -315,8 +283,12 @@ def render(payload, command):
     rows += [(label, ",".join(str(s) for s in t["seeds"]), _percent(t["mean"], t["std"]),
               "%+.2f" % (100 * t["change"]), "-" if t["vs_control"] is None else "%+.2f" % (100 * t["vs_control"]),
               "%.2fx" % t["ratio"]) for label, t in table.items()]
-    missing = [row.label for row in ROWS if row.label not in table]
-    lines = ["## Accuracy table (ResNet-20, Fashion-MNIST, all 10,000 test images)", "",
+    expected = ROW_GROUPS["issue34"] if budget.get("baselines") else [row.label for row in ROWS]
+    missing = [label for label in expected if label not in table]
+    converged = bool(budget.get("baselines"))
+    title = ("Accuracy against converged float models (issue 34; ResNet-20, Fashion-MNIST, all 10,000 test images)"
+             if converged else "Accuracy table (ResNet-20, Fashion-MNIST, all 10,000 test images)")
+    lines = ["## " + title, "",
              "Command (the last part run): `%s`" % command, ""]
     lines += machine.machine_lines(payload["machine"], payload["load_before"])
     lines += ["- Float: %s per seed; each row fine-tunes that seed's checkpoint: --uql_quant_epochs=%s (unless "
@@ -327,7 +299,7 @@ def render(payload, command):
               "the row's epochs, learning rate, schedule and distillation, nothing quantized ('-': not measured).", "",
               publish.markdown_table(("row", "seeds", "test accuracy %", "vs float", "vs float fine-tuned",
                                       "model compression"), rows), ""]
-    lines += target_lines(table)
+    lines += accuracy_targets.target_lines(table, converged)
     busy = sorted({"%s (seed %d)" % (e["label"], e["seed"]) for e in entries if e.get("busy")})
     if busy:
         lines.append("- Measured on a busy machine (published with --allow_busy; the load slows a run, it does not "
@@ -347,17 +319,24 @@ def main(argv=None):
     parser.add_argument("--work_dir", default="/tmp/tfquant_accuracy_table", help="checkpoints and logs")
     parser.add_argument("--baselines", help="fine-tune from the float models benchmarks.baselines cached here")
     parser.add_argument("--no_controls", action="store_true", help="skip the same-budget float controls")
+    parser.add_argument("--epochs", type=float, help="fine-tuning epochs of every row that sets none (default %g; "
+                        "at most %g)" % (FULL["epochs"], MAX_EPOCHS))
     args = parser.parse_args(argv)
     if args.render_json:
         # The section again from a results file (e.g. after parts run side by side), nothing run.
         payload = publish.load_full_run(args.render_json)
-        publish.publish(SECTION, render(payload, payload.get("command", "(not recorded)")), args.markdown,
+        publish.publish(section_of(payload), render(payload, payload.get("command", "(not recorded)")), args.markdown,
                         payload["load_before"], payload["machine"]["load_average"], args.allow_busy)
         return payload
     rows = select_rows(args.rows if args.rows or not args.quick else ",".join(QUICK_ROWS))
     seeds = parse_seeds(args.seeds)
-    output = args.output or (None if args.quick else DEFAULT_RESULTS)
+    output = args.output or (None if args.quick else CONVERGED_RESULTS if args.baselines else DEFAULT_RESULTS)
     budget = QUICK if args.quick else FULL
+    if args.epochs is not None:
+        if not 0 < args.epochs <= MAX_EPOCHS:
+            raise publish.BenchmarkError("--epochs=%g is not valid; expected more than 0 and at most %g"
+                                         % (args.epochs, MAX_EPOCHS))
+        budget = dict(budget, epochs=args.epochs)
     if args.baselines:
         budget = with_baselines(budget, args.baselines)
     existing = publish.load_json(output) if output and os.path.exists(output) else None
@@ -392,7 +371,7 @@ def main(argv=None):
                    "entries": merge(existing, new_entries, args.quick, budget, output)}
         publish.write_json(output, payload)
     if not args.quick:
-        publish.publish(SECTION, render(payload, publish.command_line()), args.markdown, load_before,
+        publish.publish(section_of(payload), render(payload, publish.command_line()), args.markdown, load_before,
                         payload["machine"]["load_average"], args.allow_busy)
     return payload
 

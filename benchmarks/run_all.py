@@ -78,6 +78,11 @@ PARTS = (
          ("--quick", "--cache_dir", "{tmp}/baselines"), 280, long=True, render=False, allow_busy=False),
     Part("accuracy_table", "accuracy_table", ("accuracy_table",), ("--seeds", "0,1,2", "--work_dir", "{work}/acc"),
          ("--quick", "--work_dir", "{tmp}/acc"), 460, long=True),
+    # Issue 34's table: every row fine-tunes the converged float model of its seed (the baselines part's cache).
+    Part("accuracy_converged", "accuracy_table", ("accuracy_converged",),
+         ("--baselines", "{work}/baselines", "--rows", "issue34", "--seeds", "0,1,2", "--epochs", "3", "--work_dir",
+          "{work}/acc_converged"), ("--quick", "--rows", "W8A8", "--epochs", "0.25", "--work_dir", "{tmp}/accc"), 330,
+         long=True, render=False),
     Part("export_table", "export_table", ("export_table",), ("--work_dir", "{work}/acc"),
          ("--quick", "--work_dir", "{tmp}/acc"), 30, long=True, render=False),
     Part("export_kbit", "export_table", ("export_kbit",), ("--kbit", "--work_dir", "{work}/acc"),

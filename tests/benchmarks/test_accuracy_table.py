@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import accuracy_table, export_table, publish
+from benchmarks import accuracy_table, accuracy_targets, export_table, publish
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -74,7 +74,7 @@ def test_w3a3_rows_with_a_longer_fine_tuning_are_judged_apart():
                entry("W3A3 ch min/max + dst", 0, 0.905, 0.916),
                dict(entry("W3A3 ch LSQ + dst (3 epochs)", 0, 0.913, 0.916), epochs=3.0),
                dict(entry("W3A3 ch PACT", 0, 0.880, 0.916), epochs=3.0)]
-    checks = {what: (met, measured) for what, met, measured in accuracy_table._learned_range_checks(
+    checks = {what: (met, measured) for what, met, measured in accuracy_targets._learned_range_checks(
         accuracy_table.summarize(entries))}
     assert checks["W3A3 best setting within 0.5 points of float (1 epoch of fine-tuning)"] == (
         False, "W3A3 ch LSQ + dst -0.60, 1 seed")
@@ -171,3 +171,41 @@ def test_section_is_rendered_again_from_a_results_file(tmp_path):
     text = markdown.read_text()
     assert "Command (the last part run): `python -m benchmarks.accuracy_table --x`" in text
     assert "| W4A4 | 0,1 | 90.00 ± 0.71 | -1.00 | - | 4.00x |" in text
+
+
+def test_issue34_group_expands_to_every_target_family_and_epochs_are_bounded(tmp_path):
+    chosen = [row.label for row in accuracy_table.select_rows("issue34,W8A8")]
+    assert chosen == list(accuracy_table.ROW_GROUPS["issue34"]) + ["W8A8"]
+    flags = {row.label: row.flags.split() for row in accuracy_table.ROWS}
+    assert {"--uql_weight_range=ternary", "--uql_weight_bits=2"} <= set(flags["W2 ternary A4 ch LSQ + dst"])
+    assert {"--uql_weight_range=binary", "--uql_weight_bits=1"} <= set(flags["W1 binary A4 ch LSQ + dst"])
+    for family, prefixes, _ in accuracy_targets.CONVERGED_LIMITS:  # every family has a row in the group
+        assert any(label.startswith(prefixes) for label in accuracy_table.ROW_GROUPS["issue34"]), family
+    for bad in ("0", "5.5", "-1"):
+        with pytest.raises(publish.BenchmarkError, match="--epochs=.* is not valid; expected more than 0 and at "
+                                                         "most 5"):
+            accuracy_table.main(["--quick", "--epochs", bad, "--work_dir", str(tmp_path)])
+
+
+def test_converged_targets_judge_each_family_by_its_best_row():
+    entries = [entry("W2A2 ch LSQ + dst", s, 0.920, 0.935) for s in (0, 1, 2)]  # -1.5: exactly at the limit
+    entries += [entry("W2A2 ch LSQ + dst + all recipes", s, 0.900, 0.935) for s in (0, 1, 2)]
+    entries += [entry("W1 binary A4 ch LSQ + dst", s, 0.9040, 0.935) for s in (0, 1)]  # -3.1
+    entries += [entry("W4A8 ch PTQ AdaRound", 0, 0.930, 0.935), entry("W4A8 ch PTQ nearest", 0, 0.931, 0.935)]
+    checks = {what: (met, measured) for what, met, measured in
+              accuracy_targets.converged_checks(accuracy_table.summarize(entries))}
+    assert checks["W2A2 within 1.5 points of the converged float (best row)"] == (
+        True, "W2A2 ch LSQ + dst -1.50, 3 seeds")
+    assert checks["binary weights, A4 within 3.0 points of the converged float (best row)"] == (
+        False, "W1 binary A4 ch LSQ + dst -3.10, 2 seeds")
+    assert checks["W4A8 PTQ with AdaRound within 1.0 point of the converged float (best row)"][0] is True
+    assert checks["W4A8 PTQ AdaRound at or above nearest rounding"] == (False, "93.00 vs 93.10")
+    assert not any(what.startswith(("W3A3", "ternary", "W4A4")) for what in checks)  # rows not run: not judged
+    payload = {"entries": entries, "budget": dict(accuracy_table.FULL, baselines="/cache", float=["--nb_epochs_rat=8"]),
+               "load_before": [0.1, 0, 0], "machine": {"cpu": "c", "cores": 2, "tensorflow": "2.21",
+                                                       "python": "3.11", "date": "d", "load_average": [0.1, 0, 0]}}
+    assert accuracy_table.section_of(payload) == accuracy_table.CONVERGED_SECTION
+    text = accuracy_table.render(payload, "cmd")
+    assert text.startswith("## Accuracy against converged float models")
+    assert "- Target: binary weights, A4 within 3.0 points of the converged float (best row): **not met**" in text
+    assert "- Not run yet: W4A4 all layers LSQ + dst, W3A3 ch LSQ + dst, W3A3 ch PACT, W2 ternary" in text
