@@ -14,7 +14,9 @@ Three memory readings per file, each the median over `memory_processes` processe
 - rss_added_lean_kb: rss_added_kb with glibc's mmap threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_, the
   same for every file): loading's freed transient copies go back to the system instead of staying in the heap
   (glibc raises its threshold after freeing a large block, which makes the float model's reading flip between
-  about 51 and 68 MB from process to process); None for TFLite.
+  about 51 and 68 MB with the process's history); None for TFLite.
+- rss_added_lean_warm_kb: both (a one-op session first, the threshold fixed): the RSS of the model itself,
+  its weights as the kernels hold them and its kernels' code.
 - heap_added_kb: the bytes the session holds in malloc's heap (glibc mallinfo2, in use), without the pages
   the allocator keeps after loading's transient copies are freed; None where mallinfo2 is missing.
 """
@@ -138,22 +140,25 @@ def measure(kind, path, npz, repeats, memory_processes, cwd):
       path: the model file.
       npz: an archive whose x_test holds float32 input images.
       repeats: timed runs per latency figure (in the first process).
-      memory_processes: processes per memory reading (cold, and for ONNX warm); the medians are reported.
+      memory_processes: processes per memory reading (for ONNX, each of the four); the medians are reported.
       cwd: working directory of the processes.
     Returns:
-      {rss_added_kb, rss_added_kb_runs, rss_added_warm_kb, rss_added_lean_kb, heap_added_kb,
+      {rss_added_kb, rss_added_kb_runs, rss_added_warm_kb, rss_added_lean_kb, rss_added_lean_warm_kb, heap_added_kb,
       latency_ms: {b1_t1, b32_t1, b1_tall, b32_tall}}.
     """
     cold = [_process(kind, path, npz, repeats if number == 0 else 0, "", cwd) for number in range(memory_processes)]
-    warm, lean = [], []
+    warm, lean, lean_warm = [], [], []
     if kind == "onnx":
         with tempfile.TemporaryDirectory() as directory:
             warm_path = warmup_model(os.path.join(directory, "warmup.onnx"))
-            warm = [_process(kind, path, npz, 0, warm_path, cwd) for _ in range(memory_processes)]
-        lean = [_process(kind, path, npz, 0, "", cwd, LEAN_MALLOC) for _ in range(memory_processes)]
+            for _ in range(memory_processes):
+                warm.append(_process(kind, path, npz, 0, warm_path, cwd))
+                lean.append(_process(kind, path, npz, 0, "", cwd, LEAN_MALLOC))
+                lean_warm.append(_process(kind, path, npz, 0, warm_path, cwd, LEAN_MALLOC))
     return {"rss_added_kb": _median([r["rss_added_kb"] for r in cold]),
             "rss_added_kb_runs": [r["rss_added_kb"] for r in cold],
             "rss_added_warm_kb": _median([r["rss_added_kb"] for r in warm]),
             "rss_added_lean_kb": _median([r["rss_added_kb"] for r in lean]),
+            "rss_added_lean_warm_kb": _median([r["rss_added_kb"] for r in lean_warm]),
             "heap_added_kb": _median([r["heap_added_kb"] for r in cold]),
             "latency_ms": cold[0]["latency_ms"]}

@@ -65,7 +65,8 @@ def write_offline_optimized(export_dir, images):
         source_path, target_path = os.path.join(export_dir, source), os.path.join(export_dir, target)
         expected = onnx_check.run(ort_session.create(source_path, threads=1, optimized_path=target_path), images)
         logits = onnx_check.run(ort_session.create(target_path, threads=1), images)
-        compared[target] = {"source": source, "top1_agreement": float(np.mean(logits.argmax(-1) == expected.argmax(-1))),
+        compared[target] = {"source": source,
+                            "top1_agreement": float(np.mean(logits.argmax(-1) == expected.argmax(-1))),
                             "max_abs_logit_diff": float(np.max(np.abs(logits - expected)))}
     return compared
 
@@ -191,8 +192,9 @@ def run(work_dir, quick, seed=0):
             out = os.path.join(os.path.dirname(row_dir), "export_kbit_" + accuracy_table.slug(row.label))
             exports[row.label] = data = export(row_dir, out, resnet_npz, ["--int8", "--onnx"], quick)
             rows += file_rows("ResNet-20 " + row.label, out, data, resnet_npz, repeats, memory_processes)
-    return {"rows": rows, "offline_optimized": offline, "exports": {name: {"onnx": data.get("onnx"), "int4": data.get("int4"),
-                                             "packed": data["packed"]} for name, data in exports.items()},
+    return {"rows": rows, "offline_optimized": offline,
+            "exports": {name: {"onnx": data.get("onnx"), "int4": data.get("int4"), "packed": data["packed"]}
+                        for name, data in exports.items()},
             "quick": quick}
 
 
@@ -247,7 +249,7 @@ def memory_lines(payload):
     if not rows:
         return []
     floats = {(r["model"], r["name"].replace("model_float", "model")): r for r in rows if "float" in r["name"]}
-    keys = ("rss_added_kb", "rss_added_warm_kb", "rss_added_lean_kb", "heap_added_kb")
+    keys = ("rss_added_kb", "rss_added_warm_kb", "rss_added_lean_kb", "rss_added_lean_warm_kb", "heap_added_kb")
     table = []
     for row in rows:
         base = floats.get((row["model"], row["name"])) if "float" not in row["name"] else None
@@ -256,19 +258,21 @@ def memory_lines(payload):
         runs = row.get("rss_added_kb_runs") or [row["rss_added_kb"]]
         table.append((row["model"], row["file"], "%s (%s-%s)" % (_mb(row["rss_added_kb"]), _mb(min(runs)),
                                                                   _mb(max(runs))),
-                      _mb(row["rss_added_warm_kb"]), _mb(row["rss_added_lean_kb"]), _mb(row["heap_added_kb"]))
+                      _mb(row["rss_added_warm_kb"]), _mb(row["rss_added_lean_kb"]),
+                      _mb(row["rss_added_lean_warm_kb"]), _mb(row["heap_added_kb"]))
                      + tuple(ratios))
     return ["Memory of the ONNX files (MB; median of %d fresh processes each, onnxruntime with tfquant's session "
             "options, `tfquant/export/ort_session.py`, one thread, batch 1). First session: the issue's reading, "
             "which includes about 9.5 MB that onnxruntime's first session costs any model (a one-Relu model adds "
             "it too: library code paged in, environment, thread pool). After a one-op session: the same with a "
             "one-Relu model loaded and run first. mmap threshold fixed: the first-session reading with "
-            "MALLOC_MMAP_THRESHOLD_=131072, so freed loading copies leave the process. Heap in use: the bytes the "
+            "MALLOC_MMAP_THRESHOLD_=131072, so freed loading copies leave the process. Both: the model's own RSS. "
+            "Heap in use: the bytes the "
             "session holds in malloc's heap. k-bit / float: each reading of the k-bit file over its float "
             "file's." % len(rows[0].get("rss_added_kb_runs") or [0]), "",
             publish.markdown_table(("model", "file", "first session (min-max)", "after a one-op session",
-                                    "mmap threshold fixed", "heap in use", "k-bit / float: first session",
-                                    "after one-op", "mmap fixed", "heap"), table)]
+                                    "mmap threshold fixed", "both", "heap in use", "k-bit / float: first session",
+                                    "after one-op", "mmap fixed", "both", "heap"), table)]
 
 
 def render(payload, command, machine_lines):

@@ -33,6 +33,7 @@ def test_kbit_table_quick_measures_every_file(tmp_path):
         # After a one-op session onnxruntime's first-session cost is in the baseline, not in the reading.
         assert 0 < row["rss_added_warm_kb"] < row["rss_added_kb"]
         assert row["rss_added_lean_kb"] > 0 and row["heap_added_kb"] > 0
+        assert 0 < row["rss_added_lean_warm_kb"] < row["rss_added_lean_kb"]
     # The files onnxruntime optimized offline compute what their sources do and hold the fused kernels.
     for name, compared in payload["offline_optimized"].items():
         assert compared["top1_agreement"] == 1.0 and compared["max_abs_logit_diff"] < 1e-4, name
