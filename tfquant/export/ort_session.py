@@ -10,7 +10,7 @@ onnxruntime 1.32; BENCHMARKS.md, section "k-bit files"):
   form; with `session.disable_prepacking=1` it dequantizes them to floats for every run, which adds about
   22 MB for the MLP, more than its float model holds.
 - The model is loaded from its path: handing onnxruntime the file's bytes keeps a second copy alive during
-  loading (+3.7 MB for the k-bit MLP, +24 MB for its float model).
+  loading (+3.7 MB for the k-bit MLP).
 - The CPU memory arena, memory patterns and environment allocators change nothing measurable at batch 1 (the
   activations are a few KB), so onnxruntime's defaults stay.
 """
