@@ -12,7 +12,6 @@ benchmarks.file_measure with the onnxruntime options tfquant checks and recommen
 the MLP's two ONNX files are also measured as onnxruntime optimizes them offline (model_ort.onnx,
 model_float_ort.onnx: saved by a session with those options, checked against their sources).
 """
-import json
 import os
 import subprocess
 import sys
