@@ -7,9 +7,11 @@ exported with the real CLI (python -m tfquant.export --int8 --onnx); the MLP's f
 conversion of its frozen graph (the same weights as floats). Per file: bytes on disk, bytes over tfquant's
 accounted size, the memory its loading and one run add to a fresh process (RSS after minus before, in a
 process of its own), median latency at batch 1 and 32 with one thread and with every core, and from
-export.json its agreement with the quantized TF graph and its accuracy.
+export.json its agreement with the quantized TF graph and its accuracy. Memory and latency are read by
+benchmarks.file_measure with the onnxruntime options tfquant checks and recommends (tfquant/export/ort_session.py);
+the MLP's two ONNX files are also measured as onnxruntime optimizes them offline (model_ort.onnx,
+model_float_ort.onnx: saved by a session with those options, checked against their sources).
 """
-import json
 import os
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from benchmarks import accuracy_table, publish
+from benchmarks import accuracy_table, file_measure, publish
 
 tf1 = tf.compat.v1
 
@@ -32,75 +34,40 @@ MLP_FULL = {"units": (2048, 2048), "steps": 3000, "train_images": 60000, "block"
 MLP_QUICK = {"units": (64,), "steps": 30, "train_images": 512, "block": 16}
 # Files of an export directory: (file name, what the table calls it, runtime).
 FILES = (("model_float.onnx", "ONNX float", "onnx"), ("model.onnx", "ONNX k-bit", "onnx"),
+         ("model_float_ort.onnx", "ONNX float, optimized offline", "onnx"),
+         ("model_ort.onnx", "ONNX k-bit, optimized offline", "onnx"),
          ("model_float.tflite", "TFLite float", "tflite"), ("model_int8.tflite", "TFLite int8", "tflite"),
          ("model_int4.tflite", "LiteRT INT4", "tflite"))
 AGREEMENT_KEYS = {"model.onnx": "onnx", "model_float.tflite": "tflite_float", "model_int8.tflite": "tflite_int8",
                   "model_int4.tflite": "tflite_int4"}
 
-# Runs in a process of its own: loading is then the only thing between the two RSS readings.
-_MEASURE = r'''
-import json, sys, time
-import numpy as np
-def rss_kb():
-    with open("/proc/self/status") as handle:
-        return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS"))
-kind, path, npz, repeats = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-images = np.load(npz)["x_test"][:32].astype(np.float32)
-def make(threads):
-    if kind == "onnx":
-        import onnxruntime as ort
-        options = ort.SessionOptions()
-        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-        options.intra_op_num_threads = threads
-        session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return lambda batch: session.run(None, {name: batch})
-    from ai_edge_litert import interpreter as runtime
-    interpreter = runtime.Interpreter(model_path=path, num_threads=threads or None)
-    detail = interpreter.get_input_details()[0]
-    state = {"batch": None}
-    def run(batch):
-        if state["batch"] != len(batch):
-            interpreter.resize_tensor_input(detail["index"], [len(batch)] + list(detail["shape"][1:]))
-            interpreter.allocate_tensors()
-            state["batch"] = len(batch)
-        if detail["dtype"] != np.float32:
-            scale, zero = detail["quantization"]
-            batch = np.clip(np.round(batch / scale + zero), -128, 127).astype(detail["dtype"])
-        interpreter.set_tensor(detail["index"], batch)
-        interpreter.invoke()
-    return run
-if kind == "onnx":
-    import onnxruntime
-else:
-    import ai_edge_litert.interpreter
-before = rss_kb()
-run = make(1)
-run(images[:1])
-added = rss_kb() - before
-latency = {}
-for threads in (1, 0):
-    run = make(threads)
-    for batch in (1, 32):
-        data = images[:batch] if batch <= len(images) else np.repeat(images, -(-batch // len(images)), 0)[:batch]
-        run(data)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run(data)
-            times.append(time.perf_counter() - start)
-        latency["b%d_t%s" % (batch, threads or "all")] = 1000 * float(np.median(times))
-print(json.dumps({"rss_added_kb": added, "latency_ms": latency}))
-'''
+# Processes per memory reading (medians reported): the float model's RSS reading flips between two values.
+MEMORY_PROCESSES_FULL, MEMORY_PROCESSES_QUICK = 5, 1
 
 
-def measure(kind, path, npz, repeats):
-    """{rss_added_kb, latency_ms: {b1_t1, b32_t1, b1_tall, b32_tall}} of one file, in a fresh process."""
-    done = subprocess.run([sys.executable, "-c", _MEASURE, kind, path, npz, str(repeats)], capture_output=True,
-                          text=True, cwd=publish.REPO_ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-    if done.returncode != 0:
-        raise RuntimeError("measuring %s failed:\n%s" % (path, done.stderr[-2000:]))
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def measure(kind, path, npz, repeats, memory_processes=MEMORY_PROCESSES_FULL):
+    """{rss_added_kb, rss_added_warm_kb, rss_added_lean_kb, heap_added_kb, latency_ms: {...}} of one file
+    (benchmarks.file_measure: fresh processes, tfquant's onnxruntime session options)."""
+    return file_measure.measure(kind, path, npz, repeats, memory_processes, publish.REPO_ROOT)
+
+
+def write_offline_optimized(export_dir, images):
+    """model_ort.onnx and model_float_ort.onnx: the MLP's two ONNX files as onnxruntime optimizes them with
+    tfquant's options (MatMulNBits, FusedGemm), saved once: the offline optimization onnxruntime offers.
+
+    Returns:
+      {written file: {source, top1_agreement, max_abs_logit_diff}}: each run against its source file on `images`.
+    """
+    from tfquant.export import onnx_check, ort_session  # pylint: disable=import-outside-toplevel
+    compared = {}
+    for source, target in (("model.onnx", "model_ort.onnx"), ("model_float.onnx", "model_float_ort.onnx")):
+        source_path, target_path = os.path.join(export_dir, source), os.path.join(export_dir, target)
+        expected = onnx_check.run(ort_session.create(source_path, threads=1, optimized_path=target_path), images)
+        logits = onnx_check.run(ort_session.create(target_path, threads=1), images)
+        compared[target] = {"source": source,
+                            "top1_agreement": float(np.mean(logits.argmax(-1) == expected.argmax(-1))),
+                            "max_abs_logit_diff": float(np.max(np.abs(logits - expected)))}
+    return compared
 
 
 def _mlp_forward(units):
@@ -170,7 +137,7 @@ def export(run_dir, out_dir, npz, flags, quick):
     return publish.load_json(os.path.join(out_dir, "export.json"))
 
 
-def file_rows(name, out_dir, data, npz, repeats):
+def file_rows(name, out_dir, data, npz, repeats, memory_processes):
     """One table entry per file of an export directory."""
     accounted = data["packed"]["total_storage_bits"] / 8.0
     rows = []
@@ -183,7 +150,7 @@ def file_rows(name, out_dir, data, npz, repeats):
                  "over_accounted": os.path.getsize(path) / accounted,
                  "agreement": data.get("agreement_with_quantized_tf", {}).get(key),
                  "accuracy": data.get("accuracy", {}).get(key)}
-        entry.update(measure(kind, path, npz, repeats))
+        entry.update(measure(kind, path, npz, repeats, memory_processes))
         rows.append(entry)
     return rows
 
@@ -195,6 +162,7 @@ def run(work_dir, quick, seed=0):
     os.makedirs(work_dir, exist_ok=True)
     settings = MLP_QUICK if quick else MLP_FULL
     repeats = 3 if quick else 50
+    memory_processes = MEMORY_PROCESSES_QUICK if quick else MEMORY_PROCESSES_FULL
     helper = ModelHelper(batch_size=100, batch_size_eval=200 if quick else 500, eval_subset=200 if quick else None,
                          seed=0)
     x_test, y_test = dataset_arrays(helper, evaluation=True)
@@ -209,7 +177,8 @@ def run(work_dir, quick, seed=0):
     out = os.path.join(work_dir, "export_mlp_w4_block")
     exports["MLP W4 block/%d" % settings["block"]] = data = export(mlp_dir, out, npz, ["--onnx"], quick)
     float_onnx(out)
-    rows += file_rows("MLP W4 block/%d" % settings["block"], out, data, npz, repeats)
+    offline = write_offline_optimized(out, x_test)
+    rows += file_rows("MLP W4 block/%d" % settings["block"], out, data, npz, repeats, memory_processes)
     if not quick:
         for row in RESNET_ROWS:
             row_dir = accuracy_table.row_dir(work_dir, row.label, seed)
@@ -221,9 +190,10 @@ def run(work_dir, quick, seed=0):
                 export_table.write_test_npz(resnet_npz)
             out = os.path.join(os.path.dirname(row_dir), "export_kbit_" + accuracy_table.slug(row.label))
             exports[row.label] = data = export(row_dir, out, resnet_npz, ["--int8", "--onnx"], quick)
-            rows += file_rows("ResNet-20 " + row.label, out, data, resnet_npz, repeats)
-    return {"rows": rows, "exports": {name: {"onnx": data.get("onnx"), "int4": data.get("int4"),
-                                             "packed": data["packed"]} for name, data in exports.items()},
+            rows += file_rows("ResNet-20 " + row.label, out, data, resnet_npz, repeats, memory_processes)
+    return {"rows": rows, "offline_optimized": offline,
+            "exports": {name: {"onnx": data.get("onnx"), "int4": data.get("int4"), "packed": data["packed"]}
+                        for name, data in exports.items()},
             "quick": quick}
 
 
@@ -250,6 +220,10 @@ def targets(payload):
             checks.append(("%s: batch-1 latency (1 thread) <= 0.6 x float ONNX" % model, ratio, 0.6, ratio <= 0.6))
             ratio = kbit["rss_added_kb"] / max(base["rss_added_kb"], 1)
             checks.append(("%s: memory added <= 0.3 x float ONNX's" % model, ratio, 0.3, ratio <= 0.3))
+            if "model_ort.onnx" in files and "model_float_ort.onnx" in files:
+                ratio = files["model_ort.onnx"]["rss_added_kb"] / max(files["model_float_ort.onnx"]["rss_added_kb"], 1)
+                checks.append(("%s: memory added <= 0.3 x float ONNX's, both files optimized offline" % model,
+                               ratio, 0.3, ratio <= 0.3))
         if "model_int8.tflite" in files and "W4A8" in model:
             for name in ("model.onnx", "model_int4.tflite"):
                 if name in files:
@@ -262,6 +236,42 @@ def targets(payload):
             checks.append(("%s: MatMuls fused into MatMulNBits(bits=4)" % model, fused, len(weights),
                            fused == len(weights)))
     return checks
+
+
+def _mb(kb):
+    return "-" if kb is None else "%.1f" % (kb / 1024.0)
+
+
+def memory_lines(payload):
+    """The memory readings of the ONNX files (benchmarks.file_measure), each file's against its float file's."""
+    rows = [r for r in payload["rows"] if r.get("rss_added_warm_kb") is not None]
+    if not rows:
+        return []
+    floats = {(r["model"], r["name"].replace("model_float", "model")): r for r in rows if "float" in r["name"]}
+    keys = ("rss_added_kb", "rss_added_warm_kb", "rss_added_lean_kb", "rss_added_lean_warm_kb", "heap_added_kb")
+    table = []
+    for row in rows:
+        base = floats.get((row["model"], row["name"])) if "float" not in row["name"] else None
+        ratios = ["-" if base is None or row[k] is None or not base[k] else "%.2f" % (row[k] / base[k])
+                  for k in keys]
+        runs = row.get("rss_added_kb_runs") or [row["rss_added_kb"]]
+        table.append((row["model"], row["file"], "%s (%s-%s)" % (_mb(row["rss_added_kb"]), _mb(min(runs)),
+                                                                  _mb(max(runs))),
+                      _mb(row["rss_added_warm_kb"]), _mb(row["rss_added_lean_kb"]),
+                      _mb(row["rss_added_lean_warm_kb"]), _mb(row["heap_added_kb"]))
+                     + tuple(ratios))
+    return ["Memory of the ONNX files (MB; median of %d fresh processes each, onnxruntime with tfquant's session "
+            "options, `tfquant/export/ort_session.py`, one thread, batch 1). First session: the issue's reading, "
+            "which includes about 9.5 MB that onnxruntime's first session costs any model (a one-Relu model adds "
+            "it too: library code paged in, environment, thread pool). After a one-op session: the same with a "
+            "one-Relu model loaded and run first. mmap threshold fixed: the first-session reading with "
+            "MALLOC_MMAP_THRESHOLD_=131072, so freed loading copies leave the process. Both: the model's own RSS. "
+            "Heap in use: the bytes the "
+            "session holds in malloc's heap. k-bit / float: each reading of the k-bit file over its float "
+            "file's." % len(rows[0].get("rss_added_kb_runs") or [0]), "",
+            publish.markdown_table(("model", "file", "first session (min-max)", "after a one-op session",
+                                    "mmap threshold fixed", "both", "heap in use", "k-bit / float: first session",
+                                    "after one-op", "mmap fixed", "both", "heap"), table)]
 
 
 def render(payload, command, machine_lines):
@@ -278,7 +288,11 @@ def render(payload, command, machine_lines):
         "ms per run of the batch. Agreement: share of test images given the quantized TF graph's class.", "",
         publish.markdown_table(("model", "file", "bytes", "over accounted", "memory added MB", "b1 1 thread",
                                 "b32 1 thread", "b1 all cores", "b32 all cores", "agreement", "accuracy %"), table),
-        "", "Targets (issue 32):", "",
+        ""] + memory_lines(payload) + ["", "Files optimized offline against the files they come from (test images): " +
+                                       "; ".join("%s: %.4f of classes equal, logits within %.2g" % (
+                                           name, c["top1_agreement"], c["max_abs_logit_diff"])
+                                           for name, c in sorted(payload.get("offline_optimized", {}).items())),
+                                       "", "Targets (issue 32):", "",
         publish.markdown_table(("target", "measured", "limit", "met"),
                                [(what, "%.4g" % value, "%.4g" % limit, "yes" if met else "**no**")
                                 for what, value, limit, met in targets(payload)])]

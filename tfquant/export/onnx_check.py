@@ -14,38 +14,24 @@ import tempfile
 
 import numpy as np
 
+from tfquant.export import ort_session
+
 # A fused kernel whose logits differ from the unoptimized run by more than this share of the logits' scale
 # computes something else (the known defects give differences of the order of the logits themselves; an
 # int8 Q/DQ activation requantized by an integer kernel moves a logit by at most a few steps of its range).
 MAX_RELATIVE_DIFFERENCE = 0.05
 
 
-def _ort():
-    import onnxruntime  # pylint: disable=import-outside-toplevel
-    return onnxruntime
-
-
 def session(model, optimize=True, threads=2, optimized_path=None):
-    """An onnxruntime CPU session of a serialized model.
+    """An onnxruntime CPU session of a model, with tfquant's session options (ort_session).
 
     Args:
-      model: serialized ONNX model (bytes).
+      model: serialized ONNX model (bytes) or an .onnx file's path.
       optimize: ENABLE_ALL graph optimizations (MatMulNBits at accuracy level 0) or none at all.
       threads: intra-op threads (0: onnxruntime's default, every core).
       optimized_path: where onnxruntime writes the model it optimized (None: not written).
     """
-    ort = _ort()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    if optimized_path:
-        options.optimized_model_filepath = optimized_path
-    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    return ort_session.create(model, threads=threads, optimize=optimize, optimized_path=optimized_path)
 
 
 def run(model_session, images, batch_size=256):

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfquant.errors import TfquantError
-from tfquant.export import inference_graph, model_files
+from tfquant.export import inference_graph, model_files, ort_session
 
 OPSET = 17
 
@@ -157,21 +157,16 @@ def weight_codes(model):
 
 
 def _session(model, num_threads):
-    """An onnxruntime session of serialized bytes, or of a file read and checked by model_files."""
-    ort = _require("onnxruntime")
+    """An onnxruntime session (ort_session's options) of serialized bytes, or of a file checked by model_files
+    and then loaded from its path (bytes handed to onnxruntime stay alive beside its own copy)."""
+    _require("onnxruntime")
     where = None
     if not isinstance(model, (bytes, bytearray)):
         where = "ONNX model %s" % os.fspath(model)
-        model = model_files.read_model_file(model, "onnx")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: its shape-merging warnings would break the one-line output
-    # MatMulNBits (k-bit weights) keeps float activations: its default accuracy level quantizes them.
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    if num_threads:
-        options.intra_op_num_threads = num_threads
-        options.inter_op_num_threads = 1
+        model_files.read_model_file(model, "onnx")
+        model = os.fspath(model)
     try:
-        return ort.InferenceSession(bytes(model), sess_options=options, providers=["CPUExecutionProvider"])
+        return ort_session.create(model, threads=num_threads)
     except Exception as exc:  # pylint: disable=broad-except  (onnxruntime raises its own exception types)
         if where is None:
             raise

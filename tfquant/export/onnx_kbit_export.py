@@ -16,7 +16,7 @@ import copy
 import numpy as np
 
 from tfquant.config import FLOAT_BITS
-from tfquant.export import onnx_check, onnx_export, onnx_kbit, onnx_names
+from tfquant.export import onnx_check, onnx_export, onnx_kbit, onnx_names, ort_session
 from tfquant.export.model_export import ExportError
 
 OPSET_INT4 = 21
@@ -211,7 +211,7 @@ def onnx_file(source, report, packed_path, check_images, input_shape=None):
                                  else (source, []))
     if not kbit_tensors(tensors, report):
         model = onnx_export.convert(graph_def)
-        return model, {"opset": onnx_export.OPSET,
+        return model, {"opset": onnx_export.OPSET, "session": ort_session.describe(),
                        "quantize_dequantize_pairs": list(onnx_export.quantize_linear_pairs(model))}
     synthetic = check_images is None
     if synthetic:
@@ -222,4 +222,5 @@ def onnx_file(source, report, packed_path, check_images, input_shape=None):
     model, summary = export(graph_def, weight_records, report, tensors, check_images)
     summary["check"]["images_source"] = "synthetic (normal noise)" if synthetic else "given"
     summary["quantize_dequantize_pairs"] = list(onnx_export.quantize_linear_pairs(model))
+    summary["session"] = ort_session.describe()  # the options the check and the figures used
     return model, summary
