@@ -220,7 +220,8 @@ def main(argv=None):
                   "measure %.1f, brute force %.1f; MACs: search %.1f forward passes, %.1f %% of an epoch's; bits %s" % (
                       seed, "the same" if same else "DIFFER", entry["max_abs_difference"],
                       entry["worst_tolerance_ratio"], entry["measure_cpu_seconds"], entry["reference_cpu_seconds"],
-                      entry["search_forward_passes"], 100 * entry["search_epoch_mac_ratio"], json.dumps(entry["measured_bits"])), flush=True)
+                      entry["search_forward_passes"], 100 * entry["search_epoch_mac_ratio"],
+                      json.dumps(entry["measured_bits"])), flush=True)
     payload = {"quick": args.quick, "budget": BUDGET_FLAGS, "seeds": results, "load_average": list(os.getloadavg())}
     if args.output:
         publish.write_json(args.output, payload)
