@@ -8,6 +8,12 @@ pass run with it fed (no cut tensors, no shared quantizers, no parallel runs). B
 budgets; the check fails unless every allocation is the same and every sensitivity agrees to float tolerance.
 Process CPU seconds of both are recorded (they are not timing figures: run it beside anything).
 
+It also counts the search's arithmetic, which load does not change: the multiply-accumulates (MACs) of the
+matmul-like ops each loss run computes (those its target reaches on the way to the loss), in forward passes of
+one batch, beside a fine-tuning epoch's (its steps, each taken as three forward passes: the forward, the input
+gradient and the weight gradient). Every (target, width) run has an input of its own, so none of its MACs can be
+shared with another run: this ratio is what an unchanged measurement costs against an epoch at equal speed.
+
   .venv/bin/python -m benchmarks.bit_search_check --seeds 0,1,2 \
       --float_checkpoint '/work/bench/acc/seed{seed}/float' --output /tmp/search_check.json
   .venv/bin/python -m benchmarks.bit_search_check --quick --seeds 0,1,2     # a tiny ConvNet, seconds
@@ -24,7 +30,7 @@ import tensorflow as tf
 from benchmarks import publish
 from learners import bit_allocation, graphs
 from learners import flags as learner_flags
-from tfquant import allocation, ops, sensitivity, weight_grids
+from tfquant import allocation, match, ops, sensitivity, weight_grids
 
 tf1 = tf.compat.v1
 # W2 A2.5 with 1-bit weights allowed: the budget whose search cost issue 36 names.
@@ -33,6 +39,8 @@ BUDGET_FLAGS = ["--learner=uniform", "--uql_auto_bits", "--uql_equivalent_bits=2
 # Sensitivities are means of float32 losses; the two paths sum the network's ops in the same order but may
 # quantize on differently fused kernels.
 ABS_TOLERANCE, REL_TOLERANCE = 1e-5, 1e-4
+# A training step's MACs in forward passes: the forward, the gradient of each layer's input and of its weights.
+EPOCH_FORWARD_PASSES_PER_STEP = 3
 
 
 def reference_sensitivities(sess, loss, feeds, targets, bit_widths):
@@ -61,6 +69,41 @@ def reference_sensitivities(sess, loss, feeds, targets, bit_widths):
                 fed.update({tensor: value for tensor in target.tensors})
                 result[target.name][bits] += (float(sess.run(loss, fed)) - base) / len(feeds)
     return result
+
+
+def _matmul_macs(op):
+    """Multiply-accumulates of one matmul-like op from its static shapes (0 for any other op)."""
+    if op.type in ("Conv2D", "DepthwiseConv2dNative"):
+        output, kernel = op.outputs[0].shape, op.inputs[1].shape
+        if not (output.is_fully_defined() and kernel.is_fully_defined()):
+            raise ValueError("%s %s has no static shape; expected one to count its MACs" % (op.type, op.name))
+        height, width, depth = kernel.as_list()[:3]
+        # Conv2D sums over every input channel; a depthwise kernel's output channel reads one.
+        return int(np.prod(output.as_list())) * height * width * (depth if op.type == "Conv2D" else 1)
+    if op.type == "MatMul":
+        left, right = op.inputs[0].shape.as_list(), op.inputs[1].shape.as_list()
+        rows, inner = left[::-1] if op.get_attr("transpose_a") else left
+        columns = right[0] if op.get_attr("transpose_b") else right[1]
+        if None in (rows, inner, columns):
+            raise ValueError("MatMul %s has no static shape; expected one to count its MACs" % op.name)
+        return rows * inner * columns
+    return 0
+
+
+def loss_run_macs(loss, targets, bit_widths):
+    """(MACs of one float forward pass to `loss`, MACs of sensitivity.measure's loss runs for one batch).
+
+    A (target, width) run computes the ops its target's tensors reach on the way to the loss (the rest is fed
+    from the float pass), so it costs those ops' MACs; each target runs once per width of its kind.
+    """
+    upstream = match.reachable([loss.op], lambda op: [t.op for t in op.inputs] + list(op.control_inputs))
+    forward = sum(_matmul_macs(op) for op in upstream.values())
+    runs = 0
+    for target in targets:
+        reached = match.reachable([c for t in target.tensors for c in t.consumers()], match.readers)
+        runs += len(bit_widths[target.kind]) * sum(_matmul_macs(op) for name, op in reached.items()
+                                                    if name in upstream)
+    return forward, runs
 
 
 def allocations(settings, targets, measured):
@@ -129,13 +172,19 @@ def check_seed(seed, quick, float_checkpoint, work_dir):
         reference = reference_sensitivities(sess, loss, feeds, listed, widths)
         reference_cpu = time.process_time() - started
     pairs = [(measured[name][bits], reference[name][bits]) for name in reference for bits in reference[name]]
+    forward_macs, run_macs = loss_run_macs(loss, listed, widths)
+    # The float pass of every batch, and its loss runs.
+    search_forwards = len(feeds) * (1 + run_macs / forward_macs)
+    epoch_forwards = EPOCH_FORWARD_PASSES_PER_STEP * helper.nb_iters_per_epoch
     worst = max(abs(a - b) / (ABS_TOLERANCE + REL_TOLERANCE * abs(b)) for a, b in pairs)
     return {"seed": seed, "float_checkpoint": float_checkpoint,
             "measured_bits": allocations(settings, targets, measured),
             "reference_bits": allocations(settings, targets, reference),
             "max_abs_difference": max(abs(a - b) for a, b in pairs), "worst_tolerance_ratio": worst,
             "targets": len(listed), "loss_runs_per_batch": sum(len(widths[t.kind]) for t in listed),
-            "measure_cpu_seconds": measure_cpu, "reference_cpu_seconds": reference_cpu}
+            "measure_cpu_seconds": measure_cpu, "reference_cpu_seconds": reference_cpu,
+            "forward_macs": forward_macs, "search_forward_passes": search_forwards,
+            "epoch_forward_passes": epoch_forwards, "search_epoch_mac_ratio": search_forwards / epoch_forwards}
 
 
 def main(argv=None):
@@ -168,9 +217,10 @@ def main(argv=None):
             results.append(entry)
             same = entry["measured_bits"] == entry["reference_bits"]
             print("seed %d: allocations %s; largest sensitivity difference %.3g (%.2f of the tolerance); CPU s: "
-                  "measure %.1f, brute force %.1f; bits %s" % (
+                  "measure %.1f, brute force %.1f; MACs: search %.1f forward passes, %.1f %% of an epoch's; bits %s" % (
                       seed, "the same" if same else "DIFFER", entry["max_abs_difference"],
                       entry["worst_tolerance_ratio"], entry["measure_cpu_seconds"], entry["reference_cpu_seconds"],
+                      entry["search_forward_passes"], 100 * entry["search_epoch_mac_ratio"],
                       json.dumps(entry["measured_bits"])), flush=True)
     payload = {"quick": args.quick, "budget": BUDGET_FLAGS, "seeds": results, "load_average": list(os.getloadavg())}
     if args.output:

@@ -12,6 +12,13 @@ Where the time goes (ResNet-20, W2 A2.5, one batch of 128, profiled): about nine
 one per target and width, each computing the network below its target only; they are compute-bound (a forward
 pass of 896 examples costs the same per example as seven of 128), so only fewer runs or fewer examples could cut
 them, and fewer examples changed the chosen bits (the first 64 or 96 of the 128, on each of three seeds).
+Their arithmetic is a floor: the 293 runs' convolutions below their targets are 148 forward passes of the batch
+(benchmarks.bit_search_check counts them), 10.6 % of a fine-tuning epoch's (468 steps of three), and no run's can
+be shared, as each has an input of its own. Of a run's op time, convolutions take three quarters, the residual
+adds, batch norms and ReLUs the rest: grappler's remapper made the runs a fifth cheaper once a feed signature was
+optimized, but optimizing each of the ~40 signatures cost more than that (hence grappler off); optimizing the graph
+once, every fed tensor kept, fused only batch norm with ReLU (a twentieth) and moved losses by 3e-5. Leaving out
+the widest widths changed the chosen bits too (7 and 8: on seed 1's batches the stride-2 shortcut took 7 bits).
 benchmarks.bit_search_check checks this measurement and its allocations against brute force.
 """
 import collections

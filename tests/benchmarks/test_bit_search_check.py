@@ -61,6 +61,23 @@ def test_measurement_matches_brute_force_and_weights_of_one_shape_share_a_quanti
         assert solved[0] == solved[1]
 
 
+def test_loss_run_macs_count_what_each_target_reaches_below_it(rng):
+    """MACs by hand for the residual ConvNet (16 examples of 8x8, SAME convs): conv0 4->8 is 16*8*8*8 outputs times
+    3*3*4, each 8->8 conv the same outputs times 3*3*8, the dense 16*8*4; a target's run computes the convs after
+    it (the skip joins after conv3, so relu0 reaches conv1-3 once) and the dense, once per width."""
+    graph, loss, _, _ = _residual_convnet(rng)
+    weights, activations = sensitivity.find_targets(graph, tfquant.QuantConfig(quantize_all_layers=True))
+    conv0, conv, dense = 8192 * 36, 8192 * 72, 16 * 8 * 4
+    widths = {sensitivity.WEIGHT: [2, 3], sensitivity.ACTIVATION: [4]}
+    forward, runs = bit_search_check.loss_run_macs(loss, weights + activations, widths)
+    assert forward == conv0 + 3 * conv + dense
+    below = {"conv0": forward, "conv1": 3 * conv + dense, "conv2": 2 * conv + dense, "conv3": conv + dense,
+             "dense": dense, "relu0": 3 * conv + dense, "relu1": 2 * conv + dense, "relu2": conv + dense,
+             "relu3": dense}
+    assert sorted(t.name for t in weights + activations) == sorted(below)
+    assert runs == 2 * sum(below[t.name] for t in weights) + sum(below[t.name] for t in activations)
+
+
 def test_quick_check_gives_the_same_allocations_as_brute_force_per_seed(tmp_path):
     payload = bit_search_check.main(["--quick", "--seeds", "1", "--output", str(tmp_path / "check.json")])
     assert [entry["seed"] for entry in payload["seeds"]] == [1]
@@ -68,6 +85,10 @@ def test_quick_check_gives_the_same_allocations_as_brute_force_per_seed(tmp_path
         assert entry["measured_bits"] == entry["reference_bits"]
         assert set(entry["measured_bits"]) == {"weight", "activation"} and entry["worst_tolerance_ratio"] <= 1
         assert entry["measure_cpu_seconds"] > 0 and entry["reference_cpu_seconds"] > 0
+        # The float pass plus the loss runs, each at most a whole forward pass and some below the first target.
+        assert 1 < entry["search_forward_passes"] < 1 + entry["loss_runs_per_batch"]
+        assert entry["search_epoch_mac_ratio"] == pytest.approx(
+            entry["search_forward_passes"] / entry["epoch_forward_passes"])
     assert publish.load_json(str(tmp_path / "check.json"))["seeds"][0]["measured_bits"] == entry["measured_bits"]
 
 
