@@ -84,9 +84,10 @@ def _history(argument):
 
 def _call_inputs(node):
     """The input keys of one inbound node ({'args': [...], 'kwargs': {...}}), or None when it is not plain."""
-    # Keras records unset keyword arguments too ({'mask': None}); a set one (a mask, a fixed training flag) does
-    # not map.
-    if not isinstance(node, dict) or any(value is not None for value in (node.get("kwargs") or {}).values()):
+    # Keras records unset keyword arguments ({'mask': None}) and the training flag of the symbolic call, which
+    # the model's own call overrides; any other (a mask) does not map.
+    if not isinstance(node, dict) or any(value is not None for key, value in (node.get("kwargs") or {}).items()
+                                         if key != "training"):
         return None
     args = node.get("args", [])
     if len(args) == 1 and isinstance(args[0], (list, tuple)):
@@ -182,7 +183,7 @@ def plan(model):
         layer = model.get_layer(name)
         nodes = entry.get("inbound_nodes", [])
         keys = _call_inputs(nodes[0]) if len(nodes) == 1 else None
-        reason = "called %d times or with keyword arguments" % len(nodes) if keys is None else \
+        reason = "called %d times, or with a mask" % len(nodes) if keys is None else \
             _layer_reason(layer, class_name, entry["config"])
         if reason:
             reasons.append("%s (%s: %s)" % (name, class_name, reason))
