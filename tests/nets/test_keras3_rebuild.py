@@ -65,8 +65,7 @@ def randomise_moving_statistics(model, rng):
 def models(tmp_path_factory):
     import keras
     directory = tmp_path_factory.mktemp("keras3_rebuild")
-    shared = fx.shared_files()
-    data = str(shared["dir"] / "data.npz")
+    _, _, x_test, _ = fx.make_data(str(directory))
     rng = np.random.default_rng(3)
     keras.utils.set_random_seed(3)
     built = {}
@@ -79,7 +78,7 @@ def models(tmp_path_factory):
     x = keras.layers.BatchNormalization(momentum=MOMENTUM, name="bn")(keras.layers.Conv2D(4, 3, name="conv")(inputs))
     x = keras.layers.LayerNormalization(name="norm")(keras.layers.Flatten()(x))  # does not map
     keras.Model(inputs, keras.layers.Dense(3, name="fc")(x)).save(directory / "unmapped.keras")
-    return {"dir": directory, "data": data, "x": shared["x_test"][:32], "keras": built}
+    return {"dir": directory, "data": str(directory / "data.npz"), "x": x_test[:32], "keras": built}
 
 
 def helper(models, name):
@@ -197,25 +196,27 @@ def test_uniform_w4a8_with_folding_and_ptq_train_save_and_export(models, tmp_pat
     import keras
     data, model = "--data_npz=%s" % models["data"], "--model=%s" % (models["dir"] / "conv_bn.keras")
     common = [model, data, "--uql_weight_bits=4", "--uql_activation_bits=8", "--uql_quantize_all_layers"]
-    result = fx.run_file(tmp_path, *common, "--learner=uniform", "--uql_fold_batch_norms", "--uql_quant_epochs=0.25",
-                         "--save_path=./fold/model.ckpt")
+    folded, calibrated = tmp_path / "fold", tmp_path / "ptq"
+    folded.mkdir()
+    calibrated.mkdir()
+    result = fx.run_file(folded, *common, "--learner=uniform", "--uql_fold_batch_norms", "--uql_quant_epochs=0.25")
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.load(open(tmp_path / "fold" / "quant_report.json"))
+    report = json.load(open(folded / "models_uql" / "quant_report.json"))
     assert report["config"]["fold_batch_norms"] and not [n for n in report["notes"] if "bn" in n], report["notes"]
-    reader = tf.train.load_checkpoint(str(tmp_path / "fold"))
+    reader = tf.train.load_checkpoint(str(folded / "models_uql"))
     source = models["keras"]["conv_bn"].get_layer("bn")
     assert np.abs(reader.get_tensor("model/bn/moving_variance") - source.moving_variance.numpy()).max() > 1e-3
 
-    result = fx.run_file(tmp_path, *common, "--learner=ptq", "--uql_calib_batches=2", "--save_model=tuned.keras")
+    result = fx.run_file(calibrated, *common, "--learner=ptq", "--uql_calib_batches=2", "--save_model=tuned.keras")
     assert result.returncode == 0, result.stderr[-3000:]
-    tuned = keras.saving.load_model(str(tmp_path / "tuned.keras"))
+    tuned = keras.saving.load_model(str(calibrated / "tuned.keras"))
     assert len(np.unique(tuned.get_layer("conv").kernel.numpy())) <= 16  # on the 4-bit grid
     # ptq does not train: the moving statistics written back are the file's.
     np.testing.assert_array_equal(tuned.get_layer("bn").moving_mean.numpy(), source.moving_mean.numpy())
-    reference = fx.quantized_checkpoint_logits(str(tmp_path / "models_uql"), models["x"])
+    reference = fx.quantized_checkpoint_logits(str(calibrated / "models_uql"), models["x"])
     agreement = np.mean(tuned.predict(models["x"], verbose=0).argmax(1) == reference.argmax(1))
     assert agreement >= 0.9, agreement
-    exported = fx.run_file(tmp_path, *common, "--learner=ptq", "--exec_mode=export", "--export_dir=export",
+    exported = fx.run_file(calibrated, *common, "--learner=ptq", "--exec_mode=export", "--export_dir=export",
                            "--export_onnx")
     assert exported.returncode == 0, exported.stderr[-3000:]
-    assert os.path.isfile(tmp_path / "export" / "export.json")
+    assert os.path.isfile(calibrated / "export" / "export.json")
