@@ -114,6 +114,14 @@ def _layer_reason(layer, class_name, config):
     return check(layer, config) if check else ""
 
 
+def _input_rank(layer):
+    """The rank of the layer's one input (0 when Keras cannot say)."""
+    try:
+        return len(layer.input.shape)
+    except (AttributeError, ValueError):  # Keras raises ValueError for a layer without one input
+        return 0
+
+
 def _check_conv(layer, config):
     if config.get("groups", 1) != 1:
         return "groups=%s" % config["groups"]
@@ -123,7 +131,7 @@ def _check_conv(layer, config):
 def _check_batch_norm(layer, config):
     axis = config.get("axis", -1)
     axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
-    rank = len(layer.input.shape) if hasattr(layer, "input") else 0
+    rank = _input_rank(layer)
     if rank not in (2, 4) or axis not in (-1, rank - 1):
         return "axis %s of a rank-%d input (expected the last axis of a rank-2 or rank-4 input)" % (axis, rank)
     if config.get("renorm") or config.get("synchronized"):
@@ -140,7 +148,8 @@ def _check_relu(layer, config):
 
 def _check_dense(layer, config):
     del config
-    return "" if len(layer.input.shape) == 2 else "input of rank %d (expected rank 2)" % len(layer.input.shape)
+    rank = _input_rank(layer)
+    return "" if rank == 2 else "input of rank %d (expected rank 2)" % rank
 
 
 def _check_dropout(layer, config):
@@ -272,7 +281,9 @@ def _batch_norm(xs, config, variables, is_training):
     beta = variables.get("beta", tf.zeros([channels]))
     moving_mean, moving_variance = variables["moving_mean"], variables["moving_variance"]
     epsilon = float(config.get("epsilon", 1e-3))
-    if is_training:
+    # Keras normalises with batch statistics only in a trainable layer's training call (a frozen one, as in
+    # transfer learning, keeps its moving statistics).
+    if is_training and config.get("trainable", True):
         y, mean, unbiased = tf1.nn.fused_batch_norm(x, gamma, beta, epsilon=epsilon, is_training=True)
         # m <- momentum * m + (1 - momentum) * statistic as assign_sub(m, m * rate - statistic * rate). The fused op
         # returns the variance with Bessel's correction; Keras averages the biased one, so its rate carries

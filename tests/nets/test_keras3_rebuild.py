@@ -51,6 +51,13 @@ def many_layers(keras):
     return keras.Model(inputs, keras.layers.Dense(3, name="fc")(x))
 
 
+def sequential_frozen_bn(keras):
+    """A Sequential model whose batch norm is frozen (trainable=False): Keras keeps its moving statistics."""
+    return keras.Sequential([keras.Input((8, 8, 2)), keras.layers.Conv2D(4, 3, name="conv"),
+                             keras.layers.BatchNormalization(trainable=False, name="bn"),
+                             keras.layers.Flatten(name="flat"), keras.layers.Dense(3, name="fc")])
+
+
 def randomise_moving_statistics(model, rng):
     """Moving statistics unlike a fresh layer's, so inference depends on them."""
     for layer in model.layers:
@@ -69,7 +76,7 @@ def models(tmp_path_factory):
     rng = np.random.default_rng(3)
     keras.utils.set_random_seed(3)
     built = {}
-    for name, make in (("conv_bn", conv_bn_dense), ("many", many_layers)):
+    for name, make in (("conv_bn", conv_bn_dense), ("many", many_layers), ("sequential", sequential_frozen_bn)):
         model = make(keras)
         randomise_moving_statistics(model, rng)
         model.save(directory / (name + ".keras"))
@@ -104,7 +111,7 @@ def run_forward(file_helper, images, is_training, fetch_names=()):
     return values, updates, before, after, graph
 
 
-@pytest.mark.parametrize("name", ["conv_bn", "many"])
+@pytest.mark.parametrize("name", ["conv_bn", "many", "sequential"])
 def test_evaluation_is_keras_inference_at_step_0(models, name):
     file_helper = helper(models, name)
     assert file_helper.batch_norms_train
@@ -137,6 +144,17 @@ def test_training_step_uses_batch_statistics_and_moves_the_averages_as_keras(mod
                                rtol=1e-5, atol=1e-5)
     batch_norms = [op for op in graph.get_operations() if op.type.startswith("FusedBatchNorm")]
     assert [op.get_attr("is_training") for op in batch_norms] == [True]
+
+
+def test_frozen_batch_norm_of_a_sequential_model_keeps_its_moving_statistics_in_training(models):
+    file_helper = helper(models, "sequential")
+    # A Sequential model's weight paths start with its name, which Keras numbers.
+    names = ["model/" + name for path, name in file_helper.rebuild_plan.variable_names.items()
+             if path.endswith("bn/moving_mean")]
+    logits, updates, before, after, _ = run_forward(file_helper, models["x"], True, names)
+    assert not updates and np.array_equal(before, after)
+    expected = models["keras"]["sequential"](models["x"], training=True).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_weights_stay_variables_tfquant_quantizes(models):
