@@ -54,8 +54,13 @@ class ModelFileHelper(keras_model.KerasModelHelper):
         self.rebuild_plan = None
         if self.kind == "keras3":
             model = keras3.load_keras3_model(keras_model_path)
-            self.rebuild_plan, reasons = keras3_graph.plan(model)
+            self.rebuild_plan, reasons = keras3_graph.plan(model, keras_model_path)
             if self.rebuild_plan is not None:
+                if reasons:
+                    sys.stdout.write("note: Keras 3 model %s: layers %s run as their frozen inference graphs (batch "
+                                     "norms inside fixed, dropout off); every other layer trains as in Keras\n"
+                                     % (keras_model_path, "; ".join(reasons[:5])))
+                    sys.stdout.flush()
                 self._use_rebuilt(model)
                 return
             sys.stdout.write("note: Keras 3 model %s runs as its frozen inference graph (batch norms fixed at their "
@@ -104,8 +109,7 @@ class ModelFileHelper(keras_model.KerasModelHelper):
             raise ModelFileError("%s %s holds no Conv2D, depthwise or Dense weights tfquant can quantize; expected "
                                  "a model with weights" % (self.model_kind, path), path=path)
         self.nb_classes = int(logits.shape[-1])
-        self.initial_values = {self.rebuild_plan.variable_names[weight.path]: weight.value
-                               for call in self.rebuild_plan.calls for weight in call.weights.values()}
+        self.initial_values = self.rebuild_plan.initial_values()
 
     @property
     def batch_norms_train(self):

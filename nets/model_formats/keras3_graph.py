@@ -7,9 +7,10 @@ norm, pooling, ...), its weights turned into variables named by their Keras path
 batch statistics and adds to UPDATE_OPS the moving-average updates Keras makes (momentum, biased variance); in an
 evaluation graph it uses the moving statistics. Dropout is on in training graphs only.
 
-plan() says whether a model can be rebuilt: a layer of a kind, configuration or data type this module does not
-map, a shared layer or a nested model makes the whole model fall back to the frozen inference graph
-(nets.model_formats.keras3), and the reasons say which layers.
+plan() says how a model is rebuilt: a one-input layer of a kind, configuration or data type this module does
+not map (a nested model too) runs as its own frozen inference graph (keras3_frozen_layer); a shared layer, a
+masked call or an unmapped layer of several inputs makes the whole model fall back to the frozen inference
+graph (nets.model_formats.keras3). Either way the reasons name the layers.
 """
 import dataclasses
 from typing import Dict, List, Tuple
@@ -17,6 +18,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import tensorflow as tf
 
+from nets.model_formats import keras3_frozen_layer
 from nets.model_formats.concrete import variable_name
 
 tf1 = tf.compat.v1
@@ -57,6 +59,7 @@ class LayerCall:
     config: dict
     inputs: List[Tuple[str, int, int]]
     weights: Dict[str, FileWeight]  # by short name ('kernel')
+    frozen: object = None  # the PreparedGraph of a layer that runs frozen
 
 
 @dataclasses.dataclass
@@ -67,11 +70,16 @@ class RebuildPlan:
     input_key: Tuple[str, int, int]
     output_key: Tuple[str, int, int]
     variable_names: Dict[str, str]  # Keras weight path -> variable name
+    frozen_layers: List[str] = dataclasses.field(default_factory=list)  # 'name (Class: reason)' of frozen layers
 
-    @property
-    def batch_norm_layers(self):
-        """Names of the BatchNormalization layers (they train with batch statistics)."""
-        return [call.name for call in self.calls if call.class_name == "BatchNormalization"]
+    def initial_values(self):
+        """{variable name: the file's value} of every variable the rebuilt model creates."""
+        values = {}
+        for call in self.calls:
+            if call.frozen is not None:
+                values.update((p.name, p.value) for p in call.frozen.parameters.values())
+            values.update((self.variable_names[w.path], w.value) for w in call.weights.values())
+        return values
 
 
 def _history(argument):
@@ -157,13 +165,15 @@ def _check_dropout(layer, config):
     return "" if config.get("noise_shape") is None else "noise_shape"
 
 
-def plan(model):
+def plan(model, path=""):
     """Map a loaded Keras 3 model to a RebuildPlan.
 
     Args:
       model: a Keras 3 Functional or Sequential model.
+      path: its file, for messages.
     Returns:
-      (RebuildPlan, []) when every layer maps, else (None, reasons naming the layers that do not).
+      (RebuildPlan, []) when every layer maps; (RebuildPlan, reasons) when some run frozen (also in
+      plan.frozen_layers); (None, reasons naming the layers that prevent a rebuild).
     """
     config = model.get_config()
     layers = config.get("layers", [])
@@ -184,7 +194,7 @@ def plan(model):
         outputs = outputs if isinstance(outputs[0], list) else [outputs]
     if len(inputs) != 1 or len(outputs) != 1:
         return None, ["%d inputs and %d outputs" % (len(inputs), len(outputs))]
-    calls, reasons, variable_names = [], [], {}
+    calls, reasons, variable_names, frozen_layers = [], [], {}, []
     for entry in layers:
         name, class_name = entry.get("name") or entry["config"]["name"], entry["class_name"]
         if class_name == "InputLayer":
@@ -194,6 +204,14 @@ def plan(model):
         keys = _call_inputs(nodes[0]) if len(nodes) == 1 else None
         reason = "called %d times, or with a mask" % len(nodes) if keys is None else \
             _layer_reason(layer, class_name, entry["config"])
+        if reason and keys is not None and len(keys) == 1:
+            prepared = keras3_frozen_layer.freeze_layer(layer, path)
+            if not isinstance(prepared, str):
+                frozen_layers.append("%s (%s: %s)" % (name, class_name, reason))
+                variable_names.update(keras3_frozen_layer.frozen_variable_paths(layer, prepared))
+                calls.append(LayerCall(name, class_name, entry["config"], keys, {}, prepared))
+                continue
+            reason = "%s; frozen alone: %s" % (reason, prepared)
         if reason:
             reasons.append("%s (%s: %s)" % (name, class_name, reason))
             continue
@@ -208,7 +226,7 @@ def plan(model):
         reasons.append("two weights share a variable name")
     if reasons:
         return None, reasons
-    return RebuildPlan(calls, tuple(inputs[0]), tuple(outputs[0]), variable_names), []
+    return RebuildPlan(calls, tuple(inputs[0]), tuple(outputs[0]), variable_names, frozen_layers), frozen_layers
 
 
 def _variable(weight, names):
@@ -233,9 +251,13 @@ def build(rebuild_plan, inputs, is_training):
     """
     tensors = {rebuild_plan.input_key: inputs}
     for call in rebuild_plan.calls:
+        arguments = [tensors[key] for key in call.inputs]
+        if call.frozen is not None:
+            tensors[(call.name, 0, 0)] = keras3_frozen_layer.import_layer(call.frozen, arguments[0],
+                                                                          variable_name(call.name))
+            continue
         variables = {short: _variable(weight, rebuild_plan.variable_names) for short, weight in call.weights.items()}
         with tf1.name_scope(variable_name(call.name)):
-            arguments = [tensors[key] for key in call.inputs]
             output = _BUILDERS[call.class_name](arguments, call.config, variables, is_training)
             activation = call.config.get("activation")
             if activation and call.class_name != "Activation":

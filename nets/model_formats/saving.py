@@ -126,8 +126,9 @@ def save_keras(weights, helper, path):
     if helper.kind == "keras3" and getattr(helper, "rebuild_plan", None) is not None:
         # A rebuilt model's variables are its Keras weights, moving statistics included.
         model = helper.keras3_model
-        names = helper.rebuild_plan.variable_names
-        targets = {"%s/%s" % (MODEL_SCOPE, names[w.path]): w for w in model.weights}
+        by_path = {w.path: w for w in model.weights}
+        targets = {"%s/%s" % (MODEL_SCOPE, name): by_path[path]
+                   for path, name in helper.rebuild_plan.variable_names.items()}
     elif helper.kind == "keras3":
         targets = {}
         keras_weights = helper.file_graph.save_info["weights"]

@@ -85,6 +85,11 @@ def models(tmp_path_factory):
     x = keras.layers.BatchNormalization(momentum=MOMENTUM, name="bn")(keras.layers.Conv2D(4, 3, name="conv")(inputs))
     x = keras.layers.LayerNormalization(name="norm")(keras.layers.Flatten()(x))  # does not map
     keras.Model(inputs, keras.layers.Dense(3, name="fc")(x)).save(directory / "unmapped.keras")
+    built["unmapped"] = keras.saving.load_model(str(directory / "unmapped.keras"))
+    shared = keras.layers.Conv2D(2, 3, padding="same", name="shared")  # called twice: no rebuild
+    x = keras.layers.BatchNormalization(momentum=MOMENTUM, name="bn")(shared(shared(inputs)))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    keras.Model(inputs, keras.layers.Dense(3, name="fc")(x)).save(directory / "shared.keras")
     return {"dir": directory, "data": str(directory / "data.npz"), "x": x_test[:32], "keras": built}
 
 
@@ -198,14 +203,32 @@ def test_batch_norm_folds(models, is_training):
         assert not batch_norm.outputs[0].consumers() and logits.graph is graph
 
 
-def test_unmapped_layer_falls_back_to_the_frozen_graph_with_one_note(models, capsys):
+def notes_of(capsys):
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+
+
+def test_unmapped_layer_runs_frozen_alone_and_the_rest_trains(models, capsys):
     file_helper = helper(models, "unmapped")
-    out = capsys.readouterr().out
-    notes = [line for line in out.splitlines() if line.startswith("note:")]
-    assert len(notes) == 1 and "unmapped.keras" in notes[0] and "norm (LayerNormalization" in notes[0], out
+    (note,) = notes_of(capsys)
+    assert "unmapped.keras" in note and "norm (LayerNormalization" in note and "frozen" in note, note
+    assert file_helper.batch_norms_train
+    model = models["keras"]["unmapped"]
+    names = ["model/bn/moving_mean", "model/norm/gamma"]
+    logits, _, _, _, _ = run_forward(file_helper, models["x"], False)
+    np.testing.assert_allclose(logits, model(models["x"], training=False).numpy(), rtol=1e-5, atol=1e-5)
+    logits, updates, before, after, graph = run_forward(file_helper, models["x"], True, names)
+    # LayerNormalization is the same in both modes, so the whole model is Keras's training call.
+    np.testing.assert_allclose(logits, model(models["x"], training=True).numpy(), rtol=1e-5, atol=1e-5)
+    assert len(updates) == 2 and np.abs(after[0] - before[0]).max() > 1e-4
+    assert "model/norm/gamma" in {v.op.name for v in graph.get_collection(tf1.GraphKeys.TRAINABLE_VARIABLES)}
+
+
+def test_shared_layer_falls_back_to_the_frozen_graph_with_one_note(models, capsys):
+    file_helper = helper(models, "shared")
+    (note,) = notes_of(capsys)
+    assert "shared.keras" in note and "runs as its frozen inference graph" in note and "shared (Conv2D" in note
     assert not file_helper.batch_norms_train
-    names = ["model/bn/moving_mean"]
-    _, updates, before, after, graph = run_forward(file_helper, models["x"], True, names)
+    _, updates, before, after, graph = run_forward(file_helper, models["x"], True, ["model/bn/moving_mean"])
     assert not updates and np.array_equal(before, after)  # frozen: the moving statistics never move
     assert all(not op.get_attr("is_training") for op in graph.get_operations() if op.type.startswith("FusedBatch"))
 
