@@ -3,7 +3,7 @@ inference call, a training step normalises with batch statistics and moves the m
 the weights stay variables tfquant quantizes, a layer that does not map falls back to the frozen graph (said
 once), and the uniform (with --uql_fold_batch_norms) and ptq runs train, save and export it."""
 import json
-import os
+import re
 
 import numpy as np
 import pytest
@@ -248,16 +248,24 @@ def test_uniform_w4a8_with_folding_and_ptq_train_save_and_export(models, tmp_pat
     source = models["keras"]["conv_bn"].get_layer("bn")
     assert np.abs(reader.get_tensor("model/bn/moving_variance") - source.moving_variance.numpy()).max() > 1e-3
 
+    # ptq on the model with a frozen LayerNormalization: its weights go back into the file too.
+    common = ["--model=%s" % (models["dir"] / "unmapped.keras")] + common[1:]
     result = fx.run_file(calibrated, *common, "--learner=ptq", "--uql_calib_batches=2", "--save_model=tuned.keras")
     assert result.returncode == 0, result.stderr[-3000:]
+    quantized = re.search(r"quantized accuracy:\s+([\d.]+)", result.stdout + result.stderr)
+    assert quantized, result.stdout[-3000:]
     tuned = keras.saving.load_model(str(calibrated / "tuned.keras"))
     assert len(np.unique(tuned.get_layer("conv").kernel.numpy())) <= 16  # on the 4-bit grid
-    # ptq does not train: the moving statistics written back are the file's.
-    np.testing.assert_array_equal(tuned.get_layer("bn").moving_mean.numpy(), source.moving_mean.numpy())
+    # ptq does not train: the moving statistics and the frozen layer's weights written back are the file's.
+    source = models["keras"]["unmapped"]
+    np.testing.assert_array_equal(tuned.get_layer("bn").moving_mean.numpy(),
+                                  source.get_layer("bn").moving_mean.numpy())
+    np.testing.assert_allclose(tuned.get_layer("norm").gamma.numpy(), source.get_layer("norm").gamma.numpy())
     reference = fx.quantized_checkpoint_logits(str(calibrated / "models_uql"), models["x"])
     agreement = np.mean(tuned.predict(models["x"], verbose=0).argmax(1) == reference.argmax(1))
     assert agreement >= 0.9, agreement
     exported = fx.run_file(calibrated, *common, "--learner=ptq", "--exec_mode=export", "--export_dir=export",
                            "--export_onnx")
     assert exported.returncode == 0, exported.stderr[-3000:]
-    assert os.path.isfile(calibrated / "export" / "export.json")
+    onnx = re.search(r"accuracy onnx\S*\s+([\d.]+)", exported.stdout)
+    assert onnx and float(onnx.group(1)) >= float(quantized.group(1)) - 0.03, exported.stdout[-3000:]
