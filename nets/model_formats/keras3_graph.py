@@ -29,12 +29,12 @@ _ACTIVATIONS = {
     "softmax": tf.nn.softmax, "elu": tf.nn.elu, "softplus": tf.nn.softplus, "silu": tf.nn.silu, "swish": tf.nn.silu,
     "gelu": lambda x: tf.nn.gelu(x, approximate=False),
 }
-_MERGES = {"Add": tf.add_n, "Multiply": lambda xs: _fold(tf.multiply, xs),
-           "Subtract": lambda xs: tf.subtract(*xs), "Maximum": lambda xs: _fold(tf.maximum, xs),
-           "Minimum": lambda xs: _fold(tf.minimum, xs), "Average": lambda xs: tf.add_n(xs) / float(len(xs))}
+_MERGES = {"Add": tf.add_n, "Multiply": lambda xs: _pairwise(tf.multiply, xs),
+           "Subtract": lambda xs: tf.subtract(*xs), "Maximum": lambda xs: _pairwise(tf.maximum, xs),
+           "Minimum": lambda xs: _pairwise(tf.minimum, xs), "Average": lambda xs: tf.add_n(xs) / float(len(xs))}
 
 
-def _fold(binary, tensors):
+def _pairwise(binary, tensors):
     result = tensors[0]
     for tensor in tensors[1:]:
         result = binary(result, tensor)
