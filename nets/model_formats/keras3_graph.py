@@ -104,8 +104,12 @@ def _call_inputs(node):
     return None if not keys or None in keys else keys
 
 
-def _layer_reason(layer, class_name, config):
-    """Why a layer cannot be mapped ('' when it can)."""
+def _layer_reason(layer, class_name, config, module="keras.layers"):
+    """Why a layer (or a Keras operation of a functional model, such as `x + y`) cannot be mapped ('' when it can)."""
+    if module == _NUMPY_OPS:
+        return "" if class_name in _MERGES and class_name != "Average" else "the Keras operation %s" % class_name
+    if not module.startswith("keras.layers"):
+        return "a %s.%s" % (module, class_name)
     if class_name not in _BUILDERS:
         return "a %s layer" % class_name
     dtype = getattr(getattr(layer, "dtype_policy", None), "compute_dtype", "float32")
@@ -195,15 +199,20 @@ def plan(model, path=""):
     if len(inputs) != 1 or len(outputs) != 1:
         return None, ["%d inputs and %d outputs" % (len(inputs), len(outputs))]
     calls, reasons, variable_names, frozen_layers = [], [], {}, []
+    by_name = {operation.name: operation for operation in getattr(model, "operations", model.layers)}
     for entry in layers:
         name, class_name = entry.get("name") or entry["config"]["name"], entry["class_name"]
         if class_name == "InputLayer":
             continue
-        layer = model.get_layer(name)
+        layer, module = by_name.get(name), entry.get("module") or "keras.layers"
         nodes = entry.get("inbound_nodes", [])
         keys = _call_inputs(nodes[0]) if len(nodes) == 1 else None
-        reason = "called %d times, or with a mask" % len(nodes) if keys is None else \
-            _layer_reason(layer, class_name, entry["config"])
+        if layer is None:
+            reason = "not found in the model"
+        elif keys is None:
+            reason = "called %d times, with a mask or with a constant" % len(nodes)
+        else:
+            reason = _layer_reason(layer, class_name, entry["config"], module)
         if reason and keys is not None and len(keys) == 1:
             prepared = keras3_frozen_layer.freeze_layer(layer, path)
             if not isinstance(prepared, str):
@@ -216,7 +225,7 @@ def plan(model, path=""):
             reasons.append("%s (%s: %s)" % (name, class_name, reason))
             continue
         weights = {}
-        for weight in layer.weights:
+        for weight in getattr(layer, "weights", []):
             with tf.init_scope():  # the values are read eagerly, once
                 value = np.asarray(weight.numpy())
             weights[weight.path.rsplit("/", 1)[-1]] = FileWeight(weight.path, value, bool(weight.trainable))
@@ -393,6 +402,7 @@ _BUILDERS = {
     "Identity": _layer_op(lambda x, config: tf.identity(x)),
 }
 _BUILDERS.update({name: _merge(name) for name in _MERGES})
+_NUMPY_OPS = "keras.src.ops.numpy"  # the module of `x + y` and its kind in a functional model's configuration
 _CHECKS = {"Conv2D": _check_conv, "DepthwiseConv2D": _check_conv, "BatchNormalization": _check_batch_norm,
            "ReLU": _check_relu, "Dense": _check_dense, "Dropout": _check_dropout,
            "Rescaling": lambda layer, config: "" if np.ndim(config["scale"]) == 0 and np.ndim(
