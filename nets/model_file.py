@@ -1,9 +1,10 @@
 """A ModelHelper over a model file of any format nets.model_formats reads (Keras 3, SavedModel, frozen graph).
 
-A Keras 3 file whose layers nets.model_formats.keras3_graph maps is rebuilt from tf.compat.v1 ops in each
-learner graph: batch norms train with batch statistics and update their moving averages (UPDATE_OPS) in
-training graphs, use the moving statistics in evaluation graphs, and dropout is on in training only.
-Any other file (and a Keras 3 file with a layer that does not map, said in one printed note) is loaded once and
+A Keras 3 file is rebuilt from tf.compat.v1 ops in each learner graph (nets.model_formats.keras3_graph): batch
+norms train with batch statistics and update their moving averages (UPDATE_OPS) in training graphs, use the
+moving statistics in evaluation graphs, and dropout is on in training only; a layer it does not map runs frozen
+alone (said in one printed note). Any other file (and a Keras 3 file that cannot be rebuilt: a shared layer, a
+masked call; also said in a note) is loaded once and
 frozen into an inference GraphDef (nets.model_formats); each learner graph imports it on its input tensor. Its
 network is the file's inference pass: batch norms use the file's moving statistics, whose scale and offset
 train (a frozen affine layer), and dropout is off. Either way the weights are variables named
