@@ -211,9 +211,9 @@ def make_model_file_helper(settings):
     elif settings.keras_unsafe:
         raise UserError("--keras_unsafe has no effect for the model %s (%s); Lambda layers load only from tf_keras "
                         "files" % (settings.model, kind))
-    if kind != "tf_keras" and settings.uql_fold_batch_norms:
-        # The file froze its batch norms: Keras 3's x * gamma * rsqrt(var + eps) + ... and a conv's bias between
-        # it and the batch norm are forms tfquant's folding pass does not match, so nothing would be folded.
+    if kind not in ("tf_keras", "keras3") and settings.uql_fold_batch_norms:
+        # The file froze its batch norms: x * gamma * rsqrt(var + eps) + ... and a conv's bias between it and
+        # the batch norm are forms tfquant's folding pass does not match, so nothing would be folded.
         raise UserError("--uql_fold_batch_norms is not valid for the %s model %s: its batch norms are frozen affine "
                         "layers (trained as such) that the folding pass does not match; expected the flag left out"
                         % (kind, settings.model))
@@ -230,8 +230,15 @@ def make_model_file_helper(settings):
         if kind == "tf_keras":
             return keras_model.KerasModelHelper(keras_model=settings.model, keras_unsafe=settings.keras_unsafe,
                                                 **kwargs)
-        return model_file.ModelFileHelper(settings.model, kind, settings.signature, settings.input_name,
-                                          settings.output_name, **kwargs)
+        helper = model_file.ModelFileHelper(settings.model, kind, settings.signature, settings.input_name,
+                                            settings.output_name, **kwargs)
+        if kind == "keras3" and settings.uql_fold_batch_norms and not helper.batch_norms_train:
+            # Known once loaded (before the float checkpoint is written): only a Keras 3 model rebuilt layer by
+            # layer has batch norms the folding pass matches.
+            raise UserError("--uql_fold_batch_norms is not valid for the Keras 3 model %s: it runs as its frozen "
+                            "inference graph (see the note above), whose batch norms the folding pass does not "
+                            "match; expected the flag left out" % settings.model)
+        return helper
     helper = _file_helper(build, settings)
     helper.kind = kind
     return helper

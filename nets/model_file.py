@@ -1,19 +1,23 @@
 """A ModelHelper over a model file of any format nets.model_formats reads (Keras 3, SavedModel, frozen graph).
 
-The file is loaded once and frozen into an inference GraphDef (nets.model_formats); each learner graph imports
-it on its input tensor with the file's weights, biases and batch-norm parameters as variables named
+A Keras 3 file is rebuilt from tf.compat.v1 ops in each learner graph (nets.model_formats.keras3_graph): batch
+norms train with batch statistics and update their moving averages (UPDATE_OPS) in training graphs, use the
+moving statistics in evaluation graphs, and dropout is on in training only; a layer it does not map runs frozen
+alone (said in one printed note). Any other file (and a Keras 3 file that cannot be rebuilt: a shared layer, a
+masked call; also said in a note) is loaded once and
+frozen into an inference GraphDef (nets.model_formats); each learner graph imports it on its input tensor. Its
+network is the file's inference pass: batch norms use the file's moving statistics, whose scale and offset
+train (a frozen affine layer), and dropout is off. Either way the weights are variables named
 'model/<weight>' (the same in every graph, so checkpoints restore across graphs and map back to the file).
-The network is the file's inference pass: batch norms use the file's moving statistics, whose scale and
-offset train (a frozen affine layer; --uql_fold_batch_norms folds them into the weights where tfquant's
-folding pass matches them), and dropout is off.
 """
 import hashlib
 import os
+import sys
 
 import tensorflow as tf
 
 from nets import keras_model
-from nets.model_formats import ModelFileError, graph_import, load_file_graph
+from nets.model_formats import ModelFileError, graph_import, keras3, keras3_graph, load_file_graph
 from tfquant import match
 
 tf1 = tf.compat.v1
@@ -48,8 +52,26 @@ class ModelFileHelper(keras_model.KerasModelHelper):
         if keras_unsafe:
             raise ModelFileError("--keras_unsafe is not valid for the %s %s; Lambda layers load only from tf_keras "
                                  "files" % (self.model_kind, keras_model_path), path=keras_model_path)
-        self.file_graph = load_file_graph(keras_model_path, self.kind, self.signature, self.input_name,
-                                          self.output_name)
+        self.rebuild_plan = None
+        if self.kind == "keras3":
+            model = keras3.load_keras3_model(keras_model_path)
+            self.rebuild_plan, reasons = keras3_graph.plan(model, keras_model_path)
+            if self.rebuild_plan is not None:
+                if reasons:
+                    sys.stdout.write("note: Keras 3 model %s: layers %s run as their frozen inference graphs (batch "
+                                     "norms inside fixed, dropout off); every other layer trains as in Keras\n"
+                                     % (keras_model_path, "; ".join(reasons[:5])))
+                    sys.stdout.flush()
+                self._use_rebuilt(model)
+                return
+            sys.stdout.write("note: Keras 3 model %s runs as its frozen inference graph (batch norms fixed at their "
+                             "moving statistics, trained as affine layers; dropout off): %s cannot be rebuilt\n"
+                             % (keras_model_path, "; ".join(reasons[:5])))
+            sys.stdout.flush()
+            self.file_graph = keras3.freeze_model(model, keras_model_path)
+        else:
+            self.file_graph = load_file_graph(keras_model_path, self.kind, self.signature, self.input_name,
+                                              self.output_name)
         self.prepared = graph_import.prepare(self.file_graph)
         self.input_shape = list(self.file_graph.input_shape)
         self._check_import()
@@ -72,9 +94,35 @@ class ModelFileHelper(keras_model.KerasModelHelper):
         self.nb_classes = int(logits.shape[-1])
         self.initial_values = {p.name: p.value for p in self.prepared.parameters.values()}
 
+    def _use_rebuilt(self, model):
+        """Keep a mapped Keras 3 model; a scratch build checks it gives [batch, classes] scores from weights."""
+        path = self.keras_path
+        self.keras3_model = model
+        self.input_shape = [None] + list(model.inputs[0].shape[1:])
+        graph = tf.Graph()
+        with graph.as_default(), tf1.variable_scope("model"):
+            logits = self._forward(tf1.placeholder(tf.float32, self.input_shape), is_training=False)
+            has_weights = bool(match.find_weight_candidates(graph))
+        if logits.shape.rank != 2 or logits.shape[-1] is None:
+            raise ModelFileError("%s %s gives an output of shape %s; expected class scores [batch, classes]"
+                                 % (self.model_kind, path, logits.shape), path=path)
+        if not has_weights:
+            raise ModelFileError("%s %s holds no Conv2D, depthwise or Dense weights tfquant can quantize; expected "
+                                 "a model with weights" % (self.model_kind, path), path=path)
+        self.nb_classes = int(logits.shape[-1])
+        self.initial_values = self.rebuild_plan.initial_values()
+
+    @property
+    def batch_norms_train(self):
+        """True when the network's batch norms use batch statistics in training (a rebuilt Keras 3 model)."""
+        return self.rebuild_plan is not None
+
     def _forward(self, inputs, is_training):
+        if self.rebuild_plan is not None:
+            logits = keras3_graph.build(self.rebuild_plan, inputs, is_training)
+            # A softmax head gives probabilities; the loss and the quantizer want the scores before it.
+            return logits.op.inputs[0] if logits.op.type == "Softmax" else logits
         # The file's inference pass in both modes: its batch norms were frozen by the file.
-        del is_training
         return graph_import.import_graph(self.prepared, inputs)
 
     def calc_loss(self, labels, logits, trainable_vars):

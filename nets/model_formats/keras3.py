@@ -3,8 +3,9 @@
 Keras 3 and tf_keras live in one process: `import keras` is always Keras 3, whatever TF_USE_LEGACY_KERAS says
 (that variable only decides what `tf.keras` is, and the run script sets it for tf_keras). Keras 3 cannot build
 tf.compat.v1 graphs, so the file is loaded eagerly, its inference call (training=False) traced into a
-tf.function and frozen; the frozen graph is what the learners import. Batch norm is therefore frozen (moving
-statistics, an affine layer whose scale and offset train). Loading uses Keras's safe mode: a Lambda layer or
+tf.function and frozen; the frozen graph is what the learners import when nets.model_formats.keras3_graph cannot
+rebuild the model layer by layer. Batch norm is then frozen (moving statistics, an affine layer whose scale and
+offset train). Loading uses Keras's safe mode: a Lambda layer or
 an unknown custom object is refused.
 """
 import os
@@ -52,7 +53,11 @@ def load_keras3_model(path):
 def load(path):
     """A Keras 3 file as a FileGraph; save_info holds the model (weights are written back into it)."""
     path = os.fspath(path)
-    model = load_keras3_model(path)
+    return freeze_model(load_keras3_model(path), path)
+
+
+def freeze_model(model, path):
+    """A loaded Keras 3 model's inference call (training=False) as a FileGraph; save_info holds the model."""
     shape = list(model.inputs[0].shape)
     spec = concrete.tensor_spec(shape, "input")
     with tf.init_scope():

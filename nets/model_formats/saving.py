@@ -123,7 +123,13 @@ def save_saved_model(graph_def, helper, path):
 
 def save_keras(weights, helper, path):
     """The Keras model (Keras 3 or tf_keras) with the exported weights, saved atomically."""
-    if helper.kind == "keras3":
+    if helper.kind == "keras3" and getattr(helper, "rebuild_plan", None) is not None:
+        # A rebuilt model's variables are its Keras weights, moving statistics included.
+        model = helper.keras3_model
+        by_path = {w.path: w for w in model.weights}
+        targets = {"%s/%s" % (MODEL_SCOPE, name): by_path[path]
+                   for path, name in helper.rebuild_plan.variable_names.items()}
+    elif helper.kind == "keras3":
         targets = {}
         keras_weights = helper.file_graph.save_info["weights"]
         for parameter in helper.prepared.parameters.values():

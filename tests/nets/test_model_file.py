@@ -59,6 +59,11 @@ def test_keras3_file_uniform_w4a8_trains_saves_and_exports(files, tmp_path):
     agreement = np.mean(top1(reloaded.predict(files["x_test"], verbose=0)) == top1(reference))
     assert agreement >= 0.999, agreement  # activations float in a Keras file: measured 200 of 200
     assert json.load(open(tmp_path / "tuned.keras.quant_report.json")) == report
+    # The file's batch norm trained with batch statistics: its moving averages moved, and went back into the file.
+    original = keras.saving.load_model(str(files["dir"] / "k3.keras")).get_layer("bn")
+    moved = reader.get_tensor("model/bn/moving_mean")
+    assert np.abs(moved - original.moving_mean.numpy()).max() > 1e-4
+    np.testing.assert_allclose(reloaded.get_layer("bn").moving_mean.numpy(), moved, rtol=1e-6)
 
     exported = fx.run_file(tmp_path, model, data, "--learner=uniform", "--uql_weight_bits=4",
                            "--uql_activation_bits=8", "--uql_quantize_all_layers", "--exec_mode=export",

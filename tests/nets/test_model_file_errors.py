@@ -38,6 +38,9 @@ def bad(tmp_path_factory):
             return t * 2.0
     flat = keras.layers.Flatten()(Doubler()(inputs))
     keras.Model(inputs, keras.layers.Dense(3)(flat)).save(directory / "custom.keras")
+    shared = keras.layers.Conv2D(2, 3, padding="same", use_bias=False)  # called twice: the whole model freezes
+    flat = keras.layers.Flatten()(keras.layers.BatchNormalization()(shared(shared(inputs))))
+    keras.Model(inputs, keras.layers.Dense(3)(flat)).save(directory / "shared.keras")
 
     graph = tf.Graph()
     with graph.as_default():
@@ -106,6 +109,8 @@ def refusal(directory, model, **overrides):
      ["--save_model=out.keras", "expected a path ending in .pb"]),
     ("frozen.pb", {"save_model": "out.pb"}, ["--save_model=out.pb", "--learner full-prec", "uniform or ptq"]),
     ("frozen.pb", {"uql_fold_batch_norms": True}, ["--uql_fold_batch_norms", "frozen.pb", "frozen affine"]),
+    ("shared.keras", {"uql_fold_batch_norms": True}, ["--uql_fold_batch_norms", "shared.keras",
+                                                      "frozen inference graph"]),
 ])
 def test_refusals_are_one_line(bad, model, overrides, fragments):
     if "data_npz" in overrides:
