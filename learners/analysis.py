@@ -15,7 +15,8 @@ import tensorflow as tf
 import tfquant
 from learners import graphs, run_settings, stopping, training, uniform_quant
 from learners.errors import UserError
-from tfquant import checkpoints, fidelity, layer_switches, report_html
+from tfquant import checkpoints, fidelity, layer_switches, ranges, report_html, weight_grids
+from tfquant.config import FLOAT_BITS
 from tfquant.report_schema import layer_layout
 
 tf1 = tf.compat.v1
@@ -28,9 +29,13 @@ FETCHED_VALUES = 32 * 1024 * 1024
 
 
 class SwitchedModel:
-    """The quantized evaluation graph on an image placeholder, a switch per quantized layer, variables restored."""
+    """The quantized evaluation graph on an image placeholder, a switch per quantized layer, variables restored.
 
-    def __init__(self, helper, config, checkpoint, input_shape):
+    With `with_overrides`, every switched layer also gets an alternative (tfquant.layer_switches.insert_alternative):
+    its own quantizer at the width the analysis's suggested override gives it, selected by `alternatives`.
+    """
+
+    def __init__(self, helper, config, checkpoint, input_shape, with_overrides=False):
         self.graph = tf.Graph()
         with self.graph.as_default():
             self.images = tf1.placeholder(tf.float32, input_shape, name="images")
@@ -38,9 +43,28 @@ class SwitchedModel:
             self.report = tfquant.quantize_graph(self.graph, config, is_training=False)
             self.switches, (self.logits,) = layer_switches.insert_switches(
                 self.graph, self.report, [self.report.output(logits)])
+            trained = tf1.global_variables()
+            # {switch placeholder: (width, its alternative's placeholder or None where that width is float)}
+            self.alternatives = self._insert_alternatives(config) if with_overrides else {}
             # Grappler optimizes the graph once per feed signature; every run feeds every switch, so it runs once.
             self.sess = graphs.new_session(self.graph)
-            graphs.restore_variables(self.sess, tf1.global_variables(), checkpoint)
+            graphs.restore_variables(self.sess, trained, checkpoint)
+            # An alternative on a learned activation grid starts its own step (as an override run would).
+            fresh = [v for v in tf1.global_variables() if all(v is not t for t in trained)]
+            if fresh:
+                self.sess.run(tf1.variables_initializer(fresh))
+
+    def _insert_alternatives(self, config):
+        layers = {layer.name: layer for layer in self.report.layers}
+        alternatives = {}
+        for record in self.switches:
+            if record.switch in alternatives:
+                continue  # a shared quantizer: one alternative
+            bits = override_bits(record.bits)
+            build = _override_quantizer(layers[record.name], config, bits)
+            alternatives[record.switch] = (
+                bits, None if build is None else layer_switches.insert_alternative(record, build))
+        return alternatives
 
     def close(self):
         self.sess.close()
@@ -67,14 +91,53 @@ class SwitchedModel:
         """Feed dicts of the images, `chunk` at a time."""
         return [{self.images: images[i:i + chunk]} for i in range(0, len(images), chunk)]
 
-    def accuracy(self, images, labels, quantized_names, chunk):
-        """Top-1 accuracy with exactly the named layers quantized."""
-        switches = layer_switches.switch_feed(self.switches, quantized_names)
-        correct = 0
+    def measure(self, images, labels, quantized_names, chunk, at_override=None):
+        """(top-1 accuracy, mean cross-entropy) with exactly the named layers quantized at their bits, and the
+        switch `at_override` (if any) on its alternative: the layer at its override's width."""
+        feed = layer_switches.switch_feed(self.switches, quantized_names)
+        if at_override is not None:
+            feed[self.alternatives[at_override][1]] = True
+        correct, loss = 0, 0.0
         for i in range(0, len(images), chunk):
-            logits = self.sess.run(self.logits, feed_dict={self.images: images[i:i + chunk], **switches})
+            logits = self.sess.run(self.logits, feed_dict={self.images: images[i:i + chunk], **feed})
             correct += int(np.sum(np.argmax(logits, -1) == labels[i:i + chunk]))
-        return correct / len(images)
+            loss += float(np.sum(cross_entropy(logits, labels[i:i + chunk])))
+        return correct / len(images), loss / len(images)
+
+
+def cross_entropy(logits, labels):
+    """Softmax cross-entropy of each row of `logits` against its integer label, in float64."""
+    logits = np.asarray(logits, np.float64).reshape(len(labels), -1)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return np.log(np.sum(np.exp(shifted), axis=1)) - shifted[np.arange(len(labels)), np.asarray(labels, np.int64)]
+
+
+def override_bits(bits):
+    """The width the analysis suggests for a layer at `bits`: 8, or float for a layer at 8 or more."""
+    return 8 if bits < 8 else FLOAT_BITS
+
+
+def _override_quantizer(layer, config, bits):
+    """x -> x on the quantizer the layer's override (`bits`) gives it, or None where that is float or its grid
+    cannot take `bits` (the measurement is then the layer kept float)."""
+    if bits == FLOAT_BITS:
+        return None
+    if layer.kind == "weight":
+        grid = weight_grids.for_layer(layer, config)
+        fewest, most = grid.bit_range
+        if not fewest <= bits <= most:
+            return None
+        layout = layer_layout(layer)
+        # A learned grid starts from its initial steps at the new width, as a run with the override does.
+        return lambda x: grid.initial_widths(x, [bits], layout)[bits]
+    scope = "%s/%s" % (layer.name.replace(":", "/"), ranges.RANGE_SCOPE_SUFFIX)
+    if config.act_range == "lsq":
+        # LSQ's step is tied to its width: the override's grid starts from its own initial step (new variables).
+        scope += "_override%d" % bits
+    # Moving-average and PACT ranges do not depend on the width: the trained range is the override's.
+    return lambda x: ranges.quantize_activation(x, bits, config.act_range, False, config.act_ema_decay, scope,
+                                                layer.op_type, config.pact_decay,
+                                                zero_exact=config.quantize_layer_outputs)[0]
 
 
 def evaluation_arrays(helper, limit=None):
@@ -82,12 +145,12 @@ def evaluation_arrays(helper, limit=None):
     return graphs.dataset_arrays(helper, evaluation=True, limit=limit)
 
 
-def _open(helper, checkpoint):
+def _open(helper, checkpoint, with_overrides=False):
     """(SwitchedModel of the checkpoint, its saved report, report path), the report checked against it."""
     report_path = os.path.join(os.path.dirname(checkpoint), uniform_quant.REPORT_NAME)
     saved, config = uniform_quant.read_report_and_config(report_path)
     uniform_quant.check_report_against_checkpoint(saved, checkpoint, report_path)
-    return SwitchedModel(helper, config, checkpoint, _input_shape(helper)), saved, report_path
+    return SwitchedModel(helper, config, checkpoint, _input_shape(helper), with_overrides), saved, report_path
 
 
 def _input_shape(helper):
@@ -208,29 +271,58 @@ def write_html(run_dir):
 
 
 def suggested_override(entry):
-    """The flag that gives a layer 8 bits (or float when it has 8 or more)."""
-    bits = 8 if entry["bits"] < 8 else 32
+    """The flag that gives a layer its override's width (8 bits, or float when it has 8 or more)."""
+    bits = override_bits(entry["bits"])
     if entry["kind"] == "weight":
         return "--uql_weight_overrides '%s=%d'" % (re.escape(entry["weight_variable"]), bits)
     return "--uql_activation_overrides '%s=%d'" % (re.escape(entry["name"]), bits)
 
 
-def rank_layers(float_accuracy, quantized_accuracy, alone, all_but):
-    """Layers ranked worst first.
+def rank_layers(quantized, at_override):
+    """Layers ranked worst first: by what their suggested override recovers.
 
     Args:
-      float_accuracy, quantized_accuracy: every layer float / quantized.
-      alone: {layer: accuracy with only it quantized}; all_but: {layer: accuracy with all but it quantized}.
+      quantized: (accuracy, loss) with every layer quantized.
+      at_override: {layer: (accuracy, loss) with every layer quantized, this one at its override's width}.
     Returns:
-      [(name, recovery, drop_alone)] by recovery (accuracy gained by keeping the layer float) then drop
-      (accuracy lost by quantizing it alone), both descending, then by name.
+      [(name, loss recovery, accuracy recovery)]: by the loss the override removes (descending), then the
+      accuracy it gains (descending), then by name. The loss ranks first: on a few thousand images an accuracy
+      moves in steps of 1/N and ties or swaps layers whose loss tells them apart.
     """
-    rows = [(name, all_but[name] - quantized_accuracy, float_accuracy - alone[name]) for name in alone]
+    rows = [(name, quantized[1] - loss, accuracy - quantized[0]) for name, (accuracy, loss) in at_override.items()]
     return sorted(rows, key=lambda row: (-row[1], -row[2], row[0]))
 
 
+def _targets(switched):
+    """One record per switch: layers sharing a quantizer (one weight read twice) are one target."""
+    targets = []
+    for record in switched.switches:
+        if all(record.switch is not other.switch for other in targets):
+            targets.append(record)
+    return targets
+
+
+def _measure_targets(switched, images, labels, chunk):
+    """{layer: {mixture: (accuracy, loss)}} for each target: only it quantized ('alone'), all but it ('all_but'),
+    all quantized with it at its override's width ('at_override'; the all_but one where that width is float)."""
+    everything = [record.name for record in switched.switches]
+    measured = {}
+    for record in _targets(switched):
+        # Nothing is written before the analysis ends, so it can stop between any two layers.
+        stopping.check("during the layer analysis", "nothing was written")
+        sharing = [r.name for r in switched.switches if r.switch is record.switch]
+        others = [n for n in everything if n not in sharing]
+        entry = {"alone": switched.measure(images, labels, sharing, chunk),
+                 "all_but": switched.measure(images, labels, others, chunk)}
+        alternative = switched.alternatives[record.switch][1]
+        entry["at_override"] = (entry["all_but"] if alternative is None
+                                else switched.measure(images, labels, others, chunk, at_override=record.switch))
+        measured[record.name] = entry
+    return measured
+
+
 def analyze(helper, settings, learner):
-    """--exec_mode analyze: accuracy with each layer alone quantized and with all but it; analysis.json.
+    """--exec_mode analyze: each layer alone quantized, all but it, and at its override's width; analysis.json.
 
     Args:
       helper: the run's ModelHelper (evaluation images, --eval_subset applied).
@@ -242,52 +334,63 @@ def analyze(helper, settings, learner):
     checkpoint = _latest(learner)
     started = time.time()
     try:
-        switched, saved, report_path = _open(helper, checkpoint)
+        switched, saved, report_path = _open(helper, checkpoint, with_overrides=True)
     except layer_switches.SwitchError as exc:
         raise UserError("%s; the layer analysis cannot switch this model's quantizers" % exc) from None
     chunk = settings.batch_size_eval
     try:
         images, labels = evaluation_arrays(helper)
         everything = [record.name for record in switched.switches]
-        float_accuracy = switched.accuracy(images, labels, [], chunk)
-        quantized_accuracy = switched.accuracy(images, labels, everything, chunk)
-        # One entry per switch: layers sharing a quantizer (one weight read twice) are one target.
-        targets = []
-        for record in switched.switches:
-            if all(record.switch is not other.switch for other in targets):
-                targets.append(record)
-        alone, all_but = {}, {}
-        for record in targets:
-            # Nothing is written before the analysis ends, so it can stop between any two layers.
-            stopping.check("during the layer analysis", "nothing was written")
-            sharing = [r.name for r in switched.switches if r.switch is record.switch]
-            alone[record.name] = switched.accuracy(images, labels, sharing, chunk)
-            all_but[record.name] = switched.accuracy(images, labels, [n for n in everything if n not in sharing],
-                                                     chunk)
+        floating = switched.measure(images, labels, [], chunk)
+        quantized = switched.measure(images, labels, everything, chunk)
+        measured = _measure_targets(switched, images, labels, chunk)
+        targets = {record.name: record for record in _targets(switched)}
+        widths = {name: switched.alternatives[record.switch] for name, record in targets.items()}
     finally:
         switched.close()
     seconds = time.time() - started
-    by_name = {record.name: record for record in targets}
     layers = []
-    for name, recovery, drop in rank_layers(float_accuracy, quantized_accuracy, alone, all_but):
-        record = by_name[name]
+    for name, loss_recovery, recovery in rank_layers(quantized, {n: m["at_override"] for n, m in measured.items()}):
+        record, mixtures = targets[name], measured[name]
+        bits, alternative = widths[name]
         entry = {"name": name, "kind": record.kind, "bits": record.bits, "weight_variable": record.weight_variable,
-                 "accuracy_alone_quantized": alone[name], "accuracy_all_but_this_quantized": all_but[name],
-                 "drop_alone": fidelity.rounded(drop), "recovery_if_float": fidelity.rounded(recovery)}
+                 "accuracy_alone_quantized": mixtures["alone"][0],
+                 "accuracy_all_but_this_quantized": mixtures["all_but"][0],
+                 "drop_alone": fidelity.rounded(floating[0] - mixtures["alone"][0]),
+                 "recovery_if_float": fidelity.rounded(mixtures["all_but"][0] - quantized[0]),
+                 "loss_alone_quantized": fidelity.rounded(mixtures["alone"][1]),
+                 "loss_all_but_this_quantized": fidelity.rounded(mixtures["all_but"][1]),
+                 # What the suggested override itself does: the measurement the layers are ranked by.
+                 "override_bits": bits if alternative is not None else FLOAT_BITS,
+                 "accuracy_at_override": mixtures["at_override"][0],
+                 "loss_at_override": fidelity.rounded(mixtures["at_override"][1]),
+                 "recovery_at_override": fidelity.rounded(recovery),
+                 "loss_recovery_at_override": fidelity.rounded(loss_recovery)}
         entry["override"] = suggested_override(entry)
         layers.append(entry)
     result = {"checkpoint": os.path.relpath(checkpoint, os.path.dirname(report_path)), "examples": len(images),
-              "float_accuracy": float_accuracy, "quantized_accuracy": quantized_accuracy,
-              "seconds": fidelity.rounded(seconds), "layers": layers}
+              "float_accuracy": floating[0], "quantized_accuracy": quantized[0],
+              "float_loss": fidelity.rounded(floating[1]), "quantized_loss": fidelity.rounded(quantized[1]),
+              "ranked_by": "loss_recovery_at_override", "seconds": fidelity.rounded(seconds), "layers": layers}
     run_dir = os.path.dirname(report_path)
     run_settings.write_json(os.path.join(run_dir, ANALYSIS_NAME), json.dumps(result, indent=2), "analysis file")
     html = write_html(run_dir)
-    lines = ["%s analyze: %d layers on %d test images in %.1f s: float %.4f, quantized %.4f"
-             % (learner.name, len(layers), len(images), seconds, float_accuracy, quantized_accuracy)]
+    return _printed(learner.name, result, saved, html, run_dir)
+
+
+def _printed(learner_name, result, saved, html, run_dir):
+    """The lines --exec_mode analyze prints: the totals, the worst layers with their override, the files."""
+    layers = result["layers"]
+    lines = ["%s analyze: %d layers on %d test images in %.1f s: float %.4f, quantized %.4f (loss %.4f)"
+             % (learner_name, len(layers), result["examples"], result["seconds"], result["float_accuracy"],
+                result["quantized_accuracy"], result["quantized_loss"])]
     for rank, entry in enumerate(layers[:TOP_OFFENDERS], 1):
-        lines.append("  %d. %s (%s, %d bits): %.4f if kept float (%+.4f), %.4f if quantized alone; fix: %s"
-                     % (rank, entry["weight_variable"] or entry["name"], entry["kind"], entry["bits"],
-                        entry["accuracy_all_but_this_quantized"], entry["recovery_if_float"],
+        width = "float" if entry["override_bits"] == FLOAT_BITS else "%d bits" % entry["override_bits"]
+        lines.append("  %d. %s (%s, %d bits): at %s loss %.4f (%+.4f), accuracy %.4f (%+.4f); kept float %.4f, "
+                     "quantized alone %.4f; fix: %s"
+                     % (rank, entry["weight_variable"] or entry["name"], entry["kind"], entry["bits"], width,
+                        entry["loss_at_override"], -entry["loss_recovery_at_override"], entry["accuracy_at_override"],
+                        entry["recovery_at_override"], entry["accuracy_all_but_this_quantized"],
                         entry["accuracy_alone_quantized"], entry["override"]))
     if saved.allocation:
         lines.append("  (this run's bits come from --uql_auto_bits, which refuses overrides: apply them to a run "
