@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 
 import tfquant
-from learners import analysis, graphs
+from learners import analysis, graphs, layer_analysis
 from learners import flags as learner_flags
 from learners.errors import UserError
 from learners.ptq import PTQLearner
@@ -39,7 +39,7 @@ def run(tmp_path_factory):
                            uql_analysis_batches=2)
     config = tfquant.QuantConfig(weight_bits=BITS, activation_bits=BITS, quantize_all_layers=True)
     results = PTQLearner(helper, settings, config).train()
-    lines = analysis.analyze(helper, settings, PTQLearner(helper, settings, config))
+    lines = layer_analysis.analyze(helper, settings, PTQLearner(helper, settings, config))
     run_dir = os.path.join(directory, "models_uql")
     report = json.load(open(os.path.join(run_dir, "quant_report.json")))
     return dict(helper=helper, settings=settings, results=results, run_dir=run_dir, report=report, lines=lines,
@@ -213,7 +213,7 @@ def test_analysis_matches_brute_force(run):
 def test_rank_layers_by_loss_then_accuracy():
     quantized = (0.50, 2.0)
     at_override = {"b": (0.60, 1.5), "a": (0.70, 1.5), "c": (0.90, 1.9), "d": (0.60, 1.5)}
-    ranked = analysis.rank_layers(quantized, at_override)
+    ranked = layer_analysis.rank_layers(quantized, at_override)
     # Loss first (c gains the most accuracy but removes the least loss), then accuracy, then the name.
     assert [name for name, _, _ in ranked] == ["a", "b", "d", "c"]
     assert ranked[0][1:] == pytest.approx((0.5, 0.2))
