@@ -196,10 +196,15 @@ def test_two_runs_compared_layer_by_layer(run_dir, tmp_path, capsys):
     (other / "quant_report.json").write_text(json.dumps(report))
     results = json.loads((directory / "results.json").read_text())
     (other / "results.json").write_text(json.dumps(dict(results, quant_accuracy=0.75)))
+    analysis = json.loads((directory / "analysis.json").read_text())
+    analysis["layers"][0]["loss_recovery_at_override"] = 0.0625
+    (other / "analysis.json").write_text(json.dumps(analysis))
     assert report_cli.main([str(directory), str(other)]) == 0
     out = capsys.readouterr().out
     first = json.loads((directory / "quant_report.json").read_text())["fidelity"]["layers"][0]["sqnr_db"]
     assert "quant_accuracy   0.6875 -> 0.75 (+0.0625)" in out
+    assert any(line.startswith("layer") and line.endswith("loss removed at override") for line in out.splitlines())
+    assert "0.0525 -> 0.0525 (+0)  0.1875 -> 0.0625 (-0.125)" in out  # gain if float, loss removed at override
     assert "%s -> 30.0 (%+.4g)" % (report_html.number_text(first), 30.0 - first) in out
     assert (other / "quant_report.html").exists()
 
