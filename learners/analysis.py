@@ -60,7 +60,7 @@ class SwitchedModel:
             if record.switch in alternatives:
                 continue  # a shared quantizer: one alternative
             bits = override_bits(record.bits)
-            build = _override_quantizer(layers[record.name], config, bits)
+            build = override_quantizer(layers[record.name], config, bits)
             alternatives[record.switch] = (
                 bits, None if build is None else layer_switches.insert_alternative(record, build))
         return alternatives
@@ -116,7 +116,7 @@ def override_bits(bits):
     return 8 if bits < 8 else FLOAT_BITS
 
 
-def _override_quantizer(layer, config, bits):
+def override_quantizer(layer, config, bits):
     """x -> x on the quantizer the layer's override (`bits`) gives it, or None where that is float or its grid
     cannot take `bits` (the measurement is then the layer kept float)."""
     if bits == FLOAT_BITS:

@@ -37,7 +37,7 @@ def _run(settings, data, target=None, explicit=None):
             switches, (logits,) = layer_switches.insert_switches(graph, report, [logits])
             record = next(r for r in switches if r.name == target)
             layer = next(layer for layer in report.layers if layer.name == target)
-            build = analysis._override_quantizer(layer, config, 8)  # pylint: disable=protected-access
+            build = analysis.override_quantizer(layer, config, 8)
             alternative = layer_switches.insert_alternative(record, build)
             feed.update(layer_switches.switch_feed(switches, [r.name for r in switches if r.switch is not
                                                               record.switch]))
