@@ -3,7 +3,8 @@ and `--exec_mode analyze` (learners.layer_analysis) share.
 
 Both use one evaluation graph of the quantized model whose every quantizer has an on/off switch
 (tfquant.layer_switches): the float network, the quantized one and any mixture are the same graph with
-other feeds, so the layer-by-layer analysis costs two evaluations per layer and no graph building.
+other feeds, and a switch can also select the layer's quantizer at its suggested override's width: the
+layer-by-layer analysis costs three evaluations per layer and no graph building beyond that one graph.
 """
 import os
 import re

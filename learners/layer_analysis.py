@@ -4,8 +4,9 @@ For every switched target (tfquant.layer_switches) on the run's evaluation image
 quantized, with all but it quantized, and with every layer quantized and it at the width its suggested override
 gives it (8 bits: its own quantizer at that width; float for a layer at 8 bits or more). The ranking is by the last
 one, because the user is told to apply that override: the cross-entropy it removes first (on a few thousand
-images an accuracy moves in steps of 1/N), then the accuracy it gains. On the ResNet-20 W2A2 check (BENCHMARKS.md)
-accuracy alone ranked the override that fine-tuning recovered least above the one it recovered most; the loss did not.
+images an accuracy moves in steps of 1/N), then the accuracy it gains. On the seed-0 ResNet-20 W2A2 run of the
+layer analysis check (2,000 images), the accuracy at 8 bits put a weight whose override fine-tuning recovered
++1.80 points above an activation whose override recovered +3.45; the loss put the measured overrides in their order.
 """
 import json
 import os
