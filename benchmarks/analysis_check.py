@@ -4,8 +4,10 @@ For each seed: fine-tune the float checkpoint to W2A2 (channel buckets), run `--
 images (timed: wall and CPU time of the whole command, load average before and after), then fine-tune W2A2 again
 once per layer among the analysis's top 3, with the 8-bit override the analysis printed for it and the same
 budget. The analysis is right when its worst layer's override recovers the most accuracy (measured on the whole
-test set against the plain W2A2 run); the rank correlation of what the analysis predicted (accuracy gained by
-keeping the layer float, and accuracy lost by quantizing it alone) against the measured recovery is shown too.
+test set against the plain W2A2 run); the rank correlation of what the analysis predicted against the measured
+recovery is shown too: the loss its override removes (what it ranks by: every layer quantized, this one at the
+override's width, no training), and its older measurements (accuracy gained by keeping the layer float, accuracy
+lost by quantizing it alone).
 
   .venv/bin/python -m benchmarks.analysis_check                                   # seed 0
   .venv/bin/python -m benchmarks.analysis_check --baselines /data/tfquant_baselines --seeds 0,1,2
@@ -121,7 +123,9 @@ def check_seed(work_dir, seed, budget):
         run = fine_tune(work_dir, override_row(budget, rank, entry), seed, budget)
         run.update(rank=rank, layer=entry["weight_variable"] or entry["name"], kind=entry["kind"],
                    override=entry["override"], predicted_recovery=entry["recovery_if_float"],
-                   predicted_drop=entry["drop_alone"], measured_recovery=run["accuracy"] - base["accuracy"])
+                   predicted_drop=entry["drop_alone"], predicted_loss_recovery=entry["loss_recovery_at_override"],
+                   predicted_override_recovery=entry["recovery_at_override"],
+                   measured_recovery=run["accuracy"] - base["accuracy"])
         overrides.append(run)
     return {"seed": seed, "base": base, "analysis": analysis, "overrides": overrides, **judge(overrides)}
 
@@ -132,12 +136,17 @@ def judge(overrides):
     best = max(measured)
     return {"worst_recovers_most": measured[0] == best,
             "tied_best": sum(1 for value in measured if value == best) > 1,
+            "spearman_loss_at_override": spearman([run["predicted_loss_recovery"] for run in overrides], measured),
             "spearman_recovery": spearman([run["predicted_recovery"] for run in overrides], measured),
             "spearman_drop": spearman([run["predicted_drop"] for run in overrides], measured)}
 
 
 def _points(value):
-    return "%+.2f" % (100 * value)
+    return "–" if value is None else "%+.2f" % (100 * value)
+
+
+def _loss(value):
+    return "–" if value is None else "%+.4f" % value
 
 
 def _rho(value):
@@ -167,14 +176,18 @@ def render(payload):
                   % (analysis["targets"], analysis["examples"], analysis["wall_seconds"], analysis["cpu_seconds"],
                      analysis["analysis_seconds"], analysis["load_before"], analysis["load_after"],
                      100 * analysis["float_accuracy"], 100 * analysis["quantized_accuracy"]), ""]
-        rows = [(run["rank"], "`%s` (%s)" % (run["layer"], run["kind"]), _points(run["predicted_recovery"]),
+        rows = [(run["rank"], "`%s` (%s)" % (run["layer"], run["kind"]), _loss(run.get("predicted_loss_recovery")),
+                 _points(run.get("predicted_override_recovery")), _points(run["predicted_recovery"]),
                  _points(run["predicted_drop"]), "`%s`" % run["override"], "%.2f" % (100 * run["accuracy"]),
                  _points(run["measured_recovery"])) for run in seed["overrides"]]
-        lines += [publish.markdown_table(("rank", "layer", "analysis: gain if float", "analysis: drop alone",
-                                          "override", "accuracy % with it", "measured recovery"), rows), "",
-                  "- Spearman rank correlation with the measured recovery: analysis's gain if float %s, its drop "
-                  "alone %s (over %d layers)." % (_rho(seed["spearman_recovery"]), _rho(seed["spearman_drop"]),
-                                                   len(seed["overrides"])), ""]
+        lines += [publish.markdown_table(("rank", "layer", "analysis: loss removed at override (ranks by)",
+                                          "analysis: gain at override", "analysis: gain if float",
+                                          "analysis: drop alone", "override", "accuracy % with it",
+                                          "measured recovery"), rows), "",
+                  "- Spearman rank correlation with the measured recovery: analysis's loss removed at the override "
+                  "%s, its gain if float %s, its drop alone %s (over %d layers)."
+                  % (_rho(seed.get("spearman_loss_at_override")), _rho(seed["spearman_recovery"]),
+                     _rho(seed["spearman_drop"]), len(seed["overrides"])), ""]
     lines += target_lines(payload)
     return "\n".join(lines)
 

@@ -1,25 +1,26 @@
-"""What quantization did to a trained run: per-layer fidelity in the report, and `--exec_mode analyze`.
+"""What quantization did to a trained run: per-layer fidelity in the report (here), and the evaluation graph that it
+and `--exec_mode analyze` (learners.layer_analysis) share.
 
 Both use one evaluation graph of the quantized model whose every quantizer has an on/off switch
 (tfquant.layer_switches): the float network, the quantized one and any mixture are the same graph with
-other feeds, so the layer-by-layer analysis costs two evaluations per layer and no graph building.
+other feeds, and a switch can also select the layer's quantizer at its suggested override's width: the
+layer-by-layer analysis costs three evaluations per layer and no graph building beyond that one graph.
 """
-import json
 import os
 import re
-import time
 
 import numpy as np
 import tensorflow as tf
 
 import tfquant
-from learners import graphs, run_settings, stopping, training, uniform_quant
+from learners import graphs, run_settings, training, uniform_quant
 from learners.errors import UserError
-from tfquant import checkpoints, fidelity, layer_switches, report_html
+from tfquant import checkpoints, fidelity, layer_switches, ranges, report_html, weight_grids
+from tfquant.config import FLOAT_BITS
 from tfquant.report_schema import layer_layout
 
 tf1 = tf.compat.v1
-ANALYSIS_NAME = "analysis.json"
+ANALYSIS_NAME = "analysis.json"  # written by learners.layer_analysis, read by the HTML
 FIDELITY_LOG = "fidelity"
 # Offenders printed by --exec_mode analyze (analysis.json ranks them all).
 TOP_OFFENDERS = 5
@@ -28,9 +29,13 @@ FETCHED_VALUES = 32 * 1024 * 1024
 
 
 class SwitchedModel:
-    """The quantized evaluation graph on an image placeholder, a switch per quantized layer, variables restored."""
+    """The quantized evaluation graph on an image placeholder, a switch per quantized layer, variables restored.
 
-    def __init__(self, helper, config, checkpoint, input_shape):
+    With `with_overrides`, every switched layer also gets an alternative (tfquant.layer_switches.insert_alternative):
+    its own quantizer at the width the analysis's suggested override gives it, selected by `alternatives`.
+    """
+
+    def __init__(self, helper, config, checkpoint, input_shape, with_overrides=False):
         self.graph = tf.Graph()
         with self.graph.as_default():
             self.images = tf1.placeholder(tf.float32, input_shape, name="images")
@@ -38,9 +43,28 @@ class SwitchedModel:
             self.report = tfquant.quantize_graph(self.graph, config, is_training=False)
             self.switches, (self.logits,) = layer_switches.insert_switches(
                 self.graph, self.report, [self.report.output(logits)])
+            trained = tf1.global_variables()
+            # {switch placeholder: (width, its alternative's placeholder or None where that width is float)}
+            self.alternatives = self._insert_alternatives(config) if with_overrides else {}
             # Grappler optimizes the graph once per feed signature; every run feeds every switch, so it runs once.
             self.sess = graphs.new_session(self.graph)
-            graphs.restore_variables(self.sess, tf1.global_variables(), checkpoint)
+            graphs.restore_variables(self.sess, trained, checkpoint)
+            # An alternative on a learned activation grid starts its own step (as an override run would).
+            fresh = [v for v in tf1.global_variables() if all(v is not t for t in trained)]
+            if fresh:
+                self.sess.run(tf1.variables_initializer(fresh))
+
+    def _insert_alternatives(self, config):
+        layers = {layer.name: layer for layer in self.report.layers}
+        alternatives = {}
+        for record in self.switches:
+            if record.switch in alternatives:
+                continue  # a shared quantizer: one alternative
+            bits = override_bits(record.bits)
+            build = override_quantizer(layers[record.name], config, bits)
+            alternatives[record.switch] = (
+                bits, None if build is None else layer_switches.insert_alternative(record, build))
+        return alternatives
 
     def close(self):
         self.sess.close()
@@ -67,14 +91,53 @@ class SwitchedModel:
         """Feed dicts of the images, `chunk` at a time."""
         return [{self.images: images[i:i + chunk]} for i in range(0, len(images), chunk)]
 
-    def accuracy(self, images, labels, quantized_names, chunk):
-        """Top-1 accuracy with exactly the named layers quantized."""
-        switches = layer_switches.switch_feed(self.switches, quantized_names)
-        correct = 0
+    def measure(self, images, labels, quantized_names, chunk, at_override=None):
+        """(top-1 accuracy, mean cross-entropy) with exactly the named layers quantized at their bits, and the
+        switch `at_override` (if any) on its alternative: the layer at its override's width."""
+        feed = layer_switches.switch_feed(self.switches, quantized_names)
+        if at_override is not None:
+            feed[self.alternatives[at_override][1]] = True
+        correct, loss = 0, 0.0
         for i in range(0, len(images), chunk):
-            logits = self.sess.run(self.logits, feed_dict={self.images: images[i:i + chunk], **switches})
+            logits = self.sess.run(self.logits, feed_dict={self.images: images[i:i + chunk], **feed})
             correct += int(np.sum(np.argmax(logits, -1) == labels[i:i + chunk]))
-        return correct / len(images)
+            loss += float(np.sum(cross_entropy(logits, labels[i:i + chunk])))
+        return correct / len(images), loss / len(images)
+
+
+def cross_entropy(logits, labels):
+    """Softmax cross-entropy of each row of `logits` against its integer label, in float64."""
+    logits = np.asarray(logits, np.float64).reshape(len(labels), -1)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return np.log(np.sum(np.exp(shifted), axis=1)) - shifted[np.arange(len(labels)), np.asarray(labels, np.int64)]
+
+
+def override_bits(bits):
+    """The width the analysis suggests for a layer at `bits`: 8, or float for a layer at 8 or more."""
+    return 8 if bits < 8 else FLOAT_BITS
+
+
+def override_quantizer(layer, config, bits):
+    """x -> x on the quantizer the layer's override (`bits`) gives it, or None where that is float or its grid
+    cannot take `bits` (the measurement is then the layer kept float)."""
+    if bits == FLOAT_BITS:
+        return None
+    if layer.kind == "weight":
+        grid = weight_grids.for_layer(layer, config)
+        fewest, most = grid.bit_range
+        if not fewest <= bits <= most:
+            return None
+        layout = layer_layout(layer)
+        # A learned grid starts from its initial steps at the new width, as a run with the override does.
+        return lambda x: grid.initial_widths(x, [bits], layout)[bits]
+    scope = "%s/%s" % (layer.name.replace(":", "/"), ranges.RANGE_SCOPE_SUFFIX)
+    if config.act_range == "lsq":
+        # LSQ's step is tied to its width: the override's grid starts from its own initial step (new variables).
+        scope += "_override%d" % bits
+    # Moving-average and PACT ranges do not depend on the width: the trained range is the override's.
+    return lambda x: ranges.quantize_activation(x, bits, config.act_range, False, config.act_ema_decay, scope,
+                                                layer.op_type, config.pact_decay,
+                                                zero_exact=config.quantize_layer_outputs)[0]
 
 
 def evaluation_arrays(helper, limit=None):
@@ -82,12 +145,12 @@ def evaluation_arrays(helper, limit=None):
     return graphs.dataset_arrays(helper, evaluation=True, limit=limit)
 
 
-def _open(helper, checkpoint):
+def open_switched(helper, checkpoint, with_overrides=False):
     """(SwitchedModel of the checkpoint, its saved report, report path), the report checked against it."""
     report_path = os.path.join(os.path.dirname(checkpoint), uniform_quant.REPORT_NAME)
     saved, config = uniform_quant.read_report_and_config(report_path)
     uniform_quant.check_report_against_checkpoint(saved, checkpoint, report_path)
-    return SwitchedModel(helper, config, checkpoint, _input_shape(helper)), saved, report_path
+    return SwitchedModel(helper, config, checkpoint, _input_shape(helper), with_overrides), saved, report_path
 
 
 def _input_shape(helper):
@@ -156,7 +219,7 @@ def record_fidelity(helper, settings, checkpoint, learner_name):
       the path of quant_report.html.
     """
     try:
-        switched, saved, report_path = _open(helper, checkpoint)
+        switched, saved, report_path = open_switched(helper, checkpoint)
     except (layer_switches.SwitchError, UserError) as exc:
         # The run itself is complete and saved (a resumed run that had nothing left to train may even hold a report
         # its checkpoint was not trained with): say what is missing rather than fail it.
@@ -178,7 +241,7 @@ def record_fidelity(helper, settings, checkpoint, learner_name):
     return write_html(os.path.dirname(report_path))
 
 
-def _latest(learner):
+def latest_checkpoint(learner):
     checkpoint = training.find_checkpoint(learner.save_path, learner.name)[0]
     if checkpoint is None:
         raise UserError("no quantized checkpoint found in %s; expected one written by --learner %s"
@@ -205,93 +268,3 @@ def write_html(run_dir):
         return report_html.write_report_html(run_dir)
     except tfquant.report.ReportError as exc:
         raise UserError(str(exc)) from None
-
-
-def suggested_override(entry):
-    """The flag that gives a layer 8 bits (or float when it has 8 or more)."""
-    bits = 8 if entry["bits"] < 8 else 32
-    if entry["kind"] == "weight":
-        return "--uql_weight_overrides '%s=%d'" % (re.escape(entry["weight_variable"]), bits)
-    return "--uql_activation_overrides '%s=%d'" % (re.escape(entry["name"]), bits)
-
-
-def rank_layers(float_accuracy, quantized_accuracy, alone, all_but):
-    """Layers ranked worst first.
-
-    Args:
-      float_accuracy, quantized_accuracy: every layer float / quantized.
-      alone: {layer: accuracy with only it quantized}; all_but: {layer: accuracy with all but it quantized}.
-    Returns:
-      [(name, recovery, drop_alone)] by recovery (accuracy gained by keeping the layer float) then drop
-      (accuracy lost by quantizing it alone), both descending, then by name.
-    """
-    rows = [(name, all_but[name] - quantized_accuracy, float_accuracy - alone[name]) for name in alone]
-    return sorted(rows, key=lambda row: (-row[1], -row[2], row[0]))
-
-
-def analyze(helper, settings, learner):
-    """--exec_mode analyze: accuracy with each layer alone quantized and with all but it; analysis.json.
-
-    Args:
-      helper: the run's ModelHelper (evaluation images, --eval_subset applied).
-      settings: parsed flags.
-      learner: the uniform or ptq learner whose latest checkpoint is analysed.
-    Returns:
-      the lines to print.
-    """
-    checkpoint = _latest(learner)
-    started = time.time()
-    try:
-        switched, saved, report_path = _open(helper, checkpoint)
-    except layer_switches.SwitchError as exc:
-        raise UserError("%s; the layer analysis cannot switch this model's quantizers" % exc) from None
-    chunk = settings.batch_size_eval
-    try:
-        images, labels = evaluation_arrays(helper)
-        everything = [record.name for record in switched.switches]
-        float_accuracy = switched.accuracy(images, labels, [], chunk)
-        quantized_accuracy = switched.accuracy(images, labels, everything, chunk)
-        # One entry per switch: layers sharing a quantizer (one weight read twice) are one target.
-        targets = []
-        for record in switched.switches:
-            if all(record.switch is not other.switch for other in targets):
-                targets.append(record)
-        alone, all_but = {}, {}
-        for record in targets:
-            # Nothing is written before the analysis ends, so it can stop between any two layers.
-            stopping.check("during the layer analysis", "nothing was written")
-            sharing = [r.name for r in switched.switches if r.switch is record.switch]
-            alone[record.name] = switched.accuracy(images, labels, sharing, chunk)
-            all_but[record.name] = switched.accuracy(images, labels, [n for n in everything if n not in sharing],
-                                                     chunk)
-    finally:
-        switched.close()
-    seconds = time.time() - started
-    by_name = {record.name: record for record in targets}
-    layers = []
-    for name, recovery, drop in rank_layers(float_accuracy, quantized_accuracy, alone, all_but):
-        record = by_name[name]
-        entry = {"name": name, "kind": record.kind, "bits": record.bits, "weight_variable": record.weight_variable,
-                 "accuracy_alone_quantized": alone[name], "accuracy_all_but_this_quantized": all_but[name],
-                 "drop_alone": fidelity.rounded(drop), "recovery_if_float": fidelity.rounded(recovery)}
-        entry["override"] = suggested_override(entry)
-        layers.append(entry)
-    result = {"checkpoint": os.path.relpath(checkpoint, os.path.dirname(report_path)), "examples": len(images),
-              "float_accuracy": float_accuracy, "quantized_accuracy": quantized_accuracy,
-              "seconds": fidelity.rounded(seconds), "layers": layers}
-    run_dir = os.path.dirname(report_path)
-    run_settings.write_json(os.path.join(run_dir, ANALYSIS_NAME), json.dumps(result, indent=2), "analysis file")
-    html = write_html(run_dir)
-    lines = ["%s analyze: %d layers on %d test images in %.1f s: float %.4f, quantized %.4f"
-             % (learner.name, len(layers), len(images), seconds, float_accuracy, quantized_accuracy)]
-    for rank, entry in enumerate(layers[:TOP_OFFENDERS], 1):
-        lines.append("  %d. %s (%s, %d bits): %.4f if kept float (%+.4f), %.4f if quantized alone; fix: %s"
-                     % (rank, entry["weight_variable"] or entry["name"], entry["kind"], entry["bits"],
-                        entry["accuracy_all_but_this_quantized"], entry["recovery_if_float"],
-                        entry["accuracy_alone_quantized"], entry["override"]))
-    if saved.allocation:
-        lines.append("  (this run's bits come from --uql_auto_bits, which refuses overrides: apply them to a run "
-                     "without it, or raise --uql_equivalent_bits)")
-    lines.append("analysis: %s" % os.path.join(run_dir, ANALYSIS_NAME))
-    lines.append("report: %s" % html)
-    return lines

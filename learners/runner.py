@@ -9,7 +9,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from learners import flags as learner_flags  # noqa: E402
-from learners import analysis, directory_flags, distributed, run_lock, stopping  # noqa: E402
+from learners import analysis, directory_flags, distributed, layer_analysis, run_lock, stopping  # noqa: E402
 from learners.graphs import dataset_arrays  # noqa: E402  (also the name benchmarks and tests import)
 from learners.errors import UserError  # noqa: E402
 from learners.full_precision import FullPrecLearner  # noqa: E402
@@ -73,7 +73,7 @@ def _main(make_helper, after_train):
             for line in export_latest(helper, learner.output_dir, FLAGS):
                 print(line)
         elif FLAGS.exec_mode == "analyze":
-            for line in analysis.analyze(helper, FLAGS, learner):
+            for line in layer_analysis.analyze(helper, FLAGS, learner):
                 print(line)
         else:
             accuracy, loss, count = learner.evaluate()

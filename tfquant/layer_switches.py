@@ -204,6 +204,37 @@ def insert_switches(graph, report, final_tensors=()):
     return switches, finals
 
 
+def insert_alternative(record, build_fn):
+    """Give a switched layer a third position: with its switch off and the returned placeholder on, the layer's
+    readers read build_fn(x) instead of x (e.g. x quantized at another width); the alternative runs only then.
+
+    Args:
+      record: a LayerSwitch of insert_switches.
+      build_fn: x -> a tensor of x's shape and dtype, built under this module's scope.
+    Returns:
+      the alternative's bool placeholder (default False: the layer's readers see what they saw before).
+    Raises:
+      SwitchError: the record's output is not a gate insert_switches built.
+    """
+    gate = record.output.op
+    # Where the gate reads x: Merge(x when off, Q(x)), or Select(switch, Q(x), x) for a select-switched quantizer.
+    index = {"Merge": 0, "Select": 2, "SelectV2": 2}.get(gate.type)
+    if index is None:
+        raise SwitchError("layer %s: its switched output %s is not a gate of insert_switches"
+                          % (record.name, record.output.name))
+    off = gate.inputs[index]
+    graph = off.graph
+    with graph.as_default(), graph.name_scope(None), graph.name_scope(SWITCH_SCOPE + "/alternative"):
+        chosen = tf1.placeholder_with_default(False, [], name="on")
+        # Dead when the layer's switch is on (x is dead then), so nothing of it runs unless both select it.
+        plain, selected = tf.raw_ops.Switch(data=off, pred=chosen)
+        built = build_fn(selected)
+        merged = tf.raw_ops.Merge(inputs=[plain, built])[0]
+        merged.set_shape(off.shape)
+    rewrite.reroute_input(gate, index, merged)
+    return chosen
+
+
 def switch_feed(switches, quantized_names):
     """The feed that quantizes exactly the layers named in `quantized_names` (every other layer float).
 

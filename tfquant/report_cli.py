@@ -1,8 +1,8 @@
 """`python -m tfquant.report RUN_DIR [OTHER_RUN_DIR]`: render quant_report.html again, or compare two runs.
 
 With one directory, its quant_report.html is written again from its JSON files. With two, both pages are
-written and the per-layer differences (bits, SQNR, output SQNR, the analysis's accuracy gain) and the runs'
-accuracies are printed. Like `python -m tfquant.export`, this is an edge of the library: the one module of
+written and the per-layer differences (bits, SQNR, output SQNR, the analysis's accuracy gain if float and loss
+removed at the suggested override) and the runs' accuracies are printed. Like `python -m tfquant.export`, this is an edge of the library: the one module of
 it that prints.
 """
 import argparse
@@ -43,7 +43,7 @@ def comparison_lines(first, second):
     gain_a = _by_name((analysis_a or {}).get("layers"))
     gain_b = _by_name((analysis_b or {}).get("layers"))
     layers_b = _by_name(report_b["layers"])
-    header = ("layer", "bits", "SQNR dB", "output SQNR dB", "gain if float")
+    header = ("layer", "bits", "SQNR dB", "output SQNR dB", "gain if float", "loss removed at override")
     rows = []
     names = [layer["name"] for layer in report_a["layers"]]
     names += [layer["name"] for layer in report_b["layers"] if layer["name"] not in set(names)]
@@ -54,7 +54,8 @@ def comparison_lines(first, second):
                  "%s -> %s" % (_shown(la.get("bits")), _shown(lb.get("bits")))]
         for source_a, source_b, field in ((fidelity_a, fidelity_b, "sqnr_db"), (fidelity_a, fidelity_b,
                                                                                "output_sqnr_db"),
-                                          (gain_a, gain_b, "recovery_if_float")):
+                                          (gain_a, gain_b, "recovery_if_float"),
+                                          (gain_a, gain_b, "loss_recovery_at_override")):
             a, b = source_a.get(name, {}).get(field), source_b.get(name, {}).get(field)
             cells.append("%s -> %s (%s)" % (_shown(a), _shown(b), _difference(a, b)))
         rows.append(cells)

@@ -257,21 +257,29 @@ def _sensitivity_svg(layer, key):
 def _analysis(analysis):
     if not analysis:
         return ""
-    out = ["<h2>Layer-by-layer analysis</h2><p>On %s test images: float %s, quantized %s. Worst first.</p>"
+    ranked_by = analysis.get("ranked_by")
+    order = ("Ranked by the loss the suggested override removes (every layer quantized, this one at the override's "
+             "width), worst first." if ranked_by == "loss_recovery_at_override" else "Worst first.")
+    out = ["<h2>Layer-by-layer analysis</h2><p>On %s test images: float %s, quantized %s (loss %s). %s</p>"
            % (_cell(analysis.get("examples"), "analysis.examples", "span"),
               _cell(analysis.get("float_accuracy"), "analysis.float_accuracy", "span"),
-              _cell(analysis.get("quantized_accuracy"), "analysis.quantized_accuracy", "span"))]
+              _cell(analysis.get("quantized_accuracy"), "analysis.quantized_accuracy", "span"),
+              _cell(analysis.get("quantized_loss"), "analysis.quantized_loss", "span"), html.escape(order))]
     rows = []
+    fields = ("bits", "accuracy_alone_quantized", "accuracy_all_but_this_quantized", "recovery_if_float",
+              "override_bits", "accuracy_at_override", "recovery_at_override", "loss_recovery_at_override")
     for i, entry in enumerate(analysis.get("layers") or []):
         key = "analysis.layers.%d." % i
-        rows.append([_cell(entry.get("weight_variable") or entry.get("name"), ""), _cell(entry.get("kind"), ""),
-                     _cell(entry.get("bits"), key + "bits"),
-                     _cell(entry.get("accuracy_alone_quantized"), key + "accuracy_alone_quantized"),
-                     _cell(entry.get("accuracy_all_but_this_quantized"), key + "accuracy_all_but_this_quantized"),
-                     _cell(entry.get("recovery_if_float"), key + "recovery_if_float"),
-                     _cell(entry.get("override"), "")])
+        rows.append([_cell(entry.get("weight_variable") or entry.get("name"), ""), _cell(entry.get("kind"), "")]
+                    + [_cell(entry.get(field), key + field) for field in fields] + [_cell(entry.get("override"), "")])
     out.append(_table(["layer", "kind", "bits", "accuracy, only this quantized", "accuracy, all but this",
-                       "gain if float", "override"], rows))
+                       "gain if float", "override bits", "accuracy at override", "gain at override",
+                       "loss removed at override", "override"], rows))
+    if ranked_by == "loss_recovery_at_override":
+        out.append(_bar_chart("loss removed by the suggested override",
+                              [(e.get("name"), e.get("loss_recovery_at_override"),
+                                "analysis.layers.%d.loss_recovery_at_override" % i)
+                               for i, e in enumerate(analysis.get("layers") or [])]))
     out.append(_bar_chart("accuracy gained by keeping the layer float",
                           [(e.get("name"), e.get("recovery_if_float"), "analysis.layers.%d.recovery_if_float" % i)
                            for i, e in enumerate(analysis.get("layers") or [])]))

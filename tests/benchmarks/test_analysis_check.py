@@ -44,6 +44,8 @@ def test_the_top_three_overrides_are_the_analysis_files_and_each_run_applied_its
         assert run["accuracy"] == results["quant_accuracy"]
         assert run["measured_recovery"] == pytest.approx(results["quant_accuracy"] - base_results["quant_accuracy"])
         assert (run["predicted_recovery"], run["predicted_drop"]) == (layer["recovery_if_float"], layer["drop_alone"])
+        assert (run["predicted_loss_recovery"], run["predicted_override_recovery"]) == (
+            layer["loss_recovery_at_override"], layer["recovery_at_override"])
         # The run's own report shows the override took: that layer at 8 bits, which the plain W2A2 run had at 2.
         report = {entry["name"]: entry for entry in publish.load_json(os.path.join(run_dir, "quant_report.json"))
                   ["layers"]}
@@ -57,7 +59,8 @@ def test_the_verdict_and_correlations_follow_the_measurements(quick):
     seed = quick["payload"]["seeds"][0]
     measured = np.array([run["measured_recovery"] for run in seed["overrides"]])
     assert seed["worst_recovers_most"] == bool(measured[0] == measured.max())
-    for key, field in (("spearman_recovery", "predicted_recovery"), ("spearman_drop", "predicted_drop")):
+    for key, field in (("spearman_loss_at_override", "predicted_loss_recovery"),
+                       ("spearman_recovery", "predicted_recovery"), ("spearman_drop", "predicted_drop")):
         predicted = np.array([run[field] for run in seed["overrides"]])
         if np.ptp(predicted) == 0 or np.ptp(measured) == 0:
             assert seed[key] is None

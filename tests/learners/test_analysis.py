@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 
 import tfquant
-from learners import analysis, graphs
+from learners import analysis, graphs, layer_analysis
 from learners import flags as learner_flags
 from learners.errors import UserError
 from learners.ptq import PTQLearner
@@ -39,7 +39,7 @@ def run(tmp_path_factory):
                            uql_analysis_batches=2)
     config = tfquant.QuantConfig(weight_bits=BITS, activation_bits=BITS, quantize_all_layers=True)
     results = PTQLearner(helper, settings, config).train()
-    lines = analysis.analyze(helper, settings, PTQLearner(helper, settings, config))
+    lines = layer_analysis.analyze(helper, settings, PTQLearner(helper, settings, config))
     run_dir = os.path.join(directory, "models_uql")
     report = json.load(open(os.path.join(run_dir, "quant_report.json")))
     return dict(helper=helper, settings=settings, results=results, run_dir=run_dir, report=report, lines=lines,
@@ -139,19 +139,31 @@ def test_fidelity_matches_numpy_reference(run):
     assert fidelity["output"]["sqnr_db"] < by_name["model/conv1/Conv2D"]["output_sqnr_db"]
 
 
-def _brute_force_accuracy(run, quantized_names):
-    """Accuracy of a separately built tfquant graph with only `quantized_names` quantized (no switches)."""
+def _brute_force(run, bits_of):
+    """(accuracy, mean cross-entropy) of a separately built tfquant graph (no switches) on the analysis's images,
+    each quantized layer at bits_of(its name, its bits) (32: float)."""
     saved = tfquant.report.read_report(os.path.join(run["run_dir"], "quant_report.json"))
     settings = {k: v for k, v in saved.config.items()
                 if k not in ("weight_overrides", "activation_overrides", "layer_bits", "explicit_bits")}
-    explicit = {layer.name: (layer.bits if layer.name in quantized_names else 32) for layer in saved.layers
-                if layer.quantized}
-    model = graphs.build_graph(run["helper"], False, quant_config=tfquant.QuantConfig(explicit_bits=explicit,
-                                                                                      **settings))
-    with graphs.new_session(model.graph) as sess:
-        graphs.restore_variables(sess, model.graph.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES),
-                                 run["results"]["quant_checkpoint"])
-        return graphs.evaluate(sess, model)[0]
+    explicit = {layer.name: bits_of(layer.name, layer.bits) for layer in saved.layers if layer.quantized}
+    images, labels = analysis.evaluation_arrays(run["helper"])
+    graph = tf.Graph()
+    with graph.as_default():
+        placeholder = tf1.placeholder(tf.float32, [None] + list(images.shape[1:]))
+        logits = run["helper"].forward_eval(placeholder)
+        report = tfquant.quantize_graph(graph, tfquant.QuantConfig(explicit_bits=explicit, **settings),
+                                        is_training=False)
+        logits = report.output(logits)
+        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        with tf1.Session() as sess:
+            graphs.restore_variables(sess, tf1.global_variables(), run["results"]["quant_checkpoint"])
+            values, loss_values = sess.run([logits, losses], {placeholder: images})
+    return float(np.mean(np.argmax(values, -1) == labels)), float(np.mean(loss_values))
+
+
+def _brute_force_accuracy(run, quantized_names):
+    """Accuracy with only `quantized_names` quantized (at their bits), the others float."""
+    return _brute_force(run, lambda name, bits: bits if name in quantized_names else 32)[0]
 
 
 def test_analysis_matches_brute_force(run):
@@ -162,20 +174,57 @@ def test_analysis_matches_brute_force(run):
     assert result["examples"] == 100
     assert result["quantized_accuracy"] == pytest.approx(run["results"]["quant_accuracy"], abs=1e-6)
     assert result["float_accuracy"] == pytest.approx(_brute_force_accuracy(run, []), abs=1e-6)
-    alone, all_but = {}, {}
+    everything = _brute_force(run, lambda name, bits: bits)
+    assert (result["quantized_accuracy"], result["quantized_loss"]) == pytest.approx(everything, rel=1e-4)
+    alone, all_but, at_override = {}, {}, {}
     for name in names:
         alone[name] = _brute_force_accuracy(run, [name])
         all_but[name] = _brute_force_accuracy(run, [n for n in names if n != name])
+        # Every layer quantized, this one at 8 bits: the graph the suggested override gives, built directly.
+        at_override[name] = _brute_force(run, lambda layer, bits, name=name: 8 if layer == name else bits)
     for entry in result["layers"]:
         assert entry["accuracy_alone_quantized"] == pytest.approx(alone[entry["name"]], abs=1e-6)
         assert entry["accuracy_all_but_this_quantized"] == pytest.approx(all_but[entry["name"]], abs=1e-6)
-    ranked = analysis.rank_layers(result["float_accuracy"], result["quantized_accuracy"], alone, all_but)
-    assert names == [name for name, _, _ in ranked]
-    # The worst layer is printed first with the override that would fix it.
+        assert entry["override_bits"] == 8
+        accuracy, loss = at_override[entry["name"]]
+        assert entry["accuracy_at_override"] == pytest.approx(accuracy, abs=1e-6)
+        assert entry["loss_at_override"] == pytest.approx(loss, rel=1e-4)
+        assert entry["recovery_at_override"] == pytest.approx(accuracy - everything[0], abs=1e-5)
+        assert entry["loss_recovery_at_override"] == pytest.approx(everything[1] - loss, rel=1e-3, abs=1e-5)
+    # 8 bits is not float: the measurement differs from keeping the layer float somewhere (else it tests nothing).
+    assert any(abs(entry["loss_at_override"] - entry["loss_all_but_this_quantized"]) > 1e-4
+               for entry in result["layers"])
+    # Ranked by the loss the override removes, worst first (brute-force values, sorted here).
+    expected = sorted(names, key=lambda n: (-(everything[1] - at_override[n][1]), -(at_override[n][0] -
+                                                                                    everything[0]), n))
+    assert names == expected
+    losses = [entry["loss_recovery_at_override"] for entry in result["layers"]]
+    assert losses == sorted(losses, reverse=True) and losses[0] > losses[-1]
+    # The worst layer is printed first with the 8-bit override that was measured for it.
     worst = result["layers"][0]
-    assert worst["override"] in run["lines"][1]
+    assert worst["override"] in run["lines"][1] and run["lines"][1].startswith("  1. ")
+    assert "at 8 bits loss %.4f" % worst["loss_at_override"] in run["lines"][1]
     if worst["kind"] == "weight":
-        assert worst["override"] == "--uql_weight_overrides '%s=8'" % worst["weight_variable"]
+        assert worst["override"] == "--uql_weight_overrides '%s=8'" % re.escape(worst["weight_variable"])
+    else:
+        assert worst["override"] == "--uql_activation_overrides '%s=8'" % re.escape(worst["name"])
+
+
+def test_rank_layers_by_loss_then_accuracy():
+    quantized = (0.50, 2.0)
+    at_override = {"b": (0.60, 1.5), "a": (0.70, 1.5), "c": (0.90, 1.9), "d": (0.60, 1.5)}
+    ranked = layer_analysis.rank_layers(quantized, at_override)
+    # Loss first (c gains the most accuracy but removes the least loss), then accuracy, then the name.
+    assert [name for name, _, _ in ranked] == ["a", "b", "d", "c"]
+    assert ranked[0][1:] == pytest.approx((0.5, 0.2))
+
+
+def test_cross_entropy_matches_tensorflow():
+    logits = np.random.RandomState(0).normal(0, 20, (7, 5)).astype(np.float32)
+    labels = np.array([0, 1, 2, 3, 4, 0, 1])
+    with tf.Graph().as_default(), tf1.Session() as sess:
+        expected = sess.run(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+    assert analysis.cross_entropy(logits, labels) == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
 def _events(directory):

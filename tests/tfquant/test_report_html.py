@@ -66,10 +66,12 @@ def run_dir(tmp_path_factory):
     (directory / "results.json").write_text(json.dumps({"model": "tiny", "dataset": "random", "float_accuracy": 0.75,
                                                          "quant_accuracy": 0.6875, "test_examples": 16}))
     (directory / "analysis.json").write_text(json.dumps({
-        "examples": 16, "float_accuracy": 0.75, "quantized_accuracy": 0.6875, "layers": [
+        "examples": 16, "float_accuracy": 0.75, "quantized_accuracy": 0.6875, "quantized_loss": 0.9375,
+        "ranked_by": "loss_recovery_at_override", "layers": [
             {"name": "Conv2D", "kind": "weight", "bits": 4, "weight_variable": "conv/kernel",
              "accuracy_alone_quantized": 0.7, "accuracy_all_but_this_quantized": 0.74, "recovery_if_float": 0.0525,
-             "drop_alone": 0.05, "override": "--uql_weight_overrides 'conv/kernel=8'"}]}))
+             "drop_alone": 0.05, "override_bits": 8, "accuracy_at_override": 0.72, "recovery_at_override": 0.0325,
+             "loss_recovery_at_override": 0.1875, "override": "--uql_weight_overrides 'conv/kernel=8'"}]}))
     assert report_cli.main([str(directory)]) == 0
     return directory, arrays
 
@@ -152,8 +154,11 @@ def test_every_number_on_the_page_is_the_json_s(run_dir):
     for bits in (2, 3, 4):
         assert "report.allocation.weight.layers.0.sensitivity.%d" % bits in keys
     for key in ("results.float_accuracy", "results.quant_accuracy", "report.summary.compression_ratio",
-                "analysis.layers.0.accuracy_all_but_this_quantized", "analysis.layers.0.recovery_if_float"):
+                "analysis.layers.0.accuracy_all_but_this_quantized", "analysis.layers.0.recovery_if_float",
+                "analysis.quantized_loss", "analysis.layers.0.override_bits", "analysis.layers.0.accuracy_at_override",
+                "analysis.layers.0.recovery_at_override", "analysis.layers.0.loss_recovery_at_override"):
         assert key in keys
+    assert "loss removed at override" in page and "Ranked by the loss the suggested override removes" in page
     assert "conv/kernel=8" in page
     # Self-contained: no script, no link, no address; histograms collapsed.
     assert "http" not in page and "<script" not in page and "src=" not in page and "<link" not in page
@@ -191,10 +196,15 @@ def test_two_runs_compared_layer_by_layer(run_dir, tmp_path, capsys):
     (other / "quant_report.json").write_text(json.dumps(report))
     results = json.loads((directory / "results.json").read_text())
     (other / "results.json").write_text(json.dumps(dict(results, quant_accuracy=0.75)))
+    analysis = json.loads((directory / "analysis.json").read_text())
+    analysis["layers"][0]["loss_recovery_at_override"] = 0.0625
+    (other / "analysis.json").write_text(json.dumps(analysis))
     assert report_cli.main([str(directory), str(other)]) == 0
     out = capsys.readouterr().out
     first = json.loads((directory / "quant_report.json").read_text())["fidelity"]["layers"][0]["sqnr_db"]
     assert "quant_accuracy   0.6875 -> 0.75 (+0.0625)" in out
+    assert any(line.startswith("layer") and line.endswith("loss removed at override") for line in out.splitlines())
+    assert "0.0525 -> 0.0525 (+0)  0.1875 -> 0.0625 (-0.125)" in out  # gain if float, loss removed at override
     assert "%s -> 30.0 (%+.4g)" % (report_html.number_text(first), 30.0 - first) in out
     assert (other / "quant_report.html").exists()
 
@@ -241,3 +251,17 @@ def test_malformed_analysis_file_is_one_error_line(run_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: analysis file") and err.count("\n") == 1
     assert not (tmp_path / "quant_report.html").exists()
+
+
+def test_analysis_written_before_the_override_measurement_still_renders(run_dir):
+    """An analysis.json without the override columns (older tfquant) renders them as '–', ranked as it was."""
+    old = json.loads((run_dir[0] / "analysis.json").read_text())
+    for field in ("ranked_by", "quantized_loss"):
+        del old[field]
+    for field in ("override_bits", "accuracy_at_override", "recovery_at_override", "loss_recovery_at_override"):
+        del old["layers"][0][field]
+    report = json.loads((run_dir[0] / "quant_report.json").read_text())
+    page = report_html.render(report, None, old)
+    assert "Worst first." in page and "loss removed by the suggested override" not in page
+    assert 'data-key="analysis.layers.0.recovery_if_float">0.0525<' in page
+    assert 'data-key="analysis.layers.0.accuracy_at_override"' not in page
