@@ -134,9 +134,38 @@ def _weight_fake_quant(op, index, value, layer, grid):
     return record, replaced
 
 
-def _insert_range(tensor, low, high, bits, source, records):
-    """Put a FakeQuant with [low, high] (widened to hold 0) after `tensor`, moving its readers; returns its output."""
-    low, high = float(min(low, 0.0)), float(max(high, 0.0))
+def on_eval_grid(low, high, bits):
+    """(min, max) of a FakeQuant whose grid is the evaluation graph's for a trained range [low, high], or None.
+
+    The evaluation graph's step is (max(high, 0) - min(low, 0)) * float32(1/(2^k-1)) (ops.zero_exact_step) and
+    its zero point floor(-low / step + 0.5); a FakeQuant given [low, high] divides by 2^k-1 instead, which is an
+    ulp off in many layers. The range returned is the nudged grid itself, [-zero point, 2^k-1 - zero point]
+    times the step, its top moved by an ulp where needed so that TensorFlow's FakeQuant (float32) and
+    tf2onnx (float64 then float32) both derive exactly that step and zero point.
+    """
+    levels = (1 << bits) - 1
+    low32 = np.minimum(np.float32(low), np.float32(0.0))
+    high32 = np.maximum(np.maximum(np.float32(high), np.float32(0.0)), low32 + np.float32(ops.RANGE_EPS))
+    step = np.float32(np.float32(high32 - low32) * np.float32(1.0 / levels))
+    zero_point = np.clip(np.floor(np.float32(-low32 / step) + np.float32(0.5)), 0, levels)
+    nudged_low = np.float32(-zero_point * step)
+    top = np.float32((levels - zero_point) * step)
+    for _ in range(8):
+        for candidate in (top, np.nextafter(top, np.float32(np.inf)), np.nextafter(top, np.float32(-np.inf))):
+            fake_quant_step = np.float32(np.float32(candidate - nudged_low) / np.float32(levels))
+            converter_step = np.float32((float(candidate) - float(nudged_low)) / levels)
+            if fake_quant_step == step and converter_step == step and \
+                    np.round(-float(nudged_low) / float(step)) == zero_point:
+                return float(nudged_low), float(candidate)
+        top = np.nextafter(top, np.float32(np.inf))
+    return None
+
+
+def _insert_range(tensor, low, high, bits, source, records, exact_grid=False):
+    """Put a FakeQuant with [low, high] (widened to hold 0) after `tensor`, moving its readers; returns its output.
+    exact_grid: a trained range, given the evaluation graph's grid (on_eval_grid) where it can be."""
+    found = on_eval_grid(low, high, bits) if exact_grid else None
+    low, high = found or (float(min(low, 0.0)), float(max(high, 0.0)))
     if high - low < 1e-8:
         high = low + 1e-8
     name = tensor.op.name + "/fake_quant"
@@ -146,7 +175,7 @@ def _insert_range(tensor, low, high, bits, source, records):
     return quantized
 
 
-def _quantize_biases(graph, candidates, weight_layers, config, replaced, input_steps):
+def _quantize_biases(graph, candidates, weight_layers, config, replaced, input_steps, weight_steps=None):
     """Put each bias a symmetric-grid weight layer adds on the int32 grid of its input's step times its weight's,
     as tfquant.quantize.quantize_biases does in the evaluation graph.
 
@@ -158,6 +187,8 @@ def _quantize_biases(graph, candidates, weight_layers, config, replaced, input_s
       replaced: {MatMul output name: the 1x1 convolution's output now computing it}.
       input_steps: {FakeQuant output name: its step} of the trained activation ranges (the evaluation graph's
         integer steps: ranges it quantizes on the zero-exact grid).
+      weight_steps: {weight variable: float32 step per range group} as the packed file stores it (packed_steps);
+        a layer not in it gets the step recomputed from its dequantized weight.
     Returns:
       the names of the layers whose bias was put on the int32 grid.
     """
@@ -176,14 +207,25 @@ def _quantize_biases(graph, candidates, weight_layers, config, replaced, input_s
             continue
         index = 1 if bias_add.inputs[0] is output else 0
         with graph.name_scope(None), graph.name_scope(op.name + "/bias_quant"):
-            # The step from the weight the op read before its FakeQuant: the packed file's dequantized values.
-            weight_step = grid.integer_step(weight, layer.bits, layout)
+            # The evaluation graph's step is alpha * float32(1/(2^k-1)) of the trained weight, which the packed file
+            # stores; recomputed from the dequantized weight (max|w| / Q) it is off by an ulp in most channels,
+            # which moved the bias, and so outputs near a rounding boundary, off the trained graph's (issue 32).
+            step = (weight_steps or {}).get(candidate.variable_name)
+            weight_step = (grid.integer_step(weight, layer.bits, layout) if step is None
+                           else tf.constant(np.reshape(step, [-1] if np.size(step) > 1 else []), tf.float32))
             rewrite.reroute_input(bias_add, index, ops.quantize_bias(bias_add.inputs[index], input_step * weight_step))
         done.append(op.name)
     return done
 
 
-def build(build_forward, weights, report, input_shape, calibration_images, batch_size=100):
+def packed_steps(tensors):
+    """{weight variable: float32 step per range group, alpha * float32(1/(2^k-1))} of a packed file's quantized
+    tensors (packed_reader.read_packed_model): the step the evaluation graph puts a symmetric-grid bias on."""
+    return {t.name: np.multiply(t.alpha, np.float32(1.0 / ((1 << t.bits) - 1)), dtype=np.float32)
+            for t in tensors if hasattr(t, "alpha")}
+
+
+def build(build_forward, weights, report, input_shape, calibration_images, batch_size=100, weight_steps=None):
     """Freeze the model with FakeQuant ops carrying the trained ranges (see the module docstring).
 
     Args:
@@ -194,6 +236,8 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
       calibration_images: float32 [N, H, W, C] for the tensors without a trained range (None when a run
         trained with quantize_layer_outputs left none).
       batch_size: images per calibration run.
+      weight_steps: packed_steps of the packed file the weights come from (the biases' int32 grid then uses
+        the trained steps bit for bit); None recomputes them from the dequantized weights.
     Returns:
       a FakeQuantGraph.
     Raises:
@@ -247,14 +291,14 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
         records, input_steps = [], {}
         for layer, tensor in trained:
             low, high = (weights[name] for name in layer.range_variables)
-            quantized = _insert_range(tensor, low, high, layer.bits, "trained", records)
+            quantized = _insert_range(tensor, low, high, layer.bits, "trained", records, exact_grid=True)
             # The step the evaluation graph gives the range (float32, from the stored [min, max]).
             input_steps[quantized.name] = ops.zero_exact_step(layer.bits, tf.constant(low, tf.float32),
                                                               tf.constant(high, tf.float32))
         biases_on_grid = []
         if report.config.get("quantize_layer_outputs"):
             biases_on_grid = _quantize_biases(graph, original_weights, weight_layers, report.config, replaced,
-                                              input_steps)
+                                              input_steps, weight_steps)
     if targets and images_value is None:
         raise model_export.ExportError(
             "%d tensors have no trained range (%s); expected calibration images for them (or a run trained "
