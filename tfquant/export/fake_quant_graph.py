@@ -139,9 +139,10 @@ def on_eval_grid(low, high, bits):
 
     The evaluation graph's step is (max(high, 0) - min(low, 0)) * float32(1/(2^k-1)) (ops.zero_exact_step) and
     its zero point floor(-low / step + 0.5); a FakeQuant given [low, high] divides by 2^k-1 instead, which is an
-    ulp off in many layers. The range returned is the nudged grid itself, [-zero point, 2^k-1 - zero point]
-    times the step, its top moved by an ulp where needed so that TensorFlow's FakeQuant (float32) and
-    tf2onnx (float64 then float32) both derive exactly that step and zero point.
+    ulp off for many ranges. The range returned is the nudged grid itself, [-zero point, 2^k-1 - zero point]
+    times the step, its top moved by a few ulps so that the converters (tf2onnx, TFLite: the float64 quotient
+    as float32) derive exactly that step and zero point, and TensorFlow's FakeQuant kernel (float32 quotient)
+    too where some top gives it; None when no top near the grid's gives the converters the step.
     """
     levels = (1 << bits) - 1
     low32 = np.minimum(np.float32(low), np.float32(0.0))
@@ -149,16 +150,21 @@ def on_eval_grid(low, high, bits):
     step = np.float32(np.float32(high32 - low32) * np.float32(1.0 / levels))
     zero_point = np.clip(np.floor(np.float32(-low32 / step) + np.float32(0.5)), 0, levels)
     nudged_low = np.float32(-zero_point * step)
-    top = np.float32((levels - zero_point) * step)
+    if np.round(-float(nudged_low) / float(step)) != zero_point:
+        return None
+    up = down = np.float32((levels - zero_point) * step)
+    tops = [up]
     for _ in range(8):
-        for candidate in (top, np.nextafter(top, np.float32(np.inf)), np.nextafter(top, np.float32(-np.inf))):
-            fake_quant_step = np.float32(np.float32(candidate - nudged_low) / np.float32(levels))
-            converter_step = np.float32((float(candidate) - float(nudged_low)) / levels)
-            if fake_quant_step == step and converter_step == step and \
-                    np.round(-float(nudged_low) / float(step)) == zero_point:
-                return float(nudged_low), float(candidate)
-        top = np.nextafter(top, np.float32(np.inf))
-    return None
+        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))
+        tops += [up, down]
+    converter_only = None
+    for top in tops:
+        if np.float32((float(top) - float(nudged_low)) / levels) != step:
+            continue
+        if np.float32(np.float32(top - nudged_low) / np.float32(levels)) == step:
+            return float(nudged_low), float(top)
+        converter_only = converter_only or (float(nudged_low), float(top))
+    return converter_only
 
 
 def _insert_range(tensor, low, high, bits, source, records, exact_grid=False):
