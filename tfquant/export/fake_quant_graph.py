@@ -37,7 +37,7 @@ class FakeQuantGraph:
 
     graph_def: GraphDef with 'input' and 'logits'. weights: per weight layer {layer, bits, int8:
     'exact' | 'rounded', reason}. activations: per range {tensor, source: 'trained' | 'calibrated', min,
-    max, bits}. input_range: (min, max) of the input FakeQuant. calibration_images: images used.
+    max, bits[, fake_quant_range]}. input_range: (min, max) of the input FakeQuant. calibration_images: images used.
     biases_on_grid: layers whose bias is on the int32 grid of the evaluation graph.
     """
 
@@ -169,15 +169,22 @@ def on_eval_grid(low, high, bits):
 
 def _insert_range(tensor, low, high, bits, source, records, exact_grid=False):
     """Put a FakeQuant with [low, high] (widened to hold 0) after `tensor`, moving its readers; returns its output.
-    exact_grid: a trained range, given the evaluation graph's grid (on_eval_grid) where it can be."""
-    found = on_eval_grid(low, high, bits) if exact_grid else None
-    low, high = found or (float(min(low, 0.0)), float(max(high, 0.0)))
+
+    exact_grid: a trained range, given the evaluation graph's grid (on_eval_grid) where it can be; the record keeps
+    the trained [min, max] and adds the FakeQuant's own range as fake_quant_range.
+    """
+    low, high = float(min(low, 0.0)), float(max(high, 0.0))
     if high - low < 1e-8:
         high = low + 1e-8
+    record = {"tensor": tensor.op.name, "source": source, "min": low, "max": high, "bits": int(bits)}
+    found = on_eval_grid(low, high, bits) if exact_grid else None
+    if found is not None:
+        low, high = found
+        record["fake_quant_range"] = [low, high]
     name = tensor.op.name + "/fake_quant"
     quantized, _, _ = rewrite.insert_after(tensor, lambda t: (tf.quantization.fake_quant_with_min_max_vars(
         t, low, high, num_bits=bits), None), name)
-    records.append({"tensor": tensor.op.name, "source": source, "min": low, "max": high, "bits": int(bits)})
+    records.append(record)
     return quantized
 
 
@@ -324,6 +331,7 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
         graph_def = tf1.graph_util.convert_variables_to_constants(
             sess, graph.as_graph_def(), [output.op.name])
     input_record = next(r for r in records if r["tensor"] == inference_graph.INPUT_NAME)
-    return FakeQuantGraph(graph_def, weight_records, records, (input_record["min"], input_record["max"]),
+    input_range = tuple(input_record.get("fake_quant_range", (input_record["min"], input_record["max"])))
+    return FakeQuantGraph(graph_def, weight_records, records, input_range,
                           int(len(images_value)) if targets else 0, biases_on_grid)
 
