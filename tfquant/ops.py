@@ -192,10 +192,15 @@ def quantize_in_range(x, bits, minimum, maximum, clip=False, skip_plus_zero=Fals
 
 
 def zero_exact_step(bits, minimum, maximum):
-    """The step of quantize_zero_exact's grid: (max(maximum, 0) - min(minimum, 0)) / (2^k - 1)."""
+    """The step of quantize_zero_exact's grid: (max(maximum, 0) - min(minimum, 0)) * float32(1 / (2^k - 1)).
+
+    Written as the product grappler turns the division by a constant into (as dequantize_scale), so a graph
+    whose range is constant (the export's) computes the step the trained graph computes, bit for bit; the
+    quotient is an ulp off in many layers, and with it the int32 bias grid and the FakeQuant ranges.
+    """
     low = tf.minimum(minimum, 0.0)
     high = tf.maximum(tf.maximum(maximum, 0.0), low + RANGE_EPS)
-    return (high - low) / levels(bits)
+    return (high - low) * np.float32(1.0 / levels(bits))
 
 
 def quantize_zero_exact(x, bits, minimum, maximum):

@@ -14,7 +14,8 @@ import tfquant
 from tests.conftest import new_session
 from tests.tfquant.test_export import _save_quantized, _synthetic_data
 from tests.tfquant.test_layer_outputs import INPUT_SHAPE, residual_forward
-from tfquant.export import fake_quant_graph, frozen_graph, model_export, onnx_export, onnx_kbit_export
+from tfquant.export import (fake_quant_graph, frozen_graph, model_export, onnx_export, onnx_kbit_export,
+                            packed_reader)
 
 tf1 = tf.compat.v1
 CONFIG = tfquant.QuantConfig(weight_bits=4, activation_bits=8, quantize_all_layers=True, use_buckets=True,
@@ -36,8 +37,10 @@ def trained(tmp_path_factory):
     packed = str(directory / "model.tfq")
     model_export.pack_checkpoint(checkpoint, report, packed, folded_weights=folded)
     weights, _ = model_export.load_packed_weights(packed)
-    ranged = fake_quant_graph.build(residual_forward, weights, report, INPUT_SHAPE, None)
-    return dict(checkpoint=checkpoint, report=report, images=images, packed=packed, ranged=ranged)
+    steps = fake_quant_graph.packed_steps(packed_reader.read_packed_model(packed)[0])
+    ranged = fake_quant_graph.build(residual_forward, weights, report, INPUT_SHAPE, None, weight_steps=steps)
+    return dict(checkpoint=checkpoint, report=report, images=images, packed=packed, ranged=ranged,
+                weights=weights)
 
 
 def _eval_graph_tensors(checkpoint, images):
@@ -95,6 +98,42 @@ def test_fake_quant_graph_adds_the_eval_graphs_int32_biases(trained):
         # Equal to the float: the same int32 code times the same step (the step recomputed from the decoded
         # weight may differ in its last bit).
         np.testing.assert_allclose(exported[name], eval_biases[name], rtol=1e-6, atol=0)
+
+
+def _layer_biases(graph, fetch):
+    """{Conv2D/MatMul op name: the bias the add reading its output adds}, evaluated by `fetch`."""
+    adds = {}
+    for op in graph.get_operations():
+        if op.type in ("Conv2D", "MatMul"):
+            readers = [c for c in op.outputs[0].consumers() if c.type in ("BiasAdd", "Add", "AddV2")]
+            if readers:
+                adds[op.name] = readers[0].inputs[1]
+    return fetch(adds)
+
+
+def test_fake_quant_graph_biases_are_the_eval_graphs_bit_for_bit(trained):
+    """Every bias the export graph adds (folded batch norms' offsets included) is the evaluation graph's float32
+    value exactly: the int32 grid's weight step is the packed file's, not one recomputed from the decoded weight
+    (which was an ulp off in most channels of ResNet-20 and moved outputs across rounding boundaries)."""
+    images = trained["images"][:2]
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf1.placeholder(tf.float32, INPUT_SHAPE)
+        residual_forward(x, is_training=False)
+        tfquant.quantize_graph(graph, CONFIG, is_training=False)
+        saver = tf1.train.Saver()
+        with new_session(graph) as sess:
+            saver.restore(sess, trained["checkpoint"])
+            eval_biases = _layer_biases(graph, lambda adds: sess.run(adds, {x: images}))
+    exported = tf.Graph()
+    with exported.as_default():
+        tf1.import_graph_def(trained["ranged"].graph_def, name="")
+        with new_session(exported) as sess:
+            export_biases = _layer_biases(exported, lambda adds: sess.run(adds, {"input:0": images}))
+    # conv1, conv2 (folded offsets), conv3 (its bias); the fc runs as a 1x1 convolution of another name.
+    assert {"conv1/Conv2D", "conv2/Conv2D", "conv3/Conv2D"} <= set(export_biases) & set(eval_biases)
+    for name in set(export_biases) & set(eval_biases):
+        np.testing.assert_array_equal(export_biases[name], eval_biases[name], err_msg=name)
 
 
 @pytest.mark.skipif(not onnx_export.available(), reason="needs onnx, tf2onnx and onnxruntime")

@@ -37,7 +37,7 @@ class FakeQuantGraph:
 
     graph_def: GraphDef with 'input' and 'logits'. weights: per weight layer {layer, bits, int8:
     'exact' | 'rounded', reason}. activations: per range {tensor, source: 'trained' | 'calibrated', min,
-    max, bits}. input_range: (min, max) of the input FakeQuant. calibration_images: images used.
+    max, bits[, fake_quant_range]}. input_range: (min, max) of the input FakeQuant. calibration_images: images used.
     biases_on_grid: layers whose bias is on the int32 grid of the evaluation graph.
     """
 
@@ -134,19 +134,61 @@ def _weight_fake_quant(op, index, value, layer, grid):
     return record, replaced
 
 
-def _insert_range(tensor, low, high, bits, source, records):
-    """Put a FakeQuant with [low, high] (widened to hold 0) after `tensor`, moving its readers; returns its output."""
+def on_eval_grid(low, high, bits):
+    """(min, max) of a FakeQuant whose grid is the evaluation graph's for a trained range [low, high], or None.
+
+    The evaluation graph's step is (max(high, 0) - min(low, 0)) * float32(1/(2^k-1)) (ops.zero_exact_step) and
+    its zero point floor(-low / step + 0.5); a FakeQuant given [low, high] divides by 2^k-1 instead, which is an
+    ulp off for many ranges. The range returned is the nudged grid itself, [-zero point, 2^k-1 - zero point]
+    times the step, its top moved by a few ulps so that the converters (tf2onnx, TFLite: the float64 quotient
+    as float32) derive exactly that step and zero point, and TensorFlow's FakeQuant kernel (float32 quotient)
+    too where some top gives it; None when no top near the grid's gives the converters the step.
+    """
+    levels = (1 << bits) - 1
+    low32 = np.minimum(np.float32(low), np.float32(0.0))
+    high32 = np.maximum(np.maximum(np.float32(high), np.float32(0.0)), low32 + np.float32(ops.RANGE_EPS))
+    step = np.float32(np.float32(high32 - low32) * np.float32(1.0 / levels))
+    zero_point = np.clip(np.floor(np.float32(-low32 / step) + np.float32(0.5)), 0, levels)
+    nudged_low = np.float32(-zero_point * step)
+    if np.round(-float(nudged_low) / float(step)) != zero_point:
+        return None
+    up = down = np.float32((levels - zero_point) * step)
+    tops = [up]
+    for _ in range(8):
+        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))
+        tops += [up, down]
+    converter_only = None
+    for top in tops:
+        if np.float32((float(top) - float(nudged_low)) / levels) != step:
+            continue
+        if np.float32(np.float32(top - nudged_low) / np.float32(levels)) == step:
+            return float(nudged_low), float(top)
+        converter_only = converter_only or (float(nudged_low), float(top))
+    return converter_only
+
+
+def _insert_range(tensor, low, high, bits, source, records, exact_grid=False):
+    """Put a FakeQuant with [low, high] (widened to hold 0) after `tensor`, moving its readers; returns its output.
+
+    exact_grid: a trained range, given the evaluation graph's grid (on_eval_grid) where it can be; the record keeps
+    the trained [min, max] and adds the FakeQuant's own range as fake_quant_range.
+    """
     low, high = float(min(low, 0.0)), float(max(high, 0.0))
     if high - low < 1e-8:
         high = low + 1e-8
+    record = {"tensor": tensor.op.name, "source": source, "min": low, "max": high, "bits": int(bits)}
+    found = on_eval_grid(low, high, bits) if exact_grid else None
+    if found is not None:
+        low, high = found
+        record["fake_quant_range"] = [low, high]
     name = tensor.op.name + "/fake_quant"
     quantized, _, _ = rewrite.insert_after(tensor, lambda t: (tf.quantization.fake_quant_with_min_max_vars(
         t, low, high, num_bits=bits), None), name)
-    records.append({"tensor": tensor.op.name, "source": source, "min": low, "max": high, "bits": int(bits)})
+    records.append(record)
     return quantized
 
 
-def _quantize_biases(graph, candidates, weight_layers, config, replaced, input_steps):
+def _quantize_biases(graph, candidates, weight_layers, config, replaced, input_steps, weight_steps=None):
     """Put each bias a symmetric-grid weight layer adds on the int32 grid of its input's step times its weight's,
     as tfquant.quantize.quantize_biases does in the evaluation graph.
 
@@ -158,6 +200,8 @@ def _quantize_biases(graph, candidates, weight_layers, config, replaced, input_s
       replaced: {MatMul output name: the 1x1 convolution's output now computing it}.
       input_steps: {FakeQuant output name: its step} of the trained activation ranges (the evaluation graph's
         integer steps: ranges it quantizes on the zero-exact grid).
+      weight_steps: {weight variable: float32 step per range group} as the packed file stores it (packed_steps);
+        a layer not in it gets the step recomputed from its dequantized weight.
     Returns:
       the names of the layers whose bias was put on the int32 grid.
     """
@@ -176,14 +220,25 @@ def _quantize_biases(graph, candidates, weight_layers, config, replaced, input_s
             continue
         index = 1 if bias_add.inputs[0] is output else 0
         with graph.name_scope(None), graph.name_scope(op.name + "/bias_quant"):
-            # The step from the weight the op read before its FakeQuant: the packed file's dequantized values.
-            weight_step = grid.integer_step(weight, layer.bits, layout)
+            # The evaluation graph's step is alpha * float32(1/(2^k-1)) of the trained weight, which the packed file
+            # stores; recomputed from the dequantized weight (max|w| / Q) it is off by an ulp in most channels,
+            # which moved the bias, and so outputs near a rounding boundary, off the trained graph's (issue 32).
+            step = (weight_steps or {}).get(candidate.variable_name)
+            weight_step = (grid.integer_step(weight, layer.bits, layout) if step is None
+                           else tf.constant(np.reshape(step, [-1] if np.size(step) > 1 else []), tf.float32))
             rewrite.reroute_input(bias_add, index, ops.quantize_bias(bias_add.inputs[index], input_step * weight_step))
         done.append(op.name)
     return done
 
 
-def build(build_forward, weights, report, input_shape, calibration_images, batch_size=100):
+def packed_steps(tensors):
+    """{weight variable: float32 step per range group, alpha * float32(1/(2^k-1))} of a packed file's quantized
+    tensors (packed_reader.read_packed_model): the step the evaluation graph puts a symmetric-grid bias on."""
+    return {t.name: np.multiply(t.alpha, np.float32(1.0 / ((1 << t.bits) - 1)), dtype=np.float32)
+            for t in tensors if hasattr(t, "alpha")}
+
+
+def build(build_forward, weights, report, input_shape, calibration_images, batch_size=100, weight_steps=None):
     """Freeze the model with FakeQuant ops carrying the trained ranges (see the module docstring).
 
     Args:
@@ -194,6 +249,8 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
       calibration_images: float32 [N, H, W, C] for the tensors without a trained range (None when a run
         trained with quantize_layer_outputs left none).
       batch_size: images per calibration run.
+      weight_steps: packed_steps of the packed file the weights come from (the biases' int32 grid then uses
+        the trained steps bit for bit); None recomputes them from the dequantized weights.
     Returns:
       a FakeQuantGraph.
     Raises:
@@ -247,14 +304,14 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
         records, input_steps = [], {}
         for layer, tensor in trained:
             low, high = (weights[name] for name in layer.range_variables)
-            quantized = _insert_range(tensor, low, high, layer.bits, "trained", records)
+            quantized = _insert_range(tensor, low, high, layer.bits, "trained", records, exact_grid=True)
             # The step the evaluation graph gives the range (float32, from the stored [min, max]).
             input_steps[quantized.name] = ops.zero_exact_step(layer.bits, tf.constant(low, tf.float32),
                                                               tf.constant(high, tf.float32))
         biases_on_grid = []
         if report.config.get("quantize_layer_outputs"):
             biases_on_grid = _quantize_biases(graph, original_weights, weight_layers, report.config, replaced,
-                                              input_steps)
+                                              input_steps, weight_steps)
     if targets and images_value is None:
         raise model_export.ExportError(
             "%d tensors have no trained range (%s); expected calibration images for them (or a run trained "
@@ -274,6 +331,7 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
         graph_def = tf1.graph_util.convert_variables_to_constants(
             sess, graph.as_graph_def(), [output.op.name])
     input_record = next(r for r in records if r["tensor"] == inference_graph.INPUT_NAME)
-    return FakeQuantGraph(graph_def, weight_records, records, (input_record["min"], input_record["max"]),
+    input_range = tuple(input_record.get("fake_quant_range", (input_record["min"], input_record["max"])))
+    return FakeQuantGraph(graph_def, weight_records, records, input_range,
                           int(len(images_value)) if targets else 0, biases_on_grid)
 

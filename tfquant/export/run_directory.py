@@ -218,7 +218,9 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
         add_file("tflite_float", "model_float.tflite", models["float"])
     ranged = None
     if (int8 and not options.int8_calibration) or (onnx and not onnx_from_frozen):
-        ranged = fake_quant_graph.build(build_forward, weights, report, input_shape, calibration_images)
+        packed_tensors, _ = packed_reader.read_packed_model(os.path.join(staging, "model.tfq"))
+        ranged = fake_quant_graph.build(build_forward, weights, report, input_shape, calibration_images,
+                                        weight_steps=fake_quant_graph.packed_steps(packed_tensors))
         result["trained_ranges"] = ranged.summary()
     if int8 and options.int8_calibration:
         float_activations = frozen_graph.freeze_inference_graph(
