@@ -104,6 +104,11 @@ RECIPES = {"range Adam": " --uql_range_optimizer=adam", "low-bit decay x0.1": " 
            "freeze oscillations": " --uql_freeze_oscillations=0.02"}
 ROWS += [Row("W2A2 ch LSQ + dst + " + name, W2A2_LSQ_DST + flags) for name, flags in RECIPES.items()]
 ROWS += [Row("W2A2 ch LSQ + dst + all recipes", W2A2_LSQ_DST + "".join(RECIPES.values()))]
+# Progressive bit-widths (issue 34): the same fine-tuning steps trained first at 8, then 4 bits (labels without
+# commas: --rows splits on them).
+ROWS += [Row("W2A2 ch LSQ + dst progressive 8-4-2", W2A2_LSQ_DST + " --uql_progressive_bits=8,4,2"),
+         Row("W3A3 ch LSQ + dst progressive 8-4-3",
+             CH + " --uql_weight_bits=3 --uql_activation_bits=3" + LSQ + DST + " --uql_progressive_bits=8,4,3")]
 QUICK_ROWS = ("W8A8", BASELINE)
 FULL = {"float": ["--nb_epochs_rat=1.0"], "epochs": 1.0, "finetune": ["--uql_lrn_rate_init=0.01"],
         "common": ["--batch_size=128", "--batch_size_eval=500", "--summ_step=100"]}
