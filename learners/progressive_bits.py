@@ -150,7 +150,8 @@ def schedule_for(settings, nb_iters, cluster=None):
 
 def phase_config(final_config, final_report, width):
     """The QuantConfig of a phase of `width`: every quantized weight layer and activation of the final graph (as
-    `final_report` records it) at max(width, its final bits), float ones float, grids and buckets unchanged.
+    `final_report` records it) at max(width, its final bits), float ones float, grids and buckets unchanged (a layer
+    whose grid has one width, ternary or binary by an override, keeps it).
 
     Args:
       final_config: the run's QuantConfig (the last phase's).
@@ -160,7 +161,11 @@ def phase_config(final_config, final_report, width):
       a QuantConfig replaying the final decisions with the widened bits.
     """
     replay = tfquant.report.config_from_report(final_report)
-    widened = {name: bits if bits == tfquant.config.FLOAT_BITS else max(width, bits)
+    # A layer an override put on a one-width grid (ternary, binary) keeps its width.
+    widest = {layer.name: tfquant.config.WEIGHT_GRID_BITS[layer.weight_grid][1] for layer in final_report.layers
+              if layer.kind == "weight" and layer.quantized and layer.weight_grid in tfquant.config.WEIGHT_GRID_BITS}
+    most = tfquant.config.MAX_CODE_BITS
+    widened = {name: bits if bits == tfquant.config.FLOAT_BITS else min(max(width, bits), widest.get(name, most))
                for name, bits in replay.explicit_bits}
     settings = {field.name: getattr(replay, field.name) for field in dataclasses.fields(replay)}
     settings.update(explicit_bits=widened, pact_decay=final_config.pact_decay)

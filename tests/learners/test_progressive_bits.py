@@ -248,17 +248,20 @@ def test_reset_zeroes_counters_and_range_slots_only(progressive_run):
 
 
 def test_phase_config_widens_only_narrower_layers():
-    """max(phase width, layer width) per layer; float layers stay float (W4 with a 2-bit conv1 and a float fc)."""
+    """max(phase width, layer width) per layer; float layers stay float, a ternary layer ternary, 8-bit activations
+    8-bit (W4 with a 2-bit conv1, a ternary conv2 and a float fc, at a 6-bit phase)."""
+    overrides = tfquant.parse_overrides("overrides", ["model/conv1/weights=2", "model/conv2/weights=2:ternary",
+                                                      "model/fc/weights=32"])
     config = tfquant.QuantConfig(weight_bits=4, activation_bits=8, quantize_all_layers=True,
-                                 weight_overrides=[("model/conv1/weights", 2), ("model/fc/weights", 32)])
+                                 weight_overrides=overrides)
     report = graphs.build_graph(helper_of(), False, quant_config=config).report
     bits = {layer.name: layer.bits for layer in
             graphs.build_graph(helper_of(), False,
                                quant_config=progressive_bits.phase_config(config, report, 6)).report.layers}
     final = {layer.name: layer.bits for layer in report.layers}
-    assert final == {"model/conv1/Conv2D": 2, "model/conv2/Conv2D": 4, "model/fc/MatMul": 32,
+    assert final == {"model/conv1/Conv2D": 2, "model/conv2/Conv2D": 2, "model/fc/MatMul": 32,
                      "model/Relu": 8, "model/Relu_1": 8}
-    assert bits == {"model/conv1/Conv2D": 6, "model/conv2/Conv2D": 6, "model/fc/MatMul": 32,
+    assert bits == {"model/conv1/Conv2D": 6, "model/conv2/Conv2D": 2, "model/fc/MatMul": 32,
                     "model/Relu": 8, "model/Relu_1": 8}
 
 
