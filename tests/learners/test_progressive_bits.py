@@ -5,19 +5,18 @@ flag's refusals."""
 import json
 import os
 import shutil
-import signal
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import tfquant
-from learners import graphs, progressive_bits, stopping, training
+from learners import graphs, progressive_bits, training
 from learners.errors import UserError
 from learners.uniform_quant import UniformQuantLearner
 from nets import model_template
 from tests.learners.test_ptq import settings_in
-from tfquant import ops, step_search, weight_grids
+from tfquant import checkpoints, ops, step_search, weight_grids
 
 tf1 = tf.compat.v1
 WEIGHTS = ("model/conv1/weights", "model/conv2/weights", "model/fc/weights")
@@ -49,8 +48,11 @@ def helper_of():
 def progressive_run(tmp_path_factory):
     """A W2A2 per-channel LSQ run through 8, 4 and 2 bits, with its three phase-end checkpoints kept."""
     directory = str(tmp_path_factory.mktemp("progressive"))
-    learner = UniformQuantLearner(helper_of(), run_settings(directory), CONFIG)
-    results = learner.train()
+    learner = UniformQuantLearner(helper_of(), run_settings(directory, save_step=3), CONFIG)
+    # Every checkpoint kept (steps 3, 4, 6, 8, 9, 12): the phase ends and a mid-phase one to resume from.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoints, "prune_checkpoints", lambda *args, **kwargs: None)
+        results = learner.train()
     return learner, results, directory
 
 
@@ -176,43 +178,30 @@ def test_final_checkpoint_exports_bit_exact_on_final_grid(progressive_run, tmp_p
 
 
 def test_killed_run_resumes_in_its_phase(progressive_run, tmp_path, monkeypatch):
-    """A run killed at step 6 (phase 2 of 3), restarted from the phase-1 checkpoint, re-initialises its ranges at
-    step 4, stops at 6, then resumes at 6 in phase 2 without re-initialising, and ends on the uninterrupted result."""
+    """A run killed after its step-6 checkpoint (phase 2 of 3) restarts in phase 2 at 4 bits without re-initialising
+    its ranges (their counters go on from step 4), and ends on the uninterrupted run's result."""
     _, _, directory = progressive_run
     copy = str(tmp_path / "run")
     shutil.copytree(directory, copy)
     models = os.path.join(copy, "models_uql")
     for name in os.listdir(models):
-        if name.startswith(("model.ckpt-8", "model.ckpt-12", "results")) or name == "checkpoint":
+        if name.startswith(("model.ckpt-8", "model.ckpt-9", "model.ckpt-12", "results")) or name == "checkpoint":
             os.remove(os.path.join(models, name))
-    lines, stop_now = [], []
+    lines = []
     log = training.log
-
-    def watch(message):
-        lines.append(message)
-        if " iter 6/" in message:
-            stop_now.append(True)
-        log(message)
-
-    monkeypatch.setattr(training, "log", watch)
-    monkeypatch.setattr(stopping, "requested", lambda: signal.SIGTERM if stop_now else None)
-    settings = run_settings(copy, summ_step=1)
-    with pytest.raises(stopping.Stopped):
-        UniformQuantLearner(helper_of(), settings, CONFIG).train()
-    assert os.path.exists(os.path.join(models, "model.ckpt-6.index"))
-    stop_now.clear()
-    monkeypatch.setattr(stopping, "requested", lambda: None)
-    del lines[:]
-    results = UniformQuantLearner(helper_of(), settings, CONFIG).train()
-    assert "uniform: progressive bits phase 2 of 3 at 4 bits (steps 5 to 8)" in lines
+    monkeypatch.setattr(training, "log", lambda message: (lines.append(message), log(message)))
+    monkeypatch.setattr(checkpoints, "prune_checkpoints", lambda *args, **kwargs: None)
+    results = UniformQuantLearner(helper_of(), run_settings(copy, save_step=3), CONFIG).train()
+    assert lines.index("uniform: progressive bits phase 2 of 3 at 4 bits (steps 5 to 8)") < lines.index(
+        "uniform: resuming from %s at step 6 of 12" % os.path.join(models, "model.ckpt-6"))
     assert not any("phase 1 of 3" in line for line in lines)
-    resumed = checkpoint_values(copy, 12)
-    uninterrupted = checkpoint_values(directory, 12)
-    assert set(resumed) == set(uninterrupted)
-    for name, value in uninterrupted.items():
-        if np.asarray(value).dtype.kind == "f":
-            np.testing.assert_allclose(resumed[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
-    assert int(resumed["model/conv1/weights_quant/init_steps"]) == 4
+    for step in (8, 12):
+        resumed, uninterrupted = checkpoint_values(copy, step), checkpoint_values(directory, step)
+        assert set(resumed) == set(uninterrupted)
+        for name, value in uninterrupted.items():
+            if np.asarray(value).dtype.kind in "fi":
+                np.testing.assert_allclose(resumed[name], value, rtol=1e-5, atol=1e-7, err_msg="%s %d" % (name, step))
+    assert int(checkpoint_values(copy, 8)["model/conv1/weights_quant/init_steps"]) == 4
     assert results["quant_checkpoint"].endswith("model.ckpt-12")
 
 
