@@ -112,9 +112,15 @@ ROWS += [Row("W2A2 ch LSQ + dst + all recipes", W2A2_LSQ_DST + "".join(RECIPES.v
 A4_LSQ_DST = " --uql_activation_bits=4 --uql_act_range=lsq" + DST
 ROWS += [Row("W2 ternary A4 ch LSQ + dst", CH + " --uql_weight_bits=2 --uql_weight_range=ternary" + A4_LSQ_DST),
          Row("W1 binary A4 ch LSQ + dst", CH + " --uql_weight_bits=1 --uql_weight_range=binary" + A4_LSQ_DST)]
+# Progressive bit-widths (issue 34): the same fine-tuning steps trained first at 8, then 4 bits (labels without
+# commas: --rows splits on them).
+ROWS += [Row("W2A2 ch LSQ + dst progressive 8-4-2", W2A2_LSQ_DST + " --uql_progressive_bits=8,4,2"),
+         Row("W3A3 ch LSQ + dst progressive 8-4-3",
+             CH + " --uql_weight_bits=3 --uql_activation_bits=3" + LSQ + DST + " --uql_progressive_bits=8,4,3")]
 # Named sets of rows for --rows: issue 34's table against converged float models (every target family).
 ROW_GROUPS = {"issue34": ("W4A4 all layers LSQ + dst", "W3A3 ch LSQ + dst", "W3A3 ch PACT", "W2A2 ch LSQ + dst",
-                          "W2A2 ch LSQ + dst + all recipes", "W2 ternary A4 ch LSQ + dst", "W1 binary A4 ch LSQ + dst",
+                          "W2A2 ch LSQ + dst + all recipes", "W2A2 ch LSQ + dst progressive 8-4-2",
+                          "W2 ternary A4 ch LSQ + dst", "W1 binary A4 ch LSQ + dst",
                           "W4A8 ch PTQ nearest", "W4A8 ch PTQ AdaRound")}
 QUICK_ROWS = ("W8A8", BASELINE)
 FULL = {"float": ["--nb_epochs_rat=1.0"], "epochs": 1.0, "finetune": ["--uql_lrn_rate_init=0.01"],

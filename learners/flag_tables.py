@@ -262,6 +262,10 @@ RECIPE_FLAGS = (
      "--learner uniform: freeze every weight whose oscillation "
      "frequency exceeds this threshold (in (0, 1)) to its EMA-rounded code; implies "
      "--uql_track_oscillations (default: off)"),
+    (flags.DEFINE_list, "uql_progressive_bits", [],
+     "--learner uniform: widths the fine-tuning steps train at in turn, widest "
+     "first, e.g. 8,4,2 (even split of --uql_quant_epochs); the last must be the run's width "
+     "(--uql_weight_bits); each layer trains at max(phase width, its own width) (default: off)"),
 )
 
 # learners/flags.py defines them in this order (absl lists them by name in --help).

@@ -117,6 +117,8 @@ def validate_flags():
     _check_auto_bits()
     _check_adaround_and_bn_reestimation()
     _check_recipes()
+    from learners import progressive_bits  # pylint: disable=import-outside-toplevel  (imports TensorFlow)
+    progressive_bits.check_flags(FLAGS)
     quant_config()  # bit widths, overrides and bucket settings are checked by tfquant itself
     _check_no_flag_ignored()
 

@@ -27,7 +27,7 @@ QUANT_FLAGS = ("uql_weight_bits", "uql_activation_bits", "uql_use_buckets", "uql
                "uql_enbl_rl_agent", "uql_calibrator", "uql_calib_batches", "uql_calib_percentile",
                "uql_adaround", "uql_adaround_iters", "uql_adaround_batches", "uql_bn_reestimate_batches",
                "uql_range_optimizer", "uql_range_lrn_rate", "uql_low_bit_weight_decay_scale",
-               "uql_track_oscillations", "uql_freeze_oscillations")
+               "uql_track_oscillations", "uql_freeze_oscillations", "uql_progressive_bits")
 
 
 class SettingsError(UserError):
@@ -106,7 +106,7 @@ def _shown(value):
 ADDED_LATER = {"uql_quantize_layer_outputs": False, "uql_adaround": False, "uql_adaround_iters": 500,
                "uql_adaround_batches": 4, "uql_bn_reestimate_batches": 0, "uql_range_optimizer": "shared",
                "uql_range_lrn_rate": 1e-3, "uql_low_bit_weight_decay_scale": None, "uql_track_oscillations": False,
-               "uql_freeze_oscillations": None}
+               "uql_freeze_oscillations": None, "uql_progressive_bits": []}
 
 
 def differences(recorded, current):

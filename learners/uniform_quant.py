@@ -6,8 +6,8 @@ import os
 import tensorflow as tf
 
 import tfquant
-from learners import (bit_allocation, bn_reestimation, full_precision, graphs, recipes, run_settings, stopping,
-                      training)
+from learners import (bit_allocation, bn_reestimation, full_precision, graphs, progressive_bits, recipes, run_settings,
+                      stopping, training)
 from learners.errors import UserError
 from tfquant import checkpoints
 from tfquant.export import inference_graph
@@ -111,12 +111,16 @@ class UniformQuantLearner:
             self.config, allocation = bit_allocation.allocate(self.helper, s, self.config, float_checkpoint,
                                                               resuming=latest is not None)
         training_recipes = self._training_recipes(nb_iters)
-        model = graphs.build_graph(self.helper, True, quant_config=self.config,
-                                   lrn_rate_fn=graphs.cosine_lrn_rate(s.uql_lrn_rate_init, nb_iters),
-                                   momentum=s.momentum, seed=s.seed, skip_batches=step, distillation=distillation,
-                                   cluster=self.cluster, lrn_rate_scale=self.float_learner.lrn_rate_scale,
-                                   training_recipes=training_recipes)
-        teacher = model.extra.get("teacher_variables", {})
+        schedule = progressive_bits.schedule_for(s, nb_iters, self.cluster)
+
+        def build(config, skip):
+            return graphs.build_graph(self.helper, True, quant_config=config,
+                                      lrn_rate_fn=graphs.cosine_lrn_rate(s.uql_lrn_rate_init, nb_iters),
+                                      momentum=s.momentum, seed=s.seed, skip_batches=skip, distillation=distillation,
+                                      cluster=self.cluster, lrn_rate_scale=self.float_learner.lrn_rate_scale,
+                                      training_recipes=training_recipes)
+
+        model = build(self.config, step)
         report = model.report
         report.allocation = allocation
         report_path = os.path.join(self.output_dir, REPORT_NAME)
@@ -127,6 +131,47 @@ class UniformQuantLearner:
                 self._save_inference_graph()
             stopping.check("after writing %s" % report_path, "saved checkpoints are kept")
             training.log(report.format_table())
+        if schedule is not None and schedule.phase_of(step) < schedule.last:
+            # The earlier phases first, each its own graph at its widths; the last is the graph built above.
+            for phase in range(schedule.phase_of(step), schedule.last):
+                phase_model = build(progressive_bits.phase_config(self.config, report, schedule.widths[phase]), step)
+                phase_model.nb_iters = schedule.end(phase)
+                training.log(progressive_bits.phase_line(schedule, phase))
+                latest = self._train_phase(phase_model, float_checkpoint, latest, nb_iters,
+                                           schedule.at_phase_start(step))[0]
+                step = schedule.end(phase)
+            model = build(self.config, step)
+        if schedule is not None:
+            training.log(progressive_bits.phase_line(schedule, schedule.last))
+        checkpoint, extra = self._train_phase(model, float_checkpoint, latest, nb_iters,
+                                              schedule is not None and schedule.at_phase_start(step),
+                                              training_recipes=training_recipes, bn_batches=bn_batches)
+        if schedule is not None:
+            extra["progressive_bits"] = progressive_bits.results_entry(schedule)
+        if not self.float_learner.is_chief:
+            return None  # the chief evaluates and writes the results
+        if self.cluster is not None:
+            # Evaluated and saved after training on a cluster: the other workers would wait for them at their
+            # first step, past the collective timeout on a busy machine.
+            float_evaluation = self._evaluate_float(float_checkpoint)
+            self._save_inference_graph()
+        return self._evaluate_and_report(float_checkpoint, float_evaluation[0], checkpoint, report, report_path, extra,
+                                         float_top5=float_evaluation.top5_accuracy)
+
+    def _train_phase(self, model, float_checkpoint, latest, nb_iters, reset_ranges, training_recipes=None,
+                     bn_batches=0):
+        """Train `model` from `latest` (the float checkpoint when None) to model.nb_iters; the last phase (or the only
+        one) also gathers the recipes' results and re-estimates batch norms.
+
+        Args:
+          reset_ranges: re-initialise the learned ranges first (a progressive phase's start, see progressive_bits).
+        Returns:
+          (the final checkpoint, the results.json entries of the recipes).
+        """
+        s = self.settings
+        batch_size = getattr(self.helper, "global_batch_size", s.batch_size)
+        teacher = model.extra.get("teacher_variables", {})
+        reset = progressive_bits.reset_op(model.graph) if reset_ranges else None
         with self.float_learner.start_session(model) as sess:
             if teacher:
                 # Frozen float teacher, from the float checkpoint on every start (checkpoints omit it).
@@ -142,25 +187,21 @@ class UniformQuantLearner:
                              % (latest, sess.run(model.global_step), nb_iters))
             else:
                 graphs.restore_variables(sess, model.model_variables, float_checkpoint)
+            if reset is not None:
+                sess.run(reset)
             if self.cluster is not None:
                 training.check_sync(sess, model, self.cluster, int(sess.run(model.global_step)))
             checkpoint = training.train_with_summaries(
                 sess, model, self.save_path, os.path.join(s.log_dir, self.name, "train"), s, self.name,
                 last_good=latest, steps_per_epoch=max(1, self.helper.n_train // batch_size), cluster=self.cluster)
+            if training_recipes is None:
+                return checkpoint, {}
             extra = recipes.results_entries(sess, model, training_recipes)
             if bn_batches and checkpoint is not None:
                 checkpoint, summary = bn_reestimation.reestimate_and_save(self.helper, self.config, sess, model,
                                                                           checkpoint, self.save_path, bn_batches)
                 extra["bn_reestimation"] = summary
-        if not self.float_learner.is_chief:
-            return None  # the chief evaluates and writes the results
-        if self.cluster is not None:
-            # Evaluated and saved after training on a cluster: the other workers would wait for them at their
-            # first step, past the collective timeout on a busy machine.
-            float_evaluation = self._evaluate_float(float_checkpoint)
-            self._save_inference_graph()
-        return self._evaluate_and_report(float_checkpoint, float_evaluation[0], checkpoint, report, report_path, extra,
-                                         float_top5=float_evaluation.top5_accuracy)
+        return checkpoint, extra
 
     def _training_recipes(self, nb_iters):
         """The low-bit recipes the flags ask for, checked; a separate range optimizer drops PACT's decay too."""

@@ -208,4 +208,5 @@ def test_converged_targets_judge_each_family_by_its_best_row():
     text = accuracy_table.render(payload, "cmd")
     assert text.startswith("## Accuracy against converged float models")
     assert "- Target: binary weights, A4 within 3.0 points of the converged float (best row): **not met**" in text
-    assert "- Not run yet: W4A4 all layers LSQ + dst, W3A3 ch LSQ + dst, W3A3 ch PACT, W2 ternary" in text
+    assert ("- Not run yet: W4A4 all layers LSQ + dst, W3A3 ch LSQ + dst, W3A3 ch PACT, W2A2 ch LSQ + dst progressive "
+            "8-4-2, W2 ternary") in text
