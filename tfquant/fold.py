@@ -83,12 +83,13 @@ def _producer(tensor):
 
 def _moving_statistic(graph, statistic):
     """The moving-average variable a training graph updates from a batch statistic, read as a tensor."""
-    frontier, seen = [statistic.op], set()
-    # The nets' assign_sub(m, (m - stat) * rate) and Keras' AssignMovingAvg are a few ops downstream.
+    # The nets' assign_sub(m, (m - stat) * rate) and Keras' AssignMovingAvg are a few ops downstream. The walk
+    # starts at this statistic's own readers: from the batch norm op it would reach the other statistic's update.
+    frontier, seen = [statistic], set()
     for _ in range(4):
         following = []
-        for op in frontier:
-            for output in op.outputs:
+        for tensors in frontier:
+            for output in ([tensors] if isinstance(tensors, tf.Tensor) else tensors.outputs):
                 for reader in output.consumers():
                     if reader.name in seen:
                         continue

@@ -232,3 +232,24 @@ def test_unfused_training_pattern_is_named_not_folded(graph, rng):
                                     is_training=True)
     assert any("mm" in note and "not folded" in note for note in report.notes)
     assert graph.get_operation_by_name("mm").inputs[1].op.type in ("ReadVariableOp", "Identity")
+
+
+def test_each_moving_statistic_is_found_from_its_own_batch_statistic(graph):
+    # The variance's update sits one op deeper than the mean's (as a Keras 3 rebuild once wrote them): the search
+    # from the variance must not reach the mean's update through the batch norm's other outputs.
+    from tfquant import fold
+    x = tf.constant(np.ones((2, 3, 3, 4), np.float32))
+    with tf1.variable_scope("bn"):
+        mean_var = tf1.get_variable("moving_mean", initializer=np.zeros(4, np.float32), trainable=False)
+        variance_var = tf1.get_variable("moving_variance", initializer=np.ones(4, np.float32), trainable=False)
+    _, batch_mean, batch_variance = tf1.nn.fused_batch_norm(x, tf.ones(4), tf.zeros(4), is_training=True)[:3]
+    tf1.assign_sub(mean_var, (mean_var - batch_mean) * 0.1)
+    tf1.assign_sub(variance_var, (variance_var - tf.identity(batch_variance)) * 0.1)
+
+    def variable_of(tensor):
+        while tensor.op.type != "VarHandleOp":
+            tensor = tensor.op.inputs[0]
+        return tensor.op.name
+
+    assert variable_of(fold._moving_statistic(graph, batch_mean)) == "bn/moving_mean"
+    assert variable_of(fold._moving_statistic(graph, batch_variance)) == "bn/moving_variance"
