@@ -22,8 +22,9 @@ from tfquant.config import FLOAT_BITS
 
 
 def suggested_override(entry):
-    """The flag that gives a layer its override's width (8 bits, or float when it has 8 or more)."""
-    bits = override_bits(entry["bits"])
+    """The flag that gives a layer the width its override was measured at (8 bits; float when it has 8 or more,
+    or when its grid takes no 8 bits, as ternary and binary weights)."""
+    bits = entry.get("override_bits", override_bits(entry["bits"]))
     if entry["kind"] == "weight":
         return "--uql_weight_overrides '%s=%d'" % (re.escape(entry["weight_variable"]), bits)
     return "--uql_activation_overrides '%s=%d'" % (re.escape(entry["name"]), bits)

@@ -292,3 +292,15 @@ def test_analysis_flags_refused(tmp_path, args, message):
             learner_flags.validate_flags()
     finally:
         flags.unparse_flags()
+
+
+def test_suggested_override_names_the_width_it_was_measured_at():
+    # A ternary weight (2 bits, a grid that takes no 8 bits) is measured as float: the printed fix must say float
+    # (32), not 8, which the ternary grid would refuse.
+    ternary = {"kind": "weight", "bits": 2, "weight_variable": "model/conv1/weights", "name": "model/conv1/Conv2D",
+               "override_bits": 32}
+    assert layer_analysis.suggested_override(ternary) == "--uql_weight_overrides 'model/conv1/weights=32'"
+    minmax = dict(ternary, override_bits=8)
+    assert layer_analysis.suggested_override(minmax) == "--uql_weight_overrides 'model/conv1/weights=8'"
+    activation = {"kind": "activation", "bits": 2, "weight_variable": None, "name": "model/Relu", "override_bits": 8}
+    assert layer_analysis.suggested_override(activation) == "--uql_activation_overrides 'model/Relu=8'"
