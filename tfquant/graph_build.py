@@ -263,3 +263,32 @@ def merge(tensors):
                                            "N": attr_value_pb2.AttrValue(i=len(tensors))}, "Merge",
                   graph).outputs[0]
 
+
+
+# -- backward-pass recomputation (tfquant.recompute) --------------------------------------------------------
+
+def set_string_attr(op, name, value):
+    """Set (or replace) the string attribute `name` of an existing op."""
+    op._set_attr(name, attr_value_pb2.AttrValue(s=value.encode()))  # pylint: disable=protected-access
+
+
+def copy_op(op, inputs):
+    """A new op of `op`'s type and attributes reading `inputs`, named after it in the current name scope.
+
+    The copy has none of `op`'s control inputs (the context's control dependencies apply); it computes
+    the same values from the same input values.
+    """
+    attrs = {key: value for key, value in op.node_def.attr.items()}
+    return op.graph._create_op_internal(  # pylint: disable=protected-access
+        op.type, list(inputs), dtypes=[t.dtype for t in op.outputs], attrs=attrs, name=op.name.split("/")[-1])
+
+
+def in_control_flow(op):
+    """Whether `op` was built inside a tf.cond / while-loop context."""
+    return op._get_control_flow_context() is not None  # pylint: disable=protected-access
+
+
+def registered_gradient(op_type):
+    """The gradient function registered for `op_type` (None for a non-differentiable type); LookupError if none."""
+    from tensorflow.python.framework import ops as framework_ops  # pylint: disable=import-outside-toplevel
+    return framework_ops.gradient_registry.lookup(op_type)
