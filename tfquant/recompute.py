@@ -26,6 +26,10 @@ RECOMPUTABLE_TYPES = frozenset(["Sub", "Mul", "AddV2", "Round", "Floor", "Maximu
                                 "RealDiv", "Switch", "Merge"])
 # Ops whose output is their input's buffer (nothing more to keep when they are kept).
 ALIAS_TYPES = frozenset(["StopGradient", "Identity"])
+# Readers whose gradient reads the values of their inputs. Others (Add, Mean, Pad, ...) read at most an
+# input's shape, for which a rebuilt tensor would be computed in vain.
+READER_TYPES = frozenset(["Conv2D", "DepthwiseConv2dNative", "Conv3D", "MatMul", "BatchMatMul", "BatchMatMulV2",
+                          "BatchMatMulV3"])
 
 
 def _gradient_type(op):
@@ -130,7 +134,7 @@ def recompute_in_backward(graph):
             continue
         for reader in join.outputs[0].consumers():
             original = _gradient_type(reader) or reader.type
-            if original == GRADIENT_TYPE or build.in_control_flow(reader):
+            if reader.type not in READER_TYPES or original == GRADIENT_TYPE or build.in_control_flow(reader):
                 continue
             try:
                 if build.registered_gradient(original) is None:
