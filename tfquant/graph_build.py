@@ -272,6 +272,12 @@ def set_string_attr(op, name, value):
     op._set_attr(name, attr_value_pb2.AttrValue(s=value.encode()))  # pylint: disable=protected-access
 
 
+def set_int_list_attr(op, name, values):
+    """Set (or replace) the list-of-ints attribute `name` of an existing op."""
+    op._set_attr(name, attr_value_pb2.AttrValue(  # pylint: disable=protected-access
+        list=attr_value_pb2.AttrValue.ListValue(i=list(values))))
+
+
 def copy_op(op, inputs):
     """A new op of `op`'s type and attributes reading `inputs`, named after it in the current name scope.
 

@@ -219,7 +219,7 @@ def quantize_graph(graph, config, is_training=True):
         act_layers, unread, input_steps = _quantize_activations(items, plan, config, is_training)
         quantize_biases(graph, weight_steps, input_steps)
         if is_training:
-            # Quantized inputs are rebuilt in the backward pass rather than kept (tfquant.recompute).
+            # Quantized weights are rebuilt in the backward pass rather than kept (tfquant.recompute).
             recompute.recompute_in_backward(graph)
         graph.add_to_collection(REWRITTEN_COLLECTION, "train" if is_training else "eval")
     # report

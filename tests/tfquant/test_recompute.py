@@ -28,14 +28,24 @@ def _config(**settings):
     return tfquant.QuantConfig(weight_bits=4, activation_bits=4, use_buckets=True, bucket_type="channel", **settings)
 
 
-def _training_step(images, quantized, monkeypatch=None):
-    """(graph, loss, gradients by variable name, update ops) of the network, rewritten when `quantized`."""
+def _training_step(images, activations=None):
+    """(graph, loss, gradients by variable name) of the network rewritten with every layer quantized.
+
+    activations: None leaves quantize_graph's default (weights rebuilt); False rebuilds nothing; True rebuilds
+    the quantized activations too.
+    """
     graph = tf.Graph()
     with graph.as_default():
-        inputs = tf.constant(images)
-        logits = _conv_net(inputs)
-        if quantized:
-            logits = tfquant.quantize_graph(graph, _config(), is_training=True).output(logits)
+        logits = _conv_net(tf.constant(images))
+        if activations is False:
+            original, recompute.recompute_in_backward = recompute.recompute_in_backward, lambda g: 0
+        try:
+            logits = tfquant.quantize_graph(graph, _config(quantize_all_layers=True), is_training=True).output(logits)
+        finally:
+            if activations is False:
+                recompute.recompute_in_backward = original
+        if activations:
+            recompute.recompute_in_backward(graph, activations=True)
         loss = tf.reduce_sum(logits * tf.constant(np.linspace(-1.0, 1.0, CHANNELS, dtype=np.float32)))
         variables = tf1.trainable_variables()
         gradients = dict(zip([v.op.name for v in variables], tf1.gradients(loss, variables)))
@@ -45,7 +55,6 @@ def _training_step(images, quantized, monkeypatch=None):
 def _run(graph, fetches):
     with graph.as_default():
         init = tf1.global_variables_initializer()
-        updates = tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)
     with new_session(graph) as sess:
         sess.run(init)
         return sess.run(fetches)
@@ -56,37 +65,52 @@ def images():
     return np.random.default_rng(7).normal(size=(BATCH, SIZE, SIZE, 3)).astype(np.float32)
 
 
-def test_readers_of_quantized_tensors_are_marked(images):
-    graph, _, gradients = _training_step(images, quantized=True)
-    marked = [op for op in graph.get_operations() if op.node_def.attr.get("_gradient_op_type") is not None
-              and op.get_attr("_gradient_op_type") == recompute.GRADIENT_TYPE.encode()]
-    # The convolutions reading a quantized ReLU (the first reads the images); the mean's gradient reads no value.
-    assert sorted(op.name for op in marked) == ["Conv2D_1", "Conv2D_2"]
-    # Their gradients read rebuilt tensors, never the forward pass's joins; the first conv's gradient is untouched.
-    backward = [op for op in graph.get_operations() if op.type in ("Conv2DBackpropFilter", "Conv2DBackpropInput")]
-    assert len(backward) == 6
-    for op in backward:
-        read = [tensor.op.type for tensor in op.inputs]
-        assert "IdentityN" not in read, (op.name, read)
-    filters = {op.name.split("/")[1]: op for op in backward if op.type == "Conv2DBackpropFilter"}
-    assert filters["Conv2D_grad"].inputs[0].op.type == "Const"  # the images
-    for name in ("Conv2D_1_grad", "Conv2D_2_grad"):
-        # The rebuilt quantized ReLU: the chain's last op (+ beta), built under the conv's gradient scope.
-        rebuilt = filters[name].inputs[0]
-        assert rebuilt.op.type == "AddV2" and rebuilt.op.name.startswith("gradients/" + name), rebuilt.name
+def _marks(graph):
+    return {op.name: list(op.get_attr(recompute.RECOMPUTED_INPUTS_ATTR)) for op in graph.get_operations()
+            if op.node_def.attr.get("_gradient_op_type") is not None
+            and op.get_attr("_gradient_op_type") == recompute.GRADIENT_TYPE.encode()}
 
 
-def test_gradients_are_bit_for_bit_those_without_recomputation(images, monkeypatch):
-    graph, loss, gradients = _training_step(images, quantized=True)
-    got_loss, got = _run(graph, [loss, gradients])
-    monkeypatch.setattr(recompute, "recompute_in_backward", lambda g: 0)
-    graph, loss, gradients = _training_step(images, quantized=True)
-    assert not any(op.node_def.attr.get(recompute.ORIGINAL_GRADIENT_ATTR) for op in graph.get_operations())
-    want_loss, want = _run(graph, [loss, gradients])
-    assert np.float32(got_loss).view(np.int32) == np.float32(want_loss).view(np.int32)
-    assert sorted(got) == sorted(want)
-    for name in want:
-        np.testing.assert_array_equal(got[name].view(np.int32), want[name].view(np.int32), err_msg=name)
+def _backward_reads(graph):
+    """{(gradient op type, forward conv name): [types of the ops producing its inputs]}."""
+    return {(op.type, op.name.split("/")[1][:-len("_grad")]): [t.op for t in op.inputs]
+            for op in graph.get_operations() if op.type in ("Conv2DBackpropFilter", "Conv2DBackpropInput")}
+
+
+@pytest.mark.parametrize("activations", [None, True])
+def test_marked_readers_read_rebuilt_tensors_in_the_backward_pass(images, activations):
+    graph, _, _ = _training_step(images, activations)
+    # Every conv reads a quantized weight (input 1); the second and third read a quantized ReLU (input 0), and
+    # the mean that reads the last ReLU is no matmul-like reader.
+    want = {"Conv2D": [1], "Conv2D_1": [0, 1] if activations else [1], "Conv2D_2": [0, 1] if activations else [1]}
+    assert _marks(graph) == want
+    reads = _backward_reads(graph)
+    assert len(reads) == 6
+    for (op_type, conv), producers in reads.items():
+        forward = graph.get_operation_by_name(conv)
+        # The filter gradient reads the layer input, the input gradient the weight: rebuilt where marked, the
+        # rebuilt chain ending with its '+ beta' built under the conv's gradient scope.
+        index = 0 if op_type == "Conv2DBackpropFilter" else 1
+        read = producers[0] if index == 0 else producers[1]
+        if index in want[conv]:
+            assert read.type == "AddV2" and read.name.startswith("gradients/%s_grad/" % conv), read.name
+        else:
+            assert read is forward.inputs[index].op
+
+
+def test_gradients_are_bit_for_bit_those_without_recomputation(images):
+    results = {}
+    for activations in (False, None, True):
+        graph, loss, gradients = _training_step(images, activations)
+        assert bool(_marks(graph)) == (activations is not False)
+        results[activations] = _run(graph, [loss, gradients])
+    want_loss, want = results[False]
+    for activations in (None, True):
+        got_loss, got = results[activations]
+        assert np.float32(got_loss).view(np.int32) == np.float32(want_loss).view(np.int32)
+        assert sorted(got) == sorted(want) and len(want) == 3
+        for name in want:
+            np.testing.assert_array_equal(got[name].view(np.int32), want[name].view(np.int32), err_msg=name)
 
 
 def test_one_layer_gradients_match_a_numpy_straight_through_reference(rng):
@@ -100,10 +124,10 @@ def test_one_layer_gradients_match_a_numpy_straight_through_reference(rng):
         kernel = tf1.get_variable("w", initializer=w_value)
         y = tf.nn.conv2d(tf.nn.relu(x), kernel, [1, 1, 1, 1], "VALID")
         tfquant.quantize_graph(graph, _config(quantize_all_layers=True), is_training=True)
+        recompute.recompute_in_backward(graph, activations=True)
         loss = tf.reduce_sum(y * tf.constant(r_value))
         grad_x, grad_w = tf1.gradients(loss, [x, kernel])
-        assert any(op.type == "Conv2D" and op.get_attr("_gradient_op_type") == recompute.GRADIENT_TYPE.encode()
-                   for op in graph.get_operations())
+        assert _marks(graph) == {"Conv2D": [0, 1]}
     got_x, got_w = _run(graph, [grad_x, grad_w])
     relu = np.maximum(x_value, 0.0)
     quantized_relu = quantize_np(relu, 4).reshape(-1, 6)
@@ -133,8 +157,7 @@ def _peak_allocated_bytes(graph, fetch):
 
 
 def test_peak_memory_of_a_training_step_stays_near_float(rng):
-    """Before recomputation the quantized step kept each quantized ReLU and weight besides the float ones."""
-    global SIZE  # pylint: disable=global-statement
+    """Without recomputation the quantized step kept each quantized ReLU and weight besides the float ones."""
     images = rng.normal(size=(BATCH, 64, 64, 3)).astype(np.float32)
     peaks = {}
     for quantized in (False, True):
@@ -143,6 +166,7 @@ def test_peak_memory_of_a_training_step_stays_near_float(rng):
             logits = _conv_net(tf.constant(images), layers=4)
             if quantized:
                 logits = tfquant.quantize_graph(graph, _config(), is_training=True).output(logits)
+                recompute.recompute_in_backward(graph, activations=True)
             loss = tf.reduce_sum(logits)
             step = tf1.train.GradientDescentOptimizer(0.01).minimize(loss)
             with tf.control_dependencies([step] + tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)):
