@@ -267,15 +267,25 @@ def merge(tensors):
 
 # -- backward-pass recomputation (tfquant.recompute) --------------------------------------------------------
 
-def set_string_attr(op, name, value):
-    """Set (or replace) the string attribute `name` of an existing op."""
-    op._set_attr(name, attr_value_pb2.AttrValue(s=value.encode()))  # pylint: disable=protected-access
+def gradient_function(op):
+    """The function tf.gradients calls for `op` (its own, its `_gradient_op_type` override's, or its type's);
+    None for a non-differentiable op; LookupError if its type has none registered."""
+    from tensorflow.python.framework import ops as framework_ops  # pylint: disable=import-outside-toplevel
+    return framework_ops.get_gradient_function(op)
 
 
-def set_int_list_attr(op, name, values):
-    """Set (or replace) the list-of-ints attribute `name` of an existing op."""
-    op._set_attr(name, attr_value_pb2.AttrValue(  # pylint: disable=protected-access
-        list=attr_value_pb2.AttrValue.ListValue(i=list(values))))
+def set_gradient_function(op, function):
+    """Make tf.gradients call `function(op, *output_gradients)` for `op`.
+
+    Held by the Python op (as function graphs hold theirs), not in its NodeDef: the op's attributes stay the
+    model's, and a graph saved and imported again computes the op's own gradient.
+    """
+    op._gradient_function = function  # pylint: disable=protected-access
+
+
+def current_gradient_function(op):
+    """The function set by `set_gradient_function` on `op`, or None."""
+    return op._gradient_function  # pylint: disable=protected-access
 
 
 def copy_op(op, inputs):
@@ -292,9 +302,3 @@ def copy_op(op, inputs):
 def in_control_flow(op):
     """Whether `op` was built inside a tf.cond / while-loop context."""
     return op._get_control_flow_context() is not None  # pylint: disable=protected-access
-
-
-def registered_gradient(op_type):
-    """The gradient function registered for `op_type` (None for a non-differentiable type); LookupError if none."""
-    from tensorflow.python.framework import ops as framework_ops  # pylint: disable=import-outside-toplevel
-    return framework_ops.gradient_registry.lookup(op_type)

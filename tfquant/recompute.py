@@ -7,11 +7,11 @@ for its own gradient (a ReLU's gradient reads its output; a weight is a variable
 activation then costs one more activation-sized tensor at the peak of a training step: ResNet-50's
 quantized activations and weights were all of W4A4's extra memory over float.
 
-`recompute_in_backward` marks the readers of each straight-through join whose chain from x to Q(x) is
-elementwise and reads only x and small per-group tensors; their gradient rebuilds that chain from the same
-tensors (the same ops on the same values, so bit for bit the same Q(x)) once their output gradient exists,
-and hands the registered gradient of the reader the rebuilt tensor in place of the forward one. Nothing
-else of the gradient changes.
+`recompute_in_backward` gives the matmul-like readers of each straight-through join whose chain from x to
+Q(x) is elementwise and reads only x and small per-group tensors a gradient function of their own (held by
+the Python op, so their NodeDefs stay the model's): it rebuilds that chain from the same tensors (the same ops
+on the same values, so bit for bit the same Q(x)) once the reader's output gradient exists, and hands the
+reader's own gradient the rebuilt tensor in place of the forward one. Nothing else of the gradient changes.
 
 The rebuilt chain costs its elementwise passes again in the backward pass. For a weight that is one pass
 over the weight per step, whatever the batch (ResNet-50: about 100 MiB less at the peak); for an activation it
@@ -23,12 +23,7 @@ import tensorflow as tf
 from tfquant import graph_build as build
 from tfquant import match
 
-GRADIENT_TYPE = "TfquantRecomputedInputs"
 JOIN_GRADIENT_TYPE = "TfquantStraightThrough"  # ops.straight_through's IdentityN
-# The gradient a marked reader had before (its type, or the override it carried).
-ORIGINAL_GRADIENT_ATTR = "_tfquant_original_gradient"
-# The indices of a marked reader's inputs its gradient rebuilds.
-RECOMPUTED_INPUTS_ATTR = "_tfquant_recomputed_inputs"
 # Elementwise ops a quantizer's chain is made of; anything else ends the search (no recomputation).
 RECOMPUTABLE_TYPES = frozenset(["Sub", "Mul", "AddV2", "Round", "Floor", "Maximum", "Minimum", "ClipByValue",
                                 "RealDiv", "Switch", "Merge"])
@@ -115,19 +110,29 @@ class _ReaderWithInputs:
         return getattr(self._op, name)
 
 
-@tf.RegisterGradient(GRADIENT_TYPE)
-def _gradient_with_recomputed_inputs(op, *grads):
-    """The reader's own gradient, reading each quantized input rebuilt from x instead of the forward one."""
-    gradient = build.registered_gradient(op.get_attr(ORIGINAL_GRADIENT_ATTR).decode())
-    anchors = [getattr(g, "values", g) for g in grads if g is not None]
-    inputs = list(op.inputs)
-    # Built only once the backward pass reaches this op, so the copy lives from here to its use.
-    with tf.control_dependencies(anchors):
-        for index in op.get_attr(RECOMPUTED_INPUTS_ATTR):
-            chain = recomputable_chain(inputs[index])
-            if chain:
-                inputs[index] = _rebuild(inputs[index], chain)
-    return gradient(_ReaderWithInputs(op, inputs), *grads)
+class RecomputingGradient:
+    """A reader's own gradient, reading its inputs `indices` rebuilt from x instead of the forward ones."""
+
+    def __init__(self, original, indices):
+        self.original = original
+        self.indices = tuple(sorted(set(indices)))
+
+    def __call__(self, op, *grads):
+        anchors = [getattr(g, "values", g) for g in grads if g is not None]
+        inputs = list(op.inputs)
+        # Built only once the backward pass reaches this op, so the copy lives from here to its use.
+        with tf.control_dependencies(anchors):
+            for index in self.indices:
+                chain = recomputable_chain(inputs[index])
+                if chain:
+                    inputs[index] = _rebuild(inputs[index], chain)
+        return self.original(_ReaderWithInputs(op, inputs), *grads)
+
+
+def recomputed_inputs(op):
+    """The indices of `op`'s inputs its gradient rebuilds (empty when it keeps them all)."""
+    function = build.current_gradient_function(op)
+    return function.indices if isinstance(function, RecomputingGradient) else ()
 
 
 def _is_weight_join(join):
@@ -140,22 +145,20 @@ def _mark(reader, index):
     """Make `reader`'s gradient rebuild its input `index`; False where its gradient cannot be wrapped."""
     if reader.type not in READER_TYPES or build.in_control_flow(reader):
         return False
-    original = _gradient_type(reader) or reader.type
-    if original == GRADIENT_TYPE:
-        indices = list(reader.get_attr(RECOMPUTED_INPUTS_ATTR))
-    else:
-        try:
-            if build.registered_gradient(original) is None:
-                return False
-        except LookupError:
+    current = build.current_gradient_function(reader)
+    if isinstance(current, RecomputingGradient):
+        if index in current.indices:
             return False
-        build.set_string_attr(reader, ORIGINAL_GRADIENT_ATTR, original)
-        build.set_string_attr(reader, "_gradient_op_type", GRADIENT_TYPE)
-        indices = []
-    build.set_int_list_attr(reader, RECOMPUTED_INPUTS_ATTR, sorted(set(indices) | {index}))
+        build.set_gradient_function(reader, RecomputingGradient(current.original, current.indices + (index,)))
+        return True
+    try:
+        original = build.gradient_function(reader)
+    except LookupError:
+        return False
+    if original is None:
+        return False
+    build.set_gradient_function(reader, RecomputingGradient(original, [index]))
     return True
-
-
 def recompute_in_backward(graph, activations=False):
     """Rebuild quantized tensors in the backward pass rather than keep them (see the module doc).
 

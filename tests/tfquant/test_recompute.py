@@ -66,9 +66,8 @@ def images():
 
 
 def _marks(graph):
-    return {op.name: list(op.get_attr(recompute.RECOMPUTED_INPUTS_ATTR)) for op in graph.get_operations()
-            if op.node_def.attr.get("_gradient_op_type") is not None
-            and op.get_attr("_gradient_op_type") == recompute.GRADIENT_TYPE.encode()}
+    return {op.name: list(recompute.recomputed_inputs(op)) for op in graph.get_operations()
+            if recompute.recomputed_inputs(op)}
 
 
 def _backward_reads(graph):
