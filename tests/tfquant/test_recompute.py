@@ -112,6 +112,43 @@ def test_gradients_are_bit_for_bit_those_without_recomputation(images):
             np.testing.assert_array_equal(got[name].view(np.int32), want[name].view(np.int32), err_msg=name)
 
 
+def _depthwise_dense_gradients(images, activations):
+    """Gradients of conv -> ReLU -> depthwise conv -> ReLU -> mean -> dense, every layer quantized."""
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.nn.relu(tf.nn.conv2d(tf.constant(images), tf1.get_variable(
+            "w0", [3, 3, 3, 8], initializer=tf1.glorot_uniform_initializer(seed=1)), [1, 1, 1, 1], "SAME"))
+        x = tf.nn.relu(tf.nn.depthwise_conv2d(x, tf1.get_variable(
+            "dw", [3, 3, 8, 1], initializer=tf1.glorot_uniform_initializer(seed=2)), [1, 1, 1, 1], "SAME"))
+        logits = tf.matmul(tf.reduce_mean(x, axis=[1, 2]), tf1.get_variable(
+            "fc", [8, 5], initializer=tf1.glorot_uniform_initializer(seed=3)))
+        if activations is False:
+            original, recompute.recompute_in_backward = recompute.recompute_in_backward, lambda g: 0
+        try:
+            logits = tfquant.quantize_graph(graph, _config(quantize_all_layers=True), is_training=True).output(logits)
+        finally:
+            if activations is False:
+                recompute.recompute_in_backward = original
+        if activations:
+            recompute.recompute_in_backward(graph, activations=True)
+        marks = _marks(graph)
+        loss = tf.reduce_sum(logits * tf.constant(np.arange(5, dtype=np.float32)))
+        variables = tf1.trainable_variables()
+        gradients = tf1.gradients(loss, variables)
+    return marks, _run(graph, gradients)
+
+
+def test_depthwise_and_matmul_readers_give_the_same_gradients(images):
+    _, want = _depthwise_dense_gradients(images, activations=False)
+    marks, got = _depthwise_dense_gradients(images, activations=True)
+    # The depthwise conv reads a quantized ReLU and weight; the matmul a quantized weight (the mean stays float).
+    assert sorted((name.split("/")[-1], indices) for name, indices in marks.items()) == [
+        ("Conv2D", [1]), ("MatMul", [1]), ("depthwise", [0, 1])], marks
+    assert len(got) == len(want) == 3
+    for got_gradient, want_gradient in zip(got, want):
+        np.testing.assert_array_equal(got_gradient.view(np.int32), want_gradient.view(np.int32))
+
+
 def test_one_layer_gradients_match_a_numpy_straight_through_reference(rng):
     """A 1x1 convolution y = Q(relu(x)) . Q(W): dL/dW = Q(a)^T r, dL/dx = (r Q(W)^T) * [x > 0] (a = relu(x))."""
     x_value = rng.normal(size=(4, 5, 5, 6)).astype(np.float32)
