@@ -138,9 +138,8 @@ def recomputed_inputs(op):
     return function.indices if isinstance(function, RecomputingGradient) else ()
 
 
-def _is_weight_join(join):
+def _is_weight_join(join, trainable):
     """Whether the join quantizes a trainable variable's value as read (not a folded or computed tensor)."""
-    trainable = {v.op.name for v in join.graph.get_collection(tf.compat.v1.GraphKeys.TRAINABLE_VARIABLES)}
     return match.trace_variable(join.inputs[1], trainable) is not None
 
 
@@ -172,10 +171,13 @@ def recompute_in_backward(graph, activations=False):
       the number of reader inputs marked.
     """
     marked = 0
+    trainable = {v.op.name for v in graph.get_collection(tf.compat.v1.GraphKeys.TRAINABLE_VARIABLES)}
     for join in graph.get_operations():
-        if not _is_join(join) or recomputable_chain(join.outputs[0]) is None:
+        if not _is_join(join):
             continue
-        if not activations and not _is_weight_join(join):
+        if not activations and not _is_weight_join(join, trainable):
+            continue
+        if recomputable_chain(join.outputs[0]) is None:
             continue
         for reader in join.outputs[0].consumers():
             for index, tensor in enumerate(reader.inputs):
