@@ -263,3 +263,42 @@ def merge(tensors):
                                            "N": attr_value_pb2.AttrValue(i=len(tensors))}, "Merge",
                   graph).outputs[0]
 
+
+
+# -- backward-pass recomputation (tfquant.recompute) --------------------------------------------------------
+
+def gradient_function(op):
+    """The function tf.gradients calls for `op` (its own, its `_gradient_op_type` override's, or its type's);
+    None for a non-differentiable op; LookupError if its type has none registered."""
+    from tensorflow.python.framework import ops as framework_ops  # pylint: disable=import-outside-toplevel
+    return framework_ops.get_gradient_function(op)
+
+
+def set_gradient_function(op, function):
+    """Make tf.gradients call `function(op, *output_gradients)` for `op`.
+
+    Held by the Python op (as function graphs hold theirs), not in its NodeDef: the op's attributes stay the
+    model's, and a graph saved and imported again computes the op's own gradient.
+    """
+    op._gradient_function = function  # pylint: disable=protected-access
+
+
+def current_gradient_function(op):
+    """The function set by `set_gradient_function` on `op`, or None."""
+    return op._gradient_function  # pylint: disable=protected-access
+
+
+def copy_op(op, inputs):
+    """A new op of `op`'s type and attributes reading `inputs`, named after it in the current name scope.
+
+    The copy has none of `op`'s control inputs (the context's control dependencies apply); it computes
+    the same values from the same input values.
+    """
+    attrs = {key: value for key, value in op.node_def.attr.items()}
+    return op.graph._create_op_internal(  # pylint: disable=protected-access
+        op.type, list(inputs), dtypes=[t.dtype for t in op.outputs], attrs=attrs, name=op.name.split("/")[-1])
+
+
+def in_control_flow(op):
+    """Whether `op` was built inside a tf.cond / while-loop context."""
+    return op._get_control_flow_context() is not None  # pylint: disable=protected-access

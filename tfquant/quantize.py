@@ -2,7 +2,7 @@
 import numpy as np
 import tensorflow as tf
 
-from tfquant import fold, match, ops, policy, ranges, rewrite, weight_grids
+from tfquant import fold, match, ops, policy, ranges, recompute, rewrite, weight_grids
 from tfquant.config import FLOAT_BITS
 from tfquant.report import QUANTIZED, SKIPPED, LayerReport, QuantReport, VariableRecord, weight_layer_storage
 
@@ -218,6 +218,9 @@ def quantize_graph(graph, config, is_training=True):
             fold.rescale_weights(folding)
         act_layers, unread, input_steps = _quantize_activations(items, plan, config, is_training)
         quantize_biases(graph, weight_steps, input_steps)
+        if is_training:
+            # Quantized weights are rebuilt in the backward pass rather than kept (tfquant.recompute).
+            recompute.recompute_in_backward(graph)
         graph.add_to_collection(REWRITTEN_COLLECTION, "train" if is_training else "eval")
     # report
     notes = list(fold_notes)
