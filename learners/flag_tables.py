@@ -120,6 +120,9 @@ QUANT_FLAGS = (
     (flags.DEFINE_integer, "uql_freeze_bn_delay", None,
      "with --uql_fold_batch_norms: training step from which the "
      "moving statistics replace the batch statistics (default: never)"),
+    (flags.DEFINE_enum, "uql_recompute_quantized", "none", list(tfquant.config.RECOMPUTE_CHOICES),
+     "rebuild quantized weights ('weights') or weights and activations ('all') in the backward pass "
+     "instead of keeping them: less peak memory, more work per step, the same results"),
     (flags.DEFINE_boolean, "uql_quantize_layer_outputs", False,
      "also quantize (with --uql_activation_bits and "
      "moving-average ranges) the model input, layer outputs no quantized activation covers "

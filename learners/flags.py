@@ -18,6 +18,9 @@ def define_flags():
         return
     # --learner, --exec_mode, --save_path, --uql_save_quant_model_path: the early lock parses these too.
     directory_flags.define(FLAGS)
+    # absl.logging defines --log_dir when imported; TensorFlow imports it, and so may anything after this, so it is
+    # imported first here whatever else was (a second definition would fail).
+    from absl import logging  # noqa: F401
     if "log_dir" in FLAGS:
         # absl.logging defines --log_dir too; PocketFlow's meaning (TensorBoard events) takes it over.
         FLAGS.set_default("log_dir", "./logs")
@@ -269,7 +272,8 @@ def quant_config():
             act_range=FLAGS.uql_act_range, act_ema_decay=FLAGS.uql_ema_decay,
             pact_decay=FLAGS.uql_pact_decay, weight_range=FLAGS.uql_weight_range,
             weight_scheme=FLAGS.uql_weight_scheme, fold_batch_norms=FLAGS.uql_fold_batch_norms,
-            freeze_bn_delay=FLAGS.uql_freeze_bn_delay, quantize_layer_outputs=FLAGS.uql_quantize_layer_outputs)
+            freeze_bn_delay=FLAGS.uql_freeze_bn_delay, quantize_layer_outputs=FLAGS.uql_quantize_layer_outputs,
+            recompute_quantized=FLAGS.uql_recompute_quantized)
     except ValueError as exc:
         message = str(exc)
         for field, flag in _CONFIG_FLAG_NAMES:

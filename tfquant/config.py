@@ -13,6 +13,7 @@ from tfquant.layout import MIN_BLOCK_SIZE, GroupLayout, valid_block_size
 BUCKET_TYPES = ("channel", "split", "block")
 ACT_RANGES = ("ema", "batch", "pact", "lsq")
 WEIGHT_RANGES = ("minmax", "lsq", "ternary", "binary")
+RECOMPUTE_CHOICES = ("none", "weights", "all")
 WEIGHT_SCHEMES = ("asymmetric", "symmetric")
 LEARNED_ACT_RANGES = ("pact", "lsq")
 # Python's re module has no time limit, and a pattern such as "(.*.*)*Z" can run for minutes on a
@@ -101,6 +102,10 @@ class QuantConfig:
         DepthwiseConv2dNative / MatMul that feeds a batch norm (see tfquant.fold).
       freeze_bn_delay: with fold_batch_norms in a training graph, the global step from which the
         moving statistics replace the batch statistics; None never switches.
+      recompute_quantized: in a training graph, which quantized tensors the backward pass rebuilds instead of
+        keeping them from the forward pass (tfquant.recompute): 'none' (the default), 'weights' or 'all' (weights
+        and activations). Less peak memory (ResNet-50 W4A4 at 224x224: 1.15x float with none, 1.01x with all)
+        for more work per step; the values and gradients are the same bit for bit.
       quantize_layer_outputs: quantize, like activations (activation_bits, overrides, 'ema' ranges),
         every other tensor an int8 model holds: the model input a weight layer reads, each weight
         layer's output after its bias unless only quantized activations read it (e.g. before a
@@ -133,6 +138,7 @@ class QuantConfig:
     fold_batch_norms: bool = False
     freeze_bn_delay: Optional[int] = None
     quantize_layer_outputs: bool = False
+    recompute_quantized: str = "none"
 
     def __post_init__(self):
         check_bits("weight_bits", self.weight_bits)
@@ -176,6 +182,9 @@ class QuantConfig:
             if self.activation_bits == 1:
                 raise ValueError("quantize_layer_outputs=True is not valid with activation_bits=1; expected 2 "
                                  "to 16 bits, or 32")
+        if self.recompute_quantized not in RECOMPUTE_CHOICES:
+            raise ValueError("recompute_quantized=%r is not valid; expected one of %s"
+                             % (self.recompute_quantized, ", ".join(RECOMPUTE_CHOICES)))
         delay = self.freeze_bn_delay
         if delay is not None and (isinstance(delay, bool) or not isinstance(delay, int) or delay < 0):
             raise ValueError("freeze_bn_delay=%r is not valid; expected None or an integer >= 0" % (delay,))

@@ -218,9 +218,9 @@ def quantize_graph(graph, config, is_training=True):
             fold.rescale_weights(folding)
         act_layers, unread, input_steps = _quantize_activations(items, plan, config, is_training)
         quantize_biases(graph, weight_steps, input_steps)
-        if is_training:
-            # Quantized weights are rebuilt in the backward pass rather than kept (tfquant.recompute).
-            recompute.recompute_in_backward(graph)
+        if is_training and config.recompute_quantized != "none":
+            # Quantized tensors rebuilt in the backward pass rather than kept: less memory, more work per step.
+            recompute.recompute_in_backward(graph, activations=config.recompute_quantized == "all")
         graph.add_to_collection(REWRITTEN_COLLECTION, "train" if is_training else "eval")
     # report
     notes = list(fold_notes)

@@ -24,6 +24,9 @@ def _conv_net(images, layers=3):
     return tf.reduce_mean(x, axis=[1, 2])
 
 
+RECOMPUTE = {False: "none", None: "weights", True: "all"}
+
+
 def _config(**settings):
     return tfquant.QuantConfig(weight_bits=4, activation_bits=4, use_buckets=True, bucket_type="channel", **settings)
 
@@ -31,21 +34,14 @@ def _config(**settings):
 def _training_step(images, activations=None):
     """(graph, loss, gradients by variable name) of the network rewritten with every layer quantized.
 
-    activations: None leaves quantize_graph's default (weights rebuilt); False rebuilds nothing; True rebuilds
-    the quantized activations too.
+    activations: None rebuilds the quantized weights (recompute_quantized='weights'); False rebuilds nothing
+    (the default); True rebuilds the quantized activations too ('all').
     """
     graph = tf.Graph()
     with graph.as_default():
         logits = _conv_net(tf.constant(images))
-        if activations is False:
-            original, recompute.recompute_in_backward = recompute.recompute_in_backward, lambda g: 0
-        try:
-            logits = tfquant.quantize_graph(graph, _config(quantize_all_layers=True), is_training=True).output(logits)
-        finally:
-            if activations is False:
-                recompute.recompute_in_backward = original
-        if activations:
-            recompute.recompute_in_backward(graph, activations=True)
+        config = _config(quantize_all_layers=True, recompute_quantized=RECOMPUTE[activations])
+        logits = tfquant.quantize_graph(graph, config, is_training=True).output(logits)
         loss = tf.reduce_sum(logits * tf.constant(np.linspace(-1.0, 1.0, CHANNELS, dtype=np.float32)))
         variables = tf1.trainable_variables()
         gradients = dict(zip([v.op.name for v in variables], tf1.gradients(loss, variables)))
@@ -122,15 +118,8 @@ def _depthwise_dense_gradients(images, activations):
             "dw", [3, 3, 8, 1], initializer=tf1.glorot_uniform_initializer(seed=2)), [1, 1, 1, 1], "SAME"))
         logits = tf.matmul(tf.reduce_mean(x, axis=[1, 2]), tf1.get_variable(
             "fc", [8, 5], initializer=tf1.glorot_uniform_initializer(seed=3)))
-        if activations is False:
-            original, recompute.recompute_in_backward = recompute.recompute_in_backward, lambda g: 0
-        try:
-            logits = tfquant.quantize_graph(graph, _config(quantize_all_layers=True), is_training=True).output(logits)
-        finally:
-            if activations is False:
-                recompute.recompute_in_backward = original
-        if activations:
-            recompute.recompute_in_backward(graph, activations=True)
+        config = _config(quantize_all_layers=True, recompute_quantized=RECOMPUTE[activations])
+        logits = tfquant.quantize_graph(graph, config, is_training=True).output(logits)
         marks = _marks(graph)
         loss = tf.reduce_sum(logits * tf.constant(np.arange(5, dtype=np.float32)))
         variables = tf1.trainable_variables()
@@ -211,3 +200,18 @@ def test_peak_memory_of_a_training_step_stays_near_float(rng):
     activation = BATCH * 64 * 64 * CHANNELS * 4
     # Kept quantized ReLUs would add three activations; a rebuilt one lives only around its own layer's gradient.
     assert peaks[True] - peaks[False] < activation, (peaks, activation)
+
+
+def test_nothing_is_rebuilt_unless_asked_and_bad_choices_are_refused(images):
+    graph = tf.Graph()
+    with graph.as_default():
+        _conv_net(tf.constant(images))
+        report = tfquant.quantize_graph(graph, _config(quantize_all_layers=True), is_training=True)
+    assert len([layer for layer in report.quantized_layers if layer.kind == "weight"]) == 3
+    assert _marks(graph) == {}
+    with graph.as_default():
+        recompute.recompute_in_backward(graph)  # what recompute_quantized='weights' would have done
+    assert _marks(graph) == {"Conv2D": [1], "Conv2D_1": [1], "Conv2D_2": [1]}
+    with pytest.raises(ValueError, match="recompute_quantized='some' is not valid; expected one of none, weights, "
+                                         "all"):
+        _config(recompute_quantized="some")
