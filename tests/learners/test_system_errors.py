@@ -107,9 +107,11 @@ def test_settings_json_is_written_atomically_with_unique_temporaries(tmp_path, m
 
 def test_every_uql_flag_that_shapes_the_model_is_recorded():
     learner_flags.define_flags()
-    # Output paths say where results go, not what the model is; the analysis flags say what is measured of it.
+    # Output paths say where results go, not what the model is; the analysis flags say what is measured of it;
+    # recomputation in the backward pass changes how the same values are computed, not the values.
     uql = {name for name in learner_flags.FLAGS if name.startswith("uql_")} - {
-        "uql_save_quant_model_path", "uql_save_keras", "uql_analysis_batches", "uql_histograms"}
+        "uql_save_quant_model_path", "uql_save_keras", "uql_analysis_batches", "uql_histograms",
+        "uql_recompute_quantized"}
     assert uql <= set(run_settings.QUANT_FLAGS)
     assert {"enbl_dst", "loss_w_dst", "tempr_dst"} <= set(run_settings.QUANT_FLAGS)
 

@@ -174,7 +174,10 @@ def test_zero_exact_grid_is_tensorflows_fake_quant():
             ours = tfquant.ops.quantize_zero_exact(tf.constant(values), bits, tf.constant(low), tf.constant(high))
             theirs = tf.quantization.fake_quant_with_min_max_vars(values, low, high, num_bits=bits)
             step = (high - low) / (2 ** bits - 1)
-            np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-6, atol=1e-5 * step)  # float rounding
+            # Float rounding: our step is the product by float32(1/levels) (what a session computes), FakeQuant's
+            # kernel divides; a level is a float32 sum of terms as large as the range, so an ulp of those.
+            ulps = 4 * np.finfo(np.float32).eps * max(abs(low), abs(high))
+            np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-6, atol=max(1e-5 * step, ulps))
             codes = _nudged_codes(ours.numpy().astype(np.float64), float(low), float(high), bits)
             np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
             # Nearest level, clipped to the nudged range: no value is further than half a step from its level
@@ -183,7 +186,9 @@ def test_zero_exact_grid_is_tensorflows_fake_quant():
             nudged = (-zero_point * step, (2 ** bits - 1 - zero_point) * step)
             inside = (values >= nudged[0]) & (values <= nudged[1])
             assert np.abs(ours.numpy() - values)[inside].max() <= 0.5 * step * (1 + 1e-4)
-            np.testing.assert_allclose(ours.numpy()[~inside], np.clip(values[~inside], *nudged), atol=1e-5 * step)
+            # (the step is the product by float32(1/levels) a session computes: an ulp from the quotient)
+            np.testing.assert_allclose(ours.numpy()[~inside], np.clip(values[~inside], *nudged), rtol=1e-6,
+                                       atol=max(1e-5 * step, ulps))
 
 
 def test_float_tflite_holds_the_trained_layer_outputs(trained):
