@@ -26,7 +26,9 @@ from benchmarks.accuracy_table import parse_seeds, slug
 
 SECTION = "mobilenet_recipe"
 RUN_MODULE = "nets.mobilenet_at_fmnist_run"
-W4A4 = "--uql_weight_bits=4 --uql_activation_bits=4 --uql_quantize_layer_outputs"
+# The image the first (float) convolution reads and the pooled features the float classifier reads stay at 8 bits.
+W4A4 = ("--uql_weight_bits=4 --uql_activation_bits=4 --uql_quantize_layer_outputs "
+        "--uql_activation_overrides=.*:input=8,.*/Mean=8")
 PLAIN = "W4A4 plain"
 RECIPE = "W4A4 recipe"
 ROWS = {
@@ -42,8 +44,9 @@ QUICK = {"depth_mult": 0.35, "float": ["--nb_epochs_rat=0.05"], "epochs": 0.25,
          "common": ["--batch_size=32", "--batch_size_eval=100", "--summ_step=2", "--train_subset=128",
                     "--eval_subset=100", "--uql_analysis_batches=1"]}
 TARGET_POINTS = 1.5
-# The learner's progress line: "step 200/4680 ... loss 0.41 ... accuracy 0.86" (its train-batch metrics).
-PROGRESS = re.compile(r"step (\d+)/(\d+).*?\baccuracy[ =:]+([0-9.]+)")
+# The float learner's progress line (learners/training.py): "full-prec iter 200/4680 | loss 0.41 | acc 0.86 | ...",
+# the loss and accuracy of that training batch.
+PROGRESS = re.compile(r"^full-prec iter (\d+)/(\d+) \| loss ([0-9.]+) \| acc ([0-9.]+)", re.M)
 
 
 def run_dir(work_dir, label, seed):
@@ -62,8 +65,9 @@ def run_flags(work_dir, label, row_flags, seed, budget):
 
 
 def float_curve(stdout):
-    """[(step, nb_iters, training-batch accuracy)] of the float run's progress lines in a run's output."""
-    return [(int(m.group(1)), int(m.group(2)), float(m.group(3))) for m in PROGRESS.finditer(stdout)]
+    """[(step, nb_iters, training-batch loss, its accuracy)] of the float run's progress lines in a run's output."""
+    return [(int(m.group(1)), int(m.group(2)), float(m.group(3)), float(m.group(4)))
+            for m in PROGRESS.finditer(stdout)]
 
 
 def depthwise_layers(report_path):
@@ -159,7 +163,7 @@ def render(payload, command):
     curves = payload.get("float_curves", {})
     if curves:
         lines.append("- Float training-batch accuracy at the last progress lines (seed: step/total accuracy): %s."
-                     % "; ".join("%s: %s" % (seed, ", ".join("%d/%d %.3f" % tuple(p) for p in curve[-3:]))
+                     % "; ".join("%s: %s" % (seed, ", ".join("%d/%d %.3f" % (p[0], p[1], p[3]) for p in curve[-3:]))
                                  for seed, curve in sorted(curves.items()) if curve))
     lines += ["", publish.markdown_table(("row", "seeds", "test accuracy %", "vs float", "vs float fine-tuned"), rows),
               ""]
