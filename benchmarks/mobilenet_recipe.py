@@ -88,7 +88,8 @@ def run_one(work_dir, label, row_flags, seed, budget):
     entry = {"label": label, "seed": seed, "flags": row_flags, "argv": argv[3:], "epochs": budget["epochs"],
              "accuracy": results["quant_accuracy"], "float_accuracy": results["float_accuracy"],
              "test_examples": results["test_examples"], "seconds": seconds,
-             "depthwise": depthwise_layers(results["report"]), "curve": float_curve(done.stdout + done.stderr)}
+             "depthwise": depthwise_layers(results["report"]) if results.get("report") else [],
+             "curve": float_curve(done.stdout)}
     if "oscillation" in results:
         entry["oscillation"] = results["oscillation"]
     return entry

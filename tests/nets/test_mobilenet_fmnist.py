@@ -109,3 +109,11 @@ def test_signed_layer_outputs_get_lsq_plus_offsets(tiny_run):
     for layer in by_type["Relu6"]:
         assert [v.rsplit("/", 1)[1] for v in layer["range_variables"]] == ["lsq_step"]
     assert "oscillation" in results and results["oscillation"]["weights"] > 0
+
+
+def test_layer_outputs_take_lsq_or_ema_ranges_only():
+    from tfquant.config import QuantConfig
+    assert QuantConfig(activation_bits=4, act_range="lsq", quantize_layer_outputs=True).act_range == "lsq"
+    for refused in ("pact", "batch"):
+        with pytest.raises(ValueError, match="quantize_layer_outputs=True is not valid with act_range='%s'" % refused):
+            QuantConfig(activation_bits=4, act_range=refused, quantize_layer_outputs=True)
