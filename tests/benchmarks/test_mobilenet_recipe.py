@@ -36,7 +36,7 @@ def _run_results(work, label):
 def test_quick_results_hold_the_rows_with_the_runs_numbers(quick):
     payload, work, _ = quick
     assert payload["quick"] is True and payload["budget"] == mobilenet_recipe.QUICK
-    control = "float fine-tuned 0.25 epochs --uql_lrn_rate_init=0.01"
+    control = "float fine-tuned 0.25 epochs"
     assert [(e["label"], e["seed"]) for e in payload["entries"]] == [
         (mobilenet_recipe.PLAIN, 0), (mobilenet_recipe.RECIPE, 0), (control, 0)]
     by_label = {e["label"]: e for e in payload["entries"]}
