@@ -56,7 +56,7 @@ def tiny_run(tmp_path_factory):
             "--batch_size_eval=20", "--nb_epochs_rat=0.1", "--uql_quant_epochs=1", "--summ_step=1",
             "--mobilenet_depth_mult=0.35", "--uql_analysis_batches=1"] + RECIPE
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(os.path.join(work, "q", "results.json")) as handle:
         results = json.load(handle)
