@@ -97,6 +97,10 @@ PARTS = (
          ("--timing", "--quick", "--work_dir", "{tmp}/alloc"), 15),
     Part("multi_worker_accuracy", "multi_worker_accuracy", ("multi_worker_accuracy",), ("--work_dir", "{work}/mw"),
          ("--quick", "--work_dir", "{tmp}/mw"), 40, long=True, render=False),
+    # MobileNetV2 W4A4 plain vs recipe (issue 35): 3 seeds of a 10-epoch float model, 3 fine-tunings each.
+    Part("mobilenet_recipe", "mobilenet_recipe", ("mobilenet_recipe",),
+         ("--seeds", "0,1,2", "--work_dir", "{work}/mobilenet_recipe"),
+         ("--quick", "--work_dir", "{tmp}/mobilenet_recipe"), 420, long=True, render=False),
     # Trains its own float ResNet-20 unless {work}/analysis_check/seed0/float holds one, then five W2A2 runs.
     Part("analysis_check", "analysis_check", ("analysis_check",), ("--work_dir", "{work}/analysis_check"),
          ("--quick", "--work_dir", "{tmp}/analysis_check"), 30),

@@ -36,6 +36,7 @@ def define_flags():
 SCRIPT_DEFAULTS = {
     "resnet_at_ilsvrc12": {"batch_size": 64, "batch_size_eval": 100, "resnet_size": 18},
     "mobilenet_at_ilsvrc12": {"batch_size": 64, "batch_size_eval": 100, "uql_use_buckets": True},
+    "mobilenet_at_fmnist": {"mobilenet_version": 2, "uql_use_buckets": True},
 }
 
 

@@ -8,7 +8,7 @@ from learners.errors import UserError
 from nets.errors import DataError
 
 MODELS = ("resnet_at_cifar10", "resnet_at_fmnist", "convnet_at_fmnist", "resnet_at_ilsvrc12", "mobilenet_at_ilsvrc12",
-          "transformer_at_fmnist")
+          "mobilenet_at_fmnist", "transformer_at_fmnist")
 # Models whose data set has no default location (the flag names the directory of their files).
 _DATA_DIR_REQUIRED = {
     "resnet_at_cifar10": "the directory of CIFAR-10's binary release (data_batch_1.bin ... data_batch_5.bin, "
@@ -19,8 +19,8 @@ _DATA_DIR_REQUIRED = {
 # Flags only some run scripts read: {flag: (the models that read it, what to use instead)}.
 _SCRIPT_FLAGS = {
     "resnet_size": (("resnet_at_cifar10", "resnet_at_fmnist", "resnet_at_ilsvrc12"), "a ResNet run script"),
-    "mobilenet_version": (("mobilenet_at_ilsvrc12",), "nets/mobilenet_at_ilsvrc12_run.py"),
-    "mobilenet_depth_mult": (("mobilenet_at_ilsvrc12",), "nets/mobilenet_at_ilsvrc12_run.py"),
+    "mobilenet_version": (("mobilenet_at_ilsvrc12", "mobilenet_at_fmnist"), "a MobileNet run script"),
+    "mobilenet_depth_mult": (("mobilenet_at_ilsvrc12", "mobilenet_at_fmnist"), "a MobileNet run script"),
     "image_size": (("resnet_at_ilsvrc12", "mobilenet_at_ilsvrc12"), "an ILSVRC-12 run script"),
     "batch_size_norm": (("resnet_at_ilsvrc12", "mobilenet_at_ilsvrc12"), "an ILSVRC-12 run script"),
     "transformer_tokens": (("transformer_at_fmnist",), "nets/transformer_at_fmnist_run.py"),
@@ -30,6 +30,7 @@ _MODEL_FLAGS = {
     "resnet_at_cifar10": ("resnet_size",), "resnet_at_fmnist": ("resnet_size",),
     "resnet_at_ilsvrc12": ("resnet_size", "image_size", "batch_size_norm"),
     "mobilenet_at_ilsvrc12": ("mobilenet_version", "mobilenet_depth_mult", "image_size", "batch_size_norm"),
+    "mobilenet_at_fmnist": ("mobilenet_version", "mobilenet_depth_mult"),
     "transformer_at_fmnist": ("transformer_tokens",),
 }
 

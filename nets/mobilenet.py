@@ -21,6 +21,11 @@ V1_BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1)
 V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
              (6, 320, 1, 1))
 V2_LAST_CHANNELS = 1280
+# Stems: 'imagenet' (stride 2 in the first convolution, total stride 32) and 'small' for 28-32 pixel images, which
+# keeps the first convolution and the first stride-2 stage (v2: the 24-channel one; v1: the first 128-channel
+# block) at stride 1, as the CIFAR ports of MobileNetV2 do: total stride 8, so a 28x28 image ends at 4x4 instead
+# of vanishing to 1x1 (28 -> 14 -> 7 -> 4 -> 2 -> 1 at stride 32).
+STEMS = ('imagenet', 'small')
 
 
 def make_divisible(channels, divisor=8):
@@ -50,21 +55,25 @@ def _depthwise_bn_relu6(x, stride, is_training, name):
     return tf.nn.relu6(layers.batch_norm(y, is_training, name + '_bn'))
 
 
-def _forward_v1(x, is_training, depth_mult):
+def _forward_v1(x, is_training, depth_mult, small):
     def depth(channels):
         return max(8, int(channels * depth_mult))
-    x = _conv_bn_relu6(x, depth(32), 3, 2, is_training, 'conv0')
+    x = _conv_bn_relu6(x, depth(32), 3, 1 if small else 2, is_training, 'conv0')
+    first_stride_two = [stride for _, stride in V1_BLOCKS].index(2)
     for index, (channels, stride) in enumerate(V1_BLOCKS):
+        stride = 1 if small and index == first_stride_two else stride
         with tf1.variable_scope('block%d' % index):
             x = _depthwise_bn_relu6(x, stride, is_training, 'depthwise')
             x = _conv_bn_relu6(x, depth(channels), 1, 1, is_training, 'pointwise')
     return x
 
 
-def _forward_v2(x, is_training, depth_mult):
-    x = _conv_bn_relu6(x, make_divisible(32 * depth_mult), 3, 2, is_training, 'conv0')
+def _forward_v2(x, is_training, depth_mult, small):
+    x = _conv_bn_relu6(x, make_divisible(32 * depth_mult), 3, 1 if small else 2, is_training, 'conv0')
     block = 0
-    for expansion, channels, repeats, first_stride in V2_STAGES:
+    first_stride_two = [stage[3] for stage in V2_STAGES].index(2)
+    for stage, (expansion, channels, repeats, first_stride) in enumerate(V2_STAGES):
+        first_stride = 1 if small and stage == first_stride_two else first_stride
         out = make_divisible(channels * depth_mult)
         for index in range(repeats):
             stride = first_stride if index == 0 else 1
@@ -80,7 +89,7 @@ def _forward_v2(x, is_training, depth_mult):
     return _conv_bn_relu6(x, last, 1, 1, is_training, 'conv_last')
 
 
-def forward_mobilenet(inputs, is_training, version, depth_mult, num_classes):
+def forward_mobilenet(inputs, is_training, version, depth_mult, num_classes, stem='imagenet'):
     """Builds MobileNet v1 or v2 in the current variable scope.
 
     Args:
@@ -89,6 +98,7 @@ def forward_mobilenet(inputs, is_training, version, depth_mult, num_classes):
       version: 1 or 2.
       depth_mult: width multiplier of every layer (PocketFlow's mobilenet_depth_mult), > 0.
       num_classes: number of logits.
+      stem: 'imagenet' (total stride 32) or 'small' (total stride 8, for 28-32 pixel images; see STEMS).
     Returns:
       [N, num_classes] logits.
     """
@@ -96,5 +106,7 @@ def forward_mobilenet(inputs, is_training, version, depth_mult, num_classes):
         raise ValueError('mobilenet_version %r is not supported; allowed values: 1, 2' % (version,))
     if not depth_mult > 0:
         raise ValueError('mobilenet_depth_mult %r is not valid; expected a positive number' % (depth_mult,))
-    x = (_forward_v1 if version == 1 else _forward_v2)(inputs, is_training, depth_mult)
+    if stem not in STEMS:
+        raise ValueError('stem %r is not supported; allowed values: %s' % (stem, ', '.join(STEMS)))
+    x = (_forward_v1 if version == 1 else _forward_v2)(inputs, is_training, depth_mult, stem == 'small')
     return layers.dense(layers.global_avg_pool(x), num_classes, 'fc')

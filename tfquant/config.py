@@ -112,7 +112,10 @@ class QuantConfig:
         residual add, and the logits), and residual sums; and put every activation on the grid
         integer runtimes use (zero exactly representable). The trained graph then computes what the
         int8 TFLite / ONNX model computes, and the export needs no calibration data. Needs
-        act_range='ema' and activation_bits of 2..16 (or 32, which leaves them float). Logits that
+        act_range='ema' and activation_bits of 2..16 (or 32, which leaves them float). With
+        act_range='lsq' instead the same tensors get learned steps (LSQ+ offsets where they can be
+        negative: MobileNetV2's linear bottlenecks and residual sums), a training recipe: their grid is
+        not the runtimes' zero-exact one, so an int8 / ONNX export calibrates their ranges. Logits that
         nothing reads yet when quantize_graph runs are quantized too: build the loss on
         `report.output(logits)`.
 
@@ -175,10 +178,10 @@ class QuantConfig:
             raise ValueError("weight_scheme='symmetric' is not valid with weight_range=%r; expected "
                              "weight_range='minmax' (LSQ learns its own signed grid)" % (self.weight_range,))
         if self.quantize_layer_outputs:
-            if self.act_range != "ema":
+            if self.act_range not in ("ema", "lsq"):
                 raise ValueError("quantize_layer_outputs=True is not valid with act_range=%r; expected "
-                                 "act_range='ema' (the exported int8 ranges are the moving averages)"
-                                 % (self.act_range,))
+                                 "act_range='ema' (the exported int8 ranges are the moving averages) or 'lsq' "
+                                 "(learned steps, LSQ+ offsets on the signed outputs)" % (self.act_range,))
             if self.activation_bits == 1:
                 raise ValueError("quantize_layer_outputs=True is not valid with activation_bits=1; expected 2 "
                                  "to 16 bits, or 32")

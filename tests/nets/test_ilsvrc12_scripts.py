@@ -141,7 +141,7 @@ def test_flags_of_another_script_are_refused(data_dir):
                 ("mobilenet_at_ilsvrc12", "--resnet_size=50", "--resnet_size=50 has no effect with the "
                  "mobilenet_at_ilsvrc12 run script; expected a ResNet run script, or the flag left out"),
                 ("resnet_at_ilsvrc12", "--mobilenet_version=2", "--mobilenet_version=2 has no effect with the "
-                 "resnet_at_ilsvrc12 run script; expected nets/mobilenet_at_ilsvrc12_run.py, or the flag left out"),
+                 "resnet_at_ilsvrc12 run script; expected a MobileNet run script, or the flag left out"),
                 ("resnet_at_fmnist", "--image_size=64", "--image_size=64 has no effect with the resnet_at_fmnist "
                  "run script; expected an ILSVRC-12 run script, or the flag left out")):
             flags.unparse_flags()

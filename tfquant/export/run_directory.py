@@ -155,7 +155,9 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
     saved_graph = inference_graph.InferenceGraph(graph_path)
     build_forward, input_shape = saved_graph.build_forward, saved_graph.input_shape
     test_data, calibration_images = _check_data(test_data, calibration_images, input_shape)
-    needs_calibration = options.int8_calibration or not report.config.get("quantize_layer_outputs")
+    # Only moving-average ranges are the runtimes' grid (learned LSQ steps and offsets are not: calibrate them).
+    needs_calibration = (options.int8_calibration or not report.config.get("quantize_layer_outputs")
+                         or report.config.get("act_range", "ema") != "ema")
     # A k-bit ONNX file of a model with float activations is built from the frozen graph: no range to calibrate.
     onnx_from_frozen = (onnx and bool(onnx_kbit_export.kbit_variables(report))
                         and onnx_kbit_export.float_activations(report))
