@@ -18,6 +18,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def quick(tmp_path_factory):
     if not os.path.isdir(fmnist.DEFAULT_DATA_DIR):
         pytest.skip("no Fashion-MNIST copy")
+    if os.environ.get("TFQ_SLOW_TESTS") != "1":
+        # Four MobileNetV2 runs whose first quantized steps alone take minutes of CPU: over 25 min on the 2-core
+        # machine, more than the suite's budget allows. The pure tests below still run.
+        pytest.skip("the recipe benchmark's --quick run takes over 25 min here; TFQ_SLOW_TESTS=1 runs it")
     tmp = tmp_path_factory.mktemp("mr")
     output, work = str(tmp / "mr.json"), str(tmp / "work")
     done = subprocess.run([sys.executable, "-m", "benchmarks.mobilenet_recipe", "--quick", "--output", output,
