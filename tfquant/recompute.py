@@ -18,8 +18,8 @@ the weight per step whatever the batch; for an activation, four passes over it (
 quantizer's arithmetic). Measured on ResNet-50 W4A4 (channel) at 224x224, batch 32, peak RSS: 5660 MiB
 keeping everything, 5558 rebuilding the weights, 4992 rebuilding activations too (float: 4932); CPU time per
 step at 96x96, batch 16: +2.9 % for the weights (less at larger images, the weights' share shrinking),
-+7.1 % for both. quantize_graph therefore rebuilds the weights; activations only on request
-(recompute_in_backward(graph, activations=True)), for runs short of memory rather than of time.
++7.1 % for both. quantize_graph therefore rebuilds nothing unless QuantConfig.recompute_quantized asks for the
+weights ('weights') or both ('all'; --uql_recompute_quantized), for runs short of memory rather than of time.
 """
 import tensorflow as tf
 
@@ -161,6 +161,8 @@ def _mark(reader, index):
         return False
     build.set_gradient_function(reader, RecomputingGradient(original, [index]))
     return True
+
+
 def recompute_in_backward(graph, activations=False):
     """Rebuild quantized tensors in the backward pass rather than keep them (see the module doc).
 

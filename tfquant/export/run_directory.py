@@ -219,8 +219,9 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
         models["float"] = tflite_export.convert_float(graph_def, input_shape)
         add_file("tflite_float", "model_float.tflite", models["float"])
     ranged = None
+    # The packed file's codes and steps, read once for the biases' int32 grid and the INT4 weights.
+    packed_tensors = packed_reader.read_packed_model(os.path.join(staging, "model.tfq"))[0] if int8 or onnx else None
     if (int8 and not options.int8_calibration) or (onnx and not onnx_from_frozen):
-        packed_tensors, _ = packed_reader.read_packed_model(os.path.join(staging, "model.tfq"))
         ranged = fake_quant_graph.build(build_forward, weights, report, input_shape, calibration_images,
                                         weight_steps=fake_quant_graph.packed_steps(packed_tensors))
         result["trained_ranges"] = ranged.summary()
@@ -240,11 +241,11 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
     if int8:
         not_int4 = tflite_int4.eligible(report) if not options.int8_calibration else "int8_calibration"
         if not not_int4:
-            tensors, _ = packed_reader.read_packed_model(os.path.join(staging, "model.tfq"))
             # The converter writes <= 4-bit weights INT4 itself, off a 2-3-bit grid: the int8 file gets the
             # trained codes as int8, model_int4.tflite as INT4.
-            models["int8"], result["int8"]["weights"] = tflite_int4.to_int4(models["int8"], tensors, report, "INT8")
-            models["int4"], records = tflite_int4.to_int4(models["int8"], tensors, report)
+            models["int8"], result["int8"]["weights"] = tflite_int4.to_int4(models["int8"], packed_tensors, report,
+                                                                            "INT8")
+            models["int4"], records = tflite_int4.to_int4(models["int8"], packed_tensors, report)
             add_file("tflite_int4", "model_int4.tflite", models["int4"])
             result["int4"] = {"weights": records, "bytes_over_int8": len(models["int4"]) / len(models["int8"])}
         else:
