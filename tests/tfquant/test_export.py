@@ -645,8 +645,51 @@ def test_disagreements_count_ties_in_either_model(rng):
         return ordered[-1] == ordered[-2]
 
     differ = [i for i in range(len(reference)) if int(np.argmax(logits[i])) != int(np.argmax(reference[i]))]
-    assert got == {"images": len(differ), "tied": sum(tied(reference[i]) or tied(logits[i]) for i in differ),
-                   "reference_ties": sum(tied(row) for row in reference)}
+    assert {key: got[key] for key in ("images", "tied", "reference_ties")} == {
+        "images": len(differ), "tied": sum(tied(reference[i]) or tied(logits[i]) for i in differ),
+        "reference_ties": sum(tied(row) for row in reference)}
     assert 0 < got["tied"] < got["images"]
     assert divergence.disagreements(reference, reference) == {
-        "images": 0, "tied": 0, "reference_ties": got["reference_ties"]}
+        "images": 0, "tied": 0, "reference_ties": got["reference_ties"], "tf_margins": [], "max_tf_margin": None,
+        "margin_unit": "output steps", "output_step": 0.25}
+
+
+def _brute_margins(reference, logits, unit):
+    """The reference's top-1 minus top-2 logit on every image the two classify differently, over `unit`."""
+    margins = []
+    for ref_row, row in zip(reference.tolist(), logits.tolist()):
+        if ref_row.index(max(ref_row)) != row.index(max(row)):
+            ordered = sorted(ref_row)
+            margins.append((ordered[-1] - ordered[-2]) / unit)
+    return sorted(margins)
+
+
+def test_disagreements_give_the_reference_margins_in_output_steps(rng, monkeypatch):
+    from tfquant.export import divergence  # pylint: disable=import-outside-toplevel
+    # A quantized output: every logit is -1.3 plus a whole number of steps of 0.0371 (8 bits), as float32.
+    step = 0.0371
+    reference = (np.float32(-1.3) + rng.integers(0, 256, size=(1000, 10)).astype(np.float32) * np.float32(step))
+    logits = reference + rng.normal(scale=0.5, size=reference.shape).astype(np.float32)
+    got = divergence.disagreements(reference, logits)
+    expected = _brute_margins(reference, logits, step)
+    assert got["margin_unit"] == "output steps" and got["output_step"] == pytest.approx(step, rel=1e-6)
+    assert len(expected) == got["images"] > divergence.MARGINS_KEPT
+    np.testing.assert_allclose(got["tf_margins"], expected[-divergence.MARGINS_KEPT:], rtol=1e-3)
+    assert got["max_tf_margin"] == pytest.approx(expected[-1], rel=1e-3) and got["max_tf_margin"] == round(
+        got["max_tf_margin"])  # whole steps
+    monkeypatch.setattr(divergence, "MARGINS_KEPT", 3)
+    assert divergence.disagreements(reference, logits)["tf_margins"] == got["tf_margins"][-3:]
+
+
+def test_disagreements_give_absolute_margins_for_float_logits(rng):
+    from tfquant.export import divergence  # pylint: disable=import-outside-toplevel
+    reference = rng.normal(size=(300, 10)).astype(np.float32)
+    logits = reference + rng.normal(scale=0.1, size=reference.shape).astype(np.float32)
+    got = divergence.disagreements(reference, logits)
+    expected = _brute_margins(reference, logits, 1.0)
+    assert got["margin_unit"] == "logits" and got["output_step"] is None and got["images"] == len(expected) > 0
+    np.testing.assert_allclose(got["tf_margins"], expected, rtol=1e-3)
+    assert got["max_tf_margin"] == pytest.approx(expected[-1], rel=1e-3)
+    # Values on a grid too fine for a quantizer (float32's own spacing) are not taken for an output grid.
+    fine = np.float32(2.0) + np.arange(100000, dtype=np.float32).reshape(10000, 10) * np.float32(2.0 ** -22)
+    assert divergence.output_step(fine) is None

@@ -157,3 +157,24 @@ def test_kbit_onnx_activation_codes_are_the_eval_graphs(trained):
         assert steps.max() <= 1 and np.mean(steps > 0) <= 5e-3, (scale, np.mean(steps > 0), steps.max())
     logits = onnx_export.run_onnx(model, images)
     np.testing.assert_array_equal(logits.argmax(1), reference.argmax(1))
+
+
+def test_disagreement_margins_are_in_the_eval_graphs_output_steps(trained):
+    """The grid divergence.disagreements reads off the logits is the one the evaluation graph's output quantizer
+    used (its step, from the graph), so margins it reports in output steps are that quantizer's steps."""
+    from tfquant.export import divergence  # pylint: disable=import-outside-toplevel
+    reference, tensors, _ = _eval_graph_tensors(trained["checkpoint"], trained["images"])
+    output_steps = [step for step, value in tensors if value.shape == reference.shape and
+                    np.array_equal(value, reference)]
+    assert len(output_steps) == 1
+    assert divergence.output_step(reference) == pytest.approx(float(output_steps[0]), rel=1e-5)
+    # One image moved by three steps off its class: its margin, in those steps, is the graph's own top-1 - top-2.
+    moved = reference.copy()
+    top_two = np.sort(reference, axis=1)[:, -2:]
+    image = int(np.argmax(top_two[:, 1] > top_two[:, 0]))  # the first image without a tie at the top
+    runner_up = np.argsort(reference[image])[-2]
+    moved[image, runner_up] = reference[image].max() + 3 * output_steps[0]
+    record = divergence.disagreements(reference, moved)
+    ordered = np.sort(reference[image].astype(np.float64))
+    assert record["images"] == 1 and record["margin_unit"] == "output steps"
+    assert record["tf_margins"] == [record["max_tf_margin"]] == [round((ordered[-1] - ordered[-2]) / output_steps[0])]

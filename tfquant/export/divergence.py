@@ -114,19 +114,67 @@ def _top_two_tied(logits):
     return top_two[:, 0] == top_two[:, 1]
 
 
+# Disagreeing images whose TF-graph margins export.json lists (the largest ones; the maximum is over all).
+MARGINS_KEPT = 100
+# Most levels a grid read off the logits may have: finer "grids" are float32's own spacing, not a quantizer's.
+MAX_OUTPUT_LEVELS = 1 << 16
+
+
+def output_step(logits):
+    """The step of the grid every value of `logits` lies on (a quantized output), or None when there is none.
+
+    Read off the values themselves: the smallest gap between distinct values is taken as the step, and kept
+    only if every value is the lowest one plus a whole number of steps (to 1 % of a step) on at most
+    MAX_OUTPUT_LEVELS levels.
+    """
+    values = np.unique(np.asarray(logits, dtype=np.float64))
+    if len(values) < 2:
+        return None
+    spread = values[-1] - values[0]
+    levels = spread / np.diff(values).min()
+    if levels > MAX_OUTPUT_LEVELS:
+        return None
+    step = spread / round(levels)  # the span over whole steps: the gap's own rounding averaged out
+    positions = (values - values[0]) / step
+    if np.max(np.abs(positions - np.round(positions))) > 0.01:
+        return None
+    return float(step)
+
+
+def _rounded(value):
+    """Four significant digits: a margin of 0.99999994 steps reads 1."""
+    return float("%.4g" % value)
+
+
+def _top_two_margin(logits):
+    top_two = np.sort(np.asarray(logits, dtype=np.float64), axis=1)[:, -2:]
+    return top_two[:, 1] - top_two[:, 0]
+
+
 def disagreements(reference, logits):
-    """How many images `logits` classify differently from `reference`, and how many of those are ties.
+    """How many images `logits` classify differently from `reference`, how many of those are ties, and by
+    how much `reference` preferred its class on each of them.
 
     A tie is an image whose two largest logits are equal in either model: with quantized logits (an int8
     model's output grid) its class is decided by the classes' order, not by the model, so one step of
-    integer rounding anywhere in the network can change it.
+    integer rounding anywhere in the network can change it. The margin of a disagreeing image is the
+    reference's largest logit minus its second largest: in steps of the reference's output grid when its
+    logits are quantized (output_step), else in logits. Small margins mean the images were near-ties that a
+    different accumulation order can flip.
 
     Returns:
       {"images": disagreeing images, "tied": those tied in either model, "reference_ties": images whose
-      two largest reference logits are equal}.
+      two largest reference logits are equal, "tf_margins": the reference's margins on the disagreeing
+      images, ascending (the MARGINS_KEPT largest), "max_tf_margin": the largest (None without
+      disagreements), "margin_unit": "output steps" or "logits", "output_step": the step or None}.
     """
     differ = logits.argmax(1) != reference.argmax(1)
     reference_tied = _top_two_tied(reference)
     tied = reference_tied | _top_two_tied(logits)
+    step = output_step(reference)
+    margins = np.sort(_top_two_margin(reference[differ]) / (step or 1.0))
     return {"images": int(np.sum(differ)), "tied": int(np.sum(differ & tied)),
-            "reference_ties": int(np.sum(reference_tied))}
+            "reference_ties": int(np.sum(reference_tied)),
+            "tf_margins": [_rounded(m) for m in margins[-MARGINS_KEPT:]],
+            "max_tf_margin": _rounded(margins[-1]) if len(margins) else None,
+            "margin_unit": "output steps" if step else "logits", "output_step": step}
