@@ -149,6 +149,7 @@ def file_rows(name, out_dir, data, npz, repeats, memory_processes):
         entry = {"model": name, "file": label, "name": file_name, "bytes": os.path.getsize(path),
                  "over_accounted": os.path.getsize(path) / accounted,
                  "agreement": data.get("agreement_with_quantized_tf", {}).get(key),
+                 "disagreements": data.get("disagreements_with_quantized_tf", {}).get(key),
                  "accuracy": data.get("accuracy", {}).get(key)}
         entry.update(measure(kind, path, npz, repeats, memory_processes))
         rows.append(entry)
@@ -274,6 +275,38 @@ def memory_lines(payload):
                                     "after one-op", "mmap fixed", "both", "heap"), table)]
 
 
+def _margins_text(margins, unit):
+    """'0: 30, 1: 4' (margin: images) for whole output steps, else the values themselves (at most ten shown: the largest)."""
+    if unit == "output steps" and all(m == round(m) for m in margins):
+        counts = {}
+        for margin in margins:
+            counts[int(round(margin))] = counts.get(int(round(margin)), 0) + 1
+        return ", ".join("%d: %d" % (value, count) for value, count in sorted(counts.items()))
+    shown = ", ".join("%.3g" % m for m in margins[-10:])
+    return shown if len(margins) <= 10 else "... " + shown
+
+
+def disagreement_lines(payload):
+    """Per file that classifies some test image differently from the quantized TF graph: how many, and the TF
+    graph's top-1 minus top-2 logit on those images (export.json, disagreements_with_quantized_tf)."""
+    lines = []
+    for row in payload["rows"]:
+        differ = row.get("disagreements")
+        if not differ or not differ.get("images") or differ.get("max_tf_margin") is None:
+            continue
+        unit = differ["margin_unit"]
+        listed = "" if len(differ["tf_margins"]) == differ["images"] else " (the %d largest)" % len(
+            differ["tf_margins"])
+        lines.append("- %s, %s: %d images differ (%d tied); the TF graph's margin on them, in %s%s: %s%s; largest %.4g"
+                     % (row["model"], row["file"], differ["images"], differ["tied"], unit,
+                        " of %.4g" % differ["output_step"] if differ.get("output_step") else "", listed,
+                        _margins_text(differ["tf_margins"], unit), differ["max_tf_margin"]))
+    if not lines:
+        return []
+    return ["Images classified differently from the quantized TF graph, and by how much that graph preferred its "
+            "class (its largest logit minus its second largest; 0 is a tie; in whole steps, margin: images):", ""] + lines + [""]
+
+
 def render(payload, command, machine_lines):
     """The BENCHMARKS.md section."""
     table = [(r["model"], r["file"], r["bytes"], "%.2f" % r["over_accounted"], "%.1f" % (r["rss_added_kb"] / 1024.0),
@@ -288,7 +321,7 @@ def render(payload, command, machine_lines):
         "ms per run of the batch. Agreement: share of test images given the quantized TF graph's class.", "",
         publish.markdown_table(("model", "file", "bytes", "over accounted", "memory added MB", "b1 1 thread",
                                 "b32 1 thread", "b1 all cores", "b32 all cores", "agreement", "accuracy %"), table),
-        ""] + memory_lines(payload) + ["", "Files optimized offline against the files they come from (test images): " +
+        ""] + disagreement_lines(payload) + memory_lines(payload) + ["", "Files optimized offline against the files they come from (test images): " +
                                        "; ".join("%s: %.4f of classes equal, logits within %.2g" % (
                                            name, c["top1_agreement"], c["max_abs_logit_diff"])
                                            for name, c in sorted(payload.get("offline_optimized", {}).items())),

@@ -42,6 +42,7 @@ def test_kbit_table_quick_measures_every_file(tmp_path):
     assert report["onnx"]["session"]["config"] == {"session.qdq_matmulnbits_accuracy_level": "0"}
     kbit = rows["model.onnx"]
     assert kbit["agreement"] == report["agreement_with_quantized_tf"]["onnx"] == 1.0
+    assert kbit["disagreements"] == report["disagreements_with_quantized_tf"]["onnx"]
     assert kbit["bytes"] < rows["model_float.onnx"]["bytes"] / 3  # 4-bit codes against float32 weights
     checks = {what: met for what, _, _, met in kbit_files.targets(payload)}
     fused = [what for what in checks if "MatMulNBits" in what]
@@ -49,3 +50,34 @@ def test_kbit_table_quick_measures_every_file(tmp_path):
     text = kbit_files.render(payload, "cmd", machine.machine_lines(payload["machine"], payload["load_before"]))
     assert "| MLP W4 block/16 | ONNX k-bit | %d |" % kbit["bytes"] in text
     assert "| MLP W4 block/16 | ONNX k-bit | %.1f (" % (kbit["rss_added_kb"] / 1024.0) in text  # memory table
+
+
+def test_disagreement_notes_give_the_tf_graphs_margins():
+    """The table's notes state export.json's disagreement records: counts per margin in whole output steps (counted
+    here from the logits), or the margins themselves for float logits."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    from tfquant.export import divergence  # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng(3)
+    step = np.float32(0.05)
+    reference = rng.integers(0, 200, size=(500, 10)).astype(np.float32) * step
+    logits = reference + rng.integers(-2, 3, size=reference.shape).astype(np.float32) * step
+    quantized = divergence.disagreements(reference, logits)
+    assert 0 < quantized["images"] <= divergence.MARGINS_KEPT  # every margin listed
+    float_reference = rng.normal(size=(40, 10)).astype(np.float32)
+    floats = divergence.disagreements(float_reference, float_reference + rng.normal(
+        scale=0.3, size=float_reference.shape).astype(np.float32))
+    rows = [{"model": "M", "file": "ONNX k-bit", "disagreements": quantized},
+            {"model": "M", "file": "TFLite int8", "disagreements": floats},
+            {"model": "M", "file": "ONNX float", "disagreements": None}]
+    lines = kbit_files.disagreement_lines({"rows": rows})
+    assert len(lines) == 5 and lines[-1] == ""
+    differ = logits.argmax(1) != reference.argmax(1)
+    top_two = np.sort(reference[differ], axis=1)[:, -2:]
+    steps = np.round((top_two[:, 1] - top_two[:, 0]) / step).astype(int)
+    counts = ", ".join("%d: %d" % (value, np.sum(steps == value)) for value in np.unique(steps))
+    assert lines[2] == ("- M, ONNX k-bit: %d images differ (%d tied); the TF graph's margin on them, in output steps "
+                        "of 0.05: %s; largest %d" % (differ.sum(), quantized["tied"], counts, steps.max()))
+    largest = sorted(floats["tf_margins"])[-1]
+    assert lines[3].startswith("- M, TFLite int8: %d images differ" % floats["images"])
+    assert lines[3].endswith("; largest %.4g" % largest) and "in logits:" in lines[3]
+    assert kbit_files.disagreement_lines({"rows": rows[2:]}) == []
