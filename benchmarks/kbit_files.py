@@ -10,7 +10,8 @@ process of its own), median latency at batch 1 and 32 with one thread and with e
 export.json its agreement with the quantized TF graph and its accuracy. Memory and latency are read by
 benchmarks.file_measure with the onnxruntime options tfquant checks and recommends (tfquant/export/ort_session.py);
 the MLP's two ONNX files are also measured as onnxruntime optimizes them offline (model_ort.onnx,
-model_float_ort.onnx: saved by a session with those options, checked against their sources).
+model_float_ort.onnx: saved by a session with those options, their weights in a .data file beside them that
+onnxruntime maps, checked against their sources; a row's bytes count both files).
 """
 import os
 import subprocess
@@ -34,12 +35,15 @@ MLP_FULL = {"units": (2048, 2048), "steps": 3000, "train_images": 60000, "block"
 MLP_QUICK = {"units": (64,), "steps": 30, "train_images": 512, "block": 16}
 # Files of an export directory: (file name, what the table calls it, runtime).
 FILES = (("model_float.onnx", "ONNX float", "onnx"), ("model.onnx", "ONNX k-bit", "onnx"),
-         ("model_float_ort.onnx", "ONNX float, optimized offline", "onnx"),
-         ("model_ort.onnx", "ONNX k-bit, optimized offline", "onnx"),
+         ("model_float_ort.onnx", "ONNX float, optimized offline, weights mapped", "onnx"),
+         ("model_ort.onnx", "ONNX k-bit, optimized offline, weights mapped", "onnx"),
          ("model_float.tflite", "TFLite float", "tflite"), ("model_int8.tflite", "TFLite int8", "tflite"),
          ("model_int4.tflite", "LiteRT INT4", "tflite"))
 AGREEMENT_KEYS = {"model.onnx": "onnx", "model_float.tflite": "tflite_float", "model_int8.tflite": "tflite_int8",
                   "model_int4.tflite": "tflite_int4"}
+
+# Initializers of at least this many bytes go to the offline-optimized files' .data file (ort_session).
+EXTERNAL_MIN_BYTES = 1024
 
 # Processes per memory reading (medians reported): the float model's RSS reading flips between two values.
 MEMORY_PROCESSES_FULL, MEMORY_PROCESSES_QUICK = 5, 1
@@ -53,7 +57,8 @@ def measure(kind, path, npz, repeats, memory_processes=MEMORY_PROCESSES_FULL):
 
 def write_offline_optimized(export_dir, images):
     """model_ort.onnx and model_float_ort.onnx: the MLP's two ONNX files as onnxruntime optimizes them with
-    tfquant's options (MatMulNBits, FusedGemm), saved once: the offline optimization onnxruntime offers.
+    tfquant's options (MatMulNBits, FusedGemm), saved once: the offline optimization onnxruntime offers. Their
+    initializers of EXTERNAL_MIN_BYTES or more are in `<file>.data` beside them, which onnxruntime maps on loading.
 
     Returns:
       {written file: {source, top1_agreement, max_abs_logit_diff}}: each run against its source file on `images`.
@@ -62,7 +67,8 @@ def write_offline_optimized(export_dir, images):
     compared = {}
     for source, target in (("model.onnx", "model_ort.onnx"), ("model_float.onnx", "model_float_ort.onnx")):
         source_path, target_path = os.path.join(export_dir, source), os.path.join(export_dir, target)
-        expected = onnx_check.run(ort_session.create(source_path, threads=1, optimized_path=target_path), images)
+        expected = onnx_check.run(ort_session.create(source_path, threads=1, optimized_path=target_path,
+                                                     external_min_bytes=EXTERNAL_MIN_BYTES), images)
         logits = onnx_check.run(ort_session.create(target_path, threads=1), images)
         compared[target] = {"source": source,
                             "top1_agreement": float(np.mean(logits.argmax(-1) == expected.argmax(-1))),
@@ -138,7 +144,8 @@ def export(run_dir, out_dir, npz, flags, quick):
 
 
 def file_rows(name, out_dir, data, npz, repeats, memory_processes):
-    """One table entry per file of an export directory."""
+    """One table entry per file of an export directory (an offline-optimized file's bytes include its .data)."""
+    from tfquant.export import ort_session  # pylint: disable=import-outside-toplevel
     accounted = data["packed"]["total_storage_bits"] / 8.0
     rows = []
     for file_name, label, kind in FILES:
@@ -146,8 +153,9 @@ def file_rows(name, out_dir, data, npz, repeats, memory_processes):
         if not os.path.exists(path):
             continue
         key = AGREEMENT_KEYS.get(file_name)
-        entry = {"model": name, "file": label, "name": file_name, "bytes": os.path.getsize(path),
-                 "over_accounted": os.path.getsize(path) / accounted,
+        data_path = ort_session.external_data_path(path)
+        size = os.path.getsize(path) + (os.path.getsize(data_path) if os.path.exists(data_path) else 0)
+        entry = {"model": name, "file": label, "name": file_name, "bytes": size, "over_accounted": size / accounted,
                  "agreement": data.get("agreement_with_quantized_tf", {}).get(key),
                  "disagreements": data.get("disagreements_with_quantized_tf", {}).get(key),
                  "accuracy": data.get("accuracy", {}).get(key)}

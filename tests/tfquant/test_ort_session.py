@@ -93,3 +93,32 @@ def test_run_onnx_and_check_use_these_options(tmp_path, blocked_model):
     assert result["fused"] == {"codes": {"op": "MatMulNBits", "bits": 4, "block_size": BLOCK, "K": K, "N": N}}
     np.testing.assert_allclose(result["logits"], expected, rtol=1e-5, atol=1e-5)
     assert os.path.exists(path)
+
+
+def test_optimized_model_with_its_weights_beside_it_computes_the_source_bit_for_bit(tmp_path, blocked_model):
+    """The deployment with the least memory: onnxruntime's optimized model, its initializers in a .data file it
+    maps. Same outputs as the source file bit for bit, MatMulNBits already in the file, its packed codes outside."""
+    serialized, codes, zeros, scales, bias = blocked_model
+    source = tmp_path / "blocked.onnx"
+    source.write_bytes(serialized)
+    optimized = tmp_path / "deploy" / "model_ort.onnx"
+    optimized.parent.mkdir()
+    options = ort_session.session_options(threads=1, optimized_path=optimized, external_min_bytes=16)
+    assert options.get_session_config_entry(
+        "session.optimized_model_external_initializers_file_name") == "model_ort.onnx.data"
+    images = np.random.default_rng(3).normal(size=(7, K)).astype(np.float32)
+    expected = ort_session.create(str(source), threads=1, optimized_path=optimized, external_min_bytes=16).run(
+        None, {"input": images})[0]
+    data_file = ort_session.external_data_path(optimized)
+    assert os.path.exists(data_file) and not os.path.exists(tmp_path / "model_ort.onnx.data")
+    proto = onnx.load(str(optimized), load_external_data=False)
+    fused = [node for node in proto.graph.node if node.op_type == "MatMulNBits"]
+    assert len(fused) == 1
+    external = {t.name: {e.key: e.value for e in t.external_data} for t in proto.graph.initializer
+                if t.data_location == TensorProto.EXTERNAL}
+    packed_codes = fused[0].input[1]
+    assert external[packed_codes]["location"] == "model_ort.onnx.data"
+    assert int(external[packed_codes]["length"]) == K * N // 2  # 4-bit codes, two a byte
+    deployed = ort_session.create(str(optimized), threads=1).run(None, {"input": images})[0]
+    np.testing.assert_array_equal(deployed, expected)
+    np.testing.assert_allclose(deployed, _reference(images, codes, zeros, scales, bias), rtol=1e-5, atol=1e-5)
