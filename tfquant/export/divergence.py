@@ -126,6 +126,11 @@ def output_step(logits):
     Read off the values themselves: the smallest gap between distinct values is taken as the step, and kept
     only if every value is the lowest one plus a whole number of steps (to 1 % of a step) on at most
     MAX_OUTPUT_LEVELS levels.
+
+    Args:
+      logits: [N, classes] outputs of one model.
+    Returns:
+      the step (float), or None.
     """
     values = np.unique(np.asarray(logits, dtype=np.float64))
     if len(values) < 2:
