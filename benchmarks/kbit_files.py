@@ -284,7 +284,7 @@ def memory_lines(payload):
 
 
 def _margins_text(margins, unit):
-    """'0: 30, 1: 4' (margin: images) for whole output steps, else the values themselves (at most ten shown: the largest)."""
+    """'0: 30, 1: 4' (margin: images) for whole output steps, else the values themselves (the ten largest)."""
     if unit == "output steps" and all(m == round(m) for m in margins):
         counts = {}
         for margin in margins:
@@ -312,7 +312,8 @@ def disagreement_lines(payload):
     if not lines:
         return []
     return ["Images classified differently from the quantized TF graph, and by how much that graph preferred its "
-            "class (its largest logit minus its second largest; 0 is a tie; in whole steps, margin: images):", ""] + lines + [""]
+            "class (its largest logit minus its second largest; 0 is a tie; in whole steps, margin: images):",
+            ""] + lines + [""]
 
 
 def render(payload, command, machine_lines):
@@ -329,12 +330,13 @@ def render(payload, command, machine_lines):
         "ms per run of the batch. Agreement: share of test images given the quantized TF graph's class.", "",
         publish.markdown_table(("model", "file", "bytes", "over accounted", "memory added MB", "b1 1 thread",
                                 "b32 1 thread", "b1 all cores", "b32 all cores", "agreement", "accuracy %"), table),
-        ""] + disagreement_lines(payload) + memory_lines(payload) + ["", "Files optimized offline against the files they come from (test images): " +
-                                       "; ".join("%s: %.4f of classes equal, logits within %.2g" % (
-                                           name, c["top1_agreement"], c["max_abs_logit_diff"])
-                                           for name, c in sorted(payload.get("offline_optimized", {}).items())),
-                                       "", "Targets (issue 32):", "",
-        publish.markdown_table(("target", "measured", "limit", "met"),
-                               [(what, "%.4g" % value, "%.4g" % limit, "yes" if met else "**no**")
-                                for what, value, limit, met in targets(payload)])]
+        ""] + disagreement_lines(payload) + memory_lines(payload)
+    offline = "; ".join("%s: %.4f of classes equal, logits within %.2g" % (name, c["top1_agreement"],
+                                                                           c["max_abs_logit_diff"])
+                        for name, c in sorted(payload.get("offline_optimized", {}).items()))
+    lines += ["", "Files optimized offline against the files they come from (test images): " + offline,
+              "", "Targets (issue 32):", "",
+              publish.markdown_table(("target", "measured", "limit", "met"),
+                                     [(what, "%.4g" % value, "%.4g" % limit, "yes" if met else "**no**")
+                                      for what, value, limit, met in targets(payload)])]
     return "\n".join(lines + [""])
