@@ -184,9 +184,11 @@ def with_baselines(budget, cache_dir):
     """The budget whose float models are the baselines cached in cache_dir (its manifest's schedule and seeds)."""
     from benchmarks import baselines  # it builds on this module's budgets
     manifest = baselines.load_manifest(cache_dir)
-    if manifest.get("module", RUN_MODULE) != budget.get("module", RUN_MODULE):  # older manifests: this table's
+    # A manifest (or budget) naming no module is of this table's model (the module was recorded later).
+    cached, wanted = manifest.get("module", RUN_MODULE), budget.get("module", RUN_MODULE)
+    if cached != wanted:
         raise publish.BenchmarkError("--baselines=%s holds float models of %s; expected %s"
-                                     % (cache_dir, manifest.get("module", RUN_MODULE), budget.get("module", RUN_MODULE)))
+                                     % (cache_dir, cached, wanted))
     if manifest["float_common"] != budget["common"]:
         raise publish.BenchmarkError("--baselines=%s was trained with %s; expected this table's %s (quick and full "
                                      "runs do not mix)" % (cache_dir, manifest["float_common"], budget["common"]))

@@ -86,13 +86,15 @@ def summarize(payload):
     controls = {}
     for control in payload["controls"]:
         controls.setdefault(control["label"], []).append(control)
+    control_means = {label: (stats.mean_std(c["accuracy"] for c in mine),
+                             stats.mean_std(c["accuracy"] - c["float_accuracy"] for c in mine)[0])
+                     for label, mine in controls.items()}
     checks = accuracy_targets.transformer_checks([floats[s] for s in sorted(floats)], rows)
     return {"float": {"seeds": sorted(floats), "accuracies": [floats[s] for s in sorted(floats)],
                       "mean": stats.mean_std(floats.values())[0], "std": stats.mean_std(floats.values())[1]},
             "rows": dict(rows),
-            "controls": {label: {"seeds": [c["seed"] for c in mine], "mean": stats.mean_std(c["accuracy"] for c in mine)[0],
-                                 "std": stats.mean_std(c["accuracy"] for c in mine)[1],
-                                 "change": stats.mean_std(c["accuracy"] - c["float_accuracy"] for c in mine)[0]}
+            "controls": {label: {"seeds": [c["seed"] for c in mine], "mean": control_means[label][0][0],
+                                 "std": control_means[label][0][1], "change": control_means[label][1]}
                          for label, mine in controls.items()},
             "targets": [{"what": what, "met": met, "measured": measured} for what, met, measured in checks]}
 
@@ -134,8 +136,8 @@ def render(payload, command):
               "--uql_weight_bits. First and last layers float; layer norm, softmax and GELU compute in float."
               % (budget["epochs"], "" if budget["epochs"] == 1 else "s", " ".join(budget["finetune"]),
                  " ".join(budget["common"]), CH),
-              "- Accuracy: mean ± sample standard deviation over the seeds; 'vs float' is the mean change against each "
-              "seed's float model, 'vs float fine-tuned' against the same fine-tuning with nothing quantized.", "",
+              "- Accuracy: mean ± sample standard deviation over the seeds; 'vs float' is the mean change against "
+              "each seed's float model, 'vs float fine-tuned' against the same fine-tuning with nothing quantized.", "",
               publish.markdown_table(("row", "seeds", "test accuracy %", "vs float", "vs float fine-tuned"), rows), ""]
     lines += accuracy_targets.lines_of([(t["what"], t["met"], t["measured"]) for t in summary["targets"]])
     return "\n".join(lines)
@@ -155,10 +157,7 @@ def main(argv=None):
     parser.add_argument("--cache_dir", help="the float models' cache (default WORK_DIR/baselines)")
     args = parser.parse_args(argv)
     if args.render_json:
-        payload = publish.load_full_run(args.render_json)
-        publish.publish(SECTION, render(payload, payload.get("command", "(not recorded)")), args.markdown,
-                        payload["load_before"], payload["machine"]["load_average"], args.allow_busy)
-        return payload
+        return publish.render_saved(args, SECTION, render)
     mode = QUICK if args.quick else FULL
     seeds = accuracy_table.parse_seeds("0" if args.quick and args.seeds == "0,1,2" else args.seeds)
     ratios = parse_ratios(args.ratios) if args.ratios else mode["ratios"]
@@ -179,10 +178,7 @@ def main(argv=None):
                "baselines": {key: manifest[key] for key in ("chosen_ratio", "converged", "curve", "baselines",
                                                             "threshold")}}
     payload["summary"] = summarize(payload)
-    publish.write_json(publish.results_path(args, SECTION), payload)
-    if not args.quick:
-        publish.publish(SECTION, render(payload, publish.command_line()), args.markdown, load_before,
-                        info["load_average"], args.allow_busy)
+    publish.save_and_publish(args, SECTION, payload, render)
     return payload
 
 

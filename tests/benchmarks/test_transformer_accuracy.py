@@ -90,6 +90,19 @@ def test_gaps_and_targets_are_computed_from_the_rows_accuracies(quick):
     assert "the target asks 3" in text
 
 
+def test_render_json_rewrites_the_section_from_a_results_file(quick, tmp_path):
+    payload, _ = quick
+    saved, markdown = tmp_path / "full.json", tmp_path / "BENCHMARKS.md"
+    publish.write_json(str(saved), dict(payload, quick=False))
+    markdown.write_text("# b\n\n<!-- BEGIN transformer_accuracy -->\nNot measured yet.\n"
+                        "<!-- END transformer_accuracy -->\n")
+    transformer_accuracy.main(["--render_json", str(saved), "--markdown", str(markdown), "--allow_busy"])
+    text = markdown.read_text()
+    assert "Not measured yet" not in text
+    assert transformer_accuracy.render(payload, payload["command"]) in text
+    assert "Rows start from the 0.5-epoch models (one length run, so convergence is not shown" in text
+
+
 def test_transformer_targets_judge_the_mean_gap_over_seeds():
     def row(changes, controls):
         return {"seeds": [0, 1, 2], "change": float(np.mean(changes)), "vs_control": float(np.mean(controls))}
