@@ -184,6 +184,11 @@ def with_baselines(budget, cache_dir):
     """The budget whose float models are the baselines cached in cache_dir (its manifest's schedule and seeds)."""
     from benchmarks import baselines  # it builds on this module's budgets
     manifest = baselines.load_manifest(cache_dir)
+    # A manifest (or budget) naming no module is of this table's model (the module was recorded later).
+    cached, wanted = manifest.get("module", RUN_MODULE), budget.get("module", RUN_MODULE)
+    if cached != wanted:
+        raise publish.BenchmarkError("--baselines=%s holds float models of %s; expected %s"
+                                     % (cache_dir, cached, wanted))
     if manifest["float_common"] != budget["common"]:
         raise publish.BenchmarkError("--baselines=%s was trained with %s; expected this table's %s (quick and full "
                                      "runs do not mix)" % (cache_dir, manifest["float_common"], budget["common"]))
@@ -205,8 +210,9 @@ def run_flags(work_dir, row, seed, budget):
 
 
 def run_row(work_dir, row, seed, budget):
-    """Run one fine-tuning (training the seed's float checkpoint first if missing); returns its entry."""
-    argv = [sys.executable, "-m", RUN_MODULE] + run_flags(work_dir, row, seed, budget)
+    """Run one fine-tuning (training the seed's float checkpoint first if missing) through the budget's run module
+    (this table's, RUN_MODULE, unless the budget names another); returns its entry."""
+    argv = [sys.executable, "-m", budget.get("module", RUN_MODULE)] + run_flags(work_dir, row, seed, budget)
     seconds, done = stats.timed(lambda: subprocess.run(argv, cwd=publish.REPO_ROOT, capture_output=True, text=True))
     if done.returncode != 0:
         raise RuntimeError("row %r seed %d failed:\n%s" % (row.label, seed, done.stderr[-3000:]))
@@ -268,7 +274,8 @@ def summarize(entries):
     return table
 
 
-def _percent(mean, std):
+def percent(mean, std):
+    """A fraction and its deviation as percent: '91.20 ± 0.30' ('91.20' when std is None)."""
     return "%.2f" % (100 * mean) if std is None else "%.2f ± %.2f" % (100 * mean, 100 * std)
 
 
@@ -285,8 +292,8 @@ def render(payload, command):
     float_mean, float_std = stats.mean_std(float_by_seed.values())
     budget = payload["budget"]
     rows = [("float (starting point)", ",".join(str(s) for s in sorted(float_by_seed)),
-             _percent(float_mean, float_std), "-", "-", "1.00x")]
-    rows += [(label, ",".join(str(s) for s in t["seeds"]), _percent(t["mean"], t["std"]),
+             percent(float_mean, float_std), "-", "-", "1.00x")]
+    rows += [(label, ",".join(str(s) for s in t["seeds"]), percent(t["mean"], t["std"]),
               "%+.2f" % (100 * t["change"]), "-" if t["vs_control"] is None else "%+.2f" % (100 * t["vs_control"]),
               "%.2fx" % t["ratio"]) for label, t in table.items()]
     expected = ROW_GROUPS["issue34"] if budget.get("baselines") else [row.label for row in ROWS]

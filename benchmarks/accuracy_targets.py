@@ -11,6 +11,12 @@ CONVERGED_LIMITS = (("W4A4 every layer", ("W4A4 all layers",), 0.5), ("W3A3", ("
                     ("binary weights, A4", ("W1 binary A4",), 3.0), ("W4A8 PTQ with AdaRound", ("W4A8 ch PTQ AdaRound",),
                                                                       1.0))
 
+# Issue 35's Transformer on Fashion-MNIST (3 seeds, against its converged float): the float model's least mean
+# accuracy, and the most each row (benchmarks.transformer_accuracy.ROWS) may lose, in points.
+TRANSFORMER_FLOAT_MIN = 0.88
+TRANSFORMER_LIMITS = (("W8A8 ch", 0.3), ("W4A8 ch", 1.0))
+TRANSFORMER_SEEDS = 3
+
 
 def converged_checks(table):
     """Issue 34's targets for the rows run so far: each family's best row within its limit of the converged
@@ -32,11 +38,36 @@ def converged_checks(table):
     return checks
 
 
+def transformer_checks(float_accuracies, table):
+    """Issue 35's Transformer targets: (what, met, measured) for the float model and every row run so far.
+
+    Args:
+      float_accuracies: the float model's accuracy per seed.
+      table: accuracy_table.summarize of the rows (mean change against each seed's float, and against its control).
+    """
+    seeds = len(float_accuracies)
+    float_mean = sum(float_accuracies) / seeds
+    note = "" if seeds >= TRANSFORMER_SEEDS else "; the target asks %d" % TRANSFORMER_SEEDS
+    checks = [("float at least %.0f %%" % (100 * TRANSFORMER_FLOAT_MIN), float_mean >= TRANSFORMER_FLOAT_MIN,
+               "%.2f %%, %d seed%s%s" % (100 * float_mean, seeds, "" if seeds == 1 else "s", note))]
+    for label, limit in TRANSFORMER_LIMITS:
+        if label not in table:
+            continue
+        row = table[label]
+        for against, gap in (("the float model", row["change"]), ("the same-budget float control", row["vs_control"])):
+            if gap is None:
+                continue
+            checks.append(("%s within %.1f point%s of %s" % (label, limit, "" if limit == 1 else "s", against),
+                           round(100 * gap, 2) >= -limit,  # accuracies are whole images
+                           "%+.2f, %s%s" % (100 * gap, _seeds(row), note)))
+    return checks
+
+
 def target_lines(table, converged=False):
     """The targets, on the rows' mean changes against float, for the rows run so far: issue 34's against
     converged float models (converged=True), the earlier issues' against the short-schedule float model."""
     if converged:
-        return _lines(converged_checks(table))
+        return lines_of(converged_checks(table))
     checks = []
     if "W4A4" in table:
         checks.append(("W4A4 within 0.5 points of float", table["W4A4"]["change"] >= -0.005,
@@ -53,10 +84,11 @@ def target_lines(table, converged=False):
         gap = table["W4A8 ch symmetric folded"]["mean"] - table["W4A8 ch"]["mean"]
         checks.append(("W4A8 symmetric + folded within 0.5 points of W4A8 without them", gap >= -0.005,
                        "%+.2f" % (100 * gap)))
-    return _lines(checks)
+    return lines_of(checks)
 
 
-def _lines(checks):
+def lines_of(checks):
+    """The markdown lines of (what, met, measured) checks: '- Target: what: met (measured).'"""
     return ["- Target: %s: %s (%s)." % (what, "met" if ok else "**not met**", value) for what, ok, value in checks]
 
 

@@ -195,10 +195,7 @@ def main(argv=None):
     parser.add_argument("--depth_mult", type=float, help="MobileNetV2's depth multiplier (default 1.0; --quick 0.35)")
     args = parser.parse_args(argv)
     if args.render_json:
-        payload = publish.load_full_run(args.render_json)
-        publish.publish(SECTION, render(payload, payload.get("command", "(not recorded)")), args.markdown,
-                        payload["load_before"], payload["machine"]["load_average"], args.allow_busy)
-        return payload
+        return publish.render_saved(args, SECTION, render)
     seeds = parse_seeds("0" if args.quick and args.seeds == "0,1,2" else args.seeds)
     budget = dict(QUICK if args.quick else FULL)
     if args.depth_mult is not None:
@@ -217,10 +214,7 @@ def main(argv=None):
     info = machine.machine_info(load=machine.end_load(args.quick or args.allow_busy))
     payload = {"quick": args.quick, "budget": budget, "machine": info, "load_before": load_before,
                "command": publish.command_line(), "entries": entries, "float_curves": curves}
-    publish.write_json(publish.results_path(args, SECTION), payload)
-    if not args.quick:
-        publish.publish(SECTION, render(payload, publish.command_line()), args.markdown, load_before,
-                        info["load_average"], args.allow_busy)
+    publish.save_and_publish(args, SECTION, payload, render)
     return payload
 
 

@@ -70,6 +70,24 @@ def publish(name, body, markdown, load_before, load_after, allow_busy):
     write_section(name, body, markdown)
 
 
+def render_saved(args, name, render):
+    """--render_json: section `name` rewritten by render(payload, command) from an earlier full run's results file,
+    nothing run; returns that payload."""
+    payload = load_full_run(args.render_json)
+    publish(name, render(payload, payload.get("command", "(not recorded)")), args.markdown, payload["load_before"],
+            payload["machine"]["load_average"], args.allow_busy)
+    return payload
+
+
+def save_and_publish(args, name, payload, render):
+    """A run's end: its results JSON written (results_path), and after a full run section `name` rewritten by
+    render(payload, payload["command"]) under the quiet-machine rule (publish)."""
+    write_json(results_path(args, name), payload)
+    if not args.quick:
+        publish(name, render(payload, payload["command"]), args.markdown, payload["load_before"],
+                payload["machine"]["load_average"], args.allow_busy)
+
+
 def run_main(main):
     """Call main(); a BenchmarkError becomes one `error:` line on stderr and exit status 2."""
     try:

@@ -101,6 +101,11 @@ PARTS = (
     Part("mobilenet_recipe", "mobilenet_recipe", ("mobilenet_recipe",),
          ("--seeds", "0,1,2", "--work_dir", "{work}/mobilenet_recipe"),
          ("--quick", "--work_dir", "{tmp}/mobilenet_recipe"), 420, long=True, render=False),
+    # Transformer W8A8 and W4A8 (issue 35): 3 seeds of the 20-epoch float model (cached; --ratios 1,2,4 doubles it),
+    # a 1-epoch fine-tuning per row and one float control.
+    Part("transformer_accuracy", "transformer_accuracy", ("transformer_accuracy",),
+         ("--seeds", "0,1,2", "--work_dir", "{work}/transformer_accuracy"),
+         ("--quick", "--work_dir", "{tmp}/transformer_accuracy"), 60, long=True),
     # Trains its own float ResNet-20 unless {work}/analysis_check/seed0/float holds one, then five W2A2 runs.
     Part("analysis_check", "analysis_check", ("analysis_check",), ("--work_dir", "{work}/analysis_check"),
          ("--quick", "--work_dir", "{tmp}/analysis_check"), 30),
