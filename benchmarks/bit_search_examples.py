@@ -111,7 +111,10 @@ def check_seed(seed, quick, float_checkpoint, work_dir, examples):
     epoch_forwards = bit_search_check.EPOCH_FORWARD_PASSES_PER_STEP * helper.nb_iters_per_epoch
     targets, today, loss, cpu = _measure(helper, batches, config, settings, float_checkpoint, widths)
     entry = {"seed": seed, "float_checkpoint": float_checkpoint, "batch_examples": size,
-             "measure_cpu_seconds": cpu, "budgets": {}, "fewer": []}
+             "measure_cpu_seconds": cpu, "budgets": {}, "fewer": [],
+             "sensitivities": {kind: {t.name: {str(b): v for b, v in today[t.name].items()} for t in targets[kind]}
+                               for kind in targets},
+             "sizes": {kind: [t.size for t in targets[kind]] for kind in targets}}
     for budget in _budgets(quick):
         forward, total = _search_forward_passes(loss, targets, budget, widths, len(batches))
         gaps = {kind: margin(budget_items(targets, today, kind, budget), equivalent)

@@ -1,0 +1,85 @@
+"""The fewer-examples comparison: its margin against enumerating every allocation, and the --quick run's contents
+(bits per budget as the learner's solve gives them, MACs proportional to the examples, refusals)."""
+import itertools
+
+import pytest
+
+from benchmarks import bit_search_examples, publish
+from tfquant import allocation, sensitivity
+
+
+def _brute_force_gap(items, equivalent):
+    """(best objective, smallest objective increase of any other allocation within budget) by enumeration."""
+    budget = allocation.budget_bits(sum(i.size for i in items), equivalent)
+    feasible = sorted(
+        (sum(i.sensitivities[b] for i, b in zip(items, choice)), choice)
+        for choice in itertools.product(*[sorted(i.sensitivities) for i in items])
+        if sum(b * i.size for i, b in zip(items, choice)) <= budget)
+    best = allocation.solve(items, equivalent)
+    chosen = tuple(best.bits[i.name] for i in items)
+    return best.objective, min(value for value, choice in feasible if choice != chosen) - best.objective
+
+
+@pytest.mark.parametrize("equivalent", [2.0, 2.5, 3.4])
+def test_margin_is_the_gap_to_the_next_best_allocation_by_enumeration(rng, equivalent):
+    items = [allocation.AllocationItem("layer%d" % i, int(size), {b: float(v) for b, v in zip(
+        range(1, 6), sorted(rng.uniform(0, 1, 5), reverse=True))})
+        for i, size in enumerate(rng.integers(1, 40, 5))]
+    objective, gap = _brute_force_gap(items, equivalent)
+    found, name, bits = bit_search_examples.margin(items, equivalent)
+    assert found == pytest.approx(gap, abs=1e-12)
+    # The allocation the margin names really holds that layer at those bits, and costs the margin more.
+    held = [allocation.AllocationItem(i.name, i.size, {bits: i.sensitivities[bits]}) if i.name == name else i
+            for i in items]
+    assert allocation.solve(held, equivalent).objective - objective == pytest.approx(found, abs=1e-12)
+    assert allocation.solve(items, equivalent).bits[name] != bits
+
+
+def test_margin_is_zero_on_a_tie():
+    # Two equal layers, one extra bit to give: either may take it, at the same objective.
+    items = [allocation.AllocationItem(name, 10, {1: 1.0, 2: 0.5}) for name in ("a", "b")]
+    assert bit_search_examples.margin(items, 1.5)[0] == 0.0
+
+
+def test_quick_comparison_reports_bits_and_macs_per_budget(tmp_path):
+    payload = bit_search_examples.main(["--quick", "--seeds", "0", "--examples", "8,16",
+                                        "--output", str(tmp_path / "c.json")])
+    entry, = payload["seeds"]
+    assert entry["batch_examples"] == 32 and set(entry["budgets"]) == {"W2 A2.5", "W3 A2.5"}
+    for label, today in entry["budgets"].items():
+        assert set(today["bits"]) == {"weight", "activation"}
+        # The W3 budget cannot give a weight fewer than its minimum, 2 bits; W2's may (1 bit).
+        assert min(today["bits"]["weight"]) >= (2 if label.startswith("W3") else 1)
+        assert today["margin"]["weight"]["objective_increase"] >= 0
+        for fewer in entry["fewer"]:
+            row = fewer["budgets"][label]
+            # Counted on a graph of N examples: conv MACs are proportional to the examples.
+            assert row["search_epoch_mac_ratio"] == pytest.approx(
+                today["search_epoch_mac_ratio"] * fewer["examples"] / 32, rel=1e-12)
+            assert row["layers_differing"] == {kind: sum(a != b for a, b in zip(row["bits"][kind], today["bits"][kind]))
+                                               for kind in today["bits"]}
+    # Each budget's bits solved again from the stored sensitivities: weights from the budget's minimum width.
+    for label, (weight_min, weight_bits) in {"W2 A2.5": (1, 2), "W3 A2.5": (2, 3)}.items():
+        for kind, low, equivalent in (("weight", weight_min, weight_bits), ("activation", 2, 2.5)):
+            stored = entry["sensitivities"][kind]
+            items = [allocation.AllocationItem(name, size, sensitivity.non_increasing(
+                {int(b): v for b, v in by_bits.items() if int(b) >= low}))
+                for (name, by_bits), size in zip(stored.items(), entry["sizes"][kind])]
+            solved = allocation.solve(items, equivalent).bits
+            assert entry["budgets"][label]["bits"][kind] == [solved[name] for name in stored]
+    assert [f["examples"] for f in entry["fewer"]] == [8, 16]
+    kept = [f["examples"] for f in entry["fewer"] if not any(
+        n for b in f["budgets"].values() for n in b["layers_differing"].values())]
+    assert payload["kept_examples"] == kept
+    assert publish.load_json(str(tmp_path / "c.json"))["seeds"][0]["budgets"] == entry["budgets"]
+
+
+def test_comparison_refuses_bad_example_counts():
+    with pytest.raises(publish.BenchmarkError, match="--examples=0,8 is not valid"):
+        bit_search_examples.main(["--quick", "--seeds", "0", "--examples", "0,8"])
+    with pytest.raises(publish.BenchmarkError, match="--examples=x is not valid"):
+        bit_search_examples.main(["--quick", "--seeds", "0", "--examples", "x"])
+    with pytest.raises(publish.BenchmarkError, match="a batch holds 32 examples; expected fewer"):
+        bit_search_examples.main(["--quick", "--seeds", "0", "--examples", "32"])
+    with pytest.raises(publish.BenchmarkError, match="--float_checkpoint is required without --quick"):
+        bit_search_examples.main(["--seeds", "0"])
