@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from benchmarks import bit_search_examples, publish
+from benchmarks import bit_search_estimates, publish
 from tfquant import allocation, sensitivity
 
 
@@ -26,7 +26,7 @@ def test_margin_is_the_gap_to_the_next_best_allocation_by_enumeration(rng, equiv
         range(1, 6), sorted(rng.uniform(0, 1, 5), reverse=True))})
         for i, size in enumerate(rng.integers(1, 40, 5))]
     objective, gap = _brute_force_gap(items, equivalent)
-    found, name, bits = bit_search_examples.margin(items, equivalent)
+    found, name, bits = bit_search_estimates.margin(items, equivalent)
     assert found == pytest.approx(gap, abs=1e-12)
     # The allocation the margin names really holds that layer at those bits, and costs the margin more.
     held = [allocation.AllocationItem(i.name, i.size, {bits: i.sensitivities[bits]}) if i.name == name else i
@@ -38,11 +38,11 @@ def test_margin_is_the_gap_to_the_next_best_allocation_by_enumeration(rng, equiv
 def test_margin_is_zero_on_a_tie():
     # Two equal layers, one extra bit to give: either may take it, at the same objective.
     items = [allocation.AllocationItem(name, 10, {1: 1.0, 2: 0.5}) for name in ("a", "b")]
-    assert bit_search_examples.margin(items, 1.5)[0] == 0.0
+    assert bit_search_estimates.margin(items, 1.5)[0] == 0.0
 
 
 def test_quick_comparison_reports_bits_and_macs_per_budget(tmp_path):
-    payload = bit_search_examples.main(["--quick", "--seeds", "0", "--examples", "8,16",
+    payload = bit_search_estimates.main(["--quick", "--seeds", "0", "--examples", "8,16",
                                         "--output", str(tmp_path / "c.json")])
     entry, = payload["seeds"]
     assert entry["batch_examples"] == 32 and set(entry["budgets"]) == {"W2 A2.5", "W3 A2.5"}
@@ -76,10 +76,10 @@ def test_quick_comparison_reports_bits_and_macs_per_budget(tmp_path):
 
 def test_comparison_refuses_bad_example_counts():
     with pytest.raises(publish.BenchmarkError, match="--examples=0,8 is not valid"):
-        bit_search_examples.main(["--quick", "--seeds", "0", "--examples", "0,8"])
+        bit_search_estimates.main(["--quick", "--seeds", "0", "--examples", "0,8"])
     with pytest.raises(publish.BenchmarkError, match="--examples=x is not valid"):
-        bit_search_examples.main(["--quick", "--seeds", "0", "--examples", "x"])
+        bit_search_estimates.main(["--quick", "--seeds", "0", "--examples", "x"])
     with pytest.raises(publish.BenchmarkError, match="a batch holds 32 examples; expected fewer"):
-        bit_search_examples.main(["--quick", "--seeds", "0", "--examples", "32"])
+        bit_search_estimates.main(["--quick", "--seeds", "0", "--examples", "32"])
     with pytest.raises(publish.BenchmarkError, match="--float_checkpoint is required without --quick"):
-        bit_search_examples.main(["--seeds", "0"])
+        bit_search_estimates.main(["--seeds", "0"])
