@@ -147,7 +147,11 @@ def check_seed(seed, quick, float_checkpoint, work_dir, examples, measured_width
              "measure_cpu_seconds": cpu, "budgets": {}, "estimates": [],
              "sensitivities": {kind: {t.name: {str(b): v for b, v in today[t.name].items()} for t in targets[kind]}
                                for kind in targets},
-             "sizes": {kind: [t.size for t in targets[kind]] for kind in targets}}
+             "sizes": {kind: [t.size for t in targets[kind]] for kind in targets},
+             # Each target's loss run and a forward pass, in MACs (bit_search_check.loss_run_macs).
+             "run_macs": {kind: [bit_search_check.loss_run_macs(loss, [t], {kind: [0]})[1] for t in targets[kind]]
+                          for kind in targets},
+             "forward_macs": bit_search_check.loss_run_macs(loss, [], {})[0], "epoch_forward_passes": epoch_forwards}
     for budget in budgets:
         forward, total = _search_forward_passes(loss, targets, budget, widths, len(batches))
         gaps = {kind: margin(budget_items(targets, today, kind, budget), equivalent)
