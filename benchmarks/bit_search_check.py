@@ -6,7 +6,9 @@ reference computes them again the plain way: every target's quantized value at e
 run's weight grid (weights) or with the batch's min/max (activations), in a graph of its own, and the whole forward
 pass run with it fed (no cut tensors, no shared quantizers, no parallel runs). Both are solved with the run's
 budgets; the check fails unless every allocation is the same and every sensitivity agrees to float tolerance.
-Process CPU seconds of both are recorded (they are not timing figures: run it beside anything).
+Process CPU seconds of both are recorded (they are not timing figures: run it beside anything). The measurement
+checked is a loss run at every width (--uql_w_measured_widths=0 --uql_a_measured_widths=0); the default's
+first-order estimates above the narrowest widths are compared with it by benchmarks.bit_search_estimates.
 
 It also counts the search's arithmetic, which load does not change: the multiply-accumulates (MACs) of the
 matmul-like ops each loss run computes (those its target reaches on the way to the loss), in forward passes of
