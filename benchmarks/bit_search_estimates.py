@@ -109,14 +109,14 @@ def _measure(helper, batches, config, settings, checkpoint, widths, measured_wid
 
 
 def _compared(label, budgets, today, per_budget, epoch_forwards):
-    """One estimate's record: per budget (label: (bits, search forward passes, forward MACs)) the bits, the MAC
-    ratio and the layers whose bits differ from today's."""
+    """One estimate's record: per budget (label: (bits, (forward MACs, search MACs), CPU seconds)) the bits, the MAC
+    ratio, the measuring's process CPU seconds and the layers whose bits differ from today's."""
     result = {"estimate": label, "budgets": {}}
     for budget in budgets:
-        bits, (forward, total) = per_budget[budget.label]
+        bits, (forward, total), cpu = per_budget[budget.label]
         today_bits = today[budget.label]["bits"]
         result["budgets"][budget.label] = {
-            "bits": bits, "search_epoch_mac_ratio": total / forward / epoch_forwards,
+            "bits": bits, "search_epoch_mac_ratio": total / forward / epoch_forwards, "measure_cpu_seconds": cpu,
             "layers_differing": {kind: sum(a != b for a, b in zip(bits[kind], today_bits[kind])) for kind in bits}}
     return result
 
@@ -165,22 +165,22 @@ def check_seed(seed, quick, float_checkpoint, work_dir, examples, measured_width
         for budget in budgets:
             # A run at this budget measures its own widths (a W3 budget's narrowest start at 2 bits).
             counts = {sensitivity.WEIGHT: weight_count, sensitivity.ACTIVATION: activation_count}
-            estimate_targets, measured, estimate_loss, _ = _measure(helper, batches, config, settings,
+            estimate_targets, measured, estimate_loss, cpu = _measure(helper, batches, config, settings,
                                                                     float_checkpoint, _budget_widths(widths, budget),
                                                                     counts)
             per_budget[budget.label] = (budget_bits(estimate_targets, measured, budget), _search_forward_passes(
-                estimate_loss, estimate_targets, budget, widths, len(batches), counts))
+                estimate_loss, estimate_targets, budget, widths, len(batches), counts), cpu)
         entry["estimates"].append(_compared("%d weight, %d activation widths measured, wider ones to first order"
                                             % (weight_count, activation_count), budgets, entry["budgets"],
                                             per_budget, epoch_forwards))
     for count in examples:
         fewer_batches = [(x[:count], y[:count]) for x, y in batches]
-        fewer_targets, measured, fewer_loss, _ = _measure(helper, fewer_batches, config, settings, float_checkpoint,
+        fewer_targets, measured, fewer_loss, cpu = _measure(helper, fewer_batches, config, settings, float_checkpoint,
                                                           widths)
         forward = _search_forward_passes(loss, targets, budgets[0], widths, len(batches))[0]
         # Forward passes of N examples, counted on the N-example graph, in forward passes of whole batches.
         per_budget = {budget.label: (budget_bits(fewer_targets, measured, budget), (forward, _search_forward_passes(
-            fewer_loss, fewer_targets, budget, widths, len(batches))[1])) for budget in budgets}
+            fewer_loss, fewer_targets, budget, widths, len(batches))[1]), cpu) for budget in budgets}
         entry["estimates"].append(_compared("first %d of %d examples" % (count, size), budgets, entry["budgets"],
                                             per_budget, epoch_forwards))
     return entry
@@ -200,8 +200,9 @@ def _print_seed(entry):
         for estimate in entry["estimates"]:
             row = estimate["budgets"][label]
             differing = row["layers_differing"]
-            print("  %s: %.2f %% of an epoch's MACs; %s" % (
-                estimate["estimate"], 100 * row["search_epoch_mac_ratio"],
+            print("  %s: %.2f %% of an epoch's MACs, measuring CPU %.1f s (today's %.1f s); %s" % (
+                estimate["estimate"], 100 * row["search_epoch_mac_ratio"], row["measure_cpu_seconds"],
+                entry["measure_cpu_seconds"],
                 "the same bits" if not any(differing.values()) else "DIFFERENT bits (%s)" % ", ".join(
                     "%d %s layers" % (n, kind) for kind, n in differing.items() if n)), flush=True)
 

@@ -56,6 +56,7 @@ def test_quick_comparison_reports_bits_and_macs_per_budget(tmp_path):
         assert today["margin"]["weight"]["objective_increase"] >= 0
         for name, rows in estimates.items():
             row = rows[label]
+            assert row["measure_cpu_seconds"] > 0
             assert row["layers_differing"] == {kind: sum(a != b for a, b in zip(row["bits"][kind], today["bits"][kind]))
                                                for kind in today["bits"]}
             if name.startswith("first"):
