@@ -57,8 +57,8 @@ def budget_bits(targets, measured, budget):
 
 
 def margin(items, equivalent):
-    """(smallest objective increase of an allocation that changes one item's bits, that item, its bits): the
-    optimum with that item held at each other width, solved exactly."""
+    """(how much more the next-best allocation's summed sensitivity is, an item it changes, that item's bits there):
+    the least over every item held at each of its other widths of the optimum so constrained, solved exactly."""
     best = allocation.solve(items, equivalent)
     closest = (float("inf"), None, None)
     for index, item in enumerate(items):
@@ -250,7 +250,8 @@ def main(argv=None):
             results.append(entry)
     labels = [e["estimate"] for e in results[0]["estimates"]]
     kept = [label for index, label in enumerate(labels) if all(
-        not any(r["estimates"][index]["budgets"][b]["layers_differing"].values()) for r in results for b in r["budgets"])]
+        not any(r["estimates"][index]["budgets"][b]["layers_differing"].values())
+        for r in results for b in r["budgets"])]
     print("estimates keeping every seed's and budget's bits: %s" % ("; ".join(kept) or "none"))
     payload = {"quick": args.quick, "examples": examples, "measured_widths": measured_widths, "kept": kept,
                "seeds": results, "load_average": list(os.getloadavg())}

@@ -9,20 +9,21 @@ variables are never modified and the float graph stays usable; the only ops adde
 shape, range groups and width, shared by the weights alike in those; one per activation width), under SCOPE.
 
 Where the time goes (ResNet-20, W2 A2.5, one batch of 128, profiled): about nine tenths of the CPU is the loss runs,
-one per target and width, each computing the network below its target only; they are compute-bound, so only fewer
-runs or fewer examples cut them. Fewer examples change the chosen bits (even the first 120 of the 128, on each of
-three seeds): the best allocation is within 0 to 0.0016 of the next one's summed sensitivity, less than a few
-examples move the values. Fewer runs do not, if the wider widths are estimated rather than left out: there the
-quantization error is small, and g.(Q_b(x) - x), with g the loss gradient from one forward and backward pass, is
-within 2e-5 to 5e-5 of the measured increase at the median (values about 3e-4; at worst 2e-3 for a weight at 5 or more
-bits, 0.1 for the first ReLU at 4 bits), while the narrow widths, where the loss is far from linear in the error,
-keep their loss runs (measure's measured_widths). Measuring the narrowest 4 weight and 2 activation widths keeps
-the bits of every budget of benchmarks.bit_allocation on three seeds (benchmarks.bit_search_estimates) at 4.5 % of
-a fine-tuning epoch's multiply-accumulates at W2 A2.5, against 10.6 % for a loss run at every width. Of a run's op
-time, convolutions take three quarters, the residual adds, batch norms and ReLUs the rest: grappler's remapper
-made the runs a fifth cheaper once a feed signature was optimized, but optimizing each of the ~40 signatures cost
-more than that (hence grappler off). Leaving out the widest widths changed the chosen bits (7 and 8: on seed 1's
-batches the stride-2 shortcut took 7 bits).
+one per target and width, each computing the network below its target only; they are compute-bound (a forward pass of
+896 examples costs the same per example as seven of 128), so only fewer runs or fewer examples cut them. Fewer
+examples change the chosen bits (even the first 120 of the 128, on each of three seeds): the best allocation is
+within 0 to 0.0016 of the next one's summed sensitivity, less than a few examples move the values. Fewer runs do not,
+if the wider widths are estimated rather than left out: there the quantization error is small, and g.(Q_b(x) - x),
+with g the loss gradient from one forward and backward pass, is within 2e-5 to 5e-5 of the measured increase at the
+median (values about 3e-4; at worst 2e-3 for a weight at 5 or more bits, 0.1 for the first ReLU at 4 bits), while the
+narrow widths, where the loss is far from linear in the error, keep their loss runs (measure's measured_widths).
+Measuring the narrowest 4 weight and 2 activation widths keeps the bits of every budget of benchmarks.bit_allocation
+on three seeds (benchmarks.bit_search_estimates) at 4.5 % of a fine-tuning epoch's multiply-accumulates at W2 A2.5,
+against 10.6 % for a loss run at every width. Of a run's op time, convolutions take three quarters, the residual
+adds, batch norms and ReLUs the rest: grappler's remapper made the runs a fifth cheaper once a feed signature was
+optimized, but optimizing each of the ~40 signatures cost more than that (hence grappler off); optimizing the graph
+once, every fed tensor kept, fused only batch norm with ReLU (a twentieth) and moved losses by 3e-5. Leaving out the
+widest widths changed the chosen bits (7 and 8: on seed 1's batches the stride-2 shortcut took 7 bits).
 benchmarks.bit_search_check checks this measurement and its allocations against brute force.
 """
 import collections
