@@ -6,7 +6,9 @@ reference computes them again the plain way: every target's quantized value at e
 run's weight grid (weights) or with the batch's min/max (activations), in a graph of its own, and the whole forward
 pass run with it fed (no cut tensors, no shared quantizers, no parallel runs). Both are solved with the run's
 budgets; the check fails unless every allocation is the same and every sensitivity agrees to float tolerance.
-Process CPU seconds of both are recorded (they are not timing figures: run it beside anything).
+Process CPU seconds of both are recorded (they are not timing figures: run it beside anything). The measurement
+checked is a loss run at every width (--uql_w_measured_widths=0 --uql_a_measured_widths=0); the default's
+first-order estimates above the narrowest widths are compared with it by benchmarks.bit_search_estimates.
 
 It also counts the search's arithmetic, which load does not change: the multiply-accumulates (MACs) of the
 matmul-like ops each loss run computes (those its target reaches on the way to the loss), in forward passes of
@@ -187,6 +189,27 @@ def check_seed(seed, quick, float_checkpoint, work_dir):
             "epoch_forward_passes": epoch_forwards, "search_epoch_mac_ratio": search_forwards / epoch_forwards}
 
 
+def parse_seeds(text):
+    """[seeds] of a comma-separated --seeds value (BenchmarkError unless integers)."""
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise publish.BenchmarkError("--seeds=%s is not valid; expected comma-separated integers" % text)
+
+
+def seed_checkpoint(pattern, seed):
+    """The checkpoint prefix of --float_checkpoint `pattern` ({seed} replaced; a directory's latest) or None
+    without one (BenchmarkError when the path holds no checkpoint)."""
+    if not pattern:
+        return None
+    checkpoint = pattern.replace("{seed}", str(seed))
+    checkpoint = tf.train.latest_checkpoint(checkpoint) if os.path.isdir(checkpoint) else checkpoint
+    if not checkpoint:
+        raise publish.BenchmarkError("--float_checkpoint=%s has no checkpoint for seed %d; expected a checkpoint "
+                                     "prefix or a directory holding one" % (pattern, seed))
+    return checkpoint
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a tiny ConvNet from its initial weights, widths 1-4")
@@ -195,25 +218,15 @@ def main(argv=None):
                         "replaced by the seed (required without --quick)")
     parser.add_argument("--output", help="write the comparison as JSON here")
     args = parser.parse_args(argv)
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        raise publish.BenchmarkError("--seeds=%s is not valid; expected comma-separated integers" % args.seeds)
+    seeds = parse_seeds(args.seeds)
     if not args.quick and not args.float_checkpoint:
         raise publish.BenchmarkError("--float_checkpoint is required without --quick; expected the float ResNet-20 "
                                      "checkpoint of each seed, e.g. '/work/bench/acc/seed{seed}/float'")
     results = []
     with tempfile.TemporaryDirectory(prefix="tfquant_search_check_") as work_dir:
         for seed in seeds:
-            checkpoint = None
-            if args.float_checkpoint:
-                checkpoint = args.float_checkpoint.replace("{seed}", str(seed))
-                checkpoint = tf.train.latest_checkpoint(checkpoint) if os.path.isdir(checkpoint) else checkpoint
-                if not checkpoint:
-                    raise publish.BenchmarkError("--float_checkpoint=%s has no checkpoint for seed %d; expected a "
-                                                 "checkpoint prefix or a directory holding one"
-                                                 % (args.float_checkpoint, seed))
-            entry = check_seed(seed, args.quick, checkpoint, os.path.join(work_dir, "seed%d" % seed))
+            entry = check_seed(seed, args.quick, seed_checkpoint(args.float_checkpoint, seed),
+                               os.path.join(work_dir, "seed%d" % seed))
             results.append(entry)
             same = entry["measured_bits"] == entry["reference_bits"]
             print("seed %d: allocations %s; largest sensitivity difference %.3g (%.2f of the tolerance); CPU s: "

@@ -40,6 +40,11 @@ def _budgets(settings):
     return budgets
 
 
+def measured_widths(settings):
+    """{kind: narrowest widths measured by loss runs} (0: all; the wider ones are estimated to first order)."""
+    return {sensitivity.WEIGHT: settings.uql_w_measured_widths, sensitivity.ACTIVATION: settings.uql_a_measured_widths}
+
+
 def _training_batches(helper, seed, count):
     """The first `count` (images, labels) batches of the seeded training stream, as arrays.
 
@@ -122,9 +127,11 @@ def measure_and_solve(helper, settings, config, float_checkpoint):
     with graphs.new_session(graph, optimize_graph=False) as sess:
         graphs.restore_variables(sess, model_variables, float_checkpoint)
         feeds = [{images: image_values, labels: label_values} for image_values, label_values in batches]
-        measured = sensitivity.measure(sess, loss, feeds, [t for kind in targets for t in targets[kind]], widths)
+        measured = sensitivity.measure(sess, loss, feeds, [t for kind in targets for t in targets[kind]], widths,
+                                       measured_widths(settings))
     record = {"version": ALLOCATION_VERSION, "seed": settings.seed,
               "sensitivity_batches": settings.uql_sensitivity_batches,
+              "measured_widths": measured_widths(settings),
               "float_checkpoint": os.path.relpath(os.path.abspath(float_checkpoint),
                                                   os.path.dirname(allocation_path(settings.uql_save_quant_model_path)))}
     for kind, prefix, equivalent, low, high in _budgets(settings):

@@ -165,6 +165,12 @@ ALLOCATION_FLAGS = (
     (flags.DEFINE_integer, "uql_sensitivity_batches", 1,
      "training batches the sensitivities are measured on "
      "(--uql_auto_bits)"),
+    (flags.DEFINE_integer, "uql_w_measured_widths", 4,
+     "narrowest weight widths whose sensitivity is measured by loss runs; "
+     "wider ones are estimated to first order (--uql_auto_bits; 0: all measured)"),
+    (flags.DEFINE_integer, "uql_a_measured_widths", 2,
+     "narrowest activation widths whose sensitivity is measured by loss runs; "
+     "wider ones are estimated to first order (--uql_a_equivalent_bits; 0: all measured)"),
     (flags.DEFINE_boolean, "uql_enbl_rl_agent", False,
      "PocketFlow's RL agent; not available (use --uql_auto_bits)"),
 )

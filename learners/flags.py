@@ -206,8 +206,9 @@ def _check_bit_range(kind, low_name, high_name, budget_name):
 
 
 # Flags that only the automatic allocation reads (PocketFlow's budget and range flags served its RL agent alone).
-_AUTO_BITS_ONLY = ("uql_equivalent_bits", "uql_w_bit_min", "uql_w_bit_max", "uql_sensitivity_batches")
-_ACTIVATION_BUDGET_ONLY = ("uql_a_bit_min", "uql_a_bit_max")
+_AUTO_BITS_ONLY = ("uql_equivalent_bits", "uql_w_bit_min", "uql_w_bit_max", "uql_sensitivity_batches",
+                   "uql_w_measured_widths")
+_ACTIVATION_BUDGET_ONLY = ("uql_a_bit_min", "uql_a_bit_max", "uql_a_measured_widths")
 
 
 def _check_auto_bits():
@@ -235,6 +236,10 @@ def _check_auto_bits():
             raise UserError("--%s=%s is given with --uql_auto_bits; expected one of them (the allocation decides "
                             "every weight layer's bits)" % (name, ",".join(getattr(FLAGS, name))))
     _positive("uql_sensitivity_batches")
+    for name in ("uql_w_measured_widths", "uql_a_measured_widths"):
+        if getattr(FLAGS, name) < 0:
+            raise UserError("--%s=%d is not valid; expected 0 (every width measured) or a positive count of the "
+                            "narrowest widths to measure" % (name, getattr(FLAGS, name)))
     _check_bit_range("weight", "uql_w_bit_min", "uql_w_bit_max", "uql_equivalent_bits")
     grid, (field, value) = tfquant.config.weight_grid_of(FLAGS.uql_weight_range, FLAGS.uql_weight_scheme)
     fewest, most = tfquant.config.WEIGHT_GRID_BITS[grid]

@@ -9,16 +9,21 @@ variables are never modified and the float graph stays usable; the only ops adde
 shape, range groups and width, shared by the weights alike in those; one per activation width), under SCOPE.
 
 Where the time goes (ResNet-20, W2 A2.5, one batch of 128, profiled): about nine tenths of the CPU is the loss runs,
-one per target and width, each computing the network below its target only; they are compute-bound (a forward
-pass of 896 examples costs the same per example as seven of 128), so only fewer runs or fewer examples could cut
-them, and fewer examples changed the chosen bits (the first 64 or 96 of the 128, on each of three seeds).
-Their arithmetic is a floor: the 293 runs' convolutions below their targets are 148 forward passes of the batch
-(benchmarks.bit_search_check counts them), 10.6 % of a fine-tuning epoch's (468 steps of three), and no run's can
-be shared, as each has an input of its own. Of a run's op time, convolutions take three quarters, the residual
+one per target and width, each computing the network below its target only; they are compute-bound (a forward pass of
+896 examples costs the same per example as seven of 128), so only fewer runs or fewer examples cut them. Fewer
+examples change the chosen bits (even the first 120 of the 128, on each of three seeds): the best allocation is
+within 0 to 0.0016 of the next one's summed sensitivity, less than a few examples move the values. Fewer runs do not,
+if the wider widths are estimated rather than left out: there the quantization error is small, and g.(Q_b(x) - x),
+with g the loss gradient from one forward and backward pass, is within 2e-5 to 5e-5 of the measured increase at the
+median (values about 3e-4; at worst 2e-3 for a weight at 5 or more bits, 0.1 for the first ReLU at 4 bits), while the
+narrow widths, where the loss is far from linear in the error, keep their loss runs (measure's measured_widths).
+Measuring the narrowest 4 weight and 2 activation widths keeps the bits of every budget of benchmarks.bit_allocation
+on three seeds (benchmarks.bit_search_estimates) at 4.5 % of a fine-tuning epoch's multiply-accumulates at W2 A2.5,
+against 10.6 % for a loss run at every width. Of a run's op time, convolutions take three quarters, the residual
 adds, batch norms and ReLUs the rest: grappler's remapper made the runs a fifth cheaper once a feed signature was
 optimized, but optimizing each of the ~40 signatures cost more than that (hence grappler off); optimizing the graph
-once, every fed tensor kept, fused only batch norm with ReLU (a twentieth) and moved losses by 3e-5. Leaving out
-the widest widths changed the chosen bits too (7 and 8: on seed 1's batches the stride-2 shortcut took 7 bits).
+once, every fed tensor kept, fused only batch norm with ReLU (a twentieth) and moved losses by 3e-5. Leaving out the
+widest widths changed the chosen bits (7 and 8: on seed 1's batches the stride-2 shortcut took 7 bits).
 benchmarks.bit_search_check checks this measurement and its allocations against brute force.
 """
 import collections
@@ -189,7 +194,7 @@ def _cut_tensors(target, upstream_of_loss, batch_dependent):
     return list(cut.values())
 
 
-def measure(sess, loss, batches, targets, bit_widths):
+def measure(sess, loss, batches, targets, bit_widths, measured_widths=None):
     """The mean loss increase on `batches` when each target alone is quantized at each width.
 
     Args:
@@ -198,15 +203,19 @@ def measure(sess, loss, batches, targets, bit_widths):
       batches: a list of feed dicts, each fixing one batch of inputs (e.g. {images: ..., labels: ...}).
       targets: Targets from find_targets.
       bit_widths: {target kind: the widths to measure}, e.g. {WEIGHT: range(2, 9)}.
+      measured_widths: {target kind: n}: only the n narrowest widths of that kind get loss runs; the wider ones
+        are estimated to first order (first_order_increase). None, a kind left out or 0: every width has its run.
     Returns:
       {target name: {bits: mean increase of the loss}} (measured values: may be slightly negative).
     """
     if not batches:
         raise ValueError("batches is empty; expected at least one feed dict")
+    run_widths = {t.name: _narrowest(bit_widths[t.kind], (measured_widths or {}).get(t.kind)) for t in targets}
     quantizers = _Quantizers(sess.graph, targets, bit_widths)
     weights = [t for t in targets if t.kind == WEIGHT]
+    weight_values = dict(zip([t.name for t in weights], sess.run([t.tensors[0] for t in weights])))
     # A weight's quantized values do not depend on the batch: computed once.
-    quantized_weights = quantizers.run(sess, list(zip(weights, sess.run([t.tensors[0] for t in weights]))))
+    quantized_weights = quantizers.run(sess, [(t, weight_values[t.name]) for t in weights])
     totals = {t.name: {bits: 0.0 for bits in bit_widths[t.kind]} for t in targets}
     # Every batch feeds the same input tensors, so the cuts are the same for all of them.
     upstream_of_loss = match.reachable([loss.op], lambda op: [t.op for t in op.inputs] + list(op.control_inputs))
@@ -234,6 +243,8 @@ def measure(sess, loss, batches, targets, bit_widths):
                     cut = dict(feed)
                     cut.update({tensor: values[tensor.name] for tensor in cuts[target.name]})
                     for bits, replaced in quantized.items():
+                        if bits not in run_widths[target.name]:
+                            continue
                         fed = dict(cut)
                         fed.update({tensor: replaced for tensor in target.tensors})
                         pending.append((target.name, bits, pool.submit(sess.run, loss, fed)))
@@ -242,8 +253,54 @@ def measure(sess, loss, batches, targets, bit_widths):
                 # The group's runs finish before the next float run, so one group's values are alive at a time.
                 while pending:
                     _add_increase(totals, pending.popleft(), base_loss)
+    estimated = [t for t in targets if len(run_widths[t.name]) < len(bit_widths[t.kind])]
+    if estimated:
+        first_order = first_order_increase(sess, loss, batches, estimated, quantizers, weight_values,
+                                           quantized_weights)
+        for target in estimated:
+            for bits in bit_widths[target.kind]:
+                if bits not in run_widths[target.name]:
+                    totals[target.name][bits] = first_order[target.name][bits] * len(batches)
     return {name: {bits: total / len(batches) for bits, total in by_bits.items()}
             for name, by_bits in totals.items()}
+
+
+def first_order_increase(sess, loss, batches, targets, quantizers, weight_values, quantized_weights):
+    """{target name: {bits: mean over `batches` of g . (Q_b(x) - x)}}: the loss increase to first order, g being the
+    loss gradient at the float value x (summed over the tensors a weight is read as).
+
+    One forward and backward pass per batch and group of targets gives every target's gradient; quantizing a
+    tensor is elementwise, so no width adds a matmul. Close to the measured increase where Q_b(x) - x is small (the
+    wider widths), not at the narrow ones, where the loss is far from linear in the perturbation.
+    """
+    with sess.graph.as_default(), tf1.name_scope(SCOPE + "/"):
+        tensors = list({t.name: t for target in targets for t in target.tensors}.values())
+        gradients = dict(zip([t.name for t in tensors], tf.gradients(loss, tensors)))
+    missing = [t.name for t in tensors if gradients[t.name] is None]
+    if missing:
+        raise ValueError("the loss does not depend on %s; expected targets on the way to the loss" % missing)
+    # What each target's estimate needs from the float pass: its gradients and (an activation) its value.
+    needs = {t.name: [gradients[x.name] for x in t.tensors] + ([t.tensors[0]] if t.kind == ACTIVATION else [])
+             for t in targets}
+    totals = {t.name: collections.defaultdict(float) for t in targets}
+    for feed in batches:
+        for group in _groups(targets, needs, _examples(feed), FLOAT_VALUE_BYTES):
+            fetch = list({t.name: t for target in group for t in needs[target.name]}.values())
+            values = dict(zip([t.name for t in fetch], sess.run(fetch, feed)))
+            for target in group:
+                value = (weight_values[target.name] if target.kind == WEIGHT else values[target.tensors[0].name])
+                quantized = (quantized_weights[target.name] if target.kind == WEIGHT else
+                             quantizers.run(sess, [(target, value)])[target.name])
+                for bits, replaced in quantized.items():
+                    change = (replaced - value).astype(np.float64)
+                    totals[target.name][bits] += sum(float(np.sum(values[gradients[x.name].name] * change))
+                                                     for x in target.tensors)
+    return {name: {bits: total / len(batches) for bits, total in by_bits.items()} for name, by_bits in totals.items()}
+
+
+def _narrowest(widths, count):
+    """The `count` narrowest of `widths` (all of them when count is None or 0)."""
+    return sorted(widths)[:count] if count else list(widths)
 
 
 def _add_increase(totals, run, base_loss):

@@ -57,6 +57,9 @@ AUTO = ["--learner=uniform", "--uql_auto_bits"]
     (AUTO + ["--uql_weight_range=lsq", "--uql_w_bit_min=1", "--uql_equivalent_bits=2"],
      "--uql_w_bit_min=1 is not valid with --uql_weight_range=lsq"),
     (AUTO + ["--uql_sensitivity_batches=0"], "--uql_sensitivity_batches=0 is not valid"),
+    (AUTO + ["--uql_w_measured_widths=-1"], "--uql_w_measured_widths=-1 is not valid; expected 0"),
+    (["--learner=uniform", "--uql_w_measured_widths=3"], "--uql_w_measured_widths=3 is given without --uql_auto_bits"),
+    (AUTO + ["--uql_a_measured_widths=3"], "--uql_a_measured_widths=3 is given without --uql_a_equivalent_bits"),
     # Flags only the allocation reads are refused without it rather than ignored.
     (["--learner=uniform", "--uql_equivalent_bits=3"], "--uql_equivalent_bits=3.0 is given without --uql_auto_bits"),
     (["--learner=uniform", "--uql_w_bit_min=3"], "--uql_w_bit_min=3 is given without --uql_auto_bits"),
@@ -93,7 +96,8 @@ RUN = ["--learner=uniform", "--train_subset=128", "--eval_subset=64", "--batch_s
 
 
 def _settings(tmp_path):
-    return types.SimpleNamespace(seed=3, uql_sensitivity_batches=1, uql_equivalent_bits=3.0, uql_w_bit_min=2,
+    return types.SimpleNamespace(seed=3, uql_sensitivity_batches=1, uql_w_measured_widths=4, uql_a_measured_widths=2,
+                                 uql_equivalent_bits=3.0, uql_w_bit_min=2,
                                  uql_w_bit_max=8, uql_a_equivalent_bits=4.0, uql_a_bit_min=2, uql_a_bit_max=8,
                                  uql_save_quant_model_path=str(tmp_path / "models_uql" / "model.ckpt"),
                                  log_dir=str(tmp_path / "logs"))
