@@ -4,6 +4,9 @@ in float on the Fashion-MNIST .npz (28x28x1 floats in [0, 1]).
 Run as a script (a subprocess of the benchmark, so Keras 3 never shares a process with the run scripts'
 tf_keras): `python -m benchmarks.model_file_stand_ins DATA.npz OUT_DIR EPOCHS MODEL [MODEL ...]`; writes each
 model's file into OUT_DIR (names in FILES) and OUT_DIR/<model>.float.json with the file's own test accuracy.
+`python -m benchmarks.model_file_stand_ins --reload MODEL SAVED DATA.npz QUANTIZED.pb` reloads a run's
+--save_model output in plain Keras 3 / TensorFlow and prints as JSON its top-1 agreement with the quantized
+model (the export's frozen inference graph, input 'input', output 'logits') and its accuracy on the test images.
 """
 import json
 import os
@@ -17,6 +20,9 @@ FILES = {"conv_bn": ("conv_bn.keras", []),
          "attention": ("attention.keras", []),
          "module": ("module_sm", []),
          "frozen": ("frozen.pb", ["--input_name=images", "--output_name=probabilities"])}
+# Where --save_model writes each model, in the file's own format.
+SAVED = {"conv_bn": "tuned.keras", "depthwise": "tuned_export", "attention": "tuned.keras", "module": "tuned_sm",
+         "frozen": "tuned.pb"}
 SHAPE = (28, 28, 1)
 CLASSES = 10
 
@@ -161,5 +167,51 @@ def build(data_path, out_dir, epochs, names):
     return accuracies
 
 
+def _frozen_scores(tf, graph_def, input_name, output_name, images):
+    """Run a frozen GraphDef on images (a TF1 session, as a frozen graph's user would)."""
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.import_graph_def(graph_def, name="")
+    with tf.compat.v1.Session(graph=graph) as sess:
+        return sess.run(output_name, {input_name: images})
+
+
+def _read_graph_def(tf, path):
+    graph_def = tf.compat.v1.GraphDef()
+    with open(path, "rb") as handle:
+        graph_def.ParseFromString(handle.read())
+    return graph_def
+
+
+def reloaded_scores(model, saved_path, images):
+    """The scores of a run's --save_model output reloaded in plain Keras 3 / TensorFlow."""
+    import tensorflow as tf
+    if saved_path.endswith(".keras"):
+        import keras  # Keras 3
+        return keras.saving.load_model(saved_path).predict(images, batch_size=500, verbose=0)
+    if saved_path.endswith(".pb"):
+        names = dict(flag.lstrip("-").split("=", 1) for flag in FILES[model][1])
+        return _frozen_scores(tf, _read_graph_def(tf, saved_path), names["input_name"] + ":0",
+                              names["output_name"] + ":0", images)
+    serve = tf.saved_model.load(saved_path).signatures["serving_default"]
+    (input_key,) = serve.structured_input_signature[1]
+    (scores,) = serve(**{input_key: tf.constant(images)}).values()
+    return scores.numpy()
+
+
+def reload_check(model, saved_path, data_path, quantized_pb):
+    """{'agreement': same top-1 as the quantized model's frozen graph, 'accuracy': the reloaded file's}."""
+    import tensorflow as tf
+    data = np.load(data_path)
+    images = data["x_test"].astype(np.float32)
+    reference = _frozen_scores(tf, _read_graph_def(tf, quantized_pb), "input:0", "logits:0", images).argmax(1)
+    classes = np.asarray(reloaded_scores(model, saved_path, images)).argmax(1)
+    return {"agreement": float(np.mean(classes == reference)), "accuracy": float(np.mean(classes == data["y_test"])),
+            "images": int(len(images))}
+
+
 if __name__ == "__main__":
-    build(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:])
+    if sys.argv[1] == "--reload":
+        print(json.dumps(reload_check(*sys.argv[2:6])))
+    else:
+        build(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:])
