@@ -84,11 +84,13 @@ def _frozen_graph_parameters(nodes):
             rank = len(const.attr["value"].tensor.tensor_shape.dim)
             if node.op in _WEIGHT_OPS or node.op in _BATCH_NORM_OPS and index >= 1:
                 found[const.name] = found.get(const.name, True) and not (node.op in _BATCH_NORM_OPS and index >= 3)
-            elif node.op in _ELEMENTWISE_OPS and rank >= 1:
-                found.setdefault(const.name, True)
             elif node.op in _ROOT_OPS or node.op in ("Add", "AddV2") and _reads_root(nodes, node):
+                # Checked before the elementwise ops (Add is one): a variance trained freely goes negative and
+                # the Rsqrt after it turns every weight to NaN.
                 if rank >= 1:
                     found[const.name] = False
+            elif node.op in _ELEMENTWISE_OPS and rank >= 1:
+                found.setdefault(const.name, True)
     return found
 
 

@@ -81,3 +81,27 @@ def test_attention_projections_are_quantized(files):
         "model/mha/%s/kernel" % part for part in ("attention_output", "key", "query", "value")]
     assert [kind for kind, _ in quantized].count("MatMul") == 2  # the two Dense layers
     assert all(layer.quantized for layer in report.weight_layers)
+
+
+def test_unfused_batch_norm_variance_of_a_frozen_graph_stays_fixed(tmp_path):
+    # tf.nn.batch_normalization (Keras 3's BatchNormalization frozen by convert_variables_to_constants_v2) reads
+    # the variance through an AddV2 (+ epsilon) into an Rsqrt; as an elementwise Add's constant it used to train,
+    # went negative and turned the run to NaN.
+    rng = np.random.default_rng(0)
+    values = {"mean": rng.normal(size=4), "variance": rng.uniform(0.5, 2, size=4), "beta": rng.normal(size=4),
+              "gamma": rng.uniform(0.5, 2, size=4)}
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf1.placeholder(tf.float32, [None, 8, 8, 2], name="images")
+        kernel = tf.constant(rng.normal(size=(3, 3, 2, 4)).astype(np.float32), name="conv/kernel")
+        consts = {k: tf.constant(v.astype(np.float32), name="bn/" + k) for k, v in values.items()}
+        y = tf.nn.batch_normalization(tf.nn.conv2d(x, kernel, 1, "SAME"), consts["mean"], consts["variance"],
+                                      consts["beta"], consts["gamma"], 1e-3)
+        tf.identity(tf.reduce_mean(y, [1, 2]), name="scores")
+    path = tmp_path / "bn.pb"
+    path.write_bytes(graph.as_graph_def().SerializeToString())
+    prepared = graph_import.prepare(load_file_graph(str(path), "frozen_graph", input_name="images",
+                                                    output_name="scores"))
+    trainable = {p.const_name: p.trainable for p in prepared.parameters.values()}
+    assert trainable["bn/variance"] is False
+    assert trainable["conv/kernel"] and trainable["bn/gamma"] and trainable["bn/beta"]
