@@ -19,10 +19,14 @@ FILES = {"conv_bn": ("conv_bn.keras", []),
          "depthwise": ("depthwise_export", []),
          "attention": ("attention.keras", []),
          "module": ("module_sm", []),
-         "frozen": ("frozen.pb", ["--input_name=images", "--output_name=probabilities"])}
+         "frozen": ("frozen.pb", ["--input_name=images", "--output_name=probabilities"]),
+         "frozen_v2": ("frozen_v2.pb", [])}
 # Where --save_model writes each model, in the file's own format.
 SAVED = {"conv_bn": "tuned.keras", "depthwise": "tuned_export", "attention": "tuned.keras", "module": "tuned_sm",
-         "frozen": "tuned.pb"}
+         "frozen": "tuned.pb", "frozen_v2": "tuned.pb"}
+# The input and output tensors of each frozen graph (a frozen_v2 run finds them itself: one placeholder, one
+# unread op); --save_model keeps them.
+FROZEN_TENSORS = {"frozen": ("images:0", "probabilities:0"), "frozen_v2": ("images:0", "Identity:0")}
 SHAPE = (28, 28, 1)
 CLASSES = 10
 
@@ -73,6 +77,19 @@ def _frozen_source(keras):
                                      name="dw")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     return keras.Model(inputs, keras.layers.Dense(CLASSES, activation="softmax", name="fc")(x))
+
+
+def _write_frozen_v2(tf, model, path):
+    """The Keras 3 model frozen the TF2 way (convert_variables_to_constants_v2 of its inference function): batch
+    norm as unfused ops, the output an Identity."""
+    from tensorflow.python.framework.convert_to_constants import (  # pylint: disable=import-outside-toplevel
+        convert_variables_to_constants_v2)
+    function = tf.function(lambda images: model(images, training=False)).get_concrete_function(
+        tf.TensorSpec([None] + list(SHAPE), tf.float32, name="images"))
+    graph_def = convert_variables_to_constants_v2(function).graph.as_graph_def()
+    with open(path, "wb") as handle:
+        handle.write(graph_def.SerializeToString())
+    return lambda images: _frozen_scores(tf, graph_def, "images:0", "Identity:0", images)
 
 
 def _write_module(tf, source, path):
@@ -141,9 +158,9 @@ def build(data_path, out_dir, epochs, names):
     for name in names:
         keras.utils.set_random_seed(0)
         builder = {"conv_bn": _conv_bn, "depthwise": _depthwise, "attention": _attention,
-                   "module": _module_source, "frozen": _frozen_source}[name]
+                   "module": _module_source, "frozen": _frozen_source, "frozen_v2": _conv_bn}[name]
         model = builder(keras)
-        probabilities = name in ("conv_bn", "module", "frozen")
+        probabilities = name in ("conv_bn", "module", "frozen", "frozen_v2")
         model.compile(keras.optimizers.Adam(0.003),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=not probabilities))
         model.fit(data["x_train"], data["y_train"], epochs=epochs, batch_size=64, verbose=0)
@@ -158,6 +175,8 @@ def build(data_path, out_dir, epochs, names):
             predict = lambda images, loaded=loaded: loaded.serve(tf.constant(images)).numpy()
         elif name == "module":
             predict = _write_module(tf, model, path)
+        elif name == "frozen_v2":
+            predict = _write_frozen_v2(tf, model, path)
         else:
             predict = _write_frozen(tf, model, path)
         scores = predict(data["x_test"].astype(np.float32))
@@ -190,9 +209,8 @@ def reloaded_scores(model, saved_path, images):
         import keras  # Keras 3
         return keras.saving.load_model(saved_path).predict(images, batch_size=500, verbose=0)
     if saved_path.endswith(".pb"):
-        names = dict(flag.lstrip("-").split("=", 1) for flag in FILES[model][1])
-        return _frozen_scores(tf, _read_graph_def(tf, saved_path), names["input_name"] + ":0",
-                              names["output_name"] + ":0", images)
+        input_name, output_name = FROZEN_TENSORS[model]
+        return _frozen_scores(tf, _read_graph_def(tf, saved_path), input_name, output_name, images)
     serve = tf.saved_model.load(saved_path).signatures["serving_default"]
     (input_key,) = serve.structured_input_signature[1]
     (scores,) = serve(**{input_key: tf.constant(images)}).values()

@@ -7,8 +7,9 @@ another process: its top-1 must equal the quantized model's (the export's frozen
 test images.
 
 Stand-ins (benchmarks.model_file_stand_ins): conv + batch norm + dense (.keras), a depthwise model (Keras 3
-model.export SavedModel), an attention model (MultiHeadAttention, .keras), a tf.Module SavedModel and a TF1
-frozen graph (.pb).
+model.export SavedModel), an attention model (MultiHeadAttention, .keras), a tf.Module SavedModel, a TF1
+frozen graph (.pb) and a Keras 3 conv + batch norm + dense model frozen the TF2 way (convert_variables_to_constants_v2:
+unfused batch norm, names found by the run script).
 
   .venv/bin/python -m benchmarks.model_files
   .venv/bin/python -m benchmarks.model_files --quick --models=attention --output /tmp/mf.json --work_dir /tmp/mf
@@ -30,7 +31,8 @@ RUN_SCRIPT = os.path.join(publish.REPO_ROOT, "nets", "model_file_run.py")
 LEARNERS = {"uniform": ("W4A8", ["--learner=uniform", "--uql_weight_bits=4", "--uql_activation_bits=8"]),
             "ptq": ("W8A8", ["--learner=ptq", "--uql_weight_bits=8", "--uql_activation_bits=8"])}
 LABELS = {"conv_bn": "conv + BN + dense (.keras)", "depthwise": "depthwise (Keras 3 export)",
-          "attention": "attention (.keras)", "module": "tf.Module SavedModel", "frozen": "frozen graph (.pb)"}
+          "attention": "attention (.keras)", "module": "tf.Module SavedModel", "frozen": "frozen graph (.pb)",
+          "frozen_v2": "conv + BN + dense frozen by TF2 (.pb)"}
 EXPORTED = ("tflite_int8", "onnx")
 TOLERANCE = 0.01  # one point of accuracy
 RELOAD_AGREEMENT = 0.999  # the reloaded --save_model's top-1 equals the quantized model's on this share of images
