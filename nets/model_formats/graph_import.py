@@ -240,8 +240,8 @@ def _prepare(file_graph):
         if node.op in _REFUSED_WEIGHT_OPS and any(
                 _is_float_const(_strip_identities(nodes, name)) for name in node.input):
             raise fail("model %s holds op %s of type %s whose weight tfquant cannot quantize; expected Conv2D, "
-                       "DepthwiseConv2dNative, MatMul or BatchMatMulV2 layers, or an Einsum of the data by a 2-D weight on "
-                       "its last axis ('btc,cd->btd')" % (path, node.name, node.op))
+                       "DepthwiseConv2dNative, MatMul or BatchMatMulV2 layers, or an Einsum of the data by a 2-D "
+                       "weight on its last axis ('btc,cd->btd')" % (path, node.name, node.op))
     variables = dict(file_graph.variables) if file_graph.variables is not None else None
     reshaped = _fold_weight_reshapes(graph_def, nodes, variables)
     if reshaped:

@@ -29,9 +29,11 @@ def test_section_table_and_target():
     # TFLite 1.5 points below the file: not within 1 point.
     assert "| attention (.keras) | ptq W8A8 | 85.00 | 85.00 | 84.50 | 83.50 | 84.50 | 84.50 | 100.00 | **no** |" in text
     # Accurate, but the reloaded file disagrees with the quantized model on 0.15 % of the images.
-    assert "| tf.Module SavedModel | ptq W8A8 | 85.00 | 85.00 | 85.00 | 85.00 | 85.00 | 85.00 | 99.85 | **no** |" in text
+    assert ("| tf.Module SavedModel | ptq W8A8"
+            " | 85.00 | 85.00 | 85.00 | 85.00 | 85.00 | 85.00 | 99.85 | **no** |") in text
     # Fine-tuning an under-trained file can beat it by more than a point: that is no loss.
-    assert "| frozen graph (.pb) | uniform W4A8 | 80.00 | 80.00 | 82.50 | 83.00 | 82.51 | 82.50 | 100.00 | yes |" in text
+    assert ("| frozen graph (.pb) | uniform W4A8"
+            " | 80.00 | 80.00 | 82.50 | 83.00 | 82.51 | 82.50 | 100.00 | yes |") in text
     assert "TFLite int8 and ONNX: **not met** (3 of 4)" in text
     assert "99.9 % of the test images: **not met** (3 of 4)" in text
     assert [model_files.met(e) for e in entries] == [True, False, False, True]

@@ -75,8 +75,8 @@ def convert(graph_def):
     """
     tf2onnx = _require("tf2onnx")
     model, _ = tf2onnx.convert.from_graph_def(
-        with_converter_ops(graph_def), input_names=[inference_graph.INPUT_NAME + ":0"], output_names=[inference_graph.OUTPUT_NAME + ":0"],
-        opset=OPSET)
+        with_converter_ops(graph_def), input_names=[inference_graph.INPUT_NAME + ":0"],
+        output_names=[inference_graph.OUTPUT_NAME + ":0"], opset=OPSET)
     store_weight_codes(model, graph_def)
     return model.SerializeToString()
 
