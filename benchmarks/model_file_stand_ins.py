@@ -55,6 +55,8 @@ def _attention(keras):
     x = keras.layers.Conv2D(16, 4, strides=4, name="patches")(inputs)
     x = keras.layers.Dense(16, name="embed")(keras.layers.Reshape((49, 16))(x))
     x = keras.layers.LayerNormalization(name="norm")(x + keras.layers.MultiHeadAttention(2, 8, name="mha")(x, x))
+    # A transformer's MLP: Keras 3's exact gelu is TensorFlow's Erfc, which the ONNX export must convert.
+    x = x + keras.layers.Dense(16, name="mlp_out")(keras.layers.Dense(32, activation="gelu", name="mlp_in")(x))
     x = keras.layers.GlobalAveragePooling1D()(x)
     return keras.Model(inputs, keras.layers.Dense(CLASSES, name="fc")(x))
 

@@ -8,7 +8,7 @@ another process: its top-1 must equal the quantized model's (the export's frozen
 test images.
 
 Stand-ins (benchmarks.model_file_stand_ins): conv + batch norm + dense (.keras), a depthwise model (Keras 3
-model.export SavedModel), an attention model (MultiHeadAttention, .keras), a tf.Module SavedModel, a TF1
+model.export SavedModel), an attention model (MultiHeadAttention + gelu MLP, .keras), a tf.Module SavedModel, a TF1
 frozen graph (.pb) and a Keras 3 conv + batch norm + dense model frozen the TF2 way (convert_variables_to_constants_v2:
 unfused batch norm, names found by the run script).
 
