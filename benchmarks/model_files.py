@@ -16,7 +16,7 @@ unfused batch norm, names found by the run script).
   .venv/bin/python -m benchmarks.model_files --quick --models=attention --output /tmp/mf.json --work_dir /tmp/mf
 
 The full run (6 stand-ins x 2 learners on all 60,000 / 10,000 images, each run trained, exported and its
-saved model reloaded) is estimated at 45-75 minutes on a quiet 2-core machine (extrapolated from --quick runs
+saved model reloaded) is estimated at 30-60 minutes on a quiet 2-core machine (extrapolated from --quick runs
 under load, not measured). --quick trains the stand-ins on 512 images only, so their accuracies are near chance
 and its target checks say nothing about accuracy; it checks that every step runs.
 """
