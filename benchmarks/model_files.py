@@ -1,34 +1,47 @@
 """Your own model file, any format (issue 33's target on our own stand-ins): models written in plain Keras 3 /
 TensorFlow code, each trained in float on Fashion-MNIST, through `nets/model_file_run.py` with --learner
 uniform (W4A8, quantization-aware fine-tuning) and --learner ptq (W8A8, calibration only), each run exported
-to int8 TFLite and ONNX; every accuracy is compared with the file's own float accuracy (target: within 1 point).
+to int8 TFLite and ONNX; every accuracy is compared with the file's own float accuracy (target: at most 1 point
+below it).
+Each training run also writes --save_model (the file's own format), reloaded in plain Keras 3 / TensorFlow in
+another process: its top-1 must equal the quantized model's (the export's frozen graph) on >= 99.9 % of the
+test images.
 
 Stand-ins (benchmarks.model_file_stand_ins): conv + batch norm + dense (.keras), a depthwise model (Keras 3
-model.export SavedModel), an attention model (MultiHeadAttention, .keras), a tf.Module SavedModel and a TF1
-frozen graph (.pb).
+model.export SavedModel), an attention model (MultiHeadAttention + gelu MLP, .keras), a tf.Module SavedModel, a TF1
+frozen graph (.pb) and a Keras 3 conv + batch norm + dense model frozen the TF2 way (convert_variables_to_constants_v2:
+unfused batch norm, names found by the run script).
 
   .venv/bin/python -m benchmarks.model_files
   .venv/bin/python -m benchmarks.model_files --quick --models=attention --output /tmp/mf.json --work_dir /tmp/mf
+
+The full run (6 stand-ins x 2 learners on all 60,000 / 10,000 images, each run trained, exported and its
+saved model reloaded) is estimated at 30-60 minutes on a quiet 2-core machine (extrapolated from --quick runs
+under load, not measured). --quick trains the stand-ins on 512 images only, so their accuracies are near chance
+and its target checks say nothing about accuracy; it checks that every step runs.
 """
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 
 from benchmarks import keras_ptq, machine, publish, stats
-from benchmarks.model_file_stand_ins import FILES
+from benchmarks.model_file_stand_ins import FILES, SAVED
 
 SECTION = "model_files"
 RUN_SCRIPT = os.path.join(publish.REPO_ROOT, "nets", "model_file_run.py")
 LEARNERS = {"uniform": ("W4A8", ["--learner=uniform", "--uql_weight_bits=4", "--uql_activation_bits=8"]),
             "ptq": ("W8A8", ["--learner=ptq", "--uql_weight_bits=8", "--uql_activation_bits=8"])}
 LABELS = {"conv_bn": "conv + BN + dense (.keras)", "depthwise": "depthwise (Keras 3 export)",
-          "attention": "attention (.keras)", "module": "tf.Module SavedModel", "frozen": "frozen graph (.pb)"}
+          "attention": "attention (.keras)", "module": "tf.Module SavedModel", "frozen": "frozen graph (.pb)",
+          "frozen_v2": "conv + BN + dense frozen by TF2 (.pb)"}
 EXPORTED = ("tflite_int8", "onnx")
 TOLERANCE = 0.01  # one point of accuracy
+RELOAD_AGREEMENT = 0.999  # the reloaded --save_model's top-1 equals the quantized model's on this share of images
 FULL = {"float_epochs": 3, "quant_epochs": 1.0, "calib_batches": 20, "train_images": None, "test_images": None,
         "common": ["--batch_size=128", "--batch_size_eval=500", "--summ_step=100"]}
 QUICK = {"float_epochs": 3, "quant_epochs": 0.25, "calib_batches": 2, "train_images": 512, "test_images": 200,
@@ -93,25 +106,50 @@ class Plan:
 def run_model(plan, model, learner, file_accuracy):
     """Quantize one model with one learner, export it to int8 TFLite and ONNX; returns its entry."""
     cwd = plan.run_dir(model, learner)
-    seconds, _ = run(plan.flags(model, learner), cwd, "%s %s" % (model, learner))
+    saved = os.path.join(cwd, SAVED[model])
+    for stale in (saved, saved + ".quant_report.json"):  # a rerun's SavedModel directory would be refused
+        if os.path.isdir(stale):
+            shutil.rmtree(stale)
+        elif os.path.exists(stale):
+            os.remove(stale)
+    seconds, _ = run(plan.flags(model, learner) + ["--save_model=%s" % saved], cwd, "%s %s" % (model, learner))
     results = publish.load_json(os.path.join(cwd, "models_uql", "results.json"))
     export_seconds, _ = run(plan.flags(model, learner) + ["--exec_mode=export", "--export_dir=export",
                                                           "--export_int8", "--export_onnx"],
                             cwd, "exporting %s %s" % (model, learner))
     exported = publish.load_json(os.path.join(cwd, "export", "export.json"))
+    _, printed = run([sys.executable, "-m", "benchmarks.model_file_stand_ins", "--reload", model, saved, plan.npz,
+                      os.path.join(cwd, "export", "inference.pb")], publish.REPO_ROOT,
+                     "reloading %s %s's --save_model" % (model, learner))
+    reloaded = json.loads(printed.strip().splitlines()[-1])
     entry = {"model": model, "learner": learner, "bits": LEARNERS[learner][0], "file_accuracy": file_accuracy,
              "float_accuracy": results["float_accuracy"], "quantized": results["quant_accuracy"],
              "test_examples": results["test_examples"], "seconds": seconds, "export_seconds": export_seconds,
-             "agreement_with_quantized_tf": exported.get("agreement_with_quantized_tf", {})}
+             "agreement_with_quantized_tf": exported.get("agreement_with_quantized_tf", {}),
+             "reload_agreement": reloaded["agreement"], "reload_accuracy": reloaded["accuracy"]}
     for kind in EXPORTED:
         entry[kind] = exported["accuracy"].get(kind)
     return entry
 
 
 def within(entry, key):
-    """Whether entry[key] is within one point of the file's own float accuracy (None: not measured)."""
+    """Whether entry[key] loses at most one point of the file's own float accuracy (None: not measured); a
+    quantized model more accurate than an under-trained file (fine-tuning trains it further) meets the target."""
     value = entry.get(key)
-    return None if value is None else abs(value - entry["file_accuracy"]) <= TOLERANCE
+    return None if value is None else value >= entry["file_accuracy"] - TOLERANCE
+
+
+def checks(entry):
+    """{check name: True/False/None} of the issue's targets for one entry (None: not measured)."""
+    found = {key: within(entry, key) for key in ("quantized",) + EXPORTED}
+    agreement = entry.get("reload_agreement")
+    found["reload"] = None if agreement is None else agreement >= RELOAD_AGREEMENT
+    return found
+
+
+def met(entry):
+    """Whether every target of the entry was measured and met."""
+    return all(value is True for value in checks(entry).values())
 
 
 def _pct(value):
@@ -131,21 +169,27 @@ def render(payload, command):
               % (budget["float_epochs"], budget["quant_epochs"], budget["calib_batches"],
                  " ".join(budget["common"]), entries[0]["test_examples"] if entries else "-"),
               "- 'file' is the model file's own accuracy (Keras / TensorFlow on the test images); 'float' the run "
-              "script's evaluation of the imported file; 'ok' = quantized, TFLite int8 and ONNX all within 1 point "
-              "of 'file'.", ""]
+              "script's evaluation of the imported file; 'reloaded' the --save_model output reloaded in plain Keras "
+              "3 / TensorFlow, 'same top-1' its agreement with the quantized model; 'ok' = quantized, TFLite int8 "
+              "and ONNX all at most 1 point below 'file' and same top-1 >= %.1f %%." % (100 * RELOAD_AGREEMENT), ""]
     rows = []
     for entry in entries:
-        checks = [within(entry, key) for key in ("quantized",) + EXPORTED]
         rows.append([LABELS[entry["model"]], "%s %s" % (entry["learner"], entry["bits"]), _pct(entry["file_accuracy"]),
                      _pct(entry["float_accuracy"]), _pct(entry["quantized"]), _pct(entry["tflite_int8"]),
-                     _pct(entry["onnx"]), "yes" if all(checks) else "**no**"])
+                     _pct(entry["onnx"]), _pct(entry.get("reload_accuracy")), _pct(entry.get("reload_agreement")),
+                     "yes" if met(entry) else "**no**"])
     lines += ["Test accuracy %:", "",
               publish.markdown_table(["model", "learner", "file", "float", "quantized", "TFLite int8", "ONNX",
-                                      "ok"], rows), ""]
-    met = sum(all(within(e, k) for k in ("quantized",) + EXPORTED) for e in entries)
-    lines.append("- Target: every model and learner within 1 point of the file's float accuracy in the quantized "
-                 "graph, TFLite int8 and ONNX: %s (%d of %d)." % ("met" if met == len(entries) else "**not met**",
-                                                                 met, len(entries)))
+                                      "reloaded", "same top-1", "ok"], rows), ""]
+    accurate = sum(all(checks(e)[k] for k in ("quantized",) + EXPORTED) for e in entries)
+    reloads = sum(bool(checks(e)["reload"]) for e in entries)
+    lines.append("- Target: every model and learner at most 1 point below the file's float accuracy in the quantized "
+                 "graph, TFLite int8 and ONNX: %s (%d of %d)." % (
+                     "met" if accurate == len(entries) else "**not met**", accurate, len(entries)))
+    lines.append("- Target: the saved model reloaded in plain Keras 3 / TensorFlow gives the quantized model's top-1 "
+                 "on >= %.1f %% of the test images: %s (%d of %d)." % (
+                     100 * RELOAD_AGREEMENT, "met" if reloads == len(entries) else "**not met**", reloads,
+                     len(entries)))
     return "\n".join(lines)
 
 
@@ -182,13 +226,19 @@ def main(argv=None):
     for model in models:
         for learner in learners:
             entry = run_model(plan, model, learner, file_accuracies[model])
+            entry["checks"] = checks(entry)
             entries.append(entry)
-            print("%-10s %-8s file %.4f quantized %.4f tflite_int8 %s onnx %s (%.0f s + %.0f s export)" % (
-                model, learner, entry["file_accuracy"], entry["quantized"], _pct(entry["tflite_int8"]),
-                _pct(entry["onnx"]), entry["seconds"], entry["export_seconds"]), flush=True)
+            print("%-10s %-8s file %.4f quantized %.4f tflite_int8 %s onnx %s reloaded %s same top-1 %s: %s "
+                  "(%.0f s + %.0f s export)" % (
+                      model, learner, entry["file_accuracy"], entry["quantized"], _pct(entry["tflite_int8"]),
+                      _pct(entry["onnx"]), _pct(entry["reload_accuracy"]), _pct(entry["reload_agreement"]),
+                      "targets met" if met(entry) else "NOT MET (%s)" % ", ".join(
+                          k for k, v in checks(entry).items() if v is not True),
+                      entry["seconds"], entry["export_seconds"]), flush=True)
     end_info = machine.machine_info(load=machine.end_load(args.quick))
     payload = {"quick": args.quick, "budget": budget, "machine": end_info, "load_before": load_before,
-               "command": publish.command_line(), "entries": entries}
+               "command": publish.command_line(), "entries": entries,
+               "targets_met": bool(entries) and all(met(entry) for entry in entries)}
     publish.write_json(publish.results_path(args, SECTION), payload)
     if not args.quick:
         publish.publish(SECTION, render(payload, payload["command"]), args.markdown, load_before,

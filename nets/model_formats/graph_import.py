@@ -5,7 +5,9 @@ trainable as it was there); in a frozen graph, where nobody says, the weights of
 BatchMatMul ops, BiasAdd biases, batch-norm parameters (FusedBatchNorm inputs; the unfused
 x * gamma * rsqrt(var + eps) + ... form) and float Consts of rank >= 1 that elementwise ops combine with the
 data. Variances (a FusedBatchNorm's inputs 3 and 4, what an Rsqrt or Sqrt reads) and moving statistics stay
-non-trainable: the file's batch norms were frozen, so they train as an affine layer.
+non-trainable: the file's batch norms were frozen, so they train as an affine layer. An Einsum of the data by a
+constant 2-D weight on its last axis ('bi,io->bo', 'btc,cd->btd') becomes the BatchMatMulV2 it equals, so its
+weight is quantized; an Einsum of another form reading a constant is refused.
 """
 import dataclasses
 from typing import Dict
@@ -84,11 +86,13 @@ def _frozen_graph_parameters(nodes):
             rank = len(const.attr["value"].tensor.tensor_shape.dim)
             if node.op in _WEIGHT_OPS or node.op in _BATCH_NORM_OPS and index >= 1:
                 found[const.name] = found.get(const.name, True) and not (node.op in _BATCH_NORM_OPS and index >= 3)
-            elif node.op in _ELEMENTWISE_OPS and rank >= 1:
-                found.setdefault(const.name, True)
             elif node.op in _ROOT_OPS or node.op in ("Add", "AddV2") and _reads_root(nodes, node):
+                # Checked before the elementwise ops (Add is one): a variance trained freely goes negative and
+                # the Rsqrt after it turns every weight to NaN.
                 if rank >= 1:
                     found[const.name] = False
+            elif node.op in _ELEMENTWISE_OPS and rank >= 1:
+                found.setdefault(const.name, True)
     return found
 
 
@@ -117,6 +121,34 @@ def _needed_by(graph_def, output_op, path, output_name):
     pruned.library.CopyFrom(graph_def.library)
     pruned.node.extend(node for node in graph_def.node if node.name in needed)
     return pruned
+
+
+def _matmul_equation(equation):
+    """Whether an Einsum equation is a matmul of data by a 2-D weight on its last axis ('btc,cd->btd')."""
+    inputs, arrow, output = equation.replace(" ", "").partition("->")
+    data, comma, weight = inputs.partition(",")
+    if not arrow or not comma or "." in equation or len(weight) != 2 or not data:
+        return False
+    reduced, kept = weight
+    return (len(set(data)) == len(data) and data[-1] == reduced and reduced != kept and kept not in data
+            and output == data[:-1] + kept)
+
+
+def _einsums_as_matmuls(graph_def, nodes):
+    """Turn each Einsum of data by a constant 2-D weight on the last axis into the BatchMatMulV2 it equals
+    (BatchMatMulV2 broadcasts the weight over the batch axes), so tfquant quantizes its weight; other Einsums
+    stay and are refused when they read a constant."""
+    for node in graph_def.node:
+        if node.op != "Einsum" or len(node.input) != 2 or not _is_float_const(_strip_identities(nodes, node.input[1])):
+            continue
+        if not _matmul_equation(node.attr["equation"].s.decode("utf-8", "replace")):
+            continue
+        dtype = node.attr["T"].type
+        node.op = "BatchMatMulV2"
+        node.attr.clear()
+        node.attr["T"].type = dtype
+        node.attr["adj_x"].b = False
+        node.attr["adj_y"].b = False
 
 
 def _fold_weight_reshapes(graph_def, nodes, variables):
@@ -199,6 +231,7 @@ def _prepare(file_graph):
     if input_op not in nodes:
         raise fail("model %s: its output %s does not depend on the input %s; expected --input_name naming the "
                    "image input" % (path, file_graph.output_name, file_graph.input_name))
+    _einsums_as_matmuls(graph_def, nodes)
     for node in graph_def.node:
         if node.op in _OPAQUE_OPS:
             raise fail("model %s holds op %s of type %s (a function call or control flow) that tfquant cannot "
@@ -207,7 +240,8 @@ def _prepare(file_graph):
         if node.op in _REFUSED_WEIGHT_OPS and any(
                 _is_float_const(_strip_identities(nodes, name)) for name in node.input):
             raise fail("model %s holds op %s of type %s whose weight tfquant cannot quantize; expected Conv2D, "
-                       "DepthwiseConv2dNative, MatMul or BatchMatMulV2 layers" % (path, node.name, node.op))
+                       "DepthwiseConv2dNative, MatMul or BatchMatMulV2 layers, or an Einsum of the data by a 2-D "
+                       "weight on its last axis ('btc,cd->btd')" % (path, node.name, node.op))
     variables = dict(file_graph.variables) if file_graph.variables is not None else None
     reshaped = _fold_weight_reshapes(graph_def, nodes, variables)
     if reshaped:

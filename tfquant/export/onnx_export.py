@@ -33,6 +33,38 @@ def _require(name):
         raise OnnxUnavailableError("ONNX export needs %s (pip install 'tfquant[onnx]'): %s" % (name, exc)) from None
 
 
+def with_converter_ops(graph_def):
+    """A copy of the graph with each op tf2onnx has no handler for replaced by ops it has: Erfc(x) (TensorFlow's
+    exact GELU, tf.nn.gelu(approximate=False), is 0.5 * x * erfc(-x / sqrt 2)) becomes 1 - Erf(x), under the
+    Erfc's name. Without this tf2onnx leaves an unknown 'Erfc' op that ONNX's version converter rejects.
+
+    Args:
+      graph_def: a frozen GraphDef.
+    Returns:
+      the GraphDef to convert (the same object when nothing needed replacing).
+    """
+    if not any(node.op == "Erfc" for node in graph_def.node):
+        return graph_def
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    converted = tf.compat.v1.GraphDef()
+    converted.CopyFrom(graph_def)
+    for node in converted.node:
+        if node.op != "Erfc":
+            continue
+        dtype = node.attr["T"].type
+        one, erf = converted.node.add(), converted.node.add()
+        one.name, one.op = node.name + "/one", "Const"
+        one.attr["dtype"].type = dtype
+        one.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(1.0, tf.as_dtype(dtype)))
+        erf.name, erf.op = node.name + "/erf", "Erf"
+        erf.input.extend(node.input)
+        erf.attr["T"].type = dtype
+        node.op = "Sub"
+        del node.input[:]
+        node.input.extend([one.name, erf.name])
+    return converted
+
+
 def convert(graph_def):
     """An ONNX model (bytes) of a frozen inference graph with input 'input' and output 'logits'.
 
@@ -43,8 +75,8 @@ def convert(graph_def):
     """
     tf2onnx = _require("tf2onnx")
     model, _ = tf2onnx.convert.from_graph_def(
-        graph_def, input_names=[inference_graph.INPUT_NAME + ":0"], output_names=[inference_graph.OUTPUT_NAME + ":0"],
-        opset=OPSET)
+        with_converter_ops(graph_def), input_names=[inference_graph.INPUT_NAME + ":0"],
+        output_names=[inference_graph.OUTPUT_NAME + ":0"], opset=OPSET)
     store_weight_codes(model, graph_def)
     return model.SerializeToString()
 

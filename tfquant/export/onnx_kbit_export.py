@@ -85,7 +85,7 @@ def _converted(graph_def):
     from tfquant.export import inference_graph  # pylint: disable=import-outside-toplevel
     with _no_conv_batch_norm_fusion():
         model, _ = tf2onnx.convert.from_graph_def(
-            graph_def, input_names=[inference_graph.INPUT_NAME + ":0"],
+            onnx_export.with_converter_ops(graph_def), input_names=[inference_graph.INPUT_NAME + ":0"],
             output_names=[inference_graph.OUTPUT_NAME + ":0"], opset=onnx_export.OPSET)
     onnx_export.store_weight_codes(model, graph_def)
     return model
