@@ -17,12 +17,13 @@ def main(model_name=None, make_helper=None, after_train=None, script_defaults=Fa
         make_helper.
       make_helper: the name of a helper_factory function taking the parsed flags (the model-file scripts).
       after_train: the name of a helper_factory function run after training (helper, FLAGS, train's result).
-      script_defaults: apply the model's PocketFlow default schedule (learners.flags.use_script_defaults).
+      script_defaults: apply the script's defaults (learners.flags.use_script_defaults): True for model_name's
+        (its PocketFlow schedule), or the name of a script's entry (e.g. "model_file").
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     early_lock.hold_run_directories()  # before TensorFlow's import: a second run on a directory stops at once
     from learners import flags as learner_flags, helper_factory, runner  # TensorFlow is imported here
     if script_defaults:
-        learner_flags.use_script_defaults(model_name)
+        learner_flags.use_script_defaults(model_name if script_defaults is True else script_defaults)
     build = helper_factory.make_helper_for(model_name) if model_name else getattr(helper_factory, make_helper)
     runner.run(build, after_train=getattr(helper_factory, after_train) if after_train else None)

@@ -15,4 +15,5 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from learners import launch  # noqa: E402
 
 if __name__ == "__main__":
-    launch.main(make_helper="make_model_file_helper", after_train="save_model_after_training")
+    launch.main(make_helper="make_model_file_helper", after_train="save_model_after_training",
+                script_defaults="model_file")

@@ -250,13 +250,14 @@ def _variable(weight, names):
                             collections=collections)
 
 
-def build(rebuild_plan, inputs, is_training):
+def build(rebuild_plan, inputs, is_training, layer_outputs=None):
     """Build the model on `inputs` inside the caller's variable scope; returns its output tensor.
 
     Args:
       rebuild_plan: plan()'s RebuildPlan.
       inputs: the image tensor.
       is_training: batch statistics with moving-average updates in UPDATE_OPS, dropout on; else inference.
+      layer_outputs: a dict to fill with {layer name: its output tensor}, or None.
     """
     tensors = {rebuild_plan.input_key: inputs}
     for call in rebuild_plan.calls:
@@ -272,6 +273,8 @@ def build(rebuild_plan, inputs, is_training):
             if activation and call.class_name != "Activation":
                 output = _ACTIVATIONS[activation](output)
         tensors[(call.name, 0, 0)] = output
+    if layer_outputs is not None:
+        layer_outputs.update((key[0], tensor) for key, tensor in tensors.items() if key != rebuild_plan.input_key)
     return tensors[rebuild_plan.output_key]
 
 

@@ -14,7 +14,7 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from nets.model_formats import ModelFileError
+from nets.model_formats import ModelFileError, keras3_activations
 from tfquant.export import frozen_graph, inference_graph, model_export
 from tfquant.report import load_report
 
@@ -121,8 +121,30 @@ def save_saved_model(graph_def, helper, path):
         "; its other outputs %s are not kept" % ", ".join(dropped) if dropped else "")
 
 
-def save_keras(weights, helper, path):
+def _keras3_quantized_activations(helper, model, checkpoint, report_path):
+    """`model` with the quantized activations of a rebuilt Keras 3 run, and what the description says of them."""
+    import keras  # pylint: disable=import-outside-toplevel  (Keras 3, only for its files)
+    grids, unsupported = keras3_activations.activation_grids(load_report(report_path), checkpoint)
+    layers = keras3_activations.layer_of_ops(helper.rebuild_plan, helper.input_shape, MODEL_SCOPE)
+    by_layer = {}
+    for grid in grids:
+        if grid.op_name in layers:
+            by_layer[layers[grid.op_name]] = grid
+        else:
+            unsupported.append(grid.op_name)  # inside a layer, not its output
+    if not by_layer and not unsupported:
+        return model, "activations float as in the quantized model"
+    with tf.init_scope():
+        model = keras3_activations.with_quantized_activations(keras, model, by_layer)
+    said = "activations quantized after %d layers as in the quantized model" % len(by_layer)
+    if unsupported:
+        said += "; float at %s (not a layer output, or no recorded range)" % ", ".join(sorted(unsupported))
+    return model, said
+
+
+def save_keras(weights, helper, path, checkpoint=None, report_path=None):
     """The Keras model (Keras 3 or tf_keras) with the exported weights, saved atomically."""
+    activations = "activations float"
     if helper.kind == "keras3" and getattr(helper, "rebuild_plan", None) is not None:
         # A rebuilt model's variables are its Keras weights, moving statistics included.
         model = helper.keras3_model
@@ -148,11 +170,14 @@ def save_keras(weights, helper, path):
         for name, keras_weight in targets.items():
             # A kernel the graph reads reshaped (EinsumDense) goes back in the layer's own shape.
             keras_weight.assign(np.asarray(weights[name], dtype=np.float32).reshape(keras_weight.shape))
+    if helper.kind == "keras3" and getattr(helper, "rebuild_plan", None) is not None and checkpoint:
+        model, activations = _keras3_quantized_activations(helper, model, checkpoint, report_path)
+    with tf.init_scope():
         base, suffix = os.path.splitext(path)
         temporary = "%s.tmp-%d%s" % (base, os.getpid(), suffix)
         model.save(temporary)
         os.replace(temporary, path)
-    return "Keras file (weights on the quantized grid; activations float)"
+    return "Keras file (weights on the quantized grid; %s)" % activations
 
 
 def save_model(helper, checkpoint, report_path, path):
@@ -163,4 +188,4 @@ def save_model(helper, checkpoint, report_path, path):
         return save_frozen_graph(graph_def, helper, path)
     if kind == "saved_model":
         return save_saved_model(graph_def, helper, path)
-    return save_keras(weights, helper, path)
+    return save_keras(weights, helper, path, checkpoint, report_path)
