@@ -63,16 +63,16 @@ def activation_grids(report, checkpoint):
     zero_exact = bool(report.config.get("quantize_layer_outputs"))
     grids, unsupported = [], []
     for layer in report.layers:
-        if layer.get("kind") == "weight" or layer.get("status") != "quantized":
+        if layer.kind == "weight" or layer.status != "quantized":
             continue
-        variables = layer.get("range_variables") or []
+        variables = layer.range_variables or []
         names = [v for v in variables if v.endswith(("/ema_min", "/ema_max"))]
         steps = names[0].rsplit("/", 1)[0] + "/ema_steps" if names else None
         if len(names) != 2 or not reader.has_tensor(steps) or reader.get_tensor(steps) <= 0:
-            unsupported.append(layer["name"])  # a batch, PACT or LSQ range, or none recorded
+            unsupported.append(layer.name)  # a batch, PACT or LSQ range, or none recorded
             continue
         low, high = (np.float32(reader.get_tensor(n)) for n in sorted(names, key=lambda n: n.endswith("max")))
-        grids.append(ActivationGrid(layer["name"], int(layer["bits"]), low, high, zero_exact))
+        grids.append(ActivationGrid(layer.name, int(layer.bits), low, high, zero_exact))
     return grids, unsupported
 
 
