@@ -4,8 +4,10 @@ Weights are the packed export's values (tfquant.export.model_export): quantized 
 integer codes, so each lies on its quantized grid, and every other variable as trained. A frozen graph and a
 SavedModel hold the quantized model's whole inference graph (tfquant.export.frozen_graph: activations quantized
 with the recorded ranges as they were in training), so reloading gives the quantized model's predictions
-exactly; a Keras file can hold only weights, so its activations are float (their 8-bit rounding rarely moves a
-prediction; a test measures it).
+exactly. A Keras 3 file that was rebuilt layer by layer gets the quantized activations too: the recorded grid
+after each layer whose output the quantizer reads, written with Keras's own operations
+(nets.model_formats.keras3_activations); a Keras file run as one frozen graph, and a tf_keras file, hold only
+weights, so their activations are float (their 8-bit rounding rarely moves a prediction).
 """
 import os
 import shutil

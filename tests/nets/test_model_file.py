@@ -57,7 +57,7 @@ def test_keras3_file_uniform_w4a8_trains_saves_and_exports(files, tmp_path):
                            .get_layer("conv_2").kernel.numpy())  # fine-tuned
     reference = fx.quantized_checkpoint_logits(str(tmp_path / "models_uql"), files["x_test"])
     agreement = np.mean(top1(reloaded.predict(files["x_test"], verbose=0)) == top1(reference))
-    assert agreement >= 0.999, agreement  # activations float in a Keras file: measured 200 of 200
+    assert agreement >= 0.999, agreement  # the quantized activations are in the file (test_model_file_keras_reload)
     assert json.load(open(tmp_path / "tuned.keras.quant_report.json")) == report
     # The file's batch norm trained with batch statistics: its moving averages moved, and went back into the file.
     original = keras.saving.load_model(str(files["dir"] / "k3.keras")).get_layer("bn")
