@@ -101,6 +101,9 @@ def with_quantized_activations(keras, model, grids_by_layer):
       keras: the Keras 3 module.
       model: a Functional or Sequential Keras 3 model.
       grids_by_layer: {layer name: ActivationGrid}.
+    Returns:
+      (the model, the names of the layers whose grids it applies: clone_model calls back for layers only, not
+      for a functional model's Keras operations such as `x + y`).
     """
     if isinstance(model, keras.Sequential):
         inputs = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
@@ -109,9 +112,15 @@ def with_quantized_activations(keras, model, grids_by_layer):
             x = layer(x)
         model = keras.Model(inputs, x, name=model.name)
 
+    applied = set()
+
     def call(layer, *args, **kwargs):
         output = layer(*args, **kwargs)
         grid = grids_by_layer.get(layer.name)
-        return output if grid is None else grid.apply(keras, output)
+        if grid is None:
+            return output
+        applied.add(layer.name)
+        return grid.apply(keras, output)
 
-    return keras.models.clone_model(model, clone_function=lambda layer: layer, call_function=call)
+    copy = keras.models.clone_model(model, clone_function=lambda layer: layer, call_function=call)
+    return copy, applied

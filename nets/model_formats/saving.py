@@ -137,8 +137,9 @@ def _keras3_quantized_activations(helper, model, checkpoint, report_path):
     if not by_layer and not unsupported:
         return model, "activations float as in the quantized model"
     with tf.init_scope():
-        model = keras3_activations.with_quantized_activations(keras, model, by_layer)
-    said = "activations quantized after %d layers as in the quantized model" % len(by_layer)
+        model, applied = keras3_activations.with_quantized_activations(keras, model, by_layer)
+    unsupported += [grid.op_name for name, grid in by_layer.items() if name not in applied]
+    said = "activations quantized after %d layers as in the quantized model" % len(applied)
     if unsupported:
         said += "; float at %s (not a layer output, or no recorded range)" % ", ".join(sorted(unsupported))
     return model, said
