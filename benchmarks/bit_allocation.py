@@ -11,6 +11,7 @@ parts: each part merges into the results file by (budget, method, seed).
   .venv/bin/python -m benchmarks.bit_allocation --budgets "W2 A4" --seeds 1,2 --randoms 1
   .venv/bin/python -m benchmarks.bit_allocation --timing --timing_repeats 3    # alone, on a quiet machine
   .venv/bin/python -m benchmarks.bit_allocation --quick --output /tmp/alloc.json --work_dir /tmp/alloc
+  .venv/bin/python -m benchmarks.bit_allocation --weight_grid lsq --seeds 0,1,2   # LSQ rows (bit_allocation_lsq)
 
 Accuracy rows may run beside each other (accuracy does not depend on load); their search and epoch times then
 do not mean much. --timing runs each budget's auto row again (--timing_repeats times), alone, and records the
@@ -234,6 +235,18 @@ def merge(existing, new_entries, plan, path):
     return entries, budgets
 
 
+def check_float_checkpoints(existing, work_dir, seeds, budgets, path):
+    """Refuse, before any run, a seed whose rows of `budgets` in `existing` were fine-tuned from a float checkpoint
+    `work_dir` lacks: its first row would train a new one, and merge would refuse the rows after they all ran."""
+    stored = {e["seed"] for e in (existing or {}).get("entries", []) if e["budget"] in budgets}
+    missing = [seed for seed in seeds if seed in stored
+               and not os.path.exists(os.path.join(accuracy_table.float_dir(work_dir, seed), "checkpoint"))]
+    if missing:
+        raise publish.BenchmarkError("--work_dir=%s has no float checkpoint of seed %s, whose rows in %s were "
+                                     "fine-tuned from one; expected the --work_dir those rows ran in (its "
+                                     "seed<N>/float)" % (work_dir, ",".join(map(str, missing)), path))
+
+
 def summarize(entries, timing=()):
     """Per budget: auto, uniform and best-random accuracy (means over seeds), search and epoch seconds (from
     the budget's --timing entry when there is one, else the accuracy rows' means); the LSQ rows are
@@ -373,6 +386,7 @@ def main(argv=None):
     output = args.output or (None if args.quick else DEFAULT_RESULTS)
     existing = publish.load_json(output) if output and os.path.exists(output) and not args.quick else None
     merge(existing, [], plan, output)  # refuse a results file of another plan before any run
+    check_float_checkpoints(existing, args.work_dir, seeds, plan["budgets"], output)
     load_before = publish.start(args)
     if args.timing:
         return _run_timing(args, existing, output, seeds[0], plan)

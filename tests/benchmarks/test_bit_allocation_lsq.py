@@ -178,3 +178,20 @@ def test_lsq_rows_refuse_budgets_without_a_choice_and_options_they_do_not_take(t
             bit_allocation.main(["--weight_grid", "lsq", "--output", out] + argv)
     assert not os.path.exists(out)
     assert [b.label for b in bit_allocation_lsq.budgets()] == ["W3 A4", "W3 A2.5"]
+
+
+def test_a_seed_whose_float_checkpoint_is_missing_is_refused_before_any_run(tmp_path):
+    """Rows of seed 1 in the results file came from a float checkpoint; a --work_dir without it would train a new
+    one for the LSQ rows, which could not be compared (merge would refuse them after every run)."""
+    out, work = tmp_path / "r.json", tmp_path / "work"
+    plan = dict(bit_allocation.FULL, budgets=["W3 A4"])
+    publish.write_json(str(out), {"quick": False, "plan": plan, "entries": [_entry("auto", 1, 0.9)]})
+    with pytest.raises(publish.BenchmarkError, match=r"--work_dir=%s has no float checkpoint of seed 1, whose rows "
+                       % work):
+        bit_allocation.main(["--weight_grid", "lsq", "--seeds", "0,1", "--output", str(out), "--work_dir", str(work)])
+    assert not work.exists()
+    os.makedirs(os.path.join(accuracy_table.float_dir(str(work), 1)))
+    open(os.path.join(accuracy_table.float_dir(str(work), 1), "checkpoint"), "w").close()
+    # With the checkpoint there the check passes (and an unrelated budget's rows never ask for one).
+    bit_allocation.check_float_checkpoints({"entries": [_entry("auto", 1, 0.9)]}, str(work), [0, 1], ["W3 A4"], "r")
+    bit_allocation.check_float_checkpoints({"entries": [_entry("auto", 2, 0.9)]}, str(work), [2], ["W3 A2.5"], "r")
