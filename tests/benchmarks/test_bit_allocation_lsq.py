@@ -24,7 +24,7 @@ def lsq_run(tmp_path_factory):
     output, work, markdown = tmp / "alloc.json", tmp / "work", tmp / "BENCHMARKS.md"
     done = subprocess.run([sys.executable, "-m", "benchmarks.bit_allocation", "--quick", "--weight_grid", "lsq",
                            "--output", str(output), "--work_dir", str(work), "--markdown", str(markdown)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
+                          cwd=ROOT, capture_output=True, text=True, timeout=2400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert not markdown.exists()
     return json.loads(output.read_text()), str(work)
@@ -120,7 +120,8 @@ def test_min_max_measured_allocation_is_brute_force_on_the_min_max_grid(lsq_run)
                     increase = (float(sess.run(loss, fed)) - base) / len(batches)
                     reference.setdefault(layer["name"], {}).setdefault(bits, 0.0)
                     reference[layer["name"]][bits] += increase
-    items = [allocation.AllocationItem(layer["name"], layer["size"], sensitivity.non_increasing(reference[layer["name"]]))
+    items = [allocation.AllocationItem(layer["name"], layer["size"],
+                                       sensitivity.non_increasing(reference[layer["name"]]))
              for layer in stored["weight"]["layers"]]
     solved = allocation.solve(items, BUDGET.weight_bits).bits
     minmax = next(e for e in data["entries"] if e["method"] == "lsq auto min/max")
