@@ -143,7 +143,7 @@ def render_lines(entries):
              "narrowest width is %d bits, so the 2-bit budgets have no choice to make and no LSQ rows."
              % (" ".join(GRID_FLAGS), WEIGHT_GRID_BITS["lsq"][0]), "",
              publish.markdown_table(("budget", "seeds", "LSQ auto %", "LSQ auto, min/max-measured %", "LSQ uniform %",
-                                     "auto - min/max-measured (points, per seed)",
+                                     "auto - min/max-measured (points, paired by seed)",
                                      "weight layers whose bits differ (per seed)"), rows), ""]
     for label, t in table.items():
         gain, spread = 100 * t["auto_gain"][0], t["auto_gain"][1]

@@ -116,7 +116,8 @@ def test_min_max_measured_allocation_is_brute_force_on_the_min_max_grid(lsq_run)
                 value = sess.run(read[0])
                 assert value.size == layer["size"]
                 for bits in widths:
-                    fed = dict(feed, **{tensor: _minmax_numpy(value, bits) for tensor in read})
+                    fed = dict(feed)
+                    fed.update({tensor: _minmax_numpy(value, bits) for tensor in read})
                     increase = (float(sess.run(loss, fed)) - base) / len(batches)
                     reference.setdefault(layer["name"], {}).setdefault(bits, 0.0)
                     reference[layer["name"]][bits] += increase
