@@ -11,6 +11,7 @@ parts: each part merges into the results file by (budget, method, seed).
   .venv/bin/python -m benchmarks.bit_allocation --budgets "W2 A4" --seeds 1,2 --randoms 1
   .venv/bin/python -m benchmarks.bit_allocation --timing --timing_repeats 3    # alone, on a quiet machine
   .venv/bin/python -m benchmarks.bit_allocation --quick --output /tmp/alloc.json --work_dir /tmp/alloc
+  .venv/bin/python -m benchmarks.bit_allocation --weight_grid lsq --seeds 0,1,2   # LSQ rows (bit_allocation_lsq)
 
 Accuracy rows may run beside each other (accuracy does not depend on load); their search and epoch times then
 do not mean much. --timing runs each budget's auto row again (--timing_repeats times), alone, and records the
@@ -55,10 +56,13 @@ BUDGETS = [Budget("W2 A4", 2, activation_bits=4, weight_bit_min=1), Budget("W3 A
 FULL = dict(accuracy_table.FULL, randoms=5, budgets=[b.label for b in BUDGETS])
 QUICK = dict(accuracy_table.QUICK, randoms=1, budgets=["W3 A2.5"])
 IMG_PER_S = re.compile(r"^uniform iter \d+/\d+ .*\| (\d+) img/s")
+# Methods of benchmarks.bit_allocation_lsq's rows (learned-step weights) start with this; the table here leaves them.
+LSQ_PREFIX = "lsq "
 
 
-def row_flags(budget, method, random_bits=None):
-    """Run-script flags of one row: 'auto', 'uniform', or a random allocation {op name: bits} (+ layer order)."""
+def row_flags(budget, method, explicit_bits=None):
+    """Run-script flags of one row: 'auto', 'uniform', or explicit bits ((layer_bits, [(activation op, bits)]) as
+    explicit_flags gives them: a random allocation, or one solved elsewhere)."""
     if method == "auto":
         flags = ["--uql_auto_bits", "--uql_equivalent_bits=%s" % budget.weight_bits,
                  "--uql_w_bit_min=%d" % budget.weight_bit_min]
@@ -68,7 +72,7 @@ def row_flags(budget, method, random_bits=None):
     activation_bits = budget.activation_bits or int(math.floor(budget.activation_budget))
     if method == "uniform":  # the widest uniform width within budget
         return ["--uql_weight_bits=%d" % math.floor(budget.weight_bits), "--uql_activation_bits=%d" % activation_bits]
-    layer_bits, activation_overrides = random_bits
+    layer_bits, activation_overrides = explicit_bits
     flags = ["--uql_layer_bits=%s" % ",".join(str(b) for b in layer_bits),
              "--uql_activation_bits=%d" % activation_bits]
     if activation_overrides:
@@ -101,11 +105,17 @@ def random_allocation(stored, report, budget, rng):
         means[kind] = solved.mean_bits
         for layer in entry["layers"]:
             chosen.update({op: solved.bits[layer["name"]] for op in layer["ops"]})
+    return explicit_flags(chosen, report), means
+
+
+def explicit_flags(chosen, report):
+    """(layer_bits for --uql_layer_bits, [(activation op, bits)]) of the bits {op name: bits} an allocation chose,
+    in the data-flow order of `report` (a run's quant_report.json; layers it does not choose stay float)."""
     layer_bits = [chosen.get(layer["name"], 32) for layer in report["layers"]
                   if layer["kind"] == "weight" and layer.get("input_index") is not None]
     activations = [(layer["name"], chosen[layer["name"]]) for layer in report["layers"]
                    if layer["kind"] == "activation" and layer["name"] in chosen]
-    return (layer_bits, activations), means
+    return layer_bits, activations
 
 
 def _epoch_seconds(stdout, batch_images):
@@ -113,13 +123,29 @@ def _epoch_seconds(stdout, batch_images):
     return batch_images / statistics.median(rates) if rates else None
 
 
-def run_row(work_dir, budget, method, seed, plan, extra=None):
-    """Fine-tune one row from the seed's float checkpoint; returns its entry."""
+def _kind(method, explicit_bits):
+    return "explicit" if explicit_bits is not None else "uniform" if "uniform" in method.split() else "auto"
+
+
+def run_script_flags(work_dir, budget, method, seed, plan, extra=None, grid_flags=()):
+    """The run-script flags of run_row's row (arguments as run_row's)."""
+    row_label = "%s %s" % (budget.label, method)
+    # The accuracy table's layout and shared flags; a row's flags hold no spaces (op names are escaped regexes).
+    row = accuracy_table.Row(row_label, " ".join(row_flags(budget, _kind(method, extra), extra) + list(grid_flags)))
+    return accuracy_table.run_flags(work_dir, row, seed, plan)
+
+
+def run_row(work_dir, budget, method, seed, plan, extra=None, grid_flags=()):
+    """Fine-tune one row from the seed's float checkpoint; returns (its entry, its run directory).
+
+    `method` names the row ('auto', 'uniform', 'random 0', 'lsq auto', ...): with explicit bits `extra` it runs
+    them, else --uql_auto_bits unless its words hold 'uniform'; `grid_flags` choose the weight grid (default
+    min/max)."""
     label = "%s %s" % (budget.label, method)
     out_dir = accuracy_table.row_dir(work_dir, label, seed)
-    # The accuracy table's layout and shared flags; a row's flags hold no spaces (op names are escaped regexes).
-    row = accuracy_table.Row(label, " ".join(row_flags(budget, method.split()[0], extra)))
-    argv = [sys.executable, "-m", accuracy_table.RUN_MODULE] + accuracy_table.run_flags(work_dir, row, seed, plan)
+    kind = _kind(method, extra)
+    argv = [sys.executable, "-m", accuracy_table.RUN_MODULE] + run_script_flags(work_dir, budget, method, seed, plan,
+                                                                                extra, grid_flags)
     seconds, done = stats.timed(lambda: subprocess.run(argv, cwd=publish.REPO_ROOT, capture_output=True, text=True))
     if done.returncode != 0:
         raise RuntimeError("row %r seed %d failed:\n%s" % (label, seed, done.stderr[-3000:]))
@@ -129,10 +155,10 @@ def run_row(work_dir, budget, method, seed, plan, extra=None):
              "float_accuracy": results["float_accuracy"], "test_examples": results["test_examples"],
              "ratio": results["compression_ratio"], "seconds": seconds,
              "epoch_seconds": _epoch_seconds(done.stdout, subset)}
-    if method.split()[0] == "auto":
+    if kind == "auto":
         stored = publish.load_json(os.path.join(out_dir, "bit_allocation.json"))
         entry["search_seconds"] = stored["search_seconds"]
-        entry["mean_bits"] = {kind: stored[kind]["mean_bits"] for kind in ("weight", "activation") if kind in stored}
+        entry["mean_bits"] = {part: stored[part]["mean_bits"] for part in ("weight", "activation") if part in stored}
     return entry, out_dir
 
 
@@ -209,14 +235,27 @@ def merge(existing, new_entries, plan, path):
     return entries, budgets
 
 
+def check_float_checkpoints(existing, work_dir, seeds, budgets, path):
+    """Refuse, before any run, a seed whose rows of `budgets` in `existing` were fine-tuned from a float checkpoint
+    `work_dir` lacks: its first row would train a new one, and merge would refuse the rows after they all ran."""
+    stored = {e["seed"] for e in (existing or {}).get("entries", []) if e["budget"] in budgets}
+    missing = [seed for seed in seeds if seed in stored
+               and not os.path.exists(os.path.join(accuracy_table.float_dir(work_dir, seed), "checkpoint"))]
+    if missing:
+        raise publish.BenchmarkError("--work_dir=%s has no float checkpoint of seed %s, whose rows in %s were "
+                                     "fine-tuned from one; expected the --work_dir those rows ran in (its "
+                                     "seed<N>/float)" % (work_dir, ",".join(map(str, missing)), path))
+
+
 def summarize(entries, timing=()):
     """Per budget: auto, uniform and best-random accuracy (means over seeds), search and epoch seconds (from
-    the budget's --timing entry when there is one, else the accuracy rows' means)."""
+    the budget's --timing entry when there is one, else the accuracy rows' means); the LSQ rows are
+    benchmarks.bit_allocation_lsq's."""
     timed = {t["budget"]: t for t in timing}
     table = {}
     for label in [b.label for b in BUDGETS]:
-        mine = [e for e in entries if e["budget"] == label]
-        if not mine:
+        mine = [e for e in entries if e["budget"] == label and not e["method"].startswith(LSQ_PREFIX)]
+        if not any(e["method"] == "auto" for e in mine):
             continue
         seeds = sorted({e["seed"] for e in mine})
         randoms = [[e["accuracy"] for e in mine if e["seed"] == s and e["method"].startswith("random")] for s in seeds]
@@ -298,7 +337,8 @@ def render(payload, command):
         lines.append("- Target %s: search at most 10 %% of an epoch: %s." % (
             label, "no row trained in this run (no epoch time)" if not t["epoch_seconds"] else
             "met" if t["search_seconds"] <= 0.1 * t["epoch_seconds"] else "**not met**"))
-    return "\n".join(lines)
+    from benchmarks import bit_allocation_lsq  # it builds on this module's rows
+    return "\n".join(lines + bit_allocation_lsq.render_lines(payload["entries"]))
 
 
 def main(argv=None):
@@ -315,6 +355,9 @@ def main(argv=None):
                         "of their times recorded (default 1)")
     parser.add_argument("--randoms", type=int, help="random allocations per budget and seed (default %d; quick %d)"
                         % (FULL["randoms"], QUICK["randoms"]))
+    parser.add_argument("--weight_grid", choices=("minmax", "lsq"), default="minmax", help="minmax: the auto, "
+                        "uniform and random rows (default); lsq: the LSQ rows of benchmarks.bit_allocation_lsq (auto, "
+                        "auto measured on min/max, uniform; 3-bit budgets only)")
     args = parser.parse_args(argv)
     if args.render_json:
         payload = publish.load_full_run(args.render_json)
@@ -334,18 +377,23 @@ def main(argv=None):
         if args.randoms < 1:
             raise publish.BenchmarkError("--randoms=%d is not valid; expected at least 1" % args.randoms)
         plan["randoms"] = args.randoms
+    from benchmarks import bit_allocation_lsq  # it builds on this module's rows
+    lsq = args.weight_grid == "lsq"
+    if lsq:
+        bit_allocation_lsq.check_arguments(args, plan)
     if args.timing_repeats < 1:
         raise publish.BenchmarkError("--timing_repeats=%d is not valid; expected at least 1" % args.timing_repeats)
     output = args.output or (None if args.quick else DEFAULT_RESULTS)
     existing = publish.load_json(output) if output and os.path.exists(output) and not args.quick else None
     merge(existing, [], plan, output)  # refuse a results file of another plan before any run
+    check_float_checkpoints(existing, args.work_dir, seeds, plan["budgets"], output)
     load_before = publish.start(args)
     if args.timing:
         return _run_timing(args, existing, output, seeds[0], plan)
     entries = []
     for seed in seeds:
         for budget in (b for b in BUDGETS if b.label in plan["budgets"]):
-            for entry in run_budget(args.work_dir, budget, seed, plan):
+            for entry in (bit_allocation_lsq.run_budget if lsq else run_budget)(args.work_dir, budget, seed, plan):
                 entries.append(entry)
                 print("seed %d %-8s %-9s %.4f" % (seed, entry["budget"], entry["method"], entry["accuracy"]),
                       flush=True)

@@ -92,6 +92,10 @@ PARTS = (
          long=True),
     Part("bit_allocation", "bit_allocation", ("bit_allocation",), ("--seeds", "0,1,2", "--work_dir", "{work}/alloc"),
          ("--quick", "--work_dir", "{tmp}/alloc"), 320, long=True),
+    # Its LSQ rows (issue 31's sensitivity fix against the search before it), on the same float checkpoints.
+    Part("bit_allocation_lsq", "bit_allocation", ("bit_allocation",),
+         ("--weight_grid", "lsq", "--seeds", "0,1,2", "--work_dir", "{work}/alloc"),
+         ("--quick", "--weight_grid", "lsq", "--work_dir", "{tmp}/alloc_lsq"), 40, long=True),
     Part("bit_allocation_timing", "bit_allocation", ("bit_allocation",),
          ("--timing", "--timing_repeats", "3", "--work_dir", "{work}/alloc"),
          ("--timing", "--quick", "--work_dir", "{tmp}/alloc"), 15),
