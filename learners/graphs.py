@@ -198,9 +198,9 @@ def _updates_before_step():
 
     Every op created under tf.control_dependencies(list) whose inputs come from outside the block (each
     gradient's constants, zeros_like and variable reads: thousands) gets one control input per op of the list.
-    With a model's ~100 batch-norm and range updates that was 626,000 control edges on MobileNetV2, which
-    every session.run with new fetches copies and grappler walks (a minute of CPU before the first step).
-    Waiting on one NoOp that waits on them all orders the same ops the same way with one edge each.
+    With a model's ~100 batch-norm and range updates that was 626,000 control edges on MobileNetV2 x0.35 with
+    LSQ (59,000 at W4A4, 9,000 on float ResNet-20), copied by every session.run with new fetches and walked
+    by grappler. Waiting on one NoOp that waits on them all orders the same ops the same way with one edge each.
     """
     updates = tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)
     if not updates:

@@ -1,6 +1,6 @@
 """The training step waits for the model's update ops (batch-norm moving averages, learned-range starts) through
 one joining op: every op of the gradient and optimizer pass still runs after every update, but no op carries
-one control input per update (626,000 control edges on MobileNetV2, a minute of grappler before its first step)."""
+one control input per update (626,000 control edges on MobileNetV2 x0.35 with LSQ ranges)."""
 import pytest
 import tensorflow as tf
 
