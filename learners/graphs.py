@@ -174,7 +174,7 @@ def _build_model(graph, helper, is_train, quant_config, lrn_rate_fn, momentum, s
         # the loss by the replica count only for Estimator): dividing each replica's loss makes that sum the
         # gradient of the mean loss over the global batch, as one process with the whole batch computes it.
         replicas = tf.distribute.get_replica_context().num_replicas_in_sync
-        with tf.control_dependencies(tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)):
+        with tf.control_dependencies(_updates_before_step()):
             model.train_op, recipe_tensors = recipes.minimize(optimizer, loss / replicas if replicas > 1 else loss,
                                                               model.global_step, graph, training_recipes)
         model.train_op, tracker = recipes.track_oscillations(model.train_op, graph, report, training_recipes)
@@ -191,6 +191,21 @@ def _build_model(graph, helper, is_train, quant_config, lrn_rate_fn, momentum, s
         model.summary_op = tf1.summary.merge(summaries)
         model.finite_flags, model.checked_variable_names = finite_check(graph)
     return model
+
+
+def _updates_before_step():
+    """The ops the training step waits for (GraphKeys.UPDATE_OPS), joined in one NoOp; [] when there are none.
+
+    Every op created under tf.control_dependencies(list) whose inputs come from outside the block (each
+    gradient's constants, zeros_like and variable reads: thousands) gets one control input per op of the list.
+    With a model's ~100 batch-norm and range updates that was 626,000 control edges on MobileNetV2 x0.35 with
+    LSQ (59,000 at W4A4, 9,000 on float ResNet-20), copied by every session.run with new fetches and walked
+    by grappler. Waiting on one NoOp that waits on them all orders the same ops the same way with one edge each.
+    """
+    updates = tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)
+    if not updates:
+        return []
+    return [tf.group(*updates, name="update_ops")]
 
 
 def _build_replicated(cluster, build):
