@@ -72,15 +72,26 @@ def least_squares_step(values, q_n, q_p, axes=None, iterations=3, extra_starts=(
     largest = tf.reduce_max(magnitude, axis=axes, keepdims=True)
     starts = [largest / q_p * 2.0 ** (-0.25 * j) for j in range(MSE_STEP_STARTS)]
     starts.append(2.0 * tf.reduce_mean(magnitude, axis=axes, keepdims=True) / np.sqrt(q_p))
-    best_step, best_error = None, None
-    for start in starts + list(extra_starts):
-        step = refine(tf.maximum(start, ops.MIN_STEP))
+    starts = [tf.broadcast_to(tf.maximum(start, ops.MIN_STEP), tf.shape(largest))
+              for start in starts + list(extra_starts)]
+    # One loop over the stacked starts rather than a copy of the refinement per start: the graph (and
+    # the tf.cond branch that holds it in LearnedParameters) stays a few dozen nodes per tensor instead of
+    # over a thousand, which Grappler would otherwise optimise on the first training step. Each pass runs
+    # the same ops on the same shapes as an unrolled start would, in the same order, so the result is the same.
+    stacked = tf.stack(starts)
+
+    def search(index, best_step, best_error):
+        step = refine(stacked[index])
         error = total(tf.square(codes(step) * step - values))
-        if best_step is None:
-            best_step, best_error = step, error
-        else:
-            best_step = tf.where(error < best_error, step, best_step)
-            best_error = tf.minimum(error, best_error)
+        # The first start is kept whatever its error (even NaN); later ones only where strictly better.
+        first = tf.equal(index, 0)
+        best_step = tf.where(tf.logical_or(first, error < best_error), step, best_step)
+        best_error = tf.where(first, error, tf.minimum(error, best_error))
+        return index + 1, best_step, best_error
+
+    _, best_step, _ = tf.while_loop(
+        lambda index, *_: index < len(starts), search,
+        [tf.constant(0), tf.zeros_like(largest), tf.zeros_like(largest)])
     return best_step
 
 
