@@ -70,15 +70,17 @@ def least_squares_step(values, q_n, q_p, axes=None, iterations=3, extra_starts=(
 
     magnitude = tf.abs(values)
     largest = tf.reduce_max(magnitude, axis=axes, keepdims=True)
-    starts = [largest / q_p * 2.0 ** (-0.25 * j) for j in range(MSE_STEP_STARTS)]
-    starts.append(2.0 * tf.reduce_mean(magnitude, axis=axes, keepdims=True) / np.sqrt(q_p))
-    starts = [tf.broadcast_to(tf.maximum(start, ops.MIN_STEP), tf.shape(largest))
-              for start in starts + list(extra_starts)]
+    # Elementwise float32 products, so one multiply by the stacked factors gives each start exactly.
+    factors = np.array([2.0 ** (-0.25 * j) for j in range(MSE_STEP_STARTS)], np.float32)
+    starts = [(largest / q_p)[tf.newaxis] * factors.reshape([-1] + [1] * largest.shape.rank)]
+    starts.append((2.0 * tf.reduce_mean(magnitude, axis=axes, keepdims=True) / np.sqrt(q_p))[tf.newaxis])
+    starts.extend(tf.broadcast_to(start, tf.shape(largest))[tf.newaxis] for start in extra_starts)
+    stacked = tf.maximum(tf.concat(starts, axis=0), ops.MIN_STEP)
+    count = MSE_STEP_STARTS + 1 + len(extra_starts)
     # One loop over the stacked starts rather than a copy of the refinement per start: the graph (and
     # the tf.cond branch that holds it in LearnedParameters) stays a few dozen nodes per tensor instead of
     # over a thousand, which Grappler would otherwise optimise on the first training step. Each pass runs
     # the same ops on the same shapes as an unrolled start would, in the same order, so the result is the same.
-    stacked = tf.stack(starts)
 
     def search(index, best_step, best_error):
         step = refine(stacked[index])
@@ -90,7 +92,7 @@ def least_squares_step(values, q_n, q_p, axes=None, iterations=3, extra_starts=(
         return index + 1, best_step, best_error
 
     _, best_step, _ = tf.while_loop(
-        lambda index, *_: index < len(starts), search,
+        lambda index, *_: index < count, search,
         [tf.constant(0), tf.zeros_like(largest), tf.zeros_like(largest)])
     return best_step
 
