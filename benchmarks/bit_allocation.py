@@ -282,8 +282,8 @@ def render(payload, command):
     rows = []
     for label, t in table.items():
         rows.append((label, ",".join(map(str, t["seeds"])), ",".join(map(str, t["randoms"])),
-                     accuracy_table._percent(*t["auto"]),
-                     accuracy_table._percent(*t["uniform"]), accuracy_table._percent(*t["best_random"]),
+                     accuracy_table.percent(*t["auto"]),
+                     accuracy_table.percent(*t["uniform"]), accuracy_table.percent(*t["best_random"]),
                      "%.1f" % t["search_seconds"], "%.1f" % t["epoch_seconds"] if t["epoch_seconds"] else "-",
                      "%.1f %%" % (100 * t["search_seconds"] / t["epoch_seconds"]) if t["epoch_seconds"] else "-"))
     lines = ["## Bit allocation (ResNet-20, Fashion-MNIST, all 10,000 test images)", "",

@@ -128,8 +128,8 @@ def render_lines(entries):
     table = summarize(entries)
     if not table:
         return []
-    rows = [(label, ",".join(map(str, t["seeds"])), accuracy_table._percent(*t[AUTO]),
-             accuracy_table._percent(*t[MINMAX_AUTO]), accuracy_table._percent(*t[UNIFORM]),
+    rows = [(label, ",".join(map(str, t["seeds"])), accuracy_table.percent(*t[AUTO]),
+             accuracy_table.percent(*t[MINMAX_AUTO]), accuracy_table.percent(*t[UNIFORM]),
              "%+.2f" % (100 * t["auto_gain"][0]) + ("" if t["auto_gain"][1] is None else
                                                     " ± %.2f" % (100 * t["auto_gain"][1])),
              ", ".join("%d of %d" % pair for pair in zip(t["differing"], t["weight_layers"])))

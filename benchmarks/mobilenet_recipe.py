@@ -21,7 +21,7 @@ import re
 import subprocess
 import sys
 
-from benchmarks import float_control, machine, publish, stats
+from benchmarks import accuracy_table, float_control, machine, publish, stats
 from benchmarks.accuracy_table import parse_seeds, slug
 
 SECTION = "mobilenet_recipe"
@@ -126,10 +126,6 @@ def summarize(payload):
     return table
 
 
-def _percent(mean, std):
-    return "%.2f" % (100 * mean) if std is None else "%.2f ± %.2f" % (100 * mean, 100 * std)
-
-
 def render(payload, command):
     """The BENCHMARKS.md section of a run's results."""
     entries, budget = payload["entries"], payload["budget"]
@@ -137,12 +133,12 @@ def render(payload, command):
     controls = [e for e in entries if e["label"] not in (PLAIN, RECIPE)]
     table = summarize(payload)
     rows = [("float (starting point)", ",".join(str(s) for s in sorted(floats)),
-             _percent(*stats.mean_std(floats.values())), "-", "-")]
+             accuracy_table.percent(*stats.mean_std(floats.values())), "-", "-")]
     if controls:
         rows.append(("float fine-tuned %g epochs (control)" % budget["epochs"],
-                     ",".join(str(e["seed"]) for e in controls), _percent(*stats.mean_std(e["accuracy"] for e in controls)),
+                     ",".join(str(e["seed"]) for e in controls), accuracy_table.percent(*stats.mean_std(e["accuracy"] for e in controls)),
                      "%+.2f" % (100 * stats.mean_std(e["accuracy"] - e["float_accuracy"] for e in controls)[0]), "-"))
-    rows += [(label, ",".join(str(s) for s in t["seeds"]), _percent(t["mean"], t["std"]), "%+.2f" % (100 * t["change"]),
+    rows += [(label, ",".join(str(s) for s in t["seeds"]), accuracy_table.percent(t["mean"], t["std"]), "%+.2f" % (100 * t["change"]),
               "%+.2f" % (100 * t["vs_control"])) for label, t in table.items()]
     recipe = [e for e in entries if e["label"] == RECIPE]
     lines = ["## MobileNetV2 W4A4 recipe (Fashion-MNIST, all 10,000 test images)", "",

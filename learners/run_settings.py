@@ -24,6 +24,7 @@ QUANT_FLAGS = ("uql_weight_bits", "uql_activation_bits", "uql_use_buckets", "uql
                "uql_quantize_layer_outputs", "enbl_dst",
                "loss_w_dst", "tempr_dst", "uql_auto_bits", "uql_equivalent_bits", "uql_w_bit_min", "uql_w_bit_max",
                "uql_a_equivalent_bits", "uql_a_bit_min", "uql_a_bit_max", "uql_sensitivity_batches",
+               "uql_w_measured_widths", "uql_a_measured_widths",
                "uql_enbl_rl_agent", "uql_calibrator", "uql_calib_batches", "uql_calib_percentile",
                "uql_adaround", "uql_adaround_iters", "uql_adaround_batches", "uql_bn_reestimate_batches",
                "uql_range_optimizer", "uql_range_lrn_rate", "uql_low_bit_weight_decay_scale",
@@ -106,7 +107,9 @@ def _shown(value):
 ADDED_LATER = {"uql_quantize_layer_outputs": False, "uql_adaround": False, "uql_adaround_iters": 500,
                "uql_adaround_batches": 4, "uql_bn_reestimate_batches": 0, "uql_range_optimizer": "shared",
                "uql_range_lrn_rate": 1e-3, "uql_low_bit_weight_decay_scale": None, "uql_track_oscillations": False,
-               "uql_freeze_oscillations": None, "uql_progressive_bits": []}
+               "uql_freeze_oscillations": None, "uql_progressive_bits": [],
+               # runs before the first-order estimate measured every width
+               "uql_w_measured_widths": 0, "uql_a_measured_widths": 0}
 
 
 def differences(recorded, current):

@@ -258,7 +258,8 @@ def test_uniform_w4a8_with_folding_and_ptq_train_save_and_export(models, tmp_pat
     quantized = re.search(r"quantized accuracy:\s+([\d.]+)", result.stdout + result.stderr)
     assert quantized, result.stdout[-3000:]
     tuned = keras.saving.load_model(str(calibrated / "tuned.keras"))
-    assert len(np.unique(tuned.get_layer("conv").kernel.numpy())) <= 16  # on the 4-bit grid
+    kernel = tuned.get_layer("conv").kernel.numpy()  # the script's default: one range per output channel
+    assert max(len(np.unique(kernel[..., c])) for c in range(kernel.shape[-1])) <= 16  # on the 4-bit grid
     # ptq does not train: the moving statistics and the frozen layer's weights written back are the file's.
     source = models["keras"]["unmapped"]
     np.testing.assert_array_equal(tuned.get_layer("bn").moving_mean.numpy(),
