@@ -110,6 +110,9 @@ PARTS = (
     Part("transformer_accuracy", "transformer_accuracy", ("transformer_accuracy",),
          ("--seeds", "0,1,2", "--work_dir", "{work}/transformer_accuracy"),
          ("--quick", "--work_dir", "{tmp}/transformer_accuracy"), 60, long=True),
+    # Issue 33's stand-in model files (Keras 3, SavedModel, frozen graphs): trained, then uniform W4A8 and ptq W8A8.
+    Part("model_files", "model_files", ("model_files",), ("--work_dir", "{work}/model_files"),
+         ("--quick", "--work_dir", "{tmp}/model_files"), 45, long=True),
     # Trains its own float ResNet-20 unless {work}/analysis_check/seed0/float holds one, then five W2A2 runs.
     Part("analysis_check", "analysis_check", ("analysis_check",), ("--work_dir", "{work}/analysis_check"),
          ("--quick", "--work_dir", "{tmp}/analysis_check"), 30),
