@@ -224,21 +224,30 @@ def merge(existing, new_entries, plan, path):
     labels = [b.label for b in BUDGETS]
     method_order = lambda m: (m != "auto", m != "uniform", m)  # noqa: E731
     entries = sorted(merged.values(), key=lambda e: (labels.index(e["budget"]), e["seed"], method_order(e["method"])))
-    for budget, seed in sorted({(e["budget"], e["seed"]) for e in entries}):
-        floats = sorted({e["float_accuracy"] for e in entries if (e["budget"], e["seed"]) == (budget, seed)})
+    # Rows are compared within one budget, seed and family (the min/max rows; the LSQ rows), so each family of a
+    # budget and seed must share one float checkpoint; the two families may come from different ones.
+    for budget, seed, lsq in sorted({(e["budget"], e["seed"], is_lsq(e)) for e in entries}):
+        floats = sorted({e["float_accuracy"] for e in entries
+                         if (e["budget"], e["seed"], is_lsq(e)) == (budget, seed, lsq)})
         if len(floats) > 1:
-            raise publish.BenchmarkError("%s: the rows of %s, seed %d would come from float checkpoints of "
+            raise publish.BenchmarkError("%s: the %srows of %s, seed %d would come from float checkpoints of "
                                          "different accuracies %s; expected one float checkpoint per budget and "
                                          "seed: rerun every method of that budget and seed together"
-                                         % (path, budget, seed, floats))
+                                         % (path, "LSQ " if lsq else "", budget, seed, floats))
     budgets = [label for label in labels if any(e["budget"] == label for e in entries)]
     return entries, budgets
 
 
-def check_float_checkpoints(existing, work_dir, seeds, budgets, path):
-    """Refuse, before any run, a seed whose rows of `budgets` in `existing` were fine-tuned from a float checkpoint
-    `work_dir` lacks: its first row would train a new one, and merge would refuse the rows after they all ran."""
-    stored = {e["seed"] for e in (existing or {}).get("entries", []) if e["budget"] in budgets}
+def is_lsq(entry):
+    """Whether a results entry is one of benchmarks.bit_allocation_lsq's rows."""
+    return entry["method"].startswith(LSQ_PREFIX)
+
+
+def check_float_checkpoints(existing, work_dir, seeds, budgets, path, lsq=False):
+    """Refuse, before any run, a seed whose rows of `budgets` in `existing` (of the family run: LSQ rows when `lsq`,
+    else the min/max rows) were fine-tuned from a float checkpoint `work_dir` lacks: its first row would train a
+    new one, and merge would refuse the rows after they all ran."""
+    stored = {e["seed"] for e in (existing or {}).get("entries", []) if e["budget"] in budgets and is_lsq(e) == lsq}
     missing = [seed for seed in seeds if seed in stored
                and not os.path.exists(os.path.join(accuracy_table.float_dir(work_dir, seed), "checkpoint"))]
     if missing:
@@ -254,7 +263,7 @@ def summarize(entries, timing=()):
     timed = {t["budget"]: t for t in timing}
     table = {}
     for label in [b.label for b in BUDGETS]:
-        mine = [e for e in entries if e["budget"] == label and not e["method"].startswith(LSQ_PREFIX)]
+        mine = [e for e in entries if e["budget"] == label and not is_lsq(e)]
         if not any(e["method"] == "auto" for e in mine):
             continue
         seeds = sorted({e["seed"] for e in mine})
@@ -301,7 +310,7 @@ def render(payload, command):
     for seed in sorted({e["seed"] for e in payload["entries"]}):
         floats = {}
         for e in payload["entries"]:
-            if e["seed"] == seed:
+            if e["seed"] == seed and not is_lsq(e):
                 floats.setdefault(e["float_accuracy"], []).append(e["budget"])
         if len(floats) > 1:
             lines.append("- Seed %d's float checkpoint is not the same in every budget (%s; retrained on another "
@@ -386,7 +395,7 @@ def main(argv=None):
     output = args.output or (None if args.quick else DEFAULT_RESULTS)
     existing = publish.load_json(output) if output and os.path.exists(output) and not args.quick else None
     merge(existing, [], plan, output)  # refuse a results file of another plan before any run
-    check_float_checkpoints(existing, args.work_dir, seeds, plan["budgets"], output)
+    check_float_checkpoints(existing, args.work_dir, seeds, plan["budgets"], output, lsq)
     load_before = publish.start(args)
     if args.timing:
         return _run_timing(args, existing, output, seeds[0], plan)

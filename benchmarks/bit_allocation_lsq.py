@@ -145,6 +145,15 @@ def render_lines(entries):
              publish.markdown_table(("budget", "seeds", "LSQ auto %", "LSQ auto, min/max-measured %", "LSQ uniform %",
                                      "auto - min/max-measured (points, paired by seed)",
                                      "weight layers whose bits differ (per seed)"), rows), ""]
+    for seed in sorted({seed for t in table.values() for seed in t["seeds"]}):
+        mine = [e for e in entries if e["seed"] == seed and e["budget"] in table]
+        lsq = sorted({e["float_accuracy"] for e in mine if bit_allocation.is_lsq(e)})
+        other = sorted({e["float_accuracy"] for e in mine if not bit_allocation.is_lsq(e)})
+        if other and lsq != other:
+            lines.append("- Seed %d: the LSQ rows fine-tune a float checkpoint trained again (%s) rather than the "
+                         "min/max rows' (%s); LSQ rows are compared only with each other."
+                         % (seed, ", ".join("%.2f %%" % (100 * a) for a in lsq),
+                            ", ".join("%.2f %%" % (100 * a) for a in other)))
     for label, t in table.items():
         gain, spread = 100 * t["auto_gain"][0], t["auto_gain"][1]
         lines.append("- LSQ %s: measuring on the trained grid changed the bits of %s weight layers (seeds %s) and "

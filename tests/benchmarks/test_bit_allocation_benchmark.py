@@ -160,3 +160,28 @@ def test_timing_quick_measures_a_fresh_search(tmp_path):
     line = [l for l in done.stdout.splitlines() if l.startswith("timing W3 A2.5")]
     assert line == ["timing W3 A2.5  search %.1f s, epoch %s" % (stored["search_seconds"], line[0].split("epoch ")[1])]
     assert float(line[0].split("epoch ")[1].split()[0]) > 0
+
+
+def test_lsq_rows_may_come_from_another_float_checkpoint_than_the_min_max_rows(tmp_path):
+    """The LSQ rows are compared only with each other, so they merge beside min/max rows of the same budget and seed
+    fine-tuned from another float checkpoint (the table says so); within one family the check still refuses, and a
+    missing float checkpoint is refused only for the family being run."""
+    plan = dict(bit_allocation.FULL, randoms=1, budgets=["W3 A4"])
+    minmax = [_entry("W3 A4", m, 0, a) for m, a in (("auto", 0.9), ("uniform", 0.89), ("random 0", 0.88))]
+    payload = {"plan": plan, "entries": bit_allocation.merge(None, minmax, plan, "r.json")[0]}
+    lsq = [dict(_entry("W3 A4", m, 0, a), float_accuracy=0.93, bits={"weight": {"c": 3}})
+           for m, a in (("lsq auto", 0.91), ("lsq auto min/max", 0.9), ("lsq uniform", 0.905))]
+    lsq[1]["differing_layers"] = []
+    merged, _ = bit_allocation.merge(payload, lsq, plan, "r.json")
+    assert len(merged) == 6
+    with pytest.raises(publish.BenchmarkError, match=r"LSQ rows of W3 A4, seed 0 .*\[0\.93, 0\.94\]"):
+        bit_allocation.merge(dict(payload, entries=merged), [dict(lsq[0], float_accuracy=0.94)], plan, "r.json")
+    text = bit_allocation.render(dict(payload, entries=merged, load_before=None, machine={
+        "cores": 2, "cpu": "x", "tensorflow": "2", "python": "3", "date": "d", "load_average": None}), "cmd")
+    assert "not the same in every budget" not in text
+    assert "Seed 0: the LSQ rows fine-tune a float checkpoint trained again (93.00 %) rather than the min/max " \
+           "rows' (90.00 %)" in text
+    # No float checkpoint in tmp_path: refused for the min/max family whose rows are stored, not for LSQ rows.
+    with pytest.raises(publish.BenchmarkError, match="no float checkpoint of seed 0"):
+        bit_allocation.check_float_checkpoints(payload, str(tmp_path), [0], ["W3 A4"], "r.json")
+    bit_allocation.check_float_checkpoints(payload, str(tmp_path), [0], ["W3 A4"], "r.json", lsq=True)
