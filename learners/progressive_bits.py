@@ -32,7 +32,6 @@ from tfquant import ranges
 
 tf1 = tf.compat.v1
 FLAG = "--uql_progressive_bits"
-FIXED_GRIDS = ("ternary", "binary")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +114,8 @@ def check_settings(settings):
     if widths[-1] != target:
         raise UserError("%s=%s ends at %d, but %s=%d; expected the last entry to be the run's target width %d"
                         % (FLAG, text, widths[-1], flag, target, target))
-    if settings.uql_weight_range in FIXED_GRIDS:
+    fewest, most = tfquant.config.WEIGHT_GRID_BITS[settings.uql_weight_range]
+    if fewest == most:
         raise UserError("%s is not valid with --uql_weight_range=%s, whose grid has one width; expected minmax or "
                         "lsq weights" % (FLAG, settings.uql_weight_range))
     if getattr(settings, "uql_track_oscillations", False) or getattr(settings, "uql_freeze_oscillations", None):
