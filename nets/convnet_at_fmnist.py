@@ -1,17 +1,14 @@
 """Model helper: PocketFlow's small ConvNet on Fashion-MNIST."""
 
 from nets import convnet
-from nets.data import fmnist, pipeline
-from nets.model_helper import ClassifierModelHelper
+from nets.model_helper import FashionMnistData, ClassifierModelHelper
 
 
-class ModelHelper(ClassifierModelHelper):
+class ModelHelper(FashionMnistData, ClassifierModelHelper):
     """ConvNet (2 conv + 2 fc) on Fashion-MNIST with a short cosine schedule."""
 
     base_epochs = 3
     lrn_rate_schedule = 'cosine'
-    train_preprocess = staticmethod(pipeline.fmnist_train_preprocess)
-    eval_preprocess = staticmethod(pipeline.fmnist_eval_preprocess)
 
     def __init__(self, data_dir=None, batch_size=128, batch_size_eval=500, lrn_rate_init=0.01,
                  momentum=0.9, loss_w_dcy=5e-4, nb_epochs_rat=1.0, train_subset=None,
@@ -21,9 +18,6 @@ class ModelHelper(ClassifierModelHelper):
         super().__init__(batch_size, batch_size_eval, lrn_rate_init, momentum, loss_w_dcy,
                          nb_epochs_rat, train_subset, eval_subset, seed)
 
-    def _load_data(self):
-        return pipeline.ArrayData(**fmnist.load_fmnist(self.data_dir))
-
     def _forward(self, inputs, is_training):
         return convnet.forward_convnet(inputs, is_training, self.nb_classes)
 
@@ -31,8 +25,3 @@ class ModelHelper(ClassifierModelHelper):
     def model_name(self):
         """'convnet'."""
         return 'convnet'
-
-    @property
-    def dataset_name(self):
-        """'fmnist'."""
-        return 'fmnist'

@@ -6,18 +6,15 @@ first stride-2 stage at stride 1, total stride 8): the last feature map is 4x4, 
 """
 
 from nets import mobilenet
-from nets.data import fmnist, pipeline
-from nets.model_helper import ClassifierModelHelper
+from nets.model_helper import FashionMnistData, ClassifierModelHelper
 
 
-class ModelHelper(ClassifierModelHelper):
+class ModelHelper(FashionMnistData, ClassifierModelHelper):
     """MobileNet (v2 by default) on Fashion-MNIST: cosine schedule, rate 0.1 at batch 128, decay 4e-5 (slim's,
     depthwise filters undecayed), 10 epochs."""
 
     base_epochs = 10
     lrn_rate_schedule = 'cosine'
-    train_preprocess = staticmethod(pipeline.fmnist_train_preprocess)
-    eval_preprocess = staticmethod(pipeline.fmnist_eval_preprocess)
 
     def __init__(self, data_dir=None, mobilenet_version=2, mobilenet_depth_mult=1.0, batch_size=128,
                  batch_size_eval=500, lrn_rate_init=0.1, momentum=0.9, loss_w_dcy=4e-5, nb_epochs_rat=1.0,
@@ -34,9 +31,6 @@ class ModelHelper(ClassifierModelHelper):
         super().__init__(batch_size, batch_size_eval, lrn_rate_init, momentum, loss_w_dcy, nb_epochs_rat,
                          train_subset, eval_subset, seed)
 
-    def _load_data(self):
-        return pipeline.ArrayData(**fmnist.load_fmnist(self.data_dir))
-
     def _forward(self, inputs, is_training):
         return mobilenet.forward_mobilenet(inputs, is_training, self.mobilenet_version, self.mobilenet_depth_mult,
                                           self.nb_classes, stem='small')
@@ -46,8 +40,3 @@ class ModelHelper(ClassifierModelHelper):
         """'mobilenet_v<version>', with '_x<multiplier>' unless the multiplier is 1."""
         name = 'mobilenet_v%d' % self.mobilenet_version
         return name if self.mobilenet_depth_mult == 1.0 else '%s_x%g' % (name, self.mobilenet_depth_mult)
-
-    @property
-    def dataset_name(self):
-        """'fmnist'."""
-        return 'fmnist'

@@ -11,7 +11,7 @@ import math
 import tensorflow as tf
 
 from nets import resnet
-from nets.data import pipeline
+from nets.data import fmnist, pipeline
 
 tf1 = tf.compat.v1
 
@@ -287,3 +287,19 @@ class ResNetModelHelper(ClassifierModelHelper):
     def model_name(self):
         """'resnet_<depth>'."""
         return 'resnet_%d' % self.resnet_size
+
+
+class FashionMnistData:
+    """Mixin of the Fashion-MNIST helpers: the data set (from self.data_dir, default the system copy), its
+    preprocessing and its name; put it before the helper's base class."""
+
+    train_preprocess = staticmethod(pipeline.fmnist_train_preprocess)
+    eval_preprocess = staticmethod(pipeline.fmnist_eval_preprocess)
+
+    def _load_data(self):
+        return pipeline.ArrayData(**fmnist.load_fmnist(self.data_dir))
+
+    @property
+    def dataset_name(self):
+        """'fmnist'."""
+        return 'fmnist'
