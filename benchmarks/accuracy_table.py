@@ -29,6 +29,10 @@ CONVERGED_SECTION = "accuracy_converged"  # the table against benchmarks.baselin
 RUN_MODULE = "nets.resnet_at_fmnist_run"
 DEFAULT_RESULTS = os.path.join(publish.RESULTS_DIR, "accuracy_table.json")
 CONVERGED_RESULTS = os.path.join(publish.RESULTS_DIR, "accuracy_converged.json")
+# Post-training rows run alone (no fine-tuning): their own table, so they can run on float models other than the
+# fine-tuning table's.
+PTQ_SECTION = "ptq_table"
+PTQ_RESULTS = os.path.join(publish.RESULTS_DIR, "ptq_table.json")
 MAX_EPOCHS = 5.0  # issue 34: a quantized run fine-tunes at most 5 epochs
 
 
@@ -122,6 +126,7 @@ ROW_GROUPS = {"issue34": ("W4A4 all layers LSQ + dst", "W3A3 ch LSQ + dst", "W3A
                           "W2A2 ch LSQ + dst + all recipes", "W2A2 ch LSQ + dst progressive 8-4-2",
                           "W2 ternary A4 ch LSQ + dst", "W1 binary A4 ch LSQ + dst",
                           "W4A8 ch PTQ nearest", "W4A8 ch PTQ AdaRound")}
+PTQ_ROWS = ("W4A8 ch PTQ nearest", "W4A8 ch PTQ AdaRound")
 QUICK_ROWS = ("W8A8", BASELINE)
 FULL = {"float": ["--nb_epochs_rat=1.0"], "epochs": 1.0, "finetune": ["--uql_lrn_rate_init=0.01"],
         "common": ["--batch_size=128", "--batch_size_eval=500", "--summ_step=100"]}
@@ -220,7 +225,8 @@ def run_row(work_dir, row, seed, budget):
     return {"label": row.label, "seed": seed, "flags": row.flags, "quant_flags": argv[3:],
             "epochs": budget["epochs"] if row.epochs is None else row.epochs,
             "accuracy": results["quant_accuracy"], "float_accuracy": results["float_accuracy"],
-            "ratio": results["compression_ratio"], "test_examples": results["test_examples"], "seconds": seconds}
+            "ratio": results["compression_ratio"], "test_examples": results["test_examples"], "seconds": seconds,
+            **({"adaround_seconds": results["adaround"]["seconds"]} if "adaround" in results else {})}
 
 
 def run_control(work_dir, row, seed, budget, done):
@@ -279,10 +285,17 @@ def percent(mean, std):
     return "%.2f" % (100 * mean) if std is None else "%.2f ± %.2f" % (100 * mean, 100 * std)
 
 
+def is_ptq_part(labels, baselines):
+    """Whether rows of `labels` form the post-training table: all of them PTQ rows, not on cached baselines."""
+    return bool(labels) and not baselines and all(label in PTQ_ROWS for label in labels)
+
+
 def section_of(payload):
     """The BENCHMARKS.md section of a results payload: the converged-float table when its rows fine-tuned the
-    cached baselines."""
-    return CONVERGED_SECTION if payload["budget"].get("baselines") else SECTION
+    cached baselines, the post-training table when it holds only PTQ rows."""
+    if payload["budget"].get("baselines"):
+        return CONVERGED_SECTION
+    return PTQ_SECTION if is_ptq_part([e["label"] for e in payload["entries"]], False) else SECTION
 
 
 def render(payload, command):
@@ -296,23 +309,32 @@ def render(payload, command):
     rows += [(label, ",".join(str(s) for s in t["seeds"]), percent(t["mean"], t["std"]),
               "%+.2f" % (100 * t["change"]), "-" if t["vs_control"] is None else "%+.2f" % (100 * t["vs_control"]),
               "%.2fx" % t["ratio"]) for label, t in table.items()]
-    expected = ROW_GROUPS["issue34"] if budget.get("baselines") else [row.label for row in ROWS]
-    missing = [label for label in expected if label not in table]
     converged = bool(budget.get("baselines"))
+    ptq = section_of(payload) == PTQ_SECTION
+    expected = ROW_GROUPS["issue34"] if converged else PTQ_ROWS if ptq else [row.label for row in ROWS]
+    missing = [label for label in expected if label not in table]
     title = ("Accuracy against converged float models (issue 34; ResNet-20, Fashion-MNIST, all 10,000 test images)"
-             if converged else "Accuracy table (ResNet-20, Fashion-MNIST, all 10,000 test images)")
+             if converged else "Post-training quantization: nearest rounding and AdaRound (issue 34; ResNet-20, "
+             "Fashion-MNIST, all 10,000 test images)" if ptq else
+             "Accuracy table (ResNet-20, Fashion-MNIST, all 10,000 test images)")
     lines = ["## " + title, "",
              "Command (the last part run): `%s`" % command, ""]
     lines += machine.machine_lines(payload["machine"], payload["load_before"])
-    lines += ["- Float: %s per seed; each row fine-tunes that seed's checkpoint: --uql_quant_epochs=%s (unless "
-              "the row sets its own) %s. First and last layers float; compression counts every stored bit."
-              % (" ".join(budget["float"]), budget["epochs"], " ".join(budget["finetune"] + budget["common"])),
+    lines += ["- Float: %s per seed; %s. First and last layers float; compression counts every stored bit."
+              % (" ".join(budget["float"]), "each row calibrates that seed's checkpoint, no fine-tuning: %s"
+                 % " ".join(budget["common"]) if ptq else "each row fine-tunes that seed's checkpoint: "
+                 "--uql_quant_epochs=%s (unless the row sets its own) %s"
+                 % (budget["epochs"], " ".join(budget["finetune"] + budget["common"]))),
               "- Accuracy: mean ± sample standard deviation over the seeds listed; 'vs float' is the mean change "
               "against each seed's own float model; 'vs float fine-tuned' against that float model fine-tuned with "
               "the row's epochs, learning rate, schedule and distillation, nothing quantized ('-': not measured).", "",
               publish.markdown_table(("row", "seeds", "test accuracy %", "vs float", "vs float fine-tuned",
                                       "model compression"), rows), ""]
-    lines += accuracy_targets.target_lines(table, converged)
+    if ptq:
+        lines += ptq_lines(entries, table)
+        lines += accuracy_targets.lines_of(accuracy_targets.ptq_checks(table, "its float model"))
+    else:
+        lines += accuracy_targets.target_lines(table, converged)
     busy = sorted({"%s (seed %d)" % (e["label"], e["seed"]) for e in entries if e.get("busy")})
     if busy:
         lines.append("- Measured on a busy machine (published with --allow_busy; the load slows a run, it does not "
@@ -320,6 +342,21 @@ def render(payload, command):
     if missing:
         lines.append("- Not run yet: %s." % ", ".join(missing))
     return "\n".join(lines)
+
+
+def ptq_lines(entries, table):
+    """The post-training table's notes: what the rows are and AdaRound's calibration time per seed."""
+    del table
+    lines = ["- No fine-tuning: each row calibrates its seed's float checkpoint (activation ranges over "
+             "--uql_calib_batches training batches, no labels) and rounds the weights to nearest, or with AdaRound "
+             "(--uql_adaround); the float model is the control. The targets are judged against the float model "
+             "above; issue 34 asks them against a converged float model too (the converged table's PTQ rows)."]
+    timed = [e for e in entries if e.get("adaround_seconds") is not None]
+    if timed:
+        lines.append("- AdaRound's calibration, seconds per seed (wall clock, on the load recorded above): %s."
+                     % ", ".join("seed %d %.1f" % (e["seed"], e["adaround_seconds"])
+                                 for e in sorted(timed, key=lambda e: e["seed"])))
+    return lines
 
 
 def main(argv=None):
@@ -343,7 +380,9 @@ def main(argv=None):
         return payload
     rows = select_rows(args.rows if args.rows or not args.quick else ",".join(QUICK_ROWS))
     seeds = parse_seeds(args.seeds)
-    output = args.output or (None if args.quick else CONVERGED_RESULTS if args.baselines else DEFAULT_RESULTS)
+    ptq = is_ptq_part([row.label for row in rows], args.baselines)
+    output = args.output or (None if args.quick else CONVERGED_RESULTS if args.baselines else
+                             PTQ_RESULTS if ptq else DEFAULT_RESULTS)
     budget = QUICK if args.quick else FULL
     if args.epochs is not None:
         if not 0 < args.epochs <= MAX_EPOCHS:

@@ -31,10 +31,22 @@ def converged_checks(table):
                                                                                    "" if limit == 1 else "s"),
                        round(100 * table[best]["change"], 2) >= -limit,  # accuracies are whole images
                        "%s %+.2f, %s" % (best, 100 * table[best]["change"], _seeds(table[best]))))
-    if "W4A8 ch PTQ AdaRound" in table and "W4A8 ch PTQ nearest" in table:
-        ada, near = table["W4A8 ch PTQ AdaRound"]["mean"], table["W4A8 ch PTQ nearest"]["mean"]
-        checks.append(("W4A8 PTQ AdaRound at or above nearest rounding", ada >= near,
-                       "%.2f vs %.2f" % (100 * ada, 100 * near)))
+    return checks + ptq_checks(table)
+
+
+def ptq_checks(table, against=None):
+    """AdaRound at or above nearest rounding; with `against` (what the float model is called), also AdaRound
+    within its CONVERGED_LIMITS limit of that float model (the converged table judges it by family above)."""
+    checks = []
+    ada = table.get("W4A8 ch PTQ AdaRound")
+    if ada is not None and against:
+        limit = dict((name, limit) for name, _, limit in CONVERGED_LIMITS)["W4A8 PTQ with AdaRound"]
+        checks.append(("W4A8 PTQ AdaRound within %.1f point%s of %s" % (limit, "" if limit == 1 else "s", against),
+                       round(100 * ada["change"], 2) >= -limit, "%+.2f, %s" % (100 * ada["change"], _seeds(ada))))
+    if ada is not None and "W4A8 ch PTQ nearest" in table:
+        near = table["W4A8 ch PTQ nearest"]["mean"]
+        checks.append(("W4A8 PTQ AdaRound at or above nearest rounding", ada["mean"] >= near,
+                       "%.2f vs %.2f" % (100 * ada["mean"], 100 * near)))
     return checks
 
 

@@ -83,6 +83,10 @@ PARTS = (
          ("--baselines", "{work}/baselines", "--rows", "issue34", "--seeds", "0,1,2", "--epochs", "3", "--work_dir",
           "{work}/acc_converged"), ("--quick", "--rows", "W8A8", "--epochs", "0.25", "--work_dir", "{tmp}/accc"), 330,
          long=True, render=False),
+    # Issue 34's post-training rows on the accuracy table's float models (their own section and results file).
+    Part("ptq_table", "accuracy_table", ("ptq_table",),
+         ("--rows", "W4A8 ch PTQ nearest,W4A8 ch PTQ AdaRound", "--seeds", "0,1,2", "--work_dir", "{work}/acc"),
+         ("--quick", "--rows", "W4A8 ch PTQ nearest", "--work_dir", "{tmp}/ptq"), 20),
     Part("export_table", "export_table", ("export_table",), ("--work_dir", "{work}/acc"),
          ("--quick", "--work_dir", "{tmp}/acc"), 30, long=True, render=False),
     Part("export_kbit", "export_table", ("export_kbit",), ("--kbit", "--work_dir", "{work}/acc"),

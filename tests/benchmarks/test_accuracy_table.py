@@ -210,3 +210,34 @@ def test_converged_targets_judge_each_family_by_its_best_row():
     assert "- Target: binary weights, A4 within 3.0 points of the converged float (best row): **not met**" in text
     assert ("- Not run yet: W4A4 all layers LSQ + dst, W3A3 ch LSQ + dst, W3A3 ch PACT, W2A2 ch LSQ + dst progressive "
             "8-4-2, W2 ternary") in text
+
+
+def test_ptq_rows_alone_form_their_own_table_with_adaround_times(tmp_path, monkeypatch):
+    """PTQ rows run alone go to the post-training section and results file (they may calibrate float models other
+    than the fine-tuning table's), with AdaRound's calibration seconds and its targets against the float model."""
+    assert accuracy_table.is_ptq_part(list(accuracy_table.PTQ_ROWS), None)
+    assert not accuracy_table.is_ptq_part(list(accuracy_table.PTQ_ROWS), "/cache")  # converged: its own table
+    assert not accuracy_table.is_ptq_part(["W4A8 ch PTQ nearest", "W4A4"], None)
+    entries = [entry("W4A8 ch PTQ nearest", s, a, 0.915) for s, a in ((0, 0.90), (1, 0.902), (2, 0.898))]
+    entries += [dict(entry("W4A8 ch PTQ AdaRound", s, a, 0.915), adaround_seconds=t)
+                for s, a, t in ((0, 0.908, 31.5), (1, 0.905, 30.0), (2, 0.9, 33.25))]
+    payload = {"entries": entries, "budget": accuracy_table.FULL, "load_before": [0.1, 0, 0],
+               "machine": {"cpu": "c", "cores": 2, "tensorflow": "2.21", "python": "3.11", "date": "d",
+                           "load_average": [0.1, 0, 0]}}
+    assert accuracy_table.section_of(payload) == accuracy_table.PTQ_SECTION
+    assert accuracy_table.section_of(dict(payload, entries=entries + [entry("W4A4", 0, 0.9, 0.915)])) == \
+        accuracy_table.SECTION
+    text = accuracy_table.render(payload, "cmd")
+    assert text.startswith("## Post-training quantization: nearest rounding and AdaRound")
+    assert "seed 0 31.5, seed 1 30.0, seed 2 33.2" in text
+    # AdaRound's mean 90.43 against float 91.50: -1.07, beyond the 1-point limit; above nearest's 90.00.
+    assert "- Target: W4A8 PTQ AdaRound within 1.0 point of its float model: **not met** (-1.07, 3 seeds)." in text
+    assert "- Target: W4A8 PTQ AdaRound at or above nearest rounding: met (90.43 vs 90.00)." in text
+    assert "Not run yet" not in text and "PocketFlow" not in text
+    # The default results file of a PTQ-only part is the post-training one.
+    seen = {}
+    monkeypatch.setattr(accuracy_table, "merge", lambda existing, new, quick, budget, path: seen.setdefault(
+        "output", path) and (_ for _ in ()).throw(publish.BenchmarkError("stop")))
+    with pytest.raises(publish.BenchmarkError, match="stop"):
+        accuracy_table.main(["--rows", ",".join(accuracy_table.PTQ_ROWS), "--work_dir", str(tmp_path)])
+    assert seen["output"] == accuracy_table.PTQ_RESULTS
