@@ -33,10 +33,13 @@ def _compiler():
 
 
 def expected_stamp(source=SOURCE):
-    """What a library built from `source` for the installed TensorFlow records: digest, version, command."""
+    """What a library built from `source` for the installed TensorFlow records: digest, version, flags.
+
+    Not the compiler: a library built with CXX set stays current in a shell without it.
+    """
     import tensorflow as tf  # pylint: disable=import-outside-toplevel  (only a build or a load needs it)
     flags = tf.sysconfig.get_compile_flags() + OPTIONS + tf.sysconfig.get_link_flags()
-    return "\n".join([source_digest(source), tf.__version__, " ".join(_compiler() + flags)]) + "\n"
+    return "\n".join([source_digest(source), tf.__version__, " ".join(flags)]) + "\n"
 
 
 def library_path(output_dir=HERE):
