@@ -85,3 +85,13 @@ def min_max(x, directory=PACKAGE_DIR):
 def quantize_in_range(x, bits, minimum, maximum, directory=PACKAGE_DIR):
     """ops.quantize_in_range(x, bits, minimum, maximum) for float32 x and scalar range, in one pass."""
     return _module(directory).tfquant_quantize_in_range(x, minimum, maximum, bits=bits)
+
+
+def describe(graph):
+    """One line saying how `graph`'s activation quantizers on batch ranges run: how many on the kernels, or why none."""
+    fused = sum(op.type == QUANTIZE_TYPE for op in graph.get_operations())
+    loaded, detail = status()
+    if fused:
+        return "activation quantizers: %d on the fused kernels (%s)" % (fused, detail)
+    return "activation quantizers: op chain (%s)" % (
+        detail if not loaded else "kernels loaded; no float32 'ema'/'batch' activation of a training graph")
