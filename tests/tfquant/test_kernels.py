@@ -30,7 +30,7 @@ def library():
         pytest.skip("no C++ compiler to build tfquant's activation kernels")
     ok, message = build.build()
     assert ok, message
-    assert kernels.status() == (True, os.path.join(kernels.PACKAGE_DIR, kernels.LIBRARY_NAME))
+    assert kernels.status() == (True, os.path.join(kernels.LIBRARY_DIR, kernels.LIBRARY_NAME))
 
 
 def numpy_quantized(x, bits, lo, hi):

@@ -13,9 +13,11 @@ import os
 
 import tensorflow as tf
 
-# The library's directory (this package's); tests pass another.
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-LIBRARY_NAME = "_activation_quant.so"
+# The library's directory; tests pass others. Not the package's own: a module walker (pkgutil) would take a
+# .so there for a Python extension module and fail to import it.
+LIBRARY_DIR = os.path.join(PACKAGE_DIR, "lib")
+LIBRARY_NAME = "activation_quant.so"
 ENV_SWITCH = "TFQ_ACTIVATION_KERNELS"
 MIN_MAX_TYPE = "TfquantMinMax"
 QUANTIZE_TYPE = "TfquantQuantizeInRange"
@@ -55,7 +57,7 @@ def _gpu_visible():
     return _GPU_VISIBLE[0]
 
 
-def status(directory=PACKAGE_DIR):
+def status(directory=LIBRARY_DIR):
     """(True, path of the library) when training graphs use the kernels, else (False, why they do not)."""
     if os.environ.get(ENV_SWITCH, "1").strip() == "0":
         return False, "turned off by %s=0" % ENV_SWITCH
@@ -65,7 +67,7 @@ def status(directory=PACKAGE_DIR):
     return (True, os.path.join(directory, LIBRARY_NAME)) if module is not None else (False, reason)
 
 
-def available(directory=PACKAGE_DIR):
+def available(directory=LIBRARY_DIR):
     """Whether training graphs built now use the fused kernels (see `status` for the reason when not)."""
     return status(directory)[0]
 
@@ -77,12 +79,12 @@ def _module(directory):
     return module
 
 
-def min_max(x, directory=PACKAGE_DIR):
+def min_max(x, directory=LIBRARY_DIR):
     """(tf.reduce_min(x), tf.reduce_max(x)) of a float32 tensor in one pass (both zeros: -0.0 and +0.0)."""
     return tuple(_module(directory).tfquant_min_max(x))
 
 
-def quantize_in_range(x, bits, minimum, maximum, directory=PACKAGE_DIR):
+def quantize_in_range(x, bits, minimum, maximum, directory=LIBRARY_DIR):
     """ops.quantize_in_range(x, bits, minimum, maximum) for float32 x and scalar range, in one pass."""
     return _module(directory).tfquant_quantize_in_range(x, minimum, maximum, bits=bits)
 

@@ -1,4 +1,4 @@
-"""Compile the activation kernels (activation_quant.cc) into this package directory.
+"""Compile the activation kernels (activation_quant.cc) into lib/ of this package.
 
     python -m tfquant.kernels.build [--force] [--output_dir DIR]
 
@@ -14,9 +14,9 @@ import subprocess
 import sys
 import tempfile
 
-from tfquant.kernels import LIBRARY_NAME, PACKAGE_DIR as HERE
+from tfquant.kernels import LIBRARY_DIR, LIBRARY_NAME, PACKAGE_DIR
 
-SOURCE = os.path.join(HERE, "activation_quant.cc")
+SOURCE = os.path.join(PACKAGE_DIR, "activation_quant.cc")
 # -ffp-contract=off: no multiply and add fused into one FMA (a single rounding would change float32 results).
 OPTIONS = ["-shared", "-fPIC", "-O3", "-ffp-contract=off"]
 BUILD_SECONDS = 600
@@ -42,15 +42,15 @@ def expected_stamp(source=SOURCE):
     return "\n".join([source_digest(source), tf.__version__, " ".join(flags)]) + "\n"
 
 
-def library_path(output_dir=HERE):
+def library_path(output_dir=LIBRARY_DIR):
     return os.path.join(output_dir, LIBRARY_NAME)
 
 
-def stamp_path(output_dir=HERE):
+def stamp_path(output_dir=LIBRARY_DIR):
     return library_path(output_dir) + ".stamp"
 
 
-def is_current(output_dir=HERE, source=SOURCE):
+def is_current(output_dir=LIBRARY_DIR, source=SOURCE):
     """Whether the library in `output_dir` exists and was built from `source` for this TensorFlow."""
     try:
         with open(stamp_path(output_dir)) as handle:
@@ -60,7 +60,7 @@ def is_current(output_dir=HERE, source=SOURCE):
     return os.path.isfile(library_path(output_dir)) and recorded == expected_stamp(source)
 
 
-def build(output_dir=HERE, source=SOURCE, force=False):
+def build(output_dir=LIBRARY_DIR, source=SOURCE, force=False):
     """Compile `source` into `output_dir` unless it is current; returns (ok, one-line message)."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     if not force and is_current(output_dir, source):
@@ -97,7 +97,7 @@ def build(output_dir=HERE, source=SOURCE, force=False):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Compile tfquant's activation kernels.")
     parser.add_argument("--force", action="store_true", help="rebuild even when the library is current")
-    parser.add_argument("--output_dir", default=HERE, help="directory of the library (default: the package)")
+    parser.add_argument("--output_dir", default=LIBRARY_DIR, help="directory of the library (default: lib/ in the package)")
     args = parser.parse_args(argv)
     ok, message = build(args.output_dir, force=args.force)
     if not ok:
