@@ -212,6 +212,20 @@ def test_training_graph_with_kernels_is_the_op_chain_bit_for_bit(rng, monkeypatc
     _assert_same(fused, chain)
 
 
+def test_the_kernels_have_no_gradient_and_the_quantizer_is_straight_through(rng):
+    values = rng.normal(size=(3, 4)).astype(np.float32)
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.constant(values)
+        lo, hi = kernels.min_max(x)
+        assert tf1.gradients(kernels.quantize_in_range(x, 4, lo, hi), [x, lo, hi]) == [None, None, None]
+        quantized, _ = ranges.quantize_activation(x, 4, "batch", True, 0.9, "st/act_quant")
+        (gradient,) = tf1.gradients(quantized * tf.constant(values), x)
+    assert kernels.QUANTIZE_TYPE in {op.type for op in graph.get_operations()}
+    with new_session(graph) as sess:
+        np.testing.assert_array_equal(sess.run(gradient), values)
+
+
 def test_evaluation_and_zero_exact_graphs_keep_plain_ops():
     graph = tf.Graph()
     with graph.as_default():
