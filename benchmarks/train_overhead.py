@@ -15,6 +15,7 @@ import collections
 import dataclasses
 
 from benchmarks import graphs, machine, publish, rounds, stats, train_profile
+from tfquant import kernels
 
 SECTION = "train_overhead"
 FLOAT = train_profile.FLOAT
@@ -126,7 +127,13 @@ def precision_line(timing, args, info, load_before):
                100 * args.precision, load_before, info["load_average"]))
 
 
-def render(args, results, checks, profiles, graphs_info, info, load_before, command, timing):
+def activation_path():
+    """How the tfquant modes' activation quantizers run: the fused kernels, or the op chain and why."""
+    loaded, detail = kernels.status()
+    return "fused kernels (tfquant.kernels)" if loaded else "op chain (%s)" % detail
+
+
+def render(args, results, checks, profiles, graphs_info, info, load_before, command, timing, path=None):
     lines = ["## Training-step overhead (ResNet-%d, batch %d)" % (args.resnet_size, args.batch_size), "",
              "Command: `%s`" % command, ""]
     lines.extend(machine.machine_lines(info, load_before, graphs.INTRA_OP_THREADS))
@@ -137,7 +144,8 @@ def render(args, results, checks, profiles, graphs_info, info, load_before, comm
         "- %d warm-up steps, then interleaved rounds of %d steps per mode (each round starting at another mode). "
         "Ratio = mean over rounds of the mode's round median / float's round median, with its 95 %% t-interval; "
         "CPU = process CPU time per step (all TensorFlow threads)." % (args.warmup, args.steps),
-        precision_line(timing, args, info, load_before), ""])
+        precision_line(timing, args, info, load_before)]
+        + (["- tfquant's activation quantizers (training graphs): %s." % path] if path else []) + [""])
     rows = []
     for name, entry in results.items():
         rows.append((describe(name), "`%s`" % name, graphs_info[name]["ops"],
@@ -232,7 +240,7 @@ def rerender(path, markdown, note=None, allow_busy=False):
                                        [FLOAT] + [n for n in payload["profiles"] if n != FLOAT]
                                        if name in payload["profiles"])
     body = render(args, results, payload["targets"], profiles, payload["graphs"], payload["machine"],
-                  payload["load_before"], payload["command"], payload["timing"])
+                  payload["load_before"], payload["command"], payload["timing"], payload.get("activation_path"))
     if note:
         body += "\n\n" + note
     publish.publish(SECTION, body, markdown, payload["load_before"], payload["machine"]["load_average"], allow_busy)
@@ -305,6 +313,8 @@ def main(argv=None):
         built[name] = graph
         graphs_info[name] = {"ops": len(graph.graph.get_operations()), "build_s": build_s}
         log("built %s (%d ops, %.1f s) and warmed up" % (name, graphs_info[name]["ops"], build_s))
+    path = activation_path()
+    log("activation quantizers: %s" % path)
     budget = rounds.Budget(args.min_rounds, args.max_rounds, args.max_seconds, args.precision)
     timing = rounds.run(collections.OrderedDict((n, g.step) for n, g in built.items()), FLOAT, args.steps,
                         budget, log)
@@ -334,12 +344,12 @@ def main(argv=None):
                "batch_size": args.batch_size, "rounds": timing["rounds"], "steps_per_round": args.steps,
                "precision": args.precision, "timing": timing_summary,
                "float_mode": FLOAT, "modes": results, "graphs": graphs_info, "targets": checks,
-               "profiles": profiles, "machine": info, "load_before": load_before,
+               "profiles": profiles, "machine": info, "load_before": load_before, "activation_path": path,
                "command": publish.command_line(), "args": args_record}
     publish.write_json(publish.results_path(args, SECTION), payload)
     if not args.quick:
         publish.publish(SECTION, render(args, results, checks, profiles, graphs_info, info, load_before,
-                                        payload["command"], timing_summary), args.markdown, load_before,
+                                        payload["command"], timing_summary, path), args.markdown, load_before,
                         info["load_average"], args.allow_busy)
         log("wrote section %s of %s" % (SECTION, args.markdown))
     return payload
