@@ -6,6 +6,8 @@ setup(
     version="0.1.0",
     description="Uniform low-bit quantization of TensorFlow graphs by graph rewriting",
     packages=find_packages(include=["tfquant", "tfquant.*", "learners", "learners.*", "nets", "nets.*"]),
+    # The activation kernels' source, compiled on the installing machine (python -m tfquant.kernels.build).
+    package_data={"tfquant.kernels": ["*.cc"]},
     python_requires=">=3.9",
     # tf-keras (the legacy Keras, for nets/keras_model_run.py) must match the TensorFlow release.
     install_requires=["tensorflow>=2.15", "numpy", "absl-py", "tensorboard", "tf-keras~=2.21.0"],

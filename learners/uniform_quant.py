@@ -131,6 +131,8 @@ class UniformQuantLearner:
                 self._save_inference_graph()
             stopping.check("after writing %s" % report_path, "saved checkpoints are kept")
             training.log(report.format_table())
+        if getattr(report, "activation_path", None):
+            training.log(report.activation_path)
         if schedule is not None and schedule.phase_of(step) < schedule.last:
             # The earlier phases first, each its own graph at its widths; the last is the graph built above.
             for phase in range(schedule.phase_of(step), schedule.last):

@@ -2,7 +2,7 @@
 import numpy as np
 import tensorflow as tf
 
-from tfquant import fold, match, ops, policy, ranges, recompute, rewrite, weight_grids
+from tfquant import fold, kernels, match, ops, policy, ranges, recompute, rewrite, weight_grids
 from tfquant.config import FLOAT_BITS
 from tfquant.report import QUANTIZED, SKIPPED, LayerReport, QuantReport, VariableRecord, weight_layer_storage
 
@@ -234,5 +234,9 @@ def quantize_graph(graph, config, is_training=True):
     report = QuantReport(weight_layers + act_layers, _other_variables(graph, weight_vars), config.to_dict(),
                          is_training, notes)
     report.quantized_outputs = unread
+    # Which path the training graph's activation quantizers run (tfquant.kernels), for the learner's log.
+    quantized_activations = any(layer.quantized for layer in act_layers)
+    report.activation_path = (kernels.describe(graph) if is_training and quantized_activations
+                              and config.act_range in ("ema", "batch") else None)
     report.integer_steps = input_steps
     return report

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfquant import graph_build as build
-from tfquant import ops, step_search
+from tfquant import kernels, ops, step_search
 
 RANGE_COLLECTION = "tfquant_activation_ranges"
 RANGE_SCOPE_SUFFIX = "act_quant"
@@ -231,6 +231,22 @@ def quantize_weight_lsq(weight, bits, layout, scope_name, is_training):
     return weight_grids.quantize_weight_lsq(weight, bits, layout, scope_name, is_training)
 
 
+def _observed(x, in_range, batch_min, batch_max, act_range, is_training, decay, scope_name):
+    """Q(x) on the batch range ('batch', or 'ema' in training graphs, whose moving averages it updates).
+
+    Returns (quantized tensor or None for an 'ema' evaluation graph, the ActivationRange or None).
+    """
+    if act_range == "batch":
+        return ops.straight_through(x, in_range(batch_min, batch_max)), None
+    tracker = ActivationRange(scope_name)
+    if not is_training:
+        return None, tracker
+    # The update runs whenever the quantized output is computed, so no caller can forget it.
+    with tf.control_dependencies(tracker.update(batch_min, batch_max, decay)):
+        quantized = in_range(batch_min, batch_max)
+    return ops.straight_through(x, quantized), tracker
+
+
 def quantize_activation(x, bits, act_range, is_training, decay, scope_name, op_type="", pact_decay=0.0,
                         zero_exact=False):
     """Quantize activation x, choosing its range by mode.
@@ -256,8 +272,15 @@ def quantize_activation(x, bits, act_range, is_training, decay, scope_name, op_t
     if act_range == "lsq":
         return _lsq(x, bits, is_training, scope_name, non_negative)
     # Ranges take no gradient: reduce a stop_gradient view, with one axes tensor for both reductions.
-    axes = tf.range(tf.rank(x)) if x.shape.rank is None else build.axes_constant(list(range(x.shape.rank)))
     frozen = build.unary("StopGradient", x, "StopGradient", tf.stop_gradient)
+    if is_training and not zero_exact and x.dtype == tf.float32 and kernels.available():
+        # The same values in two passes over x instead of seven (tfquant.kernels); training graphs only.
+        batch_min, batch_max = kernels.min_max(frozen)
+
+        def in_range(lo, hi, clip=False):  # pylint: disable=unused-argument  (training ranges need no clip)
+            return kernels.quantize_in_range(frozen, bits, lo, hi)
+        return _observed(x, in_range, batch_min, batch_max, act_range, is_training, decay, scope_name)
+    axes = tf.range(tf.rank(x)) if x.shape.rank is None else build.axes_constant(list(range(x.shape.rank)))
     batch_min = build.reduce("Min", frozen, axes, False, "Min", lambda v, a, k: tf.reduce_min(v, axis=a, keepdims=k))
     batch_max = build.reduce("Max", frozen, axes, False, "Max", lambda v, a, k: tf.reduce_max(v, axis=a, keepdims=k))
     if zero_exact:
@@ -267,14 +290,9 @@ def quantize_activation(x, bits, act_range, is_training, decay, scope_name, op_t
         def in_range(lo, hi, clip=False):
             # Training graphs only: evaluation graphs are the ones exported, and keep plain arithmetic.
             return ops.quantize_in_range(frozen, bits, lo, hi, clip=clip, skip_plus_zero=is_training)
-    if act_range == "batch":
-        return ops.straight_through(x, in_range(batch_min, batch_max)), None
-    tracker = ActivationRange(scope_name)
-    if is_training:
-        # The update runs whenever the quantized output is computed, so no caller can forget it.
-        with tf.control_dependencies(tracker.update(batch_min, batch_max, decay)):
-            quantized = in_range(batch_min, batch_max)
-        return ops.straight_through(x, quantized), tracker
+    quantized, tracker = _observed(x, in_range, batch_min, batch_max, act_range, is_training, decay, scope_name)
+    if quantized is not None:
+        return quantized, tracker
     lo, hi = tracker.eval_range(batch_min, batch_max)
     if zero_exact:
         # The step an integer runtime gives this tensor, for the int32 grid of the biases of its readers.

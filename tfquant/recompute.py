@@ -24,12 +24,12 @@ weights ('weights') or both ('all'; --uql_recompute_quantized), for runs short o
 import tensorflow as tf
 
 from tfquant import graph_build as build
-from tfquant import match
+from tfquant import kernels, match
 
 JOIN_GRADIENT_TYPE = "TfquantStraightThrough"  # ops.straight_through's IdentityN
 # Elementwise ops a quantizer's chain is made of; anything else ends the search (no recomputation).
 RECOMPUTABLE_TYPES = frozenset(["Sub", "Mul", "AddV2", "Round", "Floor", "Maximum", "Minimum", "ClipByValue",
-                                "RealDiv", "Switch", "Merge"])
+                                "RealDiv", "Switch", "Merge", kernels.QUANTIZE_TYPE])
 # Ops whose output is their input's buffer (nothing more to keep when they are kept).
 ALIAS_TYPES = frozenset(["StopGradient", "Identity"])
 # Readers whose gradient reads the values of their inputs. Others (Add, Mean, Pad, ...) read at most an

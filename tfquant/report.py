@@ -43,6 +43,8 @@ class QuantReport:
         # {tensor name: its quantized tensor} for graph outputs quantize_graph quantized before anything read
         # them (see `output`); empty for a report read from a file.
         self.quantized_outputs = {}
+        # In training graphs with batch-range activation quantizers: how they run (tfquant.kernels.describe).
+        self.activation_path = None
         # {quantized tensor name: its step} of the tensors an evaluation graph holds on the integer runtimes'
         # grid (tfquant.quantize.quantize_biases); empty for a report read from a file.
         self.integer_steps = {}
