@@ -298,8 +298,10 @@ def _convolution_code_errors(model_bytes, images, bias_model_bytes):
         data_index, weight_index, bias_index = op["inputs"][:3]
         weight = graph.tensors[weight_index]
         raw = bytes(bytearray(model.buffers[weight.buffer].data))
-        codes = (tflite_int4._unpack_int4(raw, weight.shape) if weight.type == schema.TensorType.INT4  # pylint: disable=protected-access
-                 else np.frombuffer(raw, np.int8).reshape(weight.shape).astype(np.int64))
+        if weight.type == schema.TensorType.INT4:
+            codes = tflite_int4._unpack_int4(raw, weight.shape)  # pylint: disable=protected-access
+        else:
+            codes = np.frombuffer(raw, np.int8).reshape(weight.shape).astype(np.int64)
         values, scales = trained_biases[len(found)]
         bias = np.round(values * scales / np.asarray(graph.tensors[bias_index].quantization.scale, np.float64))
         data = interpreter.get_tensor(data_index).astype(np.int64)
