@@ -133,12 +133,33 @@ def float_onnx(export_dir):
         handle.write(model.SerializeToString())
 
 
+# Files this table writes into an export directory beside the export's own (float_onnx, write_offline_optimized).
+OWN_FILES = ("model_float.onnx", "model_ort.onnx", "model_float_ort.onnx")
+
+
+def remove_own_files(out_dir):
+    """Remove what an earlier run of this table added to an export directory (OWN_FILES and their .data files),
+    so that the exporter, which replaces only a directory holding an export, takes it again."""
+    from tfquant.export import ort_session  # pylint: disable=import-outside-toplevel
+    for name in OWN_FILES:
+        path = os.path.join(out_dir, name)
+        for written in (path, ort_session.external_data_path(path)):
+            if os.path.isfile(written) and not os.path.islink(written):
+                os.remove(written)
+
+
 def export(run_dir, out_dir, npz, flags, quick):
-    """python -m tfquant.export on a run directory; returns its export.json."""
+    """python -m tfquant.export on a run directory (a previous export there, with this table's own files, is
+    replaced); returns its export.json. The exporter's one-line refusal (a directory holding anything else)
+    becomes a BenchmarkError."""
+    remove_own_files(out_dir)
     argv = [sys.executable, "-m", "tfquant.export", "--checkpoint_dir", run_dir, "--eval_npz", npz,
             "--output_dir", out_dir, "--latency_images=0"] + flags + (["--eval_subset=200"] if quick else [])
     done = subprocess.run(argv, cwd=publish.REPO_ROOT, capture_output=True, text=True)
     if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        if done.returncode == 2 and lines and lines[-1].lower().startswith("error: "):
+            raise publish.BenchmarkError("export of %s refused: %s" % (run_dir, lines[-1][len("error: "):]))
         raise RuntimeError("export of %s failed:\n%s" % (run_dir, done.stderr[-3000:]))
     return publish.load_json(os.path.join(out_dir, "export.json"))
 

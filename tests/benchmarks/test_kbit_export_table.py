@@ -84,3 +84,30 @@ def test_disagreement_notes_give_the_tf_graphs_margins():
     assert lines[3].startswith("- M, TFLite int8: %d images differ" % floats["images"])
     assert lines[3].endswith("; largest %.4g" % largest) and "in logits:" in lines[3]
     assert kbit_files.disagreement_lines({"rows": rows[2:]}) == []
+
+
+def test_a_second_run_exports_into_its_own_export_directory_again(tmp_path):
+    """The table adds model_float.onnx (and the offline-optimized files) to the MLP's export directory; running it
+    again over the same work dir exports there again, and a directory holding anything else is refused in one
+    line naming the file."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    from benchmarks import publish  # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(64, 28, 28, 1)).astype(np.float32)
+    labels = rng.integers(0, 10, 64)
+    npz = str(tmp_path / "data.npz")
+    np.savez(npz, x_test=images[:32], y_test=labels[:32], x_train=images[32:])
+    run_dir, out = tmp_path / "run", str(tmp_path / "export")
+    run_dir.mkdir()
+    kbit_files.train_mlp(str(run_dir), dict(kbit_files.MLP_QUICK, steps=2), images, labels)
+    kbit_files.export(str(run_dir), out, npz, ["--onnx"], True)
+    kbit_files.float_onnx(out)
+    open(os.path.join(out, "model_ort.onnx.data"), "wb").close()  # as write_offline_optimized leaves it
+    data = kbit_files.export(str(run_dir), out, npz, ["--onnx"], True)
+    assert data["agreement_with_quantized_tf"]["onnx"] == 1.0
+    assert not os.path.exists(os.path.join(out, "model_float.onnx"))
+    open(os.path.join(out, "notes.txt"), "w").close()
+    with pytest.raises(publish.BenchmarkError) as refused:
+        kbit_files.export(str(run_dir), out, npz, ["--onnx"], True)
+    message = str(refused.value)
+    assert "\n" not in message and "notes.txt" in message and "not part of an export" in message

@@ -50,7 +50,10 @@ CASES = {
     # Also exported with --int8: the LiteRT INT4 file.
     "w3a8_channel_symmetric": (dict(weight_bits=3, weight_scheme="symmetric", activation_bits=8, use_buckets=True,
                                     bucket_type="channel", fold_batch_norms=True), forward),
+    "w2a8_channel_symmetric": (dict(weight_bits=2, weight_scheme="symmetric", activation_bits=8, use_buckets=True,
+                                    bucket_type="channel", fold_batch_norms=True), forward),
 }
+INT8_CASES = ("w3a8_channel_symmetric", "w2a8_channel_symmetric")
 
 
 def _run_directory(directory, config, forward_fn):
@@ -72,7 +75,7 @@ def exports(tmp_path_factory):
         _run_directory(run, config, forward_fn)
         out = run / "export"
         result = run_directory.export_run_directory(str(run), str(out), onnx=True,
-                                                    int8=name == "w3a8_channel_symmetric", test_data=(images, labels),
+                                                    int8=name in INT8_CASES, test_data=(images, labels),
                                                     calibration_images=calibration, latency_images=0)
         done[name] = (run, out, result)
     return done, images
@@ -193,11 +196,17 @@ def test_litert_int4_file_holds_the_trained_codes_and_agrees(exports):
     report = tfquant.report.load_report(str(run / "quant_report.json"))
     packed = {t.name: t for t in packed_reader.read_packed_model(str(out / "model.tfq"))[0]}
     variables = {layer.name: layer.weight_variable for layer in report.weight_layers}
+    # Each output channel's codes times the largest integer keeping them in -7..7 (2 for 3-bit codes reaching 3).
     stored = tflite_int4.int4_weight_codes((out / "model_int4.tflite").read_bytes())
+    trained = {}
     for layer, record in records.items():
         codes = packed[variables[layer]].codes.astype(np.int64) - 3
         expected = codes.transpose(3, 0, 1, 2) if codes.ndim == 4 else codes.T.reshape(-1, 1, 1, codes.shape[0])
-        np.testing.assert_array_equal(stored[record["tensor"]], expected)
+        top = np.abs(expected).reshape(len(expected), -1).max(axis=1)
+        multiplier = np.maximum(7 // np.maximum(top, 1), 1).reshape(-1, 1, 1, 1)
+        assert record["code_multiplier"] == sorted(set(multiplier.reshape(-1).tolist()))
+        np.testing.assert_array_equal(stored[record["tensor"]], expected * multiplier)
+        trained[record["tensor"]] = expected
     # 3-bit codes the converter had moved onto a 4-bit grid, put back on the trained one in the int8 file.
     assert any(r.get("converter_requantized") for r in result["int8"]["weights"])
     # The int8 file holds the same trained codes as int8 (the converter had written them INT4, off the grid).
@@ -207,7 +216,11 @@ def test_litert_int4_file_holds_the_trained_codes_and_agrees(exports):
                     for t in int8_model.subgraphs[0].tensors
                     if t.type == schema.TensorType.INT8 and int8_model.buffers[t.buffer].data is not None}
     for layer, record in records.items():
-        np.testing.assert_array_equal(int8_weights[record["tensor"]], stored[record["tensor"]].reshape(-1))
+        # The same trained codes, times 127 // max|code| of their channel.
+        expected = trained[record["tensor"]]
+        top = np.abs(expected).reshape(len(expected), -1).max(axis=1)
+        multiplier = np.maximum(127 // np.maximum(top, 1), 1).reshape(-1, 1, 1, 1)
+        np.testing.assert_array_equal(int8_weights[record["tensor"]], (expected * multiplier).reshape(-1))
     assert result["int4"]["bytes_over_int8"] < 0.75
     # The interpreter runs it; it predicts as the quantized TF graph at least as often as the int8 file.
     logits = tflite_export.run_tflite((out / "model_int4.tflite").read_bytes(), images)
@@ -243,3 +256,93 @@ def test_a_file_onnxruntime_never_runs_as_written_is_refused(exports, tmp_path, 
                                            latency_images=0)
     assert not out.exists()  # nothing written
     assert len(calls) == 3  # as written, every layer in the non-fusing form, every layer in 8-bit containers
+
+
+def _conv_biases(model):
+    """[(int32 bias values, float64 scales)] of a flatbuffer model's CONV_2D operators, in order."""
+    found = []
+    graph = model.subgraphs[0]
+    for operator in graph.operators:
+        if len(operator.inputs) > 2 and graph.tensors[operator.inputs[1]].shape is not None and \
+                len(graph.tensors[operator.inputs[1]].shape) == 4:
+            bias = graph.tensors[operator.inputs[2]]
+            found.append((np.frombuffer(bytes(bytearray(model.buffers[bias.buffer].data)), np.int32).astype(np.int64),
+                          np.asarray(bias.quantization.scale, np.float64)))
+    return found
+
+
+def _convolution_code_errors(model_bytes, images, bias_model_bytes):
+    """Per CONV_2D of a .tflite file run on LiteRT's built-in kernels (which run every INT4 convolution): the share
+    of its output codes that differ from NumPy's requantization of the same int8 inputs, and the largest difference.
+
+    NumPy: acc = sum (input code - input zero point) * weight code + int32 bias, in int64; output code
+    floor(acc * input scale * weight scale / output scale + 0.5) + zero point (float64), clipped, ReLU fused. The
+    bias is bias_model_bytes' (the int8 file's), put on this file's bias scale: the trained bias, whatever
+    offset this file's own holds for its runtime."""
+    from ai_edge_litert import schema_py_generated as schema
+    from tfquant.export import tflite_export, tflite_int4
+    model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
+    graph = model.subgraphs[0]
+    interpreter = tflite_export.make_interpreter(model_bytes, default_delegates=False, preserve_all_tensors=True)
+    interpreter.resize_tensor_input(0, list(images.shape))
+    interpreter.allocate_tensors()
+    detail = interpreter.get_input_details()[0]
+    interpreter.set_tensor(detail["index"], tflite_export.quantize_input(images, detail))
+    interpreter.invoke()
+    details = {d["index"]: d for d in interpreter.get_tensor_details()}
+    trained_biases = _conv_biases(schema.ModelT.InitFromPackedBuf(bytearray(bias_model_bytes), 0))
+    found = []
+    for number, op in enumerate(interpreter._get_ops_details()):  # pylint: disable=protected-access
+        if op["op_name"] != "CONV_2D":
+            continue
+        data_index, weight_index, bias_index = op["inputs"][:3]
+        weight = graph.tensors[weight_index]
+        raw = bytes(bytearray(model.buffers[weight.buffer].data))
+        if weight.type == schema.TensorType.INT4:
+            codes = tflite_int4._unpack_int4(raw, weight.shape)  # pylint: disable=protected-access
+        else:
+            codes = np.frombuffer(raw, np.int8).reshape(weight.shape).astype(np.int64)
+        values, scales = trained_biases[len(found)]
+        bias = np.round(values * scales / np.asarray(graph.tensors[bias_index].quantization.scale, np.float64))
+        data = interpreter.get_tensor(data_index).astype(np.int64)
+        in_scale, in_zero = details[data_index]["quantization"]
+        out = interpreter.get_tensor(op["outputs"][0]).astype(np.int64)
+        out_scale, out_zero = details[op["outputs"][0]]["quantization"]
+        options = graph.operators[number].builtinOptions
+        stride, (size_h, size_w) = options.strideH, codes.shape[1:3]
+        height, width = out.shape[1:3]
+        pad_h = max((height - 1) * stride + size_h - data.shape[1], 0)
+        pad_w = max((width - 1) * stride + size_w - data.shape[2], 0)
+        padded = np.pad(data - in_zero, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2),
+                                         (0, 0)))
+        acc = np.zeros(out.shape, np.int64) + bias.astype(np.int64)
+        for row in range(size_h):
+            for column in range(size_w):
+                window = padded[:, row:row + stride * height:stride, column:column + stride * width:stride, :]
+                acc += np.einsum("nhwc,oc->nhwo", window, codes[:, row, column, :])
+        scales = np.float64(in_scale) * np.asarray(weight.quantization.scale, np.float64) / np.float64(out_scale)
+        expected = np.clip(np.floor(acc * scales + 0.5) + out_zero, -128, 127)
+        if options.fusedActivationFunction == schema.ActivationFunctionType.RELU:
+            expected = np.maximum(expected, out_zero)
+        found.append((float(np.mean(expected != out)), int(np.max(np.abs(expected - out))), out.size))
+    return found
+
+
+@pytest.mark.parametrize("name", INT8_CASES)
+def test_litert_files_requantize_their_convolutions_as_numpy(exports, name):
+    # LiteRT runs INT4 convolutions on its built-in kernels only, whose fixed-point requantization rounds twice: with
+    # a 2-bit weight's large step (M = input x weight / output step about 0.3) that put 8 % of the first layer's
+    # codes and 6 % of all convolution outputs one step off here. Stored codes times a multiplier and, under a fused
+    # ReLU, a bias one accumulator unit lower leave 1.3 %; the int8 file (127 // max|code|) almost none.
+    (run, out, result), images = exports[0][name], exports[1]
+    for file_name in ("model_int4.tflite", "model_int8.tflite"):
+        errors = _convolution_code_errors((out / file_name).read_bytes(), images[:32],
+                                          (out / "model_int8.tflite").read_bytes())
+        assert len(errors) == 4, file_name
+        pooled = sum(share * count for share, _, count in errors) / sum(count for _, _, count in errors)
+        assert pooled <= 0.02 and all(share <= 0.05 and largest <= 1 for share, largest, _ in errors), (
+            file_name, errors)
+    # Its predictions: the quantized TF graph's class as often as the int8 file's, any other within one step.
+    agreement = result["agreement_with_quantized_tf"]
+    assert agreement["tflite_int4"] >= agreement["tflite_int8"]
+    assert (result["disagreements_with_quantized_tf"]["tflite_int4"]["max_tf_margin"] or 0) <= 1

@@ -4,9 +4,18 @@ The TF converter writes no int4 tensor, but on the symmetric grid (weight_scheme
 a weight of k <= 4 bits reaches the int8 file exactly: its int8 values are the trained signed codes
 (code - (2^(k-1)-1), in -7..7) with the trained per-channel scales. This module checks that, value for value,
 against the packed file's codes, and rewrites those weight tensors with the flatbuffer schema's own Python
-module (ai_edge_litert.schema_py_generated) as INT4: two codes a byte, the first in the low nibble, the
-quantization parameters unchanged. LiteRT runs INT4 weights in FULLY_CONNECTED and CONV_2D; every other
-operator (depthwise convolutions, ...) keeps its int8 weight, and each weight's outcome is recorded.
+module (ai_edge_litert.schema_py_generated) as INT4: two codes a byte, the first in the low nibble. LiteRT runs
+INT4 weights in FULLY_CONNECTED and CONV_2D; every other operator (depthwise convolutions, ...) keeps its int8
+weight, and each weight's outcome is recorded.
+
+Each output channel's codes are stored times the largest integer m that keeps them in the storage type (7 for a
+2-bit grid's -1..1 in INT4, 127 // max|code| in INT8) on a step divided by m: the same weights, for LiteRT's built-in
+kernels a smaller requantization error (code_multipliers). XNNPACK, LiteRT's default CPU delegate, runs none of the
+INT4 convolutions, so the built-in kernels decide how closely model_int4.tflite follows the trained graph; under a
+fused ReLU its int32 bias is one accumulator unit lower, which cancels most of their rounding error
+(requantization_error) and would be an error of M / m output steps on a kernel that rounded once (the records say
+how many channels: bias_lowered_channels). Convolutions without a fused ReLU keep part of that error: one step on
+about 1 % of a 4-bit ResNet-20 layer's codes, which the int8 file under XNNPACK does not have.
 """
 import itertools
 
@@ -75,6 +84,46 @@ def _as_stored(codes, step, values, scales):
     return None
 
 
+# The largest code magnitude each storage type holds (symmetric: -7..7 and -127..127).
+STORAGE_MAX = {"INT4": 7, "INT8": 127}
+
+
+def requantization_error(multiplier, bias_offset):
+    """The share of outputs LiteRT's built-in kernels round the wrong way, for requantization multipliers M
+    (input step x weight step / output step) and an int32 bias lowered by bias_offset accumulator units.
+
+    Those kernels requantize in two roundings, half away from zero: acc * M * 2^r to an integer (r such that
+    M * 2^r is in [0.5, 1)), then a rounding shift right by r. For acc * M >= 0 that is exactly
+    floor(acc * M + 0.5 + 2^-(r+1)): 2^-(r+1) of an output step too high, so a share 2^-(r+1) of the outputs is one
+    step off (none when M >= 0.5: no shift). One accumulator unit less of bias makes that error M - 2^-(r+1).
+    """
+    multiplier = np.asarray(multiplier, np.float64)
+    shifted = np.where(multiplier < 0.5, 2.0 ** np.floor(np.log2(np.maximum(multiplier, 1e-300))), 0.0)
+    return np.abs(shifted - bias_offset * np.where(multiplier < 0.5, multiplier, 0.0))
+
+
+def code_multipliers(stored, step, largest, requantization=None, bias_offset=0):
+    """Per range group, the integer m in 1 .. largest // max|code| to store its codes times (on a step / m).
+
+    Codes times m on a step divided by m are the same weights with the requantization multiplier M / m: where
+    M >= 0.5 LiteRT's built-in kernels round exactly (m = 1); elsewhere the m of the smallest
+    requantization_error(M / m, bias_offset), the largest on ties. Without `requantization` (M per group), the
+    largest m.
+    """
+    groups = np.asarray(step).size
+    top = np.abs(np.asarray(stored, np.int64)).reshape(groups if groups > 1 else 1, -1).max(axis=1)
+    most = np.maximum(largest // np.maximum(top, 1), 1).astype(np.int64)
+    if requantization is None:
+        return most
+    requantization = np.broadcast_to(np.asarray(requantization, np.float64).reshape(-1), most.shape)
+    found = np.ones_like(most)
+    for index, (limit, value) in enumerate(zip(most, requantization)):
+        candidates = np.arange(1, limit + 1)
+        errors = requantization_error(value / candidates, bias_offset)
+        found[index] = candidates[np.flatnonzero(errors <= errors.min())[-1]]
+    return found
+
+
 def pack_int4(values):
     """Signed values in -8..7 packed two a byte, the first in the low nibble (TFLite's INT4 layout)."""
     values = np.asarray(values, np.int64).reshape(-1)
@@ -88,9 +137,9 @@ def to_int4(int8_model, tensors, report, storage="INT4"):
     converter itself writes a <= 4-bit FakeQuant weight as INT4, moving a 2-3-bit grid onto a 4-bit one, so
     this gives the int8 file int8 weights on exactly the trained grid.
 
-    The weight's scales become the trained steps, and its int32 bias is rescaled to the new product of steps
-    (round(bias * old / new), which gives back the trained bias codes exactly when the converter had moved
-    a 2-3-bit grid onto 4 bits).
+    Each output channel's codes are stored times its code multiplier m (code_multipliers) and its scale is the
+    trained step / m; the int32 bias is rescaled to the new product of steps (round(bias * old / new), which gives
+    back the trained bias codes times m exactly).
 
     Args:
       int8_model: the int8 .tflite bytes (tflite_export.convert_int8_trained).
@@ -98,7 +147,8 @@ def to_int4(int8_model, tensors, report, storage="INT4"):
       report: the QuantReport (eligible(report) must be '').
       storage: 'INT4' or 'INT8'.
     Returns:
-      (the rewritten .tflite bytes, [per weight tensor: {tensor, operator, layer, stored: 'INT4' | 'INT8', reason}]).
+      (the rewritten .tflite bytes, [per weight tensor: {tensor, operator, layer, stored: 'INT4' | 'INT8', reason,
+      and for a rewritten one converter_requantized and code_multiplier: the distinct multipliers}]).
     """
     import flatbuffers  # pylint: disable=import-outside-toplevel
     schema = _schema()
@@ -140,30 +190,62 @@ def to_int4(int8_model, tensors, report, storage="INT4"):
             if stored is None:
                 record["reason"] = "the converter's weight is not on the trained grid"
                 continue
+            requantization = _requantization(subgraph, operator, step)
+            # A fused ReLU keeps only acc * M >= 0, where one accumulator unit less of bias cancels most of the
+            # built-in kernels' rounding error (requantization_error); INT4 layers run on those kernels only.
+            offset = int(storage == "INT4" and requantization is not None and _fused_relu(operator, schema))
+            multiplier = code_multipliers(stored, step, STORAGE_MAX[storage], requantization, offset)
+            offset = offset * (requantization is not None and np.any(requantization / multiplier < 0.5))
+            view = [-1] + [1] * (stored.ndim - 1) if multiplier.size > 1 else [1] * stored.ndim
+            scaled = stored * multiplier.reshape(view)
             if storage == "INT4":
-                buffer.data = np.frombuffer(pack_int4(stored), np.uint8)
+                buffer.data = np.frombuffer(pack_int4(scaled), np.uint8)
             else:
-                buffer.data = np.frombuffer(stored.astype(np.int8).tobytes(), np.uint8)
+                buffer.data = np.frombuffer(scaled.astype(np.int8).tobytes(), np.uint8)
             tensor.type = getattr(schema.TensorType, storage)
-            ratio = old_scales / step.astype(np.float64).reshape(old_scales.shape)
-            tensor.quantization.scale = [float(v) for v in step.reshape(-1)]
-            if len(operator.inputs) > 2 and operator.inputs[2] >= 0 and not np.array_equal(ratio, np.ones_like(ratio)):
-                _rescale_bias(model, subgraph.tensors[operator.inputs[2]], ratio, schema)
+            new_scales = (step.astype(np.float32).reshape(-1) / multiplier.astype(np.float32)).astype(np.float32)
+            ratio = old_scales / new_scales.astype(np.float64).reshape(old_scales.shape)
+            tensor.quantization.scale = [float(v) for v in new_scales]
+            if len(operator.inputs) > 2 and operator.inputs[2] >= 0 and (
+                    offset or not np.array_equal(ratio, np.ones_like(ratio))):
+                lowered = offset * (requantization / multiplier < 0.5) if offset else 0
+                _rescale_bias(model, subgraph.tensors[operator.inputs[2]], ratio, schema, lowered)
+                record["bias_lowered_channels"] = int(np.sum(lowered))
             done.add(tensor.buffer)
             record["stored"] = storage
             record["converter_requantized"] = bool(not np.array_equal(stored, values))
+            record["code_multiplier"] = sorted({int(m) for m in multiplier.reshape(-1)})
     builder = flatbuffers.Builder(len(int8_model))
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output()), records
 
 
-def _rescale_bias(model, bias, ratio, schema):
-    """An int32 bias on the scale (input step x weight step / ratio): values round(bias * ratio)."""
+def _requantization(subgraph, operator, step):
+    """Input step x weight step / output step per output channel, in float64 as LiteRT computes it, or None."""
+    if operator.inputs[0] < 0 or not operator.outputs:
+        return None
+    scales = [subgraph.tensors[index].quantization for index in (operator.inputs[0], operator.outputs[0])]
+    if any(q is None or q.scale is None or len(q.scale) != 1 for q in scales):
+        return None
+    return (np.float64(scales[0].scale[0]) * np.asarray(step, np.float32).reshape(-1).astype(np.float64)
+            / np.float64(scales[1].scale[0]))
+
+
+def _fused_relu(operator, schema):
+    """Whether the operator's own activation is ReLU or ReLU6 (its output keeps acc * M >= 0 only)."""
+    options = operator.builtinOptions
+    return getattr(options, "fusedActivationFunction", None) in (schema.ActivationFunctionType.RELU,
+                                                                  schema.ActivationFunctionType.RELU6)
+
+
+def _rescale_bias(model, bias, ratio, schema, lowered=0):
+    """An int32 bias on the scale (input step x weight step / ratio): values round(bias * ratio) - lowered."""
     if bias.type != schema.TensorType.INT32:
         return
     buffer = model.buffers[bias.buffer]
     values = np.frombuffer(bytes(bytearray(buffer.data)), np.int32).astype(np.float64)
-    buffer.data = np.frombuffer(np.round(values * ratio).astype(np.int32).tobytes(), np.uint8)
+    values = np.round(values * np.asarray(ratio, np.float64).reshape(-1)) - lowered
+    buffer.data = np.frombuffer(values.astype(np.int32).tobytes(), np.uint8)
     bias.quantization.scale = [float(v) for v in np.asarray(bias.quantization.scale, np.float64) / ratio]
 
 
