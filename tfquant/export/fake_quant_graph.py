@@ -68,6 +68,14 @@ def _as_convolution(op, index):
     return op.inputs[0].shape.rank == 2 and op.inputs[index].shape.is_fully_defined()
 
 
+def _per_channel_depthwise(op, index):
+    """Whether `op` is a depthwise convolution whose kernel (input `index`) has a known [H, W, C, M] shape: its
+    per-channel ranges reach the int8 files through a [H, W, 1, C * M] view (TFLite's DEPTHWISE_CONV_2D and ONNX's
+    grouped Conv take one range per output channel)."""
+    return (op.type == "DepthwiseConv2dNative" and index == 1 and op.inputs[index].shape.rank == 4
+            and op.inputs[index].shape.is_fully_defined())
+
+
 def _per_channel_fake_quant(kernel, value, bits):
     """FakeQuant of a [..., K] kernel with one symmetric range per output channel (max |value|)."""
     amax = np.abs(value).max(axis=tuple(range(value.ndim - 1)))
@@ -92,7 +100,8 @@ def _weight_fake_quant(op, index, value, layer, grid):
     # channel axis last; a MatMul run as a 1x1 Conv2D); a per-layer grid keeps one range, or its step
     # would change.
     as_convolution = channel_grid and quantized and not grid.int8_reason and _as_convolution(op, index)
-    per_channel = channel_grid and (op.type == "Conv2D" or as_convolution)
+    depthwise = channel_grid and _per_channel_depthwise(op, index)
+    per_channel = channel_grid and (op.type == "Conv2D" or as_convolution or depthwise)
     reason = ""
     if not quantized:
         reason = "kept float in training"
@@ -115,6 +124,13 @@ def _weight_fake_quant(op, index, value, layer, grid):
                                              kernel_value.reshape([1, 1, channels, outputs]), bits)
             inputs = tf.reshape(op.inputs[0], [-1, 1, 1, channels])
             result = tf.reshape(tf.nn.conv2d(inputs, tensor, 1, "VALID"), [-1, outputs], name="as_convolution")
+        elif depthwise:
+            # The converters take per-channel ranges on the last axis; a depthwise kernel [H, W, C, M] has its C * M
+            # output channels on the last two (TFLite's own layout [1, H, W, C * M]).
+            height, width, channels, multiplier = value.shape
+            flat = [height, width, 1, channels * multiplier]
+            tensor = tf.reshape(_per_channel_fake_quant(tf.reshape(weight, flat), value.reshape(flat), bits),
+                                value.shape, name="per_channel")
         elif per_channel:
             tensor = _per_channel_fake_quant(weight, value, bits)
         else:
