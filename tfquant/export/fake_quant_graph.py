@@ -298,14 +298,19 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
                    for layer in report.activation_layers
                    if layer.quantized and report.config.get("act_range") == "ema"
                    and len(layer.range_variables or ()) == 2]
+        # A trained input range read through Identity / reshape ops (a SavedModel's function inputs) goes on the
+        # input itself: calibrating the input as well would quantize it twice, on two grids.
+        trained = [(layer, images if match.grid_source(tensor).name == images.name else tensor)
+                   for layer, tensor in trained]
         ranged = {tensor.op.name for _, tensor in trained}
         ranged_tensors = {tensor.name for _, tensor in trained}
         # What needs a range is what training quantizes with quantize_layer_outputs (one definition):
         # the image input, activations, and match.find_integer_tensors.
         targets = [images] + [op.outputs[0] for op in activations if op.name not in ranged]
         targets += [item.tensor for item in match.find_integer_tensors(graph, candidates, ranged, folded_outputs)]
+        # A tensor that only reshapes (or passes on) a trained one is on its grid already.
         targets = [t for i, t in enumerate(targets)
-                   if t.name not in ranged_tensors and all(t is not u for u in targets[:i])]
+                   if match.grid_source(t).name not in ranged_tensors and all(t is not u for u in targets[:i])]
         weight_records, replaced = [], {}
         original_weights = [(c, c.op.inputs[c.input_index]) for c in candidates]
         for c in candidates:
