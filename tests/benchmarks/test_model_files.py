@@ -83,9 +83,10 @@ def test_quick_run_of_the_attention_model(tmp_path):
     export = tmp_path / "work" / "runs" / "attention_uniform" / "export"
     assert row["tflite_int8"] == pytest.approx(
         litert_accuracy(export / "model_int8.tflite", data["x_test"], data["y_test"]))
-    import onnxruntime
-    session = onnxruntime.InferenceSession(str(export / "model.onnx"))
-    logits = session.run(None, {session.get_inputs()[0].name: data["x_test"]})[0]
+    # onnxruntime with the export's session options: its quantized logits tie on some images, and other graph
+    # optimisations (another fusion of the Q/DQ pairs) may settle a tie the other way.
+    from tfquant.export import onnx_export
+    logits = onnx_export.run_onnx(str(export / "model.onnx"), data["x_test"])
     assert row["onnx"] == pytest.approx(float(np.mean(logits.argmax(1) == data["y_test"])))
     assert "attention (.keras) | uniform W4A8" in model_files.render(payload, "cmd")
     # The --save_model file reloaded in plain Keras 3 against the quantized model's frozen graph, here.
