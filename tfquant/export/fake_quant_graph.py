@@ -6,8 +6,10 @@ not tfquant's round/clip subgraphs. This graph puts one on:
 * every matmul-like weight: the packed file's dequantized weight with its own range. On a grid an int8
   kernel holds (the symmetric grid, weight_scheme='symmetric') with k <= 8 bits the FakeQuant is k-bit
   narrow-range with zero point 0, the grid tfquant trained, so the integer weight is exactly the trained
-  one ("exact"); the other grids (the weight grid's int8_reason), 'split' buckets, per-channel ranges on ops whose int8 kernels take one range (depthwise)
-  and layers kept float are re-gridded to 8-bit symmetric ("rounded", with the reason). A MatMul with
+  one ("exact"), per output channel on a depthwise kernel too (through a [H, W, 1, C * M] view, which the
+  converters take); the other grids (the weight grid's int8_reason), 'split' buckets, per-channel ranges on ops
+  whose int8 kernels take one range and layers kept float are re-gridded to 8-bit symmetric ("rounded", with the
+  reason). A MatMul with
   per-channel symmetric ranges is deployed as a 1x1 convolution, whose kernel takes them ("exact");
 * every activation tfquant quantized with a stored range (act_range 'ema'): its trained [min, max]
   with its own bits ("trained");
