@@ -2,6 +2,7 @@
 bias + frozen batch norm, a depthwise convolution whose channels have scales 300x apart, dense) imported as
 nets/model_file_run.py imports it, quantized for deployment (symmetric per-channel W8A8, every int8 tensor
 trained), exported, and every file compared image by image with the quantized TF graph run by TensorFlow."""
+import dataclasses
 import json
 import os
 
@@ -44,8 +45,10 @@ def _write_frozen_graph(path, rng):
         handle.write(graph.as_graph_def().SerializeToString())
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+@pytest.fixture(scope="module", params=[8, 4], ids=["W8A8", "W4A8"])
+def exported(tmp_path_factory, request):
+    """W8A8, and W4A8, whose ONNX file stores the kernels as 4-bit codes (the k-bit export)."""
+    config = dataclasses.replace(CONFIG, weight_bits=request.param)
     directory = tmp_path_factory.mktemp("model_file_export")
     rng = np.random.default_rng(0)
     _write_frozen_graph(str(directory / "model.pb"), rng)
@@ -61,7 +64,7 @@ def exported(tmp_path_factory):
     with graph.as_default():
         images = tf1.placeholder(tf.float32, [None] + SHAPE)
         logits = forward(images)
-        report = tfquant.quantize_graph(graph, CONFIG, is_training=True)
+        report = tfquant.quantize_graph(graph, config, is_training=True)
         logits = report.output(logits)
         saver = tf1.train.Saver()
         with tf1.Session(graph=graph) as sess:

@@ -131,16 +131,18 @@ def _weight_fake_quant(op, index, value, layer, grid):
             # output channels on the last two (TFLite's own layout [1, H, W, C * M]).
             height, width, channels, multiplier = value.shape
             flat = [height, width, 1, channels * multiplier]
-            tensor = tf.reshape(_per_channel_fake_quant(tf.reshape(weight, flat), value.reshape(flat), bits),
-                                value.shape, name="per_channel")
+            fake_quant = _per_channel_fake_quant(tf.reshape(weight, flat), value.reshape(flat), bits)
+            tensor = tf.reshape(fake_quant, value.shape, name="per_channel")
         elif per_channel:
             tensor = _per_channel_fake_quant(weight, value, bits)
         else:
             amax = np.maximum(np.float32(np.abs(value).max()), np.float32(1e-8)).astype(np.float32)
             tensor = tf.quantization.fake_quant_with_min_max_vars(
                 weight, tf.constant(-amax), tf.constant(amax), num_bits=bits, narrow_range=True)
+    # The FakeQuant's own output (a depthwise kernel's is reshaped back after it): what the k-bit ONNX export
+    # replaces by the trained codes.
     record = {"layer": op.name, "bits": int(bits), "int8": "rounded" if reason else "exact", "reason": reason,
-              "tensor": tensor.name}
+              "tensor": (fake_quant if depthwise else tensor).name}
     if as_convolution:
         # The MatMul's readers move to the convolution; the MatMul itself is left without a reader and
         # drops out of the frozen graph.
