@@ -107,8 +107,8 @@ class Plan:
         schedule = (["--uql_quant_epochs=%s" % budget["quant_epochs"]] if learner == "uniform"
                     else ["--uql_calib_batches=%d" % budget["calib_batches"]])
         return ([sys.executable, RUN_SCRIPT, "--model=%s" % os.path.join(self.models_dir, name),
-                 "--data_npz=%s" % self.npz, "--uql_quantize_all_layers"] + extra + learner_flags + DEPLOYABLE + schedule
-                + budget["common"])
+                 "--data_npz=%s" % self.npz, "--uql_quantize_all_layers"] + extra + learner_flags + DEPLOYABLE
+                + schedule + budget["common"])
 
 
 def run_model(plan, model, learner, file_accuracy):
@@ -186,8 +186,8 @@ def render(payload, command):
                  entries[0]["test_examples"] if entries else "-"),
               "- 'file' is the model file's own accuracy (Keras / TensorFlow on the test images); 'float' the run "
               "script's evaluation of the imported file; 'reloaded' the --save_model output reloaded in plain Keras "
-              "3 / TensorFlow, 'same top-1' its agreement with the quantized model; 'TFLite =' and 'ONNX =' the share of "
-              "test images each exported file gives the quantized TF graph's class (export.json); 'ok' = quantized, "
+              "3 / TensorFlow, 'same top-1' its agreement with the quantized model; 'TFLite =' and 'ONNX =' the share "
+              "of test images each exported file gives the quantized TF graph's class (export.json); 'ok' = quantized, "
               "TFLite int8 and ONNX all at most 1 point below 'file', both files >= %.1f %% '=' and same top-1 >= "
               "%.1f %%." % (100 * AGREEMENT, 100 * RELOAD_AGREEMENT), ""]
     rows = []

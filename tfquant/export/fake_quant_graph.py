@@ -9,8 +9,8 @@ not tfquant's round/clip subgraphs. This graph puts one on:
   one ("exact"), per output channel on a depthwise kernel too (through a [H, W, 1, C * M] view, which the
   converters take); the other grids (the weight grid's int8_reason), 'split' buckets, per-channel ranges on ops
   whose int8 kernels take one range and layers kept float are re-gridded to 8-bit symmetric ("rounded", with the
-  reason). A MatMul with
-  per-channel symmetric ranges is deployed as a 1x1 convolution, whose kernel takes them ("exact");
+  reason). A MatMul with per-channel symmetric ranges is deployed as a 1x1 convolution, whose kernel takes them
+  ("exact");
 * every activation tfquant quantized with a stored range (act_range 'ema'): its trained [min, max]
   with its own bits ("trained");
 * the tensors integer kernels need a range for that training never quantized (the input, a layer's
