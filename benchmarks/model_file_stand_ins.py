@@ -33,10 +33,10 @@ CLASSES = 10
 
 def _conv_bn(keras):
     inputs = keras.Input(SHAPE)
-    x = keras.layers.Conv2D(16, 3, strides=2, padding="same", name="conv")(inputs)
+    x = keras.layers.Conv2D(32, 3, strides=2, padding="same", name="conv")(inputs)
     x = keras.layers.ReLU()(keras.layers.BatchNormalization(name="bn")(x))
-    x = keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="relu", name="conv_2")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Conv2D(64, 3, strides=2, padding="same", activation="relu", name="conv_2")(x)
+    x = keras.layers.Flatten()(x)
     return keras.Model(inputs, keras.layers.Dense(CLASSES, activation="softmax", name="fc")(x))
 
 
@@ -45,7 +45,7 @@ def _depthwise(keras):
     x = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="stem")(inputs)
     x = keras.layers.DepthwiseConv2D(3, strides=2, padding="same", activation="relu", name="depthwise")(x)
     x = keras.layers.Conv2D(32, 1, activation="relu", name="project")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Flatten()(x)
     return keras.Model(inputs, keras.layers.Dense(CLASSES, name="fc")(x))
 
 
@@ -57,27 +57,27 @@ def _attention(keras):
     x = keras.layers.LayerNormalization(name="norm")(x + keras.layers.MultiHeadAttention(2, 8, name="mha")(x, x))
     # A transformer's MLP: Keras 3's exact gelu is TensorFlow's Erfc, which the ONNX export must convert.
     x = x + keras.layers.Dense(16, name="mlp_out")(keras.layers.Dense(32, activation="gelu", name="mlp_in")(x))
-    x = keras.layers.GlobalAveragePooling1D()(x)
+    x = keras.layers.Flatten()(x)
     return keras.Model(inputs, keras.layers.Dense(CLASSES, name="fc")(x))
 
 
 def _module_source(keras):
-    """conv + batch norm + relu, mean, dense: what the tf.Module replays (its scores are the logits)."""
+    """conv + batch norm + relu, max pooling, dense: what the tf.Module replays (its scores are the logits)."""
     inputs = keras.Input(SHAPE)
     x = keras.layers.Conv2D(32, 3, strides=2, padding="same", name="conv")(inputs)
     x = keras.layers.ReLU()(keras.layers.BatchNormalization(epsilon=1e-3, name="bn")(x))
-    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Flatten()(keras.layers.MaxPooling2D(2)(x))
     return keras.Model(inputs, keras.layers.Dense(CLASSES, activation="softmax", name="fc")(x))
 
 
 def _frozen_source(keras):
-    """conv + batch norm + relu, depthwise (no bias) + relu, mean, dense: what the frozen graph replays."""
+    """conv + batch norm + relu, depthwise (no bias) + relu, dense: what the frozen graph replays."""
     inputs = keras.Input(SHAPE)
     x = keras.layers.Conv2D(16, 3, strides=2, padding="same", name="conv")(inputs)
     x = keras.layers.ReLU()(keras.layers.BatchNormalization(epsilon=1e-3, name="bn")(x))
     x = keras.layers.DepthwiseConv2D(3, strides=2, padding="same", use_bias=False, activation="relu",
                                      name="dw")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Flatten()(x)
     return keras.Model(inputs, keras.layers.Dense(CLASSES, activation="softmax", name="fc")(x))
 
 
@@ -95,7 +95,8 @@ def _write_frozen_v2(tf, model, path):
 
 
 def _write_module(tf, source, path):
-    """A tf.Module (conv + frozen batch norm + relu, mean, matmul + bias) with _module_source's trained weights."""
+    """A tf.Module (conv + frozen batch norm + relu, max pooling, matmul + bias) with _module_source's trained
+    weights."""
     kernel, bias, gamma, beta, mean, variance = [w.numpy() for w in source.get_layer("conv").weights
                                                  + source.get_layer("bn").weights]
     dense, dense_bias = [w.numpy() for w in source.get_layer("fc").weights]
@@ -112,7 +113,8 @@ def _write_module(tf, source, path):
         def __call__(self, pixels):
             x = tf.nn.bias_add(tf.nn.conv2d(pixels, self.kernel, 2, "SAME"), self.bias)
             x = tf.nn.relu(tf.nn.batch_normalization(x, self.mean, self.variance, self.beta, self.gamma, 1e-3))
-            return {"scores": tf.matmul(tf.reduce_mean(x, [1, 2]), self.dense) + self.dense_bias}
+            x = tf.nn.max_pool2d(x, 2, 2, "VALID")
+            return {"scores": tf.matmul(tf.reshape(x, [-1, self.dense.shape[0]]), self.dense) + self.dense_bias}
 
     module = Classifier()
     tf.saved_model.save(module, path, signatures=module.__call__)
@@ -134,7 +136,7 @@ def _write_frozen(tf, source, path):
         x = tf.nn.relu(tf.nn.depthwise_conv2d(tf.nn.relu(x), tf.constant(weights["dw"][0], name="dw/kernel"),
                                               [1, 2, 2, 1], "SAME"))
         dense, dense_bias = weights["fc"]
-        logits = tf.matmul(tf.reduce_mean(x, [1, 2]), tf.constant(dense, name="fc/kernel")) + tf.constant(
+        logits = tf.matmul(tf.reshape(x, [-1, dense.shape[0]]), tf.constant(dense, name="fc/kernel")) + tf.constant(
             dense_bias, name="fc/bias")
         tf.nn.softmax(logits, name="probabilities")
     with open(path, "wb") as handle:

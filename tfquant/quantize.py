@@ -87,9 +87,10 @@ def _quantize_activations(items, plan, config, is_training):
     activations nothing reads are skipped.
     Returns:
       (their LayerReports, {tensor name: quantized tensor} of the quantized tensors nothing read,
-      {quantized tensor name: step} of those on the integer runtimes' grid in evaluation graphs).
+      {quantized tensor name: step} of those on the integer runtimes' grid in evaluation graphs,
+      {tensor name: quantized tensor} of every IntegerTensor quantized).
     """
-    layers, unread, steps = [], {}, {}
+    layers, unread, steps, outputs = [], {}, {}, {}
     for item in items:
         layer = LayerReport(name=item.name, op_type=item.op_type, kind="activation", status=SKIPPED)
         layers.append(layer)
@@ -114,6 +115,8 @@ def _quantize_activations(items, plan, config, is_training):
         quantized, tracker, rerouted = rewrite.insert_after(output, build, scope)
         if not has_readers:
             unread[output.name] = quantized
+        if item.op_type not in match.ACTIVATION_OP_TYPES:
+            outputs[output.name] = quantized
         if rerouted != readers:
             # As tf.contrib.quantize checks: a reader left on the float output would silently skip quantization.
             raise RuntimeError("quantizing activation %s moved %d of its %d readers onto the quantized output"
@@ -124,7 +127,7 @@ def _quantize_activations(items, plan, config, is_training):
             layer.range_variables = [v.op.name for v in tracker.variables]
             if getattr(tracker, "step", None) is not None:
                 steps[quantized.name] = tracker.step
-    return layers, unread, steps
+    return layers, unread, steps, outputs
 
 
 def quantize_biases(graph, weight_steps, input_steps):
@@ -216,7 +219,7 @@ def quantize_graph(graph, config, is_training=True):
         weight_layers, weight_vars, weight_steps = _quantize_weights(graph, candidates, plan, config, is_training)
         if folding is not None:
             fold.rescale_weights(folding)
-        act_layers, unread, input_steps = _quantize_activations(items, plan, config, is_training)
+        act_layers, unread, input_steps, layer_outputs = _quantize_activations(items, plan, config, is_training)
         quantize_biases(graph, weight_steps, input_steps)
         if is_training and config.recompute_quantized != "none":
             # Quantized tensors rebuilt in the backward pass rather than kept: less memory, more work per step.
@@ -238,5 +241,6 @@ def quantize_graph(graph, config, is_training=True):
     quantized_activations = any(layer.quantized for layer in act_layers)
     report.activation_path = (kernels.describe(graph) if is_training and quantized_activations
                               and config.act_range in ("ema", "batch") else None)
+    report.quantized_layer_outputs = layer_outputs
     report.integer_steps = input_steps
     return report

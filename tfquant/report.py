@@ -45,14 +45,18 @@ class QuantReport:
         self.quantized_outputs = {}
         # In training graphs with batch-range activation quantizers: how they run (tfquant.kernels.describe).
         self.activation_path = None
+        # {tensor name: its quantized tensor} of every layer output, input or sum quantize_graph quantized
+        # (quantize_layer_outputs), read or not; empty for a report read from a file.
+        self.quantized_layer_outputs = {}
         # {quantized tensor name: its step} of the tensors an evaluation graph holds on the integer runtimes'
         # grid (tfquant.quantize.quantize_biases); empty for a report read from a file.
         self.integer_steps = {}
 
     def output(self, tensor):
-        """The tensor to read in place of `tensor`: its quantized version if quantize_graph quantized it
-        while nothing read it yet (a model's logits with quantize_layer_outputs), else `tensor` itself."""
-        return self.quantized_outputs.get(tensor.name, tensor)
+        """The tensor to read in place of `tensor`: its quantized version if quantize_graph quantized it (a
+        model's logits with quantize_layer_outputs: nothing read them yet, or only a head the caller skips, such
+        as a model file's softmax, whose input the int8 files then hold quantized), else `tensor` itself."""
+        return self.quantized_outputs.get(tensor.name, self.quantized_layer_outputs.get(tensor.name, tensor))
 
     # -- selections ---------------------------------------------------------------------------
     @property

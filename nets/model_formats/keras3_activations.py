@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from nets.model_formats import keras3_graph
+from tfquant import match
 
 tf1 = tf.compat.v1
 
@@ -76,8 +77,14 @@ def activation_grids(report, checkpoint):
     return grids, unsupported
 
 
-def layer_of_ops(rebuild_plan, input_shape, scope):
-    """{op name in the rebuilt evaluation graph: the Keras layer whose output it is}."""
+def layer_of_ops(rebuild_plan, input_shape, scope, before_activation=None, tensors=None):
+    """{op name in the rebuilt evaluation graph: the Keras layer whose output it is}.
+
+    before_activation: a dict to fill with {op name: layer name} of the ops computing a layer's output before its
+    own activation (a Dense's logits before its softmax).
+    tensors: a dict {report name: None} to fill with (op name of the tensor it names, whether that is the model
+    input): a layer output or input the report names after its weight op ('<op>:output', '<op>:input').
+    """
     graph = tf.Graph()
     outputs = {}
     with graph.as_default():
@@ -91,20 +98,42 @@ def layer_of_ops(rebuild_plan, input_shape, scope):
         while op.type == "Identity" and op.inputs:  # a frozen layer's output is an Identity of its last op
             op = op.inputs[0].op
             found.setdefault(op.name, layer_name)
+        if before_activation is not None and op.type in ACTIVATION_TYPES and op.inputs:
+            before_activation.setdefault(op.inputs[0].op.name, layer_name)
+    for name in list(tensors or ()):
+        try:
+            tensor = match.integer_tensor(graph, name)
+        except (KeyError, ValueError):
+            continue
+        tensors[name] = (tensor.op.name, tensor.op is images.op)
     return found
 
 
-def with_quantized_activations(keras, model, grids_by_layer):
+# Ops a Keras layer's own `activation` ends in, whose input is the layer's output before it.
+ACTIVATION_TYPES = ("Softmax", "Relu", "Relu6", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus")
+
+
+def _is_model_input(keras_tensor):
+    history = getattr(keras_tensor, "_keras_history", None)
+    return history is not None and type(history[0]).__name__ == "InputLayer"
+
+
+def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, before_activation=None):
     """A functional copy of `model` (its layers shared) with each grid applied after its layer's output.
 
     Args:
       keras: the Keras 3 module.
       model: a Functional or Sequential Keras 3 model.
       grids_by_layer: {layer name: ActivationGrid}.
+      input_grid: the ActivationGrid of the model input, or None (applied where a layer reads the input).
+      before_activation: {layer name: ActivationGrid} of layers quantized before their own activation (a Dense's
+        logits before its softmax, what an int8 model's output holds): the copy runs such a layer without its
+        activation (a new layer of the same name and weights), the grid, then the activation as its own layer.
     Returns:
-      (the model, the names of the layers whose grids it applies: clone_model calls back for layers only, not
-      for a functional model's Keras operations such as `x + y`).
+      (the model, the names of the layers whose grids it applies, with '(input)' for the input's: clone_model
+      calls back for layers only, not for a functional model's Keras operations such as `x + y`).
     """
+    before_activation = dict(before_activation or {})
     if isinstance(model, keras.Sequential):
         inputs = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
         x = inputs
@@ -112,15 +141,35 @@ def with_quantized_activations(keras, model, grids_by_layer):
             x = layer(x)
         model = keras.Model(inputs, x, name=model.name)
 
-    applied = set()
+    applied, linear = set(), {}
+
+    def clone(layer):
+        if layer.name not in before_activation or getattr(layer, "activation", None) is None:
+            return layer
+        config = layer.get_config()
+        activation, config["activation"] = config["activation"], "linear"
+        linear[layer.name] = (layer, layer.__class__.from_config(config), activation)
+        return linear[layer.name][1]
 
     def call(layer, *args, **kwargs):
+        if input_grid is not None and args and _is_model_input(args[0]):
+            applied.add(INPUT_LAYER)
+            args = (input_grid.apply(keras, args[0]),) + args[1:]
         output = layer(*args, **kwargs)
+        if layer.name in linear:
+            applied.add(layer.name)
+            output = before_activation[layer.name].apply(keras, output)
+            return keras.layers.Activation(linear[layer.name][2], name=layer.name + "_activation")(output)
         grid = grids_by_layer.get(layer.name)
         if grid is None:
             return output
         applied.add(layer.name)
         return grid.apply(keras, output)
 
-    copy = keras.models.clone_model(model, clone_function=lambda layer: layer, call_function=call)
+    copy = keras.models.clone_model(model, clone_function=clone, call_function=call)
+    for original, replacement, _ in linear.values():
+        replacement.set_weights(original.get_weights())
     return copy, applied
+
+
+INPUT_LAYER = "(input)"

@@ -127,18 +127,29 @@ def _keras3_quantized_activations(helper, model, checkpoint, report_path):
     """`model` with the quantized activations of a rebuilt Keras 3 run, and what the description says of them."""
     import keras  # pylint: disable=import-outside-toplevel  (Keras 3, only for its files)
     grids, unsupported = keras3_activations.activation_grids(load_report(report_path), checkpoint)
-    layers = keras3_activations.layer_of_ops(helper.rebuild_plan, helper.input_shape, MODEL_SCOPE)
-    by_layer = {}
+    before, tensors = {}, {grid.op_name: None for grid in grids}
+    layers = keras3_activations.layer_of_ops(helper.rebuild_plan, helper.input_shape, MODEL_SCOPE, before, tensors)
+    by_layer, before_activation, input_grid = {}, {}, None
     for grid in grids:
-        if grid.op_name in layers:
-            by_layer[layers[grid.op_name]] = grid
+        # A layer output or input --uql_quantize_layer_outputs quantized is named after its weight op.
+        op_name, is_input = tensors.get(grid.op_name) or (grid.op_name, False)
+        if op_name in layers:
+            by_layer[layers[op_name]] = grid
+        elif op_name in before:
+            before_activation[before[op_name]] = grid  # a Dense's logits before its softmax
+        elif is_input and input_grid is None:
+            input_grid = grid  # the model input a layer reads
         else:
             unsupported.append(grid.op_name)  # inside a layer, not its output
-    if not by_layer and not unsupported:
+    if not by_layer and not unsupported and not before_activation and input_grid is None:
         return model, "activations float as in the quantized model"
     with tf.init_scope():
-        model, applied = keras3_activations.with_quantized_activations(keras, model, by_layer)
-    unsupported += [grid.op_name for name, grid in by_layer.items() if name not in applied]
+        model, applied = keras3_activations.with_quantized_activations(keras, model, by_layer, input_grid,
+                                                                       before_activation)
+    unsupported += [grid.op_name for name, grid in list(by_layer.items()) + list(before_activation.items())
+                    if name not in applied]
+    if input_grid is not None and keras3_activations.INPUT_LAYER not in applied:
+        unsupported.append(input_grid.op_name)
     said = "activations quantized after %d layers as in the quantized model" % len(applied)
     if unsupported:
         said += "; float at %s (not a layer output, or no recorded range)" % ", ".join(sorted(unsupported))

@@ -258,3 +258,28 @@ def test_frozen_graph_adds_the_same_int32_biases(trained):
     logits = frozen_graph.run_graph_def(frozen, trained["images"])
     np.testing.assert_array_equal(logits.argmax(1), trained["reference"].argmax(1))
     np.testing.assert_allclose(logits, trained["reference"], atol=1e-5)
+
+
+def test_logits_a_skipped_softmax_read_are_the_quantized_output():
+    """A model file's softmax head reads the logits before quantize_graph runs (the run script trains on the
+    softmax's input): report.output gives their quantized version, which training must read for the range to be
+    recorded and which the int8 files hold."""
+    config = tfquant.QuantConfig(weight_bits=8, activation_bits=8, quantize_all_layers=True,
+                                 weight_scheme="symmetric", quantize_layer_outputs=True)
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf1.placeholder(tf.float32, [None, 6])
+        logits = _dense(tf.nn.relu(_dense(images, "fc1", 8)), "fc2", NUM_CLASSES)
+        tf.nn.softmax(logits)  # the head the caller skips
+        report = tfquant.quantize_graph(graph, config, is_training=True)
+        output = report.output(logits)
+        ranges = {v.op.name: v for v in tf1.global_variables()}
+        with new_session(graph) as sess:
+            sess.run(tf1.global_variables_initializer())
+            values = sess.run(output, {images: np.random.default_rng(0).normal(size=(32, 6))})
+            steps = sess.run(ranges["fc2/MatMul/output/act_quant/ema_steps"])
+    assert output.name != logits.name
+    assert steps == 1  # the logits' range was recorded by the step that read them
+    levels = np.unique(values)
+    gaps = np.diff(levels)
+    np.testing.assert_allclose(gaps / gaps.min(), np.round(gaps / gaps.min()), atol=1e-3)  # on one grid

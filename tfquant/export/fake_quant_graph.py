@@ -6,9 +6,11 @@ not tfquant's round/clip subgraphs. This graph puts one on:
 * every matmul-like weight: the packed file's dequantized weight with its own range. On a grid an int8
   kernel holds (the symmetric grid, weight_scheme='symmetric') with k <= 8 bits the FakeQuant is k-bit
   narrow-range with zero point 0, the grid tfquant trained, so the integer weight is exactly the trained
-  one ("exact"); the other grids (the weight grid's int8_reason), 'split' buckets, per-channel ranges on ops whose int8 kernels take one range (depthwise)
-  and layers kept float are re-gridded to 8-bit symmetric ("rounded", with the reason). A MatMul with
-  per-channel symmetric ranges is deployed as a 1x1 convolution, whose kernel takes them ("exact");
+  one ("exact"), per output channel on a depthwise kernel too (through a [H, W, 1, C * M] view, which the
+  converters take); the other grids (the weight grid's int8_reason), 'split' buckets, per-channel ranges on ops
+  whose int8 kernels take one range and layers kept float are re-gridded to 8-bit symmetric ("rounded", with the
+  reason). A MatMul with per-channel symmetric ranges is deployed as a 1x1 convolution, whose kernel takes them
+  ("exact");
 * every activation tfquant quantized with a stored range (act_range 'ema'): its trained [min, max]
   with its own bits ("trained");
 * the tensors integer kernels need a range for that training never quantized (the input, a layer's
@@ -68,6 +70,14 @@ def _as_convolution(op, index):
     return op.inputs[0].shape.rank == 2 and op.inputs[index].shape.is_fully_defined()
 
 
+def _per_channel_depthwise(op, index):
+    """Whether `op` is a depthwise convolution whose kernel (input `index`) has a known [H, W, C, M] shape: its
+    per-channel ranges reach the int8 files through a [H, W, 1, C * M] view (TFLite's DEPTHWISE_CONV_2D and ONNX's
+    grouped Conv take one range per output channel)."""
+    return (op.type == "DepthwiseConv2dNative" and index == 1 and op.inputs[index].shape.rank == 4
+            and op.inputs[index].shape.is_fully_defined())
+
+
 def _per_channel_fake_quant(kernel, value, bits):
     """FakeQuant of a [..., K] kernel with one symmetric range per output channel (max |value|)."""
     amax = np.abs(value).max(axis=tuple(range(value.ndim - 1)))
@@ -92,7 +102,8 @@ def _weight_fake_quant(op, index, value, layer, grid):
     # channel axis last; a MatMul run as a 1x1 Conv2D); a per-layer grid keeps one range, or its step
     # would change.
     as_convolution = channel_grid and quantized and not grid.int8_reason and _as_convolution(op, index)
-    per_channel = channel_grid and (op.type == "Conv2D" or as_convolution)
+    depthwise = channel_grid and _per_channel_depthwise(op, index)
+    per_channel = channel_grid and (op.type == "Conv2D" or as_convolution or depthwise)
     reason = ""
     if not quantized:
         reason = "kept float in training"
@@ -115,14 +126,23 @@ def _weight_fake_quant(op, index, value, layer, grid):
                                              kernel_value.reshape([1, 1, channels, outputs]), bits)
             inputs = tf.reshape(op.inputs[0], [-1, 1, 1, channels])
             result = tf.reshape(tf.nn.conv2d(inputs, tensor, 1, "VALID"), [-1, outputs], name="as_convolution")
+        elif depthwise:
+            # The converters take per-channel ranges on the last axis; a depthwise kernel [H, W, C, M] has its C * M
+            # output channels on the last two (TFLite's own layout [1, H, W, C * M]).
+            height, width, channels, multiplier = value.shape
+            flat = [height, width, 1, channels * multiplier]
+            fake_quant = _per_channel_fake_quant(tf.reshape(weight, flat), value.reshape(flat), bits)
+            tensor = tf.reshape(fake_quant, value.shape, name="per_channel")
         elif per_channel:
             tensor = _per_channel_fake_quant(weight, value, bits)
         else:
             amax = np.maximum(np.float32(np.abs(value).max()), np.float32(1e-8)).astype(np.float32)
             tensor = tf.quantization.fake_quant_with_min_max_vars(
                 weight, tf.constant(-amax), tf.constant(amax), num_bits=bits, narrow_range=True)
+    # The FakeQuant's own output (a depthwise kernel's is reshaped back after it): what the k-bit ONNX export
+    # replaces by the trained codes.
     record = {"layer": op.name, "bits": int(bits), "int8": "rounded" if reason else "exact", "reason": reason,
-              "tensor": tensor.name}
+              "tensor": (fake_quant if depthwise else tensor).name}
     if as_convolution:
         # The MatMul's readers move to the convolution; the MatMul itself is left without a reader and
         # drops out of the frozen graph.
@@ -282,14 +302,19 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
                    for layer in report.activation_layers
                    if layer.quantized and report.config.get("act_range") == "ema"
                    and len(layer.range_variables or ()) == 2]
+        # A trained input range read through Identity / reshape ops (a SavedModel's function inputs) goes on the
+        # input itself: calibrating the input as well would quantize it twice, on two grids.
+        trained = [(layer, images if match.grid_source(tensor).name == images.name else tensor)
+                   for layer, tensor in trained]
         ranged = {tensor.op.name for _, tensor in trained}
         ranged_tensors = {tensor.name for _, tensor in trained}
         # What needs a range is what training quantizes with quantize_layer_outputs (one definition):
         # the image input, activations, and match.find_integer_tensors.
         targets = [images] + [op.outputs[0] for op in activations if op.name not in ranged]
         targets += [item.tensor for item in match.find_integer_tensors(graph, candidates, ranged, folded_outputs)]
+        # A tensor that only reshapes (or passes on) a trained one is on its grid already.
         targets = [t for i, t in enumerate(targets)
-                   if t.name not in ranged_tensors and all(t is not u for u in targets[:i])]
+                   if match.grid_source(t).name not in ranged_tensors and all(t is not u for u in targets[:i])]
         weight_records, replaced = [], {}
         original_weights = [(c, c.op.inputs[c.input_index]) for c in candidates]
         for c in candidates:

@@ -87,7 +87,7 @@ _CODE_OFFSET = 128  # uint8 code = signed narrow-range code + 128
 
 
 def _weight_grids(graph_def):
-    """{FakeQuant node name: (step per range, bits)} of the graph's narrow-range (weight) FakeQuant ops."""
+    """{FakeQuant node name: (step per range, bits, the name)} of the graph's narrow-range (weight) FakeQuant ops."""
     constants = {node.name: node for node in graph_def.node if node.op == "Const"}
     grids = {}
     for node in graph_def.node:
@@ -98,8 +98,23 @@ def _weight_grids(graph_def):
             continue
         low, high = (tf.make_ndarray(n.attr["value"].tensor).astype(np.float32) for n in range_nodes)
         bits = node.attr["num_bits"].i
-        grids[node.name] = ((high - low) / np.float32(2 ** bits - 2), bits)
+        grids[node.name] = ((high - low) / np.float32(2 ** bits - 2), bits, node.name)
     return grids
+
+
+def _codes_on_grid(value, axis, step, bits, fake_quant):
+    """(signed codes, step, fake_quant) of a weight on a FakeQuant's grid (per channel along `axis`), or None when
+    a value is off it or a code out of its range."""
+    shape = [1] * value.ndim
+    if np.ndim(step):
+        if value.shape[axis] != np.size(step):
+            return None
+        shape[axis] = -1
+    scaled = value / step.reshape(shape)
+    codes = np.round(scaled)
+    if np.abs(scaled - codes).max() > 1e-2 or np.abs(codes).max() > 2 ** (bits - 1) - 1:
+        return None
+    return codes, step, fake_quant
 
 
 def store_weight_codes(model, graph_def):
@@ -121,6 +136,9 @@ def store_weight_codes(model, graph_def):
     from onnx import numpy_helper  # pylint: disable=import-outside-toplevel
     grids = _weight_grids(graph_def)
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    # Grids a weight is named after are not offered to another weight.
+    used = {fake_quant for fake_quant in grids for name in initializers
+            if name == fake_quant or name.startswith((fake_quant + "__", fake_quant + ":"))}
     dequantize = []
     for node in model.graph.node:
         if node.op_type not in _WEIGHT_AXIS or len(node.input) < 2 or node.input[1] not in initializers:
@@ -129,20 +147,21 @@ def store_weight_codes(model, graph_def):
         # tf2onnx names a folded constant after the op that produced it (plus a suffix).
         owners = [fake_quant for fake_quant in grids if name == fake_quant
                   or name.startswith((fake_quant + "__", fake_quant + ":"))]
-        if not owners:
-            continue
-        step, bits = grids[max(owners, key=len)]
         value = numpy_helper.to_array(initializers[name])
         axis = _WEIGHT_AXIS[node.op_type] % value.ndim
-        shape = [1] * value.ndim
-        if np.ndim(step):
-            if value.shape[axis] != np.size(step):
-                continue
-            shape[axis] = -1
-        scaled = value / step.reshape(shape)
-        codes = np.round(scaled)
-        if np.abs(scaled - codes).max() > 1e-2 or np.abs(codes).max() > 2 ** (bits - 1) - 1:
+        if owners:
+            found = _codes_on_grid(value, axis, *grids[max(owners, key=len)])
+        else:
+            # A kernel folded through more ops (a depthwise kernel's per-channel view reshaped back, then
+            # transposed to a grouped Conv's) gets a generic name: it is the one weight grid not yet taken
+            # whose step per output channel puts every value on a code.
+            found = next((f for f in (_codes_on_grid(value, axis, *grids[fake_quant]) for fake_quant in grids
+                                      if fake_quant not in used and np.ndim(grids[fake_quant][0]))
+                          if f is not None), None)
+        if found is None:
             continue
+        codes, step, fake_quant = found
+        used.add(fake_quant)
         model.graph.initializer.remove(initializers[name])
         model.graph.initializer.extend([
             numpy_helper.from_array((codes + _CODE_OFFSET).astype(np.uint8), name + "_codes"),
