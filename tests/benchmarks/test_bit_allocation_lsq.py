@@ -187,11 +187,15 @@ def test_lsq_rows_refuse_budgets_without_a_choice_and_options_they_do_not_take(t
 
 
 def test_a_seed_whose_float_checkpoint_is_missing_is_refused_before_any_run(tmp_path):
-    """Rows of seed 1 in the results file came from a float checkpoint; a --work_dir without it would train a new
-    one for the LSQ rows, which could not be compared (merge would refuse them after every run)."""
+    """LSQ rows of seed 1 in the results file came from a float checkpoint; a --work_dir without it would train a
+    new one for the next LSQ rows, which could not be compared (merge would refuse them after every run). The
+    min/max rows of that seed do not hold the LSQ rows back: the two families are compared apart."""
     out, work = tmp_path / "r.json", tmp_path / "work"
     plan = dict(bit_allocation.FULL, budgets=["W3 A4"])
     publish.write_json(str(out), {"quick": False, "plan": plan, "entries": [_entry("auto", 1, 0.9)]})
+    bit_allocation.check_float_checkpoints(publish.load_json(str(out)), str(work), [1], ["W3 A4"], str(out),
+                                           lsq=True)
+    publish.write_json(str(out), {"quick": False, "plan": plan, "entries": [_entry(bit_allocation_lsq.AUTO, 1, 0.9)]})
     with pytest.raises(publish.BenchmarkError, match=r"--work_dir=%s has no float checkpoint of seed 1, whose rows "
                        % work):
         bit_allocation.main(["--weight_grid", "lsq", "--seeds", "0,1", "--output", str(out), "--work_dir", str(work)])
@@ -199,5 +203,7 @@ def test_a_seed_whose_float_checkpoint_is_missing_is_refused_before_any_run(tmp_
     os.makedirs(os.path.join(accuracy_table.float_dir(str(work), 1)))
     open(os.path.join(accuracy_table.float_dir(str(work), 1), "checkpoint"), "w").close()
     # With the checkpoint there the check passes (and an unrelated budget's rows never ask for one).
-    bit_allocation.check_float_checkpoints({"entries": [_entry("auto", 1, 0.9)]}, str(work), [0, 1], ["W3 A4"], "r")
-    bit_allocation.check_float_checkpoints({"entries": [_entry("auto", 2, 0.9)]}, str(work), [2], ["W3 A2.5"], "r")
+    bit_allocation.check_float_checkpoints({"entries": [_entry(bit_allocation_lsq.AUTO, 1, 0.9)]}, str(work), [0, 1],
+                                           ["W3 A4"], "r", lsq=True)
+    bit_allocation.check_float_checkpoints({"entries": [_entry(bit_allocation_lsq.AUTO, 2, 0.9)]}, str(work), [2],
+                                           ["W3 A2.5"], "r", lsq=True)
