@@ -149,6 +149,10 @@ def render_lines(entries):
         mine = [e for e in entries if e["seed"] == seed and e["budget"] in table]
         lsq = sorted({e["float_accuracy"] for e in mine if bit_allocation.is_lsq(e)})
         other = sorted({e["float_accuracy"] for e in mine if not bit_allocation.is_lsq(e)})
+        if other and lsq == other:
+            lines.append("- Seed %d: the LSQ rows fine-tune a float checkpoint of the min/max rows' accuracy (%s; the "
+                         "header's machine and date are the last part's, the LSQ rows')."
+                         % (seed, ", ".join("%.2f %%" % (100 * a) for a in lsq)))
         if other and lsq != other:
             lines.append("- Seed %d: the LSQ rows fine-tune a float checkpoint trained again (%s) rather than the "
                          "min/max rows' (%s); LSQ rows are compared only with each other."

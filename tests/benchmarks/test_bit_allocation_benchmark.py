@@ -181,6 +181,10 @@ def test_lsq_rows_may_come_from_another_float_checkpoint_than_the_min_max_rows(t
     assert "not the same in every budget" not in text
     assert "Seed 0: the LSQ rows fine-tune a float checkpoint trained again (93.00 %) rather than the min/max " \
            "rows' (90.00 %)" in text
+    same = bit_allocation.merge(payload, [dict(e, float_accuracy=0.9) for e in lsq], plan, "r.json")[0]
+    text = bit_allocation.render(dict(payload, entries=same, load_before=None, machine={
+        "cores": 2, "cpu": "x", "tensorflow": "2", "python": "3", "date": "d", "load_average": None}), "cmd")
+    assert "Seed 0: the LSQ rows fine-tune a float checkpoint of the min/max rows' accuracy (90.00 %" in text
     # No float checkpoint in tmp_path: refused for the min/max family whose rows are stored, not for LSQ rows.
     with pytest.raises(publish.BenchmarkError, match="no float checkpoint of seed 0"):
         bit_allocation.check_float_checkpoints(payload, str(tmp_path), [0], ["W3 A4"], "r.json")
