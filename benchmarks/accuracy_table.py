@@ -331,7 +331,7 @@ def render(payload, command):
               publish.markdown_table(("row", "seeds", "test accuracy %", "vs float", "vs float fine-tuned",
                                       "model compression"), rows), ""]
     if ptq:
-        lines += ptq_lines(entries, table)
+        lines += ptq_lines(entries)
         lines += accuracy_targets.lines_of(accuracy_targets.ptq_checks(table, "its float model"))
     else:
         lines += accuracy_targets.target_lines(table, converged)
@@ -344,9 +344,8 @@ def render(payload, command):
     return "\n".join(lines)
 
 
-def ptq_lines(entries, table):
+def ptq_lines(entries):
     """The post-training table's notes: what the rows are and AdaRound's calibration time per seed."""
-    del table
     lines = ["- No fine-tuning: each row calibrates its seed's float checkpoint (activation ranges over "
              "--uql_calib_batches training batches, no labels) and rounds the weights to nearest, or with AdaRound "
              "(--uql_adaround); the float model is the control. The targets are judged against the float model "
