@@ -141,7 +141,8 @@ def export_latest(helper, checkpoint_dir, settings):
             calibration_images=calibration, output_name="--export_dir=" + settings.export_dir)
     except TfquantError as exc:
         raise UserError(run_directory.one_line(exc)) from None
-    return run_directory.summary_lines(result, settings.export_dir) + _deployment_hint(result)
+    lines = run_directory.summary_lines(result, settings.export_dir)
+    return lines[:-1] + _deployment_hint(result) + lines[-1:]  # the details line last
 
 
 def _deployment_hint(result):
