@@ -390,7 +390,7 @@ def test_export_names_what_its_int8_files_do_not_hold_as_trained(deployed):
     # (quantize_layer_outputs off): calibrated, and named.
     calibrated = [r["tensor"] for r in graph.activations if r["source"] == "calibrated"]
     assert "input" in calibrated and {w["int8"] for w in graph.weights} == {"exact"}
-    untrained = run_directory.not_as_trained(graph)
+    untrained = graph.not_as_trained()
     assert untrained == {"calibrated": calibrated}
     line = run_directory.summary_lines({"packed": {"file_bytes": 1, "bound_bytes": 1, "float_storage_bits": 8,
                                                    "compression_ratio": 1.0}, "files": {},

@@ -225,7 +225,7 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
         ranged = fake_quant_graph.build(build_forward, weights, report, input_shape, calibration_images,
                                         weight_steps=fake_quant_graph.packed_steps(packed_tensors))
         result["trained_ranges"] = ranged.summary()
-        untrained = not_as_trained(ranged)
+        untrained = ranged.not_as_trained()
         if untrained:
             result["not_as_trained"] = untrained
     if int8 and options.int8_calibration:
@@ -270,18 +270,6 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
                 "layers": divergence.layer_divergence(ranged.graph_def, models["int8"], images)}
     files.write_atomically(os.path.join(staging, "export.json"), json.dumps(result, indent=2).encode())
     return result
-
-
-def not_as_trained(ranged):
-    """What the int8 / ONNX files hold that the trained graph does not compute, from a FakeQuantGraph: {"weights":
-    {reason: [layers re-gridded to 8-bit symmetric]}, "calibrated": [tensors training never quantized]}; {} when
-    the files hold the trained grids and ranges."""
-    weights = {}
-    for record in ranged.weights:
-        if record["int8"] != "exact":
-            weights.setdefault(record["reason"], []).append(record["layer"])
-    calibrated = [r["tensor"] for r in ranged.activations if r["source"] == "calibrated"]
-    return {key: value for key, value in (("weights", weights), ("calibrated", calibrated)) if value}
 
 
 def _not_as_trained_line(untrained):
