@@ -42,6 +42,7 @@ LEARNERS = {"uniform": ("W4A8", ["--learner=uniform", "--uql_weight_bits=4", "--
 # Trained for deployment: the int8 files then hold the trained weight grids and ranges, nothing calibrated or
 # rounded again (without these the files re-rounded asymmetric weights and calibrated the input, the outputs
 # before a batch norm and the logits, and lost up to 1.5 points against the quantized graph).
+# nets/model_file_run.py sets both itself where the command line leaves them unset; given here so the records say so.
 DEPLOYABLE = ["--uql_weight_scheme=symmetric", "--uql_quantize_layer_outputs"]
 LABELS = {"conv_bn": "conv + BN + dense (.keras)", "depthwise": "depthwise (Keras 3 export)",
           "attention": "attention (.keras)", "module": "tf.Module SavedModel", "frozen": "frozen graph (.pb)",

@@ -41,6 +41,9 @@ SCRIPT_DEFAULTS = {
     # range per depthwise tensor at W4 lost 9.5 points on a separable-conv model that channel ranges kept.
     "model_file": {"uql_use_buckets": True},
 }
+# Scripts whose quantized runs train, where the command line leaves them unset, with the settings under which the
+# int8 export computes the trained graph (learners.deployment_settings): a user's model file is there to be deployed.
+DEPLOYMENT_SCRIPTS = ("model_file",)
 
 
 def use_script_defaults(script):

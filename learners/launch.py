@@ -23,7 +23,9 @@ def main(model_name=None, make_helper=None, after_train=None, script_defaults=Fa
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     early_lock.hold_run_directories()  # before TensorFlow's import: a second run on a directory stops at once
     from learners import flags as learner_flags, helper_factory, runner  # TensorFlow is imported here
-    if script_defaults:
-        learner_flags.use_script_defaults(model_name if script_defaults is True else script_defaults)
+    script = (model_name if script_defaults is True else script_defaults) if script_defaults else None
+    if script:
+        learner_flags.use_script_defaults(script)
     build = helper_factory.make_helper_for(model_name) if model_name else getattr(helper_factory, make_helper)
-    runner.run(build, after_train=getattr(helper_factory, after_train) if after_train else None)
+    runner.run(build, after_train=getattr(helper_factory, after_train) if after_train else None,
+               deployment_defaults=script in learner_flags.DEPLOYMENT_SCRIPTS)

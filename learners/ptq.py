@@ -101,6 +101,7 @@ class PTQLearner(uniform_quant.UniformQuantLearner):
         training.log("ptq: float model %s: test accuracy %.4f" % (float_checkpoint, float_accuracy))
         model = graphs.build_graph(self.helper, False, quant_config=self.config)
         report = model.report
+        report.notes.extend(self.settings_notes)
         quantized = [layer for layer in report.activation_layers if layer.quantized and layer.range_variables]
         weights_checkpoint, extra = float_checkpoint, {}
         if getattr(s, "uql_adaround", False):

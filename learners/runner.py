@@ -9,7 +9,8 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from learners import flags as learner_flags  # noqa: E402
-from learners import analysis, directory_flags, distributed, layer_analysis, run_lock, stopping  # noqa: E402
+from learners import (analysis, deployment_settings, directory_flags, distributed, layer_analysis,  # noqa: E402
+                      run_lock, stopping)
 from learners.graphs import dataset_arrays  # noqa: E402  (also the name benchmarks and tests import)
 from learners.errors import UserError  # noqa: E402
 from learners.full_precision import FullPrecLearner  # noqa: E402
@@ -30,10 +31,15 @@ def _parse_flags(argv):
         sys.exit(2)
 
 
-def _main(make_helper, after_train):
+def _main(make_helper, after_train, deployment_defaults=False):
     def main(argv):
         if len(argv) > 1:
             raise UserError("unexpected argument %r; expected only --flag=value options" % argv[1])
+        settings_notes = []
+        if deployment_defaults:
+            settings_notes = deployment_settings.apply(FLAGS, learner_flags.validate_flags)
+            for note in settings_notes:
+                print("note: %s" % note, flush=True)
         learner_flags.validate_flags()
         stopping.install()
         cluster = distributed.cluster_from_environment(FLAGS.collective_timeout_secs)
@@ -63,6 +69,8 @@ def _main(make_helper, after_train):
             learner = PTQLearner(helper, FLAGS, learner_flags.quant_config())
         else:
             learner = UniformQuantLearner(helper, FLAGS, learner_flags.quant_config(), cluster)
+        if FLAGS.learner != "full-prec":
+            learner.settings_notes = settings_notes
         if FLAGS.exec_mode == "train":
             results = learner.train()
             if after_train is not None and results is not None:
@@ -133,15 +141,38 @@ def export_latest(helper, checkpoint_dir, settings):
             calibration_images=calibration, output_name="--export_dir=" + settings.export_dir)
     except TfquantError as exc:
         raise UserError(run_directory.one_line(exc)) from None
-    return run_directory.summary_lines(result, settings.export_dir)
+    lines = run_directory.summary_lines(result, settings.export_dir)
+    return lines[:-1] + _deployment_hint(result) + lines[-1:]  # the details line last
 
 
-def run(make_helper, after_train=None):
+def _deployment_hint(result):
+    """The training flags under which the int8 / ONNX files would compute the trained graph, when they do not."""
+    untrained = result.get("not_as_trained", {})
+    reasons = set(untrained.get("weights", {}))
+    config = result.get("config", {})
+    flags = []
+    if "kept float in training" in reasons:
+        flags.append("--uql_quantize_all_layers")
+    if reasons - {"kept float in training"} and config.get("weight_range", "minmax") == "minmax":
+        flags.append("--uql_weight_scheme=symmetric")
+    if untrained.get("calibrated") and config.get("act_range", "ema") == "ema":
+        if not config.get("quantize_layer_outputs"):
+            flags.append("--uql_quantize_layer_outputs")
+        if config.get("activation_bits") == 32:
+            flags.append("--uql_activation_bits=8")
+    if not flags:
+        return []
+    return ["hint: train with %s for int8 / ONNX files that compute the trained graph" % " ".join(flags)]
+
+
+def run(make_helper, after_train=None, deployment_defaults=False):
     """Run the job: make_helper(FLAGS) builds the ModelHelper from the parsed flags.
 
     after_train: optional function (helper, FLAGS, what learner.train() returned) run after training.
+    deployment_defaults: train quantized runs with the int8 runtimes' settings where the command line leaves them
+      unset (learners.deployment_settings; nets/model_file_run.py).
     """
     # Saver's "Restoring parameters" INFO lines would interleave with the progress lines.
     tf.get_logger().setLevel("WARNING")
     learner_flags.define_flags()
-    app.run(_main(make_helper, after_train), flags_parser=_parse_flags)
+    app.run(_main(make_helper, after_train, deployment_defaults), flags_parser=_parse_flags)

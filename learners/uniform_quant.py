@@ -30,6 +30,8 @@ class UniformQuantLearner:
         self.config = quant_config
         self.cluster = cluster
         self.float_learner = full_precision.FullPrecLearner(helper, settings, cluster)
+        # Notes on settings the run script chose (learners.deployment_settings), kept in the report.
+        self.settings_notes = []
 
     @property
     def save_path(self):
@@ -123,6 +125,7 @@ class UniformQuantLearner:
         model = build(self.config, step)
         report = model.report
         report.allocation = allocation
+        report.notes.extend(self.settings_notes)
         report_path = os.path.join(self.output_dir, REPORT_NAME)
         if self.float_learner.is_chief:
             stopping.pause_point("report")

@@ -118,7 +118,32 @@ def _is_model_input(keras_tensor):
     return history is not None and type(history[0]).__name__ == "InputLayer"
 
 
-def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, before_activation=None):
+def split_separable(keras, layer, inputs, grid):
+    """A SeparableConv2D's call as DepthwiseConv2D, `grid`, then a 1x1 Conv2D (with its bias and activation): the
+    quantized graph rounds the depthwise output inside the layer, which a Keras layer cannot hold. The two layers
+    run the ops Keras's SeparableConv2D runs on TensorFlow (DepthwiseConv2dNative, then Conv2D, bias, activation).
+
+    Returns:
+      the output tensor, or None when the layer is not a 2D channels_last SeparableConv2D.
+    """
+    config = layer.get_config()
+    if type(layer).__name__ != "SeparableConv2D" or config.get("data_format", "channels_last") != "channels_last":
+        return None
+    depthwise = keras.layers.DepthwiseConv2D(
+        config["kernel_size"], strides=config["strides"], padding=config["padding"],
+        depth_multiplier=config["depth_multiplier"], dilation_rate=config["dilation_rate"], use_bias=False,
+        name=layer.name + "_depthwise")
+    pointwise = keras.layers.Conv2D(config["filters"], 1, use_bias=config["use_bias"],
+                                    activation=config["activation"], name=layer.name + "_pointwise")
+    x = depthwise(inputs)
+    depthwise.set_weights([layer.depthwise_kernel.numpy()])
+    output = pointwise(grid.apply(keras, x))
+    pointwise.set_weights([layer.pointwise_kernel.numpy()] + ([layer.bias.numpy()] if config["use_bias"] else []))
+    return output
+
+
+def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, before_activation=None,
+                               inside_separable=None):
     """A functional copy of `model` (its layers shared) with each grid applied after its layer's output.
 
     Args:
@@ -129,11 +154,14 @@ def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, be
       before_activation: {layer name: ActivationGrid} of layers quantized before their own activation (a Dense's
         logits before its softmax, what an int8 model's output holds): the copy runs such a layer without its
         activation (a new layer of the same name and weights), the grid, then the activation as its own layer.
+      inside_separable: {layer name: ActivationGrid} of SeparableConv2D layers whose depthwise output is quantized:
+        the copy runs them as two layers with the grid between (split_separable).
     Returns:
       (the model, the names of the layers whose grids it applies, with '(input)' for the input's: clone_model
       calls back for layers only, not for a functional model's Keras operations such as `x + y`).
     """
     before_activation = dict(before_activation or {})
+    inside_separable = dict(inside_separable or {})
     if isinstance(model, keras.Sequential):
         inputs = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
         x = inputs
@@ -155,7 +183,13 @@ def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, be
         if input_grid is not None and args and _is_model_input(args[0]):
             applied.add(INPUT_LAYER)
             args = (input_grid.apply(keras, args[0]),) + args[1:]
-        output = layer(*args, **kwargs)
+        output = None
+        if layer.name in inside_separable and len(args) == 1:
+            output = split_separable(keras, layer, args[0], inside_separable[layer.name])
+            if output is not None:
+                applied.add(SEPARABLE_PREFIX + layer.name)
+        if output is None:
+            output = layer(*args, **kwargs)
         if layer.name in linear:
             applied.add(layer.name)
             output = before_activation[layer.name].apply(keras, output)
@@ -173,3 +207,4 @@ def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, be
 
 
 INPUT_LAYER = "(input)"
+SEPARABLE_PREFIX = "(inside) "

@@ -73,6 +73,24 @@ def test_keras3_file_uniform_w4a8_trains_saves_and_exports(files, tmp_path):
     assert exported.returncode == 0, exported.stderr[-3000:]
     for kind in ("tflite_int8", "onnx"):
         assert printed(r"accuracy %s\S*\s+([\d.]+)" % kind, exported.stdout) >= quant_accuracy - 0.03
+    # Without --uql_weight_scheme / --uql_quantize_layer_outputs the script trained with the int8 runtimes' settings
+    # (said in the log and the report), so the int8 file holds the trained grids and ranges, nothing re-gridded or
+    # calibrated, and computes the quantized graph: every logit within one output step of it (with the shared
+    # defaults, the asymmetric grid and calibrated layer outputs, 1.5 % of the images had a logit further away).
+    assert "deployment settings of nets/model_file_run.py applied: --uql_weight_scheme=symmetric" in result.stdout
+    assert any(note.startswith("deployment settings of nets/model_file_run.py applied") for note in report["notes"])
+    assert (report["config"]["weight_scheme"], report["config"]["quantize_layer_outputs"]) == ("symmetric", True)
+    summary = json.load(open(tmp_path / "export" / "export.json"))
+    assert {w["int8"] for w in summary["trained_ranges"]["weights"]} == {"exact"}
+    assert summary["trained_ranges"]["calibrated_tensors"] == []
+    assert "warning:" not in exported.stdout and "hint:" not in exported.stdout
+    from tfquant.export import tflite_export
+    int8_file = str(tmp_path / "export" / "model_int8.tflite")
+    int8_logits = tflite_export.run_tflite(open(int8_file, "rb").read(), files["x_test"])
+    interpreter = tflite_export.make_interpreter(int8_file)
+    step = interpreter.get_output_details()[0]["quantization"][0]
+    assert np.abs(int8_logits - reference).max() <= 1.01 * step
+    assert np.array_equal(top1(int8_logits), top1(reference))
 
 
 def test_module_saved_model_ptq_saves_the_same_signature(files, tmp_path):
@@ -155,11 +173,13 @@ def test_keras3_attention_uniform_w4a8_exports_int8_tflite_and_onnx(files, tmp_p
         interpreter.invoke()
         classes.append(int(interpreter.get_tensor(detail_out["index"]).argmax()))
     agreement = np.mean(np.array(classes) == top1(reference))
-    assert agreement >= 0.97, agreement  # measured 199 of 200
+    # Measured 196 of 200 with the script's deployment settings (199 with the shared defaults): the model is near
+    # chance after 0.25 epochs, and 3 of the 4 (1 of ONNX's 4) have tied top logits on the logits' 8-bit grid.
+    assert agreement >= 0.97, agreement
     assert summary["agreement_with_quantized_tf"]["tflite_int8"] == pytest.approx(agreement)
     assert summary["accuracy"]["tflite_int8"] == pytest.approx(np.mean(np.array(classes) == files["y_test"]))
     import onnxruntime
     session = onnxruntime.InferenceSession(str(tmp_path / "export" / "model.onnx"))
     onnx_logits = session.run(None, {session.get_inputs()[0].name: files["x_test"]})[0]
-    assert np.mean(top1(onnx_logits) == top1(reference)) >= 0.99
+    assert np.mean(top1(onnx_logits) == top1(reference)) >= 0.97  # measured 196 of 200 (200 with the shared defaults)
     assert summary["int8_layer_divergence"]["layers"]  # the per-layer check ran, one image at a time

@@ -381,3 +381,24 @@ def test_layer_divergence_compares_every_int8_tensor_with_the_tf_graph(deployed)
     assert broken[records[0]["tensor"]]["differ"] == 0
     before = next(r["differ"] for r in records if r["tensor"] == first + ":0")
     assert broken[first + ":0"]["differ"] > max(0.05, 10 * before), (broken[first + ":0"], before)
+
+
+def test_export_names_what_its_int8_files_do_not_hold_as_trained(deployed):
+    from tfquant.export import run_directory
+    graph = deployed["graph"]
+    # Symmetric weights at 8 bits: all exact. The input and the logits were never quantized in training
+    # (quantize_layer_outputs off): calibrated, and named.
+    calibrated = [r["tensor"] for r in graph.activations if r["source"] == "calibrated"]
+    assert "input" in calibrated and {w["int8"] for w in graph.weights} == {"exact"}
+    untrained = graph.not_as_trained()
+    assert untrained == {"calibrated": calibrated}
+    line = run_directory.summary_lines({"packed": {"file_bytes": 1, "bound_bytes": 1, "float_storage_bits": 8,
+                                                   "compression_ratio": 1.0}, "files": {},
+                                        "not_as_trained": untrained}, "out")[-2]
+    assert line.startswith("warning: the int8 / ONNX files do not compute the trained graph exactly: %d ranges "
+                           "calibrated that training never quantized (input" % len(calibrated))
+    regridded = dict(untrained, weights={"asymmetric grid": ["a", "b", "c", "d"]})
+    assert "weights re-gridded to 8-bit symmetric: a, b, c and 1 more (asymmetric grid)" in \
+        run_directory.summary_lines({"packed": {"file_bytes": 1, "bound_bytes": 1, "float_storage_bits": 8,
+                                                "compression_ratio": 1.0}, "files": {},
+                                     "not_as_trained": regridded}, "out")[-2]

@@ -59,6 +59,17 @@ class FakeQuantGraph:
                 "calibration_images": self.calibration_images, "biases_on_int32_grid": len(self.biases_on_grid),
                 "calibrated_tensors": [r["tensor"] for r in self.activations if r["source"] == "calibrated"]}
 
+    def not_as_trained(self):
+        """What the int8 / ONNX files hold that the trained graph does not compute: {"weights": {reason: [layers
+        re-gridded to 8-bit symmetric]}, "calibrated": [tensors training never quantized]}; {} when the files hold
+        the trained grids and ranges."""
+        weights = {}
+        for record in self.weights:
+            if record["int8"] != "exact":
+                weights.setdefault(record["reason"], []).append(record["layer"])
+        calibrated = [r["tensor"] for r in self.activations if r["source"] == "calibrated"]
+        return {key: value for key, value in (("weights", weights), ("calibrated", calibrated)) if value}
+
 
 def _as_convolution(op, index):
     """Whether MatMul `op` can run as a 1x1 convolution: a [batch, C] input times its [C, K] weight (or

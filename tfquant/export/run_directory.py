@@ -225,6 +225,9 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
         ranged = fake_quant_graph.build(build_forward, weights, report, input_shape, calibration_images,
                                         weight_steps=fake_quant_graph.packed_steps(packed_tensors))
         result["trained_ranges"] = ranged.summary()
+        untrained = ranged.not_as_trained()
+        if untrained:
+            result["not_as_trained"] = untrained
     if int8 and options.int8_calibration:
         float_activations = frozen_graph.freeze_inference_graph(
             build_forward, weights, report, input_shape, quantize_activations=False)
@@ -267,6 +270,18 @@ def _export(checkpoint_dir, staging, options, test_data, calibration_images):
                 "layers": divergence.layer_divergence(ranged.graph_def, models["int8"], images)}
     files.write_atomically(os.path.join(staging, "export.json"), json.dumps(result, indent=2).encode())
     return result
+
+
+def _not_as_trained_line(untrained):
+    parts = ["weights re-gridded to 8-bit symmetric: %s" % "; ".join(
+        "%s (%s)" % (", ".join(layers[:3]) + (" and %d more" % (len(layers) - 3) if len(layers) > 3 else ""), reason)
+        for reason, layers in sorted(untrained.get("weights", {}).items()))] if untrained.get("weights") else []
+    calibrated = untrained.get("calibrated", [])
+    if calibrated:
+        parts.append("%d ranges calibrated that training never quantized (%s%s)" % (
+            len(calibrated), ", ".join(calibrated[:3]), ", ..." if len(calibrated) > 3 else ""))
+    return ("warning: the int8 / ONNX files do not compute the trained graph exactly: %s; their predictions can "
+            "differ from the quantized model's (export.json: not_as_trained)" % "; ".join(parts))
 
 
 def _fidelity(result, reference, test_data, frozen, tflite_models, onnx_model, latency_images):
@@ -416,6 +431,8 @@ def summary_lines(result, output_dir):
         lines.append("latency: median per image, batch 1, one thread, measured alternately; load average %.2f "
                      "before, %.2f after" % (load["before"][0], load["after"][0]))
     lines.extend(_kbit_lines(result))
+    if result.get("not_as_trained"):
+        lines.append(_not_as_trained_line(result["not_as_trained"]))
     lines.append("details: %s" % os.path.join(os.path.abspath(output_dir), "export.json"))
     return lines
 
