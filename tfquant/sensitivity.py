@@ -147,6 +147,12 @@ class _Quantizers:
                 low, high = tf.reduce_min(value), tf.reduce_max(value)
                 self.built[ACTIVATION] = (value, {bits: ops.quantize_in_range(value, bits, low, high)
                                                   for bits in bit_widths[ACTIVATION]})
+                # g.(Q_b(x) - x) in float64 beside the quantized values, so an estimated width's value never
+                # leaves the session (copying every width of an activation out took more than quantizing it).
+                self.gradient = tf1.placeholder(tf.float32)
+                wide_gradient = tf.cast(self.gradient, tf.float64)
+                self.first_order = {bits: tf.reduce_sum(wide_gradient * tf.cast(quantized - value, tf.float64))
+                                    for bits, quantized in self.built[ACTIVATION][1].items()}
 
     def run(self, sess, values):
         """{target name: {bits: value quantized as the target is at that width}} for [(target, value)] (any
@@ -168,6 +174,16 @@ class _Quantizers:
             quantized.update(sess.run({used[key][0]: placeholders[key][1] for key in used},
                                       {placeholders[key][0]: used[key][1] for key in used}))
         return quantized
+
+    def activation(self, sess, target, value, widths, gradient=None, estimated=()):
+        """({bits: value quantized} for `widths`, {bits: float64 g.(Q_b(value) - value)} for `estimated`, g being
+        `gradient`) of the activation `target`'s float value, in one run."""
+        placeholder, quantized = self.built[ACTIVATION]
+        feed = {placeholder: value}
+        if estimated:
+            feed[self.gradient] = gradient
+        return sess.run({target.name: ({bits: quantized[bits] for bits in widths},
+                                       {bits: self.first_order[bits] for bits in estimated})}, feed)[target.name]
 
 
 def _weight_key(target):
@@ -211,7 +227,9 @@ def measure(sess, loss, batches, targets, bit_widths, measured_widths=None):
     if not batches:
         raise ValueError("batches is empty; expected at least one feed dict")
     run_widths = {t.name: _narrowest(bit_widths[t.kind], (measured_widths or {}).get(t.kind)) for t in targets}
+    estimated = {t.name: [bits for bits in bit_widths[t.kind] if bits not in run_widths[t.name]] for t in targets}
     quantizers = _Quantizers(sess.graph, targets, bit_widths)
+    gradients = _gradients(sess.graph, loss, [t for t in targets if estimated[t.name]])
     weights = [t for t in targets if t.kind == WEIGHT]
     weight_values = dict(zip([t.name for t in weights], sess.run([t.tensors[0] for t in weights])))
     # A weight's quantized values do not depend on the batch: computed once.
@@ -221,8 +239,10 @@ def measure(sess, loss, batches, targets, bit_widths, measured_widths=None):
     upstream_of_loss = match.reachable([loss.op], lambda op: [t.op for t in op.inputs] + list(op.control_inputs))
     batch_dependent = match.reachable([t.op for t in batches[0] if isinstance(t, tf.Tensor)], match.readers)
     cuts = {t.name: _cut_tensors(t, upstream_of_loss, batch_dependent) for t in targets}
-    # What each target's runs need from the float pass: its own value (an activation) and the tensors fed back.
-    needs = {t.name: ([t.tensors[0]] if t.kind == ACTIVATION else []) + cuts[t.name] for t in targets}
+    # What each target needs from the float pass: its own value (an activation), the tensors fed back to its loss
+    # runs and, where widths are estimated, its gradients: one forward and backward pass gives all of them.
+    needs = {t.name: ([t.tensors[0]] if t.kind == ACTIVATION else []) + cuts[t.name]
+             + ([gradients[x.name] for x in t.tensors] if estimated[t.name] else []) for t in targets}
     for feed in batches:
         base_loss = None
         with concurrent.futures.ThreadPoolExecutor(PARALLEL_RUNS) as pool:
@@ -238,31 +258,54 @@ def measure(sess, loss, batches, targets, bit_widths, measured_widths=None):
                 values = dict(zip([t.name for t in fetch], fetched))
                 del fetched  # dropped with the group
                 for target in group:
-                    quantized = (quantized_weights[target.name] if target.kind == WEIGHT else quantizers.run(
-                        sess, [(target, values[target.tensors[0].name])])[target.name])
+                    widths = estimated[target.name]
+                    if target.kind == WEIGHT:
+                        quantized = quantized_weights[target.name]
+                        first_order = _weight_first_order(target, weight_values[target.name], quantized, widths,
+                                                          values, gradients)
+                    else:
+                        quantized, first_order = quantizers.activation(
+                            sess, target, values[target.tensors[0].name], run_widths[target.name],
+                            values[gradients[target.tensors[0].name].name] if widths else None, widths)
+                    for bits, increase in first_order.items():
+                        totals[target.name][bits] += float(increase)
                     cut = dict(feed)
                     cut.update({tensor: values[tensor.name] for tensor in cuts[target.name]})
-                    for bits, replaced in quantized.items():
-                        if bits not in run_widths[target.name]:
-                            continue
+                    for bits in run_widths[target.name]:
                         fed = dict(cut)
-                        fed.update({tensor: replaced for tensor in target.tensors})
+                        fed.update({tensor: quantized[bits] for tensor in target.tensors})
                         pending.append((target.name, bits, pool.submit(sess.run, loss, fed)))
                         while len(pending) > PENDING_RUNS:
                             _add_increase(totals, pending.popleft(), base_loss)
                 # The group's runs finish before the next float run, so one group's values are alive at a time.
                 while pending:
                     _add_increase(totals, pending.popleft(), base_loss)
-    estimated = [t for t in targets if len(run_widths[t.name]) < len(bit_widths[t.kind])]
-    if estimated:
-        first_order = first_order_increase(sess, loss, batches, estimated, quantizers, weight_values,
-                                           quantized_weights)
-        for target in estimated:
-            for bits in bit_widths[target.kind]:
-                if bits not in run_widths[target.name]:
-                    totals[target.name][bits] = first_order[target.name][bits] * len(batches)
     return {name: {bits: total / len(batches) for bits, total in by_bits.items()}
             for name, by_bits in totals.items()}
+
+
+def _gradients(graph, loss, targets):
+    """{tensor name: d loss / d tensor} for the tensors of `targets` (ValueError where the loss does not depend on
+    one)."""
+    if not targets:
+        return {}
+    with graph.as_default(), tf1.name_scope(SCOPE + "/"):
+        tensors = list({t.name: t for target in targets for t in target.tensors}.values())
+        gradients = dict(zip([t.name for t in tensors], tf.gradients(loss, tensors)))
+    missing = [t.name for t in tensors if gradients[t.name] is None]
+    if missing:
+        raise ValueError("the loss does not depend on %s; expected targets on the way to the loss" % missing)
+    return gradients
+
+
+def _weight_first_order(target, value, quantized, widths, values, gradients):
+    """{bits: g.(Q_b(w) - w) for bits in `widths`} of a weight, summed over the tensors it is read as (their
+    gradients' values in `values`)."""
+    result = {}
+    for bits in widths:
+        change = (quantized[bits] - value).astype(np.float64)
+        result[bits] = sum(float(np.sum(values[gradients[x.name].name] * change)) for x in target.tensors)
+    return result
 
 
 def first_order_increase(sess, loss, batches, targets, quantizers, weight_values, quantized_weights):
@@ -271,14 +314,10 @@ def first_order_increase(sess, loss, batches, targets, quantizers, weight_values
 
     One forward and backward pass per batch and group of targets gives every target's gradient; quantizing a
     tensor is elementwise, so no width adds a matmul. Close to the measured increase where Q_b(x) - x is small (the
-    wider widths), not at the narrow ones, where the loss is far from linear in the perturbation.
+    wider widths), not at the narrow ones, where the loss is far from linear in the perturbation. measure computes
+    the same estimates within its float pass; this is the estimate alone, on its own passes.
     """
-    with sess.graph.as_default(), tf1.name_scope(SCOPE + "/"):
-        tensors = list({t.name: t for target in targets for t in target.tensors}.values())
-        gradients = dict(zip([t.name for t in tensors], tf.gradients(loss, tensors)))
-    missing = [t.name for t in tensors if gradients[t.name] is None]
-    if missing:
-        raise ValueError("the loss does not depend on %s; expected targets on the way to the loss" % missing)
+    gradients = _gradients(sess.graph, loss, targets)
     # What each target's estimate needs from the float pass: its gradients and (an activation) its value.
     needs = {t.name: [gradients[x.name] for x in t.tensors] + ([t.tensors[0]] if t.kind == ACTIVATION else [])
              for t in targets}
