@@ -92,3 +92,31 @@ def test_measure_runs_the_loss_at_the_narrowest_widths_and_estimates_the_rest(co
     assert any(abs(first[t.name][2] - full[t.name][2]) > 1e-3 for t in targets)
     # 0 or no entry: every width has its loss run.
     assert sensitivity.measure(sess, loss, feeds, targets, WIDTHS, {sensitivity.WEIGHT: 0}) == full
+
+
+def test_estimates_come_from_the_float_pass_and_one_quantizing_run_per_activation(convnet):
+    """With widths estimated, each batch has one float run (forward and backward: the loss, the values fed back and
+    the gradients), one run per activation (its measured widths' values and its estimates) and one loss run per
+    target and measured width; the weights are read and quantized once. No second float pass for the gradients,
+    no second quantizing run per activation."""
+    sess, loss, feeds, targets = convnet
+    counts = {sensitivity.WEIGHT: 2, sensitivity.ACTIVATION: 1}
+    calls = []
+    real_run = sess.run
+    sess.run = lambda fetches, feed_dict=None: calls.append(fetches) or real_run(fetches, feed_dict)
+    try:
+        sensitivity.measure(sess, loss, feeds, targets, WIDTHS, counts)
+    finally:
+        del sess.run
+    activations = [t for t in targets if t.kind == sensitivity.ACTIVATION]
+    loss_runs = sum(counts[t.kind] for t in targets)
+    # The weights' read and two quantizing runs (conv1 and conv2 share one quantizer), then the batches'.
+    assert len(calls) == 3 + len(feeds) * (1 + len(activations) + loss_runs)
+    assert sum(fetches is loss for fetches in calls) == len(feeds) * loss_runs
+    quantizing = [c for c in calls if isinstance(c, dict) and len(c) == 1 and next(iter(c)) in
+                  {t.name for t in activations}]
+    assert len(quantizing) == len(feeds) * len(activations)
+    for run in quantizing:
+        (values, estimates), = run.values()
+        assert sorted(values) == WIDTHS[sensitivity.ACTIVATION][:1]
+        assert sorted(estimates) == WIDTHS[sensitivity.ACTIVATION][1:]
