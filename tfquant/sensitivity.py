@@ -199,8 +199,10 @@ def _cut_tensors(target, upstream_of_loss, batch_dependent):
     residual branch, the labels) is fed as it was, so a run computes the network below the target only, with
     the same numbers as a full forward pass.
     """
-    changed = match.reachable([c for t in target.tensors for c in t.consumers()], match.readers)
-    changed = {name: op for name, op in changed.items() if name in upstream_of_loss}
+    # Walked within the ops on the way to the loss only (an op off that way never leads back onto it: whatever
+    # reads it is off it too); the gradient and quantizer ops read the same tensors and would multiply the walk.
+    changed = match.reachable([c for t in target.tensors for c in t.consumers() if c.name in upstream_of_loss],
+                              lambda op: [r for r in match.readers(op) if r.name in upstream_of_loss])
     replaced = {t.name for t in target.tensors}
     cut = {}
     for op in changed.values():
