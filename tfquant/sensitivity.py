@@ -23,7 +23,13 @@ against 10.6 % for a loss run at every width. Of a run's op time, convolutions t
 adds, batch norms and ReLUs the rest: grappler's remapper made the runs a fifth cheaper once a feed signature was
 optimized, but optimizing each of the ~40 signatures cost more than that (hence grappler off); optimizing the graph
 once, every fed tensor kept, fused only batch norm with ReLU (a twentieth) and moved losses by 3e-5. Leaving out the
-widest widths changed the chosen bits (7 and 8: on seed 1's batches the stride-2 shortcut took 7 bits).
+widest widths changed the chosen bits (7 and 8: on seed 1's batches the stride-2 shortcut took 7 bits). Nor can
+the estimates replace any further loss run: loss-running a width of the default's only where its estimate is above a
+threshold changed seed 1's W3 bits even when it left out 12 of the 1,416 runs of four budgets and three seeds (any
+threshold from 1e-2 to 1e-4), and 3 weight or 1 activation narrowest widths changed bits too. What is left besides
+the loss runs is one float pass per batch, forward and backward (the loss, the values fed back, the gradients), and
+one run per activation giving its measured widths' values and its estimates (g.(Q_b(x) - x) summed in the session:
+copying every width out and summing in NumPy, as a second pass did, cost a tenth of the search).
 benchmarks.bit_search_check checks this measurement and its allocations against brute force.
 """
 import collections
