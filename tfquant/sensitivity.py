@@ -137,9 +137,10 @@ class _Quantizers:
     """Quantizer ops, one output per width, built in the model's graph before the first run: one per distinct
     (weight shape, range groups, grid), shared by the weights that have them (a ResNet's twenty weights have six
     shapes: building a quantizer per weight took a tenth of the search), and one shared by the activations, run
-    for one activation at a time (its values at every width are as large as the activation times the widths)."""
+    for one activation at a time (its values at every width are as large as the activation times the widths),
+    with its first-order estimate at the widths in `estimated` (activation widths some target estimates)."""
 
-    def __init__(self, graph, targets, bit_widths):
+    def __init__(self, graph, targets, bit_widths, estimated=()):
         self.built = {}
         with graph.as_default(), tf1.name_scope(SCOPE + "/"):
             for target in targets:
@@ -156,9 +157,10 @@ class _Quantizers:
                 # g.(Q_b(x) - x) beside the quantized values, so an estimated width's value never leaves the
                 # session (copying every width of an activation out took more than quantizing it). In float32: in
                 # float64 the casts took longer than quantizing, for estimates that agree to 1e-6.
-                self.gradient = tf1.placeholder(tf.float32)
-                self.first_order = {bits: tf.reduce_sum(self.gradient * (quantized - value))
-                                    for bits, quantized in self.built[ACTIVATION][1].items()}
+                if estimated:
+                    self.gradient = tf1.placeholder(tf.float32)
+                    self.first_order = {bits: tf.reduce_sum(self.gradient * (self.built[ACTIVATION][1][bits] - value))
+                                        for bits in estimated}
 
     def run(self, sess, values):
         """{target name: {bits: value quantized as the target is at that width}} for [(target, value)] (any
@@ -236,7 +238,8 @@ def measure(sess, loss, batches, targets, bit_widths, measured_widths=None):
         raise ValueError("batches is empty; expected at least one feed dict")
     run_widths = {t.name: _narrowest(bit_widths[t.kind], (measured_widths or {}).get(t.kind)) for t in targets}
     estimated = {t.name: [bits for bits in bit_widths[t.kind] if bits not in run_widths[t.name]] for t in targets}
-    quantizers = _Quantizers(sess.graph, targets, bit_widths)
+    quantizers = _Quantizers(sess.graph, targets, bit_widths,
+                             sorted({bits for t in targets if t.kind == ACTIVATION for bits in estimated[t.name]}))
     gradients = _gradients(sess.graph, loss, [t for t in targets if estimated[t.name]])
     weights = [t for t in targets if t.kind == WEIGHT]
     weight_values = dict(zip([t.name for t in weights], sess.run([t.tensors[0] for t in weights])))
