@@ -18,8 +18,9 @@ with g the loss gradient from one forward and backward pass, is within 2e-5 to 5
 median (values about 3e-4; at worst 2e-3 for a weight at 5 or more bits, 0.1 for the first ReLU at 4 bits), while the
 narrow widths, where the loss is far from linear in the error, keep their loss runs (measure's measured_widths).
 Measuring the narrowest 4 weight and 2 activation widths keeps the bits of every budget of benchmarks.bit_allocation
-on three seeds (benchmarks.bit_search_estimates) at 4.5 % of a fine-tuning epoch's multiply-accumulates at W2 A2.5,
-against 10.6 % for a loss run at every width. Of a run's op time, convolutions take three quarters, the residual
+on three seeds (benchmarks.bit_search_estimates) at 4.5 % of a fine-tuning epoch's multiply-accumulates at W2 A2.5
+when the gradients had a pass of their own (about 4.4 % with them from the float pass, one forward pass of the
+epoch's 1,407 fewer), against 10.6 % for a loss run at every width. Of a run's op time, convolutions take three quarters, the residual
 adds, batch norms and ReLUs the rest: grappler's remapper made the runs a fifth cheaper once a feed signature was
 optimized, but optimizing each of the ~40 signatures cost more than that (hence grappler off); optimizing the graph
 once, every fed tensor kept, fused only batch norm with ReLU (a twentieth) and moved losses by 3e-5. Leaving out the
