@@ -120,3 +120,25 @@ def test_estimates_come_from_the_float_pass_and_one_quantizing_run_per_activatio
         (values, estimates), = run.values()
         assert sorted(values) == WIDTHS[sensitivity.ACTIVATION][:1]
         assert sorted(estimates) == WIDTHS[sensitivity.ACTIVATION][1:]
+
+
+def test_estimates_are_the_same_when_the_float_values_come_in_several_passes(convnet, monkeypatch):
+    """With room for one activation's values at a time, each group's float pass fetches its own targets' gradients:
+    the estimates (and the measured widths) are those of one pass holding everything."""
+    sess, loss, feeds, targets = convnet
+    counts = {sensitivity.WEIGHT: 2, sensitivity.ACTIVATION: 1}
+    held = sensitivity.measure(sess, loss, feeds, targets, WIDTHS, counts)
+    monkeypatch.setattr(sensitivity, "FLOAT_VALUE_BYTES", 4 * 6 * 6 * 6 * 8)
+    calls = []
+    real_run = sess.run
+    sess.run = lambda fetches, feed_dict=None: calls.append(fetches) or real_run(fetches, feed_dict)
+    try:
+        split = sensitivity.measure(sess, loss, feeds, targets, WIDTHS, counts)
+    finally:
+        del sess.run
+    float_passes = [c for c in calls if isinstance(c, list) and any(
+        getattr(f, "name", "").startswith(sensitivity.SCOPE + "/gradients") for f in c)]
+    assert len(float_passes) > len(feeds)
+    for target in targets:
+        for bits in WIDTHS[target.kind]:
+            assert split[target.name][bits] == pytest.approx(held[target.name][bits], rel=1e-6, abs=1e-9)
