@@ -11,9 +11,9 @@ solved at every budget of benchmarks.bit_allocation (W2 A4, W3 A4, W2 A2.5, W3 A
 --uql_w_bit_min to 8 bits, activations 2 to 8 where the budget allocates them; one measurement of every width
 serves all four, as a width's loss run does not depend on the other widths measured). Per budget it reports the
 layers whose bits differ, and the search's multiply-accumulates (counted as benchmarks.bit_search_check counts
-them: the float pass, the loss runs of the budget's targets and measured widths, and for (a) one forward and
-backward pass (three forward passes) per batch, in forward passes of the whole batch) against a fine-tuning
-epoch's. It also reports today's margin per budget: how much more the next-best allocation's summed sensitivity is
+them: the float pass, the loss runs of the budget's targets and measured widths, and for (a) the float pass's
+backward (two forward passes; the float pass gives the gradients) per batch, in forward passes of the whole batch)
+against a fine-tuning epoch's. It also reports today's margin per budget: how much more the next-best allocation's summed sensitivity is
 (0 is a tie the solver breaks by its order), which is how far an estimate's values may stray before bits change.
 
   .venv/bin/python -m benchmarks.bit_search_estimates --seeds 0,1,2 --measured_widths 4:2 --examples 64,120 \
@@ -84,12 +84,13 @@ def _budget_widths(widths, budget, measured_widths=None):
 
 def _search_forward_passes(loss, targets, budget, widths, batches, measured_widths=None):
     """(MACs of a forward pass, the search's MACs at `budget` in forward passes of the measured batch): the float
-    pass, the loss runs of the measured widths and, when some widths are estimated, a forward and backward pass."""
+    pass, the loss runs of the measured widths and, when some widths are estimated, the float pass's backward (the
+    gradients come from the float pass: one forward and backward pass in all)."""
     run_widths = _budget_widths(widths, budget, measured_widths)
     listed = [t for kind in run_widths for t in targets[kind]]
     forward, runs = bit_search_check.loss_run_macs(loss, listed, run_widths)
     estimating = any(len(run_widths[kind]) < len(_budget_widths(widths, budget)[kind]) for kind in run_widths)
-    gradient = bit_search_check.EPOCH_FORWARD_PASSES_PER_STEP * forward if estimating else 0
+    gradient = (bit_search_check.EPOCH_FORWARD_PASSES_PER_STEP - 1) * forward if estimating else 0
     return forward, batches * (forward + runs + gradient)
 
 

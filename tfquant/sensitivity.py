@@ -18,12 +18,19 @@ with g the loss gradient from one forward and backward pass, is within 2e-5 to 5
 median (values about 3e-4; at worst 2e-3 for a weight at 5 or more bits, 0.1 for the first ReLU at 4 bits), while the
 narrow widths, where the loss is far from linear in the error, keep their loss runs (measure's measured_widths).
 Measuring the narrowest 4 weight and 2 activation widths keeps the bits of every budget of benchmarks.bit_allocation
-on three seeds (benchmarks.bit_search_estimates) at 4.5 % of a fine-tuning epoch's multiply-accumulates at W2 A2.5,
-against 10.6 % for a loss run at every width. Of a run's op time, convolutions take three quarters, the residual
+on three seeds (benchmarks.bit_search_estimates) at 4.5 % of a fine-tuning epoch's multiply-accumulates at W2 A2.5
+when the gradients had a pass of their own (about 4.4 % with them from the float pass, one forward pass of the
+epoch's 1,407 fewer), against 10.6 % for a loss run at every width. Of a run's op time, convolutions take three quarters, the residual
 adds, batch norms and ReLUs the rest: grappler's remapper made the runs a fifth cheaper once a feed signature was
 optimized, but optimizing each of the ~40 signatures cost more than that (hence grappler off); optimizing the graph
 once, every fed tensor kept, fused only batch norm with ReLU (a twentieth) and moved losses by 3e-5. Leaving out the
-widest widths changed the chosen bits (7 and 8: on seed 1's batches the stride-2 shortcut took 7 bits).
+widest widths changed the chosen bits (7 and 8: on seed 1's batches the stride-2 shortcut took 7 bits). Nor can
+the estimates replace any further loss run: loss-running a width of the default's only where its estimate is above a
+threshold changed seed 1's W3 bits even when it left out 12 of the 1,416 runs of four budgets and three seeds (any
+threshold from 1e-2 to 1e-4), and 3 weight or 1 activation narrowest widths changed bits too. What is left besides
+the loss runs is one float pass per batch, forward and backward (the loss, the values fed back, the gradients), and
+one run per activation giving its measured widths' values and its estimates (g.(Q_b(x) - x) summed in the session:
+copying every width out and summing in NumPy, as a second pass did, cost a tenth of the search).
 benchmarks.bit_search_check checks this measurement and its allocations against brute force.
 """
 import collections
@@ -131,9 +138,10 @@ class _Quantizers:
     """Quantizer ops, one output per width, built in the model's graph before the first run: one per distinct
     (weight shape, range groups, grid), shared by the weights that have them (a ResNet's twenty weights have six
     shapes: building a quantizer per weight took a tenth of the search), and one shared by the activations, run
-    for one activation at a time (its values at every width are as large as the activation times the widths)."""
+    for one activation at a time (its values at every width are as large as the activation times the widths),
+    with its first-order estimate at the widths in `estimated` (activation widths some target estimates)."""
 
-    def __init__(self, graph, targets, bit_widths):
+    def __init__(self, graph, targets, bit_widths, estimated=()):
         self.built = {}
         with graph.as_default(), tf1.name_scope(SCOPE + "/"):
             for target in targets:
@@ -147,6 +155,13 @@ class _Quantizers:
                 low, high = tf.reduce_min(value), tf.reduce_max(value)
                 self.built[ACTIVATION] = (value, {bits: ops.quantize_in_range(value, bits, low, high)
                                                   for bits in bit_widths[ACTIVATION]})
+                # g.(Q_b(x) - x) beside the quantized values, so an estimated width's value never leaves the
+                # session (copying every width of an activation out took more than quantizing it). In float32: in
+                # float64 the casts took longer than quantizing, for estimates that agree to 1e-6.
+                if estimated:
+                    self.gradient = tf1.placeholder(tf.float32)
+                    self.first_order = {bits: tf.reduce_sum(self.gradient * (self.built[ACTIVATION][1][bits] - value))
+                                        for bits in estimated}
 
     def run(self, sess, values):
         """{target name: {bits: value quantized as the target is at that width}} for [(target, value)] (any
@@ -169,6 +184,16 @@ class _Quantizers:
                                       {placeholders[key][0]: used[key][1] for key in used}))
         return quantized
 
+    def activation(self, sess, target, value, widths, gradient=None, estimated=()):
+        """({bits: value quantized} for `widths`, {bits: g.(Q_b(value) - value)} for `estimated`, g being
+        `gradient`) of the activation `target`'s float value, in one run."""
+        placeholder, quantized = self.built[ACTIVATION]
+        feed = {placeholder: value}
+        if estimated:
+            feed[self.gradient] = gradient
+        return sess.run({target.name: ({bits: quantized[bits] for bits in widths},
+                                       {bits: self.first_order[bits] for bits in estimated})}, feed)[target.name]
+
 
 def _weight_key(target):
     """What makes two weights' quantizers the same ops: shape, range groups and grid."""
@@ -183,8 +208,10 @@ def _cut_tensors(target, upstream_of_loss, batch_dependent):
     residual branch, the labels) is fed as it was, so a run computes the network below the target only, with
     the same numbers as a full forward pass.
     """
-    changed = match.reachable([c for t in target.tensors for c in t.consumers()], match.readers)
-    changed = {name: op for name, op in changed.items() if name in upstream_of_loss}
+    # Walked within the ops on the way to the loss only (an op off that way never leads back onto it: whatever
+    # reads it is off it too); the gradient and quantizer ops read the same tensors and would multiply the walk.
+    changed = match.reachable([c for t in target.tensors for c in t.consumers() if c.name in upstream_of_loss],
+                              lambda op: [r for r in match.readers(op) if r.name in upstream_of_loss])
     replaced = {t.name for t in target.tensors}
     cut = {}
     for op in changed.values():
@@ -211,7 +238,10 @@ def measure(sess, loss, batches, targets, bit_widths, measured_widths=None):
     if not batches:
         raise ValueError("batches is empty; expected at least one feed dict")
     run_widths = {t.name: _narrowest(bit_widths[t.kind], (measured_widths or {}).get(t.kind)) for t in targets}
-    quantizers = _Quantizers(sess.graph, targets, bit_widths)
+    estimated = {t.name: [bits for bits in bit_widths[t.kind] if bits not in run_widths[t.name]] for t in targets}
+    quantizers = _Quantizers(sess.graph, targets, bit_widths,
+                             sorted({bits for t in targets if t.kind == ACTIVATION for bits in estimated[t.name]}))
+    gradients = _gradients(sess.graph, loss, [t for t in targets if estimated[t.name]])
     weights = [t for t in targets if t.kind == WEIGHT]
     weight_values = dict(zip([t.name for t in weights], sess.run([t.tensors[0] for t in weights])))
     # A weight's quantized values do not depend on the batch: computed once.
@@ -221,8 +251,10 @@ def measure(sess, loss, batches, targets, bit_widths, measured_widths=None):
     upstream_of_loss = match.reachable([loss.op], lambda op: [t.op for t in op.inputs] + list(op.control_inputs))
     batch_dependent = match.reachable([t.op for t in batches[0] if isinstance(t, tf.Tensor)], match.readers)
     cuts = {t.name: _cut_tensors(t, upstream_of_loss, batch_dependent) for t in targets}
-    # What each target's runs need from the float pass: its own value (an activation) and the tensors fed back.
-    needs = {t.name: ([t.tensors[0]] if t.kind == ACTIVATION else []) + cuts[t.name] for t in targets}
+    # What each target needs from the float pass: its own value (an activation), the tensors fed back to its loss
+    # runs and, where widths are estimated, its gradients: one forward and backward pass gives all of them.
+    needs = {t.name: ([t.tensors[0]] if t.kind == ACTIVATION else []) + cuts[t.name]
+             + ([gradients[x.name] for x in t.tensors] if estimated[t.name] else []) for t in targets}
     for feed in batches:
         base_loss = None
         with concurrent.futures.ThreadPoolExecutor(PARALLEL_RUNS) as pool:
@@ -238,31 +270,54 @@ def measure(sess, loss, batches, targets, bit_widths, measured_widths=None):
                 values = dict(zip([t.name for t in fetch], fetched))
                 del fetched  # dropped with the group
                 for target in group:
-                    quantized = (quantized_weights[target.name] if target.kind == WEIGHT else quantizers.run(
-                        sess, [(target, values[target.tensors[0].name])])[target.name])
+                    widths = estimated[target.name]
+                    if target.kind == WEIGHT:
+                        quantized = quantized_weights[target.name]
+                        first_order = _weight_first_order(target, weight_values[target.name], quantized, widths,
+                                                          values, gradients)
+                    else:
+                        quantized, first_order = quantizers.activation(
+                            sess, target, values[target.tensors[0].name], run_widths[target.name],
+                            values[gradients[target.tensors[0].name].name] if widths else None, widths)
+                    for bits, increase in first_order.items():
+                        totals[target.name][bits] += float(increase)
                     cut = dict(feed)
                     cut.update({tensor: values[tensor.name] for tensor in cuts[target.name]})
-                    for bits, replaced in quantized.items():
-                        if bits not in run_widths[target.name]:
-                            continue
+                    for bits in run_widths[target.name]:
                         fed = dict(cut)
-                        fed.update({tensor: replaced for tensor in target.tensors})
+                        fed.update({tensor: quantized[bits] for tensor in target.tensors})
                         pending.append((target.name, bits, pool.submit(sess.run, loss, fed)))
                         while len(pending) > PENDING_RUNS:
                             _add_increase(totals, pending.popleft(), base_loss)
                 # The group's runs finish before the next float run, so one group's values are alive at a time.
                 while pending:
                     _add_increase(totals, pending.popleft(), base_loss)
-    estimated = [t for t in targets if len(run_widths[t.name]) < len(bit_widths[t.kind])]
-    if estimated:
-        first_order = first_order_increase(sess, loss, batches, estimated, quantizers, weight_values,
-                                           quantized_weights)
-        for target in estimated:
-            for bits in bit_widths[target.kind]:
-                if bits not in run_widths[target.name]:
-                    totals[target.name][bits] = first_order[target.name][bits] * len(batches)
     return {name: {bits: total / len(batches) for bits, total in by_bits.items()}
             for name, by_bits in totals.items()}
+
+
+def _gradients(graph, loss, targets):
+    """{tensor name: d loss / d tensor} for the tensors of `targets` (ValueError where the loss does not depend on
+    one)."""
+    if not targets:
+        return {}
+    with graph.as_default(), tf1.name_scope(SCOPE + "/"):
+        tensors = list({t.name: t for target in targets for t in target.tensors}.values())
+        gradients = dict(zip([t.name for t in tensors], tf.gradients(loss, tensors)))
+    missing = [t.name for t in tensors if gradients[t.name] is None]
+    if missing:
+        raise ValueError("the loss does not depend on %s; expected targets on the way to the loss" % missing)
+    return gradients
+
+
+def _weight_first_order(target, value, quantized, widths, values, gradients):
+    """{bits: g.(Q_b(w) - w) for bits in `widths`} of a weight, summed over the tensors it is read as (their
+    gradients' values in `values`)."""
+    result = {}
+    for bits in widths:
+        change = (quantized[bits] - value).astype(np.float64)
+        result[bits] = sum(float(np.sum(values[gradients[x.name].name] * change)) for x in target.tensors)
+    return result
 
 
 def first_order_increase(sess, loss, batches, targets, quantizers, weight_values, quantized_weights):
@@ -271,14 +326,10 @@ def first_order_increase(sess, loss, batches, targets, quantizers, weight_values
 
     One forward and backward pass per batch and group of targets gives every target's gradient; quantizing a
     tensor is elementwise, so no width adds a matmul. Close to the measured increase where Q_b(x) - x is small (the
-    wider widths), not at the narrow ones, where the loss is far from linear in the perturbation.
+    wider widths), not at the narrow ones, where the loss is far from linear in the perturbation. measure computes
+    the same estimates within its float pass; this is the estimate alone, on its own passes.
     """
-    with sess.graph.as_default(), tf1.name_scope(SCOPE + "/"):
-        tensors = list({t.name: t for target in targets for t in target.tensors}.values())
-        gradients = dict(zip([t.name for t in tensors], tf.gradients(loss, tensors)))
-    missing = [t.name for t in tensors if gradients[t.name] is None]
-    if missing:
-        raise ValueError("the loss does not depend on %s; expected targets on the way to the loss" % missing)
+    gradients = _gradients(sess.graph, loss, targets)
     # What each target's estimate needs from the float pass: its gradients and (an activation) its value.
     needs = {t.name: [gradients[x.name] for x in t.tensors] + ([t.tensors[0]] if t.kind == ACTIVATION else [])
              for t in targets}

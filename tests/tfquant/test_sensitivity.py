@@ -158,7 +158,9 @@ def test_one_run_quantizes_every_width_and_weights_once(toy):
     quantizing = [c for c in calls if isinstance(c, dict)]
     assert [sorted(c) for c in quantizing] == [["w1", "w2", "w3"]] + [["relu1"], ["relu2"]] * len(feeds)
     assert all(sorted(by_bits) == widths[sensitivity.WEIGHT] for by_bits in quantizing[0].values())
-    assert all(sorted(by_bits) == widths[sensitivity.ACTIVATION] for c in quantizing[1:] for by_bits in c.values())
+    # An activation's run: its values at the widths with loss runs (all here), no first-order estimate.
+    assert all(sorted(by_bits) == widths[sensitivity.ACTIVATION] and not estimates
+               for c in quantizing[1:] for by_bits, estimates in c.values())
 
 
 def test_parallel_loss_runs_give_each_target_and_width_its_own_loss(toy, monkeypatch):

@@ -92,3 +92,53 @@ def test_measure_runs_the_loss_at_the_narrowest_widths_and_estimates_the_rest(co
     assert any(abs(first[t.name][2] - full[t.name][2]) > 1e-3 for t in targets)
     # 0 or no entry: every width has its loss run.
     assert sensitivity.measure(sess, loss, feeds, targets, WIDTHS, {sensitivity.WEIGHT: 0}) == full
+
+
+def test_estimates_come_from_the_float_pass_and_one_quantizing_run_per_activation(convnet):
+    """With widths estimated, each batch has one float run (forward and backward: the loss, the values fed back and
+    the gradients), one run per activation (its measured widths' values and its estimates) and one loss run per
+    target and measured width; the weights are read and quantized once. No second float pass for the gradients,
+    no second quantizing run per activation."""
+    sess, loss, feeds, targets = convnet
+    counts = {sensitivity.WEIGHT: 2, sensitivity.ACTIVATION: 1}
+    calls = []
+    real_run = sess.run
+    sess.run = lambda fetches, feed_dict=None: calls.append(fetches) or real_run(fetches, feed_dict)
+    try:
+        sensitivity.measure(sess, loss, feeds, targets, WIDTHS, counts)
+    finally:
+        del sess.run
+    activations = [t for t in targets if t.kind == sensitivity.ACTIVATION]
+    loss_runs = sum(counts[t.kind] for t in targets)
+    # The weights' read and two quantizing runs (conv1 and conv2 share one quantizer), then the batches'.
+    assert len(calls) == 3 + len(feeds) * (1 + len(activations) + loss_runs)
+    assert sum(fetches is loss for fetches in calls) == len(feeds) * loss_runs
+    quantizing = [c for c in calls if isinstance(c, dict) and len(c) == 1 and next(iter(c)) in
+                  {t.name for t in activations}]
+    assert len(quantizing) == len(feeds) * len(activations)
+    for run in quantizing:
+        (values, estimates), = run.values()
+        assert sorted(values) == WIDTHS[sensitivity.ACTIVATION][:1]
+        assert sorted(estimates) == WIDTHS[sensitivity.ACTIVATION][1:]
+
+
+def test_estimates_are_the_same_when_the_float_values_come_in_several_passes(convnet, monkeypatch):
+    """With room for one activation's values at a time, each group's float pass fetches its own targets' gradients:
+    the estimates (and the measured widths) are those of one pass holding everything."""
+    sess, loss, feeds, targets = convnet
+    counts = {sensitivity.WEIGHT: 2, sensitivity.ACTIVATION: 1}
+    held = sensitivity.measure(sess, loss, feeds, targets, WIDTHS, counts)
+    monkeypatch.setattr(sensitivity, "FLOAT_VALUE_BYTES", 4 * 6 * 6 * 6 * 8)
+    calls = []
+    real_run = sess.run
+    sess.run = lambda fetches, feed_dict=None: calls.append(fetches) or real_run(fetches, feed_dict)
+    try:
+        split = sensitivity.measure(sess, loss, feeds, targets, WIDTHS, counts)
+    finally:
+        del sess.run
+    float_passes = [c for c in calls if isinstance(c, list) and any(
+        getattr(f, "name", "").startswith(sensitivity.SCOPE + "/gradients") for f in c)]
+    assert len(float_passes) > len(feeds)
+    for target in targets:
+        for bits in WIDTHS[target.kind]:
+            assert split[target.name][bits] == pytest.approx(held[target.name][bits], rel=1e-6, abs=1e-9)
