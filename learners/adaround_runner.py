@@ -2,7 +2,9 @@
 
 Layers are taken in data-flow order. Each layer's inputs come from the network with every earlier layer
 already on its AdaRound codes (and the later ones on nearest rounding), as the weights-only graph that PTQ
-calibrates computes them, activations float. The result is a checkpoint of float weights that tfquant's own
+calibrates computes them, activations float; they are computed from the nearest earlier layers' inputs (kept
+from those layers' own turn, which no later rounding changes) rather than from the images, and enter the
+optimisation only as their Gram matrix (tfquant.adaround_solver). The result is a checkpoint of float weights that tfquant's own
 quantizer rounds to the AdaRound codes on the unchanged grid (tfquant.adaround.rounded_weights), so the
 activation calibration, the saved checkpoint, evaluation and export all run on it unchanged.
 """
@@ -148,8 +150,8 @@ def round_weights(helper, config, float_checkpoint, settings, output_dir):
         grid_ops = [adaround.grid_codes(variable.read_value(), layer.bits, _layer_layout(layer),
                                         weight_grids.for_layer(layer, config)) for layer, _, _, variable, _ in targets]
         layer_inputs = [op.inputs[data_index] for _, op, data_index, _, _ in targets]
-        gram_ops = [adaround_solver.gram(view.rows(tensor), _rows_per_batch(options, view, batch_count),
-                                         seed=options.seed) for (_, _, _, _, view), tensor in zip(targets, layer_inputs)]
+        gram_ops = [adaround_solver.gram(target[4].rows(tensor), _rows_per_batch(options, target[4], batch_count),
+                                         seed=options.seed) for target, tensor in zip(targets, layer_inputs)]
         new_values = [tf1.placeholder(variable.dtype.base_dtype, variable.shape) for _, _, _, variable, _ in targets]
         assign_ops = [variable.assign(value) for (_, _, _, variable, _), value in zip(targets, new_values)]
         saver = tf1.train.Saver(var_list=model_variables)

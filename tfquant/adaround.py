@@ -10,6 +10,10 @@ drives every h to 0 or 1. The final code is floor + [h >= 0.5], so it differs fr
 one step. The weights at each range group's minimum and maximum keep their nearest code: they define the grid
 (min/max, or max|w| for the symmetric grid), and moving them would move the grid itself.
 
+The optimisation itself runs on the layer's quadratic form (tfquant.adaround_solver): the output error is
+trace(D^T G D) over the Gram matrix G of the layer's input rows, so each Adam step costs one [K, K] x [K, C]
+product whatever the number of calibration examples.
+
 The codes then become float weights that the unchanged quantizer maps back to them (`rounded_weights`), so a
 checkpoint of those weights is evaluated, exported and packed as any other. Functions build ops in the current
 graph or run a session the caller gives; nothing here reads flags or prints.

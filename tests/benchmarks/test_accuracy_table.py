@@ -259,7 +259,8 @@ def test_adaround_cpu_seconds_against_a_float_epoch(tmp_path, monkeypatch):
     assert [a for a in runs[0] if a.startswith(("--learner", "--nb_epochs_rat", "--seed"))] == [
         "--learner=full-prec", "--seed=1", "--nb_epochs_rat=0.05"]
     entries = [dict(entry("W4A8 ch PTQ AdaRound", s, 0.91, 0.915), adaround_seconds=20.0, adaround_cpu_seconds=c,
-                    adaround_cpu_by_phase={"layer inputs": c / 2, "optimisation": c / 2}) for s, c in ((0, 7.0), (1, 14.0))]
+                    adaround_cpu_by_phase={"layer inputs": c / 2, "optimisation": c / 2})
+               for s, c in ((0, 7.0), (1, 14.0))]
     payload = {"entries": entries, "budget": accuracy_table.FULL, "load_before": [0.1, 0, 0],
                "float_epoch_cpu_seconds": epoch,
                "machine": {"cpu": "c", "cores": 2, "tensorflow": "2.21", "python": "3.11", "date": "d",
