@@ -352,6 +352,7 @@ def render(payload, command):
 # Float training of two lengths (epochs): the difference of their CPU seconds is that of the extra steps alone
 # (start-up, data loading and the final evaluation cancel out).
 EPOCH_CPU_FRACTIONS = (0.05, 0.2)
+ADAROUND_COMPUTE_SHARE = 0.05  # issue 34: AdaRound at most 5 % of one float epoch's compute
 
 
 def float_epoch_cpu_seconds(work_dir, seed, budget):
@@ -394,6 +395,11 @@ def ptq_lines(entries, float_epoch_cpu=None):
                         "; a float training epoch: %.0f CPU seconds (float runs of %g and %g epoch, the difference "
                         "scaled to one; same load)" % ((float_epoch_cpu,) + EPOCH_CPU_FRACTIONS)
                         if float_epoch_cpu else ""))
+        if float_epoch_cpu:
+            worst = max(e["adaround_cpu_seconds"] for e in cpu) / float_epoch_cpu
+            lines.append("- Target: AdaRound's calibration at most %g %% of a float epoch's compute: %s (at most "
+                         "%.1f %%, %d seeds)." % (100 * ADAROUND_COMPUTE_SHARE, "met" if worst <= ADAROUND_COMPUTE_SHARE
+                                                  else "**not met**", 100 * worst, len(cpu)))
         phases = collections.defaultdict(list)
         for entry in cpu:
             for phase, seconds in (entry.get("adaround_cpu_by_phase") or {}).items():

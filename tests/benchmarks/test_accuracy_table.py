@@ -260,12 +260,16 @@ def test_adaround_cpu_seconds_against_a_float_epoch(tmp_path, monkeypatch):
         "--learner=full-prec", "--seed=1", "--nb_epochs_rat=0.05"]
     entries = [dict(entry("W4A8 ch PTQ AdaRound", s, 0.91, 0.915), adaround_seconds=20.0, adaround_cpu_seconds=c,
                     adaround_cpu_by_phase={"layer inputs": c / 2, "optimisation": c / 2})
-               for s, c in ((0, 7.0), (1, 14.0))]
+               for s, c in ((0, 7.0), (1, 13.0))]
     payload = {"entries": entries, "budget": accuracy_table.FULL, "load_before": [0.1, 0, 0],
                "float_epoch_cpu_seconds": epoch,
                "machine": {"cpu": "c", "cores": 2, "tensorflow": "2.21", "python": "3.11", "date": "d",
                            "load_average": [0.1, 0, 0]}}
     text = accuracy_table.render(payload, "cmd")
-    assert ("CPU seconds per seed (every thread of the process): seed 0 7.0 (2.5 % of a float epoch), seed 1 14.0 "
-            "(5.0 % of a float epoch); a float training epoch: 280 CPU seconds") in text
-    assert "by phase, mean over the seeds: layer inputs 5.25, optimisation 5.25." in text
+    assert ("CPU seconds per seed (every thread of the process): seed 0 7.0 (2.5 % of a float epoch), seed 1 13.0 "
+            "(4.6 % of a float epoch); a float training epoch: 280 CPU seconds") in text
+    assert "by phase, mean over the seeds: layer inputs 5.00, optimisation 5.00." in text
+    assert ("- Target: AdaRound's calibration at most 5 % of a float epoch's compute: met (at most 4.6 %, 2 seeds)."
+            in text)
+    entries[1]["adaround_cpu_seconds"] = 14.5
+    assert "compute: **not met** (at most 5.2 %, 2 seeds)" in accuracy_table.render(payload, "cmd")
