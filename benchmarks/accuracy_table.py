@@ -18,6 +18,8 @@ import argparse
 import collections
 import contextlib
 import os
+import resource
+import shutil
 import subprocess
 import sys
 import typing
@@ -226,7 +228,10 @@ def run_row(work_dir, row, seed, budget):
             "epochs": budget["epochs"] if row.epochs is None else row.epochs,
             "accuracy": results["quant_accuracy"], "float_accuracy": results["float_accuracy"],
             "ratio": results["compression_ratio"], "test_examples": results["test_examples"], "seconds": seconds,
-            **({"adaround_seconds": results["adaround"]["seconds"]} if "adaround" in results else {})}
+            **({"adaround_seconds": results["adaround"]["seconds"],
+                "adaround_cpu_seconds": results["adaround"].get("cpu_seconds"),
+                "adaround_cpu_by_phase": results["adaround"].get("cpu_seconds_by_phase")}
+               if "adaround" in results else {})}
 
 
 def run_control(work_dir, row, seed, budget, done):
@@ -331,7 +336,7 @@ def render(payload, command):
               publish.markdown_table(("row", "seeds", "test accuracy %", "vs float", "vs float fine-tuned",
                                       "model compression"), rows), ""]
     if ptq:
-        lines += ptq_lines(entries)
+        lines += ptq_lines(entries, payload.get("float_epoch_cpu_seconds"))
         lines += accuracy_targets.lines_of(accuracy_targets.ptq_checks(table, "its float model"))
     else:
         lines += accuracy_targets.target_lines(table, converged)
@@ -344,8 +349,34 @@ def render(payload, command):
     return "\n".join(lines)
 
 
-def ptq_lines(entries):
-    """The post-training table's notes: what the rows are and AdaRound's calibration time per seed."""
+# Float training of two lengths (epochs): the difference of their CPU seconds is that of the extra steps alone
+# (start-up, data loading and the final evaluation cancel out).
+EPOCH_CPU_FRACTIONS = (0.05, 0.2)
+ADAROUND_COMPUTE_SHARE = 0.05  # issue 34: AdaRound at most 5 % of one float epoch's compute
+
+
+def float_epoch_cpu_seconds(work_dir, seed, budget):
+    """CPU seconds (user + system, every thread) of one float training epoch through the run module: two fresh
+    float runs of EPOCH_CPU_FRACTIONS of an epoch, the difference scaled to one epoch."""
+    used = []
+    for fraction in EPOCH_CPU_FRACTIONS:
+        directory = os.path.join(work_dir, "float_epoch_cpu", "epochs_%g" % fraction)
+        shutil.rmtree(directory, ignore_errors=True)
+        argv = [sys.executable, "-m", budget.get("module", RUN_MODULE), "--learner=full-prec",
+                "--save_path=%s/model.ckpt" % directory, "--log_dir=%s/logs" % directory, "--seed=%d" % seed,
+                "--nb_epochs_rat=%g" % fraction] + budget["common"]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        done = subprocess.run(argv, cwd=publish.REPO_ROOT, capture_output=True, text=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if done.returncode != 0:
+            raise RuntimeError("float run of %g epoch failed:\n%s" % (fraction, done.stderr[-3000:]))
+        used.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return (used[1] - used[0]) / (EPOCH_CPU_FRACTIONS[1] - EPOCH_CPU_FRACTIONS[0])
+
+
+def ptq_lines(entries, float_epoch_cpu=None):
+    """The post-training table's notes: what the rows are and AdaRound's calibration time per seed (wall clock,
+    and CPU seconds against a float epoch's when `float_epoch_cpu` was measured)."""
     lines = ["- No fine-tuning: each row calibrates its seed's float checkpoint (activation ranges over "
              "--uql_calib_batches training batches, no labels) and rounds the weights to nearest, or with AdaRound "
              "(--uql_adaround); the float model is the control. The targets are judged against the float model "
@@ -355,6 +386,27 @@ def ptq_lines(entries):
         lines.append("- AdaRound's calibration, seconds per seed (wall clock, on the load recorded above): %s."
                      % ", ".join("seed %d %.1f" % (e["seed"], e["adaround_seconds"])
                                  for e in sorted(timed, key=lambda e: e["seed"])))
+    cpu = sorted((e for e in timed if e.get("adaround_cpu_seconds") is not None), key=lambda e: e["seed"])
+    if cpu:
+        share = (lambda e: " (%.1f %% of a float epoch)" % (100 * e["adaround_cpu_seconds"] / float_epoch_cpu)
+                 ) if float_epoch_cpu else (lambda e: "")
+        lines.append("- AdaRound's calibration, CPU seconds per seed (every thread of the process): %s%s."
+                     % (", ".join("seed %d %.1f%s" % (e["seed"], e["adaround_cpu_seconds"], share(e)) for e in cpu),
+                        "; a float training epoch: %.0f CPU seconds (float runs of %g and %g epoch, the difference "
+                        "scaled to one; same load)" % ((float_epoch_cpu,) + EPOCH_CPU_FRACTIONS)
+                        if float_epoch_cpu else ""))
+        if float_epoch_cpu:
+            worst = max(e["adaround_cpu_seconds"] for e in cpu) / float_epoch_cpu
+            lines.append("- Target: AdaRound's calibration at most %g %% of a float epoch's compute: %s (at most "
+                         "%.1f %%, %d seeds)." % (100 * ADAROUND_COMPUTE_SHARE, "met" if worst <= ADAROUND_COMPUTE_SHARE
+                                                  else "**not met**", 100 * worst, len(cpu)))
+        phases = collections.defaultdict(list)
+        for entry in cpu:
+            for phase, seconds in (entry.get("adaround_cpu_by_phase") or {}).items():
+                phases[phase].append(seconds)
+        if phases:
+            lines.append("- Its CPU seconds by phase, mean over the seeds: %s."
+                         % ", ".join("%s %.2f" % (phase, sum(v) / len(v)) for phase, v in phases.items()))
     return lines
 
 
@@ -368,6 +420,8 @@ def main(argv=None):
     parser.add_argument("--work_dir", default="/tmp/tfquant_accuracy_table", help="checkpoints and logs")
     parser.add_argument("--baselines", help="fine-tune from the float models benchmarks.baselines cached here")
     parser.add_argument("--no_controls", action="store_true", help="skip the same-budget float controls")
+    parser.add_argument("--no_epoch_cpu", action="store_true",
+                        help="with the AdaRound row, skip measuring a float epoch's CPU seconds (two short float runs)")
     parser.add_argument("--epochs", type=float, help="fine-tuning epochs of every row that sets none (default %g; "
                         "at most %g)" % (FULL["epochs"], MAX_EPOCHS))
     args = parser.parse_args(argv)
@@ -407,6 +461,10 @@ def main(argv=None):
                      "-" if entry.get("control_accuracy") is None else "%.4f" % entry["control_accuracy"],
                      entry["seconds"]),
                   flush=True)
+    epoch_cpu = None
+    if ptq and not args.quick and not args.no_epoch_cpu and any("--uql_adaround" in row.flags for row in rows):
+        epoch_cpu = float_epoch_cpu_seconds(args.work_dir, seeds[0], budget)
+        print("float epoch: %.0f CPU seconds" % epoch_cpu, flush=True)
     # Accuracy does not depend on the load: a part published with --allow_busy (parts run side by side)
     # records the load at once rather than waiting up to machine.SETTLE_SECONDS for the others to end.
     info = machine.machine_info(load=machine.end_load(args.quick or args.allow_busy))
@@ -420,6 +478,9 @@ def main(argv=None):
         payload = {"quick": args.quick, "budget": budget, "machine": info, "load_before": load_before,
                    "command": publish.command_line(),
                    "entries": merge(existing, new_entries, args.quick, budget, output)}
+        epoch_cpu = epoch_cpu if epoch_cpu is not None else (existing or {}).get("float_epoch_cpu_seconds")
+        if epoch_cpu is not None:
+            payload["float_epoch_cpu_seconds"] = epoch_cpu
         publish.write_json(output, payload)
     if not args.quick:
         publish.publish(section_of(payload), render(payload, publish.command_line()), args.markdown, load_before,

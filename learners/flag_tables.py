@@ -232,7 +232,7 @@ POST_TRAINING_FLAGS = (
      "the activation ranges"),
     (flags.DEFINE_integer, "uql_adaround_iters", 500,
      "--uql_adaround: optimisation steps per weight layer"),
-    (flags.DEFINE_integer, "uql_adaround_batches", 4,
+    (flags.DEFINE_integer, "uql_adaround_batches", 2,
      "--uql_adaround: training batches whose layer inputs AdaRound "
      "reconstructs (no labels used)"),
     (flags.DEFINE_integer, "uql_bn_reestimate_batches", 0,

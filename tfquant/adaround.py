@@ -10,20 +10,22 @@ drives every h to 0 or 1. The final code is floor + [h >= 0.5], so it differs fr
 one step. The weights at each range group's minimum and maximum keep their nearest code: they define the grid
 (min/max, or max|w| for the symmetric grid), and moving them would move the grid itself.
 
+The optimisation itself runs on the layer's quadratic form (tfquant.adaround_solver): the output error is
+trace(D^T G D) over the Gram matrix G of the layer's input rows, so each Adam step costs one [K, K] x [K, C]
+product whatever the number of calibration examples.
+
 The codes then become float weights that the unchanged quantizer maps back to them (`rounded_weights`), so a
 checkpoint of those weights is evaluated, exported and packed as any other. Functions build ops in the current
 graph or run a session the caller gives; nothing here reads flags or prints.
 """
 import dataclasses
 import math
+from typing import Optional
 
 import numpy as np
-import tensorflow as tf
 
 from tfquant import ops, weight_grids
-
-tf1 = tf.compat.v1
-ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (Louizos et al.), as in the paper
+from tfquant.adaround_solver import GAMMA, ZETA
 
 
 @dataclasses.dataclass
@@ -31,7 +33,9 @@ class AdaRoundOptions:
     """The optimisation's settings (the paper's and AIMET's defaults, except the number of iterations)."""
 
     iterations: int = 500
-    batch_size: int = 32
+    # Input rows of a layer per weight of one output channel (K): when a layer has more than K times this many
+    # (a conv's early layers have many positions per example), a random subset of them. None: all.
+    rows_per_input: Optional[int] = None
     learning_rate: float = 1e-2
     reg_weight: float = 0.01
     beta_start: float = 20.0
@@ -127,104 +131,10 @@ def layer_grid(weight_value, codes, alpha, beta, bits, layout, grid):
                      max_code=max_code, frozen=frozen, group_min=group_min, group_max=group_max)
 
 
-def rectified_sigmoid(v):
-    """h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1)."""
-    return tf.clip_by_value(tf.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
-
-
 def initial_logits(grid):
     """V with h(V) = the fractional part of each weight's position (AdaRound starts at the float weight)."""
     rest = np.clip(grid.position - np.floor(grid.position), 0.01, 0.99)
     return (-np.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)).astype(np.float32)
-
-
-@dataclasses.dataclass
-class RoundingProblem:
-    """The ops of one layer's AdaRound problem (built by build_problem)."""
-
-    inputs: tf.Tensor
-    logits: tf.Variable
-    beta: tf.Tensor
-    reg_on: tf.Tensor
-    reconstruction: tf.Tensor
-    regularisation: tf.Tensor
-    train_op: tf.Operation
-    init_op: tf.Operation
-    soft: tf.Tensor
-    hard_codes: tf.Tensor
-    hard_error: tf.Tensor
-    float_output: tf.Tensor
-    target: tf.Tensor
-
-
-def _layer_output(node_def, data_index, weight_index, inputs, weight):
-    """The layer op (a copy of `node_def`: same type and attributes) applied to inputs and weight."""
-    graph_def = tf1.GraphDef()
-    node = graph_def.node.add()
-    node.CopyFrom(node_def)
-    del node.input[:]
-    names = ["adaround_input_%d:0" % i for i in range(2)]
-    node.input.extend(names)
-    mapping = {names[data_index]: inputs, names[weight_index]: weight}
-    output, = tf1.import_graph_def(graph_def, input_map=mapping, return_elements=[node.name + ":0"],
-                                   name="layer")
-    return output
-
-
-def _channel_axis(node_def):
-    data_format = node_def.attr["data_format"].s.decode() if "data_format" in node_def.attr else "NHWC"
-    return 1 if data_format.startswith("NC") else -1
-
-
-def build_problem(node_def, data_index, weight_index, input_shape, weight_value, grid, options):
-    """AdaRound's loss and Adam step for one layer, in the current graph.
-
-    Args:
-      node_def: the layer op's NodeDef (Conv2D, DepthwiseConv2dNative, MatMul, BatchMatMulV2...; 2 inputs).
-      data_index, weight_index: which input of the op is the data and which the weight.
-      input_shape: the data input's shape (first dimension None).
-      weight_value: the float weight (the reconstruction target's).
-      grid: its LayerGrid.
-      options: AdaRoundOptions.
-    Returns:
-      a RoundingProblem.
-    """
-    inputs = tf1.placeholder(tf.float32, input_shape, name="adaround_inputs")
-    weight = tf.constant(np.asarray(weight_value, np.float32))
-    logits = tf1.Variable(initial_logits(grid), name="adaround_logits")
-    beta = tf1.placeholder_with_default(np.float32(options.beta_start), [], name="beta")
-    reg_on = tf1.placeholder_with_default(np.float32(0.0), [], name="regularise")
-    soft = rectified_sigmoid(logits)
-    # W~ = scale * (floor + h) + offset for the weights that move, scale * nearest + offset for the extremes, as
-    # one multiply-add per weight. floor + 1 never passes the top code: only a group's maximum sits on it.
-    movable = (~grid.frozen).astype(np.float32)
-    base = np.where(grid.frozen, grid.nearest, grid.floor).astype(np.float32)
-    soft_weight = tf.constant(base * grid.scale + grid.offset) + tf.constant(movable * grid.scale) * soft
-    float_output = _layer_output(node_def, data_index, weight_index, inputs, weight)
-    # Computed once for all the inputs and fed while optimising (it does not change); computed here otherwise.
-    fed_target = tf1.placeholder_with_default(float_output, float_output.shape, name="target")
-    target = tf.stop_gradient(fed_target)
-    output = _layer_output(node_def, data_index, weight_index, inputs, soft_weight)
-    axis = _channel_axis(node_def)
-    # Summed over output channels, averaged over examples and positions (AIMET's normalisation).
-    reconstruction = tf.reduce_mean(tf.reduce_sum(tf.square(output - target), axis=axis))
-    hard_codes = tf1.placeholder(tf.int64, grid.nearest.shape, name="hard_codes")
-    hard_weight = tf.cast(hard_codes, tf.float32) * tf.constant(grid.scale) + tf.constant(grid.offset)
-    hard_output = _layer_output(node_def, data_index, weight_index, inputs, hard_weight)
-    hard_error = tf.reduce_mean(tf.reduce_sum(tf.square(hard_output - target), axis=axis))
-    # A 0/1 mask rather than a gather: the gather's sparse gradient turned dense costs more than the layer.
-    movable_share = tf.constant(movable)
-    # |2h - 1|^beta as exp(beta log(.)): Pow's gradient also differentiates the exponent, several times the cost.
-    distance = tf.maximum(tf.abs(2.0 * soft - 1.0), 1e-12)
-    regularisation = options.reg_weight * tf.reduce_sum(movable_share * (1.0 - tf.exp(beta * tf.math.log(distance))))
-    loss = reconstruction + reg_on * regularisation
-    optimizer = tf1.train.AdamOptimizer(options.learning_rate)
-    train_op = optimizer.minimize(loss, var_list=[logits])
-    init_op = tf1.variables_initializer([logits] + optimizer.variables())
-    return RoundingProblem(inputs=inputs, logits=logits, beta=beta, reg_on=reg_on, reconstruction=reconstruction,
-                           regularisation=regularisation, train_op=train_op, init_op=init_op, soft=soft,
-                           hard_codes=hard_codes, hard_error=hard_error, float_output=float_output,
-                           target=fed_target)
 
 
 def annealed_beta(iteration, options):
@@ -237,28 +147,45 @@ def annealed_beta(iteration, options):
             True)
 
 
-def optimize(sess, problem, inputs, options):
-    """Run AdaRound's iterations on random batches of `inputs` (NumPy, examples first); returns the roundings.
+def _difference_terms(view, weight_value, grid):
+    """(start, step, movable) as [B, K, C] float32: W~ - W = start + step * h for the weights that move (h their
+    rounding up, 0..1), start alone for each group's extremes (their nearest code)."""
+    movable = ~grid.frozen
+    # floor + 1 never passes the top code: only a group's maximum sits on it, and it is frozen.
+    base = np.where(grid.frozen, grid.nearest, grid.floor).astype(np.float32)
+    start = base * grid.scale + grid.offset - np.asarray(weight_value, np.float32)
+    step = movable.astype(np.float32) * grid.scale
+    return (view.to_matrix(start).astype(np.float32), view.to_matrix(step).astype(np.float32),
+            view.to_matrix(movable).astype(np.float32))
+
+
+def optimize(sess, solver, view, gram_matrix, weight_value, grid, options):
+    """Run AdaRound's iterations on one layer's quadratic problem; returns the roundings.
 
     Args:
-      sess: a session on the problem's graph.
-      problem: a RoundingProblem.
-      inputs: the layer's data inputs on the calibration batches.
+      sess: a session on the solver's graph.
+      solver: an adaround_solver.Solver (built with these options).
+      view: the layer's adaround_solver.LinearView.
+      gram_matrix: [B, K, K] Gram matrix of the layer's input rows divided by their number (NumPy).
+      weight_value: the float weight (NumPy).
+      grid: its LayerGrid.
       options: AdaRoundOptions.
     Returns:
       the chosen codes' offsets from floor as an int64 array (0: down, 1: up), the weight's shape.
     """
-    rng = np.random.default_rng(options.seed)
-    sess.run(problem.init_op)
-    count = len(inputs)
-    targets = np.concatenate([sess.run(problem.float_output, feed_dict={problem.inputs: inputs[start:start + 256]})
-                              for start in range(0, count, 256)])
-    for iteration in range(options.iterations):
-        beta, regularise = annealed_beta(iteration, options)
-        chosen = rng.choice(count, size=min(options.batch_size, count), replace=False)
-        sess.run(problem.train_op, feed_dict={problem.inputs: inputs[chosen], problem.target: targets[chosen],
-                                              problem.beta: beta, problem.reg_on: 1.0 if regularise else 0.0})
-    return (sess.run(problem.soft) >= 0.5).astype(np.int64)
+    start, step, movable = _difference_terms(view, weight_value, grid)
+    logits = solver.run(sess, np.asarray(gram_matrix, np.float32), start, step, movable,
+                        view.to_matrix(initial_logits(grid)), options.iterations)
+    soft = np.clip(1.0 / (1.0 + np.exp(-logits.astype(np.float64))) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+    return view.from_matrix((soft >= 0.5).astype(np.int64), grid.position.shape)
+
+
+def output_error(view, gram_matrix, weight_value, grid, codes):
+    """The layer's output error with hard `codes`: squared error summed over output channels, averaged over the
+    input rows the Gram matrix was divided by (examples, and positions of a conv), in float64."""
+    difference = view.to_matrix(grid.values(codes).astype(np.float64) - np.asarray(weight_value, np.float64))
+    gram_matrix = np.asarray(gram_matrix, np.float64)
+    return float(np.sum(difference * np.matmul(gram_matrix, difference)))
 
 
 def final_codes(grid, rounding_up):
@@ -276,14 +203,3 @@ def rounded_weights(weight_value, grid, codes):
     weight_value = np.asarray(weight_value, np.float32)
     moved = np.clip(grid.values(codes), grid.group_min, grid.group_max)
     return np.where(codes == grid.nearest, weight_value, moved).astype(np.float32)
-
-
-def output_error(sess, problem, inputs, codes, batch_size=256):
-    """The layer's output error with hard `codes`: squared error summed over output channels, averaged over
-    the examples of `inputs` and their positions (the reconstruction term of the loss)."""
-    total = 0.0
-    for start in range(0, len(inputs), batch_size):
-        part = inputs[start:start + batch_size]
-        total += float(sess.run(problem.hard_error, feed_dict={problem.inputs: part,
-                                                               problem.hard_codes: codes})) * len(part)
-    return total / max(len(inputs), 1)

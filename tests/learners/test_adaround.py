@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import tfquant
-from learners import flags as learner_flags
+from learners import adaround_runner, flags as learner_flags
 from learners.errors import UserError
 from learners.ptq import PTQLearner
 from nets import model_template
@@ -125,3 +125,31 @@ def test_adaround_flags_are_checked(monkeypatch):
         finally:
             flags.unparse_flags()
     flags(["prog"])
+
+
+def test_layer_inputs_computed_from_earlier_ones_equal_those_from_the_images(rng):
+    """The feed plan computes each layer's input from the nearest earlier layer inputs (fetched before the later
+    weights changed); the values equal those computed from the images with every weight as it is now."""
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf1.placeholder(tf.float32, [2, 6, 6, 3])
+        w1, w2, w3 = (tf1.Variable(rng.normal(size=shape).astype(np.float32))
+                      for shape in ((3, 3, 3, 4), (3, 3, 4, 4), (1, 1, 4, 4)))
+        first = tf.nn.relu(tf.nn.conv2d(images, w1, [1, 1, 1, 1], "SAME"))
+        second = tf.nn.relu(tf.nn.conv2d(first, w2, [1, 1, 1, 1], "SAME") + first)  # a residual block
+        third = tf.nn.conv2d(second, w3, [1, 1, 1, 1], "SAME")
+        inputs = [images, first, first, second, third]  # layers w1, w2, a second reader of `first`, w3, then one more
+        plans, last_use = adaround_runner._feed_plan(inputs, images)
+        with tf1.Session() as sess:
+            sess.run(tf1.global_variables_initializer())
+            batch = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
+            cached = {}
+            for index, (tensor, weight) in enumerate(zip(inputs, (w1, w2, None, w3, None))):
+                feeds = {graph.get_tensor_by_name(name): cached[name] for name in plans[index]}
+                value = sess.run(tensor, feed_dict={images: batch, **feeds})
+                np.testing.assert_array_equal(value, sess.run(tensor, feed_dict={images: batch}))
+                cached[tensor.name] = value
+                if weight is not None:  # the layer is rounded: its weight changes before the next input
+                    sess.run(weight.assign(weight * 0.5 + 0.1))
+    assert plans == [[], [], [first.name], [first.name], [second.name]]
+    assert last_use == [-1, 3, -1, 4, -1]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfquant import adaround, ops, weight_grids
+from tfquant import adaround, adaround_solver, ops, weight_grids
 from tfquant.layout import GroupLayout
 from tests.conftest import new_session
 
@@ -36,7 +36,8 @@ def numpy_grid(w, bits, layout, scheme):
 
 
 def solve(node_fn, weight_shape, inputs, bits, layout, scheme, options, rng):
-    """Build a one-op layer, run AdaRound on it; returns (w, grid, codes, the TF session pieces for errors)."""
+    """Build a one-op layer, run AdaRound on it; returns (w, grid, codes, (nearest, AdaRound) output errors, the
+    grid ops and their graph)."""
     w = rng.normal(0, 0.2, weight_shape).astype(np.float32)
     graph = tf.Graph()
     with graph.as_default():
@@ -44,16 +45,20 @@ def solve(node_fn, weight_shape, inputs, bits, layout, scheme, options, rng):
         wp = tf1.placeholder(tf.float32, weight_shape)
         op = node_fn(x, wp).op
         codes_op = adaround.grid_codes(wp, bits, layout, GRIDS[scheme])
+        view = adaround_solver.linear_view(op, 1)
+        gram_op = adaround_solver.gram(view.rows(x))
     with new_session(graph) as sess:
         codes, alpha, beta = sess.run(codes_op, feed_dict={wp: w})
+        gram_sum, rows = sess.run(gram_op, feed_dict={x: inputs})
+    gram_matrix = gram_sum.astype(np.float64) / rows
     grid = adaround.layer_grid(w, codes, alpha, beta, bits, layout, GRIDS[scheme])
-    problem_graph = tf.Graph()
-    with problem_graph.as_default():
-        problem = adaround.build_problem(op.node_def, 0, 1, [None] + list(inputs.shape[1:]), w, grid, options)
-    with new_session(problem_graph) as sess:
-        chosen = adaround.final_codes(grid, adaround.optimize(sess, problem, inputs, options))
-        errors = (adaround.output_error(sess, problem, inputs, grid.nearest),
-                  adaround.output_error(sess, problem, inputs, chosen))
+    solver_graph = tf.Graph()
+    with solver_graph.as_default():
+        solver = adaround_solver.build_solver(options)
+    with new_session(solver_graph) as sess:
+        chosen = adaround.final_codes(grid, adaround.optimize(sess, solver, view, gram_matrix, w, grid, options))
+    errors = (adaround.output_error(view, gram_matrix, w, grid, grid.nearest),
+              adaround.output_error(view, gram_matrix, w, grid, chosen))
     return w, grid, chosen, errors, codes_op, graph
 
 
@@ -63,7 +68,7 @@ def requantize(graph, codes_op, weight):
         return sess.run(codes_op, feed_dict={wp: weight})
 
 
-OPTIONS = adaround.AdaRoundOptions(iterations=300, batch_size=32, seed=0)
+OPTIONS = adaround.AdaRoundOptions(iterations=300, seed=0)
 
 
 @pytest.mark.parametrize("bits,layout,scheme", [

@@ -1,0 +1,196 @@
+"""AdaRound's optimisation as a quadratic problem: each layer's output error through the Gram matrix of its inputs.
+
+A weight layer is linear in its weight, so its output error with weights W~ against W on inputs x is
+    (1/M) sum over the M input rows r of |D^T x_r|^2 = (1/M) trace(D^T G D),  D = W~ - W,  G = sum_r x_r x_r^T
+once the weight is seen as a [K, C] matrix (or B of them: a depthwise conv is one per input channel) and the inputs
+as rows of K values (a conv's patches). G is computed once per layer (one matmul over the calibration inputs); the
+optimisation then costs a [K, K] x [K, C] product per iteration, whatever the number of examples, and uses the exact
+gradient over every calibration input rather than a sampled batch. The iterations (Adam, as TF's AdamOptimizer)
+run inside one session call (a tf.while_loop) of one graph of any shape, built once and reused for every layer.
+"""
+import dataclasses
+import math
+
+import numpy as np
+import tensorflow as tf
+
+tf1 = tf.compat.v1
+ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (Louizos et al.), as in the paper
+ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = 0.9, 0.999, 1e-8  # TF's AdamOptimizer defaults
+
+
+@dataclasses.dataclass
+class LinearView:
+    """How one weight layer is a batch of matrix products: input rows [B, M, K] times weight matrices [B, K, C].
+
+    rows: a function of the layer's data input (a tensor) giving its rows [B, M, K] (ops in the input's graph).
+    order: [B, K, C] int64, the flat index in the weight tensor of each matrix element.
+    """
+
+    rows: object
+    order: np.ndarray
+
+    def to_matrix(self, weight):
+        """The weight (NumPy, the layer's shape) as its [B, K, C] matrices."""
+        return np.asarray(weight).ravel()[self.order]
+
+    def from_matrix(self, matrix, shape):
+        """The weight tensor of `shape` whose matrices are `matrix` [B, K, C]."""
+        matrix = np.asarray(matrix)
+        flat = np.empty(self.order.size, matrix.dtype)
+        flat[self.order.ravel()] = matrix.ravel()
+        return flat.reshape(shape)
+
+
+def _attr(op, name, default=None):
+    try:
+        return op.get_attr(name)
+    except ValueError:
+        return default
+
+
+def _patches(op, inputs, kernel_height, kernel_width):
+    """The conv's input patches [N, H', W', kh * kw * C_in] (NHWC), ordered as its filter's [kh, kw, C_in] axes."""
+    data_format = (_attr(op, "data_format", b"NHWC") or b"NHWC").decode()
+    strides, dilations = list(op.get_attr("strides")), list(_attr(op, "dilations", [1, 1, 1, 1]))
+    padding = op.get_attr("padding").decode()
+    explicit = list(_attr(op, "explicit_paddings", []) or [])
+    if data_format == "NCHW":
+        inputs = tf.transpose(inputs, [0, 2, 3, 1])
+        strides, dilations = [strides[i] for i in (0, 2, 3, 1)], [dilations[i] for i in (0, 2, 3, 1)]
+        if explicit:
+            explicit = sum(([explicit[2 * i], explicit[2 * i + 1]] for i in (0, 2, 3, 1)), [])
+    if padding == "EXPLICIT":
+        inputs = tf.pad(inputs, np.reshape(explicit, [4, 2]))
+        padding = "VALID"
+    return tf.image.extract_patches(inputs, sizes=[1, kernel_height, kernel_width, 1], strides=strides,
+                                    rates=dilations, padding=padding)
+
+
+def _orders(shape):
+    return np.arange(math.prod(shape), dtype=np.int64).reshape(shape)
+
+
+def linear_view(op, weight_index):
+    """The LinearView of a weight layer (its weight input `weight_index`), or None for a layer it cannot express
+    (a BatchMatMulV2 whose weight has batch dimensions)."""
+    weight_shape = [int(d) for d in op.inputs[weight_index].shape]
+    index = _orders(weight_shape)
+    if op.type == "Conv2D":
+        kh, kw, c_in, c_out = weight_shape
+
+        def conv_rows(inputs):
+            return tf.reshape(_patches(op, inputs, kh, kw), [1, -1, kh * kw * c_in])
+        return LinearView(conv_rows, index.reshape(1, kh * kw * c_in, c_out))
+    if op.type == "DepthwiseConv2dNative":
+        kh, kw, channels, multiplier = weight_shape
+
+        def depthwise_rows(inputs):
+            patches = tf.reshape(_patches(op, inputs, kh, kw), [-1, kh * kw, channels])
+            return tf.transpose(patches, [2, 0, 1])
+        return LinearView(depthwise_rows, index.reshape(kh * kw, channels, multiplier).transpose(1, 0, 2))
+    if op.type == "MatMul":
+        transpose = {"a": op.get_attr("transpose_a"), "b": op.get_attr("transpose_b")}
+    elif op.type == "BatchMatMulV2" and len(weight_shape) == 2:
+        transpose = {"a": op.get_attr("adj_x"), "b": op.get_attr("adj_y")}
+    else:
+        return None
+    if weight_index == 1:
+        # y = x' W' with x' = x (or x^T) [..., M, K] and W' = W (or W^T) [K, C].
+        matrix = index.T if transpose["b"] else index
+
+        def right_rows(inputs):
+            rows = tf.linalg.matrix_transpose(inputs) if transpose["a"] else inputs
+            return tf.reshape(rows, [1, -1, matrix.shape[0]])
+        return LinearView(right_rows, matrix[None])
+    # y = W' x' with W' = W (or W^T) [C, K] and x' [..., K, M]: y^T = x'^T W'^T, rows x'^T.
+    matrix = index if transpose["a"] else index.T
+
+    def left_rows(inputs):
+        rows = inputs if transpose["b"] else tf.linalg.matrix_transpose(inputs)
+        return tf.reshape(rows, [1, -1, matrix.shape[0]])
+    return LinearView(left_rows, matrix[None])
+
+
+def gram(rows, max_rows=None, seed=0):
+    """(G [B, K, K] = sum of x x^T over the rows, number of rows) of rows [B, M, K]; with max_rows, over a random
+    subset of about max_rows of them (the same for every b), drawn with a fixed seed."""
+    rows = tf.convert_to_tensor(rows)
+    if max_rows is not None:
+        count = tf.shape(rows)[1]
+        share = tf.minimum(1.0, tf.cast(max_rows, tf.float32) / tf.cast(count, tf.float32))
+        keep = tf.random.stateless_uniform([count], seed=[seed, 0]) < share
+        rows = tf.boolean_mask(rows, keep, axis=1)
+    return tf.matmul(rows, rows, transpose_a=True), tf.shape(rows)[1]
+
+
+@dataclasses.dataclass
+class Solver:
+    """One optimisation graph for problems of any shape (built by build_solver, in its own graph)."""
+
+    gram: tf.Tensor
+    start: tf.Tensor
+    step: tf.Tensor
+    movable: tf.Tensor
+    logits: tf.Tensor
+    iterations: tf.Tensor
+    final_logits: tf.Tensor
+
+    def run(self, sess, gram_matrix, start, step, movable, logits, iterations):
+        """The logits V after `iterations` Adam steps from `logits` (all NumPy, [B, K, C] but gram_matrix [B, K, K]).
+
+        The error is trace(D^T G D) with D = start + step * h(V) (G already divided by the number of rows).
+        """
+        return sess.run(self.final_logits, feed_dict={
+            self.gram: gram_matrix, self.start: start, self.step: step, self.movable: movable, self.logits: logits,
+            self.iterations: iterations})
+
+
+def annealing(iteration, iterations, options):
+    """(beta, 1.0 with the regulariser on else 0.0) at an iteration (tensors or numbers): off during the warm
+    start, then beta decays by a cosine from beta_start to beta_end."""
+    start = options.warm_start * iterations
+    progress = (iteration - start) / tf.maximum(iterations - start, 1.0)
+    beta = options.beta_end + 0.5 * (options.beta_start - options.beta_end) * (1.0 + tf.cos(math.pi * progress))
+    on = tf.cast(iteration >= start, tf.float32)
+    return on * beta + (1.0 - on) * options.beta_start, on
+
+
+def build_solver(options):
+    """The Solver of `options` (AdaRoundOptions: learning rate, regulariser weight, annealing), in the current graph.
+
+    Per iteration t (from 0): h = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1); D = start + step * h; the loss
+    trace(D^T G D) + on(t) * reg_weight * sum(movable * (1 - |2h - 1|^beta(t))); V takes an Adam step on it.
+    """
+    placeholder = lambda name: tf1.placeholder(tf.float32, [None, None, None], name=name)  # noqa: E731
+    gram_matrix, start, step = placeholder("gram"), placeholder("start"), placeholder("step")
+    movable, logits = placeholder("movable"), placeholder("logits")
+    iterations = tf1.placeholder(tf.int32, [], name="iterations")
+    total = tf.cast(iterations, tf.float32)
+
+    def body(t, v, m, s):
+        sig = tf.sigmoid(v)
+        stretched = sig * (ZETA - GAMMA) + GAMMA
+        h = tf.clip_by_value(stretched, 0.0, 1.0)
+        difference = start + step * h
+        reconstruction_grad = 2.0 * tf.matmul(gram_matrix, difference) * step
+        beta, on = annealing(tf.cast(t, tf.float32), total, options)
+        signed = 2.0 * h - 1.0
+        distance = tf.maximum(tf.abs(signed), 1e-12)
+        # d/dh of -|2h - 1|^beta = -2 beta |2h - 1|^(beta - 1) sign(2h - 1).
+        regulariser_grad = (on * options.reg_weight) * movable * (
+            -2.0 * beta * tf.exp((beta - 1.0) * tf.math.log(distance)) * tf.sign(signed))
+        inside = tf.cast((stretched > 0.0) & (stretched < 1.0), tf.float32)
+        grad = (reconstruction_grad + regulariser_grad) * sig * (1.0 - sig) * (ZETA - GAMMA) * inside
+        count = tf.cast(t + 1, tf.float32)
+        m = ADAM_BETA1 * m + (1.0 - ADAM_BETA1) * grad
+        s = ADAM_BETA2 * s + (1.0 - ADAM_BETA2) * tf.square(grad)
+        rate = options.learning_rate * tf.sqrt(1.0 - ADAM_BETA2 ** count) / (1.0 - ADAM_BETA1 ** count)
+        return t + 1, v - rate * m / (tf.sqrt(s) + ADAM_EPSILON), m, s
+
+    zeros = tf.zeros_like(logits)
+    _, final_logits, _, _ = tf1.while_loop(lambda t, v, m, s: t < iterations, body, [tf.constant(0), logits, zeros,
+                                                                                   zeros],
+                                           back_prop=False, parallel_iterations=1)
+    return Solver(gram=gram_matrix, start=start, step=step, movable=movable, logits=logits, iterations=iterations,
+                  final_logits=final_logits)
