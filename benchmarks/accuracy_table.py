@@ -17,6 +17,7 @@ DIR every row fine-tunes the converged float model benchmarks.baselines cached i
 import argparse
 import collections
 import contextlib
+import importlib
 import os
 import resource
 import shutil
@@ -349,29 +350,38 @@ def render(payload, command):
     return "\n".join(lines)
 
 
-# Float training of two lengths (epochs): the difference of their CPU seconds is that of the extra steps alone
-# (start-up, data loading and the final evaluation cancel out).
-EPOCH_CPU_FRACTIONS = (0.05, 0.2)
+# Float training of two lengths, in epochs of the training set: the difference of their CPU seconds is that of the
+# extra steps alone (start-up, data loading and the final evaluation cancel out).
+EPOCH_CPU_EPOCHS = (0.15, 0.6)
 ADAROUND_COMPUTE_SHARE = 0.05  # issue 34: AdaRound at most 5 % of one float epoch's compute
+
+
+def _base_epochs(run_module):
+    """Epochs of a run module's standard budget (--nb_epochs_rat=1): its ModelHelper's base_epochs."""
+    helper_module = importlib.import_module(run_module[:-len("_run")] if run_module.endswith("_run") else run_module)
+    return float(helper_module.ModelHelper.base_epochs)
 
 
 def float_epoch_cpu_seconds(work_dir, seed, budget):
     """CPU seconds (user + system, every thread) of one float training epoch through the run module: two fresh
-    float runs of EPOCH_CPU_FRACTIONS of an epoch, the difference scaled to one epoch."""
+    float runs of EPOCH_CPU_EPOCHS epochs (--nb_epochs_rat scales the module's base_epochs), the difference
+    scaled to one epoch."""
+    module = budget.get("module", RUN_MODULE)
+    base_epochs = _base_epochs(module)
     used = []
-    for fraction in EPOCH_CPU_FRACTIONS:
-        directory = os.path.join(work_dir, "float_epoch_cpu", "epochs_%g" % fraction)
+    for epochs in EPOCH_CPU_EPOCHS:
+        directory = os.path.join(work_dir, "float_epoch_cpu", "epochs_%g" % epochs)
         shutil.rmtree(directory, ignore_errors=True)
-        argv = [sys.executable, "-m", budget.get("module", RUN_MODULE), "--learner=full-prec",
+        argv = [sys.executable, "-m", module, "--learner=full-prec",
                 "--save_path=%s/model.ckpt" % directory, "--log_dir=%s/logs" % directory, "--seed=%d" % seed,
-                "--nb_epochs_rat=%g" % fraction] + budget["common"]
+                "--nb_epochs_rat=%g" % (epochs / base_epochs)] + budget["common"]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         done = subprocess.run(argv, cwd=publish.REPO_ROOT, capture_output=True, text=True)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if done.returncode != 0:
-            raise RuntimeError("float run of %g epoch failed:\n%s" % (fraction, done.stderr[-3000:]))
+            raise RuntimeError("float run of %g epoch failed:\n%s" % (epochs, done.stderr[-3000:]))
         used.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
-    return (used[1] - used[0]) / (EPOCH_CPU_FRACTIONS[1] - EPOCH_CPU_FRACTIONS[0])
+    return (used[1] - used[0]) / (EPOCH_CPU_EPOCHS[1] - EPOCH_CPU_EPOCHS[0])
 
 
 def ptq_lines(entries, float_epoch_cpu=None):
@@ -393,7 +403,7 @@ def ptq_lines(entries, float_epoch_cpu=None):
         lines.append("- AdaRound's calibration, CPU seconds per seed (every thread of the process): %s%s."
                      % (", ".join("seed %d %.1f%s" % (e["seed"], e["adaround_cpu_seconds"], share(e)) for e in cpu),
                         "; a float training epoch: %.0f CPU seconds (float runs of %g and %g epoch, the difference "
-                        "scaled to one; same load)" % ((float_epoch_cpu,) + EPOCH_CPU_FRACTIONS)
+                        "scaled to one; same load)" % ((float_epoch_cpu,) + EPOCH_CPU_EPOCHS)
                         if float_epoch_cpu else ""))
         if float_epoch_cpu:
             worst = max(e["adaround_cpu_seconds"] for e in cpu) / float_epoch_cpu

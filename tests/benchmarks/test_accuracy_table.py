@@ -245,8 +245,8 @@ def test_ptq_rows_alone_form_their_own_table_with_adaround_times(tmp_path, monke
 
 
 def test_adaround_cpu_seconds_against_a_float_epoch(tmp_path, monkeypatch):
-    """AdaRound's CPU seconds per seed, as a share of a float epoch's (two float runs, their difference scaled to
-    one epoch), and by phase."""
+    """AdaRound's CPU seconds per seed, as a share of a float epoch's (two float runs of 0.15 and 0.6 epoch, their
+    difference scaled to one epoch; --nb_epochs_rat scales the model's 3 base epochs), and by phase."""
     usages = iter([(10.0, 1.0), (30.0, 2.0), (40.0, 2.0), (100.0, 5.0)])  # (user, system) before/after each run
     monkeypatch.setattr(accuracy_table.resource, "getrusage",
                         lambda who: types.SimpleNamespace(**dict(zip(("ru_utime", "ru_stime"), next(usages)))))
@@ -254,15 +254,16 @@ def test_adaround_cpu_seconds_against_a_float_epoch(tmp_path, monkeypatch):
     monkeypatch.setattr(accuracy_table.subprocess, "run", lambda argv, **kw: runs.append(argv) or
                         types.SimpleNamespace(returncode=0, stderr=""))
     epoch = accuracy_table.float_epoch_cpu_seconds(str(tmp_path), 1, accuracy_table.FULL)
-    # 21 then 63 CPU seconds for 0.05 and 0.2 epoch: 42 for 0.15 epoch, 280 for one.
-    assert epoch == pytest.approx(280.0)
-    assert [a for a in runs[0] if a.startswith(("--learner", "--nb_epochs_rat", "--seed"))] == [
-        "--learner=full-prec", "--seed=1", "--nb_epochs_rat=0.05"]
+    # 21 then 63 CPU seconds for 0.15 and 0.6 epoch: 42 for 0.45 epoch, 93.3 for one.
+    assert epoch == pytest.approx(42.0 / 0.45)
+    assert [[a for a in argv if a.startswith(("--learner", "--nb_epochs_rat", "--seed"))] for argv in runs] == [
+        ["--learner=full-prec", "--seed=1", "--nb_epochs_rat=0.05"],
+        ["--learner=full-prec", "--seed=1", "--nb_epochs_rat=0.2"]]
     entries = [dict(entry("W4A8 ch PTQ AdaRound", s, 0.91, 0.915), adaround_seconds=20.0, adaround_cpu_seconds=c,
                     adaround_cpu_by_phase={"layer inputs": c / 2, "optimisation": c / 2})
                for s, c in ((0, 7.0), (1, 13.0))]
     payload = {"entries": entries, "budget": accuracy_table.FULL, "load_before": [0.1, 0, 0],
-               "float_epoch_cpu_seconds": epoch,
+               "float_epoch_cpu_seconds": 280.0,
                "machine": {"cpu": "c", "cores": 2, "tensorflow": "2.21", "python": "3.11", "date": "d",
                            "load_average": [0.1, 0, 0]}}
     text = accuracy_table.render(payload, "cmd")
