@@ -142,6 +142,16 @@ def split_separable(keras, layer, inputs, grid):
     return output
 
 
+def _reserve_names(keras, model):
+    """Make Keras's automatic names skip the model's own: a loaded file's operations ('add' of `x + y`) keep their
+    saved names without counting them, so a grid's keras.ops.add would be named 'add' too (refused on saving)."""
+    for operation in getattr(model, "operations", model.layers):
+        prefix, _, number = operation.name.rpartition("_")
+        prefix, number = (prefix, int(number)) if prefix and number.isdigit() else (operation.name, 0)
+        while keras.backend.get_uid(prefix) < number + 1:
+            pass
+
+
 def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, before_activation=None,
                                inside_separable=None):
     """A functional copy of `model` (its layers shared) with each grid applied after its layer's output.
@@ -162,6 +172,7 @@ def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, be
     """
     before_activation = dict(before_activation or {})
     inside_separable = dict(inside_separable or {})
+    _reserve_names(keras, model)
     if isinstance(model, keras.Sequential):
         inputs = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
         x = inputs
