@@ -142,6 +142,54 @@ def split_separable(keras, layer, inputs, grid):
     return output
 
 
+ATTENTION_PROJECTIONS = ("query", "key", "value")
+
+
+def split_attention(keras, layer, args, kwargs, grids):
+    """A MultiHeadAttention call as its query/key/value projections (EinsumDense layers with its weights), the
+    grids the quantized graph puts on their outputs, then a MultiHeadAttention whose own projections are identities
+    (exact in float: one product by 1, the rest by 0, a zero bias) and whose output projection is the layer's.
+
+    Args:
+      grids: {'query' | 'key' | 'value': ActivationGrid} (a projection without one stays float).
+    Returns:
+      the output tensor, or None when the layer is not a MultiHeadAttention without a gate called on 2-3 tensors.
+    """
+    config = layer.get_config()
+    if type(layer).__name__ != "MultiHeadAttention" or config.get("use_gate") or not 2 <= len(args) <= 3:
+        return None
+    query, value = args[0], args[1]
+    sources = {"query": query, "value": value, "key": args[2] if len(args) == 3 else value}
+    heads, key_dim = int(config["num_heads"]), int(config["key_dim"])
+    value_dim = int(config.get("value_dim") or key_dim)
+    projected = {}
+    for part in ATTENTION_PROJECTIONS:
+        original = getattr(layer, "_%s_dense" % part)
+        projection = keras.layers.EinsumDense.from_config(dict(original.get_config(), name="%s_%s" % (layer.name,
+                                                                                                         part)))
+        x = projection(sources[part])
+        projection.set_weights(original.get_weights())
+        if part in grids:
+            x = grids[part].apply(keras, x)
+        width = heads * (value_dim if part == "value" else key_dim)
+        projected[part] = keras.layers.Reshape(tuple(x.shape[1:-2]) + (width,), name="%s_%s_heads" % (
+            layer.name, part))(x)
+    config["output_shape"] = config.get("output_shape") or int(query.shape[-1])
+    attention = layer.__class__.from_config(config)
+    output = attention(projected["query"], projected["value"], projected["key"], **kwargs)
+    values = []
+    for weight in attention.weights:
+        part, kind = weight.path.split("/")[-2:]
+        if part in ATTENTION_PROJECTIONS:  # identity: input feature h * dim + d is output (h, d)
+            shape = tuple(weight.shape)
+            values.append(np.eye(shape[0], dtype=np.float32).reshape(shape) if kind == "kernel"
+                          else np.zeros(shape, np.float32))
+        else:
+            values.append(getattr(layer, "_output_dense").get_weights()[0 if kind == "kernel" else 1])
+    attention.set_weights(values)
+    return output
+
+
 def _reserve_names(keras, model):
     """Make Keras's automatic names skip the model's own: a loaded file's operations ('add' of `x + y`) keep their
     saved names without counting them, so a grid's keras.ops.add would be named 'add' too (refused on saving)."""
@@ -153,7 +201,7 @@ def _reserve_names(keras, model):
 
 
 def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, before_activation=None,
-                               inside_separable=None):
+                               inside_separable=None, inside_attention=None):
     """A functional copy of `model` (its layers shared) with each grid applied after its layer's output.
 
     Args:
@@ -166,12 +214,15 @@ def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, be
         activation (a new layer of the same name and weights), the grid, then the activation as its own layer.
       inside_separable: {layer name: ActivationGrid} of SeparableConv2D layers whose depthwise output is quantized:
         the copy runs them as two layers with the grid between (split_separable).
+      inside_attention: {layer name: {'query' | 'key' | 'value': ActivationGrid}} of MultiHeadAttention layers whose
+        projections' outputs are quantized (split_attention).
     Returns:
       (the model, the names of the layers whose grids it applies, with '(input)' for the input's: clone_model
       calls back for layers only, not for a functional model's Keras operations such as `x + y`).
     """
     before_activation = dict(before_activation or {})
     inside_separable = dict(inside_separable or {})
+    inside_attention = dict(inside_attention or {})
     _reserve_names(keras, model)
     if isinstance(model, keras.Sequential):
         inputs = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
@@ -199,6 +250,10 @@ def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, be
             output = split_separable(keras, layer, args[0], inside_separable[layer.name])
             if output is not None:
                 applied.add(SEPARABLE_PREFIX + layer.name)
+        if layer.name in inside_attention:
+            output = split_attention(keras, layer, args, kwargs, inside_attention[layer.name])
+            if output is not None:
+                applied.update(ATTENTION_PREFIX + layer.name + "/" + part for part in inside_attention[layer.name])
         if output is None:
             output = layer(*args, **kwargs)
         if layer.name in linear:
@@ -219,3 +274,4 @@ def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, be
 
 INPUT_LAYER = "(input)"
 SEPARABLE_PREFIX = "(inside) "
+ATTENTION_PREFIX = "(attention) "
