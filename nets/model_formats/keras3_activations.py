@@ -190,6 +190,35 @@ def split_attention(keras, layer, args, kwargs, grids):
     return output
 
 
+def split_dense(keras, layer, x, grids):
+    """A Dense call on a rank-3+ input whose Tensordot MatMul the quantized graph quantizes: `grids['input']` on its
+    input, the Dense without bias and activation, `grids['output']` (before the bias, where the MatMul's output is),
+    then the bias as an EinsumDense with an identity kernel (exact in float) and the activation as its own layer.
+
+    Returns:
+      the output tensor, or None when the layer is not a Dense.
+    """
+    config = layer.get_config()
+    if type(layer).__name__ != "Dense":
+        return None
+    if "input" in grids:
+        x = grids["input"].apply(keras, x)
+    if "output" not in grids:
+        return layer(x)
+    units, use_bias, activation = int(config["units"]), config.get("use_bias", True), config.get("activation")
+    dense = layer.__class__.from_config(dict(config, use_bias=False, activation="linear"))
+    y = dense(x)
+    dense.set_weights([layer.kernel.numpy()])
+    y = grids["output"].apply(keras, y)
+    if use_bias:
+        bias = keras.layers.EinsumDense("...c,cd->...d", output_shape=units, bias_axes="d", name=layer.name + "_bias")
+        y = bias(y)
+        bias.set_weights([np.eye(units, dtype=np.float32), layer.bias.numpy()])
+    if activation not in (None, "linear"):
+        y = keras.layers.Activation(activation, name=layer.name + "_activation")(y)
+    return y
+
+
 def _reserve_names(keras, model):
     """Make Keras's automatic names skip the model's own: a loaded file's operations ('add' of `x + y`) keep their
     saved names without counting them, so a grid's keras.ops.add would be named 'add' too (refused on saving)."""
@@ -201,7 +230,7 @@ def _reserve_names(keras, model):
 
 
 def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, before_activation=None,
-                               inside_separable=None, inside_attention=None):
+                               inside_separable=None, inside_attention=None, inside_dense=None):
     """A functional copy of `model` (its layers shared) with each grid applied after its layer's output.
 
     Args:
@@ -216,6 +245,8 @@ def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, be
         the copy runs them as two layers with the grid between (split_separable).
       inside_attention: {layer name: {'query' | 'key' | 'value': ActivationGrid}} of MultiHeadAttention layers whose
         projections' outputs are quantized (split_attention).
+      inside_dense: {layer name: {'input' | 'output': ActivationGrid}} of Dense layers on rank-3 inputs whose
+        Tensordot MatMul is quantized (split_dense).
     Returns:
       (the model, the names of the layers whose grids it applies, with '(input)' for the input's: clone_model
       calls back for layers only, not for a functional model's Keras operations such as `x + y`).
@@ -223,6 +254,7 @@ def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, be
     before_activation = dict(before_activation or {})
     inside_separable = dict(inside_separable or {})
     inside_attention = dict(inside_attention or {})
+    inside_dense = dict(inside_dense or {})
     _reserve_names(keras, model)
     if isinstance(model, keras.Sequential):
         inputs = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
@@ -254,6 +286,10 @@ def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, be
             output = split_attention(keras, layer, args, kwargs, inside_attention[layer.name])
             if output is not None:
                 applied.update(ATTENTION_PREFIX + layer.name + "/" + part for part in inside_attention[layer.name])
+        if layer.name in inside_dense and len(args) == 1 and not kwargs.get("mask"):
+            output = split_dense(keras, layer, args[0], inside_dense[layer.name])
+            if output is not None:
+                applied.update(DENSE_PREFIX + layer.name + "/" + part for part in inside_dense[layer.name])
         if output is None:
             output = layer(*args, **kwargs)
         if layer.name in linear:
@@ -275,3 +311,4 @@ def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, be
 INPUT_LAYER = "(input)"
 SEPARABLE_PREFIX = "(inside) "
 ATTENTION_PREFIX = "(attention) "
+DENSE_PREFIX = "(dense) "

@@ -190,6 +190,7 @@ def _keras3_quantized_activations(helper, model, checkpoint, report_path):
     before, tensors = {}, {grid.op_name: None for grid in grids}
     layers = keras3_activations.layer_of_ops(helper.rebuild_plan, helper.input_shape, MODEL_SCOPE, before, tensors)
     by_layer, before_activation, input_grid, inside_separable, inside_attention = {}, {}, None, {}, {}
+    inside_dense = {}
     for grid in grids:
         # A layer output or input --uql_quantize_layer_outputs quantized is named after its weight op.
         op_name, is_input = tensors.get(grid.op_name) or (grid.op_name, False)
@@ -205,15 +206,18 @@ def _keras3_quantized_activations(helper, model, checkpoint, report_path):
         elif _attention_projection(model, op_name) is not None:
             attention, part = _attention_projection(model, op_name)  # a frozen MultiHeadAttention's projection
             inside_attention.setdefault(attention, {})[part] = grid
+        elif _tensordot_dense(model, grid.op_name) is not None:
+            dense, part = _tensordot_dense(model, grid.op_name)  # a frozen Dense on a rank-3 input
+            inside_dense.setdefault(dense, {})[part] = grid
         else:
             unsupported.append(grid.op_name)  # inside a layer, not its output
     if not by_layer and not unsupported and not before_activation and input_grid is None and not inside_separable \
-            and not inside_attention:
+            and not inside_attention and not inside_dense:
         return model, "activations float as in the quantized model"
     with tf.init_scope():
         model, applied = keras3_activations.with_quantized_activations(keras, model, by_layer, input_grid,
                                                                        before_activation, inside_separable,
-                                                                       inside_attention)
+                                                                       inside_attention, inside_dense)
     unsupported += [grid.op_name for name, grid in list(by_layer.items()) + list(before_activation.items())
                     if name not in applied]
     unsupported += [grid.op_name for name, grid in inside_separable.items()
@@ -228,6 +232,8 @@ def _keras3_quantized_activations(helper, model, checkpoint, report_path):
     if split:
         said += "; %s split into DepthwiseConv2D, its depthwise output's grid and a 1x1 Conv2D (<name>_depthwise, " \
                 "<name>_pointwise)" % ", ".join(split)
+    unsupported += [grid.op_name for name, grids in inside_dense.items() for part, grid in grids.items()
+                    if keras3_activations.DENSE_PREFIX + name + "/" + part not in applied]
     attention = sorted(name for name in inside_attention
                        if any(key.startswith(keras3_activations.ATTENTION_PREFIX + name + "/") for key in applied))
     if attention:
@@ -256,6 +262,21 @@ def _attention_projection(model, op_name):
         if base in keras3_activations.ATTENTION_PROJECTIONS:
             return layer.name, base
     return None
+
+
+def _tensordot_dense(model, report_name):
+    """(Dense layer name, 'input' | 'output') of a report's '<op>:input' / '<op>:output' naming the Tensordot MatMul
+    of a rebuilt model's frozen Dense on a rank-3 input ('model/embed/embed_1/Tensordot/MatMul:output'), or None."""
+    op_name, _, side = report_name.rpartition(":")
+    parts = op_name.split("/")
+    if side not in ("input", "output") or len(parts) < 4 or parts[0] != MODEL_SCOPE or parts[-2:] != [
+            "Tensordot", "MatMul"]:
+        return None
+    try:
+        layer = model.get_layer(parts[1])
+    except ValueError:
+        return None
+    return (layer.name, side) if type(layer).__name__ == "Dense" else None
 
 
 def _separable_owning(model, op_name):
