@@ -146,9 +146,10 @@ ATTENTION_PROJECTIONS = ("query", "key", "value")
 
 
 def split_attention(keras, layer, args, kwargs, grids):
-    """A MultiHeadAttention call as its query/key/value projections (EinsumDense layers with its weights), the
-    grids the quantized graph puts on their outputs, then a MultiHeadAttention whose own projections are identities
-    (exact in float: one product by 1, the rest by 0, a zero bias) and whose output projection is the layer's.
+    """A MultiHeadAttention call as its query/key/value projections (EinsumDense layers with its kernels, no bias),
+    the grids the quantized graph puts on their outputs, then a MultiHeadAttention whose own projections are
+    identities (exact in float: one product by 1, the rest by 0) adding the layer's biases, and whose output
+    projection is the layer's.
 
     Args:
       grids: {'query' | 'key' | 'value': ActivationGrid} (a projection without one stays float).
@@ -165,10 +166,12 @@ def split_attention(keras, layer, args, kwargs, grids):
     projected = {}
     for part in ATTENTION_PROJECTIONS:
         original = getattr(layer, "_%s_dense" % part)
-        projection = keras.layers.EinsumDense.from_config(dict(original.get_config(), name="%s_%s" % (layer.name,
-                                                                                                         part)))
+        # Without its bias: the quantized graph rounds the MatMul's output, before the bias (which the identity
+        # projection below adds).
+        projection = keras.layers.EinsumDense.from_config(dict(original.get_config(), bias_axes=None,
+                                                               name="%s_%s" % (layer.name, part)))
         x = projection(sources[part])
-        projection.set_weights(original.get_weights())
+        projection.set_weights([original.kernel.numpy()])
         if part in grids:
             x = grids[part].apply(keras, x)
         width = heads * (value_dim if part == "value" else key_dim)
@@ -180,10 +183,10 @@ def split_attention(keras, layer, args, kwargs, grids):
     values = []
     for weight in attention.weights:
         part, kind = weight.path.split("/")[-2:]
-        if part in ATTENTION_PROJECTIONS:  # identity: input feature h * dim + d is output (h, d)
+        if part in ATTENTION_PROJECTIONS:  # identity: input feature h * dim + d is output (h, d); the layer's bias
             shape = tuple(weight.shape)
             values.append(np.eye(shape[0], dtype=np.float32).reshape(shape) if kind == "kernel"
-                          else np.zeros(shape, np.float32))
+                          else getattr(layer, "_%s_dense" % part).bias.numpy())
         else:
             values.append(getattr(layer, "_output_dense").get_weights()[0 if kind == "kernel" else 1])
     attention.set_weights(values)
@@ -219,6 +222,31 @@ def split_dense(keras, layer, x, grids):
     return y
 
 
+def split_layer_norm(keras, layer, x, grid):
+    """A LayerNormalization (last axis, center and scale) whose offset `beta - mean * rsqrt(variance + epsilon) *
+    gamma` the quantized graph rounds: the ops Keras's layer runs on TensorFlow, in its order, with keras.ops, gamma
+    as an EinsumDense kernel (one product per element) and beta as an identity EinsumDense's bias, `grid` on the
+    offset. Returns the output tensor, or None when the layer is not such a LayerNormalization."""
+    config = layer.get_config()
+    axis = config.get("axis", -1)
+    axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
+    if type(layer).__name__ != "LayerNormalization" or config.get("rms_scaling") or not (
+            config.get("center", True) and config.get("scale", True)) or axis not in (-1, len(x.shape) - 1):
+        return None
+    ops, channels = keras.ops, int(x.shape[-1])
+    mean = ops.mean(x, axis=-1, keepdims=True)
+    variance = ops.mean(ops.square(ops.subtract(x, mean)), axis=-1, keepdims=True)
+    inverse = ops.rsqrt(ops.add(variance, float(np.float32(config.get("epsilon", 1e-3)))))
+    scale = keras.layers.EinsumDense("...x,xc->...c", output_shape=channels, name=layer.name + "_scale")
+    multiplier = scale(inverse)  # rsqrt(variance + epsilon) * gamma
+    scale.set_weights([layer.gamma.numpy().reshape(1, channels)])
+    center = keras.layers.EinsumDense("...c,cd->...d", output_shape=channels, bias_axes="d",
+                                      name=layer.name + "_offset")
+    offset = center(ops.multiply(ops.negative(mean), multiplier))
+    center.set_weights([np.eye(channels, dtype=np.float32), layer.beta.numpy()])
+    return ops.add(ops.multiply(x, multiplier), grid.apply(keras, offset))
+
+
 def _reserve_names(keras, model):
     """Make Keras's automatic names skip the model's own: a loaded file's operations ('add' of `x + y`) keep their
     saved names without counting them, so a grid's keras.ops.add would be named 'add' too (refused on saving)."""
@@ -230,7 +258,8 @@ def _reserve_names(keras, model):
 
 
 def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, before_activation=None,
-                               inside_separable=None, inside_attention=None, inside_dense=None):
+                               inside_separable=None, inside_attention=None, inside_dense=None,
+                               inside_layer_norm=None):
     """A functional copy of `model` (its layers shared) with each grid applied after its layer's output.
 
     Args:
@@ -247,6 +276,8 @@ def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, be
         projections' outputs are quantized (split_attention).
       inside_dense: {layer name: {'input' | 'output': ActivationGrid}} of Dense layers on rank-3 inputs whose
         Tensordot MatMul is quantized (split_dense).
+      inside_layer_norm: {layer name: ActivationGrid} of LayerNormalization layers whose offset is quantized
+        (split_layer_norm).
     Returns:
       (the model, the names of the layers whose grids it applies, with '(input)' for the input's: clone_model
       calls back for layers only, not for a functional model's Keras operations such as `x + y`).
@@ -255,6 +286,7 @@ def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, be
     inside_separable = dict(inside_separable or {})
     inside_attention = dict(inside_attention or {})
     inside_dense = dict(inside_dense or {})
+    inside_layer_norm = dict(inside_layer_norm or {})
     _reserve_names(keras, model)
     if isinstance(model, keras.Sequential):
         inputs = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
@@ -290,6 +322,10 @@ def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, be
             output = split_dense(keras, layer, args[0], inside_dense[layer.name])
             if output is not None:
                 applied.update(DENSE_PREFIX + layer.name + "/" + part for part in inside_dense[layer.name])
+        if layer.name in inside_layer_norm and len(args) == 1 and output is None:
+            output = split_layer_norm(keras, layer, args[0], inside_layer_norm[layer.name])
+            if output is not None:
+                applied.add(LAYER_NORM_PREFIX + layer.name)
         if output is None:
             output = layer(*args, **kwargs)
         if layer.name in linear:
@@ -312,3 +348,4 @@ INPUT_LAYER = "(input)"
 SEPARABLE_PREFIX = "(inside) "
 ATTENTION_PREFIX = "(attention) "
 DENSE_PREFIX = "(dense) "
+LAYER_NORM_PREFIX = "(layer norm) "

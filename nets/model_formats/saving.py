@@ -190,7 +190,7 @@ def _keras3_quantized_activations(helper, model, checkpoint, report_path):
     before, tensors = {}, {grid.op_name: None for grid in grids}
     layers = keras3_activations.layer_of_ops(helper.rebuild_plan, helper.input_shape, MODEL_SCOPE, before, tensors)
     by_layer, before_activation, input_grid, inside_separable, inside_attention = {}, {}, None, {}, {}
-    inside_dense = {}
+    inside_dense, inside_layer_norm = {}, {}
     for grid in grids:
         # A layer output or input --uql_quantize_layer_outputs quantized is named after its weight op.
         op_name, is_input = tensors.get(grid.op_name) or (grid.op_name, False)
@@ -209,15 +209,18 @@ def _keras3_quantized_activations(helper, model, checkpoint, report_path):
         elif _tensordot_dense(model, grid.op_name) is not None:
             dense, part = _tensordot_dense(model, grid.op_name)  # a frozen Dense on a rank-3 input
             inside_dense.setdefault(dense, {})[part] = grid
+        elif _layer_norm_offset(model, op_name) is not None:
+            inside_layer_norm[_layer_norm_offset(model, op_name)] = grid  # a frozen LayerNormalization's offset
         else:
             unsupported.append(grid.op_name)  # inside a layer, not its output
     if not by_layer and not unsupported and not before_activation and input_grid is None and not inside_separable \
-            and not inside_attention and not inside_dense:
+            and not inside_attention and not inside_dense and not inside_layer_norm:
         return model, "activations float as in the quantized model"
     with tf.init_scope():
         model, applied = keras3_activations.with_quantized_activations(keras, model, by_layer, input_grid,
                                                                        before_activation, inside_separable,
-                                                                       inside_attention, inside_dense)
+                                                                       inside_attention, inside_dense,
+                                                                       inside_layer_norm)
     unsupported += [grid.op_name for name, grid in list(by_layer.items()) + list(before_activation.items())
                     if name not in applied]
     unsupported += [grid.op_name for name, grid in inside_separable.items()
@@ -234,6 +237,8 @@ def _keras3_quantized_activations(helper, model, checkpoint, report_path):
                 "<name>_pointwise)" % ", ".join(split)
     unsupported += [grid.op_name for name, grids in inside_dense.items() for part, grid in grids.items()
                     if keras3_activations.DENSE_PREFIX + name + "/" + part not in applied]
+    unsupported += [grid.op_name for name, grid in inside_layer_norm.items()
+                    if keras3_activations.LAYER_NORM_PREFIX + name not in applied]
     attention = sorted(name for name in inside_attention
                        if any(key.startswith(keras3_activations.ATTENTION_PREFIX + name + "/") for key in applied))
     if attention:
@@ -277,6 +282,19 @@ def _tensordot_dense(model, report_name):
     except ValueError:
         return None
     return (layer.name, side) if type(layer).__name__ == "Dense" else None
+
+
+def _layer_norm_offset(model, op_name):
+    """The LayerNormalization layer whose offset (beta - mean * rsqrt(variance + epsilon) * gamma, the op 'add_1' of
+    Keras's layer on TensorFlow) a rebuilt model's frozen layer computes in `op_name`, or None."""
+    parts = op_name.split("/")
+    if len(parts) < 3 or parts[0] != MODEL_SCOPE or parts[-1] != "add_1":
+        return None
+    try:
+        layer = model.get_layer(parts[1])
+    except ValueError:
+        return None
+    return layer.name if type(layer).__name__ == "LayerNormalization" else None
 
 
 def _separable_owning(model, op_name):
