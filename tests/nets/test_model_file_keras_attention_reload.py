@@ -1,6 +1,7 @@
 """--save_model of a Keras 3 file with self-attention (MultiHeadAttention(x, x)) and LayerNormalization: the model
 is rebuilt with the attention layer frozen alone, and the saved file reloads in plain Keras (safe mode) with the
-quantized graph's grids on the attention projections and the rank-3 Dense layers."""
+quantized graph's grids: on the attention projections (before their biases), on the rank-3 Dense layers' inputs
+and outputs, and on LayerNormalization's offset (which the quantized graph rounds)."""
 import json
 import os
 import subprocess
@@ -64,7 +65,10 @@ def test_saved_self_attention_model_reloads_with_the_quantized_grids(tmp_path):
     assert reloaded.returncode == 0, reloaded.stderr[-3000:]
     scores = np.load(tmp_path / "reloaded.npy")
     assert np.array_equal(scores.argmax(1), reference.argmax(1))
-    # Left float inside LayerNormalization: the offset (beta - mean * scale) the quantized graph rounds; it moves a
-    # logit by less than a step of the logits' grid (with the projections and embed float too: 5 steps).
+    # Before: MultiHeadAttention(x, x) made the model one frozen graph saved with float activations (logits up to 16
+    # steps of their grid away); with the projections before their biases and LayerNorm's offset float, 3 steps.
     step = _output_step(run_dir, report)
-    assert np.abs(scores - reference).max() <= step * 1.0001, (np.abs(scores - reference).max(), step)
+    assert np.abs(scores - reference).max() <= step, (np.abs(scores - reference).max(), step)
+    # Float accumulation order may differ between Keras's and tfquant's graphs; a step would differ by far more.
+    np.testing.assert_allclose(scores, reference, rtol=1e-4, atol=1e-5)
+    assert "float at" not in out
