@@ -214,7 +214,8 @@ def plan(model, path=""):
             reason = "called %d times, with a mask or with a constant" % len(nodes)
         else:
             reason = _layer_reason(layer, class_name, entry["config"], module)
-        if reason and keys is not None and len(set(keys)) == 1 and (len(keys) == 1 or module.startswith("keras.layers")):
+        repeated = keys is not None and len(set(keys)) == 1 and (len(keys) == 1 or module.startswith("keras.layers"))
+        if reason and repeated:
             # A layer of one tensor, passed once or several times (self-attention: MultiHeadAttention(x, x)).
             prepared = keras3_frozen_layer.freeze_layer(layer, path, repeats=len(keys))
             if not isinstance(prepared, str):

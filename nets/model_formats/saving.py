@@ -8,9 +8,12 @@ exactly. A Keras 3 file that was rebuilt layer by layer gets the quantized activ
 after each layer whose output the quantizer reads, written with Keras's own operations
 (nets.model_formats.keras3_activations; a frozen SeparableConv2D whose depthwise output is quantized is written as
 DepthwiseConv2D, that grid, then a 1x1 Conv2D), and each bias the quantized graph rounds to its int32 grid is
-written rounded (quantized_biases), so reloading gives the quantized scores bit for bit. A Keras file run as one
-frozen graph, and a tf_keras file, hold only weights, so their activations are float (their 8-bit rounding rarely
-moves a prediction; the attention stand-in: 99.2-99.3 % same top-1).
+written rounded (quantized_biases), so reloading gives the quantized scores bit for bit. Grids the quantized graph
+puts inside a frozen layer are written by splitting the layer into built-in layers and Keras operations: a
+self-attention MultiHeadAttention (its query/key/value projections, their grids before the biases, then a
+MultiHeadAttention with identity projections), a Dense on a rank-3 input (its Tensordot MatMul's input and output,
+before the bias) and a LayerNormalization whose offset is rounded. A Keras file run as one frozen graph, and a
+tf_keras file, hold only weights, so their activations are float (their 8-bit rounding rarely moves a prediction).
 """
 import os
 import shutil
