@@ -9,18 +9,15 @@ import pytest
 from learners import deployment_settings, run_settings
 from learners import flags as learner_flags
 from learners.errors import UserError
+from tests.learners.test_ignored_flags import parse_run_flags
 
 FLAGS = learner_flags.FLAGS
 
 
 @pytest.fixture
 def apply(tmp_path):
-    learner_flags.define_flags()
-
     def parse_and_apply(args):
-        FLAGS.unparse_flags()
-        FLAGS(["prog", "--save_path=%s/m/model.ckpt" % tmp_path, "--uql_save_quant_model_path=%s/q/model.ckpt"
-               % tmp_path, "--log_dir=%s/logs" % tmp_path] + args)
+        parse_run_flags(tmp_path, args)
         notes = deployment_settings.apply(FLAGS, learner_flags.validate_flags)
         learner_flags.validate_flags()
         return notes

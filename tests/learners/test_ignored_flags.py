@@ -9,14 +9,18 @@ from tests.learners.test_end_to_end import run_script
 FLAGS = learner_flags.FLAGS
 
 
+def parse_run_flags(tmp_path, args):
+    """Parse a run script's flags afresh, its output paths under tmp_path (not validated)."""
+    learner_flags.define_flags()
+    FLAGS.unparse_flags()
+    FLAGS(["prog", "--save_path=%s/m/model.ckpt" % tmp_path, "--uql_save_quant_model_path=%s/q/model.ckpt"
+           % tmp_path, "--log_dir=%s/logs" % tmp_path] + args)
+
+
 @pytest.fixture
 def validate(tmp_path):
-    learner_flags.define_flags()
-
     def parse_and_validate(args):
-        FLAGS.unparse_flags()
-        FLAGS(["prog", "--save_path=%s/m/model.ckpt" % tmp_path, "--uql_save_quant_model_path=%s/q/model.ckpt"
-               % tmp_path, "--log_dir=%s/logs" % tmp_path] + args)
+        parse_run_flags(tmp_path, args)
         learner_flags.validate_flags()
     yield parse_and_validate
     FLAGS.unparse_flags()
