@@ -142,8 +142,124 @@ def split_separable(keras, layer, inputs, grid):
     return output
 
 
+ATTENTION_PROJECTIONS = ("query", "key", "value")
+
+
+def split_attention(keras, layer, args, kwargs, grids):
+    """A MultiHeadAttention call as its query/key/value projections (EinsumDense layers with its kernels, no bias),
+    the grids the quantized graph puts on their outputs, then a MultiHeadAttention whose own projections are
+    identities (exact in float: one product by 1, the rest by 0) adding the layer's biases, and whose output
+    projection is the layer's.
+
+    Args:
+      grids: {'query' | 'key' | 'value': ActivationGrid} (a projection without one stays float).
+    Returns:
+      the output tensor, or None when the layer is not a MultiHeadAttention without a gate called on 2-3 tensors.
+    """
+    config = layer.get_config()
+    if type(layer).__name__ != "MultiHeadAttention" or config.get("use_gate") or not 2 <= len(args) <= 3:
+        return None
+    query, value = args[0], args[1]
+    sources = {"query": query, "value": value, "key": args[2] if len(args) == 3 else value}
+    heads, key_dim = int(config["num_heads"]), int(config["key_dim"])
+    value_dim = int(config.get("value_dim") or key_dim)
+    projected = {}
+    for part in ATTENTION_PROJECTIONS:
+        original = getattr(layer, "_%s_dense" % part)
+        # Without its bias: the quantized graph rounds the MatMul's output, before the bias (which the identity
+        # projection below adds).
+        projection = keras.layers.EinsumDense.from_config(dict(original.get_config(), bias_axes=None,
+                                                               name="%s_%s" % (layer.name, part)))
+        x = projection(sources[part])
+        projection.set_weights([original.kernel.numpy()])
+        if part in grids:
+            x = grids[part].apply(keras, x)
+        width = heads * (value_dim if part == "value" else key_dim)
+        projected[part] = keras.layers.Reshape(tuple(x.shape[1:-2]) + (width,), name="%s_%s_heads" % (
+            layer.name, part))(x)
+    config["output_shape"] = config.get("output_shape") or int(query.shape[-1])
+    attention = layer.__class__.from_config(config)
+    output = attention(projected["query"], projected["value"], projected["key"], **kwargs)
+    values = []
+    for weight in attention.weights:
+        part, kind = weight.path.split("/")[-2:]
+        if part in ATTENTION_PROJECTIONS:  # identity: input feature h * dim + d is output (h, d); the layer's bias
+            shape = tuple(weight.shape)
+            values.append(np.eye(shape[0], dtype=np.float32).reshape(shape) if kind == "kernel"
+                          else getattr(layer, "_%s_dense" % part).bias.numpy())
+        else:
+            values.append(getattr(layer, "_output_dense").get_weights()[0 if kind == "kernel" else 1])
+    attention.set_weights(values)
+    return output
+
+
+def split_dense(keras, layer, x, grids):
+    """A Dense call on a rank-3+ input whose Tensordot MatMul the quantized graph quantizes: `grids['input']` on its
+    input, the Dense without bias and activation, `grids['output']` (before the bias, where the MatMul's output is),
+    then the bias as an EinsumDense with an identity kernel (exact in float) and the activation as its own layer.
+
+    Returns:
+      the output tensor, or None when the layer is not a Dense.
+    """
+    config = layer.get_config()
+    if type(layer).__name__ != "Dense":
+        return None
+    if "input" in grids:
+        x = grids["input"].apply(keras, x)
+    if "output" not in grids:
+        return layer(x)
+    units, use_bias, activation = int(config["units"]), config.get("use_bias", True), config.get("activation")
+    dense = layer.__class__.from_config(dict(config, use_bias=False, activation="linear"))
+    y = dense(x)
+    dense.set_weights([layer.kernel.numpy()])
+    y = grids["output"].apply(keras, y)
+    if use_bias:
+        bias = keras.layers.EinsumDense("...c,cd->...d", output_shape=units, bias_axes="d", name=layer.name + "_bias")
+        y = bias(y)
+        bias.set_weights([np.eye(units, dtype=np.float32), layer.bias.numpy()])
+    if activation not in (None, "linear"):
+        y = keras.layers.Activation(activation, name=layer.name + "_activation")(y)
+    return y
+
+
+def split_layer_norm(keras, layer, x, grid):
+    """A LayerNormalization (last axis, center and scale) whose offset `beta - mean * rsqrt(variance + epsilon) *
+    gamma` the quantized graph rounds: the ops Keras's layer runs on TensorFlow, in its order, with keras.ops, gamma
+    as an EinsumDense kernel (one product per element) and beta as an identity EinsumDense's bias, `grid` on the
+    offset. Returns the output tensor, or None when the layer is not such a LayerNormalization."""
+    config = layer.get_config()
+    axis = config.get("axis", -1)
+    axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
+    if type(layer).__name__ != "LayerNormalization" or config.get("rms_scaling") or not (
+            config.get("center", True) and config.get("scale", True)) or axis not in (-1, len(x.shape) - 1):
+        return None
+    ops, channels = keras.ops, int(x.shape[-1])
+    mean = ops.mean(x, axis=-1, keepdims=True)
+    variance = ops.mean(ops.square(ops.subtract(x, mean)), axis=-1, keepdims=True)
+    inverse = ops.rsqrt(ops.add(variance, float(np.float32(config.get("epsilon", 1e-3)))))
+    scale = keras.layers.EinsumDense("...x,xc->...c", output_shape=channels, name=layer.name + "_scale")
+    multiplier = scale(inverse)  # rsqrt(variance + epsilon) * gamma
+    scale.set_weights([layer.gamma.numpy().reshape(1, channels)])
+    center = keras.layers.EinsumDense("...c,cd->...d", output_shape=channels, bias_axes="d",
+                                      name=layer.name + "_offset")
+    offset = center(ops.multiply(ops.negative(mean), multiplier))
+    center.set_weights([np.eye(channels, dtype=np.float32), layer.beta.numpy()])
+    return ops.add(ops.multiply(x, multiplier), grid.apply(keras, offset))
+
+
+def _reserve_names(keras, model):
+    """Make Keras's automatic names skip the model's own: a loaded file's operations ('add' of `x + y`) keep their
+    saved names without counting them, so a grid's keras.ops.add would be named 'add' too (refused on saving)."""
+    for operation in getattr(model, "operations", model.layers):
+        prefix, _, number = operation.name.rpartition("_")
+        prefix, number = (prefix, int(number)) if prefix and number.isdigit() else (operation.name, 0)
+        while keras.backend.get_uid(prefix) < number + 1:
+            pass
+
+
 def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, before_activation=None,
-                               inside_separable=None):
+                               inside_separable=None, inside_attention=None, inside_dense=None,
+                               inside_layer_norm=None):
     """A functional copy of `model` (its layers shared) with each grid applied after its layer's output.
 
     Args:
@@ -156,12 +272,22 @@ def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, be
         activation (a new layer of the same name and weights), the grid, then the activation as its own layer.
       inside_separable: {layer name: ActivationGrid} of SeparableConv2D layers whose depthwise output is quantized:
         the copy runs them as two layers with the grid between (split_separable).
+      inside_attention: {layer name: {'query' | 'key' | 'value': ActivationGrid}} of MultiHeadAttention layers whose
+        projections' outputs are quantized (split_attention).
+      inside_dense: {layer name: {'input' | 'output': ActivationGrid}} of Dense layers on rank-3 inputs whose
+        Tensordot MatMul is quantized (split_dense).
+      inside_layer_norm: {layer name: ActivationGrid} of LayerNormalization layers whose offset is quantized
+        (split_layer_norm).
     Returns:
       (the model, the names of the layers whose grids it applies, with '(input)' for the input's: clone_model
       calls back for layers only, not for a functional model's Keras operations such as `x + y`).
     """
     before_activation = dict(before_activation or {})
     inside_separable = dict(inside_separable or {})
+    inside_attention = dict(inside_attention or {})
+    inside_dense = dict(inside_dense or {})
+    inside_layer_norm = dict(inside_layer_norm or {})
+    _reserve_names(keras, model)
     if isinstance(model, keras.Sequential):
         inputs = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
         x = inputs
@@ -188,6 +314,18 @@ def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, be
             output = split_separable(keras, layer, args[0], inside_separable[layer.name])
             if output is not None:
                 applied.add(SEPARABLE_PREFIX + layer.name)
+        if layer.name in inside_attention:
+            output = split_attention(keras, layer, args, kwargs, inside_attention[layer.name])
+            if output is not None:
+                applied.update(ATTENTION_PREFIX + layer.name + "/" + part for part in inside_attention[layer.name])
+        if layer.name in inside_dense and len(args) == 1 and not kwargs.get("mask"):
+            output = split_dense(keras, layer, args[0], inside_dense[layer.name])
+            if output is not None:
+                applied.update(DENSE_PREFIX + layer.name + "/" + part for part in inside_dense[layer.name])
+        if layer.name in inside_layer_norm and len(args) == 1 and output is None:
+            output = split_layer_norm(keras, layer, args[0], inside_layer_norm[layer.name])
+            if output is not None:
+                applied.add(LAYER_NORM_PREFIX + layer.name)
         if output is None:
             output = layer(*args, **kwargs)
         if layer.name in linear:
@@ -208,3 +346,6 @@ def with_quantized_activations(keras, model, grids_by_layer, input_grid=None, be
 
 INPUT_LAYER = "(input)"
 SEPARABLE_PREFIX = "(inside) "
+ATTENTION_PREFIX = "(attention) "
+DENSE_PREFIX = "(dense) "
+LAYER_NORM_PREFIX = "(layer norm) "

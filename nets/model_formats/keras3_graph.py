@@ -7,7 +7,8 @@ norm, pooling, ...), its weights turned into variables named by their Keras path
 batch statistics and adds to UPDATE_OPS the moving-average updates Keras makes (momentum, biased variance); in an
 evaluation graph it uses the moving statistics. Dropout is on in training graphs only.
 
-plan() says how a model is rebuilt: a one-input layer of a kind, configuration or data type this module does
+plan() says how a model is rebuilt: a one-input layer (or one called with the same tensor for several inputs,
+such as self-attention) of a kind, configuration or data type this module does
 not map (a nested model too) runs as its own frozen inference graph (keras3_frozen_layer); a shared layer, a
 masked call or an unmapped layer of several inputs makes the whole model fall back to the frozen inference
 graph (nets.model_formats.keras3). Either way the reasons name the layers.
@@ -213,12 +214,14 @@ def plan(model, path=""):
             reason = "called %d times, with a mask or with a constant" % len(nodes)
         else:
             reason = _layer_reason(layer, class_name, entry["config"], module)
-        if reason and keys is not None and len(keys) == 1:
-            prepared = keras3_frozen_layer.freeze_layer(layer, path)
+        repeated = keys is not None and len(set(keys)) == 1 and (len(keys) == 1 or module.startswith("keras.layers"))
+        if reason and repeated:
+            # A layer of one tensor, passed once or several times (self-attention: MultiHeadAttention(x, x)).
+            prepared = keras3_frozen_layer.freeze_layer(layer, path, repeats=len(keys))
             if not isinstance(prepared, str):
                 frozen_layers.append("%s (%s: %s)" % (name, class_name, reason))
                 variable_names.update(keras3_frozen_layer.frozen_variable_paths(layer, prepared))
-                calls.append(LayerCall(name, class_name, entry["config"], keys, {}, prepared))
+                calls.append(LayerCall(name, class_name, entry["config"], keys[:1], {}, prepared))
                 continue
             reason = "%s; frozen alone: %s" % (reason, prepared)
         if reason:

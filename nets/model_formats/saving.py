@@ -8,9 +8,12 @@ exactly. A Keras 3 file that was rebuilt layer by layer gets the quantized activ
 after each layer whose output the quantizer reads, written with Keras's own operations
 (nets.model_formats.keras3_activations; a frozen SeparableConv2D whose depthwise output is quantized is written as
 DepthwiseConv2D, that grid, then a 1x1 Conv2D), and each bias the quantized graph rounds to its int32 grid is
-written rounded (quantized_biases), so reloading gives the quantized scores bit for bit. A Keras file run as one
-frozen graph, and a tf_keras file, hold only weights, so their activations are float (their 8-bit rounding rarely
-moves a prediction; the attention stand-in: 99.2-99.3 % same top-1).
+written rounded (quantized_biases), so reloading gives the quantized scores bit for bit. Grids the quantized graph
+puts inside a frozen layer are written by splitting the layer into built-in layers and Keras operations: a
+self-attention MultiHeadAttention (its query/key/value projections, their grids before the biases, then a
+MultiHeadAttention with identity projections), a Dense on a rank-3 input (its Tensordot MatMul's input and output,
+before the bias) and a LayerNormalization whose offset is rounded. A Keras file run as one frozen graph, and a
+tf_keras file, hold only weights, so their activations are float (their 8-bit rounding rarely moves a prediction).
 """
 import os
 import shutil
@@ -189,7 +192,8 @@ def _keras3_quantized_activations(helper, model, checkpoint, report_path):
     grids, unsupported = keras3_activations.activation_grids(load_report(report_path), checkpoint)
     before, tensors = {}, {grid.op_name: None for grid in grids}
     layers = keras3_activations.layer_of_ops(helper.rebuild_plan, helper.input_shape, MODEL_SCOPE, before, tensors)
-    by_layer, before_activation, input_grid, inside_separable = {}, {}, None, {}
+    by_layer, before_activation, input_grid, inside_separable, inside_attention = {}, {}, None, {}, {}
+    inside_dense, inside_layer_norm = {}, {}
     for grid in grids:
         # A layer output or input --uql_quantize_layer_outputs quantized is named after its weight op.
         op_name, is_input = tensors.get(grid.op_name) or (grid.op_name, False)
@@ -202,17 +206,30 @@ def _keras3_quantized_activations(helper, model, checkpoint, report_path):
             input_grid = grid  # the model input a layer reads
         elif separable is not None and separable not in inside_separable:
             inside_separable[separable] = grid  # a frozen SeparableConv2D's depthwise output
+        elif _attention_projection(model, op_name) is not None:
+            attention, part = _attention_projection(model, op_name)  # a frozen MultiHeadAttention's projection
+            inside_attention.setdefault(attention, {})[part] = grid
+        elif _tensordot_dense(model, grid.op_name) is not None:
+            dense, part = _tensordot_dense(model, grid.op_name)  # a frozen Dense on a rank-3 input
+            inside_dense.setdefault(dense, {})[part] = grid
+        elif _layer_norm_offset(model, op_name) is not None:
+            inside_layer_norm[_layer_norm_offset(model, op_name)] = grid  # a frozen LayerNormalization's offset
         else:
             unsupported.append(grid.op_name)  # inside a layer, not its output
-    if not by_layer and not unsupported and not before_activation and input_grid is None and not inside_separable:
+    if not by_layer and not unsupported and not before_activation and input_grid is None and not inside_separable \
+            and not inside_attention and not inside_dense and not inside_layer_norm:
         return model, "activations float as in the quantized model"
     with tf.init_scope():
         model, applied = keras3_activations.with_quantized_activations(keras, model, by_layer, input_grid,
-                                                                       before_activation, inside_separable)
+                                                                       before_activation, inside_separable,
+                                                                       inside_attention, inside_dense,
+                                                                       inside_layer_norm)
     unsupported += [grid.op_name for name, grid in list(by_layer.items()) + list(before_activation.items())
                     if name not in applied]
     unsupported += [grid.op_name for name, grid in inside_separable.items()
                     if keras3_activations.SEPARABLE_PREFIX + name not in applied]
+    unsupported += [grid.op_name for name, grids in inside_attention.items() for part, grid in grids.items()
+                    if keras3_activations.ATTENTION_PREFIX + name + "/" + part not in applied]
     # A split SeparableConv2D's depthwise grid follows a layer of the saved file (<name>_depthwise): counted.
     split = sorted(name for name in inside_separable if keras3_activations.SEPARABLE_PREFIX + name in applied)
     if input_grid is not None and keras3_activations.INPUT_LAYER not in applied:
@@ -221,9 +238,66 @@ def _keras3_quantized_activations(helper, model, checkpoint, report_path):
     if split:
         said += "; %s split into DepthwiseConv2D, its depthwise output's grid and a 1x1 Conv2D (<name>_depthwise, " \
                 "<name>_pointwise)" % ", ".join(split)
+    unsupported += [grid.op_name for name, grids in inside_dense.items() for part, grid in grids.items()
+                    if keras3_activations.DENSE_PREFIX + name + "/" + part not in applied]
+    unsupported += [grid.op_name for name, grid in inside_layer_norm.items()
+                    if keras3_activations.LAYER_NORM_PREFIX + name not in applied]
+    attention = sorted(name for name in inside_attention
+                       if any(key.startswith(keras3_activations.ATTENTION_PREFIX + name + "/") for key in applied))
+    if attention:
+        said += "; %s split into its query/key/value projections (<name>_query, ...), their outputs' grids and a " \
+                "MultiHeadAttention with identity projections" % ", ".join(attention)
     if unsupported:
         said += "; float at %s (not a layer output, or no recorded range)" % ", ".join(sorted(unsupported))
     return model, said
+
+
+def _attention_projection(model, op_name):
+    """(MultiHeadAttention layer name, 'query' | 'key' | 'value') of a projection op inside a rebuilt model's frozen
+    MultiHeadAttention layer ('model/mha/mha_1/query_1/MatMul'), or None."""
+    parts = op_name.split("/")
+    if len(parts) < 4 or parts[0] != MODEL_SCOPE:
+        return None
+    try:
+        layer = model.get_layer(parts[1])
+    except ValueError:
+        return None
+    if type(layer).__name__ != "MultiHeadAttention":
+        return None
+    for part in parts[2:-1]:
+        base, _, number = part.rpartition("_")
+        base = base if base and number.isdigit() else part
+        if base in keras3_activations.ATTENTION_PROJECTIONS:
+            return layer.name, base
+    return None
+
+
+def _tensordot_dense(model, report_name):
+    """(Dense layer name, 'input' | 'output') of a report's '<op>:input' / '<op>:output' naming the Tensordot MatMul
+    of a rebuilt model's frozen Dense on a rank-3 input ('model/embed/embed_1/Tensordot/MatMul:output'), or None."""
+    op_name, _, side = report_name.rpartition(":")
+    parts = op_name.split("/")
+    if side not in ("input", "output") or len(parts) < 4 or parts[0] != MODEL_SCOPE or parts[-2:] != [
+            "Tensordot", "MatMul"]:
+        return None
+    try:
+        layer = model.get_layer(parts[1])
+    except ValueError:
+        return None
+    return (layer.name, side) if type(layer).__name__ == "Dense" else None
+
+
+def _layer_norm_offset(model, op_name):
+    """The LayerNormalization layer whose offset (beta - mean * rsqrt(variance + epsilon) * gamma, the op 'add_1' of
+    Keras's layer on TensorFlow) a rebuilt model's frozen layer computes in `op_name`, or None."""
+    parts = op_name.split("/")
+    if len(parts) < 3 or parts[0] != MODEL_SCOPE or parts[-1] != "add_1":
+        return None
+    try:
+        layer = model.get_layer(parts[1])
+    except ValueError:
+        return None
+    return layer.name if type(layer).__name__ == "LayerNormalization" else None
 
 
 def _separable_owning(model, op_name):
