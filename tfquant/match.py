@@ -160,9 +160,10 @@ def find_activations(graph, depths=None):
 
 # Layer outputs and residual sums integer kernels keep in 8 bits (QuantConfig.quantize_layer_outputs).
 # A weight layer's output is taken after its batch norm and bias, as converters fuse them; a residual sum
-# is an Add of two computed tensors of rank >= 2.
+# is an Add (AddV2, AddN) of computed tensors of rank >= 2, each seen through Identity ops (a rebuilt Keras
+# model's layer outputs) and neither a constant nor a variable.
 _BIAS_TYPES = ("BiasAdd", "Add", "AddV2")
-_RESIDUAL_TYPES = ("Add", "AddV2")
+_RESIDUAL_TYPES = ("Add", "AddV2", "AddN")  # AddN: a Keras 3 Add layer
 # Ops whose output leaves their input's grid (an average of levels is not a level): an int8 runtime
 # requantizes it (TFLite's MEAN / AVERAGE_POOL_2D onto the range the converter gives their output).
 _AVERAGING_TYPES = ("Mean", "AvgPool")
@@ -305,7 +306,7 @@ def find_integer_tensors(graph, candidates, covered, folded_outputs=None):
     for op in graph.get_operations():
         if (op.type in _RESIDUAL_TYPES and op.name in computed and not is_untouchable(op)
                 and all(t.shape.rank is not None and t.shape.rank >= 2 for t in op.inputs)
-                and all(t.op.type not in ("Const",) + _PASS_THROUGH_TYPES for t in op.inputs)
+                and all(_source(t).type not in ("Const", "ReadVariableOp") + VARIABLE_TYPES for t in op.inputs)
                 and needs_range(op.outputs[0])):
             found.append(IntegerTensor(op.name, op.outputs[0], op.type))
     unique = []
@@ -313,6 +314,13 @@ def find_integer_tensors(graph, candidates, covered, folded_outputs=None):
         if all(item.tensor is not other.tensor for other in unique):
             unique.append(item)
     return unique
+
+
+def _source(tensor):
+    """The op that computes `tensor`, through Identity ops."""
+    while tensor.op.type == "Identity" and tensor.op.inputs:
+        tensor = tensor.op.inputs[0]
+    return tensor.op
 
 
 def integer_tensor(graph, name, folded_outputs=None):

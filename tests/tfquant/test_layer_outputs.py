@@ -75,6 +75,25 @@ def test_found_tensors_skip_outputs_only_quantized_activations_read():
         assert {item.name for item in uncovered} - {item.name for item in found} == {"conv1/Conv2D:output", "add"}
 
 
+def test_residual_sum_of_identity_wrapped_outputs_is_found():
+    """A rebuilt Keras 3 model's Add layer: tf.add_n of its inputs' Identity-wrapped layer outputs. The sum is a
+    residual sum like x + y (its inputs are computed, seen through the Identity ops); a sum with a variable
+    read (through Identity) is a bias, not a residual sum."""
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf1.placeholder(tf.float32, INPUT_SHAPE)
+        x = _conv(images, "conv1", 8, True)
+        y = _conv(x, "conv2", 8, True)
+        summed = tf.add_n([tf.identity(x), tf.identity(y)], name="add_layer")
+        shift = tf1.get_variable("shift", [8], initializer=tf1.zeros_initializer())
+        shifted = tf.add(tf.identity(summed), tf.identity(shift), name="shifted")
+        _dense(tf.reduce_mean(shifted, [1, 2]), "fc", NUM_CLASSES)
+        candidates = match.find_weight_candidates(graph)
+        found = {item.name: item.op_type for item in match.find_integer_tensors(graph, candidates, covered=set())}
+    assert found.get("add_layer") == "AddN"
+    assert "shifted" not in found
+
+
 def _nudged_codes(values, low, high, bits=8):
     """values / scale + zero point with TFLite's nudging of [min(low, 0), max(high, 0)], in NumPy."""
     low, high = min(low, 0.0), max(high, 0.0)
