@@ -206,14 +206,14 @@ def _keras3_quantized_activations(helper, model, checkpoint, report_path):
             input_grid = grid  # the model input a layer reads
         elif separable is not None and separable not in inside_separable:
             inside_separable[separable] = grid  # a frozen SeparableConv2D's depthwise output
-        elif _attention_projection(model, op_name) is not None:
-            attention, part = _attention_projection(model, op_name)  # a frozen MultiHeadAttention's projection
+        elif (projection := _attention_projection(model, op_name)) is not None:
+            attention, part = projection  # a frozen MultiHeadAttention's projection
             inside_attention.setdefault(attention, {})[part] = grid
-        elif _tensordot_dense(model, grid.op_name) is not None:
-            dense, part = _tensordot_dense(model, grid.op_name)  # a frozen Dense on a rank-3 input
+        elif (dense_side := _tensordot_dense(model, grid.op_name)) is not None:
+            dense, part = dense_side  # a frozen Dense on a rank-3 input
             inside_dense.setdefault(dense, {})[part] = grid
-        elif _layer_norm_offset(model, op_name) is not None:
-            inside_layer_norm[_layer_norm_offset(model, op_name)] = grid  # a frozen LayerNormalization's offset
+        elif (layer_norm := _layer_norm_offset(model, op_name)) is not None:
+            inside_layer_norm[layer_norm] = grid  # a frozen LayerNormalization's offset
         else:
             unsupported.append(grid.op_name)  # inside a layer, not its output
     if not by_layer and not unsupported and not before_activation and input_grid is None and not inside_separable \
@@ -252,17 +252,24 @@ def _keras3_quantized_activations(helper, model, checkpoint, report_path):
     return model, said
 
 
+def _scoped_layer(model, parts, type_name):
+    """The layer of a rebuilt model whose scope an op name's parts ('model/<layer>/...') start with, if it is a
+    `type_name` (a Keras class name), else None."""
+    try:
+        layer = model.get_layer(parts[1])
+    except ValueError:
+        return None
+    return layer if type(layer).__name__ == type_name else None
+
+
 def _attention_projection(model, op_name):
     """(MultiHeadAttention layer name, 'query' | 'key' | 'value') of a projection op inside a rebuilt model's frozen
     MultiHeadAttention layer ('model/mha/mha_1/query_1/MatMul'), or None."""
     parts = op_name.split("/")
     if len(parts) < 4 or parts[0] != MODEL_SCOPE:
         return None
-    try:
-        layer = model.get_layer(parts[1])
-    except ValueError:
-        return None
-    if type(layer).__name__ != "MultiHeadAttention":
+    layer = _scoped_layer(model, parts, "MultiHeadAttention")
+    if layer is None:
         return None
     for part in parts[2:-1]:
         base, _, number = part.rpartition("_")
@@ -280,11 +287,8 @@ def _tensordot_dense(model, report_name):
     if side not in ("input", "output") or len(parts) < 4 or parts[0] != MODEL_SCOPE or parts[-2:] != [
             "Tensordot", "MatMul"]:
         return None
-    try:
-        layer = model.get_layer(parts[1])
-    except ValueError:
-        return None
-    return (layer.name, side) if type(layer).__name__ == "Dense" else None
+    layer = _scoped_layer(model, parts, "Dense")
+    return (layer.name, side) if layer is not None else None
 
 
 def _layer_norm_offset(model, op_name):
@@ -293,11 +297,8 @@ def _layer_norm_offset(model, op_name):
     parts = op_name.split("/")
     if len(parts) < 3 or parts[0] != MODEL_SCOPE or parts[-1] != "add_1":
         return None
-    try:
-        layer = model.get_layer(parts[1])
-    except ValueError:
-        return None
-    return layer.name if type(layer).__name__ == "LayerNormalization" else None
+    layer = _scoped_layer(model, parts, "LayerNormalization")
+    return layer.name if layer is not None else None
 
 
 def _separable_owning(model, op_name):
@@ -305,11 +306,8 @@ def _separable_owning(model, op_name):
     parts = op_name.split("/")
     if len(parts) < 3 or parts[0] != MODEL_SCOPE or not op_name.endswith("/depthwise"):
         return None
-    try:
-        layer = model.get_layer(parts[1])
-    except ValueError:
-        return None
-    return layer.name if type(layer).__name__ == "SeparableConv2D" else None
+    layer = _scoped_layer(model, parts, "SeparableConv2D")
+    return layer.name if layer is not None else None
 
 
 def save_keras(weights, helper, path, checkpoint=None, report_path=None):
