@@ -13,10 +13,18 @@ length's checkpoints stay in the cache with the run's settings record (written b
 
   .venv/bin/python -m benchmarks.baselines --cache_dir /data/tfquant_baselines --seeds 0,1,2    # hours
   .venv/bin/python -m benchmarks.baselines --quick --cache_dir /tmp/baselines                   # seconds
+
+Training them takes longer than one working session on the project's machine, so finished runs are also kept in
+the repository (--store, default benchmarks/results/baselines for the full budget): each run's record, settings,
+training log and a checkpoint of the model's variables (the optimizer's slots dropped: fine-tuning restores only
+the model), about 1.1 MB per run. A run found in the store is copied into the cache instead of being trained again;
+the store's own manifest (paths relative to it) lets `accuracy_table --baselines benchmarks/results/baselines`
+fine-tune from a fresh clone. --ratios trains chosen lengths only (e.g. the long ones first).
 """
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -31,6 +39,8 @@ THRESHOLD = 0.001  # a longer schedule adding less than 0.1 point of accuracy: c
 FULL = {"module": RUN_MODULE, "base_epochs": 3, "ratios": [1.0, 2.0, 4.0, 8.0, 16.0],
         "common": accuracy_table.FULL["common"]}
 QUICK = dict(FULL, ratios=[0.02, 0.04], common=accuracy_table.QUICK["common"])
+STORE = os.path.join(publish.REPO_ROOT, "benchmarks", "results", "baselines")  # the committed full-budget runs
+PATH_FLAGS = ("--save_path=", "--log_dir=")  # where a run wrote; not what defines its model
 
 
 def length_dir(cache_dir, ratio, seed):
@@ -51,6 +61,70 @@ def train_flags(cache_dir, ratio, seed, budget):
     return (["--learner=full-prec", "--save_path=%s" % checkpoint_prefix(cache_dir, ratio, seed),
              "--log_dir=%s" % os.path.join(length_dir(cache_dir, ratio, seed), "logs"), "--seed=%d" % seed]
             + float_flags(ratio, budget))
+
+
+def defining(flags):
+    """The flags that define a float model, without the paths it was written to."""
+    return [flag for flag in flags if not flag.startswith(PATH_FLAGS)]
+
+
+def resolved(entry, run_dir):
+    """A run record with its checkpoint and settings paths absolute (a stored record keeps them relative)."""
+    entry = dict(entry)
+    for key in ("checkpoint_prefix", "settings_record"):
+        if key in entry and not os.path.isabs(entry[key]):
+            entry[key] = os.path.normpath(os.path.join(run_dir, entry[key]))
+    return entry
+
+
+def strip_optimizer_slots(checkpoint, destination_prefix):
+    """Write the variables of `checkpoint` without the optimizer's slots (VAR/Momentum of a variable VAR) as
+    destination_prefix-STEP, with its state file; returns the new checkpoint prefix."""
+    import tensorflow as tf  # only storing needs TensorFlow
+    from tfquant import checkpoints
+
+    step = checkpoints.validate_checkpoint(checkpoint)
+    reader = tf.train.load_checkpoint(checkpoint)
+    names = sorted(reader.get_variable_to_shape_map())
+    kept = [name for name in names if not (name.endswith("/Momentum") and name[:-len("/Momentum")] in names)]
+    target = "%s-%d" % (destination_prefix, step)
+    tf.raw_ops.SaveV2(prefix=target, tensor_names=kept, shape_and_slices=[""] * len(kept),
+                      tensors=[tf.constant(reader.get_tensor(name)) for name in kept])
+    tf.compat.v1.train.update_checkpoint_state(os.path.dirname(target), os.path.basename(target))
+    return target
+
+
+def store_run(entry, cache_dir, store_dir):
+    """Copy a finished run of the cache into the store: record (paths relative), settings, log, model variables."""
+    ratio, seed = entry["ratio"], entry["seed"]
+    source, target = length_dir(cache_dir, ratio, seed), length_dir(store_dir, ratio, seed)
+    if os.path.isfile(os.path.join(target, COMMAND)):
+        return
+    staging = target + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(os.path.join(staging, "float"))
+    from tfquant import checkpoints
+    latest = checkpoints.latest_valid_checkpoint(checkpoint_prefix(cache_dir, ratio, seed))[0]
+    strip_optimizer_slots(latest, os.path.join(staging, "float", "model.ckpt"))
+    shutil.copy(entry["settings_record"], os.path.join(staging, "float", os.path.basename(entry["settings_record"])))
+    shutil.copy(os.path.join(source, "train.log"), os.path.join(staging, "train.log"))
+    record = dict(entry, checkpoint_prefix=os.path.join("float", "model.ckpt"),
+                  settings_record=os.path.join("float", os.path.basename(entry["settings_record"])))
+    publish.write_json(os.path.join(staging, COMMAND), record)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.rename(staging, target)  # a run is in the store whole or not at all
+
+
+def fetch_stored(store_dir, cache_dir, ratio, seed):
+    """Copy a stored run into the cache when the cache lacks it (the run is then not trained again)."""
+    source, target = length_dir(store_dir, ratio, seed), length_dir(cache_dir, ratio, seed)
+    if os.path.isfile(os.path.join(target, COMMAND)) or not os.path.isfile(os.path.join(source, COMMAND)):
+        return
+    if os.path.exists(target):
+        raise publish.BenchmarkError("%s holds an unfinished run of ratio %g seed %d while %s has it finished; "
+                                     "expected to take the stored one: move %s away" % (cache_dir, ratio, seed,
+                                                                                        store_dir, target))
+    shutil.copytree(source, target)
 
 
 def _run(argv):
@@ -78,11 +152,11 @@ def train_baseline(cache_dir, ratio, seed, budget):
             raise publish.BenchmarkError("%s holds a float model of %s; expected one of %s (choose another "
                                          "--cache_dir)" % (record_path, cached.get("module", RUN_MODULE),
                                                            budget["module"]))
-        if cached.get("flags") != flags:
+        if defining(cached.get("flags") or []) != defining(flags):
             raise publish.BenchmarkError("%s was trained with %s; expected %s (quick and full runs do not share a "
                                          "cache: choose another --cache_dir)" % (record_path, cached.get("flags"),
                                                                                  flags))
-        return cached
+        return resolved(cached, length_dir(cache_dir, ratio, seed))
     argv = [sys.executable, "-m", budget["module"]] + flags
     seconds, log = stats.timed(lambda: _run(argv))
     with open(os.path.join(length_dir(cache_dir, ratio, seed), "train.log"), "w") as handle:
@@ -108,15 +182,23 @@ def choose_length(curve, threshold=THRESHOLD):
 
 
 def load_manifest(cache_dir):
-    """The manifest of a baseline cache; BenchmarkError when the directory holds none."""
+    """The manifest of a baseline cache (checkpoint paths absolute); BenchmarkError when the directory holds none."""
     path = os.path.join(cache_dir, MANIFEST)
     if not os.path.isfile(path):
         raise publish.BenchmarkError("--baselines=%s holds no %s; expected a cache written by benchmarks.baselines"
                                      % (cache_dir, MANIFEST))
-    return publish.load_json(path)
+    manifest = publish.load_json(path)
+    manifest["baselines"] = {seed: entry if os.path.isabs(entry["checkpoint_prefix"]) else
+                             resolved(entry, length_dir(cache_dir, entry["ratio"], entry["seed"]))
+                             for seed, entry in manifest.get("baselines", {}).items()}
+    return manifest
 
 
-def converge(cache_dir, seeds, budget, quick):
+def finished(cache_dir, ratio, seed):
+    return os.path.isfile(os.path.join(length_dir(cache_dir, ratio, seed), COMMAND))
+
+
+def converge(cache_dir, seeds, budget, quick, store_dir=None, ratios=None):
     """Train (or find cached) the float models of `budget` at doubling lengths until converged; write and return
     the cache's manifest.
 
@@ -125,21 +207,39 @@ def converge(cache_dir, seeds, budget, quick):
       seeds: the seeds trained at every length.
       budget: a budget like FULL (module, base_epochs, ratios, common).
       quick: recorded in the manifest (a quick cache is never a full one).
+      store_dir: where finished runs are also kept (copied from there instead of trained; see the module's doc),
+        with a manifest of its own; None: nowhere.
+      ratios: the lengths to train, in this order, all of them (None: the budget's, stopping when converged);
+        the budget's other lengths already finished for every seed join the curve.
     Returns:
       the manifest: the curve of mean accuracy against length, the chosen length, each seed's baseline entry.
     """
     os.makedirs(cache_dir, exist_ok=True)
-    curve, entries, chosen, converged = {}, [], None, False
-    for ratio in budget["ratios"]:
+    curve, entries = {}, []
+
+    def measure(ratio):
         for seed in seeds:
+            if store_dir:
+                fetch_stored(store_dir, cache_dir, ratio, seed)
             entry = train_baseline(cache_dir, ratio, seed, budget)
+            if store_dir:
+                store_run(entry, cache_dir, store_dir)
             entries.append(entry)
             curve.setdefault(ratio, []).append(entry["accuracy"])
             print("ratio %g (%g epochs) seed %d: accuracy %.4f" % (ratio, budget["base_epochs"] * ratio, seed,
                                                                    entry["accuracy"]), flush=True)
+
+    if ratios is not None:
+        for ratio in budget["ratios"]:
+            if ratio not in ratios and all(finished(cache_dir, ratio, seed) or
+                                           (store_dir and finished(store_dir, ratio, seed)) for seed in seeds):
+                measure(ratio)  # measured before: read, not trained
+    for ratio in ratios if ratios is not None else budget["ratios"]:
+        measure(ratio)
         chosen, converged = choose_length(curve)
-        if converged:
+        if converged and ratios is None:
             break
+    chosen, converged = choose_length(curve)
     manifest = {"quick": quick, "seeds": seeds, "threshold": THRESHOLD, "chosen_ratio": chosen,
                 "converged": converged, "module": budget["module"], "float_flags": ["--nb_epochs_rat=%g" % chosen],
                 "float_common": list(budget["common"]),
@@ -149,8 +249,24 @@ def converge(cache_dir, seeds, budget, quick):
                 "baselines": {str(e["seed"]): e for e in entries if e["ratio"] == chosen},
                 "command": publish.command_line(), "machine": machine.machine_info(load=machine.read_load())}
     publish.write_json(os.path.join(cache_dir, MANIFEST), manifest)
+    if store_dir:
+        stored = {seed: publish.load_json(os.path.join(length_dir(store_dir, chosen, int(seed)), COMMAND))
+                  for seed in manifest["baselines"]}
+        publish.write_json(os.path.join(store_dir, MANIFEST), dict(manifest, baselines=stored))
     print("chosen: --nb_epochs_rat %g (%s)" % (chosen, "converged" if converged else "longest run; not converged"))
     return manifest
+
+
+def parse_ratios(spec, budget):
+    """Schedule lengths from a comma-separated list; each must be one of the budget's."""
+    try:
+        ratios = [float(part) for part in spec.split(",")]
+    except ValueError:
+        ratios = None
+    if not ratios or any(ratio not in budget["ratios"] for ratio in ratios):
+        raise publish.BenchmarkError("--ratios=%s is not valid; expected lengths among %s"
+                                     % (spec, ",".join("%g" % r for r in budget["ratios"])))
+    return ratios
 
 
 def main(argv=None):
@@ -158,9 +274,16 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny subset and schedules (the test's smoke run)")
     parser.add_argument("--cache_dir", required=True, help="where checkpoints, settings and commands are kept")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--ratios", help="comma-separated schedule lengths to train, in this order (default: the "
+                        "budget's doublings until converged)")
+    parser.add_argument("--store", help="where finished runs are also kept (default for the full budget: %s; "
+                        "'none': nowhere)" % os.path.relpath(STORE, publish.REPO_ROOT))
     args = parser.parse_args(argv)
-    return converge(args.cache_dir, accuracy_table.parse_seeds(args.seeds), QUICK if args.quick else FULL,
-                    args.quick)
+    budget = QUICK if args.quick else FULL
+    store = args.store or (None if args.quick else STORE)
+    ratios = None if args.ratios is None else parse_ratios(args.ratios, budget)
+    return converge(args.cache_dir, accuracy_table.parse_seeds(args.seeds), budget, args.quick,
+                    store_dir=None if store == "none" else store, ratios=ratios)
 
 
 if __name__ == "__main__":

@@ -79,9 +79,10 @@ def test_rows_fine_tune_the_cached_baselines_and_each_control_runs_once(tmp_path
 
 
 def test_baselines_quick_caches_checkpoints_settings_and_commands(tmp_path):
-    cache = tmp_path / "cache"
+    cache, store = tmp_path / "cache", tmp_path / "store"
     done = subprocess.run([sys.executable, "-m", "benchmarks.baselines", "--quick", "--cache_dir", str(cache),
-                           "--seeds", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--seeds", "0", "--store", str(store)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads((cache / baselines.MANIFEST).read_text())
     assert [point["ratio"] for point in data["curve"]] == baselines.QUICK["ratios"]
@@ -99,3 +100,41 @@ def test_baselines_quick_caches_checkpoints_settings_and_commands(tmp_path):
     # A cache of another budget is refused, not reused.
     with pytest.raises(publish.BenchmarkError, match="do not share a cache"):
         baselines.train_baseline(str(cache), baselines.QUICK["ratios"][0], 0, dict(baselines.QUICK, common=[]))
+    check_store(cache, store, data, monkeypatch_free_cache=tmp_path / "fresh")
+
+
+def check_store(cache, store, data, monkeypatch_free_cache):
+    """The store keeps each run's model variables (no optimizer slots) with relative paths, and a new cache takes
+    the stored runs instead of training them."""
+    import numpy as np
+    import tensorflow as tf
+
+    for point in data["curve"]:
+        record = json.loads((store / ("ratio%g" % point["ratio"]) / "seed0" / baselines.COMMAND).read_text())
+        assert record["checkpoint_prefix"] == os.path.join("float", "model.ckpt") and record["accuracy"] == \
+            point["accuracies"][0]
+        original = tf.train.load_checkpoint(str(cache / ("ratio%g" % point["ratio"]) / "seed0" / "float" /
+                                                "model.ckpt-1"))
+        kept = tf.train.load_checkpoint(str(store / ("ratio%g" % point["ratio"]) / "seed0" / "float" /
+                                            "model.ckpt-1"))
+        names = set(original.get_variable_to_shape_map())
+        slots = {name for name in names if name.endswith("/Momentum")}
+        assert slots and set(kept.get_variable_to_shape_map()) == names - slots
+        for name in names - slots:
+            assert np.array_equal(kept.get_tensor(name), original.get_tensor(name)), name
+    stored = baselines.load_manifest(str(store))
+    prefix = stored["baselines"]["0"]["checkpoint_prefix"]
+    assert prefix == str(store / ("ratio%g" % data["chosen_ratio"]) / "seed0" / "float" / "model.ckpt")
+    assert stored["chosen_ratio"] == data["chosen_ratio"] and stored["curve"] == data["curve"]
+
+    def no_training(argv):
+        raise AssertionError("trained %s although the store holds the run" % argv)
+
+    original_run = baselines._run
+    baselines._run = no_training
+    try:
+        again = baselines.converge(str(monkeypatch_free_cache), [0], baselines.QUICK, True, store_dir=str(store))
+    finally:
+        baselines._run = original_run
+    assert [p["accuracies"] for p in again["curve"]] == [p["accuracies"] for p in data["curve"]]
+    assert os.path.exists(again["baselines"]["0"]["checkpoint_prefix"] + "-1.index")
