@@ -200,8 +200,11 @@ def with_baselines(budget, cache_dir):
     if manifest["float_common"] != budget["common"]:
         raise publish.BenchmarkError("--baselines=%s was trained with %s; expected this table's %s (quick and full "
                                      "runs do not mix)" % (cache_dir, manifest["float_common"], budget["common"]))
-    return dict(budget, float=manifest["float_flags"], baselines=os.path.abspath(cache_dir),
-                baseline_prefixes={seed: entry["checkpoint_prefix"] for seed, entry in manifest["baselines"].items()})
+    # Inside the repository (the committed store) the paths are kept relative to it, so a results file merges the
+    # runs of any clone; run scripts start in the repository's root.
+    return dict(budget, float=manifest["float_flags"], baselines=publish.repo_relative(cache_dir),
+                baseline_prefixes={seed: publish.repo_relative(entry["checkpoint_prefix"])
+                                   for seed, entry in manifest["baselines"].items()})
 
 
 def run_flags(work_dir, row, seed, budget):
@@ -247,12 +250,19 @@ def run_control(work_dir, row, seed, budget, done):
     return label, done[(label, seed)]["accuracy"]
 
 
+def comparable(budget):
+    """What makes two budgets' results one table: everything but which seeds' baselines were cached then (a
+    seed's baseline is named by the cache and the chosen length, both kept)."""
+    return {key: value for key, value in budget.items() if key != "baseline_prefixes"}
+
+
 def merge(existing, new_entries, quick, budget, path):
     """Entries of `existing` (a results payload or None) updated with new_entries, keyed by (label, seed).
 
     Raises BenchmarkError when `existing` holds results of another kind of run (quick vs full, budget).
     """
-    if existing is not None and (existing.get("quick") != quick or existing.get("budget") != budget):
+    if existing is not None and (existing.get("quick") != quick
+                                 or comparable(existing.get("budget") or {}) != comparable(budget)):
         raise publish.BenchmarkError("--output=%s holds results of a different budget (quick=%s); expected "
                                      "quick=%s and budget %s: choose another --output"
                                      % (path, existing.get("quick"), quick, budget))

@@ -105,6 +105,13 @@ def results_path(args, section):
     return None if args.quick else os.path.join(RESULTS_DIR, section + ".json")
 
 
+def repo_relative(path):
+    """`path` relative to the repository's root when it lies inside it (the same in every clone), else absolute."""
+    path = os.path.abspath(path)
+    inside = os.path.commonpath([path, REPO_ROOT]) == REPO_ROOT
+    return os.path.relpath(path, REPO_ROOT) if inside else path
+
+
 def write_json(path, payload):
     """Write payload as indented, key-sorted JSON to `path` atomically (nothing if path is empty)."""
     if not path:

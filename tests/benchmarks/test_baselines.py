@@ -138,3 +138,20 @@ def check_store(cache, store, data, monkeypatch_free_cache):
         baselines._run = original_run
     assert [p["accuracies"] for p in again["curve"]] == [p["accuracies"] for p in data["curve"]]
     assert os.path.exists(again["baselines"]["0"]["checkpoint_prefix"] + "-1.index")
+
+
+def test_a_table_on_the_committed_store_names_it_relative_to_the_repository_and_grows_seed_by_seed(tmp_path):
+    inside = os.path.join(publish.REPO_ROOT, "benchmarks", "results", "baselines", "ratio8", "seed0", "float",
+                          "model.ckpt")
+    assert publish.repo_relative(inside) == os.path.join("benchmarks", "results", "baselines", "ratio8", "seed0",
+                                                         "float", "model.ckpt")
+    assert publish.repo_relative(str(tmp_path)) == str(tmp_path)
+    one_seed = dict(accuracy_table.QUICK, baselines="benchmarks/results/baselines", float=["--nb_epochs_rat=8"],
+                    baseline_prefixes={"0": "a/ratio8/seed0/float/model.ckpt"})
+    three_seeds = dict(one_seed, baseline_prefixes={str(s): "a/ratio8/seed%d/float/model.ckpt" % s for s in range(3)})
+    entry = {"label": "W8A8", "seed": 0, "accuracy": 0.9, "float_accuracy": 0.91}
+    existing = {"quick": True, "budget": one_seed, "entries": [entry]}
+    merged = accuracy_table.merge(existing, [dict(entry, seed=1)], True, three_seeds, "p")
+    assert [e["seed"] for e in merged] == [0, 1]
+    with pytest.raises(publish.BenchmarkError, match="different budget"):
+        accuracy_table.merge(existing, [], True, dict(three_seeds, float=["--nb_epochs_rat=16"]), "p")
