@@ -430,6 +430,29 @@ def ptq_lines(entries, float_epoch_cpu=None):
     return lines
 
 
+def save_results(output, args, budget, load_before, new_entries, epoch_cpu, final):
+    """Merge this invocation's entries into the results file (when there is one); returns the payload."""
+    # Accuracy does not depend on the load: a part published with --allow_busy (parts run side by side)
+    # records the load at once rather than waiting up to machine.SETTLE_SECONDS for the others to end.
+    info = machine.machine_info(load=machine.end_load(args.quick or args.allow_busy or not final))
+    busy = bool(machine.busy_readings(load_before, info["load_average"], info["cores"]))
+    for entry in new_entries:
+        entry.setdefault("busy", busy)
+    # Several parts may run at once into one results file: merge with the file as it is now, not as it was
+    # when this part started, so no part drops another's rows.
+    with publish.locked(output) if output else contextlib.nullcontext():
+        existing = publish.load_json(output) if output and os.path.exists(output) else None
+        payload = {"quick": args.quick, "budget": budget, "machine": info, "load_before": load_before,
+                   "command": publish.command_line(),
+                   "entries": merge(existing, new_entries, args.quick, budget, output)}
+        epoch_cpu = epoch_cpu if epoch_cpu is not None else (existing or {}).get("float_epoch_cpu_seconds")
+        if epoch_cpu is not None:
+            payload["float_epoch_cpu_seconds"] = epoch_cpu
+        if output:
+            publish.write_json(output, payload)
+    return payload
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     publish.add_arguments(parser, output_help="results file the run merges into (default %s; none with --quick)"
@@ -440,6 +463,8 @@ def main(argv=None):
     parser.add_argument("--work_dir", default="/tmp/tfquant_accuracy_table", help="checkpoints and logs")
     parser.add_argument("--baselines", help="fine-tune from the float models benchmarks.baselines cached here")
     parser.add_argument("--no_controls", action="store_true", help="skip the same-budget float controls")
+    parser.add_argument("--rerun", action="store_true", help="run the (row, seed) pairs the results file already "
+                        "holds again (default: keep them and run only the missing ones)")
     parser.add_argument("--no_epoch_cpu", action="store_true",
                         help="with the AdaRound row, skip measuring a float epoch's CPU seconds (two short float runs)")
     parser.add_argument("--epochs", type=float, help="fine-tuning epochs of every row that sets none (default %g; "
@@ -468,9 +493,17 @@ def main(argv=None):
     merge(existing, [], args.quick, budget, output)  # refuse a mismatched results file before any run
     load_before = publish.start(args)
     os.makedirs(args.work_dir, exist_ok=True)
-    new_entries, controls = [], {}
+    # A results file already holding a (row, seed) of this budget: that run is not repeated (--rerun repeats it),
+    # and the controls it measured are reused, so a long table finishes over several invocations.
+    done_before = {} if args.rerun else {(e["label"], e["seed"]): e for e in (existing or {}).get("entries", [])}
+    controls = {(e["control_label"], e["seed"]): {"accuracy": e["control_accuracy"]}
+                for e in done_before.values() if e.get("control_label") is not None}
+    new_entries = []
     for seed in seeds:
         for row in rows:
+            if (row.label, seed) in done_before:
+                print("seed %d %-40s in %s already; not run again" % (seed, row.label, output), flush=True)
+                continue
             entry = run_row(args.work_dir, row, seed, budget)
             if not args.no_controls:
                 entry["control_label"], entry["control_accuracy"] = run_control(args.work_dir, row, seed, budget,
@@ -481,27 +514,14 @@ def main(argv=None):
                      "-" if entry.get("control_accuracy") is None else "%.4f" % entry["control_accuracy"],
                      entry["seconds"]),
                   flush=True)
+            if output and not args.quick:
+                # Kept at once: a run stopped part-way keeps every finished row.
+                save_results(output, args, budget, load_before, new_entries, None, final=False)
     epoch_cpu = None
     if ptq and not args.quick and not args.no_epoch_cpu and any("--uql_adaround" in row.flags for row in rows):
         epoch_cpu = float_epoch_cpu_seconds(args.work_dir, seeds[0], budget)
         print("float epoch: %.0f CPU seconds" % epoch_cpu, flush=True)
-    # Accuracy does not depend on the load: a part published with --allow_busy (parts run side by side)
-    # records the load at once rather than waiting up to machine.SETTLE_SECONDS for the others to end.
-    info = machine.machine_info(load=machine.end_load(args.quick or args.allow_busy))
-    busy = bool(machine.busy_readings(load_before, info["load_average"], info["cores"]))
-    for entry in new_entries:
-        entry["busy"] = busy
-    # Several parts may run at once into one results file: merge with the file as it is now, not as it was
-    # when this part started, so no part drops another's rows.
-    with publish.locked(output) if output else contextlib.nullcontext():
-        existing = publish.load_json(output) if output and os.path.exists(output) else None
-        payload = {"quick": args.quick, "budget": budget, "machine": info, "load_before": load_before,
-                   "command": publish.command_line(),
-                   "entries": merge(existing, new_entries, args.quick, budget, output)}
-        epoch_cpu = epoch_cpu if epoch_cpu is not None else (existing or {}).get("float_epoch_cpu_seconds")
-        if epoch_cpu is not None:
-            payload["float_epoch_cpu_seconds"] = epoch_cpu
-        publish.write_json(output, payload)
+    payload = save_results(output, args, budget, load_before, new_entries, epoch_cpu, final=True)
     if not args.quick:
         publish.publish(section_of(payload), render(payload, publish.command_line()), args.markdown, load_before,
                         payload["machine"]["load_average"], args.allow_busy)

@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 
-from benchmarks import accuracy_table, accuracy_targets, export_table, publish
+from benchmarks import accuracy_table, accuracy_targets, export_table, machine, publish
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -274,3 +274,35 @@ def test_adaround_cpu_seconds_against_a_float_epoch(tmp_path, monkeypatch):
             in text)
     entries[1]["adaround_cpu_seconds"] = 14.5
     assert "compute: **not met** (at most 5.2 %, 2 seeds)" in accuracy_table.render(payload, "cmd")
+
+
+def test_a_long_table_resumes_keeping_finished_rows_and_their_controls(tmp_path, monkeypatch):
+    output, calls, stops = tmp_path / "acc.json", [], [("W4A4", 1)]
+
+    def fake_run_row(work_dir, row, seed, budget):
+        calls.append((row.label, seed))
+        if (row.label, seed) in stops:
+            stops.remove((row.label, seed))
+            raise RuntimeError("stopped part-way")
+        control = row.label.startswith("float fine-tuned")
+        return dict(entry(row.label, seed, 0.93 if control else 0.90, 0.91), flags=row.flags, epochs=1.0)
+
+    monkeypatch.setattr(accuracy_table, "run_row", fake_run_row)
+    monkeypatch.setattr(machine, "end_load", lambda quick=False: [0.1, 0.1, 0.1])
+    argv = ["--rows", "W8A8,W4A4", "--seeds", "0,1", "--output", str(output), "--work_dir", str(tmp_path / "w"),
+            "--allow_busy", "--markdown", str(tmp_path / "B.md")]
+    with pytest.raises(RuntimeError, match="part-way"):
+        accuracy_table.main(argv)
+    kept = json.loads(output.read_text())["entries"]
+    # Seed 0's rows and seed 1's first row were finished before the stop: all three kept, each with its control.
+    assert [(e["label"], e["seed"], e["control_accuracy"]) for e in kept] == [
+        ("W8A8", 0, 0.93), ("W8A8", 1, 0.93), ("W4A4", 0, 0.93)]
+    calls.clear()
+    accuracy_table.main(argv)
+    assert calls == [("W4A4", 1)]  # the rest from the file, controls too (seed 1's was measured with W8A8)
+    final = json.loads(output.read_text())["entries"]
+    assert [(e["label"], e["seed"]) for e in final] == [("W8A8", 0), ("W8A8", 1), ("W4A4", 0), ("W4A4", 1)]
+    assert final[-1]["control_accuracy"] == 0.93
+    calls.clear()
+    accuracy_table.main(argv + ["--rerun"])
+    assert ("W8A8", 0) in calls and ("W4A4", 1) in calls
