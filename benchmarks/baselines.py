@@ -109,7 +109,8 @@ def store_run(entry, cache_dir, store_dir):
     shutil.copy(entry["settings_record"], os.path.join(staging, "float", os.path.basename(entry["settings_record"])))
     shutil.copy(os.path.join(source, "train.log"), os.path.join(staging, "train.log"))
     record = dict(entry, checkpoint_prefix=os.path.join("float", "model.ckpt"),
-                  settings_record=os.path.join("float", os.path.basename(entry["settings_record"])))
+                  settings_record=os.path.join("float", os.path.basename(entry["settings_record"])),
+                  stored=machine.machine_info())
     publish.write_json(os.path.join(staging, COMMAND), record)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     os.rename(staging, target)  # a run is in the store whole or not at all
@@ -257,6 +258,57 @@ def converge(cache_dir, seeds, budget, quick, store_dir=None, ratios=None):
     return manifest
 
 
+SECTION = "float_baselines"
+
+
+def status_lines(store_dir, budget, seeds):
+    """BENCHMARKS.md's section on the stored float references: every stored run by length, the convergence rule
+    applied to the lengths every seed has finished, and what is still to train."""
+    rows, curve, missing = [], {}, []
+    for ratio in budget["ratios"]:
+        records = {seed: publish.load_json(os.path.join(length_dir(store_dir, ratio, seed), COMMAND))
+                   for seed in seeds if finished(store_dir, ratio, seed)}
+        if len(records) == len(seeds):
+            curve[ratio] = [records[seed]["accuracy"] for seed in seeds]
+        missing += ["%g epochs seed %d" % (budget["base_epochs"] * ratio, seed) for seed in seeds
+                    if seed not in records]
+        if records:
+            mean, std = stats.mean_std(r["accuracy"] for r in records.values())
+            rows.append(["%g" % ratio, "%g" % (budget["base_epochs"] * ratio),
+                         ", ".join("%d: %.2f" % (seed, 100 * r["accuracy"]) for seed, r in sorted(records.items())),
+                         "%.2f" % (100 * mean) if std is None else "%.2f ± %.2f" % (100 * mean, 100 * std),
+                         ", ".join("%.0f" % (r["seconds"] / 60) for _, r in sorted(records.items())),
+                         "; ".join(sorted({r.get("stored", {}).get("date", "?")[:10] + " " +
+                                           r.get("stored", {}).get("cpu", "?") for r in records.values()}))])
+    lines = ["## Float references for the accuracy tables (issue 34; %s, Fashion-MNIST, all 10,000 test images)"
+             % budget["module"].rsplit(".", 1)[-1], "",
+             "Command: `.venv/bin/python -m benchmarks.baselines --cache_dir DIR --ratios R --seeds S` (trains what the "
+             "store lacks, then copies each finished run into `%s`); this section: `.venv/bin/python -m "
+             "benchmarks.baselines --status`." % os.path.relpath(STORE, publish.REPO_ROOT), "",
+             "Every run is the model's standard schedule (cosine with warm-up) stretched to the length shown, from "
+             "scratch, with %s. Training minutes are wall time on whatever else the machine ran (accuracy does not "
+             "depend on it)." % " ".join(budget["common"]), ""]
+    if rows:
+        lines += [publish.markdown_table(["--nb_epochs_rat", "epochs", "test accuracy % by seed", "mean ± std",
+                                          "training minutes", "stored (date, CPU)"], rows)]
+    else:
+        lines.append("No run stored yet.")
+    lines.append("")
+    if len(curve) >= 2:
+        chosen, converged = choose_length(curve)
+        lines.append("- Convergence rule (the first length whose doubling adds less than %.1f point, mean of seeds "
+                     "%s): %s." % (100 * THRESHOLD, ",".join(str(s) for s in seeds),
+                                   ("met at %g epochs" % (budget["base_epochs"] * chosen)) if converged else
+                                   "not met yet (still rising at %g epochs)" % (budget["base_epochs"] * chosen)))
+    else:
+        lines.append("- Convergence rule (the first length whose doubling adds less than %.1f point, mean of seeds "
+                     "%s): not decidable yet (fewer than two lengths finished for every seed)."
+                     % (100 * THRESHOLD, ",".join(str(s) for s in seeds)))
+    if missing:
+        lines.append("- Still to train: %s." % ", ".join(missing))
+    return lines
+
+
 def parse_ratios(spec, budget):
     """Schedule lengths from a comma-separated list; each must be one of the budget's."""
     try:
@@ -272,15 +324,27 @@ def parse_ratios(spec, budget):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny subset and schedules (the test's smoke run)")
-    parser.add_argument("--cache_dir", required=True, help="where checkpoints, settings and commands are kept")
+    parser.add_argument("--cache_dir", help="where checkpoints, settings and commands are kept (required to train)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--ratios", help="comma-separated schedule lengths to train, in this order (default: the "
                         "budget's doublings until converged)")
     parser.add_argument("--store", help="where finished runs are also kept (default for the full budget: %s; "
                         "'none': nowhere)" % os.path.relpath(STORE, publish.REPO_ROOT))
+    parser.add_argument("--status", action="store_true", help="write BENCHMARKS.md's section on the stored runs "
+                        "(nothing trained; --cache_dir not needed)")
+    parser.add_argument("--markdown", default=publish.BENCHMARKS_MD, help="the file --status writes")
     args = parser.parse_args(argv)
     budget = QUICK if args.quick else FULL
     store = args.store or (None if args.quick else STORE)
+    if args.status:
+        if store in (None, "none"):
+            raise publish.BenchmarkError("--status needs a store; expected --store DIR")
+        lines = status_lines(store, budget, accuracy_table.parse_seeds(args.seeds))
+        publish.write_section(SECTION, "\n".join(lines) + "\n", args.markdown)
+        print("\n".join(lines))
+        return lines
+    if not args.cache_dir:
+        raise publish.BenchmarkError("--cache_dir is required to train; expected a directory for checkpoints")
     ratios = None if args.ratios is None else parse_ratios(args.ratios, budget)
     return converge(args.cache_dir, accuracy_table.parse_seeds(args.seeds), budget, args.quick,
                     store_dir=None if store == "none" else store, ratios=ratios)

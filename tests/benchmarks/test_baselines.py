@@ -155,3 +155,22 @@ def test_a_table_on_the_committed_store_names_it_relative_to_the_repository_and_
     assert [e["seed"] for e in merged] == [0, 1]
     with pytest.raises(publish.BenchmarkError, match="different budget"):
         accuracy_table.merge(existing, [], True, dict(three_seeds, float=["--nb_epochs_rat=16"]), "p")
+
+
+def test_the_status_section_lists_stored_runs_and_applies_the_rule_to_lengths_every_seed_finished(tmp_path):
+    store = str(tmp_path)
+    accuracies = {(8.0, 0): 0.935, (8.0, 1): 0.933, (16.0, 0): 0.9355, (16.0, 1): 0.9335, (4.0, 0): 0.93}
+    for (ratio, seed), accuracy in accuracies.items():
+        publish.write_json(os.path.join(baselines.length_dir(store, ratio, seed), baselines.COMMAND),
+                           {"ratio": ratio, "seed": seed, "accuracy": accuracy, "seconds": 600.0,
+                            "stored": {"date": "2026-12-07 18:00", "cpu": "c"}})
+    text = "\n".join(baselines.status_lines(store, baselines.FULL, [0, 1]))
+    assert "| 8 | 24 | 0: 93.50, 1: 93.30 | 93.40 ± 0.14 | 10, 10 | 2026-12-07 c |" in text
+    assert "| 4 | 12 | 0: 93.00 | 93.00 |" in text
+    # 4 is not finished by seed 1, so the rule sees 8 -> 16 only: +0.05 point, met at 24 epochs.
+    assert "met at 24 epochs" in text
+    assert "Still to train: 3 epochs seed 0" in text and "12 epochs seed 1" in text and "24 epochs seed" not in text
+    publish.write_json(os.path.join(baselines.length_dir(store, 16.0, 1), baselines.COMMAND),
+                       {"ratio": 16.0, "seed": 1, "accuracy": 0.9400, "seconds": 1.0})
+    assert "not met yet (still rising at 48 epochs)" in "\n".join(baselines.status_lines(store, baselines.FULL,
+                                                                                         [0, 1]))
