@@ -32,9 +32,13 @@ def define_flags():
 
 
 # PocketFlow's defaults of a run script where they differ from the shared ones (its ILSVRC-12 data set sets batch
-# sizes 64 and 100; its ILSVRC-12 ResNet is ResNet-18); MobileNet's depthwise layers get one range per channel.
+# sizes 64 and 100; its ILSVRC-12 ResNet is ResNet-18); MobileNet's depthwise layers get one range per channel
+# (and keep its quantized tensors: rebuilding them costs MobileNetV2 a fifth of its step).
 SCRIPT_DEFAULTS = {
-    "resnet_at_ilsvrc12": {"batch_size": 64, "batch_size_eval": 100, "resnet_size": 18},
+    # At ImageNet sizes memory bounds the batch: rebuilding the quantized tensors in the backward pass keeps a
+    # ResNet's peak near float's for a few percent of step time (ResNet-50 W4A4 at 224x224: BENCHMARKS.md, Scale).
+    "resnet_at_ilsvrc12": {"batch_size": 64, "batch_size_eval": 100, "resnet_size": 18,
+                           "uql_recompute_quantized": "all"},
     "mobilenet_at_ilsvrc12": {"batch_size": 64, "batch_size_eval": 100, "uql_use_buckets": True},
     "mobilenet_at_fmnist": {"mobilenet_version": 2, "uql_use_buckets": True},
     # A user's model file: per-channel weight ranges (what TFLite and ONNX runtimes use for convolutions); one

@@ -37,3 +37,28 @@ def test_scale_quick(tmp_path):
             assert math.isclose(ratio["quantize_over_build"],
                                 entries[mode]["quantize_s"] / entries["float"]["build_s"])
             assert ratio["rss_ratio"] is None  # one process per model in --quick: no per-mode peak
+
+
+def test_the_resnet_targets_are_judged_as_the_ilsvrc12_script_trains_it():
+    import types
+
+    from benchmarks import scale
+    from learners import flags as learner_flags
+
+    assert learner_flags.SCRIPT_DEFAULTS["resnet_at_ilsvrc12"]["uql_recompute_quantized"] == "all"
+    assert scale._quant_config(scale.RESNET_SCRIPT_MODE).recompute_quantized == "all"
+    assert scale._quant_config("w4a4-channel-recompute-weights").recompute_quantized == "weights"
+    entry = {"build_s": 1.0, "quantize_s": 0.2, "session_start_s": 1.0, "step_s": 1.0, "peak_rss_kb": 1024.0,
+             "graph_ops": 10}
+    summary = {model: {mode: dict(entry) for mode in scale.MODES} for model in scale.MODELS}
+    ratios = {model: {mode: {"quantize_over_build": 0.2, "step_ratio": 1.0, "rss_ratio": 1.0}
+                      for mode in scale.MODES[1:]} for model in scale.MODELS}
+    ratios["resnet_50"]["w4a4-channel"] = {"quantize_over_build": 0.21, "step_ratio": 0.98, "rss_ratio": 1.16}
+    ratios["resnet_50"][scale.RESNET_SCRIPT_MODE] = {"quantize_over_build": 0.25, "step_ratio": 1.031,
+                                                     "rss_ratio": 1.019}
+    info = {"cores": 2, "cpu": "c", "tensorflow": "t", "python": "p", "date": "d", "load_average": [0.1, 0.1, 0.1]}
+    args = types.SimpleNamespace(image_size=224, batch_size=32, repeats=1, warmup=2, steps=5)
+    text = scale.render(args, summary, ratios, info, [0.1, 0.1, 0.1], "cmd")
+    assert ("`w4a4-channel-recompute`): quantize_graph 0.25 x the float graph build (<= 0.50), step 1.031 x float "
+            "(<= 1.10), peak RSS 1.019 x float (<= 1.15)") in text
+    assert "(`w4a4-channel`): step 0.980 x float, peak RSS 1.160 x float" in text

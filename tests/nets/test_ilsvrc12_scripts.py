@@ -156,3 +156,24 @@ def test_flags_of_another_script_are_refused(data_dir):
             make_helper_for("resnet_at_ilsvrc12")(flags)
     finally:
         flags.unparse_flags()
+
+
+RECOMPUTE_DEFAULT = """
+import sys
+from absl import flags
+from learners import flags as learner_flags
+learner_flags.use_script_defaults(sys.argv[1])
+flags.FLAGS(["run"] + sys.argv[2:])
+print("recompute", learner_flags.quant_config().recompute_quantized)
+"""
+
+
+@pytest.mark.parametrize("script, given, expected", [
+    ("resnet_at_ilsvrc12", [], "all"), ("resnet_at_ilsvrc12", ["--uql_recompute_quantized=none"], "none"),
+    ("mobilenet_at_ilsvrc12", [], "none"), ("resnet_at_cifar10", [], "none")])
+def test_the_ilsvrc12_resnet_rebuilds_quantized_tensors_in_the_backward_pass_unless_told(script, given, expected):
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run([sys.executable, "-c", RECOMPUTE_DEFAULT, script] + given, capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "recompute " + expected
