@@ -90,7 +90,9 @@ def strip_optimizer_slots(checkpoint, destination_prefix):
     target = "%s-%d" % (destination_prefix, step)
     tf.raw_ops.SaveV2(prefix=target, tensor_names=kept, shape_and_slices=[""] * len(kept),
                       tensors=[tf.constant(reader.get_tensor(name)) for name in kept])
-    tf.compat.v1.train.update_checkpoint_state(os.path.dirname(target), os.path.basename(target))
+    name = os.path.basename(target)  # relative, so that any clone of the store reads its own files
+    with open(os.path.join(os.path.dirname(target), "checkpoint"), "w") as handle:
+        handle.write('model_checkpoint_path: "%s"\nall_model_checkpoint_paths: "%s"\n' % (name, name))
     return target
 
 
