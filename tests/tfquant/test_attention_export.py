@@ -26,7 +26,9 @@ def _tensordot_dense(x, name, units, activation=None):
     """Keras 3's Dense on a [batch, tokens, features] input: MatMul of the rows, Reshape back, then the bias."""
     with tf1.variable_scope(name):
         kernel = _variable("kernel", [int(x.shape[-1]), units])
-        y = tf.reshape(tf.matmul(tf.reshape(x, [-1, int(x.shape[-1])]), kernel), [-1, TOKENS, units])
+        # Tensordot transposes its input (here by the identity permutation) before the MatMul's Reshape.
+        rows = tf.reshape(tf.transpose(x, [0, 1, 2]), [-1, int(x.shape[-1])])
+        y = tf.reshape(tf.matmul(rows, kernel), [-1, TOKENS, units])
         y = tf.nn.bias_add(y, _variable("bias", [units], 0.1))
         return activation(y) if activation is not None else y
 
@@ -130,3 +132,34 @@ def test_layer_norm_mean_stays_float_in_the_int8_file(exported):
     assert len(int8_means) == 1
     assert exported["graph"].float_means == ["norm/Mean"]
     assert exported["graph"].summary()["means_kept_float"] == ["norm/Mean"]
+
+
+def tokens_forward(images, is_training=False):
+    """The image as 9 tokens of 16 values, a Dense on them (Tensordot: it reads the model input through a Reshape, a
+    Transpose and a Reshape), the mean over tokens and the logits."""
+    del is_training
+    x = _tensordot_dense(tf.reshape(images, [-1, TOKENS, 16]), "embed", WIDTH, tf.nn.relu)
+    with tf1.variable_scope("fc"):
+        return tf.nn.bias_add(tf.matmul(tf.reduce_mean(x, [1]), _variable("kernel", [WIDTH, NUM_CLASSES])),
+                              _variable("bias", [NUM_CLASSES], 0.1))
+
+
+def test_input_read_through_tensordot_has_its_trained_range_once(tmp_path):
+    """The trained range of the Dense's input (after Tensordot's Transpose) is the model input's: the export puts it
+    on the input and needs no calibration image. Before, the input itself was left for calibration too (quantized
+    twice, on two grids), and without calibration images the export was refused."""
+    checkpoint, report_path = _save_quantized(str(tmp_path), CONFIG, np.random.default_rng(5), train_steps=10,
+                                              forward_fn=tokens_forward)
+    report = tfquant.report.load_report(report_path)
+    packed = str(tmp_path / "model.tfq")
+    model_export.pack_checkpoint(checkpoint, report, packed)
+    weights, _ = model_export.load_packed_weights(packed)
+    graph = fake_quant_graph.build(tokens_forward, weights, report, INPUT_SHAPE, None)
+    inputs = [record for record in graph.activations if record["tensor"] == "input"]
+    assert [record["source"] for record in inputs] == ["trained"] and not graph.not_as_trained()
+    images, _ = _synthetic_data(np.random.default_rng(11), 100)
+    reference, _ = _quantized_eval(checkpoint, CONFIG, images, forward_fn=tokens_forward)
+    (logits,) = [layer for layer in report.activation_layers if layer.name == "fc/MatMul:output"]
+    low, high = (float(weights[name]) for name in logits.range_variables)
+    int8 = tflite_export.run_tflite(tflite_export.convert_int8_trained(graph, INPUT_SHAPE), images)
+    assert np.abs(_codes(reference, low, high) - _codes(int8, low, high)).max() <= 1
