@@ -6,7 +6,8 @@ import pytest
 import tensorflow as tf
 
 import tfquant
-from tests.tfquant.test_export import IMAGE_SHAPE, NUM_CLASSES, _quantized_eval, _save_quantized, _synthetic_data
+from tests.tfquant.test_export import (IMAGE_SHAPE, NUM_CLASSES, _dense, _quantized_eval, _save_quantized,
+                                       _synthetic_data)
 from tfquant.export import fake_quant_graph, model_export, tflite_export
 
 tf1 = tf.compat.v1
@@ -144,22 +145,50 @@ def tokens_forward(images, is_training=False):
                               _variable("bias", [NUM_CLASSES], 0.1))
 
 
+def sum_forward(images, is_training=False):
+    """Two dense layers of the flattened image summed by an AddN (Keras 3's Add layer), a relu and the logits."""
+    del is_training
+    x = tf.reshape(images, [-1, int(np.prod(IMAGE_SHAPE))])
+    return _dense(tf.nn.relu(tf.math.add_n([_dense(x, "a", 16), _dense(x, "b", 16)])), "fc", NUM_CLASSES)
+
+
+def _exported_run(directory, forward_fn, steps, images):
+    """(FakeQuantGraph, the quantized eval graph's logits on `images`, the logits' trained range) of a short run."""
+    checkpoint, report_path = _save_quantized(str(directory), CONFIG, np.random.default_rng(5), train_steps=steps,
+                                              forward_fn=forward_fn)
+    report = tfquant.report.load_report(report_path)
+    packed = str(directory / "model.tfq")
+    model_export.pack_checkpoint(checkpoint, report, packed)
+    weights, _ = model_export.load_packed_weights(packed)
+    graph = fake_quant_graph.build(forward_fn, weights, report, INPUT_SHAPE, None)
+    reference, _ = _quantized_eval(checkpoint, CONFIG, images, forward_fn=forward_fn)
+    (logits,) = [layer for layer in report.activation_layers if layer.name == "fc/MatMul:output"]
+    return graph, reference, tuple(float(weights[name]) for name in logits.range_variables)
+
+
+def test_sum_of_two_quantized_tensors_is_an_int8_add(tmp_path):
+    """An AddN of two int8 tensors is an int8 ADD onto the sum's trained range (before: the converter, which has no
+    int8 ADD_N, requantized both inputs onto the sum's grid and added them in float)."""
+    images, _ = _synthetic_data(np.random.default_rng(11), 100)
+    graph, reference, output_range = _exported_run(tmp_path, sum_forward, 10, images)
+    model = tflite_export.convert_int8_trained(graph, INPUT_SHAPE)
+    interpreter = tflite_export.make_interpreter(model)
+    interpreter.allocate_tensors()
+    details = {d["index"]: d for d in interpreter.get_tensor_details()}
+    operators = interpreter._get_ops_details()  # pylint: disable=protected-access
+    kinds = [(op["op_name"], details[op["outputs"][0]]["dtype"]) for op in operators]
+    assert ("ADD", np.int8) in kinds and "ADD_N" not in [name for name, _ in kinds]
+    int8 = tflite_export.run_tflite(model, images)
+    assert np.abs(_codes(reference, *output_range) - _codes(int8, *output_range)).max() <= 1
+
+
 def test_input_read_through_tensordot_has_its_trained_range_once(tmp_path):
     """The trained range of the Dense's input (after Tensordot's Transpose) is the model input's: the export puts it
     on the input and needs no calibration image. Before, the input itself was left for calibration too (quantized
     twice, on two grids), and without calibration images the export was refused."""
-    checkpoint, report_path = _save_quantized(str(tmp_path), CONFIG, np.random.default_rng(5), train_steps=10,
-                                              forward_fn=tokens_forward)
-    report = tfquant.report.load_report(report_path)
-    packed = str(tmp_path / "model.tfq")
-    model_export.pack_checkpoint(checkpoint, report, packed)
-    weights, _ = model_export.load_packed_weights(packed)
-    graph = fake_quant_graph.build(tokens_forward, weights, report, INPUT_SHAPE, None)
+    images, _ = _synthetic_data(np.random.default_rng(11), 100)
+    graph, reference, output_range = _exported_run(tmp_path, tokens_forward, 10, images)
     inputs = [record for record in graph.activations if record["tensor"] == "input"]
     assert [record["source"] for record in inputs] == ["trained"] and not graph.not_as_trained()
-    images, _ = _synthetic_data(np.random.default_rng(11), 100)
-    reference, _ = _quantized_eval(checkpoint, CONFIG, images, forward_fn=tokens_forward)
-    (logits,) = [layer for layer in report.activation_layers if layer.name == "fc/MatMul:output"]
-    low, high = (float(weights[name]) for name in logits.range_variables)
     int8 = tflite_export.run_tflite(tflite_export.convert_int8_trained(graph, INPUT_SHAPE), images)
-    assert np.abs(_codes(reference, low, high) - _codes(int8, low, high)).max() <= 1
+    assert np.abs(_codes(reference, *output_range) - _codes(int8, *output_range)).max() <= 1
