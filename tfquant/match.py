@@ -169,8 +169,9 @@ _RESIDUAL_TYPES = ("Add", "AddV2", "AddN")  # AddN: a Keras 3 Add layer
 _AVERAGING_TYPES = ("Mean", "AvgPool")
 # Ops that only reshape: a weight layer reading one reads its input's values.
 _RESHAPE_TYPES = ("Reshape", "Squeeze", "ExpandDims", "Identity")
-# ... and ops whose outputs are values of their first input (zero padding: zero is a level of the grid).
-_GRID_KEEPING_TYPES = _RESHAPE_TYPES + ("MaxPool", "Pad")
+# ... and ops whose outputs are values of their first input (zero padding: zero is a level of the grid; a
+# transpose permutes them: Keras 3's Dense on a rank-3 input transposes it before its MatMul's Reshape).
+_GRID_KEEPING_TYPES = _RESHAPE_TYPES + ("MaxPool", "Pad", "Transpose")
 # The report names these tensors by their weight layer, '<layer op name>:input' and '<layer op name>:output'
 # (':' never occurs in an op name): the same name in training, evaluation and export graphs, whose input
 # ops (a dataset iterator, a placeholder) and folded outputs (a batch norm, a bias add) differ.

@@ -173,13 +173,14 @@ def test_keras3_attention_uniform_w4a8_exports_int8_tflite_and_onnx(files, tmp_p
         interpreter.invoke()
         classes.append(int(interpreter.get_tensor(detail_out["index"]).argmax()))
     agreement = np.mean(np.array(classes) == top1(reference))
-    # Measured 196 of 200 with the script's deployment settings (199 with the shared defaults): the model is near
-    # chance after 0.25 epochs, and 3 of the 4 (1 of ONNX's 4) have tied top logits on the logits' 8-bit grid.
-    assert agreement >= 0.97, agreement
+    # Measured 200 of 200 (196 before the export kept the layer norm's mean and the residual sum float as trained,
+    # the projections' per-channel grids and the input's trained range, which Tensordot's Transpose hid).
+    assert agreement >= 0.995, agreement
+    assert "not_as_trained" not in summary  # nothing calibrated, no weight re-gridded
     assert summary["agreement_with_quantized_tf"]["tflite_int8"] == pytest.approx(agreement)
     assert summary["accuracy"]["tflite_int8"] == pytest.approx(np.mean(np.array(classes) == files["y_test"]))
     import onnxruntime
     session = onnxruntime.InferenceSession(str(tmp_path / "export" / "model.onnx"))
     onnx_logits = session.run(None, {session.get_inputs()[0].name: files["x_test"]})[0]
-    assert np.mean(top1(onnx_logits) == top1(reference)) >= 0.97  # measured 196 of 200 (200 with the shared defaults)
+    assert np.mean(top1(onnx_logits) == top1(reference)) >= 0.995  # measured 200 of 200 (196 before)
     assert summary["int8_layer_divergence"]["layers"]  # the per-layer check ran, one image at a time

@@ -18,6 +18,12 @@ not tfquant's round/clip subgraphs. This graph puts one on:
   calibration images run through the graph ("calibrated", the labelled fallback). A run trained with
   QuantConfig.quantize_layer_outputs has trained ranges for them all (see tfquant.match.find_integer_tensors)
   and needs no calibration images.
+
+What training keeps float stays float in TFLite's int8 file: a two-input AddN (Keras 3's Add layer) becomes an
+AddV2, which TFLite runs as an ADD (int8 where both inputs are quantized; it has no int8 ADD_N, and ran the sum in
+float after rounding both inputs onto the sum's grid), and a mean of a quantized tensor without a FakeQuant after it (a
+LayerNormalization's mean) becomes a sum over the count, which the converter leaves float (an int8 MEAN rounds
+onto its input's grid). The same float values in TensorFlow; ONNX files built from this graph hold the same.
 """
 import dataclasses
 
@@ -40,7 +46,8 @@ class FakeQuantGraph:
     graph_def: GraphDef with 'input' and 'logits'. weights: per weight layer {layer, bits, int8:
     'exact' | 'rounded', reason}. activations: per range {tensor, source: 'trained' | 'calibrated', min,
     max, bits[, fake_quant_range]}. input_range: (min, max) of the input FakeQuant. calibration_images: images used.
-    biases_on_grid: layers whose bias is on the int32 grid of the evaluation graph.
+    biases_on_grid: layers whose bias is on the int32 grid of the evaluation graph. float_means: the means of
+    quantized tensors computed as a sum over the count, so that TFLite keeps them float as training does.
     """
 
     graph_def: object
@@ -49,6 +56,7 @@ class FakeQuantGraph:
     input_range: tuple
     calibration_images: int
     biases_on_grid: list = dataclasses.field(default_factory=list)
+    float_means: list = dataclasses.field(default_factory=list)
 
     def summary(self):
         """JSON-able description for export.json."""
@@ -57,6 +65,7 @@ class FakeQuantGraph:
             counts[record["source"]] = counts.get(record["source"], 0) + 1
         return {"weights": self.weights, "activation_ranges": counts,
                 "calibration_images": self.calibration_images, "biases_on_int32_grid": len(self.biases_on_grid),
+                "means_kept_float": self.float_means,
                 "calibrated_tensors": [r["tensor"] for r in self.activations if r["source"] == "calibrated"]}
 
     def not_as_trained(self):
@@ -75,10 +84,23 @@ def _as_convolution(op, index):
     """Whether MatMul `op` can run as a 1x1 convolution: a [batch, C] input times its [C, K] weight (or
     [K, C] with transpose_b), so that per-channel weight ranges reach the int8 file. TFLite's converter
     refuses a per-channel FakeQuant on a MatMul weight (its FullyConnected weight is the transpose, and
-    the transpose would move the quantized axis), and a 1x1 Conv2D kernel takes them."""
-    if op.type != "MatMul" or index != 1 or op.get_attr("transpose_a"):
+    the transpose would move the quantized axis), and a 1x1 Conv2D kernel takes them. A BatchMatMulV2 of a
+    [..., C] input and one [C, K] weight shared by the batch (Keras 3's EinsumDense: attention projections)
+    is the same product on every row; its int8 kernel (FULLY_CONNECTED) would take one range."""
+    if index != 1 or not op.inputs[index].shape.is_fully_defined():
         return False
-    return op.inputs[0].shape.rank == 2 and op.inputs[index].shape.is_fully_defined()
+    if op.type == "MatMul":
+        return not op.get_attr("transpose_a") and op.inputs[0].shape.rank == 2
+    if op.type == "BatchMatMulV2":
+        rank = op.inputs[0].shape.rank
+        return (not op.get_attr("adj_x") and op.inputs[index].shape.rank == 2 and rank is not None and rank >= 2
+                and op.inputs[0].shape[-1] is not None)
+    return False
+
+
+def _transposed(op):
+    """Whether the weight (input 1) of a MatMul or BatchMatMulV2 is read transposed."""
+    return op.get_attr("transpose_b" if op.type == "MatMul" else "adj_y")
 
 
 def _per_channel_depthwise(op, index):
@@ -130,13 +152,19 @@ def _weight_fake_quant(op, index, value, layer, grid):
     with op.graph.name_scope(None), op.graph.name_scope(op.name + "/weight_fake_quant"):
         if as_convolution:
             kernel, kernel_value = weight, value
-            if op.get_attr("transpose_b"):
+            if _transposed(op):
                 kernel, kernel_value = tf.transpose(kernel), value.T
             channels, outputs = kernel_value.shape
             tensor = _per_channel_fake_quant(tf.reshape(kernel, [1, 1, channels, outputs]),
                                              kernel_value.reshape([1, 1, channels, outputs]), bits)
-            inputs = tf.reshape(op.inputs[0], [-1, 1, 1, channels])
-            result = tf.reshape(tf.nn.conv2d(inputs, tensor, 1, "VALID"), [-1, outputs], name="as_convolution")
+            data = op.inputs[0]
+            inputs = tf.reshape(data, [-1, 1, 1, channels])
+            if data.shape.rank == 2:
+                shape = [-1, outputs]
+            else:  # a BatchMatMulV2's rows back in their batch dimensions
+                shape = tf.concat([tf.shape(data)[:-1], [outputs]], 0)
+            result = tf.reshape(tf.nn.conv2d(inputs, tensor, 1, "VALID"), shape, name="as_convolution")
+            result.set_shape(op.outputs[0].shape)
         elif depthwise:
             # The converters take per-channel ranges on the last axis; a depthwise kernel [H, W, C, M] has its C * M
             # output channels on the last two (TFLite's own layout [1, H, W, C * M]).
@@ -262,6 +290,55 @@ def _quantize_biases(graph, candidates, weight_layers, config, replaced, input_s
     return done
 
 
+_FAKE_QUANT_TYPES = ("FakeQuantWithMinMaxVars", "FakeQuantWithMinMaxArgs")
+
+
+def _means_kept_float(graph):
+    """Compute each mean of a quantized tensor that training leaves float (a layer norm's mean) as a sum divided by
+    the count, in place; returns their op names.
+
+    TFLite's converter gives a MEAN of an int8 tensor without a range of its own the input's scale and runs it in
+    int8, which rounds the mean onto the input's grid (and a layer norm multiplies that rounding by its 1 / sigma);
+    a SUM and a DIV it leaves float, as the trained graph computes them. A mean that training quantizes (a pooled
+    input of a weight layer) has a FakeQuant after it and stays an int8 MEAN.
+    """
+    kept = []
+    for op in graph.get_operations():
+        if op.type != "Mean" or match.is_untouchable(op) or not op.outputs[0].dtype.is_floating:
+            continue
+        data, axes = op.inputs
+        if match.grid_source(data).op.type not in _FAKE_QUANT_TYPES:
+            continue
+        readers = op.outputs[0].consumers()
+        if not readers or any(reader.type in _FAKE_QUANT_TYPES for reader in readers):
+            continue
+        try:
+            axes = np.atleast_1d(tf.get_static_value(axes))
+        except (TypeError, ValueError):
+            continue
+        if data.shape.rank is None or axes.dtype.kind not in "iu" or any(
+                data.shape[int(a)] is None for a in axes):
+            continue
+        count = int(np.prod([data.shape[int(a)] for a in axes]))
+        with graph.name_scope(None), graph.name_scope(op.name + "/as_sum"):
+            total = tf.reduce_sum(data, [int(a) for a in axes], keepdims=op.get_attr("keep_dims"))
+            mean = tf.math.truediv(total, np.float32(count), name="mean")
+        rewrite.reroute_consumers(op.outputs[0], mean, list(readers))
+        kept.append(op.name)
+    return kept
+
+
+def _sums_as_adds(graph_def):
+    """Make each AddN of two tensors (a Keras 3 Add layer) an AddV2, in place: the same float sum, which TFLite runs
+    as an int8 ADD of its two quantized inputs onto the sum's range. TFLite has no int8 ADD_N: its converter runs
+    an AddN in float after requantizing both inputs onto the sum's grid, which rounds them where the trained graph
+    adds them as they are."""
+    for node in graph_def.node:
+        if node.op == "AddN" and len([name for name in node.input if not name.startswith("^")]) == 2:
+            node.op = "AddV2"
+            del node.attr["N"]
+
+
 def packed_steps(tensors):
     """{weight variable: float32 step per range group, alpha * float32(1/(2^k-1))} of a packed file's quantized
     tensors (packed_reader.read_packed_model): the step the evaluation graph puts a symmetric-grid bias on."""
@@ -364,10 +441,12 @@ def build(build_forward, weights, report, input_shape, calibration_images, batch
         with graph.as_default():
             for tensor, low, high in zip(targets, lows, highs):
                 _insert_range(tensor, low, high, INT8_BITS, "calibrated", records)
+            float_means = _means_kept_float(graph)
         graph_def = tf1.graph_util.convert_variables_to_constants(
             sess, graph.as_graph_def(), [output.op.name])
+    _sums_as_adds(graph_def)
     input_record = next(r for r in records if r["tensor"] == inference_graph.INPUT_NAME)
     input_range = tuple(input_record.get("fake_quant_range", (input_record["min"], input_record["max"])))
     return FakeQuantGraph(graph_def, weight_records, records, input_range,
-                          int(len(images_value)) if targets else 0, biases_on_grid)
+                          int(len(images_value)) if targets else 0, biases_on_grid, float_means)
 
