@@ -15,8 +15,9 @@ setup(
     # k-bit weights need onnx's opset 25 (UINT2; UINT4 and blocked DequantizeLinear from opset 21, onnx 1.20
     # writes 25), an onnxruntime that runs 2-bit DequantizeLinear and MatMulNBits (checked with 1.32) and
     # ml_dtypes' int2/int4 arrays; LiteRT INT4 files are run by ai-edge-litert.
+    # pytest-xdist 3.8 has --no-loadscope-reorder, which run_tests.sh passes.
     extras_require={"onnx": ["tf2onnx==1.17.0", "onnx>=1.20", "onnxruntime>=1.32", "ml_dtypes>=0.5"],
                     "litert": ["ai-edge-litert>=2.3"],
-                    "test": ["pytest", "pytest-xdist", "hypothesis", "tf2onnx==1.17.0", "onnx>=1.20",
+                    "test": ["pytest", "pytest-xdist>=3.8", "hypothesis", "tf2onnx==1.17.0", "onnx>=1.20",
                              "onnxruntime>=1.32", "ml_dtypes>=0.5", "ai-edge-litert>=2.3"]},
 )

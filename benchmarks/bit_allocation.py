@@ -178,10 +178,11 @@ def run_budget(work_dir, budget, seed, plan):
     return entries
 
 
-def run_timing(work_dir, budget, seed, plan, repeats=1):
+def run_timing(work_dir, budget, seed, plan, repeats=1, quick=False):
     """Search and epoch seconds of `budget`'s auto row, measured from scratch `repeats` times (a leftover run
     directory would be resumed and reuse its stored allocation, so it is removed before each); the entry holds
-    every run's figures and their medians (one run of ~10 s varies by more than a second on this machine)."""
+    every run's figures and their medians (one run of ~10 s varies by more than a second on this machine).
+    The end load is read once the run's own load has faded, or at once when `quick` (as a --quick run's)."""
     label = "%s auto timing" % budget.label
     load_before = machine.read_load()
     searches, epochs = [], []
@@ -193,7 +194,7 @@ def run_timing(work_dir, budget, seed, plan, repeats=1):
     measured = [e for e in epochs if e is not None]
     return {"budget": budget.label, "seed": seed, "search_seconds": statistics.median(searches),
             "epoch_seconds": statistics.median(measured) if measured else None, "search_runs": searches,
-            "epoch_runs": epochs, "load_before": load_before, "load_after": machine.end_load(),
+            "epoch_runs": epochs, "load_before": load_before, "load_after": machine.end_load(quick),
             "date": machine.machine_info()["date"]}
 
 
@@ -427,7 +428,7 @@ def _run_timing(args, existing, output, seed, plan):
                                      "full run of benchmarks.bit_allocation wrote" % output)
     timing = []
     for budget in (b for b in BUDGETS if b.label in plan["budgets"]):
-        entry = run_timing(args.work_dir, budget, seed, plan, args.timing_repeats)
+        entry = run_timing(args.work_dir, budget, seed, plan, args.timing_repeats, args.quick)
         print("timing %-8s search %.1f s, epoch %.1f s" % (budget.label, entry["search_seconds"],
                                                           entry["epoch_seconds"] or 0.0), flush=True)
         publish.check_quiet(entry["load_before"], entry["load_after"], args.allow_busy or args.quick)

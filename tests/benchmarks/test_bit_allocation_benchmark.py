@@ -7,13 +7,20 @@ import sys
 
 import pytest
 
-from benchmarks import accuracy_table, bit_allocation, publish
+from benchmarks import accuracy_table, bit_allocation, machine, publish
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_bit_allocation_quick(tmp_path):
-    output, work, markdown = tmp_path / "alloc.json", tmp_path / "work", tmp_path / "BENCHMARKS.md"
+@pytest.fixture(scope="module")
+def quick_work(tmp_path_factory):
+    """One --quick work directory for the module's quick runs: the seed's float checkpoint is trained by the first
+    run and fine-tuned by the others (each row still runs from scratch in its own row directory)."""
+    return tmp_path_factory.mktemp("alloc_quick") / "work"
+
+
+def test_bit_allocation_quick(tmp_path, quick_work):
+    output, work, markdown = tmp_path / "alloc.json", quick_work, tmp_path / "BENCHMARKS.md"
     done = subprocess.run([sys.executable, "-m", "benchmarks.bit_allocation", "--quick", "--output", str(output),
                            "--work_dir", str(work), "--markdown", str(markdown)],
                           cwd=ROOT, capture_output=True, text=True, timeout=1200)
@@ -125,6 +132,7 @@ def test_timing_repeats_record_every_run_and_their_medians(tmp_path, monkeypatch
         return {"search_seconds": next(searches), "epoch_seconds": next(epochs)}, out_dir
 
     monkeypatch.setattr(bit_allocation, "run_row", fake_run_row)
+    monkeypatch.setattr(machine, "SETTLE_SECONDS", 0)  # a full run's wait for the load to fade: nothing ran here
     budget = next(b for b in bit_allocation.BUDGETS if b.label == "W2 A2.5")
     entry = bit_allocation.run_timing(str(tmp_path), budget, 0, bit_allocation.FULL, repeats=3)
     assert seen == [False, False, False]
@@ -146,9 +154,25 @@ def test_timing_repeats_must_be_positive(tmp_path):
         bit_allocation.main(["--timing", "--timing_repeats", "0", "--output", str(tmp_path / "r.json")])
 
 
-def test_timing_quick_measures_a_fresh_search(tmp_path):
+def test_timing_quick_records_the_load_at_once(tmp_path, monkeypatch):
+    """A quick timing run reads the end load once, as a quick accuracy run does; a full one waits for it to fade."""
+    calls = []
+
+    def fake_run_row(work_dir, budget, method, seed, plan, extra=None):
+        return {"search_seconds": 1.0, "epoch_seconds": 10.0}, None
+
+    monkeypatch.setattr(bit_allocation, "run_row", fake_run_row)
+    monkeypatch.setattr(machine, "end_load", lambda quick=False: calls.append(quick) or [0.1, 0.1, 0.1])
+    payload = bit_allocation.main(["--quick", "--timing", "--work_dir", str(tmp_path)])
+    assert [t["load_after"] for t in payload["timing"]] == [[0.1, 0.1, 0.1]] and calls == [True]
+    budget = next(b for b in bit_allocation.BUDGETS if b.label == "W3 A2.5")
+    bit_allocation.run_timing(str(tmp_path), budget, 0, bit_allocation.FULL)
+    assert calls == [True, False]
+
+
+def test_timing_quick_measures_a_fresh_search(quick_work):
     """--quick --timing runs the auto row from scratch: its search time is the one its allocation file holds."""
-    work = tmp_path / "work"
+    work = quick_work
     stale = accuracy_table.row_dir(str(work), "W3 A2.5 auto timing", 0)
     os.makedirs(stale)
     open(os.path.join(stale, "leftover"), "w").close()
