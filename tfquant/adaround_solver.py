@@ -27,10 +27,13 @@ class LinearView:
 
     rows: a function of the layer's data input (a tensor) giving its rows [B, M, K] (ops in the input's graph).
     order: [B, K, C] int64, the flat index in the weight tensor of each matrix element.
+    sampled_rows: None, or a function (data input, max_rows, seed) giving the rows [B, M', K] that
+      gram(rows(input), max_rows, seed) keeps, computed without the others (a conv's: view_gram uses it).
     """
 
     rows: object
     order: np.ndarray
+    sampled_rows: object = None
 
     def to_matrix(self, weight):
         """The weight (NumPy, the layer's shape) as its [B, K, C] matrices."""
@@ -51,8 +54,8 @@ def _attr(op, name, default=None):
         return default
 
 
-def _patches(op, inputs, kernel_height, kernel_width):
-    """The conv's input patches [N, H', W', kh * kw * C_in] (NHWC), ordered as its filter's [kh, kw, C_in] axes."""
+def _nhwc(op, inputs):
+    """(inputs NHWC with any explicit padding applied, strides, dilations, "SAME" or "VALID") of a conv op."""
     data_format = (_attr(op, "data_format", b"NHWC") or b"NHWC").decode()
     strides, dilations = list(op.get_attr("strides")), list(_attr(op, "dilations", [1, 1, 1, 1]))
     padding = op.get_attr("padding").decode()
@@ -65,8 +68,52 @@ def _patches(op, inputs, kernel_height, kernel_width):
     if padding == "EXPLICIT":
         inputs = tf.pad(inputs, np.reshape(explicit, [4, 2]))
         padding = "VALID"
+    return inputs, strides, dilations, padding
+
+
+def _patches(op, inputs, kernel_height, kernel_width):
+    """The conv's input patches [N, H', W', kh * kw * C_in] (NHWC), ordered as its filter's [kh, kw, C_in] axes."""
+    inputs, strides, dilations, padding = _nhwc(op, inputs)
     return tf.image.extract_patches(inputs, sizes=[1, kernel_height, kernel_width, 1], strides=strides,
                                     rates=dilations, padding=padding)
+
+
+def _kept(count, max_rows, seed):
+    """Which of `count` rows a Gram matrix over about max_rows of them keeps: a fixed-seed random mask [count]."""
+    share = tf.minimum(1.0, tf.cast(max_rows, tf.float32) / tf.cast(count, tf.float32))
+    return tf.random.stateless_uniform([count], seed=[seed, 0]) < share
+
+
+def _sampled_patches(op, inputs, kernel_height, kernel_width, max_rows, seed):
+    """The patches [M', kh, kw, C_in] that gram(rows of all the patches, max_rows, seed) keeps, in the same order,
+    gathered from the input without extracting the others (a conv's early layers have hundreds of positions per
+    example, of which a few dozen per weight are kept)."""
+    inputs, strides, dilations, padding = _nhwc(op, inputs)
+    shape = tf.shape(inputs)
+    batch, sizes, kernel = shape[0], [shape[1], shape[2]], [kernel_height, kernel_width]
+    outputs, pads = [], []
+    for axis in range(2):
+        span = (kernel[axis] - 1) * dilations[axis + 1] + 1
+        stride = strides[axis + 1]
+        if padding == "SAME":  # TensorFlow's: the output has ceil(size / stride) positions, padded before by half
+            out = (sizes[axis] + stride - 1) // stride
+            total = tf.maximum((out - 1) * stride + span - sizes[axis], 0)
+            pads.append([total // 2, total - total // 2])
+        else:
+            out = (sizes[axis] - span) // stride + 1
+            pads.append([0, 0])
+        outputs.append(out)
+    padded = tf.pad(inputs, [[0, 0]] + pads + [[0, 0]])
+    per_example = outputs[0] * outputs[1]
+    positions = tf.cast(tf.where(_kept(batch * per_example, max_rows, seed))[:, 0], tf.int32)
+    example, rest = positions // per_example, positions % per_example
+    rows = (rest // outputs[1])[:, None] * strides[1] + tf.range(kernel_height) * dilations[1]  # [M', kh]
+    columns = (rest % outputs[1])[:, None] * strides[2] + tf.range(kernel_width) * dilations[2]  # [M', kw]
+    target = [tf.shape(positions)[0], kernel_height, kernel_width]
+    indices = tf.stack([tf.broadcast_to(example[:, None, None], target),
+                        tf.broadcast_to(rows[:, :, None], target),
+                        tf.broadcast_to(columns[:, None, :], target)], axis=-1)
+    return tf.gather_nd(padded, indices)
 
 
 def _orders(shape):
@@ -83,14 +130,22 @@ def linear_view(op, weight_index):
 
         def conv_rows(inputs):
             return tf.reshape(_patches(op, inputs, kh, kw), [1, -1, kh * kw * c_in])
-        return LinearView(conv_rows, index.reshape(1, kh * kw * c_in, c_out))
+
+        def conv_sampled(inputs, max_rows, seed):
+            return tf.reshape(_sampled_patches(op, inputs, kh, kw, max_rows, seed), [1, -1, kh * kw * c_in])
+        return LinearView(conv_rows, index.reshape(1, kh * kw * c_in, c_out), conv_sampled)
     if op.type == "DepthwiseConv2dNative":
         kh, kw, channels, multiplier = weight_shape
 
         def depthwise_rows(inputs):
             patches = tf.reshape(_patches(op, inputs, kh, kw), [-1, kh * kw, channels])
             return tf.transpose(patches, [2, 0, 1])
-        return LinearView(depthwise_rows, index.reshape(kh * kw, channels, multiplier).transpose(1, 0, 2))
+
+        def depthwise_sampled(inputs, max_rows, seed):
+            patches = tf.reshape(_sampled_patches(op, inputs, kh, kw, max_rows, seed), [-1, kh * kw, channels])
+            return tf.transpose(patches, [2, 0, 1])
+        return LinearView(depthwise_rows, index.reshape(kh * kw, channels, multiplier).transpose(1, 0, 2),
+                          depthwise_sampled)
     if op.type == "MatMul":
         transpose = {"a": op.get_attr("transpose_a"), "b": op.get_attr("transpose_b")}
     elif op.type == "BatchMatMulV2" and len(weight_shape) == 2:
@@ -119,10 +174,15 @@ def gram(rows, max_rows=None, seed=0):
     subset of about max_rows of them (the same for every b), drawn with a fixed seed."""
     rows = tf.convert_to_tensor(rows)
     if max_rows is not None:
-        count = tf.shape(rows)[1]
-        share = tf.minimum(1.0, tf.cast(max_rows, tf.float32) / tf.cast(count, tf.float32))
-        keep = tf.random.stateless_uniform([count], seed=[seed, 0]) < share
-        rows = tf.boolean_mask(rows, keep, axis=1)
+        rows = tf.boolean_mask(rows, _kept(tf.shape(rows)[1], max_rows, seed), axis=1)
+    return tf.matmul(rows, rows, transpose_a=True), tf.shape(rows)[1]
+
+
+def view_gram(view, inputs, max_rows=None, seed=0):
+    """gram(view.rows(inputs), max_rows, seed), the kept rows computed alone when the view can (a conv's)."""
+    if max_rows is None or view.sampled_rows is None:
+        return gram(view.rows(inputs), max_rows, seed)
+    rows = view.sampled_rows(inputs, max_rows, seed)
     return tf.matmul(rows, rows, transpose_a=True), tf.shape(rows)[1]
 
 

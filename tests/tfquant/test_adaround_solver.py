@@ -82,6 +82,35 @@ def test_gram_over_a_subset_of_rows(rng):
     assert every == 1000
 
 
+CONV_LAYERS = {**{name: LAYERS[name] for name in LAYERS if "conv" in name},
+               # an odd size with stride 2 (SAME pads one more row after than before), and a 1x1 kernel
+               "conv same odd stride 2": ((2, 11, 10, 3), (3, 3, 3, 4), 1, _conv([1, 2, 2, 1], "SAME")),
+               "conv 1x1 stride 2": ((2, 7, 7, 3), (1, 1, 3, 4), 1, _conv([1, 2, 2, 1], "VALID")),
+               "depthwise dilated": ((2, 9, 9, 3), (3, 3, 3, 1), 1,
+                                     lambda x, w: tf.raw_ops.DepthwiseConv2dNative(
+                                         input=x, filter=w, strides=[1, 1, 1, 1], padding="SAME",
+                                         dilations=[1, 2, 2, 1]))}
+
+
+@pytest.mark.parametrize("name", sorted(CONV_LAYERS))
+@pytest.mark.parametrize("max_rows", [12, 10 ** 6])
+def test_conv_rows_sampled_alone_are_those_the_gram_keeps_of_all_patches(name, max_rows, rng):
+    input_shape, weight_shape, weight_index, layer = CONV_LAYERS[name]
+    x = rng.normal(size=input_shape).astype(np.float32)
+    graph = tf.Graph()
+    with graph.as_default():
+        data = tf1.placeholder(tf.float32, [None] + list(input_shape[1:]))
+        output = layer(data, tf.zeros(weight_shape))
+        view = adaround_solver.linear_view(output.op, weight_index)
+        with new_session(graph) as sess:
+            (expected, expected_rows), (got, got_rows), all_rows = sess.run(
+                [adaround_solver.gram(view.rows(data), max_rows, seed=3),
+                 adaround_solver.view_gram(view, data, max_rows, seed=3), view.rows(data)], feed_dict={data: x})
+    assert got_rows == expected_rows and (expected_rows < all_rows.shape[1] if max_rows == 12
+                                          else expected_rows == all_rows.shape[1])
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
 def numpy_gradient(gram_matrix, start, step, movable, v, beta, on, options):
     """d loss / dV of AdaRound's loss, written out in float64 NumPy."""
     sig = 1.0 / (1.0 + np.exp(-v))
