@@ -6,7 +6,9 @@ once the weight is seen as a [K, C] matrix (or B of them: a depthwise conv is on
 as rows of K values (a conv's patches). G is computed once per layer (one matmul over the calibration inputs); the
 optimisation then costs a [K, K] x [K, C] product per iteration, whatever the number of examples, and uses the exact
 gradient over every calibration input rather than a sampled batch. The iterations (Adam, as TF's AdamOptimizer)
-run inside one session call (a tf.while_loop) of one graph of any shape, built once and reused for every layer.
+run inside one session call (two tf.while_loops: the warm start, then the annealed regulariser) of one graph of
+any shape, built once and reused for every layer. When a layer has more input rows than it needs, G is over a
+fixed-seed random subset of them, and a conv gathers just those patches from its input (view_gram).
 """
 import dataclasses
 import math
