@@ -19,8 +19,6 @@ import tensorflow as tf
 tf1 = tf.compat.v1
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (Louizos et al.), as in the paper
 ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = 0.9, 0.999, 1e-8  # TF's AdamOptimizer defaults
-# 0 < sigmoid(V) (zeta - gamma) + gamma < 1 exactly when |V| < this (ln 11).
-INSIDE_LOGIT = math.log((1.0 - GAMMA) / (ZETA - 1.0))
 
 
 @dataclasses.dataclass
@@ -199,15 +197,20 @@ class Solver:
     logits: tf.Tensor
     iterations: tf.Tensor
     final_logits: tf.Tensor
+    schedule: tf.Tensor  # [SCHEDULE_ROWS, iterations] from `iterations` alone
+    schedule_input: tf.Tensor  # where final_logits reads it
+    schedules: dict = dataclasses.field(default_factory=dict)  # computed ones, by number of iterations
 
     def run(self, sess, gram_matrix, start, step, movable, logits, iterations):
         """The logits V after `iterations` Adam steps from `logits` (all NumPy, [B, K, C] but gram_matrix [B, K, K]).
 
         The error is trace(D^T G D) with D = start + step * h(V) (G already divided by the number of rows).
         """
+        if iterations not in self.schedules:
+            self.schedules[iterations] = sess.run(self.schedule, feed_dict={self.iterations: iterations})
         return sess.run(self.final_logits, feed_dict={
             self.gram: gram_matrix, self.start: start, self.step: step, self.movable: movable, self.logits: logits,
-            self.iterations: iterations})
+            self.iterations: iterations, self.schedule_input: self.schedules[iterations]})
 
 
 def annealing(iteration, iterations, options):
@@ -220,56 +223,74 @@ def annealing(iteration, iterations, options):
     return on * beta + (1.0 - on) * options.beta_start, on
 
 
+def _schedule(iterations, options):
+    """[SCHEDULE_ROWS, iterations]: per iteration the regulariser's weight, -2 beta, beta - 1 and Adam's step size,
+    each computed on its own (as scalars: TensorFlow's vectorised cos and pow differ from its scalar ones in the last
+    bit, and the iterations computed them as scalars)."""
+    total = tf.cast(iterations, tf.float32)
+
+    def one(t, arrays):
+        beta, on = annealing(tf.cast(t, tf.float32), total, options)
+        count = tf.cast(t + 1, tf.float32)
+        rate = options.learning_rate * tf.sqrt(1.0 - ADAM_BETA2 ** count) / (1.0 - ADAM_BETA1 ** count)
+        values = (on * options.reg_weight, -2.0 * beta, beta - 1.0, rate)
+        return t + 1, tuple(array.write(t, value) for array, value in zip(arrays, values))
+
+    arrays = tuple(tf.TensorArray(tf.float32, size=iterations) for _ in range(SCHEDULE_ROWS))
+    _, arrays = tf1.while_loop(lambda t, arrays: t < iterations, one, [tf.constant(0), arrays], back_prop=False,
+                               parallel_iterations=1)
+    return tf.stack([array.stack() for array in arrays])
+
+
+SCHEDULE_ROWS = 4
+
+
 def build_solver(options):
     """The Solver of `options` (AdaRoundOptions: learning rate, regulariser weight, annealing), in the current graph.
 
     Per iteration t (from 0): h = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1); D = start + step * h; the loss
     trace(D^T G D) + on(t) * reg_weight * sum(movable * (1 - |2h - 1|^beta(t))); V takes an Adam step on it.
 
-    Written for few element-wise ops per iteration (each is a pass over [B, K, C] and an op to schedule, which
-    costs as much as the matmul on a layer of a small network): the schedule (beta, the regulariser's weight,
-    Adam's step size) is computed for every iteration before the loop; the warm start runs as its own loop
-    without the regulariser's terms; D and the regulariser use a = 2h - 1 (D = start + step / 2 + step / 2 * a);
-    and 0 < h < 1 (where the clip passes the gradient) is |V| < ln((1 - gamma) / (zeta - 1)), false for the
-    weights that do not move, so their V stays where it started as their zero gradient keeps it.
+    The iterations' scalars (beta, the regulariser's weight, Adam's step size) depend on the number of iterations
+    alone: they are computed once (Solver.run keeps them) and read by the loop, rather than by a dozen scalar ops
+    in every iteration of every layer; and the warm start runs as its own loop without the regulariser's terms
+    (zero there). Both leave every result bit for bit as computing them in each iteration would.
     """
     placeholder = lambda name: tf1.placeholder(tf.float32, [None, None, None], name=name)  # noqa: E731
     gram_matrix, start, step = placeholder("gram"), placeholder("start"), placeholder("step")
     movable, logits = placeholder("movable"), placeholder("logits")
     iterations = tf1.placeholder(tf.int32, [], name="iterations")
-    total = tf.cast(iterations, tf.float32)
-    steps = tf.range(iterations)
-    beta, on = annealing(tf.cast(steps, tf.float32), total, options)
-    # d/da of reg_weight * (1 - |a|^beta) = -reg_weight * beta * a * |a|^(beta - 2); da/dV = 2 (zeta - gamma) sig'.
-    reg_scale = -2.0 * (ZETA - GAMMA) * options.reg_weight * on * beta
-    exponent = beta - 2.0
-    count = tf.cast(steps + 1, tf.float32)
-    rate = options.learning_rate * tf.sqrt(1.0 - ADAM_BETA2 ** count) / (1.0 - ADAM_BETA1 ** count)
-    centre, half = start + 0.5 * step, 0.5 * step
-    # d trace(D^T G D) / dV = 2 G D * step * (zeta - gamma) * sig'.
-    reconstruction_scale = (2.0 * (ZETA - GAMMA)) * step
-    inside_bound = movable * INSIDE_LOGIT - (1.0 - movable)
+    schedule = _schedule(iterations, options)
+    schedule_input = tf1.placeholder(tf.float32, [SCHEDULE_ROWS, None], name="schedule")
+    weight, slope, exponent, rate = tf.unstack(schedule_input)
 
     def body(regularised):
         def iteration(t, v, m, s):
             sig = tf.sigmoid(v)
-            signed = tf.clip_by_value(sig * (2.0 * (ZETA - GAMMA)) + (2.0 * GAMMA - 1.0), -1.0, 1.0)  # 2h - 1
-            dloss = tf.matmul(gram_matrix, centre + half * signed) * reconstruction_scale
+            stretched = sig * (ZETA - GAMMA) + GAMMA
+            h = tf.clip_by_value(stretched, 0.0, 1.0)
+            difference = start + step * h
+            grad = 2.0 * tf.matmul(gram_matrix, difference) * step
             if regularised:
-                power = tf.exp(exponent[t] * tf.math.log(tf.maximum(tf.abs(signed), 1e-12)))
-                dloss += reg_scale[t] * (signed * power)
-            grad = dloss * (sig - tf.square(sig)) * tf.cast(tf.abs(v) < inside_bound, tf.float32)
+                signed = 2.0 * h - 1.0
+                distance = tf.maximum(tf.abs(signed), 1e-12)
+                # d/dh of -|2h - 1|^beta = -2 beta |2h - 1|^(beta - 1) sign(2h - 1).
+                grad = grad + weight[t] * movable * (
+                    slope[t] * tf.exp(exponent[t] * tf.math.log(distance)) * tf.sign(signed))
+            inside = tf.cast((stretched > 0.0) & (stretched < 1.0), tf.float32)
+            grad = grad * sig * (1.0 - sig) * (ZETA - GAMMA) * inside
             m = ADAM_BETA1 * m + (1.0 - ADAM_BETA1) * grad
             s = ADAM_BETA2 * s + (1.0 - ADAM_BETA2) * tf.square(grad)
             return t + 1, v - rate[t] * m / (tf.sqrt(s) + ADAM_EPSILON), m, s
         return iteration
 
     # The regulariser is on from the first iteration t >= warm_start * iterations (annealing's rule).
-    warm = tf.minimum(tf.cast(tf.math.ceil(options.warm_start * total), tf.int32), iterations)
+    warm = tf.minimum(tf.cast(tf.math.ceil(options.warm_start * tf.cast(iterations, tf.float32)), tf.int32),
+                      iterations)
     zeros = tf.zeros_like(logits)
     state = tf1.while_loop(lambda t, v, m, s: t < warm, body(False), [tf.constant(0), logits, zeros, zeros],
                            back_prop=False, parallel_iterations=1)
     _, final_logits, _, _ = tf1.while_loop(lambda t, v, m, s: t < iterations, body(True), list(state),
                                            back_prop=False, parallel_iterations=1)
     return Solver(gram=gram_matrix, start=start, step=step, movable=movable, logits=logits, iterations=iterations,
-                  final_logits=final_logits)
+                  final_logits=final_logits, schedule=schedule, schedule_input=schedule_input)

@@ -187,6 +187,23 @@ def test_in_graph_annealing_is_the_schedule(rng):
     np.testing.assert_array_equal(on, [1.0 if r else 0.0 for _, r in expected])
 
 
+def test_solver_schedule_is_the_annealing_and_adams_step_size_per_iteration():
+    options = adaround.AdaRoundOptions(iterations=23, warm_start=0.3, reg_weight=0.05, learning_rate=0.02)
+    graph = tf.Graph()
+    with graph.as_default():
+        solver = adaround_solver.build_solver(options)
+    with new_session(graph) as sess:
+        weight, slope, exponent, rate = sess.run(solver.schedule, feed_dict={solver.iterations: 23})
+    expected = [adaround.annealed_beta(t, options) for t in range(23)]
+    beta = np.array([b for b, _ in expected])
+    np.testing.assert_allclose(weight, [0.05 if on else 0.0 for _, on in expected], rtol=1e-6)
+    np.testing.assert_allclose(slope, -2.0 * beta, rtol=1e-5)
+    np.testing.assert_allclose(exponent, beta - 1.0, rtol=1e-5)
+    t = np.arange(1, 24)
+    # float32 1 - 0.999^t loses digits to cancellation at small t
+    np.testing.assert_allclose(rate, 0.02 * np.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t), rtol=1e-4)
+
+
 def test_batched_weights_of_a_batch_matmul_are_not_expressed():
     with tf.Graph().as_default():
         product = tf.linalg.matmul(tf.zeros([2, 3, 4]), tf.zeros([2, 4, 5]))
