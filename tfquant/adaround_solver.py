@@ -28,7 +28,8 @@ class LinearView:
     rows: a function of the layer's data input (a tensor) giving its rows [B, M, K] (ops in the input's graph).
     order: [B, K, C] int64, the flat index in the weight tensor of each matrix element.
     sampled_rows: None, or a function (data input, max_rows, seed) giving the rows [B, M', K] that
-      gram(rows(input), max_rows, seed) keeps, computed without the others (a conv's: view_gram uses it).
+      gram(rows(input), max_rows, seed) keeps, computed without the others, or None when it cannot (a conv's
+      whose input sizes are not static): view_gram uses it.
     """
 
     rows: object
@@ -87,33 +88,37 @@ def _kept(count, max_rows, seed):
 def _sampled_patches(op, inputs, kernel_height, kernel_width, max_rows, seed):
     """The patches [M', kh, kw, C_in] that gram(rows of all the patches, max_rows, seed) keeps, in the same order,
     gathered from the input without extracting the others (a conv's early layers have hundreds of positions per
-    example, of which a few dozen per weight are kept)."""
+    example, of which a few dozen per weight are kept); None when the input's height, width or channels are not
+    static. Sizes are computed in Python, so the graph has a few ops per layer."""
     inputs, strides, dilations, padding = _nhwc(op, inputs)
-    shape = tf.shape(inputs)
-    batch, sizes, kernel = shape[0], [shape[1], shape[2]], [kernel_height, kernel_width]
+    sizes = inputs.shape.as_list()[1:]
+    if len(sizes) != 3 or None in sizes:
+        return None
     outputs, pads = [], []
-    for axis in range(2):
-        span = (kernel[axis] - 1) * dilations[axis + 1] + 1
-        stride = strides[axis + 1]
-        if padding == "SAME":  # TensorFlow's: the output has ceil(size / stride) positions, padded before by half
-            out = (sizes[axis] + stride - 1) // stride
-            total = tf.maximum((out - 1) * stride + span - sizes[axis], 0)
+    for axis, kernel in enumerate((kernel_height, kernel_width)):
+        span, stride = (kernel - 1) * dilations[axis + 1] + 1, strides[axis + 1]
+        if padding == "SAME":  # TensorFlow's: ceil(size / stride) positions, padded before by half the padding
+            out = -(-sizes[axis] // stride)
+            total = max((out - 1) * stride + span - sizes[axis], 0)
             pads.append([total // 2, total - total // 2])
         else:
             out = (sizes[axis] - span) // stride + 1
             pads.append([0, 0])
         outputs.append(out)
-    padded = tf.pad(inputs, [[0, 0]] + pads + [[0, 0]])
+    if any(pad for pair in pads for pad in pair):
+        inputs = tf.pad(inputs, [[0, 0]] + pads + [[0, 0]])
+    height, width = sizes[0] + sum(pads[0]), sizes[1] + sum(pads[1])
     per_example = outputs[0] * outputs[1]
-    positions = tf.cast(tf.where(_kept(batch * per_example, max_rows, seed))[:, 0], tf.int32)
-    example, rest = positions // per_example, positions % per_example
-    rows = (rest // outputs[1])[:, None] * strides[1] + tf.range(kernel_height) * dilations[1]  # [M', kh]
-    columns = (rest % outputs[1])[:, None] * strides[2] + tf.range(kernel_width) * dilations[2]  # [M', kw]
-    target = [tf.shape(positions)[0], kernel_height, kernel_width]
-    indices = tf.stack([tf.broadcast_to(example[:, None, None], target),
-                        tf.broadcast_to(rows[:, :, None], target),
-                        tf.broadcast_to(columns[:, None, :], target)], axis=-1)
-    return tf.gather_nd(padded, indices)
+    kept = _kept(tf.shape(inputs)[0] * per_example, max_rows, seed)
+    positions = tf.cast(tf.where(kept)[:, 0], tf.int32)
+    rest = positions % per_example
+    # Each kept position's first input pixel, in the padded input seen as [N * height * width, C_in] ...
+    corner = ((positions // per_example) * (height * width) + (rest // outputs[1]) * (strides[1] * width)
+              + (rest % outputs[1]) * strides[2])
+    # ... and its patch's pixels, offsets from it.
+    offsets = (np.arange(kernel_height)[:, None] * (dilations[1] * width)
+               + np.arange(kernel_width)[None, :] * dilations[2]).astype(np.int32)
+    return tf.gather(tf.reshape(inputs, [-1, sizes[2]]), tf.reshape(corner, [-1, 1, 1]) + offsets)
 
 
 def _orders(shape):
@@ -132,7 +137,8 @@ def linear_view(op, weight_index):
             return tf.reshape(_patches(op, inputs, kh, kw), [1, -1, kh * kw * c_in])
 
         def conv_sampled(inputs, max_rows, seed):
-            return tf.reshape(_sampled_patches(op, inputs, kh, kw, max_rows, seed), [1, -1, kh * kw * c_in])
+            patches = _sampled_patches(op, inputs, kh, kw, max_rows, seed)
+            return None if patches is None else tf.reshape(patches, [1, -1, kh * kw * c_in])
         return LinearView(conv_rows, index.reshape(1, kh * kw * c_in, c_out), conv_sampled)
     if op.type == "DepthwiseConv2dNative":
         kh, kw, channels, multiplier = weight_shape
@@ -142,8 +148,8 @@ def linear_view(op, weight_index):
             return tf.transpose(patches, [2, 0, 1])
 
         def depthwise_sampled(inputs, max_rows, seed):
-            patches = tf.reshape(_sampled_patches(op, inputs, kh, kw, max_rows, seed), [-1, kh * kw, channels])
-            return tf.transpose(patches, [2, 0, 1])
+            patches = _sampled_patches(op, inputs, kh, kw, max_rows, seed)
+            return None if patches is None else tf.transpose(tf.reshape(patches, [-1, kh * kw, channels]), [2, 0, 1])
         return LinearView(depthwise_rows, index.reshape(kh * kw, channels, multiplier).transpose(1, 0, 2),
                           depthwise_sampled)
     if op.type == "MatMul":
@@ -180,9 +186,9 @@ def gram(rows, max_rows=None, seed=0):
 
 def view_gram(view, inputs, max_rows=None, seed=0):
     """gram(view.rows(inputs), max_rows, seed), the kept rows computed alone when the view can (a conv's)."""
-    if max_rows is None or view.sampled_rows is None:
+    rows = None if max_rows is None or view.sampled_rows is None else view.sampled_rows(inputs, max_rows, seed)
+    if rows is None:
         return gram(view.rows(inputs), max_rows, seed)
-    rows = view.sampled_rows(inputs, max_rows, seed)
     return tf.matmul(rows, rows, transpose_a=True), tf.shape(rows)[1]
 
 

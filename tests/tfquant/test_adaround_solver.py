@@ -102,10 +102,13 @@ def test_conv_rows_sampled_alone_are_those_the_gram_keeps_of_all_patches(name, m
         data = tf1.placeholder(tf.float32, [None] + list(input_shape[1:]))
         output = layer(data, tf.zeros(weight_shape))
         view = adaround_solver.linear_view(output.op, weight_index)
+        sampled = adaround_solver.view_gram(view, data, max_rows, seed=3)
+        # The kept rows alone: no op extracts every patch.
+        assert not [op for op in graph.get_operations() if op.type == "ExtractImagePatches"]
         with new_session(graph) as sess:
             (expected, expected_rows), (got, got_rows), all_rows = sess.run(
-                [adaround_solver.gram(view.rows(data), max_rows, seed=3),
-                 adaround_solver.view_gram(view, data, max_rows, seed=3), view.rows(data)], feed_dict={data: x})
+                [adaround_solver.gram(view.rows(data), max_rows, seed=3), sampled, view.rows(data)],
+                feed_dict={data: x})
     assert got_rows == expected_rows and (expected_rows < all_rows.shape[1] if max_rows == 12
                                           else expected_rows == all_rows.shape[1])
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
