@@ -147,11 +147,15 @@ def round_weights(helper, config, float_checkpoint, settings, output_dir):
     targets, skipped = _targets(graph, report, model_variables)
     batch_count = settings.uql_adaround_batches
     with graph.as_default():
-        grid_ops = [adaround.grid_codes(variable.read_value(), layer.bits, _layer_layout(layer),
-                                        weight_grids.for_layer(layer, config)) for layer, _, _, variable, _ in targets]
+        # Each weight's grid from its variable, or from the weights fed in its place (the check that the rounded
+        # weights quantize to their codes, run with their assignment): one session call each.
+        weight_reads = [tf1.placeholder_with_default(variable.read_value(), variable.shape)
+                        for _, _, _, variable, _ in targets]
+        grid_ops = [adaround.grid_codes(read, layer.bits, _layer_layout(layer), weight_grids.for_layer(layer, config))
+                    for (layer, _, _, _, _), read in zip(targets, weight_reads)]
         layer_inputs = [op.inputs[data_index] for _, op, data_index, _, _ in targets]
-        gram_ops = [adaround_solver.gram(target[4].rows(tensor), _rows_per_batch(options, target[4], batch_count),
-                                         seed=options.seed) for target, tensor in zip(targets, layer_inputs)]
+        gram_ops = [adaround_solver.view_gram(target[4], tensor, _rows_per_batch(options, target[4], batch_count),
+                                              seed=options.seed) for target, tensor in zip(targets, layer_inputs)]
         new_values = [tf1.placeholder(variable.dtype.base_dtype, variable.shape) for _, _, _, variable, _ in targets]
         assign_ops = [variable.assign(value) for (_, _, _, variable, _), value in zip(targets, new_values)]
         saver = tf1.train.Saver(var_list=model_variables)
@@ -166,11 +170,10 @@ def round_weights(helper, config, float_checkpoint, settings, output_dir):
         sess.run(tf1.variables_initializer(model_variables))
         graphs.restore_variables(sess, model_variables, float_checkpoint)
         batches = [sess.run(images) for _ in range(batch_count)]
-        for index, ((layer, op, data_index, variable, view), grid_op, new_value, assign_op) in enumerate(
-                zip(targets, grid_ops, new_values, assign_ops)):
+        for index, ((layer, op, data_index, variable, view), weight_read, grid_op, new_value, assign_op) in enumerate(
+                zip(targets, weight_reads, grid_ops, new_values, assign_ops)):
             phases.enter("grids")
-            weight_value = sess.run(variable)
-            codes_before, alpha, beta = sess.run(grid_op)
+            weight_value, (codes_before, alpha, beta) = sess.run([weight_read, grid_op])
             grid = adaround.layer_grid(weight_value, codes_before, alpha, beta, layer.bits, _layer_layout(layer),
                                        weight_grids.for_layer(layer, config))
             phases.enter("layer inputs")
@@ -187,8 +190,9 @@ def round_weights(helper, config, float_checkpoint, settings, output_dir):
             codes = adaround.final_codes(grid, rounding_up)
             nearest_error = adaround.output_error(view, gram_matrix, weight_value, grid, grid.nearest)
             adaround_error = adaround.output_error(view, gram_matrix, weight_value, grid, codes)
-            sess.run(assign_op, feed_dict={new_value: adaround.rounded_weights(weight_value, grid, codes)})
-            codes_after, alpha_after, beta_after = sess.run(grid_op)
+            rounded = adaround.rounded_weights(weight_value, grid, codes)
+            (codes_after, alpha_after, beta_after), _ = sess.run([grid_op, assign_op], feed_dict={
+                weight_read: rounded, new_value: rounded})
             if not (np.array_equal(codes_after, codes) and np.array_equal(alpha_after, alpha)
                     and np.array_equal(beta_after, beta)):
                 raise RuntimeError("AdaRound's weights of %s do not quantize to its codes on the same grid"

@@ -82,6 +82,38 @@ def test_gram_over_a_subset_of_rows(rng):
     assert every == 1000
 
 
+CONV_LAYERS = {**{name: LAYERS[name] for name in LAYERS if "conv" in name},
+               # an odd size with stride 2 (SAME pads one more row after than before), and a 1x1 kernel
+               "conv same odd stride 2": ((2, 11, 10, 3), (3, 3, 3, 4), 1, _conv([1, 2, 2, 1], "SAME")),
+               "conv 1x1 stride 2": ((2, 7, 7, 3), (1, 1, 3, 4), 1, _conv([1, 2, 2, 1], "VALID")),
+               "depthwise dilated": ((2, 9, 9, 3), (3, 3, 3, 1), 1,
+                                     lambda x, w: tf.raw_ops.DepthwiseConv2dNative(
+                                         input=x, filter=w, strides=[1, 1, 1, 1], padding="SAME",
+                                         dilations=[1, 2, 2, 1]))}
+
+
+@pytest.mark.parametrize("name", sorted(CONV_LAYERS))
+@pytest.mark.parametrize("max_rows", [12, 10 ** 6])
+def test_conv_rows_sampled_alone_are_those_the_gram_keeps_of_all_patches(name, max_rows, rng):
+    input_shape, weight_shape, weight_index, layer = CONV_LAYERS[name]
+    x = rng.normal(size=input_shape).astype(np.float32)
+    graph = tf.Graph()
+    with graph.as_default():
+        data = tf1.placeholder(tf.float32, [None] + list(input_shape[1:]))
+        output = layer(data, tf.zeros(weight_shape))
+        view = adaround_solver.linear_view(output.op, weight_index)
+        sampled = adaround_solver.view_gram(view, data, max_rows, seed=3)
+        # The kept rows alone: no op extracts every patch.
+        assert not [op for op in graph.get_operations() if op.type == "ExtractImagePatches"]
+        with new_session(graph) as sess:
+            (expected, expected_rows), (got, got_rows), all_rows = sess.run(
+                [adaround_solver.gram(view.rows(data), max_rows, seed=3), sampled, view.rows(data)],
+                feed_dict={data: x})
+    assert got_rows == expected_rows and (expected_rows < all_rows.shape[1] if max_rows == 12
+                                          else expected_rows == all_rows.shape[1])
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
 def numpy_gradient(gram_matrix, start, step, movable, v, beta, on, options):
     """d loss / dV of AdaRound's loss, written out in float64 NumPy."""
     sig = 1.0 / (1.0 + np.exp(-v))
@@ -156,6 +188,23 @@ def test_in_graph_annealing_is_the_schedule(rng):
     expected = [adaround.annealed_beta(t, options) for t in range(37)]
     np.testing.assert_allclose(beta, [b for b, _ in expected], rtol=1e-5)
     np.testing.assert_array_equal(on, [1.0 if r else 0.0 for _, r in expected])
+
+
+def test_solver_schedule_is_the_annealing_and_adams_step_size_per_iteration():
+    options = adaround.AdaRoundOptions(iterations=23, warm_start=0.3, reg_weight=0.05, learning_rate=0.02)
+    graph = tf.Graph()
+    with graph.as_default():
+        solver = adaround_solver.build_solver(options)
+    with new_session(graph) as sess:
+        weight, slope, exponent, rate = sess.run(solver.schedule, feed_dict={solver.iterations: 23})
+    expected = [adaround.annealed_beta(t, options) for t in range(23)]
+    beta = np.array([b for b, _ in expected])
+    np.testing.assert_allclose(weight, [0.05 if on else 0.0 for _, on in expected], rtol=1e-6)
+    np.testing.assert_allclose(slope, -2.0 * beta, rtol=1e-5)
+    np.testing.assert_allclose(exponent, beta - 1.0, rtol=1e-5)
+    t = np.arange(1, 24)
+    # float32 1 - 0.999^t loses digits to cancellation at small t
+    np.testing.assert_allclose(rate, 0.02 * np.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t), rtol=1e-4)
 
 
 def test_batched_weights_of_a_batch_matmul_are_not_expressed():
