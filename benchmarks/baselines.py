@@ -348,8 +348,12 @@ def main(argv=None):
     if not args.cache_dir:
         raise publish.BenchmarkError("--cache_dir is required to train; expected a directory for checkpoints")
     ratios = None if args.ratios is None else parse_ratios(args.ratios, budget)
-    return converge(args.cache_dir, accuracy_table.parse_seeds(args.seeds), budget, args.quick,
-                    store_dir=None if store == "none" else store, ratios=ratios)
+    seeds = accuracy_table.parse_seeds(args.seeds)
+    manifest = converge(args.cache_dir, seeds, budget, args.quick, store_dir=None if store == "none" else store,
+                        ratios=ratios)
+    if store not in (None, "none") and not args.quick:  # a quick run never touches BENCHMARKS.md
+        publish.write_section(SECTION, "\n".join(status_lines(store, budget, seeds)) + "\n", args.markdown)
+    return manifest
 
 
 if __name__ == "__main__":

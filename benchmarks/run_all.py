@@ -74,7 +74,7 @@ PARTS = (
          render=False),
     Part("chaos", "chaos", ("chaos",), ("--workdir", "{work}/chaos"), ("--quick", "--workdir", "{tmp}/chaos"), 5,
          render=False),
-    Part("baselines", "baselines", (), ("--cache_dir", "{work}/baselines", "--seeds", "0,1,2"),
+    Part("baselines", "baselines", ("float_baselines",), ("--cache_dir", "{work}/baselines", "--seeds", "0,1,2"),
          ("--quick", "--cache_dir", "{tmp}/baselines"), 280, long=True, render=False, allow_busy=False),
     Part("accuracy_table", "accuracy_table", ("accuracy_table",), ("--seeds", "0,1,2", "--work_dir", "{work}/acc"),
          ("--quick", "--work_dir", "{tmp}/acc"), 460, long=True),
