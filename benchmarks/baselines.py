@@ -63,6 +63,11 @@ def train_flags(cache_dir, ratio, seed, budget):
             + float_flags(ratio, budget))
 
 
+def finished(cache_dir, ratio, seed):
+    """Whether the cache (or store) holds the finished run of this length and seed."""
+    return os.path.isfile(os.path.join(length_dir(cache_dir, ratio, seed), COMMAND))
+
+
 def defining(flags):
     """The flags that define a float model, without the paths it was written to."""
     return [flag for flag in flags if not flag.startswith(PATH_FLAGS)]
@@ -100,7 +105,7 @@ def store_run(entry, cache_dir, store_dir):
     """Copy a finished run of the cache into the store: record (paths relative), settings, log, model variables."""
     ratio, seed = entry["ratio"], entry["seed"]
     source, target = length_dir(cache_dir, ratio, seed), length_dir(store_dir, ratio, seed)
-    if os.path.isfile(os.path.join(target, COMMAND)):
+    if finished(store_dir, ratio, seed):
         return
     staging = target + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -121,7 +126,7 @@ def store_run(entry, cache_dir, store_dir):
 def fetch_stored(store_dir, cache_dir, ratio, seed):
     """Copy a stored run into the cache when the cache lacks it (the run is then not trained again)."""
     source, target = length_dir(store_dir, ratio, seed), length_dir(cache_dir, ratio, seed)
-    if os.path.isfile(os.path.join(target, COMMAND)) or not os.path.isfile(os.path.join(source, COMMAND)):
+    if finished(cache_dir, ratio, seed) or not finished(store_dir, ratio, seed):
         return
     if os.path.exists(target):
         raise publish.BenchmarkError("%s holds an unfinished run of ratio %g seed %d while %s has it finished; "
@@ -195,10 +200,6 @@ def load_manifest(cache_dir):
                              resolved(entry, length_dir(cache_dir, entry["ratio"], entry["seed"]))
                              for seed, entry in manifest.get("baselines", {}).items()}
     return manifest
-
-
-def finished(cache_dir, ratio, seed):
-    return os.path.isfile(os.path.join(length_dir(cache_dir, ratio, seed), COMMAND))
 
 
 def converge(cache_dir, seeds, budget, quick, store_dir=None, ratios=None):
