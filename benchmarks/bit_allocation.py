@@ -36,6 +36,9 @@ from tfquant import allocation
 
 SECTION = "bit_allocation"
 DEFAULT_RESULTS = os.path.join(publish.RESULTS_DIR, "bit_allocation.json")
+# The search's cost as a share of a fine-tuning epoch: issue 31's limit, and issue 36's tighter one for W2 A2.5.
+SEARCH_LIMIT = 0.10
+SEARCH_LIMITS = {"W2 A2.5": 0.05}
 N_TRAIN = 60000
 
 
@@ -344,9 +347,11 @@ def render(payload, command):
             met = t["auto"][0] >= other
             lines.append("- Target %s: auto at or above %s: %s (%.2f vs %.2f)."
                          % (label, what, "met" if met else "**not met**", 100 * t["auto"][0], 100 * other))
-        lines.append("- Target %s: search at most 10 %% of an epoch: %s." % (
-            label, "no row trained in this run (no epoch time)" if not t["epoch_seconds"] else
-            "met" if t["search_seconds"] <= 0.1 * t["epoch_seconds"] else "**not met**"))
+        limit = SEARCH_LIMITS.get(label, SEARCH_LIMIT)
+        lines.append("- Target %s: search at most %g %% of an epoch: %s." % (
+            label, 100 * limit, "no row trained in this run (no epoch time)" if not t["epoch_seconds"] else
+            ("met" if t["search_seconds"] <= limit * t["epoch_seconds"] else "**not met**")
+            + " (%.1f %%)" % (100.0 * t["search_seconds"] / t["epoch_seconds"])))
     from benchmarks import bit_allocation_lsq  # it builds on this module's rows
     return "\n".join(lines + bit_allocation_lsq.render_lines(payload["entries"]))
 

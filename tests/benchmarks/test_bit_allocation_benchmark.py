@@ -213,3 +213,17 @@ def test_lsq_rows_may_come_from_another_float_checkpoint_than_the_min_max_rows(t
     with pytest.raises(publish.BenchmarkError, match="no float checkpoint of seed 0"):
         bit_allocation.check_float_checkpoints(payload, str(tmp_path), [0], ["W3 A4"], "r.json")
     bit_allocation.check_float_checkpoints(payload, str(tmp_path), [0], ["W3 A4"], "r.json", lsq=True)
+
+
+def test_w2_a2_5_search_is_held_to_five_percent_of_an_epoch():
+    """Issue 36 limits the W2 A2.5 search to 5 % of an epoch (other budgets keep 10 %); the line shows the share."""
+    plan = dict(bit_allocation.FULL, randoms=1, budgets=["W2 A2.5", "W3 A4"])
+    machine = {"cores": 2, "cpu": "x", "tensorflow": "2", "python": "3", "date": "d", "load_average": [0.1] * 3}
+    for search, verdict in ((6.0, "**not met** (6.0 %)"), (4.0, "met (4.0 %)")):
+        entries = [dict(_entry(budget, method, 0, accuracy), search_seconds=search)
+                   for budget in ("W2 A2.5", "W3 A4")
+                   for method, accuracy in (("auto", 0.9), ("uniform", 0.89), ("random 0", 0.88))]
+        text = bit_allocation.render({"quick": False, "plan": plan, "entries": entries, "timing": [],
+                                      "load_before": [0.1] * 3, "machine": machine}, "cmd")
+        assert "- Target W2 A2.5: search at most 5 %% of an epoch: %s." % verdict in text
+        assert "- Target W3 A4: search at most 10 %% of an epoch: met (%.1f %%)." % search in text
