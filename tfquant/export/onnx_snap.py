@@ -3,8 +3,9 @@
 The trained graph (ops.quantize_zero_exact, as TensorFlow's FakeQuant kernel) gives an activation x the code
 floor((x - low) * float32(1 / step) + 0.5), low = -zero point * step; QuantizeLinear gives it
 round_half_even(x / step) + zero point. The two differ where x sits within an ulp of a rounding boundary, and on
-exact ties (ResNet-20 W4A8: 20-180 codes a layer on 2,000 test images, each moving the tensors after it). Before
-each activation QuantizeLinear, float ops compute the trained code and its value code * step + low:
+exact ties (ResNet-20 W4A8, 2,000 test images: up to 183 codes a layer applied to the same inputs, each moving
+the tensors after it). Before each activation QuantizeLinear, float ops compute the trained code and its value
+code * step + low:
 
     x -> [Sub low] -> Mul float32(1 / step) -> Add 0.5 -> Floor -> Mul step -> [Add low] -> QuantizeLinear -> ...
 
@@ -12,7 +13,9 @@ each activation QuantizeLinear, float ops compute the trained code and its value
 within a few ulps of a grid point, so QuantizeLinear gives it exactly the trained code (values outside the range
 saturate as the trained graph's clip does), and the pair keeps its scale and zero point for any runtime reading
 it as int8. The ops are elementwise float32 ops, which onnxruntime computes as written (IEEE float32, each
-rounded once; no multiply-add fusion on CPU).
+rounded once; no multiply-add fusion on CPU). The cost: onnxruntime no longer fuses the pairs around a residual Add
+or a global average pool into its integer QLinearAdd / QLinearGlobalAveragePool, whose requantization rounds
+otherwise than the trained graph; those run in float32 as trained.
 """
 import numpy as np
 
