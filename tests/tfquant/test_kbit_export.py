@@ -172,16 +172,19 @@ def test_two_bit_matmul_nbits_defect_is_caught_and_falls_back(exports):
     assert result["check"]["relative_difference"] <= 1e-5
 
 
-def test_two_bit_qdq_convolution_failure_is_caught_and_falls_back(exports):
+def test_two_bit_qdq_convolution_runs_as_written(exports):
+    """A 2-bit Q/DQ convolution failed to load at full optimization, where onnxruntime fused it into an integer
+    kernel (the check caught it and stored the layer in a form it does not fuse). With each activation's trained
+    rounding before its QuantizeLinear (onnx_snap) and the weights' trained values (zero point 0 + beta) nothing
+    is fused into that kernel: the file runs as written, every weight in UINT2, no fallback."""
     (run, out, result), images = exports[0]["w2a8_symmetric"], exports[1]
     record = result["onnx"]
-    assert "fails with all optimizations" in record["check"]["first_attempt"]
-    fallen = {f["variable"] for f in record["fallbacks"]}
-    assert fallen and all(record["weights"][v]["stored_type"] == "UINT2" for v in fallen)
+    assert record["check"]["first_attempt"] == "passed" and not record["fallbacks"]
+    assert all(weight["stored_type"] == "UINT2" for weight in record["weights"].values())
     model = (out / "model.onnx").read_bytes()
     plain = onnx_check.run(onnx_check.session(model, optimize=False), images)
     optimized = onnx_check.run(onnx_check.session(model, optimize=True), images)
-    np.testing.assert_array_equal(optimized.argmax(1), plain.argmax(1))
+    np.testing.assert_array_equal(optimized, plain)
     assert result["agreement_with_quantized_tf"]["onnx"] >= 0.95
 
 

@@ -67,5 +67,32 @@ def test_direct_forms_where_the_groups_allow():
     rng = np.random.default_rng(0)
     forms = {name: _model(_tensor(4, layout, True, rng), True)[1]["form"] for name, layout in LAYOUTS.items()}
     # A [K, N] MatMul weight: per tensor, per output column, blocked along K (MatMulNBits' layout); split
-    # pieces of 16 run across rows of 12, so they are dequantized in their own flat view and reshaped.
-    assert forms == {"none": "per_tensor", "channel": "per_axis", "split": "reshaped/blocked", "block": "blocked"}
+    # pieces of 16 run across rows of 12, so they are dequantized in their own view and reshaped: one row per
+    # piece, whose float offset (the trained values bit for bit) is one value per row.
+    assert forms == {"none": "per_tensor", "channel": "per_axis", "split": "reshaped/per_axis", "block": "blocked"}
+
+
+@pytest.mark.parametrize("layout", ["none", "channel", "split"])
+def test_dequantized_weights_are_the_trained_values_bit_for_bit(layout):
+    """Where onnxruntime's MatMulNBits does not take a weight, the file's DequantizeLinear (+ offset) gives the packed
+    format's values, the trained graph's, bit for bit: a symmetric grid's (code - zero point) * scale is an ulp off
+    code * scale + beta for about half its codes, so the weight gets zero point 0 and beta added instead. An
+    identity matrix times the weight reads the values back exactly."""
+    tensor = _tensor(4, LAYOUTS[layout], True, np.random.default_rng(11))
+    scale, zero = onnx_kbit.group_scales(tensor)
+    assert zero is not None and not onnx_kbit.dequantizes_as_trained(tensor, scale, zero)
+    model, record = _model(tensor, True)
+    assert record["dequantizes_as_trained"] and record["zero_point"].startswith("float_offset")
+    identity = np.eye(K, dtype=np.float32)
+    for optimize in (False, True):
+        values = onnx_check.run(onnx_check.session(model.SerializeToString(), optimize=optimize), identity)
+        np.testing.assert_array_equal(values, tensor.dequantize(), err_msg="optimize=%s" % optimize)
+
+
+def test_matmul_nbits_weight_keeps_its_integer_zero_point():
+    """A [K, N] weight blocked along K keeps the integer zero point MatMulNBits needs (that kernel dequantizes in its
+    own arithmetic); the record says its DequantizeLinear is not the trained values bit for bit."""
+    tensor = _tensor(4, LAYOUTS["block"], True, np.random.default_rng(11))
+    _, record = _model(tensor, True)
+    assert record["form"] == "blocked" and record["zero_point"] == "integer"
+    assert not record["dequantizes_as_trained"]

@@ -15,9 +15,11 @@ MatMulNBits). Any other layout is 'reshaped': the codes are stored in the layout
 or per axis there, and a Reshape/Transpose after the DequantizeLinear gives the consumer its tensor; the codes
 are never changed (where a float offset needs whole blocks, a short last block is padded with copies of its
 last row, which a Slice drops again and read_weight_codes ignores). A grid whose offset beta is an integer
-number of steps (symmetric, LSQ) has an integer zero point; any other (PocketFlow's min/max grid) keeps zero
-point 0 and adds beta after the DequantizeLinear, exact but not fusable ('float_offset'). 3-bit codes are
-stored in UINT4, 1-bit in UINT2. The stored types are unsigned because the trained codes are (0 .. 2^k - 1).
+number of steps (symmetric, LSQ) has an integer zero point where DequantizeLinear's (code - zero point) * scale
+gives the trained values bit for bit, or where onnxruntime's MatMulNBits takes the weight; any other keeps zero
+point 0 and adds beta after the DequantizeLinear, exact but not fusable ('float_offset': PocketFlow's min/max
+grid, and most symmetric grids, whose code * scale + beta is an ulp off (code - zero point) * scale for about
+half the codes). 3-bit codes are stored in UINT4, 1-bit in UINT2. The stored types are unsigned because the trained codes are (0 .. 2^k - 1).
 """
 import dataclasses
 import itertools
@@ -56,6 +58,7 @@ class WeightPlan:
     block_size: Optional[int]
     post: list
     layout: str
+    as_trained: bool = True
 
     def record(self):
         """JSON-able description for export.json."""
@@ -63,6 +66,8 @@ class WeightPlan:
                 "stored_type": ONNX_TYPE_NAMES[self.container_bits], "layout": self.layout, "form": self.form,
                 "axis": self.axis, "block_size": self.block_size,
                 "zero_point": "integer" if self.zero_point is not None else "float_offset (cannot fuse)",
+                # Whether the file's DequantizeLinear (+ offset) computes the trained values bit for bit.
+                "dequantizes_as_trained": bool(self.as_trained),
                 "code_bytes": packing.packed_size(self.codes.size, self.container_bits)}
 
 
@@ -168,6 +173,30 @@ def plan_weight(name, variable, tensor, order, consumer_shape, container_bits=No
     scale, zero = group_scales(tensor)
     consumer_shape = tuple(int(d) for d in consumer_shape)
     found = _direct_form(_groups_in(tensor, order, consumer_shape), tensor.bucket_size) if fusable else None
+    # DequantizeLinear computes (code - zero point) * scale, the trained graph code * scale + beta: an ulp apart
+    # for most of a symmetric grid's values (59 % of ResNet-20's 4-bit weights), which moved activations across
+    # rounding boundaries (issue 32). Such a weight gets zero point 0 and beta added, exactly the trained values,
+    # unless onnxruntime's MatMulNBits (a [K, N] weight blocked along K) takes it: that kernel dequantizes in its
+    # own arithmetic whatever the file says, and needs the integer zero point to fuse.
+    matmul_nbits = found is not None and found[0] == "blocked" and found[1] == 0 and len(consumer_shape) == 2
+    if zero is not None and not matmul_nbits and not dequantizes_as_trained(tensor, scale, zero):
+        plan = _plan(name, variable, tensor, order, consumer_shape, container_bits, scale, None, found)
+        if plan is not None:
+            return plan
+    return _plan(name, variable, tensor, order, consumer_shape, container_bits, scale, zero, found)
+
+
+def dequantizes_as_trained(tensor, scale, zero):
+    """Whether DequantizeLinear's float32 (code - zero point) * scale gives the trained values bit for bit."""
+    index = packing.group_index(tensor.shape, tensor.layout, tensor.channel_axes, tensor.bucket_size)
+    index = index.reshape(tensor.shape)
+    values = np.multiply((tensor.codes.astype(np.int64) - zero[index]).astype(np.float32), scale[index],
+                         dtype=np.float32)
+    return np.array_equal(values, tensor.dequantize())
+
+
+def _plan(name, variable, tensor, order, consumer_shape, container_bits, scale, zero, found):
+    """plan_weight with the scales and zero points (None: zero point 0 and a float offset) decided."""
     if found is not None and (zero is not None or _offset_fits(found[0], found[1], found[2], consumer_shape)):
         store_order, stored_shape, post, reshaped = tuple(order), consumer_shape, [], False
     else:
@@ -204,6 +233,7 @@ def plan_weight(name, variable, tensor, order, consumer_shape, container_bits=No
         name=name, variable=variable, bits=tensor.bits,
         container_bits=container_bits or CONTAINER_BITS[tensor.bits],
         form=("reshaped/" if reshaped else "") + form,
+        as_trained=zero is None or dequantizes_as_trained(tensor, scale, zero),
         codes=(tensor.codes.transpose(store_order).reshape(stored_shape) if not reshaped
                else _padded(tensor.codes.transpose(store_order), matrix, stored_shape)), order=store_order,
         scale=scale[entries], zero_point=None if zero is None else zero[entries], offset=offset, axis=axis,

@@ -16,7 +16,7 @@ import copy
 import numpy as np
 
 from tfquant.config import FLOAT_BITS
-from tfquant.export import onnx_check, onnx_export, onnx_kbit, onnx_names, ort_session
+from tfquant.export import onnx_check, onnx_export, onnx_kbit, onnx_names, onnx_snap, ort_session
 from tfquant.export.model_export import ExportError
 
 OPSET_INT4 = 21
@@ -102,7 +102,8 @@ def _at_opset(model, opset):
 
 
 def _build(bases, tensors, overrides):
-    """(serialized model, records, opset) with the k-bit weights stored under `overrides`."""
+    """(serialized model, records, opset, activation quantizers given the trained rounding) with the k-bit
+    weights stored under `overrides`."""
     onnx = onnx_export._require("onnx")  # pylint: disable=protected-access
     containers = [overrides.get(name, (None, True))[0] or onnx_kbit.CONTAINER_BITS[t.bits]
                   for name, t in tensors.items()]
@@ -111,12 +112,13 @@ def _build(bases, tensors, overrides):
         bases[opset] = _at_opset(bases["source"], opset)
     model = copy.deepcopy(bases[opset])
     records = onnx_kbit.store_kbit_weights(model, tensors, overrides)
+    snapped = onnx_snap.snap_activations(model)
     mapping = onnx_names.shorten_names(model, onnx_kbit.METADATA_KEY)
     for record in records.values():
         if "initializer" in record:
             record["codes_initializer"] = mapping[record["initializer"] + "_kbit_codes"]
     onnx.checker.check_model(model)
-    return model.SerializeToString(), records, opset
+    return model.SerializeToString(), records, opset, snapped
 
 
 def export(graph_def, weight_records, report, tensors, check_images):
@@ -141,19 +143,19 @@ def export(graph_def, weight_records, report, tensors, check_images):
     images = np.asarray(check_images, np.float32)[:CHECK_IMAGES]
 
     def attempt(overrides):
-        model, records, opset = _build(bases, kbit, overrides)
+        model, records, opset, snapped = _build(bases, kbit, overrides)
         codes = {name: record.get("codes_initializer", "") for name, record in records.items()}
-        return model, records, opset, onnx_check.check(model, images, list(codes.values())), codes
+        return model, records, (opset, snapped), onnx_check.check(model, images, list(codes.values())), codes
 
     overrides = {}
-    model, records, opset, result, codes = attempt(overrides)
+    model, records, built, result, codes = attempt(overrides)
     first_failure = result["reason"]
     fallbacks = []
     if not result["ok"]:
         for ladder, label in (((None, False), "stored in a form onnxruntime does not fuse"),
                               ((8, True), "stored in an 8-bit container")):
             trial = {name: ladder for name in kbit}
-            model, records, opset, result, codes = attempt(trial)
+            model, records, built, result, codes = attempt(trial)
             if not result["ok"]:
                 continue
             # Give each layer back its own form while the check passes without its fallback; a layer that
@@ -164,7 +166,7 @@ def export(graph_def, weight_records, report, tensors, check_images):
                 candidate = attempt(relaxed)
                 if candidate[3]["ok"]:
                     trial = relaxed
-                    model, records, opset, result, codes = candidate
+                    model, records, built, result, codes = candidate
                 else:
                     reasons[name] = candidate[3]["reason"]
             overrides = trial
@@ -187,7 +189,10 @@ def export(graph_def, weight_records, report, tensors, check_images):
         if name in read_back and not np.array_equal(read_back[name], tensor.codes):
             raise ExportError("k-bit ONNX model is not valid: the codes of %s read back differ from the checkpoint's; "
                               "expected them equal" % name)
+    opset, snapped = built
     summary = {"opset": opset, "codes_equal_checkpoint": sorted(read_back), "weights": records, "fallbacks": fallbacks,
+               # Activation QuantizeLinear nodes preceded by the trained graph's rounding (onnx_snap).
+               "trained_rounding_quantizers": snapped,
                "check": {"images": int(len(images)), "relative_difference": result["relative_difference"],
                          "top1_agreement": result["top1_agreement"], "first_attempt": first_failure or "passed"}}
     return model, summary
