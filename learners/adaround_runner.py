@@ -17,7 +17,7 @@ import tensorflow as tf
 import tfquant
 from learners import graphs, training
 from learners.errors import UserError
-from tfquant import adaround, adaround_solver, kernels, weight_grids
+from tfquant import adaround, adaround_solver, weight_grids
 from tfquant.layout import GroupLayout
 
 tf1 = tf.compat.v1
@@ -162,8 +162,7 @@ def round_weights(helper, config, float_checkpoint, settings, output_dir):
     plans, last_use = _feed_plan(layer_inputs, images)
     solver_graph = tf.Graph()
     with solver_graph.as_default():
-        # The fused step kernels when built (the same logits bit for bit as the op chain, in far fewer ops).
-        solver = adaround_solver.build_solver(options, kernels=kernels.adaround_step())
+        solver = adaround_solver.build_solver(options)
     layers, cached = [], {}
     # Many different small subgraphs, each run a few times: optimizing each on its first run costs more than it saves.
     with graphs.new_session(graph, optimize_graph=False) as sess, graphs.new_session(solver_graph) as solver_sess:
@@ -216,15 +215,9 @@ def round_weights(helper, config, float_checkpoint, settings, output_dir):
     phases.enter(None)
     summary = {"iterations": options.iterations, "batches": batch_count, "rows_per_input": options.rows_per_input,
                "seconds": time.time() - started, "cpu_seconds": time.process_time() - cpu_started,
-               "cpu_seconds_by_phase": phases.seconds, "solver_step": _solver_step(), "layers": layers,
+               "cpu_seconds_by_phase": phases.seconds, "layers": layers,
                "skipped": [{"layer": name, "reason": reason} for name, reason in skipped]}
     return checkpoint, summary
-
-
-def _solver_step():
-    """How the solver's iterations ran: 'fused kernels', or 'op chain (<why>)'."""
-    fused, detail = kernels.adaround_status()
-    return "fused kernels" if fused else "op chain (%s)" % detail
 
 
 def _rows_per_batch(options, view, batch_count):

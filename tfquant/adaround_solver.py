@@ -251,7 +251,7 @@ def _schedule(iterations, options):
 SCHEDULE_ROWS = 4
 
 
-def build_solver(options, kernels=None):
+def build_solver(options):
     """The Solver of `options` (AdaRoundOptions: learning rate, regulariser weight, annealing), in the current graph.
 
     Per iteration t (from 0): h = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1); D = start + step * h; the loss
@@ -261,10 +261,6 @@ def build_solver(options, kernels=None):
     alone: they are computed once (Solver.run keeps them) and read by the loop, rather than by a dozen scalar ops
     in every iteration of every layer; and the warm start runs as its own loop without the regulariser's terms
     (zero there). Both leave every result bit for bit as computing them in each iteration would.
-
-    kernels: None, or the loaded module of tfquant.kernels' AdaRound step (tfquant.kernels.adaround_step()): each
-    iteration then runs as Sigmoid, one fused kernel, the MatMul, Log, Mul, Exp and a second fused kernel instead of
-    about forty elementwise ops, with the same float32 operations in the same order (bit for bit the same logits).
     """
     placeholder = lambda name: tf1.placeholder(tf.float32, [None, None, None], name=name)  # noqa: E731
     gram_matrix, start, step = placeholder("gram"), placeholder("start"), placeholder("step")
@@ -288,16 +284,11 @@ def build_solver(options, kernels=None):
                 grad = grad + weight[t] * movable * (
                     slope[t] * tf.exp(exponent[t] * tf.math.log(distance)) * tf.sign(signed))
             inside = tf.cast((stretched > 0.0) & (stretched < 1.0), tf.float32)
-            # (1 - sig) * (zeta - gamma) first: grappler's arithmetic optimizer groups the constant so, and the
-            # fused kernels compute it so; written out, the graph computes it so with grappler on or off.
-            grad = grad * sig * ((1.0 - sig) * (ZETA - GAMMA)) * inside
+            grad = grad * sig * (1.0 - sig) * (ZETA - GAMMA) * inside
             m = ADAM_BETA1 * m + (1.0 - ADAM_BETA1) * grad
             s = ADAM_BETA2 * s + (1.0 - ADAM_BETA2) * tf.square(grad)
             return t + 1, v - rate[t] * m / (tf.sqrt(s) + ADAM_EPSILON), m, s
         return iteration
-
-    if kernels is not None:
-        body = _fused_body(kernels, gram_matrix, start, step, movable, weight, slope, exponent, rate)
 
     # The regulariser is on from the first iteration t >= warm_start * iterations (annealing's rule).
     warm = tf.minimum(tf.cast(tf.math.ceil(options.warm_start * tf.cast(iterations, tf.float32)), tf.int32),
@@ -309,27 +300,3 @@ def build_solver(options, kernels=None):
                                            back_prop=False, parallel_iterations=1)
     return Solver(gram=gram_matrix, start=start, step=step, movable=movable, logits=logits, iterations=iterations,
                   final_logits=final_logits, schedule=schedule, schedule_input=schedule_input)
-
-
-def _fused_body(kernels, gram_matrix, start, step, movable, weight, slope, exponent, rate):
-    """build_solver's iteration (regularised or not) on the fused kernels (adaround_step.cc): the same ops."""
-    constants = dict(scale=ZETA - GAMMA, shift=GAMMA)
-    adam = dict(constants, beta1=ADAM_BETA1, one_minus_beta1=1.0 - ADAM_BETA1, beta2=ADAM_BETA2,
-                one_minus_beta2=1.0 - ADAM_BETA2, epsilon=ADAM_EPSILON)
-
-    def body(regularised):
-        def iteration(t, v, m, s):
-            sig = tf.sigmoid(v)
-            difference, distance = kernels.tfquant_adaround_difference(sig, start, step, floor=1e-12, **constants)
-            product = tf.matmul(gram_matrix, difference)
-            if regularised:
-                # |2h - 1|^(beta - 1) by TensorFlow's own Log and Exp, as the op chain computes it.
-                powered = tf.exp(exponent[t] * tf.math.log(distance))
-                scalars = (weight[t], slope[t])
-            else:
-                powered, scalars = v, (tf.constant(0.0), tf.constant(0.0))
-            v, m, s = kernels.tfquant_adaround_adam(v, m, s, sig, product, step, movable, powered, *scalars, rate[t],
-                                                    regularised=regularised, **adam)
-            return t + 1, v, m, s
-        return iteration
-    return body

@@ -27,16 +27,13 @@ if [ ! -x "$TFQ_PYTHON" ] || [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want"
   rm -f "$TFQ_ROOT/tfquant/kernels/lib/activation_quant.so.failed"  # a new TensorFlow: try the build again
 fi
 
-# The activation kernels of training graphs and AdaRound's solver step (tfquant/kernels): built once, again when
-# a source changes (each stamp's first line is its source's sha256; `python -m tfquant.kernels.build` also checks
-# TensorFlow's version). A failed build prints one line, is not retried until a source changes, and training
-# graphs and AdaRound use the op chain.
+# The activation kernels of training graphs (tfquant/kernels): built once, again when their source changes
+# (the stamp's first line is the source's sha256; `python -m tfquant.kernels.build` also checks TensorFlow's
+# version). A failed build prints one line, is not retried until the source changes, and training graphs
+# use the op chain.
 kernels="$TFQ_ROOT/tfquant/kernels"
-activation_sum="$(sha256sum "$kernels/activation_quant.cc" | cut -d' ' -f1)"
-adaround_sum="$(sha256sum "$kernels/adaround_step.cc" | cut -d' ' -f1)"
-source_sum="$activation_sum $adaround_sum"
-if { [ "$(head -n1 "$kernels/lib/activation_quant.so.stamp" 2>/dev/null)" != "$activation_sum" ] \
-     || [ "$(head -n1 "$kernels/lib/adaround_step.so.stamp" 2>/dev/null)" != "$adaround_sum" ]; } \
+source_sum="$(sha256sum "$kernels/activation_quant.cc" | cut -d' ' -f1)"
+if [ "$(head -n1 "$kernels/lib/activation_quant.so.stamp" 2>/dev/null)" != "$source_sum" ] \
     && [ "$(cat "$kernels/lib/activation_quant.so.failed" 2>/dev/null)" != "$source_sum" ]; then
   echo "tfquant: building the activation kernels (tfquant/kernels; once, about 20 s)" >&2
   (cd "$TFQ_ROOT" && TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}" "$TFQ_PYTHON" -m tfquant.kernels.build) \

@@ -18,43 +18,37 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # .so there for a Python extension module and fail to import it.
 LIBRARY_DIR = os.path.join(PACKAGE_DIR, "lib")
 LIBRARY_NAME = "activation_quant.so"
-# AdaRound's solver step (adaround_step.cc; tfquant.adaround_solver), a library of its own.
-ADAROUND_LIBRARY_NAME = "adaround_step.so"
-ADAROUND_ENV_SWITCH = "TFQ_ADAROUND_KERNELS"
-ADAROUND_TYPES = ("TfquantAdaroundDifference", "TfquantAdaroundAdam")
 ENV_SWITCH = "TFQ_ACTIVATION_KERNELS"
 MIN_MAX_TYPE = "TfquantMinMax"
 QUANTIZE_TYPE = "TfquantQuantizeInRange"
-# {(directory, library name): (loaded module or None, reason it is None)}; a library is loaded at most once per
-# process.
+# {directory: (loaded module or None, reason it is None)}; a library is loaded at most once per process.
 _LOADED = {}
 _GPU_VISIBLE = []
 
 
-def _load(directory, name=LIBRARY_NAME):
+def _load(directory):
     # Imported here: `python -m tfquant.kernels.build` imports this package first, and runpy warns when the
     # package has imported the module it is about to run.
     from tfquant.kernels import build  # pylint: disable=import-outside-toplevel
-    if (directory, name) not in _LOADED:
+    if directory not in _LOADED:
         module, reason = None, None
-        source = dict(build.LIBRARIES)[name]
         try:
-            if not os.path.isfile(build.library_path(directory, name)):
+            if not os.path.isfile(build.library_path(directory)):
                 reason = "not built (python -m tfquant.kernels.build)"
-            elif not build.is_current(directory, source, name):
+            elif not build.is_current(directory):
                 reason = "built from another source or TensorFlow (python -m tfquant.kernels.build)"
             else:
-                module = tf.load_op_library(build.library_path(directory, name))
+                module = tf.load_op_library(build.library_path(directory))
                 # Loading the same library twice (another directory) registers no new op type.
-                for op_type in (MIN_MAX_TYPE, QUANTIZE_TYPE) if name == LIBRARY_NAME else ADAROUND_TYPES:
+                for op_type in (MIN_MAX_TYPE, QUANTIZE_TYPE):
                     try:
                         tf.no_gradient(op_type)
                     except KeyError:
                         pass
         except (tf.errors.OpError, OSError, RuntimeError) as error:
             module, reason = None, "failed to load: %s" % str(error).strip().splitlines()[0]
-        _LOADED[directory, name] = (module, reason)
-    return _LOADED[directory, name]
+        _LOADED[directory] = (module, reason)
+    return _LOADED[directory]
 
 
 def _gpu_visible():
@@ -103,19 +97,3 @@ def describe(graph):
         return "activation quantizers: %d on the fused kernels (%s)" % (fused, detail)
     return "activation quantizers: op chain (%s)" % (
         detail if not loaded else "kernels loaded; no float32 'ema'/'batch' activation of a training graph")
-
-
-def adaround_status(directory=LIBRARY_DIR):
-    """(True, path of the library) when AdaRound's solver runs on its fused step kernels, else (False, why not)."""
-    if os.environ.get(ADAROUND_ENV_SWITCH, "1").strip() == "0":
-        return False, "turned off by %s=0" % ADAROUND_ENV_SWITCH
-    if _gpu_visible():
-        return False, "a GPU is visible (the kernels run on CPUs only)"
-    module, reason = _load(directory, ADAROUND_LIBRARY_NAME)
-    return (True, os.path.join(directory, ADAROUND_LIBRARY_NAME)) if module is not None else (False, reason)
-
-
-def adaround_step(directory=LIBRARY_DIR):
-    """The loaded module of AdaRound's fused solver step (adaround_step.cc) for adaround_solver.build_solver, or None
-    when it is not available (adaround_status says why): the solver then runs the op chain, with the same results."""
-    return _load(directory, ADAROUND_LIBRARY_NAME)[0] if adaround_status(directory)[0] else None

@@ -1,5 +1,4 @@
-"""Compile the activation kernels (activation_quant.cc) and AdaRound's solver step (adaround_step.cc) into lib/ of
-this package, one library each.
+"""Compile the activation kernels (activation_quant.cc) into lib/ of this package.
 
     python -m tfquant.kernels.build [--force] [--output_dir DIR]
 
@@ -15,12 +14,9 @@ import subprocess
 import sys
 import tempfile
 
-from tfquant.kernels import ADAROUND_LIBRARY_NAME, LIBRARY_DIR, LIBRARY_NAME, PACKAGE_DIR
+from tfquant.kernels import LIBRARY_DIR, LIBRARY_NAME, PACKAGE_DIR
 
 SOURCE = os.path.join(PACKAGE_DIR, "activation_quant.cc")
-ADAROUND_SOURCE = os.path.join(PACKAGE_DIR, "adaround_step.cc")
-# (library name, source) of every library main builds.
-LIBRARIES = ((LIBRARY_NAME, SOURCE), (ADAROUND_LIBRARY_NAME, ADAROUND_SOURCE))
 # -ffp-contract=off: no multiply and add fused into one FMA (a single rounding would change float32 results).
 OPTIONS = ["-shared", "-fPIC", "-O3", "-ffp-contract=off"]
 BUILD_SECONDS = 600
@@ -46,29 +42,29 @@ def expected_stamp(source=SOURCE):
     return "\n".join([source_digest(source), tf.__version__, " ".join(flags)]) + "\n"
 
 
-def library_path(output_dir=LIBRARY_DIR, name=LIBRARY_NAME):
-    return os.path.join(output_dir, name)
+def library_path(output_dir=LIBRARY_DIR):
+    return os.path.join(output_dir, LIBRARY_NAME)
 
 
-def stamp_path(output_dir=LIBRARY_DIR, name=LIBRARY_NAME):
-    return library_path(output_dir, name) + ".stamp"
+def stamp_path(output_dir=LIBRARY_DIR):
+    return library_path(output_dir) + ".stamp"
 
 
-def is_current(output_dir=LIBRARY_DIR, source=SOURCE, name=LIBRARY_NAME):
-    """Whether the library `name` in `output_dir` exists and was built from `source` for this TensorFlow."""
+def is_current(output_dir=LIBRARY_DIR, source=SOURCE):
+    """Whether the library in `output_dir` exists and was built from `source` for this TensorFlow."""
     try:
-        with open(stamp_path(output_dir, name)) as handle:
+        with open(stamp_path(output_dir)) as handle:
             recorded = handle.read()
     except OSError:
         return False
-    return os.path.isfile(library_path(output_dir, name)) and recorded == expected_stamp(source)
+    return os.path.isfile(library_path(output_dir)) and recorded == expected_stamp(source)
 
 
-def build(output_dir=LIBRARY_DIR, source=SOURCE, force=False, name=LIBRARY_NAME):
-    """Compile `source` into the library `name` in `output_dir` unless it is current; returns (ok, one-line message)."""
+def build(output_dir=LIBRARY_DIR, source=SOURCE, force=False):
+    """Compile `source` into `output_dir` unless it is current; returns (ok, one-line message)."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    if not force and is_current(output_dir, source, name):
-        return True, "kernels are up to date: %s" % library_path(output_dir, name)
+    if not force and is_current(output_dir, source):
+        return True, "activation kernels are up to date: %s" % library_path(output_dir)
     stamp = expected_stamp(source)
     command = _compiler() + tf.sysconfig.get_compile_flags() + OPTIONS + [source, "-o"]
     link = tf.sysconfig.get_link_flags()
@@ -85,8 +81,8 @@ def build(output_dir=LIBRARY_DIR, source=SOURCE, force=False, name=LIBRARY_NAME)
         if result.returncode != 0:
             errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
             return False, "%s failed: %s" % (command[0], (errors or ["exit status %d" % result.returncode])[0].strip())
-        os.replace(partial, library_path(output_dir, name))
-        with open(stamp_path(output_dir, name), "w") as out:
+        os.replace(partial, library_path(output_dir))
+        with open(stamp_path(output_dir), "w") as out:
             out.write(stamp)
     except FileNotFoundError:
         return False, "compiler %r not found (set CXX to a C++17 compiler)" % command[0]
@@ -95,20 +91,19 @@ def build(output_dir=LIBRARY_DIR, source=SOURCE, force=False, name=LIBRARY_NAME)
     finally:
         if os.path.exists(partial):
             os.remove(partial)
-    return True, "built %s" % library_path(output_dir, name)
+    return True, "built %s" % library_path(output_dir)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Compile tfquant's kernels.")
+    parser = argparse.ArgumentParser(description="Compile tfquant's activation kernels.")
     parser.add_argument("--force", action="store_true", help="rebuild even when the library is current")
     parser.add_argument("--output_dir", default=LIBRARY_DIR, help="directory of the library (default: lib/ in the package)")
     args = parser.parse_args(argv)
-    for (name, source), uses in zip(LIBRARIES, ("training graphs use the op chain", "AdaRound uses the op chain")):
-        ok, message = build(args.output_dir, source=source, force=args.force, name=name)
-        if not ok:
-            # One line: a compiler that fails on one source fails on the next too.
-            print("tfquant: could not build the kernels %s (%s); %s" % (name, message, uses), file=sys.stderr)
-            return 1
+    ok, message = build(args.output_dir, force=args.force)
+    if not ok:
+        print("tfquant: could not build the activation kernels (%s); training graphs use the op chain" % message,
+              file=sys.stderr)
+        return 1
     return 0
 
 
