@@ -284,7 +284,9 @@ def build_solver(options):
                 grad = grad + weight[t] * movable * (
                     slope[t] * tf.exp(exponent[t] * tf.math.log(distance)) * tf.sign(signed))
             inside = tf.cast((stretched > 0.0) & (stretched < 1.0), tf.float32)
-            grad = grad * sig * (1.0 - sig) * (ZETA - GAMMA) * inside
+            # (1 - sig) * (zeta - gamma) grouped as grappler's arithmetic optimizer groups the constant: written
+            # out, the iterations compute the same float32 values with grappler on or off.
+            grad = grad * sig * ((1.0 - sig) * (ZETA - GAMMA)) * inside
             m = ADAM_BETA1 * m + (1.0 - ADAM_BETA1) * grad
             s = ADAM_BETA2 * s + (1.0 - ADAM_BETA2) * tf.square(grad)
             return t + 1, v - rate[t] * m / (tf.sqrt(s) + ADAM_EPSILON), m, s

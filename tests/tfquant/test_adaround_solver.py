@@ -211,3 +211,26 @@ def test_batched_weights_of_a_batch_matmul_are_not_expressed():
     with tf.Graph().as_default():
         product = tf.linalg.matmul(tf.zeros([2, 3, 4]), tf.zeros([2, 4, 5]))
         assert adaround_solver.linear_view(product.op, 1) is None
+
+
+def test_iterations_do_not_depend_on_grappler(rng):
+    """The solver's session may run with grappler on or off: the float32 iterations are the same bit for bit (the
+    chain groups its constant as grappler's arithmetic optimizer would, so grappler has nothing to reorder)."""
+    batch, k, c = 2, 9, 5
+    x = rng.normal(size=(batch, 40, k))
+    movable = (rng.uniform(size=(batch, k, c)) > 0.15).astype(np.float64)
+    step = rng.uniform(0.05, 0.3, size=(batch, k, c)) * movable
+    problem = [np.einsum("bmk,bml->bkl", x, x) / 40, -rng.uniform(0, 1, size=(batch, k, c)) * step, step, movable,
+               rng.normal(0, 2, size=(batch, k, c))]
+    options = adaround.AdaRoundOptions(iterations=60, learning_rate=0.05, reg_weight=0.05)
+    results = []
+    for grappler in (True, False):
+        graph = tf.Graph()
+        with graph.as_default():
+            solver = adaround_solver.build_solver(options)
+        config = tf1.ConfigProto()
+        config.graph_options.rewrite_options.disable_meta_optimizer = not grappler
+        with tf1.Session(graph=graph, config=config) as sess:
+            results.append(solver.run(sess, *(a.astype(np.float32) for a in problem), options.iterations))
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_allclose(results[0], numpy_adaround(*problem, options), rtol=2e-3, atol=2e-3)
