@@ -200,8 +200,9 @@ def test_peak_memory_of_a_training_step_stays_near_float(rng):
                 fetch = tf.no_op()
         peaks[quantized] = _peak_allocated_bytes(graph, fetch)
     activation = BATCH * 64 * 64 * CHANNELS * 4
-    # Kept quantized ReLUs would add three activations; a rebuilt one lives only around its own layer's gradient.
-    assert peaks[True] - peaks[False] < activation, (peaks, activation)
+    # Kept quantized ReLUs would add three activations; a rebuilt one lives only around its own layer's gradient,
+    # where the executor's order may or may not overlap it with the peak (one activation and a few bytes seen).
+    assert peaks[True] - peaks[False] < 2 * activation, (peaks, activation)
 
 
 def test_nothing_is_rebuilt_unless_asked_and_bad_choices_are_refused(images):
