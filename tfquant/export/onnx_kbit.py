@@ -179,11 +179,12 @@ def plan_weight(name, variable, tensor, order, consumer_shape, container_bits=No
     # unless onnxruntime's MatMulNBits (a [K, N] weight blocked along K) takes it: that kernel dequantizes in its
     # own arithmetic whatever the file says, and needs the integer zero point to fuse.
     matmul_nbits = found is not None and found[0] == "blocked" and found[1] == 0 and len(consumer_shape) == 2
-    if zero is not None and not matmul_nbits and not dequantizes_as_trained(tensor, scale, zero):
-        plan = _plan(name, variable, tensor, order, consumer_shape, container_bits, scale, None, found)
+    exact = zero is None or dequantizes_as_trained(tensor, scale, zero)
+    if not exact and not matmul_nbits:
+        plan = _plan(name, variable, tensor, order, consumer_shape, container_bits, scale, None, found, True)
         if plan is not None:
             return plan
-    return _plan(name, variable, tensor, order, consumer_shape, container_bits, scale, zero, found)
+    return _plan(name, variable, tensor, order, consumer_shape, container_bits, scale, zero, found, exact)
 
 
 def dequantizes_as_trained(tensor, scale, zero):
@@ -195,8 +196,9 @@ def dequantizes_as_trained(tensor, scale, zero):
     return np.array_equal(values, tensor.dequantize())
 
 
-def _plan(name, variable, tensor, order, consumer_shape, container_bits, scale, zero, found):
-    """plan_weight with the scales and zero points (None: zero point 0 and a float offset) decided."""
+def _plan(name, variable, tensor, order, consumer_shape, container_bits, scale, zero, found, as_trained):
+    """plan_weight with the scales and zero points (None: zero point 0 and a float offset) decided; as_trained:
+    whether they dequantize to the trained values bit for bit."""
     if found is not None and (zero is not None or _offset_fits(found[0], found[1], found[2], consumer_shape)):
         store_order, stored_shape, post, reshaped = tuple(order), consumer_shape, [], False
     else:
@@ -233,7 +235,7 @@ def _plan(name, variable, tensor, order, consumer_shape, container_bits, scale, 
         name=name, variable=variable, bits=tensor.bits,
         container_bits=container_bits or CONTAINER_BITS[tensor.bits],
         form=("reshaped/" if reshaped else "") + form,
-        as_trained=zero is None or dequantizes_as_trained(tensor, scale, zero),
+        as_trained=as_trained,
         codes=(tensor.codes.transpose(store_order).reshape(stored_shape) if not reshaped
                else _padded(tensor.codes.transpose(store_order), matrix, stored_shape)), order=store_order,
         scale=scale[entries], zero_point=None if zero is None else zero[entries], offset=offset, axis=axis,

@@ -38,36 +38,52 @@ def snap_activations(model):
     from onnx import numpy_helper  # pylint: disable=import-outside-toplevel
     graph = model.graph
     constants = {tensor.name: tensor for tensor in graph.initializer}
-    snapped = 0
-    for node in list(graph.node):
-        if node.op_type != "QuantizeLinear" or node.input[0] in constants or len(node.input) < 3:
-            continue
-        scale_proto, zero_proto = constants.get(node.input[1]), constants.get(node.input[2])
-        if scale_proto is None or zero_proto is None:
-            continue
-        scale, zero = numpy_helper.to_array(scale_proto), numpy_helper.to_array(zero_proto)
-        if scale.size != 1 or zero.size != 1 or scale.dtype != np.float32:
-            continue
-        step = np.float32(scale.reshape(()))
-        zero = int(zero.reshape(()))
-        # The trained graph's float32 constants: low = -zero point * step, and 1 / step.
-        low = np.multiply(np.float32(-zero), step, dtype=np.float32)
-        inverse = np.divide(np.float32(1.0), step, dtype=np.float32)
-        base = node.name + "_trained_rounding"
-        values = {"_inverse": inverse, "_half": np.float32(0.5), "_step": step}
-        chain = [("Mul", "_inverse"), ("Add", "_half"), ("Floor", None), ("Mul", "_step")]
-        if zero:
-            values["_low"] = low
-            chain = [("Sub", "_low")] + chain + [("Add", "_low")]
-        for suffix, value in values.items():
-            graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), base + suffix))
-        position = list(graph.node).index(node)
-        current = node.input[0]
-        for number, (op, operand) in enumerate(chain):
-            output = "%s_%d" % (base, number)
-            inputs = [current] + ([base + operand] if operand else [])
-            graph.node.insert(position + number, onnx.helper.make_node(op, inputs, [output], name=output))
-            current = output
-        node.input[0] = current
-        snapped += 1
+    nodes, snapped = [], 0
+    for node in graph.node:
+        chain = _trained_rounding(node, constants, onnx, numpy_helper, graph.initializer)
+        if chain:
+            nodes.extend(chain)
+            node.input[0] = chain[-1].output[0]
+            snapped += 1
+        nodes.append(node)
+    # One rebuild of the node list (inserting in place would search the list for every quantizer); copies, since
+    # clearing the repeated field may invalidate the messages it held.
+    rebuilt = []
+    for node in nodes:
+        rebuilt.append(onnx.NodeProto())
+        rebuilt[-1].CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(rebuilt)
     return snapped
+
+
+def _trained_rounding(node, constants, onnx, numpy_helper, initializers):
+    """The nodes computing the trained code's value before an activation QuantizeLinear (their constants added to
+    initializers), or [] for any other node."""
+    if node.op_type != "QuantizeLinear" or node.input[0] in constants or len(node.input) < 3:
+        return []
+    scale_proto, zero_proto = constants.get(node.input[1]), constants.get(node.input[2])
+    if scale_proto is None or zero_proto is None:
+        return []
+    scale, zero = numpy_helper.to_array(scale_proto), numpy_helper.to_array(zero_proto)
+    if scale.size != 1 or zero.size != 1 or scale.dtype != np.float32:
+        return []
+    step = np.float32(scale.reshape(()))
+    zero = int(zero.reshape(()))
+    base = node.name + "_trained_rounding"
+    # The trained graph's float32 constants: 1 / step, and low = -zero point * step.
+    values = {"_inverse": np.divide(np.float32(1.0), step, dtype=np.float32), "_half": np.float32(0.5),
+              "_step": step}
+    chain = [("Mul", "_inverse"), ("Add", "_half"), ("Floor", None), ("Mul", "_step")]
+    if zero:
+        values["_low"] = np.multiply(np.float32(-zero), step, dtype=np.float32)
+        chain = [("Sub", "_low")] + chain + [("Add", "_low")]
+    for suffix, value in values.items():
+        initializers.append(numpy_helper.from_array(np.asarray(value, np.float32), base + suffix))
+    made, current = [], node.input[0]
+    for number, (op, operand) in enumerate(chain):
+        output = "%s_%d" % (base, number)
+        made.append(onnx.helper.make_node(op, [current] + ([base + operand] if operand else []), [output],
+                                          name=output))
+        current = output
+    return made
