@@ -5,6 +5,8 @@ They are defined here, apart from learners/flags.py, because this module needs n
 the early lock (learners/early_lock.py) parses exactly these definitions from the command line before TensorFlow
 is imported, and learners/flags.py defines the same ones for the real parse.
 """
+import os
+
 from absl import flags
 
 LEARNERS = ("full-prec", "uniform", "ptq")
@@ -25,14 +27,28 @@ def define(flag_values):
 
 
 def locked_prefixes(learner, exec_mode, save_path, quant_save_path):
-    """The checkpoint prefixes whose directories a run holds locked, by mode.
+    """The checkpoint prefixes whose directories a run holds locked, by mode, each with how.
 
     Returns:
-      (prefixes training writes, prefix whose directory an export reads and writes beside): training locks the
-      float prefix and, for uniform/ptq, the quantized one; an export locks the quantized run's directory.
+      [(prefix, shared)]: training holds the float prefix's directory exclusively with --learner full-prec; with
+      uniform/ptq it holds the quantized one exclusively and the float one shared, since it only reads a finished
+      float checkpoint (several fine-tunings may start from one float model at once) and upgrades that lock to an
+      exclusive one only when it has to train or finish the float model (run_settings.write_record); an export
+      holds the quantized run's directory exclusively (it reads it and writes beside it).
     """
     if exec_mode == "train":
-        return [save_path] if learner == "full-prec" else [save_path, quant_save_path]
+        return [(save_path, False)] if learner == "full-prec" else [(save_path, True), (quant_save_path, False)]
     if exec_mode == "export" and learner != "full-prec":
-        return [quant_save_path]
+        return [(quant_save_path, False)]
     return []
+
+
+def directory_modes(prefixes, include=None):
+    """[(directory, shared)] of locked_prefixes' pairs, one per directory in order (exclusive where any pair
+    sharing it is), keeping only the directories `include(directory)` accepts."""
+    modes = {}
+    for prefix, shared in prefixes:
+        directory = os.path.dirname(os.path.abspath(prefix))
+        if include is None or include(directory):
+            modes[directory] = modes.get(directory, True) and shared
+    return list(modes.items())

@@ -52,7 +52,8 @@ def directories_to_lock(argv, environ):
       argv: the run script's arguments.
       environ: the environment (TF_CONFIG decides the chief).
     Returns:
-      a list of absolute directory paths, empty where nothing is locked or the flags do not parse.
+      [(absolute directory path, shared)] (directory_flags.locked_prefixes), empty where nothing is locked or
+      the flags do not parse.
     """
     values = flags.FlagValues()
     directory_flags.define(values)
@@ -64,12 +65,7 @@ def directories_to_lock(argv, environ):
         return []
     prefixes = directory_flags.locked_prefixes(values.learner, values.exec_mode, values.save_path,
                                                values.uql_save_quant_model_path)
-    found = []
-    for prefix in prefixes:
-        directory = os.path.dirname(os.path.abspath(prefix))
-        if os.path.isdir(directory) and directory not in found:
-            found.append(directory)
-    return found
+    return directory_flags.directory_modes(prefixes, os.path.isdir)
 
 
 def hold_run_directories(argv=None, environ=None):
@@ -77,9 +73,9 @@ def hold_run_directories(argv=None, environ=None):
     one 'error:' line naming it and its holder's pid."""
     argv = sys.argv[1:] if argv is None else argv
     environ = os.environ if environ is None else environ
-    for directory in directories_to_lock(argv, environ):
+    for directory, shared in directories_to_lock(argv, environ):
         try:
-            files.lock_directory(directory)
+            files.lock_directory(directory, shared)
         except files.DirectoryInUse as exc:
             sys.stderr.write("error: %s\n" % in_use_message(directory, exc.pid))
             sys.exit(2)

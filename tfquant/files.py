@@ -283,6 +283,7 @@ def describe_error(exc):
 
 LOCK_NAME = ".tfquant.lock"
 _held_locks = {}
+_shared_locks = set()  # directories of _held_locks this process holds shared (readers), not exclusive
 
 
 class DirectoryInUse(TfquantError):
@@ -294,24 +295,63 @@ class DirectoryInUse(TfquantError):
         self.pid = pid
 
 
+def _is_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 def _read_holder(fd):
+    """The pid of a live holder named in the lock file (an exclusive holder writes only its own, shared holders
+    append theirs, so dead readers' lines are skipped), or None."""
+    pids = []
     for _ in range(20):
-        # The holder writes its pid right after taking the lock; a reader may come in between.
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-        if text.isdigit():
-            return int(text)
+        # A holder writes its pid right after taking the lock; a reader may come in between.
+        text = os.pread(fd, 4096, 0).decode("ascii", "replace")
+        pids = [int(word) for word in text.split() if word.isdigit()]
+        live = [pid for pid in pids if pid != os.getpid() and _is_alive(pid)]
+        if live:
+            return live[-1]
         time.sleep(0.01)
-    return None
+    # None seen alive: a holder in another pid namespace, say; the last one named is the best guess.
+    return pids[-1] if pids else None
 
 
-def lock_directory(directory):
+def _refused(fd, path, exc):
+    """The error of a failed flock on the open lock file `fd` (closed by the caller)."""
+    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        return OSError(exc.errno, exc.strerror, path)
+    return DirectoryInUse(os.path.dirname(path), _read_holder(fd))
+
+
+def _note_holder(fd, path, shared):
+    """Name this process in the lock file: an exclusive holder replaces its contents, a shared one appends."""
+    if not shared:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+        return
+    appender = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.write(appender, b"%d\n" % os.getpid())
+    finally:
+        os.close(appender)
+
+
+def lock_directory(directory, shared=False):
     """Hold the advisory lock of `directory` (created if missing) until this process ends.
 
     The lock is an flock on DIRECTORY/.tfquant.lock, so the operating system releases it when the process
     dies however it dies: a lock file left by a dead process never blocks. Taking a lock this process
-    already holds does nothing.
+    already holds does nothing, except that an exclusive request upgrades a shared lock (refused while other
+    processes share it).
     Args:
       directory: the directory (a run's checkpoint directory).
+      shared: hold it as a reader: any number of processes may share it, none may hold it exclusively meanwhile
+        (a fine-tuning run reading a finished float checkpoint that other runs read too).
     Returns:
       the lock file's path.
     Raises:
@@ -321,21 +361,39 @@ def lock_directory(directory):
     directory = os.path.realpath(directory)
     path = os.path.join(directory, LOCK_NAME)
     if directory in _held_locks:
-        return path
+        if shared or directory not in _shared_locks:
+            return path
+        return _upgrade(directory, path)
     os.makedirs(directory, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except OSError as exc:
+        error = _refused(fd, path, exc)
+        os.close(fd)
+        raise error from None
+    _note_holder(fd, path, shared)
+    _held_locks[directory] = fd
+    if shared:
+        _shared_locks.add(directory)
+    return path
+
+
+def _upgrade(directory, path):
+    """Turn this process's shared lock of `directory` into an exclusive one."""
+    fd = _held_locks[directory]
+    try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            os.close(fd)
-            raise OSError(exc.errno, exc.strerror, path) from None
-        holder = _read_holder(fd)
-        os.close(fd)
-        raise DirectoryInUse(directory, holder) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, b"%d\n" % os.getpid(), 0)
-    _held_locks[directory] = fd
+        error = _refused(fd, path, exc)
+        # flock drops the shared lock before it tries the exclusive one: take the shared one back.
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            release_directory(directory)
+        raise error from None
+    _shared_locks.discard(directory)
+    _note_holder(fd, path, False)
     return path
 
 
@@ -347,5 +405,6 @@ def holds_lock(directory):
 def release_directory(directory):
     """Release a lock taken by lock_directory (processes that end need not: the OS releases it)."""
     fd = _held_locks.pop(os.path.realpath(directory), None)
+    _shared_locks.discard(os.path.realpath(directory))
     if fd is not None:
         os.close(fd)

@@ -116,13 +116,16 @@ def test_the_early_parse_follows_absl_and_leaves_bad_values_alone(tmp_path):
     other = {"TF_CONFIG": '{"cluster": {"worker": ["h:1", "h:2"]}, "task": {"type": "worker", "index": 1}}'}
     a, q = str(tmp_path / "a" / "m"), str(tmp_path / "q" / "m")
     found = early_lock.directories_to_lock
-    assert found(["--save_path", a], {}) == [str(tmp_path / "a")]
-    assert found(["--save_path=%s" % a, "--save_path=%s" % q], {}) == [str(tmp_path / "q")]  # the last one wins
-    assert found(["--flagfile=%s" % (tmp_path / "flags.txt")], {}) == [str(tmp_path / "q")]
+    assert found(["--save_path", a], {}) == [(str(tmp_path / "a"), False)]
+    assert found(["--save_path=%s" % a, "--save_path=%s" % q], {}) == [(str(tmp_path / "q"), False)]  # the last one
+    assert found(["--flagfile=%s" % (tmp_path / "flags.txt")], {}) == [(str(tmp_path / "q"), False)]
+    # Fine-tuning reads the float directory (shared) and writes the quantized one.
     assert found(["--learner=uniform", "--save_path=" + a, "--uql_save_quant_model_path=" + q], chief) == [
-        str(tmp_path / "a"), str(tmp_path / "q")]
+        (str(tmp_path / "a"), True), (str(tmp_path / "q"), False)]
+    assert found(["--learner=ptq", "--save_path=" + a, "--uql_save_quant_model_path=" + a + "_quant"], {}) == [
+        (str(tmp_path / "a"), False)]  # one directory for both: held exclusively
     assert found(["--learner=uniform", "--exec_mode=export", "--save_path=" + a, "--uql_save_quant_model_path=" + q],
-                 {}) == [str(tmp_path / "q")]
+                 {}) == [(str(tmp_path / "q"), False)]
     assert found(["--save_path=" + str(tmp_path / "missing" / "m")], {}) == []  # nothing there to protect yet
     for args, environ in ((["--save_path=" + a, "--learner=bogus"], {}), (["--save_path=" + a, "--save_path"], {}),
                           (["--save_path=" + a, "--exec_mode=eval"], {}), (["--save_path=" + a], other),

@@ -15,7 +15,7 @@ from learners import flags as learner_flags
 from learners import full_precision, run_settings, stopping
 from learners.errors import UserError
 from tests.learners.test_end_to_end import ROOT
-from tests.learners.test_reliability import FLOAT, SCRIPT, _error_line
+from tests.learners.test_reliability import FLOAT, SCRIPT, UNIFORM, _error_line
 from tfquant import files
 
 
@@ -154,3 +154,112 @@ def test_adopt_checkpoints_is_a_flag_of_training():
             learner_flags.validate_flags()
     finally:
         learner_flags.FLAGS.unparse_flags()
+
+
+# -- readers share a finished float model --------------------------------------------------------------------
+
+def _hold_in_process(directory, shared):
+    """A helper process holding `directory`'s lock (shared or not) until killed; returns it once it holds it."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, %r); "
+                               "from tfquant import files; files.lock_directory(%r, shared=%r); "
+                               "print('held', flush=True); time.sleep(600)" % (ROOT, str(directory), shared)],
+                              stdout=subprocess.PIPE, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_shared_locks_coexist_and_keep_an_exclusive_one_out(tmp_path):
+    reader = _hold_in_process(tmp_path, shared=True)
+    try:
+        files.lock_directory(str(tmp_path), shared=True)  # a second reader
+        with pytest.raises(files.DirectoryInUse) as caught:
+            files.lock_directory(str(tmp_path))  # this process's upgrade to exclusive: the other reader is there
+        assert caught.value.pid == reader.pid
+        assert files.holds_lock(str(tmp_path))
+    finally:
+        reader.send_signal(signal.SIGKILL)
+        reader.wait()
+    try:
+        # The failed upgrade kept this process's shared lock: another process still cannot write there.
+        attempt = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, %r); from tfquant import files\n"
+                                  "try:\n    files.lock_directory(%r)\nexcept files.DirectoryInUse as exc:\n"
+                                  "    print('in use by', exc.pid)" % (ROOT, str(tmp_path))],
+                                 capture_output=True, text=True, timeout=120)
+        assert attempt.stdout.strip() == "in use by %d" % os.getpid(), attempt.stderr[-2000:]
+        # Both readers named themselves; the dead one's line blocks nothing.
+        assert (tmp_path / files.LOCK_NAME).read_text().split() == [str(reader.pid), str(os.getpid())]
+        files.lock_directory(str(tmp_path))  # alone now: the upgrade succeeds and the file names the writer only
+        assert (tmp_path / files.LOCK_NAME).read_text().split() == [str(os.getpid())]
+        files.lock_directory(str(tmp_path), shared=True)  # already held (exclusively): nothing changes
+        assert (tmp_path / files.LOCK_NAME).read_text().split() == [str(os.getpid())]
+    finally:
+        files.release_directory(str(tmp_path))
+    writer = _hold_in_process(tmp_path, shared=False)
+    try:
+        with pytest.raises(files.DirectoryInUse) as caught:
+            files.lock_directory(str(tmp_path), shared=True)  # no reader while a writer holds it
+        assert caught.value.pid == writer.pid
+        assert not files.holds_lock(str(tmp_path))
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+
+
+def test_fine_tunings_share_a_finished_float_model_and_keep_its_trainer_out(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    env.pop(stopping.PAUSE_ENV, None)
+    script = [sys.executable, os.path.join(ROOT, "nets", SCRIPT)]
+    trained = subprocess.run(script + FLOAT, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    float_listing = sorted(os.listdir(tmp_path / "models"))
+    uniform = ["--learner=uniform" if a == "--learner=full-prec" else a for a in FLOAT] + [
+        "--uql_quant_epochs=0.25", "--uql_activation_bits=8"]
+    resume = tmp_path / "resume"
+    first = _start(uniform + ["--uql_save_quant_model_path=q1/model.ckpt"], str(tmp_path),
+                   {stopping.PAUSE_ENV: "between_phases", stopping.RESUME_FILE_ENV: str(resume)})
+    try:
+        _wait_for_line(first, r"^pause: between_phases$")  # it holds the float directory as a reader
+        second = subprocess.run(script + uniform + ["--uql_save_quant_model_path=q2/model.ckpt"], cwd=str(tmp_path),
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert tf.train.latest_checkpoint(str(tmp_path / "q2")) is not None
+        # Training the float model again would write where the paused run reads: refused, naming the reader.
+        refused = subprocess.run(script + FLOAT + ["--nb_epochs_rat=1.0"], cwd=str(tmp_path), env=env,
+                                 capture_output=True, text=True, timeout=300)
+        assert _error_line(refused) == (
+            "error: run directory %s is in use by process %d (lock %s); expected one process per run directory: "
+            "wait for it to end, or choose another --save_path / --uql_save_quant_model_path"
+            % (tmp_path / "models", first.pid, tmp_path / "models" / files.LOCK_NAME))
+        # Its quantized directory stays its own.
+        same_quant = subprocess.run(script + uniform + ["--uql_save_quant_model_path=q1/model.ckpt"],
+                                    cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+        assert "is in use by process %d" % first.pid in _error_line(same_quant)
+        resume.touch()
+        out, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+        first.wait()
+    assert first.returncode == 0, err[-3000:]
+    assert tf.train.latest_checkpoint(str(tmp_path / "q1")) is not None
+    assert sorted(os.listdir(tmp_path / "models")) == float_listing  # the readers wrote nothing there
+
+
+def test_a_fine_tuning_that_must_train_its_float_model_waits_for_no_reader(tmp_path):
+    # The float directory exists without a checkpoint and another process reads it: the run, which would train the
+    # float model there first, is refused with the reader's pid before it writes anything.
+    (tmp_path / "models").mkdir()
+    reader = _hold_in_process(tmp_path / "models", shared=True)
+    try:
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+        env.pop(stopping.PAUSE_ENV, None)
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "nets", SCRIPT)] + UNIFORM, cwd=str(tmp_path),
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert _error_line(result) == (
+            "error: run directory %s is in use by process %d (lock %s); expected one process per run directory: "
+            "wait for it to end, or choose another --save_path / --uql_save_quant_model_path"
+            % (tmp_path / "models", reader.pid, tmp_path / "models" / files.LOCK_NAME))
+        assert sorted(os.listdir(tmp_path / "models")) == [files.LOCK_NAME]
+        assert "iter" not in result.stdout
+    finally:
+        reader.send_signal(signal.SIGKILL)
+        reader.wait()
