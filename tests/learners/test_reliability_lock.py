@@ -40,6 +40,20 @@ def _wait_for_line(process, pattern, timeout=300):
     raise AssertionError("no %r within %d s" % (pattern, timeout))
 
 
+def _finish(process, resume):
+    """Let a run paused at a test pause point go on; returns its stdout once it ended with status 0."""
+    resume.touch()
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    return out
+
+
+def _in_use_line(directory, pid):
+    return ("error: run directory %s is in use by process %d (lock %s); expected one process per run directory: "
+            "wait for it to end, or choose another --save_path / --uql_save_quant_model_path"
+            % (directory, pid, directory / files.LOCK_NAME))
+
+
 def test_second_run_on_a_directory_is_refused_and_the_first_finishes(tmp_path):
     resume = tmp_path / "resume"
     first = _start(FLOAT, str(tmp_path), {stopping.PAUSE_ENV: "save", stopping.RESUME_FILE_ENV: str(resume)})
@@ -52,10 +66,7 @@ def test_second_run_on_a_directory_is_refused_and_the_first_finishes(tmp_path):
         second = subprocess.run([sys.executable, os.path.join(ROOT, "nets", SCRIPT)] + FLOAT, cwd=str(tmp_path),
                                 env=env, capture_output=True, text=True, timeout=120)
         refused_after = time.time() - started
-        line = _error_line(second)
-        assert line == ("error: run directory %s is in use by process %d (lock %s); expected one process per run "
-                        "directory: wait for it to end, or choose another --save_path / --uql_save_quant_model_path"
-                        % (tmp_path / "models", first.pid, tmp_path / "models" / files.LOCK_NAME)), line
+        assert _error_line(second) == _in_use_line(tmp_path / "models", first.pid)
         assert "iter" not in second.stdout  # it never trained
         assert sorted(os.listdir(tmp_path / "models")) == listing  # and wrote nothing
         # The start-up every run pays (Python, TensorFlow), from a run refused by its first flag check.
@@ -66,12 +77,10 @@ def test_second_run_on_a_directory_is_refused_and_the_first_finishes(tmp_path):
         assert _error_line(baseline).startswith("error: --batch_size=0 is not valid")
         print("\nsecond process refused %.2f s after it started (before TensorFlow's import); a run stopped by its "
               "first flag check (after the import) takes %.2f s" % (refused_after, startup))
-        resume.touch()
-        out, err = first.communicate(timeout=300)
+        out = _finish(first, resume)
     finally:
         first.kill()
         first.wait()
-    assert first.returncode == 0, err[-3000:]
     lines = before + out.splitlines()
     assert any(re.match(r"^full-prec iter 20/20 ", line) for line in lines), lines[-10:]
     assert any(line.endswith("full-prec: saved %s" % (tmp_path / "models" / "model.ckpt-20")) for line in lines)
@@ -226,20 +235,15 @@ def test_fine_tunings_share_a_finished_float_model_and_keep_its_trainer_out(tmp_
         # Training the float model again would write where the paused run reads: refused, naming the reader.
         refused = subprocess.run(script + FLOAT + ["--nb_epochs_rat=1.0"], cwd=str(tmp_path), env=env,
                                  capture_output=True, text=True, timeout=300)
-        assert _error_line(refused) == (
-            "error: run directory %s is in use by process %d (lock %s); expected one process per run directory: "
-            "wait for it to end, or choose another --save_path / --uql_save_quant_model_path"
-            % (tmp_path / "models", first.pid, tmp_path / "models" / files.LOCK_NAME))
+        assert _error_line(refused) == _in_use_line(tmp_path / "models", first.pid)
         # Its quantized directory stays its own.
         same_quant = subprocess.run(script + uniform + ["--uql_save_quant_model_path=q1/model.ckpt"],
                                     cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
-        assert "is in use by process %d" % first.pid in _error_line(same_quant)
-        resume.touch()
-        out, err = first.communicate(timeout=300)
+        assert _error_line(same_quant) == _in_use_line(tmp_path / "q1", first.pid)
+        _finish(first, resume)
     finally:
         first.kill()
         first.wait()
-    assert first.returncode == 0, err[-3000:]
     assert tf.train.latest_checkpoint(str(tmp_path / "q1")) is not None
     assert sorted(os.listdir(tmp_path / "models")) == float_listing  # the readers wrote nothing there
 
@@ -254,10 +258,7 @@ def test_a_fine_tuning_that_must_train_its_float_model_waits_for_no_reader(tmp_p
         env.pop(stopping.PAUSE_ENV, None)
         result = subprocess.run([sys.executable, os.path.join(ROOT, "nets", SCRIPT)] + UNIFORM, cwd=str(tmp_path),
                                 env=env, capture_output=True, text=True, timeout=300)
-        assert _error_line(result) == (
-            "error: run directory %s is in use by process %d (lock %s); expected one process per run directory: "
-            "wait for it to end, or choose another --save_path / --uql_save_quant_model_path"
-            % (tmp_path / "models", reader.pid, tmp_path / "models" / files.LOCK_NAME))
+        assert _error_line(result) == _in_use_line(tmp_path / "models", reader.pid)
         assert sorted(os.listdir(tmp_path / "models")) == [files.LOCK_NAME]
         assert "iter" not in result.stdout
     finally:
