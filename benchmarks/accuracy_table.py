@@ -228,8 +228,7 @@ def run_row(work_dir, row, seed, budget):
     (this table's, RUN_MODULE, unless the budget names another); returns its entry."""
     argv = [sys.executable, "-m", budget.get("module", RUN_MODULE)] + run_flags(work_dir, row, seed, budget)
     seconds, done = stats.timed(lambda: subprocess.run(argv, cwd=publish.REPO_ROOT, capture_output=True, text=True))
-    if done.returncode != 0:
-        raise RuntimeError("row %r seed %d failed:\n%s" % (row.label, seed, done.stderr[-3000:]))
+    publish.check_run(done, "row %r seed %d" % (row.label, seed))
     results = publish.load_json(os.path.join(row_dir(work_dir, row.label, seed), "results.json"))
     return {"label": row.label, "seed": seed, "flags": row.flags, "quant_flags": argv[3:],
             "epochs": budget["epochs"] if row.epochs is None else row.epochs,
@@ -391,8 +390,7 @@ def float_epoch_cpu_seconds(work_dir, seed, budget):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         done = subprocess.run(argv, cwd=publish.REPO_ROOT, capture_output=True, text=True)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        if done.returncode != 0:
-            raise RuntimeError("float run of %g epoch failed:\n%s" % (epochs, done.stderr[-3000:]))
+        publish.check_run(done, "float run of %g epoch" % epochs)
         used.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     return (used[1] - used[0]) / (EPOCH_CPU_EPOCHS[1] - EPOCH_CPU_EPOCHS[0])
 

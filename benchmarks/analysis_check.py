@@ -53,8 +53,7 @@ def override_row(budget, rank, entry):
 
 def _run(argv, what):
     done = subprocess.run(argv, cwd=publish.REPO_ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError("%s failed (%s):\n%s" % (what, shlex.join(argv), done.stderr[-3000:]))
+    publish.check_run(done, "%s (%s)" % (what, shlex.join(argv)))
     return done.stdout
 
 

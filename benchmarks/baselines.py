@@ -137,8 +137,7 @@ def fetch_stored(store_dir, cache_dir, ratio, seed):
 
 def _run(argv):
     done = subprocess.run(argv, cwd=publish.REPO_ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError("%s failed:\n%s" % (shlex.join(argv), done.stderr[-3000:]))
+    publish.check_run(done, shlex.join(argv))
     return done.stdout
 
 

@@ -150,8 +150,7 @@ def run_row(work_dir, budget, method, seed, plan, extra=None, grid_flags=()):
     argv = [sys.executable, "-m", accuracy_table.RUN_MODULE] + run_script_flags(work_dir, budget, method, seed, plan,
                                                                                 extra, grid_flags)
     seconds, done = stats.timed(lambda: subprocess.run(argv, cwd=publish.REPO_ROOT, capture_output=True, text=True))
-    if done.returncode != 0:
-        raise RuntimeError("row %r seed %d failed:\n%s" % (label, seed, done.stderr[-3000:]))
+    publish.check_run(done, "row %r seed %d" % (label, seed))
     results = publish.load_json(os.path.join(out_dir, "results.json"))
     subset = next((int(f.split("=")[1]) for f in plan["common"] if f.startswith("--train_subset=")), N_TRAIN)
     entry = {"budget": budget.label, "method": method, "seed": seed, "accuracy": results["quant_accuracy"],

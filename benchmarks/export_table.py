@@ -79,8 +79,7 @@ def export_row(work_dir, seed, export, extra, npz):
     argv = [sys.executable, "-m", "tfquant.export", "--checkpoint_dir", row_dir, "--eval_npz", npz,
             "--output_dir", out_dir] + export.flags + extra
     result = subprocess.run(argv, cwd=publish.REPO_ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError("export of %s failed:\n%s" % (export.label, result.stderr[-3000:]))
+    publish.check_run(result, "export of %s" % export.label)
     return publish.load_json(os.path.join(out_dir, "export.json"))
 
 

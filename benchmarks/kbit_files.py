@@ -156,11 +156,7 @@ def export(run_dir, out_dir, npz, flags, quick):
     argv = [sys.executable, "-m", "tfquant.export", "--checkpoint_dir", run_dir, "--eval_npz", npz,
             "--output_dir", out_dir, "--latency_images=0"] + flags + (["--eval_subset=200"] if quick else [])
     done = subprocess.run(argv, cwd=publish.REPO_ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        if done.returncode == 2 and lines and lines[-1].lower().startswith("error: "):
-            raise publish.BenchmarkError("export of %s refused: %s" % (run_dir, lines[-1][len("error: "):]))
-        raise RuntimeError("export of %s failed:\n%s" % (run_dir, done.stderr[-3000:]))
+    publish.check_run(done, "export of %s" % run_dir)
     return publish.load_json(os.path.join(out_dir, "export.json"))
 
 

@@ -97,8 +97,7 @@ def write_keras_model(path, seed=0):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     done = subprocess.run([sys.executable, "-c", MAKE_MODEL, path, str(seed)], cwd=publish.REPO_ROOT,
                           capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError("building the Keras model failed:\n%s" % done.stderr[-3000:])
+    publish.check_run(done, "building the Keras model")
 
 
 def count_weights(path):
@@ -171,8 +170,7 @@ class Plan:
 def run(argv, what):
     """(seconds, stdout) of one run-script subprocess; a failure stops the benchmark with its stderr."""
     seconds, done = stats.timed(lambda: subprocess.run(argv, cwd=publish.REPO_ROOT, capture_output=True, text=True))
-    if done.returncode != 0:
-        raise RuntimeError("%s failed:\n%s" % (what, done.stderr[-3000:]))
+    publish.check_run(done, what)
     return seconds, done.stdout
 
 

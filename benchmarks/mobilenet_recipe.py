@@ -83,8 +83,7 @@ def run_one(work_dir, label, row_flags, seed, budget):
     """One fine-tuning through the run script; its entry from the run's results.json and quant_report.json."""
     argv = [sys.executable, "-m", RUN_MODULE] + run_flags(work_dir, label, row_flags, seed, budget)
     seconds, done = stats.timed(lambda: subprocess.run(argv, cwd=publish.REPO_ROOT, capture_output=True, text=True))
-    if done.returncode != 0:
-        raise RuntimeError("%s seed %d failed:\n%s" % (label, seed, done.stderr[-3000:]))
+    publish.check_run(done, "%s seed %d" % (label, seed))
     results = publish.load_json(os.path.join(run_dir(work_dir, label, seed), "results.json"))
     entry = {"label": label, "seed": seed, "flags": row_flags, "argv": argv[3:], "epochs": budget["epochs"],
              "accuracy": results["quant_accuracy"], "float_accuracy": results["float_accuracy"],

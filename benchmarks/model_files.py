@@ -73,8 +73,7 @@ def run(argv, cwd, what):
     env = dict(os.environ, PYTHONPATH=publish.REPO_ROOT)
     env.pop("TF_USE_LEGACY_KERAS", None)
     seconds, done = stats.timed(lambda: subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True))
-    if done.returncode != 0:
-        raise RuntimeError("%s failed:\n%s" % (what, done.stderr[-3000:]))
+    publish.check_run(done, what)
     return seconds, done.stdout
 
 

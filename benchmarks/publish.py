@@ -88,6 +88,21 @@ def save_and_publish(args, name, payload, render):
                 payload["machine"]["load_average"], args.allow_busy)
 
 
+def check_run(done, what):
+    """Stop the benchmark when the subprocess run `done` (a subprocess.CompletedProcess with text stderr) failed.
+
+    A run that refused with its one `error:` line and exit status 2 (bad input, a run directory in use) becomes a
+    BenchmarkError naming `what` and that line; any other failure (a crash: a bug) raises RuntimeError with the
+    tail of its stderr.
+    """
+    if done.returncode == 0:
+        return
+    errors = [line for line in done.stderr.splitlines() if line.lower().startswith("error: ")]
+    if done.returncode == 2 and errors:
+        raise BenchmarkError("%s refused: %s" % (what, errors[-1][len("error: "):]))
+    raise RuntimeError("%s failed:\n%s" % (what, done.stderr[-3000:]))
+
+
 def run_main(main):
     """Call main(); a BenchmarkError becomes one `error:` line on stderr and exit status 2."""
     try:

@@ -306,3 +306,29 @@ def test_a_long_table_resumes_keeping_finished_rows_and_their_controls(tmp_path,
     calls.clear()
     accuracy_table.main(argv + ["--rerun"])
     assert ("W8A8", 0) in calls and ("W4A4", 1) in calls
+
+
+def test_a_run_refused_by_its_own_error_line_ends_the_table_in_that_line(tmp_path):
+    # The seed's float directory is held by another process: the row's run refuses in one line (exit 2) and the
+    # benchmark says so in one line naming the row, no traceback. A run that crashes is a bug: its stderr is kept.
+    float_dir = tmp_path / "seed0" / "float"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, %r); from tfquant import "
+                               "files; files.lock_directory(%r); print('held', flush=True); time.sleep(600)"
+                               % (ROOT, str(float_dir))], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        done = subprocess.run([sys.executable, "-m", "benchmarks.accuracy_table", "--quick", "--rows=W8A8",
+                               "--work_dir=%s" % tmp_path], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines() == [
+        "error: row 'W8A8' seed 0 refused: run directory %s is in use by process %d (lock %s); expected one process "
+        "per run directory: wait for it to end, or choose another --save_path / --uql_save_quant_model_path"
+        % (float_dir, holder.pid, float_dir / ".tfquant.lock")], done.stderr[-3000:]
+    crashed = subprocess.run([sys.executable, "-c", "raise ValueError('a bug')"], capture_output=True, text=True)
+    with pytest.raises(RuntimeError, match=r"(?s)^the probe failed:\n.*ValueError: a bug"):
+        publish.check_run(crashed, "the probe")
+    publish.check_run(subprocess.run([sys.executable, "-c", "pass"], capture_output=True, text=True), "a success")
