@@ -126,12 +126,15 @@ ROWS += [Row("W2A2 ch LSQ + dst 5 epochs", W2A2_LSQ_DST, MAX_EPOCHS)]
 ROWS += [Row("W2A2 ch LSQ + dst progressive 8-4-2", W2A2_LSQ_DST + " --uql_progressive_bits=8,4,2"),
          Row("W3A3 ch LSQ + dst progressive 8-4-3",
              CH + " --uql_weight_bits=3 --uql_activation_bits=3" + LSQ + DST + " --uql_progressive_bits=8,4,3")]
-# Named sets of rows for --rows: issue 34's table against converged float models (every target family).
+# Named sets of rows for --rows: issue 34's table against converged float models (every target family first,
+# then each low-bit recipe on its own at W2A2, so the table shows which one pays).
 ROW_GROUPS = {"issue34": ("W4A4 all layers LSQ + dst", "W3A3 ch LSQ + dst", "W3A3 ch PACT", "W2A2 ch LSQ + dst",
                           "W2A2 ch LSQ + dst + all recipes", "W2A2 ch LSQ + dst 5 epochs",
                           "W2A2 ch LSQ + dst progressive 8-4-2",
                           "W2 ternary A4 ch LSQ + dst", "W1 binary A4 ch LSQ + dst",
-                          "W4A8 ch PTQ nearest", "W4A8 ch PTQ AdaRound")}
+                          "W4A8 ch PTQ nearest", "W4A8 ch PTQ AdaRound")
+                         + tuple("W2A2 ch LSQ + dst + " + name for name in RECIPES)
+                         + ("W2A2 ch LSQ + dst + BN re-estimation",)}
 PTQ_ROWS = ("W4A8 ch PTQ nearest", "W4A8 ch PTQ AdaRound")
 QUICK_ROWS = ("W8A8", BASELINE)
 FULL = {"float": ["--nb_epochs_rat=1.0"], "epochs": 1.0, "finetune": ["--uql_lrn_rate_init=0.01"],
