@@ -295,7 +295,8 @@ class DirectoryInUse(TfquantError):
         self.pid = pid
 
 
-def _is_alive(pid):
+def is_alive(pid):
+    """Whether process `pid` exists (someone else's process counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -313,7 +314,7 @@ def _read_holder(fd):
         # A holder writes its pid right after taking the lock; a reader may come in between.
         text = os.pread(fd, 4096, 0).decode("ascii", "replace")
         pids = [int(word) for word in text.split() if word.isdigit()]
-        live = [pid for pid in pids if pid != os.getpid() and _is_alive(pid)]
+        live = [pid for pid in pids if pid != os.getpid() and is_alive(pid)]
         if live:
             return live[-1]
         time.sleep(0.01)

@@ -38,23 +38,13 @@ def _existing_ancestor(path):
     return path
 
 
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _clean_stale(destination, root):
     """Remove staging directories of killed builds of `destination`; restore a previous version set aside."""
     base = os.path.basename(destination)
     pattern = re.compile(r"^\.%s\.(export|old)-(\d+)-" % re.escape(base))
     for name in sorted(os.listdir(root)):
         found = pattern.match(name)
-        if not found or _process_alive(int(found.group(2))):
+        if not found or files.is_alive(int(found.group(2))):
             continue
         path = os.path.join(root, name)
         if found.group(1) == "old" and root == os.path.dirname(destination) and not os.path.lexists(destination):
